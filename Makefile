@@ -1,0 +1,38 @@
+# The two commands (see README):  make demo   |   make test
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_DIR ?= demo-output
+
+.PHONY: demo test venv lint format system-deps clean
+
+venv: $(VENV)/.installed
+
+# torch first, pinned to the CPU wheel; the package itself only asks for a range (torch>=2.2).
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[testing]'
+	touch $@
+
+system-deps:
+	bash scripts/system-deps.sh
+
+demo: venv
+	$(BIN)/emparsl sample $(DEMO_DIR)/sample.n5 --overwrite
+	$(BIN)/emparsl info $(DEMO_DIR)/sample.n5
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: venv
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+test: venv system-deps lint
+	xvfb-run -a -s "-screen 0 1600x1000x24" $(BIN)/python -m pytest
+
+clean:
+	rm -rf $(DEMO_DIR) build dist .pytest_cache

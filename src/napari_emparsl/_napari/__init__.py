@@ -1,0 +1,1 @@
+"""napari contributions: reader, writer, sample data (thin; no compute logic)."""

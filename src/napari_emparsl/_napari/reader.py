@@ -1,0 +1,101 @@
+"""napari reader: File > Open on an ``*.n5`` folder (or a dataset folder inside one).
+
+Layers are lazy: dask arrays whose chunks are the storage chunks, multiscale where a pyramid
+exists, with the voxel size as layer scale. Opening reads JSON metadata only (and, for contrast
+limits, at most the coarsest pyramid level or one chunk), never the whole volume.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from napari_emparsl.core.n5attrs import find_container_root, is_container
+from napari_emparsl.core.volume import Volume, openable_keys
+
+log = logging.getLogger(__name__)
+
+LayerData = tuple[Any, dict[str, Any], str]
+
+#: read the coarsest level for contrast limits only when it is at most this many voxels
+_CONTRAST_SAMPLE_VOXELS = 4 * 1024**2
+
+
+def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
+    """Return :func:`read_n5` when ``path`` is (inside) an N5/zarr container, else None."""
+    if isinstance(path, list):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return None
+    root, _ = find_container_root(path)
+    return read_n5 if is_container(root) else None
+
+
+def read_n5(path: str | list[str]) -> list[LayerData]:
+    """Layers for a container (all datasets and pyramids) or for one dataset."""
+    paths = [path] if isinstance(path, str) else list(path)
+    layers: list[LayerData] = []
+    for p in paths:
+        for volume in _volumes(os.fspath(p)):
+            layers.append(layer_data(volume))
+    # images below labels, in the order napari stacks them
+    layers.sort(key=lambda ld: ld[2] == "labels")
+    return layers
+
+
+def _volumes(path: str) -> list[Volume]:
+    """The dataset or pyramid at ``path``, or every one inside the group/container there."""
+    root, _ = find_container_root(path)
+    return [Volume.open(root, key) for key in openable_keys(path)]
+
+
+def layer_data(volume: Volume) -> LayerData:
+    """A napari LayerData tuple for a volume (lazy; multiscale where it exists)."""
+    data = volume.pyramid if volume.is_multiscale else volume.data
+    name = volume.key.replace("/", "_") or os.path.basename(volume.root.rstrip("/"))
+    spatial = len(volume.voxel_size)
+    meta: dict[str, Any] = {
+        "name": name,
+        "scale": tuple(volume.voxel_size),
+        "translate": tuple(volume.offset),
+        "units": (volume.unit,) * spatial if volume.unit != "pixel" else None,
+        "multiscale": volume.is_multiscale,
+        "metadata": {"emparsl": {"path": volume.root, "key": volume.key}},
+    }
+    if meta["units"] is None:
+        del meta["units"]
+    if volume.is_labels:
+        return data, meta, "labels"
+    if "c" in volume.axes:
+        meta["channel_axis"] = volume.axes.index("c")
+        meta["name"] = [f"{name}_c{i}" for i in range(volume.shape[meta["channel_axis"]])]
+    else:
+        meta["contrast_limits"] = contrast_limits(volume)
+    return data, meta, "image"
+
+
+def contrast_limits(volume: Volume) -> tuple[float, float]:
+    """From the dtype for 8-bit data, else from the coarsest level or one central chunk."""
+    if volume.dtype == np.uint8:
+        return 0.0, 255.0
+    coarse = volume.level(len(volume.levels) - 1)
+    if coarse.size > _CONTRAST_SAMPLE_VOXELS:
+        center = tuple(
+            slice(max(0, n // 2 - c[0] // 2), n // 2 - c[0] // 2 + c[0])
+            for n, c in zip(coarse.shape, coarse.chunks, strict=True)
+        )
+        coarse = coarse[center]
+    sample = np.asarray(coarse.compute(), dtype=np.float64)
+    if sample.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(sample, [0.5, 99.5])
+    if hi <= lo:
+        lo, hi = float(sample.min()), float(sample.max()) + 1.0
+    return float(lo), float(hi)

@@ -1,0 +1,65 @@
+"""napari writers: save an Image or Labels layer as an N5 dataset (chunked, gzip, resolution).
+
+``path`` is ``OUT.n5`` (the dataset is named after the layer) or ``OUT.n5/DATASET``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from napari_emparsl.core.n5attrs import VolumeError, find_container_root
+from napari_emparsl.core.volume import save_array
+
+
+def _target(path: str, layer_name: str) -> tuple[str, str]:
+    root, key = find_container_root(path)
+    if not root.lower().endswith((".n5", ".zarr")):
+        root, key = path, ""
+    if not key:
+        key = re.sub(r"[^A-Za-z0-9_.-]+", "_", layer_name).strip("_") or "data"
+    return root, key
+
+
+def _write(path: str, data: Any, meta: dict[str, Any], labels: bool) -> list[str]:
+    root, key = _target(os.fspath(path), meta.get("name") or "data")
+    source = (meta.get("metadata") or {}).get("emparsl") or {}
+    if (
+        source
+        and os.path.realpath(source.get("path", "")) == os.path.realpath(root)
+        and (source.get("key") == key or source.get("key", "").startswith(key + "/"))
+    ):
+        raise VolumeError(
+            f"{root}:{key} is the dataset this layer reads from; save it under another name."
+        )
+    if isinstance(data, list):  # multiscale: the finest level holds everything
+        data = data[0]
+    scale = meta.get("scale")
+    units = meta.get("units")
+    unit = str(units[0]) if units else "nm"
+    if unit == "pixel":
+        unit = "nm"
+    save_array(
+        root,
+        key,
+        data,
+        voxel_size=tuple(float(s) for s in scale) if scale is not None else None,
+        offset=tuple(float(t) for t in meta["translate"])
+        if meta.get("translate") is not None
+        else None,
+        unit=unit,
+        labels=labels,
+        overwrite=True,  # napari's save dialog has already asked before replacing
+    )
+    return [os.path.join(root, key)]
+
+
+def write_image(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
+    """Save an Image layer's data (numpy or dask, streamed chunk by chunk)."""
+    return _write(path, data, meta, labels=False)
+
+
+def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
+    """Save a Labels layer's data; marked ``layer_type: labels`` so it reopens as Labels."""
+    return _write(path, data, meta, labels=True)

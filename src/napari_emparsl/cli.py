@@ -1,0 +1,251 @@
+"""`emparsl` command line: the same core as the napari plugin, for scripts and clusters.
+
+Errors about the user's input end in one sentence on stderr and exit code 2; an unexpected
+internal error prints one sentence pointing at the log file, which holds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+
+from napari_emparsl import __version__
+from napari_emparsl.core.n5attrs import VolumeError
+
+log = logging.getLogger("napari_emparsl")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 64,64,64, not {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"sizes must be positive, not {text!r}")
+    return values
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 40,4,4, not {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"voxel sizes must be positive, not {text!r}")
+    return values
+
+
+def log_path() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = os.path.join(base, "napari-emparsl")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        folder = tempfile.gettempdir()
+    return os.path.join(folder, "emparsl.log")
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from napari_emparsl.core.volume import Volume, container_tree, parse_spec
+
+    path, key = parse_spec(args.path)
+    tree = container_tree(path)
+    volume = None
+    if key or any(n["key"] == "" and n["kind"] != "group" for n in tree):
+        volume = Volume.open(path, key)
+    if args.json:
+        out = {"tree": tree}
+        if volume is not None:
+            out["dataset"] = volume.info()
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{os.path.abspath(path)}")
+    for node in tree:
+        depth = node["key"].count("/") + 1 if node["key"] else 0
+        name = node["key"].rsplit("/", 1)[-1] or "/"
+        pad = "  " * depth
+        if node["kind"] == "dataset":
+            shape = "×".join(map(str, node["shape"]))
+            chunks = "×".join(map(str, node["chunks"]))
+            print(f"{pad}{name}  {shape} {node['dtype']}  chunks {chunks}  {node['compression']}")
+        elif node["kind"] == "multiscale":
+            print(f"{pad}{name}/  pyramid: {', '.join(node['levels'])}")
+        elif node["key"]:
+            print(f"{pad}{name}/")
+    if volume is not None:
+        _print_volume(volume.info())
+    return 0
+
+
+def _print_volume(info: dict) -> None:
+    print()
+    print(f"dataset      {info['key'] or '/'}  ({info['kind']})")
+    print(f"shape        {' × '.join(map(str, info['shape']))}  ({', '.join(info['axes'])})")
+    print(f"dtype        {info['dtype']}")
+    print(f"chunks       {' × '.join(map(str, info['chunks']))}")
+    print(f"compression  {info['compression']}")
+    vs = " × ".join(f"{v:g}" for v in info["voxel_size"])
+    print(f"voxel size   {vs} {info['unit']}")
+    if len(info["levels"]) > 1:
+        print(f"pyramid      {len(info['levels'])} levels")
+        for lv in info["levels"]:
+            shape = "×".join(map(str, lv["shape"]))
+            vs = "×".join(f"{v:g}" for v in lv["voxel_size"])
+            print(f"  {lv['key']:<14} {shape:<16} voxel {vs} {info['unit']}")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from napari_emparsl.core.sample import make_sample
+    from napari_emparsl.core.volume import write_pyramid
+
+    if os.path.exists(args.output) and not args.overwrite:
+        raise VolumeError(
+            f"{args.output} already exists; pass --overwrite to replace it, or choose another path."
+        )
+    t0 = time.perf_counter()
+    sample = make_sample(tuple(args.shape), seed=args.seed, anisotropy=args.anisotropy)
+    t_gen = time.perf_counter() - t0
+    chunks = (min(64, sample.raw.shape[0]), 64, 64)
+    common = {"chunks": chunks, "levels": 3, "voxel_size": sample.voxel_size, "unit": "nm"}
+    write_pyramid(args.output, "raw", sample.raw, overwrite=args.overwrite, **common)
+    write_pyramid(
+        args.output,
+        "labels/classes",
+        sample.classes,
+        labels=True,
+        overwrite=args.overwrite,
+        attrs={"class_names": list(sample.class_names)},
+        **common,
+    )
+    write_pyramid(
+        args.output, "labels/cells", sample.cells, labels=True, overwrite=args.overwrite, **common
+    )
+    shape = "×".join(map(str, sample.raw.shape))
+    print(
+        f"Wrote the synthetic EM sample (seed {args.seed}, {shape} voxels, generated in "
+        f"{t_gen:.1f} s) to {args.output}: raw, labels/classes, labels/cells, 3 pyramid levels each."
+    )
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from napari_emparsl.core.importer import Estimate, iter_import
+
+    bar = None
+    steps = iter_import(
+        args.source,
+        args.output,
+        chunks=args.chunks,
+        compression=args.compression,
+        voxel_size=args.voxel_size,
+        unit=args.unit,
+        overwrite=args.overwrite,
+    )
+    for step in steps:
+        if isinstance(step, Estimate):
+            print(f"Estimate: {step.summary()}.")
+            for w in step.warnings:
+                print(f"Warning: {w}", file=sys.stderr)
+            if args.dry_run:
+                steps.close()
+                print("Dry run: nothing written.")
+                return 0
+            continue
+        done, total = step
+        if bar is None:
+            bar = tqdm(total=total, unit="slab", desc="import", file=sys.stderr)
+        bar.update(done - bar.n)
+    if bar is not None:
+        bar.close()
+    print(f"Imported {args.source} into {args.output}.")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="emparsl",
+        description="Run AI on volume EM in N5 containers, locally or on a cluster.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = sub.add_parser("info", help="show the datasets of an N5 container")
+    info.add_argument("path", help="PATH.n5 or PATH.n5:DATASET")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=cmd_info)
+
+    sample = sub.add_parser("sample", help="write the synthetic EM sample (with ground truth)")
+    sample.add_argument("output", help="OUT.n5 to create")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--shape", type=_ints, default=(128, 256, 256), help="z,y,x voxels")
+    sample.add_argument("--anisotropy", type=float, default=1.0, help="z voxel size / xy size")
+    sample.add_argument("--overwrite", action="store_true")
+    sample.set_defaults(func=cmd_sample)
+
+    imp = sub.add_parser(
+        "import", help="convert a TIFF stack, a folder of TIFF/PNG slices or HDF5 to N5"
+    )
+    imp.add_argument("source", help="stack.tif, a folder of slices, or file.h5[:DATASET]")
+    imp.add_argument("output", help="OUT.n5:DATASET (DATASET defaults to raw)")
+    imp.add_argument("--chunks", type=_ints, default=(64, 64, 64), help="z,y,x (default 64,64,64)")
+    imp.add_argument(
+        "--compression", default="gzip", choices=["gzip", "raw", "bzip2", "xz"], help="default gzip"
+    )
+    imp.add_argument("--voxel-size", type=_floats, default=None, help="z,y,x, e.g. 40,4,4")
+    imp.add_argument("--unit", default="nm")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    imp.add_argument("--dry-run", action="store_true", help="print the estimate, write nothing")
+    imp.set_defaults(func=cmd_import)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except VolumeError as err:
+        print(f"emparsl: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        print(
+            f"emparsl: error: {err.strerror or err}{where}; check the path and free space.",
+            file=sys.stderr,
+        )
+        return 2
+    except KeyboardInterrupt:
+        print("emparsl: interrupted.", file=sys.stderr)
+        return 130
+    except Exception as err:
+        path = log_path()
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"--- {time.ctime()} emparsl {' '.join(argv or sys.argv[1:])}\n")
+            f.write(traceback.format_exc())
+        print(
+            f"emparsl: internal error ({type(err).__name__}: {str(err)[:200]}); "
+            f"the details are in {path}; please report them.",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pure compute, importable on a headless worker: no Qt, napari, magicgui or parsl."""

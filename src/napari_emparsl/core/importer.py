@@ -1,0 +1,374 @@
+"""Convert image stacks (TIFF stack, folder of 2D TIFF/PNG slices, HDF5 dataset) to chunked N5.
+
+The conversion streams slabs of whole chunk rows along z, so memory is bounded by one slab and no
+two writes ever touch the same chunk. Before writing, :func:`estimate` compresses a sample of real
+chunks to predict the number of chunk files (inodes) and the size on disk, which matters on the
+shared filesystems of compute clusters.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from napari_emparsl.core.n5attrs import VolumeError
+from napari_emparsl.core.volume import Volume, parse_spec
+
+__all__ = ["Estimate", "ImportSource", "estimate", "import_volume", "open_source"]
+
+SLICE_EXTENSIONS = (".tif", ".tiff", ".png")
+HDF5_EXTENSIONS = (".h5", ".hdf5", ".hdf", ".he5")
+TIFF_EXTENSIONS = (".tif", ".tiff")
+
+#: below this many bytes per chunk, per-file overhead dominates on shared filesystems
+TINY_CHUNK_BYTES = 32 * 1024
+#: more chunk files than this strains inode quotas
+MANY_FILES = 1_000_000
+#: above this many voxels a chunk no longer fits a typical GPU tile (256^3)
+HUGE_CHUNK_VOXELS = 256**3
+
+
+@dataclass
+class ImportSource:
+    """A 3D (z, y, x) source read slab by slab."""
+
+    description: str
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    read_slab: Callable[[int, int], np.ndarray]
+    close: Callable[[], None] = lambda: None
+    paths: tuple[str, ...] = ()  # files that must never be written to
+
+
+def _natural_key(name: str) -> list[object]:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def _as_gray(arr: np.ndarray, name: str) -> np.ndarray:
+    """EM slices are grey; PNG writers sometimes store grey as identical RGB(A) channels."""
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        rgb = arr[..., :3]
+        if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
+            return np.ascontiguousarray(rgb[..., 0])
+        raise VolumeError(f"{name} is a colour image; convert the slices to greyscale first.")
+    if arr.ndim != 2:
+        raise VolumeError(f"{name} is not a 2D image (shape {arr.shape}); give 2D slices.")
+    return arr
+
+
+def _read_slice(path: str) -> np.ndarray:
+    if path.lower().endswith(TIFF_EXTENSIONS):
+        import tifffile
+
+        arr = tifffile.imread(path)
+    else:
+        import imageio.v3 as iio
+
+        arr = iio.imread(path)
+    return _as_gray(np.asarray(arr), os.path.basename(path))
+
+
+def _slice_shape(path: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from the file header only."""
+    if path.lower().endswith(TIFF_EXTENSIONS):
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            return tuple(page.shape), np.dtype(page.dtype)
+    import imageio.v3 as iio
+
+    props = iio.improps(path)
+    return tuple(props.shape), np.dtype(props.dtype)
+
+
+def _folder_source(folder: str) -> ImportSource:
+    names = sorted(
+        (n for n in os.listdir(folder) if n.lower().endswith(SLICE_EXTENSIONS)), key=_natural_key
+    )
+    if not names:
+        raise VolumeError(
+            f"{folder} holds no .tif, .tiff or .png slices; point to the folder of 2D slices."
+        )
+    paths = [os.path.join(folder, n) for n in names]
+    first_shape, first_dtype = _slice_shape(paths[0])
+    for p in paths[1:]:
+        shape, dtype = _slice_shape(p)
+        if shape != first_shape or dtype != first_dtype:
+            raise VolumeError(
+                f"Slice {os.path.basename(p)} is {'×'.join(map(str, shape))} {dtype.name} but "
+                f"{names[0]} is {'×'.join(map(str, first_shape))} {first_dtype.name}; all slices "
+                "must have the same size and type."
+            )
+    first = _read_slice(paths[0])
+
+    def read_slab(z0: int, z1: int) -> np.ndarray:
+        return np.stack([_read_slice(p) for p in paths[z0:z1]])
+
+    return ImportSource(
+        f"{len(paths)} slices in {folder}",
+        (len(paths), *first.shape),
+        first.dtype,
+        read_slab,
+        paths=tuple(paths),
+    )
+
+
+def _tiff_source(path: str) -> ImportSource:
+    import tifffile
+
+    try:
+        tif = tifffile.TiffFile(path)
+        series = tif.series[0]
+    except Exception as err:  # tifffile raises many types for broken files
+        raise VolumeError(f"{path} is not a readable TIFF file ({err}).") from None
+    shape = tuple(series.shape)
+    if len(shape) == 2:
+        shape = (1, *shape)
+    if len(shape) != 3:
+        tif.close()
+        raise VolumeError(
+            f"{path} holds a {len(series.shape)}-D image of shape {series.shape}; import needs a "
+            "3D (z, y, x) greyscale stack."
+        )
+    n_pages = len(series.pages)
+
+    def read_slab(z0: int, z1: int) -> np.ndarray:
+        if n_pages == shape[0]:
+            arr = series.asarray(key=range(z0, z1)) if z1 - z0 > 1 else series.asarray(key=z0)
+            return np.asarray(arr).reshape((z1 - z0, *shape[1:]))
+        return np.asarray(series.asarray())[z0:z1]  # a single 3D page: no finer access
+
+    return ImportSource(
+        f"TIFF stack {path}", shape, np.dtype(series.dtype), read_slab, tif.close, (path,)
+    )
+
+
+def _hdf5_source(path: str, key: str) -> ImportSource:
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise VolumeError(f"{path} is not a readable HDF5 file ({err}).") from None
+    datasets: list[str] = []
+    f.visititems(lambda name, obj: datasets.append(name) if isinstance(obj, h5py.Dataset) else None)
+    if not key:
+        if len(datasets) != 1:
+            f.close()
+            raise VolumeError(
+                f"{path} holds {len(datasets)} datasets ({', '.join(datasets[:10]) or 'none'}); "
+                f"name one as {path}:DATASET."
+            )
+        key = datasets[0]
+    if key not in f or not isinstance(f[key], h5py.Dataset):
+        f.close()
+        raise VolumeError(
+            f"There is no dataset '{key}' in {path}; available: {', '.join(datasets[:20])}."
+        )
+    ds = f[key]
+    if ds.ndim != 3:
+        f.close()
+        raise VolumeError(
+            f"{path}:{key} has shape {ds.shape}; import needs a 3D (z, y, x) dataset."
+        )
+    return ImportSource(
+        f"HDF5 {path}:{key}",
+        tuple(ds.shape),
+        np.dtype(ds.dtype),
+        lambda z0, z1: ds[z0:z1],
+        f.close,
+        (path,),
+    )
+
+
+def open_source(spec: str) -> ImportSource:
+    """Open a TIFF stack, a folder of slices, or ``file.h5[:dataset]`` for reading."""
+    path, key = spec, ""
+    if ":" in spec and not os.path.exists(spec):
+        left, right = spec.rsplit(":", 1)
+        if left.lower().endswith(HDF5_EXTENSIONS):
+            path, key = left, right
+    if not os.path.exists(path):
+        raise VolumeError(f"{path} does not exist; check the path.")
+    if os.path.isdir(path):
+        return _folder_source(path)
+    low = path.lower()
+    if low.endswith(HDF5_EXTENSIONS):
+        return _hdf5_source(path, key)
+    if low.endswith(TIFF_EXTENSIONS):
+        return _tiff_source(path)
+    raise VolumeError(
+        f"{path} is neither a TIFF stack, a folder of TIFF/PNG slices, nor an HDF5 file; "
+        "convert it to one of these first."
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# estimate
+
+
+@dataclass(frozen=True)
+class Estimate:
+    n_files: int
+    raw_bytes: int
+    disk_bytes: int
+    chunk_bytes: int
+    ratio: float  # compressed / raw, measured on sample chunks
+    warnings: tuple[str, ...]
+
+    def summary(self) -> str:
+        return (
+            f"{self.n_files:,} chunk files, about {_human(self.disk_bytes)} on disk "
+            f"({_human(self.raw_bytes)} uncompressed, measured ratio {self.ratio:.2f})"
+        )
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _compress(buf: bytes, compression: str) -> int:
+    if compression == "gzip":
+        return len(zlib.compress(buf, 5))  # z5py's default gzip level
+    if compression == "raw":
+        return len(buf)
+    if compression == "bzip2":
+        import bz2
+
+        return len(bz2.compress(buf))
+    if compression == "xz":
+        import lzma
+
+        return len(lzma.compress(buf))
+    raise VolumeError(f"Unknown compression '{compression}'; use gzip, raw, bzip2 or xz.")
+
+
+def estimate(
+    source: ImportSource, chunks: Sequence[int], compression: str = "gzip", samples: int = 12
+) -> Estimate:
+    """Predict chunk files and disk size by compressing real chunks sampled along z."""
+    shape = source.shape
+    chunks = tuple(min(c, s) for c, s in zip(chunks, shape, strict=True))
+    grid = [math.ceil(s / c) for s, c in zip(shape, chunks, strict=True)]
+    n_files = math.prod(grid)
+    itemsize = source.dtype.itemsize
+    raw_bytes = math.prod(shape) * itemsize
+    chunk_bytes = math.prod(chunks) * itemsize
+    # up to 3 slabs spread over z, up to samples/3 chunks from each
+    rng = np.random.default_rng(0)
+    zs = sorted({int(z) for z in np.linspace(0, grid[0] - 1, num=min(3, grid[0]))})
+    raw_total = comp_total = 0
+    for gz in zs:
+        z0 = gz * chunks[0]
+        slab = source.read_slab(z0, min(z0 + chunks[0], shape[0]))
+        for _ in range(max(1, samples // len(zs))):
+            gy, gx = int(rng.integers(grid[1])), int(rng.integers(grid[2]))
+            block = np.ascontiguousarray(
+                slab[
+                    :,
+                    gy * chunks[1] : (gy + 1) * chunks[1],
+                    gx * chunks[2] : (gx + 1) * chunks[2],
+                ]
+            )
+            # N5 stores big-endian; the byte order does not change the compressed size much
+            raw_total += block.nbytes
+            comp_total += _compress(block.tobytes(), compression)
+    ratio = comp_total / raw_total if raw_total else 1.0
+    warnings = []
+    if chunk_bytes < TINY_CHUNK_BYTES or n_files > MANY_FILES:
+        warnings.append(
+            f"Chunks of {'×'.join(map(str, chunks))} ({_human(chunk_bytes)}) give {n_files:,} "
+            "files: tiny chunks strain shared filesystems; consider 64×64×64 or larger."
+        )
+    if math.prod(chunks) > HUGE_CHUNK_VOXELS:
+        warnings.append(
+            f"Chunks of {'×'.join(map(str, chunks))} are bigger than a GPU tile (256³ voxels); "
+            "every block read will load more than it needs: consider 64×64×64 to 128×128×128."
+        )
+    return Estimate(n_files, raw_bytes, int(raw_bytes * ratio), chunk_bytes, ratio, tuple(warnings))
+
+
+# ----------------------------------------------------------------------------------------------
+# import
+
+
+def _same_path(a: str, b: str) -> bool:
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    return a == b or a.startswith(b + os.sep) or b.startswith(a + os.sep)
+
+
+def iter_import(
+    src: str,
+    dest: str,
+    *,
+    chunks: Sequence[int] = (64, 64, 64),
+    compression: str = "gzip",
+    voxel_size: Sequence[float] | None = None,
+    unit: str = "nm",
+    overwrite: bool = False,
+) -> Iterator[Estimate | tuple[int, int]]:
+    """Import ``src`` into ``dest`` (``OUT.n5:DATASET``) as a generator.
+
+    Yields the :class:`Estimate` first (before anything is written), then ``(slabs_done,
+    slabs_total)`` after each slab. On any error the partly written dataset is removed, so a
+    failed import never leaves an output that looks complete.
+    """
+    out_root, out_key = parse_spec(dest)
+    out_key = out_key or "raw"
+    source = open_source(src)
+    try:
+        if any(_same_path(p, out_root) for p in (*source.paths, src.split(":")[0])):
+            raise VolumeError(
+                f"The output {out_root} is the input (or inside it); choose another output path."
+            )
+        chunks = tuple(int(c) for c in chunks)
+        if len(chunks) != 3 or min(chunks) < 1:
+            raise VolumeError(f"Chunks must be three positive sizes z,y,x, not {chunks}.")
+        est = estimate(source, chunks, compression)
+        yield est
+        vol = Volume.create(
+            out_root,
+            out_key,
+            source.shape,
+            source.dtype,
+            chunks,
+            compression=compression,
+            voxel_size=voxel_size,
+            unit=unit,
+            attrs={"source": source.description},
+            overwrite=overwrite,
+        )
+        slab = vol.chunks[0]  # whole chunk rows: no two writes share a chunk
+        total = math.ceil(source.shape[0] / slab)
+        try:
+            for i in range(total):
+                z0 = i * slab
+                data = source.read_slab(z0, min(z0 + slab, source.shape[0]))
+                vol.write(np.asarray(data), (z0, 0, 0))
+                yield (i + 1, total)
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(os.path.join(out_root, out_key), ignore_errors=True)
+            raise
+    finally:
+        source.close()
+
+
+def import_volume(src: str, dest: str, **kwargs) -> Volume:
+    """Import without progress reporting; returns the opened output volume."""
+    for _ in iter_import(src, dest, **kwargs):
+        pass
+    root, key = parse_spec(dest)
+    return Volume.open(root, key or "raw")

@@ -1,0 +1,302 @@
+"""N5 attribute conventions: voxel size, unit, axes, pyramids, and the container tree.
+
+Pure JSON and path logic (no z5py): this is where the many conventions of N5 writers are read and
+converted once into C order (z, y, x), the order z5py and numpy use.
+
+Conventions understood
+----------------------
+- ``resolution``: list of voxel sizes. N5 tools (N5-Java, BigDataViewer, Fiji, n5-viewer) write it in
+  N5 order (x, y, z), the reverse of the array's C order. When the dataset also has an ``axes``
+  list, ``resolution`` follows the order of ``axes``; an ``axes`` list that starts with ``x`` is in N5
+  order and is reversed, one that ends with ``x`` (``["z", "y", "x"]``) is already in C order.
+- ``pixelResolution``: ``{"dimensions": [x, y, z], "unit": "nm"}`` (or a plain list), N5 order.
+- ``downsamplingFactors``: per pyramid level, N5 order; a level's voxel size is the base voxel size
+  times its factors.
+- ``scales``: on a pyramid group, one factor list per level, N5 order.
+- ``unit``: a string for all axes (default: ``pixel`` when no voxel size is given at all).
+- ``offset``: world offset of voxel 0, same order rules as ``resolution``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+ATTRS = "attributes.json"
+
+#: Compressions z5py can decode in N5 containers.
+SUPPORTED_COMPRESSIONS = ("raw", "gzip", "bzip2", "xz", "lz4", "blosc", "zlib")
+
+_LEVEL_RE = re.compile(r"^s(\d+)$")
+_LABEL_NAME_RE = re.compile(
+    r"(label|seg|watershed|neuron|instance|mask|class|cells|gt$|groundtruth|ids$)", re.IGNORECASE
+)
+
+
+class VolumeError(Exception):
+    """A problem with the user's data, said in one sentence: what is wrong and what to do."""
+
+
+def read_attrs(directory: str) -> dict[str, Any]:
+    """Read ``attributes.json`` of a group or dataset folder; ``{}`` when there is none.
+
+    Raises
+    ------
+    VolumeError
+        When the file exists but is not valid JSON (truncated, corrupt).
+    """
+    path = os.path.join(directory, ATTRS)
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            attrs = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise VolumeError(
+            f"The metadata file {path} is corrupt or truncated ({_short(err)}); "
+            "restore it from a backup or re-export the dataset."
+        ) from None
+    if not isinstance(attrs, dict):
+        raise VolumeError(
+            f"The metadata file {path} does not hold a JSON object; restore it or re-export the dataset."
+        )
+    return attrs
+
+
+def _short(err: Exception) -> str:
+    return str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+
+
+def is_dataset_attrs(attrs: dict[str, Any]) -> bool:
+    return "dimensions" in attrs and "dataType" in attrs
+
+
+def compression_of(attrs: dict[str, Any]) -> str:
+    """The compression name of a dataset (``compression.type`` or the legacy ``compressionType``)."""
+    comp = attrs.get("compression")
+    if isinstance(comp, dict):
+        return str(comp.get("type", "raw"))
+    if isinstance(comp, str):
+        return comp
+    return str(attrs.get("compressionType", "raw"))
+
+
+def check_compression(attrs: dict[str, Any], where: str) -> None:
+    """Refuse compressions no Python N5 library decodes, before any chunk is read."""
+    comp = compression_of(attrs)
+    if comp not in SUPPORTED_COMPRESSIONS:
+        raise VolumeError(
+            f"Dataset {where} uses '{comp}' compression, which cannot be read here; "
+            "re-save it with gzip compression (e.g. Fiji > N5 export) and open that."
+        )
+    raw_comp = attrs.get("compression")
+    # N5-Java writes lz4 as framed LZ4BlockOutputStream blocks (with a "blockSize" setting);
+    # z5py, zarr and tensorstore cannot decode that framing.
+    if comp == "lz4" and isinstance(raw_comp, dict) and "blockSize" in raw_comp:
+        raise VolumeError(
+            f"Dataset {where} uses N5-Java's lz4 compression, which no Python N5 library can read; "
+            "re-save it with gzip compression (e.g. Fiji > N5 export) and open that."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# axes, voxel size, unit
+
+
+def axes_c_order(attrs: dict[str, Any], ndim: int) -> tuple[tuple[str, ...], bool]:
+    """Axis names in C order, and whether the stored ``axes`` list (if any) was in N5 order."""
+    axes = attrs.get("axes")
+    if isinstance(axes, list) and len(axes) == ndim and all(isinstance(a, str) for a in axes):
+        names = [a.lower() for a in axes]
+        if names[0] == "x" and names[-1] != "x":
+            return tuple(reversed(names)), True
+        return tuple(names), False
+    default = {1: ("x",), 2: ("y", "x"), 3: ("z", "y", "x"), 4: ("c", "z", "y", "x")}
+    names = default.get(ndim, tuple(f"d{i}" for i in range(ndim)))
+    return names, True
+
+
+def _spatial_c_order(
+    values: Any, axes: tuple[str, ...], stored_n5_order: bool
+) -> tuple[float, ...] | None:
+    """Convert a per-axis list to C order over the spatial (non-channel) axes."""
+    if isinstance(values, dict):
+        values = values.get("dimensions")
+    if not isinstance(values, (list, tuple)) or not values:
+        return None
+    try:
+        vals = [float(v) for v in values]
+    except (TypeError, ValueError):
+        return None
+    spatial = [a for a in axes if a not in ("c", "t")]
+    if len(vals) == len(axes):
+        c_vals = list(reversed(vals)) if stored_n5_order else vals
+        return tuple(v for v, a in zip(c_vals, axes, strict=True) if a not in ("c", "t"))
+    if len(vals) == len(spatial):
+        return tuple(reversed(vals)) if stored_n5_order else tuple(vals)
+    return None
+
+
+def voxel_size_of(
+    attrs: dict[str, Any], ndim: int, parent_attrs: dict[str, Any] | None = None
+) -> tuple[tuple[float, ...], str, tuple[float, ...]]:
+    """Voxel size (C order, spatial axes), unit, and world offset of a dataset.
+
+    A pyramid level without its own size takes the group's size times its ``downsamplingFactors``.
+    """
+    parent_attrs = parent_attrs or {}
+    axes, n5_order = axes_c_order(attrs, ndim)
+    n_spatial = len([a for a in axes if a not in ("c", "t")])
+    factors = _spatial_c_order(attrs.get("downsamplingFactors"), axes, True)
+
+    base, unit = None, None
+    for source in (attrs, parent_attrs):
+        if "pixelResolution" in source:  # always N5 order
+            base = _spatial_c_order(source["pixelResolution"], axes, True)
+            if isinstance(source["pixelResolution"], dict):
+                unit = source["pixelResolution"].get("unit")
+        elif "resolution" in source:
+            src_order = axes_c_order(source, ndim)[1]
+            base = _spatial_c_order(source["resolution"], axes, src_order)
+        if base is not None:
+            unit = unit or source.get("unit")
+            break
+    if base is None:
+        base = (1.0,) * n_spatial
+        unit = unit or attrs.get("unit") or parent_attrs.get("unit") or "pixel"
+    if factors is not None and len(factors) == len(base):
+        base = tuple(b * f for b, f in zip(base, factors, strict=True))
+    offset = _spatial_c_order(attrs.get("offset"), axes, n5_order) or (0.0,) * n_spatial
+    if len(offset) != len(base):
+        offset = (0.0,) * len(base)
+    return base, str(unit or "nm"), offset
+
+
+def looks_like_labels(key: str, attrs: dict[str, Any], dtype: str) -> bool:
+    """Integer datasets marked as labels, named like labels, or wider than 16 bits."""
+    if not (dtype.startswith("uint") or dtype.startswith("int")):
+        return False
+    marked = attrs.get("layer_type") or attrs.get("kind")
+    if marked in ("labels", "segmentation"):
+        return True
+    if marked in ("image", "intensity", "raw"):
+        return False
+    if any(_LABEL_NAME_RE.search(part) for part in key.split("/") if part):
+        return True
+    return dtype in ("uint32", "uint64", "int32", "int64")
+
+
+# ----------------------------------------------------------------------------------------------
+# container and tree
+
+
+@dataclass(frozen=True)
+class Node:
+    """One entry of a container's tree."""
+
+    key: str  # "" for the root
+    kind: str  # "dataset" | "multiscale" | "group"
+    attrs: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    levels: tuple[str, ...] = ()  # keys of the pyramid levels, finest first (multiscale only)
+
+
+def find_container_root(path: str) -> tuple[str, str]:
+    """Split a path to a container or to a group/dataset inside one into (root, key).
+
+    The root is the nearest enclosing folder named ``*.n5`` / ``*.zarr``; without such a name, the
+    highest folder of an unbroken chain of folders holding ``attributes.json``.
+    """
+    path = os.path.abspath(path)
+    parts = path.split(os.sep)
+    for i in range(len(parts), 0, -1):
+        if parts[i - 1].lower().endswith((".n5", ".zarr")):
+            root = os.sep.join(parts[:i]) or os.sep
+            return root, "/".join(parts[i:])
+    root = path
+    while True:
+        parent = os.path.dirname(root)
+        if parent == root or not os.path.exists(os.path.join(parent, ATTRS)):
+            break
+        root = parent
+    rel = os.path.relpath(path, root)
+    return root, "" if rel == "." else rel.replace(os.sep, "/")
+
+
+def is_container(root: str) -> bool:
+    """A folder with N5/zarr metadata at its top, or a ``*.n5``/``*.zarr`` folder with metadata
+    only further down (tensorstore writes no root ``attributes.json``)."""
+    if not os.path.isdir(root):
+        return False
+    if any(
+        os.path.exists(os.path.join(root, m)) for m in (ATTRS, ".zgroup", ".zarray", "zarr.json")
+    ):
+        return True
+    if not root.lower().rstrip(os.sep).endswith((".n5", ".zarr")):
+        return False
+    # tensorstore writes no root attributes.json: look a few levels down for a dataset
+    for dirpath, dirnames, filenames in os.walk(root):
+        if ATTRS in filenames:
+            return True
+        depth = os.path.relpath(dirpath, root).count(os.sep)
+        if depth >= 3:
+            dirnames[:] = []
+        else:
+            dirnames[:] = [d for d in dirnames if not d.isdigit()]
+    return False
+
+
+def is_zarr(root: str) -> bool:
+    return any(os.path.exists(os.path.join(root, m)) for m in (".zgroup", ".zarray", "zarr.json"))
+
+
+def pyramid_levels(directory: str, attrs: dict[str, Any]) -> tuple[str, ...]:
+    """Names of the ``s0, s1, …`` datasets of a pyramid group, finest first; ``()`` if not one."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return ()
+    levels = sorted(
+        (int(m.group(1)), n)
+        for n in names
+        if (m := _LEVEL_RE.match(n)) and os.path.isdir(os.path.join(directory, n))
+    )
+    if not levels or levels[0][0] != 0:
+        return ()
+    out = []
+    for expected, (idx, name) in enumerate(levels):
+        if idx != expected:
+            break
+        if not is_dataset_attrs(read_attrs(os.path.join(directory, name))):
+            break
+        out.append(name)
+    return tuple(out)
+
+
+def walk_tree(root: str) -> list[Node]:
+    """All groups, datasets and pyramids of a container (JSON only, no chunk is read)."""
+    nodes: list[Node] = []
+
+    def visit(directory: str, key: str) -> None:
+        attrs = read_attrs(directory)
+        if is_dataset_attrs(attrs):
+            nodes.append(Node(key, "dataset", attrs))
+            return  # chunk folders below are not groups
+        levels = pyramid_levels(directory, attrs)
+        if levels:
+            nodes.append(Node(key, "multiscale", attrs, levels))
+        else:
+            nodes.append(Node(key, "group", attrs))
+        try:
+            children = sorted(os.listdir(directory))
+        except OSError:
+            return
+        for child in children:
+            sub = os.path.join(directory, child)
+            if os.path.isdir(sub) and not child.startswith("."):
+                visit(sub, f"{key}/{child}" if key else child)
+
+    visit(root, "")
+    return nodes

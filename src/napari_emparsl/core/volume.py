@@ -1,0 +1,674 @@
+"""Volume: the only z5py / N5 / dask code of the package.
+
+A :class:`Volume` is one dataset of an N5 (or zarr v2) container seen as a lazy dask array whose
+chunks are the storage chunks, plus what is needed to place it in the world: voxel size, unit,
+offset and axis names, all in C order (z, y, x). When the dataset is a pyramid group
+(``s0, s1, …``) the volume is its finest level and :attr:`Volume.pyramid` gives all levels.
+
+Nothing is read when a volume is opened except the small JSON metadata files; chunks are read
+when the dask array is computed, and a missing chunk reads as the fill value (0), N5's rule.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import product
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import z5py
+
+from napari_emparsl.core.n5attrs import (
+    ATTRS,
+    Node,
+    VolumeError,
+    axes_c_order,
+    check_compression,
+    compression_of,
+    find_container_root,
+    is_container,
+    is_dataset_attrs,
+    is_zarr,
+    looks_like_labels,
+    pyramid_levels,
+    read_attrs,
+    voxel_size_of,
+    walk_tree,
+)
+
+__all__ = [
+    "Volume",
+    "VolumeError",
+    "container_tree",
+    "openable_keys",
+    "parse_spec",
+    "pyramid_factors",
+    "save_array",
+    "write_pyramid",
+]
+
+_WRITABLE_DTYPES = {
+    "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float32", "float64",
+}  # fmt: skip
+
+
+class _TolerantFile(z5py.File):
+    """z5py.File that opens N5 containers without a root ``attributes.json`` (as tensorstore
+    writes them); z5py itself refuses those."""
+
+    def _check_version(self) -> None:
+        if not self._handle.is_zarr() and not os.path.exists(
+            os.path.join(self._handle.path(), ATTRS)
+        ):
+            self._zarr_format = 2
+            return
+        super()._check_version()
+
+
+def _open_file(root: str, mode: str = "r") -> z5py.File:
+    try:
+        return _TolerantFile(root, mode, use_zarr_format=is_zarr(root))
+    except (RuntimeError, OSError) as err:
+        raise VolumeError(f"Cannot open the container {root} ({_first_line(err)}).") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:160] if text else type(err).__name__
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """Split ``PATH.n5:DATASET`` into ``(PATH.n5, DATASET)``; the key is ``""`` when absent."""
+    if ":" in spec:
+        left, right = spec.rsplit(":", 1)
+        if left.rstrip("/").lower().endswith((".n5", ".zarr")) or os.path.isdir(left):
+            return left, right.strip("/")
+    return spec, ""
+
+
+class _ChunkReader:
+    """Array-like over one z5py dataset for ``dask.array.from_array``.
+
+    Pickles by path (z5py handles do not pickle), so dask graphs can travel to other processes,
+    and turns z5py's decoding errors into a sentence that names the broken chunk file.
+    """
+
+    def __init__(self, root: str, key: str, shape: tuple[int, ...], dtype: np.dtype):
+        self.root, self.key = root, key
+        self.shape, self.dtype, self.ndim = shape, np.dtype(dtype), len(shape)
+        self._ds = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_ds"} | {"_ds": None}
+
+    @property
+    def ds(self) -> z5py.Dataset:
+        if self._ds is None:
+            self._ds = _open_file(self.root)[self.key]
+        return self._ds
+
+    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
+        try:
+            return self.ds[index]
+        except RuntimeError as err:
+            raise self._chunk_error(index, err) from None
+
+    def _chunk_error(self, index: tuple[slice, ...], err: RuntimeError) -> VolumeError:
+        ds = self.ds
+        if not isinstance(index, tuple):
+            index = (index,)
+        ranges = []
+        for sl, n, c in zip(index, self.shape, ds.chunks, strict=False):
+            start, stop, _ = sl.indices(n) if isinstance(sl, slice) else (sl, sl + 1, 1)
+            ranges.append(range(start // c, max(start // c + 1, -(-stop // c))))
+        for idx in product(*ranges):
+            try:
+                ds.read_chunk(idx)
+            except RuntimeError as chunk_err:
+                sep = "." if ds.is_zarr else "/"
+                parts = idx if ds.is_zarr else tuple(reversed(idx))
+                path = os.path.join(self.root, self.key, sep.join(str(i) for i in parts))
+                return VolumeError(
+                    f"The chunk file {path} is truncated or corrupt ({_first_line(chunk_err)}); "
+                    "restore it, or delete it so that it reads as empty."
+                )
+        return VolumeError(
+            f"Reading {self.root}:{self.key} failed ({_first_line(err)}); check the files."
+        )
+
+
+@dataclass
+class Volume:
+    """One N5 dataset (or the finest level of a pyramid) as a lazy dask array with geometry.
+
+    Attributes
+    ----------
+    root, key
+        Container folder and dataset key (the pyramid group's key for a multiscale volume).
+    shape, dtype, chunks
+        Of the finest level, C order.
+    voxel_size, unit, offset
+        Spatial axes only (channels excluded), C order, world units.
+    axes
+        Axis names in C order, e.g. ``("z", "y", "x")``.
+    levels
+        Dataset keys of the pyramid levels, finest first (one entry for a plain dataset).
+    """
+
+    root: str
+    key: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks: tuple[int, ...]
+    compression: str
+    voxel_size: tuple[float, ...]
+    unit: str
+    offset: tuple[float, ...]
+    axes: tuple[str, ...]
+    attrs: dict[str, Any] = field(repr=False)
+    levels: tuple[str, ...] = ()
+    level_voxel_sizes: tuple[tuple[float, ...], ...] = ()
+    _arrays: dict[str, da.Array] = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------------------------------
+    # opening
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, key: str = "") -> Volume:
+        """Open a dataset lazily: reads only its ``attributes.json`` files.
+
+        Parameters
+        ----------
+        path
+            The container folder (``*.n5``), or a group/dataset folder inside it.
+        key
+            Dataset or pyramid group inside ``path``. Optional when ``path`` is a dataset or the
+            container holds just one.
+
+        Raises
+        ------
+        VolumeError
+            With one sentence saying what is wrong and what to do.
+        """
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise VolumeError(f"{path} does not exist; check the path.")
+        if not os.path.isdir(path):
+            raise VolumeError(
+                f"{path} is a file, not an N5 container (a folder such as data.n5); "
+                "convert images with `emparsl import`."
+            )
+        root, sub = find_container_root(path)
+        if not is_container(root):
+            raise VolumeError(
+                f"{path} is not an N5 or zarr container (no attributes.json inside); pick the "
+                ".n5 folder, or convert your images with `emparsl import`."
+            )
+        full_key = "/".join(p for p in (sub, key.strip("/")) if p)
+        node = _resolve(root, full_key)
+        return cls._from_node(root, node)
+
+    @classmethod
+    def _from_node(cls, root: str, node: Node) -> Volume:
+        if node.kind == "multiscale":
+            level_keys = tuple(f"{node.key}/{lv}" if node.key else lv for lv in node.levels)
+            parent_attrs = node.attrs
+        else:
+            level_keys = (node.key,)
+            parent_attrs = (
+                read_attrs(os.path.join(root, os.path.dirname(node.key))) if node.key else {}
+            )
+        level_attrs = [read_attrs(os.path.join(root, k)) for k in level_keys]
+        for k, a in zip(level_keys, level_attrs, strict=True):
+            check_compression(a, f"{root}:{k}")
+        f = _open_file(root)
+        try:
+            ds = f[level_keys[0]]
+        except (RuntimeError, KeyError) as err:
+            raise VolumeError(
+                f"Cannot open dataset {root}:{level_keys[0]} ({_first_line(err)})."
+            ) from None
+        ndim = ds.ndim
+        attrs0 = level_attrs[0]
+        axes, _ = axes_c_order(attrs0 if "axes" in attrs0 else parent_attrs, ndim)
+        sizes = []
+        for a in level_attrs:
+            vs, unit, offset0 = voxel_size_of(a, ndim, parent_attrs)
+            sizes.append(vs)
+            if len(sizes) == 1:
+                unit0, offset = unit, offset0
+        return cls(
+            root=root,
+            key=node.key,
+            shape=tuple(int(s) for s in ds.shape),
+            dtype=np.dtype(ds.dtype),
+            chunks=tuple(int(c) for c in ds.chunks),
+            compression=compression_of(attrs0) if attrs0 else str(ds.compression),
+            voxel_size=sizes[0],
+            unit=unit0,
+            offset=offset,
+            axes=axes,
+            attrs=node.attrs if node.kind == "multiscale" else attrs0,
+            levels=level_keys,
+            level_voxel_sizes=tuple(sizes),
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # data
+
+    def level(self, i: int) -> da.Array:
+        """Lazy dask array of pyramid level ``i`` (chunks = storage chunks)."""
+        key = self.levels[i]
+        if key not in self._arrays:
+            ds = _open_file(self.root)[key]
+            reader = _ChunkReader(self.root, key, tuple(ds.shape), ds.dtype)
+            # a fresh name per open: dask/napari caches must never mix two versions of a dataset
+            name = f"n5-{os.path.basename(self.root)}-{key}-{uuid.uuid4().hex[:8]}"
+            self._arrays[key] = da.from_array(
+                reader,
+                chunks=tuple(ds.chunks),
+                name=name,
+                lock=False,
+                asarray=True,
+                fancy=False,
+                meta=np.empty((0,) * ds.ndim, dtype=ds.dtype),
+            )
+        return self._arrays[key]
+
+    @property
+    def data(self) -> da.Array:
+        """The finest level, lazily."""
+        return self.level(0)
+
+    @property
+    def pyramid(self) -> list[da.Array]:
+        """All levels, finest first (a one-element list for a plain dataset)."""
+        return [self.level(i) for i in range(len(self.levels))]
+
+    @property
+    def is_multiscale(self) -> bool:
+        return len(self.levels) > 1
+
+    @property
+    def is_labels(self) -> bool:
+        return looks_like_labels(self.key, self.attrs, self.dtype.name)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def read(self, region: Sequence[slice] | None = None) -> np.ndarray:
+        """Read a region of the finest level into memory (VolumeError names a corrupt chunk)."""
+        region = tuple(region) if region is not None else (slice(None),) * self.ndim
+        reader = _ChunkReader(self.root, self.levels[0], self.shape, self.dtype)
+        return reader[region]
+
+    def write(self, data: np.ndarray, offset: Sequence[int] | None = None) -> None:
+        """Write ``data`` into the finest level at ``offset`` (voxels, C order)."""
+        offset = tuple(offset) if offset is not None else (0,) * self.ndim
+        if len(offset) != self.ndim or data.ndim != self.ndim:
+            raise ValueError(
+                f"data of {data.ndim} dims / offset {offset} for a {self.ndim}-D volume"
+            )
+        region = tuple(slice(o, o + s) for o, s in zip(offset, data.shape, strict=True))
+        if any(r.stop > n or r.start < 0 for r, n in zip(region, self.shape, strict=True)):
+            raise ValueError(f"region {region} is outside the volume of shape {self.shape}")
+        ds = _open_file(self.root, "a")[self.levels[0]]
+        ds[region] = np.ascontiguousarray(data, dtype=self.dtype)
+
+    def info(self) -> dict[str, Any]:
+        """A JSON-able summary (what `emparsl info` prints)."""
+        levels = []
+        for i, key in enumerate(self.levels):
+            arr = self.level(i)
+            levels.append(
+                {
+                    "key": key,
+                    "shape": list(arr.shape),
+                    "chunks": [int(c[0]) for c in arr.chunks],
+                    "voxel_size": list(self.level_voxel_sizes[i]),
+                }
+            )
+        return {
+            "path": self.root,
+            "key": self.key,
+            "kind": "labels" if self.is_labels else "image",
+            "shape": list(self.shape),
+            "dtype": self.dtype.name,
+            "chunks": list(self.chunks),
+            "compression": self.compression,
+            "voxel_size": list(self.voxel_size),
+            "unit": self.unit,
+            "offset": list(self.offset),
+            "axes": list(self.axes),
+            "levels": levels,
+        }
+
+    # ------------------------------------------------------------------------------------------
+    # creating
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        key: str,
+        shape: Sequence[int],
+        dtype: Any,
+        chunks: Sequence[int],
+        *,
+        compression: str = "gzip",
+        voxel_size: Sequence[float] | None = None,
+        unit: str = "nm",
+        offset: Sequence[float] | None = None,
+        attrs: dict[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> Volume:
+        """Create an empty dataset (chunks not written read as 0) and return it opened.
+
+        Attributes are written the way N5 tools read them: ``resolution``, ``offset`` and
+        ``axes`` in N5 order (x, y, z), plus ``pixelResolution`` for BigDataViewer / n5-viewer.
+
+        Raises
+        ------
+        VolumeError
+            When the dataset exists and ``overwrite`` is false, or the dtype cannot be stored.
+        """
+        root = os.fspath(path)
+        key = key.strip("/")
+        if not key:
+            raise VolumeError(f"Give a dataset name inside {root}, e.g. {root}:raw.")
+        dtype = np.dtype(dtype)
+        if dtype == np.bool_:
+            dtype = np.dtype("uint8")
+        if dtype.name not in _WRITABLE_DTYPES:
+            raise VolumeError(
+                f"N5 cannot store {dtype.name} data; convert it to one of "
+                f"{', '.join(sorted(_WRITABLE_DTYPES))}."
+            )
+        shape = tuple(int(s) for s in shape)
+        chunks = tuple(max(1, min(int(c), s)) for c, s in zip(chunks, shape, strict=True))
+        _prepare_output(root, key, overwrite)
+        f = _open_file(root, "a")
+        kwargs = {"compression": compression} if compression != "raw" else {"compression": "raw"}
+        f.create_dataset(key, shape=shape, chunks=chunks, dtype=dtype.name, **kwargs)
+        ds = f[key]
+        ds.attrs.update(_geometry_attrs(len(shape), voxel_size, unit, offset) | (attrs or {}))
+        return cls.open(root, key)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _resolve(root: str, key: str) -> Node:
+    """The node for ``key``; without a key, the container's only dataset or pyramid."""
+    if key:
+        directory = os.path.join(root, key)
+        attrs = read_attrs(directory) if os.path.isdir(directory) else {}
+        if is_dataset_attrs(attrs):
+            return Node(key, "dataset", attrs)
+        levels = pyramid_levels(directory, attrs) if os.path.isdir(directory) else ()
+        if levels:
+            return Node(key, "multiscale", attrs, levels)
+        where = key
+    else:
+        where = ""
+    base = os.path.join(root, where) if where else root
+    candidates = _openable(walk_tree(base)) if os.path.isdir(base) else []
+    if not os.path.isdir(base):
+        all_keys = _openable(walk_tree(root))
+        raise VolumeError(
+            f"There is no dataset '{key}' in {root}; available: {_listing(all_keys)}."
+        )
+    if len(candidates) == 1:
+        node = candidates[0]
+        full = "/".join(p for p in (where, node.key) if p)
+        return Node(full, node.kind, node.attrs, node.levels)
+    if not candidates:
+        raise VolumeError(f"{os.path.join(root, where)} holds no dataset; pick another folder.")
+    keys = [Node("/".join(p for p in (where, n.key) if p), n.kind) for n in candidates]
+    raise VolumeError(
+        f"{root}{':' + where if where else ''} holds several datasets ({_listing(keys)}); "
+        f"name one, e.g. {root}:{keys[0].key}."
+    )
+
+
+def _openable(nodes: list[Node]) -> list[Node]:
+    """Datasets and pyramids, without the levels inside pyramids."""
+    pyramids = [n.key for n in nodes if n.kind == "multiscale"]
+
+    def inside_pyramid(key: str) -> bool:
+        return any(key != p and (not p or key.startswith(p + "/")) for p in pyramids)
+
+    return [n for n in nodes if n.kind in ("dataset", "multiscale") and not inside_pyramid(n.key)]
+
+
+def _listing(nodes: list[Node], limit: int = 20) -> str:
+    keys = [n.key or "(root)" for n in nodes]
+    more = f", … ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more if keys else "none"
+
+
+def _prepare_output(root: str, key: str, overwrite: bool) -> None:
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise VolumeError(f"{root} is a file; choose a folder name for the output container.")
+    if os.path.isdir(root) and not is_container(root) and os.listdir(root):
+        raise VolumeError(
+            f"{root} is a non-empty folder that is not an N5 container; choose another output path."
+        )
+    target = os.path.join(root, key)
+    if os.path.exists(target):
+        if not overwrite:
+            raise VolumeError(
+                f"The output {root}:{key} already exists; pass --overwrite to replace it, "
+                "or choose another name."
+            )
+        shutil.rmtree(target)
+    os.makedirs(root, exist_ok=True)
+    if not is_zarr(root) and not os.path.exists(os.path.join(root, ATTRS)):
+        # always a root attributes.json: z5py and N5-Java need it to open the container
+        with open(os.path.join(root, ATTRS), "w", encoding="utf-8") as f:
+            f.write('{"n5": "2.0.0"}')
+
+
+def _geometry_attrs(
+    ndim: int,
+    voxel_size: Sequence[float] | None,
+    unit: str,
+    offset: Sequence[float] | None,
+) -> dict[str, Any]:
+    spatial = ndim if ndim <= 3 else 3
+    names = ["z", "y", "x"][-spatial:]
+    axes = (["c"] if ndim == 4 else []) + names
+    out: dict[str, Any] = {"axes": list(reversed(axes)), "unit": unit}
+    if voxel_size is not None:
+        vs = [float(v) for v in voxel_size][-spatial:]
+        out["resolution"] = list(reversed(vs))
+        out["pixelResolution"] = {"dimensions": list(reversed(vs)), "unit": unit}
+    if offset is not None:
+        out["offset"] = list(reversed([float(o) for o in offset][-spatial:]))
+    return out
+
+
+def openable_keys(path: str | os.PathLike) -> list[str]:
+    """Keys (from the container root) of the dataset or pyramid at ``path``, or of every dataset
+    and pyramid below it (levels inside a pyramid are not listed on their own)."""
+    root, sub = find_container_root(os.fspath(path))
+    base = os.path.join(root, sub) if sub else root
+    nodes = walk_tree(base)
+    if nodes and nodes[0].kind in ("dataset", "multiscale"):
+        return [sub]
+    return ["/".join(p for p in (sub, n.key) if p) for n in _openable(nodes)]
+
+
+def container_tree(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every group, dataset and pyramid of a container, with shape/dtype/chunks (JSON only)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise VolumeError(f"{path} does not exist; check the path.")
+    root, sub = find_container_root(path)
+    if not is_container(root):
+        raise VolumeError(
+            f"{path} is not an N5 or zarr container (no attributes.json inside); pick the "
+            ".n5 folder, or convert your images with `emparsl import`."
+        )
+    base = os.path.join(root, sub) if sub else root
+    out = []
+    for node in walk_tree(base):
+        key = "/".join(p for p in (sub, node.key) if p)
+        entry: dict[str, Any] = {"key": key, "kind": node.kind}
+        if node.kind == "dataset":
+            dims = node.attrs.get("dimensions", [])
+            entry |= {
+                "shape": list(reversed(dims)),
+                "dtype": node.attrs.get("dataType"),
+                "chunks": list(reversed(node.attrs.get("blockSize", []))),
+                "compression": compression_of(node.attrs),
+            }
+        elif node.kind == "multiscale":
+            entry["levels"] = list(node.levels)
+        out.append(entry)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# pyramids
+
+
+def pyramid_factors(
+    shape: Sequence[int], voxel_size: Sequence[float], levels: int
+) -> list[tuple[int, ...]]:
+    """Cumulative downsampling factors per level (level 0 = ones).
+
+    Each level halves an axis unless its voxels are already at least twice as large as the
+    finest axis at that level (so an anisotropic z is left alone until x/y catch up), or the axis
+    would shrink below 1 voxel.
+    """
+    current = [1] * len(shape)
+    out = [tuple(current)]
+    for _ in range(1, levels):
+        sizes = [v * f for v, f in zip(voxel_size, current, strict=True)]
+        smallest = min(sizes)
+        step = [
+            2 if sizes[i] < 2 * smallest and shape[i] // (current[i] * 2) >= 1 else 1
+            for i in range(len(shape))
+        ]
+        if all(s == 1 for s in step):
+            break
+        current = [c * s for c, s in zip(current, step, strict=True)]
+        out.append(tuple(current))
+    return out
+
+
+def write_pyramid(
+    path: str | os.PathLike,
+    key: str,
+    data: np.ndarray | da.Array,
+    *,
+    chunks: Sequence[int],
+    levels: int = 3,
+    voxel_size: Sequence[float] | None = None,
+    unit: str = "nm",
+    labels: bool = False,
+    compression: str = "gzip",
+    attrs: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Volume:
+    """Write ``data`` as a pyramid group ``key/s0, s1, …`` and return it opened (multiscale).
+
+    Image levels are block means, label levels take every other voxel (labels must not be averaged).
+    Every level is written chunk by chunk through dask, so memory stays bounded by a few chunks.
+    """
+    root = os.fspath(path)
+    key = key.strip("/")
+    voxel_size = tuple(voxel_size) if voxel_size is not None else (1.0,) * data.ndim
+    _prepare_output(root, key, overwrite)
+    factors = pyramid_factors(data.shape, voxel_size, levels)
+    arr = data if isinstance(data, da.Array) else da.from_array(data, chunks=tuple(chunks))
+    group_attrs = (
+        _geometry_attrs(data.ndim, voxel_size, unit, None)
+        | {
+            "multiScale": True,
+            "scales": [list(reversed(f)) for f in factors],
+            "layer_type": "labels" if labels else "image",
+        }
+        | (attrs or {})
+    )
+    f = _open_file(root, "a")
+    group = f.require_group(key)
+    group.attrs.update(group_attrs)
+    previous = (1,) * data.ndim
+    for i, fac in enumerate(factors):
+        step = tuple(a // b for a, b in zip(fac, previous, strict=True))
+        if i > 0:
+            arr = _downsample(arr, step, labels)
+        level_key = f"{key}/s{i}"
+        level_chunks = tuple(min(c, s) for c, s in zip(chunks, arr.shape, strict=True))
+        f.create_dataset(
+            level_key, shape=arr.shape, chunks=level_chunks, dtype=data.dtype.name,
+            compression=compression,
+        )  # fmt: skip
+        ds = f[level_key]
+        ds.attrs.update(
+            {
+                "downsamplingFactors": list(reversed(fac)),
+                "pixelResolution": {"dimensions": list(reversed(voxel_size)), "unit": unit},
+                "layer_type": group_attrs["layer_type"],
+            }
+        )
+        # one dask task per output chunk: no two tasks ever write the same chunk file
+        arr = arr.rechunk(level_chunks)
+        da.store(arr, ds, lock=False)
+        arr = da.from_array(ds, chunks=level_chunks, lock=False, name=f"lvl-{uuid.uuid4().hex}")
+        previous = fac
+    return Volume.open(root, key)
+
+
+def _downsample(arr: da.Array, step: tuple[int, ...], labels: bool) -> da.Array:
+    trimmed = arr[tuple(slice(0, (n // s) * s) for n, s in zip(arr.shape, step, strict=True))]
+    if labels:
+        return trimmed[tuple(slice(None, None, s) for s in step)]
+    mean = da.coarsen(np.mean, trimmed.astype(np.float32), dict(enumerate(step)), trim_excess=True)
+    if np.issubdtype(arr.dtype, np.integer):
+        info = np.iinfo(arr.dtype)
+        mean = da.clip(da.round(mean), info.min, info.max)
+    return mean.astype(arr.dtype)
+
+
+def save_array(
+    path: str | os.PathLike,
+    key: str,
+    data: np.ndarray | da.Array,
+    *,
+    chunks: Sequence[int] | None = None,
+    voxel_size: Sequence[float] | None = None,
+    unit: str = "nm",
+    offset: Sequence[float] | None = None,
+    labels: bool = False,
+    attrs: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Volume:
+    """Write a whole array (numpy or dask, streamed chunk by chunk) as a new dataset."""
+    chunks = tuple(chunks) if chunks is not None else (64,) * data.ndim
+    vol = Volume.create(
+        path,
+        key,
+        data.shape,
+        data.dtype,
+        chunks[-data.ndim :],
+        voxel_size=voxel_size,
+        unit=unit,
+        offset=offset,
+        attrs={"layer_type": "labels" if labels else "image"} | (attrs or {}),
+        overwrite=overwrite,
+    )
+    ds = _open_file(vol.root, "a")[vol.levels[0]]
+    arr = data if isinstance(data, da.Array) else da.from_array(data, chunks=vol.chunks)
+    # one task per output chunk: no two tasks write the same chunk file
+    da.store(arr.rechunk(vol.chunks).astype(vol.dtype), ds, lock=False)
+    return vol

@@ -1,0 +1,1 @@
+"""Parsl execution (runner, sites)."""
