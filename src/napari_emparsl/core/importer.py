@@ -63,14 +63,20 @@ def _as_gray(arr: np.ndarray, name: str) -> np.ndarray:
 
 
 def _read_slice(path: str) -> np.ndarray:
-    if path.lower().endswith(TIFF_EXTENSIONS):
-        import tifffile
+    try:
+        if path.lower().endswith(TIFF_EXTENSIONS):
+            import tifffile
 
-        arr = tifffile.imread(path)
-    else:
-        import imageio.v3 as iio
+            arr = tifffile.imread(path)
+        else:
+            import imageio.v3 as iio
 
-        arr = iio.imread(path)
+            arr = iio.imread(path)
+    except Exception as err:  # image libraries raise many types for broken files
+        raise VolumeError(
+            f"The slice {path} cannot be read ({str(err)[:100] or type(err).__name__}); "
+            "replace or remove it and import again."
+        ) from None
     return _as_gray(np.asarray(arr), os.path.basename(path))
 
 
@@ -84,7 +90,13 @@ def _slice_shape(path: str) -> tuple[tuple[int, ...], np.dtype]:
             return tuple(page.shape), np.dtype(page.dtype)
     import imageio.v3 as iio
 
-    props = iio.improps(path)
+    try:
+        props = iio.improps(path)
+    except Exception as err:
+        raise VolumeError(
+            f"The slice {path} cannot be read ({str(err)[:100] or type(err).__name__}); "
+            "replace or remove it and import again."
+        ) from None
     return tuple(props.shape), np.dtype(props.dtype)
 
 

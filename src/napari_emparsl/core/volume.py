@@ -86,7 +86,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
     """Split ``PATH.n5:DATASET`` into ``(PATH.n5, DATASET)``; the key is ``""`` when absent."""
     if ":" in spec:
         left, right = spec.rsplit(":", 1)
-        if left.rstrip("/").lower().endswith((".n5", ".zarr")) or os.path.isdir(left):
+        if len(left) > 1 and not os.path.exists(spec):  # "C:" alone would be a drive letter
             return left, right.strip("/")
     return spec, ""
 
@@ -624,16 +624,25 @@ def write_pyramid(
         # one dask task per output chunk: no two tasks ever write the same chunk file
         arr = arr.rechunk(level_chunks)
         da.store(arr, ds, lock=False)
-        arr = da.from_array(ds, chunks=level_chunks, lock=False, name=f"lvl-{uuid.uuid4().hex}")
+        reader = _ChunkReader(root, level_key, tuple(ds.shape), ds.dtype)
+        arr = da.from_array(
+            reader, chunks=level_chunks, lock=False, fancy=False, name=f"lvl-{uuid.uuid4().hex}"
+        )
         previous = fac
     return Volume.open(root, key)
 
 
+def _first(x: np.ndarray, axis: tuple[int, ...] = ()) -> np.ndarray:
+    """Reduction for :func:`dask.array.coarsen` that keeps the first voxel of each block."""
+    return x[tuple(0 if i in axis else slice(None) for i in range(x.ndim))]
+
+
 def _downsample(arr: da.Array, step: tuple[int, ...], labels: bool) -> da.Array:
     trimmed = arr[tuple(slice(0, (n // s) * s) for n, s in zip(arr.shape, step, strict=True))]
-    if labels:
-        return trimmed[tuple(slice(None, None, s) for s in step)]
-    mean = da.coarsen(np.mean, trimmed.astype(np.float32), dict(enumerate(step)), trim_excess=True)
+    axes = dict(enumerate(step))
+    if labels:  # labels must not be averaged: keep one voxel per block
+        return da.coarsen(_first, trimmed, axes)
+    mean = da.coarsen(np.mean, trimmed.astype(np.float32), axes)
     if np.issubdtype(arr.dtype, np.integer):
         info = np.iinfo(arr.dtype)
         mean = da.clip(da.round(mean), info.min, info.max)

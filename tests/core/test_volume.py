@@ -1,0 +1,197 @@
+"""Volume: lazy opening, geometry attributes, pyramids, creation and writes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import dask.array as da
+import numpy as np
+import pytest
+
+from napari_emparsl.core.volume import (
+    Volume,
+    VolumeError,
+    container_tree,
+    parse_spec,
+    pyramid_factors,
+    save_array,
+    write_pyramid,
+)
+
+
+def test_open_is_lazy_with_storage_chunks(small_n5):
+    path, data = small_n5
+    vol = Volume.open(path, "raw")
+    assert isinstance(vol.data, da.Array)
+    assert vol.data.chunksize == (8, 16, 16) == vol.chunks
+    assert vol.shape == data.shape and vol.dtype == np.uint8
+    assert vol.voxel_size == (30.0, 10.0, 10.0) and vol.unit == "nm"
+    assert vol.axes == ("z", "y", "x") and vol.compression == "gzip"
+    np.testing.assert_array_equal(vol.data.compute(), data)
+    np.testing.assert_array_equal(
+        vol.read((slice(3, 9), slice(0, 5), slice(40, 50))), data[3:9, :5, 40:]
+    )
+
+
+def test_attributes_written_in_n5_order(small_n5):
+    path, _ = small_n5
+    attrs = json.loads((path / "raw" / "attributes.json").read_text())
+    assert attrs["resolution"] == [10.0, 10.0, 30.0]  # x, y, z as N5 tools expect
+    assert attrs["pixelResolution"] == {"dimensions": [10.0, 10.0, 30.0], "unit": "nm"}
+    assert attrs["dimensions"] == [50, 40, 20]
+    assert json.loads((path / "attributes.json").read_text())["n5"].startswith("2.")
+
+
+def test_missing_chunks_read_as_fill_value(tmp_path):
+    vol = Volume.create(tmp_path / "e.n5", "x", (10, 10, 10), "uint16", (4, 4, 4))
+    vol.write(np.full((4, 4, 4), 7, np.uint16), (4, 4, 4))
+    arr = vol.data.compute()
+    assert arr[4:8, 4:8, 4:8].min() == 7 and arr.sum() == 7 * 64
+    assert not (tmp_path / "e.n5" / "x" / "0" / "0" / "0").exists()
+
+
+def test_write_outside_volume_is_refused(small_n5):
+    vol = Volume.open(small_n5[0], "raw")
+    with pytest.raises(ValueError, match="outside"):
+        vol.write(np.zeros((4, 4, 4), np.uint8), (18, 0, 0))
+
+
+@pytest.mark.parametrize(
+    ("attrs", "expected"),
+    [
+        ({"resolution": [4, 4, 40]}, (40.0, 4.0, 4.0)),  # N5 order (x, y, z)
+        ({"resolution": [40, 4, 4], "axes": ["z", "y", "x"]}, (40.0, 4.0, 4.0)),  # C-order axes
+        ({"resolution": [4, 5, 40], "axes": ["x", "y", "z"]}, (40.0, 5.0, 4.0)),
+        ({"pixelResolution": {"dimensions": [4, 4, 40], "unit": "um"}}, (40.0, 4.0, 4.0)),
+        ({"pixelResolution": [4, 4, 40]}, (40.0, 4.0, 4.0)),
+        ({"resolution": [4, 4, 40], "downsamplingFactors": [2, 2, 1]}, (40.0, 8.0, 8.0)),
+        ({}, (1.0, 1.0, 1.0)),
+    ],
+)
+def test_voxel_size_conventions(tmp_path, attrs, expected):
+    vol = Volume.create(tmp_path / "v.n5", "d", (4, 4, 4), "uint8", (4, 4, 4))
+    attrs_file = tmp_path / "v.n5" / "d" / "attributes.json"
+    stored = json.loads(attrs_file.read_text())
+    for k in ("resolution", "pixelResolution", "axes", "unit"):
+        stored.pop(k, None)
+    attrs_file.write_text(json.dumps(stored | attrs))
+    vol = Volume.open(tmp_path / "v.n5", "d")
+    assert vol.voxel_size == expected
+    if "pixelResolution" in attrs and isinstance(attrs["pixelResolution"], dict):
+        assert vol.unit == "um"
+
+
+def test_pyramid_written_and_detected(tmp_path):
+    data = np.random.default_rng(0).integers(0, 255, (40, 70, 90)).astype(np.uint8)
+    vol = write_pyramid(
+        tmp_path / "p.n5", "raw", data, chunks=(16, 32, 32), voxel_size=(30, 10, 10)
+    )
+    assert vol.is_multiscale and vol.levels == ("raw/s0", "raw/s1", "raw/s2")
+    # z (30 nm) is not halved until x/y (10 → 20 → 40 nm) catch up
+    assert [a.shape for a in vol.pyramid] == [(40, 70, 90), (40, 35, 45), (20, 17, 22)]
+    assert vol.level_voxel_sizes == ((30, 10, 10), (30, 20, 20), (60, 40, 40))
+    np.testing.assert_array_equal(vol.pyramid[0].compute(), data)
+    expected_s1 = data[:, :70, :90].reshape(40, 35, 2, 45, 2).mean(axis=(2, 4))
+    np.testing.assert_allclose(vol.pyramid[1].compute(), np.round(expected_s1), atol=1)
+    again = Volume.open(tmp_path / "p.n5")  # the only pyramid, found without a key
+    assert again.key == "raw" and again.is_multiscale
+
+
+def test_label_pyramid_is_not_averaged(tmp_path):
+    labels = np.zeros((8, 8, 8), np.uint32)
+    labels[:, :, 4:] = 1000
+    labels[:, 4:, :] = 7
+    vol = write_pyramid(tmp_path / "l.n5", "seg", labels, chunks=(4, 4, 4), labels=True)
+    assert vol.is_labels
+    for level in vol.pyramid[1:]:
+        assert set(np.unique(level.compute())) <= {0, 7, 1000}
+
+
+def test_bdv_style_pyramid_with_group_scales(tmp_path):
+    # as BigDataViewer / n5-viewer write it: factors on every level, resolution on the group
+    root = tmp_path / "bdv.n5"
+    save_array(root, "setup0/s0", np.ones((8, 16, 16), np.uint16), chunks=(4, 8, 8))
+    save_array(root, "setup0/s1", np.ones((8, 8, 8), np.uint16), chunks=(4, 8, 8))
+    for level, factors in (("s0", [1, 1, 1]), ("s1", [2, 2, 1])):
+        f = root / "setup0" / level / "attributes.json"
+        a = {
+            k: v
+            for k, v in json.loads(f.read_text()).items()
+            if k not in ("resolution", "pixelResolution", "axes")
+        }
+        f.write_text(json.dumps(a | {"downsamplingFactors": factors}))
+    (root / "setup0" / "attributes.json").write_text(
+        json.dumps(
+            {
+                "pixelResolution": {"dimensions": [5, 5, 50], "unit": "nm"},
+                "scales": [[1, 1, 1], [2, 2, 1]],
+            }
+        )
+    )
+    vol = Volume.open(root, "setup0")
+    assert vol.is_multiscale
+    assert vol.level_voxel_sizes == ((50, 5, 5), (50, 10, 10))
+
+
+def test_pyramid_factors_anisotropic():
+    assert pyramid_factors((100, 1000, 1000), (40, 4, 4), 4) == [
+        (1, 1, 1),
+        (1, 2, 2),
+        (1, 4, 4),
+        (1, 8, 8),
+    ]
+    assert pyramid_factors((4, 4, 4), (1, 1, 1), 5)[-1] == (4, 4, 4)
+
+
+def test_tree_lists_groups_datasets_and_pyramids(tmp_path, small_n5):
+    path, data = small_n5
+    write_pyramid(path, "em/pyr", data, chunks=(8, 16, 16))
+    tree = {n["key"]: n for n in container_tree(path)}
+    assert tree["raw"]["kind"] == "dataset" and tree["raw"]["shape"] == [20, 40, 50]
+    assert tree["raw"]["chunks"] == [8, 16, 16] and tree["raw"]["dtype"] == "uint8"
+    assert tree["em"]["kind"] == "group"
+    assert tree["em/pyr"]["kind"] == "multiscale" and tree["em/pyr"]["levels"] == ["s0", "s1", "s2"]
+
+
+def test_open_dataset_folder_directly(small_n5):
+    path, _ = small_n5
+    vol = Volume.open(path / "raw")
+    assert vol.root == str(path) and vol.key == "raw"
+
+
+def test_parse_spec(tmp_path):
+    assert parse_spec("/a/b.n5:raw/s0") == ("/a/b.n5", "raw/s0")
+    assert parse_spec("/a/b.n5") == ("/a/b.n5", "")
+    assert parse_spec("b.N5:x") == ("b.N5", "x")
+
+
+def test_create_refuses_existing_unless_overwrite(small_n5):
+    path, data = small_n5
+    with pytest.raises(VolumeError, match="already exists; pass --overwrite"):
+        Volume.create(path, "raw", (2, 2, 2), "uint8", (2, 2, 2))
+    np.testing.assert_array_equal(Volume.open(path, "raw").data.compute(), data)  # untouched
+    vol = Volume.create(path, "raw", (2, 2, 2), "uint8", (2, 2, 2), overwrite=True)
+    assert vol.shape == (2, 2, 2)
+
+
+def test_create_refuses_unstorable_dtype(tmp_path):
+    with pytest.raises(VolumeError, match="cannot store complex128"):
+        Volume.create(tmp_path / "c.n5", "x", (2, 2), np.complex128, (2, 2))
+
+
+def test_dask_graph_pickles_by_path(small_n5):
+    import pickle
+
+    path, data = small_n5
+    arr = Volume.open(path, "raw").data
+    clone = pickle.loads(pickle.dumps(arr))
+    np.testing.assert_array_equal(clone[2:5].compute(), data[2:5])
+
+
+def test_channels_axis(tmp_path):
+    data = np.arange(2 * 4 * 6 * 8, dtype=np.float32).reshape(2, 4, 6, 8)
+    save_array(tmp_path / "c.n5", "multi", data, chunks=(1, 4, 6, 8), voxel_size=(20, 5, 5))
+    vol = Volume.open(tmp_path / "c.n5", "multi")
+    assert vol.axes == ("c", "z", "y", "x") and vol.voxel_size == (20.0, 5.0, 5.0)
+    assert os.path.isdir(tmp_path / "c.n5" / "multi")
