@@ -14,6 +14,10 @@ from napari_emparsl.core.volume import save_array
 
 
 def _target(path: str, layer_name: str) -> tuple[str, str]:
+    parent = os.path.dirname(path.rstrip(os.sep))
+    if path.lower().endswith(".n5") and ".n5" in parent.lower():
+        # napari appends the extension: "out.n5/seg" arrives as "out.n5/seg.n5"
+        path = path[: -len(".n5")]
     root, key = find_container_root(path)
     if not root.lower().endswith((".n5", ".zarr")):
         root, key = path, ""

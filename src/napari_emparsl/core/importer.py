@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from napari_emparsl.core.n5attrs import VolumeError
-from napari_emparsl.core.volume import Volume, parse_spec
+from napari_emparsl.core.volume import Volume, check_output_free, parse_spec
 
 __all__ = ["Estimate", "ImportSource", "estimate", "import_volume", "open_source"]
 
@@ -301,7 +301,7 @@ def estimate(
     if chunk_bytes < TINY_CHUNK_BYTES or n_files > MANY_FILES:
         warnings.append(
             f"Chunks of {'×'.join(map(str, chunks))} ({_human(chunk_bytes)}) give {n_files:,} "
-            "files: tiny chunks strain shared filesystems; consider 64×64×64 or larger."
+            f"file{'s' if n_files != 1 else ''}: tiny chunks strain shared filesystems; consider 64×64×64 or larger."
         )
     if math.prod(chunks) > HUGE_CHUNK_VOXELS:
         warnings.append(
@@ -344,6 +344,7 @@ def iter_import(
             raise VolumeError(
                 f"The output {out_root} is the input (or inside it); choose another output path."
             )
+        check_output_free(out_root, out_key, overwrite)
         chunks = tuple(int(c) for c in chunks)
         if len(chunks) != 3 or min(chunks) < 1:
             raise VolumeError(f"Chunks must be three positive sizes z,y,x, not {chunks}.")

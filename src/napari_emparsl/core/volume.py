@@ -44,6 +44,7 @@ from napari_emparsl.core.n5attrs import (
 __all__ = [
     "Volume",
     "VolumeError",
+    "check_output_free",
     "container_tree",
     "openable_keys",
     "parse_spec",
@@ -454,7 +455,19 @@ def _listing(nodes: list[Node], limit: int = 20) -> str:
     return ", ".join(keys[:limit]) + more if keys else "none"
 
 
+def check_output_free(root: str, key: str, overwrite: bool) -> None:
+    """Refuse, before any work starts, an output that exists (unless overwriting) or cannot be one."""
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise VolumeError(f"{root} is a file; choose a folder name for the output container.")
+    if os.path.exists(os.path.join(root, key)) and not overwrite:
+        raise VolumeError(
+            f"The output {root}:{key} already exists; pass --overwrite to replace it, "
+            "or choose another name."
+        )
+
+
 def _prepare_output(root: str, key: str, overwrite: bool) -> None:
+    check_output_free(root, key, overwrite)
     if os.path.exists(root) and not os.path.isdir(root):
         raise VolumeError(f"{root} is a file; choose a folder name for the output container.")
     if os.path.isdir(root) and not is_container(root) and os.listdir(root):
@@ -463,11 +476,6 @@ def _prepare_output(root: str, key: str, overwrite: bool) -> None:
         )
     target = os.path.join(root, key)
     if os.path.exists(target):
-        if not overwrite:
-            raise VolumeError(
-                f"The output {root}:{key} already exists; pass --overwrite to replace it, "
-                "or choose another name."
-            )
         shutil.rmtree(target)
     os.makedirs(root, exist_ok=True)
     if not is_zarr(root) and not os.path.exists(os.path.join(root, ATTRS)):

@@ -1,0 +1,107 @@
+"""napari reader: lazy (dask) layers, voxel size as scale, multiscale pyramids, labels."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+
+from napari_emparsl._napari.reader import get_reader
+from napari_emparsl.core import volume as volume_mod
+from napari_emparsl.core.volume import Volume, save_array, write_pyramid
+
+PLUGIN = "napari-emparsl"
+
+
+def test_get_reader_declines_non_n5(tmp_path):
+    (tmp_path / "plain").mkdir()
+    assert get_reader(str(tmp_path / "plain")) is None
+    (tmp_path / "x.tif").write_bytes(b"II*\x00")
+    assert get_reader(str(tmp_path / "x.tif")) is None
+
+
+def test_open_container_in_viewer(make_napari_viewer, tmp_path):
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 255, (32, 64, 96), dtype=np.uint8)
+    labels = (raw > 128).astype(np.uint16)
+    path = tmp_path / "vol.n5"
+    write_pyramid(path, "raw", raw, chunks=(16, 32, 32), voxel_size=(40, 8, 8))
+    save_array(path, "seg", labels, chunks=(16, 32, 32), voxel_size=(40, 8, 8), labels=True)
+
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(path), plugin=PLUGIN)
+    by_name = {layer.name: layer for layer in layers}
+    assert set(by_name) == {"raw", "seg"}
+    image, seg = by_name["raw"], by_name["seg"]
+    assert image._type_string == "image" and seg._type_string == "labels"
+    assert image.multiscale and len(image.data) == 3
+    assert all(isinstance(level, da.Array) for level in image.data)
+    assert tuple(image.scale) == (40.0, 8.0, 8.0) and tuple(seg.scale) == (40.0, 8.0, 8.0)
+    assert isinstance(seg.data, da.Array) and not seg.multiscale
+    np.testing.assert_array_equal(np.asarray(image.data[0][5]), raw[5])
+    np.testing.assert_array_equal(np.asarray(seg.data[7]), labels[7])
+
+
+def test_open_dataset_folder_and_shared_labels(make_napari_viewer, shared_data):
+    viewer = make_napari_viewer()
+    path = shared_data / "cremi_C_crop" / "cremi_C_crop.n5"
+    [raw] = viewer.open(str(path / "raw"), plugin=PLUGIN)
+    assert raw._type_string == "image" and tuple(raw.scale) == (40.0, 4.0, 4.0)
+    [labels] = viewer.open(str(path / "labels" / "sparse_neurons"), plugin=PLUGIN)
+    assert labels._type_string == "labels" and isinstance(labels.data, da.Array)
+
+
+@pytest.fixture
+def huge_sparse_pyramid(tmp_path):
+    """A (10^4)^3 uint8 pyramid with only a few chunks written (metadata is all there is)."""
+    root = tmp_path / "huge.n5"
+    shape, factors = (10_000,) * 3, []
+    level = 0
+    while True:
+        f = 2**level
+        lshape = tuple(-(-s // f) for s in shape)
+        vol = Volume.create(root, f"em/s{level}", lshape, "uint8", (64, 64, 64))
+        attrs = root / "em" / f"s{level}" / "attributes.json"
+        import json
+
+        a = json.loads(attrs.read_text())
+        a["downsamplingFactors"] = [f, f, f]
+        attrs.write_text(json.dumps(a))
+        factors.append([f, f, f])
+        if max(lshape) <= 160:
+            break
+        level += 1
+    (root / "em" / "attributes.json").write_text(
+        '{"resolution": [8, 8, 8], "unit": "nm", "scales": %s}' % factors
+    )
+    vol.write(np.full((64, 64, 64), 200, np.uint8), (0, 0, 0))  # one bright corner chunk
+    return root
+
+
+def test_huge_dataset_reads_only_visible_chunks(
+    make_napari_viewer, huge_sparse_pyramid, qtbot, monkeypatch
+):
+    reads: list[tuple[str, tuple]] = []
+    original = volume_mod._ChunkReader.__getitem__
+
+    def counting(self, index):  # instrumentation around the real reader
+        reads.append((self.key, index))
+        return original(self, index)
+
+    monkeypatch.setattr(volume_mod._ChunkReader, "__getitem__", counting)
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(str(huge_sparse_pyramid), plugin=PLUGIN)
+    qtbot.wait(300)
+    assert layer.multiscale and layer.data[0].shape == (10_000,) * 3
+    n_levels = len(layer.data)
+    assert n_levels == 7
+    # a 2D view of one plane reads at most the chunks of that plane at the level shown
+    levels_read = {key for key, _ in reads}
+    finest_reads = [r for r in reads if r[0] == "em/s0"]
+    assert len(reads) <= 400, f"{len(reads)} chunk reads"
+    assert len(finest_reads) <= 400
+    assert levels_read, "nothing was read for display"
+    voxels_read = sum(
+        int(np.prod([s.stop - s.start for s in idx])) for _, idx in reads if isinstance(idx, tuple)
+    )
+    assert voxels_read < 1e-4 * 1e12  # far less than the volume (10^12 voxels)

@@ -1,0 +1,45 @@
+"""napari writers: Image and Labels layers round-trip through N5."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+
+from napari_emparsl.core.volume import Volume, VolumeError
+
+PLUGIN = "napari-emparsl"
+
+
+def test_labels_round_trip(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    labels = np.zeros((10, 70, 80), np.uint32)
+    labels[2:5, 10:40, 20:30] = 12345
+    layer = viewer.add_labels(labels, name="my seg", scale=(40, 4, 4))
+    written = layer.save(str(tmp_path / "out.n5"), plugin=PLUGIN)
+    assert written and written[0].endswith("my_seg")
+    vol = Volume.open(tmp_path / "out.n5", "my_seg")
+    assert vol.is_labels and vol.dtype == np.uint32 and vol.voxel_size == (40.0, 4.0, 4.0)
+    assert vol.compression == "gzip"
+    np.testing.assert_array_equal(vol.data.compute(), labels)
+    [reopened] = viewer.open(str(tmp_path / "out.n5"), plugin=PLUGIN)
+    assert reopened._type_string == "labels"
+
+
+def test_image_round_trip_dask_and_dataset_path(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    data = da.random.default_rng(0).random((16, 96, 96), chunks=(8, 32, 32)).astype(np.float32)
+    layer = viewer.add_image(data, name="prob", scale=(10, 5, 5))
+    layer.save(str(tmp_path / "out.n5" / "pred" / "prob"), plugin=PLUGIN)
+    vol = Volume.open(tmp_path / "out.n5", "pred/prob")
+    assert not vol.is_labels and vol.dtype == np.float32 and vol.voxel_size == (10.0, 5.0, 5.0)
+    np.testing.assert_array_equal(vol.data.compute(), data.compute())
+
+
+def test_writer_refuses_to_overwrite_its_own_source(make_napari_viewer, small_n5):
+    path, data = small_n5
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(str(path), plugin=PLUGIN)
+    with pytest.raises(VolumeError, match="is the dataset this layer reads from"):
+        layer.save(str(path / "raw"), plugin=PLUGIN)
+    np.testing.assert_array_equal(Volume.open(path, "raw").data.compute(), data)

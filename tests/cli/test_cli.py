@@ -1,0 +1,123 @@
+"""The `emparsl` command line: info, import, sample; bad input gives one sentence and exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_emparsl.cli import main
+from napari_emparsl.core.volume import Volume
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_info_text_and_json(capsys, small_n5):
+    path, _ = small_n5
+    code, out, _ = run(capsys, "info", f"{path}:raw")
+    assert code == 0
+    assert "20 × 40 × 50" in out and "uint8" in out and "8 × 16 × 16" in out
+    assert "gzip" in out and "30 × 10 × 10 nm" in out
+    code, out, _ = run(capsys, "info", str(path), "--json")
+    info = json.loads(out)
+    assert code == 0 and info["tree"][1]["key"] == "raw" and "dataset" not in info
+    code, out, _ = run(capsys, "info", f"{path}:raw", "--json")
+    ds = json.loads(out)["dataset"]
+    assert ds["shape"] == [20, 40, 50] and ds["voxel_size"] == [30.0, 10.0, 10.0]
+
+
+def test_info_shared_data_pyramid_free(capsys, shared_data):
+    code, out, _ = run(capsys, "info", str(shared_data / "cremi_C_crop/cremi_C_crop.n5:raw"))
+    assert code == 0 and "40 × 4 × 4 nm" in out and "25 × 625 × 625" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["info", "/definitely/not/here.n5"], "does not exist"),
+        (["info", "{tmp}"], "not an N5 or zarr container"),
+        (["info", "{n5}:nope"], "no dataset 'nope'"),
+        (["import", "{tmp}/missing.tif", "{tmp}/o.n5:raw"], "does not exist"),
+        (["import", "{tif}", "{n5}:raw"], "already exists; pass --overwrite"),
+        (["import", "{tif}", "{tif}:raw"], "is the input"),
+    ],
+)
+def test_bad_input_one_sentence(capsys, tmp_path, small_n5, args, message):
+    path, data = small_n5
+    tif = tmp_path / "s.tif"
+    tifffile.imwrite(tif, np.ones((4, 8, 8), np.uint8), photometric="minisblack")
+    args = [a.format(tmp=tmp_path, n5=path, tif=tif) for a in args]
+    code, out, err = run(capsys, *args)
+    assert code == 2
+    assert message in err and err.startswith("emparsl: error: ")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    np.testing.assert_array_equal(Volume.open(path, "raw").data.compute(), data)
+
+
+def test_import_prints_estimate_and_progress(capsys, shared_data, tmp_path):
+    src = shared_data / "gala_fibsem_tiny/original/tests/example-data/train-image-png"
+    code, out, err = run(
+        capsys, "import", str(src), f"{tmp_path}/o.n5:em/raw", "--chunks", "16,64,64",
+        "--voxel-size", "10,10,10",
+    )  # fmt: skip
+    assert code == 0
+    assert "Estimate: 32 chunk files" in out and "on disk" in out
+    assert "import" in err and "4/4" in err  # tqdm progress on stderr
+    vol = Volume.open(tmp_path / "o.n5", "em/raw")
+    assert vol.voxel_size == (10.0, 10.0, 10.0) and vol.chunks == (16, 64, 64)
+
+
+def test_import_dry_run_and_tiny_chunk_warning(capsys, tmp_path):
+    tif = tmp_path / "s.tif"
+    tifffile.imwrite(tif, np.ones((16, 32, 32), np.uint8), photometric="minisblack")
+    code, out, err = run(
+        capsys, "import", str(tif), f"{tmp_path}/o.n5:raw", "--chunks", "2,2,2", "--dry-run"
+    )
+    assert code == 0 and "Dry run: nothing written." in out
+    assert "tiny chunks" in err
+    assert not (tmp_path / "o.n5").exists()
+
+
+def test_console_script_no_traceback(tmp_path):
+    exe = [sys.executable, "-m", "napari_emparsl.cli"]
+    ok = subprocess.run([*exe, "--version"], capture_output=True, text=True, check=False)
+    assert ok.returncode == 0 and "emparsl" in ok.stdout
+    bad = subprocess.run(
+        [*exe, "info", str(tmp_path / "x.n5")], capture_output=True, text=True, check=False
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert (
+        bad.stderr.strip() == f"emparsl: error: {tmp_path / 'x.n5'} does not exist; check the path."
+    )
+
+
+def test_bad_option_value(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["import", "a.tif", "o.n5:raw", "--chunks", "a,b,c"])
+    assert exc.value.code == 2
+    assert "expected integers" in capsys.readouterr().err
+
+
+def test_sample_writes_pyramids_with_ground_truth(capsys, tmp_path):
+    out_path = tmp_path / "s.n5"
+    code, out, _ = run(capsys, "sample", str(out_path), "--shape", "32,64,64", "--seed", "3")
+    assert code == 0 and "Wrote the synthetic EM sample" in out
+    raw = Volume.open(out_path, "raw")
+    classes = Volume.open(out_path, "labels/classes")
+    cells = Volume.open(out_path, "labels/cells")
+    assert raw.is_multiscale and len(raw.levels) == 3 and not raw.is_labels
+    assert classes.is_labels and cells.is_labels and len(classes.levels) == 3
+    assert set(np.unique(classes.data.compute())) == {0, 1, 2}
+    assert classes.attrs["class_names"] == ["background", "membrane", "mitochondria"]
+    code, _, err = run(capsys, "sample", str(out_path), "--shape", "32,64,64")
+    assert code == 2 and "already exists" in err
+    code, _, _ = run(capsys, "sample", str(out_path), "--shape", "16,32,32", "--overwrite")
+    assert code == 0 and Volume.open(out_path, "raw").shape == (16, 32, 32)

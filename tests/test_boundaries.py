@@ -1,0 +1,73 @@
+"""Architecture boundaries and packaging: core imports no GUI/parsl, the manifest is valid."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_core_imports_no_gui_or_parsl():
+    code = (
+        "import sys, napari_emparsl, napari_emparsl.core.volume, napari_emparsl.core.importer, "
+        "napari_emparsl.core.sample, napari_emparsl.core.n5attrs, napari_emparsl.cli\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'qtpy', 'napari', 'magicgui', 'parsl', 'vispy')]\n"
+        "print(','.join(sorted(bad)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"core pulled in: {out.stdout}"
+
+
+def test_every_manifest_python_name_imports():
+    import importlib
+
+    manifest = yaml.safe_load((REPO / "napari.yaml").read_text())
+    names = [c["python_name"] for c in manifest["contributions"]["commands"]]
+    assert names
+    for name in names:
+        module, attr = name.split(":")
+        assert module.startswith("napari_emparsl._napari."), name
+        assert callable(getattr(importlib.import_module(module), attr)), name
+
+
+def test_manifest_validates_and_is_the_installed_one():
+    import npe2
+
+    pm = npe2.PluginManager.instance()
+    pm.discover()
+    manifest = pm.get_manifest("napari-emparsl")
+    assert {c.id for c in manifest.contributions.commands} >= {
+        "napari-emparsl.get_reader",
+        "napari-emparsl.write_labels",
+        "napari-emparsl.sample_em",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "npe2", "validate", "napari-emparsl"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_manifest(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(REPO)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    [wheel] = tmp_path.glob("napari_emparsl-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        shipped = zf.read("napari_emparsl/napari.yaml").decode()
+        entry_points = next(n for n in zf.namelist() if n.endswith("entry_points.txt"))
+        assert "napari_emparsl:napari.yaml" in zf.read(entry_points).decode()
+    assert shipped == (REPO / "napari.yaml").read_text()
