@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import dask.array as da
 import numpy as np
 import pytest
@@ -62,8 +64,6 @@ def huge_sparse_pyramid(tmp_path):
         lshape = tuple(-(-s // f) for s in shape)
         vol = Volume.create(root, f"em/s{level}", lshape, "uint8", (64, 64, 64))
         attrs = root / "em" / f"s{level}" / "attributes.json"
-        import json
-
         a = json.loads(attrs.read_text())
         a["downsamplingFactors"] = [f, f, f]
         attrs.write_text(json.dumps(a))
@@ -71,9 +71,8 @@ def huge_sparse_pyramid(tmp_path):
         if max(lshape) <= 160:
             break
         level += 1
-    (root / "em" / "attributes.json").write_text(
-        '{"resolution": [8, 8, 8], "unit": "nm", "scales": %s}' % factors
-    )
+    group = {"resolution": [8, 8, 8], "unit": "nm", "scales": factors}
+    (root / "em" / "attributes.json").write_text(json.dumps(group))
     vol.write(np.full((64, 64, 64), 200, np.uint8), (0, 0, 0))  # one bright corner chunk
     return root
 
@@ -98,8 +97,9 @@ def test_huge_dataset_reads_only_visible_chunks(
     # a 2D view of one plane reads at most the chunks of that plane at the level shown
     levels_read = {key for key, _ in reads}
     finest_reads = [r for r in reads if r[0] == "em/s0"]
+    print(f"chunk reads: {len(reads)}, levels: {sorted(levels_read)}")
     assert len(reads) <= 400, f"{len(reads)} chunk reads"
-    assert len(finest_reads) <= 400
+    assert finest_reads == []  # the finest level is never touched at this zoom
     assert levels_read, "nothing was read for display"
     voxels_read = sum(
         int(np.prod([s.stop - s.start for s in idx])) for _, idx in reads if isinstance(idx, tuple)

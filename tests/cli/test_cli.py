@@ -55,7 +55,7 @@ def test_bad_input_one_sentence(capsys, tmp_path, small_n5, args, message):
     tif = tmp_path / "s.tif"
     tifffile.imwrite(tif, np.ones((4, 8, 8), np.uint8), photometric="minisblack")
     args = [a.format(tmp=tmp_path, n5=path, tif=tif) for a in args]
-    code, out, err = run(capsys, *args)
+    code, _, err = run(capsys, *args)
     assert code == 2
     assert message in err and err.startswith("emparsl: error: ")
     assert err.count("\n") == 1 and "Traceback" not in err
