@@ -22,6 +22,7 @@ system-deps:
 demo: venv
 	$(BIN)/emparsl sample $(DEMO_DIR)/sample.n5 --overwrite
 	$(BIN)/emparsl info $(DEMO_DIR)/sample.n5
+	$(BIN)/emparsl info $(DEMO_DIR)/sample.n5:raw
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks

@@ -100,3 +100,13 @@ def test_missing_root_attributes_tolerated(small_n5):
     vol = Volume.open(path, "raw")
     np.testing.assert_array_equal(vol.data.compute(), data)
     assert not (path / "attributes.json").exists()  # reading never writes
+
+
+def test_zarr_container_refused_clearly(tmp_path):
+    import z5py
+
+    f = z5py.File(str(tmp_path / "x.zarr"), "a")
+    f.create_dataset("raw", shape=(4, 4, 4), chunks=(2, 2, 2), dtype="uint8")
+    with pytest.raises(VolumeError) as err:
+        Volume.open(tmp_path / "x.zarr", "raw")
+    assert "zarr container" in one_sentence(err.value)

@@ -210,6 +210,11 @@ class Volume:
                 f"{path} is not an N5 or zarr container (no attributes.json inside); pick the "
                 ".n5 folder, or convert your images with `emparsl import`."
             )
+        if is_zarr(root):
+            raise VolumeError(
+                f"{root} is a zarr container, which this version does not open yet; convert it "
+                "to N5 (e.g. with z5py or BigDataViewer) and open that."
+            )
         full_key = "/".join(p for p in (sub, key.strip("/")) if p)
         node = _resolve(root, full_key)
         return cls._from_node(root, node)

@@ -1,0 +1,63 @@
+"""Take the documentation screenshots from the running app (run under Xvfb):
+
+xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshots.py
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import napari
+from qtpy.QtWidgets import QApplication
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGES = REPO / "docs" / "images"
+SHARED = REPO.parent / "shared" / "data"
+
+
+def settle(viewer: napari.Viewer, n: int = 20) -> None:
+    for _ in range(n):
+        QApplication.processEvents()
+
+
+def shot(viewer: napari.Viewer, name: str) -> None:
+    settle(viewer)
+    viewer.screenshot(str(IMAGES / name), canvas_only=False, flash=False)
+    print(f"wrote {IMAGES / name}")
+
+
+def main() -> int:
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    viewer = napari.Viewer(show=True, title="napari-emparsl")
+    viewer.window.resize(1400, 900)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        from napari_emparsl.cli import main as emparsl
+
+        sample = Path(tmp) / "sample.n5"
+        emparsl(["sample", str(sample)])
+        layers = viewer.open(str(sample), plugin="napari-emparsl")
+        for layer in layers:
+            if layer.name == "labels_cells":
+                layer.visible = False
+            if layer.name == "labels_classes":
+                layer.opacity = 0.35
+        viewer.dims.set_point(0, 64 * 8)
+        viewer.reset_view()
+        shot(viewer, "napari_sample.png")
+        viewer.layers.clear()
+
+        if SHARED.is_dir():
+            cremi = SHARED / "cremi_C_crop" / "cremi_C_crop.n5"
+            viewer.open(str(cremi), plugin="napari-emparsl")
+            viewer.dims.set_point(0, 4 * 40)
+            viewer.reset_view()
+            shot(viewer, "napari_cremi.png")
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
