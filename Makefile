@@ -25,12 +25,12 @@ demo: venv
 	$(BIN)/emparsl info $(DEMO_DIR)/sample.n5:raw
 
 lint: venv
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
 
 format: venv
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks scripts
+	$(BIN)/ruff check --fix src tests benchmarks scripts
 
 test: venv system-deps lint
 	xvfb-run -a -s "-screen 0 1600x1000x24" $(BIN)/python -m pytest

@@ -105,3 +105,21 @@ def test_huge_dataset_reads_only_visible_chunks(
         int(np.prod([s.stop - s.start for s in idx])) for _, idx in reads if isinstance(idx, tuple)
     )
     assert voxels_read < 1e-4 * 1e12  # far less than the volume (10^12 voxels)
+
+
+def test_bad_data_is_one_notification_not_a_traceback(make_napari_viewer, small_n5):
+    from napari.utils.notifications import notification_manager
+
+    path, _ = small_n5
+    attrs = path / "raw" / "attributes.json"
+    attrs.write_text(attrs.read_text()[:20])
+    viewer = make_napari_viewer()
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    try:
+        layers = viewer.open(str(path / "raw"), plugin=PLUGIN)
+    finally:
+        notification_manager.notification_ready.disconnect(seen.append)
+    assert layers == [] and len(viewer.layers) == 0
+    messages = [str(n.message) for n in seen]
+    assert any("is corrupt or truncated" in m and "\n" not in m for m in messages), messages

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_emparsl.core.n5attrs import find_container_root, is_container
+from napari_emparsl.core.n5attrs import VolumeError, find_container_root, is_container
 from napari_emparsl.core.volume import Volume, openable_keys
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,23 @@ def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerD
 
 
 def read_n5(path: str | list[str]) -> list[LayerData]:
-    """Layers for a container (all datasets and pyramids) or for one dataset."""
+    """Layers for a container (all datasets and pyramids) or for one dataset.
+
+    Bad data is reported as one sentence in a napari notification (no traceback) and nothing
+    is added: ``[(None,)]`` is napari's "read, but no layers" answer.
+    """
+    try:
+        return read_layers(path)
+    except VolumeError as err:
+        from napari.utils.notifications import show_error
+
+        log.info("could not open %s: %s", path, err)
+        show_error(str(err))
+        return [(None,)]  # type: ignore[list-item]
+
+
+def read_layers(path: str | list[str]) -> list[LayerData]:
+    """LayerData tuples (raises VolumeError on bad data)."""
     paths = [path] if isinstance(path, str) else list(path)
     layers: list[LayerData] = []
     for p in paths:
