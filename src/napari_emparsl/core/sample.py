@@ -151,10 +151,10 @@ def make_sample(
     vox = np.array([anisotropy * voxel_size_nm, voxel_size_nm, voxel_size_nm], float)
 
     # ---- cells and membranes ----------------------------------------------------------------
-    cells, dist, n_cells = _voronoi(rng, shape, vox, cell_nm=550.0)
+    cells, dist, n_cells = _voronoi(rng, shape, vox, cell_nm=450.0)
     field = _smooth_noise(rng, shape, tuple(150.0 / vox))
     wobble = field * 4.0  # nm: membranes are not perfectly flat
-    half_thickness = 12.0 + 2.5 * np.abs(field)  # nm: and vary in thickness
+    half_thickness = 8.0 + 2.5 * np.abs(field)  # nm: and vary in thickness
     # every label change lies on a membrane, so no two cells ever touch
     membrane = ((dist + wobble) < half_thickness) | _boundaries(cells)
     classes = np.zeros(shape, np.uint8)
@@ -164,23 +164,27 @@ def make_sample(
     tone = rng.normal(0.0, 6.0, n_cells + 1).astype(np.float32)
     img = 175.0 + tone[cells] + 6.0 * _smooth_noise(rng, shape, tuple(25.0 / vox))
     # membranes: dark core with a soft edge (stain profile across the bilayer)
-    profile = np.exp(-np.square(np.maximum(dist + wobble, 0.0) / (half_thickness + 4.0)) * 1.5)
-    img -= 105.0 * profile
+    profile = np.exp(-np.square(np.maximum(dist + wobble, 0.0) / (half_thickness + 2.0)) * 1.5)
+    img -= 110.0 * profile
 
     # ---- mitochondria ----------------------------------------------------------------------
     mito = np.zeros(shape, bool)
     extent = np.array(shape) * vox
     n_mito = max(1, int(np.prod(extent) / 4e8))
-    tries = max(60, n_mito * 8)
+    # centres deep inside cells, so that most bodies fit without crossing a membrane
+    deep = np.flatnonzero(dist.ravel() > 110.0)
+    if deep.size == 0:
+        deep = np.flatnonzero(dist.ravel() >= dist.max() * 0.8)
+    tries = max(80, n_mito * 12)
     for attempt in range(tries):
         if n_mito <= 0:
             break
         shrink = 1.0 - 0.6 * attempt / tries  # smaller bodies fit the cells of small volumes
-        radius = rng.uniform(80.0, 150.0) * shrink
+        radius = rng.uniform(60.0, 130.0) * shrink
         length = rng.uniform(300.0, 1100.0) * shrink
         direction = rng.normal(size=3)
         direction /= np.linalg.norm(direction)
-        center = rng.random(3) * extent
+        center = (np.array(np.unravel_index(rng.choice(deep), shape)) + 0.5) * vox
         a, b = center - direction * length / 2, center + direction * length / 2
         reach = np.abs(direction) * length / 2 + radius + 40.0
         lo = np.maximum(((center - reach) / vox).astype(int), 0)
@@ -194,7 +198,7 @@ def make_sample(
         # inside one cell and clear of its membrane
         centre_vox = tuple(np.clip((center / vox).astype(int), 0, np.array(shape) - 1))
         cell_id = cells[centre_vox]
-        inside = (cells[box] == cell_id) & (dist[box] > 30.0)
+        inside = (cells[box] == cell_id) & (dist[box] > 20.0)
         if body.sum() == 0 or (body & ~inside).sum() > 0.02 * body.sum():
             continue
         mito[box] |= body
@@ -210,7 +214,7 @@ def make_sample(
     cells = np.where(classes == 1, 0, cells).astype(np.uint32)
 
     # ---- vesicle clusters (class 0: distractors) -------------------------------------------
-    n_clusters = max(1, int(np.prod(extent) / 1e9))
+    n_clusters = max(1, int(np.prod(extent) / 3e8))
     for _ in range(n_clusters):
         center = rng.random(3) * extent
         for _ in range(int(rng.integers(15, 40))):
@@ -227,7 +231,7 @@ def make_sample(
             rim = (np.abs(d - r) < 6.0) & free
             lumen = (d < r - 6.0) & free
             sub = img[box]
-            sub[rim] -= 70.0
+            sub[rim] -= 85.0
             sub[lumen] += 10.0
 
     # ---- acquisition: section drift, blur, noise -------------------------------------------
