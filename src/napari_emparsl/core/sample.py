@@ -201,6 +201,7 @@ def make_sample(
         inside = (cells[box] == cell_id) & (dist[box] > 20.0)
         if body.sum() == 0 or (body & ~inside).sum() > 0.02 * body.sum():
             continue
+        body &= inside  # never over a membrane or into the next cell
         mito[box] |= body
         # dark matrix, darker double outer membrane, striped cristae across the long axis
         sub = img[box]
