@@ -44,7 +44,14 @@ def main() -> int:
                 layer.visible = False
             if layer.name == "labels_classes":
                 layer.opacity = 0.35
-        viewer.dims.set_point(0, 64 * 8)
+        # show the section with the most mitochondria
+        import numpy as np
+
+        from napari_emparsl.core.volume import Volume
+
+        classes = Volume.open(sample, "labels/classes").data.compute()
+        z = int(np.argmax((classes == 2).sum(axis=(1, 2))))
+        viewer.dims.set_point(0, z * 8)
         viewer.reset_view()
         shot(viewer, "napari_sample.png")
         viewer.layers.clear()
