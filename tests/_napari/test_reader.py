@@ -44,7 +44,7 @@ def test_open_container_in_viewer(make_napari_viewer, tmp_path):
     np.testing.assert_array_equal(np.asarray(seg.data[7]), labels[7])
 
 
-def test_open_dataset_folder_and_shared_labels(make_napari_viewer, shared_data):
+def test_open_dataset_folder_and_shared_labels(shared_data, make_napari_viewer):
     viewer = make_napari_viewer()
     path = shared_data / "cremi_C_crop" / "cremi_C_crop.n5"
     [raw] = viewer.open(str(path / "raw"), plugin=PLUGIN)
