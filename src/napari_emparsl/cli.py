@@ -70,7 +70,15 @@ def cmd_info(args: argparse.Namespace) -> int:
             out["dataset"] = volume.info()
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{os.path.abspath(path)}")
+    print(f"{os.path.abspath(path)}{':' + key if key else ''}")
+    if not key:
+        _print_tree(tree)
+    if volume is not None:
+        _print_volume(volume.info())
+    return 0
+
+
+def _print_tree(tree: list[dict]) -> None:
     for node in tree:
         depth = node["key"].count("/") + 1 if node["key"] else 0
         name = node["key"].rsplit("/", 1)[-1] or "/"
@@ -83,9 +91,6 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"{pad}{name}/  pyramid: {', '.join(node['levels'])}")
         elif node["key"]:
             print(f"{pad}{name}/")
-    if volume is not None:
-        _print_volume(volume.info())
-    return 0
 
 
 def _print_volume(info: dict) -> None:
