@@ -1,0 +1,256 @@
+"""Roi, Block and plan_blocks: the only tiling arithmetic of the package.
+
+Vocabulary (after daisy): ``total_roi`` is the volume, a block's ``write_roi`` is the part of the
+output it writes, its ``read_roi`` the input it reads (the write ROI grown by the halo).
+All coordinates are input voxels in C order (z, y, x) unless a name says ``out``.
+
+Edge policy::
+
+        volume edge
+            |
+    ........|=================|======...      = write ROIs: whole output chunks,
+    [ pad  ][halo|  write  |halo]                clipped at the volume's far edge
+            ^ read ROI clipped here; the missing halo is reflect-padded in the worker
+
+Write ROIs tile the volume on the output chunk grid, so no two blocks ever write the same chunk.
+Block ids are row-major indices in the grid of the *whole* volume, so a block has the same id in
+a preview (restricted to a region) and in the full run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+__all__ = ["Block", "GeometryError", "Roi", "plan_blocks"]
+
+
+class GeometryError(ValueError):
+    """A block/halo/ROI choice that cannot work, said in one sentence with what would."""
+
+
+@dataclass(frozen=True)
+class Roi:
+    """An axis-aligned box: ``offset`` (begin) and ``shape``, in voxels."""
+
+    offset: tuple[int, ...]
+    shape: tuple[int, ...]
+
+    @classmethod
+    def from_bounds(cls, begin: Sequence[int], end: Sequence[int]) -> Roi:
+        return cls(
+            tuple(int(b) for b in begin),
+            tuple(int(e) - int(b) for b, e in zip(begin, end, strict=True)),
+        )
+
+    @property
+    def begin(self) -> tuple[int, ...]:
+        return self.offset
+
+    @property
+    def end(self) -> tuple[int, ...]:
+        return tuple(o + s for o, s in zip(self.offset, self.shape, strict=True))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def empty(self) -> bool:
+        return any(s <= 0 for s in self.shape)
+
+    def grow(self, before: Sequence[int], after: Sequence[int] | None = None) -> Roi:
+        after = before if after is None else after
+        begin = tuple(b - g for b, g in zip(self.begin, before, strict=True))
+        end = tuple(e + g for e, g in zip(self.end, after, strict=True))
+        return Roi.from_bounds(begin, end)
+
+    def intersect(self, other: Roi) -> Roi:
+        begin = tuple(max(a, b) for a, b in zip(self.begin, other.begin, strict=True))
+        end = tuple(min(a, b) for a, b in zip(self.end, other.end, strict=True))
+        return Roi.from_bounds(begin, tuple(max(b, e) for b, e in zip(begin, end, strict=True)))
+
+    def intersects(self, other: Roi) -> bool:
+        return not self.intersect(other).empty
+
+    def contains(self, other: Roi) -> bool:
+        return all(a <= b for a, b in zip(self.begin, other.begin, strict=True)) and all(
+            a >= b for a, b in zip(self.end, other.end, strict=True)
+        )
+
+    def scale(self, factors: Sequence[int]) -> Roi:
+        return Roi(
+            tuple(o * f for o, f in zip(self.offset, factors, strict=True)),
+            tuple(s * f for s, f in zip(self.shape, factors, strict=True)),
+        )
+
+    def shift(self, by: Sequence[int]) -> Roi:
+        return Roi(tuple(o + b for o, b in zip(self.offset, by, strict=True)), self.shape)
+
+    def to_slices(self, relative_to: Sequence[int] | None = None) -> tuple[slice, ...]:
+        base = relative_to or (0,) * self.ndim
+        return tuple(
+            slice(b - r, e - r) for b, e, r in zip(self.begin, self.end, base, strict=True)
+        )
+
+    def __str__(self) -> str:
+        return ",".join(f"{b}:{e}" for b, e in zip(self.begin, self.end, strict=True))
+
+
+@dataclass(frozen=True)
+class Block:
+    """One unit of work: read ``read_roi`` (+ reflect padding), write ``write_roi``.
+
+    ``pad_before``/``pad_after`` are the halo voxels that fall outside the volume and must be
+    reflect-padded; ``out_write_roi`` is ``write_roi`` on the output grid (× scale).
+    """
+
+    id: int
+    read_roi: Roi
+    write_roi: Roi
+    pad_before: tuple[int, ...]
+    pad_after: tuple[int, ...]
+    out_write_roi: Roi
+
+
+def _check(
+    shape: Sequence[int],
+    block: Sequence[int],
+    halo: Sequence[int],
+    out_chunks: Sequence[int],
+    scale: Sequence[int],
+) -> None:
+    n = len(shape)
+    for name, value in (
+        ("block", block),
+        ("halo", halo),
+        ("output chunks", out_chunks),
+        ("scale", scale),
+    ):
+        if len(value) != n:
+            raise GeometryError(
+                f"The {name} {tuple(value)} has {len(value)} axes but the volume has {n}."
+            )
+    if any(b < 1 for b in block) or any(h < 0 for h in halo) or any(s < 1 for s in scale):
+        raise GeometryError(
+            f"Block {tuple(block)} must be positive and halo {tuple(halo)} non-negative."
+        )
+    bad = [i for i in range(n) if (block[i] * scale[i]) % out_chunks[i] and block[i] < shape[i]]
+    if bad:
+        good = tuple(
+            max(1, round(block[i] * scale[i] / out_chunks[i])) * out_chunks[i] // scale[i]
+            if (out_chunks[i] % scale[i] == 0)
+            else block[i]
+            for i in range(n)
+        )
+        raise GeometryError(
+            f"Block {tuple(block)} is not a whole number of output chunks {tuple(out_chunks)}"
+            f"{' at scale ' + str(tuple(scale)) if any(s != 1 for s in scale) else ''}; "
+            f"use a multiple of the chunks, e.g. --block {','.join(map(str, good))}."
+        )
+    small = [i for i in range(n) if block[i] < halo[i] and block[i] < shape[i]]
+    if small:
+        raise GeometryError(
+            f"Block {tuple(block)} is smaller than the halo {tuple(halo)}; most of each read would be "
+            "context: use blocks at least as large as the halo (ideally 2–4× larger)."
+        )
+
+
+def block_grid(shape: Sequence[int], block: Sequence[int]) -> tuple[int, ...]:
+    return tuple(-(-s // b) for s, b in zip(shape, block, strict=True))
+
+
+def plan_blocks(
+    shape: Sequence[int],
+    block: Sequence[int],
+    halo: Sequence[int],
+    *,
+    out_chunks: Sequence[int] | None = None,
+    scale: Sequence[int] | None = None,
+    roi: Roi | None = None,
+) -> Iterator[Block]:
+    """Blocks covering the volume (or those touching ``roi``), in id order.
+
+    Parameters
+    ----------
+    shape
+        Input volume shape (spatial axes).
+    block
+        Write ROI size in input voxels; ``block × scale`` must be a multiple of ``out_chunks``
+        (except where one block covers the whole axis).
+    halo
+        Context read on each side (input voxels).
+    out_chunks
+        Output dataset chunks (defaults to ``block × scale``).
+    scale
+        Output voxels per input voxel per axis (2 for ×2 super-resolution in y, x).
+    roi
+        Only blocks whose write ROI intersects it (a preview region).
+
+    Raises
+    ------
+    GeometryError
+        When the block is not chunk-aligned, smaller than the halo, or the ROI is outside.
+    """
+    n = len(shape)
+    scale = tuple(scale) if scale is not None else (1,) * n
+    block = tuple(min(int(b), int(s)) for b, s in zip(block, shape, strict=True))
+    out_chunks = (
+        tuple(out_chunks)
+        if out_chunks is not None
+        else tuple(b * f for b, f in zip(block, scale, strict=True))
+    )
+    halo = tuple(int(h) for h in halo)
+    _check(shape, block, halo, out_chunks, scale)
+    total = Roi((0,) * n, tuple(shape))
+    grid = block_grid(shape, block)
+    if roi is not None:
+        if roi.ndim != n or not total.intersects(roi):
+            raise GeometryError(
+                f"The region {roi} is outside the volume 0:{',0:'.join(map(str, shape))}; "
+                "choose a region inside it."
+            )
+        roi = roi.intersect(total)
+        ranges = [
+            range(b // bs, -(-e // bs)) for b, e, bs in zip(roi.begin, roi.end, block, strict=True)
+        ]
+    else:
+        ranges = [range(g) for g in grid]
+    strides = [math.prod(grid[i + 1 :]) for i in range(n)]
+    for index in itertools.product(*ranges):
+        begin = tuple(i * b for i, b in zip(index, block, strict=True))
+        write = Roi.from_bounds(
+            begin, tuple(min(bg + b, s) for bg, b, s in zip(begin, block, shape, strict=True))
+        )
+        wanted = write.grow(halo)
+        read = wanted.intersect(total)
+        pad_before = tuple(r - w for r, w in zip(read.begin, wanted.begin, strict=True))
+        pad_after = tuple(w - r for r, w in zip(read.end, wanted.end, strict=True))
+        yield Block(
+            id=sum(i * s for i, s in zip(index, strides, strict=True)),
+            read_roi=read,
+            write_roi=write,
+            pad_before=pad_before,
+            pad_after=pad_after,
+            out_write_roi=write.scale(scale),
+        )
+
+
+def check_no_shared_chunks(blocks: Sequence[Block], out_chunks: Sequence[int]) -> None:
+    """Assert that no two blocks write into the same output chunk (the z5py no-lock rule)."""
+    owner: dict[tuple[int, ...], int] = {}
+    for blk in blocks:
+        first = [b // c for b, c in zip(blk.out_write_roi.begin, out_chunks, strict=True)]
+        last = [-(-e // c) for e, c in zip(blk.out_write_roi.end, out_chunks, strict=True)]
+        for idx in itertools.product(*(range(f, e) for f, e in zip(first, last, strict=True))):
+            if idx in owner:
+                raise AssertionError(
+                    f"blocks {owner[idx]} and {blk.id} both write output chunk {idx}"
+                )
+            owner[idx] = blk.id

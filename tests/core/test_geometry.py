@@ -1,0 +1,103 @@
+"""plan_blocks: chunk-aligned write ROIs, halos, edges, ROI restriction, scales; hand-computed."""
+
+from __future__ import annotations
+
+import pytest
+
+from napari_emparsl.core.geometry import (
+    GeometryError,
+    Roi,
+    check_no_shared_chunks,
+    plan_blocks,
+)
+
+
+def table(blocks):
+    return [(b.id, str(b.write_roi), str(b.read_roi), b.pad_before, b.pad_after) for b in blocks]
+
+
+def test_1d_edges_by_hand():
+    # volume 0:10, block 4, halo 2
+    #   id 0: write 0:4   read 0:6   (2 padded before)
+    #   id 1: write 4:8   read 2:10
+    #   id 2: write 8:10  read 6:10  (clipped at the edge; 2 padded after)
+    assert table(plan_blocks((10,), (4,), (2,))) == [
+        (0, "0:4", "0:6", (2,), (0,)),
+        (1, "4:8", "2:10", (0,), (0,)),
+        (2, "8:10", "6:10", (0,), (2,)),
+    ]
+
+
+def test_3d_ids_row_major_and_roi_keeps_ids():
+    # volume 8×8×12, block 4×4×4 -> grid 2×2×3, id = z*6 + y*3 + x
+    blocks = list(plan_blocks((8, 8, 12), (4, 4, 4), (1, 1, 1)))
+    assert [b.id for b in blocks] == list(range(12))
+    assert str(blocks[5].write_roi) == "0:4,4:8,8:12"  # z=0, y=1, x=2
+    # region 5:6, 1:2, 4:9 touches z-block 1, y-block 0, x-blocks 1 and 2 -> ids 7, 8
+    sub = list(
+        plan_blocks((8, 8, 12), (4, 4, 4), (1, 1, 1), roi=Roi.from_bounds((5, 1, 4), (6, 2, 9)))
+    )
+    assert [b.id for b in sub] == [7, 8]
+    assert [b.write_roi for b in sub] == [blocks[7].write_roi, blocks[8].write_roi]
+
+
+def test_block_not_dividing_volume_covers_everything_once():
+    blocks = list(plan_blocks((10, 13, 7), (4, 4, 4), (2, 3, 1)))
+    covered = {}
+    for b in blocks:
+        for z in range(b.write_roi.begin[0], b.write_roi.end[0]):
+            for y in range(b.write_roi.begin[1], b.write_roi.end[1]):
+                for x in range(b.write_roi.begin[2], b.write_roi.end[2]):
+                    assert (z, y, x) not in covered
+                    covered[(z, y, x)] = b.id
+    assert len(covered) == 10 * 13 * 7
+    for b in blocks:  # read = write + halo, minus what is padded
+        grown = b.write_roi.grow((2, 3, 1))
+        assert b.read_roi == grown.intersect(Roi((0, 0, 0), (10, 13, 7)))
+        assert all(p >= 0 for p in b.pad_before + b.pad_after)
+
+
+def test_super_resolution_output_grid():
+    # ×2 in y, x: input block 4×8×8 writes output 4×16×16 (whole 4×16×16 output chunks)
+    blocks = list(
+        plan_blocks((8, 16, 16), (4, 8, 8), (1, 2, 2), out_chunks=(4, 16, 16), scale=(1, 2, 2))
+    )
+    assert str(blocks[7].out_write_roi) == "4:8,16:32,16:32"  # id 7 = z1, y1, x1
+    check_no_shared_chunks(blocks, (4, 16, 16))
+
+
+def test_2d_model_on_3d_volume():
+    blocks = list(plan_blocks((3, 10, 10), (1, 10, 10), (0, 4, 4)))
+    assert [str(b.write_roi) for b in blocks] == ["0:1,0:10,0:10", "1:2,0:10,0:10", "2:3,0:10,0:10"]
+    assert all(b.read_roi.shape[0] == 1 and b.pad_before == (0, 4, 4) for b in blocks)
+
+
+def test_misaligned_block_says_what_would_work():
+    with pytest.raises(
+        GeometryError, match=r"not a whole number of output chunks \(8, 8, 8\).*--block 16,16,8"
+    ):
+        list(plan_blocks((64, 64, 64), (12, 20, 8), (0, 0, 0), out_chunks=(8, 8, 8)))
+
+
+def test_block_smaller_than_halo_refused():
+    with pytest.raises(GeometryError, match="smaller than the halo"):
+        list(plan_blocks((64, 64, 64), (8, 8, 8), (16, 16, 16)))
+
+
+def test_roi_outside_refused():
+    with pytest.raises(GeometryError, match="outside the volume"):
+        list(
+            plan_blocks((8, 8, 8), (4, 4, 4), (0, 0, 0), roi=Roi.from_bounds((9, 0, 0), (12, 4, 4)))
+        )
+
+
+def test_no_shared_chunks_detects_overlap():
+    blocks = list(plan_blocks((16, 16, 16), (8, 8, 8), (2, 2, 2), out_chunks=(8, 8, 8)))
+    check_no_shared_chunks(blocks, (8, 8, 8))
+    with pytest.raises(AssertionError, match="both write output chunk"):
+        check_no_shared_chunks(blocks, (16, 16, 16))
+
+
+def test_many_blocks_plan_quickly():
+    blocks = plan_blocks((1000, 1000, 1000), (32, 32, 32), (8, 8, 8))
+    assert sum(1 for _ in blocks) == 32**3  # 32768 blocks, lazily planned
