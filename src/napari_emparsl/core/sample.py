@@ -6,7 +6,7 @@ What it imitates (serial-section TEM / FIB-SEM of heavy-metal stained neural tis
   mixed sizes (many thin axon-like ones, a few large dendrite-like ones), each with a bright,
   finely granular cytoplasm of its own tone;
 - membranes: dark sheets ~20–30 nm thick on every cell boundary, of slightly varying thickness;
-- mitochondria: dark capsules (200–500 nm wide, 0.5–1.5 µm long, any orientation) inside the
+- mitochondria: dark capsules (200–440 nm wide, up to 1.4 µm long, any orientation) inside the
   larger cells, with a darker double outer membrane and light, wavy cristae across the long axis;
 - vesicles: clusters of ~40 nm dark-rimmed, light-centred spheres near a membrane, facing a dark
   postsynaptic density across it (distractors, class 0);
@@ -31,18 +31,19 @@ CLASS_NAMES: tuple[str, ...] = ("background", "membrane", "mitochondria")
 __all__ = ["CLASS_NAMES", "Sample", "make_sample"]
 
 # Physical layout (nm). Chosen to look like cortical neuropil at 8 nm voxels.
-_CELL_NM = 520.0  # mean seed spacing: ~45 profiles in the default 1×2×2 µm volume
+_CELL_NM = 470.0  # mean seed spacing: ~60 cells in the default 1×2×2 µm volume
 _COARSE_NM = 16.0  # grid on which the tessellation is computed (the expensive part)
-_MEMBRANE_HALF_NM = 11.0  # half thickness: membranes ~22 nm (±30 %)
-_MITO_FRACTION = 0.04  # of the volume
-_MITO_RADIUS_NM = (100.0, 220.0)
-_MITO_LENGTH_NM = (500.0, 1500.0)  # end to end
+_MEMBRANE_HALF_NM = 11.0  # half thickness: membranes ~22 nm, 15–30 nm
+_ROUND_NM = 45.0  # corner radius of the cells
+_MITO_FRACTION = 0.05  # of the volume
+_MITO_RADIUS_NM = (100.0, 220.0)  # 200–440 nm wide
+_MITO_LENGTH_NM = (500.0, 1400.0)  # end to end
 _VESICLE_RADIUS_NM = (17.0, 23.0)
 _BLUR_NM = 8.0  # Gaussian sigma of the point spread
 
 # Grey levels before drift and noise.
 _CYTOPLASM = 182.0
-_MEMBRANE_DEPTH = 115.0
+_MEMBRANE_DEPTH = 135.0
 
 
 @dataclass(frozen=True)
@@ -71,37 +72,84 @@ class Sample:
 
 
 def _smooth_noise(
-    rng: np.random.Generator, shape: tuple[int, ...], sigma_vox: np.ndarray
+    rng: np.random.Generator,
+    shape: tuple[int, ...],
+    sigma_vox: np.ndarray,
+    *octaves: tuple[float, np.ndarray],
 ) -> np.ndarray:
-    """Zero-mean, unit-variance Gaussian random field with correlation length ``sigma_vox``.
+    """Stationary Gaussian random field, mean 0, variance 1, correlation length ``sigma_vox``.
 
-    Filtered on a grid coarser by about sigma/2 and zoomed up linearly: a wide filter on the
-    full grid would dominate the run time, and the field is smooth at that scale anyway.
+    ``octaves`` adds further (amplitude, sigma_vox) fields, sigmas no smaller than the first.
+    Filtered on a grid coarser by about sigma/2 and zoomed up linearly, once for all octaves:
+    wide filters and zooms on the full grid would dominate the run time, and the field is
+    smooth at that scale anyway. The white noise is padded beyond the volume and the variance
+    set from the filter, not measured: small volumes get the same statistics as large ones.
     """
     sigma_vox = np.asarray(sigma_vox, float)
     factor = np.maximum(1, (sigma_vox // 2).astype(int))
-    coarse_shape = tuple(int(-(-n // f)) + 1 for n, f in zip(shape, factor, strict=True))
-    coarse = rng.standard_normal(coarse_shape, dtype=np.float32)
-    coarse = ndimage.gaussian_filter(coarse, sigma_vox / factor, mode="wrap")
+    coarse_shape = np.array([int(-(-n // f)) + 1 for n, f in zip(shape, factor, strict=True)])
+    coarse = np.zeros(tuple(coarse_shape), np.float32)
+    for amp, sigma in ((1.0, sigma_vox), *octaves):
+        sigma = np.asarray(sigma, float) / factor
+        pad = np.ceil(4.0 * sigma).astype(int) + 1
+        white = rng.standard_normal(tuple(coarse_shape + 2 * pad), dtype=np.float32)
+        octave = ndimage.gaussian_filter(white, sigma, truncate=4.0)
+        octave = octave[tuple(slice(p, p + n) for p, n in zip(pad, coarse_shape, strict=True))]
+        coarse += (amp / _filtered_std(sigma)) * octave
     if np.any(factor > 1):
         coarse = ndimage.zoom(coarse, factor, order=1, grid_mode=True, mode="nearest")
-    field = np.ascontiguousarray(coarse[tuple(slice(0, n) for n in shape)])
-    field -= field.mean()
-    field /= field.std() + 1e-6
-    return field
+    return np.ascontiguousarray(coarse[tuple(slice(0, n) for n in shape)])
 
 
-def _boundaries(cells: np.ndarray) -> np.ndarray:
-    """Voxels with a face neighbour (on the higher side, along any axis) in another cell."""
+def _filtered_std(sigma: np.ndarray) -> float:
+    """Standard deviation of unit white noise after ``ndimage.gaussian_filter(sigma)``."""
+    var = 1.0
+    for s in sigma:
+        if s > 0:
+            x = np.arange(-int(4.0 * s + 0.5), int(4.0 * s + 0.5) + 1)
+            kernel = np.exp(-0.5 * np.square(x / s))
+            var *= float(np.sum(np.square(kernel / kernel.sum())))
+    return float(np.sqrt(var))
+
+
+def _boundaries(cells: np.ndarray, stain: np.ndarray) -> np.ndarray:
+    """Of every two face neighbours in different cells, the more stained one."""
     boundary = np.zeros(cells.shape, bool)
     for axis in range(cells.ndim):
         lo = [slice(None)] * cells.ndim
-        lo[axis] = slice(0, -1)
-        boundary[tuple(lo)] |= np.diff(cells, axis=axis) != 0
+        hi = [slice(None)] * cells.ndim
+        lo[axis], hi[axis] = slice(0, -1), slice(1, None)
+        lo, hi = tuple(lo), tuple(hi)
+        change = cells[lo] != cells[hi]
+        lo_darker = stain[lo] >= stain[hi]
+        boundary[lo] |= change & lo_darker
+        boundary[hi] |= change & ~lo_darker
     return boundary
 
 
-def _upsample(coarse: np.ndarray, step: np.ndarray, shape: tuple[int, ...], order: int):
+def _membrane_stain(u: np.ndarray, tilt: np.ndarray, vox: np.ndarray) -> np.ndarray:
+    """Membrane stain (0..1) seen in each voxel: a Gaussian profile across the membrane.
+
+    ``u`` is the distance to the wall in half thicknesses, ``tilt`` |n_z| of the wall. A thick
+    section (serial-section TEM) projects everything within it, so a membrane oblique to the
+    section plane is seen smeared over its travel through the section, and one lying almost
+    in the plane as a faint wide sheet: average the profile over the section's thickness.
+    """
+    u = np.maximum(u, 0.0)  # < 0 in the filled corners: darkest there
+    if vox[0] <= 1.5 * vox[1]:
+        return np.exp(-np.square(u))
+    n = int(min(8, np.ceil(vox[0] / 8.0)))
+    stain = np.zeros(u.shape, np.float32)
+    for k in range(n):
+        shift = vox[0] * ((k + 0.5) / n - 0.5) / _MEMBRANE_HALF_NM
+        stain += np.exp(-np.square(u + np.float32(shift) * tilt))
+    stain /= n
+    return stain
+
+
+def _upsample(
+    coarse: np.ndarray, step: np.ndarray, shape: tuple[int, ...], order: int
+) -> np.ndarray:
     """Back from the coarse grid to ``shape``; order 0 repeats, order 1 interpolates."""
     crop = tuple(slice(0, n) for n in shape)
     if order == 0:
@@ -118,8 +166,8 @@ def _upsample(coarse: np.ndarray, step: np.ndarray, shape: tuple[int, ...], orde
 
 def _tessellate(
     rng: np.random.Generator, shape: tuple[int, int, int], vox: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Cell labels and each voxel's distance (nm) to its cell's wall, on a coarse grid.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cell labels, distance (nm) to the cell's wall and that wall's tilt, on a coarse grid.
 
     A power diagram (Voronoi with a weight per seed) gives a realistic mix of profile sizes;
     warping the sampling positions with a smooth displacement field bends its flat walls.
@@ -128,9 +176,10 @@ def _tessellate(
 
     Returns
     -------
-    labels, dist
-        On the coarse grid (``step`` voxels per coarse voxel, see ``_coarse_step``); labels
-        1..N numbered by first appearance is not guaranteed, only distinctness.
+    labels, dist, tilt
+        On the coarse grid (``_coarse_step`` voxels per coarse voxel). Labels are seed
+        numbers + 1, so some numbers are missing (seeds whose cells lie outside); tilt is
+        |n_z| of the nearest wall's normal (0: the wall runs along z, 1: it lies in a section).
     """
     step = _coarse_step(vox)
     cvox = vox * step
@@ -143,36 +192,43 @@ def _tessellate(
     seeds = lo + rng.random((n_seeds, 3)) * (hi - lo)
     # log-normal radii: mostly thin profiles, a few thick ones; weight = radius² (power
     # diagram), so a thick seed pushes its walls outward
-    radius = _CELL_NM * 0.45 * rng.lognormal(0.0, 0.45, n_seeds)
+    radius = _CELL_NM * 0.45 * rng.lognormal(0.0, 0.55, n_seeds)
     weight = radius**2
     lift = np.sqrt(weight.max() - weight)
     tree = cKDTree(np.column_stack([seeds, lift]))
 
     # bent walls: two octaves of smooth displacement (nm)
-    disp = [
-        55.0 * _smooth_noise(rng, cshape, 420.0 / cvox)
-        + 14.0 * _smooth_noise(rng, cshape, 110.0 / cvox)
-        for _ in range(3)
-    ]
+    disp = [14.0 * _smooth_noise(rng, cshape, 110.0 / cvox, (4.0, 420.0 / cvox)) for _ in range(3)]
     axes = [(np.arange(n, dtype=np.float32) + 0.5) * v for n, v in zip(cshape, cvox, strict=True)]
     grid = np.meshgrid(*axes, indexing="ij", sparse=True)
-    pts = np.column_stack(
-        [(grid[i] + disp[i]).ravel() for i in range(3)] + [np.zeros(int(np.prod(cshape)))]
-    )
-    k = min(4, n_seeds)
-    d2, idx = tree.query(pts, k=k, workers=2)
-    d2 = np.square(d2)
+    pts = np.zeros((int(np.prod(cshape)), 4))  # the 4th (lift) coordinate of a point is 0
+    for i in range(3):
+        pts[:, i] = (grid[i] + disp[i]).ravel()
+    del disp
+    # the nearest seed owns the point; the next two bound it with the nearest walls
+    d2, idx = tree.query(pts, k=3, workers=2)
+    del pts
+    d2 = np.square(d2).astype(np.float32)
     nearest = idx[:, 0]
-    # distance to the wall with each runner-up j: (power_j - power_1) / (2 |s_j - s_1|)
-    dist = np.full(len(pts), np.inf)
-    for j in range(1, k):
-        gap = np.linalg.norm(seeds[idx[:, j]] - seeds[nearest], axis=1)
-        dist = np.minimum(dist, (d2[:, j] - d2[:, 0]) / (2.0 * np.maximum(gap, 1e-6)))
+    # distance to the wall with runner-up j: (power_j - power_1) / (2 |s_j - s_1|)
+    gaps = np.linalg.norm(seeds[:, None, :] - seeds[None, :, :], axis=2).astype(np.float32)
+    walls = [
+        (d2[:, j] - d2[:, 0]) / (2.0 * np.maximum(gaps[nearest, idx[:, j]], 1e-3)) for j in (1, 2)
+    ]
+    dist = np.minimum(walls[0], walls[1])
+    other = np.where(walls[0] <= walls[1], idx[:, 1], idx[:, 2])
+    tilt = np.abs(seeds[nearest, 0] - seeds[other, 0]) / np.maximum(gaps[nearest, other], 1e-3)
+    # round the cells' edges (radius _ROUND_NM) where two walls meet: neurites are round in
+    # section, and junctions fill with stain instead of meeting in sharp points
+    far = np.maximum(walls[0], walls[1])
+    corner = far < _ROUND_NM
+    dist[corner] = _ROUND_NM - np.hypot(_ROUND_NM - dist[corner], _ROUND_NM - far[corner])
     labels = (nearest + 1).astype(np.uint32).reshape(cshape)
-    return labels, dist.astype(np.float32).reshape(cshape)
+    return labels, dist.reshape(cshape), tilt.astype(np.float32).reshape(cshape)
 
 
 def _coarse_step(vox: np.ndarray) -> np.ndarray:
+    """Voxels per coarse-grid voxel along each axis (about _COARSE_NM, at least 1)."""
     return np.maximum(1, np.round(_COARSE_NM / vox)).astype(int)
 
 
@@ -207,16 +263,13 @@ def _place_mitochondria(
 ) -> None:
     """Paint mitochondria into ``img`` and ``classes`` (in place), each inside one cell."""
     shape = img.shape
-    extent = np.array(shape) * vox
-    mean_r, mean_len = np.mean(_MITO_RADIUS_NM), np.mean(_MITO_LENGTH_NM)
-    mean_volume = np.pi * mean_r**2 * (mean_len - 2 * mean_r) + 4 / 3 * np.pi * mean_r**3
-    wanted = int(round(np.prod(extent) * _MITO_FRACTION / mean_volume))
+    wanted = _MITO_FRACTION * img.size  # voxels; counted as painted (bodies get clipped)
     # candidate centres: deep inside a cell, where a mitochondrion's width fits
     deep = np.flatnonzero(dist.ravel() > _MITO_RADIUS_NM[0] + 25.0)
-    if wanted == 0 or deep.size == 0:
+    if deep.size == 0:
         return
-    placed, tries = 0, 0
-    while placed < wanted and tries < 20 * wanted + 20:
+    painted, tries = 0, 0
+    while painted < wanted and tries < 200:
         tries += 1
         center = (np.array(np.unravel_index(rng.choice(deep), shape)) + 0.5) * vox
         cell_id = cells[tuple((center / vox).astype(int))]
@@ -249,22 +302,34 @@ def _place_mitochondria(
         if box is None or not body.any():
             continue
         body &= fits  # the last few voxels that would cross the membrane or another body
+        if painted + body.sum() > 1.5 * wanted:
+            continue  # small volumes: no single body may take a large part of them
         classes[box][body] = 2
 
-        # matrix dark; cristae: thin light lamellae across the long axis, wavy and irregularly
-        # spaced, not reaching the outer membrane; outer double membrane darker still
+        # matrix dark; cristae: thin light lamellae roughly across the long axis, bent, unevenly
+        # spaced and broken, not reaching the outer membrane; outer double membrane darker still
         along = sum((coords[i] - center[i]) * direction[i] for i in range(3))
         side = np.cross(direction, rng.normal(size=3))
         side /= np.linalg.norm(side) + 1e-9
+        other = np.cross(direction, side)
         across = sum((coords[i] - center[i]) * side[i] for i in range(3))
-        period = rng.uniform(55.0, 80.0)
-        phase = along + 12.0 * np.sin(2 * np.pi * across / rng.uniform(120.0, 220.0))
-        cristae = np.cos(2 * np.pi * phase / period) ** 8  # narrow bright lines
-        cristae = cristae * (d < radius - 22.0)
+        across2 = sum((coords[i] - center[i]) * other[i] for i in range(3))
+        period = rng.uniform(60.0, 90.0)
+        tilt = rng.uniform(-0.35, 0.35)  # lamellae are seldom exactly perpendicular
+        phase = (
+            along
+            + tilt * across
+            + 14.0 * np.sin(2 * np.pi * across / rng.uniform(100.0, 200.0) + rng.uniform(0, 6.3))
+            + 0.08 * period * np.sin(2 * np.pi * along / (2.7 * period))  # uneven spacing
+        )
+        cristae = np.cos(2 * np.pi * phase / period) ** 4  # narrow bright lines
+        # gaps: a lamella spans only part of the width
+        breaks = np.sin(2 * np.pi * (across2 + 0.6 * along) / rng.uniform(90.0, 160.0))
+        cristae = cristae * (breaks > -0.4) * (d < radius - 20.0)
         edge = np.exp(-np.square((d - (radius - 9.0)) / 8.0))
-        value = 96.0 + 48.0 * cristae - 55.0 * edge + rng.normal(0.0, 6.0)
+        value = 84.0 + 75.0 * cristae - 50.0 * edge + rng.normal(0.0, 6.0)
         img[box][body] = value[body]
-        placed += 1
+        painted += int(body.sum())
 
 
 def _place_vesicles(
@@ -278,23 +343,23 @@ def _place_vesicles(
     """Paint clusters of synaptic vesicles near a membrane, and a dark density across it."""
     shape = img.shape
     extent = np.array(shape) * vox
-    n_clusters = max(1, int(round(np.prod(extent) / 1.1e9)))
-    near = np.flatnonzero((dist.ravel() > 60.0) & (dist.ravel() < 140.0))
+    n_clusters = max(1, round(float(np.prod(extent)) / 0.9e9))
+    near = np.flatnonzero((dist.ravel() > 80.0) & (dist.ravel() < 200.0))
     if near.size == 0:
         return
     for _ in range(n_clusters):
         center = (np.array(np.unravel_index(rng.choice(near), shape)) + 0.5) * vox
         cell_id = cells[tuple((center / vox).astype(int))]
-        spread = rng.uniform(70.0, 130.0)
-        placed: list[np.ndarray] = []
-        for _ in range(int(rng.integers(40, 90))):
+        spread = rng.uniform(50.0, 90.0)
+        placed = np.empty((0, 3))
+        for _ in range(int(rng.integers(250, 500))):
             r = rng.uniform(*_VESICLE_RADIUS_NM)
             c = center + rng.normal(0.0, spread, 3)
             ci = tuple(np.clip((c / vox).astype(int), 0, np.array(shape) - 1))
             # inside the bouton, off membranes and mitochondria, not overlapping another vesicle
             if cells[ci] != cell_id or dist[ci] < r + 8.0 or classes[ci] != 0:
                 continue
-            if placed and np.min(np.linalg.norm(np.array(placed) - c, axis=1)) < 2 * r + 4:
+            if len(placed) and np.min(np.sum(np.square(placed - c), axis=1)) < (2 * r + 3) ** 2:
                 continue
             box = _box(c, np.full(3, r + 10.0), vox, shape)
             if box is None:
@@ -302,10 +367,10 @@ def _place_vesicles(
             coords = _coords(box, vox)
             d = np.sqrt(sum((coords[i] - c[i]) ** 2 for i in range(3)))
             free = (classes[box] == 0) & (cells[box] == cell_id)
-            rim = np.exp(-np.square((d - r + 3.0) / 4.5)) * free
-            img[box] -= 70.0 * rim
-            img[box][(d < r - 6.0) & free] += 8.0
-            placed.append(c)
+            rim = np.exp(-np.square((d - r + 3.0) / 5.0)) * free
+            img[box] -= 160.0 * rim
+            img[box][(d < r - 7.0) & free] += 20.0
+            placed = np.vstack([placed, c])
         if len(placed) < 5:
             continue
         # postsynaptic density: a dark band in the neighbouring cell, across the wall closest
@@ -318,7 +383,7 @@ def _place_vesicles(
             continue
         reach = float(d[other].min()) + 35.0
         psd = other & (d < reach) & (dist[box] < 45.0) & (classes[box] == 0)
-        img[box] -= 45.0 * psd * np.exp(-np.square(dist[box] / 30.0))
+        img[box] -= 60.0 * psd * np.exp(-np.square(dist[box] / 35.0))
 
 
 def make_sample(
@@ -354,33 +419,40 @@ def make_sample(
     Raises
     ------
     ValueError
-        For a shape that is not three positive sizes, or non-positive sizes or noise < 0.
+        For a shape that is not three positive sizes, anisotropy or voxel_size_nm <= 0, or
+        noise < 0.
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"shape must be three positive sizes, not {shape}")
-    if not (anisotropy > 0 and voxel_size_nm > 0 and noise >= 0):
-        raise ValueError(
-            f"need anisotropy > 0, voxel_size_nm > 0, noise >= 0; got {anisotropy}, "
-            f"{voxel_size_nm}, {noise}"
-        )
+    if not anisotropy > 0:
+        raise ValueError(f"anisotropy must be > 0, not {anisotropy}")
+    if not voxel_size_nm > 0:
+        raise ValueError(f"voxel_size_nm must be > 0, not {voxel_size_nm}")
+    if not noise >= 0:
+        raise ValueError(f"noise must be >= 0, not {noise}")
     rng = np.random.default_rng(seed)
     vox = np.array([anisotropy * voxel_size_nm, voxel_size_nm, voxel_size_nm], float)
     step = _coarse_step(vox)
 
     # ---- cells and membranes (coarse grid, then back to full resolution) --------------------
-    labels_c, dist_c = _tessellate(rng, shape, vox)
+    labels_c, dist_c, tilt_c = _tessellate(rng, shape, vox)
     cvox = vox * step
-    # membranes vary in thickness along their length; u < 1 is inside one
-    half_c = _MEMBRANE_HALF_NM * (1.0 + 0.3 * _smooth_noise(rng, labels_c.shape, 200.0 / cvox))
-    u = _upsample(dist_c / half_c, step, shape, order=1)
-    dist = _upsample(dist_c, step, shape, order=1)
+    # membranes vary in thickness along their length (~15–30 nm); u < 1 is inside one
+    wobble = np.clip(_smooth_noise(rng, labels_c.shape, 200.0 / cvox), -1.2, 1.5)
+    u = _upsample(dist_c / (_MEMBRANE_HALF_NM * (1.0 + 0.25 * wobble)), step, shape, order=1)
+    stain = _membrane_stain(u, _upsample(tilt_c, step, shape, order=0), vox)
+    del u
+    # repeating is accurate to a coarse voxel, plenty for placing organelles, and cheap
+    dist = _upsample(dist_c, step, shape, order=0)
     cells = _upsample(labels_c, step, shape, order=0)
-    # every label change lies on a membrane, so no two cells ever touch
-    membrane = (u < 1.0) | _boundaries(cells)
+    del labels_c, dist_c, tilt_c, wobble
+    # membrane where it is seen (as stained as at one half thickness from its middle), and on
+    # every label change too, so that no two cells ever touch
+    membrane = (stain > np.exp(-1.0)) | _boundaries(cells, stain)
     classes = membrane.astype(np.uint8)
     cells[membrane] = 0
-    # number the cells 1..N in order of their seeds
+    # number the cells 1..N (some seeds own only membrane or lie outside the volume)
     present = np.bincount(cells.ravel()) > 0
     present[0] = False
     lut = np.cumsum(present).astype(np.uint32)
@@ -388,20 +460,24 @@ def make_sample(
     cells = lut[cells]
     n_cells = int(lut[-1])
 
-    # ---- cytoplasm: a tone per cell, gentle shading, fine granular texture ------------------
+    # ---- cytoplasm: a tone per cell, uneven illumination, fine granular texture ------------
     tone = rng.normal(0.0, 7.0, n_cells + 1).astype(np.float32)
-    shade_c = 6.0 * _smooth_noise(rng, labels_c.shape, 300.0 / cvox)
-    img = _upsample(shade_c, step, shape, order=1)
+    img = tone[cells]
     img += _CYTOPLASM
-    img += tone[cells]
+    # a separable illumination gradient: as good as a full 3D field here, and free
+    for axis in (1, 2):
+        ramp = 5.0 * _smooth_noise(rng, (shape[axis] + 2,), np.array([shape[axis] / 3.0]))
+        img += ramp[: shape[axis]].reshape([-1 if a == axis else 1 for a in range(3)])
     img += 7.0 * _smooth_noise(rng, shape, 10.0 / vox)
-    # membranes: stain profile across the bilayer, darkest in the middle
-    img -= _MEMBRANE_DEPTH * np.exp(-np.square(u) * 1.2)
+    # sparse dark granules (ribosomes, glycogen, cut microtubules): after the blur, faint dots
+    img -= 70.0 * (rng.random(shape, dtype=np.float32) < 0.004)
+    img -= _MEMBRANE_DEPTH * stain
+    del stain
 
     # ---- organelles ------------------------------------------------------------------------
     _place_mitochondria(rng, img, classes, cells, dist, vox)
     _place_vesicles(rng, img, classes, cells, dist, vox)
-    del dist, u
+    del dist
 
     # ---- acquisition: per-section drift, point spread, noise -------------------------------
     nz = shape[0]
