@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Sequence
 
 from napari_emparsl import __version__
+from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.n5attrs import VolumeError
 
 log = logging.getLogger("napari_emparsl")
@@ -29,6 +30,16 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected integers like 64,64,64, not {text!r}") from None
     if any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"sizes must be positive, not {text!r}")
+    return values
+
+
+def _ints0(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 16,16,16, not {text!r}") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"a halo cannot be negative, not {text!r}")
     return values
 
 
@@ -179,6 +190,131 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from napari_emparsl.core.events import BlockDone, BlockFailed, Cancelled, Finished, Planned
+    from napari_emparsl.core.models.spec import parse_options
+    from napari_emparsl.execution.runner import Run
+
+    run = Run(
+        args.input,
+        args.model,
+        args.output,
+        site=args.site,
+        roi=args.roi,
+        block=args.block,
+        halo=args.halo,
+        model_options=parse_options(args.model_option or []),
+        overwrite=args.overwrite,
+        retries=args.retries,
+    )
+    bar = None
+    voxels = 0
+    t0 = time.perf_counter()
+    last = None
+    try:
+        for event in run.events():
+            last = event
+            if isinstance(event, Planned):
+                skipped = event.total - event.todo
+                print(
+                    f"Planned {event.total} blocks into {event.output}"
+                    + (f" ({skipped} already done, resuming)" if skipped else "")
+                    + f"; site {args.site}."
+                )
+                bar = tqdm(
+                    total=event.total, initial=skipped, unit="block", desc="run", file=sys.stderr
+                )
+            elif isinstance(event, BlockDone):
+                voxels += event.voxels
+                rate = voxels / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix_str(f"{rate / 1e6:.2f} Mvox/s")
+                bar.update(1)
+            elif isinstance(event, BlockFailed):
+                what = "failed" if event.final else f"failed (attempt {event.attempt}, retrying)"
+                tqdm.write(f"block {event.block_id} {what}: {event.error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        run.cancel()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if isinstance(last, Finished):
+        print(
+            f"Finished: {last.done}/{last.total} blocks done, {last.failed} failed, "
+            f"{last.seconds:.1f} s ({voxels / max(last.seconds, 1e-9) / 1e6:.2f} Mvoxel/s)."
+        )
+        if last.failed:
+            print(
+                f"emparsl: error: {last.failed} block(s) failed; see `emparsl status {args.output}` "
+                "and run the same command again to retry them.",
+                file=sys.stderr,
+            )
+        return 0 if last.ok else 1
+    if isinstance(last, Cancelled):
+        print(f"Cancelled after {last.done}/{last.total} blocks; run the same command to resume.")
+    return 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from napari_emparsl.core.ledger import Ledger
+    from napari_emparsl.core.volume import parse_spec
+
+    root, key = parse_spec(args.output)
+    ledger = Ledger(root, key)
+    if not ledger.exists():
+        raise VolumeError(
+            f"{root}:{key} has no emparsl ledger; it was not written by `emparsl run`."
+        )
+    summary = ledger.summary()
+    last = summary.last_run
+    planned = int(last.get("planned", 0))
+    done_times = [r["t_read"] + r["t_compute"] + r["t_write"] for r in summary.done.values()]
+    out = {
+        "output": f"{root}:{key}",
+        "blocks": planned,
+        "done": len(summary.done),
+        "failed": len(summary.failed),
+        "pending": max(0, planned - len(summary.done) - len(summary.failed)),
+        "mean_block_seconds": round(sum(done_times) / len(done_times), 3) if done_times else None,
+        "failed_blocks": {str(k): v.get("error", "") for k, v in sorted(summary.failed.items())},
+        "provenance": {k: last.get(k) for k in (
+            "input", "model", "model_sha256", "model_options", "block", "halo", "site", "version"
+        )},
+        "runs": len(summary.runs),
+    }  # fmt: skip
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(
+        f"{out['output']}: {out['done']}/{planned} blocks done, {out['failed']} failed, {out['pending']} pending"
+    )
+    if out["mean_block_seconds"] is not None:
+        print(f"mean block time {out['mean_block_seconds']} s (read + compute + write)")
+    for bid, err in out["failed_blocks"].items():
+        print(f"  block {bid} failed: {err}")
+    prov = out["provenance"]
+    print(f"input {prov['input']}, model {prov['model']} (sha256 {str(prov['model_sha256'])[:12]}…), "
+          f"block {prov['block']}, halo {prov['halo']}, site {prov['site']}, emparsl {prov['version']}")  # fmt: skip
+    return 0
+
+
+def cmd_sites(args: argparse.Namespace) -> int:
+    from napari_emparsl.execution.sites import list_sites, load_site
+
+    if args.action == "list":
+        for name, path in list_sites().items():
+            profile = load_site(name)
+            print(f"{name:<12} {profile.kind:<8} {profile.workers} workers  ({path})")
+        return 0
+    if not args.name:
+        raise VolumeError("Name the site to show, e.g. `emparsl sites show local`.")
+    profile = load_site(args.name)
+    print(json.dumps(profile.model_dump(), indent=2))
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # entry point
 
@@ -218,6 +354,33 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     imp.add_argument("--dry-run", action="store_true", help="print the estimate, write nothing")
     imp.set_defaults(func=cmd_import)
+
+    run = sub.add_parser("run", help="run a model over a volume, block by block, on a compute site")
+    run.add_argument("--input", required=True, help="IN.n5:DATASET")
+    run.add_argument("--model", required=True, help="a model file or a built-in name (unet3d-em)")
+    run.add_argument("--output", required=True, help="OUT.n5:DATASET")
+    run.add_argument("--site", default="local", help="site name or profile file (default local)")
+    run.add_argument("--roi", default=None, help="z0:z1,y0:y1,x0:x1 (default: whole volume)")
+    run.add_argument(
+        "--block", type=_ints, default=None, help="Z,Y,X write block (default: model's)"
+    )
+    run.add_argument("--halo", type=_ints0, default=None, help="Z,Y,X context (default: model's)")
+    run.add_argument(
+        "--model-option", action="append", metavar="KEY=VALUE", help="override the sidecar"
+    )
+    run.add_argument("--retries", type=int, default=2, help="retries of a failed block (default 2)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser("status", help="blocks done/failed/pending and provenance of an output")
+    status.add_argument("output", help="OUT.n5:DATASET")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    sites = sub.add_parser("sites", help="list or show compute site profiles")
+    sites.add_argument("action", choices=["list", "show"])
+    sites.add_argument("name", nargs="?")
+    sites.set_defaults(func=cmd_sites)
     return p
 
 
@@ -226,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except VolumeError as err:
+    except UserError as err:
         print(f"emparsl: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:

@@ -24,10 +24,12 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from napari_emparsl.core.errors import UserError
+
 __all__ = ["Block", "GeometryError", "Roi", "plan_blocks"]
 
 
-class GeometryError(ValueError):
+class GeometryError(UserError, ValueError):
     """A block/halo/ROI choice that cannot work, said in one sentence with what would."""
 
 

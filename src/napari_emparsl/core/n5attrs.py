@@ -25,6 +25,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from napari_emparsl.core.errors import UserError
+
 ATTRS = "attributes.json"
 
 #: Compressions z5py can decode in N5 containers.
@@ -36,7 +38,7 @@ _LABEL_NAME_RE = re.compile(
 )
 
 
-class VolumeError(Exception):
+class VolumeError(UserError):
     """A problem with the user's data, said in one sentence: what is wrong and what to do."""
 
 

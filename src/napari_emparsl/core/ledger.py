@@ -1,0 +1,102 @@
+"""The done-ledger and provenance of an output dataset (written by the coordinator only).
+
+An append-only JSON-lines file inside the output dataset folder (N5 readers ignore it):
+
+- a ``run`` record per run: input, model file and hash, model options, block, halo, site,
+  package version, time;
+- a ``block`` record per finished attempt: id, status (done | failed), attempt, worker,
+  timings, output statistics, error.
+
+A block is done only after its write returned, so a crash mid-write leaves it not done and the
+next run computes it again. A torn last line (crash while appending) is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from napari_emparsl.core.blockwise import BlockResult
+
+__all__ = ["LEDGER_NAME", "Ledger", "LedgerSummary"]
+
+LEDGER_NAME = "emparsl-ledger.jsonl"
+
+
+@dataclass
+class LedgerSummary:
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    done: dict[int, dict[str, Any]] = field(default_factory=dict)
+    failed: dict[int, dict[str, Any]] = field(default_factory=dict)  # failed and not done since
+
+    @property
+    def last_run(self) -> dict[str, Any]:
+        return self.runs[-1] if self.runs else {}
+
+
+class Ledger:
+    """Read and append the ledger of one output dataset."""
+
+    def __init__(self, output_root: str, output_key: str):
+        self.path = os.path.join(output_root, output_key, LEDGER_NAME)
+
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
+    def records(self) -> Iterable[dict[str, Any]]:
+        if not self.exists():
+            return
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a crash: that block is simply not done
+
+    def summary(self) -> LedgerSummary:
+        out = LedgerSummary()
+        for rec in self.records():
+            if rec.get("type") == "run":
+                out.runs.append(rec)
+            elif rec.get("type") == "block":
+                bid = int(rec["id"])
+                if rec.get("status") == "done":
+                    out.done[bid] = rec
+                    out.failed.pop(bid, None)
+                elif bid not in out.done:
+                    out.failed[bid] = rec
+        return out
+
+    def _append(self, records: Iterable[dict[str, Any]]) -> None:
+        text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def start_run(self, provenance: dict[str, Any]) -> None:
+        self._append([{"type": "run", "time": time.time(), **provenance}])
+
+    def record(self, result: BlockResult, attempt: int, roi: str) -> None:
+        rec = asdict(result)
+        rec.pop("detail", None)
+        self._append(
+            [
+                {
+                    "type": "block",
+                    "id": result.block_id,
+                    "status": "done" if result.ok else "failed",
+                    "attempt": attempt,
+                    "roi": roi,
+                    "time": time.time(),
+                    **{k: v for k, v in rec.items() if k not in ("block_id", "ok")},
+                }
+            ]
+        )

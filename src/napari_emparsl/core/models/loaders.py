@@ -1,0 +1,170 @@
+"""Load models safely: TorchScript (``torch.jit.load``) or a state dict
+(``torch.load(weights_only=True)``) plus a named built-in architecture. Pickles that need code
+are refused. Loaded models are cached per process, keyed by file hash and options, so a worker
+loads each model once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import threading
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from napari_emparsl.core.models.spec import ModelError, ModelSpec, read_sidecar
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "LoadedModel",
+    "describe_model",
+    "file_hash",
+    "load_model",
+    "resolve_model",
+]
+
+#: built-in model name -> weights file inside napari_emparsl/models/ (sidecar beside it)
+BUILTIN_MODELS = {"unet3d-em": "unet3d_em.pt"}
+
+_CACHE: dict[tuple[str, str], LoadedModel] = {}
+_LOCK = threading.Lock()
+
+
+@dataclass
+class LoadedModel:
+    module: Any  # torch.nn.Module or torch.jit.ScriptModule, in eval mode
+    spec: ModelSpec
+    sha256: str
+    path: str
+
+
+def resolve_model(model: str) -> str:
+    """A built-in name or a file path -> the model file's path."""
+    if model in BUILTIN_MODELS:
+        return str(resources.files("napari_emparsl") / "models" / BUILTIN_MODELS[model])
+    if not os.path.exists(model):
+        names = ", ".join(BUILTIN_MODELS)
+        raise ModelError(
+            f"The model {model} does not exist; give a model file or a built-in name ({names})."
+        )
+    if os.path.isdir(model):
+        raise ModelError(
+            f"The model {model} is a folder; give the model file (.pt/.pth) inside it."
+        )
+    return model
+
+
+def file_hash(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def describe_model(model: str, options: Mapping[str, Any] | None = None) -> ModelSpec:
+    """The model's spec from its sidecar and options, without loading any weights."""
+    path = resolve_model(model)
+    return ModelSpec.from_mapping(read_sidecar(path), f"{path}.yaml").with_options(options or {})
+
+
+def _is_torchscript(path: str) -> bool:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(
+                n.endswith("/constants.pkl") or n.endswith("/code/") or "/code/" in n
+                for n in zf.namelist()
+            )
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _architecture(spec: ModelSpec) -> Any:
+    from napari_emparsl.core.models.unet import UNet
+
+    opts = dict(spec.arch_options)
+    if spec.architecture in ("unet3d", "unet2d"):
+        dims = 3 if spec.architecture == "unet3d" else 2
+        return UNet(spec.in_channels, spec.n_outputs, dims=dims, **opts)
+    raise ModelError(
+        f"Unknown architecture {spec.architecture!r}; the built-in ones are unet3d and unet2d."
+    )
+
+
+def _load_module(path: str, spec: ModelSpec) -> Any:
+    import torch
+
+    if spec.architecture:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise ModelError(_unsafe(path)) from None
+        except Exception as err:
+            raise ModelError(
+                f"The weights {path} cannot be read ({str(err).splitlines()[0][:120]})."
+            ) from None
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise ModelError(
+                f"{path} does not hold a state dict; save model.state_dict() for an architecture."
+            )
+        module = _architecture(spec)
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as err:
+            raise ModelError(
+                f"The weights {path} do not fit the architecture {spec.architecture} with options "
+                f"{spec.arch_options} ({str(err).splitlines()[1].strip()[:120] if len(str(err).splitlines()) > 1 else err})."
+            ) from None
+        return module.eval()
+    if _is_torchscript(path):
+        try:
+            return torch.jit.load(path, map_location="cpu").eval()
+        except Exception as err:
+            raise ModelError(
+                f"The TorchScript model {path} cannot be loaded ({str(err).splitlines()[0][:120]})."
+            ) from None
+    # not TorchScript and no architecture: say what it is and what to do
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ModelError(_unsafe(path)) from None
+    except Exception:
+        raise ModelError(
+            f"{path} is not a TorchScript or PyTorch file; export the model with torch.jit.script or "
+            "torch.jit.trace and save it with torch.jit.save."
+        ) from None
+    if isinstance(obj, dict):
+        raise ModelError(
+            f"{path} is a state dict without an architecture; add 'architecture: unet3d' (and its "
+            "arch_options) to its sidecar, or export the model to TorchScript."
+        )
+    raise ModelError(
+        f"{path} is not a TorchScript model; export it with torch.jit.script or torch.jit.trace."
+    )
+
+
+def _unsafe(path: str) -> str:
+    return (
+        f"{path} is a pickled Python object that needs code to load, which could run anything, so it "
+        "is refused; export the model to TorchScript (torch.jit.save) or save its state_dict."
+    )
+
+
+def load_model(model: str, options: Mapping[str, Any] | None = None) -> LoadedModel:
+    """Load (once per process) and return the model with its spec and file hash."""
+    path = resolve_model(model)
+    spec = describe_model(model, options)
+    digest = file_hash(path)
+    key = (digest, repr(sorted(spec.to_dict().items())))
+    with _LOCK:
+        cached = _CACHE.get(key)
+        if cached is None:
+            cached = LoadedModel(_load_module(path, spec), spec, digest, path)
+            _CACHE[key] = cached
+    return cached

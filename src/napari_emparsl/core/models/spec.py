@@ -1,0 +1,194 @@
+"""ModelSpec: what a model declares so the tiler can run it (see the sidecar format below).
+
+```yaml
+# unet.pt.yaml, beside unet.pt
+kind: labels                  # labels | image
+in_channels: 1
+classes: [background, membrane, mitochondria]   # labels: one logit channel per class -> argmax
+# out_channels: 1             # image models
+spatial_dims: 3               # 2 = applied slice by slice on 3D volumes
+halo: [16, 16, 16]            # z, y, x voxels of context per side
+multiple: [4, 4, 4]           # the model's input size must be a multiple of this
+normalize: none               # none | zscore | percentile
+scale: [1, 1, 1]              # output voxels per input voxel, per axis
+block: [64, 128, 128]         # preferred block (write ROI) size
+architecture: unet3d          # only for state-dict files: a built-in architecture
+arch_options: {}              # its constructor arguments
+```
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import yaml
+
+from napari_emparsl.core.errors import UserError
+
+__all__ = ["ModelError", "ModelSpec", "parse_options", "read_sidecar"]
+
+KINDS = ("labels", "image")
+NORMALIZATIONS = ("none", "zscore", "percentile")
+
+
+class ModelError(UserError, ValueError):
+    """A problem with a model file or its description, in one sentence."""
+
+
+def _triple(value: Any, name: str, minimum: int) -> tuple[int, int, int]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value] * 3
+    if isinstance(value, str):
+        value = [v for v in value.replace("x", ",").split(",") if v.strip()]
+    try:
+        out = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ModelError(
+            f"The model option '{name}' must be three integers z,y,x, not {value!r}."
+        ) from None
+    if len(out) != 3 or any(v < minimum for v in out):
+        raise ModelError(
+            f"The model option '{name}' must be three integers z,y,x of at least {minimum}, not {value!r}."
+        )
+    return out  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the tiler needs to know about a model."""
+
+    kind: str = "labels"
+    in_channels: int = 1
+    classes: tuple[str, ...] = ()
+    out_channels: int = 1
+    spatial_dims: int = 3
+    halo: tuple[int, int, int] = (0, 0, 0)
+    multiple: tuple[int, int, int] = (1, 1, 1)
+    normalize: str = "none"
+    scale: tuple[int, int, int] = (1, 1, 1)
+    block: tuple[int, int, int] = (64, 64, 64)
+    threshold: float = 0.5
+    architecture: str | None = None
+    arch_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ModelError(
+                f"The model kind must be one of {', '.join(KINDS)}, not {self.kind!r}."
+            )
+        if self.normalize not in NORMALIZATIONS:
+            raise ModelError(
+                f"The model option 'normalize' must be one of {', '.join(NORMALIZATIONS)}, not {self.normalize!r}."
+            )
+        if self.spatial_dims not in (2, 3):
+            raise ModelError(
+                f"The model option 'spatial_dims' must be 2 or 3, not {self.spatial_dims!r}."
+            )
+        if self.in_channels < 1:
+            raise ModelError("The model option 'in_channels' must be at least 1.")
+        if self.kind == "labels" and len(self.classes) == 1:
+            raise ModelError(
+                "A labels model needs at least two classes (or none, for one thresholded channel)."
+            )
+        if self.spatial_dims == 2 and (
+            self.halo[0] != 0 or self.multiple[0] != 1 or self.scale[0] != 1
+        ):
+            raise ModelError(
+                "A 2D model runs slice by slice: its z halo must be 0 and its z multiple and z scale 1 "
+                f"(got halo {self.halo}, multiple {self.multiple}, scale {self.scale})."
+            )
+
+    @property
+    def n_outputs(self) -> int:
+        """Channels the network produces."""
+        return len(self.classes) if self.kind == "labels" and self.classes else self.out_channels
+
+    @property
+    def label_dtype(self) -> str:
+        n = max(len(self.classes), 2)
+        return "uint8" if n <= 255 else "uint16" if n <= 65535 else "uint32"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_mapping(
+        cls, data: Mapping[str, Any], where: str = "the model description"
+    ) -> ModelSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ModelError(
+                f"Unknown key(s) {', '.join(unknown)} in {where}; known keys: {', '.join(sorted(known))}."
+            )
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in ("halo",):
+                kwargs[key] = _triple(value, key, 0)
+            elif key in ("multiple", "scale", "block"):
+                kwargs[key] = _triple(value, key, 1)
+            elif key == "classes":
+                if isinstance(value, str):
+                    value = [v.strip() for v in value.split(",") if v.strip()]
+                kwargs[key] = tuple(str(v) for v in value or ())
+            elif key in ("in_channels", "out_channels", "spatial_dims"):
+                try:
+                    kwargs[key] = int(value)
+                except (TypeError, ValueError):
+                    raise ModelError(
+                        f"The model option '{key}' must be an integer, not {value!r}."
+                    ) from None
+            elif key == "threshold":
+                kwargs[key] = float(value)
+            elif key == "arch_options":
+                kwargs[key] = dict(value or {})
+            else:
+                kwargs[key] = value if value is None else str(value)
+        return cls(**kwargs)
+
+    def with_options(self, options: Mapping[str, Any]) -> ModelSpec:
+        merged = self.to_dict() | dict(options)
+        return ModelSpec.from_mapping(merged, "the model options")
+
+
+def parse_options(items: Sequence[str]) -> dict[str, Any]:
+    """``["halo=8,8,8", "kind=image"]`` -> dict (values parsed as YAML scalars/lists)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ModelError(
+                f"Model options are key=value, not {item!r} (e.g. --model-option halo=8,8,8)."
+            )
+        key, value = item.split("=", 1)
+        parsed = yaml.safe_load(value) if value.strip() else ""
+        out[key.strip()] = (
+            parsed if not isinstance(parsed, (int, float)) or "," not in value else value
+        )
+    return out
+
+
+def read_sidecar(model_path: str) -> dict[str, Any]:
+    """The ``<file>.yaml`` (or ``.yml``) beside a model file; ``{}`` when there is none."""
+    for ext in (".yaml", ".yml"):
+        path = model_path + ext
+        if os.path.exists(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ModelError(
+                    f"The model description {path} is not valid YAML ({str(err).splitlines()[0]})."
+                ) from None
+            if not isinstance(data, dict):
+                raise ModelError(
+                    f"The model description {path} must be a mapping of keys to values."
+                )
+            return data
+    return {}

@@ -1,0 +1,77 @@
+"""A small 3D (or 2D) U-Net: the built-in architecture for voxel classification.
+
+'same' convolutions, max-pooling by 2, nearest upsampling; ``depth`` poolings make the input
+size multiple 2**depth. The receptive-field radius (context needed per side for seamless
+tiling) is returned by :func:`receptive_radius`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["UNet", "receptive_radius"]
+
+
+class _Conv(nn.Sequential):
+    def __init__(self, dims: int, c_in: int, c_out: int):
+        conv = nn.Conv3d if dims == 3 else nn.Conv2d
+        # no normalization layers that look at the whole input: tiling must stay exact
+        super().__init__(
+            conv(c_in, c_out, 3, padding=1),
+            nn.ReLU(inplace=True),
+            conv(c_out, c_out, 3, padding=1),
+            nn.ReLU(inplace=True),
+        )
+
+
+class UNet(nn.Module):
+    """U-Net with ``depth`` levels below the top and ``base`` channels at the top."""
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 3,
+        *,
+        base: int = 12,
+        depth: int = 2,
+        dims: int = 3,
+    ):
+        super().__init__()
+        self.dims, self.depth = dims, depth
+        pool = nn.MaxPool3d if dims == 3 else nn.MaxPool2d
+        conv = nn.Conv3d if dims == 3 else nn.Conv2d
+        chans = [base * 2**i for i in range(depth + 1)]
+        self.down = nn.ModuleList()
+        c = in_channels
+        for ch in chans[:-1]:
+            self.down.append(_Conv(dims, c, ch))
+            c = ch
+        self.pool = pool(2)
+        self.bottom = _Conv(dims, chans[-2], chans[-1])
+        self.up = nn.ModuleList(
+            _Conv(dims, chans[i + 1] + chans[i], chans[i]) for i in reversed(range(depth))
+        )
+        self.head = conv(chans[0], out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottom(x)
+        for block, skip in zip(self.up, reversed(skips), strict=True):
+            x = nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+            x = block(torch.cat([x, skip], dim=1))
+        return self.head(x)
+
+
+def receptive_radius(depth: int) -> int:
+    """Context (voxels per side) a U-Net of two 3×3 convs per level needs for exact tiling.
+
+    Each level l adds 2 convs of radius 2**l on the way down and up; the bottom adds 2 at 2**depth;
+    pooling/upsampling add up to 2**l - 1 of grid offset, covered by aligning blocks to 2**depth.
+    """
+    down_up = sum(2 * 2 * 2**lvl for lvl in range(depth))
+    return down_up + 2 * 2**depth + 2**depth

@@ -1,0 +1,344 @@
+"""Run: plan → skip what the ledger marks done → submit to Parsl → events; retries, cancel.
+
+The runner is the coordinator: it alone writes the output's ledger. It keeps a bounded window
+of blocks in flight (a few per worker), so its memory stays flat however large the volume.
+Parsl runs on the run's own DataFlowKernel (never the global ``parsl.load``), so several runs
+and sites can live in one process (the napari GUI).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from napari_emparsl import __version__
+from napari_emparsl.core.blockwise import BlockJob, BlockResult, process_block
+from napari_emparsl.core.errors import UserError
+from napari_emparsl.core.events import (
+    BlockDone,
+    BlockFailed,
+    Cancelled,
+    Finished,
+    Planned,
+    RunEvent,
+)
+from napari_emparsl.core.geometry import Block, Roi, check_no_shared_chunks, plan_blocks
+from napari_emparsl.core.ledger import Ledger
+from napari_emparsl.core.models.loaders import describe_model, file_hash, resolve_model
+from napari_emparsl.core.models.spec import ModelSpec
+from napari_emparsl.core.n5attrs import VolumeError
+from napari_emparsl.core.volume import Volume, parse_spec
+from napari_emparsl.execution.sites import SiteProfile, load_site, make_config
+
+__all__ = ["Run", "RunError", "parse_roi"]
+
+
+class RunError(UserError, ValueError):
+    """A run that cannot start, said in one sentence."""
+
+
+def parse_roi(text: str) -> Roi:
+    """``"z0:z1,y0:y1,x0:x1"`` -> Roi."""
+    try:
+        parts = [p.split(":") for p in text.split(",")]
+        begin = [int(a) for a, _ in parts]
+        end = [int(b) for _, b in parts]
+    except ValueError:
+        raise RunError(f"A region is z0:z1,y0:y1,x0:x1, not {text!r}.") from None
+    if any(e <= b for b, e in zip(begin, end, strict=True)):
+        raise RunError(f"The region {text} is empty; each end must be larger than its start.")
+    return Roi.from_bounds(begin, end)
+
+
+def _out_chunks(block: Sequence[int], scale: Sequence[int]) -> tuple[int, ...]:
+    """Largest divisor of block×scale that is at most 64 per axis: any block works on the output."""
+    out = []
+    for b, s in zip(block, scale, strict=True):
+        n = b * s
+        out.append(max(d for d in range(1, min(64, n) + 1) if n % d == 0))
+    return tuple(out)
+
+
+def _norm(volume: Volume, spec: ModelSpec) -> tuple[float, float]:
+    """Global normalization (same for every block, so there are no seams)."""
+    if spec.normalize == "none":
+        return 0.0, 1.0
+    from napari_emparsl.core.models.training import volume_stats
+
+    if spec.normalize == "zscore":
+        return volume_stats(volume)
+    level = volume.level(len(volume.levels) - 1)
+    step = max(1, round((level.size / 2_000_000) ** (1 / level.ndim)))
+    sample = np.asarray(level[tuple(slice(None, None, step) for _ in range(level.ndim))].compute())
+    lo, hi = np.percentile(sample, [1.0, 99.8])
+    return float(lo), float(max(hi - lo, 1e-6))
+
+
+@dataclass
+class _Plan:
+    blocks: list[Block]
+    done_before: set[int]
+    spec: ModelSpec
+    norm: tuple[float, float]
+    out_voxels: dict[int, int]
+
+
+class Run:
+    """One inference run from an N5 input to an N5 output.
+
+    Parameters mirror ``emparsl run``. Iterate :meth:`events` (or call :meth:`execute`) to run;
+    :meth:`cancel` from another thread stops it cleanly.
+    """
+
+    def __init__(
+        self,
+        input: str,
+        model: str,
+        output: str,
+        *,
+        site: str | SiteProfile = "local",
+        roi: Roi | str | None = None,
+        block: Sequence[int] | None = None,
+        halo: Sequence[int] | None = None,
+        model_options: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+        retries: int = 2,
+        in_flight_per_worker: int = 2,
+    ):
+        self.input_root, self.input_key = parse_spec(input)
+        self.output_root, self.output_key = parse_spec(output)
+        self.model = model
+        self.model_options = dict(model_options or {})
+        self.site = site
+        self.roi = parse_roi(roi) if isinstance(roi, str) else roi
+        self.block = tuple(block) if block is not None else None
+        self.halo = tuple(halo) if halo is not None else None
+        self.overwrite = overwrite
+        self.retries = retries
+        self.in_flight_per_worker = in_flight_per_worker
+        self._cancel = threading.Event()
+        self.callbacks: list[Callable[[RunEvent], None]] = []
+
+    # ------------------------------------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Stop submitting; running blocks are abandoned and the executor is shut down."""
+        self._cancel.set()
+
+    @property
+    def output(self) -> str:
+        return f"{self.output_root}:{self.output_key}"
+
+    def prepare(self) -> _Plan:
+        """Validate everything, create or reopen the output, plan; nothing is computed."""
+        if not self.output_key:
+            raise RunError(f"Give the output as OUT.n5:DATASET, not {self.output_root}.")
+        src = Volume.open(self.input_root, self.input_key)
+        self.input_key = src.key
+        if os.path.realpath(src.root) == os.path.realpath(self.output_root) and (
+            self.output_key == src.key or src.key.startswith(self.output_key + "/")
+        ):
+            raise RunError(f"The output {self.output} is the input; choose another dataset name.")
+        spec = describe_model(self.model, self.model_options)
+        channels = src.shape[src.axes.index("c")] if "c" in src.axes else 1
+        if channels != spec.in_channels:
+            raise RunError(
+                f"The model expects {spec.in_channels} input channel(s) but {src.root}:{src.key} has "
+                f"{channels}; choose a matching model or set --model-option in_channels={channels}."
+            )
+        spatial = tuple(n for n, a in zip(src.shape, src.axes, strict=True) if a != "c")
+        if len(spatial) != 3:
+            raise RunError(
+                f"The input has {len(spatial)} spatial axes; emparsl runs on 3D volumes."
+            )
+        block = self.block or spec.block
+        halo = self.halo or spec.halo
+        if spec.spatial_dims == 2:
+            block, halo = (1, *block[1:]), (0, *halo[1:])
+        block = tuple(min(b, n) for b, n in zip(block, spatial, strict=True))
+        out_shape = tuple(n * s for n, s in zip(spatial, spec.scale, strict=True))
+        out = self._open_output(src, spec, out_shape, block, halo)
+        from napari_emparsl.core.geometry import GeometryError
+
+        try:
+            blocks = list(
+                plan_blocks(
+                    spatial, block, halo, out_chunks=out.chunks[-3:], scale=spec.scale, roi=self.roi
+                )
+            )
+        except GeometryError as err:
+            raise RunError(str(err)) from None
+        check_no_shared_chunks(blocks, out.chunks[-3:])
+        ledger = Ledger(self.output_root, self.output_key)
+        done = set(ledger.summary().done) if ledger.exists() else set()
+        self._provenance = {
+            "input": f"{src.root}:{src.key}",
+            "model": self.model,
+            "model_file": resolve_model(self.model),
+            "model_sha256": file_hash(resolve_model(self.model)),
+            "model_options": self.model_options,
+            "spec": spec.to_dict(),
+            "block": list(block),
+            "halo": list(halo),
+            "site": self.site if isinstance(self.site, str) else self.site.name,
+            "version": __version__,
+            "roi": str(self.roi) if self.roi else None,
+        }
+        self._ledger = ledger
+        self._src = src
+        return _Plan(
+            blocks,
+            done,
+            spec,
+            _norm(src, spec),
+            {b.id: b.out_write_roi.size for b in blocks},
+        )
+
+    def _open_output(self, src: Volume, spec: ModelSpec, out_shape, block, halo) -> Volume:
+        ledger = Ledger(self.output_root, self.output_key)
+        exists = os.path.exists(os.path.join(self.output_root, self.output_key))
+        if exists and not self.overwrite:
+            if not ledger.exists():
+                raise RunError(
+                    f"The output {self.output} exists and was not written by emparsl; pass --overwrite "
+                    "to replace it, or choose another name."
+                )
+            last = ledger.summary().last_run
+            same = (
+                last.get("input") == f"{src.root}:{src.key}"
+                and last.get("model_sha256") == file_hash(resolve_model(self.model))
+                and last.get("spec") == spec.to_dict()
+                and last.get("halo") == list(halo)
+                and last.get("block") == list(block)
+            )
+            if not same:
+                raise RunError(
+                    f"The output {self.output} was made from another input, model, options, block or "
+                    "halo; "
+                    "pass --overwrite to start again, or choose another output name."
+                )
+            return Volume.open(self.output_root, self.output_key)
+        dtype = spec.label_dtype if spec.kind == "labels" else "float32"
+        vs = tuple(v / s for v, s in zip(src.voxel_size, spec.scale, strict=True))
+        chunks = _out_chunks(block, spec.scale)
+        shape = out_shape
+        if spec.kind == "image" and spec.out_channels > 1:
+            shape, chunks = (spec.out_channels, *out_shape), (1, *chunks)
+        attrs = {"layer_type": spec.kind}
+        if spec.classes:
+            attrs["class_names"] = list(spec.classes)
+        return Volume.create(
+            self.output_root, self.output_key, shape, dtype, chunks,
+            voxel_size=vs, unit=src.unit, attrs=attrs, overwrite=self.overwrite,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------
+
+    def events(self) -> Iterator[RunEvent]:
+        """Run, yielding events as blocks finish. Raises RunError/VolumeError before starting."""
+        try:
+            plan = self.prepare()
+        except VolumeError as err:
+            raise RunError(str(err)) from None
+        profile = self.site if isinstance(self.site, SiteProfile) else load_site(self.site)
+        todo = [b for b in plan.blocks if b.id not in plan.done_before]
+        total = len(plan.blocks)
+        done = total - len(todo)
+        yield self._emit(
+            Planned(total, len(todo), self.output, sum(plan.out_voxels[b.id] for b in todo))
+        )
+        self._ledger.start_run(self._provenance | {"planned": total, "todo": len(todo)})
+        t0 = time.perf_counter()
+        if not todo:
+            yield self._emit(Finished(done, 0, total, 0.0))
+            return
+
+        from parsl.app.python import PythonApp
+        from parsl.dataflow.dflow import DataFlowKernel
+
+        run_dir = tempfile.mkdtemp(prefix="emparsl-parsl-")
+        dfk = DataFlowKernel(make_config(profile, run_dir))
+        failed_final: set[int] = set()
+        try:
+            app = PythonApp(process_block, data_flow_kernel=dfk, executors=[profile.name])
+            results: queue.Queue = queue.Queue()
+            pending = list(reversed(todo))
+            attempts: dict[int, int] = {}
+            in_flight = 0
+            window = max(1, profile.workers * self.in_flight_per_worker)
+
+            def submit(blk: Block) -> None:
+                nonlocal in_flight
+                attempts[blk.id] = attempts.get(blk.id, 0) + 1
+                job = BlockJob(
+                    self._src.root, self._src.key, self.output_root, self.output_key, blk,
+                    self.model, self.model_options, plan.norm, profile.threads_per_worker,
+                )  # fmt: skip
+                fut = app(job)
+                fut.add_done_callback(lambda f, b=blk: results.put((b, f)))
+                in_flight += 1
+
+            by_id = {b.id: b for b in todo}
+            while pending or in_flight:
+                while pending and in_flight < window and not self._cancel.is_set():
+                    submit(pending.pop())
+                if self._cancel.is_set():
+                    yield self._emit(Cancelled(done, total))
+                    return
+                try:
+                    blk, fut = results.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                in_flight -= 1
+                result = self._result_of(blk, fut)
+                self._ledger.record(result, attempts[blk.id], str(blk.write_roi))
+                if result.ok:
+                    done += 1
+                    yield self._emit(BlockDone(result, done, total, plan.out_voxels[blk.id]))
+                    continue
+                final = attempts[blk.id] > self.retries
+                yield self._emit(BlockFailed(blk.id, result.error, attempts[blk.id], final))
+                if final:
+                    failed_final.add(blk.id)
+                elif not self._cancel.is_set():
+                    pending.append(by_id[blk.id])
+            yield self._emit(Finished(done, len(failed_final), total, time.perf_counter() - t0))
+        finally:
+            dfk.cleanup()
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+    @staticmethod
+    def _result_of(blk: Block, fut) -> BlockResult:
+        try:
+            return fut.result()
+        except Exception as err:  # the worker died or Parsl lost the task
+            msg = str(err).splitlines()[0][:200] if str(err) else ""
+            return BlockResult(blk.id, False, "?", error=f"{type(err).__name__}: {msg}")
+
+    def _emit(self, event: RunEvent) -> RunEvent:
+        for cb in self.callbacks:
+            cb(event)
+        return event
+
+    def execute(self, callback: Callable[[RunEvent], None] | None = None) -> RunEvent:
+        """Run to the end; returns the last event (Finished or Cancelled)."""
+        last: RunEvent | None = None
+        if callback:
+            self.callbacks.append(callback)
+        try:
+            for event in self.events():
+                last = event
+        finally:
+            if callback:
+                self.callbacks.remove(callback)
+        assert last is not None
+        return last

@@ -1,0 +1,137 @@
+"""Site profiles -> parsl.Config. The only module that imports parsl.
+
+A profile is a small YAML file (one per site) validated with pydantic; built-in profiles ship in
+``napari_emparsl/sites/``, user profiles live in ``~/.config/napari-emparsl/sites/`` (or
+``$EMPARSL_SITES``), and ``--site`` also takes a file path.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+
+from napari_emparsl.core.errors import UserError
+
+__all__ = ["SiteError", "SiteProfile", "list_sites", "load_site", "make_config"]
+
+
+class SiteError(UserError, ValueError):
+    """An unknown or invalid site, in one sentence."""
+
+
+class SiteProfile(BaseModel):
+    """Settings of one compute site."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    kind: Literal["threads", "local"]
+    workers: PositiveInt = 2
+    threads_per_worker: PositiveInt = 1
+    strategy_period: float = Field(0.2, gt=0)
+    worker_init: str = ""
+
+
+def _user_dir() -> Path:
+    env = os.environ.get("EMPARSL_SITES")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "napari-emparsl" / "sites"
+
+
+def _site_files() -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    builtin = resources.files("napari_emparsl") / "sites"
+    for entry in sorted(builtin.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            files[entry.name[:-5]] = Path(str(entry))
+    user = _user_dir()
+    if user.is_dir():
+        for p in sorted(user.glob("*.yaml")):
+            files[p.stem] = p
+    return files
+
+
+def list_sites() -> dict[str, Path]:
+    """Site name -> profile file (user profiles override built-in ones of the same name)."""
+    return _site_files()
+
+
+def load_site(site: str) -> SiteProfile:
+    """A site by name or profile file path, validated."""
+    files = _site_files()
+    if site in files:
+        path = files[site]
+    elif os.path.isfile(site):
+        path = Path(site)
+    else:
+        raise SiteError(
+            f"Unknown site '{site}'; known sites: {', '.join(files)} (or give a profile file)."
+        )
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise SiteError(
+            f"The site profile {path} is not valid YAML ({str(err).splitlines()[0]})."
+        ) from None
+    if not isinstance(data, dict):
+        raise SiteError(f"The site profile {path} must be a mapping of settings.")
+    data.setdefault("name", path.stem)
+    try:
+        return SiteProfile.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "(profile)"
+        raise SiteError(
+            f"The site profile {path} is invalid: field '{field}': {first['msg']}."
+        ) from None
+
+
+def _python_bin_on_path() -> None:
+    """Parsl starts interchange.py / process_worker_pool.py from PATH: make this Python's scripts
+    findable even when the virtual environment is not activated (e.g. `.venv/bin/emparsl`)."""
+    import sys
+
+    bindir = os.path.dirname(sys.executable)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+
+
+def make_config(profile: SiteProfile, run_dir: str):
+    """A parsl.Config with one executor labelled after the profile (no global parsl.load)."""
+    from parsl.config import Config
+
+    if profile.kind == "threads":
+        from parsl.executors import ThreadPoolExecutor
+
+        executor = ThreadPoolExecutor(label=profile.name, max_threads=profile.workers)
+    else:
+        from parsl.executors import HighThroughputExecutor
+        from parsl.providers import LocalProvider
+
+        _python_bin_on_path()
+        executor = HighThroughputExecutor(
+            label=profile.name,
+            address="127.0.0.1",
+            max_workers_per_node=profile.workers,
+            cores_per_worker=profile.threads_per_worker,
+            heartbeat_period=2,
+            heartbeat_threshold=10,  # a killed worker is noticed in seconds, not minutes
+            provider=LocalProvider(
+                init_blocks=1, min_blocks=1, max_blocks=1, worker_init=profile.worker_init
+            ),
+        )
+    return Config(
+        executors=[executor],
+        run_dir=run_dir,
+        strategy="none",
+        strategy_period=profile.strategy_period,
+        initialize_logging=False,
+        usage_tracking=0,
+    )
