@@ -214,16 +214,16 @@ class Run:
                 )
             last = ledger.summary().last_run
             same = (
+                # a changed model file (a fix) may resume: the ledger records each run's hash
                 last.get("input") == f"{src.root}:{src.key}"
-                and last.get("model_sha256") == file_hash(resolve_model(self.model))
                 and last.get("spec") == spec.to_dict()
                 and last.get("halo") == list(halo)
                 and last.get("block") == list(block)
             )
             if not same:
                 raise RunError(
-                    f"The output {self.output} was made from another input, model, options, block or "
-                    "halo; "
+                    f"The output {self.output} was made from another input, model description, block "
+                    "or halo; "
                     "pass --overwrite to start again, or choose another output name."
                 )
             return Volume.open(self.output_root, self.output_key)

@@ -55,15 +55,15 @@ class UNet(nn.Module):
         self.head = conv(chans[0], out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
+        skips: list[torch.Tensor] = []
         for block in self.down:
             x = block(x)
             skips.append(x)
             x = self.pool(x)
         x = self.bottom(x)
-        for block, skip in zip(self.up, reversed(skips), strict=True):
-            x = nn.functional.interpolate(x, scale_factor=2, mode="nearest")
-            x = block(torch.cat([x, skip], dim=1))
+        for i, block in enumerate(self.up):  # TorchScript-friendly: no zip/reversed
+            x = nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+            x = block(torch.cat([x, skips[len(skips) - 1 - i]], dim=1))
         return self.head(x)
 
 
