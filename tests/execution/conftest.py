@@ -105,3 +105,9 @@ def float_volume(tmp_path):
     data = np.random.default_rng(0).random((40, 50, 60)).astype(np.float32)
     save_array(tmp_path / "in.n5", "raw", data, chunks=(16, 16, 16), voxel_size=(40, 8, 8))
     return f"{tmp_path}/in.n5:raw", data
+
+
+@pytest.fixture
+def save_model():
+    """The save_script helper, for tests that write their own model files."""
+    return save_script

@@ -161,7 +161,9 @@ def process_block(job: BlockJob) -> BlockResult:
     except BaseException as err:  # a block's failure is data for the coordinator, never a crash
         if isinstance(err, KeyboardInterrupt):
             raise
-        message = str(err).splitlines()[0][:300] if str(err) else ""
+        lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+        # TorchScript wraps the model's own error: its last line says what went wrong
+        message = (lines[-1] if "TorchScript" in lines[0] else lines[0])[:300] if lines else ""
         return BlockResult(
             blk.id,
             False,

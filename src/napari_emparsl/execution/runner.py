@@ -33,8 +33,8 @@ from napari_emparsl.core.events import (
 )
 from napari_emparsl.core.geometry import Block, Roi, check_no_shared_chunks, plan_blocks
 from napari_emparsl.core.ledger import Ledger
-from napari_emparsl.core.models.loaders import describe_model, file_hash, resolve_model
-from napari_emparsl.core.models.spec import ModelSpec
+from napari_emparsl.core.models.loaders import describe_model, file_hash, load_model, resolve_model
+from napari_emparsl.core.models.spec import ModelError, ModelSpec
 from napari_emparsl.core.n5attrs import VolumeError
 from napari_emparsl.core.volume import Volume, parse_spec
 from napari_emparsl.execution.sites import SiteProfile, load_site, make_config
@@ -142,6 +142,7 @@ class Run:
         """Validate everything, create or reopen the output, plan; nothing is computed."""
         if not self.output_key:
             raise RunError(f"Give the output as OUT.n5:DATASET, not {self.output_root}.")
+        self.profile = self.site if isinstance(self.site, SiteProfile) else load_site(self.site)
         src = Volume.open(self.input_root, self.input_key)
         self.input_key = src.key
         if os.path.realpath(src.root) == os.path.realpath(self.output_root) and (
@@ -149,6 +150,7 @@ class Run:
         ):
             raise RunError(f"The output {self.output} is the input; choose another dataset name.")
         spec = describe_model(self.model, self.model_options)
+        load_model(self.model, self.model_options)  # fail here, clearly, not in every worker
         channels = src.shape[src.axes.index("c")] if "c" in src.axes else 1
         if channels != spec.in_channels:
             raise RunError(
@@ -166,18 +168,22 @@ class Run:
             block, halo = (1, *block[1:]), (0, *halo[1:])
         block = tuple(min(b, n) for b, n in zip(block, spatial, strict=True))
         out_shape = tuple(n * s for n, s in zip(spatial, spec.scale, strict=True))
-        out = self._open_output(src, spec, out_shape, block, halo)
+        existing = self._existing_output(src, spec, block, halo)
+        out_chunks = existing.chunks[-3:] if existing else _out_chunks(block, spec.scale)
         from napari_emparsl.core.geometry import GeometryError
 
         try:
             blocks = list(
                 plan_blocks(
-                    spatial, block, halo, out_chunks=out.chunks[-3:], scale=spec.scale, roi=self.roi
+                    spatial, block, halo, out_chunks=out_chunks, scale=spec.scale, roi=self.roi
                 )
             )
         except GeometryError as err:
             raise RunError(str(err)) from None
-        check_no_shared_chunks(blocks, out.chunks[-3:])
+        check_no_shared_chunks(blocks, out_chunks)
+        norm = _norm(src, spec)
+        if existing is None:  # only now, when everything checked out
+            self._create_output(src, spec, out_shape, out_chunks)
         ledger = Ledger(self.output_root, self.output_key)
         done = set(ledger.summary().done) if ledger.exists() else set()
         self._provenance = {
@@ -195,15 +201,12 @@ class Run:
         }
         self._ledger = ledger
         self._src = src
-        return _Plan(
-            blocks,
-            done,
-            spec,
-            _norm(src, spec),
-            {b.id: b.out_write_roi.size for b in blocks},
-        )
+        todo = sum(1 for b in blocks if b.id not in done)
+        ledger.start_run(self._provenance | {"planned": len(blocks), "todo": todo})
+        return _Plan(blocks, done, spec, norm, {b.id: b.out_write_roi.size for b in blocks})
 
-    def _open_output(self, src: Volume, spec: ModelSpec, out_shape, block, halo) -> Volume:
+    def _existing_output(self, src: Volume, spec: ModelSpec, block, halo) -> Volume | None:
+        """The output to resume, None for a new one; refuses outputs it must not touch."""
         ledger = Ledger(self.output_root, self.output_key)
         exists = os.path.exists(os.path.join(self.output_root, self.output_key))
         if exists and not self.overwrite:
@@ -227,9 +230,11 @@ class Run:
                     "pass --overwrite to start again, or choose another output name."
                 )
             return Volume.open(self.output_root, self.output_key)
+        return None
+
+    def _create_output(self, src: Volume, spec: ModelSpec, out_shape, chunks) -> Volume:
         dtype = spec.label_dtype if spec.kind == "labels" else "float32"
         vs = tuple(v / s for v, s in zip(src.voxel_size, spec.scale, strict=True))
-        chunks = _out_chunks(block, spec.scale)
         shape = out_shape
         if spec.kind == "image" and spec.out_channels > 1:
             shape, chunks = (spec.out_channels, *out_shape), (1, *chunks)
@@ -247,16 +252,15 @@ class Run:
         """Run, yielding events as blocks finish. Raises RunError/VolumeError before starting."""
         try:
             plan = self.prepare()
-        except VolumeError as err:
+        except (VolumeError, ModelError) as err:
             raise RunError(str(err)) from None
-        profile = self.site if isinstance(self.site, SiteProfile) else load_site(self.site)
+        profile = self.profile
         todo = [b for b in plan.blocks if b.id not in plan.done_before]
         total = len(plan.blocks)
         done = total - len(todo)
         yield self._emit(
             Planned(total, len(todo), self.output, sum(plan.out_voxels[b.id] for b in todo))
         )
-        self._ledger.start_run(self._provenance | {"planned": total, "todo": len(todo)})
         t0 = time.perf_counter()
         if not todo:
             yield self._emit(Finished(done, 0, total, 0.0))

@@ -132,8 +132,13 @@ def _load_module(path: str, spec: ModelSpec) -> Any:
     # not TorchScript and no architecture: say what it is and what to do
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ModelError(_unsafe(path)) from None
+    except pickle.UnpicklingError as err:
+        if "safe_globals" in str(err) or "Unsupported global" in str(err):
+            raise ModelError(_unsafe(path)) from None
+        raise ModelError(
+            f"{path} is not a TorchScript or PyTorch file; export the model with torch.jit.script or "
+            "torch.jit.trace and save it with torch.jit.save."
+        ) from None
     except Exception:
         raise ModelError(
             f"{path} is not a TorchScript or PyTorch file; export the model with torch.jit.script or "

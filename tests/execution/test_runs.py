@@ -1,0 +1,202 @@
+"""Runs end to end: failing blocks, resume after kill -9, retries, bad input, status."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_emparsl.cli import main
+from napari_emparsl.core.ledger import Ledger
+from napari_emparsl.core.volume import Volume, save_array
+from napari_emparsl.execution.runner import Run, RunError
+
+
+def test_failing_blocks_reported_then_only_they_rerun(tmp_path, failing_model, save_model, capsys):
+    data = np.zeros((32, 32, 32), np.float32)
+    data[3, 3, 3] = 255.0  # block 0
+    data[20, 30, 20] = 255.0  # block 1*4 + 1*2 + 1 = 7
+    save_array(tmp_path / "in.n5", "raw", data, chunks=(16, 16, 16))
+    src, out = f"{tmp_path}/in.n5:raw", f"{tmp_path}/out.n5:pred"
+    code = main(
+        [
+            "run",
+            "--input",
+            src,
+            "--model",
+            failing_model,
+            "--output",
+            out,
+            "--site",
+            "threads",
+            "--retries",
+            "1",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "2 block(s) failed" in captured.err and "marker found" in captured.err
+    assert "Finished: 6/8 blocks done, 2 failed" in captured.out
+    # nothing claimed for the failed blocks
+    summary = Ledger(str(tmp_path / "out.n5"), "pred").summary()
+    assert sorted(summary.failed) == [0, 7] and len(summary.done) == 6
+    assert Volume.open(tmp_path / "out.n5", "pred").data[:16, :16, :16].compute().max() == 0
+
+    code = main(["status", out, "--json"])
+    status = json.loads(capsys.readouterr().out)
+    assert code == 0 and status["failed"] == 2 and status["done"] == 6
+    assert "marker found" in status["failed_blocks"]["0"]
+
+    # "fix" the model: same description, new weights file
+    fixed = torch.nn.Identity()
+    save_model(fixed, Path(failing_model), Path(failing_model + ".yaml").read_text())
+    events = list(Run(src, failing_model, out, site="threads").events())
+    assert events[0].todo == 2 and events[-1].ok
+    done_ids = [e.result.block_id for e in events if type(e).__name__ == "BlockDone"]
+    assert sorted(done_ids) == [0, 7]
+    assert Volume.open(tmp_path / "out.n5", "pred").data[3, 3, 3].compute() == 255.0
+
+
+def _ledger_done(path: Path) -> list[int]:
+    p = path / "pred" / "emparsl-ledger.jsonl"
+    if not p.exists():
+        return []
+    ids = []
+    for line in p.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("type") == "block" and rec.get("status") == "done":
+            ids.append(rec["id"])
+    return ids
+
+
+def test_resume_after_kill_9(tmp_path, unet_model):
+    data = np.random.default_rng(7).random((96, 96, 128)).astype(np.float32)
+    save_array(tmp_path / "in.n5", "raw", data, chunks=(16, 16, 16))
+    args = [
+        "--input",
+        f"{tmp_path}/in.n5:raw",
+        "--model",
+        unet_model,
+        "--block",
+        "32,32,32",
+        "--site",
+        "threads",
+    ]
+    # the reference: an uninterrupted run
+    assert main(["run", *args, "--output", f"{tmp_path}/ref.n5:pred"]) == 0
+    cmd = [
+        sys.executable,
+        "-m",
+        "napari_emparsl.cli",
+        "run",
+        *args,
+        "--output",
+        f"{tmp_path}/out.n5:pred",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while (
+        len(_ledger_done(tmp_path / "out.n5")) < 10
+        and time.time() < deadline
+        and proc.poll() is None
+    ):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = _ledger_done(tmp_path / "out.n5")
+    assert 5 <= len(before) < 36, len(before)  # killed mid-run (36 blocks)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert f"({len(before)} already done, resuming)" in done.stdout
+    after = _ledger_done(tmp_path / "out.n5")
+    recomputed = [i for i in set(before) if after.count(i) > 1]
+    assert recomputed == []  # blocks finished before the kill were not computed again
+    assert sorted(set(after)) == list(range(36))
+    np.testing.assert_array_equal(
+        Volume.open(tmp_path / "out.n5", "pred").data.compute(),
+        Volume.open(tmp_path / "ref.n5", "pred").data.compute(),
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"model": "/nope/model.pt"}, "does not exist"),
+        ({"block": (32, 16, 16)}, "made from another input, model description, block or halo"),
+        ({"block": (16, 16, 16), "halo": (20, 2, 2)}, "smaller than the halo"),
+        ({"roi": "50:60,0:4,0:4"}, "outside the volume"),
+        ({"output": "{tmp}/in.n5:raw"}, "is the input"),
+        ({"site": "nowhere"}, "Unknown site 'nowhere'"),
+        ({"model_options": {"in_channels": 2}}, "expects 2 input channel(s)"),
+        ({"model_options": {"normalize": "max"}}, "must be one of none, zscore, percentile"),
+        (
+            {"model_options": {"spatial_dims": 2, "multiple": [4, 4, 4]}},
+            "A 2D model runs slice by slice",
+        ),
+    ],
+)
+def test_bad_input_one_sentence(tmp_path, conv_model, float_volume, kwargs, message):
+    src, data = float_volume
+    # an existing output to compare against, so block-size checks see its chunks
+    params = {"model": conv_model, "output": f"{tmp_path}/out.n5:pred", "site": "threads"} | kwargs
+    params["output"] = params["output"].format(tmp=tmp_path)
+    if "block" in kwargs and "halo" not in kwargs:
+        Run(src, conv_model, params["output"], site="threads", block=(16, 16, 16)).execute()
+    model = params.pop("model")
+    output = params.pop("output")
+    with pytest.raises(Exception) as err:
+        list(Run(src, model, output, **params).events())
+    assert message in str(err.value) and "\n" not in str(err.value)
+    np.testing.assert_array_equal(Volume.open(*src.split(":")).data.compute(), data)
+
+
+def test_unsafe_pickle_and_non_torchscript_refused(tmp_path, float_volume):
+    src, _ = float_volume
+    torch.save(torch.nn.Conv3d(1, 1, 3), tmp_path / "pickled.pt")  # a whole module: needs code
+    with pytest.raises(RunError, match="needs code to load") as err:
+        list(Run(src, str(tmp_path / "pickled.pt"), f"{tmp_path}/o.n5:x", site="threads").events())
+    assert "TorchScript" in str(err.value)
+    (tmp_path / "notes.pt").write_text("not a model")
+    with pytest.raises(Exception, match="not a TorchScript or PyTorch file"):
+        list(Run(src, str(tmp_path / "notes.pt"), f"{tmp_path}/o2.n5:x", site="threads").events())
+
+
+def test_invalid_site_profile_names_the_field(tmp_path, conv_model, float_volume, capsys):
+    src, _ = float_volume
+    profile = tmp_path / "mysite.yaml"
+    profile.write_text("kind: local\nworkers: 0\n")
+    code = main(
+        [
+            "run",
+            "--input",
+            src,
+            "--model",
+            conv_model,
+            "--output",
+            f"{tmp_path}/o.n5:x",
+            "--site",
+            str(profile),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "field 'workers'" in err and "greater than 0" in err
+    assert not (tmp_path / "o.n5" / "x" / "emparsl-ledger.jsonl").exists()
+
+
+def test_sites_list_and_show(capsys):
+    assert main(["sites", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "threads" in out and "local" in out
+    assert main(["sites", "show", "local"]) == 0
+    assert json.loads(capsys.readouterr().out)["strategy_period"] == 0.2
