@@ -19,10 +19,14 @@ $(VENV)/.installed: pyproject.toml
 system-deps:
 	bash scripts/system-deps.sh
 
+# sample volume -> built-in 3D U-Net -> local Parsl site (worker processes) -> N5 output
 demo: venv
 	$(BIN)/emparsl sample $(DEMO_DIR)/sample.n5 --overwrite
-	$(BIN)/emparsl info $(DEMO_DIR)/sample.n5
 	$(BIN)/emparsl info $(DEMO_DIR)/sample.n5:raw
+	$(BIN)/emparsl run --input $(DEMO_DIR)/sample.n5:raw --model unet3d-em \
+	    --output $(DEMO_DIR)/sample.n5:predictions/classes --site local --overwrite
+	$(BIN)/emparsl status $(DEMO_DIR)/sample.n5:predictions/classes
+	$(BIN)/emparsl evaluate $(DEMO_DIR)/sample.n5:predictions/classes $(DEMO_DIR)/sample.n5:labels/classes/s0
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks scripts

@@ -7,7 +7,20 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["Volume", "VolumeError", "__version__"]
+__all__ = ["Volume", "VolumeError", "__version__", "run"]
+
+
+def run(input: str, model: str, output: str, **kwargs):
+    """Run a model over an N5 volume block by block (same parameters as `emparsl run`).
+
+    ``napari_emparsl.run("in.n5:raw", "unet3d-em", "out.n5:classes", site="local")`` returns the
+    last event (``Finished`` with ``.ok``, or ``Cancelled``). Keyword arguments: ``site``, ``roi``,
+    ``block``, ``halo``, ``model_options``, ``overwrite``, ``retries``, ``callback``.
+    """
+    from napari_emparsl.execution.runner import Run
+
+    callback = kwargs.pop("callback", None)
+    return Run(input, model, output, **kwargs).execute(callback)
 
 
 def __getattr__(name: str):

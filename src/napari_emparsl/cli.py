@@ -300,6 +300,41 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import dask.array as da
+
+    from napari_emparsl.core.volume import Volume, parse_spec
+
+    pred = Volume.open(*parse_spec(args.prediction))
+    truth = Volume.open(*parse_spec(args.truth))
+    if pred.shape != truth.shape:
+        raise VolumeError(
+            f"The prediction {pred.shape} and the ground truth {truth.shape} differ in shape; "
+            "compare datasets of the same volume."
+        )
+    names = pred.attrs.get("class_names") or truth.attrs.get("class_names") or []
+    n = max(len(names), 2)
+    p, t = pred.data, truth.data.rechunk(pred.data.chunks)
+    sums = []
+    for c in range(n):
+        pc, tc = p == c, t == c
+        sums += [da.sum(pc & tc), da.sum(pc), da.sum(tc)]
+    values = da.compute(*sums)
+    dice = {}
+    for c in range(n):
+        inter, ps, ts = values[3 * c : 3 * c + 3]
+        dice[names[c] if c < len(names) else str(c)] = (
+            round(2 * inter / (ps + ts), 4) if ps + ts else 1.0
+        )
+    if args.json:
+        print(json.dumps({"dice": dice}))
+    else:
+        print(
+            "Dice against the ground truth: " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items())
+        )
+    return 0
+
+
 def cmd_sites(args: argparse.Namespace) -> int:
     from napari_emparsl.execution.sites import list_sites, load_site
 
@@ -376,6 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("output", help="OUT.n5:DATASET")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
+
+    ev = sub.add_parser("evaluate", help="per-class Dice of a labels output against ground truth")
+    ev.add_argument("prediction", help="OUT.n5:DATASET")
+    ev.add_argument("truth", help="GT.n5:DATASET")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
 
     sites = sub.add_parser("sites", help="list or show compute site profiles")
     sites.add_argument("action", choices=["list", "show"])
