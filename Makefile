@@ -26,7 +26,7 @@ demo: venv
 	$(BIN)/emparsl run --input $(DEMO_DIR)/sample.n5:raw --model unet3d-em \
 	    --output $(DEMO_DIR)/sample.n5:predictions/classes --site local --overwrite
 	$(BIN)/emparsl status $(DEMO_DIR)/sample.n5:predictions/classes
-	$(BIN)/emparsl evaluate $(DEMO_DIR)/sample.n5:predictions/classes $(DEMO_DIR)/sample.n5:labels/classes/s0
+	$(BIN)/emparsl evaluate $(DEMO_DIR)/sample.n5:predictions/classes $(DEMO_DIR)/sample.n5:labels/classes
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks scripts
