@@ -16,7 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 def test_core_imports_no_gui_or_parsl():
     code = (
         "import sys, napari_emparsl, napari_emparsl.core.volume, napari_emparsl.core.importer, "
-        "napari_emparsl.core.sample, napari_emparsl.core.n5attrs, napari_emparsl.cli\n"
+        "napari_emparsl.core.sample, napari_emparsl.core.n5attrs, napari_emparsl.cli, "
+        "napari_emparsl.core.geometry, napari_emparsl.core.blockwise, napari_emparsl.core.ledger, "
+        "napari_emparsl.core.events, napari_emparsl.core.models.loaders, "
+        "napari_emparsl.core.models.unet, napari_emparsl.core.models.training\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in "
         "('PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'qtpy', 'napari', 'magicgui', 'parsl', 'vispy')]\n"
         "print(','.join(sorted(bad)))"

@@ -1,0 +1,217 @@
+"""End-to-end engine figures, as ratios inside one run (timings on shared machines are noisy).
+
+    .venv/bin/python benchmarks/bench_run.py [--shape 128,256,256] [--skip-memory]
+
+1. `emparsl run` (N5 -> N5, `local` site, default block and halo, built-in unet3d-em) vs one
+   whole-volume forward of the same model in memory, and vs MONAI sliding_window_inference
+   (gaussian, overlap 0.25, roi = our read size) on the same volume; seam error of each =
+   fraction of voxels whose class differs from the whole-volume forward, 24 voxels (the halo)
+   away from the volume border, where the whole-volume forward's zero padding differs from
+   any tiler's padding. Also at block 128³ (less halo recomputation).
+2. Parsl overhead per block: wall time x workers - sum of block times (read+compute+write from
+   the ledger), per block, relative to the mean block compute.
+3. Planning + ledger for 10^5 blocks: time and peak Python memory.
+4. Coordinator peak RSS (the `emparsl run` process; workers excluded) on a volume and on one 4x
+   larger, with a cheap model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+from napari_emparsl.core.blockwise import BlockResult
+from napari_emparsl.core.geometry import check_no_shared_chunks, plan_blocks
+from napari_emparsl.core.ledger import Ledger
+from napari_emparsl.core.models.loaders import load_model
+from napari_emparsl.core.models.training import volume_stats
+from napari_emparsl.core.sample import make_sample
+from napari_emparsl.core.volume import Volume, save_array
+
+
+def seam_error(pred: np.ndarray, ref: np.ndarray, border: int = 24) -> float:
+    inner = (slice(border, -border),) * 3
+    return float((pred[inner] != ref[inner]).mean())
+
+
+def bench_end_to_end(tmp: Path, shape: tuple[int, int, int]) -> dict:
+    s = make_sample(shape, seed=11)
+    save_array(tmp / "s.n5", "raw", s.raw, chunks=(64, 64, 64), voxel_size=s.voxel_size)
+    vol = Volume.open(tmp / "s.n5", "raw")
+    mean, std = volume_stats(vol)
+    x = torch.from_numpy((s.raw.astype(np.float32) - mean) / std)[None, None]
+    model = load_model("unet3d-em").module
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        whole = model(x)[0].argmax(0).numpy()
+    t_whole = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    res = subprocess.run(
+        [sys.executable, "-m", "napari_emparsl.cli", "run", "--input", f"{tmp}/s.n5:raw",
+         "--model", "unet3d-em", "--output", f"{tmp}/s.n5:pred", "--site", "local"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    t_run = time.perf_counter() - t0
+    tiled = Volume.open(tmp / "s.n5", "pred").data.compute()
+    t0 = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "napari_emparsl.cli", "run", "--input", f"{tmp}/s.n5:raw",
+         "--model", "unet3d-em", "--output", f"{tmp}/s.n5:pred128", "--site", "local",
+         "--block", "128,128,128"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    t_run128 = time.perf_counter() - t0
+    tiled128 = Volume.open(tmp / "s.n5", "pred128").data.compute()
+
+    out = {
+        "volume": list(shape),
+        "whole_forward_s": round(t_whole, 2),
+        "emparsl_run_s": round(t_run, 2),
+        "emparsl_vs_whole_speed": round(t_whole / t_run, 3),
+        "emparsl_seam_error": seam_error(tiled, whole),
+        "emparsl_block128_s": round(t_run128, 2),
+        "emparsl_block128_vs_whole_speed": round(t_whole / t_run128, 3),
+        "emparsl_block128_seam_error": seam_error(tiled128, whole),
+    }
+    try:
+        from monai.inferers import sliding_window_inference
+    except ImportError:
+        out["monai"] = "not installed (pip install -e '.[benchmarks]')"
+    else:
+        roi = (112, 112, 112)  # = our read size: block 64 + 2 x halo 24
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            mon = sliding_window_inference(x, roi, 1, model, overlap=0.25, mode="gaussian")
+        t_monai = time.perf_counter() - t0
+        mon = mon[0].argmax(0).numpy()
+        out |= {
+            "monai_s": round(t_monai, 2),
+            "emparsl_vs_monai_speed": round(t_monai / t_run, 3),
+            "monai_seam_error": seam_error(mon, whole),
+        }
+    # Parsl overhead per block, from the ledger's own block timings
+    summary = Ledger(str(tmp / "s.n5"), "pred").summary()
+    block_s = [r["t_read"] + r["t_compute"] + r["t_write"] for r in summary.done.values()]
+    compute_s = [r["t_compute"] for r in summary.done.values()]
+    run_s = float(res.stdout.split("blocks done, 0 failed, ")[1].split(" s")[0])
+    workers = 2
+    overhead = max(0.0, run_s * workers - sum(block_s)) / len(block_s)
+    out |= {
+        "blocks": len(block_s),
+        "run_loop_s": run_s,
+        "mean_block_s": round(float(np.mean(block_s)), 3),
+        "parsl_overhead_per_block_s": round(overhead, 4),
+        "overhead_vs_block_compute": round(overhead / float(np.mean(compute_s)), 4),
+    }
+    return out
+
+
+def bench_plan_ledger(tmp: Path, n_target: int = 100_000) -> dict:
+    side = round(n_target ** (1 / 3)) * 64
+    t0 = time.perf_counter()
+    blocks = list(plan_blocks((side, side, side), (64, 64, 64), (24, 24, 24)))
+    check_no_shared_chunks(blocks, (64, 64, 64))
+    t_plan = time.perf_counter() - t0
+    del blocks
+    tracemalloc.start()  # memory in a second pass: tracemalloc slows Python down several times
+    blocks = list(plan_blocks((side, side, side), (64, 64, 64), (24, 24, 24)))
+    (tmp / "l.n5" / "pred").mkdir(parents=True)
+    ledger = Ledger(str(tmp / "l.n5"), "pred")
+    ledger.start_run({"planned": len(blocks)})
+    t0 = time.perf_counter()
+    # the coordinator appends one line per block; batch the fsyncs as a real run's pace would not matter
+    lines = []
+    for b in blocks:
+        r = BlockResult(b.id, True, "host:1", 0.1, 0.5, 0.1, 0.0, 2.0, (1, 2, 3))
+        lines.append(r)
+    for r in lines[:1000]:
+        ledger.record(r, 1, "0:64,0:64,0:64")
+    t_1000 = time.perf_counter() - t0
+    import json as _json
+
+    with open(ledger.path, "a") as f:  # the rest without fsync per line, to build a 10^5 ledger
+        for r in lines[1000:]:
+            f.write(_json.dumps({"type": "block", "id": r.block_id, "status": "done", "attempt": 1,
+                                  "roi": "0:64,0:64,0:64", "t_read": 0.1, "t_compute": 0.5,
+                                  "t_write": 0.1}) + "\n")  # fmt: skip
+    t0 = time.perf_counter()
+    done = len(ledger.summary().done)
+    t_read = time.perf_counter() - t0  # (under tracemalloc: an upper bound)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {
+        "blocks": len(blocks),
+        "plan_and_chunk_check_s": round(t_plan, 2),
+        "ledger_append_fsync_per_block_ms": round(t_1000, 3),
+        "ledger_read_summary_s": round(t_read, 2),
+        "done_read_back": done,
+        "peak_python_MB": round(peak / 1e6, 1),
+    }
+
+
+def peak_rss(cmd: list[str]) -> tuple[float, float]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = psutil.Process(proc.pid)
+    peak = 0
+    t0 = time.perf_counter()
+    while proc.poll() is None:
+        try:
+            peak = max(peak, p.memory_info().rss)
+        except psutil.Error:
+            break
+        time.sleep(0.05)
+    return peak / 1e6, time.perf_counter() - t0
+
+
+def bench_coordinator_memory(tmp: Path) -> dict:
+    m = torch.nn.Sequential(torch.nn.Conv3d(1, 1, 3, padding=1))
+    torch.jit.save(torch.jit.script(m), str(tmp / "c.pt"))
+    (tmp / "c.pt.yaml").write_text("kind: image\nhalo: [2, 2, 2]\nblock: [64, 64, 64]\n")
+    out = {}
+    for name, shape in (("small", (128, 256, 256)), ("4x", (256, 512, 256))):
+        data = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
+        save_array(tmp / f"{name}.n5", "raw", data, chunks=(64, 64, 64))
+        rss, secs = peak_rss([sys.executable, "-m", "napari_emparsl.cli", "run", "--input",
+                              f"{tmp}/{name}.n5:raw", "--model", str(tmp / "c.pt"), "--output",
+                              f"{tmp}/{name}.n5:pred", "--site", "local"])  # fmt: skip
+        out[name] = {
+            "shape": list(shape),
+            "coordinator_peak_rss_MB": round(rss, 1),
+            "seconds": round(secs, 1),
+        }
+    out["ratio_4x_over_small"] = round(
+        out["4x"]["coordinator_peak_rss_MB"] / out["small"]["coordinator_peak_rss_MB"], 3
+    )
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="128,256,256")
+    p.add_argument("--skip-memory", action="store_true")
+    args = p.parse_args()
+    shape = tuple(int(v) for v in args.shape.split(","))
+    result = {}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        result["end_to_end"] = bench_end_to_end(tmp, shape)
+        result["plan_and_ledger"] = bench_plan_ledger(tmp)
+        if not args.skip_memory:
+            result["coordinator_memory"] = bench_coordinator_memory(tmp)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
