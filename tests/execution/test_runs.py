@@ -200,3 +200,38 @@ def test_sites_list_and_show(capsys):
     assert "threads" in out and "local" in out
     assert main(["sites", "show", "local"]) == 0
     assert json.loads(capsys.readouterr().out)["strategy_period"] == 0.2
+
+
+def test_cancel_leaves_no_workers_and_resume_completes(tmp_path, unet_model):
+    import psutil
+
+    from napari_emparsl.core.events import BlockDone, Cancelled
+
+    data = np.random.default_rng(9).random((64, 96, 96)).astype(np.float32)
+    save_array(tmp_path / "in.n5", "raw", data, chunks=(32, 32, 32))
+    src, out = f"{tmp_path}/in.n5:raw", f"{tmp_path}/out.n5:seg"
+    run = Run(src, unet_model, out, site="local")
+    last = None
+    for event in run.events():
+        last = event
+        if isinstance(event, BlockDone):
+            run.cancel()
+    assert isinstance(last, Cancelled) and last.done < last.total
+
+    def pools() -> list[int]:
+        return [p.pid for p in psutil.process_iter(["cmdline"])
+                if "process_worker_pool" in " ".join(p.info["cmdline"] or [])]  # fmt: skip
+
+    deadline = time.time() + 15
+    while pools() and time.time() < deadline:
+        time.sleep(0.2)
+    assert pools() == []
+    summary = Ledger(str(tmp_path / "out.n5"), "seg").summary()
+    assert summary.done and all(r["model_sha256"] for r in summary.done.values())
+    assert Run(src, unet_model, out, site="threads").execute().ok
+    ref = Run(src, unet_model, f"{tmp_path}/ref.n5:seg", site="threads").execute()
+    assert ref.ok
+    np.testing.assert_array_equal(
+        Volume.open(tmp_path / "out.n5", "seg").data.compute(),
+        Volume.open(tmp_path / "ref.n5", "seg").data.compute(),
+    )

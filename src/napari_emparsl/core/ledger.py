@@ -43,6 +43,7 @@ class Ledger:
 
     def __init__(self, output_root: str, output_key: str):
         self.path = os.path.join(output_root, output_key, LEDGER_NAME)
+        self._run_fields: dict[str, Any] = {}
 
     def exists(self) -> bool:
         return os.path.exists(self.path)
@@ -83,6 +84,8 @@ class Ledger:
 
     def start_run(self, provenance: dict[str, Any]) -> None:
         self._append([{"type": "run", "time": time.time(), **provenance}])
+        # every block record repeats what made it, so provenance survives later runs
+        self._run_fields = {k: provenance[k] for k in ("model_sha256", "site") if k in provenance}
 
     def record(self, result: BlockResult, attempt: int, roi: str) -> None:
         rec = asdict(result)
@@ -96,6 +99,7 @@ class Ledger:
                     "attempt": attempt,
                     "roi": roi,
                     "time": time.time(),
+                    **self._run_fields,
                     **{k: v for k, v in rec.items() if k not in ("block_id", "ok")},
                 }
             ]
