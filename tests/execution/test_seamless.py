@@ -84,3 +84,18 @@ def test_many_workers_write_disjoint_chunks(tmp_path, conv_model, float_volume):
         full[2:-2, 2:-2, 2:-2],
         atol=1e-4,
     )
+
+
+def test_batched_equals_unbatched(tmp_path, conv2d_model, float_volume):
+    src, _ = float_volume
+    batched = Run(src, conv2d_model, f"{tmp_path}/out.n5:b", site="threads")
+    single = Run(src, conv2d_model, f"{tmp_path}/out.n5:s", site="threads", batch=1)
+    assert batched.execute().ok and single.execute().ok
+    from napari_emparsl.execution.runner import _auto_batch
+
+    assert _auto_batch(batched.prepare().blocks[0], batched.prepare().spec) > 1
+    np.testing.assert_allclose(  # batched convolutions may round differently
+        Volume.open(tmp_path / "out.n5", "b").data.compute(),
+        Volume.open(tmp_path / "out.n5", "s").data.compute(),
+        atol=1e-5,
+    )

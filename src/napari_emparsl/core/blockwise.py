@@ -20,7 +20,14 @@ import numpy as np
 
 from napari_emparsl.core.geometry import Block
 
-__all__ = ["BlockJob", "BlockResult", "process_block", "run_model_on_array"]
+__all__ = [
+    "BlockJob",
+    "BlockResult",
+    "process_batch",
+    "process_block",
+    "run_model_on_array",
+    "run_model_on_batch",
+]
 
 
 @dataclass(frozen=True)
@@ -65,31 +72,36 @@ def _pad_reflect(arr: np.ndarray, pads: list[tuple[int, int]]) -> np.ndarray:
 
 
 def run_model_on_array(module: Any, spec: Any, x: np.ndarray) -> np.ndarray:
-    """Forward a normalized (C, z, y, x) float32 array; returns (C_out, z*s, y*s, x*s) float32.
+    """Forward one normalized (C, z, y, x) float32 array; see :func:`run_model_on_batch`."""
+    return run_model_on_batch(module, spec, [x])[0]
 
-    Pads the end of each spatial axis up to the model's size multiple and crops it back.
-    2D models run with z as the batch axis.
+
+def run_model_on_batch(module: Any, spec: Any, xs: list[np.ndarray]) -> list[np.ndarray]:
+    """Forward same-shaped normalized (C, z, y, x) float32 arrays in one call.
+
+    Pads the end of each spatial axis up to the model's size multiple and crops it back; returns
+    (C_out, z*s, y*s, x*s) float32 arrays. 3D models get the arrays as a batch; 2D models get
+    every z slice of every array as one batch.
     """
     import torch
 
-    spatial = x.shape[1:]
-    mult = spec.multiple
-    extra = [(-n) % m for n, m in zip(spatial, mult, strict=True)]
+    spatial = xs[0].shape[1:]
+    extra = [(-n) % m for n, m in zip(spatial, spec.multiple, strict=True)]
     if any(extra):
-        x = np.pad(
-            x,
-            [(0, 0)] + [(0, e) for e in extra],
-            mode="reflect" if min(spatial) > max(extra) else "edge",
-        )
+        mode = "reflect" if min(spatial) > max(extra) else "edge"
+        xs = [np.pad(x, [(0, 0)] + [(0, e) for e in extra], mode=mode) for x in xs]
     with torch.inference_mode():
-        t = torch.from_numpy(np.ascontiguousarray(x))
+        t = torch.from_numpy(np.ascontiguousarray(np.stack(xs)))  # (N, C, z, y, x)
         if spec.spatial_dims == 3:
-            y = module(t[None])[0]
+            y = module(t)
         else:
-            y = module(t.permute(1, 0, 2, 3)).permute(1, 0, 2, 3)  # (z, C, y, x) batches
+            n, c, z = t.shape[:3]
+            flat = t.permute(0, 2, 1, 3, 4).reshape(n * z, c, *t.shape[3:])
+            out = module(flat)
+            y = out.reshape(n, z, *out.shape[1:]).permute(0, 2, 1, 3, 4)
         y = y.float().numpy()
-    out = tuple(n * s for n, s in zip(spatial, spec.scale, strict=True))
-    return y[(slice(None), *(slice(0, n) for n in out))]
+    out_shape = tuple(n * s for n, s in zip(spatial, spec.scale, strict=True))
+    return [yi[(slice(None), *(slice(0, n) for n in out_shape))] for yi in y]
 
 
 def postprocess(y: np.ndarray, spec: Any) -> np.ndarray:
@@ -101,75 +113,122 @@ def postprocess(y: np.ndarray, spec: Any) -> np.ndarray:
     return (y[0] if y.shape[0] == 1 else y).astype(np.float32)
 
 
+def _failure(blk_id: int, worker: str, err: BaseException, t_read: float = 0.0) -> BlockResult:
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    # TorchScript wraps the model's own error: its last line says what went wrong
+    message = (lines[-1] if "TorchScript" in lines[0] else lines[0])[:300] if lines else ""
+    return BlockResult(
+        blk_id, False, worker, t_read,
+        error=f"{type(err).__name__}: {message}",
+        detail="".join(traceback.format_exception(err, limit=8))[-4000:],
+    )  # fmt: skip
+
+
+def _read_block(job: BlockJob) -> np.ndarray:
+    from napari_emparsl.core.volume import Volume
+
+    blk = job.block
+    src = Volume.open(job.input_root, job.input_key)
+    has_c = "c" in src.axes
+    data = src.read(((slice(None),) if has_c else ()) + blk.read_roi.to_slices())
+    x = data.astype(np.float32, copy=False)
+    if not has_c:
+        x = x[None]
+    x = _pad_reflect(x, [(0, 0), *zip(blk.pad_before, blk.pad_after, strict=True)])
+    return (x - np.float32(job.norm[0])) / np.float32(job.norm[1])
+
+
+def _write_block(job: BlockJob, spec: Any, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """Crop the halo (and reflect padding) on the output grid, post-process, write."""
+    from napari_emparsl.core.volume import Volume
+
+    blk = job.block
+    start = [
+        (w - (r - p)) * s
+        for w, r, p, s in zip(
+            blk.write_roi.begin, blk.read_roi.begin, blk.pad_before, spec.scale, strict=True
+        )
+    ]
+    crop = tuple(slice(b, b + n) for b, n in zip(start, blk.out_write_roi.shape, strict=True))
+    out = postprocess(y[(slice(None), *crop)], spec)
+    t0 = time.perf_counter()
+    dst = Volume.open(job.output_root, job.output_key)
+    offset = blk.out_write_roi.begin
+    if out.ndim == len(offset) + 1:
+        offset = (0, *offset)
+    dst.write(out, offset)
+    return out, time.perf_counter() - t0
+
+
 def process_block(job: BlockJob) -> BlockResult:
     """Read → normalize → model → crop → write one block; never raises (errors are returned)."""
+    return process_batch([job])[0]
+
+
+def process_batch(jobs: list[BlockJob]) -> list[BlockResult]:
+    """Process several blocks with one model call per group of equal input shapes.
+
+    Small blocks (2D slices, thin edge blocks) keep a CPU or GPU busier in one batched forward
+    than in many small ones. Each block still gets its own result; one block's failure does not
+    fail the others. Never raises.
+    """
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    blk = job.block
-    t0 = time.perf_counter()
-    t_read = t_compute = 0.0
+    results: dict[int, BlockResult] = {}
     try:
         import torch
 
         from napari_emparsl.core.models.loaders import load_model
-        from napari_emparsl.core.volume import Volume
 
-        if torch.get_num_threads() != job.threads:
-            torch.set_num_threads(max(1, job.threads))
-        loaded = load_model(job.model, job.model_options)
-        spec = loaded.spec
-        src = Volume.open(job.input_root, job.input_key)
-        region = blk.read_roi.to_slices()
-        has_c = "c" in src.axes
-        data = src.read(((slice(None),) if has_c else ()) + region)
-        x = data.astype(np.float32, copy=False)
-        if not has_c:
-            x = x[None]
-        x = _pad_reflect(x, [(0, 0), *list(zip(blk.pad_before, blk.pad_after, strict=True))])
-        t_read = time.perf_counter() - t0
-
-        t1 = time.perf_counter()
-        x = (x - np.float32(job.norm[0])) / np.float32(job.norm[1])
-        y = run_model_on_array(loaded.module, spec, x)
-        # crop the halo (and the reflect padding) on the output grid
-        start = [
-            (w - (r - p)) * s
-            for w, r, p, s in zip(
-                blk.write_roi.begin, blk.read_roi.begin, blk.pad_before, spec.scale, strict=True
-            )
-        ]
-        crop = tuple(slice(b, b + n) for b, n in zip(start, blk.out_write_roi.shape, strict=True))
-        out = postprocess(y[(slice(None), *crop)], spec)
-        t_compute = time.perf_counter() - t1
-
-        t2 = time.perf_counter()
-        dst = Volume.open(job.output_root, job.output_key)
-        offset = blk.out_write_roi.begin
-        if out.ndim == len(offset) + 1:
-            offset = (0, *offset)
-        dst.write(out, offset)
-        t_write = time.perf_counter() - t2
-        if spec.kind == "labels":
-            hist = tuple(
-                int(c) for c in np.bincount(out.ravel(), minlength=max(len(spec.classes), 2))
-            )
-        else:
-            hist = tuple(int(c) for c in np.histogram(out, bins=16)[0])
-        return BlockResult(
-            blk.id, True, worker, t_read, t_compute, t_write,
-            float(out.min()), float(out.max()), hist,
-        )  # fmt: skip
-    except BaseException as err:  # a block's failure is data for the coordinator, never a crash
+        first = jobs[0]
+        if torch.get_num_threads() != first.threads:
+            torch.set_num_threads(max(1, first.threads))
+        loaded = load_model(first.model, first.model_options)
+    except BaseException as err:
         if isinstance(err, KeyboardInterrupt):
             raise
-        lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
-        # TorchScript wraps the model's own error: its last line says what went wrong
-        message = (lines[-1] if "TorchScript" in lines[0] else lines[0])[:300] if lines else ""
-        return BlockResult(
-            blk.id,
-            False,
-            worker,
-            t_read,
-            t_compute,
-            error=f"{type(err).__name__}: {message}",
-            detail=traceback.format_exc(limit=8),
-        )
+        return [_failure(j.block.id, worker, err) for j in jobs]
+    spec = loaded.spec
+    inputs: dict[int, tuple[np.ndarray, float]] = {}
+    for job in jobs:
+        t0 = time.perf_counter()
+        try:
+            inputs[job.block.id] = (_read_block(job), time.perf_counter() - t0)
+        except Exception as err:
+            results[job.block.id] = _failure(job.block.id, worker, err, time.perf_counter() - t0)
+    groups: dict[tuple[int, ...], list[BlockJob]] = {}
+    for job in jobs:
+        if job.block.id in inputs:
+            groups.setdefault(inputs[job.block.id][0].shape, []).append(job)
+    for group in groups.values():
+        t1 = time.perf_counter()
+        try:
+            ys = run_model_on_batch(loaded.module, spec, [inputs[j.block.id][0] for j in group])
+        except Exception:
+            # one bad block must not fail its neighbours: fall back to one call each
+            ys = []
+            for j in group:
+                try:
+                    ys.append(run_model_on_array(loaded.module, spec, inputs[j.block.id][0]))
+                except Exception as err:
+                    ys.append(err)
+        t_compute = (time.perf_counter() - t1) / len(group)
+        for job, y in zip(group, ys, strict=True):
+            bid, t_read = job.block.id, inputs[job.block.id][1]
+            if isinstance(y, Exception):
+                results[bid] = _failure(bid, worker, y, t_read)
+                continue
+            try:
+                out, t_write = _write_block(job, spec, y)
+            except Exception as err:
+                results[bid] = _failure(bid, worker, err, t_read)
+                continue
+            if spec.kind == "labels":
+                n = max(len(spec.classes), 2)
+                hist = tuple(int(c) for c in np.bincount(out.ravel(), minlength=n))
+            else:
+                hist = tuple(int(c) for c in np.histogram(out, bins=16)[0])
+            results[bid] = BlockResult(
+                bid, True, worker, t_read, t_compute, t_write,
+                float(out.min()), float(out.max()), hist,
+            )  # fmt: skip
+    return [results[j.block.id] for j in jobs]

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from napari_emparsl import __version__
-from napari_emparsl.core.blockwise import BlockJob, BlockResult, process_block
+from napari_emparsl.core.blockwise import BlockJob, BlockResult, process_batch
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.events import (
     BlockDone,
@@ -83,6 +83,18 @@ def _norm(volume: Volume, spec: ModelSpec) -> tuple[float, float]:
     return float(lo), float(max(hi - lo, 1e-6))
 
 
+#: batch small blocks until a task reads about this many voxels
+_BATCH_VOXELS = 2**18
+
+
+def _auto_batch(block: Block, spec: ModelSpec) -> int:
+    """Blocks per task: several small blocks (2D slices, small tiles) share one forward call."""
+    read = 1
+    for n, h in zip(block.write_roi.shape, spec.halo, strict=True):
+        read *= n + 2 * h
+    return max(1, min(16, _BATCH_VOXELS // max(1, read)))
+
+
 @dataclass
 class _Plan:
     blocks: list[Block]
@@ -113,6 +125,7 @@ class Run:
         overwrite: bool = False,
         retries: int = 2,
         in_flight_per_worker: int = 2,
+        batch: int | None = None,
     ):
         self.input_root, self.input_key = parse_spec(input)
         self.output_root, self.output_key = parse_spec(output)
@@ -125,6 +138,7 @@ class Run:
         self.overwrite = overwrite
         self.retries = retries
         self.in_flight_per_worker = in_flight_per_worker
+        self.batch = batch  # blocks per task; None: by block size (_auto_batch)
         self._cancel = threading.Event()
         self.callbacks: list[Callable[[RunEvent], None]] = []
 
@@ -273,25 +287,36 @@ class Run:
         dfk = DataFlowKernel(make_config(profile, run_dir))
         failed_final: set[int] = set()
         try:
-            app = PythonApp(process_block, data_flow_kernel=dfk, executors=[profile.name])
+            app = PythonApp(process_batch, data_flow_kernel=dfk, executors=[profile.name])
             results: queue.Queue = queue.Queue()
-            pending = list(reversed(todo))
+            size = self.batch or _auto_batch(plan.blocks[0], plan.spec)
+            pending = [todo[i : i + size] for i in range(0, len(todo), size)][::-1]
             attempts: dict[int, int] = {}
             in_flight = 0
             window = max(1, profile.workers * self.in_flight_per_worker)
 
-            def submit(blk: Block) -> None:
+            def submit(batch: list[Block]) -> None:
                 nonlocal in_flight
-                attempts[blk.id] = attempts.get(blk.id, 0) + 1
-                job = BlockJob(
-                    self._src.root, self._src.key, self.output_root, self.output_key, blk,
-                    self.model, self.model_options, plan.norm, profile.threads_per_worker,
-                )  # fmt: skip
-                fut = app(job)
-                fut.add_done_callback(lambda f, b=blk: results.put((b, f)))
+                jobs = []
+                for blk in batch:
+                    attempts[blk.id] = attempts.get(blk.id, 0) + 1
+                    jobs.append(
+                        BlockJob(
+                            self._src.root,
+                            self._src.key,
+                            self.output_root,
+                            self.output_key,
+                            blk,
+                            self.model,
+                            self.model_options,
+                            plan.norm,
+                            profile.threads_per_worker,
+                        )
+                    )
+                fut = app(jobs)
+                fut.add_done_callback(lambda f, b=batch: results.put((b, f)))
                 in_flight += 1
 
-            by_id = {b.id: b for b in todo}
             while pending or in_flight:
                 while pending and in_flight < window and not self._cancel.is_set():
                     submit(pending.pop())
@@ -299,34 +324,36 @@ class Run:
                     yield self._emit(Cancelled(done, total))
                     return
                 try:
-                    blk, fut = results.get(timeout=0.2)
+                    batch, fut = results.get(timeout=0.2)
                 except queue.Empty:
                     continue
                 in_flight -= 1
-                result = self._result_of(blk, fut)
-                self._ledger.record(result, attempts[blk.id], str(blk.write_roi))
-                if result.ok:
-                    done += 1
-                    yield self._emit(BlockDone(result, done, total, plan.out_voxels[blk.id]))
-                    continue
-                final = attempts[blk.id] > self.retries
-                yield self._emit(BlockFailed(blk.id, result.error, attempts[blk.id], final))
-                if final:
-                    failed_final.add(blk.id)
-                elif not self._cancel.is_set():
-                    pending.append(by_id[blk.id])
+                for blk, result in zip(batch, self._results_of(batch, fut), strict=True):
+                    self._ledger.record(result, attempts[blk.id], str(blk.write_roi))
+                    if result.ok:
+                        done += 1
+                        yield self._emit(BlockDone(result, done, total, plan.out_voxels[blk.id]))
+                        continue
+                    final = attempts[blk.id] > self.retries
+                    yield self._emit(BlockFailed(blk.id, result.error, attempts[blk.id], final))
+                    if final:
+                        failed_final.add(blk.id)
+                    elif not self._cancel.is_set():
+                        pending.append([blk])  # retried on its own
             yield self._emit(Finished(done, len(failed_final), total, time.perf_counter() - t0))
         finally:
             dfk.cleanup()
             shutil.rmtree(run_dir, ignore_errors=True)
 
     @staticmethod
-    def _result_of(blk: Block, fut) -> BlockResult:
+    def _results_of(batch: list[Block], fut) -> list[BlockResult]:
         try:
             return fut.result()
         except Exception as err:  # the worker died or Parsl lost the task
             msg = str(err).splitlines()[0][:200] if str(err) else ""
-            return BlockResult(blk.id, False, "?", error=f"{type(err).__name__}: {msg}")
+            return [
+                BlockResult(b.id, False, "?", error=f"{type(err).__name__}: {msg}") for b in batch
+            ]
 
     def _emit(self, event: RunEvent) -> RunEvent:
         for cb in self.callbacks:
