@@ -9,7 +9,8 @@
    away from the volume border, where the whole-volume forward's zero padding differs from
    any tiler's padding. Also at block 128³ (less halo recomputation).
 2. Parsl overhead per block: wall time x workers - sum of block times (read+compute+write from
-   the ledger), per block, relative to the mean block compute.
+   the ledger), per block, relative to the mean block compute; once including start-up (HTEX
+   start, model loading in each worker), once in steady state (after the first round of blocks).
 3. Planning + ledger for 10^5 blocks: time and peak Python memory.
 4. Coordinator peak RSS (the `emparsl run` process; workers excluded) on a volume and on one 4x
    larger, with a cheap model.
@@ -108,7 +109,18 @@ def bench_end_to_end(tmp: Path, shape: tuple[int, int, int]) -> dict:
     run_s = float(res.stdout.split("blocks done, 0 failed, ")[1].split(" s")[0])
     workers = 2
     overhead = max(0.0, run_s * workers - sum(block_s)) / len(block_s)
+    # steady state: after the first round of blocks (start-up, model loading) is over
+    recs = sorted(summary.done.values(), key=lambda r: r["time"])
+    k = 2 * workers
+    steady = recs[k:]
+    per_block_wall = (recs[-1]["time"] - recs[k - 1]["time"]) * workers / len(steady)
+    steady_block = float(np.mean([r["t_read"] + r["t_compute"] + r["t_write"] for r in steady]))
+    steady_compute = float(np.mean([r["t_compute"] for r in steady]))
     out |= {
+        "steady_overhead_per_block_s": round(per_block_wall - steady_block, 4),
+        "steady_overhead_vs_block_compute": round(
+            (per_block_wall - steady_block) / steady_compute, 4
+        ),
         "blocks": len(block_s),
         "run_loop_s": run_s,
         "mean_block_s": round(float(np.mean(block_s)), 3),
