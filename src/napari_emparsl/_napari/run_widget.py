@@ -1,0 +1,288 @@
+"""Dock widget: pick a volume, model and site; preview a region; launch runs that stream back.
+
+Thin GUI over the engine: every computation is a :class:`~napari_emparsl.execution.runner.Run`
+whose events are drained in a napari ``thread_worker`` (never on the Qt thread) and handed to
+the Qt thread, where the output layer is refreshed. The output layer is lazy over the output N5;
+to keep napari from showing stale cached chunks, a refresh swaps in a freshly named dask array
+(a new cache key) instead of reusing the old one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+from magicgui.widgets import ComboBox, Container, Label, LineEdit, ProgressBar, PushButton, Select
+from qtpy.QtCore import QTimer
+
+from napari_emparsl.core.errors import UserError
+from napari_emparsl.core.events import BlockDone, BlockFailed, Cancelled, Finished, Planned
+from napari_emparsl.core.geometry import Roi
+from napari_emparsl.core.models.loaders import BUILTIN_MODELS
+from napari_emparsl.core.volume import Volume
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RunWidget"]
+
+
+def _source_of(layer: Any) -> tuple[str, str] | None:
+    src = (getattr(layer, "metadata", None) or {}).get("emparsl")
+    return (src["path"], src["key"]) if src else None
+
+
+class RunWidget(Container):
+    """Volume → model → site → preview / run, with streaming results and failed blocks."""
+
+    def __init__(self, viewer: Any):
+        super().__init__(labels=True)
+        self._viewer = viewer
+        self._worker = None
+        self._run = None
+        self._dirty = False
+        self._output_layer = None
+        self._failed_layer = None
+        self._failed: dict[int, str] = {}
+        self._planned = 0
+
+        self.input = ComboBox(
+            label="volume", choices=self._input_choices, tooltip="an image layer opened from N5"
+        )
+        self.model = ComboBox(
+            label="model",
+            choices=list(BUILTIN_MODELS),
+            tooltip="a built-in model (or type a model file path below)",
+        )
+        self.model_file = LineEdit(
+            label="model file",
+            tooltip="optional: a TorchScript / state-dict model file (overrides the choice above)",
+        )
+        self.site = ComboBox(
+            label="site", choices=self._site_choices, tooltip="where blocks are computed"
+        )
+        self.output = LineEdit(label="output", tooltip="OUT.n5:DATASET (suggested from the input)")
+        self.preview_btn = PushButton(
+            text="Preview region",
+            tooltip="compute only the blocks under the rectangle of the 'region' Shapes layer (or the current slice)",
+        )
+        self.run_btn = PushButton(
+            text="Run / resume",
+            tooltip="compute every block not done yet; results stream in as blocks finish",
+        )
+        self.cancel_btn = PushButton(
+            text="Cancel",
+            enabled=False,
+            tooltip="stop submitting blocks; finished blocks stay done",
+        )
+        self.progress = ProgressBar(label="blocks", value=0, max=1)
+        self.status = Label(label="status", value="")
+        self.failed_list = Select(
+            label="failed blocks", choices=[], tooltip="blocks that failed, with their errors"
+        )
+        self.extend([
+            self.input, self.model, self.model_file, self.site, self.output,
+            self.preview_btn, self.run_btn, self.cancel_btn, self.progress, self.status, self.failed_list,
+        ])  # fmt: skip
+
+        self.input.changed.connect(self._suggest_output)
+        self.preview_btn.changed.connect(self.preview)
+        self.run_btn.changed.connect(self.start_full_run)
+        self.cancel_btn.changed.connect(self.cancel)
+        viewer.layers.events.inserted.connect(lambda e: self.input.reset_choices())
+        viewer.layers.events.removed.connect(lambda e: self.input.reset_choices())
+        self._timer = QTimer()
+        self._timer.setInterval(200)
+        self._timer.timeout.connect(self._refresh_output)
+        self._timer.start()
+        self._suggest_output()
+
+    # ------------------------------------------------------------------------------------------
+    # choices
+
+    def _input_choices(self, *_: Any) -> list[tuple[str, Any]]:
+        layers = getattr(self, "_viewer", None)
+        if layers is None:
+            return []
+        return [
+            (layer.name, layer)
+            for layer in self._viewer.layers
+            if _source_of(layer) and layer._type_string == "image"
+        ]
+
+    @staticmethod
+    def _site_choices(*_: Any) -> list[str]:
+        from napari_emparsl.execution.sites import list_sites
+
+        return list(list_sites())
+
+    def _suggest_output(self, *_: Any) -> None:
+        layer = self.input.value
+        src = _source_of(layer) if layer is not None else None
+        if src and not self.output.value:
+            self.output.value = f"{src[0]}:predictions/{os.path.basename(src[1]) or 'data'}"
+
+    # ------------------------------------------------------------------------------------------
+    # actions
+
+    def _model(self) -> str:
+        return self.model_file.value.strip() or self.model.value
+
+    def preview_region(self) -> Roi:
+        """The rectangle of the 'region' Shapes layer on the current slice, or the whole slice."""
+        layer = self.input.value
+        vol = Volume.open(*_source_of(layer))
+        z = round(layer.world_to_data(self._viewer.dims.point)[0])
+        z = min(max(z, 0), vol.shape[0] - 1)
+        y0, x0, y1, x1 = 0, 0, vol.shape[1], vol.shape[2]
+        shapes = [
+            lyr
+            for lyr in self._viewer.layers
+            if lyr._type_string == "shapes" and lyr.name == "region"
+        ]
+        if shapes and len(shapes[0].data):
+            pts = np.array(
+                [layer.world_to_data(shapes[0].data_to_world(p)) for p in shapes[0].data[-1]]
+            )
+            y0, x0 = np.floor(pts[:, -2:].min(axis=0)).astype(int)
+            y1, x1 = np.ceil(pts[:, -2:].max(axis=0)).astype(int)
+        y0, x0 = max(0, y0), max(0, x0)
+        y1, x1 = min(vol.shape[1], max(y1, y0 + 1)), min(vol.shape[2], max(x1, x0 + 1))
+        return Roi.from_bounds((z, y0, x0), (z + 1, y1, x1))
+
+    def preview(self, *_: Any) -> None:
+        try:
+            roi = self.preview_region()
+        except (UserError, TypeError) as err:
+            self._error(
+                str(err) if isinstance(err, UserError) else "Open an N5 volume first (File > Open)."
+            )
+            return
+        self._start(roi=roi, site="threads")
+
+    def start_full_run(self, *_: Any) -> None:
+        self._start(roi=None, site=self.site.value)
+
+    def cancel(self, *_: Any) -> None:
+        if self._run is not None:
+            self._run.cancel()
+            self.status.value = "cancelling…"
+
+    def _start(self, roi: Roi | None, site: str) -> None:
+        from napari.qt.threading import thread_worker
+
+        from napari_emparsl.execution.runner import Run
+
+        layer = self.input.value
+        if layer is None:
+            self._error("Open an N5 volume first (File > Open), then choose it as the volume.")
+            return
+        src = _source_of(layer)
+        run = Run(f"{src[0]}:{src[1]}", self._model(), self.output.value, site=site, roi=roi)
+        self._run = run
+        self._failed.clear()
+        self.failed_list.choices = []
+
+        @thread_worker
+        def drain():
+            yield from run.events()
+
+        worker = drain()
+        worker.yielded.connect(self._on_event)
+        worker.errored.connect(
+            lambda err: self._error(
+                str(err)
+                if isinstance(err, UserError)
+                else f"The run failed unexpectedly ({type(err).__name__}); see the log."
+            )
+        )
+        worker.finished.connect(self._on_finished)
+        self._set_running(True)
+        self._worker = worker
+        worker.start()
+
+    # ------------------------------------------------------------------------------------------
+    # events (Qt thread)
+
+    def _on_event(self, event: Any) -> None:
+        if isinstance(event, Planned):
+            self._planned = event.total
+            self.progress.max = max(1, event.total)
+            self.progress.value = event.total - event.todo
+            self.status.value = f"{event.todo} of {event.total} blocks to compute"
+            self._ensure_output_layer()
+        elif isinstance(event, BlockDone):
+            self.progress.value = event.done
+            self.status.value = f"{event.done}/{event.total} blocks done"
+            self._dirty = True
+        elif isinstance(event, BlockFailed) and event.final:
+            self._failed[event.block_id] = event.error
+            self.failed_list.choices = [f"block {k}: {v}" for k, v in sorted(self._failed.items())]
+            self._show_failed_boxes()
+        elif isinstance(event, Finished):
+            self.status.value = f"finished: {event.done}/{event.total} done, {event.failed} failed"
+            self._dirty = True
+        elif isinstance(event, Cancelled):
+            self.status.value = f"cancelled at {event.done}/{event.total}; Run / resume continues"
+            self._dirty = True
+
+    def _on_finished(self) -> None:
+        self._set_running(False)
+        self._refresh_output()
+        self._run = None
+
+    def _set_running(self, running: bool) -> None:
+        self.preview_btn.enabled = not running
+        self.run_btn.enabled = not running
+        self.cancel_btn.enabled = running
+
+    def _error(self, message: str) -> None:
+        from napari.utils.notifications import show_error
+
+        log.warning(message)
+        self.status.value = message
+        show_error(message)
+
+    def _ensure_output_layer(self) -> None:
+        from napari_emparsl.core.volume import parse_spec
+
+        out = Volume.open(*parse_spec(self.output.value))
+        name = f"{os.path.basename(out.key)} ({os.path.basename(out.root)})"
+        layer = next((lyr for lyr in self._viewer.layers if lyr.name == name), None)
+        if layer is None:
+            kind = self._viewer.add_labels if out.is_labels else self._viewer.add_image
+            layer = kind(out.data, name=name, scale=out.voxel_size, opacity=0.6)
+            layer.metadata["emparsl"] = {"path": out.root, "key": out.key}
+        self._output_layer = layer
+
+    def _refresh_output(self) -> None:
+        """Swap in a fresh lazy view of the output N5 (new dask name: no stale cache)."""
+        if not self._dirty or self._output_layer is None:
+            return
+        self._dirty = False
+        src = self._output_layer.metadata["emparsl"]
+        self._output_layer.data = Volume.open(src["path"], src["key"]).data
+        self._output_layer.refresh()
+
+    def _show_failed_boxes(self) -> None:
+        if self._run is None or not hasattr(self._run, "_provenance"):
+            return
+        from napari_emparsl.core.geometry import plan_blocks
+
+        prov = self._run._provenance
+        vol = Volume.open(*_source_of(self.input.value))
+        boxes = []
+        for blk in plan_blocks(vol.shape[-3:], prov["block"], prov["halo"]):
+            if blk.id in self._failed:
+                (z0, y0, x0), (z1, y1, x1) = blk.write_roi.begin, blk.write_roi.end
+                zc = (z0 + z1 - 1) / 2
+                boxes.append(
+                    np.array([[zc, y0, x0], [zc, y0, x1], [zc, y1, x1], [zc, y1, x0]])
+                    * vol.voxel_size
+                )
+        if self._failed_layer is None or self._failed_layer not in self._viewer.layers:
+            self._failed_layer = self._viewer.add_shapes(
+                name="failed blocks", edge_color="red", face_color="transparent", edge_width=2
+            )
+        self._failed_layer.data = boxes

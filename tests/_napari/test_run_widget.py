@@ -1,0 +1,130 @@
+"""The run dock widget driven as a user would, with a real viewer, real N5 and real Parsl."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_emparsl._napari.run_widget import RunWidget
+from napari_emparsl.cli import main
+from napari_emparsl.core.volume import Volume
+
+PLUGIN = "napari-emparsl"
+
+
+@pytest.fixture
+def sample_path(tmp_path):
+    path = tmp_path / "sample.n5"
+    assert main(["sample", str(path), "--shape", "128,128,128", "--seed", "4"]) == 0
+    return path
+
+
+def _setup(viewer, sample_path):
+    layers = viewer.open(str(sample_path / "raw"), plugin=PLUGIN)
+    widget = RunWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.input.reset_choices()
+    widget.input.value = layers[0]
+    widget.model.value = "unet3d-em"
+    widget.output.value = f"{sample_path}:pred"
+    return widget
+
+
+def _wait_idle(qtbot, widget, timeout=120_000):
+    qtbot.waitUntil(lambda: widget._run is None and widget.run_btn.enabled, timeout=timeout)
+
+
+def _blocks_with_data(arr: np.ndarray, block: int = 64) -> list[bool]:
+    n = [s // block for s in arr.shape]
+    return [
+        bool(arr[z * block : (z + 1) * block, y * block : (y + 1) * block, x * block : (x + 1) * block].any())
+        for z in range(n[0]) for y in range(n[1]) for x in range(n[2])
+    ]  # fmt: skip
+
+
+def test_preview_then_full_run_streams(make_napari_viewer, qtbot, sample_path, tmp_path):
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    # a rectangle on slice 40, y 10:50, x 70:100 (world units: 8 nm voxels)
+    viewer.dims.set_point(0, 40 * 8)
+    viewer.add_shapes([np.array([[40, 10, 70], [40, 10, 100], [40, 50, 100], [40, 50, 70]]) * 8.0],
+                      shape_type="rectangle", name="region")  # fmt: skip
+    widget.preview_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    out_layer = widget._output_layer
+    assert out_layer is not None and out_layer._type_string == "labels"
+    preview = np.asarray(out_layer.data)
+    # the preview ran exactly the blocks touching the rectangle: z-block 0, y-block 0, x-block 1
+    assert _blocks_with_data(preview) == [False, True, False, False, False, False, False, False]
+    # equal to the CLI's output for the same region
+    assert main(["run", "--input", f"{sample_path}:raw", "--model", "unet3d-em", "--output",
+                 f"{tmp_path}/cli.n5:pred", "--site", "threads", "--roi", "40:41,10:50,70:100"]) == 0  # fmt: skip
+    cli = Volume.open(tmp_path / "cli.n5", "pred").data.compute()
+    np.testing.assert_array_equal(preview[40, 10:50, 70:100], cli[40, 10:50, 70:100])
+
+    # the full run on the local site skips the preview's block and streams the rest in
+    seen: list[list[bool]] = []
+    out_layer.events.data.connect(
+        lambda e: seen.append(_blocks_with_data(np.asarray(out_layer.data)))
+    )
+    widget.site.value = "local"
+    widget.run_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    assert "finished: 8/8 done, 0 failed" in widget.status.value
+    assert any(1 < sum(s) < 8 for s in seen), seen  # some blocks done, others still empty
+    final = np.asarray(out_layer.data)
+    np.testing.assert_array_equal(final, Volume.open(sample_path, "pred").data.compute())
+    assert all(_blocks_with_data(final))
+
+
+def test_cancel_and_resume_equals_uninterrupted(make_napari_viewer, qtbot, sample_path, tmp_path):
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    widget.site.value = "threads"
+    cancelled = []
+
+    def cancel_once(event):
+        if type(event).__name__ == "BlockDone" and not cancelled:
+            cancelled.append(True)
+            widget.cancel_btn.clicked.emit()
+
+    widget.run_btn.clicked.emit()
+    widget._worker.yielded.connect(cancel_once)
+    _wait_idle(qtbot, widget)
+    assert "cancelled" in widget.status.value
+    widget.run_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    assert "finished: 8/8 done" in widget.status.value
+    assert main(["run", "--input", f"{sample_path}:raw", "--model", "unet3d-em", "--output",
+                 f"{tmp_path}/ref.n5:pred", "--site", "threads"]) == 0  # fmt: skip
+    np.testing.assert_array_equal(
+        Volume.open(sample_path, "pred").data.compute(),
+        Volume.open(tmp_path / "ref.n5", "pred").data.compute(),
+    )
+
+
+def test_failing_model_shows_failed_blocks(make_napari_viewer, qtbot, sample_path, tmp_path):
+    import torch
+
+    class Fails(torch.nn.Module):
+        def forward(self, x):
+            if bool((x > 2.5).any()):
+                raise RuntimeError("too bright for this model")
+            return torch.cat([x, -x], dim=1)
+
+    path = tmp_path / "fails.pt"
+    torch.jit.save(torch.jit.script(Fails()), str(path))
+    (tmp_path / "fails.pt.yaml").write_text(
+        "kind: labels\nclasses: [a, b]\nnormalize: zscore\nblock: [64, 64, 64]\n"
+    )
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    widget.site.value = "threads"
+    widget.model_file.value = str(path)
+    widget.output.value = f"{sample_path}:fails"
+    widget.run_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    assert widget.failed_list.choices, widget.status.value
+    assert all("too bright" in c for c in widget.failed_list.choices)
+    boxes = viewer.layers["failed blocks"]
+    assert len(boxes.data) == len(widget.failed_list.choices)
