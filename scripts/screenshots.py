@@ -56,6 +56,38 @@ def main() -> int:
         shot(viewer, "napari_sample.png")
         viewer.layers.clear()
 
+        # the run widget after a preview of a drawn region and a full run
+        from qtpy.QtCore import QEventLoop, QTimer
+
+        from napari_emparsl._napari.run_widget import RunWidget
+
+        [raw] = viewer.open(str(sample / "raw"), plugin="napari-emparsl")
+        widget = RunWidget(viewer)
+        dock = viewer.window.add_dock_widget(widget, name="EM Parsl: run")
+        widget.input.reset_choices()
+        widget.input.value = raw
+        widget.site.value = "threads"
+        viewer.dims.set_point(0, z * 8)
+        rect = np.array([[z, 40, 60], [z, 40, 200], [z, 150, 200], [z, 150, 60]]) * 8.0
+        viewer.add_shapes([rect], shape_type="rectangle", name="region", edge_color="yellow",
+                          face_color="transparent", edge_width=3, units=("nm",) * 3)  # fmt: skip
+
+        def wait_idle() -> None:
+            while widget._run is not None or not widget.run_btn.enabled:
+                loop = QEventLoop()
+                QTimer.singleShot(100, loop.quit)
+                loop.exec_()
+
+        widget.preview_btn.clicked.emit()
+        wait_idle()
+        viewer.reset_view()
+        shot(viewer, "run_widget_preview.png")
+        widget.run_btn.clicked.emit()
+        wait_idle()
+        shot(viewer, "run_widget_full.png")
+        viewer.window.remove_dock_widget(dock)
+        viewer.layers.clear()
+
         if SHARED.is_dir():
             cremi = SHARED / "cremi_C_crop" / "cremi_C_crop.n5"
             viewer.open(str(cremi), plugin="napari-emparsl")

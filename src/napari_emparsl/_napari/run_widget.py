@@ -248,11 +248,12 @@ class RunWidget(Container):
         from napari_emparsl.core.volume import parse_spec
 
         out = Volume.open(*parse_spec(self.output.value))
-        name = f"{os.path.basename(out.key)} ({os.path.basename(out.root)})"
+        name = out.key.replace("/", "_")
         layer = next((lyr for lyr in self._viewer.layers if lyr.name == name), None)
         if layer is None:
             kind = self._viewer.add_labels if out.is_labels else self._viewer.add_image
-            layer = kind(out.data, name=name, scale=out.voxel_size, opacity=0.6)
+            units = (out.unit,) * len(out.voxel_size) if out.unit != "pixel" else None
+            layer = kind(out.data, name=name, scale=out.voxel_size, units=units, opacity=0.6)
             layer.metadata["emparsl"] = {"path": out.root, "key": out.key}
         self._output_layer = layer
 
