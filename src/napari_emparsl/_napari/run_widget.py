@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,8 @@ class RunWidget(Container):
         self._failed_layer = None
         self._failed: dict[int, str] = {}
         self._planned = 0
+        self._last_refresh = 0.0
+        self.block_seconds: list[float] = []  # compute time of each finished block (estimates)
 
         self.input = ComboBox(
             label="volume", choices=self._input_choices, tooltip="an image layer opened from N5"
@@ -216,6 +219,9 @@ class RunWidget(Container):
             self.progress.value = event.done
             self.status.value = f"{event.done}/{event.total} blocks done"
             self._dirty = True
+            self.block_seconds.append(event.result.t_compute)
+            if time.perf_counter() - self._last_refresh > 0.2:
+                self._refresh_output()  # show the first blocks at once; later ones are throttled
         elif isinstance(event, BlockFailed) and event.final:
             self._failed[event.block_id] = event.error
             self.failed_list.choices = [f"block {k}: {v}" for k, v in sorted(self._failed.items())]
@@ -262,6 +268,7 @@ class RunWidget(Container):
         if not self._dirty or self._output_layer is None:
             return
         self._dirty = False
+        self._last_refresh = time.perf_counter()
         src = self._output_layer.metadata["emparsl"]
         self._output_layer.data = Volume.open(src["path"], src["key"]).data
         self._output_layer.refresh()
