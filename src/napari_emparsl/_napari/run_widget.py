@@ -48,6 +48,7 @@ class RunWidget(Container):
         self._failed: dict[int, str] = {}
         self._planned = 0
         self._last_refresh = 0.0
+        self._stale = False  # finished blocks off screen, not yet shown
         self.block_seconds: list[float] = []  # compute time of each finished block (estimates)
 
         self.input = ComboBox(
@@ -95,6 +96,7 @@ class RunWidget(Container):
         self.cancel_btn.changed.connect(self.cancel)
         viewer.layers.events.inserted.connect(lambda e: self.input.reset_choices())
         viewer.layers.events.removed.connect(lambda e: self.input.reset_choices())
+        viewer.dims.events.current_step.connect(self._on_dims)
         self._timer = QTimer()
         self._timer.setInterval(200)
         self._timer.timeout.connect(self._refresh_output)
@@ -218,8 +220,11 @@ class RunWidget(Container):
         elif isinstance(event, BlockDone):
             self.progress.value = event.done
             self.status.value = f"{event.done}/{event.total} blocks done"
-            self._dirty = True
             self.block_seconds.append(event.result.t_compute)
+            if not self._on_screen(event.result.block_id):
+                self._stale = True  # refreshed when the view moves there: no redraw now
+                return
+            self._dirty = True
             if time.perf_counter() - self._last_refresh > 0.2:
                 self._refresh_output()  # show the first blocks at once; later ones are throttled
         elif isinstance(event, BlockFailed) and event.final:
@@ -229,8 +234,23 @@ class RunWidget(Container):
         elif isinstance(event, Finished):
             self.status.value = f"finished: {event.done}/{event.total} done, {event.failed} failed"
             self._dirty = True
+            self._stale = False
         elif isinstance(event, Cancelled):
             self.status.value = f"cancelled at {event.done}/{event.total}; Run / resume continues"
+            self._dirty = True
+
+    def _on_screen(self, block_id: int) -> bool:
+        """Whether a finished block shows in the current 2D slice (always in 3D views)."""
+        blocks = getattr(self._run, "blocks", None)
+        if self._viewer.dims.ndisplay == 3 or not blocks or self._output_layer is None:
+            return True
+        z = self._output_layer.world_to_data(self._viewer.dims.point)[0]
+        roi = blocks[block_id].out_write_roi
+        return roi.begin[0] <= z < roi.end[0]
+
+    def _on_dims(self, *_: Any) -> None:
+        if self._stale:
+            self._stale = False
             self._dirty = True
 
     def _on_finished(self) -> None:
@@ -270,8 +290,8 @@ class RunWidget(Container):
         self._dirty = False
         self._last_refresh = time.perf_counter()
         src = self._output_layer.metadata["emparsl"]
+        # the data setter re-slices once; an extra refresh() would slice (read N5) twice
         self._output_layer.data = Volume.open(src["path"], src["key"]).data
-        self._output_layer.refresh()
 
     def _show_failed_boxes(self) -> None:
         if self._run is None or not hasattr(self._run, "_provenance"):

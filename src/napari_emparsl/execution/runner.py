@@ -269,6 +269,7 @@ class Run:
         except (VolumeError, ModelError) as err:
             raise RunError(str(err)) from None
         profile = self.profile
+        self.blocks = {b.id: b for b in plan.blocks}  # for displays: where each block writes
         todo = [b for b in plan.blocks if b.id not in plan.done_before]
         total = len(plan.blocks)
         done = total - len(todo)
