@@ -344,8 +344,13 @@ def cmd_sites(args: argparse.Namespace) -> int:
             print(f"{name:<12} {profile.kind:<8} {profile.workers} workers  ({path})")
         return 0
     if not args.name:
-        raise VolumeError("Name the site to show, e.g. `emparsl sites show local`.")
+        raise VolumeError(f"Name the site, e.g. `emparsl sites {args.action} local`.")
     profile = load_site(args.name)
+    if args.action == "test":
+        from napari_emparsl.execution.sites import check_site
+
+        print(f"Site {profile.name}: first result after {check_site(profile):.1f} s.")
+        return 0
     print(json.dumps(profile.model_dump(), indent=2))
     return 0
 
@@ -418,8 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
 
-    sites = sub.add_parser("sites", help="list or show compute site profiles")
-    sites.add_argument("action", choices=["list", "show"])
+    sites = sub.add_parser("sites", help="list, show or test compute site profiles")
+    sites.add_argument("action", choices=["list", "show", "test"])
     sites.add_argument("name", nargs="?")
     sites.set_defaults(func=cmd_sites)
     return p

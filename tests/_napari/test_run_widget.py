@@ -128,3 +128,37 @@ def test_failing_model_shows_failed_blocks(make_napari_viewer, qtbot, sample_pat
     assert all("too bright" in c for c in widget.failed_list.choices)
     boxes = viewer.layers["failed blocks"]
     assert len(boxes.data) == len(widget.failed_list.choices)
+
+
+def test_model_info_estimate_and_site_test(make_napari_viewer, qtbot, sample_path, tmp_path):
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    assert "labels: background, membrane, mitochondria" in widget.model_info.value
+    assert "halo [24, 24, 24]" in widget.model_info.value
+    (tmp_path / "two.pt").write_bytes(
+        (tmp_path / "two.pt").read_bytes() if (tmp_path / "two.pt").exists() else b""
+    )
+    import shutil
+
+    from napari_emparsl.core.models.loaders import resolve_model
+
+    shutil.copy(resolve_model("unet3d-em"), tmp_path / "two.pt")
+    sidecar = (
+        open(resolve_model("unet3d-em") + ".yaml")
+        .read()
+        .replace("in_channels: 1", "in_channels: 2")
+    )
+    (tmp_path / "two.pt.yaml").write_text(sidecar)
+    widget.model_file.value = str(tmp_path / "two.pt")
+    assert "the volume has 1 channel(s)" in widget.model_info.value
+    widget.model_file.value = ""
+
+    widget.site.value = "threads"
+    viewer.dims.set_point(0, 8 * 8)
+    widget.preview_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    assert widget.estimate.value.startswith("full run on threads: ~")
+    # the preview of slice 8 (no region drawn) computed the 4 blocks of that slice; 4 are left
+    assert "for 4 blocks" in widget.estimate.value
+    widget.test_site_btn.clicked.emit()
+    qtbot.waitUntil(lambda: "first result after" in widget.status.value, timeout=60_000)

@@ -200,6 +200,8 @@ def test_sites_list_and_show(capsys):
     assert "threads" in out and "local" in out
     assert main(["sites", "show", "local"]) == 0
     assert json.loads(capsys.readouterr().out)["strategy_period"] == 0.2
+    assert main(["sites", "test", "local"]) == 0  # starts HTEX workers and runs a no-op
+    assert "Site local: first result after" in capsys.readouterr().out
 
 
 def test_cancel_leaves_no_workers_and_resume_completes(tmp_path, unet_model):

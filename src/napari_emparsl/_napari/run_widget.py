@@ -63,8 +63,12 @@ class RunWidget(Container):
             label="model file",
             tooltip="optional: a TorchScript / state-dict model file (overrides the choice above)",
         )
+        self.model_info = Label(label="model says", value="")
         self.site = ComboBox(
             label="site", choices=self._site_choices, tooltip="where blocks are computed"
+        )
+        self.test_site_btn = PushButton(
+            text="Test site", tooltip="start the site and run one no-op task"
         )
         self.output = LineEdit(label="output", tooltip="OUT.n5:DATASET (suggested from the input)")
         self.preview_btn = PushButton(
@@ -81,16 +85,23 @@ class RunWidget(Container):
             tooltip="stop submitting blocks; finished blocks stay done",
         )
         self.progress = ProgressBar(label="blocks", value=0, max=1)
+        self.estimate = Label(label="estimate", value="")
         self.status = Label(label="status", value="")
         self.failed_list = Select(
             label="failed blocks", choices=[], tooltip="blocks that failed, with their errors"
         )
         self.extend([
-            self.input, self.model, self.model_file, self.site, self.output,
-            self.preview_btn, self.run_btn, self.cancel_btn, self.progress, self.status, self.failed_list,
+            self.input, self.model, self.model_file, self.model_info, self.site, self.test_site_btn,
+            self.output,
+            self.preview_btn, self.run_btn, self.cancel_btn, self.progress, self.estimate, self.status,
+            self.failed_list,
         ])  # fmt: skip
 
         self.input.changed.connect(self._suggest_output)
+        self.input.changed.connect(self._describe_model)
+        self.model.changed.connect(self._describe_model)
+        self.model_file.changed.connect(self._describe_model)
+        self.test_site_btn.changed.connect(self.test_site)
         self.preview_btn.changed.connect(self.preview)
         self.run_btn.changed.connect(self.start_full_run)
         self.cancel_btn.changed.connect(self.cancel)
@@ -102,6 +113,7 @@ class RunWidget(Container):
         self._timer.timeout.connect(self._refresh_output)
         self._timer.start()
         self._suggest_output()
+        self._describe_model()
 
     # ------------------------------------------------------------------------------------------
     # choices
@@ -127,6 +139,55 @@ class RunWidget(Container):
         src = _source_of(layer) if layer is not None else None
         if src and not self.output.value:
             self.output.value = f"{src[0]}:predictions/{os.path.basename(src[1]) or 'data'}"
+
+    def _describe_model(self, *_: Any) -> None:
+        """Show what the model declares; warn when it does not fit the chosen volume."""
+        from napari_emparsl.core.models.loaders import describe_model
+
+        try:
+            spec = describe_model(self._model())
+        except UserError as err:
+            self.model_info.value = f"⚠ {err}"
+            return
+        what = (
+            f"{spec.kind}: {', '.join(spec.classes)}"
+            if spec.classes
+            else f"{spec.kind}, {spec.out_channels} channel(s)"
+        )
+        text = (
+            f"{what}; {spec.in_channels} input channel(s); {spec.spatial_dims}D; halo {list(spec.halo)}"
+            + (f"; scale {list(spec.scale)}" if any(s != 1 for s in spec.scale) else "")
+        )
+        layer = self.input.value
+        src = _source_of(layer) if layer is not None else None
+        if src:
+            vol = Volume.open(*src)
+            channels = vol.shape[vol.axes.index("c")] if "c" in vol.axes else 1
+            if channels != spec.in_channels:
+                text += f" — ⚠ the volume has {channels} channel(s)"
+        self.model_info.value = text
+
+    def test_site(self, *_: Any) -> None:
+        from napari.qt.threading import thread_worker
+
+        from napari_emparsl.execution.sites import check_site, load_site
+
+        name = self.site.value
+        self.status.value = f"testing site {name}…"
+
+        @thread_worker
+        def check():
+            return check_site(load_site(name))
+
+        worker = check()
+        worker.returned.connect(
+            lambda secs: setattr(
+                self.status, "value", f"site {name}: first result after {secs:.1f} s"
+            )
+        )
+        worker.errored.connect(lambda err: self._error(str(err)))
+        worker.start()
+        self._site_worker = worker
 
     # ------------------------------------------------------------------------------------------
     # actions
@@ -233,11 +294,33 @@ class RunWidget(Container):
             self._show_failed_boxes()
         elif isinstance(event, Finished):
             self.status.value = f"finished: {event.done}/{event.total} done, {event.failed} failed"
+            if self._run is not None and self._run.roi is not None:
+                self._estimate_full_run()
             self._dirty = True
             self._stale = False
         elif isinstance(event, Cancelled):
             self.status.value = f"cancelled at {event.done}/{event.total}; Run / resume continues"
             self._dirty = True
+
+    def _estimate_full_run(self) -> None:
+        """After a preview: measured block time × blocks left ÷ workers of the chosen site."""
+        from napari_emparsl.core.geometry import plan_blocks
+        from napari_emparsl.core.ledger import Ledger
+        from napari_emparsl.core.volume import parse_spec
+        from napari_emparsl.execution.sites import load_site
+
+        if not self.block_seconds:
+            return
+        prov = self._run._provenance
+        vol = Volume.open(*_source_of(self.input.value))
+        total = sum(1 for _ in plan_blocks(vol.shape[-3:], prov["block"], prov["halo"]))
+        done = len(Ledger(*parse_spec(self.output.value)).summary().done)
+        workers = load_site(self.site.value).workers
+        secs = float(np.mean(self.block_seconds)) * (total - done) / workers
+        self.estimate.value = (
+            f"full run on {self.site.value}: ~{secs / 60:.1f} min for {total - done} blocks "
+            f"({np.mean(self.block_seconds):.2f} s per block, {workers} workers)"
+        )
 
     def _on_screen(self, block_id: int) -> bool:
         """Whether a finished block shows in the current 2D slice (always in 3D views)."""

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from napari_emparsl.core.errors import UserError
 
-__all__ = ["SiteError", "SiteProfile", "list_sites", "load_site", "make_config"]
+__all__ = ["SiteError", "SiteProfile", "check_site", "list_sites", "load_site", "make_config"]
 
 
 class SiteError(UserError, ValueError):
@@ -135,3 +135,42 @@ def make_config(profile: SiteProfile, run_dir: str):
         initialize_logging=False,
         usage_tracking=0,
     )
+
+
+def _noop() -> int:
+    import os
+
+    return os.getpid()
+
+
+def check_site(profile: SiteProfile) -> float:
+    """Start the site, run one no-op task, shut it down; seconds to the first result.
+
+    Raises
+    ------
+    SiteError
+        With the reason when the site cannot start or run a task.
+    """
+    import shutil
+    import tempfile
+    import time
+
+    from parsl.app.python import PythonApp
+    from parsl.dataflow.dflow import DataFlowKernel
+
+    run_dir = tempfile.mkdtemp(prefix="emparsl-parsl-")
+    t0 = time.perf_counter()
+    dfk = None
+    try:
+        dfk = DataFlowKernel(make_config(profile, run_dir))
+        PythonApp(_noop, data_flow_kernel=dfk, executors=[profile.name])().result(timeout=120)
+        return time.perf_counter() - t0
+    except Exception as err:
+        raise SiteError(
+            f"The site '{profile.name}' could not run a task ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:150] if str(err) else ''}); check its settings."
+        ) from None
+    finally:
+        if dfk is not None:
+            dfk.cleanup()
+        shutil.rmtree(run_dir, ignore_errors=True)
