@@ -1,0 +1,146 @@
+"""Dock widget: choose an N5 container, browse its datasets, open them lazily.
+
+Recent containers are remembered in ``~/.config/napari-emparsl/recent.json``. Outputs written
+by ``emparsl run`` (they carry a ledger) say how far their run got, so it can be resumed from the
+run panel.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton, Select
+
+from napari_emparsl.core.errors import UserError
+from napari_emparsl.core.ledger import Ledger
+from napari_emparsl.core.volume import Volume, container_tree, openable_keys
+
+log = logging.getLogger(__name__)
+
+__all__ = ["VolumeWidget", "recent_paths"]
+
+_MAX_RECENT = 10
+
+
+def _recent_file() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "napari-emparsl" / "recent.json"
+
+
+def recent_paths() -> list[str]:
+    try:
+        data = json.loads(_recent_file().read_text())
+    except (OSError, ValueError):
+        return []
+    return [p for p in data if isinstance(p, str)][:_MAX_RECENT]
+
+
+def _remember(path: str) -> None:
+    paths = [path] + [p for p in recent_paths() if p != path]
+    try:
+        _recent_file().parent.mkdir(parents=True, exist_ok=True)
+        _recent_file().write_text(json.dumps(paths[:_MAX_RECENT]))
+    except OSError:  # a read-only home must not break the panel
+        log.info("could not remember recent paths")
+
+
+class VolumeWidget(Container):
+    """Path → tree of datasets (shape, dtype, chunks, voxel size, levels) → Open."""
+
+    def __init__(self, viewer: Any):
+        super().__init__(labels=True)
+        self._viewer = viewer
+        self.path = LineEdit(label="N5 container", tooltip="a .n5 folder (type or paste a path)")
+        self.recent = ComboBox(
+            label="recent", choices=["", *recent_paths()], tooltip="containers opened before"
+        )
+        self.browse_btn = PushButton(text="Choose folder…", tooltip="pick a .n5 folder")
+        self.datasets = Select(label="datasets", choices=[], tooltip="datasets and pyramids inside")
+        self.open_btn = PushButton(
+            text="Open selected", tooltip="add the selected datasets as lazy layers"
+        )
+        self.info = Label(label="info", value="")
+        self.extend(
+            [self.path, self.recent, self.browse_btn, self.datasets, self.open_btn, self.info]
+        )
+        self.path.changed.connect(self.refresh)
+        self.recent.changed.connect(lambda v: v and setattr(self.path, "value", v))
+        self.browse_btn.changed.connect(self._browse)
+        self.open_btn.changed.connect(self.open_selected)
+        self.datasets.changed.connect(self._describe)
+
+    def _browse(self, *_: Any) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        folder = QFileDialog.getExistingDirectory(self.native, "Choose an N5 container")
+        if folder:
+            self.path.value = folder
+
+    def refresh(self, *_: Any) -> None:
+        """List what the container holds (JSON only: nothing is read)."""
+        path = self.path.value.strip()
+        self.datasets.choices = []
+        if not path:
+            return
+        try:
+            tree = {n["key"]: n for n in container_tree(path)}
+            keys = openable_keys(path)
+        except UserError as err:
+            self._error(str(err))
+            return
+        choices = []
+        for key in keys:
+            node = tree.get(key, {})
+            if node.get("kind") == "multiscale":
+                label = f"{key}  (pyramid: {len(node['levels'])} levels)"
+            else:
+                shape = "×".join(map(str, node.get("shape", [])))
+                label = f"{key}  {shape} {node.get('dtype', '')}  chunks {'×'.join(map(str, node.get('chunks', [])))}"
+            choices.append((label, key))
+        self.datasets.choices = choices
+        self.info.value = f"{len(keys)} dataset(s)"
+        _remember(os.path.abspath(path))
+
+    def _describe(self, *_: Any) -> None:
+        keys = self.datasets.value or []
+        if len(keys) != 1:
+            return
+        try:
+            vol = Volume.open(self.path.value.strip(), keys[0])
+        except UserError as err:
+            self._error(str(err))
+            return
+        vs = "×".join(f"{v:g}" for v in vol.voxel_size)
+        text = f"{vol.dtype.name}, voxel {vs} {vol.unit}, {len(vol.levels)} level(s)"
+        ledger = Ledger(vol.root, vol.key)
+        if ledger.exists():
+            summary = ledger.summary()
+            planned = int(summary.last_run.get("planned", 0))
+            text += (
+                f"; run output: {len(summary.done)}/{planned} blocks done, {len(summary.failed)} failed"
+                " — resume it from the run panel"
+            )
+        self.info.value = text
+
+    def open_selected(self, *_: Any) -> list[Any]:
+        from napari_emparsl._napari.reader import layer_data
+
+        added = []
+        for key in self.datasets.value or []:
+            try:
+                data, meta, kind = layer_data(Volume.open(self.path.value.strip(), key))
+            except UserError as err:
+                self._error(str(err))
+                continue
+            added.append(getattr(self._viewer, f"add_{kind}")(data, **meta))
+        return added
+
+    def _error(self, message: str) -> None:
+        from napari.utils.notifications import show_error
+
+        self.info.value = message
+        show_error(message)

@@ -1,0 +1,43 @@
+"""The volume panel: tree of a container, lazy opening, recent paths, ledger status, errors."""
+
+from __future__ import annotations
+
+import dask.array as da
+
+from napari_emparsl._napari.volume_widget import VolumeWidget, recent_paths
+from napari_emparsl.cli import main
+
+
+def test_browse_and_open(make_napari_viewer, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    assert main(["sample", str(tmp_path / "s.n5"), "--shape", "32,64,64"]) == 0
+    viewer = make_napari_viewer()
+    widget = VolumeWidget(viewer)
+    widget.path.value = str(tmp_path / "s.n5")
+    keys = (
+        [v for _, v in widget.datasets._default_choices] if False else list(widget.datasets.choices)
+    )
+    assert keys == ["labels/cells", "labels/classes", "raw"]
+    assert str(tmp_path / "s.n5") in recent_paths()
+    widget.datasets.value = ["raw"]
+    assert "uint8, voxel 8×8×8 nm, 3 level(s)" in widget.info.value
+    [layer] = widget.open_selected()
+    assert (
+        layer.multiscale and isinstance(layer.data[0], da.Array) and tuple(layer.scale) == (8, 8, 8)
+    )
+
+
+def test_run_output_offers_resume_and_errors_are_sentences(
+    make_napari_viewer, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    assert main(["sample", str(tmp_path / "s.n5"), "--shape", "32,64,64"]) == 0
+    assert main(["run", "--input", f"{tmp_path}/s.n5:raw", "--model", "unet3d-em", "--output",
+                 f"{tmp_path}/s.n5:pred", "--site", "threads", "--roi", "0:8,0:8,0:8"]) == 0  # fmt: skip
+    viewer = make_napari_viewer()
+    widget = VolumeWidget(viewer)
+    widget.path.value = str(tmp_path / "s.n5")
+    widget.datasets.value = ["pred"]
+    assert "run output: 1/1 blocks done, 0 failed" in widget.info.value
+    widget.path.value = str(tmp_path / "missing.n5")
+    assert widget.info.value.endswith("does not exist; check the path.")
