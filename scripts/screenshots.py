@@ -56,6 +56,24 @@ def main() -> int:
         shot(viewer, "napari_sample.png")
         viewer.layers.clear()
 
+        # the volume panel on the sample container
+        from napari_emparsl._napari.volume_widget import VolumeWidget
+
+        vw = VolumeWidget(viewer)
+        vdock = viewer.window.add_dock_widget(vw, name="N5 volumes")
+        vw.path.value = str(sample)
+        settle(viewer, 40)
+        # the panel alone (a window grab may skip repainting its list)
+        vw.native.grab().save(str(IMAGES / "volume_panel.png"))
+        print(f"wrote {IMAGES / 'volume_panel.png'}")
+        vw.datasets.value = ["raw"]
+        vw.open_selected()
+        viewer.dims.set_point(0, z * 8)
+        viewer.reset_view()
+        shot(viewer, "volume_widget.png")
+        viewer.window.remove_dock_widget(vdock)
+        viewer.layers.clear()
+
         # the run widget after a preview of a drawn region and a full run
         from qtpy.QtCore import QEventLoop, QTimer
 
