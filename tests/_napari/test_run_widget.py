@@ -162,3 +162,35 @@ def test_model_info_estimate_and_site_test(make_napari_viewer, qtbot, sample_pat
     assert "for 4 blocks" in widget.estimate.value
     widget.test_site_btn.clicked.emit()
     qtbot.waitUntil(lambda: "first result after" in widget.status.value, timeout=60_000)
+
+
+def test_closing_viewer_during_run_asks_and_stops_workers(make_napari_viewer, qtbot, sample_path):
+    import psutil
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication, QMessageBox
+
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    widget.site.value = "local"
+    widget.run_btn.clicked.emit()
+    qtbot.waitUntil(lambda: widget.progress.value >= 1, timeout=120_000)
+    asked = []
+
+    def answer_yes():
+        box = QApplication.activeModalWidget()
+        if isinstance(box, QMessageBox):
+            asked.append(box.text())
+            box.button(QMessageBox.StandardButton.Yes).click()
+        else:
+            QTimer.singleShot(50, answer_yes)
+
+    QTimer.singleShot(50, answer_yes)
+    viewer.window._qt_window.close()
+    assert asked and "A run is going on" in asked[0]
+    assert widget._run is None
+    pools = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "process_worker_pool" in " ".join(p.info["cmdline"] or [])
+    ]
+    assert pools == []

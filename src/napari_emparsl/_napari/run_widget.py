@@ -108,6 +108,7 @@ class RunWidget(Container):
         viewer.layers.events.inserted.connect(lambda e: self.input.reset_choices())
         viewer.layers.events.removed.connect(lambda e: self.input.reset_choices())
         viewer.dims.events.current_step.connect(self._on_dims)
+        self._install_close_guard()
         self._timer = QTimer()
         self._timer.setInterval(200)
         self._timer.timeout.connect(self._refresh_output)
@@ -330,6 +331,48 @@ class RunWidget(Container):
         z = self._output_layer.world_to_data(self._viewer.dims.point)[0]
         roi = blocks[block_id].out_write_roi
         return roi.begin[0] <= z < roi.end[0]
+
+    def _install_close_guard(self) -> None:
+        """Closing the viewer during a run asks, then cancels and waits for a clean shutdown."""
+        from qtpy.QtCore import QEvent, QObject
+
+        window = getattr(getattr(self._viewer, "window", None), "_qt_window", None)
+        if window is None:
+            return
+        widget = self
+
+        class _Guard(QObject):
+            def eventFilter(self, obj, event):
+                if event.type() == QEvent.Type.Close and widget._run is not None:
+                    if not widget.confirm_close():
+                        event.ignore()
+                        return True
+                return False
+
+        self._guard = _Guard()
+        window.installEventFilter(self._guard)
+
+    def confirm_close(self) -> bool:
+        """Ask whether to stop the run; if yes, cancel it and wait until its workers are gone."""
+        from qtpy.QtCore import QEventLoop, QTimer
+        from qtpy.QtWidgets import QMessageBox
+
+        answer = QMessageBox.question(
+            self.native,
+            "Stop the run?",
+            "A run is going on. Stop it and close? Finished blocks stay done; "
+            "Run / resume continues it later.",
+        )
+        if answer != QMessageBox.StandardButton.Yes:
+            return False
+        self.cancel()
+        for _ in range(600):  # up to 60 s for the executor to shut down
+            if self._run is None:
+                break
+            loop = QEventLoop()
+            QTimer.singleShot(100, loop.quit)
+            loop.exec()
+        return True
 
     def _on_dims(self, *_: Any) -> None:
         if self._stale:
