@@ -74,6 +74,17 @@ def main() -> int:
         viewer.window.remove_dock_widget(vdock)
         viewer.layers.clear()
 
+        # the site panel (its form comes from the profile schema)
+        from napari_emparsl._napari.site_widget import SiteWidget
+
+        sw = SiteWidget(viewer)
+        sdock = viewer.window.add_dock_widget(sw, name="Compute sites")
+        sw.site.value = "local"
+        settle(viewer, 20)
+        sw.native.grab().save(str(IMAGES / "site_panel.png"))
+        print(f"wrote {IMAGES / 'site_panel.png'}")
+        viewer.window.remove_dock_widget(sdock)
+
         # the run widget after a preview of a drawn region and a full run
         from qtpy.QtCore import QEventLoop, QTimer
 

@@ -37,7 +37,7 @@ class SiteProfile(BaseModel):
     worker_init: str = ""
 
 
-def _user_dir() -> Path:
+def user_site_dir() -> Path:
     env = os.environ.get("EMPARSL_SITES")
     if env:
         return Path(env)
@@ -51,7 +51,7 @@ def _site_files() -> dict[str, Path]:
     for entry in sorted(builtin.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".yaml"):
             files[entry.name[:-5]] = Path(str(entry))
-    user = _user_dir()
+    user = user_site_dir()
     if user.is_dir():
         for p in sorted(user.glob("*.yaml")):
             files[p.stem] = p

@@ -1,0 +1,93 @@
+"""Dock widget: view and edit a compute-site profile in a form generated from its schema.
+
+The fields come from :class:`~napari_emparsl.execution.sites.SiteProfile` (pydantic), so a new
+setting appears here without GUI code. Saving validates with the same model as the engine and
+shows what is wrong next to the form; valid profiles are written to the user's site folder.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any
+
+import yaml
+from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton, create_widget
+from pydantic import ValidationError
+
+from napari_emparsl.core.errors import UserError
+from napari_emparsl.execution.sites import SiteProfile, list_sites, load_site, user_site_dir
+
+__all__ = ["SiteWidget"]
+
+
+def _field_widget(name: str, field: Any) -> Any:
+    annotation = field.annotation
+    options: dict[str, Any] = {}
+    if typing.get_origin(annotation) is typing.Literal:
+        options["choices"] = list(typing.get_args(annotation))
+        widget = ComboBox(name=name, label=name, **options)
+    elif annotation in (int,) or getattr(annotation, "__origin__", None) is typing.Annotated:
+        widget = create_widget(
+            annotation=int, name=name, label=name, options={"min": 0, "max": 4096}
+        )
+    elif annotation is float:
+        widget = create_widget(
+            annotation=float,
+            name=name,
+            label=name,
+            options={"min": 0.0, "max": 3600.0, "step": 0.1},
+        )
+    else:
+        widget = LineEdit(name=name, label=name)
+    widget.tooltip = field.description or f"{name} ({getattr(annotation, '__name__', annotation)})"
+    return widget
+
+
+class SiteWidget(Container):
+    """Site chooser, one widget per profile field, Save (validated), messages."""
+
+    def __init__(self, viewer: Any | None = None):
+        super().__init__(labels=True)
+        self._viewer = viewer
+        self.site = ComboBox(
+            label="site", choices=lambda *_: list(list_sites()), tooltip="profile to view or edit"
+        )
+        self.fields = {name: _field_widget(name, f) for name, f in SiteProfile.model_fields.items()}
+        self.save_btn = PushButton(
+            text="Save profile", tooltip="validate and save to your site folder"
+        )
+        self.message = Label(label="", value="")
+        self.extend([self.site, *self.fields.values(), self.save_btn, self.message])
+        self.site.changed.connect(self.load)
+        self.save_btn.changed.connect(self.save)
+        self.load()
+
+    def load(self, *_: Any) -> None:
+        try:
+            profile = load_site(self.site.value)
+        except UserError as err:
+            self.message.value = str(err)
+            return
+        for name, widget in self.fields.items():
+            widget.value = getattr(profile, name)
+        self.message.value = ""
+
+    def values(self) -> dict[str, Any]:
+        return {name: widget.value for name, widget in self.fields.items()}
+
+    def save(self, *_: Any) -> str | None:
+        """Validate; on success write ``<user sites>/<name>.yaml`` and return its path."""
+        try:
+            profile = SiteProfile.model_validate(self.values())
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            self.message.value = f"'{field}': {first['msg']}"
+            return None
+        folder = user_site_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{profile.name}.yaml"
+        path.write_text(yaml.safe_dump(profile.model_dump(), sort_keys=False))
+        self.message.value = f"saved {path}"
+        self.site.reset_choices()
+        return str(path)
