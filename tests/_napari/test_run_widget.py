@@ -127,7 +127,20 @@ def test_failing_model_shows_failed_blocks(make_napari_viewer, qtbot, sample_pat
     assert widget.failed_list.choices, widget.status.value
     assert all("too bright" in c for c in widget.failed_list.choices)
     boxes = viewer.layers["failed blocks"]
-    assert len(boxes.data) == len(widget.failed_list.choices)
+    n_failed = len(widget.failed_list.choices)
+    assert len(boxes.data) == n_failed and widget.retry_btn.enabled
+
+    # fix the model (same description, a new file), then Retry failed computes only those blocks
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return torch.cat([x, -x], dim=1)
+
+    torch.jit.save(torch.jit.script(Fixed()), str(path))
+    widget.retry_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    assert not widget.failed_list.choices and len(boxes.data) == 0
+    assert widget.status.value == "finished: 8/8 done, 0 failed"
+    assert widget.progress.value == 8 and not widget.retry_btn.enabled
 
 
 def test_model_info_estimate_and_site_test(make_napari_viewer, qtbot, sample_path, tmp_path):

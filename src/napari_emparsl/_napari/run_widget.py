@@ -87,6 +87,11 @@ class RunWidget(Container):
         self.progress = ProgressBar(label="blocks", value=0, max=1)
         self.estimate = Label(label="estimate", value="")
         self.status = Label(label="status", value="")
+        self.retry_btn = PushButton(
+            text="Retry failed",
+            enabled=False,
+            tooltip="compute the failed blocks again (e.g. after fixing the model)",
+        )
         self.failed_list = Select(
             label="failed blocks", choices=[], tooltip="blocks that failed, with their errors"
         )
@@ -95,6 +100,7 @@ class RunWidget(Container):
             self.output,
             self.preview_btn, self.run_btn, self.cancel_btn, self.progress, self.estimate, self.status,
             self.failed_list,
+            self.retry_btn,
         ])  # fmt: skip
 
         self.input.changed.connect(self._suggest_output)
@@ -105,6 +111,7 @@ class RunWidget(Container):
         self.preview_btn.changed.connect(self.preview)
         self.run_btn.changed.connect(self.start_full_run)
         self.cancel_btn.changed.connect(self.cancel)
+        self.retry_btn.changed.connect(self.start_full_run)  # a run computes what is not done
         viewer.layers.events.inserted.connect(lambda e: self.input.reset_choices())
         viewer.layers.events.removed.connect(lambda e: self.input.reset_choices())
         viewer.dims.events.current_step.connect(self._on_dims)
@@ -250,6 +257,8 @@ class RunWidget(Container):
         self._run = run
         self._failed.clear()
         self.failed_list.choices = []
+        if self._failed_layer is not None and self._failed_layer in self._viewer.layers:
+            self._failed_layer.data = []
 
         @thread_worker
         def drain():
@@ -388,6 +397,7 @@ class RunWidget(Container):
         self.preview_btn.enabled = not running
         self.run_btn.enabled = not running
         self.cancel_btn.enabled = running
+        self.retry_btn.enabled = not running and bool(self._failed)
 
     def _error(self, message: str) -> None:
         from napari.utils.notifications import show_error
