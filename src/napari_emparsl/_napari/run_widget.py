@@ -255,6 +255,9 @@ class RunWidget(Container):
         src = _source_of(layer)
         run = Run(f"{src[0]}:{src[1]}", self._model(), self.output.value, site=site, roi=roi)
         self._run = run
+        from napari_emparsl._napari.runs_widget import remember_output
+
+        remember_output(self.output.value)
         self._failed.clear()
         self.failed_list.choices = []
         if self._failed_layer is not None and self._failed_layer in self._viewer.layers:

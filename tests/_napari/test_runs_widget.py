@@ -1,0 +1,31 @@
+"""The runs panel: runs found in opened outputs, reopening, provenance of the block under the cursor."""
+
+from __future__ import annotations
+
+from napari_emparsl._napari.runs_widget import RunsWidget
+from napari_emparsl.cli import main
+
+PLUGIN = "napari-emparsl"
+
+
+def test_runs_found_and_provenance(make_napari_viewer, tmp_path, monkeypatch):
+    from napari_emparsl._napari import runs_widget
+
+    monkeypatch.setattr(runs_widget, "SESSION_OUTPUTS", [])  # only this test's runs
+    assert main(["sample", str(tmp_path / "s.n5"), "--shape", "64,64,128"]) == 0
+    assert main(["run", "--input", f"{tmp_path}/s.n5:raw", "--model", "unet3d-em", "--output",
+                 f"{tmp_path}/s.n5:pred", "--site", "threads", "--roi", "0:8,0:8,0:8"]) == 0  # fmt: skip
+    viewer = make_napari_viewer()
+    widget = RunsWidget(viewer)
+    viewer.open(str(tmp_path / "s.n5" / "pred"), plugin=PLUGIN)  # an output with a ledger
+    output = f"{tmp_path}/s.n5:pred"
+    assert output in widget.outputs()
+    label = widget.runs.native.item(0).text()
+    assert "pred — 1/1 done, 0 failed — unet3d-em on threads" in label
+    widget.runs.value = [output]
+    # voxel (4, 4, 4) is in block 0 (done); voxel (4, 4, 100) in block 1 (not computed)
+    assert widget.provenance_at((4 * 8, 4 * 8, 4 * 8)).startswith("block 0 done: model ")
+    assert "site threads" in widget.provenance_at((32, 32, 32))
+    assert widget.provenance_at((4 * 8, 4 * 8, 100 * 8)) == "block 1: not computed yet"
+    [layer] = widget.open_output()
+    assert layer._type_string == "labels"
