@@ -71,6 +71,7 @@ def test_preview_then_full_run_streams(make_napari_viewer, qtbot, sample_path, t
     widget.run_btn.clicked.emit()
     _wait_idle(qtbot, widget)
     assert "finished: 8/8 done, 0 failed" in widget.status.value
+    assert widget.activity_counts[-1] == (8, 8)  # napari's activity dock counted every block
     assert any(1 < sum(s) < 8 for s in seen), seen  # some blocks done, others still empty
     final = np.asarray(out_layer.data)
     np.testing.assert_array_equal(final, Volume.open(sample_path, "pred").data.compute())

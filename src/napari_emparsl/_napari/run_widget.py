@@ -49,6 +49,8 @@ class RunWidget(Container):
         self._planned = 0
         self._last_refresh = 0.0
         self._stale = False  # finished blocks off screen, not yet shown
+        self._activity = None  # napari.utils.progress shown in the activity dock
+        self.activity_counts: list[tuple[int, int]] = []  # (done, total) of each finished run
         self.block_seconds: list[float] = []  # compute time of each finished block (estimates)
 
         self.input = ComboBox(
@@ -285,12 +287,25 @@ class RunWidget(Container):
     # events (Qt thread)
 
     def _on_event(self, event: Any) -> None:
+        self._handle(event)
+        # last: napari's progress may process queued Qt events (the next run events) while it
+        # draws, so it is set to the count carried by the event rather than incremented
+        if isinstance(event, BlockDone) and self._activity is not None:
+            self._activity.update(event.done - self._activity.n)
+
+    def _handle(self, event: Any) -> None:
         if isinstance(event, Planned):
+            from napari.utils import progress
+
             self._planned = event.total
             self.progress.max = max(1, event.total)
             self.progress.value = event.total - event.todo
             self.status.value = f"{event.todo} of {event.total} blocks to compute"
             self._ensure_output_layer()
+            # napari's activity dock shows the run too (created last: it may run queued events)
+            activity = progress(total=event.total, desc=f"emparsl: {self.output.value}")
+            activity.update(max(event.total - event.todo, self.progress.value) - activity.n)
+            self._activity = activity
         elif isinstance(event, BlockDone):
             self.progress.value = event.done
             self.status.value = f"{event.done}/{event.total} blocks done"
@@ -392,6 +407,10 @@ class RunWidget(Container):
             self._dirty = True
 
     def _on_finished(self) -> None:
+        if self._activity is not None:
+            self.activity_counts.append((self._activity.n, self._activity.total))
+            self._activity.close()
+            self._activity = None
         self._set_running(False)
         self._refresh_output()
         self._run = None
