@@ -308,6 +308,14 @@ class Volume:
     def ndim(self) -> int:
         return len(self.shape)
 
+    def sample(self, max_voxels: int = 2_000_000) -> np.ndarray:
+        """A strided sample of the coarsest level (for global statistics), at most ~max_voxels."""
+        level = self.level(len(self.levels) - 1)
+        step = max(1, round((level.size / max_voxels) ** (1 / level.ndim)))
+        return np.asarray(
+            level[tuple(slice(None, None, step) for _ in range(level.ndim))].compute()
+        )
+
     def read(self, region: Sequence[slice] | None = None) -> np.ndarray:
         """Read a region of the finest level into memory (VolumeError names a corrupt chunk)."""
         region = tuple(region) if region is not None else (slice(None),) * self.ndim

@@ -33,7 +33,7 @@ from napari_emparsl.core.events import (
 )
 from napari_emparsl.core.geometry import Block, Roi, check_no_shared_chunks, plan_blocks
 from napari_emparsl.core.ledger import Ledger
-from napari_emparsl.core.models.loaders import describe_model, file_hash, load_model, resolve_model
+from napari_emparsl.core.models.loaders import describe_model, load_model
 from napari_emparsl.core.models.spec import ModelError, ModelSpec
 from napari_emparsl.core.n5attrs import VolumeError
 from napari_emparsl.core.volume import Volume, parse_spec
@@ -76,10 +76,7 @@ def _norm(volume: Volume, spec: ModelSpec) -> tuple[float, float]:
 
     if spec.normalize == "zscore":
         return volume_stats(volume)
-    level = volume.level(len(volume.levels) - 1)
-    step = max(1, round((level.size / 2_000_000) ** (1 / level.ndim)))
-    sample = np.asarray(level[tuple(slice(None, None, step) for _ in range(level.ndim))].compute())
-    lo, hi = np.percentile(sample, [1.0, 99.8])
+    lo, hi = np.percentile(volume.sample(), [1.0, 99.8])
     return float(lo), float(max(hi - lo, 1e-6))
 
 
@@ -164,7 +161,8 @@ class Run:
         ):
             raise RunError(f"The output {self.output} is the input; choose another dataset name.")
         spec = describe_model(self.model, self.model_options)
-        load_model(self.model, self.model_options)  # fail here, clearly, not in every worker
+        # load here to fail clearly, not in every worker; its hash is the provenance's too
+        loaded = load_model(self.model, self.model_options)
         channels = src.shape[src.axes.index("c")] if "c" in src.axes else 1
         if channels != spec.in_channels:
             raise RunError(
@@ -203,8 +201,8 @@ class Run:
         self._provenance = {
             "input": f"{src.root}:{src.key}",
             "model": self.model,
-            "model_file": resolve_model(self.model),
-            "model_sha256": file_hash(resolve_model(self.model)),
+            "model_file": loaded.path,
+            "model_sha256": loaded.sha256,
             "model_options": self.model_options,
             "spec": spec.to_dict(),
             "block": list(block),

@@ -19,11 +19,7 @@ __all__ = ["N5TileDataset", "dice_scores", "volume_stats"]
 
 def volume_stats(volume: Volume, max_voxels: int = 2_000_000) -> tuple[float, float]:
     """Global mean and std of a volume, from its coarsest pyramid level or a strided sample."""
-    level = volume.level(len(volume.levels) - 1)
-    step = max(1, round((level.size / max_voxels) ** (1 / level.ndim)))
-    sample = np.asarray(
-        level[tuple(slice(None, None, step) for _ in range(level.ndim))].compute(), np.float64
-    )
+    sample = volume.sample(max_voxels).astype(np.float64)
     return float(sample.mean()), float(sample.std() or 1.0)
 
 
