@@ -1,13 +1,14 @@
 """End-to-end engine figures, as ratios inside one run (timings on shared machines are noisy).
 
-    .venv/bin/python benchmarks/bench_run.py [--shape 128,256,256] [--skip-memory]
+    .venv/bin/python benchmarks/bench_run.py [--shape 128,256,256 256,256,256] [--skip-memory]
 
 1. `emparsl run` (N5 -> N5, `local` site, default block and halo, built-in unet3d-em) vs one
    whole-volume forward of the same model in memory, and vs MONAI sliding_window_inference
-   (gaussian, overlap 0.25, roi = our read size) on the same volume; seam error of each =
+   (gaussian, overlap 0.25, roi = our read size and two smaller ones) on the same volume; seam
+   error of each =
    fraction of voxels whose class differs from the whole-volume forward, 24 voxels (the halo)
    away from the volume border, where the whole-volume forward's zero padding differs from
-   any tiler's padding. Also at block 128³ (less halo recomputation).
+   any tiler's padding. Also at the previous defaults (block 64³, halo reflect-padded at the edges).
 2. Parsl overhead per block: wall time x workers - sum of block times (read+compute+write from
    the ledger), per block, relative to the mean block compute; once including start-up (HTEX
    start, model loading in each worker), once in steady state (after the first round of blocks).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,73 +47,89 @@ def seam_error(pred: np.ndarray, ref: np.ndarray, border: int = 24) -> float:
     return float((pred[inner] != ref[inner]).mean())
 
 
+def _emparsl(tmp: Path, name: str, *extra: str) -> tuple[float, np.ndarray, str]:
+    t0 = time.perf_counter()
+    res = subprocess.run(
+        [sys.executable, "-m", "napari_emparsl.cli", "run", "--input", f"{tmp}/s.n5:raw",
+         "--model", "unet3d-em", "--output", f"{tmp}/s.n5:{name}", "--site", "local", *extra],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    secs = time.perf_counter() - t0
+    return secs, Volume.open(tmp / "s.n5", name).data.compute(), res.stdout
+
+
 def bench_end_to_end(tmp: Path, shape: tuple[int, int, int]) -> dict:
     s = make_sample(shape, seed=11)
     save_array(tmp / "s.n5", "raw", s.raw, chunks=(64, 64, 64), voxel_size=s.voxel_size)
     vol = Volume.open(tmp / "s.n5", "raw")
     mean, std = volume_stats(vol)
     x = torch.from_numpy((s.raw.astype(np.float32) - mean) / std)[None, None]
-    model = load_model("unet3d-em").module
+    loaded = load_model("unet3d-em")
+    model, spec = loaded.module, loaded.spec
     torch.set_num_threads(2)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        whole = model(x)[0].argmax(0).numpy()
-    t_whole = time.perf_counter() - t0
+    t_whole = []
+    for _ in range(2):  # the best of two: the baseline gets every chance
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            whole = model(x)[0].argmax(0).numpy()
+        t_whole.append(time.perf_counter() - t0)
+    t_whole = min(t_whole)
 
-    t0 = time.perf_counter()
-    res = subprocess.run(
-        [sys.executable, "-m", "napari_emparsl.cli", "run", "--input", f"{tmp}/s.n5:raw",
-         "--model", "unet3d-em", "--output", f"{tmp}/s.n5:pred", "--site", "local"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    t_run = time.perf_counter() - t0
-    tiled = Volume.open(tmp / "s.n5", "pred").data.compute()
-    t0 = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "napari_emparsl.cli", "run", "--input", f"{tmp}/s.n5:raw",
-         "--model", "unet3d-em", "--output", f"{tmp}/s.n5:pred128", "--site", "local",
-         "--block", "128,128,128"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    t_run128 = time.perf_counter() - t0
-    tiled128 = Volume.open(tmp / "s.n5", "pred128").data.compute()
-
+    t_run, tiled, stdout = _emparsl(tmp, "pred")  # default block, halo and edge of the model
+    block, halo = spec.block, spec.halo
     out = {
         "volume": list(shape),
+        "default": {"block": list(block), "halo": list(halo), "edge": spec.edge},
         "whole_forward_s": round(t_whole, 2),
         "emparsl_run_s": round(t_run, 2),
         "emparsl_vs_whole_speed": round(t_whole / t_run, 3),
         "emparsl_seam_error": seam_error(tiled, whole),
-        "emparsl_block128_s": round(t_run128, 2),
-        "emparsl_block128_vs_whole_speed": round(t_whole / t_run128, 3),
-        "emparsl_block128_seam_error": seam_error(tiled128, whole),
+        "emparsl_error_whole_volume": float((tiled != whole).mean()),
+    }
+    # the previous defaults, for the record: 64³ blocks with the halo reflect-padded at the edges
+    t64, tiled64, _ = _emparsl(
+        tmp, "pred64", "--block", "64,64,64", "--model-option", "edge=reflect"
+    )
+    out |= {
+        "emparsl_block64_reflect_s": round(t64, 2),
+        "emparsl_block64_reflect_vs_whole_speed": round(t_whole / t64, 3),
+        "emparsl_block64_reflect_seam_error": seam_error(tiled64, whole),
     }
     try:
         from monai.inferers import sliding_window_inference
     except ImportError:
         out["monai"] = "not installed (pip install -e '.[benchmarks]')"
     else:
-        roi = (112, 112, 112)  # = our read size: block 64 + 2 x halo 24
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            mon = sliding_window_inference(x, roi, 1, model, overlap=0.25, mode="gaussian")
-        t_monai = time.perf_counter() - t0
-        mon = mon[0].argmax(0).numpy()
+        # MONAI's window: our read size (block + 2 halo), and smaller ones; we compare with its best
+        read = tuple(b + 2 * h for b, h in zip(block, halo, strict=True))
+        monai = {}
+        for roi in (read, (128, 128, 128), (112, 112, 112)):
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                mon = sliding_window_inference(x, roi, 1, model, overlap=0.25, mode="gaussian")
+            t_monai = time.perf_counter() - t0
+            mon = mon[0].argmax(0).numpy()
+            monai["x".join(map(str, roi))] = {
+                "s": round(t_monai, 2),
+                "seam_error": seam_error(mon, whole),
+                "emparsl_speed_vs_it": round(t_monai / t_run, 3),
+            }
+        best = min(monai.values(), key=lambda r: r["s"])
         out |= {
-            "monai_s": round(t_monai, 2),
-            "emparsl_vs_monai_speed": round(t_monai / t_run, 3),
-            "monai_seam_error": seam_error(mon, whole),
+            "monai_by_roi": monai,
+            "emparsl_vs_best_monai_speed": best["emparsl_speed_vs_it"],
+            "best_monai_seam_error": best["seam_error"],
         }
     # Parsl overhead per block, from the ledger's own block timings
     summary = Ledger(str(tmp / "s.n5"), "pred").summary()
     block_s = [r["t_read"] + r["t_compute"] + r["t_write"] for r in summary.done.values()]
     compute_s = [r["t_compute"] for r in summary.done.values()]
-    run_s = float(res.stdout.split("blocks done, 0 failed, ")[1].split(" s")[0])
+    run_s = float(stdout.split("blocks done, 0 failed, ")[1].split(" s")[0])
     workers = 2
     overhead = max(0.0, run_s * workers - sum(block_s)) / len(block_s)
     # steady state: after the first round of blocks (start-up, model loading) is over
     recs = sorted(summary.done.values(), key=lambda r: r["time"])
-    k = 2 * workers
+    k = workers  # the first round of blocks: start-up and model loading
     steady = recs[k:]
     per_block_wall = (recs[-1]["time"] - recs[k - 1]["time"]) * workers / len(steady)
     steady_block = float(np.mean([r["t_read"] + r["t_compute"] + r["t_write"] for r in steady]))
@@ -211,14 +229,22 @@ def bench_coordinator_memory(tmp: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="128,256,256")
+    p.add_argument(
+        "--shape",
+        nargs="+",
+        default=["128,256,256", "256,256,256"],
+        help="volume shapes Z,Y,X (the sample's default, and one 2x deeper)",
+    )
     p.add_argument("--skip-memory", action="store_true")
     args = p.parse_args()
-    shape = tuple(int(v) for v in args.shape.split(","))
+    shapes = [tuple(int(v) for v in text.split(",")) for text in args.shape]
     result = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        result["end_to_end"] = bench_end_to_end(tmp, shape)
+        for shape in shapes:
+            (tmp / "e2e").mkdir()
+            result["end_to_end " + "x".join(map(str, shape))] = bench_end_to_end(tmp / "e2e", shape)
+            shutil.rmtree(tmp / "e2e")
         result["plan_and_ledger"] = bench_plan_ledger(tmp)
         if not args.skip_memory:
             result["coordinator_memory"] = bench_coordinator_memory(tmp)

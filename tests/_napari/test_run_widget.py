@@ -27,6 +27,7 @@ def _setup(viewer, sample_path):
     widget.input.value = layers[0]
     widget.model.value = "unet3d-em"
     widget.output.value = f"{sample_path}:pred"
+    widget.block.value = "64"  # 8 blocks on the 128³ sample (the model's default 128³ is one)
     return widget
 
 
@@ -58,7 +59,8 @@ def test_preview_then_full_run_streams(make_napari_viewer, qtbot, sample_path, t
     assert _blocks_with_data(preview) == [False, True, False, False, False, False, False, False]
     # equal to the CLI's output for the same region
     assert main(["run", "--input", f"{sample_path}:raw", "--model", "unet3d-em", "--output",
-                 f"{tmp_path}/cli.n5:pred", "--site", "threads", "--roi", "40:41,10:50,70:100"]) == 0  # fmt: skip
+                 f"{tmp_path}/cli.n5:pred", "--site", "threads", "--roi", "40:41,10:50,70:100",
+                 "--block", "64,64,64"]) == 0  # fmt: skip
     cli = Volume.open(tmp_path / "cli.n5", "pred").data.compute()
     np.testing.assert_array_equal(preview[40, 10:50, 70:100], cli[40, 10:50, 70:100])
 
@@ -97,7 +99,7 @@ def test_cancel_and_resume_equals_uninterrupted(make_napari_viewer, qtbot, sampl
     _wait_idle(qtbot, widget)
     assert "finished: 8/8 done" in widget.status.value
     assert main(["run", "--input", f"{sample_path}:raw", "--model", "unet3d-em", "--output",
-                 f"{tmp_path}/ref.n5:pred", "--site", "threads"]) == 0  # fmt: skip
+                 f"{tmp_path}/ref.n5:pred", "--site", "threads", "--block", "64,64,64"]) == 0  # fmt: skip
     np.testing.assert_array_equal(
         Volume.open(sample_path, "pred").data.compute(),
         Volume.open(tmp_path / "ref.n5", "pred").data.compute(),
@@ -166,6 +168,14 @@ def test_model_info_estimate_and_site_test(make_napari_viewer, qtbot, sample_pat
     widget.model_file.value = str(tmp_path / "two.pt")
     assert "the volume has 1 channel(s)" in widget.model_info.value
     widget.model_file.value = ""
+    # block and halo: empty means the model's defaults (shown); bad values get one sentence
+    assert widget.block.native.placeholderText() == "128,128,128 (model default)"
+    assert widget.halo.native.placeholderText() == "24,24,24 (model default)"
+    widget.block.value = "64,abc"
+    widget.run_btn.clicked.emit()
+    assert widget._run is None and widget.run_btn.enabled
+    assert widget.status.value.startswith("The block must be three whole numbers Z,Y,X")
+    widget.block.value = "64"
 
     widget.site.value = "threads"
     viewer.dims.set_point(0, 8 * 8)

@@ -14,7 +14,8 @@ def test_runs_found_and_provenance(make_napari_viewer, tmp_path, monkeypatch):
     monkeypatch.setattr(runs_widget, "SESSION_OUTPUTS", [])  # only this test's runs
     assert main(["sample", str(tmp_path / "s.n5"), "--shape", "64,64,128"]) == 0
     assert main(["run", "--input", f"{tmp_path}/s.n5:raw", "--model", "unet3d-em", "--output",
-                 f"{tmp_path}/s.n5:pred", "--site", "threads", "--roi", "0:8,0:8,0:8"]) == 0  # fmt: skip
+                 f"{tmp_path}/s.n5:pred", "--site", "threads", "--roi", "0:8,0:8,0:8",
+                 "--block", "64,64,64"]) == 0  # fmt: skip
     viewer = make_napari_viewer()
     widget = RunsWidget(viewer)
     viewer.open(str(tmp_path / "s.n5" / "pred"), plugin=PLUGIN)  # an output with a ledger

@@ -28,6 +28,17 @@ def test_1d_edges_by_hand():
     ]
 
 
+def test_1d_edges_without_padding_by_hand():
+    # edge="none": same ROIs, nothing padded; the model sees the volume edge as in a whole forward
+    assert table(plan_blocks((10,), (4,), (2,), edge="none")) == [
+        (0, "0:4", "0:6", (0,), (0,)),
+        (1, "4:8", "2:10", (0,), (0,)),
+        (2, "8:10", "6:10", (0,), (0,)),
+    ]
+    with pytest.raises(GeometryError, match="'reflect' or 'none'"):
+        list(plan_blocks((10,), (4,), (2,), edge="zero"))
+
+
 def test_3d_ids_row_major_and_roi_keeps_ids():
     # volume 8×8×12, block 4×4×4 -> grid 2×2×3, id = z*6 + y*3 + x
     blocks = list(plan_blocks((8, 8, 12), (4, 4, 4), (1, 1, 1)))

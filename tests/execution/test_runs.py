@@ -204,8 +204,37 @@ def test_sites_list_and_show(capsys):
     assert "Site local: first result after" in capsys.readouterr().out
 
 
-def test_cancel_leaves_no_workers_and_resume_completes(tmp_path, unet_model):
+def _pools_gone(timeout: float = 15) -> bool:
+    """No HTEX worker pool process is left (within ``timeout`` seconds)."""
     import psutil
+
+    def pools() -> list[int]:
+        return [p.pid for p in psutil.process_iter(["cmdline"])
+                if "process_worker_pool" in " ".join(p.info["cmdline"] or [])]  # fmt: skip
+
+    deadline = time.time() + timeout
+    while pools() and time.time() < deadline:
+        time.sleep(0.2)
+    return pools() == []
+
+
+def test_site_started_early_is_shut_down_when_no_block_runs(tmp_path, conv_model, float_volume):
+    # the site starts (and warms its workers up) while the coordinator loads the model; a model
+    # that then fails to load, or a caller that stops after Planned, must not leave workers behind
+    src, data = float_volume
+    (tmp_path / "notes.pt").write_text("not a model")
+    (tmp_path / "notes.pt.yaml").write_text("kind: image\n")
+    with pytest.raises(RunError, match="not a TorchScript or PyTorch file"):
+        list(Run(src, str(tmp_path / "notes.pt"), f"{tmp_path}/o.n5:x", site="local").events())
+    assert not (tmp_path / "o.n5" / "x").exists()
+    events = Run(src, conv_model, f"{tmp_path}/o2.n5:x", site="local").events()
+    assert type(next(events)).__name__ == "Planned"
+    events.close()
+    assert _pools_gone()
+    np.testing.assert_array_equal(Volume.open(*src.split(":")).data.compute(), data)
+
+
+def test_cancel_leaves_no_workers_and_resume_completes(tmp_path, unet_model):
 
     from napari_emparsl.core.events import BlockDone, Cancelled
 
@@ -220,14 +249,7 @@ def test_cancel_leaves_no_workers_and_resume_completes(tmp_path, unet_model):
             run.cancel()
     assert isinstance(last, Cancelled) and last.done < last.total
 
-    def pools() -> list[int]:
-        return [p.pid for p in psutil.process_iter(["cmdline"])
-                if "process_worker_pool" in " ".join(p.info["cmdline"] or [])]  # fmt: skip
-
-    deadline = time.time() + 15
-    while pools() and time.time() < deadline:
-        time.sleep(0.2)
-    assert pools() == []
+    assert _pools_gone()
     summary = Ledger(str(tmp_path / "out.n5"), "seg").summary()
     assert summary.done and all(r["model_sha256"] for r in summary.done.values())
     assert Run(src, unet_model, out, site="threads").execute().ok

@@ -47,6 +47,32 @@ def test_unet_labels_seamless(tmp_path, unet_model, block):
     assert mismatch < 1e-4, mismatch
 
 
+@pytest.mark.parametrize("site", ["threads", "local"])
+def test_unet_without_edge_padding_equals_whole_forward_everywhere(tmp_path, unet_model, site):
+    # edge: none — no reflect padding at the volume edge: the tiles then reproduce one whole-volume
+    # forward (its zero padding) up to the border too, with blocks that do not divide the volume.
+    # The U-Net's three logit channels are written as a float image, to compare values.
+    data = np.random.default_rng(6).random((56, 72, 100)).astype(np.float32)
+    save_array(tmp_path / "in.n5", "raw", data, chunks=(8, 8, 8))
+    as_image = {"kind": "image", "classes": [], "out_channels": 3}
+    run = Run(f"{tmp_path}/in.n5:raw", unet_model, f"{tmp_path}/out.n5:logits", site=site,
+              block=(32, 32, 48), model_options=as_image | {"edge": "none"})  # fmt: skip
+    ev = run.execute()
+    assert ev.ok and ev.total == 2 * 3 * 3
+    tiled = Volume.open(tmp_path / "out.n5", "logits").data.compute()
+    full = forward(unet_model, data)
+    assert tiled.shape == full.shape == (3, 56, 72, 100)
+    np.testing.assert_allclose(tiled, full, atol=1e-4)
+    # reflect padding (the default) differs from it at the border only
+    Run(f"{tmp_path}/in.n5:raw", unet_model, f"{tmp_path}/out.n5:refl", site="threads",
+        block=(32, 32, 48), model_options=as_image).execute()  # fmt: skip
+    refl = Volume.open(tmp_path / "out.n5", "refl").data.compute()
+    assert np.abs(refl - full).max() > 1e-3
+    b = 24
+    inner = (slice(None), *(slice(b, -b),) * 3)
+    np.testing.assert_allclose(refl[inner], full[inner], atol=1e-4)
+
+
 def test_2d_model_on_3d_volume(tmp_path, conv2d_model, float_volume):
     src, data = float_volume
     run = Run(src, conv2d_model, f"{tmp_path}/out.n5:pred", site="threads")

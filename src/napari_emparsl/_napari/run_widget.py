@@ -34,6 +34,25 @@ def _source_of(layer: Any) -> tuple[str, str] | None:
     return (src["path"], src["key"]) if src else None
 
 
+def _triple(text: str, name: str, minimum: int) -> tuple[int, int, int] | None:
+    """'64,128,128' (or '64') -> (64, 128, 128); empty -> None (the model's default)."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        values = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3 or min(values) < minimum:
+        raise UserError(
+            f"The {name} must be three whole numbers Z,Y,X of at least {minimum} (e.g. 64,64,64), "
+            f"not {text!r}."
+        )
+    return values[0], values[1], values[2]
+
+
 class RunWidget(Container):
     """Volume → model → site → preview / run, with streaming results and failed blocks."""
 
@@ -73,6 +92,15 @@ class RunWidget(Container):
             text="Test site", tooltip="start the site and run one no-op task"
         )
         self.output = LineEdit(label="output", tooltip="OUT.n5:DATASET (suggested from the input)")
+        self.block = LineEdit(
+            label="block",
+            tooltip="Z,Y,X voxels each block writes, a multiple of the output chunks "
+            "(empty: the model's default)",
+        )
+        self.halo = LineEdit(
+            label="halo",
+            tooltip="Z,Y,X voxels of context read around each block (empty: the model's default)",
+        )
         self.preview_btn = PushButton(
             text="Preview region",
             tooltip="compute only the blocks under the rectangle of the 'region' Shapes layer (or the current slice)",
@@ -99,7 +127,7 @@ class RunWidget(Container):
         )
         self.extend([
             self.input, self.model, self.model_file, self.model_info, self.site, self.test_site_btn,
-            self.output,
+            self.output, self.block, self.halo,
             self.preview_btn, self.run_btn, self.cancel_btn, self.progress, self.estimate, self.status,
             self.failed_list,
             self.retry_btn,
@@ -159,6 +187,8 @@ class RunWidget(Container):
         except UserError as err:
             self.model_info.value = f"⚠ {err}"
             return
+        self.block.native.setPlaceholderText(",".join(map(str, spec.block)) + " (model default)")
+        self.halo.native.setPlaceholderText(",".join(map(str, spec.halo)) + " (model default)")
         what = (
             f"{spec.kind}: {', '.join(spec.classes)}"
             if spec.classes
@@ -255,7 +285,16 @@ class RunWidget(Container):
             self._error("Open an N5 volume first (File > Open), then choose it as the volume.")
             return
         src = _source_of(layer)
-        run = Run(f"{src[0]}:{src[1]}", self._model(), self.output.value, site=site, roi=roi)
+        try:
+            block = _triple(self.block.value, "block", 1)
+            halo = _triple(self.halo.value, "halo", 0)
+        except UserError as err:
+            self._error(str(err))
+            return
+        run = Run(
+            f"{src[0]}:{src[1]}", self._model(), self.output.value, site=site, roi=roi,
+            block=block, halo=halo,
+        )  # fmt: skip
         self._run = run
         from napari_emparsl._napari.runs_widget import remember_output
 
@@ -420,6 +459,16 @@ class RunWidget(Container):
         self.run_btn.enabled = not running
         self.cancel_btn.enabled = running
         self.retry_btn.enabled = not running and bool(self._failed)
+        for w in (
+            self.input,
+            self.model,
+            self.model_file,
+            self.site,
+            self.output,
+            self.block,
+            self.halo,
+        ):
+            w.enabled = not running
 
     def _error(self, message: str) -> None:
         from napari.utils.notifications import show_error

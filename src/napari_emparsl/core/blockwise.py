@@ -1,9 +1,9 @@
 """process_block: the one function sent to workers.
 
 A worker reads its block's read ROI from the input N5, normalizes it with the run's global
-statistics (per-block statistics would make seams), pads it (reflect at the volume edge, then
-up to the model's size multiple), runs the model, crops the halo / maps the output scale,
-post-processes (argmax or threshold for labels), writes its chunk-aligned write ROI into the
+statistics (per-block statistics would make seams), pads it (reflect at the volume edge when the
+model's ``edge`` is ``reflect``, then up to its size multiple), runs the model, crops the halo /
+maps the output scale, post-processes (argmax or threshold for labels), writes its chunk-aligned write ROI into the
 output N5, and returns a small :class:`BlockResult`. No image data travels back through Parsl.
 """
 
@@ -27,6 +27,7 @@ __all__ = [
     "process_block",
     "run_model_on_array",
     "run_model_on_batch",
+    "warm_up",
 ]
 
 
@@ -158,6 +159,29 @@ def _write_block(job: BlockJob, spec: Any, y: np.ndarray) -> tuple[np.ndarray, f
         offset = (0, *offset)
     dst.write(out, offset)
     return out, time.perf_counter() - t0
+
+
+def warm_up(model: str, options: dict[str, Any], threads: int) -> str:
+    """Load torch and the model into this worker before its first block; never raises."""
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    try:
+        import torch
+
+        import napari_emparsl.core.volume  # noqa: F401  (z5py, dask: the first read's imports)
+        from napari_emparsl.core.models.loaders import load_model
+
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(max(1, threads))
+        loaded = load_model(model, options)
+        spec = loaded.spec
+        # one small forward: torch's kernels and thread pool are set up before the first block
+        size = [m * max(1, 16 // m) for m in spec.multiple]
+        if spec.spatial_dims == 2:
+            size[0] = 1
+        run_model_on_array(loaded.module, spec, np.zeros((spec.in_channels, *size), np.float32))
+    except Exception:
+        pass  # the blocks report it
+    return worker
 
 
 def process_block(job: BlockJob) -> BlockResult:

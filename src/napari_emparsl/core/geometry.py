@@ -10,7 +10,10 @@ Edge policy::
             |
     ........|=================|======...      = write ROIs: whole output chunks,
     [ pad  ][halo|  write  |halo]                clipped at the volume's far edge
-            ^ read ROI clipped here; the missing halo is reflect-padded in the worker
+            ^ read ROI clipped here; with ``edge="reflect"`` the missing halo is
+              reflect-padded in the worker, with ``edge="none"`` it is not read at all: the
+              model meets the volume edge exactly as in one whole-volume forward (its own
+              zero padding), which is also cheaper (no context computed outside the volume)
 
 Write ROIs tile the volume on the output chunk grid, so no two blocks ever write the same chunk.
 Block ids are row-major indices in the grid of the *whole* volume, so a block has the same id in
@@ -176,6 +179,7 @@ def plan_blocks(
     out_chunks: Sequence[int] | None = None,
     scale: Sequence[int] | None = None,
     roi: Roi | None = None,
+    edge: str = "reflect",
 ) -> Iterator[Block]:
     """Blocks covering the volume (or those touching ``roi``), in id order.
 
@@ -194,6 +198,9 @@ def plan_blocks(
         Output voxels per input voxel per axis (2 for ×2 super-resolution in y, x).
     roi
         Only blocks whose write ROI intersects it (a preview region).
+    edge
+        ``"reflect"``: the halo beyond the volume edge is reflect-padded (``pad_before``/
+        ``pad_after``); ``"none"``: no context beyond the edge (pads are 0).
 
     Raises
     ------
@@ -209,6 +216,8 @@ def plan_blocks(
         else tuple(b * f for b, f in zip(block, scale, strict=True))
     )
     halo = tuple(int(h) for h in halo)
+    if edge not in ("reflect", "none"):
+        raise GeometryError(f"The edge policy must be 'reflect' or 'none', not {edge!r}.")
     _check(shape, block, halo, out_chunks, scale)
     total = Roi((0,) * n, tuple(shape))
     grid = block_grid(shape, block)
@@ -232,8 +241,11 @@ def plan_blocks(
         )
         wanted = write.grow(halo)
         read = wanted.intersect(total)
-        pad_before = tuple(r - w for r, w in zip(read.begin, wanted.begin, strict=True))
-        pad_after = tuple(w - r for r, w in zip(read.end, wanted.end, strict=True))
+        if edge == "reflect":
+            pad_before = tuple(r - w for r, w in zip(read.begin, wanted.begin, strict=True))
+            pad_after = tuple(w - r for r, w in zip(read.end, wanted.end, strict=True))
+        else:
+            pad_before = pad_after = (0,) * n
         yield Block(
             id=sum(i * s for i, s in zip(index, strides, strict=True)),
             read_roi=read,

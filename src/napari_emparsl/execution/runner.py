@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from napari_emparsl import __version__
-from napari_emparsl.core.blockwise import BlockJob, BlockResult, process_batch
+from napari_emparsl.core.blockwise import BlockJob, BlockResult, process_batch, warm_up
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.events import (
     BlockDone,
@@ -92,6 +92,51 @@ def _auto_batch(block: Block, spec: ModelSpec) -> int:
     return max(1, min(16, _BATCH_VOXELS // max(1, read)))
 
 
+class _SiteStarter:
+    """Starts a site's DataFlowKernel in the background, and warms its workers up.
+
+    Starting HTEX workers and loading torch and the model in each takes seconds; done while the
+    coordinator loads the model and measures the volume's statistics, the first blocks start
+    sooner. Warm-up failures are ignored: the blocks themselves report the model's errors.
+    """
+
+    def __init__(self, profile: SiteProfile, model: str, options: Mapping[str, Any]) -> None:
+        self.profile = profile
+        self.run_dir = tempfile.mkdtemp(prefix="emparsl-parsl-")
+        self._dfk = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._start, args=(model, dict(options)), name="emparsl-site-start", daemon=True
+        )
+        self._thread.start()
+
+    def _start(self, model: str, options: dict[str, Any]) -> None:
+        try:
+            from parsl.app.python import PythonApp
+            from parsl.dataflow.dflow import DataFlowKernel
+
+            self._dfk = DataFlowKernel(make_config(self.profile, self.run_dir))
+            if self.profile.kind != "threads":  # threads share the coordinator's loaded model
+                warm = PythonApp(warm_up, data_flow_kernel=self._dfk, executors=[self.profile.name])
+                for _ in range(self.profile.workers):
+                    warm(model, options, self.profile.threads_per_worker)
+        except BaseException as err:  # raised in the run's thread by dfk()
+            self._error = err
+
+    def dfk(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._dfk
+
+    def close(self) -> None:
+        self._thread.join()
+        if self._dfk is not None:
+            self._dfk.cleanup()
+            self._dfk = None
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
 @dataclass
 class _Plan:
     blocks: list[Block]
@@ -149,8 +194,12 @@ class Run:
     def output(self) -> str:
         return f"{self.output_root}:{self.output_key}"
 
-    def prepare(self) -> _Plan:
-        """Validate everything, create or reopen the output, plan; nothing is computed."""
+    def prepare(self, on_checked: Callable[[], None] | None = None) -> _Plan:
+        """Validate everything, create or reopen the output, plan; nothing is computed.
+
+        ``on_checked`` is called once the cheap checks (site, input, model description) passed,
+        before the slower ones (loading the model, the volume's statistics).
+        """
         if not self.output_key:
             raise RunError(f"Give the output as OUT.n5:DATASET, not {self.output_root}.")
         self.profile = self.site if isinstance(self.site, SiteProfile) else load_site(self.site)
@@ -161,8 +210,6 @@ class Run:
         ):
             raise RunError(f"The output {self.output} is the input; choose another dataset name.")
         spec = describe_model(self.model, self.model_options)
-        # load here to fail clearly, not in every worker; its hash is the provenance's too
-        loaded = load_model(self.model, self.model_options)
         channels = src.shape[src.axes.index("c")] if "c" in src.axes else 1
         if channels != spec.in_channels:
             raise RunError(
@@ -174,6 +221,10 @@ class Run:
             raise RunError(
                 f"The input has {len(spatial)} spatial axes; emparsl runs on 3D volumes."
             )
+        if on_checked is not None:  # the cheap checks passed: the site may start meanwhile
+            on_checked()
+        # load here to fail clearly, not in every worker; its hash is the provenance's too
+        loaded = load_model(self.model, self.model_options)
         block = self.block or spec.block
         halo = self.halo or spec.halo
         if spec.spatial_dims == 2:
@@ -187,7 +238,13 @@ class Run:
         try:
             blocks = list(
                 plan_blocks(
-                    spatial, block, halo, out_chunks=out_chunks, scale=spec.scale, roi=self.roi
+                    spatial,
+                    block,
+                    halo,
+                    out_chunks=out_chunks,
+                    scale=spec.scale,
+                    roi=self.roi,
+                    edge=spec.edge,
                 )
             )
         except GeometryError as err:
@@ -262,30 +319,43 @@ class Run:
 
     def events(self) -> Iterator[RunEvent]:
         """Run, yielding events as blocks finish. Raises RunError/VolumeError before starting."""
+        starter: list[_SiteStarter] = []
+
+        def start_site() -> None:  # workers start (and load the model) while we prepare
+            starter.append(_SiteStarter(self.profile, self.model, self.model_options))
+
         try:
-            plan = self.prepare()
-        except (VolumeError, ModelError) as err:
-            raise RunError(str(err)) from None
+            plan = self.prepare(on_checked=start_site)
+        except BaseException as err:
+            if starter:
+                starter[0].close()
+            if isinstance(err, (VolumeError, ModelError)):
+                raise RunError(str(err)) from None
+            raise
+        site = starter[0]
         profile = self.profile
         self.blocks = {b.id: b for b in plan.blocks}  # for displays: where each block writes
         todo = [b for b in plan.blocks if b.id not in plan.done_before]
         total = len(plan.blocks)
         done = total - len(todo)
-        yield self._emit(
-            Planned(total, len(todo), self.output, sum(plan.out_voxels[b.id] for b in todo))
-        )
+        try:
+            yield self._emit(
+                Planned(total, len(todo), self.output, sum(plan.out_voxels[b.id] for b in todo))
+            )
+        except BaseException:
+            site.close()
+            raise
         t0 = time.perf_counter()
         if not todo:
+            site.close()
             yield self._emit(Finished(done, 0, total, 0.0))
             return
 
         from parsl.app.python import PythonApp
-        from parsl.dataflow.dflow import DataFlowKernel
 
-        run_dir = tempfile.mkdtemp(prefix="emparsl-parsl-")
-        dfk = DataFlowKernel(make_config(profile, run_dir))
         failed_final: set[int] = set()
         try:
+            dfk = site.dfk()
             app = PythonApp(process_batch, data_flow_kernel=dfk, executors=[profile.name])
             results: queue.Queue = queue.Queue()
             size = self.batch or _auto_batch(plan.blocks[0], plan.spec)
@@ -341,8 +411,7 @@ class Run:
                         pending.append([blk])  # retried on its own
             yield self._emit(Finished(done, len(failed_final), total, time.perf_counter() - t0))
         finally:
-            dfk.cleanup()
-            shutil.rmtree(run_dir, ignore_errors=True)
+            site.close()
 
     @staticmethod
     def _results_of(batch: list[Block], fut) -> list[BlockResult]:

@@ -12,6 +12,8 @@ multiple: [4, 4, 4]           # the model's input size must be a multiple of thi
 normalize: none               # none | zscore | percentile
 scale: [1, 1, 1]              # output voxels per input voxel, per axis
 block: [64, 128, 128]         # preferred block (write ROI) size
+edge: reflect                 # context beyond the volume edge: reflect (mirror the data) | none
+                              # (the model's own padding, as in a whole-volume forward; cheaper)
 architecture: unet3d          # only for state-dict files: a built-in architecture
 arch_options: {}              # its constructor arguments
 ```
@@ -32,6 +34,7 @@ __all__ = ["ModelError", "ModelSpec", "parse_options", "read_sidecar"]
 
 KINDS = ("labels", "image")
 NORMALIZATIONS = ("none", "zscore", "percentile")
+EDGES = ("reflect", "none")
 
 
 class ModelError(UserError, ValueError):
@@ -71,6 +74,7 @@ class ModelSpec:
     scale: tuple[int, int, int] = (1, 1, 1)
     block: tuple[int, int, int] = (64, 64, 64)
     threshold: float = 0.5
+    edge: str = "reflect"
     architecture: str | None = None
     arch_options: dict[str, Any] = field(default_factory=dict)
 
@@ -82,6 +86,10 @@ class ModelSpec:
         if self.normalize not in NORMALIZATIONS:
             raise ModelError(
                 f"The model option 'normalize' must be one of {', '.join(NORMALIZATIONS)}, not {self.normalize!r}."
+            )
+        if self.edge not in EDGES:
+            raise ModelError(
+                f"The model option 'edge' must be one of {', '.join(EDGES)}, not {self.edge!r}."
             )
         if self.spatial_dims not in (2, 3):
             raise ModelError(
