@@ -204,14 +204,16 @@ def test_sites_list_and_show(capsys):
     assert "Site local: first result after" in capsys.readouterr().out
 
 
-def _pools_gone(timeout: float = 15) -> bool:
-    """No HTEX worker pool process is left (within ``timeout`` seconds)."""
+def pools() -> list[int]:
+    """Pids of HTEX worker pool processes."""
     import psutil
 
-    def pools() -> list[int]:
-        return [p.pid for p in psutil.process_iter(["cmdline"])
-                if "process_worker_pool" in " ".join(p.info["cmdline"] or [])]  # fmt: skip
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if "process_worker_pool" in " ".join(p.info["cmdline"] or [])]  # fmt: skip
 
+
+def _pools_gone(timeout: float = 15) -> bool:
+    """No HTEX worker pool process is left (within ``timeout`` seconds)."""
     deadline = time.time() + timeout
     while pools() and time.time() < deadline:
         time.sleep(0.2)
@@ -235,6 +237,7 @@ def test_site_started_early_is_shut_down_when_no_block_runs(tmp_path, conv_model
 
 
 def test_cancel_leaves_no_workers_and_resume_completes(tmp_path, unet_model):
+    import psutil
 
     from napari_emparsl.core.events import BlockDone, Cancelled
 
@@ -243,11 +246,16 @@ def test_cancel_leaves_no_workers_and_resume_completes(tmp_path, unet_model):
     src, out = f"{tmp_path}/in.n5:raw", f"{tmp_path}/out.n5:seg"
     run = Run(src, unet_model, out, site="local")
     last = None
+    niceness = []
     for event in run.events():
         last = event
-        if isinstance(event, BlockDone):
+        if isinstance(event, BlockDone) and not niceness:
+            # the local site lowers its workers' priority (nice 10): a GUI stays responsive
+            niceness = [psutil.Process(pid).nice() for pid in pools()]
+            niceness += [c.nice() for pid in pools() for c in psutil.Process(pid).children()]
             run.cancel()
     assert isinstance(last, Cancelled) and last.done < last.total
+    assert len(niceness) >= 3 and set(niceness) == {10}, niceness  # pool + its 2 workers
 
     assert _pools_gone()
     summary = Ledger(str(tmp_path / "out.n5"), "seg").summary()

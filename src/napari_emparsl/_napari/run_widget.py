@@ -2,15 +2,17 @@
 
 Thin GUI over the engine: every computation is a :class:`~napari_emparsl.execution.runner.Run`
 whose events are drained in a napari ``thread_worker`` (never on the Qt thread) and handed to
-the Qt thread, where the output layer is refreshed. The output layer is lazy over the output N5;
-to keep napari from showing stale cached chunks, a refresh swaps in a freshly named dask array
-(a new cache key) instead of reusing the old one.
+the Qt thread, where the output layer is refreshed. The output layer's data is a
+:class:`~napari_emparsl._napari.live.LiveN5Array` over the output N5: it caches nothing across
+writes (no stale chunks), and the drain thread re-reads the plane on screen after each block
+that touches it, so the refresh on the Qt thread only draws.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -32,6 +34,17 @@ __all__ = ["RunWidget"]
 def _source_of(layer: Any) -> tuple[str, str] | None:
     src = (getattr(layer, "metadata", None) or {}).get("emparsl")
     return (src["path"], src["key"]) if src else None
+
+
+def _preload(model: str) -> None:
+    """Import the engine and torch, and load ``model`` into the per-process cache."""
+    try:
+        from napari_emparsl.core.models.loaders import load_model
+        from napari_emparsl.execution import runner  # noqa: F401  (parsl, the engine)
+
+        load_model(model)
+    except Exception:  # a model that does not load is reported when it is used
+        log.debug("preloading %s failed", model, exc_info=True)
 
 
 def _triple(text: str, name: str, minimum: int) -> tuple[int, int, int] | None:
@@ -63,12 +76,17 @@ class RunWidget(Container):
         self._run = None
         self._dirty = False
         self._output_layer = None
+        self._live = None  # the output layer's LiveN5Array
+        self._range: tuple[float, float] | None = None  # value range of an image output so far
         self._failed_layer = None
         self._failed: dict[int, str] = {}
         self._planned = 0
         self._last_refresh = 0.0
         self._stale = False  # finished blocks off screen, not yet shown
         self._activity = None  # napari.utils.progress shown in the activity dock
+        self._activity_target = 0  # blocks done, for the activity dock's next update
+        self._activity_pending = False
+        self._activity_last = 0.0
         self.activity_counts: list[tuple[int, int]] = []  # (done, total) of each finished run
         self.block_seconds: list[float] = []  # compute time of each finished block (estimates)
 
@@ -145,6 +163,8 @@ class RunWidget(Container):
         viewer.layers.events.inserted.connect(lambda e: self.input.reset_choices())
         viewer.layers.events.removed.connect(lambda e: self.input.reset_choices())
         viewer.dims.events.current_step.connect(self._on_dims)
+        viewer.dims.events.ndisplay.connect(self._on_dims)
+        viewer.dims.events.order.connect(self._on_dims)
         self._install_close_guard()
         self._timer = QTimer()
         self._timer.setInterval(200)
@@ -152,6 +172,10 @@ class RunWidget(Container):
         self._timer.start()
         self._suggest_output()
         self._describe_model()
+        # import torch and load the chosen model in the background now, not on the first preview
+        threading.Thread(
+            target=_preload, args=(self._model(),), name="emparsl-preload", daemon=True
+        ).start()
 
     # ------------------------------------------------------------------------------------------
     # choices
@@ -306,7 +330,12 @@ class RunWidget(Container):
 
         @thread_worker
         def drain():
-            yield from run.events()
+            for event in run.events():
+                live = self._live
+                if isinstance(event, BlockDone) and live is not None and run.blocks:
+                    roi = run.blocks[event.result.block_id].out_write_roi
+                    live.block_written(roi.begin[0], roi.end[0])  # read here, not on the Qt thread
+                yield event
 
         worker = drain()
         worker.yielded.connect(self._on_event)
@@ -327,10 +356,23 @@ class RunWidget(Container):
 
     def _on_event(self, event: Any) -> None:
         self._handle(event)
-        # last: napari's progress may process queued Qt events (the next run events) while it
-        # draws, so it is set to the count carried by the event rather than incremented
         if isinstance(event, BlockDone) and self._activity is not None:
-            self._activity.update(event.done - self._activity.n)
+            # napari's activity dock redraws for ~20 ms: in its own turn of the event loop, so
+            # that the layer refresh and it do not add up to one long stall
+            # (at most twice a second; the last count is applied when the run ends)
+            self._activity_target = event.done
+            if not self._activity_pending:
+                self._activity_pending = True
+                wait = 0.5 - (time.perf_counter() - self._activity_last)
+                QTimer.singleShot(max(0, int(wait * 1000)), self._update_activity)
+
+    def _update_activity(self) -> None:
+        # napari's progress may process queued Qt events (the next run events) while it draws,
+        # so it is set to the latest count rather than incremented
+        self._activity_pending = False
+        self._activity_last = time.perf_counter()
+        if self._activity is not None and self._activity_target > self._activity.n:
+            self._activity.update(self._activity_target - self._activity.n)
 
     def _handle(self, event: Any) -> None:
         if isinstance(event, Planned):
@@ -346,6 +388,7 @@ class RunWidget(Container):
             activity.update(max(event.total - event.todo, self.progress.value) - activity.n)
             self._activity = activity
         elif isinstance(event, BlockDone):
+            self._widen_contrast(event.result.out_min, event.result.out_max)
             self.progress.value = event.done
             self.status.value = f"{event.done}/{event.total} blocks done"
             self.block_seconds.append(event.result.t_compute)
@@ -368,6 +411,18 @@ class RunWidget(Container):
         elif isinstance(event, Cancelled):
             self.status.value = f"cancelled at {event.done}/{event.total}; Run / resume continues"
             self._dirty = True
+
+    def _widen_contrast(self, lo: float, hi: float) -> None:
+        """Image outputs: contrast limits follow the range of the blocks computed so far."""
+        layer = self._output_layer
+        if layer is None or layer._type_string != "image" or not np.isfinite([lo, hi]).all():
+            return
+        if self._range is None:
+            self._range = (lo, hi)
+        else:
+            self._range = (min(self._range[0], lo), max(self._range[1], hi))
+        a, b = self._range
+        layer.contrast_limits = (a, b if b > a else a + 1)
 
     def _estimate_full_run(self) -> None:
         """After a preview: measured block time × blocks left ÷ workers of the chosen site."""
@@ -441,18 +496,21 @@ class RunWidget(Container):
         return True
 
     def _on_dims(self, *_: Any) -> None:
+        self._update_watch()
         if self._stale:
             self._stale = False
             self._dirty = True
 
     def _on_finished(self) -> None:
         if self._activity is not None:
+            self._update_activity()  # a count still waiting for its turn
             self.activity_counts.append((self._activity.n, self._activity.total))
             self._activity.close()
             self._activity = None
         self._set_running(False)
-        self._refresh_output()
         self._run = None
+        self._update_watch()  # no run: every read goes to disk again
+        self._refresh_output()
 
     def _set_running(self, running: bool) -> None:
         self.preview_btn.enabled = not running
@@ -478,17 +536,47 @@ class RunWidget(Container):
         show_error(message)
 
     def _ensure_output_layer(self) -> None:
+        from napari_emparsl._napari.live import LiveN5Array
         from napari_emparsl.core.volume import parse_spec
 
         out = Volume.open(*parse_spec(self.output.value))
         name = out.key.replace("/", "_")
         layer = next((lyr for lyr in self._viewer.layers if lyr.name == name), None)
+        live = LiveN5Array(out.root, out.key)
         if layer is None:
             kind = self._viewer.add_labels if out.is_labels else self._viewer.add_image
             units = (out.unit,) * len(out.voxel_size) if out.unit != "pixel" else None
-            layer = kind(out.data, name=name, scale=out.voxel_size, units=units, opacity=0.6)
+            kwargs = {"name": name, "scale": out.voxel_size, "units": units, "opacity": 0.6}
+            if not out.is_labels:
+                if live.ndim == 4:  # one channel axis first: napari shows it as a slider
+                    kwargs["scale"] = (1.0, *out.voxel_size)
+                    kwargs["units"] = None
+                kwargs["contrast_limits"] = (0.0, 1.0)  # widened as blocks finish
+            layer = kind(live, **kwargs)
+            self._range = None
             layer.metadata["emparsl"] = {"path": out.root, "key": out.key}
+        elif not isinstance(layer.data, LiveN5Array):
+            layer.data = live
+        else:
+            live = layer.data
         self._output_layer = layer
+        self._live = live
+        self._update_watch()
+
+    def _update_watch(self) -> None:
+        """Tell the live array which plane is on screen while a run goes on (None otherwise)."""
+        live, layer = self._live, self._output_layer
+        if live is None or layer is None:
+            return
+        dims = self._viewer.dims
+        plane = None
+        if self._run is not None and dims.ndisplay == 2:
+            displayed = tuple(dims.displayed[-2:])
+            n = len(dims.point)
+            if displayed == (n - 2, n - 1):  # a z-plane of y, x: the planes blocks are read in
+                z = layer.world_to_data(dims.point)[live.ndim - 3]
+                plane = int(np.clip(round(z), 0, live.shape[live.ndim - 3] - 1))
+        live.watch(plane)
 
     def _refresh_output(self) -> None:
         """Swap in a fresh lazy view of the output N5 (new dask name: no stale cache)."""
@@ -496,9 +584,7 @@ class RunWidget(Container):
             return
         self._dirty = False
         self._last_refresh = time.perf_counter()
-        src = self._output_layer.metadata["emparsl"]
-        # the data setter re-slices once; an extra refresh() would slice (read N5) twice
-        self._output_layer.data = Volume.open(src["path"], src["key"]).data
+        self._output_layer.refresh()  # the plane on screen is read already (LiveN5Array)
 
     def _show_failed_boxes(self) -> None:
         if self._run is None or not hasattr(self._run, "_provenance"):

@@ -35,6 +35,9 @@ class SiteProfile(BaseModel):
     threads_per_worker: PositiveInt = 1
     strategy_period: float = Field(0.2, gt=0)
     worker_init: str = ""
+    # niceness of the worker processes (0-19): a desktop running the GUI stays responsive while
+    # the workers use every core
+    nice: int = Field(0, ge=0, le=19)
 
 
 def user_site_dir() -> Path:
@@ -103,6 +106,12 @@ def _python_bin_on_path() -> None:
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
 
 
+def _worker_init(profile: SiteProfile) -> str:
+    """The profile's worker_init, after lowering the worker pool's priority (inherited)."""
+    renice = f"renice -n {profile.nice} -p $$ >/dev/null 2>&1" if profile.nice else ""
+    return "; ".join(cmd for cmd in (renice, profile.worker_init) if cmd)
+
+
 def make_config(profile: SiteProfile, run_dir: str):
     """A parsl.Config with one executor labelled after the profile (no global parsl.load)."""
     from parsl.config import Config
@@ -124,7 +133,7 @@ def make_config(profile: SiteProfile, run_dir: str):
             heartbeat_period=2,
             heartbeat_threshold=10,  # a killed worker is noticed in seconds, not minutes
             provider=LocalProvider(
-                init_blocks=1, min_blocks=1, max_blocks=1, worker_init=profile.worker_init
+                init_blocks=1, min_blocks=1, max_blocks=1, worker_init=_worker_init(profile)
             ),
         )
     return Config(

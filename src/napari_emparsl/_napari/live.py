@@ -1,0 +1,142 @@
+"""LiveN5Array: the output layer's data while a run writes it (no Qt here).
+
+napari shows the output N5 while workers write it. A dask view would need a fresh graph per
+refresh (its chunk cache would show stale data) and reads the slice on the Qt thread. This
+array-like reads straight from N5 (nothing cached across writes), and keeps one plane — the one
+on screen — that the run's background thread re-reads after each block that touches it, so a
+refresh on the Qt thread only draws.
+
+Consistency: the kept plane is always the watched one (``watch`` drops it), and every finished
+block that touches it re-reads it (``block_written``); any other read goes to disk.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from napari_emparsl.core.n5attrs import VolumeError
+from napari_emparsl.core.volume import Volume
+
+__all__ = ["LiveN5Array"]
+
+
+def _norm_key(key: Any, shape: Sequence[int]) -> tuple[tuple[int, int], ...] | None:
+    """A key of ints / step-1 slices as ((start, stop), ...) per axis; None for anything else."""
+    if not isinstance(key, tuple):
+        key = (key,)
+    if any(k is Ellipsis for k in key) or len(key) > len(shape):
+        return None
+    key = key + (slice(None),) * (len(shape) - len(key))
+    out = []
+    for k, n in zip(key, shape, strict=True):
+        if isinstance(k, (int, np.integer)):
+            i = int(k) + (n if k < 0 else 0)
+            out.append((i, i + 1, True))
+        elif isinstance(k, slice):
+            start, stop, step = k.indices(n)
+            if step != 1:
+                return None
+            out.append((start, stop, False))
+        else:
+            return None
+    return tuple(out)
+
+
+class LiveN5Array:
+    """Array-like over the finest level of an N5 dataset, for a napari layer being written.
+
+    Parameters
+    ----------
+    root, key
+        The output container and dataset.
+    """
+
+    def __init__(self, root: str, key: str) -> None:
+        vol = Volume.open(root, key)
+        self.root, self.key = vol.root, vol.key
+        self.shape = tuple(vol.shape)
+        self.dtype = np.dtype(vol.dtype)
+        self.ndim = len(self.shape)
+        self._volume = vol
+        self._lock = threading.Lock()
+        self._watched: int | None = None  # the plane index (first spatial axis) on screen
+        self._plane: np.ndarray | None = None  # its data, as of the last block that touched it
+        self.plane_hits = 0  # reads answered from the kept plane (for tests and benchmarks)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"LiveN5Array({self.root}:{self.key}, shape={self.shape}, dtype={self.dtype})"
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _read(self, region: tuple[slice, ...]) -> np.ndarray:
+        # a worker may be writing a chunk of this region right now: a half-written chunk file
+        # reads as corrupt; it is whole again a moment later
+        for attempt in range(4):
+            try:
+                return self._volume.read(region)
+            except VolumeError:
+                if attempt == 3:
+                    raise
+                time.sleep(0.05)
+        raise AssertionError("unreachable")
+
+    def _plane_region(self, z: int) -> tuple[slice, ...]:
+        lead = (slice(None),) * (self.ndim - 3)  # channels of an image output come first
+        return (*lead, slice(z, z + 1), slice(None), slice(None))
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        norm = _norm_key(key, self.shape)
+        if norm is None:  # fancy indexing: read everything, index in memory
+            return np.asarray(self._read((slice(None),) * self.ndim))[key]
+        axis = self.ndim - 3
+        with self._lock:
+            plane, watched = self._plane, self._watched
+        if plane is not None and watched is not None:
+            z0, z1, _ = norm[axis]
+            if z0 >= watched and z1 <= watched + 1 and z1 > z0:
+                self.plane_hits += 1
+                sub = tuple(
+                    slice(0, 1) if i == axis else slice(a, b) for i, (a, b, _) in enumerate(norm)
+                )
+                out = plane[sub]
+                return out[tuple(0 if drop else slice(None) for *_, drop in norm)]
+        region = tuple(slice(a, b) for a, b, _ in norm)
+        out = self._read(region)
+        return out[tuple(0 if drop else slice(None) for *_, drop in norm)]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[(slice(None),) * self.ndim]
+        return out.astype(dtype) if dtype is not None else out
+
+    # -- the plane on screen -------------------------------------------------------------------
+
+    def watch(self, z: int | None) -> None:
+        """The plane now on screen (None: none, e.g. a 3D view); drops the kept plane."""
+        with self._lock:
+            if z != self._watched:
+                self._watched, self._plane = z, None
+
+    def block_written(self, z_begin: int, z_end: int) -> bool:
+        """A block covering planes z_begin:z_end was written; re-read the watched plane if it
+        is among them (call off the Qt thread). Returns whether the watched plane changed."""
+        with self._lock:
+            z = self._watched
+        if z is None or not z_begin <= z < z_end:
+            return False
+        plane = self._read(self._plane_region(z))
+        with self._lock:
+            if self._watched == z:  # not moved meanwhile
+                self._plane = plane
+        return True

@@ -1,0 +1,44 @@
+"""LiveN5Array: reads straight from N5, keeps only the watched plane, re-read per written block."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from napari_emparsl._napari.live import LiveN5Array
+from napari_emparsl.core.volume import Volume
+
+
+def test_reads_follow_writes_and_the_kept_plane_is_fresh(tmp_path):
+    out = Volume.create(tmp_path / "o.n5", "pred", (8, 16, 16), "uint8", (4, 8, 8))
+    live = LiveN5Array(str(tmp_path / "o.n5"), "pred")
+    assert live.shape == (8, 16, 16) and live.dtype == np.uint8 and live.ndim == 3
+    assert not np.asarray(live).any()
+    # no cache across writes: a block written by a worker shows on the next read
+    out.write(np.full((4, 8, 8), 3, np.uint8), (0, 0, 0))
+    assert live[2, 0, 0] == 3 and live[(slice(2, 3), slice(None), slice(None))].shape == (1, 16, 16)
+    # the watched plane is kept once a block touching it was written (read off the Qt thread)
+    live.watch(2)
+    out.write(np.full((4, 8, 8), 5, np.uint8), (0, 8, 8))
+    assert live.block_written(0, 4) and live.plane_hits == 0
+    plane = live[(slice(2, 3), slice(None), slice(None))]
+    assert live.plane_hits == 1 and plane[0, 12, 12] == 5 and plane[0, 0, 0] == 3
+    assert live[2, 1:3, 9].tolist() == [0, 0] and live.plane_hits == 2
+    # other planes, fancy keys and blocks elsewhere go to disk
+    assert not live.block_written(4, 8)
+    assert live[5].shape == (16, 16) and live.plane_hits == 2
+    assert live[[0, 2], 0, 0].tolist() == [3, 3]
+    # moving away drops the kept plane: coming back never shows what was kept before
+    live.watch(6)
+    out.write(np.full((4, 8, 8), 7, np.uint8), (0, 8, 8))
+    live.watch(2)
+    assert live[2, 12, 12] == 7 and live.plane_hits == 2
+
+
+def test_image_output_with_channels(tmp_path):
+    out = Volume.create(tmp_path / "o.n5", "img", (2, 4, 8, 8), "float32", (1, 4, 8, 8))
+    out.write(np.ones((2, 4, 8, 8), np.float32), (0, 0, 0, 0))
+    live = LiveN5Array(str(tmp_path / "o.n5"), "img")
+    live.watch(1)
+    assert live.block_written(0, 4)
+    assert live[:, 1].shape == (2, 8, 8) and live.plane_hits == 1
+    assert float(live[1, 1, 2, 2]) == 1.0
