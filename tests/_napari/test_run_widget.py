@@ -228,3 +228,98 @@ def test_closing_viewer_during_run_asks_and_stops_workers(make_napari_viewer, qt
         if "process_worker_pool" in " ".join(p.info["cmdline"] or [])
     ]
     assert pools == []
+
+
+def test_preview_of_what_is_on_screen_2d_and_3d(make_napari_viewer, qtbot, sample_path):
+    from napari_emparsl.core.ledger import Ledger
+
+    viewer = make_napari_viewer(show=True)
+    widget = _setup(viewer, sample_path)  # 64³ blocks on the 128³ sample (8 nm voxels)
+    widget.site.value = "threads"
+    qtbot.wait(100)
+    height, width = viewer.canvas.size
+    zoom = max(height, width) / (40 * 8)  # about 40 voxels across the canvas's longer side
+    # 2D, no rectangle drawn: the visible part of the current slice
+    viewer.dims.set_point(0, 20 * 8)
+    camera = viewer.scene.camera
+    camera.center = (20 * 8, 30 * 8, 100 * 8)
+    camera.zoom = zoom
+    roi = widget.preview_region()
+    assert roi.begin[0] == 20 and roi.shape[0] == 1
+    assert roi.begin[1] <= 30 < roi.end[1] and roi.begin[2] <= 100 < roi.end[2]
+    assert 38 <= max(roi.shape[1:]) <= 42 and min(roi.shape[1:]) >= 10
+    widget.preview_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    ledger = Ledger(str(sample_path), "pred")
+    assert set(ledger.summary().done) == {1}  # z-block 0, y-block 0, x-block 1
+    # 3D: the visible box around the focal point, as deep as it is wide
+    viewer.dims.ndisplay = 3
+    camera.center = (90 * 8, 100 * 8, 30 * 8)
+    camera.zoom = zoom
+    qtbot.wait(50)
+    roi = widget.preview_region()
+    assert roi.begin[0] < 90 < roi.end[0] and 38 <= roi.shape[0] <= 46
+    assert roi.begin[1] <= 100 < roi.end[1] and roi.begin[2] <= 30 < roi.end[2]
+    assert roi.shape[1] < 128 and roi.shape[2] < 128
+    widget.preview_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    assert set(ledger.summary().done) == {1, 6}  # + z-block 1, y-block 1, x-block 0
+
+
+def test_super_resolution_preview_is_an_image_layer_on_the_finer_grid(
+    make_napari_viewer, qtbot, sample_path, tmp_path
+):
+    import torch
+    from torch import nn
+
+    class SuperRes(nn.Module):  # ×2 in y, x: conv, nearest upsampling, conv
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv3d(1, 4, 3, padding=1)
+            self.b = nn.Conv3d(4, 1, 3, padding=1)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            y = nn.functional.interpolate(y, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
+            return self.b(y)
+
+    torch.manual_seed(3)
+    model = tmp_path / "sr.pt"
+    torch.jit.save(torch.jit.script(SuperRes().eval()), str(model))
+    (tmp_path / "sr.pt.yaml").write_text(
+        "kind: image\nhalo: [2, 2, 2]\nscale: [1, 2, 2]\nnormalize: zscore\nblock: [32, 64, 64]\n"
+    )
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    widget.model_file.value = str(model)
+    widget.block.value = ""  # the model's 32×64×64
+    widget.output.value = f"{sample_path}:sr"
+    assert "image, 1 channel(s)" in widget.model_info.value
+    assert "scale [1, 2, 2]" in widget.model_info.value
+    widget.site.value = "threads"
+    viewer.dims.set_point(0, 40 * 8)
+    viewer.add_shapes([np.array([[40, 10, 70], [40, 10, 100], [40, 50, 100], [40, 50, 70]]) * 8.0],
+                      shape_type="rectangle", name="region")  # fmt: skip
+    widget.preview_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    assert widget.status.value == "finished: 1/1 done, 0 failed"
+    layer = widget._output_layer
+    raw = viewer.layers["raw"]
+    # an Image layer on the output grid: 4 nm in y, x, covering the same space as the input (an
+    # 8 nm voxel centred at 0 covers -4..4: its two 4 nm voxels are centred at -2 and 2)
+    assert layer._type_string == "image" and layer.data.shape == (128, 256, 256)
+    np.testing.assert_allclose(layer.scale, (8.0, 4.0, 4.0))
+    np.testing.assert_allclose(layer.translate, (0.0, -2.0, -2.0))
+    half_in, half_out = np.array([4.0, 4.0, 4.0]), np.array([4.0, 2.0, 2.0])
+    np.testing.assert_allclose(layer.extent.world[0] - half_out, raw.extent.world[0] - half_in)
+    np.testing.assert_allclose(layer.extent.world[1] + half_out, raw.extent.world[1] + half_in)
+    # its data equals the CLI's for the same region; the contrast follows the computed values
+    assert main(["run", "--input", f"{sample_path}:raw", "--model", str(model), "--output",
+                 f"{tmp_path}/cli.n5:sr", "--site", "threads", "--roi", "40:41,10:50,70:100"]) == 0  # fmt: skip
+    cli = Volume.open(tmp_path / "cli.n5", "sr").data.compute()
+    shown = np.asarray(layer.data)
+    np.testing.assert_array_equal(shown[40, 20:100, 140:200], cli[40, 20:100, 140:200])
+    lo, hi = layer.contrast_limits
+    block = shown[32:64, 0:128, 128:256]  # the one block computed (output voxels)
+    assert lo == pytest.approx(float(block.min())) and hi == pytest.approx(float(block.max()))
+    assert not shown[:32].any()  # nothing else was computed

@@ -91,6 +91,8 @@ def test_super_resolution_x2(tmp_path, superres_model, float_volume):
     assert ev.ok
     out = Volume.open(tmp_path / "out.n5", "sr")
     assert out.shape == (40, 100, 120) and out.voxel_size == (40.0, 4.0, 4.0)
+    # voxel centres: the two 4 nm voxels of an 8 nm voxel centred at 0 are centred at -2 and 2
+    assert out.offset == (0.0, -2.0, -2.0)
     full = forward(superres_model, data)[0]
     np.testing.assert_allclose(
         out.data.compute()[2:-2, 4:-4, 4:-4], full[2:-2, 4:-4, 4:-4], atol=1e-4

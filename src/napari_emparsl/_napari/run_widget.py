@@ -121,7 +121,9 @@ class RunWidget(Container):
         )
         self.preview_btn = PushButton(
             text="Preview region",
-            tooltip="compute only the blocks under the rectangle of the 'region' Shapes layer (or the current slice)",
+            tooltip="compute only the blocks under the rectangle of the 'region' Shapes layer, "
+            "or else those of what is on screen (2D: the visible part of the slice; 3D: the "
+            "visible box)",
         )
         self.run_btn = PushButton(
             text="Run / resume",
@@ -260,12 +262,21 @@ class RunWidget(Container):
         return self.model_file.value.strip() or self.model.value
 
     def preview_region(self) -> Roi:
-        """The rectangle of the 'region' Shapes layer on the current slice, or the whole slice."""
+        """The region a preview computes (input voxels).
+
+        The last rectangle of the 'region' Shapes layer on the current slice; without one, what is
+        on screen: in 2D the visible part of the current slice, in 3D the visible box — the
+        visible footprint around the camera's focus, as deep as it is wide. The plan then adds
+        the blocks' context (halo) itself.
+        """
         layer = self.input.value
         vol = Volume.open(*_source_of(layer))
-        z = round(layer.world_to_data(self._viewer.dims.point)[0])
-        z = min(max(z, 0), vol.shape[0] - 1)
-        y0, x0, y1, x1 = 0, 0, vol.shape[1], vol.shape[2]
+        shape = vol.shape[-3:]
+        dims = self._viewer.dims
+        z = round(layer.world_to_data(dims.point)[-3])
+        z = min(max(z, 0), shape[0] - 1)
+        z0, z1 = z, z + 1
+        y0, x0, y1, x1 = 0, 0, shape[1], shape[2]
         shapes = [
             lyr
             for lyr in self._viewer.layers
@@ -277,9 +288,49 @@ class RunWidget(Container):
             )
             y0, x0 = np.floor(pts[:, -2:].min(axis=0)).astype(int)
             y1, x1 = np.ceil(pts[:, -2:].max(axis=0)).astype(int)
+        else:
+            visible = self._visible_box(layer, shape)
+            if visible is not None:
+                (z0, y0, x0), (z1, y1, x1) = visible
         y0, x0 = max(0, y0), max(0, x0)
-        y1, x1 = min(vol.shape[1], max(y1, y0 + 1)), min(vol.shape[2], max(x1, x0 + 1))
-        return Roi.from_bounds((z, y0, x0), (z + 1, y1, x1))
+        y1, x1 = min(shape[1], max(y1, y0 + 1)), min(shape[2], max(x1, x0 + 1))
+        return Roi.from_bounds((z0, y0, x0), (z1, y1, x1))
+
+    def _visible_box(self, layer: Any, shape: tuple[int, ...]) -> tuple | None:
+        """What the canvas shows of ``layer`` (voxels), or None when the canvas has no size.
+
+        From the camera: its centre ± half the canvas size / zoom, in world units, in y and x
+        (in 3D: the footprint at the focal point of a view along z; the box is as deep as it
+        is wide around the focal point).
+        """
+        viewer = self._viewer
+        camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+        height, width = (float(v) for v in viewer.canvas.size)
+        zoom = float(camera.zoom)
+        if height < 2 or width < 2 or zoom <= 0:
+            return None
+        center = np.asarray(layer.world_to_data(viewer.dims.point), dtype=float)
+        cam = np.asarray(camera.center, dtype=float)
+        world = np.asarray(viewer.dims.point, dtype=float)
+        world[-2:] = cam[-2:]
+        if viewer.dims.ndisplay == 3:
+            world[-3] = cam[-3]
+        lo, hi = world.copy(), world.copy()
+        lo[-2:] -= (height / zoom / 2, width / zoom / 2)
+        hi[-2:] += (height / zoom / 2, width / zoom / 2)
+        a, b = np.asarray(layer.world_to_data(lo)), np.asarray(layer.world_to_data(hi))
+        y0, x0 = np.floor(np.minimum(a, b)[-2:]).astype(int)
+        y1, x1 = np.ceil(np.maximum(a, b)[-2:]).astype(int)
+        y0, x0 = max(0, y0), max(0, x0)
+        y1, x1 = min(shape[1], y1), min(shape[2], x1)
+        if y1 <= y0 or x1 <= x0:
+            return None
+        if viewer.dims.ndisplay != 3:
+            z = min(max(round(center[-3]), 0), shape[0] - 1)
+            return (z, y0, x0), (z + 1, y1, x1)
+        cz = min(max(round(float(layer.world_to_data(world)[-3])), 0), shape[0] - 1)
+        half = max(y1 - y0, x1 - x0) // 2
+        return (max(0, cz - half), y0, x0), (min(shape[0], cz + half + 1), y1, x1)
 
     def preview(self, *_: Any) -> None:
         try:
@@ -546,10 +597,14 @@ class RunWidget(Container):
         if layer is None:
             kind = self._viewer.add_labels if out.is_labels else self._viewer.add_image
             units = (out.unit,) * len(out.voxel_size) if out.unit != "pixel" else None
-            kwargs = {"name": name, "scale": out.voxel_size, "units": units, "opacity": 0.6}
+            kwargs = {
+                "name": name, "scale": out.voxel_size, "translate": out.offset,
+                "units": units, "opacity": 0.6,
+            }  # fmt: skip
             if not out.is_labels:
                 if live.ndim == 4:  # one channel axis first: napari shows it as a slider
                     kwargs["scale"] = (1.0, *out.voxel_size)
+                    kwargs["translate"] = (0.0, *out.offset[-3:])
                     kwargs["units"] = None
                 kwargs["contrast_limits"] = (0.0, 1.0)  # widened as blocks finish
             layer = kind(live, **kwargs)

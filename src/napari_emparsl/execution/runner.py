@@ -304,6 +304,11 @@ class Run:
     def _create_output(self, src: Volume, spec: ModelSpec, out_shape, chunks) -> Volume:
         dtype = spec.label_dtype if spec.kind == "labels" else "float32"
         vs = tuple(v / s for v, s in zip(src.voxel_size, spec.scale, strict=True))
+        # voxel centres: an input voxel centred at x covers x ± v/2; its s output voxels are
+        # centred at x - v/2 + v/s * (k + 1/2), so the output grid starts (v/s - v)/2 further
+        origin = tuple(
+            o + (w - v) / 2 for o, v, w in zip(src.offset[-3:], src.voxel_size, vs, strict=True)
+        )
         shape = out_shape
         if spec.kind == "image" and spec.out_channels > 1:
             shape, chunks = (spec.out_channels, *out_shape), (1, *chunks)
@@ -313,6 +318,7 @@ class Run:
         return Volume.create(
             self.output_root, self.output_key, shape, dtype, chunks,
             voxel_size=vs, unit=src.unit, attrs=attrs, overwrite=self.overwrite,
+            offset=origin if any(origin) else None,
         )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------
