@@ -323,3 +323,37 @@ def test_super_resolution_preview_is_an_image_layer_on_the_finer_grid(
     block = shown[32:64, 0:128, 128:256]  # the one block computed (output voxels)
     assert lo == pytest.approx(float(block.min())) and hi == pytest.approx(float(block.max()))
     assert not shown[:32].any()  # nothing else was computed
+
+
+def test_model_without_description_is_asked_for_what_it_lacks(
+    make_napari_viewer, qtbot, sample_path, tmp_path
+):
+    import torch
+
+    # a TorchScript file with no .yaml beside it: the panel asks for what the run needs
+    m = torch.nn.Sequential(torch.nn.Conv3d(1, 1, 3, padding=1))
+    torch.jit.save(torch.jit.script(m.eval()), str(tmp_path / "bare.pt"))
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    widget.model_file.value = str(tmp_path / "bare.pt")
+    assert "not described: set kind, halo, classes in model options" in widget.model_info.value
+    widget.model_options.value = "kind=image; halo=2,2,2"
+    assert "not described" not in widget.model_info.value
+    assert widget.model_info.value.startswith("image, 1 channel(s)")
+    assert "halo [2, 2, 2]" in widget.model_info.value
+    # a state dict says nothing about its network either
+    torch.save(m.state_dict(), tmp_path / "weights.pt")
+    widget.model_file.value = str(tmp_path / "weights.pt")
+    assert "architecture" in widget.model_info.value.split("not described: set ")[1]
+    # the options reach the run: the preview computes with them
+    widget.model_file.value = str(tmp_path / "bare.pt")
+    widget.output.value = f"{sample_path}:bare"
+    widget.site.value = "threads"
+    widget.model_options.value = "kind=image; halo=2,2,2; normalize=zscore"
+    widget.preview_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    assert widget.status.value.startswith("finished: 4/4 done"), widget.status.value
+    out = Volume.open(sample_path, "bare")
+    assert out.dtype == np.float32 and widget._output_layer._type_string == "image"
+    widget.model_options.value = "halo=oops"
+    assert widget.model_info.value.startswith("⚠ The model option 'halo'")

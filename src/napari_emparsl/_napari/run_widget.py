@@ -102,6 +102,11 @@ class RunWidget(Container):
             label="model file",
             tooltip="optional: a TorchScript / state-dict model file (overrides the choice above)",
         )
+        self.model_options = LineEdit(
+            label="model options",
+            tooltip="key=value; … what the model's description (its .yaml) lacks or should "
+            "differ, e.g. kind=image; halo=16,16,16 (as --model-option on the command line)",
+        )
         self.model_info = Label(label="model says", value="")
         self.site = ComboBox(
             label="site", choices=self._site_choices, tooltip="where blocks are computed"
@@ -146,7 +151,8 @@ class RunWidget(Container):
             label="failed blocks", choices=[], tooltip="blocks that failed, with their errors"
         )
         self.extend([
-            self.input, self.model, self.model_file, self.model_info, self.site, self.test_site_btn,
+            self.input, self.model, self.model_file, self.model_options, self.model_info,
+            self.site, self.test_site_btn,
             self.output, self.block, self.halo,
             self.preview_btn, self.run_btn, self.cancel_btn, self.progress, self.estimate, self.status,
             self.failed_list,
@@ -157,6 +163,7 @@ class RunWidget(Container):
         self.input.changed.connect(self._describe_model)
         self.model.changed.connect(self._describe_model)
         self.model_file.changed.connect(self._describe_model)
+        self.model_options.changed.connect(self._describe_model)
         self.test_site_btn.changed.connect(self.test_site)
         self.preview_btn.changed.connect(self.preview)
         self.run_btn.changed.connect(self.start_full_run)
@@ -204,12 +211,21 @@ class RunWidget(Container):
         if src and not self.output.value:
             self.output.value = f"{src[0]}:predictions/{os.path.basename(src[1]) or 'data'}"
 
+    def _options(self) -> dict[str, Any]:
+        """The model options field: ``key=value; key=value`` (UserError when malformed)."""
+        from napari_emparsl.core.models.spec import parse_options
+
+        items = [i.strip() for i in self.model_options.value.split(";") if i.strip()]
+        return parse_options(items)
+
     def _describe_model(self, *_: Any) -> None:
-        """Show what the model declares; warn when it does not fit the chosen volume."""
-        from napari_emparsl.core.models.loaders import describe_model
+        """Show what the model declares, ask for what it lacks, warn when it does not fit."""
+        from napari_emparsl.core.models.loaders import describe_model, missing_description
 
         try:
-            spec = describe_model(self._model())
+            options = self._options()
+            spec = describe_model(self._model(), options)
+            missing = missing_description(self._model(), options)
         except UserError as err:
             self.model_info.value = f"⚠ {err}"
             return
@@ -231,6 +247,8 @@ class RunWidget(Container):
             channels = vol.shape[vol.axes.index("c")] if "c" in vol.axes else 1
             if channels != spec.in_channels:
                 text += f" — ⚠ the volume has {channels} channel(s)"
+        if missing:
+            text += f" — ⚠ not described: set {', '.join(missing)} in model options"
         self.model_info.value = text
 
     def test_site(self, *_: Any) -> None:
@@ -363,12 +381,13 @@ class RunWidget(Container):
         try:
             block = _triple(self.block.value, "block", 1)
             halo = _triple(self.halo.value, "halo", 0)
+            options = self._options()
         except UserError as err:
             self._error(str(err))
             return
         run = Run(
             f"{src[0]}:{src[1]}", self._model(), self.output.value, site=site, roi=roi,
-            block=block, halo=halo,
+            block=block, halo=halo, model_options=options,
         )  # fmt: skip
         self._run = run
         from napari_emparsl._napari.runs_widget import remember_output

@@ -24,6 +24,7 @@ __all__ = [
     "describe_model",
     "file_hash",
     "load_model",
+    "missing_description",
     "resolve_model",
 ]
 
@@ -70,6 +71,18 @@ def describe_model(model: str, options: Mapping[str, Any] | None = None) -> Mode
     """The model's spec from its sidecar and options, without loading any weights."""
     path = resolve_model(model)
     return ModelSpec.from_mapping(read_sidecar(path), f"{path}.yaml").with_options(options or {})
+
+
+def missing_description(model: str, options: Mapping[str, Any] | None = None) -> list[str]:
+    """Keys a model file needs but neither its sidecar nor ``options`` give (the GUI asks)."""
+    path = resolve_model(model)
+    given = set(read_sidecar(path)) | set(options or {})
+    missing = [k for k in ("kind", "halo") if k not in given]
+    if "kind" not in given and "classes" not in given:
+        missing.append("classes")  # labels: one name per output channel
+    if os.path.isfile(path) and not _is_torchscript(path) and "architecture" not in given:
+        missing.append("architecture")  # a state dict: which built-in network to fill
+    return missing
 
 
 def _is_torchscript(path: str) -> bool:
