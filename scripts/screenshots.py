@@ -93,9 +93,11 @@ def main() -> int:
         [raw] = viewer.open(str(sample / "raw"), plugin="napari-emparsl")
         widget = RunWidget(viewer)
         dock = viewer.window.add_dock_widget(widget, name="EM Parsl: run")
+        widget.native.setMaximumWidth(460)  # leave the canvas most of the window
         widget.input.reset_choices()
         widget.input.value = raw
         widget.site.value = "threads"
+        widget.block.value = "64"  # 32 blocks: the preview computes a few of them
         viewer.dims.set_point(0, z * 8)
         rect = np.array([[z, 40, 60], [z, 40, 200], [z, 150, 200], [z, 150, 60]]) * 8.0
         viewer.add_shapes([rect], shape_type="rectangle", name="region", edge_color="yellow",

@@ -159,6 +159,9 @@ class RunWidget(Container):
             self.retry_btn,
         ])  # fmt: skip
 
+        for label in (self.model_info, self.estimate, self.status):
+            label.native.setWordWrap(True)  # long sentences wrap instead of widening the dock
+        self.failed_list.native.setMaximumHeight(140)
         self.input.changed.connect(self._suggest_output)
         self.input.changed.connect(self._describe_model)
         self.model.changed.connect(self._describe_model)
