@@ -267,3 +267,23 @@ def test_cancel_leaves_no_workers_and_resume_completes(tmp_path, unet_model):
         Volume.open(tmp_path / "out.n5", "seg").data.compute(),
         Volume.open(tmp_path / "ref.n5", "seg").data.compute(),
     )
+
+
+def test_block_started_where_the_site_tells(tmp_path, conv_model, float_volume):
+    from napari_emparsl.core.events import BlockDone, BlockStarted
+
+    src, _ = float_volume
+    events = list(Run(src, conv_model, f"{tmp_path}/o.n5:x", site="threads").events())
+    started = [e.block_id for e in events if isinstance(e, BlockStarted)]
+    done = [e.result.block_id for e in events if isinstance(e, BlockDone)]
+    assert sorted(started) == sorted(done) == list(range(48))
+    for block_id in done:  # each block is reported started before it is reported done
+        first_start = next(i for i, e in enumerate(events)
+                           if isinstance(e, BlockStarted) and e.block_id == block_id)  # fmt: skip
+        first_done = next(i for i, e in enumerate(events)
+                          if isinstance(e, BlockDone) and e.result.block_id == block_id)  # fmt: skip
+        assert first_start < first_done
+    # HTEX workers report finished tasks only: no BlockStarted, the run is otherwise the same
+    events = list(Run(src, conv_model, f"{tmp_path}/o2.n5:x", site="local").events())
+    assert not any(isinstance(e, BlockStarted) for e in events)
+    assert sum(isinstance(e, BlockDone) for e in events) == 48

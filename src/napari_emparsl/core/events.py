@@ -6,7 +6,15 @@ from dataclasses import dataclass
 
 from napari_emparsl.core.blockwise import BlockResult
 
-__all__ = ["BlockDone", "BlockFailed", "Cancelled", "Finished", "Planned", "RunEvent"]
+__all__ = [
+    "BlockDone",
+    "BlockFailed",
+    "BlockStarted",
+    "Cancelled",
+    "Finished",
+    "Planned",
+    "RunEvent",
+]
 
 
 @dataclass(frozen=True)
@@ -20,6 +28,15 @@ class Planned(RunEvent):
     todo: int  # not done yet (the rest were done by an earlier run or preview)
     output: str  # OUT.n5:KEY
     voxels_todo: int
+
+
+@dataclass(frozen=True)
+class BlockStarted(RunEvent):
+    """A worker began computing a block. Only where the site tells: the in-process ``threads``
+    site does; HTEX-based sites report finished tasks only."""
+
+    block_id: int
+    worker: str
 
 
 @dataclass(frozen=True)

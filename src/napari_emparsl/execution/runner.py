@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import queue
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -26,6 +27,7 @@ from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.events import (
     BlockDone,
     BlockFailed,
+    BlockStarted,
     Cancelled,
     Finished,
     Planned,
@@ -362,8 +364,17 @@ class Run:
         failed_final: set[int] = set()
         try:
             dfk = site.dfk()
-            app = PythonApp(process_batch, data_flow_kernel=dfk, executors=[profile.name])
             results: queue.Queue = queue.Queue()
+            task = process_batch
+            if profile.kind == "threads":  # same process: a block can say when it starts
+
+                def process_batch_reporting(jobs: list[BlockJob]) -> list[BlockResult]:
+                    worker = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+                    results.put(("started", ([j.block.id for j in jobs], worker)))
+                    return process_batch(jobs)
+
+                task = process_batch_reporting
+            app = PythonApp(task, data_flow_kernel=dfk, executors=[profile.name])
             size = self.batch or _auto_batch(plan.blocks[0], plan.spec)
             pending = [todo[i : i + size] for i in range(0, len(todo), size)][::-1]
             attempts: dict[int, int] = {}
@@ -401,6 +412,10 @@ class Run:
                 try:
                     batch, fut = results.get(timeout=0.2)
                 except queue.Empty:
+                    continue
+                if batch == "started":
+                    for block_id in fut[0]:
+                        yield self._emit(BlockStarted(block_id, fut[1]))
                     continue
                 in_flight -= 1
                 for blk, result in zip(batch, self._results_of(batch, fut), strict=True):
