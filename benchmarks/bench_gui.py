@@ -109,6 +109,14 @@ def main() -> None:
             spans.append(("activity dock", t, time.perf_counter()))
 
         widget._update_activity = timed_activity
+        original_finished = widget._on_finished
+
+        def timed_finished() -> None:
+            t = time.perf_counter()
+            original_finished()
+            spans.append(("run finished", t, time.perf_counter()))
+
+        widget._on_finished = timed_finished
 
         widget._refresh_output = timed_refresh
         widget._timer.timeout.disconnect()

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import subprocess
@@ -127,18 +128,23 @@ def bench_end_to_end(tmp: Path, shape: tuple[int, int, int]) -> dict:
     run_s = float(stdout.split("blocks done, 0 failed, ")[1].split(" s")[0])
     workers = 2
     overhead = max(0.0, run_s * workers - sum(block_s)) / len(block_s)
-    # steady state: after the first round of blocks (start-up, model loading) is over
-    recs = sorted(summary.done.values(), key=lambda r: r["time"])
-    k = workers  # the first round of blocks: start-up and model loading
-    steady = recs[k:]
-    per_block_wall = (recs[-1]["time"] - recs[k - 1]["time"]) * workers / len(steady)
-    steady_block = float(np.mean([r["t_read"] + r["t_compute"] + r["t_write"] for r in steady]))
-    steady_compute = float(np.mean([r["t_compute"] for r in steady]))
+    # steady state, per worker: between two consecutive blocks of one worker, the coordinator's
+    # clock advances by the later block's own time (read + compute + write) plus the overhead
+    # (result back, next task out); the first block of each worker (start-up) is left out
+    by_worker: dict[str, list[dict]] = {}
+    for r in sorted(summary.done.values(), key=lambda r: r["time"]):
+        by_worker.setdefault(r["worker"], []).append(r)
+    gaps, computes = [], []
+    for recs in by_worker.values():
+        for a, b in itertools.pairwise(recs):
+            gaps.append(b["time"] - a["time"] - (b["t_read"] + b["t_compute"] + b["t_write"]))
+            computes.append(b["t_compute"])
+    steady = float(np.median(gaps)) if gaps else float("nan")
+    steady_compute = float(np.mean(computes)) if computes else float("nan")
     out |= {
-        "steady_overhead_per_block_s": round(per_block_wall - steady_block, 4),
-        "steady_overhead_vs_block_compute": round(
-            (per_block_wall - steady_block) / steady_compute, 4
-        ),
+        "steady_overhead_per_block_s": round(steady, 4),
+        "steady_overhead_vs_block_compute": round(steady / steady_compute, 4),
+        "steady_pairs": len(gaps),
         "blocks": len(block_s),
         "run_loop_s": run_s,
         "mean_block_s": round(float(np.mean(block_s)), 3),
