@@ -117,6 +117,17 @@ def main() -> None:
             spans.append(("run finished", t, time.perf_counter()))
 
         widget._on_finished = timed_finished
+        import gc
+
+        gc_start: list[float] = []
+
+        def on_gc(phase: str, info: dict) -> None:  # garbage collections hold the interpreter
+            if phase == "start":
+                gc_start.append(time.perf_counter())
+            elif gc_start:
+                spans.append((f"gc gen{info['generation']}", gc_start.pop(), time.perf_counter()))
+
+        gc.callbacks.append(on_gc)
 
         widget._refresh_output = timed_refresh
         widget._timer.timeout.disconnect()
