@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("EMPARSL_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -46,3 +48,28 @@ def small_n5(tmp_path: Path) -> tuple[Path, np.ndarray]:
     path = tmp_path / "small.n5"
     save_array(path, "raw", data, chunks=(8, 16, 16), voxel_size=(30, 10, 10))
     return path, data
+
+
+class SuperRes(nn.Module):
+    """×2 in y, x: conv, nearest upsample, conv (radius 1 input + 1 output voxel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv3d(1, 4, 3, padding=1)
+        self.b = nn.Conv3d(4, 1, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        y = nn.functional.interpolate(y, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
+        return self.b(y)
+
+
+@pytest.fixture
+def superres_model(tmp_path) -> str:
+    torch.manual_seed(3)
+    path = tmp_path / "sr.pt"
+    torch.jit.save(torch.jit.script(SuperRes().eval()), str(path))
+    (tmp_path / "sr.pt.yaml").write_text(
+        "kind: image\nhalo: [2, 2, 2]\nscale: [1, 2, 2]\nblock: [16, 16, 16]\n"
+    )
+    return str(path)

@@ -267,31 +267,15 @@ def test_preview_of_what_is_on_screen_2d_and_3d(make_napari_viewer, qtbot, sampl
 
 
 def test_super_resolution_preview_is_an_image_layer_on_the_finer_grid(
-    make_napari_viewer, qtbot, sample_path, tmp_path
+    make_napari_viewer, qtbot, sample_path, tmp_path, superres_model
 ):
-    import torch
-    from torch import nn
-
-    class SuperRes(nn.Module):  # ×2 in y, x: conv, nearest upsampling, conv
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Conv3d(1, 4, 3, padding=1)
-            self.b = nn.Conv3d(4, 1, 3, padding=1)
-
-        def forward(self, x):
-            y = torch.relu(self.a(x))
-            y = nn.functional.interpolate(y, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
-            return self.b(y)
-
-    torch.manual_seed(3)
-    model = tmp_path / "sr.pt"
-    torch.jit.save(torch.jit.script(SuperRes().eval()), str(model))
+    model = superres_model  # ×2 in y, x (tests/conftest.py); here with a larger block
     (tmp_path / "sr.pt.yaml").write_text(
         "kind: image\nhalo: [2, 2, 2]\nscale: [1, 2, 2]\nnormalize: zscore\nblock: [32, 64, 64]\n"
     )
     viewer = make_napari_viewer()
     widget = _setup(viewer, sample_path)
-    widget.model_file.value = str(model)
+    widget.model_file.value = model
     widget.block.value = ""  # the model's 32×64×64
     widget.output.value = f"{sample_path}:sr"
     assert "image, 1 channel(s)" in widget.model_info.value
@@ -314,7 +298,7 @@ def test_super_resolution_preview_is_an_image_layer_on_the_finer_grid(
     np.testing.assert_allclose(layer.extent.world[0] - half_out, raw.extent.world[0] - half_in)
     np.testing.assert_allclose(layer.extent.world[1] + half_out, raw.extent.world[1] + half_in)
     # its data equals the CLI's for the same region; the contrast follows the computed values
-    assert main(["run", "--input", f"{sample_path}:raw", "--model", str(model), "--output",
+    assert main(["run", "--input", f"{sample_path}:raw", "--model", model, "--output",
                  f"{tmp_path}/cli.n5:sr", "--site", "threads", "--roi", "40:41,10:50,70:100"]) == 0  # fmt: skip
     cli = Volume.open(tmp_path / "cli.n5", "sr").data.compute()
     shown = np.asarray(layer.data)

@@ -61,30 +61,6 @@ def conv2d_model(tmp_path) -> str:
     )
 
 
-class SuperRes(nn.Module):
-    """×2 in y, x: conv, nearest upsample, conv (radius 1 input + 1 output voxel)."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv3d(1, 4, 3, padding=1)
-        self.b = nn.Conv3d(4, 1, 3, padding=1)
-
-    def forward(self, x):
-        y = torch.relu(self.a(x))
-        y = nn.functional.interpolate(y, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
-        return self.b(y)
-
-
-@pytest.fixture
-def superres_model(tmp_path) -> str:
-    torch.manual_seed(3)
-    return save_script(
-        SuperRes(),
-        tmp_path / "sr.pt",
-        "kind: image\nhalo: [2, 2, 2]\nscale: [1, 2, 2]\nblock: [16, 16, 16]\n",
-    )
-
-
 class FailsOnMarker(nn.Module):
     """Raises on blocks whose input holds the marker value 255 (a model that breaks on some data)."""
 
