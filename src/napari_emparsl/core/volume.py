@@ -50,6 +50,7 @@ __all__ = [
     "parse_spec",
     "pyramid_factors",
     "save_array",
+    "volume_stats",
     "write_pyramid",
 ]
 
@@ -702,3 +703,9 @@ def save_array(
     # one task per output chunk: no two tasks write the same chunk file
     da.store(arr.rechunk(vol.chunks).astype(vol.dtype), ds, lock=False)
     return vol
+
+
+def volume_stats(volume: Volume, max_voxels: int = 2_000_000) -> tuple[float, float]:
+    """Global mean and std of a volume, from its coarsest pyramid level or a strided sample."""
+    sample = volume.sample(max_voxels).astype(np.float64)
+    return float(sample.mean()), float(sample.std() or 1.0)

@@ -35,10 +35,16 @@ from napari_emparsl.core.events import (
 )
 from napari_emparsl.core.geometry import Block, Roi, check_no_shared_chunks, plan_blocks
 from napari_emparsl.core.ledger import Ledger
-from napari_emparsl.core.models.loaders import describe_model, load_model
+from napari_emparsl.core.models.loaders import (
+    BUILTIN_MODELS,
+    describe_model,
+    file_hash,
+    load_model,
+    resolve_model,
+)
 from napari_emparsl.core.models.spec import ModelError, ModelSpec
 from napari_emparsl.core.n5attrs import VolumeError
-from napari_emparsl.core.volume import Volume, parse_spec
+from napari_emparsl.core.volume import Volume, parse_spec, volume_stats
 from napari_emparsl.execution.sites import SiteProfile, load_site, make_config
 
 __all__ = ["Run", "RunError", "parse_roi"]
@@ -74,8 +80,6 @@ def _norm(volume: Volume, spec: ModelSpec) -> tuple[float, float]:
     """Global normalization (same for every block, so there are no seams)."""
     if spec.normalize == "none":
         return 0.0, 1.0
-    from napari_emparsl.core.models.training import volume_stats
-
     if spec.normalize == "zscore":
         return volume_stats(volume)
     lo, hi = np.percentile(volume.sample(), [1.0, 99.8])
@@ -225,8 +229,15 @@ class Run:
             )
         if on_checked is not None:  # the cheap checks passed: the site may start meanwhile
             on_checked()
-        # load here to fail clearly, not in every worker; its hash is the provenance's too
-        loaded = load_model(self.model, self.model_options)
+        # a model file is loaded here to fail clearly, not in every worker. The built-in models
+        # ship with the package and load (tests): on a site of worker processes the coordinator
+        # then needs no torch at all, and its import (seconds of CPU) does not slow the workers'
+        if self.profile.kind != "threads" and self.model in BUILTIN_MODELS:
+            path = resolve_model(self.model)
+            model_file, model_sha256 = path, file_hash(path)
+        else:
+            loaded = load_model(self.model, self.model_options)
+            model_file, model_sha256 = loaded.path, loaded.sha256
         block = self.block or spec.block
         halo = self.halo or spec.halo
         if spec.spatial_dims == 2:
@@ -260,8 +271,8 @@ class Run:
         self._provenance = {
             "input": f"{src.root}:{src.key}",
             "model": self.model,
-            "model_file": loaded.path,
-            "model_sha256": loaded.sha256,
+            "model_file": model_file,
+            "model_sha256": model_sha256,
             "model_options": self.model_options,
             "spec": spec.to_dict(),
             "block": list(block),

@@ -12,15 +12,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from napari_emparsl.core.volume import Volume
+from napari_emparsl.core.volume import Volume, volume_stats
 
 __all__ = ["N5TileDataset", "dice_scores", "volume_stats"]
-
-
-def volume_stats(volume: Volume, max_voxels: int = 2_000_000) -> tuple[float, float]:
-    """Global mean and std of a volume, from its coarsest pyramid level or a strided sample."""
-    sample = volume.sample(max_voxels).astype(np.float64)
-    return float(sample.mean()), float(sample.std() or 1.0)
 
 
 class N5TileDataset(Dataset):
