@@ -287,3 +287,20 @@ def test_block_started_where_the_site_tells(tmp_path, conv_model, float_volume):
     events = list(Run(src, conv_model, f"{tmp_path}/o2.n5:x", site="local").events())
     assert not any(isinstance(e, BlockStarted) for e in events)
     assert sum(isinstance(e, BlockDone) for e in events) == 48
+
+
+def test_coordinator_of_a_worker_site_needs_no_torch_for_builtin_models(tmp_path, float_volume):
+    # importing torch takes seconds of CPU that the starting workers need more
+    src, _ = float_volume
+    code = (
+        "import sys\n"
+        "from napari_emparsl.execution.runner import Run\n"
+        f"plan = Run({src!r}, 'unet3d-em', {f'{tmp_path}/o.n5:x'!r}, site='local').prepare()\n"
+        "print(len(plan.blocks), 'torch' in sys.modules)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.split() == ["1", "False"]
+    # on the in-process site the coordinator loads it (and so checks it) itself
+    code = code.replace("site='local'", "site='threads'").replace("o.n5", "t.n5")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.split() == ["1", "True"]
