@@ -45,6 +45,26 @@ def _preload(model: str) -> None:
         load_model(model)
     except Exception:  # a model that does not load is reported when it is used
         log.debug("preloading %s failed", model, exc_info=True)
+    try:
+        # napari's first layer of a kind imports pandas and its drawing modules, and vispy's
+        # first line fills a cache (~1.5 s in all): done
+        # here, the output layer a run adds later costs the Qt thread only its own setup
+        import importlib
+
+        from napari.layers import Image, Labels
+        from napari.utils import progress  # noqa: F401  (the activity dock's bar)
+
+        Labels(np.zeros((1, 1, 1), np.uint8))
+        Image(np.zeros((1, 1, 1), np.float32))
+        for name in ("layers.labels", "overlays.labels_polygon", "overlays.labels_brush_stroke",
+                     "overlays.brush_circle"):  # fmt: skip
+            importlib.import_module(f"napari._vispy.{name}")
+        # vispy's first line (the labels layer's polygon tool) fills a cache of dash patterns
+        from vispy.visuals.line.dash_atlas import DashAtlas
+
+        DashAtlas()
+    except Exception:
+        log.debug("preloading napari's layers failed", exc_info=True)
 
 
 def _triple(text: str, name: str, minimum: int) -> tuple[int, int, int] | None:
