@@ -459,6 +459,16 @@ class RunWidget(Container):
                 wait = 0.5 - (time.perf_counter() - self._activity_last)
                 QTimer.singleShot(max(0, int(wait * 1000)), self._update_activity)
 
+    def _open_activity(self, total: int) -> None:
+        from napari.utils import progress
+
+        if self._run is None or self._activity is not None:
+            return  # the run ended already
+        # created last: napari's progress may run queued events
+        activity = progress(total=total, desc=f"emparsl: {self.output.value}")
+        activity.update(self.progress.value - activity.n)
+        self._activity = activity
+
     def _update_activity(self) -> None:
         # napari's progress may process queued Qt events (the next run events) while it draws,
         # so it is set to the latest count rather than incremented
@@ -469,17 +479,14 @@ class RunWidget(Container):
 
     def _handle(self, event: Any) -> None:
         if isinstance(event, Planned):
-            from napari.utils import progress
-
             self._planned = event.total
             self.progress.max = max(1, event.total)
             self.progress.value = event.total - event.todo
             self.status.value = f"{event.todo} of {event.total} blocks to compute"
             self._ensure_output_layer()
-            # napari's activity dock shows the run too (created last: it may run queued events)
-            activity = progress(total=event.total, desc=f"emparsl: {self.output.value}")
-            activity.update(max(event.total - event.todo, self.progress.value) - activity.n)
-            self._activity = activity
+            # napari's activity dock shows the run too: its bar in a turn of the event loop of
+            # its own, so that napari's two set-ups (layer, bar) do not add up to one stall
+            QTimer.singleShot(0, lambda total=event.total: self._open_activity(total))
         elif isinstance(event, BlockDone):
             self._widen_contrast(event.result.out_min, event.result.out_max)
             self.progress.value = event.done
