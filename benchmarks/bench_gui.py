@@ -117,6 +117,14 @@ def main() -> None:
             spans.append(("activity dock", t, time.perf_counter()))
 
         widget._update_activity = timed_activity
+        original_open = widget._open_activity
+
+        def timed_open(total: int) -> None:
+            t = time.perf_counter()
+            original_open(total)
+            spans.append(("activity bar opens", t, time.perf_counter()))
+
+        widget._open_activity = timed_open
         original_finished = widget._on_finished
 
         def timed_finished() -> None:

@@ -486,7 +486,7 @@ class RunWidget(Container):
             self._ensure_output_layer()
             # napari's activity dock shows the run too: its bar in a turn of the event loop of
             # its own, so that napari's two set-ups (layer, bar) do not add up to one stall
-            QTimer.singleShot(0, lambda total=event.total: self._open_activity(total))
+            QTimer.singleShot(40, lambda total=event.total: self._open_activity(total))
         elif isinstance(event, BlockDone):
             self._widen_contrast(event.result.out_min, event.result.out_max)
             self.progress.value = event.done
