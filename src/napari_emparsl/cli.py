@@ -226,6 +226,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 bar = tqdm(
                     total=event.total, initial=skipped, unit="block", desc="run", file=sys.stderr
                 )
+                if event.todo:  # workers start, then compute: seconds without a finished block
+                    bar.set_postfix_str("starting the site, first blocks running")
             elif isinstance(event, BlockDone):
                 voxels += event.voxels
                 rate = voxels / max(time.perf_counter() - t0, 1e-9)
