@@ -609,6 +609,7 @@ class RunWidget(Container):
             self._activity = None
         self._set_running(False)
         self._run = None
+        self._worker = None  # its generator holds the run, and the run the volumes' file handles
         self._update_watch()  # no run: every read goes to disk again
         self._refresh_output()
 
