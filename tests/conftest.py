@@ -73,11 +73,3 @@ def superres_model(tmp_path) -> str:
         "kind: image\nhalo: [2, 2, 2]\nscale: [1, 2, 2]\nblock: [16, 16, 16]\n"
     )
     return str(path)
-
-
-def pytest_sessionfinish(session, exitstatus):
-    """Free what the tests left in reference cycles (z5py handles among them) while Python runs,
-    not at its shutdown, where nanobind lists every z5py object still alive as leaked."""
-    import gc
-
-    gc.collect()
