@@ -28,6 +28,31 @@ def test_core_imports_no_gui_or_parsl():
     assert out.stdout.strip() == "", f"core pulled in: {out.stdout}"
 
 
+def test_parsl_only_in_sites_and_qt_only_in_napari_package():
+    # DESIGN.md: sites.py is the one interface to Parsl; nothing below _napari imports Qt/napari
+    import ast
+
+    src = REPO / "src" / "napari_emparsl"
+    parsl_users, gui_users = [], []
+    for path in src.rglob("*.py"):
+        rel = path.relative_to(src).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                roots = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                roots = [node.module.split(".")[0]]
+            else:
+                continue
+            if "parsl" in roots:
+                parsl_users.append(rel)
+            if not rel.startswith("_napari/") and {"qtpy", "PyQt6", "napari", "magicgui"} & set(
+                roots
+            ):
+                gui_users.append(rel)
+    assert sorted(set(parsl_users)) == ["execution/sites.py"]
+    assert gui_users == []
+
+
 def test_every_manifest_python_name_imports():
     import importlib
 

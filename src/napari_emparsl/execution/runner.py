@@ -45,7 +45,7 @@ from napari_emparsl.core.models.loaders import (
 from napari_emparsl.core.models.spec import ModelError, ModelSpec
 from napari_emparsl.core.n5attrs import VolumeError
 from napari_emparsl.core.volume import Volume, parse_spec, volume_stats
-from napari_emparsl.execution.sites import SiteProfile, load_site, make_config
+from napari_emparsl.execution.sites import SiteProfile, load_site, python_app, start_kernel
 
 __all__ = ["Run", "RunError", "parse_roi"]
 
@@ -118,12 +118,9 @@ class _SiteStarter:
 
     def _start(self, model: str, options: dict[str, Any]) -> None:
         try:
-            from parsl.app.python import PythonApp
-            from parsl.dataflow.dflow import DataFlowKernel
-
-            self._dfk = DataFlowKernel(make_config(self.profile, self.run_dir))
+            self._dfk = start_kernel(self.profile, self.run_dir)
             if self.profile.kind != "threads":  # threads share the coordinator's loaded model
-                warm = PythonApp(warm_up, data_flow_kernel=self._dfk, executors=[self.profile.name])
+                warm = python_app(warm_up, self._dfk, self.profile)
                 for _ in range(self.profile.workers):
                     warm(model, options, self.profile.threads_per_worker)
         except BaseException as err:  # raised in the run's thread by dfk()
@@ -370,8 +367,6 @@ class Run:
             yield self._emit(Finished(done, 0, total, 0.0))
             return
 
-        from parsl.app.python import PythonApp
-
         failed_final: set[int] = set()
         try:
             dfk = site.dfk()
@@ -385,7 +380,7 @@ class Run:
                     return process_batch(jobs)
 
                 task = process_batch_reporting
-            app = PythonApp(task, data_flow_kernel=dfk, executors=[profile.name])
+            app = python_app(task, dfk, profile)
             size = self.batch or _auto_batch(plan.blocks[0], plan.spec)
             pending = [todo[i : i + size] for i in range(0, len(todo), size)][::-1]
             attempts: dict[int, int] = {}

@@ -17,7 +17,16 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from napari_emparsl.core.errors import UserError
 
-__all__ = ["SiteError", "SiteProfile", "check_site", "list_sites", "load_site", "make_config"]
+__all__ = [
+    "SiteError",
+    "SiteProfile",
+    "check_site",
+    "list_sites",
+    "load_site",
+    "make_config",
+    "python_app",
+    "start_kernel",
+]
 
 
 class SiteError(UserError, ValueError):
@@ -183,6 +192,21 @@ def _noop() -> int:
     return os.getpid()
 
 
+def start_kernel(profile: SiteProfile, run_dir: str):
+    """A DataFlowKernel of its own for ``profile`` (not Parsl's global one): the GUI switches
+    sites, and two runs may use two sites. Its executor starts here (HTEX: workers launch)."""
+    from parsl.dataflow.dflow import DataFlowKernel
+
+    return DataFlowKernel(make_config(profile, run_dir))
+
+
+def python_app(func, dfk, profile: SiteProfile):
+    """``func`` as a Parsl app on ``profile``'s executor of ``dfk``: calling it returns a future."""
+    from parsl.app.python import PythonApp
+
+    return PythonApp(func, data_flow_kernel=dfk, executors=[profile.name])
+
+
 def check_site(profile: SiteProfile) -> float:
     """Start the site, run one no-op task, shut it down; seconds to the first result.
 
@@ -195,15 +219,12 @@ def check_site(profile: SiteProfile) -> float:
     import tempfile
     import time
 
-    from parsl.app.python import PythonApp
-    from parsl.dataflow.dflow import DataFlowKernel
-
     run_dir = tempfile.mkdtemp(prefix="emparsl-parsl-")
     t0 = time.perf_counter()
     dfk = None
     try:
-        dfk = DataFlowKernel(make_config(profile, run_dir))
-        PythonApp(_noop, data_flow_kernel=dfk, executors=[profile.name])().result(timeout=120)
+        dfk = start_kernel(profile, run_dir)
+        python_app(_noop, dfk, profile)().result(timeout=120)
         return time.perf_counter() - t0
     except Exception as err:
         raise SiteError(
