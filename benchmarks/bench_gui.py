@@ -109,30 +109,18 @@ def main() -> None:
             spans.append((type(event).__name__, t, time.perf_counter()))
 
         widget._on_event = timed_event
-        original_activity = widget._update_activity
 
-        def timed_activity() -> None:
-            t = time.perf_counter()
-            original_activity()
-            spans.append(("activity dock", t, time.perf_counter()))
+        def timed(name: str, func):
+            def run(*args):
+                t = time.perf_counter()
+                func(*args)
+                spans.append((name, t, time.perf_counter()))
 
-        widget._update_activity = timed_activity
-        original_open = widget._open_activity
+            return run
 
-        def timed_open(total: int) -> None:
-            t = time.perf_counter()
-            original_open(total)
-            spans.append(("activity bar opens", t, time.perf_counter()))
-
-        widget._open_activity = timed_open
-        original_finished = widget._on_finished
-
-        def timed_finished() -> None:
-            t = time.perf_counter()
-            original_finished()
-            spans.append(("run finished", t, time.perf_counter()))
-
-        widget._on_finished = timed_finished
+        widget._update_activity = timed("activity dock", widget._update_activity)
+        widget._open_activity = timed("activity bar opens", widget._open_activity)
+        widget._on_finished = timed("run finished", widget._on_finished)
         import gc
 
         gc_start: list[float] = []
