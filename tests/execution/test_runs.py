@@ -304,3 +304,19 @@ def test_coordinator_of_a_worker_site_needs_no_torch_for_builtin_models(tmp_path
     code = code.replace("site='local'", "site='threads'").replace("o.n5", "t.n5")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.split() == ["1", "True"]
+
+
+def test_builtin_model_with_options_is_still_checked_before_running(tmp_path, float_volume):
+    # options may change a built-in model's architecture: then its weights are checked up front
+    src, _ = float_volume
+    run = Run(
+        src,
+        "unet3d-em",
+        f"{tmp_path}/o.n5:x",
+        site="local",
+        model_options={"arch_options": {"base": 4, "depth": 2}},
+    )
+    with pytest.raises(RunError, match="do not fit the architecture"):
+        list(run.events())
+    assert not (tmp_path / "o.n5" / "x").exists()
+    assert _pools_gone()

@@ -47,8 +47,8 @@ def _preload(model: str) -> None:
         log.debug("preloading %s failed", model, exc_info=True)
     try:
         # napari's first layer of a kind imports pandas and its drawing modules, and vispy's
-        # first line fills a cache (~1.5 s in all): done
-        # here, the output layer a run adds later costs the Qt thread only its own setup
+        # first line fills a cache (~1.5 s in all): done here, the output layer a run adds
+        # later costs the Qt thread only its own set-up
         import importlib
 
         from napari.layers import Image, Labels

@@ -226,10 +226,12 @@ class Run:
             )
         if on_checked is not None:  # the cheap checks passed: the site may start meanwhile
             on_checked()
-        # a model file is loaded here to fail clearly, not in every worker. The built-in models
-        # ship with the package and load (tests): on a site of worker processes the coordinator
-        # then needs no torch at all, and its import (seconds of CPU) does not slow the workers'
-        if self.profile.kind != "threads" and self.model in BUILTIN_MODELS:
+        # a model file is loaded here to fail clearly, not in every worker. A built-in model as
+        # shipped (no options that could change its architecture) loads (tests): on a site of
+        # worker processes the coordinator then needs no torch, whose import (seconds of CPU)
+        # would slow the starting workers
+        builtin = self.model in BUILTIN_MODELS and not self.model_options
+        if self.profile.kind != "threads" and builtin:
             path = resolve_model(self.model)
             model_file, model_sha256 = path, file_hash(path)
         else:
