@@ -422,7 +422,7 @@ class RunWidget(Container):
             self._failed_layer.data = []
 
         @thread_worker
-        def drain():
+        def drain(run: Run):  # an argument, not a closure: napari keeps the function, not the run
             for event in run.events():
                 live = self._live
                 if isinstance(event, BlockDone) and live is not None and run.blocks:
@@ -430,7 +430,7 @@ class RunWidget(Container):
                     live.block_written(roi.begin[0], roi.end[0])  # read here, not on the Qt thread
                 yield event
 
-        worker = drain()
+        worker = drain(run)
         worker.yielded.connect(self._on_event)
         worker.errored.connect(
             lambda err: self._error(
