@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 
@@ -103,8 +106,11 @@ def test_cancel_and_resume_equals_uninterrupted(make_napari_viewer, qtbot, sampl
 
     widget.run_btn.clicked.emit()
     widget._worker.yielded.connect(cancel_once)
+    first_run = weakref.ref(widget._run)
     _wait_idle(qtbot, widget)
     assert "cancelled" in widget.status.value
+    gc.collect()
+    assert first_run() is None  # an ended run (and its open N5 handles) is let go
     widget.run_btn.clicked.emit()
     _wait_idle(qtbot, widget)
     assert "finished: 8/8 done" in widget.status.value
