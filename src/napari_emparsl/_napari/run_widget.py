@@ -10,6 +10,7 @@ that touches it, so the refresh on the Qt thread only draws.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -65,6 +66,9 @@ def _preload(model: str) -> None:
         DashAtlas()
     except Exception:
         log.debug("preloading napari's layers failed", exc_info=True)
+    # the imports above add ~300,000 objects: Python's next full collection (~150 ms) comes
+    # now, while the panel has just opened, rather than when a run adds its output layer
+    gc.collect()
 
 
 def _triple(text: str, name: str, minimum: int) -> tuple[int, int, int] | None:
