@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import threading
 import time
 from typing import Any
 
@@ -66,9 +65,6 @@ def _preload(model: str) -> None:
         DashAtlas()
     except Exception:
         log.debug("preloading napari's layers failed", exc_info=True)
-    # the imports above add ~300,000 objects: Python's next full collection (~150 ms) comes
-    # now, while the panel has just opened, rather than when a run adds its output layer
-    gc.collect()
 
 
 def _triple(text: str, name: str, minimum: int) -> tuple[int, int, int] | None:
@@ -209,9 +205,14 @@ class RunWidget(Container):
         self._suggest_output()
         self._describe_model()
         # import torch and load the chosen model in the background now, not on the first preview
-        threading.Thread(
-            target=_preload, args=(self._model(),), name="emparsl-preload", daemon=True
-        ).start()
+        from napari.qt.threading import create_worker
+
+        preload = create_worker(_preload, self._model())
+        # its imports add ~300,000 objects: Python's next full collection (~150 ms) comes right
+        # after, on the Qt thread (objects it frees may be Qt's), while the panel has just
+        # opened — not when a run adds its output layer
+        preload.finished.connect(gc.collect)
+        preload.start()
 
     # ------------------------------------------------------------------------------------------
     # choices
