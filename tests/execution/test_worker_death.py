@@ -25,14 +25,32 @@ def _worker_pids() -> list[int]:
     return pids
 
 
+def _wait_until_computing(pid: int, timeout: float = 20.0) -> bool:
+    """Whether the worker is running a block (using CPU), not waiting for its next task.
+
+    A worker killed while it waits on Parsl's shared task queue dies holding that queue's lock,
+    and the pool's other workers then wait forever (a Parsl limitation, docs/engine.md); a worker
+    killed by the system for memory dies computing.
+    """
+    proc = psutil.Process(pid)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        before = sum(proc.cpu_times()[:2])
+        time.sleep(0.05)
+        if sum(proc.cpu_times()[:2]) - before > 0.03:
+            return True
+    return False
+
+
 def test_killed_worker_block_is_retried(tmp_path, unet_model):
-    data = np.random.default_rng(3).random((64, 96, 96)).astype(np.float32)
+    data = np.random.default_rng(3).random((128, 128, 128)).astype(np.float32)
     save_array(tmp_path / "in.n5", "raw", data, chunks=(32, 32, 32))
     src = f"{tmp_path}/in.n5:raw"
-    ref = Run(src, unet_model, f"{tmp_path}/ref.n5:seg", site="threads").execute()
+    block = (64, 64, 64)  # 8 blocks of about a second each: the kill lands inside one
+    ref = Run(src, unet_model, f"{tmp_path}/ref.n5:seg", site="threads", block=block).execute()
     assert ref.ok
 
-    run = Run(src, unet_model, f"{tmp_path}/out.n5:seg", site="local")
+    run = Run(src, unet_model, f"{tmp_path}/out.n5:seg", site="local", block=block)
     killed: list[int] = []
     failures: list[BlockFailed] = []
     last = None
@@ -42,7 +60,7 @@ def test_killed_worker_block_is_retried(tmp_path, unet_model):
             # the worker that just finished has already taken its next block (blocks are queued)
             pid = int(event.result.worker.rsplit(":", 1)[1])
             assert pid in _worker_pids(), "not an HTEX worker of this run"
-            time.sleep(0.2)
+            assert _wait_until_computing(pid), "the worker did not take a next block"
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
         if isinstance(event, BlockFailed):

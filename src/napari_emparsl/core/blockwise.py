@@ -23,6 +23,7 @@ from napari_emparsl.core.geometry import Block
 __all__ = [
     "BlockJob",
     "BlockResult",
+    "keep_freed_memory",
     "process_batch",
     "process_block",
     "run_model_on_array",
@@ -44,6 +45,8 @@ class BlockJob:
     model_options: dict[str, Any] = field(default_factory=dict)
     norm: tuple[float, float] = (0.0, 1.0)  # subtract, divide (global, from the coordinator)
     threads: int = 1
+    # the worker is a process of its own that only runs blocks: it keeps the memory it frees
+    keep_memory: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,9 +164,40 @@ def _write_block(job: BlockJob, spec: Any, y: np.ndarray) -> tuple[np.ndarray, f
     return out, time.perf_counter() - t0
 
 
-def warm_up(model: str, options: dict[str, Any], threads: int) -> str:
+_KEEPING_MEMORY = False
+
+
+def keep_freed_memory() -> bool:
+    """Make this process keep the memory it frees for its next block (glibc); True if done.
+
+    A forward allocates its activations (hundreds of MB for a 128³ block) afresh. glibc serves
+    allocations that big with ``mmap`` and unmaps them when freed, so every block paid the kernel
+    again for fresh zeroed pages: a third of a 128³ block's time on a CPU (2.25 s -> 1.46 s per
+    block, ``docs/development.md``). A worker process that only runs blocks keeps that memory
+    instead (no ``mmap``, no trimming of the heap): its peak is the same, it just stays there
+    until the worker ends. Not done in the coordinator nor in napari's process (the ``threads``
+    site), whose freed memory should go back to the system.
+    """
+    global _KEEPING_MEMORY
+    if _KEEPING_MEMORY:
+        return True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+        ok = libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
+    except (OSError, AttributeError):  # not glibc (macOS, musl): the allocator's default stays
+        ok = False
+    _KEEPING_MEMORY = ok
+    return ok
+
+
+def warm_up(model: str, options: dict[str, Any], threads: int, keep_memory: bool = False) -> str:
     """Load torch and the model into this worker before its first block; never raises."""
     worker = f"{socket.gethostname()}:{os.getpid()}"
+    if keep_memory:
+        keep_freed_memory()
     try:
         import torch
 
@@ -198,6 +232,8 @@ def process_batch(jobs: list[BlockJob]) -> list[BlockResult]:
     """
     worker = f"{socket.gethostname()}:{os.getpid()}"
     results: dict[int, BlockResult] = {}
+    if jobs[0].keep_memory:
+        keep_freed_memory()
     try:
         import torch
 
