@@ -201,7 +201,7 @@ def warm_up(model: str, options: dict[str, Any], threads: int, keep_memory: bool
     try:
         import torch
 
-        import napari_emparsl.core.volume  # noqa: F401  (z5py, dask: the first read's imports)
+        import napari_emparsl.core.volume  # noqa: F401  (z5py: the first read's imports)
         from napari_emparsl.core.models.loaders import load_model
 
         if torch.get_num_threads() != threads:

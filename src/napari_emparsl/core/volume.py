@@ -17,9 +17,8 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import product
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dask.array as da
 import numpy as np
 import z5py
 
@@ -40,6 +39,9 @@ from napari_emparsl.core.n5attrs import (
     voxel_size_of,
     walk_tree,
 )
+
+if TYPE_CHECKING:  # dask.array takes ~0.3 s to import: a block worker only reads with z5py
+    import dask.array as da
 
 __all__ = [
     "Volume",
@@ -272,6 +274,8 @@ class Volume:
         """Lazy dask array of pyramid level ``i`` (chunks = storage chunks)."""
         key = self.levels[i]
         if key not in self._arrays:
+            import dask.array as da
+
             ds = _open_file(self.root)[key]
             reader = _ChunkReader(self.root, key, tuple(ds.shape), ds.dtype)
             # a fresh name per open: dask/napari caches must never mix two versions of a dataset
@@ -310,12 +314,33 @@ class Volume:
         return len(self.shape)
 
     def sample(self, max_voxels: int = 2_000_000) -> np.ndarray:
-        """A strided sample of the coarsest level (for global statistics), at most ~max_voxels."""
-        level = self.level(len(self.levels) - 1)
-        step = max(1, round((level.size / max_voxels) ** (1 / level.ndim)))
-        return np.asarray(
-            level[tuple(slice(None, None, step) for _ in range(level.ndim))].compute()
-        )
+        """A strided sample of the coarsest level (for global statistics), at most ~max_voxels.
+
+        Read chunk by chunk with z5py (no dask: a coordinator that only plans and submits blocks
+        never pays dask's import), in a few threads.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        key = self.levels[-1]
+        ds = _open_file(self.root)[key]
+        shape, chunks = tuple(ds.shape), tuple(ds.chunks)
+        step = max(1, round((float(np.prod(shape)) / max_voxels) ** (1 / len(shape))))
+        out = np.empty(tuple(-(-n // step) for n in shape), dtype=ds.dtype)
+        reader = _ChunkReader(self.root, key, shape, ds.dtype)
+        grid = [range(0, n, c) for n, c in zip(shape, chunks, strict=True)]
+
+        def read(begin: tuple[int, ...]) -> None:  # one chunk: memory stays bounded
+            region = tuple(
+                slice(b, min(b + c, n)) for b, c, n in zip(begin, chunks, shape, strict=True)
+            )
+            block = reader[region]
+            sub = block[tuple(slice((-b) % step, None, step) for b in begin)]
+            dest = tuple(-(-b // step) for b in begin)
+            out[tuple(slice(d, d + m) for d, m in zip(dest, sub.shape, strict=True))] = sub
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(read, product(*grid)))
+        return out
 
     def read(self, region: Sequence[slice] | None = None) -> np.ndarray:
         """Read a region of the finest level into memory (VolumeError names a corrupt chunk)."""
@@ -606,6 +631,8 @@ def write_pyramid(
     Image levels are block means, label levels take every other voxel (labels must not be averaged).
     Every level is written chunk by chunk through dask, so memory stays bounded by a few chunks.
     """
+    import dask.array as da
+
     root = os.fspath(path)
     key = key.strip("/")
     voxel_size = tuple(voxel_size) if voxel_size is not None else (1.0,) * data.ndim
@@ -660,6 +687,8 @@ def _first(x: np.ndarray, axis: tuple[int, ...] = ()) -> np.ndarray:
 
 
 def _downsample(arr: da.Array, step: tuple[int, ...], labels: bool) -> da.Array:
+    import dask.array as da
+
     trimmed = arr[tuple(slice(0, (n // s) * s) for n, s in zip(arr.shape, step, strict=True))]
     axes = dict(enumerate(step))
     if labels:  # labels must not be averaged: keep one voxel per block
@@ -685,6 +714,8 @@ def save_array(
     overwrite: bool = False,
 ) -> Volume:
     """Write a whole array (numpy or dask, streamed chunk by chunk) as a new dataset."""
+    import dask.array as da
+
     chunks = tuple(chunks) if chunks is not None else (64,) * data.ndim
     vol = Volume.create(
         path,

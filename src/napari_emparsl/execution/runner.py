@@ -122,7 +122,12 @@ class _SiteStarter:
             if self.profile.kind != "threads":  # threads share the coordinator's loaded model
                 warm = python_app(warm_up, self._dfk, self.profile)
                 for _ in range(self.profile.workers):
-                    warm(model, options, self.profile.threads_per_worker, self.profile.workers_keep_memory)
+                    warm(
+                        model,
+                        options,
+                        self.profile.threads_per_worker,
+                        self.profile.workers_keep_memory,
+                    )
         except BaseException as err:  # raised in the run's thread by dfk()
             self._error = err
 
