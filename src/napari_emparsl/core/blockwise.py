@@ -108,12 +108,32 @@ def run_model_on_batch(module: Any, spec: Any, xs: list[np.ndarray]) -> list[np.
     return [yi[(slice(None), *(slice(0, n) for n in out_shape))] for yi in y]
 
 
+def _argmax0(y: np.ndarray) -> np.ndarray:
+    """``np.argmax(y, axis=0)`` (first maximum wins), as a running maximum over whole planes.
+
+    numpy's argmax over the first axis walks the array with a stride of one plane: 29 ms for 3
+    classes of 128³, against ~6 ms for a few contiguous passes. Not for many channels or NaNs
+    (a NaN is the maximum for numpy): those take numpy's own.
+    """
+    if y.shape[0] > 16 or y.dtype.kind != "f":
+        return np.argmax(y, axis=0)
+    best = y[0].copy()
+    index = np.zeros(y.shape[1:], np.uint8)
+    for c in range(1, y.shape[0]):
+        higher = y[c] > best
+        index[higher] = c
+        np.maximum(best, y[c], out=best)
+    if np.isnan(best).any():
+        return np.argmax(y, axis=0)
+    return index
+
+
 def postprocess(y: np.ndarray, spec: Any) -> np.ndarray:
     """Labels: argmax over class logits (or threshold of one channel); images: float32."""
     if spec.kind == "labels":
         if y.shape[0] == 1:
             return (y[0] > spec.threshold).astype(spec.label_dtype)
-        return np.argmax(y, axis=0).astype(spec.label_dtype)
+        return _argmax0(y).astype(spec.label_dtype, copy=False)
     return (y[0] if y.shape[0] == 1 else y).astype(np.float32)
 
 
@@ -154,14 +174,22 @@ def _write_block(job: BlockJob, spec: Any, y: np.ndarray) -> tuple[np.ndarray, f
         )
     ]
     crop = tuple(slice(b, b + n) for b, n in zip(start, blk.out_write_roi.shape, strict=True))
+    t0 = time.perf_counter()
     out = postprocess(y[(slice(None), *crop)], spec)
+    t_post = time.perf_counter() - t0  # compute: the model's output made into the result
     t0 = time.perf_counter()
     dst = Volume.open(job.output_root, job.output_key)
     offset = blk.out_write_roi.begin
     if out.ndim == len(offset) + 1:
         offset = (0, *offset)
     dst.write(out, offset)
-    return out, time.perf_counter() - t0
+    return out, t_post, time.perf_counter() - t0
+
+
+def _nonzero_range(hist: tuple[int, ...]) -> tuple[float, float]:
+    """Smallest and largest label present, from the block's label counts (no pass over it)."""
+    present = [i for i, c in enumerate(hist) if c]
+    return (float(present[0]), float(present[-1])) if present else (0.0, 0.0)
 
 
 _KEEPING_MEMORY = False
@@ -278,17 +306,20 @@ def process_batch(jobs: list[BlockJob]) -> list[BlockResult]:
                 results[bid] = _failure(bid, worker, y, t_read)
                 continue
             try:
-                out, t_write = _write_block(job, spec, y)
+                out, t_post, t_write = _write_block(job, spec, y)
             except Exception as err:
                 results[bid] = _failure(bid, worker, err, t_read)
                 continue
+            t0 = time.perf_counter()  # the block's statistics count as writing its result
             if spec.kind == "labels":
                 n = max(len(spec.classes), 2)
                 hist = tuple(int(c) for c in np.bincount(out.ravel(), minlength=n))
+                lo, hi = _nonzero_range(hist)
             else:
                 hist = tuple(int(c) for c in np.histogram(out, bins=16)[0])
+                lo, hi = float(out.min()), float(out.max())
+            t_write += time.perf_counter() - t0
             results[bid] = BlockResult(
-                bid, True, worker, t_read, t_compute, t_write,
-                float(out.min()), float(out.max()), hist,
+                bid, True, worker, t_read, t_compute + t_post, t_write, lo, hi, hist,
             )  # fmt: skip
     return [results[j.block.id] for j in jobs]
