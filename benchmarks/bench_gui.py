@@ -118,6 +118,12 @@ def main() -> None:
 
             return run
 
+        from vispy.app.backends import _qt as vispy_qt
+
+        # the canvas's own drawing (Qt then composites it into the window: not in any span)
+        vispy_qt.CanvasBackendDesktop.paintGL = timed(
+            "paintGL", vispy_qt.CanvasBackendDesktop.paintGL
+        )
         widget._update_activity = timed("activity dock", widget._update_activity)
         widget._open_activity = timed("activity bar opens", widget._open_activity)
         widget._on_finished = timed("run finished", widget._on_finished)

@@ -494,7 +494,14 @@ class RunWidget(Container):
             QTimer.singleShot(40, lambda total=event.total: self._open_activity(total))
         elif isinstance(event, BlockDone):
             self._widen_contrast(event.result.out_min, event.result.out_max)
-            self.progress.value = event.done
+            # Qt repaints a progress bar at once when its value changes (~7 ms in napari's window,
+            # added to the layer refresh): with updates off it is only marked for the next paint
+            bar = self.progress.native
+            bar.setUpdatesEnabled(False)
+            try:
+                self.progress.value = event.done
+            finally:
+                bar.setUpdatesEnabled(True)
             self.status.value = f"{event.done}/{event.total} blocks done"
             self.block_seconds.append(event.result.t_compute)
             if not self._on_screen(event.result.block_id):
