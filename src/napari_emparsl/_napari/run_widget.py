@@ -485,8 +485,7 @@ class RunWidget(Container):
     def _handle(self, event: Any) -> None:
         if isinstance(event, Planned):
             self._planned = event.total
-            self.progress.max = max(1, event.total)
-            self.progress.value = event.total - event.todo
+            self._set_progress(event.total - event.todo, maximum=max(1, event.total))
             self.status.value = f"{event.todo} of {event.total} blocks to compute"
             self._ensure_output_layer()
             # napari's activity dock shows the run too: its bar in a turn of the event loop of
@@ -494,14 +493,7 @@ class RunWidget(Container):
             QTimer.singleShot(40, lambda total=event.total: self._open_activity(total))
         elif isinstance(event, BlockDone):
             self._widen_contrast(event.result.out_min, event.result.out_max)
-            # Qt repaints a progress bar at once when its value changes (~7 ms in napari's window,
-            # added to the layer refresh): with updates off it is only marked for the next paint
-            bar = self.progress.native
-            bar.setUpdatesEnabled(False)
-            try:
-                self.progress.value = event.done
-            finally:
-                bar.setUpdatesEnabled(True)
+            self._set_progress(event.done)
             self.status.value = f"{event.done}/{event.total} blocks done"
             self.block_seconds.append(event.result.t_compute)
             if not self._on_screen(event.result.block_id):
@@ -523,6 +515,18 @@ class RunWidget(Container):
         elif isinstance(event, Cancelled):
             self.status.value = f"cancelled at {event.done}/{event.total}; Run / resume continues"
             self._dirty = True
+
+    def _set_progress(self, value: int, maximum: int | None = None) -> None:
+        """Qt repaints a progress bar at once when its value changes (~7 ms in napari's window,
+        often a whole-window composite): with updates off it is only marked for the next paint."""
+        bar = self.progress.native
+        bar.setUpdatesEnabled(False)
+        try:
+            if maximum is not None:
+                self.progress.max = maximum
+            self.progress.value = value
+        finally:
+            bar.setUpdatesEnabled(True)
 
     def _widen_contrast(self, lo: float, hi: float) -> None:
         """Image outputs: contrast limits follow the range of the blocks computed so far."""
