@@ -19,6 +19,10 @@ def test_form_from_schema_validates_and_saves(make_napari_viewer, tmp_path, monk
     assert "'workers'" in widget.message.value and "greater than 0" in widget.message.value
     widget.fields["name"].value = "mysite"
     widget.fields["workers"].value = 3
+    keep = widget.fields["keep_freed_memory"]
+    assert keep.widget_type == "CheckBox" and keep.value is True and "memory" in keep.tooltip
+    keep.value = False
     path = widget.save()
     assert path and path.endswith("mysite.yaml")
-    assert load_site("mysite").workers == 3 and "mysite" in widget.site.choices
+    saved = load_site("mysite")
+    assert saved.workers == 3 and not saved.keep_freed_memory and "mysite" in widget.site.choices

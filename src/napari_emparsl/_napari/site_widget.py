@@ -30,6 +30,8 @@ def _field_widget(name: str, field: Any) -> Any:
         widget = create_widget(
             annotation=int, name=name, label=name, options={"min": 0, "max": 4096}
         )
+    elif annotation is bool:
+        widget = create_widget(annotation=bool, name=name, label=name)
     elif annotation is float:
         widget = create_widget(
             annotation=float,

@@ -49,7 +49,11 @@ class SiteProfile(BaseModel):
     nice: int = Field(0, ge=0, le=19)
     # worker processes keep the memory a block frees for the next one (glibc; not on `threads`):
     # a third faster per block on CPUs; the worker's memory stays at its peak until it ends
-    keep_freed_memory: bool = True
+    keep_freed_memory: bool = Field(
+        True,
+        description="workers keep the memory a block frees for the next block (a third faster "
+        "per block on CPUs; a worker's memory stays at its peak until the run ends)",
+    )
 
     @property
     def workers_keep_memory(self) -> bool:
