@@ -291,22 +291,30 @@ def test_block_started_where_the_site_tells(tmp_path, conv_model, float_volume):
     assert sum(isinstance(e, BlockDone) for e in events) == 48
 
 
+def _in_fresh_python(*lines: str) -> list[str]:
+    """Run lines of code in a fresh interpreter (nothing imported yet); its printed words."""
+    res = subprocess.run(
+        [sys.executable, "-c", "\n".join(lines)], capture_output=True, text=True, check=True
+    )
+    return res.stdout.split()
+
+
 def test_coordinator_of_a_worker_site_needs_no_torch_for_builtin_models(tmp_path, float_volume):
     # importing torch takes seconds of CPU that the starting workers need more
     src, _ = float_volume
-    code = (
-        "import sys\n"
-        "from napari_emparsl.execution.runner import Run\n"
-        f"plan = Run({src!r}, 'unet3d-em', {f'{tmp_path}/o.n5:x'!r}, site='local').prepare()\n"
-        "print(len(plan.blocks), 'torch' in sys.modules, 'dask' in sys.modules)\n"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+
+    def prepare(site: str, out: str) -> list[str]:
+        return _in_fresh_python(
+            "import sys",
+            "from napari_emparsl.execution.runner import Run",
+            f"plan = Run({src!r}, 'unet3d-em', {f'{tmp_path}/{out}:x'!r}, site={site!r}).prepare()",
+            "print(len(plan.blocks), 'torch' in sys.modules, 'dask' in sys.modules)",
+        )
+
     # no dask either (its import is ~0.3 s of CPU): the statistics are read with z5py
-    assert res.stdout.split() == ["1", "False", "False"]
+    assert prepare("local", "o.n5") == ["1", "False", "False"]
     # on the in-process site the coordinator loads it (and so checks it) itself
-    code = code.replace("site='local'", "site='threads'").replace("o.n5", "t.n5")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert res.stdout.split()[:2] == ["1", "True"]
+    assert prepare("threads", "t.n5")[:2] == ["1", "True"]
 
 
 def test_a_block_worker_imports_no_dask(tmp_path, float_volume):
@@ -318,14 +326,13 @@ def test_a_block_worker_imports_no_dask(tmp_path, float_volume):
         {}, plan.norm, 1, True,
     )  # fmt: skip
     (tmp_path / "job.pkl").write_bytes(pickle.dumps(job))
-    code = (
-        "import pickle, sys\n"
-        "from napari_emparsl.core.blockwise import process_block\n"
-        f"r = process_block(pickle.loads(open({str(tmp_path / 'job.pkl')!r}, 'rb').read()))\n"
-        "print(r.ok, r.error.replace(' ', '_') or '-', 'dask' in sys.modules)\n"
+    words = _in_fresh_python(
+        "import pickle, sys",
+        "from napari_emparsl.core.blockwise import process_block",
+        f"r = process_block(pickle.loads(open({str(tmp_path / 'job.pkl')!r}, 'rb').read()))",
+        "print(r.ok, r.error.replace(' ', '_') or '-', 'dask' in sys.modules)",
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert res.stdout.split() == ["True", "-", "False"]
+    assert words == ["True", "-", "False"]
     assert Volume.open(tmp_path / "o.n5", "x").read().any()  # the block was really written
 
 
