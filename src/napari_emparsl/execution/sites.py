@@ -47,8 +47,6 @@ class SiteProfile(BaseModel):
     # niceness of the worker processes (0-19): a desktop running the GUI stays responsive while
     # the workers use every core
     nice: int = Field(0, ge=0, le=19)
-    # worker processes keep the memory a block frees for the next one (glibc; not on `threads`):
-    # a third faster per block on CPUs; the worker's memory stays at its peak until it ends
     keep_freed_memory: bool = Field(
         True,
         description="workers keep the memory a block frees for the next block (a third faster "
