@@ -15,6 +15,48 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("EMPARSL_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+class HtexProcesses:
+    """The processes of emparsl's local HTEX sites, found by command line (they are not children
+    of the test: Parsl's LocalProvider starts the worker pool detached)."""
+
+    POOLS = ("process_worker_pool", "-m napari_emparsl.execution.sites")
+
+    @staticmethod
+    def _cmdlines() -> dict[int, str]:
+        import psutil
+
+        return {p.pid: " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])}
+
+    def pools(self) -> list[int]:
+        """Pids of the worker pools (Parsl's script, or emparsl's pool with a fork server)."""
+        return [pid for pid, cmd in self._cmdlines().items() if any(m in cmd for m in self.POOLS)]
+
+    def all(self) -> list[int]:
+        """The pools, and the fork servers with emparsl preloaded and every process forked from
+        them (workers and the pool's manager process carry the fork server's command line)."""
+        return [
+            pid
+            for pid, cmd in self._cmdlines().items()
+            if any(m in cmd for m in self.POOLS)
+            or ("multiprocessing.forkserver" in cmd and "napari_emparsl" in cmd)
+        ]
+
+    def gone(self, timeout: float = 15) -> bool:
+        """Whether none of :meth:`all` is left (within ``timeout`` seconds)."""
+        import time
+
+        deadline = time.time() + timeout
+        while self.all() and time.time() < deadline:
+            time.sleep(0.2)
+        return self.all() == []
+
+
+@pytest.fixture
+def htex() -> HtexProcesses:
+    """Finds the processes of local HTEX sites (to check that none is left behind)."""
+    return HtexProcesses()
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """The real EM / interoperability data beside the checkout (read-only)."""

@@ -204,8 +204,9 @@ def test_model_info_estimate_and_site_test(make_napari_viewer, qtbot, sample_pat
     qtbot.waitUntil(lambda: "first result after" in widget.status.value, timeout=60_000)
 
 
-def test_closing_viewer_during_run_asks_and_stops_workers(make_napari_viewer, qtbot, sample_path):
-    import psutil
+def test_closing_viewer_during_run_asks_and_stops_workers(
+    make_napari_viewer, qtbot, sample_path, htex
+):
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication, QMessageBox
 
@@ -228,12 +229,7 @@ def test_closing_viewer_during_run_asks_and_stops_workers(make_napari_viewer, qt
     viewer.window._qt_window.close()
     assert asked and "A run is going on" in asked[0]
     assert widget._run is None
-    pools = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if "process_worker_pool" in " ".join(p.info["cmdline"] or [])
-    ]
-    assert pools == []
+    assert htex.gone(timeout=0)
 
 
 def test_preview_of_what_is_on_screen_2d_and_3d(make_napari_viewer, qtbot, sample_path):

@@ -206,23 +206,9 @@ def test_sites_list_and_show(capsys):
     assert "Site local: first result after" in capsys.readouterr().out
 
 
-def pools() -> list[int]:
-    """Pids of HTEX worker pool processes."""
-    import psutil
-
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if "process_worker_pool" in " ".join(p.info["cmdline"] or [])]  # fmt: skip
-
-
-def _pools_gone(timeout: float = 15) -> bool:
-    """No HTEX worker pool process is left (within ``timeout`` seconds)."""
-    deadline = time.time() + timeout
-    while pools() and time.time() < deadline:
-        time.sleep(0.2)
-    return pools() == []
-
-
-def test_site_started_early_is_shut_down_when_no_block_runs(tmp_path, conv_model, float_volume):
+def test_site_started_early_is_shut_down_when_no_block_runs(
+    tmp_path, conv_model, float_volume, htex
+):
     # the site starts (and warms its workers up) while the coordinator loads the model; a model
     # that then fails to load, or a caller that stops after Planned, must not leave workers behind
     src, data = float_volume
@@ -234,11 +220,11 @@ def test_site_started_early_is_shut_down_when_no_block_runs(tmp_path, conv_model
     events = Run(src, conv_model, f"{tmp_path}/o2.n5:x", site="local").events()
     assert type(next(events)).__name__ == "Planned"
     events.close()
-    assert _pools_gone()
+    assert htex.gone()
     np.testing.assert_array_equal(Volume.open(*src.split(":")).data.compute(), data)
 
 
-def test_cancel_leaves_no_workers_and_resume_completes(tmp_path, unet_model):
+def test_cancel_leaves_no_workers_and_resume_completes(tmp_path, unet_model, htex):
     import psutil
 
     from napari_emparsl.core.events import BlockDone, Cancelled
@@ -253,13 +239,14 @@ def test_cancel_leaves_no_workers_and_resume_completes(tmp_path, unet_model):
         last = event
         if isinstance(event, BlockDone) and not niceness:
             # the local site lowers its workers' priority (nice 10): a GUI stays responsive
-            niceness = [psutil.Process(pid).nice() for pid in pools()]
-            niceness += [c.nice() for pid in pools() for c in psutil.Process(pid).children()]
+            pools = [psutil.Process(pid) for pid in htex.pools()]
+            niceness = [p.nice() for p in pools]
+            niceness += [c.nice() for p in pools for c in p.children(recursive=True)]
             run.cancel()
     assert isinstance(last, Cancelled) and last.done < last.total
-    assert len(niceness) >= 3 and set(niceness) == {10}, niceness  # pool + its 2 workers
+    assert len(niceness) >= 3 and set(niceness) == {10}, niceness  # pool, its 2 workers, ...
 
-    assert _pools_gone()
+    assert htex.gone()
     summary = Ledger(str(tmp_path / "out.n5"), "seg").summary()
     assert summary.done and all(r["model_sha256"] for r in summary.done.values())
     assert Run(src, unet_model, out, site="threads").execute().ok
@@ -336,7 +323,7 @@ def test_a_block_worker_imports_no_dask(tmp_path, float_volume):
     assert Volume.open(tmp_path / "o.n5", "x").read().any()  # the block was really written
 
 
-def test_builtin_model_with_options_is_still_checked_before_running(tmp_path, float_volume):
+def test_builtin_model_with_options_is_still_checked_before_running(tmp_path, float_volume, htex):
     # options may change a built-in model's architecture: then its weights are checked up front
     src, _ = float_volume
     run = Run(
@@ -349,4 +336,4 @@ def test_builtin_model_with_options_is_still_checked_before_running(tmp_path, fl
     with pytest.raises(RunError, match="do not fit the architecture"):
         list(run.events())
     assert not (tmp_path / "o.n5" / "x").exists()
-    assert _pools_gone()
+    assert htex.gone()

@@ -14,15 +14,10 @@ from napari_emparsl.core.volume import Volume, save_array
 from napari_emparsl.execution.runner import Run
 
 
-def _worker_pids() -> list[int]:
-    """Worker processes of emparsl's HTEX pools (children of process_worker_pool.py, which
-    LocalProvider starts detached, so they are not children of this process)."""
-    pids = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if "process_worker_pool" in cmd and "emparsl-parsl-" in cmd:
-            pids += [c.pid for c in proc.children(recursive=True)]
-    return pids
+def _worker_pids(htex) -> list[int]:
+    """Worker processes of emparsl's HTEX pools (descendants of the pool, which LocalProvider
+    starts detached, so they are not children of this process)."""
+    return [c.pid for pid in htex.pools() for c in psutil.Process(pid).children(recursive=True)]
 
 
 def _wait_until_computing(pid: int, timeout: float = 20.0) -> bool:
@@ -42,7 +37,7 @@ def _wait_until_computing(pid: int, timeout: float = 20.0) -> bool:
     return False
 
 
-def test_killed_worker_block_is_retried(tmp_path, unet_model):
+def test_killed_worker_block_is_retried(tmp_path, unet_model, htex):
     data = np.random.default_rng(3).random((128, 128, 128)).astype(np.float32)
     save_array(tmp_path / "in.n5", "raw", data, chunks=(32, 32, 32))
     src = f"{tmp_path}/in.n5:raw"
@@ -59,7 +54,7 @@ def test_killed_worker_block_is_retried(tmp_path, unet_model):
         if isinstance(event, BlockDone) and not killed:
             # the worker that just finished has already taken its next block (blocks are queued)
             pid = int(event.result.worker.rsplit(":", 1)[1])
-            assert pid in _worker_pids(), "not an HTEX worker of this run"
+            assert pid in _worker_pids(htex), "not an HTEX worker of this run"
             assert _wait_until_computing(pid), "the worker did not take a next block"
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)

@@ -53,6 +53,13 @@ class SiteProfile(BaseModel):
         "per block on CPUs; a worker's memory stays at its peak until the run ends)",
     )
 
+    preload_workers: bool = Field(
+        True,
+        description="worker processes are forked from one that has already imported torch and "
+        "the engine, instead of each starting a fresh Python (the first blocks start seconds "
+        "sooner); off: Parsl's worker pool as it ships",
+    )
+
     @property
     def workers_keep_memory(self) -> bool:
         """Whether block workers keep freed memory: only processes of their own (not `threads`)."""
@@ -182,6 +189,7 @@ def make_config(profile: SiteProfile, run_dir: str):
             cores_per_worker=profile.threads_per_worker,
             heartbeat_period=2,
             heartbeat_threshold=10,  # a killed worker is noticed in seconds, not minutes
+            launch_cmd=_pool_launch_cmd(profile),
             provider=provider_class(
                 init_blocks=1, min_blocks=1, max_blocks=1, worker_init=_worker_init(profile)
             ),
@@ -245,3 +253,60 @@ def check_site(profile: SiteProfile) -> float:
         if dfk is not None:
             dfk.cleanup()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+# -- the worker pool, its workers forked from a process that has torch loaded -------------------
+#
+# Parsl's pool (process_worker_pool.py) starts each worker as a fresh Python (multiprocessing
+# "spawn"): every worker then imports torch and the engine, after the pool itself and its
+# manager process have started, seconds before the first block. With ``preload_workers`` the pool
+# is launched as ``python -m napari_emparsl.execution.sites <the pool's arguments>``: a fork
+# server starts at once and imports torch and the engine *while* the pool starts, and the pool
+# (Parsl's own, unchanged) forks its manager process and workers from it. Forking after importing
+# torch is safe as long as nothing ran torch there (its thread pools, and CUDA, start on first
+# use); the fork server never runs a model.
+
+_POOL_SCRIPT = "process_worker_pool.py"
+_POOL_MODULE = "parsl.executors.high_throughput.process_worker_pool"
+_PRELOAD = [  # what every block needs, imported once per node, inherited by every worker
+    "numpy",
+    "torch",
+    "z5py",
+    "napari_emparsl.core.blockwise",
+    "napari_emparsl.core.models.loaders",
+    "napari_emparsl.core.volume",
+    _POOL_MODULE,
+]
+
+
+def _pool_launch_cmd(profile: SiteProfile) -> str | None:
+    """The worker pool's launch command: Parsl's (None), or its pool run by :func:`_pool_main`."""
+    import shlex
+    import sys
+
+    from parsl.executors.high_throughput.executor import DEFAULT_LAUNCH_CMD
+
+    if not profile.preload_workers or not DEFAULT_LAUNCH_CMD.startswith(_POOL_SCRIPT):
+        return None  # as Parsl ships it (also if a future Parsl launches its pool otherwise)
+    ours = f"{shlex.quote(sys.executable)} -m napari_emparsl.execution.sites"
+    return ours + DEFAULT_LAUNCH_CMD[len(_POOL_SCRIPT) :]
+
+
+def _pool_main() -> None:
+    """Start the fork server, then run Parsl's worker pool (its arguments are in sys.argv)."""
+    import multiprocessing
+    import multiprocessing.forkserver
+    import runpy
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_PRELOAD)
+    multiprocessing.forkserver.ensure_running()  # imports _PRELOAD now, beside the pool's start
+    import parsl.multiprocessing
+
+    if hasattr(parsl.multiprocessing, "SpawnContext"):  # the pool's context, taken at its import
+        parsl.multiprocessing.SpawnContext = context
+    runpy.run_module(_POOL_MODULE, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    _pool_main()
