@@ -23,9 +23,8 @@ def _worker_pids(htex) -> list[int]:
 def _wait_until_computing(pid: int, timeout: float = 20.0) -> bool:
     """Whether the worker is running a block (using CPU), not waiting for its next task.
 
-    A worker killed while it waits on Parsl's shared task queue dies holding that queue's lock,
-    and the pool's other workers then wait forever (a Parsl limitation, docs/engine.md); a worker
-    killed by the system for memory dies computing.
+    Only a worker killed computing loses a block, which must then be retried (a worker killed
+    while idle is replaced without any block failing: test_worker_pool.py).
     """
     proc = psutil.Process(pid)
     end = time.monotonic() + timeout

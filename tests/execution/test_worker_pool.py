@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import psutil
 import pytest
 
 from napari_emparsl.core.events import BlockDone
 from napari_emparsl.execution.runner import Run
-from napari_emparsl.execution.sites import load_site
+from napari_emparsl.execution.sites import load_site, python_app, start_kernel
 
 
 def _maps_torch(pid: int) -> bool:
@@ -47,4 +51,27 @@ def test_workers_start_from_a_process_with_torch_loaded(
         assert "process_worker_pool.py" in pool_cmd and not parent_torch
     assert not pool_torch  # the pool itself (Parsl's manager) never loads torch
     assert niceness == [10, 10, 10]  # the local site's priority reaches every worker
+    assert htex.gone()
+
+
+def test_workers_killed_while_idle_do_not_hang_the_site(tmp_path, htex):
+    # Parsl's pool hands tasks out through a multiprocessing queue whose readers share a lock,
+    # held by a worker for as long as it waits: an idle worker killed dies holding it, and no
+    # worker ever takes a task again (measured: no result in 40 s). The preloading pool's queue
+    # waits without the lock: the pool starts new workers and the next task runs.
+    profile = load_site("local")
+    dfk = start_kernel(profile, str(tmp_path))
+    try:
+        getpid = python_app(os.getpid, dfk, profile)
+        workers: set[int] = set()
+        deadline = time.monotonic() + 60
+        while len(workers) < profile.workers and time.monotonic() < deadline:
+            workers |= {f.result(timeout=60) for f in [getpid() for _ in range(4)]}
+        assert len(workers) == profile.workers
+        time.sleep(1.0)  # every worker idle, waiting for a task
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        assert getpid().result(timeout=60) not in workers  # a new worker ran it
+    finally:
+        dfk.cleanup()
     assert htex.gone()

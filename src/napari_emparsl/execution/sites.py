@@ -275,6 +275,7 @@ _PRELOAD = [  # what every block needs, imported once per node, inherited by eve
     "napari_emparsl.core.blockwise",
     "napari_emparsl.core.models.loaders",
     "napari_emparsl.core.volume",
+    "napari_emparsl.execution.pool_queue",
     _POOL_MODULE,
 ]
 
@@ -294,11 +295,18 @@ def _pool_launch_cmd(profile: SiteProfile) -> str | None:
 
 def _pool_main() -> None:
     """Start the fork server, then run Parsl's worker pool (its arguments are in sys.argv)."""
-    import multiprocessing
     import multiprocessing.forkserver
     import runpy
+    from multiprocessing.context import ForkServerContext
 
-    context = multiprocessing.get_context("forkserver")
+    from napari_emparsl.execution.pool_queue import LockFreeWaitQueue
+
+    class PoolContext(ForkServerContext):
+        def Queue(self, maxsize: int = 0):
+            # the pool's task queue: a worker killed while idle must not take its lock along
+            return LockFreeWaitQueue(maxsize, ctx=self)
+
+    context = PoolContext()
     context.set_forkserver_preload(_PRELOAD)
     multiprocessing.forkserver.ensure_running()  # imports _PRELOAD now, beside the pool's start
     import parsl.multiprocessing
