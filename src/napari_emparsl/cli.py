@@ -440,6 +440,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print(f"emparsl: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # whoever read the output stopped (`emparsl info … | head`): nothing of ours went wrong,
+        # and nothing is said; stdout goes nowhere, or Python's own flush at exit would fail too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as err:
         where = f" ({err.filename})" if err.filename else ""
         print(

@@ -99,6 +99,16 @@ def test_console_script_no_traceback(tmp_path):
     )
 
 
+def test_output_read_by_a_reader_that_stops_is_no_error(small_n5):
+    # `emparsl info … | head -1`: the reader closes the pipe before emparsl writes to it
+    path, _ = small_n5
+    cmd = [sys.executable, "-m", "napari_emparsl.cli", "info", f"{path}:raw"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait() == 1 and err == ""  # no "error: Broken pipe; check the path…"
+
+
 def test_bad_option_value(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["import", "a.tif", "o.n5:raw", "--chunks", "a,b,c"])
