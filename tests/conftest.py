@@ -19,7 +19,7 @@ class HtexProcesses:
     """The processes of emparsl's local HTEX sites, found by command line (they are not children
     of the test: Parsl's LocalProvider starts the worker pool detached)."""
 
-    POOLS = ("process_worker_pool", "-m napari_emparsl.execution.sites")
+    POOLS = ("process_worker_pool.py", "-m napari_emparsl.execution.sites")
 
     @staticmethod
     def _cmdlines() -> dict[int, str]:

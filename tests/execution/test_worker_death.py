@@ -15,9 +15,10 @@ from napari_emparsl.execution.runner import Run
 
 
 def _worker_pids(htex) -> list[int]:
-    """Worker processes of emparsl's HTEX pools (descendants of the pool, which LocalProvider
-    starts detached, so they are not children of this process)."""
-    return [c.pid for pid in htex.pools() for c in psutil.Process(pid).children(recursive=True)]
+    """Processes of emparsl's HTEX sites that are no pool: the workers (forked from a fork
+    server, which is a child of this process, or of the pool when it starts the server)."""
+    pools = set(htex.pools())
+    return [pid for pid in htex.all() if pid not in pools]
 
 
 def _wait_until_computing(pid: int, timeout: float = 20.0) -> bool:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
+import numpy as np
 import psutil
 import pytest
 
 from napari_emparsl.core.events import BlockDone
+from napari_emparsl.core.volume import save_array
 from napari_emparsl.execution.runner import Run
 from napari_emparsl.execution.sites import load_site, python_app, start_kernel
 
@@ -20,37 +24,56 @@ def _maps_torch(pid: int) -> bool:
         return "libtorch" in f.read()
 
 
-@pytest.mark.parametrize("preload", [True, False])
+@pytest.mark.parametrize("pool", ["coordinator's fork server", "pool's fork server", "Parsl's"])
 def test_workers_start_from_a_process_with_torch_loaded(
-    tmp_path, conv_model, float_volume, htex, preload
+    tmp_path, conv_model, float_volume, htex, pool
 ):
-    # preload_workers (default): torch is imported once, in a fork server the pool starts at once,
-    # and every worker is forked from it; off: Parsl's pool spawns each worker as a fresh Python
+    # preload_workers (default): torch is imported once, in a fork server the coordinator starts
+    # with the site (its own session: a Ctrl-C in the terminal does not reach the workers), and
+    # every worker is forked from it; with a worker_init the workers need the pool's environment,
+    # so the pool starts the fork server itself; off: Parsl's pool spawns each worker afresh
     src, _ = float_volume
-    profile = load_site("local").model_copy(update={"preload_workers": preload})
+    update = {
+        "coordinator's fork server": {},
+        "pool's fork server": {"worker_init": "export EMPARSL_TEST_INIT=1"},
+        "Parsl's": {"preload_workers": False},
+    }[pool]
+    profile = load_site("local").model_copy(update=update)
     run = Run(src, conv_model, f"{tmp_path}/o.n5:x", site=profile, block=(8, 16, 16))
     seen = None
     for event in run.events():
         if isinstance(event, BlockDone) and seen is None:
             worker = psutil.Process(int(event.result.worker.rsplit(":", 1)[1]))
             parent = worker.parent()
-            pool = parent.parent() if preload else parent
-            seen = (
-                " ".join(parent.cmdline()),
-                _maps_torch(parent.pid),
-                " ".join(pool.cmdline()),
-                _maps_torch(pool.pid),
-                [p.nice() for p in (worker, parent, pool)],
-            )
+            [pool_pid] = htex.pools()
+            seen = {
+                "parent": " ".join(parent.cmdline()),
+                "parent torch": _maps_torch(parent.pid),
+                "grandparent": parent.parent().pid,
+                "parent pid": parent.pid,
+                "parent's session": os.getsid(parent.pid),
+                "pool": " ".join(psutil.Process(pool_pid).cmdline()),
+                "pool pid": pool_pid,
+                "pool torch": _maps_torch(pool_pid),
+                "environment": worker.environ().get("EMPARSL_TEST_INIT"),
+                "niceness": [p.nice() for p in (worker, parent, psutil.Process(pool_pid))],
+            }
     assert event.ok and event.done > 1
-    parent_cmd, parent_torch, pool_cmd, pool_torch, niceness = seen
-    if preload:
-        assert "multiprocessing.forkserver" in parent_cmd and parent_torch
-        assert "-m napari_emparsl.execution.sites" in pool_cmd
+    if pool == "coordinator's fork server":
+        assert "multiprocessing.forkserver" in seen["parent"] and seen["parent torch"]
+        assert seen["grandparent"] == os.getpid()  # started here, in a session of its own
+        assert seen["parent's session"] == seen["parent pid"] != os.getsid(0)
+        assert "-m napari_emparsl.execution.sites --fork-server" in seen["pool"]
+    elif pool == "pool's fork server":
+        assert "multiprocessing.forkserver" in seen["parent"] and seen["parent torch"]
+        assert seen["grandparent"] == seen["pool pid"]
+        assert "--fork-server" not in seen["pool"]
+        assert seen["environment"] == "1"  # the worker_init's environment reaches the workers
     else:
-        assert "process_worker_pool.py" in pool_cmd and not parent_torch
-    assert not pool_torch  # the pool itself (Parsl's manager) never loads torch
-    assert niceness == [10, 10, 10]  # the local site's priority reaches every worker
+        assert "process_worker_pool.py" in seen["pool"] and not seen["parent torch"]
+    assert "napari_emparsl.execution.sites" in seen["pool"] or pool == "Parsl's"
+    assert not seen["pool torch"]  # the pool itself (Parsl's manager) never loads torch
+    assert seen["niceness"] == [10, 10, 10]  # the local site's priority reaches every worker
     assert htex.gone()
 
 
@@ -75,3 +98,24 @@ def test_workers_killed_while_idle_do_not_hang_the_site(tmp_path, htex):
     finally:
         dfk.cleanup()
     assert htex.gone()
+
+
+def test_coordinator_killed_leaves_no_site_processes(tmp_path, unet_model, htex):
+    # the fork server is the coordinator's child, in a session of its own: a `kill -9` of the
+    # coordinator must still end it (its liveness pipe closes) and the workers forked from it
+    # (the pool, losing the interchange, stops them)
+    data = np.random.default_rng(5).random((64, 64, 128)).astype(np.float32)
+    save_array(tmp_path / "in.n5", "raw", data, chunks=(32, 32, 32))
+    cmd = [sys.executable, "-m", "napari_emparsl.cli", "run", "--input", f"{tmp_path}/in.n5:raw",
+           "--model", unet_model, "--output", f"{tmp_path}/out.n5:seg", "--block", "32,32,32",
+           "--site", "local"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while len(htex.all()) < 4 and time.monotonic() < deadline:  # pool, server, 2 workers
+            time.sleep(0.1)
+        assert len(htex.all()) >= 4, "the site did not start"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert htex.gone(timeout=30)

@@ -57,7 +57,7 @@ class SiteProfile(BaseModel):
         True,
         description="worker processes are forked from one that has already imported torch and "
         "the engine, instead of each starting a fresh Python (the first blocks start sooner: "
-        "0.7-0.9 s on 2 cores); off: Parsl's worker pool as it ships",
+        "1-2 s on 2 cores); off: Parsl's worker pool as it ships",
     )
 
     @property
@@ -169,8 +169,11 @@ def _worker_init(profile: SiteProfile) -> str:
     return "; ".join(cmd for cmd in (renice, profile.worker_init) if cmd)
 
 
-def make_config(profile: SiteProfile, run_dir: str):
-    """A parsl.Config with one executor labelled after the profile (no global parsl.load)."""
+def make_config(profile: SiteProfile, run_dir: str, fork_server: str | None = None):
+    """A parsl.Config with one executor labelled after the profile (no global parsl.load).
+
+    ``fork_server``: the address of a :class:`_ForkServer` the worker pool forks its workers from.
+    """
     from parsl.config import Config
 
     if profile.kind == "threads":
@@ -189,7 +192,7 @@ def make_config(profile: SiteProfile, run_dir: str):
             cores_per_worker=profile.threads_per_worker,
             heartbeat_period=2,
             heartbeat_threshold=10,  # a killed worker is noticed in seconds, not minutes
-            launch_cmd=_pool_launch_cmd(profile),
+            launch_cmd=_pool_launch_cmd(profile, fork_server),
             provider=provider_class(
                 init_blocks=1, min_blocks=1, max_blocks=1, worker_init=_worker_init(profile)
             ),
@@ -213,9 +216,26 @@ def _noop() -> int:
 def start_kernel(profile: SiteProfile, run_dir: str):
     """A DataFlowKernel of its own for ``profile`` (not Parsl's global one): the GUI switches
     sites, and two runs may use two sites. Its executor starts here (HTEX: workers launch)."""
-    from parsl.dataflow.dflow import DataFlowKernel
+    server = _ForkServer.start(profile, run_dir)  # first: it imports torch while Parsl starts
+    try:
+        from parsl.dataflow.dflow import DataFlowKernel
 
-    return DataFlowKernel(make_config(profile, run_dir))
+        dfk = DataFlowKernel(make_config(profile, run_dir, server and server.address))
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
+    if server is not None:
+        cleanup = dfk.cleanup
+
+        def cleanup_then_stop_server() -> None:
+            try:
+                cleanup()
+            finally:
+                server.stop()
+
+        dfk.cleanup = cleanup_then_stop_server
+    return dfk
 
 
 def python_app(func, dfk, profile: SiteProfile):
@@ -258,13 +278,15 @@ def check_site(profile: SiteProfile) -> float:
 # -- the worker pool, its workers forked from a process that has torch loaded -------------------
 #
 # Parsl's pool (process_worker_pool.py) starts each worker as a fresh Python (multiprocessing
-# "spawn"): every worker then imports torch and the engine, after the pool itself and its
-# manager process have started, seconds before the first block. With ``preload_workers`` the pool
-# is launched as ``python -m napari_emparsl.execution.sites <the pool's arguments>``: a fork
-# server starts at once and imports torch and the engine *while* the pool starts, and the pool
-# (Parsl's own, unchanged) forks its manager process and workers from it. Forking after importing
-# torch is safe as long as nothing ran torch there (its thread pools, and CUDA, start on first
-# use); the fork server never runs a model.
+# "spawn"): every worker then imports torch and the engine, after the interchange, the pool itself
+# and its manager process have started, seconds before the first block. With ``preload_workers``
+# the coordinator starts a fork server (:class:`_ForkServer`) as the site starts, which imports
+# torch and the engine *while* Parsl starts; the pool is launched as ``python -m
+# napari_emparsl.execution.sites --fork-server ADDRESS <the pool's arguments>`` and (Parsl's own
+# pool, unchanged) forks its manager process and workers from it. Where the workers need the
+# pool's environment (a ``worker_init``), the pool starts the fork server itself. Forking after
+# importing torch is safe as long as nothing ran torch there (its thread pools, and CUDA, start
+# on first use); the fork server never runs a model.
 
 _POOL_SCRIPT = "process_worker_pool.py"
 _POOL_MODULE = "parsl.executors.high_throughput.process_worker_pool"
@@ -280,8 +302,9 @@ _PRELOAD = [  # what every block needs, imported once per node, inherited by eve
 ]
 
 
-def _pool_launch_cmd(profile: SiteProfile) -> str | None:
-    """The worker pool's launch command: Parsl's (None), or its pool run by :func:`_pool_main`."""
+def _pool_launch_cmd(profile: SiteProfile, fork_server: str | None = None) -> str | None:
+    """The worker pool's launch command: Parsl's (None), or its pool run by :func:`_pool_main`
+    (forking from the fork server at ``fork_server``, or from one it starts itself)."""
     import shlex
     import sys
 
@@ -290,13 +313,119 @@ def _pool_launch_cmd(profile: SiteProfile) -> str | None:
     if not profile.preload_workers or not DEFAULT_LAUNCH_CMD.startswith(_POOL_SCRIPT):
         return None  # as Parsl ships it (also if a future Parsl launches its pool otherwise)
     ours = f"{shlex.quote(sys.executable)} -m napari_emparsl.execution.sites"
+    if fork_server is not None:
+        ours += f" {_FORK_SERVER_ARG} {fork_server.encode().hex()}"
     return ours + DEFAULT_LAUNCH_CMD[len(_POOL_SCRIPT) :]
 
 
+class _ForkServer:
+    """A multiprocessing fork server that imports torch and the engine, started by the
+    coordinator as the site starts: the import then runs while Parsl starts its interchange and
+    the worker pool, instead of after them. The pool forks its workers from it (it is handed the
+    server's address); the server runs in a session of its own, so that a Ctrl-C in the terminal
+    does not reach the workers and :meth:`stop` ends every process forked from it.
+
+    Only where the workers share the coordinator's environment (no ``worker_init``) and this
+    Python's fork server speaks the protocol below; elsewhere the pool starts its own server.
+    """
+
+    def __init__(self, profile: SiteProfile, run_dir: str) -> None:
+        import socket
+        import subprocess
+        import sys
+        from multiprocessing import connection
+
+        with socket.socket(socket.AF_UNIX) as listener:
+            self.address = connection.arbitrary_address("AF_UNIX")
+            listener.bind(self.address)
+            if not self.address.startswith("\0"):
+                os.chmod(self.address, 0o600)
+            listener.listen()
+            alive_r, self._alive_w = os.pipe()  # the server stops when this closes
+            code = (
+                "from multiprocessing.forkserver import main; "
+                f"main({listener.fileno()}, {alive_r}, {_PRELOAD!r})"
+            )
+            try:  # its output and its workers' go to the run's log folder, as the pool's do
+                with open(os.path.join(run_dir, "fork_server.log"), "ab") as log:
+                    self._process = subprocess.Popen(
+                        [sys.executable, "-c", code],
+                        pass_fds=(listener.fileno(), alive_r),
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=log,
+                        start_new_session=True,
+                    )
+            except BaseException:
+                os.close(self._alive_w)
+                raise
+            finally:
+                os.close(alive_r)
+        if profile.nice:
+            try:
+                os.setpriority(os.PRIO_PROCESS, self._process.pid, profile.nice)
+            except OSError:
+                pass
+
+    @classmethod
+    def start(cls, profile: SiteProfile, run_dir: str) -> _ForkServer | None:
+        """A server for ``profile``'s workers, or None where the pool is to start its own."""
+        import inspect
+        from multiprocessing import forkserver
+
+        if profile.kind != "local" or not profile.preload_workers or profile.worker_init:
+            return None
+        if list(inspect.signature(forkserver.main).parameters) != _FORK_SERVER_MAIN:
+            return None  # another Python's protocol: the pool starts its own server
+        return cls(profile, run_dir)
+
+    def stop(self) -> None:
+        """Stop the server and end what is left of the processes forked from it."""
+        import signal
+        import subprocess
+
+        if self._alive_w is None:
+            return
+        os.close(self._alive_w)
+        self._alive_w = None
+        try:
+            os.killpg(self._process.pid, signal.SIGTERM)  # its session: the server, its workers
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        if not self.address.startswith("\0"):
+            try:
+                os.unlink(self.address)
+            except OSError:
+                pass
+
+
+_FORK_SERVER_ARG = "--fork-server"
+_FORK_SERVER_MAIN = ["listener_fd", "alive_r", "preload", "main_path", "sys_path"]
+
+
+def _attach_fork_server(address: str) -> None:
+    """Make this process's multiprocessing fork its "forkserver" processes from the server at
+    ``address`` (a :class:`_ForkServer` another process started) instead of starting one."""
+    from multiprocessing import forkserver, resource_tracker
+
+    server = forkserver._forkserver
+    server._forkserver_address = address
+    # handed to every child as the server's liveness pipe; the children fork nothing themselves
+    server._forkserver_alive_fd = os.open(os.devnull, os.O_RDONLY)
+    server.ensure_running = resource_tracker.ensure_running  # the server is not ours to start
+
+
 def _pool_main() -> None:
-    """Start the fork server, then run Parsl's worker pool (its arguments are in sys.argv)."""
+    """Attach to the coordinator's fork server (``--fork-server ADDRESS``) or start one, then run
+    Parsl's worker pool (its arguments are in sys.argv)."""
     import multiprocessing.forkserver
     import runpy
+    import sys
     from multiprocessing.context import ForkServerContext
 
     from napari_emparsl.execution.pool_queue import LockFreeWaitQueue
@@ -307,8 +436,12 @@ def _pool_main() -> None:
             return LockFreeWaitQueue(maxsize, ctx=self)
 
     context = PoolContext()
-    context.set_forkserver_preload(_PRELOAD)
-    multiprocessing.forkserver.ensure_running()  # imports _PRELOAD now, beside the pool's start
+    if sys.argv[1:2] == [_FORK_SERVER_ARG]:  # started by the coordinator, importing already
+        _attach_fork_server(bytes.fromhex(sys.argv[2]).decode())
+        del sys.argv[1:3]
+    else:
+        context.set_forkserver_preload(_PRELOAD)
+        multiprocessing.forkserver.ensure_running()  # imports _PRELOAD now, beside the pool
     import parsl.multiprocessing
 
     if hasattr(parsl.multiprocessing, "SpawnContext"):  # the pool's context, taken at its import
