@@ -145,6 +145,18 @@ def _quiet_local_provider():
     from parsl.providers import LocalProvider
 
     class QuietLocalProvider(LocalProvider):
+        launched = None  # called with the process group of each worker pool it launches
+
+        def submit(self, *args, **kwargs):
+            job = super().submit(*args, **kwargs)
+            try:
+                group = os.getpgid(self.resources[job]["remote_pid"])
+            except (KeyError, TypeError, OSError):
+                return job
+            if self.launched is not None and group != os.getpgid(0):
+                self.launched(-group)
+            return job
+
         def cancel(self, job_ids):
             for job in job_ids:
                 job_dict = self.resources[job]
@@ -169,10 +181,16 @@ def _worker_init(profile: SiteProfile) -> str:
     return "; ".join(cmd for cmd in (renice, profile.worker_init) if cmd)
 
 
-def make_config(profile: SiteProfile, run_dir: str, fork_server: str | None = None):
+def make_config(
+    profile: SiteProfile,
+    run_dir: str,
+    fork_server: str | None = None,
+    guard: _SiteGuard | None = None,
+):
     """A parsl.Config with one executor labelled after the profile (no global parsl.load).
 
-    ``fork_server``: the address of a :class:`_ForkServer` the worker pool forks its workers from.
+    ``fork_server``: the address of a :class:`_ForkServer` the worker pool forks its workers from;
+    ``guard``: a :class:`_SiteGuard` told about each worker pool launched.
     """
     from parsl.config import Config
 
@@ -184,7 +202,11 @@ def make_config(profile: SiteProfile, run_dir: str, fork_server: str | None = No
         from parsl.executors import HighThroughputExecutor
 
         _python_bin_on_path()
-        provider_class = _quiet_local_provider()
+        provider = _quiet_local_provider()(
+            init_blocks=1, min_blocks=1, max_blocks=1, worker_init=_worker_init(profile)
+        )
+        if guard is not None:
+            provider.launched = guard.add
         executor = HighThroughputExecutor(
             label=profile.name,
             address="127.0.0.1",
@@ -193,9 +215,7 @@ def make_config(profile: SiteProfile, run_dir: str, fork_server: str | None = No
             heartbeat_period=2,
             heartbeat_threshold=10,  # a killed worker is noticed in seconds, not minutes
             launch_cmd=_pool_launch_cmd(profile, fork_server),
-            provider=provider_class(
-                init_blocks=1, min_blocks=1, max_blocks=1, worker_init=_worker_init(profile)
-            ),
+            provider=provider,
         )
     return Config(
         executors=[executor],
@@ -216,26 +236,103 @@ def _noop() -> int:
 def start_kernel(profile: SiteProfile, run_dir: str):
     """A DataFlowKernel of its own for ``profile`` (not Parsl's global one): the GUI switches
     sites, and two runs may use two sites. Its executor starts here (HTEX: workers launch)."""
+    guard = _SiteGuard(run_dir) if profile.kind == "local" else None
     server = _ForkServer.start(profile, run_dir)  # first: it imports torch while Parsl starts
     try:
+        if guard is not None and server is not None:
+            guard.add(-server.pid)
         from parsl.dataflow.dflow import DataFlowKernel
 
-        dfk = DataFlowKernel(make_config(profile, run_dir, server and server.address))
+        dfk = DataFlowKernel(make_config(profile, run_dir, server and server.address, guard))
     except BaseException:
         if server is not None:
             server.stop()
+        if guard is not None:
+            guard.stop()
         raise
-    if server is not None:
-        cleanup = dfk.cleanup
+    if guard is None:
+        return dfk
+    for executor in dfk.executors.values():
+        interchange = getattr(executor, "interchange_proc", None)
+        if interchange is not None:
+            guard.add(interchange.pid)
+    cleanup = dfk.cleanup
 
-        def cleanup_then_stop_server() -> None:
-            try:
-                cleanup()
-            finally:
+    def cleanup_then_stop() -> None:
+        try:
+            cleanup()
+        finally:
+            if server is not None:
                 server.stop()
+            guard.stop()
 
-        dfk.cleanup = cleanup_then_stop_server
+    dfk.cleanup = cleanup_then_stop
     return dfk
+
+
+class _SiteGuard:
+    """Ends a local site's processes when the coordinator dies without shutting the site down.
+
+    Parsl's interchange outlives a coordinator that is killed (``kill -9``, the out-of-memory
+    killer, a crash), and with it the worker pool and its workers, each holding a model and its
+    memory. The guard is a shell in a session of its own whose standard input is a pipe from the
+    coordinator: the pipe closes when the coordinator exits, however it ends; if the site was not
+    shut down first (the pid file is still there), the guard stops the processes it lists
+    (SIGTERM, then SIGKILL) and removes the run's Parsl folder.
+    """
+
+    _SCRIPT = """
+while read -r _; do :; done  # until the coordinator's end of the pipe closes
+[ -e "$EMPARSL_RUN_DIR/site.pids" ] || exit 0
+kill -TERM $(cat "$EMPARSL_RUN_DIR/site.pids") 2>/dev/null
+sleep 3
+kill -KILL $(cat "$EMPARSL_RUN_DIR/site.pids") 2>/dev/null
+rm -rf -- "$EMPARSL_RUN_DIR"
+"""
+
+    def __init__(self, run_dir: str) -> None:
+        import subprocess
+        import threading
+
+        self._file = os.path.join(run_dir, "site.pids")
+        self._pids: list[int] = []
+        self._lock = threading.Lock()  # the pool is launched from Parsl's polling thread
+        self._process = subprocess.Popen(
+            ["/bin/sh", "-c", self._SCRIPT, "emparsl-site-guard"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "EMPARSL_RUN_DIR": run_dir},
+            start_new_session=True,
+        )
+
+    def add(self, pid: int) -> None:
+        """A process (negative: a process group) to stop if the coordinator dies."""
+        with self._lock:
+            if self._process.stdin is None:
+                return  # stopped
+            self._pids.append(pid)
+            with open(self._file + ".new", "w") as f:
+                f.write(" ".join(str(p) for p in self._pids))
+            os.replace(self._file + ".new", self._file)
+
+    def stop(self) -> None:
+        """The site was shut down: the guard exits without stopping anything."""
+        import subprocess
+
+        with self._lock:
+            try:
+                os.unlink(self._file)
+            except FileNotFoundError:
+                pass
+            if self._process.stdin is not None:
+                self._process.stdin.close()
+                self._process.stdin = None
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
 
 
 def python_app(func, dfk, profile: SiteProfile):
@@ -402,6 +499,11 @@ class _ForkServer:
                 os.unlink(self.address)
             except OSError:
                 pass
+
+    @property
+    def pid(self) -> int:
+        """The server's pid, also its session's and process group's."""
+        return self._process.pid
 
 
 _FORK_SERVER_ARG = "--fork-server"
