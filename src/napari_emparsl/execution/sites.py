@@ -250,7 +250,7 @@ def start_kernel(profile: SiteProfile, run_dir: str):
         if guard is not None:
             guard.stop()
         raise
-    if guard is None:
+    if guard is None:  # threads: nothing outside this process
         return dfk
     for executor in dfk.executors.values():
         interchange = getattr(executor, "interchange_proc", None)
@@ -419,11 +419,12 @@ class _ForkServer:
     """A multiprocessing fork server that imports torch and the engine, started by the
     coordinator as the site starts: the import then runs while Parsl starts its interchange and
     the worker pool, instead of after them. The pool forks its workers from it (it is handed the
-    server's address); the server runs in a session of its own, so that a Ctrl-C in the terminal
-    does not reach the workers and :meth:`stop` ends every process forked from it.
+    server's address); the server runs in a process group of its own, so that a Ctrl-C in the
+    terminal does not reach the workers and :meth:`stop` ends every process forked from it.
 
     Only where the workers share the coordinator's environment (no ``worker_init``) and this
-    Python's fork server speaks the protocol below; elsewhere the pool starts its own server.
+    Python's fork server speaks the protocol below (Python >= 3.11 for ``process_group``);
+    elsewhere the pool starts its own server.
     """
 
     def __init__(self, profile: SiteProfile, run_dir: str) -> None:
@@ -451,7 +452,10 @@ class _ForkServer:
                         stdin=subprocess.DEVNULL,
                         stdout=log,
                         stderr=log,
-                        start_new_session=True,
+                        # a process group of its own, not a session: Linux shares CPU time
+                        # between sessions before niceness counts (autogroups), and a session
+                        # of its own importing torch took half a core from the viewer's thread
+                        process_group=0,
                     )
             except BaseException:
                 os.close(self._alive_w)
@@ -468,11 +472,14 @@ class _ForkServer:
     def start(cls, profile: SiteProfile, run_dir: str) -> _ForkServer | None:
         """A server for ``profile``'s workers, or None where the pool is to start its own."""
         import inspect
+        import sys
         from multiprocessing import forkserver
 
         if profile.kind != "local" or not profile.preload_workers or profile.worker_init:
             return None
-        if list(inspect.signature(forkserver.main).parameters) != _FORK_SERVER_MAIN:
+        if sys.version_info < (3, 11) or (
+            list(inspect.signature(forkserver.main).parameters) != _FORK_SERVER_MAIN
+        ):
             return None  # another Python's protocol: the pool starts its own server
         return cls(profile, run_dir)
 
@@ -486,7 +493,7 @@ class _ForkServer:
         os.close(self._alive_w)
         self._alive_w = None
         try:
-            os.killpg(self._process.pid, signal.SIGTERM)  # its session: the server, its workers
+            os.killpg(self._process.pid, signal.SIGTERM)  # its group: the server, its workers
         except (ProcessLookupError, PermissionError):
             pass
         try:
@@ -502,7 +509,7 @@ class _ForkServer:
 
     @property
     def pid(self) -> int:
-        """The server's pid, also its session's and process group's."""
+        """The server's pid, also its process group's."""
         return self._process.pid
 
 
