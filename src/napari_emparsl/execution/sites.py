@@ -312,9 +312,12 @@ rm -rf -- "$EMPARSL_RUN_DIR"
             if self._process.stdin is None:
                 return  # stopped
             self._pids.append(pid)
-            with open(self._file + ".new", "w") as f:
-                f.write(" ".join(str(p) for p in self._pids))
-            os.replace(self._file + ".new", self._file)
+            try:
+                with open(self._file + ".new", "w") as f:
+                    f.write(" ".join(str(p) for p in self._pids))
+                os.replace(self._file + ".new", self._file)
+            except OSError:  # a full disk: the site still runs, the guard knows the older list
+                pass
 
     def stop(self) -> None:
         """The site was shut down: the guard exits without stopping anything."""
