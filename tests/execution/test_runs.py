@@ -106,7 +106,9 @@ def test_resume_after_kill_9(tmp_path, unet_model):
         "--output",
         f"{tmp_path}/out.n5:pred",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}  # where the runs' Parsl folders go
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 120
     while (
         len(_ledger_done(tmp_path / "out.n5")) < 10
@@ -118,8 +120,11 @@ def test_resume_after_kill_9(tmp_path, unet_model):
     proc.wait()
     before = _ledger_done(tmp_path / "out.n5")
     assert 5 <= len(before) < 36, len(before)  # killed mid-run (36 blocks)
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert len(list((tmp_path / "tmp").glob("emparsl-parsl-*"))) == 1  # the killed run's
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     assert done.returncode == 0, done.stderr
+    # the next run removed the killed one's folder (a `threads` site has no guard), then its own
+    assert list((tmp_path / "tmp").glob("emparsl-parsl-*")) == []
     assert f"({len(before)} already done, resuming)" in done.stdout
     after = _ledger_done(tmp_path / "out.n5")
     recomputed = [i for i in set(before) if after.count(i) > 1]

@@ -12,7 +12,6 @@ import os
 import queue
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -45,7 +44,13 @@ from napari_emparsl.core.models.loaders import (
 from napari_emparsl.core.models.spec import ModelError, ModelSpec
 from napari_emparsl.core.n5attrs import VolumeError
 from napari_emparsl.core.volume import Volume, parse_spec, volume_stats
-from napari_emparsl.execution.sites import SiteProfile, load_site, python_app, start_kernel
+from napari_emparsl.execution.sites import (
+    SiteProfile,
+    load_site,
+    new_run_dir,
+    python_app,
+    start_kernel,
+)
 
 __all__ = ["Run", "RunError", "parse_roi"]
 
@@ -108,7 +113,7 @@ class _SiteStarter:
 
     def __init__(self, profile: SiteProfile, model: str, options: Mapping[str, Any]) -> None:
         self.profile = profile
-        self.run_dir = tempfile.mkdtemp(prefix="emparsl-parsl-")
+        self.run_dir = new_run_dir()
         self._dfk = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(

@@ -24,6 +24,7 @@ __all__ = [
     "list_sites",
     "load_site",
     "make_config",
+    "new_run_dir",
     "python_app",
     "start_kernel",
 ]
@@ -233,6 +234,28 @@ def _noop() -> int:
     return os.getpid()
 
 
+_RUN_DIR_PREFIX = "emparsl-parsl-"
+
+
+def new_run_dir() -> str:
+    """A fresh folder for a site's Parsl files, named after this process; removes those of
+    coordinators that died without removing theirs (a `threads` site has no guard to do it)."""
+    import shutil
+    import tempfile
+
+    for old in Path(tempfile.gettempdir()).glob(f"{_RUN_DIR_PREFIX}*-*"):
+        pid = old.name[len(_RUN_DIR_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # its coordinator is gone
+            shutil.rmtree(old, ignore_errors=True)
+        except OSError:  # alive (another user's): not ours to remove
+            pass
+    return tempfile.mkdtemp(prefix=f"{_RUN_DIR_PREFIX}{os.getpid()}-")
+
+
 def start_kernel(profile: SiteProfile, run_dir: str):
     """A DataFlowKernel of its own for ``profile`` (not Parsl's global one): the GUI switches
     sites, and two runs may use two sites. Its executor starts here (HTEX: workers launch)."""
@@ -354,10 +377,9 @@ def check_site(profile: SiteProfile) -> float:
         With the reason when the site cannot start or run a task.
     """
     import shutil
-    import tempfile
     import time
 
-    run_dir = tempfile.mkdtemp(prefix="emparsl-parsl-")
+    run_dir = new_run_dir()
     t0 = time.perf_counter()
     dfk = None
     try:
