@@ -139,7 +139,8 @@ def _quiet_local_provider():
     Parsl cancels a local block by running ``kill -- -$(ps -o pgid= PID)`` in a subprocess with a
     pre-exec function, i.e. a full fork() of the coordinator; in napari that process holds
     gigabytes, and the fork stalls the viewer for tens of milliseconds at the end of every run.
-    Signalling the pool's process group directly does the same without a subprocess.
+    Signalling the pool's process group directly does the same without a subprocess. It also
+    tells ``launched`` (the site's :class:`_SiteGuard`) the process group of each pool it starts.
     """
     import signal
 
