@@ -20,6 +20,33 @@ def test_builtin_model_spec_and_weights():
     assert load_model("unet3d-em") is loaded  # cached per process
 
 
+@pytest.mark.parametrize("dims,script", [(3, False), (3, True), (2, True)])
+def test_loaded_weights_are_channels_last_and_outputs_unchanged(tmp_path, dims, script):
+    torch.manual_seed(0)
+    net = UNet(1, 3, base=4, depth=1, dims=dims).eval()
+    shape = (1, 1, 12, 16, 16) if dims == 3 else (3, 1, 16, 16)
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        expected = net(x)
+    fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+    arch = "unet3d" if dims == 3 else "unet2d"
+    if script:
+        torch.jit.save(torch.jit.script(net), tmp_path / "m.pt")
+        (tmp_path / "m.pt.yaml").write_text(f"classes: [a, b, c]\nspatial_dims: {dims}\n")
+    else:
+        torch.save(net.state_dict(), tmp_path / "m.pt")
+        (tmp_path / "m.pt.yaml").write_text(
+            f"architecture: {arch}\nclasses: [a, b, c]\narch_options: {{base: 4, depth: 1}}\n"
+        )
+    module = load_model(str(tmp_path / "m.pt")).module
+    convs = [p for p in module.parameters() if p.dim() == dims + 2]
+    assert convs and all(p.is_contiguous(memory_format=fmt) for p in convs)
+    assert not all(p.is_contiguous() for p in convs)  # really another layout, not a no-op
+    with torch.inference_mode():
+        got = module(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
 def test_options_override_sidecar_and_are_validated():
     spec = describe_model("unet3d-em", parse_options(["halo=8,8,8", "block=32,32,32"]))
     assert spec.halo == (8, 8, 8) and spec.block == (32, 32, 32)

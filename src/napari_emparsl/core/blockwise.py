@@ -103,7 +103,7 @@ def run_model_on_batch(module: Any, spec: Any, xs: list[np.ndarray]) -> list[np.
             flat = t.permute(0, 2, 1, 3, 4).reshape(n * z, c, *t.shape[3:])
             out = module(flat)
             y = out.reshape(n, z, *out.shape[1:]).permute(0, 2, 1, 3, 4)
-        y = y.float().numpy()
+        y = y.float().contiguous().numpy()
     out_shape = tuple(n * s for n, s in zip(spatial, spec.scale, strict=True))
     return [yi[(slice(None), *(slice(0, n) for n in out_shape))] for yi in y]
 

@@ -167,6 +167,24 @@ def _load_module(path: str, spec: ModelSpec) -> Any:
     )
 
 
+def _channels_last(module: Any) -> Any:
+    """Store the module's convolution weights channels-last, in place; returns the module.
+
+    A convolution takes the memory format of its weight: oneDNN runs the U-Net's 3D convolutions
+    about a fifth faster channels-last on a CPU (results differ by float rounding only, ~1e-6).
+    5-D weights become ``channels_last_3d``, 4-D ones ``channels_last``; others stay as they are.
+    """
+    import torch
+
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.dim() == 5:
+                param.data = param.data.contiguous(memory_format=torch.channels_last_3d)
+            elif param.dim() == 4:
+                param.data = param.data.contiguous(memory_format=torch.channels_last)
+    return module
+
+
 def _unsafe(path: str) -> str:
     return (
         f"{path} is a pickled Python object that needs code to load, which could run anything, so it "
@@ -183,6 +201,6 @@ def load_model(model: str, options: Mapping[str, Any] | None = None) -> LoadedMo
     with _LOCK:
         cached = _CACHE.get(key)
         if cached is None:
-            cached = LoadedModel(_load_module(path, spec), spec, digest, path)
+            cached = LoadedModel(_channels_last(_load_module(path, spec)), spec, digest, path)
             _CACHE[key] = cached
     return cached
