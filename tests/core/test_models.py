@@ -47,6 +47,36 @@ def test_loaded_weights_are_channels_last_and_outputs_unchanged(tmp_path, dims, 
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+class _Flattens(torch.nn.Module):
+    """A 2D model that reshapes its activations with .view (needs them contiguous)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.b = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.head = torch.nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.b(self.a(x))
+        n, c, h, w = y.shape
+        y = y.view(n * c, h, w).view(n, c, h, w)
+        return self.head(y)
+
+
+def test_model_that_needs_its_layout_keeps_it(tmp_path):
+    torch.manual_seed(0)
+    net = _Flattens().eval()
+    x = torch.randn(3, 1, 16, 16)
+    with torch.inference_mode():
+        expected = net(x)
+    torch.jit.save(torch.jit.script(net), tmp_path / "m.pt")
+    (tmp_path / "m.pt.yaml").write_text("classes: [a, b]\nspatial_dims: 2\nhalo: [0, 2, 2]\n")
+    module = load_model(str(tmp_path / "m.pt")).module
+    assert all(p.is_contiguous() for p in module.parameters())  # channels-last would fail it
+    with torch.inference_mode():
+        torch.testing.assert_close(module(x), expected, rtol=0, atol=1e-6)
+
+
 def test_options_override_sidecar_and_are_validated():
     spec = describe_model("unet3d-em", parse_options(["halo=8,8,8", "block=32,32,32"]))
     assert spec.halo == (8, 8, 8) and spec.block == (32, 32, 32)
