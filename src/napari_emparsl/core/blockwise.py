@@ -29,6 +29,7 @@ __all__ = [
     "run_model_on_array",
     "run_model_on_batch",
     "warm_up",
+    "worker_device",
 ]
 
 
@@ -47,6 +48,7 @@ class BlockJob:
     threads: int = 1
     # the worker is a process of its own that only runs blocks: it keeps the memory it frees
     keep_memory: bool = False
+    device: str = "cpu"  # the site's choice: cpu | cuda | auto (a GPU where torch sees one)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class BlockResult:
     histogram: tuple[int, ...] = ()
     error: str = ""
     detail: str = ""  # traceback, for the log
+    device: str = ""  # where the model ran: cpu, cuda:0, ...
 
 
 def _pad_reflect(arr: np.ndarray, pads: list[tuple[int, int]]) -> np.ndarray:
@@ -94,8 +97,10 @@ def run_model_on_batch(module: Any, spec: Any, xs: list[np.ndarray]) -> list[np.
     if any(extra):
         mode = "reflect" if min(spatial) > max(extra) else "edge"
         xs = [np.pad(x, [(0, 0)] + [(0, e) for e in extra], mode=mode) for x in xs]
+    param = next(iter(module.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
     with torch.inference_mode():
-        t = torch.from_numpy(np.ascontiguousarray(np.stack(xs)))  # (N, C, z, y, x)
+        t = torch.from_numpy(np.ascontiguousarray(np.stack(xs))).to(device)  # (N, C, z, y, x)
         if spec.spatial_dims == 3:
             y = module(t)
         else:
@@ -103,7 +108,7 @@ def run_model_on_batch(module: Any, spec: Any, xs: list[np.ndarray]) -> list[np.
             flat = t.permute(0, 2, 1, 3, 4).reshape(n * z, c, *t.shape[3:])
             out = module(flat)
             y = out.reshape(n, z, *out.shape[1:]).permute(0, 2, 1, 3, 4)
-        y = y.float().contiguous().numpy()
+        y = y.float().cpu().contiguous().numpy()
     out_shape = tuple(n * s for n, s in zip(spatial, spec.scale, strict=True))
     return [yi[(slice(None), *(slice(0, n) for n in out_shape))] for yi in y]
 
@@ -221,7 +226,37 @@ def keep_freed_memory() -> bool:
     return ok
 
 
-def warm_up(model: str, options: dict[str, Any], threads: int, keep_memory: bool = False) -> str:
+def worker_device(request: str) -> str:
+    """The torch device this worker runs models on, for the site's ``device`` setting.
+
+    ``cpu``; ``cuda`` or ``auto`` with a GPU that torch sees: ``cuda:N``, the worker's rank in
+    its Parsl pool modulo the GPUs it sees, so a node's workers share its GPUs out (in-process
+    ``threads`` workers all take ``cuda:0``); ``auto`` without one: ``cpu``; ``cuda`` without one
+    raises :class:`RuntimeError` (the block fails with that sentence).
+    """
+    if request == "cpu":
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        if request == "cuda":
+            raise RuntimeError(
+                f"The site asks for a GPU (device: cuda), but torch on {socket.gethostname()} sees "
+                "no CUDA device; set device: auto or cpu in the site profile, or run it where "
+                "a GPU is."
+            )
+        return "cpu"
+    rank = os.environ.get("PARSL_WORKER_RANK", "0")
+    return f"cuda:{int(rank) % torch.cuda.device_count() if rank.isdigit() else 0}"
+
+
+def warm_up(
+    model: str,
+    options: dict[str, Any],
+    threads: int,
+    keep_memory: bool = False,
+    device: str = "cpu",
+) -> str:
     """Load torch and the model into this worker before its first block; never raises."""
     worker = f"{socket.gethostname()}:{os.getpid()}"
     if keep_memory:
@@ -234,7 +269,7 @@ def warm_up(model: str, options: dict[str, Any], threads: int, keep_memory: bool
 
         if torch.get_num_threads() != threads:
             torch.set_num_threads(max(1, threads))
-        loaded = load_model(model, options)
+        loaded = load_model(model, options, worker_device(device))
         spec = loaded.spec
         # one small forward: torch's kernels and thread pool are set up before the first block
         size = [m * max(1, 16 // m) for m in spec.multiple]
@@ -270,7 +305,8 @@ def process_batch(jobs: list[BlockJob]) -> list[BlockResult]:
         first = jobs[0]
         if torch.get_num_threads() != first.threads:
             torch.set_num_threads(max(1, first.threads))
-        loaded = load_model(first.model, first.model_options)
+        device = worker_device(first.device)
+        loaded = load_model(first.model, first.model_options, device)
     except BaseException as err:
         if isinstance(err, KeyboardInterrupt):
             raise
@@ -321,5 +357,6 @@ def process_batch(jobs: list[BlockJob]) -> list[BlockResult]:
             t_write += time.perf_counter() - t0
             results[bid] = BlockResult(
                 bid, True, worker, t_read, t_compute + t_post, t_write, lo, hi, hist,
+                device=device,
             )  # fmt: skip
     return [results[j.block.id] for j in jobs]

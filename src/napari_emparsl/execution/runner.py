@@ -132,6 +132,7 @@ class _SiteStarter:
                         options,
                         self.profile.threads_per_worker,
                         self.profile.workers_keep_memory,
+                        self.profile.device,
                     )
         except BaseException as err:  # raised in the run's thread by dfk()
             self._error = err
@@ -416,6 +417,7 @@ class Run:
                             plan.norm,
                             profile.threads_per_worker,
                             profile.workers_keep_memory,
+                            profile.device,
                         )
                     )
                 fut = app(jobs)

@@ -54,6 +54,12 @@ class SiteProfile(BaseModel):
         "per block on CPUs; a worker's memory stays at its peak until the run ends)",
     )
 
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="where workers run the model: auto (a GPU where torch sees one, else the "
+        "CPU), cpu, or cuda (a GPU or the block fails); a node's workers share its GPUs",
+    )
+
     preload_workers: bool = Field(
         True,
         description="worker processes are forked from one that has already imported torch and "

@@ -207,16 +207,23 @@ def _unsafe(path: str) -> str:
     )
 
 
-def load_model(model: str, options: Mapping[str, Any] | None = None) -> LoadedModel:
-    """Load (once per process) and return the model with its spec and file hash."""
+def load_model(
+    model: str, options: Mapping[str, Any] | None = None, device: str = "cpu"
+) -> LoadedModel:
+    """Load (once per process and device) and return the model with its spec and file hash.
+
+    ``device`` is ``cpu`` or a torch CUDA device (``cuda:0``): on a CPU the convolution weights
+    are stored channels-last (:func:`_channels_last`); on a GPU the module keeps its file's layout.
+    """
     path = resolve_model(model)
     spec = describe_model(model, options)
     digest = file_hash(path)
-    key = (digest, repr(sorted(spec.to_dict().items())))
+    key = (digest, repr(sorted(spec.to_dict().items())), device)
     with _LOCK:
         cached = _CACHE.get(key)
         if cached is None:
-            module = _channels_last(_load_module(path, spec), spec)
+            module = _load_module(path, spec)
+            module = _channels_last(module, spec) if device == "cpu" else module.to(device)
             cached = LoadedModel(module, spec, digest, path)
             _CACHE[key] = cached
     return cached

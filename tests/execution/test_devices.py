@@ -1,0 +1,89 @@
+"""Where workers run the model: the site's ``device`` (auto | cpu | cuda), on CPUs and on a GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_emparsl.cli import main
+from napari_emparsl.core.ledger import Ledger
+from napari_emparsl.core.volume import Volume, save_array
+
+GPU = torch.cuda.is_available()
+
+
+def _site(tmp_path, text: str, name: str = "site") -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_device_setting_is_validated(tmp_path, conv_model, float_volume, capsys):
+    src, _ = float_volume
+    site = _site(tmp_path, "kind: threads\ndevice: gpu\n")
+    code = main(["run", "--input", src, "--model", conv_model, "--output", f"{tmp_path}/o.n5:x",
+                 "--site", site])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "field 'device'" in err and "'auto', 'cpu' or 'cuda'" in err
+    assert not (tmp_path / "o.n5" / "x").exists()
+
+
+def test_cpu_runs_record_their_device(tmp_path, conv_model, float_volume):
+    src, _ = float_volume
+    site = _site(tmp_path, "kind: threads\ndevice: cpu\n")
+    assert main(["run", "--input", src, "--model", conv_model, "--output", f"{tmp_path}/o.n5:x",
+                 "--site", site]) == 0  # fmt: skip
+    done = Ledger(str(tmp_path / "o.n5"), "x").summary().done
+    assert done and {r["device"] for r in done.values()} == {"cpu"}
+
+
+@pytest.mark.skipif(GPU, reason="needs a machine where torch sees no GPU")
+def test_cuda_without_a_gpu_fails_the_blocks_in_one_sentence(
+    tmp_path, conv_model, float_volume, capsys
+):
+    src, _ = float_volume
+    site = _site(tmp_path, "kind: threads\ndevice: cuda\n")
+    code = main(["run", "--input", src, "--model", conv_model, "--output", f"{tmp_path}/o.n5:x",
+                 "--site", site])  # fmt: skip
+    out = capsys.readouterr()
+    assert code != 0
+    assert "asks for a GPU (device: cuda), but torch on" in out.out + out.err
+    assert "Traceback" not in out.out + out.err
+    summary = Ledger(str(tmp_path / "o.n5"), "x").summary()
+    assert not summary.done and summary.failed  # nothing claimed as done
+    assert main(["status", f"{tmp_path}/o.n5:x"]) == 0  # status lists the failed blocks
+    assert "sees no CUDA device" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+def test_gpu_run_is_seamless_and_matches_the_cpu(tmp_path, unet_model):
+    """On a GPU: blocks run there (auto), the tiled labels equal one whole-volume forward on the
+    GPU away from float ties, and differ from the CPU's run only at near-ties (TF32 convs)."""
+    from napari_emparsl.core.models.loaders import load_model
+
+    rng = np.random.default_rng(3)
+    data = (rng.random((64, 96, 96)) * 255).astype(np.uint8)
+    save_array(tmp_path / "v.n5", "raw", data, chunks=(32, 32, 32))
+    src = f"{tmp_path}/v.n5:raw"
+    args = ["--model", unet_model, "--block", "32,32,32"]
+    gpu_site = _site(tmp_path, "kind: local\nworkers: 2\ndevice: auto\n")
+    assert main(["run", "--input", src, "--output", f"{tmp_path}/v.n5:gpu", "--site", gpu_site,
+                 *args]) == 0  # fmt: skip
+    records = Ledger(str(tmp_path / "v.n5"), "gpu").summary().done.values()
+    assert {r["device"] for r in records} <= {f"cuda:{i}" for i in range(8)}
+    cpu_site = _site(tmp_path, "kind: local\nworkers: 2\ndevice: cpu\n", "cpu")
+    assert main(["run", "--input", src, "--output", f"{tmp_path}/v.n5:cpu", "--site", cpu_site,
+                 *args]) == 0  # fmt: skip
+    tiled = Volume.open(tmp_path / "v.n5", "gpu").data.compute()
+    cpu = Volume.open(tmp_path / "v.n5", "cpu").data.compute()
+    loaded = load_model(unet_model, device="cuda:0")
+    x = torch.from_numpy(data.astype(np.float32))[None, None].cuda()
+    with torch.inference_mode():
+        whole = loaded.module(x)[0].argmax(0).cpu().numpy()
+    inner = (slice(24, -24),) * 3
+    seam = float((tiled[inner] != whole[inner]).mean())
+    vs_cpu = float((tiled != cpu).mean())
+    print(f"GPU tiled vs GPU whole forward: {seam:.2e}; GPU vs CPU run: {vs_cpu:.2e}")
+    assert seam < 1e-4
+    assert vs_cpu < 1e-3
