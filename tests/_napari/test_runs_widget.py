@@ -27,6 +27,7 @@ def test_runs_found_and_provenance(make_napari_viewer, tmp_path, monkeypatch):
     # voxel (4, 4, 4) is in block 0 (done); voxel (4, 4, 100) in block 1 (not computed)
     assert widget.provenance_at((4 * 8, 4 * 8, 4 * 8)).startswith("block 0 done: model ")
     assert "site threads" in widget.provenance_at((32, 32, 32))
+    assert "(cpu), at " in widget.provenance_at((32, 32, 32))  # where the model ran
     assert widget.provenance_at((4 * 8, 4 * 8, 100 * 8)) == "block 1: not computed yet"
     [layer] = widget.open_output()
     assert layer._type_string == "labels"

@@ -119,7 +119,9 @@ class RunsWidget(Container):
         when = datetime.datetime.fromtimestamp(rec["time"]).strftime("%H:%M:%S")
         return (
             f"block {ids[0]} {rec['status']}: model {str(rec.get('model_sha256', ''))[:12]}…, "
-            f"site {rec.get('site')}, worker {rec.get('worker')}, at {when}"
+            f"site {rec.get('site')}, worker {rec.get('worker')}"
+            + (f" ({rec['device']})" if rec.get("device") else "")
+            + f", at {when}"
         )
 
     def _on_mouse_move(self, viewer: Any, event: Any) -> None:
