@@ -285,6 +285,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             "input", "model", "model_sha256", "model_options", "block", "halo", "site", "version"
         )},
         "runs": len(summary.runs),
+        # where the model ran (blocks of runs before the ledger recorded it: none)
+        "devices": sorted({r["device"] for r in summary.done.values() if r.get("device")}),
     }  # fmt: skip
     if args.json:
         print(json.dumps(out, indent=2))
@@ -298,7 +300,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  block {bid} failed: {err}")
     prov = out["provenance"]
     print(f"input {prov['input']}, model {prov['model']} (sha256 {str(prov['model_sha256'])[:12]}…), "
-          f"block {prov['block']}, halo {prov['halo']}, site {prov['site']}, emparsl {prov['version']}")  # fmt: skip
+          f"block {prov['block']}, halo {prov['halo']}, site {prov['site']}, emparsl {prov['version']}"
+          + (f", on {', '.join(out['devices'])}" if out["devices"] else ""))  # fmt: skip
     return 0
 
 

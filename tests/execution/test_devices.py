@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -29,13 +31,18 @@ def test_device_setting_is_validated(tmp_path, conv_model, float_volume, capsys)
     assert not (tmp_path / "o.n5" / "x").exists()
 
 
-def test_cpu_runs_record_their_device(tmp_path, conv_model, float_volume):
+def test_cpu_runs_record_their_device(tmp_path, conv_model, float_volume, capsys):
     src, _ = float_volume
     site = _site(tmp_path, "kind: threads\ndevice: cpu\n")
     assert main(["run", "--input", src, "--model", conv_model, "--output", f"{tmp_path}/o.n5:x",
                  "--site", site]) == 0  # fmt: skip
     done = Ledger(str(tmp_path / "o.n5"), "x").summary().done
     assert done and {r["device"] for r in done.values()} == {"cpu"}
+    capsys.readouterr()
+    assert main(["status", f"{tmp_path}/o.n5:x", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["devices"] == ["cpu"]
+    assert main(["status", f"{tmp_path}/o.n5:x"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(", on cpu")
 
 
 @pytest.mark.skipif(GPU, reason="needs a machine where torch sees no GPU")
