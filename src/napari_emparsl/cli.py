@@ -213,6 +213,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     voxels = 0
     t0 = time.perf_counter()
     last = None
+    failures: dict[tuple[bool, str], list[int]] = {}
     try:
         for event in run.events():
             last = event
@@ -234,8 +235,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                 bar.set_postfix_str(f"{rate / 1e6:.2f} Mvox/s")
                 bar.update(1)
             elif isinstance(event, BlockFailed):
-                what = "failed" if event.final else f"failed (attempt {event.attempt}, retrying)"
-                tqdm.write(f"block {event.block_id} {what}: {event.error}", file=sys.stderr)
+                # each distinct error once (a wrong setting fails every block the same way)
+                ids = failures.setdefault((event.final, event.error), [])
+                ids.append(event.block_id)
+                if len(ids) == 1:
+                    what = (
+                        "failed" if event.final else f"failed (attempt {event.attempt}, retrying)"
+                    )
+                    tqdm.write(f"block {event.block_id} {what}: {event.error}", file=sys.stderr)
     except KeyboardInterrupt:
         run.cancel()
         raise
@@ -248,6 +255,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"{last.seconds:.1f} s ({voxels / max(last.seconds, 1e-9) / 1e6:.2f} Mvoxel/s)."
         )
         if last.failed:
+            for (final, _), ids in failures.items():
+                if final and len(ids) > 1:
+                    print(
+                        f"  block(s) {_id_list(sorted(ids[1:]))} failed with the same error as block {ids[0]}",
+                        file=sys.stderr,
+                    )
             print(
                 f"emparsl: error: {last.failed} block(s) failed; see `emparsl status {args.output}` "
                 "and run the same command again to retry them.",
@@ -257,6 +270,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if isinstance(last, Cancelled):
         print(f"Cancelled after {last.done}/{last.total} blocks; run the same command to resume.")
     return 1
+
+
+def _id_list(ids: list, most: int = 8) -> str:
+    """'0, 1, 2' or, for many, the first ``most`` and how many more."""
+    shown = ", ".join(str(i) for i in ids[:most])
+    return shown if len(ids) <= most else f"{shown} and {len(ids) - most} more"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -296,8 +315,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     if out["mean_block_seconds"] is not None:
         print(f"mean block time {out['mean_block_seconds']} s (read + compute + write)")
+    by_error: dict[str, list[str]] = {}
     for bid, err in out["failed_blocks"].items():
-        print(f"  block {bid} failed: {err}")
+        by_error.setdefault(err, []).append(bid)
+    for err, ids in by_error.items():
+        which = f"block {ids[0]}" if len(ids) == 1 else f"{len(ids)} blocks ({_id_list(ids)})"
+        print(f"  {which} failed: {err}")
     prov = out["provenance"]
     print(f"input {prov['input']}, model {prov['model']} (sha256 {str(prov['model_sha256'])[:12]}…), "
           f"block {prov['block']}, halo {prov['halo']}, site {prov['site']}, emparsl {prov['version']}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -55,12 +56,19 @@ def test_cuda_without_a_gpu_fails_the_blocks_in_one_sentence(
                  "--site", site])  # fmt: skip
     out = capsys.readouterr()
     assert code != 0
-    assert "asks for a GPU (device: cuda), but torch on" in out.out + out.err
-    assert "Traceback" not in out.out + out.err
+    text = out.out + out.err
+    assert "asks for a GPU (device: cuda), but torch on" in text
+    assert "Traceback" not in text
+    # one line per distinct error, not one per block (a retry line, then the final one)
+    assert text.count("sees no CUDA device") == 2
     summary = Ledger(str(tmp_path / "o.n5"), "x").summary()
-    assert not summary.done and summary.failed  # nothing claimed as done
+    n = len(summary.failed)
+    assert not summary.done and n > 8  # nothing claimed as done
+    assert re.search(rf"and {n - 9} more failed with the same error as block \d+\n", text)
     assert main(["status", f"{tmp_path}/o.n5:x"]) == 0  # status lists the failed blocks
-    assert "sees no CUDA device" in capsys.readouterr().out
+    status = capsys.readouterr().out
+    assert status.count("sees no CUDA device") == 1
+    assert f"  {n} blocks (0, 1, 2, 3, 4, 5, 6, 7 and {n - 8} more) failed: RuntimeError" in status
 
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
