@@ -6,7 +6,9 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -39,6 +41,7 @@ def test_workers_start_from_a_process_with_torch_loaded(
         "Parsl's": {"preload_workers": False},
     }[pool]
     profile = load_site("local").model_copy(update=update)
+    pymp_before = set(Path(tempfile.gettempdir()).glob("pymp-*"))
     run = Run(src, conv_model, f"{tmp_path}/o.n5:x", site=profile, block=(8, 16, 16))
     seen = None
     for event in run.events():
@@ -57,6 +60,9 @@ def test_workers_start_from_a_process_with_torch_loaded(
                 "pool pid": pool_pid,
                 "pool torch": _maps_torch(pool_pid),
                 "environment": worker.environ().get("EMPARSL_TEST_INIT"),
+                "TMPDIR": {
+                    p.environ().get("TMPDIR") for p in (worker, parent, psutil.Process(pool_pid))
+                },
                 "niceness": [p.nice() for p in (worker, parent, psutil.Process(pool_pid))],
             }
     assert event.ok and event.done > 1
@@ -78,6 +84,12 @@ def test_workers_start_from_a_process_with_torch_loaded(
     assert not seen["pool torch"]  # the pool itself (Parsl's manager) never loads torch
     assert seen["niceness"] == [10, 10, 10]  # the local site's priority reaches every worker
     assert htex.gone()
+    # the site's processes keep their temporary files (multiprocessing's pymp-* socket
+    # folders: the pool's manager's is never removed, killed as it is) in the run's folder,
+    # which goes with the run: nothing is left in the temporary folder
+    [site_tmp] = seen["TMPDIR"]
+    assert Path(site_tmp).name.startswith("emparsl-parsl-") and not Path(site_tmp).exists()
+    assert set(Path(tempfile.gettempdir()).glob("pymp-*")) <= pymp_before
 
 
 def test_workers_killed_while_idle_do_not_hang_the_site(tmp_path, htex):

@@ -183,10 +183,28 @@ def _quiet_local_provider():
     return QuietLocalProvider
 
 
-def _worker_init(profile: SiteProfile) -> str:
-    """The profile's worker_init, after lowering the worker pool's priority (inherited)."""
+def _worker_init(profile: SiteProfile, run_dir: str) -> str:
+    """The profile's worker_init, after lowering the worker pool's priority (inherited) and
+    making the run's folder the pool's TMPDIR (:func:`_site_tmpdir`; a worker_init may set
+    its own)."""
+    import shlex
+
     renice = f"renice -n {profile.nice} -p $$ >/dev/null 2>&1" if profile.nice else ""
-    return "; ".join(cmd for cmd in (renice, profile.worker_init) if cmd)
+    tmp = _site_tmpdir(run_dir)
+    tmpdir = f"export TMPDIR={shlex.quote(tmp)}" if tmp else ""
+    return "; ".join(cmd for cmd in (renice, tmpdir, profile.worker_init) if cmd)
+
+
+def _site_tmpdir(run_dir: str) -> str | None:
+    """The run's folder, as TMPDIR for the site's processes, where that is safe.
+
+    Python's multiprocessing makes a ``pymp-*`` folder in TMPDIR for its sockets (the worker
+    pool's manager does), and removes it when the process exits normally; a site's processes
+    are killed when it stops, and left one folder in /tmp per run. In the run's folder, they go
+    with it (at the site's end, or by its guard). None where the folder's path is too long for
+    a socket path under it (108 bytes on Linux, 104 on macOS).
+    """
+    return run_dir if len(run_dir) <= 64 else None
 
 
 def make_config(
@@ -211,7 +229,7 @@ def make_config(
 
         _python_bin_on_path()
         provider = _quiet_local_provider()(
-            init_blocks=1, min_blocks=1, max_blocks=1, worker_init=_worker_init(profile)
+            init_blocks=1, min_blocks=1, max_blocks=1, worker_init=_worker_init(profile, run_dir)
         )
         if guard is not None:
             provider.launched = guard.add
@@ -465,8 +483,12 @@ class _ForkServer:
         import sys
         from multiprocessing import connection
 
+        tmp = _site_tmpdir(run_dir)
         with socket.socket(socket.AF_UNIX) as listener:
-            self.address = connection.arbitrary_address("AF_UNIX")
+            if tmp:  # the socket, and the workers' temporary files, go with the run's folder
+                self.address = os.path.join(tmp, "fork_server.sock")
+            else:
+                self.address = connection.arbitrary_address("AF_UNIX")
             listener.bind(self.address)
             if not self.address.startswith("\0"):
                 os.chmod(self.address, 0o600)
@@ -480,6 +502,7 @@ class _ForkServer:
                 with open(os.path.join(run_dir, "fork_server.log"), "ab") as log:
                     self._process = subprocess.Popen(
                         [sys.executable, "-c", code],
+                        env={**os.environ, "TMPDIR": tmp} if tmp else None,
                         pass_fds=(listener.fileno(), alive_r),
                         stdin=subprocess.DEVNULL,
                         stdout=log,
