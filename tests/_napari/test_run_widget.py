@@ -303,12 +303,48 @@ def test_super_resolution_preview_is_an_image_layer_on_the_finer_grid(
     assert main(["run", "--input", f"{sample_path}:raw", "--model", model, "--output",
                  f"{tmp_path}/cli.n5:sr", "--site", "threads", "--roi", "40:41,10:50,70:100"]) == 0  # fmt: skip
     cli = Volume.open(tmp_path / "cli.n5", "sr").data.compute()
-    shown = np.asarray(layer.data)
+    # 8 Mi output voxels of 8×4×4 nm: a multiscale layer, y and x halved in its coarser level
+    assert layer.multiscale and [d.shape for d in layer.data] == [(128, 256, 256), (128, 128, 128)]
+    shown = np.asarray(layer.data[0])
     np.testing.assert_array_equal(shown[40, 20:100, 140:200], cli[40, 20:100, 140:200])
     lo, hi = layer.contrast_limits
     block = shown[32:64, 0:128, 128:256]  # the one block computed (output voxels)
     assert lo == pytest.approx(float(block.min())) and hi == pytest.approx(float(block.max()))
     assert not shown[:32].any()  # nothing else was computed
+
+
+def test_big_output_is_multiscale_and_3d_shows_its_coarse_level(
+    make_napari_viewer, qtbot, tmp_path
+):
+    # 64×256×256 (4 Mi voxels): the output gets a coarser level, which each block writes too
+    sample = tmp_path / "big.n5"
+    assert main(["sample", str(sample), "--shape", "64,256,256", "--seed", "6"]) == 0
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample)
+    viewer.dims.set_point(0, 20 * 8)
+    viewer.add_shapes([np.array([[20, 10, 70], [20, 10, 100], [20, 50, 100], [20, 50, 70]]) * 8.0],
+                      shape_type="rectangle", name="region")  # fmt: skip
+    widget.preview_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    layer = widget._output_layer
+    assert layer.multiscale and len(layer.data) == 2
+    n5 = Volume.open(sample, "pred")
+    assert n5.levels == ("pred/s0", "pred/s1")
+    coarse = n5.level(1).compute()
+    assert coarse[:32, :32, 32:64].any() and not coarse[:, 32:].any()  # the previewed block
+    # the rest streams in (2D: the finest level on screen, kept fresh by the run's thread)
+    widget.site.value = "threads"
+    widget.run_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    assert "finished: 16/16 done" in widget.status.value
+    fine, coarse = n5.level(0).compute(), n5.level(1).compute()
+    np.testing.assert_array_equal(np.asarray(layer._slice.image.raw), fine[20])
+    assert widget._live.plane_hits > 0
+    np.testing.assert_array_equal(coarse, fine[::2, ::2, ::2])
+    # in 3D napari draws the coarse level: the whole finest level is never read for it
+    viewer.dims.ndisplay = 3
+    qtbot.waitUntil(lambda: np.asarray(layer._slice.image.raw).ndim == 3, timeout=10_000)
+    np.testing.assert_array_equal(np.asarray(layer._slice.image.raw), coarse)
 
 
 def test_model_without_description_is_asked_for_what_it_lacks(

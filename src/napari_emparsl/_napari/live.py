@@ -96,10 +96,19 @@ class LiveN5Array:
         lead = (slice(None),) * (self.ndim - 3)  # channels of an image output come first
         return (*lead, slice(z, z + 1), slice(None), slice(None))
 
-    def __getitem__(self, key: Any) -> np.ndarray:
+    def __getitem__(self, key: Any) -> np.ndarray | _Region:
+        """Read ``key``; a key of slices alone gives a lazy region instead, read when converted
+        to an array or indexed further (napari crops each level of a multiscale layer to the
+        view over every axis before it picks the plane: eager, that would read the whole depth).
+        """
         norm = _norm_key(key, self.shape)
         if norm is None:  # fancy indexing: read everything, index in memory
             return np.asarray(self._read((slice(None),) * self.ndim))[key]
+        if not any(drop for *_, drop in norm):
+            return _Region(self, tuple((a, b) for a, b, _ in norm))
+        return self._get(norm)
+
+    def _get(self, norm: tuple[tuple[int, int, bool], ...]) -> np.ndarray:
         axis = self.ndim - 3
         with self._lock:
             plane, watched = self._plane, self._watched
@@ -117,7 +126,7 @@ class LiveN5Array:
         return out[tuple(0 if drop else slice(None) for *_, drop in norm)]
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = self[(slice(None),) * self.ndim]
+        out = self._get(tuple((0, n, False) for n in self.shape))
         return out.astype(dtype) if dtype is not None else out
 
     # -- the plane on screen -------------------------------------------------------------------
@@ -140,3 +149,34 @@ class LiveN5Array:
             if self._watched == z:  # not moved meanwhile
                 self._plane = plane
         return True
+
+
+class _Region:
+    """A step-1 box of a :class:`LiveN5Array`, read only when converted or indexed further."""
+
+    def __init__(self, parent: LiveN5Array, bounds: tuple[tuple[int, int], ...]) -> None:
+        self._parent, self._bounds = parent, bounds
+        self.shape = tuple(b - a for a, b in bounds)
+        self.dtype = parent.dtype
+        self.ndim = len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray | _Region:
+        norm = _norm_key(key, self.shape)
+        if norm is None:
+            return np.asarray(self)[key]
+        inner = tuple(
+            a0 + a if drop else slice(a0 + a, a0 + b)
+            for (a0, _), (a, b, drop) in zip(self._bounds, norm, strict=True)
+        )
+        return self._parent[inner]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self._parent._get(tuple((a, b, False) for a, b in self._bounds))
+        return out.astype(dtype) if dtype is not None else out

@@ -659,7 +659,14 @@ class RunWidget(Container):
         out = Volume.open(*parse_spec(self.output.value))
         name = out.key.replace("/", "_")
         layer = next((lyr for lyr in self._viewer.layers if lyr.name == name), None)
-        live = LiveN5Array(out.root, out.key)
+        # a big output has coarser levels (written by the blocks too): napari shows those when
+        # zoomed out and in 3D, instead of reading the whole finest level on the Qt thread
+        levels = [LiveN5Array(out.root, key) for key in out.levels]
+        live = levels[0]
+        data = levels if len(levels) > 1 else live
+        if layer is not None and bool(layer.multiscale) != (len(levels) > 1):
+            self._viewer.layers.remove(layer)  # e.g. opened before as one level: made anew
+            layer = None
         if layer is None:
             kind = self._viewer.add_labels if out.is_labels else self._viewer.add_image
             units = (out.unit,) * len(out.voxel_size) if out.unit != "pixel" else None
@@ -673,13 +680,13 @@ class RunWidget(Container):
                     kwargs["translate"] = (0.0, *out.offset[-3:])
                     kwargs["units"] = None
                 kwargs["contrast_limits"] = (0.0, 1.0)  # widened as blocks finish
-            layer = kind(live, **kwargs)
+            layer = kind(data, multiscale=len(levels) > 1, **kwargs)
             self._range = None
             layer.metadata["emparsl"] = {"path": out.root, "key": out.key}
-        elif not isinstance(layer.data, LiveN5Array):
-            layer.data = live
+        elif not isinstance(layer.data[0] if layer.multiscale else layer.data, LiveN5Array):
+            layer.data = data
         else:
-            live = layer.data
+            live = layer.data[0] if layer.multiscale else layer.data
         self._output_layer = layer
         self._live = live
         self._update_watch()

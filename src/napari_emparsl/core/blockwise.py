@@ -188,6 +188,8 @@ def _write_block(job: BlockJob, spec: Any, y: np.ndarray) -> tuple[np.ndarray, f
     if out.ndim == len(offset) + 1:
         offset = (0, *offset)
     dst.write(out, offset)
+    if dst.is_multiscale:  # the block's part of each coarser level (whole chunks, planned so)
+        dst.write_levels(out, offset, labels=spec.kind == "labels")
     return out, t_post, time.perf_counter() - t0
 
 

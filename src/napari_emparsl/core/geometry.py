@@ -256,15 +256,36 @@ def plan_blocks(
         )
 
 
-def check_no_shared_chunks(blocks: Sequence[Block], out_chunks: Sequence[int]) -> None:
-    """Assert that no two blocks write into the same output chunk (the z5py no-lock rule)."""
+def check_no_shared_chunks(
+    blocks: Sequence[Block],
+    out_chunks: Sequence[int],
+    factor: Sequence[int] | None = None,
+) -> None:
+    """Assert that no two blocks write into the same output chunk (the z5py no-lock rule).
+
+    With ``factor``, for a pyramid level of the output downsampled by it: each block writes
+    ``begin // factor`` on, ``(end - begin) // factor`` voxels, and must begin on a multiple.
+    """
     owner: dict[tuple[int, ...], int] = {}
+    factor = tuple(factor) if factor is not None else (1,) * len(out_chunks)
     for blk in blocks:
-        first = [b // c for b, c in zip(blk.out_write_roi.begin, out_chunks, strict=True)]
-        last = [-(-e // c) for e, c in zip(blk.out_write_roi.end, out_chunks, strict=True)]
+        begin, end = blk.out_write_roi.begin, blk.out_write_roi.end
+        if any(b % f for b, f in zip(begin, factor, strict=True)):
+            raise AssertionError(f"block {blk.id} begins at {begin}, not a multiple of {factor}")
+        lo = [b // f for b, f in zip(begin, factor, strict=True)]
+        hi = [b // f + (e - b) // f for b, e, f in zip(begin, end, factor, strict=True)]
+        if any(h <= low for low, h in zip(lo, hi, strict=True)):
+            continue  # nothing of this block at that level
+        first = [b // c for b, c in zip(lo, out_chunks, strict=True)]
+        last = [-(-e // c) for e, c in zip(hi, out_chunks, strict=True)]
         for idx in itertools.product(*(range(f, e) for f, e in zip(first, last, strict=True))):
             if idx in owner:
                 raise AssertionError(
                     f"blocks {owner[idx]} and {blk.id} both write output chunk {idx}"
+                    + (
+                        f" of the level downsampled by {factor}"
+                        if any(f > 1 for f in factor)
+                        else ""
+                    )
                 )
             owner[idx] = blk.id

@@ -48,7 +48,9 @@ __all__ = [
     "VolumeError",
     "check_output_free",
     "container_tree",
+    "downsample_block",
     "openable_keys",
+    "output_level_factors",
     "parse_spec",
     "pyramid_factors",
     "save_array",
@@ -407,11 +409,17 @@ class Volume:
         offset: Sequence[float] | None = None,
         attrs: dict[str, Any] | None = None,
         overwrite: bool = False,
+        levels: Sequence[Sequence[int]] | None = None,
+        level_chunks: Sequence[Sequence[int]] | None = None,
     ) -> Volume:
         """Create an empty dataset (chunks not written read as 0) and return it opened.
 
         Attributes are written the way N5 tools read them: ``resolution``, ``offset`` and
         ``axes`` in N5 order (x, y, z), plus ``pixelResolution`` for BigDataViewer / n5-viewer.
+
+        With ``levels`` (cumulative downsampling factors per level, C order, the first all ones)
+        the volume is an empty pyramid group ``key/s0, s1, …``: level ``i`` has shape
+        ``shape // levels[i]`` and chunks ``level_chunks[i]``; :meth:`write_levels` fills it.
 
         Raises
         ------
@@ -435,10 +443,91 @@ class Volume:
         _prepare_output(root, key, overwrite)
         f = _open_file(root, "a")
         kwargs = {"compression": compression} if compression != "raw" else {"compression": "raw"}
-        f.create_dataset(key, shape=shape, chunks=chunks, dtype=dtype.name, **kwargs)
-        ds = f[key]
-        ds.attrs.update(_geometry_attrs(len(shape), voxel_size, unit, offset) | (attrs or {}))
+        geometry = _geometry_attrs(len(shape), voxel_size, unit, offset)
+        if not levels or len(levels) < 2:
+            f.create_dataset(key, shape=shape, chunks=chunks, dtype=dtype.name, **kwargs)
+            f[key].attrs.update(geometry | (attrs or {}))
+            return cls.open(root, key)
+        factors = [tuple(int(v) for v in fac) for fac in levels]
+        group = f.require_group(key)
+        group.attrs.update(
+            geometry
+            | {"multiScale": True, "scales": [list(reversed(fac)) for fac in factors]}
+            | (attrs or {})
+        )
+        spatial = min(len(shape), 3)
+        vs = [float(v) for v in (voxel_size or (1.0,) * spatial)][-spatial:]
+        for i, fac in enumerate(factors):
+            level_shape = tuple(max(1, n // d) for n, d in zip(shape, fac, strict=True))
+            lchunks = tuple(level_chunks[i]) if level_chunks else chunks
+            lchunks = tuple(
+                max(1, min(int(c), n)) for c, n in zip(lchunks, level_shape, strict=True)
+            )
+            level_key = f"{key}/s{i}"
+            f.create_dataset(
+                level_key, shape=level_shape, chunks=lchunks, dtype=dtype.name, **kwargs
+            )
+            f[level_key].attrs.update(
+                {  # as N5 viewers read it: the finest voxel size, and this level's factors
+                    "downsamplingFactors": list(reversed(fac)),
+                    "pixelResolution": {"dimensions": list(reversed(vs)), "unit": unit},
+                }
+                | ({"offset": geometry["offset"]} if "offset" in geometry else {})
+                | ({"layer_type": attrs["layer_type"]} if attrs and "layer_type" in attrs else {})
+            )
         return cls.open(root, key)
+
+    def level_factors(self) -> list[tuple[int, ...]]:
+        """Cumulative downsampling factor of each level (C order, level 0 = ones)."""
+        out = [(1,) * self.ndim]
+        for key in self.levels[1:]:
+            fac = read_attrs(os.path.join(self.root, key)).get("downsamplingFactors")
+            if not isinstance(fac, list) or len(fac) != self.ndim:
+                raise VolumeError(
+                    f"The pyramid level {self.root}:{key} has no usable downsamplingFactors; "
+                    "write the output again with --overwrite."
+                )
+            out.append(tuple(int(v) for v in reversed(fac)))
+        return out
+
+    def level_chunks(self) -> list[tuple[int, ...]]:
+        """Chunk shape of each level (C order), from the attributes."""
+        out = [tuple(self.chunks)]
+        for key in self.levels[1:]:
+            size = read_attrs(os.path.join(self.root, key)).get("blockSize", [])
+            out.append(tuple(int(v) for v in reversed(size)))
+        return out
+
+    def write_levels(
+        self,
+        data: np.ndarray,
+        offset: Sequence[int],
+        labels: bool,
+        factors: Sequence[Sequence[int]] | None = None,
+    ) -> None:
+        """Write ``data`` (a region of the finest level at ``offset``) into every coarser level.
+
+        ``offset`` must be a multiple of each level's factor (blocks are planned so): the
+        region's part of level ``i`` is then whole voxels of that level, written by this call
+        alone. Labels keep the first voxel of each window, images the window's mean.
+        """
+        factors = factors if factors is not None else self.level_factors()
+        f = None
+        for key, fac in zip(self.levels[1:], factors[1:], strict=True):
+            if any(o % d for o, d in zip(offset, fac, strict=True)):
+                raise ValueError(f"offset {tuple(offset)} is not a multiple of {tuple(fac)}")
+            small = downsample_block(data, fac, labels)
+            if not small.size:
+                continue
+            f = f or _open_file(self.root, "a")
+            ds = f[key]
+            start = tuple(o // d for o, d in zip(offset, fac, strict=True))
+            region = tuple(
+                slice(b, min(b + n, m))
+                for b, n, m in zip(start, small.shape, ds.shape, strict=True)
+            )
+            small = small[tuple(slice(0, r.stop - r.start) for r in region)]
+            ds[region] = np.ascontiguousarray(small, dtype=self.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -610,6 +699,60 @@ def pyramid_factors(
         current = [c * s for c, s in zip(current, step, strict=True)]
         out.append(tuple(current))
     return out
+
+
+def output_level_factors(
+    shape: Sequence[int],
+    voxel_size: Sequence[float],
+    block: Sequence[int],
+    max_voxels: int = 2**21,
+    min_block: int = 16,
+) -> list[tuple[int, ...]]:
+    """Pyramid levels the blocks of a run can write themselves (z, y, x factors, level 0 first).
+
+    A level is added while the coarsest so far has more than ``max_voxels`` (2 Mi, ~128³: what
+    napari shows in 3D without stalling). An axis can be halved only where the block size stays
+    a multiple of the factor with at least ``min_block`` voxels per block (so each block's part
+    of every level is whole voxels and whole chunks); of those, as in :func:`pyramid_factors`,
+    the ones whose voxels are less than twice the finest of them are halved.
+    """
+    current = [1] * len(shape)
+    out = [tuple(current)]
+    while float(np.prod([n // c for n, c in zip(shape, current, strict=True)])) > max_voxels:
+        sizes = [v * c for v, c in zip(voxel_size, current, strict=True)]
+        can = [
+            block[i] % (current[i] * 2) == 0
+            and block[i] // (current[i] * 2) >= min_block
+            and shape[i] // (current[i] * 2) >= 1
+            for i in range(len(shape))
+        ]
+        if not any(can):
+            break
+        # the finest of the axes that can still be halved (a 2D model's z never can)
+        smallest = min(s for s, c in zip(sizes, can, strict=True) if c)
+        step = [2 if can[i] and sizes[i] < 2 * smallest else 1 for i in range(len(shape))]
+        current = [c * s for c, s in zip(current, step, strict=True)]
+        out.append(tuple(current))
+    return out
+
+
+def downsample_block(data: np.ndarray, factor: Sequence[int], labels: bool) -> np.ndarray:
+    """``data`` downsampled by whole windows of ``factor`` (a trailing partial window dropped):
+    labels keep each window's first voxel, images its mean (rounded for integer dtypes)."""
+    counts = [n // d for n, d in zip(data.shape, factor, strict=True)]
+    if labels:
+        return data[tuple(slice(0, c * d, d) for c, d in zip(counts, factor, strict=True))]
+    trimmed = data[tuple(slice(0, c * d) for c, d in zip(counts, factor, strict=True))]
+    shape = [v for c, d in zip(counts, factor, strict=True) for v in (c, d)]
+    mean = (
+        trimmed.astype(np.float32, copy=False)
+        .reshape(shape)
+        .mean(axis=tuple(range(1, 2 * len(counts), 2)))
+    )
+    if np.issubdtype(data.dtype, np.integer):
+        info = np.iinfo(data.dtype)
+        mean = np.clip(np.round(mean), info.min, info.max)
+    return mean.astype(data.dtype, copy=False)
 
 
 def write_pyramid(

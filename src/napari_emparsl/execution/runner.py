@@ -8,6 +8,7 @@ and sites can live in one process (the napari GUI).
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import shutil
@@ -43,7 +44,7 @@ from napari_emparsl.core.models.loaders import (
 )
 from napari_emparsl.core.models.spec import ModelError, ModelSpec
 from napari_emparsl.core.n5attrs import VolumeError
-from napari_emparsl.core.volume import Volume, parse_spec, volume_stats
+from napari_emparsl.core.volume import Volume, output_level_factors, parse_spec, volume_stats
 from napari_emparsl.execution.sites import (
     SiteProfile,
     load_site,
@@ -273,9 +274,24 @@ class Run:
         except GeometryError as err:
             raise RunError(str(err)) from None
         check_no_shared_chunks(blocks, out_chunks)
+        if existing is not None:
+            levels = [f[-3:] for f in existing.level_factors()]
+            level_chunks = [c[-3:] for c in existing.level_chunks()]
+        else:  # coarser levels each block writes too: napari shows big outputs from them
+            out_vs = tuple(v / s for v, s in zip(src.voxel_size, spec.scale, strict=True))
+            out_block = tuple(b * s for b, s in zip(block, spec.scale, strict=True))
+            levels = output_level_factors(out_shape, out_vs, out_block)
+            level_chunks = [
+                tuple(
+                    math.gcd(c, b // f) for c, b, f in zip(out_chunks, out_block, fac, strict=True)
+                )
+                for fac in levels
+            ]
+        for fac, chunks in zip(levels[1:], level_chunks[1:], strict=True):
+            check_no_shared_chunks(blocks, chunks, factor=fac)
         norm = _norm(src, spec)
         if existing is None:  # only now, when everything checked out
-            self._create_output(src, spec, out_shape, out_chunks)
+            self._create_output(src, spec, out_shape, out_chunks, levels, level_chunks)
         ledger = Ledger(self.output_root, self.output_key)
         done = set(ledger.summary().done) if ledger.exists() else set()
         self._provenance = {
@@ -324,7 +340,9 @@ class Run:
             return Volume.open(self.output_root, self.output_key)
         return None
 
-    def _create_output(self, src: Volume, spec: ModelSpec, out_shape, chunks) -> Volume:
+    def _create_output(
+        self, src: Volume, spec: ModelSpec, out_shape, chunks, levels=None, level_chunks=None
+    ) -> Volume:
         dtype = spec.label_dtype if spec.kind == "labels" else "float32"
         vs = tuple(v / s for v, s in zip(src.voxel_size, spec.scale, strict=True))
         # voxel centres: an input voxel centred at x covers x ± v/2; its s output voxels are
@@ -335,13 +353,15 @@ class Run:
         shape = out_shape
         if spec.kind == "image" and spec.out_channels > 1:
             shape, chunks = (spec.out_channels, *out_shape), (1, *chunks)
+            levels = [(1, *f) for f in levels] if levels else None
+            level_chunks = [(1, *c) for c in level_chunks] if level_chunks else None
         attrs = {"layer_type": spec.kind}
         if spec.classes:
             attrs["class_names"] = list(spec.classes)
         return Volume.create(
             self.output_root, self.output_key, shape, dtype, chunks,
             voxel_size=vs, unit=src.unit, attrs=attrs, overwrite=self.overwrite,
-            offset=origin if any(origin) else None,
+            offset=origin if any(origin) else None, levels=levels, level_chunks=level_chunks,
         )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------

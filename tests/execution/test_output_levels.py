@@ -1,0 +1,114 @@
+"""Outputs big enough to stall napari in 3D get coarser levels, written by the blocks themselves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import napari_emparsl
+from napari_emparsl.core.geometry import check_no_shared_chunks, plan_blocks
+from napari_emparsl.core.volume import Volume, output_level_factors, save_array
+
+
+@pytest.mark.parametrize(
+    ("shape", "voxel", "block", "expected"),
+    [
+        # small: one level, a plain dataset as before
+        ((128, 128, 128), (8, 8, 8), (128, 128, 128), [(1, 1, 1)]),
+        # the sample: 8.4 Mi voxels -> one coarser level of 1 Mi
+        ((128, 256, 256), (8, 8, 8), (128, 128, 128), [(1, 1, 1), (2, 2, 2)]),
+        # 1024³: down to 128³; each 128³ block still writes 16³ of the coarsest level
+        ((1024,) * 3, (8, 8, 8), (128,) * 3, [(1, 1, 1), (2, 2, 2), (4, 4, 4), (8, 8, 8)]),
+        # anisotropic (CREMI-like, 40 nm z): z is left alone until y, x reach 32 nm, then
+        # halved too (the 128-voxel blocks allow no more in y, x: 8 voxels per block)
+        (
+            (100, 1250, 1250),
+            (40, 4, 4),
+            (100, 128, 128),
+            [(1, 1, 1), (1, 2, 2), (1, 4, 4), (1, 8, 8), (2, 8, 8)],
+        ),
+        # a 2D model's blocks are one slice deep: z is never downsampled
+        ((128, 1024, 1024), (8, 8, 8), (1, 256, 256), [(1, 1, 1), (1, 2, 2), (1, 4, 4), (1, 8, 8)]),
+        # blocks of 48: 48 / 2 = 24 ≥ 16, but 48 / 4 = 12 < 16 voxels per block: stop
+        ((512, 512, 512), (8, 8, 8), (48, 48, 48), [(1, 1, 1), (2, 2, 2)]),
+        # blocks of 40: 40 / 2 = 20, 40 / 4 = 10: stop after one
+        ((512, 512, 512), (8, 8, 8), (40, 40, 40), [(1, 1, 1), (2, 2, 2)]),
+    ],
+)
+def test_level_factors_table(shape, voxel, block, expected):
+    assert output_level_factors(shape, voxel, block) == expected
+
+
+def test_level_chunks_owned_by_one_block():
+    blocks = list(plan_blocks((64, 96, 96), (32, 32, 32), (0, 0, 0)))
+    check_no_shared_chunks(blocks, (16, 16, 16), factor=(2, 2, 2))
+    with pytest.raises(AssertionError, match="both write output chunk"):
+        # 32 / 2 = 16 voxels per block at that level: a 32³ chunk there spans two blocks
+        check_no_shared_chunks(blocks, (32, 32, 32), factor=(2, 2, 2))
+    odd = list(plan_blocks((64, 96, 96), (24, 24, 24), (0, 0, 0)))
+    with pytest.raises(AssertionError, match="not a multiple"):
+        check_no_shared_chunks(odd, (4, 4, 4), factor=(16, 16, 16))
+
+
+class TwoClass(nn.Module):
+    """Voxel-wise: class 1 where the input is above its middle value."""
+
+    def forward(self, x):
+        return torch.cat([0.5 - x, x - 0.5], dim=1)
+
+
+class TwoChannels(nn.Module):
+    def forward(self, x):
+        return torch.cat([x, 1.0 - x], dim=1)
+
+
+@pytest.fixture
+def big_volume(tmp_path):
+    """64×192×192 (2.4 Mi voxels: one coarser level), z a little coarser than y, x."""
+    rng = np.random.default_rng(5)
+    data = rng.random((64, 192, 192), dtype=np.float32)
+    save_array(tmp_path / "in.n5", "raw", data, chunks=(32, 64, 64), voxel_size=(10, 8, 8))
+    return f"{tmp_path}/in.n5:raw", data
+
+
+def test_labels_output_levels_match_level_0_and_resume(tmp_path, save_model, big_volume):
+    spec, data = big_volume
+    model = save_model(
+        TwoClass(), tmp_path / "two.pt", "kind: labels\nclasses: [low, high]\nblock: [32, 64, 64]\n"
+    )
+    out = f"{tmp_path}/out.n5"
+    # part first (a preview), then the rest: each block writes its share of every level
+    part = napari_emparsl.run(spec, model, f"{out}:seg", site="threads", roi="0:32,0:64,0:64")
+    assert part.ok and part.done == 1
+    vol = Volume.open(out, "seg")
+    assert vol.is_multiscale and vol.levels == ("seg/s0", "seg/s1")
+    assert vol.level_factors() == [(1, 1, 1), (2, 2, 2)]
+    coarse = vol.level(1).compute()
+    assert coarse.shape == (32, 96, 96)
+    assert coarse[:16, :32, :32].any() and not coarse[16:].any() and not coarse[:, 32:].any()
+
+    final = napari_emparsl.run(spec, model, f"{out}:seg", site="threads")
+    assert final.ok and final.done == 18 and final.total == 18
+    vol = Volume.open(out, "seg")
+    fine, coarse = vol.level(0).compute(), vol.level(1).compute()
+    np.testing.assert_array_equal(fine, (data > 0.5).astype(np.uint8))
+    np.testing.assert_array_equal(coarse, fine[::2, ::2, ::2])  # labels are never averaged
+    assert vol.level_chunks()[1] == (16, 32, 32)  # whole chunks of one block each
+    np.testing.assert_allclose(vol.level_voxel_sizes[1], (20, 16, 16))
+
+
+def test_image_output_levels_are_means_also_with_channels(tmp_path, save_model, big_volume):
+    spec, data = big_volume
+    model = save_model(
+        TwoChannels(), tmp_path / "two.pt", "kind: image\nout_channels: 2\nblock: [32, 64, 64]\n"
+    )
+    out = f"{tmp_path}/out.n5"
+    assert napari_emparsl.run(spec, model, f"{out}:img", site="threads").ok
+    vol = Volume.open(out, "img")
+    assert vol.shape == (2, 64, 192, 192) and vol.level_factors()[1] == (1, 2, 2, 2)
+    coarse = vol.level(1).compute()
+    expected = np.stack([data, 1.0 - data]).astype(np.float64)
+    expected = expected.reshape(2, 32, 2, 96, 2, 96, 2).mean(axis=(2, 4, 6))
+    np.testing.assert_allclose(coarse, expected, atol=1e-6)
