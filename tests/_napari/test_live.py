@@ -19,7 +19,7 @@ def test_reads_follow_writes_and_the_kept_plane_is_fresh(tmp_path):
     # the watched plane is kept once a block touching it was written (read off the Qt thread)
     live.watch(2)
     out.write(np.full((4, 8, 8), 5, np.uint8), (0, 8, 8))
-    assert live.block_written(0, 4) and live.plane_hits == 0
+    assert live.block_written((0, 8, 8), (4, 16, 16)) and live.plane_hits == 0
     plane = np.asarray(live[(slice(2, 3), slice(None), slice(None))])
     assert live.plane_hits == 1 and plane[0, 12, 12] == 5 and plane[0, 0, 0] == 3
     assert live[2, 1:3, 9].tolist() == [0, 0] and live.plane_hits == 2
@@ -30,14 +30,20 @@ def test_reads_follow_writes_and_the_kept_plane_is_fresh(tmp_path):
     assert box[2, 4, 4] == 5 and box[2].shape == (8, 8) and live.plane_hits == 4
     assert np.asarray(box[4:6]).shape == (2, 8, 8) and live.plane_hits == 4
     # other planes, fancy keys and blocks elsewhere go to disk
-    assert not live.block_written(4, 8)
-    assert live[5].shape == (16, 16) and live.plane_hits == 4
+    # a later block re-reads only its own box of the kept plane (a few chunks, not a plane of
+    # the whole volume): what another writer put elsewhere in the plane is not picked up
+    out.write(np.full((4, 8, 8), 6, np.uint8), (0, 0, 8))
+    out.write(np.full((4, 8, 8), 9, np.uint8), (0, 8, 0))  # no block reported there
+    assert live.block_written((0, 0, 8), (4, 8, 16))
+    assert live[2, 0, 12] == 6 and live[2, 12, 0] == 0 and live[2, 12, 12] == 5
+    assert not live.block_written((4, 0, 0), (8, 8, 8))
+    assert live[5].shape == (16, 16) and live.plane_hits == 7
     assert live[[0, 2], 0, 0].tolist() == [3, 3]
     # moving away drops the kept plane: coming back never shows what was kept before
     live.watch(6)
     out.write(np.full((4, 8, 8), 7, np.uint8), (0, 8, 8))
     live.watch(2)
-    assert live[2, 12, 12] == 7 and live.plane_hits == 4
+    assert live[2, 12, 12] == 7 and live.plane_hits == 7
 
 
 def test_image_output_with_channels(tmp_path):
@@ -45,6 +51,6 @@ def test_image_output_with_channels(tmp_path):
     out.write(np.ones((2, 4, 8, 8), np.float32), (0, 0, 0, 0))
     live = LiveN5Array(str(tmp_path / "o.n5"), "img")
     live.watch(1)
-    assert live.block_written(0, 4)
+    assert live.block_written((0, 0, 0), (4, 8, 8))
     assert live[:, 1].shape == (2, 8, 8) and live.plane_hits == 1
     assert float(live[1, 1, 2, 2]) == 1.0

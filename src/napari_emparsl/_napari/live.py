@@ -6,8 +6,10 @@ array-like reads straight from N5 (nothing cached across writes), and keeps one 
 on screen — that the run's background thread re-reads after each block that touches it, so a
 refresh on the Qt thread only draws.
 
-Consistency: the kept plane is always the watched one (``watch`` drops it), and every finished
-block that touches it re-reads it (``block_written``); any other read goes to disk.
+Consistency: the kept plane is always the watched one (``watch`` drops it); the first finished
+block that touches it reads it whole, each later one re-reads its own part of it
+(``block_written``: a block's few chunks, not a plane of the whole volume); any other read
+goes to disk.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class LiveN5Array:
         self._lock = threading.Lock()
         self._watched: int | None = None  # the plane index (first spatial axis) on screen
         self._plane: np.ndarray | None = None  # its data, as of the last block that touched it
+        self._generation = 0  # counts watch changes: a plane read before one is not kept
         self.plane_hits = 0  # reads answered from the kept plane (for tests and benchmarks)
 
     @property
@@ -119,7 +122,8 @@ class LiveN5Array:
                 sub = tuple(
                     slice(0, 1) if i == axis else slice(a, b) for i, (a, b, _) in enumerate(norm)
                 )
-                out = plane[sub]
+                with self._lock:  # a copy: the run's thread patches the kept plane in place
+                    out = plane[sub].copy()
                 return out[tuple(0 if drop else slice(None) for *_, drop in norm)]
         region = tuple(slice(a, b) for a, b, _ in norm)
         out = self._read(region)
@@ -136,18 +140,28 @@ class LiveN5Array:
         with self._lock:
             if z != self._watched:
                 self._watched, self._plane = z, None
+                self._generation += 1
 
-    def block_written(self, z_begin: int, z_end: int) -> bool:
-        """A block covering planes z_begin:z_end was written; re-read the watched plane if it
-        is among them (call off the Qt thread). Returns whether the watched plane changed."""
+    def block_written(self, begin: Sequence[int], end: Sequence[int]) -> bool:
+        """A block wrote the box ``begin:end`` (z, y, x); refresh the kept plane if the box
+        crosses it (call off the Qt thread): read it whole the first time, afterwards only the
+        box's part. Returns whether the watched plane changed."""
         with self._lock:
-            z = self._watched
-        if z is None or not z_begin <= z < z_end:
+            z, plane, generation = self._watched, self._plane, self._generation
+        if z is None or not begin[0] <= z < end[0]:
             return False
-        plane = self._read(self._plane_region(z))
+        lead = (slice(None),) * (self.ndim - 3)
+        if plane is None:
+            fresh = self._read(self._plane_region(z))
+            with self._lock:
+                if self._generation == generation:  # not moved meanwhile
+                    self._plane = fresh
+            return True
+        yx = (slice(begin[1], end[1]), slice(begin[2], end[2]))
+        part = self._read((*lead, slice(z, z + 1), *yx))
         with self._lock:
-            if self._watched == z:  # not moved meanwhile
-                self._plane = plane
+            if self._generation == generation and self._plane is plane:
+                plane[(*lead, slice(0, 1), *yx)] = part
         return True
 
 

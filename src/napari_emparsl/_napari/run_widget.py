@@ -432,7 +432,7 @@ class RunWidget(Container):
                 live = self._live
                 if isinstance(event, BlockDone) and live is not None and run.blocks:
                     roi = run.blocks[event.result.block_id].out_write_roi
-                    live.block_written(roi.begin[0], roi.end[0])  # read here, not on the Qt thread
+                    live.block_written(roi.begin, roi.end)  # read here, not on the Qt thread
                 yield event
 
         worker = drain(run)
