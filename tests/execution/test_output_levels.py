@@ -112,3 +112,15 @@ def test_image_output_levels_are_means_also_with_channels(tmp_path, save_model, 
     expected = np.stack([data, 1.0 - data]).astype(np.float64)
     expected = expected.reshape(2, 32, 2, 96, 2, 96, 2).mean(axis=(2, 4, 6))
     np.testing.assert_allclose(coarse, expected, atol=1e-6)
+
+
+def test_2d_model_levels_keep_every_slice(tmp_path, conv2d_model, big_volume):
+    spec, _ = big_volume
+    out = f"{tmp_path}/out.n5"
+    done = napari_emparsl.run(spec, conv2d_model, f"{out}:img", site="threads", block=(1, 96, 96))
+    assert done.ok and done.total == 64 * 4
+    vol = Volume.open(out, "img")
+    assert vol.level_factors() == [(1, 1, 1), (1, 2, 2)]  # one-slice blocks: z never halved
+    fine, coarse = vol.level(0).compute(), vol.level(1).compute()
+    expected = fine.astype(np.float64).reshape(64, 96, 2, 96, 2).mean(axis=(2, 4))
+    np.testing.assert_allclose(coarse, expected, atol=1e-5)
