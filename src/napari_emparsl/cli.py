@@ -222,6 +222,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(
                     f"Planned {event.total} blocks into {event.output}"
                     + (f" ({skipped} already done, resuming)" if skipped else "")
+                    + (
+                        f", which each also write {event.levels - 1} coarser level(s) for viewing"
+                        if event.levels > 1
+                        else ""
+                    )
                     + f"; site {args.site}."
                 )
                 bar = tqdm(

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import napari_emparsl
+from napari_emparsl.cli import main
 from napari_emparsl.core.geometry import check_no_shared_chunks, plan_blocks
 from napari_emparsl.core.volume import Volume, output_level_factors, save_array
 
@@ -124,3 +125,18 @@ def test_2d_model_levels_keep_every_slice(tmp_path, conv2d_model, big_volume):
     fine, coarse = vol.level(0).compute(), vol.level(1).compute()
     expected = fine.astype(np.float64).reshape(64, 96, 2, 96, 2).mean(axis=(2, 4))
     np.testing.assert_allclose(coarse, expected, atol=1e-5)
+
+
+def test_cli_says_the_output_has_levels(tmp_path, save_model, big_volume, capsys):
+    spec, _ = big_volume
+    model = save_model(
+        TwoClass(), tmp_path / "two.pt", "kind: labels\nclasses: [low, high]\nblock: [32, 64, 64]\n"
+    )
+    out = f"{tmp_path}/out.n5:seg"
+    assert (
+        main(["run", "--input", spec, "--model", model, "--output", out, "--site", "threads"]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert f"Planned 18 blocks into {out}, which each also write 1 coarser level(s)" in printed
+    assert main(["info", out]) == 0
+    assert "seg/s1" in capsys.readouterr().out

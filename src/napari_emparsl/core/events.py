@@ -28,6 +28,7 @@ class Planned(RunEvent):
     todo: int  # not done yet (the rest were done by an earlier run or preview)
     output: str  # OUT.n5:KEY
     voxels_todo: int
+    levels: int = 1  # the output's pyramid levels (> 1: coarser ones each block writes too)
 
 
 @dataclass(frozen=True)

@@ -159,6 +159,7 @@ class _Plan:
     spec: ModelSpec
     norm: tuple[float, float]
     out_voxels: dict[int, int]
+    levels: int = 1
 
 
 class Run:
@@ -311,7 +312,8 @@ class Run:
         self._src = src
         todo = sum(1 for b in blocks if b.id not in done)
         ledger.start_run(self._provenance | {"planned": len(blocks), "todo": todo})
-        return _Plan(blocks, done, spec, norm, {b.id: b.out_write_roi.size for b in blocks})
+        out_voxels = {b.id: b.out_write_roi.size for b in blocks}
+        return _Plan(blocks, done, spec, norm, out_voxels, len(levels))
 
     def _existing_output(self, src: Volume, spec: ModelSpec, block, halo) -> Volume | None:
         """The output to resume, None for a new one; refuses outputs it must not touch."""
@@ -389,7 +391,13 @@ class Run:
         done = total - len(todo)
         try:
             yield self._emit(
-                Planned(total, len(todo), self.output, sum(plan.out_voxels[b.id] for b in todo))
+                Planned(
+                    total,
+                    len(todo),
+                    self.output,
+                    sum(plan.out_voxels[b.id] for b in todo),
+                    plan.levels,
+                )
             )
         except BaseException:
             site.close()
