@@ -22,20 +22,28 @@ from napari_emparsl.core.volume import Volume, output_level_factors, save_array
         ((128, 256, 256), (8, 8, 8), (128, 128, 128), [(1, 1, 1), (2, 2, 2)]),
         # 1024³: down to 128³; each 128³ block still writes 16³ of the coarsest level
         ((1024,) * 3, (8, 8, 8), (128,) * 3, [(1, 1, 1), (2, 2, 2), (4, 4, 4), (8, 8, 8)]),
+        # 4096³: 256³ at factor 16 is still over 2 Mi, but a block would hold 4 voxels of the
+        # next level (fewer than 8): stop
+        (
+            (4096,) * 3,
+            (8, 8, 8),
+            (128,) * 3,
+            [(1, 1, 1), (2, 2, 2), (4, 4, 4), (8, 8, 8), (16,) * 3],
+        ),
         # anisotropic (CREMI-like, 40 nm z): z is left alone until y, x reach 32 nm, then
-        # halved too (the 128-voxel blocks allow no more in y, x: 8 voxels per block)
+        # both are halved
         (
             (100, 1250, 1250),
             (40, 4, 4),
             (100, 128, 128),
-            [(1, 1, 1), (1, 2, 2), (1, 4, 4), (1, 8, 8), (2, 8, 8)],
+            [(1, 1, 1), (1, 2, 2), (1, 4, 4), (1, 8, 8), (2, 16, 16)],
         ),
         # a 2D model's blocks are one slice deep: z is never downsampled
         ((128, 1024, 1024), (8, 8, 8), (1, 256, 256), [(1, 1, 1), (1, 2, 2), (1, 4, 4), (1, 8, 8)]),
-        # blocks of 48: 48 / 2 = 24 ≥ 16, but 48 / 4 = 12 < 16 voxels per block: stop
-        ((512, 512, 512), (8, 8, 8), (48, 48, 48), [(1, 1, 1), (2, 2, 2)]),
-        # blocks of 40: 40 / 2 = 20, 40 / 4 = 10: stop after one
-        ((512, 512, 512), (8, 8, 8), (40, 40, 40), [(1, 1, 1), (2, 2, 2)]),
+        # blocks of 40: 40 / 4 = 10, 40 / 8 = 5 voxels per block (fewer than 8): stop at 256³
+        ((1024,) * 3, (8, 8, 8), (40,) * 3, [(1, 1, 1), (2, 2, 2), (4, 4, 4)]),
+        # blocks of 36: 36 / 4 = 9, but 36 is no multiple of 8: stop at 256³
+        ((1024,) * 3, (8, 8, 8), (36,) * 3, [(1, 1, 1), (2, 2, 2), (4, 4, 4)]),
     ],
 )
 def test_level_factors_table(shape, voxel, block, expected):

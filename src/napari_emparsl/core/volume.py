@@ -706,7 +706,7 @@ def output_level_factors(
     voxel_size: Sequence[float],
     block: Sequence[int],
     max_voxels: int = 2**21,
-    min_block: int = 16,
+    min_block: int = 8,
 ) -> list[tuple[int, ...]]:
     """Pyramid levels the blocks of a run can write themselves (z, y, x factors, level 0 first).
 
