@@ -38,6 +38,17 @@ def _wait_idle(qtbot, widget, timeout=120_000):
     qtbot.waitUntil(lambda: widget._run is None and widget.run_btn.enabled, timeout=timeout)
 
 
+def _preview_rectangle(qtbot, viewer, widget, z: int):
+    """Draw a rectangle on slice z, y 10:50, x 70:100 (world units: 8 nm voxels), go to z,
+    click Preview and wait; the output layer."""
+    viewer.dims.set_point(0, z * 8)
+    corners = [[z, 10, 70], [z, 10, 100], [z, 50, 100], [z, 50, 70]]
+    viewer.add_shapes([np.array(corners) * 8.0], shape_type="rectangle", name="region")
+    widget.preview_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    return widget._output_layer
+
+
 def _blocks_with_data(arr: np.ndarray, block: int = 64) -> list[bool]:
     n = [s // block for s in arr.shape]
     return [
@@ -49,13 +60,7 @@ def _blocks_with_data(arr: np.ndarray, block: int = 64) -> list[bool]:
 def test_preview_then_full_run_streams(make_napari_viewer, qtbot, sample_path, tmp_path):
     viewer = make_napari_viewer()
     widget = _setup(viewer, sample_path)
-    # a rectangle on slice 40, y 10:50, x 70:100 (world units: 8 nm voxels)
-    viewer.dims.set_point(0, 40 * 8)
-    viewer.add_shapes([np.array([[40, 10, 70], [40, 10, 100], [40, 50, 100], [40, 50, 70]]) * 8.0],
-                      shape_type="rectangle", name="region")  # fmt: skip
-    widget.preview_btn.clicked.emit()
-    _wait_idle(qtbot, widget)
-    out_layer = widget._output_layer
+    out_layer = _preview_rectangle(qtbot, viewer, widget, 40)
     assert out_layer is not None and out_layer._type_string == "labels"
     preview = np.asarray(out_layer.data)
     # the preview ran exactly the blocks touching the rectangle: z-block 0, y-block 0, x-block 1
@@ -283,13 +288,8 @@ def test_super_resolution_preview_is_an_image_layer_on_the_finer_grid(
     assert "image, 1 channel(s)" in widget.model_info.value
     assert "scale [1, 2, 2]" in widget.model_info.value
     widget.site.value = "threads"
-    viewer.dims.set_point(0, 40 * 8)
-    viewer.add_shapes([np.array([[40, 10, 70], [40, 10, 100], [40, 50, 100], [40, 50, 70]]) * 8.0],
-                      shape_type="rectangle", name="region")  # fmt: skip
-    widget.preview_btn.clicked.emit()
-    _wait_idle(qtbot, widget)
+    layer = _preview_rectangle(qtbot, viewer, widget, 40)
     assert widget.status.value == "finished: 1/1 done, 0 failed"
-    layer = widget._output_layer
     raw = viewer.layers["raw"]
     # an Image layer on the output grid: 4 nm in y, x, covering the same space as the input (an
     # 8 nm voxel centred at 0 covers -4..4: its two 4 nm voxels are centred at -2 and 2)
@@ -321,12 +321,7 @@ def test_big_output_is_multiscale_and_3d_shows_its_coarse_level(
     assert main(["sample", str(sample), "--shape", "64,256,256", "--seed", "6"]) == 0
     viewer = make_napari_viewer()
     widget = _setup(viewer, sample)
-    viewer.dims.set_point(0, 20 * 8)
-    viewer.add_shapes([np.array([[20, 10, 70], [20, 10, 100], [20, 50, 100], [20, 50, 70]]) * 8.0],
-                      shape_type="rectangle", name="region")  # fmt: skip
-    widget.preview_btn.clicked.emit()
-    _wait_idle(qtbot, widget)
-    layer = widget._output_layer
+    layer = _preview_rectangle(qtbot, viewer, widget, 20)
     assert layer.multiscale and len(layer.data) == 2
     n5 = Volume.open(sample, "pred")
     assert n5.levels == ("pred/s0", "pred/s1")
