@@ -54,3 +54,23 @@ def test_image_output_with_channels(tmp_path):
     assert live.block_written((0, 0, 0), (4, 8, 8))
     assert live[:, 1].shape == (2, 8, 8) and live.plane_hits == 1
     assert float(live[1, 1, 2, 2]) == 1.0
+
+
+def test_follow_keeps_the_plane_napari_reads(tmp_path):
+    out = Volume.create(tmp_path / "o.n5", "pred", (8, 16, 16), "uint8", (4, 8, 8))
+    live = LiveN5Array(str(tmp_path / "o.n5"), "pred")
+    assert live[3].shape == (16, 16)  # read before following: remembered
+    live.follow(True)  # e.g. a run starts: the plane read last is watched
+    out.write(np.full((4, 8, 8), 2, np.uint8), (0, 0, 0))
+    assert live.block_written((0, 0, 0), (4, 8, 8)) and live[3, 0, 0] == 2
+    assert live.plane_hits == 1
+    live[6, 0:4, 0:4]  # napari moved (or picked another level's plane): that one is watched now
+    assert not live.block_written((0, 0, 0), (4, 8, 8))
+    out.write(np.full((4, 8, 8), 4, np.uint8), (4, 8, 8))
+    assert live.block_written((4, 8, 8), (8, 16, 16)) and live[6, 9, 9] == 4
+    assert live.plane_hits == 2
+    live[:, 2]  # a y-plane (another dims order) is not a plane blocks are kept for
+    assert live.block_written((4, 8, 8), (8, 16, 16))  # still plane 6
+    live.follow(False)  # the run ended: nothing kept, every read goes to disk
+    assert not live.block_written((4, 8, 8), (8, 16, 16)) and live[6, 9, 9] == 4
+    assert live.plane_hits == 2

@@ -69,6 +69,8 @@ class LiveN5Array:
         self._watched: int | None = None  # the plane index (first spatial axis) on screen
         self._plane: np.ndarray | None = None  # its data, as of the last block that touched it
         self._generation = 0  # counts watch changes: a plane read before one is not kept
+        self._follow = False  # watch whichever plane napari reads (see ``follow``)
+        self._last_plane: int | None = None  # the plane napari read last
         self.plane_hits = 0  # reads answered from the kept plane (for tests and benchmarks)
 
     @property
@@ -113,6 +115,10 @@ class LiveN5Array:
 
     def _get(self, norm: tuple[tuple[int, int, bool], ...]) -> np.ndarray:
         axis = self.ndim - 3
+        if norm[axis][2] and not norm[axis + 1][2] and not norm[axis + 2][2]:  # a z-plane of y, x
+            self._last_plane = norm[axis][0]
+            if self._follow and self._watched != self._last_plane:
+                self.watch(self._last_plane)
         with self._lock:
             plane, watched = self._plane, self._watched
         if plane is not None and watched is not None:
@@ -141,6 +147,17 @@ class LiveN5Array:
             if z != self._watched:
                 self._watched, self._plane = z, None
                 self._generation += 1
+
+    def follow(self, on: bool) -> None:
+        """Watch the z-plane napari reads (on), from the last one it read; or none (off).
+
+        napari picks the level of a multiscale layer by zoom, and the plane within it by its own
+        rounding: following its reads keeps the plane it shows, at any level, without redoing
+        that arithmetic here.
+        """
+        with self._lock:
+            self._follow = on
+        self.watch(self._last_plane if on else None)
 
     def block_written(self, begin: Sequence[int], end: Sequence[int]) -> bool:
         """A block wrote the box ``begin:end`` (z, y, x); refresh the kept plane if the box

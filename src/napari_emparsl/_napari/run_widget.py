@@ -96,7 +96,9 @@ class RunWidget(Container):
         self._run = None
         self._dirty = False
         self._output_layer = None
-        self._live = None  # the output layer's LiveN5Array
+        self._live = None  # the output layer's LiveN5Array (its finest level)
+        # every level's LiveN5Array with its downsampling factor (z, y, x)
+        self._levels: list[tuple[Any, tuple[int, ...]]] = []
         self._range: tuple[float, float] | None = None  # value range of an image output so far
         self._failed_layer = None
         self._failed: dict[int, str] = {}
@@ -429,10 +431,14 @@ class RunWidget(Container):
         @thread_worker
         def drain(run: Run):  # an argument, not a closure: napari keeps the function, not the run
             for event in run.events():
-                live = self._live
-                if isinstance(event, BlockDone) and live is not None and run.blocks:
+                if isinstance(event, BlockDone) and run.blocks:
                     roi = run.blocks[event.result.block_id].out_write_roi
-                    live.block_written(roi.begin, roi.end)  # read here, not on the Qt thread
+                    for live, fac in self._levels:  # read here, not on the Qt thread
+                        begin = [b // f for b, f in zip(roi.begin, fac, strict=True)]
+                        size = [
+                            (e - b) // f for b, e, f in zip(roi.begin, roi.end, fac, strict=True)
+                        ]
+                        live.block_written(begin, [b + n for b, n in zip(begin, size, strict=True)])
                 yield event
 
         worker = drain(run)
@@ -662,6 +668,7 @@ class RunWidget(Container):
         # a big output has coarser levels (written by the blocks too): napari shows those when
         # zoomed out and in 3D, instead of reading the whole finest level on the Qt thread
         levels = [LiveN5Array(out.root, key) for key in out.levels]
+        factors = [fac[-3:] for fac in out.level_factors()]
         live = levels[0]
         data = levels if len(levels) > 1 else live
         if layer is not None and bool(layer.multiscale) != (len(levels) > 1):
@@ -686,25 +693,24 @@ class RunWidget(Container):
         elif not isinstance(layer.data[0] if layer.multiscale else layer.data, LiveN5Array):
             layer.data = data
         else:
-            live = layer.data[0] if layer.multiscale else layer.data
+            levels = list(layer.data) if layer.multiscale else [layer.data]
+            live = levels[0]
         self._output_layer = layer
         self._live = live
+        self._levels = list(zip(levels, factors, strict=True))
         self._update_watch()
 
     def _update_watch(self) -> None:
-        """Tell the live array which plane is on screen while a run goes on (None otherwise)."""
-        live, layer = self._live, self._output_layer
-        if live is None or layer is None:
-            return
+        """While a run goes on in a 2D view, each level's live array keeps the plane napari
+        reads from it fresh (off the Qt thread); otherwise none is kept."""
         dims = self._viewer.dims
-        plane = None
-        if self._run is not None and dims.ndisplay == 2:
+        on = self._run is not None and dims.ndisplay == 2
+        if on:
             displayed = tuple(dims.displayed[-2:])
             n = len(dims.point)
-            if displayed == (n - 2, n - 1):  # a z-plane of y, x: the planes blocks are read in
-                z = layer.world_to_data(dims.point)[live.ndim - 3]
-                plane = int(np.clip(round(z), 0, live.shape[live.ndim - 3] - 1))
-        live.watch(plane)
+            on = displayed == (n - 2, n - 1)  # a z-plane of y, x: the planes blocks are read in
+        for live, _ in self._levels:
+            live.follow(on)
 
     def _refresh_output(self) -> None:
         """Swap in a fresh lazy view of the output N5 (new dask name: no stale cache)."""
