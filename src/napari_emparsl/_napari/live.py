@@ -4,7 +4,8 @@ napari shows the output N5 while workers write it. A dask view would need a fres
 refresh (its chunk cache would show stale data) and reads the slice on the Qt thread. This
 array-like reads straight from N5 (nothing cached across writes), and keeps one plane — the one
 on screen — that the run's background thread re-reads after each block that touches it, so a
-refresh on the Qt thread only draws.
+refresh on the Qt thread only draws. A multiscale output layer has one per level; each follows
+the z-plane napari reads from it (``follow``), whichever level napari shows.
 
 Consistency: the kept plane is always the watched one (``watch`` drops it); the first finished
 block that touches it reads it whole, each later one re-reads its own part of it
