@@ -329,7 +329,7 @@ def test_big_output_is_multiscale_and_3d_shows_its_coarse_level(
     assert coarse[:32, :32, 32:64].any() and not coarse[:, 32:].any()  # the previewed block
     # the rest streams in, zoomed out: napari shows the coarse level, whose plane on screen the
     # run's thread keeps fresh (the Qt thread then only draws)
-    viewer.camera.zoom /= 4
+    viewer.scene.camera.zoom /= 4
     qtbot.waitUntil(lambda: layer.data_level == 1, timeout=10_000)
     widget.site.value = "threads"
     widget.run_btn.clicked.emit()
