@@ -7,15 +7,18 @@ A profile is a small YAML file (one per site) validated with pydantic; built-in 
 
 from __future__ import annotations
 
+import logging
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from napari_emparsl.core.errors import UserError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "SiteError",
@@ -308,6 +311,7 @@ def start_kernel(profile: SiteProfile, run_dir: str):
 
     def cleanup_then_stop() -> None:
         try:
+            _wait_for_launches(dfk)
             cleanup()
         finally:
             if server is not None:
@@ -316,6 +320,24 @@ def start_kernel(profile: SiteProfile, run_dir: str):
 
     dfk.cleanup = cleanup_then_stop
     return dfk
+
+
+def _wait_for_launches(dfk: Any, timeout: float = 60.0) -> None:
+    """Wait until Parsl has handed every task submitted so far to its executor.
+
+    Parsl launches tasks from a thread of its own, and its ``cleanup`` shuts the executors down
+    before that thread: a launch still sending on the executor's ZeroMQ socket while the
+    shutdown closes it aborts the whole process (libzmq asserts; seen when a run failed its
+    checks right after the site's warm-up tasks were submitted). The launch thread takes tasks
+    in order, so once an empty task queued behind them has run, every launch is done.
+    """
+    pool = getattr(dfk, "_task_launch_pool", None)
+    if pool is None:  # another Parsl: nothing to wait for that we know of
+        return
+    try:
+        pool.submit(lambda: None).result(timeout=timeout)
+    except Exception:  # already shut down, or stuck: cleanup goes on as before
+        log.debug("waiting for Parsl's task launches failed", exc_info=True)
 
 
 class _SiteGuard:
