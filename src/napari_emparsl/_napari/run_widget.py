@@ -43,6 +43,9 @@ def _preload(model: str) -> None:
         from napari_emparsl.execution import runner  # noqa: F401  (parsl, the engine)
 
         load_model(model)
+        # what a site's kernel imports when it starts (~0.25 s): a first preview right after
+        # the model is loaded waited for it before its block could start
+        import parsl.dataflow.dflow  # noqa: F401
     except Exception:  # a model that does not load is reported when it is used
         log.debug("preloading %s failed", model, exc_info=True)
     try:
