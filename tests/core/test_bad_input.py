@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import posixpath
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +111,50 @@ def test_zarr_container_refused_clearly(tmp_path):
     with pytest.raises(VolumeError) as err:
         Volume.open(tmp_path / "x.zarr", "raw")
     assert "zarr container" in one_sentence(err.value)
+
+
+@pytest.fixture
+def pyramid_sample(tmp_path) -> Path:
+    from napari_emparsl.cli import main
+
+    path = tmp_path / "s.n5"  # raw/s0, s1, s2 and the groups labels/{cells, classes}
+    assert main(["sample", str(path), "--shape", "16,64,64"]) == 0
+    return path
+
+
+@pytest.mark.parametrize(
+    ("source", "output", "message"),
+    [
+        ("raw", "raw/s0", "lies inside the input's pyramid raw;"),
+        ("raw/s0", "raw/s1", "lies inside the input's pyramid raw;"),
+        ("raw/s0", "raw/s3", "lies inside the input's pyramid raw;"),
+        ("raw/s1", "raw", "holds the input (raw/s1);"),
+        ("raw", "labels", "is a group holding other datasets (labels/cells, labels/classes);"),
+    ],
+)
+def test_run_never_overwrites_the_input_or_a_group(capsys, pyramid_sample, source, output, message):
+    """Even with --overwrite: not the input's pyramid (one of its levels was the input's own
+    data), not a group of other datasets (ground truth), also when the output is given as a
+    folder inside the container."""
+    from napari_emparsl.cli import main
+
+    path = pyramid_sample
+    before = digest(path)
+    for out in (f"{path}:{output}", f"{path}/{posixpath.dirname(output)}:{output.split('/')[-1]}"):
+        code = main(["run", "--input", f"{path}:{source}", "--output", out, "--model",
+                     "unet3d-em", "--site", "threads", "--overwrite"])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2 and message in one_sentence(err.strip().removeprefix("emparsl: error: "))
+        assert digest(path) == before
+
+
+def test_output_given_as_a_folder_inside_the_container(capsys, pyramid_sample):
+    from napari_emparsl.cli import main
+
+    path = pyramid_sample
+    code = main(["run", "--input", f"{path}:raw", "--output", f"{path}/labels:pred", "--model",
+                 "unet3d-em", "--site", "threads"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    out = Volume.open(path, "labels/pred")  # keyed from the container's root
+    assert out.shape == (16, 64, 64) and out.root == str(path)
+    assert Volume.open(path, "labels/cells").shape == (16, 64, 64)

@@ -587,11 +587,28 @@ def check_output_free(root: str, key: str, overwrite: bool) -> None:
     """Refuse, before any work starts, an output that exists (unless overwriting) or cannot be one."""
     if os.path.exists(root) and not os.path.isdir(root):
         raise VolumeError(f"{root} is a file; choose a folder name for the output container.")
-    if os.path.exists(os.path.join(root, key)) and not overwrite:
+    target = os.path.join(root, key)
+    if os.path.exists(target) and not overwrite:
         raise VolumeError(
             f"The output {root}:{key} already exists; pass --overwrite to replace it, "
             "or choose another name."
         )
+    if overwrite and key and os.path.isdir(target):
+        # --overwrite replaces one dataset or pyramid, never a group of others (a whole
+        # container's ground truth, say)
+        nodes = walk_tree(target)
+        inside = [f"{key}/{n.key}" for n in _openable(nodes)] if nodes[0].kind == "group" else []
+        if inside:
+            raise VolumeError(
+                f"The output {root}:{key} is a group holding other datasets "
+                f"({_names(inside)}); --overwrite replaces one dataset, not a group: choose a "
+                f"dataset name such as {key}/pred."
+            )
+
+
+def _names(keys: list[str], limit: int = 4) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown if len(keys) <= limit else f"{shown} and {len(keys) - limit} more"
 
 
 def _prepare_output(root: str, key: str, overwrite: bool) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import posixpath
 import queue
 import shutil
 import socket
@@ -43,7 +44,12 @@ from napari_emparsl.core.models.loaders import (
     resolve_model,
 )
 from napari_emparsl.core.models.spec import ModelError, ModelSpec
-from napari_emparsl.core.n5attrs import VolumeError
+from napari_emparsl.core.n5attrs import (
+    VolumeError,
+    find_container_root,
+    pyramid_levels,
+    read_attrs,
+)
 from napari_emparsl.core.volume import Volume, output_level_factors, parse_spec, volume_stats
 from napari_emparsl.execution.sites import (
     SiteProfile,
@@ -162,6 +168,34 @@ class _Plan:
     levels: int = 1
 
 
+def _overlap(a: str, b: str) -> bool:
+    """Keys of one container where one is, holds or lies inside the other."""
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+def _refuse_output_over_input(output: str, key: str, src: Volume) -> None:
+    """The output must not be, hold or lie inside the input, nor inside the input's pyramid
+    when the input is one level of it (data.n5:raw/s0 is part of data.n5:raw)."""
+    group = src.key
+    parent = posixpath.dirname(src.key)
+    if parent:
+        directory = os.path.join(src.root, parent)
+        if posixpath.basename(src.key) in pyramid_levels(directory, read_attrs(directory)):
+            group = parent
+    if key == src.key:
+        raise RunError(f"The output {output} is the input; choose another dataset name.")
+    if src.key.startswith(key + "/"):
+        raise RunError(
+            f"The output {output} holds the input ({src.key}); choose another dataset name."
+        )
+    if _overlap(key, group):
+        what = "pyramid" if group != src.key or len(src.levels) > 1 else "dataset"
+        raise RunError(
+            f"The output {output} lies inside the input's {what} {group}; choose a dataset name "
+            "outside it."
+        )
+
+
 class Run:
     """One inference run from an N5 input to an N5 output.
 
@@ -187,6 +221,10 @@ class Run:
     ):
         self.input_root, self.input_key = parse_spec(input)
         self.output_root, self.output_key = parse_spec(output)
+        root, sub = find_container_root(self.output_root)
+        if sub:  # a folder inside a container (data.n5/raw:pred): the key is from the root
+            self.output_root = root
+            self.output_key = "/".join(p for p in (sub, self.output_key) if p)
         self.model = model
         self.model_options = dict(model_options or {})
         self.site = site
@@ -221,10 +259,8 @@ class Run:
         self.profile = self.site if isinstance(self.site, SiteProfile) else load_site(self.site)
         src = Volume.open(self.input_root, self.input_key)
         self.input_key = src.key
-        if os.path.realpath(src.root) == os.path.realpath(self.output_root) and (
-            self.output_key == src.key or src.key.startswith(self.output_key + "/")
-        ):
-            raise RunError(f"The output {self.output} is the input; choose another dataset name.")
+        if os.path.realpath(src.root) == os.path.realpath(self.output_root):
+            _refuse_output_over_input(self.output, self.output_key, src)
         spec = describe_model(self.model, self.model_options)
         channels = src.shape[src.axes.index("c")] if "c" in src.axes else 1
         if channels != spec.in_channels:
