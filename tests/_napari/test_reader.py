@@ -123,3 +123,13 @@ def test_bad_data_is_one_notification_not_a_traceback(make_napari_viewer, small_
     assert layers == [] and len(viewer.layers) == 0
     messages = [str(n.message) for n in seen]
     assert any("is corrupt or truncated" in m and "\n" not in m for m in messages), messages
+
+
+def test_masked_float_data_gets_finite_contrast(tmp_path):
+    """NaN voxels (masked float data) are left out of the layer's contrast limits."""
+    data = np.random.default_rng(2).random((8, 32, 32)).astype(np.float32) * 50 + 10
+    data[:, :8] = np.nan
+    save_array(tmp_path / "m.n5", "raw", data, chunks=(8, 16, 16))
+    [(_, meta, _)] = get_reader(str(tmp_path / "m.n5"))(str(tmp_path / "m.n5"))
+    lo, hi = meta["contrast_limits"]
+    assert 10 <= lo < hi <= 60

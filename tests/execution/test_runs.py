@@ -341,3 +341,44 @@ def test_builtin_model_with_options_is_still_checked_before_running(tmp_path, fl
         list(run.events())
     assert not (tmp_path / "o.n5" / "x").exists()
     assert htex.gone()
+
+
+def test_nan_voxels_enter_the_model_as_zero(tmp_path, conv_model):
+    """Masked float data (NaN, ±inf voxels): they enter the model as 0 once normalized instead
+    of spreading through every convolution of their blocks; the rest of the output is as if
+    they had been 0, and all of it is finite."""
+    data = np.random.default_rng(0).random((32, 48, 48)).astype(np.float32)
+    masked = data.copy()
+    masked[8:12, 10:20, :] = np.nan
+    masked[20, 5, 5], masked[25, 40, 30] = np.inf, -np.inf
+    zeroed = np.where(np.isfinite(masked), masked, 0).astype(np.float32)
+    for key, arr in (("masked", masked), ("zeroed", zeroed)):
+        save_array(tmp_path / "v.n5", key, arr, chunks=(16, 16, 16))
+        events = list(
+            Run(f"{tmp_path}/v.n5:{key}", conv_model, f"{tmp_path}/v.n5:p_{key}", site="threads",
+                model_options={"normalize": "none"}).events()
+        )  # fmt: skip
+        assert events[-1].failed == 0
+    out = Volume.open(tmp_path / "v.n5", "p_masked").data.compute()
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(out, Volume.open(tmp_path / "v.n5", "p_zeroed").data.compute())
+
+
+def test_normalization_statistics_leave_nan_out(tmp_path):
+    from napari_emparsl.core.models.spec import ModelSpec
+    from napari_emparsl.core.volume import volume_stats
+    from napari_emparsl.execution.runner import _norm
+
+    data = np.random.default_rng(1).normal(100, 20, (16, 32, 32)).astype(np.float32)
+    data[:4] = np.nan
+    data[5, 5, 5] = np.inf
+    vol = save_array(tmp_path / "v.n5", "raw", data, chunks=(16, 16, 16))
+    finite = data[np.isfinite(data)].astype(np.float64)
+    mean, std = volume_stats(vol)
+    assert mean == pytest.approx(finite.mean()) and std == pytest.approx(finite.std())
+    lo, span = _norm(vol, ModelSpec(kind="image", normalize="percentile"))
+    expected = np.percentile(finite, [1.0, 99.8])
+    assert (lo, lo + span) == pytest.approx(tuple(expected))
+    empty = save_array(tmp_path / "v.n5", "nan", np.full((8, 8, 8), np.nan, np.float32))
+    assert volume_stats(empty) == (0.0, 1.0)
+    assert _norm(empty, ModelSpec(kind="image", normalize="percentile")) == (0.0, 1.0)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from napari_emparsl.core.n5attrs import VolumeError, find_container_root, is_container
-from napari_emparsl.core.volume import Volume, openable_keys
+from napari_emparsl.core.volume import Volume, finite_values, openable_keys
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def contrast_limits(volume: Volume) -> tuple[float, float]:
             for n, c in zip(coarse.shape, coarse.chunks, strict=True)
         )
         coarse = coarse[center]
-    sample = np.asarray(coarse.compute(), dtype=np.float64)
+    sample = finite_values(np.asarray(coarse.compute()))  # NaN: masked voxels of float data
     if sample.size == 0:
         return 0.0, 1.0
     lo, hi = np.percentile(sample, [0.5, 99.5])

@@ -164,7 +164,13 @@ def _read_block(job: BlockJob) -> np.ndarray:
     if not has_c:
         x = x[None]
     x = _pad_reflect(x, [(0, 0), *zip(blk.pad_before, blk.pad_after, strict=True)])
-    return (x - np.float32(job.norm[0])) / np.float32(job.norm[1])
+    x = (x - np.float32(job.norm[0])) / np.float32(job.norm[1])
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(x).all():
+        # NaN / infinite voxels (masked or padded float data) enter the model as 0 once
+        # normalized (zscore: the volume's mean): otherwise they would spread through every
+        # convolution of the block
+        np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    return x
 
 
 def _write_block(job: BlockJob, spec: Any, y: np.ndarray) -> tuple[np.ndarray, float]:

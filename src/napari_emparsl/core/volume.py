@@ -897,6 +897,15 @@ def save_array(
 
 
 def volume_stats(volume: Volume, max_voxels: int = 2_000_000) -> tuple[float, float]:
-    """Global mean and std of a volume, from its coarsest pyramid level or a strided sample."""
-    sample = volume.sample(max_voxels).astype(np.float64)
+    """Global mean and std of a volume, from its coarsest pyramid level or a strided sample;
+    NaN and infinite voxels (masked or padded regions of float data) are left out."""
+    sample = finite_values(volume.sample(max_voxels))
+    if sample.size == 0:
+        return 0.0, 1.0
     return float(sample.mean()), float(sample.std() or 1.0)
+
+
+def finite_values(data: np.ndarray) -> np.ndarray:
+    """``data`` as float64, without its NaN and infinite values (integers: all of it)."""
+    values = data.astype(np.float64).ravel()
+    return values if np.issubdtype(data.dtype, np.integer) else values[np.isfinite(values)]

@@ -50,7 +50,13 @@ from napari_emparsl.core.n5attrs import (
     pyramid_levels,
     read_attrs,
 )
-from napari_emparsl.core.volume import Volume, output_level_factors, parse_spec, volume_stats
+from napari_emparsl.core.volume import (
+    Volume,
+    finite_values,
+    output_level_factors,
+    parse_spec,
+    volume_stats,
+)
 from napari_emparsl.execution.sites import (
     SiteProfile,
     load_site,
@@ -94,7 +100,10 @@ def _norm(volume: Volume, spec: ModelSpec) -> tuple[float, float]:
         return 0.0, 1.0
     if spec.normalize == "zscore":
         return volume_stats(volume)
-    lo, hi = np.percentile(volume.sample(), [1.0, 99.8])
+    sample = finite_values(volume.sample())
+    if sample.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(sample, [1.0, 99.8])
     return float(lo), float(max(hi - lo, 1e-6))
 
 
