@@ -112,3 +112,69 @@ def test_no_shared_chunks_detects_overlap():
 def test_many_blocks_plan_quickly():
     blocks = plan_blocks((1000, 1000, 1000), (32, 32, 32), (8, 8, 8))
     assert sum(1 for _ in blocks) == 32**3  # 32768 blocks, lazily planned
+
+
+def test_random_plans_keep_every_invariant():
+    """600 seeded random geometries (shape, output chunks, ×1/×2 scale, block, halo, edge,
+    region): the write ROIs tile the output once, each starts on a chunk and is a block long
+    (shorter only at the far edge), the read ROI is the write ROI grown by the halo and clipped
+    with the rest padded (reflect) or not (none), no two blocks share a chunk, and a region's
+    plan is exactly the blocks whose write ROI touches it, with the same ids."""
+    import math
+
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    planned = 0
+    for _ in range(600):
+        shape = tuple(int(v) for v in rng.integers(1, 30, 3))
+        f = int(rng.choice([1, 2]))
+        scale = (1, f, f)
+        chunks = tuple(int(v) for v in rng.integers(1, 9, 3))
+        block = tuple(
+            c // math.gcd(c, s) * int(rng.integers(1, 4))
+            for c, s in zip(chunks, scale, strict=True)
+        )
+        halo = tuple(int(rng.integers(0, b + 1)) for b in block)
+        edge = str(rng.choice(["reflect", "none"]))
+        kwargs = {"out_chunks": chunks, "scale": scale, "edge": edge}
+        try:
+            blocks = list(plan_blocks(shape, block, halo, **kwargs))
+        except GeometryError:
+            continue  # e.g. a block clipped to a short axis that is no longer chunk-aligned
+        planned += 1
+        out_shape = tuple(n * s for n, s in zip(shape, scale, strict=True))
+        written = np.zeros(out_shape, np.int32)
+        for b in blocks:
+            w, o, r = b.write_roi, b.out_write_roi, b.read_roi
+            written[o.to_slices()] += 1
+            for ax in range(3):
+                blk = min(block[ax], shape[ax])
+                assert w.begin[ax] % blk == 0 and w.end[ax] == min(w.begin[ax] + blk, shape[ax])
+                assert (o.begin[ax], o.end[ax]) == (w.begin[ax] * scale[ax], w.end[ax] * scale[ax])
+                assert o.begin[ax] % chunks[ax] == 0
+                assert r.begin[ax] == max(0, w.begin[ax] - halo[ax])
+                assert r.end[ax] == min(shape[ax], w.end[ax] + halo[ax])
+                before = halo[ax] - (w.begin[ax] - r.begin[ax])
+                after = halo[ax] - (r.end[ax] - w.end[ax])
+                expected = (before, after) if edge == "reflect" else (0, 0)
+                assert (b.pad_before[ax], b.pad_after[ax]) == expected
+        assert (written == 1).all()
+        assert [b.id for b in blocks] == list(range(len(blocks)))
+        check_no_shared_chunks(blocks, chunks)
+        lo = [int(rng.integers(0, n)) for n in shape]
+        roi = Roi.from_bounds(
+            lo, [int(rng.integers(a + 1, n + 1)) for a, n in zip(lo, shape, strict=True)]
+        )
+        touching = [
+            b.id
+            for b in blocks
+            if all(
+                b.write_roi.begin[ax] < roi.end[ax] and roi.begin[ax] < b.write_roi.end[ax]
+                for ax in range(3)
+            )
+        ]
+        sub = list(plan_blocks(shape, block, halo, roi=roi, **kwargs))
+        assert [b.id for b in sub] == touching
+        assert [b.write_roi for b in sub] == [blocks[i].write_roi for i in touching]
+    assert planned > 300  # most random geometries are valid plans
