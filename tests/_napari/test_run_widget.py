@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import weakref
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from napari_emparsl._napari.run_widget import RunWidget
 from napari_emparsl.cli import main
+from napari_emparsl.core.geometry import plan_blocks
 from napari_emparsl.core.volume import Volume
 
 PLUGIN = "napari-emparsl"
@@ -141,6 +143,9 @@ def test_failing_model_shows_failed_blocks(make_napari_viewer, qtbot, sample_pat
     (tmp_path / "fails.pt.yaml").write_text(
         "kind: labels\nclasses: [a, b]\nnormalize: zscore\nblock: [64, 64, 64]\n"
     )
+    for attrs in (sample_path / "raw").rglob("attributes.json"):  # an input not at the origin
+        meta = json.loads(attrs.read_text())
+        attrs.write_text(json.dumps(meta | {"offset": [800.0, 800.0, 800.0]}))
     viewer = make_napari_viewer()
     widget = _setup(viewer, sample_path)
     widget.site.value = "threads"
@@ -153,6 +158,18 @@ def test_failing_model_shows_failed_blocks(make_napari_viewer, qtbot, sample_pat
     boxes = viewer.layers["failed blocks"]
     n_failed = len(widget.failed_list.choices)
     assert len(boxes.data) == n_failed and widget.retry_btn.enabled
+    # each box outlines its block's write ROI where the raw layer shows it
+    raw = viewer.layers["raw"]
+    plan = {b.id: b for b in plan_blocks((128, 128, 128), (64, 64, 64), (0, 0, 0))}
+    ids = sorted(int(c.split(":")[0].split()[1]) for c in widget.failed_list.choices)
+    for box, block_id in zip(boxes.data, ids, strict=True):
+        corners = np.array([raw.world_to_data(c) for c in box])
+        roi = plan[block_id].write_roi
+        for ax in (1, 2):
+            assert (corners[:, ax].min(), corners[:, ax].max()) == pytest.approx(
+                (roi.begin[ax], roi.end[ax])
+            )
+        assert roi.begin[0] <= corners[0, 0] < roi.end[0]
 
     # fix the model (same description, a new file), then Retry failed computes only those blocks
     class Fixed(torch.nn.Module):
@@ -167,7 +184,9 @@ def test_failing_model_shows_failed_blocks(make_napari_viewer, qtbot, sample_pat
     assert widget.progress.value == 8 and not widget.retry_btn.enabled
 
 
-def test_model_info_estimate_and_site_test(make_napari_viewer, qtbot, sample_path, tmp_path):
+def test_model_info_estimate_and_site_test(
+    make_napari_viewer, qtbot, sample_path, tmp_path, monkeypatch
+):
     viewer = make_napari_viewer()
     widget = _setup(viewer, sample_path)
     assert "labels: background, membrane, mitochondria" in widget.model_info.value
@@ -204,9 +223,22 @@ def test_model_info_estimate_and_site_test(make_napari_viewer, qtbot, sample_pat
     _wait_idle(qtbot, widget)
     assert widget.estimate.value.startswith("full run on threads: ~")
     # the preview of slice 8 (no region drawn) computed the 4 blocks of that slice; 4 are left
-    assert "for 4 blocks" in widget.estimate.value
+    assert "for 4 blocks" in widget.estimate.value and "2 workers" in widget.estimate.value
+    # another site: the same preview, that site's workers
+    monkeypatch.setenv("EMPARSL_SITES", str(tmp_path / "sites"))
+    (tmp_path / "sites").mkdir()
+    (tmp_path / "sites" / "eight.yaml").write_text("kind: local\nworkers: 8\n")
+    widget.site.reset_choices()
+    widget.site.value = "eight"
+    assert widget.estimate.value.startswith("full run on eight: ~")
+    assert "for 4 blocks" in widget.estimate.value and "8 workers" in widget.estimate.value
+    widget.site.value = "threads"
     widget.test_site_btn.clicked.emit()
     qtbot.waitUntil(lambda: "first result after" in widget.status.value, timeout=60_000)
+    widget.run_btn.clicked.emit()  # the full run: the estimate was for it, and goes
+    assert widget.estimate.value == ""
+    _wait_idle(qtbot, widget)
+    assert widget.status.value == "finished: 8/8 done, 0 failed" and widget.estimate.value == ""
 
 
 def test_closing_viewer_during_run_asks_and_stops_workers(

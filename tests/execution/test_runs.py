@@ -382,3 +382,20 @@ def test_normalization_statistics_leave_nan_out(tmp_path):
     empty = save_array(tmp_path / "v.n5", "nan", np.full((8, 8, 8), np.nan, np.float32))
     assert volume_stats(empty) == (0.0, 1.0)
     assert _norm(empty, ModelSpec(kind="image", normalize="percentile")) == (0.0, 1.0)
+
+
+def test_blocks_left_counts_the_whole_plan(tmp_path, conv_model, float_volume):
+    """After a region run: the whole volume's blocks not done yet (what the GUI's estimate of
+    a full run counts), earlier runs included."""
+    src, _ = float_volume  # 40×50×60, blocks 16³: 3 × 4 × 4 = 48
+    out = f"{tmp_path}/out.n5:pred"
+    first = Run(src, conv_model, out, site="threads", roi="0:1,0:20,0:20")  # 4 blocks
+    assert first.blocks_left() is None  # not planned yet
+    list(first.events())
+    assert first.blocks_left() == 44
+    second = Run(src, conv_model, out, site="threads", roi="0:1,10:40,0:20")  # 2 new ones
+    list(second.events())
+    assert second.blocks_left() == 42
+    full = Run(src, conv_model, out, site="threads")
+    list(full.events())
+    assert full.blocks_left() == 0

@@ -114,6 +114,7 @@ class RunWidget(Container):
         self._activity_last = 0.0
         self.activity_counts: list[tuple[int, int]] = []  # (done, total) of each finished run
         self.block_seconds: list[float] = []  # compute time of each finished block (estimates)
+        self._blocks_left: int | None = None  # of the whole plan, after the last preview
 
         self.input = ComboBox(
             label="volume", choices=self._input_choices, tooltip="an image layer opened from N5"
@@ -197,6 +198,7 @@ class RunWidget(Container):
         self.run_btn.changed.connect(self.start_full_run)
         self.cancel_btn.changed.connect(self.cancel)
         self.retry_btn.changed.connect(self.start_full_run)  # a run computes what is not done
+        self.site.changed.connect(self._show_estimate)
         viewer.layers.events.inserted.connect(lambda e: self.input.reset_choices())
         viewer.layers.events.removed.connect(lambda e: self.input.reset_choices())
         viewer.dims.events.current_step.connect(self._on_dims)
@@ -394,6 +396,8 @@ class RunWidget(Container):
         self._start(roi=roi, site="threads")
 
     def start_full_run(self, *_: Any) -> None:
+        self._blocks_left = None  # the estimate was for this run
+        self._show_estimate()
         self._start(roi=None, site=self.site.value)
 
     def cancel(self, *_: Any) -> None:
@@ -551,22 +555,31 @@ class RunWidget(Container):
 
     def _estimate_full_run(self) -> None:
         """After a preview: measured block time × blocks left ÷ workers of the chosen site."""
-        from napari_emparsl.core.geometry import plan_blocks
-        from napari_emparsl.core.ledger import Ledger
-        from napari_emparsl.core.volume import parse_spec
+        left = self._run.blocks_left() if self._run is not None else None
+        if not self.block_seconds or left is None:
+            return
+        self._blocks_left = left
+        self._show_estimate()
+
+    def _show_estimate(self, *_: Any) -> None:
+        """The estimate for the site chosen now (also when it changes after the preview)."""
         from napari_emparsl.execution.sites import load_site
 
-        if not self.block_seconds:
+        if self._blocks_left is None or not self.block_seconds:
+            self.estimate.value = ""
             return
-        prov = self._run._provenance
-        vol = Volume.open(*_source_of(self.input.value))
-        total = sum(1 for _ in plan_blocks(vol.shape[-3:], prov["block"], prov["halo"]))
-        done = len(Ledger(*parse_spec(self.output.value)).summary().done)
-        workers = load_site(self.site.value).workers
-        secs = float(np.mean(self.block_seconds)) * (total - done) / workers
+        try:
+            workers = load_site(self.site.value).workers
+        except UserError:
+            self.estimate.value = ""
+            return
+        left, per_block = self._blocks_left, float(np.mean(self.block_seconds))
+        secs = per_block * left / workers
         self.estimate.value = (
-            f"full run on {self.site.value}: ~{secs / 60:.1f} min for {total - done} blocks "
-            f"({np.mean(self.block_seconds):.2f} s per block, {workers} workers)"
+            f"full run on {self.site.value}: ~{secs / 60:.1f} min for {left} blocks "
+            f"({per_block:.2f} s per block, {workers} workers)"
+            if left
+            else "every block is done"
         )
 
     def _on_screen(self, block_id: int) -> bool:
@@ -724,21 +737,20 @@ class RunWidget(Container):
         self._output_layer.refresh()  # the plane on screen is read already (LiveN5Array)
 
     def _show_failed_boxes(self) -> None:
-        if self._run is None or not hasattr(self._run, "_provenance"):
+        run = self._run
+        if run is None or not run.blocks or run._src is None:
             return
-        from napari_emparsl.core.geometry import plan_blocks
-
-        prov = self._run._provenance
-        vol = Volume.open(*_source_of(self.input.value))
+        vol = run._src  # the run's own plan and input: no re-planning on the Qt thread
+        voxel, origin = np.asarray(vol.voxel_size[-3:]), np.asarray(vol.offset[-3:])
         boxes = []
-        for blk in plan_blocks(vol.shape[-3:], prov["block"], prov["halo"]):
-            if blk.id in self._failed:
-                (z0, y0, x0), (z1, y1, x1) = blk.write_roi.begin, blk.write_roi.end
-                zc = (z0 + z1 - 1) / 2
-                boxes.append(
-                    np.array([[zc, y0, x0], [zc, y0, x1], [zc, y1, x1], [zc, y1, x0]])
-                    * vol.voxel_size
-                )
+        for block_id in sorted(self._failed):
+            blk = run.blocks.get(block_id)
+            if blk is None:
+                continue
+            (z0, y0, x0), (z1, y1, x1) = blk.write_roi.begin, blk.write_roi.end
+            zc = (z0 + z1 - 1) / 2
+            corners = np.array([[zc, y0, x0], [zc, y0, x1], [zc, y1, x1], [zc, y1, x0]])
+            boxes.append(corners * voxel + origin)
         if self._failed_layer is None or self._failed_layer not in self._viewer.layers:
             self._failed_layer = self._viewer.add_shapes(
                 name="failed blocks", edge_color="red", face_color="transparent", edge_width=2

@@ -34,7 +34,13 @@ from napari_emparsl.core.events import (
     Planned,
     RunEvent,
 )
-from napari_emparsl.core.geometry import Block, Roi, check_no_shared_chunks, plan_blocks
+from napari_emparsl.core.geometry import (
+    Block,
+    Roi,
+    block_grid,
+    check_no_shared_chunks,
+    plan_blocks,
+)
 from napari_emparsl.core.ledger import Ledger
 from napari_emparsl.core.models.loaders import (
     BUILTIN_MODELS,
@@ -245,6 +251,9 @@ class Run:
         self.in_flight_per_worker = in_flight_per_worker
         self.batch = batch  # blocks per task; None: by block size (_auto_batch)
         self._cancel = threading.Event()
+        self._src: Volume | None = None
+        self._provenance: dict[str, Any] | None = None
+        self._done_ids: set[int] = set()  # of the whole output, this run's blocks included
         self.callbacks: list[Callable[[RunEvent], None]] = []
 
     # ------------------------------------------------------------------------------------------
@@ -252,6 +261,15 @@ class Run:
     def cancel(self) -> None:
         """Stop submitting; running blocks are abandoned and the executor is shut down."""
         self._cancel.set()
+
+    def blocks_left(self) -> int | None:
+        """Blocks of the whole volume's plan (not only this run's region) not done yet, from
+        the ledger read at planning and this run's results; None before the run has planned."""
+        if self._src is None or self._provenance is None:
+            return None
+        shape = [n for n, a in zip(self._src.shape, self._src.axes, strict=True) if a != "c"]
+        total = math.prod(block_grid(shape, self._provenance["block"]))
+        return total - len(self._done_ids)
 
     @property
     def output(self) -> str:
@@ -431,6 +449,7 @@ class Run:
         site = starter[0]
         profile = self.profile
         self.blocks = {b.id: b for b in plan.blocks}  # for displays: where each block writes
+        self._done_ids = set(plan.done_before)
         todo = [b for b in plan.blocks if b.id not in plan.done_before]
         total = len(plan.blocks)
         done = total - len(todo)
@@ -516,6 +535,7 @@ class Run:
                     self._ledger.record(result, attempts[blk.id], str(blk.write_roi))
                     if result.ok:
                         done += 1
+                        self._done_ids.add(blk.id)
                         yield self._emit(BlockDone(result, done, total, plan.out_voxels[blk.id]))
                         continue
                     final = attempts[blk.id] > self.retries
