@@ -45,7 +45,9 @@ def _preload(model: str) -> None:
         load_model(model)
         # what a site's kernel imports when it starts (~0.25 s): a first preview right after
         # the model is loaded waited for it before its block could start
-        import parsl.dataflow.dflow  # noqa: F401
+        from napari_emparsl.execution.sites import import_kernel
+
+        import_kernel()
     except Exception:  # a model that does not load is reported when it is used
         log.debug("preloading %s failed", model, exc_info=True)
     try:

@@ -284,6 +284,12 @@ def new_run_dir() -> str:
     return tempfile.mkdtemp(prefix=f"{_RUN_DIR_PREFIX}{os.getpid()}-")
 
 
+def import_kernel() -> None:
+    """Import what :func:`start_kernel` needs (Parsl's kernel, ~0.25 s), e.g. in the background
+    before a first preview."""
+    from parsl.dataflow.dflow import DataFlowKernel  # noqa: F401
+
+
 def start_kernel(profile: SiteProfile, run_dir: str):
     """A DataFlowKernel of its own for ``profile`` (not Parsl's global one): the GUI switches
     sites, and two runs may use two sites. Its executor starts here (HTEX: workers launch)."""
