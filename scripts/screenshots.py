@@ -116,6 +116,20 @@ def main() -> int:
         widget.run_btn.clicked.emit()
         wait_idle()
         shot(viewer, "run_widget_full.png")
+
+        # the runs panel, that run selected, the mouse over a mitochondrion
+        from napari_emparsl._napari.runs_widget import RunsWidget
+
+        rw = RunsWidget(viewer)
+        rdock = viewer.window.add_dock_widget(rw, name="Runs")
+        rw.native.setMinimumWidth(760)
+        rw.refresh()
+        rw.runs.value = [widget.output.value]
+        rw.provenance.value = rw.provenance_at((z * 8, 100 * 8, 120 * 8))
+        settle(viewer, 20)
+        rw.native.grab().save(str(IMAGES / "runs_panel.png"))
+        print(f"wrote {IMAGES / 'runs_panel.png'}")
+        viewer.window.remove_dock_widget(rdock)
         viewer.window.remove_dock_widget(dock)
         viewer.layers.clear()
 

@@ -22,12 +22,19 @@ def test_runs_found_and_provenance(make_napari_viewer, tmp_path, monkeypatch):
     output = f"{tmp_path}/s.n5:pred"
     assert output in widget.outputs()
     label = widget.runs.native.item(0).text()
-    assert "pred — 1/1 done, 0 failed — unet3d-em on threads" in label
+    assert "pred — 1/2 done, 0 failed — unet3d-em on threads" in label  # of the whole plan
     widget.runs.value = [output]
     # voxel (4, 4, 4) is in block 0 (done); voxel (4, 4, 100) in block 1 (not computed)
     assert widget.provenance_at((4 * 8, 4 * 8, 4 * 8)).startswith("block 0 done: model ")
     assert "site threads" in widget.provenance_at((32, 32, 32))
     assert "(cpu), at " in widget.provenance_at((32, 32, 32))  # where the model ran
     assert widget.provenance_at((4 * 8, 4 * 8, 100 * 8)) == "block 1: not computed yet"
+    # the rest, from the command line: the panel reads only the ledger lines appended since
+    assert main(["run", "--input", f"{tmp_path}/s.n5:raw", "--model", "unet3d-em", "--output",
+                 f"{tmp_path}/s.n5:pred", "--site", "threads", "--block", "64,64,64"]) == 0  # fmt: skip
+    assert widget.provenance_at((4 * 8, 4 * 8, 100 * 8)).startswith("block 1 done: model ")
+    widget.refresh()
+    assert "pred — 2/2 done, 0 failed" in widget.runs.native.item(0).text()
+    widget.runs.value = [output]
     [layer] = widget.open_output()
     assert layer._type_string == "labels"

@@ -8,14 +8,15 @@ the cursor (model hash, site, worker, time).
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from typing import Any
 
 from magicgui.widgets import Container, Label, PushButton, Select
 
 from napari_emparsl.core.errors import UserError
-from napari_emparsl.core.geometry import plan_blocks
-from napari_emparsl.core.ledger import Ledger
+from napari_emparsl.core.geometry import block_grid, plan_blocks
+from napari_emparsl.core.ledger import Ledger, LedgerFollower
 from napari_emparsl.core.volume import Volume, parse_spec
 
 __all__ = ["SESSION_OUTPUTS", "RunsWidget", "remember_output"]
@@ -29,16 +30,44 @@ def remember_output(output: str) -> None:
         SESSION_OUTPUTS.append(output)
 
 
-def describe_run(output: str) -> str:
-    root, key = parse_spec(output)
-    summary = Ledger(root, key).summary()
-    last = summary.last_run
-    when = datetime.datetime.fromtimestamp(last.get("time", 0)).strftime("%Y-%m-%d %H:%M")
-    planned = int(last.get("planned", 0))
-    return (
-        f"{os.path.basename(root)}:{key} — {len(summary.done)}/{planned} done, "
-        f"{len(summary.failed)} failed — {last.get('model')} on {last.get('site')} — {when}"
-    )
+class _Output:
+    """One output's ledger (read incrementally) and volume, for questions asked on the Qt thread
+    as often as the mouse moves."""
+
+    def __init__(self, output: str):
+        self.root, self.key = parse_spec(output)
+        self.ledger = LedgerFollower(self.root, self.key)
+        self._volume: Volume | None = None
+        self._volume_of: tuple[int, int] | None = None
+
+    def volume(self) -> Volume:
+        """The output's volume, opened again when its ledger was replaced (--overwrite)."""
+        if self._volume is None or self._volume_of != self.ledger.identity:
+            self._volume = Volume.open(self.root, self.key)
+            self._volume_of = self.ledger.identity
+        return self._volume
+
+    def geometry(self, last: dict[str, Any]) -> tuple[tuple[int, ...], list[int]] | None:
+        """The input grid's shape and the block of the last run, or None when unknown."""
+        try:
+            out = self.volume()
+        except UserError:
+            return None
+        if "block" not in last:
+            return None
+        scale = last.get("spec", {}).get("scale", [1, 1, 1])
+        return tuple(n // s for n, s in zip(out.shape[-3:], scale, strict=True)), last["block"]
+
+    def describe(self) -> str:
+        summary = self.ledger.summary()
+        last = summary.last_run
+        when = datetime.datetime.fromtimestamp(last.get("time", 0)).strftime("%Y-%m-%d %H:%M")
+        geometry = self.geometry(last)  # the whole plan, not only the last run's region
+        total = math.prod(block_grid(*geometry)) if geometry else int(last.get("planned", 0))
+        return (
+            f"{os.path.basename(self.root)}:{self.key} — {len(summary.done)}/{total} done, "
+            f"{len(summary.failed)} failed — {last.get('model')} on {last.get('site')} — {when}"
+        )
 
 
 class RunsWidget(Container):
@@ -47,6 +76,7 @@ class RunsWidget(Container):
     def __init__(self, viewer: Any):
         super().__init__(labels=True)
         self._viewer = viewer
+        self._outputs: dict[str, _Output] = {}
         self.runs = Select(
             label="runs", choices=[], tooltip="runs of this session and of opened outputs"
         )
@@ -56,6 +86,7 @@ class RunsWidget(Container):
         )
         self.provenance = Label(label="under cursor", value="")
         self.extend([self.runs, self.refresh_btn, self.open_btn, self.provenance])
+        self.provenance.native.setWordWrap(True)  # a long sentence wraps, not widens the dock
         self.refresh_btn.changed.connect(self.refresh)
         self.open_btn.changed.connect(self.open_output)
         viewer.layers.events.inserted.connect(self.refresh)
@@ -73,7 +104,12 @@ class RunsWidget(Container):
         return [o for o in found if Ledger(*parse_spec(o)).exists()]
 
     def refresh(self, *_: Any) -> None:
-        self.runs.choices = [(describe_run(o), o) for o in self.outputs()]
+        self.runs.choices = [(self._output(o).describe(), o) for o in self.outputs()]
+
+    def _output(self, output: str) -> _Output:
+        if output not in self._outputs:
+            self._outputs[output] = _Output(output)
+        return self._outputs[output]
 
     def open_output(self, *_: Any) -> list[Any]:
         from napari_emparsl._napari.reader import layer_data
@@ -89,12 +125,12 @@ class RunsWidget(Container):
         selected = self.runs.value or []
         if len(selected) != 1:
             return ""
-        root, key = parse_spec(selected[0])
+        tracked = self._output(selected[0])
+        summary = tracked.ledger.summary()  # only what was appended since the last move
         try:
-            out = Volume.open(root, key)
+            out = tracked.volume()
         except UserError as err:
             return str(err)
-        summary = Ledger(root, key).summary()
         last = summary.last_run
         spatial = tuple(float(p) for p in world_point)[-3:]
         voxel = tuple(

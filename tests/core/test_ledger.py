@@ -1,0 +1,42 @@
+"""The ledger read incrementally (the runs panel asks on every mouse move)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from napari_emparsl.core.ledger import LEDGER_NAME, Ledger, LedgerFollower
+
+
+def _line(rec: dict) -> str:
+    return json.dumps(rec) + "\n"
+
+
+def test_follower_reads_only_what_was_appended(tmp_path):
+    folder = tmp_path / "o.n5" / "pred"
+    folder.mkdir(parents=True)
+    path = folder / LEDGER_NAME
+    follower = LedgerFollower(str(tmp_path / "o.n5"), "pred")
+    assert follower.summary().runs == [] and follower.identity is None  # no ledger yet
+
+    path.write_text(_line({"type": "run", "time": 1.0, "block": [8, 8, 8]}))
+    with path.open("a") as f:
+        f.write(_line({"type": "block", "id": 0, "status": "failed", "error": "boom"}))
+        f.write('{"type": "block", "id": 1, "sta')  # being written: left for the next call
+    summary = follower.summary()
+    assert len(summary.runs) == 1 and list(summary.failed) == [0] and not summary.done
+    with path.open("a") as f:
+        f.write('tus": "done"}\n')
+        f.write(_line({"type": "block", "id": 0, "status": "done"}))
+    summary = follower.summary()
+    assert sorted(summary.done) == [0, 1] and not summary.failed
+    # the same answer as reading the whole file
+    whole = Ledger(str(tmp_path / "o.n5"), "pred").summary()
+    assert (summary.runs, summary.done, summary.failed) == (whole.runs, whole.done, whole.failed)
+
+    # replaced (--overwrite removes the dataset folder): read again from the start
+    shutil.rmtree(folder)
+    folder.mkdir()
+    path.write_text(_line({"type": "run", "time": 2.0}) + "torn line\n")
+    summary = follower.summary()
+    assert [r["time"] for r in summary.runs] == [2.0] and not summary.done
