@@ -237,6 +237,7 @@ def test_model_info_estimate_and_site_test(
     qtbot.waitUntil(lambda: "first result after" in widget.status.value, timeout=60_000)
     widget.run_btn.clicked.emit()  # the full run: the estimate was for it, and goes
     assert widget.estimate.value == ""
+    assert widget.status.value.startswith("preparing")  # not the last run's status
     _wait_idle(qtbot, widget)
     assert widget.status.value == "finished: 8/8 done, 0 failed" and widget.estimate.value == ""
 

@@ -461,6 +461,9 @@ class RunWidget(Container):
         )
         worker.finished.connect(self._on_finished)
         self._set_running(True)
+        # until the plan is made (the checks, the model, the volume's statistics; on a first
+        # preview also torch's import): say so rather than show the last run's status
+        self.status.value = "preparing: checking the input and the model…"
         self._worker = worker
         worker.start()
 
