@@ -123,7 +123,8 @@ def main() -> int:
         rw = RunsWidget(viewer)
         rdock = viewer.window.add_dock_widget(rw, name="Runs")
         rw.native.setMinimumWidth(760)
-        rw.refresh()
+        while not rw.runs.choices:  # the ledgers are read in the background
+            settle(viewer)
         rw.runs.value = [widget.output.value]
         rw.provenance.value = rw.provenance_at((z * 8, 100 * 8, 120 * 8))
         settle(viewer, 20)

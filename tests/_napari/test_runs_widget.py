@@ -8,7 +8,7 @@ from napari_emparsl.cli import main
 PLUGIN = "napari-emparsl"
 
 
-def test_runs_found_and_provenance(make_napari_viewer, tmp_path, monkeypatch):
+def test_runs_found_and_provenance(make_napari_viewer, qtbot, tmp_path, monkeypatch):
     from napari_emparsl._napari import runs_widget
 
     monkeypatch.setattr(runs_widget, "SESSION_OUTPUTS", [])  # only this test's runs
@@ -21,6 +21,7 @@ def test_runs_found_and_provenance(make_napari_viewer, tmp_path, monkeypatch):
     viewer.open(str(tmp_path / "s.n5" / "pred"), plugin=PLUGIN)  # an output with a ledger
     output = f"{tmp_path}/s.n5:pred"
     assert output in widget.outputs()
+    qtbot.waitUntil(lambda: widget.runs.native.count() == 1)  # ledgers are read off the Qt thread
     label = widget.runs.native.item(0).text()
     assert "pred — 1/2 done, 0 failed — unet3d-em on threads" in label  # of the whole plan
     widget.runs.value = [output]
@@ -33,8 +34,10 @@ def test_runs_found_and_provenance(make_napari_viewer, tmp_path, monkeypatch):
     assert main(["run", "--input", f"{tmp_path}/s.n5:raw", "--model", "unet3d-em", "--output",
                  f"{tmp_path}/s.n5:pred", "--site", "threads", "--block", "64,64,64"]) == 0  # fmt: skip
     assert widget.provenance_at((4 * 8, 4 * 8, 100 * 8)).startswith("block 1 done: model ")
+    shown = widget.refreshed
     widget.refresh()
+    qtbot.waitUntil(lambda: widget.refreshed > shown)
     assert "pred — 2/2 done, 0 failed" in widget.runs.native.item(0).text()
-    widget.runs.value = [output]
+    assert widget.runs.value == [output]  # the selection survives a refresh
     [layer] = widget.open_output()
     assert layer._type_string == "labels"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import threading
 from typing import Any
 
 from magicgui.widgets import Container, Label, PushButton, Select
@@ -37,6 +38,7 @@ class _Output:
     def __init__(self, output: str):
         self.root, self.key = parse_spec(output)
         self.ledger = LedgerFollower(self.root, self.key)
+        self.lock = threading.Lock()  # the Qt thread and a background refresh both read it
         self._volume: Volume | None = None
         self._volume_of: tuple[int, int] | None = None
 
@@ -77,6 +79,8 @@ class RunsWidget(Container):
         super().__init__(labels=True)
         self._viewer = viewer
         self._outputs: dict[str, _Output] = {}
+        self._generation = 0  # of refreshes: only the latest one's answer is shown
+        self.refreshed = 0  # refreshes shown so far
         self.runs = Select(
             label="runs", choices=[], tooltip="runs of this session and of opened outputs"
         )
@@ -104,7 +108,32 @@ class RunsWidget(Container):
         return [o for o in found if Ledger(*parse_spec(o)).exists()]
 
     def refresh(self, *_: Any) -> None:
-        self.runs.choices = [(self._output(o).describe(), o) for o in self.outputs()]
+        """Describe every run again; the ledgers are read in the background (a first read of a
+        ledger of 10⁵ blocks takes ~1 s), the list is updated when they are."""
+        from napari.qt.threading import create_worker
+
+        outputs = self.outputs()
+        tracked = [self._output(o) for o in outputs]
+        self._generation += 1
+
+        def describe_all() -> list[tuple[str, str]]:
+            found = []
+            for t, o in zip(tracked, outputs, strict=True):
+                with t.lock:
+                    found.append((t.describe(), o))
+            return found
+
+        worker = create_worker(describe_all)
+        worker.returned.connect(lambda runs, gen=self._generation: self._show_runs(runs, gen))
+        worker.start()
+
+    def _show_runs(self, runs: list[tuple[str, str]], generation: int) -> None:
+        if generation != self._generation:
+            return  # a later refresh is on its way
+        selected = [o for o in (self.runs.value or []) if o in {o for _, o in runs}]
+        self.runs.choices = runs
+        self.runs.value = selected  # the selection survives new layers and refreshes
+        self.refreshed += 1
 
     def _output(self, output: str) -> _Output:
         if output not in self._outputs:
@@ -126,11 +155,15 @@ class RunsWidget(Container):
         if len(selected) != 1:
             return ""
         tracked = self._output(selected[0])
-        summary = tracked.ledger.summary()  # only what was appended since the last move
+        if not tracked.lock.acquire(blocking=False):
+            return self.provenance.value  # its ledger is being read in the background
         try:
+            summary = tracked.ledger.summary()  # only what was appended since the last move
             out = tracked.volume()
         except UserError as err:
             return str(err)
+        finally:
+            tracked.lock.release()
         last = summary.last_run
         spatial = tuple(float(p) for p in world_point)[-3:]
         voxel = tuple(
