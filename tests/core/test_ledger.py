@@ -17,7 +17,8 @@ def test_follower_reads_only_what_was_appended(tmp_path):
     folder.mkdir(parents=True)
     path = folder / LEDGER_NAME
     follower = LedgerFollower(str(tmp_path / "o.n5"), "pred")
-    assert follower.summary().runs == [] and follower.identity is None  # no ledger yet
+    assert follower.summary().runs == []  # no ledger yet
+    first = follower.generation
 
     path.write_text(_line({"type": "run", "time": 1.0, "block": [8, 8, 8]}))
     with path.open("a") as f:
@@ -40,3 +41,4 @@ def test_follower_reads_only_what_was_appended(tmp_path):
     path.write_text(_line({"type": "run", "time": 2.0}) + "torn line\n")
     summary = follower.summary()
     assert [r["time"] for r in summary.runs] == [2.0] and not summary.done
+    assert follower.generation > first  # readers of the output know to open it again

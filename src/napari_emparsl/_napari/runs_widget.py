@@ -40,13 +40,13 @@ class _Output:
         self.ledger = LedgerFollower(self.root, self.key)
         self.lock = threading.Lock()  # the Qt thread and a background refresh both read it
         self._volume: Volume | None = None
-        self._volume_of: tuple[int, int] | None = None
+        self._volume_of = -1  # the ledger generation it was opened with
 
     def volume(self) -> Volume:
         """The output's volume, opened again when its ledger was replaced (--overwrite)."""
-        if self._volume is None or self._volume_of != self.ledger.identity:
+        if self._volume is None or self._volume_of != self.ledger.generation:
             self._volume = Volume.open(self.root, self.key)
-            self._volume_of = self.ledger.identity
+            self._volume_of = self.ledger.generation
         return self._volume
 
     def geometry(self, last: dict[str, Any]) -> tuple[tuple[int, ...], list[int]] | None:

@@ -117,7 +117,7 @@ class LedgerFollower:
     """A ledger's summary kept current by reading only the lines appended since the last call.
 
     For displays that ask often (the runs panel asks on every mouse move): a ledger of 10⁵
-    blocks takes ~2 s to read whole. A ledger replaced (``--overwrite``) or shortened is read
+    blocks takes 1–2 s to read whole. A ledger replaced (``--overwrite``) or shortened is read
     again from its start; a line still being written is left for the next call.
     """
 
@@ -130,11 +130,7 @@ class LedgerFollower:
         self._offset = 0
         self._ident = ident
         self._head = b""
-
-    @property
-    def identity(self) -> tuple[int, int] | None:
-        """(device, inode) of the ledger file last read; None when there was none."""
-        return self._ident
+        self.generation = getattr(self, "generation", -1) + 1  # ledgers seen (a new one: +1)
 
     def summary(self) -> LedgerSummary:
         try:
