@@ -208,6 +208,17 @@ def test_model_info_estimate_and_site_test(
     widget.model_file.value = str(tmp_path / "two.pt")
     assert "the volume has 1 channel(s)" in widget.model_info.value
     widget.model_file.value = ""
+    # a 2D image: the panel says it will not run before a run says so
+    from napari_emparsl.core.volume import save_array
+
+    raw = widget.input.value
+    save_array(sample_path, "plane", np.zeros((64, 64), np.uint8), chunks=(32, 32))
+    [plane] = viewer.open(str(sample_path / "plane"), plugin=PLUGIN)
+    widget.input.reset_choices()
+    widget.input.value = plane
+    assert "the volume has 2 spatial axes; runs need a 3D volume" in widget.model_info.value
+    widget.input.value = raw
+    assert "spatial axes" not in widget.model_info.value
     # block and halo: empty means the model's defaults (shown); bad values get one sentence
     assert widget.block.native.placeholderText() == "128,128,128 (model default)"
     assert widget.halo.native.placeholderText() == "24,24,24 (model default)"

@@ -284,6 +284,9 @@ class RunWidget(Container):
             channels = vol.shape[vol.axes.index("c")] if "c" in vol.axes else 1
             if channels != spec.in_channels:
                 text += f" — ⚠ the volume has {channels} channel(s)"
+            spatial = sum(a != "c" for a in vol.axes)
+            if spatial != 3:  # 2D models too run on 3D volumes, slice by slice
+                text += f" — ⚠ the volume has {spatial} spatial axes; runs need a 3D volume"
         if missing:
             text += f" — ⚠ not described: set {', '.join(missing)} in model options"
         self.model_info.value = text
