@@ -452,3 +452,30 @@ def test_model_without_description_is_asked_for_what_it_lacks(
     assert out.dtype == np.float32 and widget._output_layer._type_string == "image"
     widget.model_options.value = "halo=oops"
     assert widget.model_info.value.startswith("⚠ The model option 'halo'")
+
+
+def test_replace_output_starts_it_again(make_napari_viewer, qtbot, sample_path):
+    """Another halo into the same output is refused in the panel's words; "replace output"
+    starts the output again, once (it unticks itself when the run has started)."""
+    from napari_emparsl.core.ledger import Ledger
+
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    widget.site.value = "threads"
+    viewer.dims.set_point(0, 8 * 8)
+    widget.preview_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    assert widget.status.value == "finished: 4/4 done, 0 failed"
+    widget.halo.value = "16"
+    widget.preview_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    assert "made from another input, model description, block or halo" in widget.status.value
+    assert "tick “replace output” to start again" in widget.status.value
+    assert "--overwrite" not in widget.status.value
+    widget.replace.value = True
+    widget.preview_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    assert widget.status.value == "finished: 4/4 done, 0 failed" and not widget.replace.value
+    summary = Ledger(str(sample_path), "pred").summary()
+    assert [run["halo"] for run in summary.runs] == [[16, 16, 16]] and len(summary.done) == 4
+    assert Volume.open(sample_path, "raw").shape == (128, 128, 128)  # the input untouched

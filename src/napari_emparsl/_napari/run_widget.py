@@ -17,7 +17,16 @@ import time
 from typing import Any
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, Label, LineEdit, ProgressBar, PushButton, Select
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    Label,
+    LineEdit,
+    ProgressBar,
+    PushButton,
+    Select,
+)
 from qtpy.QtCore import QTimer
 
 from napari_emparsl.core.errors import UserError
@@ -152,6 +161,13 @@ class RunWidget(Container):
             label="halo",
             tooltip="Z,Y,X voxels of context read around each block (empty: the model's default)",
         )
+        self.replace = CheckBox(
+            text="replace output",
+            value=False,
+            tooltip="start the output again: what an earlier run with another model, input, "
+            "block or halo wrote there is deleted (the input never is); unticks itself once "
+            "the run has started",
+        )
         self.preview_btn = PushButton(
             text="Preview region",
             tooltip="compute only the blocks under the rectangle of the 'region' Shapes layer, "
@@ -181,7 +197,7 @@ class RunWidget(Container):
         self.extend([
             self.input, self.model, self.model_file, self.model_options, self.model_info,
             self.site, self.test_site_btn,
-            self.output, self.block, self.halo,
+            self.output, self.block, self.halo, self.replace,
             self.preview_btn, self.run_btn, self.cancel_btn, self.progress, self.estimate, self.status,
             self.failed_list,
             self.retry_btn,
@@ -216,7 +232,7 @@ class RunWidget(Container):
         # import torch and load the chosen model in the background now, not on the first preview
         from napari.qt.threading import create_worker
 
-        preload = create_worker(_preload, self._model())
+        preload = create_worker(_preload, self._model(), _ignore_errors=True)
         # its imports add ~300,000 objects: Python's next full collection (~150 ms) comes right
         # after, on the Qt thread (objects it frees may be Qt's), while the panel has just
         # opened — not when a run adds its output layer
@@ -299,7 +315,7 @@ class RunWidget(Container):
         name = self.site.value
         self.status.value = f"testing site {name}…"
 
-        @thread_worker
+        @thread_worker(ignore_errors=True)  # errors: one sentence below, not napari's traceback
         def check():
             return check_site(load_site(name))
 
@@ -309,7 +325,7 @@ class RunWidget(Container):
                 self.status, "value", f"site {name}: first result after {secs:.1f} s"
             )
         )
-        worker.errored.connect(lambda err: self._error(str(err)))
+        worker.errored.connect(lambda err: self._error_from(err, f"Testing site {name}"))
         worker.start()
         self._site_worker = worker
 
@@ -429,7 +445,7 @@ class RunWidget(Container):
             return
         run = Run(
             f"{src[0]}:{src[1]}", self._model(), self.output.value, site=site, roi=roi,
-            block=block, halo=halo, model_options=options,
+            block=block, halo=halo, model_options=options, overwrite=self.replace.value,
         )  # fmt: skip
         self._run = run
         from napari_emparsl._napari.runs_widget import remember_output
@@ -440,7 +456,8 @@ class RunWidget(Container):
         if self._failed_layer is not None and self._failed_layer in self._viewer.layers:
             self._failed_layer.data = []
 
-        @thread_worker
+        # errors go to the handler below (one sentence), not to napari's traceback notification
+        @thread_worker(ignore_errors=True)
         def drain(run: Run):  # an argument, not a closure: napari keeps the function, not the run
             for event in run.events():
                 if isinstance(event, BlockDone) and run.blocks:
@@ -455,13 +472,7 @@ class RunWidget(Container):
 
         worker = drain(run)
         worker.yielded.connect(self._on_event)
-        worker.errored.connect(
-            lambda err: self._error(
-                str(err)
-                if isinstance(err, UserError)
-                else f"The run failed unexpectedly ({type(err).__name__}); see the log."
-            )
-        )
+        worker.errored.connect(lambda err: self._error_from(err, "The run"))
         worker.finished.connect(self._on_finished)
         self._set_running(True)
         # until the plan is made (the checks, the model, the volume's statistics; on a first
@@ -505,6 +516,7 @@ class RunWidget(Container):
 
     def _handle(self, event: Any) -> None:
         if isinstance(event, Planned):
+            self.replace.value = False  # replaced: the next run continues this one
             self._planned = event.total
             self._set_progress(event.total - event.todo, maximum=max(1, event.total))
             self.status.value = f"{event.todo} of {event.total} blocks to compute"
@@ -672,12 +684,26 @@ class RunWidget(Container):
             self.output,
             self.block,
             self.halo,
+            self.replace,
         ):
             w.enabled = not running
+
+    def _error_from(self, err: BaseException, what: str) -> None:
+        """A background task's error: its sentence when it is one of ours (bad input, a site
+        that does not start), else one sentence here and the traceback in the log."""
+        if isinstance(err, UserError):
+            self._error(str(err))
+            return
+        log.error("%s failed", what, exc_info=(type(err), err, err.__traceback__))
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        self._error(f"{what} failed unexpectedly ({type(err).__name__}: {first}); see the log.")
 
     def _error(self, message: str) -> None:
         from napari.utils.notifications import show_error
 
+        # the engine speaks to the command line; here the option is the panel's checkbox
+        message = message.replace("pass --overwrite", "tick “replace output”")
+        message = message.replace("--overwrite", "“replace output”")
         log.warning(message)
         self.status.value = message
         show_error(message)

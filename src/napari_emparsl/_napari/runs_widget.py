@@ -8,6 +8,7 @@ the cursor (model hash, site, worker, time).
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import os
 import threading
@@ -21,6 +22,8 @@ from napari_emparsl.core.ledger import Ledger, LedgerFollower
 from napari_emparsl.core.volume import Volume, parse_spec
 
 __all__ = ["SESSION_OUTPUTS", "RunsWidget", "remember_output"]
+
+log = logging.getLogger(__name__)
 
 #: outputs of runs started in this session (OUT.n5:KEY)
 SESSION_OUTPUTS: list[str] = []
@@ -123,8 +126,9 @@ class RunsWidget(Container):
                     found.append((t.describe(), o))
             return found
 
-        worker = create_worker(describe_all)
+        worker = create_worker(describe_all, _ignore_errors=True)
         worker.returned.connect(lambda runs, gen=self._generation: self._show_runs(runs, gen))
+        worker.errored.connect(lambda err: log.warning("listing the runs failed: %s", err))
         worker.start()
 
     def _show_runs(self, runs: list[tuple[str, str]], generation: int) -> None:
