@@ -479,3 +479,14 @@ def test_replace_output_starts_it_again(make_napari_viewer, qtbot, sample_path):
     summary = Ledger(str(sample_path), "pred").summary()
     assert [run["halo"] for run in summary.runs] == [[16, 16, 16]] and len(summary.done) == 4
     assert Volume.open(sample_path, "raw").shape == (128, 128, 128)  # the input untouched
+
+
+def test_volume_moved_away_is_one_warning(make_napari_viewer, sample_path):
+    """The volume's container moved after it was opened: the model description says so in
+    one sentence instead of a traceback from the panel."""
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    sample_path.rename(sample_path.with_name("moved.n5"))
+    widget.model_options.value = "normalize=zscore"  # the description is made again
+    assert "labels: background, membrane, mitochondria" in widget.model_info.value
+    assert f"⚠ {sample_path} does not exist; check the path." in widget.model_info.value

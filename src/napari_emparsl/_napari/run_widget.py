@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -45,8 +46,16 @@ def _source_of(layer: Any) -> tuple[str, str] | None:
     return (src["path"], src["key"]) if src else None
 
 
-def _preload(model: str) -> None:
+def _preload(model: str, done: threading.Event | None = None) -> None:
     """Import the engine and torch, and load ``model`` into the per-process cache."""
+    try:
+        _preload_all(model)
+    finally:
+        if done is not None:
+            done.set()
+
+
+def _preload_all(model: str) -> None:
     try:
         from napari_emparsl.core.models.loaders import load_model
         from napari_emparsl.execution import runner  # noqa: F401  (parsl, the engine)
@@ -229,15 +238,24 @@ class RunWidget(Container):
         self._timer.start()
         self._suggest_output()
         self._describe_model()
-        # import torch and load the chosen model in the background now, not on the first preview
-        from napari.qt.threading import create_worker
+        # import torch and load the chosen model in the background now, not on the first preview.
+        # A plain thread, no Qt object: a viewer closed (or a test ended) before it finished
+        # deleted a Qt worker's signals under it, and Qt aborted the process. Python waits for
+        # it (≤ 3 s) when it exits.
+        self._preloaded = threading.Event()
+        self._collected = False
+        threading.Thread(
+            target=_preload, args=(self._model(), self._preloaded), name="emparsl-preload"
+        ).start()
+        self._timer.timeout.connect(self._after_preload)
 
-        preload = create_worker(_preload, self._model(), _ignore_errors=True)
-        # its imports add ~300,000 objects: Python's next full collection (~150 ms) comes right
-        # after, on the Qt thread (objects it frees may be Qt's), while the panel has just
-        # opened — not when a run adds its output layer
-        preload.finished.connect(gc.collect)
-        preload.start()
+    def _after_preload(self) -> None:
+        """Once, after the preload: its imports add ~300,000 objects, and Python's next full
+        collection (~150 ms) then comes on the Qt thread (objects it frees may be Qt's). Done
+        now, while the panel has just opened — not when a run adds its output layer."""
+        if not self._collected and self._preloaded.is_set():
+            self._collected = True
+            gc.collect()
 
     # ------------------------------------------------------------------------------------------
     # choices
@@ -295,8 +313,11 @@ class RunWidget(Container):
         )
         layer = self.input.value
         src = _source_of(layer) if layer is not None else None
-        if src:
-            vol = Volume.open(*src)
+        try:
+            vol = Volume.open(*src) if src else None
+        except UserError as err:  # e.g. moved or deleted since it was opened
+            vol, text = None, f"{text} — ⚠ {err}"
+        if vol is not None:
             channels = vol.shape[vol.axes.index("c")] if "c" in vol.axes else 1
             if channels != spec.in_channels:
                 text += f" — ⚠ the volume has {channels} channel(s)"
