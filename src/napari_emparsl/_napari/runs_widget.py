@@ -15,6 +15,7 @@ import threading
 from typing import Any
 
 from magicgui.widgets import Container, Label, PushButton, Select
+from qtpy.QtCore import QObject, Signal
 
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.geometry import block_grid, plan_blocks
@@ -75,6 +76,10 @@ class _Output:
         )
 
 
+class _Relay(QObject):
+    runs = Signal(object)  # (descriptions, generation), emitted from a background thread
+
+
 class RunsWidget(Container):
     """List of runs; open an output; provenance of the block under the cursor."""
 
@@ -84,6 +89,8 @@ class RunsWidget(Container):
         self._outputs: dict[str, _Output] = {}
         self._generation = 0  # of refreshes: only the latest one's answer is shown
         self.refreshed = 0  # refreshes shown so far
+        self._relay = _Relay()  # background refreshes hand their answer to the Qt thread
+        self._relay.runs.connect(lambda answer: self._show_runs(*answer))
         self.runs = Select(
             label="runs", choices=[], tooltip="runs of this session and of opened outputs"
         )
@@ -113,23 +120,28 @@ class RunsWidget(Container):
     def refresh(self, *_: Any) -> None:
         """Describe every run again; the ledgers are read in the background (a first read of a
         ledger of 10⁵ blocks takes ~1 s), the list is updated when they are."""
-        from napari.qt.threading import create_worker
-
         outputs = self.outputs()
         tracked = [self._output(o) for o in outputs]
         self._generation += 1
+        generation, relay = self._generation, self._relay
 
-        def describe_all() -> list[tuple[str, str]]:
-            found = []
-            for t, o in zip(tracked, outputs, strict=True):
-                with t.lock:
-                    found.append((t.describe(), o))
-            return found
+        def describe_all() -> None:
+            try:
+                found = []
+                for t, o in zip(tracked, outputs, strict=True):
+                    with t.lock:
+                        found.append((t.describe(), o))
+            except Exception:
+                log.warning("listing the runs failed", exc_info=True)
+                return
+            try:
+                relay.runs.emit((found, generation))  # queued to the Qt thread
+            except RuntimeError:
+                pass  # the panel was closed meanwhile
 
-        worker = create_worker(describe_all, _ignore_errors=True)
-        worker.returned.connect(lambda runs, gen=self._generation: self._show_runs(runs, gen))
-        worker.errored.connect(lambda err: log.warning("listing the runs failed: %s", err))
-        worker.start()
+        # a plain thread, no Qt worker: one still running when the viewer closes cannot take
+        # the process down with it
+        threading.Thread(target=describe_all, name="emparsl-runs", daemon=True).start()
 
     def _show_runs(self, runs: list[tuple[str, str]], generation: int) -> None:
         if generation != self._generation:
