@@ -243,6 +243,14 @@ def test_model_info_estimate_and_site_test(
     widget.site.value = "eight"
     assert widget.estimate.value.startswith("full run on eight: ~")
     assert "for 4 blocks" in widget.estimate.value and "8 workers" in widget.estimate.value
+    # a profile that does not validate: Test site says which field, in one sentence
+    (tmp_path / "sites" / "broken.yaml").write_text("kind: local\nworkers: zero\n")
+    widget.site.reset_choices()
+    widget.site.value = "broken"
+    assert widget.estimate.value == ""
+    widget.test_site_btn.clicked.emit()
+    qtbot.waitUntil(lambda: "field 'workers'" in widget.status.value, timeout=30_000)
+    assert "\n" not in widget.status.value and "Traceback" not in widget.status.value
     widget.site.value = "threads"
     widget.test_site_btn.clicked.emit()
     qtbot.waitUntil(lambda: "first result after" in widget.status.value, timeout=60_000)

@@ -28,7 +28,7 @@ from magicgui.widgets import (
     PushButton,
     Select,
 )
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import QObject, QTimer, Signal
 
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.events import BlockDone, BlockFailed, Cancelled, Finished, Planned
@@ -107,6 +107,10 @@ def _triple(text: str, name: str, minimum: int) -> tuple[int, int, int] | None:
             f"not {text!r}."
         )
     return values[0], values[1], values[2]
+
+
+class _Relay(QObject):
+    site_tested = Signal(object)  # (site name, seconds to a first result or the error)
 
 
 class RunWidget(Container):
@@ -242,6 +246,8 @@ class RunWidget(Container):
         # A plain thread, no Qt object: a viewer closed (or a test ended) before it finished
         # deleted a Qt worker's signals under it, and Qt aborted the process. Python waits for
         # it (≤ 3 s) when it exits.
+        self._relay = _Relay()  # answers of background threads, handed to the Qt thread
+        self._relay.site_tested.connect(self._site_tested)
         self._preloaded = threading.Event()
         self._collected = False
         threading.Thread(
@@ -329,26 +335,32 @@ class RunWidget(Container):
         self.model_info.value = text
 
     def test_site(self, *_: Any) -> None:
-        from napari.qt.threading import thread_worker
-
         from napari_emparsl.execution.sites import check_site, load_site
 
         name = self.site.value
         self.status.value = f"testing site {name}…"
+        relay = self._relay
 
-        @thread_worker(ignore_errors=True)  # errors: one sentence below, not napari's traceback
-        def check():
-            return check_site(load_site(name))
+        def check() -> None:
+            try:
+                result: float | Exception = check_site(load_site(name))
+            except Exception as err:  # reported on the Qt thread, in one sentence
+                result = err
+            try:
+                relay.site_tested.emit((name, result))  # queued to the Qt thread
+            except RuntimeError:
+                pass  # the panel was closed meanwhile
 
-        worker = check()
-        worker.returned.connect(
-            lambda secs: setattr(
-                self.status, "value", f"site {name}: first result after {secs:.1f} s"
-            )
-        )
-        worker.errored.connect(lambda err: self._error_from(err, f"Testing site {name}"))
-        worker.start()
-        self._site_worker = worker
+        # a plain thread (Python waits for it at exit, so the site shuts down cleanly), not a
+        # Qt worker whose signals a closing viewer could delete under it
+        threading.Thread(target=check, name="emparsl-site-test").start()
+
+    def _site_tested(self, answer: tuple[str, Any]) -> None:
+        name, result = answer
+        if isinstance(result, BaseException):
+            self._error_from(result, f"Testing site {name}")
+        else:
+            self.status.value = f"site {name}: first result after {result:.1f} s"
 
     # ------------------------------------------------------------------------------------------
     # actions
