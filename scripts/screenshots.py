@@ -80,6 +80,9 @@ def main() -> int:
         sw = SiteWidget(viewer)
         sdock = viewer.window.add_dock_widget(sw, name="Compute sites")
         sw.site.value = "local"
+        sw.test()  # Test site: the local site starts, runs a no-op task, stops
+        while not sw.test_btn.enabled:
+            settle(viewer)
         settle(viewer, 20)
         sw.native.grab().save(str(IMAGES / "site_panel.png"))
         print(f"wrote {IMAGES / 'site_panel.png'}")

@@ -26,3 +26,25 @@ def test_form_from_schema_validates_and_saves(make_napari_viewer, tmp_path, monk
     assert path and path.endswith("mysite.yaml")
     saved = load_site("mysite")
     assert saved.workers == 3 and not saved.keep_freed_memory and "mysite" in widget.site.choices
+
+
+def test_test_site_starts_the_site_as_the_form_says(make_napari_viewer, qtbot, tmp_path, htex,
+                                                    monkeypatch):  # fmt: skip
+    """Test site runs one no-op task on the site the form describes (saved or not) — a real
+    local site, its processes gone afterwards — and a form that does not validate says why."""
+    monkeypatch.setenv("EMPARSL_SITES", str(tmp_path / "sites"))
+    viewer = make_napari_viewer()
+    widget = SiteWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.site.value = "local"
+    widget.fields["workers"].value = 0
+    widget.test_btn.clicked.emit()
+    assert "'workers'" in widget.message.value and widget.test_btn.enabled  # nothing started
+    widget.fields["workers"].value = 1
+    widget.fields["name"].value = "unsaved"
+    widget.test_btn.clicked.emit()
+    assert widget.message.value == "testing site unsaved…" and not widget.test_btn.enabled
+    qtbot.waitUntil(lambda: widget.test_btn.enabled, timeout=120_000)
+    assert widget.message.value.startswith("site unsaved: first result after ")
+    assert htex.gone()  # the site was shut down: no interchange, pool or worker left
+    assert "unsaved" not in widget.site.choices  # testing saves nothing

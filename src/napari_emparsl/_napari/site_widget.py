@@ -7,17 +7,22 @@ shows what is wrong next to the form; valid profiles are written to the user's s
 
 from __future__ import annotations
 
+import logging
+import threading
 import typing
 from typing import Any
 
 import yaml
 from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton, create_widget
 from pydantic import ValidationError
+from qtpy.QtCore import QObject, Signal
 
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.execution.sites import SiteProfile, list_sites, load_site, user_site_dir
 
 __all__ = ["SiteWidget"]
+
+log = logging.getLogger(__name__)
 
 
 def _field_widget(name: str, field: Any) -> Any:
@@ -45,6 +50,10 @@ def _field_widget(name: str, field: Any) -> Any:
     return widget
 
 
+class _Relay(QObject):
+    tested = Signal(str)  # a site test's answer, emitted from its thread
+
+
 class SiteWidget(Container):
     """Site chooser, one widget per profile field, Save (validated), messages."""
 
@@ -58,10 +67,19 @@ class SiteWidget(Container):
         self.save_btn = PushButton(
             text="Save profile", tooltip="validate and save to your site folder"
         )
+        self.test_btn = PushButton(
+            text="Test site",
+            tooltip="start the site as the form describes it (saved or not), run one no-op "
+            "task, and report the time to its result or the error",
+        )
         self.message = Label(label="", value="")
-        self.extend([self.site, *self.fields.values(), self.save_btn, self.message])
+        self.message.native.setWordWrap(True)
+        self.extend([self.site, *self.fields.values(), self.save_btn, self.test_btn, self.message])
+        self._relay = _Relay()  # a site test's answer, handed to the Qt thread
+        self._relay.tested.connect(self._tested)
         self.site.changed.connect(self.load)
         self.save_btn.changed.connect(self.save)
+        self.test_btn.changed.connect(self.test)
         self.load()
 
     def load(self, *_: Any) -> None:
@@ -77,14 +95,51 @@ class SiteWidget(Container):
     def values(self) -> dict[str, Any]:
         return {name: widget.value for name, widget in self.fields.items()}
 
-    def save(self, *_: Any) -> str | None:
-        """Validate; on success write ``<user sites>/<name>.yaml`` and return its path."""
+    def _validated(self) -> SiteProfile | None:
+        """The form as a profile, or None with what is wrong in the message line."""
         try:
-            profile = SiteProfile.model_validate(self.values())
+            return SiteProfile.model_validate(self.values())
         except ValidationError as err:
             first = err.errors()[0]
             field = ".".join(str(p) for p in first["loc"])
             self.message.value = f"'{field}': {first['msg']}"
+            return None
+
+    def test(self, *_: Any) -> None:
+        """Start the site in the background and run one no-op task on it."""
+        from napari_emparsl.execution.sites import check_site
+
+        profile = self._validated()
+        if profile is None:
+            return
+        self.message.value = f"testing site {profile.name}…"
+        self.test_btn.enabled = False
+        relay = self._relay
+
+        def check() -> None:
+            try:
+                answer = f"site {profile.name}: first result after {check_site(profile):.1f} s"
+            except UserError as err:
+                answer = str(err)
+            except Exception as err:  # not ours: one sentence here, the traceback in the log
+                log.error("testing site %s failed", profile.name, exc_info=True)
+                answer = f"Testing site {profile.name} failed unexpectedly ({type(err).__name__}); see the log."
+            try:
+                relay.tested.emit(answer)  # queued to the Qt thread
+            except RuntimeError:
+                pass  # the panel was closed meanwhile
+
+        # a plain thread: Python waits for it at exit, so the site shuts down cleanly
+        threading.Thread(target=check, name="emparsl-site-test").start()
+
+    def _tested(self, answer: str) -> None:
+        self.message.value = answer
+        self.test_btn.enabled = True
+
+    def save(self, *_: Any) -> str | None:
+        """Validate; on success write ``<user sites>/<name>.yaml`` and return its path."""
+        profile = self._validated()
+        if profile is None:
             return None
         folder = user_site_dir()
         folder.mkdir(parents=True, exist_ok=True)
