@@ -62,6 +62,7 @@ def main() -> int:
         vw = VolumeWidget(viewer)
         vdock = viewer.window.add_dock_widget(vw, name="N5 volumes")
         vw.path.value = str(sample)
+        vw.datasets.value = ["raw"]  # info: dtype, voxel size, levels
         settle(viewer, 40)
         # the panel alone (a window grab may skip repainting its list)
         vw.native.grab().save(str(IMAGES / "volume_panel.png"))

@@ -18,9 +18,16 @@ def test_browse_and_open(make_napari_viewer, tmp_path, monkeypatch):
         [v for _, v in widget.datasets._default_choices] if False else list(widget.datasets.choices)
     )
     assert keys == ["labels/cells", "labels/classes", "raw"]
+    # the tree says shape, dtype and levels, its tooltip also chunks and voxel size (of a
+    # pyramid's finest level)
+    raw = widget.datasets.native.item(2)
+    assert raw.text() == "raw  32×64×64 uint8  (3 levels)"
+    assert raw.toolTip() == (
+        "raw  32×64×64 uint8, chunks 32×64×64, voxel 8×8×8 nm, pyramid of 3 levels"
+    )
     assert str(tmp_path / "s.n5") in recent_paths()
     widget.datasets.value = ["raw"]
-    assert "uint8, voxel 8×8×8 nm, 3 level(s)" in widget.info.value
+    assert widget.info.value == "32×64×64 uint8, chunks 32×64×64, voxel 8×8×8 nm, 3 level(s)"
     [layer] = widget.open_selected()
     assert (
         layer.multiscale and isinstance(layer.data[0], da.Array) and tuple(layer.scale) == (8, 8, 8)
@@ -33,11 +40,13 @@ def test_run_output_offers_resume_and_errors_are_sentences(
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     assert main(["sample", str(tmp_path / "s.n5"), "--shape", "32,64,64"]) == 0
     assert main(["run", "--input", f"{tmp_path}/s.n5:raw", "--model", "unet3d-em", "--output",
-                 f"{tmp_path}/s.n5:pred", "--site", "threads", "--roi", "0:8,0:8,0:8"]) == 0  # fmt: skip
+                 f"{tmp_path}/s.n5:pred", "--site", "threads", "--roi", "0:8,0:8,0:8",
+                 "--block", "32,32,32"]) == 0  # fmt: skip
     viewer = make_napari_viewer()
     widget = VolumeWidget(viewer)
     widget.path.value = str(tmp_path / "s.n5")
     widget.datasets.value = ["pred"]
-    assert "run output: 1/1 blocks done, 0 failed" in widget.info.value
+    # the region's one block done, out of the whole volume's 1 × 2 × 2
+    assert "run output: 1/4 blocks done, 0 failed" in widget.info.value
     widget.path.value = str(tmp_path / "missing.n5")
     assert widget.info.value.endswith("does not exist; check the path.")

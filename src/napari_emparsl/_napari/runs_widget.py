@@ -22,7 +22,7 @@ from napari_emparsl.core.geometry import block_grid, plan_blocks
 from napari_emparsl.core.ledger import Ledger, LedgerFollower
 from napari_emparsl.core.volume import Volume, parse_spec
 
-__all__ = ["SESSION_OUTPUTS", "RunsWidget", "remember_output"]
+__all__ = ["SESSION_OUTPUTS", "RunsWidget", "plan_total", "remember_output"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,16 @@ SESSION_OUTPUTS: list[str] = []
 def remember_output(output: str) -> None:
     if output not in SESSION_OUTPUTS:
         SESSION_OUTPUTS.append(output)
+
+
+def plan_total(out: Volume, last: dict[str, Any]) -> int:
+    """Blocks of the whole volume's plan for an output (not only its last run's region), from
+    the output's shape and the block and scale its last run recorded."""
+    if "block" not in last:
+        return int(last.get("planned", 0))
+    scale = last.get("spec", {}).get("scale", [1, 1, 1])
+    shape = tuple(n // s for n, s in zip(out.shape[-3:], scale, strict=True))
+    return math.prod(block_grid(shape, last["block"]))
 
 
 class _Output:
@@ -53,23 +63,14 @@ class _Output:
             self._volume_of = self.ledger.generation
         return self._volume
 
-    def geometry(self, last: dict[str, Any]) -> tuple[tuple[int, ...], list[int]] | None:
-        """The input grid's shape and the block of the last run, or None when unknown."""
-        try:
-            out = self.volume()
-        except UserError:
-            return None
-        if "block" not in last:
-            return None
-        scale = last.get("spec", {}).get("scale", [1, 1, 1])
-        return tuple(n // s for n, s in zip(out.shape[-3:], scale, strict=True)), last["block"]
-
     def describe(self) -> str:
         summary = self.ledger.summary()
         last = summary.last_run
         when = datetime.datetime.fromtimestamp(last.get("time", 0)).strftime("%Y-%m-%d %H:%M")
-        geometry = self.geometry(last)  # the whole plan, not only the last run's region
-        total = math.prod(block_grid(*geometry)) if geometry else int(last.get("planned", 0))
+        try:
+            total = plan_total(self.volume(), last)
+        except UserError:
+            total = int(last.get("planned", 0))
         return (
             f"{os.path.basename(self.root)}:{self.key} — {len(summary.done)}/{total} done, "
             f"{len(summary.failed)} failed — {last.get('model')} on {last.get('site')} — {when}"

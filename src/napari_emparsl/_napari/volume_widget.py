@@ -48,6 +48,10 @@ def _remember(path: str) -> None:
         log.info("could not remember recent paths")
 
 
+def _x(values: Any) -> str:
+    return "×".join(map(str, values))
+
+
 class VolumeWidget(Container):
     """Path → tree of datasets (shape, dtype, chunks, voxel size, levels) → Open."""
 
@@ -67,6 +71,7 @@ class VolumeWidget(Container):
         self.extend(
             [self.path, self.recent, self.browse_btn, self.datasets, self.open_btn, self.info]
         )
+        self.info.native.setWordWrap(True)  # a long line wraps instead of widening the dock
         self.path.changed.connect(self.refresh)
         self.recent.changed.connect(lambda v: v and setattr(self.path, "value", v))
         self.browse_btn.changed.connect(self._browse)
@@ -95,13 +100,19 @@ class VolumeWidget(Container):
         choices = []
         for key in keys:
             node = tree.get(key, {})
-            if node.get("kind") == "multiscale":
-                label = f"{key}  (pyramid: {len(node['levels'])} levels)"
-            else:
-                shape = "×".join(map(str, node.get("shape", [])))
-                label = f"{key}  {shape} {node.get('dtype', '')}  chunks {'×'.join(map(str, node.get('chunks', [])))}"
-            choices.append((label, key))
-        self.datasets.choices = choices
+            levels = node.get("levels", [])
+            finest = tree.get(f"{key}/{levels[0]}", {}) if levels else node  # a pyramid's s0
+            label = f"{key}  {_x(finest.get('shape', []))} {finest.get('dtype', '')}"
+            detail = f"{label}, chunks {_x(finest.get('chunks', []))}"
+            if finest.get("voxel_size"):
+                detail += f", voxel {_x(f'{v:g}' for v in finest['voxel_size'])} {finest['unit']}"
+            if levels:
+                label += f"  ({len(levels)} levels)"
+                detail += f", pyramid of {len(levels)} levels"
+            choices.append((label, key, detail))
+        self.datasets.choices = [(label, key) for label, key, _ in choices]
+        for i, (_, _, detail) in enumerate(choices):  # the whole line, without widening the dock
+            self.datasets.native.item(i).setToolTip(detail)
         self.info.value = f"{len(keys)} dataset(s)"
         _remember(os.path.abspath(path))
 
@@ -115,13 +126,18 @@ class VolumeWidget(Container):
             self._error(str(err))
             return
         vs = "×".join(f"{v:g}" for v in vol.voxel_size)
-        text = f"{vol.dtype.name}, voxel {vs} {vol.unit}, {len(vol.levels)} level(s)"
+        text = (
+            f"{_x(vol.shape)} {vol.dtype.name}, chunks {_x(vol.chunks)}, voxel {vs} {vol.unit}, "
+            f"{len(vol.levels)} level(s)"
+        )
         ledger = Ledger(vol.root, vol.key)
         if ledger.exists():
+            from napari_emparsl._napari.runs_widget import plan_total
+
             summary = ledger.summary()
-            planned = int(summary.last_run.get("planned", 0))
+            total = plan_total(vol, summary.last_run)  # the whole volume, not a region's plan
             text += (
-                f"; run output: {len(summary.done)}/{planned} blocks done, {len(summary.failed)} failed"
+                f"; run output: {len(summary.done)}/{total} blocks done, {len(summary.failed)} failed"
                 " — resume it from the run panel"
             )
         self.info.value = text

@@ -672,7 +672,9 @@ def container_tree(path: str | os.PathLike) -> list[dict[str, Any]]:
         )
     base = os.path.join(root, sub) if sub else root
     out = []
-    for node in walk_tree(base):
+    nodes = walk_tree(base)
+    attrs_of = {node.key: node.attrs for node in nodes}
+    for node in nodes:
         key = "/".join(p for p in (sub, node.key) if p)
         entry: dict[str, Any] = {"key": key, "kind": node.kind}
         if node.kind == "dataset":
@@ -683,6 +685,12 @@ def container_tree(path: str | os.PathLike) -> list[dict[str, Any]]:
                 "chunks": list(reversed(node.attrs.get("blockSize", []))),
                 "compression": compression_of(node.attrs),
             }
+            try:  # a pyramid level may take its size from its group's attributes
+                parent = attrs_of.get(node.key.rpartition("/")[0]) if "/" in node.key else None
+                voxel, unit, _ = voxel_size_of(node.attrs, len(dims), parent)
+                entry |= {"voxel_size": list(voxel), "unit": unit}
+            except Exception:  # odd attributes: the listing goes on without a voxel size
+                pass
         elif node.kind == "multiscale":
             entry["levels"] = list(node.levels)
         out.append(entry)
