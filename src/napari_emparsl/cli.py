@@ -284,8 +284,8 @@ def _id_list(ids: list, most: int = 8) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from napari_emparsl.core.ledger import Ledger
-    from napari_emparsl.core.volume import parse_spec
+    from napari_emparsl.core.ledger import Ledger, whole_plan_blocks
+    from napari_emparsl.core.volume import Volume, parse_spec
 
     root, key = parse_spec(args.output)
     ledger = Ledger(root, key)
@@ -295,7 +295,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     summary = ledger.summary()
     last = summary.last_run
-    planned = int(last.get("planned", 0))
+    try:  # the whole volume's blocks, not only those of the last run's region
+        planned = whole_plan_blocks(Volume.open(root, key).shape, last)
+    except VolumeError:  # the output's own attributes unreadable: what its last run planned
+        planned = int(last.get("planned", 0))
     done_times = [r["t_read"] + r["t_compute"] + r["t_write"] for r in summary.done.values()]
     out = {
         "output": f"{root}:{key}",

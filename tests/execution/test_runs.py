@@ -384,7 +384,7 @@ def test_normalization_statistics_leave_nan_out(tmp_path):
     assert _norm(empty, ModelSpec(kind="image", normalize="percentile")) == (0.0, 1.0)
 
 
-def test_blocks_left_counts_the_whole_plan(tmp_path, conv_model, float_volume):
+def test_blocks_left_counts_the_whole_plan(tmp_path, conv_model, float_volume, capsys):
     """After a region run: the whole volume's blocks not done yet (what the GUI's estimate of
     a full run counts), earlier runs included."""
     src, _ = float_volume  # 40×50×60, blocks 16³: 3 × 4 × 4 = 48
@@ -393,6 +393,10 @@ def test_blocks_left_counts_the_whole_plan(tmp_path, conv_model, float_volume):
     assert first.blocks_left() is None  # not planned yet
     list(first.events())
     assert first.blocks_left() == 44
+    # `emparsl status` counts the whole volume too: a region run leaves most of it pending
+    assert main(["status", out, "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert (status["blocks"], status["done"], status["pending"]) == (48, 4, 44)
     second = Run(src, conv_model, out, site="threads", roi="0:1,10:40,0:20")  # 2 new ones
     list(second.events())
     assert second.blocks_left() == 42

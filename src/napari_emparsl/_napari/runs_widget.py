@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import math
 import os
 import threading
 from typing import Any
@@ -18,11 +17,11 @@ from magicgui.widgets import Container, Label, PushButton, Select
 from qtpy.QtCore import QObject, Signal
 
 from napari_emparsl.core.errors import UserError
-from napari_emparsl.core.geometry import block_grid, plan_blocks
-from napari_emparsl.core.ledger import Ledger, LedgerFollower
+from napari_emparsl.core.geometry import plan_blocks
+from napari_emparsl.core.ledger import Ledger, LedgerFollower, whole_plan_blocks
 from napari_emparsl.core.volume import Volume, parse_spec
 
-__all__ = ["SESSION_OUTPUTS", "RunsWidget", "plan_total", "remember_output"]
+__all__ = ["SESSION_OUTPUTS", "RunsWidget", "remember_output"]
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +32,6 @@ SESSION_OUTPUTS: list[str] = []
 def remember_output(output: str) -> None:
     if output not in SESSION_OUTPUTS:
         SESSION_OUTPUTS.append(output)
-
-
-def plan_total(out: Volume, last: dict[str, Any]) -> int:
-    """Blocks of the whole volume's plan for an output (not only its last run's region), from
-    the output's shape and the block and scale its last run recorded."""
-    if "block" not in last:
-        return int(last.get("planned", 0))
-    scale = last.get("spec", {}).get("scale", [1, 1, 1])
-    shape = tuple(n // s for n, s in zip(out.shape[-3:], scale, strict=True))
-    return math.prod(block_grid(shape, last["block"]))
 
 
 class _Output:
@@ -68,7 +57,7 @@ class _Output:
         last = summary.last_run
         when = datetime.datetime.fromtimestamp(last.get("time", 0)).strftime("%Y-%m-%d %H:%M")
         try:
-            total = plan_total(self.volume(), last)
+            total = whole_plan_blocks(self.volume().shape, last)
         except UserError:
             total = int(last.get("planned", 0))
         return (

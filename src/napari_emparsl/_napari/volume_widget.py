@@ -16,7 +16,7 @@ from typing import Any
 from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton, Select
 
 from napari_emparsl.core.errors import UserError
-from napari_emparsl.core.ledger import Ledger
+from napari_emparsl.core.ledger import Ledger, whole_plan_blocks
 from napari_emparsl.core.volume import Volume, container_tree, openable_keys
 
 log = logging.getLogger(__name__)
@@ -132,10 +132,8 @@ class VolumeWidget(Container):
         )
         ledger = Ledger(vol.root, vol.key)
         if ledger.exists():
-            from napari_emparsl._napari.runs_widget import plan_total
-
             summary = ledger.summary()
-            total = plan_total(vol, summary.last_run)  # the whole volume, not a region's plan
+            total = whole_plan_blocks(vol.shape, summary.last_run)  # not only a region's plan
             text += (
                 f"; run output: {len(summary.done)}/{total} blocks done, {len(summary.failed)} failed"
                 " — resume it from the run panel"

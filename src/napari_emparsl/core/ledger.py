@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from napari_emparsl.core.blockwise import BlockResult
 
-__all__ = ["LEDGER_NAME", "Ledger", "LedgerFollower", "LedgerSummary"]
+__all__ = ["LEDGER_NAME", "Ledger", "LedgerFollower", "LedgerSummary", "whole_plan_blocks"]
 
 LEDGER_NAME = "emparsl-ledger.jsonl"
 
@@ -162,3 +162,17 @@ class LedgerFollower:
                     _apply(self._summary, rec)
             self._offset += end
         return self._summary
+
+
+def whole_plan_blocks(output_shape: Sequence[int], last_run: dict[str, Any]) -> int:
+    """Blocks of the whole volume's plan for an output of ``output_shape`` — not only of its
+    last run's region (a preview, ``--roi``) — from the block and scale that run recorded."""
+    import math
+
+    from napari_emparsl.core.geometry import block_grid
+
+    if "block" not in last_run:
+        return int(last_run.get("planned", 0))
+    scale = last_run.get("spec", {}).get("scale", [1, 1, 1])
+    shape = [n // s for n, s in zip(list(output_shape)[-3:], scale, strict=True)]
+    return math.prod(block_grid(shape, last_run["block"]))
