@@ -214,9 +214,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     last = None
     failures: dict[tuple[bool, str], list[int]] = {}
+    progress: tuple[int, int] | None = None  # blocks done, of the plan
+    events = run.events()
     try:
-        for event in run.events():
+        for event in events:
             last = event
+            if isinstance(event, Planned):
+                progress = (event.total - event.todo, event.total)
+            elif isinstance(event, BlockDone):
+                progress = (event.done, event.total)
             if isinstance(event, Planned):
                 skipped = event.total - event.todo
                 print(
@@ -248,9 +254,18 @@ def cmd_run(args: argparse.Namespace) -> int:
                         "failed" if event.final else f"failed (attempt {event.attempt}, retrying)"
                     )
                     tqdm.write(f"block {event.block_id} {what}: {event.error}", file=sys.stderr)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: the site shut down, then how to go on
         run.cancel()
-        raise
+        events.close()
+        if bar is not None:
+            bar.close()
+        at = f" at {progress[0]}/{progress[1]} blocks done" if progress else ""
+        print(
+            f"emparsl: interrupted{at}; finished blocks stay done, run the same command again "
+            "to resume.",
+            file=sys.stderr,
+        )
+        return 130
     finally:
         if bar is not None:
             bar.close()
