@@ -158,3 +158,9 @@ def test_output_given_as_a_folder_inside_the_container(capsys, pyramid_sample):
     out = Volume.open(path, "labels/pred")  # keyed from the container's root
     assert out.shape == (16, 64, 64) and out.root == str(path)
     assert Volume.open(path, "labels/cells").shape == (16, 64, 64)
+
+
+def test_no_volume_given():
+    with pytest.raises(VolumeError) as err:
+        Volume.open("")
+    assert one_sentence(err.value) == "No volume was given; give it as DATA.n5:DATASET."

@@ -144,6 +144,8 @@ def test_resume_after_kill_9(tmp_path, unet_model):
         ({"block": (16, 16, 16), "halo": (20, 2, 2)}, "smaller than the halo"),
         ({"roi": "50:60,0:4,0:4"}, "outside the volume"),
         ({"output": "{tmp}/in.n5:raw"}, "is the input"),
+        ({"output": ""}, "Give the output as OUT.n5:DATASET (none given)."),
+        ({"model": ""}, "No model was given; give a model file or a built-in name"),
         ({"site": "nowhere"}, "Unknown site 'nowhere'"),
         ({"model_options": {"in_channels": 2}}, "expects 2 input channel(s)"),
         ({"model_options": {"normalize": "max"}}, "must be one of none, zscore, percentile"),

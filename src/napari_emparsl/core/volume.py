@@ -202,6 +202,8 @@ class Volume:
             With one sentence saying what is wrong and what to do.
         """
         path = os.fspath(path)
+        if not path.strip():
+            raise VolumeError("No volume was given; give it as DATA.n5:DATASET.")
         if not os.path.exists(path):
             raise VolumeError(f"{path} does not exist; check the path.")
         if not os.path.isdir(path):

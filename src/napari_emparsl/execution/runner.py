@@ -236,7 +236,7 @@ class Run:
     ):
         self.input_root, self.input_key = parse_spec(input)
         self.output_root, self.output_key = parse_spec(output)
-        root, sub = find_container_root(self.output_root)
+        root, sub = find_container_root(self.output_root) if self.output_root else ("", "")
         if sub:  # a folder inside a container (data.n5/raw:pred): the key is from the root
             self.output_root = root
             self.output_key = "/".join(p for p in (sub, self.output_key) if p)
@@ -282,7 +282,8 @@ class Run:
         before the slower ones (loading the model, the volume's statistics).
         """
         if not self.output_key:
-            raise RunError(f"Give the output as OUT.n5:DATASET, not {self.output_root}.")
+            given = f", not {self.output_root}" if self.output_root.strip(" :") else " (none given)"
+            raise RunError(f"Give the output as OUT.n5:DATASET{given}.")
         self.profile = self.site if isinstance(self.site, SiteProfile) else load_site(self.site)
         src = Volume.open(self.input_root, self.input_key)
         self.input_key = src.key

@@ -49,9 +49,8 @@ def resolve_model(model: str) -> str:
         return str(resources.files("napari_emparsl") / "models" / BUILTIN_MODELS[model])
     if not os.path.exists(model):
         names = ", ".join(BUILTIN_MODELS)
-        raise ModelError(
-            f"The model {model} does not exist; give a model file or a built-in name ({names})."
-        )
+        what = f"The model {model} does not exist" if model.strip() else "No model was given"
+        raise ModelError(f"{what}; give a model file or a built-in name ({names}).")
     if os.path.isdir(model):
         raise ModelError(
             f"The model {model} is a folder; give the model file (.pt/.pth) inside it."
