@@ -28,8 +28,9 @@ from magicgui.widgets import (
     PushButton,
     Select,
 )
-from qtpy.QtCore import QObject, QTimer, Signal
+from qtpy.QtCore import QTimer
 
+from napari_emparsl._napari.background import Relay, error_sentence, in_background
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.events import BlockDone, BlockFailed, Cancelled, Finished, Planned
 from napari_emparsl.core.geometry import Roi
@@ -107,10 +108,6 @@ def _triple(text: str, name: str, minimum: int) -> tuple[int, int, int] | None:
             f"not {text!r}."
         )
     return values[0], values[1], values[2]
-
-
-class _Relay(QObject):
-    site_tested = Signal(object)  # (site name, seconds to a first result or the error)
 
 
 class RunWidget(Container):
@@ -246,8 +243,9 @@ class RunWidget(Container):
         # A plain thread, no Qt object: a viewer closed (or a test ended) before it finished
         # deleted a Qt worker's signals under it, and Qt aborted the process. Python waits for
         # it (≤ 3 s) when it exits.
-        self._relay = _Relay()  # answers of background threads, handed to the Qt thread
-        self._relay.site_tested.connect(self._site_tested)
+        self._site_relay = Relay()  # a site test's answer, handed to the Qt thread
+        self._site_relay.answer.connect(self._site_tested)
+        self._testing_site = ""
         self._preloaded = threading.Event()
         self._collected = False
         threading.Thread(
@@ -337,28 +335,16 @@ class RunWidget(Container):
     def test_site(self, *_: Any) -> None:
         from napari_emparsl.execution.sites import check_site, load_site
 
-        name = self.site.value
+        name = self._testing_site = self.site.value
         self.status.value = f"testing site {name}…"
-        relay = self._relay
+        in_background(
+            self._site_relay, lambda: check_site(load_site(name)), name="emparsl-site-test"
+        )
 
-        def check() -> None:
-            try:
-                result: float | Exception = check_site(load_site(name))
-            except Exception as err:  # reported on the Qt thread, in one sentence
-                result = err
-            try:
-                relay.site_tested.emit((name, result))  # queued to the Qt thread
-            except RuntimeError:
-                pass  # the panel was closed meanwhile
-
-        # a plain thread (Python waits for it at exit, so the site shuts down cleanly), not a
-        # Qt worker whose signals a closing viewer could delete under it
-        threading.Thread(target=check, name="emparsl-site-test").start()
-
-    def _site_tested(self, answer: tuple[str, Any]) -> None:
-        name, result = answer
+    def _site_tested(self, result: Any) -> None:
+        name = self._testing_site
         if isinstance(result, BaseException):
-            self._error_from(result, f"Testing site {name}")
+            self._error(error_sentence(result, f"Testing site {name}"))
         else:
             self.status.value = f"site {name}: first result after {result:.1f} s"
 
@@ -505,7 +491,7 @@ class RunWidget(Container):
 
         worker = drain(run)
         worker.yielded.connect(self._on_event)
-        worker.errored.connect(lambda err: self._error_from(err, "The run"))
+        worker.errored.connect(lambda err: self._error(error_sentence(err, "The run")))
         worker.finished.connect(self._on_finished)
         self._set_running(True)
         # until the plan is made (the checks, the model, the volume's statistics; on a first
@@ -720,16 +706,6 @@ class RunWidget(Container):
             self.replace,
         ):
             w.enabled = not running
-
-    def _error_from(self, err: BaseException, what: str) -> None:
-        """A background task's error: its sentence when it is one of ours (bad input, a site
-        that does not start), else one sentence here and the traceback in the log."""
-        if isinstance(err, UserError):
-            self._error(str(err))
-            return
-        log.error("%s failed", what, exc_info=(type(err), err, err.__traceback__))
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        self._error(f"{what} failed unexpectedly ({type(err).__name__}: {first}); see the log.")
 
     def _error(self, message: str) -> None:
         from napari.utils.notifications import show_error

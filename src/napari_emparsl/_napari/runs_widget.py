@@ -14,8 +14,8 @@ import threading
 from typing import Any
 
 from magicgui.widgets import Container, Label, PushButton, Select
-from qtpy.QtCore import QObject, Signal
 
+from napari_emparsl._napari.background import Relay, error_sentence, in_background
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.geometry import plan_blocks
 from napari_emparsl.core.ledger import Ledger, LedgerFollower, whole_plan_blocks
@@ -66,10 +66,6 @@ class _Output:
         )
 
 
-class _Relay(QObject):
-    runs = Signal(object)  # (descriptions, generation), emitted from a background thread
-
-
 class RunsWidget(Container):
     """List of runs; open an output; provenance of the block under the cursor."""
 
@@ -79,8 +75,8 @@ class RunsWidget(Container):
         self._outputs: dict[str, _Output] = {}
         self._generation = 0  # of refreshes: only the latest one's answer is shown
         self.refreshed = 0  # refreshes shown so far
-        self._relay = _Relay()  # background refreshes hand their answer to the Qt thread
-        self._relay.runs.connect(lambda answer: self._show_runs(*answer))
+        self._relay = Relay()  # background refreshes hand their answer to the Qt thread
+        self._relay.answer.connect(self._answered)
         self.runs = Select(
             label="runs", choices=[], tooltip="runs of this session and of opened outputs"
         )
@@ -113,25 +109,22 @@ class RunsWidget(Container):
         outputs = self.outputs()
         tracked = [self._output(o) for o in outputs]
         self._generation += 1
-        generation, relay = self._generation, self._relay
+        generation = self._generation
 
-        def describe_all() -> None:
-            try:
-                found = []
-                for t, o in zip(tracked, outputs, strict=True):
-                    with t.lock:
-                        found.append((t.describe(), o))
-            except Exception:
-                log.warning("listing the runs failed", exc_info=True)
-                return
-            try:
-                relay.runs.emit((found, generation))  # queued to the Qt thread
-            except RuntimeError:
-                pass  # the panel was closed meanwhile
+        def describe_all() -> tuple[list[tuple[str, str]], int]:
+            found = []
+            for t, o in zip(tracked, outputs, strict=True):
+                with t.lock:
+                    found.append((t.describe(), o))
+            return found, generation
 
-        # a plain thread, no Qt worker: one still running when the viewer closes cannot take
-        # the process down with it
-        threading.Thread(target=describe_all, name="emparsl-runs", daemon=True).start()
+        in_background(self._relay, describe_all, name="emparsl-runs", daemon=True)
+
+    def _answered(self, answer: Any) -> None:
+        if isinstance(answer, BaseException):
+            log.warning("listing the runs failed: %s", error_sentence(answer, "Listing the runs"))
+            return
+        self._show_runs(*answer)
 
     def _show_runs(self, runs: list[tuple[str, str]], generation: int) -> None:
         if generation != self._generation:

@@ -7,22 +7,18 @@ shows what is wrong next to the form; valid profiles are written to the user's s
 
 from __future__ import annotations
 
-import logging
-import threading
 import typing
 from typing import Any
 
 import yaml
 from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton, create_widget
 from pydantic import ValidationError
-from qtpy.QtCore import QObject, Signal
 
+from napari_emparsl._napari.background import Relay, error_sentence, in_background
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.execution.sites import SiteProfile, list_sites, load_site, user_site_dir
 
 __all__ = ["SiteWidget"]
-
-log = logging.getLogger(__name__)
 
 
 def _field_widget(name: str, field: Any) -> Any:
@@ -50,10 +46,6 @@ def _field_widget(name: str, field: Any) -> Any:
     return widget
 
 
-class _Relay(QObject):
-    tested = Signal(str)  # a site test's answer, emitted from its thread
-
-
 class SiteWidget(Container):
     """Site chooser, one widget per profile field, Save (validated), messages."""
 
@@ -75,8 +67,9 @@ class SiteWidget(Container):
         self.message = Label(label="", value="")
         self.message.native.setWordWrap(True)
         self.extend([self.site, *self.fields.values(), self.save_btn, self.test_btn, self.message])
-        self._relay = _Relay()  # a site test's answer, handed to the Qt thread
-        self._relay.tested.connect(self._tested)
+        self._relay = Relay()  # a site test's answer, handed to the Qt thread
+        self._relay.answer.connect(self._tested)
+        self._testing = ""
         self.site.changed.connect(self.load)
         self.save_btn.changed.connect(self.save)
         self.test_btn.changed.connect(self.test)
@@ -114,26 +107,16 @@ class SiteWidget(Container):
             return
         self.message.value = f"testing site {profile.name}…"
         self.test_btn.enabled = False
-        relay = self._relay
+        self._testing = profile.name
+        in_background(self._relay, lambda: check_site(profile), name="emparsl-site-test")
 
-        def check() -> None:
-            try:
-                answer = f"site {profile.name}: first result after {check_site(profile):.1f} s"
-            except UserError as err:
-                answer = str(err)
-            except Exception as err:  # not ours: one sentence here, the traceback in the log
-                log.error("testing site %s failed", profile.name, exc_info=True)
-                answer = f"Testing site {profile.name} failed unexpectedly ({type(err).__name__}); see the log."
-            try:
-                relay.tested.emit(answer)  # queued to the Qt thread
-            except RuntimeError:
-                pass  # the panel was closed meanwhile
-
-        # a plain thread: Python waits for it at exit, so the site shuts down cleanly
-        threading.Thread(target=check, name="emparsl-site-test").start()
-
-    def _tested(self, answer: str) -> None:
-        self.message.value = answer
+    def _tested(self, result: Any) -> None:
+        name = self._testing
+        self.message.value = (
+            error_sentence(result, f"Testing site {name}")
+            if isinstance(result, BaseException)
+            else f"site {name}: first result after {result:.1f} s"
+        )
         self.test_btn.enabled = True
 
     def save(self, *_: Any) -> str | None:

@@ -1,0 +1,57 @@
+"""Work the panels do off napari's Qt thread, in plain Python threads.
+
+Not napari's Qt workers: a worker still running when its viewer closed (or a test ended) had its
+signals deleted under it, and Qt aborted the whole process. A plain thread hands its answer to
+the Qt thread through a :class:`Relay` the panel owns (a queued signal); a panel closed
+meanwhile simply gets no answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from qtpy.QtCore import QObject, Signal
+
+from napari_emparsl.core.errors import UserError
+
+__all__ = ["Relay", "error_sentence", "in_background"]
+
+log = logging.getLogger(__name__)
+
+
+class Relay(QObject):
+    """Hands a background thread's answer (a value or the exception it raised) to the Qt
+    thread; create it on the Qt thread, in the panel that connects to ``answer``."""
+
+    answer = Signal(object)
+
+
+def in_background(relay: Relay, func: Callable[[], Any], name: str, daemon: bool = False) -> None:
+    """Run ``func()`` in a thread; its result, or the exception it raised, is emitted by
+    ``relay.answer`` on the Qt thread. A non-daemon thread is waited for when Python exits (a
+    site test then shuts its site down cleanly)."""
+
+    def run() -> None:
+        try:
+            result = func()
+        except Exception as err:  # handed over, said in one sentence there
+            result = err
+        try:
+            relay.answer.emit(result)  # queued to the Qt thread
+        except RuntimeError:
+            pass  # the panel was closed meanwhile
+
+    threading.Thread(target=run, name=name, daemon=daemon).start()
+
+
+def error_sentence(err: BaseException, what: str) -> str:
+    """Our own errors say what is wrong in one sentence; anything else is named in one, with
+    its traceback in the log."""
+    if isinstance(err, UserError):
+        return str(err)
+    log.error("%s failed", what, exc_info=(type(err), err, err.__traceback__))
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    return f"{what} failed unexpectedly ({type(err).__name__}: {first}); see the log."
