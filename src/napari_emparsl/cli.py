@@ -220,11 +220,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for event in events:
             last = event
             if isinstance(event, Planned):
-                progress = (event.total - event.todo, event.total)
-            elif isinstance(event, BlockDone):
-                progress = (event.done, event.total)
-            if isinstance(event, Planned):
                 skipped = event.total - event.todo
+                progress = (skipped, event.total)
                 print(
                     f"Planned {event.total} blocks into {event.output}"
                     + (f" ({skipped} already done, resuming)" if skipped else "")
@@ -241,6 +238,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if event.todo:  # workers start, then compute: seconds without a finished block
                     bar.set_postfix_str("starting the site, first blocks running")
             elif isinstance(event, BlockDone):
+                progress = (event.done, event.total)
                 voxels += event.voxels
                 rate = voxels / max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix_str(f"{rate / 1e6:.2f} Mvox/s")
