@@ -465,3 +465,43 @@ def test_ctrl_c_stops_the_local_site_and_says_how_to_resume(tmp_path, unet_model
     assert htex.gone()  # interchange, pool, workers, fork server: all stopped
     again = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert again.returncode == 0 and f"({done} already done, resuming)" in again.stdout
+
+
+def test_site_whose_workers_cannot_start_is_one_sentence(tmp_path, conv_model, float_volume,
+                                                         htex, capsys):  # fmt: skip
+    """A local site whose worker pool exits at once (a worker_init that fails): every block
+    fails with what happened and what to do, not Parsl's "Error 1:"; nothing is left running;
+    `emparsl sites test` says the same."""
+    src, _ = float_volume
+    site = tmp_path / "broken.yaml"
+    site.write_text('kind: local\nworkers: 1\nworker_init: "exit 3"\n')
+    events = list(Run(src, conv_model, f"{tmp_path}/o.n5:x", site=str(site), roi="0:1,0:4,0:4",
+                      retries=0).events())  # fmt: skip
+    failed = [e for e in events if type(e).__name__ == "BlockFailed"]
+    assert failed and events[-1].done == 0
+    assert failed[0].error == (
+        "SiteError: the site's workers could not start (their pool exited with code 3); check "
+        f"the site's worker_init and settings, e.g. with `emparsl sites test {site}`."
+    )
+    assert htex.gone()
+    assert main(["sites", "test", str(site)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "emparsl: error: The site 'broken' could not start its workers (their pool exited with "
+        "code 3); check its worker_init and settings."
+    )
+
+
+def test_temporary_folder_with_a_space(tmp_path, conv_model, float_volume):
+    """Parsl puts the run folder unquoted on its worker pool's command line: under a TMPDIR
+    with a space the pool never started and the run waited forever. The site's folder then
+    goes to /tmp."""
+    src, _ = float_volume
+    spaced = tmp_path / "with space"
+    spaced.mkdir()
+    cmd = [sys.executable, "-m", "napari_emparsl.cli", "run", "--input", src, "--model",
+           conv_model, "--output", f"{tmp_path}/o.n5:x", "--site", "local", "--roi", "0:1,0:4,0:4"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "TMPDIR": str(spaced)})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Finished: 1/1 blocks done" in done.stdout
+    assert list(spaced.iterdir()) == []  # nothing of the site's went there, nothing left

@@ -69,6 +69,7 @@ from napari_emparsl.execution.sites import (
     new_run_dir,
     python_app,
     start_kernel,
+    task_error,
 )
 
 __all__ = ["Run", "RunError", "parse_roi"]
@@ -549,15 +550,12 @@ class Run:
         finally:
             site.close()
 
-    @staticmethod
-    def _results_of(batch: list[Block], fut) -> list[BlockResult]:
+    def _results_of(self, batch: list[Block], fut) -> list[BlockResult]:
         try:
             return fut.result()
-        except Exception as err:  # the worker died or Parsl lost the task
-            msg = str(err).splitlines()[0][:200] if str(err) else ""
-            return [
-                BlockResult(b.id, False, "?", error=f"{type(err).__name__}: {msg}") for b in batch
-            ]
+        except Exception as err:  # the worker died, Parsl lost the task, or no worker started
+            error = task_error(err, self.site if isinstance(self.site, str) else self.site.name)
+            return [BlockResult(b.id, False, "?", error=error) for b in batch]
 
     def _emit(self, event: RunEvent) -> RunEvent:
         for cb in self.callbacks:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -265,13 +266,30 @@ def _noop() -> int:
 _RUN_DIR_PREFIX = "emparsl-parsl-"
 
 
+def _run_dir_base() -> str:
+    """The temporary folder, or /tmp where its path holds whitespace: Parsl puts the run folder
+    unquoted on its worker pool's command line, and the pool then never starts."""
+    import tempfile
+
+    base = tempfile.gettempdir()
+    if not any(c.isspace() for c in base):
+        return base
+    if os.path.isdir("/tmp") and os.access("/tmp", os.W_OK | os.X_OK):
+        return "/tmp"
+    raise SiteError(
+        f"The temporary folder {base} has a space in its path, where Parsl cannot start "
+        "workers; set TMPDIR to a folder without spaces."
+    )
+
+
 def new_run_dir() -> str:
     """A fresh folder for a site's Parsl files, named after this process; removes those of
     coordinators that died without removing theirs (a `threads` site has no guard to do it)."""
     import shutil
     import tempfile
 
-    for old in Path(tempfile.gettempdir()).glob(f"{_RUN_DIR_PREFIX}*-*"):
+    base = _run_dir_base()
+    for old in Path(base).glob(f"{_RUN_DIR_PREFIX}*-*"):
         pid = old.name[len(_RUN_DIR_PREFIX) :].split("-", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
@@ -281,7 +299,7 @@ def new_run_dir() -> str:
             shutil.rmtree(old, ignore_errors=True)
         except OSError:  # alive (another user's): not ours to remove
             pass
-    return tempfile.mkdtemp(prefix=f"{_RUN_DIR_PREFIX}{os.getpid()}-")
+    return tempfile.mkdtemp(prefix=f"{_RUN_DIR_PREFIX}{os.getpid()}-", dir=base)
 
 
 def import_kernel() -> None:
@@ -421,6 +439,35 @@ def python_app(func, dfk, profile: SiteProfile):
     return PythonApp(func, data_flow_kernel=dfk, executors=[profile.name])
 
 
+def _workers_failed(err: BaseException) -> str | None:
+    """Why the site's workers never started, when Parsl failed a task for that (its message,
+    "Executor … failed due to: Error 1:", has the reason on the next lines); else None."""
+    if type(err).__name__ not in ("BadStateException", "TooManyJobFailuresError"):
+        return None
+    text = str(err)
+    code = re.search(r"EXIT CODE: (-?\d+)", text)
+    why = f"their pool exited with code {code.group(1)}" if code else "they never registered"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    stderr = next((ln for ln in reversed(lines) if ln.startswith("STDERR:")), "")
+    if stderr.removeprefix("STDERR:").strip():
+        why += f": {stderr.removeprefix('STDERR:').strip()[:150]}"
+    return why
+
+
+def task_error(err: BaseException, site: str) -> str:
+    """One sentence for a task that Parsl failed (the worker died, Parsl lost it, or the site's
+    workers never started: then what to do)."""
+    why = _workers_failed(err)
+    if why is not None:
+        return (
+            f"SiteError: the site's workers could not start ({why}); check the site's "
+            f"worker_init and settings, e.g. with `emparsl sites test {site}`."
+        )
+    text = str(err)
+    first = text.splitlines()[0][:200] if text else ""
+    return f"{type(err).__name__}: {first}"
+
+
 def check_site(profile: SiteProfile) -> float:
     """Start the site, run one no-op task, shut it down; seconds to the first result.
 
@@ -440,10 +487,14 @@ def check_site(profile: SiteProfile) -> float:
         python_app(_noop, dfk, profile)().result(timeout=120)
         return time.perf_counter() - t0
     except Exception as err:
-        raise SiteError(
-            f"The site '{profile.name}' could not run a task ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:150] if str(err) else ''}); check its settings."
-        ) from None
+        why = _workers_failed(err)
+        what = (
+            f"could not start its workers ({why})"
+            if why
+            else f"could not run a task ({task_error(err, profile.name)})"
+        )
+        todo = "check its worker_init and settings" if why else "check its settings"
+        raise SiteError(f"The site '{profile.name}' {what.removesuffix('.')}; {todo}.") from None
     finally:
         if dfk is not None:
             dfk.cleanup()
