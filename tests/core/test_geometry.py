@@ -100,6 +100,12 @@ def test_roi_outside_refused():
         list(
             plan_blocks((8, 8, 8), (4, 4, 4), (0, 0, 0), roi=Roi.from_bounds((9, 0, 0), (12, 4, 4)))
         )
+    # a region with too few ranges is not "outside": it says what to give
+    with pytest.raises(GeometryError) as err:
+        list(plan_blocks((8, 8, 8), (4, 4, 4), (0, 0, 0), roi=Roi.from_bounds((0, 0), (1, 1))))
+    assert str(err.value) == (
+        "The region 0:1,0:1 has 2 range(s); give one per axis of the 3D volume, e.g. 0:8,0:8,0:8."
+    )
 
 
 def test_no_shared_chunks_detects_overlap():

@@ -222,7 +222,12 @@ def plan_blocks(
     total = Roi((0,) * n, tuple(shape))
     grid = block_grid(shape, block)
     if roi is not None:
-        if roi.ndim != n or not total.intersects(roi):
+        if roi.ndim != n:
+            raise GeometryError(
+                f"The region {roi} has {roi.ndim} range(s); give one per axis of the "
+                f"{n}D volume, e.g. {','.join(f'0:{s}' for s in shape)}."
+            )
+        if not total.intersects(roi):
             raise GeometryError(
                 f"The region {roi} is outside the volume 0:{',0:'.join(map(str, shape))}; "
                 "choose a region inside it."
