@@ -505,3 +505,19 @@ def test_temporary_folder_with_a_space(tmp_path, conv_model, float_volume):
     assert done.returncode == 0, done.stderr
     assert "Finished: 1/1 blocks done" in done.stdout
     assert list(spaced.iterdir()) == []  # nothing of the site's went there, nothing left
+
+
+def test_model_output_not_the_declared_scale_fails_its_blocks(tmp_path, conv_model, float_volume):
+    """A description that says ×2 for a model that does not upsample: the blocks fail with
+    what the model gave and what its scale says; nothing is written as done (it wrote
+    wrong-sized blocks and called them done)."""
+    src, _ = float_volume
+    events = list(Run(src, conv_model, f"{tmp_path}/o.n5:x", site="threads", roi="0:1,0:4,0:4",
+                      retries=0, model_options={"scale": [1, 2, 2]}).events())  # fmt: skip
+    failed = [e for e in events if type(e).__name__ == "BlockFailed"]
+    assert len(failed) == 1 and events[-1].done == 0
+    assert failed[0].error == (
+        "ValueError: The model's output is 20×20×20 voxels for an input of 20×20×20, but its "
+        "scale [1, 2, 2] says 20×40×40; set the scale (and halo, multiple) the model really has."
+    )
+    assert not Ledger(str(tmp_path / "o.n5"), "x").summary().done

@@ -109,6 +109,15 @@ def run_model_on_batch(module: Any, spec: Any, xs: list[np.ndarray]) -> list[np.
             out = module(flat)
             y = out.reshape(n, z, *out.shape[1:]).permute(0, 2, 1, 3, 4)
         y = y.float().cpu().contiguous().numpy()
+    padded = [n + e for n, e in zip(spatial, extra, strict=True)]
+    expected = [n * s for n, s in zip(padded, spec.scale, strict=True)]
+    if list(y.shape[2:]) != expected:  # else the crop below would write a wrong-sized block
+        got, given = "×".join(map(str, y.shape[2:])), "×".join(map(str, padded))
+        raise ValueError(
+            f"The model's output is {got} voxels for an input of {given}, but its scale "
+            f"{list(spec.scale)} says {'×'.join(map(str, expected))}; set the scale (and "
+            "halo, multiple) the model really has."
+        )
     out_shape = tuple(n * s for n, s in zip(spatial, spec.scale, strict=True))
     return [yi[(slice(None), *(slice(0, n) for n in out_shape))] for yi in y]
 
