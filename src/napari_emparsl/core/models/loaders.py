@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 import threading
 import zipfile
 from collections.abc import Mapping
@@ -41,6 +42,29 @@ class LoadedModel:
     spec: ModelSpec
     sha256: str
     path: str
+
+
+def _first_mismatch(err: RuntimeError) -> str:
+    """torch's load_state_dict error, shortened: a size mismatch, else the missing or
+    unexpected parameters, counted."""
+    lines = [ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()]
+    for line in lines:
+        m = re.match(
+            r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) "
+            r"from checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)",
+            line,
+        )
+        if m:
+            return (
+                f"{m.group(1)} is {m.group(2)} in the weights but {m.group(3)} in the architecture"
+            )
+    for line in lines:
+        keys = re.findall(r'"([^"]+)"', line)
+        if line.startswith("Missing key(s)") and keys:
+            return f"{len(keys)} parameter(s) of the architecture are not in the weights, e.g. {keys[0]}"
+        if line.startswith("Unexpected key(s)") and keys:
+            return f"{len(keys)} parameter(s) of the weights are not in the architecture, e.g. {keys[0]}"
+    return (lines[0] if lines else str(err).strip())[:150].rstrip(".")
 
 
 def resolve_model(model: str) -> str:
@@ -131,7 +155,8 @@ def _load_module(path: str, spec: ModelSpec) -> Any:
         except RuntimeError as err:
             raise ModelError(
                 f"The weights {path} do not fit the architecture {spec.architecture} with options "
-                f"{spec.arch_options} ({str(err).splitlines()[1].strip()[:120] if len(str(err).splitlines()) > 1 else err})."
+                f"{spec.arch_options} and the description's channels ({_first_mismatch(err)}); "
+                "check in_channels, classes / out_channels and arch_options."
             ) from None
         return module.eval()
     if _is_torchscript(path):
