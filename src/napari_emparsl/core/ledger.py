@@ -14,6 +14,7 @@ next run computes it again. A torn last line (crash while appending) is ignored.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -21,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from napari_emparsl.core.blockwise import BlockResult
+from napari_emparsl.core.geometry import block_grid
 
 __all__ = ["LEDGER_NAME", "Ledger", "LedgerFollower", "LedgerSummary", "whole_plan_blocks"]
 
@@ -43,29 +45,14 @@ class Ledger:
 
     def __init__(self, output_root: str, output_key: str):
         self.path = os.path.join(output_root, output_key, LEDGER_NAME)
+        self._root, self._key = output_root, output_key
         self._run_fields: dict[str, Any] = {}
 
     def exists(self) -> bool:
         return os.path.exists(self.path)
 
-    def records(self) -> Iterable[dict[str, Any]]:
-        if not self.exists():
-            return
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line torn by a crash: that block is simply not done
-
     def summary(self) -> LedgerSummary:
-        out = LedgerSummary()
-        for rec in self.records():
-            _apply(out, rec)
-        return out
+        return LedgerFollower(self._root, self._key).summary()  # one whole read
 
     def _append(self, records: Iterable[dict[str, Any]]) -> None:
         text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
@@ -147,30 +134,24 @@ class LedgerFollower:
                     self._reset(ident)
                     self._head = head
                 f.seek(self._offset)
-                chunk = f.read(max(0, st.st_size - self._offset))
+                for line in f:  # line by line: a ledger of 10⁵ blocks is tens of MB
+                    if not line.endswith(b"\n"):
+                        break  # still being written: read next time
+                    self._offset += len(line)
+                    try:
+                        rec = json.loads(line.decode("utf-8"))
+                    except ValueError:
+                        continue  # a line torn by a crash: that block is simply not done
+                    if isinstance(rec, dict):
+                        _apply(self._summary, rec)
         except OSError:  # no ledger (yet, or any more)
             self._reset(None)
-            return self._summary
-        if chunk:
-            end = chunk.rfind(b"\n") + 1
-            for line in chunk[:end].splitlines():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue  # a line torn by a crash, as in Ledger.records
-                if isinstance(rec, dict):
-                    _apply(self._summary, rec)
-            self._offset += end
         return self._summary
 
 
 def whole_plan_blocks(output_shape: Sequence[int], last_run: dict[str, Any]) -> int:
     """Blocks of the whole volume's plan for an output of ``output_shape`` — not only of its
     last run's region (a preview, ``--roi``) — from the block and scale that run recorded."""
-    import math
-
-    from napari_emparsl.core.geometry import block_grid
-
     if "block" not in last_run:
         return int(last_run.get("planned", 0))
     scale = last_run.get("spec", {}).get("scale", [1, 1, 1])
