@@ -35,7 +35,7 @@ def test_browse_and_open(make_napari_viewer, tmp_path, monkeypatch):
 
 
 def test_run_output_offers_resume_and_errors_are_sentences(
-    make_napari_viewer, tmp_path, monkeypatch
+    make_napari_viewer, qtbot, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     assert main(["sample", str(tmp_path / "s.n5"), "--shape", "32,64,64"]) == 0
@@ -46,7 +46,15 @@ def test_run_output_offers_resume_and_errors_are_sentences(
     widget = VolumeWidget(viewer)
     widget.path.value = str(tmp_path / "s.n5")
     widget.datasets.value = ["pred"]
+    # the ledger is read off the Qt thread: the panel says so meanwhile
+    assert widget.info.value.endswith("run output: reading its ledger…")
     # the region's one block done, out of the whole volume's 1 × 2 × 2
-    assert "run output: 1/4 blocks done, 0 failed" in widget.info.value
+    qtbot.waitUntil(lambda: "run output: 1/4 blocks done, 0 failed" in widget.info.value)
+    # an answer for a dataset no longer selected is dropped
+    widget.datasets.value = ["raw"]
+    widget.datasets.value = ["pred"]
+    widget.datasets.value = ["raw"]
+    qtbot.wait(300)
+    assert widget.info.value == "32×64×64 uint8, chunks 32×64×64, voxel 8×8×8 nm, 3 level(s)"
     widget.path.value = str(tmp_path / "missing.n5")
     assert widget.info.value.endswith("does not exist; check the path.")

@@ -15,6 +15,7 @@ from typing import Any
 
 from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton, Select
 
+from napari_emparsl._napari.background import Relay, error_sentence, in_background
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.ledger import Ledger, whole_plan_blocks
 from napari_emparsl.core.volume import Volume, container_tree, openable_keys
@@ -77,6 +78,10 @@ class VolumeWidget(Container):
         self.browse_btn.changed.connect(self._browse)
         self.open_btn.changed.connect(self.open_selected)
         self.datasets.changed.connect(self._describe)
+        # a run output's ledger (10⁵ blocks: ~1 s) is read off the Qt thread
+        self._ledger_relay = Relay()
+        self._ledger_relay.answer.connect(self._ledger_read)
+        self._described: tuple[str, str] | None = None
 
     def _browse(self, *_: Any) -> None:
         from qtpy.QtWidgets import QFileDialog
@@ -118,6 +123,7 @@ class VolumeWidget(Container):
 
     def _describe(self, *_: Any) -> None:
         keys = self.datasets.value or []
+        self._described = None  # a ledger still being read for the last one is not shown
         if len(keys) != 1:
             return
         try:
@@ -130,15 +136,31 @@ class VolumeWidget(Container):
             f"{_x(vol.shape)} {vol.dtype.name}, chunks {_x(vol.chunks)}, voxel {vs} {vol.unit}, "
             f"{len(vol.levels)} level(s)"
         )
-        ledger = Ledger(vol.root, vol.key)
-        if ledger.exists():
-            summary = ledger.summary()
-            total = whole_plan_blocks(vol.shape, summary.last_run)  # not only a region's plan
-            text += (
-                f"; run output: {len(summary.done)}/{total} blocks done, {len(summary.failed)} failed"
-                " — resume it from the run panel"
-            )
         self.info.value = text
+        self._described = (vol.root, vol.key)
+        ledger = Ledger(vol.root, vol.key)
+        if not ledger.exists():
+            return
+        self.info.value = text + "; run output: reading its ledger…"
+        shape, where = vol.shape, (vol.root, vol.key)
+
+        def read() -> tuple[tuple[str, str], str, str]:
+            try:
+                summary = ledger.summary()
+                total = whole_plan_blocks(shape, summary.last_run)  # not only a region's plan
+            except Exception as err:
+                return where, text, "; " + error_sentence(err, "Reading its run's ledger")
+            done, failed = len(summary.done), len(summary.failed)
+            run = f"; run output: {done}/{total} blocks done, {failed} failed"
+            return where, text, run + " — resume it from the run panel"
+
+        in_background(self._ledger_relay, read, "emparsl-volume-ledger", daemon=True)
+
+    def _ledger_read(self, answer: Any) -> None:
+        """The ledger's summary, on the Qt thread; dropped when another dataset is shown now."""
+        where, text, run = answer
+        if where == self._described:
+            self.info.value = text + run
 
     def open_selected(self, *_: Any) -> list[Any]:
         from napari_emparsl._napari.reader import layer_data
