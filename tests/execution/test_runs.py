@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import torch
 
 from napari_emparsl.cli import main
 from napari_emparsl.core.blockwise import BlockJob
+from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.ledger import Ledger
 from napari_emparsl.core.volume import Volume, save_array
 from napari_emparsl.execution.runner import Run, RunError
@@ -521,3 +523,30 @@ def test_model_output_not_the_declared_scale_fails_its_blocks(tmp_path, conv_mod
         "scale [1, 2, 2] says 20×40×40; set the scale (and halo, multiple) the model really has."
     )
     assert not Ledger(str(tmp_path / "o.n5"), "x").summary().done
+
+
+def test_two_runs_never_write_one_output_at_once(tmp_path, conv_model, float_volume):
+    src, _ = float_volume
+    out = f"{tmp_path}/o.n5:x"
+    first = Run(src, conv_model, out, site="threads").events()
+    assert next(first).todo == 48  # Planned: the first run holds the output from here on
+    busy = f"The output {tmp_path}/o.n5:x is being written by another run (process {os.getpid()}"
+    for overwrite in (False, True):  # --overwrite must not delete it under the first run either
+        with pytest.raises(UserError, match=re.escape(busy)):
+            Run(src, conv_model, out, site="threads", overwrite=overwrite).execute()
+    # another process (a terminal beside the GUI): one sentence, exit code 2
+    other = subprocess.run(
+        [sys.executable, "-m", "napari_emparsl.cli", "run", "--input", src, "--model", conv_model,
+         "--output", out, "--site", "threads"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert other.returncode == 2 and other.stderr.startswith(f"emparsl: error: {busy}")
+    assert "wait for it to end (or cancel it)" in other.stderr
+    *_, last = first
+    assert (last.done, last.failed) == (48, 0)
+    # once a run ends (also by an error before it wrote anything), the output is free again
+    assert Run(src, conv_model, out, site="threads").execute().done == 48
+    with pytest.raises(RunError, match="smaller than the halo"):
+        Run(src, conv_model, f"{tmp_path}/new.n5:x", site="threads", block=(1, 1, 1)).execute()
+    assert not (tmp_path / "new.n5").exists()  # nothing left of the refused run, no lock folder
+    assert Run(src, conv_model, f"{tmp_path}/new.n5:x", site="threads").execute().done == 48

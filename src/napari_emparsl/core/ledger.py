@@ -14,19 +14,35 @@ next run computes it again. A torn last line (crash while appending) is ignored.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import shutil
+import socket
 import time
+import urllib.parse
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from napari_emparsl.core.blockwise import BlockResult
+from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.geometry import block_grid
+from napari_emparsl.core.volume import LOCK_DIR  # in the container's root; readers skip it
 
-__all__ = ["LEDGER_NAME", "Ledger", "LedgerFollower", "LedgerSummary", "whole_plan_blocks"]
+__all__ = [
+    "LEDGER_NAME",
+    "Ledger",
+    "LedgerFollower",
+    "LedgerSummary",
+    "OutputBusy",
+    "OutputLock",
+    "whole_plan_blocks",
+]
 
 LEDGER_NAME = "emparsl-ledger.jsonl"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -157,3 +173,79 @@ def whole_plan_blocks(output_shape: Sequence[int], last_run: dict[str, Any]) -> 
     scale = last_run.get("spec", {}).get("scale", [1, 1, 1])
     shape = [n // s for n, s in zip(list(output_shape)[-3:], scale, strict=True)]
     return math.prod(block_grid(shape, last_run["block"]))
+
+
+class OutputBusy(UserError, RuntimeError):
+    """Another run is writing the same output dataset."""
+
+
+class OutputLock:
+    """Held by a run's coordinator from before it looks at its output until the run ends, so
+    two runs (two terminals, or the GUI and a terminal) never write one output at once.
+
+    An advisory ``flock`` on ``OUT.n5/.emparsl-locks/<key>.lock``: the system lets go of it when
+    its process ends, however it ends (a ``kill -9`` leaves nothing to clean up). On a file
+    system without locks the run goes on unlocked, as before, with a warning in the log.
+    """
+
+    def __init__(self, output_root: str, output_key: str, output: str):
+        self.root, self.key, self.output = output_root, output_key, output
+        name = urllib.parse.quote(output_key.strip("/"), safe="") + ".lock"
+        self.path = os.path.join(output_root, LOCK_DIR, name)
+        self._file: Any = None
+        self._made_root = False
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not on Windows
+            return
+        self._made_root = not os.path.exists(self.root)
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            f = open(self.path, "a+", encoding="utf-8")  # held for the run
+        except OSError as err:  # a file in the way, no permission: the output's checks say so
+            log.info("could not lock %s (%s)", self.path, err)
+            self._made_root = False
+            return
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = _holder(f.read())
+            f.close()
+            self._made_root = False
+            raise OutputBusy(
+                f"The output {self.output} is being written by another run{holder}; wait for "
+                "it to end (or cancel it), or choose another output name."
+            ) from None
+        except OSError as err:  # a file system without locks: go on, unlocked
+            log.warning("could not lock %s (%s); running without a lock", self.path, err)
+            f.close()
+            return
+        f.seek(0)
+        f.truncate()
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}))
+        f.flush()
+        self._file = f
+
+    def release(self, failed_before_output: bool = False) -> None:
+        """Let go; ``failed_before_output``: the run stopped before creating anything, so a
+        container folder made only to hold the lock goes again."""
+        if self._file is not None:
+            self._file.close()  # closing lets go of the flock
+            self._file = None
+        if failed_before_output and self._made_root:
+            entries = set(os.listdir(self.root)) if os.path.isdir(self.root) else set()
+            if entries <= {LOCK_DIR}:
+                shutil.rmtree(self.root, ignore_errors=True)
+        self._made_root = False
+
+
+def _holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+        return f" (process {info['pid']} on {info['host']}, since {info['since']})"
+    except (ValueError, KeyError, TypeError):
+        return ""

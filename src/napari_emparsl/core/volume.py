@@ -58,6 +58,8 @@ __all__ = [
     "write_pyramid",
 ]
 
+LOCK_DIR = ".emparsl-locks"  # runs' locks, in an output container's root (ledger.OutputLock)
+
 _WRITABLE_DTYPES = {
     "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float32", "float64",
 }  # fmt: skip
@@ -617,7 +619,8 @@ def _prepare_output(root: str, key: str, overwrite: bool) -> None:
     check_output_free(root, key, overwrite)
     if os.path.exists(root) and not os.path.isdir(root):
         raise VolumeError(f"{root} is a file; choose a folder name for the output container.")
-    if os.path.isdir(root) and not is_container(root) and os.listdir(root):
+    others = set(os.listdir(root)) - {LOCK_DIR} if os.path.isdir(root) else set()
+    if os.path.isdir(root) and not is_container(root) and others:
         raise VolumeError(
             f"{root} is a non-empty folder that is not an N5 container; choose another output path."
         )

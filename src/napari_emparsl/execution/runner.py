@@ -41,7 +41,7 @@ from napari_emparsl.core.geometry import (
     check_no_shared_chunks,
     plan_blocks,
 )
-from napari_emparsl.core.ledger import Ledger
+from napari_emparsl.core.ledger import Ledger, OutputLock
 from napari_emparsl.core.models.loaders import (
     BUILTIN_MODELS,
     describe_model,
@@ -255,6 +255,7 @@ class Run:
         self._src: Volume | None = None
         self._provenance: dict[str, Any] | None = None
         self._done_ids: set[int] = set()  # of the whole output, this run's blocks included
+        self._lock: OutputLock | None = None
         self.callbacks: list[Callable[[RunEvent], None]] = []
 
     # ------------------------------------------------------------------------------------------
@@ -321,6 +322,23 @@ class Run:
             block, halo = (1, *block[1:]), (0, *halo[1:])
         block = tuple(min(b, n) for b, n in zip(block, spatial, strict=True))
         out_shape = tuple(n * s for n, s in zip(spatial, spec.scale, strict=True))
+        # from here until the run ends, no other run may look at or write this output
+        self._lock = OutputLock(self.output_root, self.output_key, self.output)
+        self._lock.acquire()
+        self._output_created = False
+        try:
+            return self._plan(src, spec, spatial, block, halo, out_shape, model_file, model_sha256)
+        except BaseException:
+            self.release(failed=True)
+            raise
+
+    def release(self, failed: bool = False) -> None:
+        """Let go of the output (its lock); a run does when it ends, however it ends."""
+        if self._lock is not None:
+            self._lock.release(failed_before_output=failed and not self._output_created)
+            self._lock = None
+
+    def _plan(self, src, spec, spatial, block, halo, out_shape, model_file, model_sha256) -> _Plan:
         existing = self._existing_output(src, spec, block, halo)
         out_chunks = existing.chunks[-3:] if existing else _out_chunks(block, spec.scale)
         from napari_emparsl.core.geometry import GeometryError
@@ -357,6 +375,7 @@ class Run:
             check_no_shared_chunks(blocks, chunks, factor=fac)
         norm = _norm(src, spec)
         if existing is None:  # only now, when everything checked out
+            self._output_created = True  # (or its old version deleted)
             self._create_output(src, spec, out_shape, out_chunks, levels, level_chunks)
         ledger = Ledger(self.output_root, self.output_key)
         done = set(ledger.summary().done) if ledger.exists() else set()
@@ -435,6 +454,12 @@ class Run:
 
     def events(self) -> Iterator[RunEvent]:
         """Run, yielding events as blocks finish. Raises RunError/VolumeError before starting."""
+        try:
+            yield from self._events()
+        finally:
+            self.release()
+
+    def _events(self) -> Iterator[RunEvent]:
         starter: list[_SiteStarter] = []
 
         def start_site() -> None:  # workers start (and load the model) while we prepare
