@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import z5py
 
 from napari_emparsl.cli import main
 from napari_emparsl.core.blockwise import BlockJob
@@ -548,5 +549,9 @@ def test_two_runs_never_write_one_output_at_once(tmp_path, conv_model, float_vol
     assert Run(src, conv_model, out, site="threads").execute().done == 48
     with pytest.raises(RunError, match="smaller than the halo"):
         Run(src, conv_model, f"{tmp_path}/new.n5:x", site="threads", block=(1, 1, 1)).execute()
-    assert not (tmp_path / "new.n5").exists()  # nothing left of the refused run, no lock folder
+    assert not (tmp_path / "new.n5").exists()  # nothing left of the refused run, nor its lock
+    with pytest.raises(RunError, match="smaller than the halo"):  # nor the groups made for it
+        Run(src, conv_model, f"{tmp_path}/o.n5:a/b/x", site="threads", block=(1, 1, 1)).execute()
+    assert sorted(os.listdir(tmp_path / "o.n5")) == [".x.emparsl-lock", "attributes.json", "x"]
     assert Run(src, conv_model, f"{tmp_path}/new.n5:x", site="threads").execute().done == 48
+    assert list(z5py.File(str(tmp_path / "new.n5"), "r").keys()) == ["x"]  # the lock is a file

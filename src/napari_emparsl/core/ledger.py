@@ -17,10 +17,8 @@ import json
 import logging
 import math
 import os
-import shutil
 import socket
 import time
-import urllib.parse
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -28,7 +26,7 @@ from typing import Any
 from napari_emparsl.core.blockwise import BlockResult
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.geometry import block_grid
-from napari_emparsl.core.volume import LOCK_DIR  # in the container's root; readers skip it
+from napari_emparsl.core.volume import LOCK_SUFFIX
 
 __all__ = [
     "LEDGER_NAME",
@@ -183,38 +181,42 @@ class OutputLock:
     """Held by a run's coordinator from before it looks at its output until the run ends, so
     two runs (two terminals, or the GUI and a terminal) never write one output at once.
 
-    An advisory ``flock`` on ``OUT.n5/.emparsl-locks/<key>.lock``: the system lets go of it when
-    its process ends, however it ends (a ``kill -9`` leaves nothing to clean up). On a file
-    system without locks the run goes on unlocked, as before, with a warning in the log.
+    An advisory ``flock`` on a file beside the output dataset's folder (``OUT.n5/.pred`` +
+    ``.emparsl-lock`` for ``OUT.n5:pred``: N5 readers see folders only). The system lets go of
+    it when its process ends, however it ends (a ``kill -9`` leaves nothing to clean up). On a
+    file system without locks the run goes on unlocked, as before, with a warning in the log.
     """
 
     def __init__(self, output_root: str, output_key: str, output: str):
-        self.root, self.key, self.output = output_root, output_key, output
-        name = urllib.parse.quote(output_key.strip("/"), safe="") + ".lock"
-        self.path = os.path.join(output_root, LOCK_DIR, name)
+        parent, name = os.path.split(os.path.join(output_root, output_key.strip("/")))
+        self.parent, self.output = parent, output
+        self.path = os.path.join(parent, f".{name}{LOCK_SUFFIX}")
         self._file: Any = None
-        self._made_root = False
+        self._made: str | None = None  # the outermost folder made to hold the lock file
 
     def acquire(self) -> None:
         try:
             import fcntl
         except ImportError:  # not on Windows
             return
-        self._made_root = not os.path.exists(self.root)
+        made = None
+        d = self.parent
+        while d and not os.path.exists(d):
+            made, d = d, os.path.dirname(d)
         try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            os.makedirs(self.parent, exist_ok=True)
             f = open(self.path, "a+", encoding="utf-8")  # held for the run
         except OSError as err:  # a file in the way, no permission: the output's checks say so
             log.info("could not lock %s (%s)", self.path, err)
-            self._made_root = False
             return
+        self._made = made
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = _holder(f.read())
             f.close()
-            self._made_root = False
+            self._made = None
             raise OutputBusy(
                 f"The output {self.output} is being written by another run{holder}; wait for "
                 "it to end (or cancel it), or choose another output name."
@@ -231,16 +233,28 @@ class OutputLock:
         self._file = f
 
     def release(self, failed_before_output: bool = False) -> None:
-        """Let go; ``failed_before_output``: the run stopped before creating anything, so a
-        container folder made only to hold the lock goes again."""
-        if self._file is not None:
-            self._file.close()  # closing lets go of the flock
-            self._file = None
-        if failed_before_output and self._made_root:
-            entries = set(os.listdir(self.root)) if os.path.isdir(self.root) else set()
-            if entries <= {LOCK_DIR}:
-                shutil.rmtree(self.root, ignore_errors=True)
-        self._made_root = False
+        """Let go; ``failed_before_output``: the run stopped while preparing, so its lock file
+        goes again, with the folders made to hold it if nothing else came into them (a refused
+        run leaves its output's container as it found it)."""
+        if self._file is None:
+            return  # not held: someone else's lock is none of ours
+        if failed_before_output:
+            try:
+                os.remove(self.path)  # while still held: a run starting now makes a new one
+            except OSError:
+                pass
+            d = self.parent
+            while self._made:  # each folder made here, inner first, if nothing else came into it
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    break
+                if d == self._made:
+                    break
+                d = os.path.dirname(d)
+        self._file.close()  # closing lets go of the flock
+        self._file = None
+        self._made = None
 
 
 def _holder(text: str) -> str:

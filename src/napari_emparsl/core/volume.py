@@ -58,7 +58,7 @@ __all__ = [
     "write_pyramid",
 ]
 
-LOCK_DIR = ".emparsl-locks"  # runs' locks, in an output container's root (ledger.OutputLock)
+LOCK_SUFFIX = ".emparsl-lock"  # a run's lock file beside its output dataset (ledger.OutputLock)
 
 _WRITABLE_DTYPES = {
     "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float32", "float64",
@@ -619,7 +619,9 @@ def _prepare_output(root: str, key: str, overwrite: bool) -> None:
     check_output_free(root, key, overwrite)
     if os.path.exists(root) and not os.path.isdir(root):
         raise VolumeError(f"{root} is a file; choose a folder name for the output container.")
-    others = set(os.listdir(root)) - {LOCK_DIR} if os.path.isdir(root) else set()
+    others = (
+        [e for e in os.listdir(root) if not e.endswith(LOCK_SUFFIX)] if os.path.isdir(root) else []
+    )
     if os.path.isdir(root) and not is_container(root) and others:
         raise VolumeError(
             f"{root} is a non-empty folder that is not an N5 container; choose another output path."

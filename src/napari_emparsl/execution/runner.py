@@ -325,7 +325,6 @@ class Run:
         # from here until the run ends, no other run may look at or write this output
         self._lock = OutputLock(self.output_root, self.output_key, self.output)
         self._lock.acquire()
-        self._output_created = False
         try:
             return self._plan(src, spec, spatial, block, halo, out_shape, model_file, model_sha256)
         except BaseException:
@@ -333,9 +332,10 @@ class Run:
             raise
 
     def release(self, failed: bool = False) -> None:
-        """Let go of the output (its lock); a run does when it ends, however it ends."""
+        """Let go of the output (its lock); a run does when it ends, however it ends.
+        ``failed``: while preparing — the lock file and folders made for it go again."""
         if self._lock is not None:
-            self._lock.release(failed_before_output=failed and not self._output_created)
+            self._lock.release(failed_before_output=failed)
             self._lock = None
 
     def _plan(self, src, spec, spatial, block, halo, out_shape, model_file, model_sha256) -> _Plan:
@@ -375,7 +375,6 @@ class Run:
             check_no_shared_chunks(blocks, chunks, factor=fac)
         norm = _norm(src, spec)
         if existing is None:  # only now, when everything checked out
-            self._output_created = True  # (or its old version deleted)
             self._create_output(src, spec, out_shape, out_chunks, levels, level_chunks)
         ledger = Ledger(self.output_root, self.output_key)
         done = set(ledger.summary().done) if ledger.exists() else set()
