@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -41,6 +42,16 @@ def _ints0(text: str) -> tuple[int, ...]:
     if any(v < 0 for v in values):
         raise argparse.ArgumentTypeError(f"a halo cannot be negative, not {text!r}")
     return values
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"cannot be negative, not {text!r}")
+    return value
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -423,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = sub.add_parser("sample", help="write the synthetic EM sample (with ground truth)")
     sample.add_argument("output", help="OUT.n5 to create")
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--seed", type=_count, default=0)
     sample.add_argument("--shape", type=_ints, default=(128, 256, 256), help="z,y,x voxels")
     sample.add_argument("--anisotropy", type=float, default=1.0, help="z voxel size / xy size")
     sample.add_argument("--overwrite", action="store_true")
@@ -457,7 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--model-option", action="append", metavar="KEY=VALUE", help="override the sidecar"
     )
-    run.add_argument("--retries", type=int, default=2, help="retries of a failed block (default 2)")
+    run.add_argument(
+        "--retries", type=_count, default=2, help="retries of a failed block (default 2)"
+    )
     run.add_argument("--overwrite", action="store_true", help="replace an existing output")
     run.set_defaults(func=cmd_run)
 
@@ -476,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     sites.add_argument("action", choices=["list", "show", "test"])
     sites.add_argument("name", nargs="?")
     sites.set_defaults(func=cmd_sites)
+    for parser in (p, *sub.choices.values()):  # "--block -32,32,32" is a (bad) value, not an option
+        parser._negative_number_matcher = re.compile(r"^-\d[\d.,x]*$")
     return p
 
 

@@ -109,11 +109,26 @@ def test_output_read_by_a_reader_that_stops_is_no_error(small_n5):
     assert proc.wait() == 1 and err == ""  # no "error: Broken pipe; check the path…"
 
 
-def test_bad_option_value(capsys):
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["import", "a.tif", "o.n5:raw", "--chunks", "a,b,c"], "expected integers"),
+        # a negative value is the option's bad value, not another option ("expected one argument")
+        (["run", "--input", "i.n5:r", "--model", "m", "--output", "o.n5:p", "--block",
+          "-32,32,32"], "argument --block: sizes must be positive, not '-32,32,32'"),
+        (["run", "--input", "i.n5:r", "--model", "m", "--output", "o.n5:p", "--halo",
+          "-1,0,0"], "argument --halo: a halo cannot be negative"),
+        (["run", "--input", "i.n5:r", "--model", "m", "--output", "o.n5:p", "--retries",
+          "-1"], "argument --retries: cannot be negative, not '-1'"),
+        (["sample", "s.n5", "--seed", "-3"], "argument --seed: cannot be negative"),
+    ],
+)  # fmt: skip
+def test_bad_option_value(capsys, args, message):
     with pytest.raises(SystemExit) as exc:
-        main(["import", "a.tif", "o.n5:raw", "--chunks", "a,b,c"])
+        main(args)
     assert exc.value.code == 2
-    assert "expected integers" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def test_sample_writes_pyramids_with_ground_truth(capsys, tmp_path):

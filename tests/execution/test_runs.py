@@ -150,6 +150,7 @@ def test_resume_after_kill_9(tmp_path, unet_model):
         ({"output": ""}, "Give the output as OUT.n5:DATASET (none given)."),
         ({"model": ""}, "No model was given; give a model file or a built-in name"),
         ({"site": "nowhere"}, "Unknown site 'nowhere'"),
+        ({"retries": -1}, "Retries are a count of 0 or more, not -1."),
         ({"model_options": {"in_channels": 2}}, "expects 2 input channel(s)"),
         ({"model_options": {"normalize": "max"}}, "must be one of none, zscore, percentile"),
         (

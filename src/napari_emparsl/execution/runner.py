@@ -283,6 +283,8 @@ class Run:
         ``on_checked`` is called once the cheap checks (site, input, model description) passed,
         before the slower ones (loading the model, the volume's statistics).
         """
+        if not isinstance(self.retries, int) or self.retries < 0:
+            raise RunError(f"Retries are a count of 0 or more, not {self.retries!r}.")
         if not self.output_key:
             given = f", not {self.output_root}" if self.output_root.strip(" :") else " (none given)"
             raise RunError(f"Give the output as OUT.n5:DATASET{given}.")
