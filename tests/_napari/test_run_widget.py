@@ -498,3 +498,25 @@ def test_volume_moved_away_is_one_warning(make_napari_viewer, sample_path):
     widget.model_options.value = "normalize=zscore"  # the description is made again
     assert "labels: background, membrane, mitochondria" in widget.model_info.value
     assert f"⚠ {sample_path} does not exist; check the path." in widget.model_info.value
+
+
+def test_image_not_from_n5_says_to_save_it_as_n5(make_napari_viewer, tmp_path):
+    """A layer opened from a TIFF (here: made in memory) cannot be run on; the panel says why
+    and how, and the N5 it is saved to is then a volume to run on."""
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(np.zeros((8, 32, 32), np.uint8), name="stack")
+    widget = RunWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.input.reset_choices()
+    assert widget.input.choices == ()
+    for button in (widget.preview_btn, widget.run_btn):
+        widget.status.value = ""
+        button.clicked.emit()
+        assert widget.status.value.startswith(
+            "The image layer 'stack' is not read from an N5 container, and runs read their "
+            "blocks from N5: save it as N5 (File > Save Selected Layers…"
+        )
+    layer.save(str(tmp_path / "stack.n5"), plugin=PLUGIN)
+    [opened] = viewer.open(str(tmp_path / "stack.n5"), plugin=PLUGIN)
+    widget.input.reset_choices()
+    assert widget.input.choices == (opened,)

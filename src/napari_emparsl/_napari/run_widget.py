@@ -274,6 +274,21 @@ class RunWidget(Container):
             if _source_of(layer) and layer._type_string == "image"
         ]
 
+    def _no_volume(self) -> str:
+        """Why there is no volume to choose, and what to do."""
+        others = [
+            layer.name
+            for layer in self._viewer.layers
+            if layer._type_string == "image" and not _source_of(layer)
+        ]
+        if others:  # opened from a TIFF, made in the console, …: runs read their blocks from N5
+            return (
+                f"The image layer '{others[0]}' is not read from an N5 container, and runs read "
+                "their blocks from N5: save it as N5 (File > Save Selected Layers…, a name ending "
+                "in .n5, or `emparsl import` for a TIFF stack) and open that."
+            )
+        return "Open an N5 volume first (File > Open), then choose it as the volume."
+
     @staticmethod
     def _site_choices(*_: Any) -> list[str]:
         from napari_emparsl.execution.sites import list_sites
@@ -429,9 +444,7 @@ class RunWidget(Container):
         try:
             roi = self.preview_region()
         except (UserError, TypeError) as err:
-            self._error(
-                str(err) if isinstance(err, UserError) else "Open an N5 volume first (File > Open)."
-            )
+            self._error(str(err) if isinstance(err, UserError) else self._no_volume())
             return
         self._start(roi=roi, site="threads")
 
@@ -452,7 +465,7 @@ class RunWidget(Container):
 
         layer = self.input.value
         if layer is None:
-            self._error("Open an N5 volume first (File > Open), then choose it as the volume.")
+            self._error(self._no_volume())
             return
         src = _source_of(layer)
         try:
