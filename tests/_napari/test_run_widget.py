@@ -520,3 +520,53 @@ def test_image_not_from_n5_says_to_save_it_as_n5(make_napari_viewer, tmp_path):
     [opened] = viewer.open(str(tmp_path / "stack.n5"), plugin=PLUGIN)
     widget.input.reset_choices()
     assert widget.input.choices == (opened,)
+
+
+def test_output_written_by_another_run_is_one_sentence(make_napari_viewer, qtbot, sample_path):
+    """`emparsl run` (here: a run paused after planning, in this process) holds the output:
+    Preview and Run / resume say so and leave it as it is."""
+    import os
+
+    from napari_emparsl.core.ledger import Ledger
+    from napari_emparsl.execution.runner import Run
+
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    other = Run(f"{sample_path}:raw", "unet3d-em", f"{sample_path}:pred", site="threads",
+                block=(64, 64, 64)).events()  # fmt: skip
+    next(other)  # planned: it holds the output now
+    before = Ledger(str(sample_path), "pred").path
+    size = os.path.getsize(before)
+    for button in (widget.preview_btn, widget.run_btn):
+        widget.status.value = ""
+        button.clicked.emit()
+        _wait_idle(qtbot, widget)
+        assert widget.status.value.startswith(
+            f"The output {sample_path}:pred is being written by another run (process {os.getpid()}"
+        )
+    assert os.path.getsize(before) == size  # nothing recorded by the refused runs
+    other.close()  # that run stops (cancelled, as a closed generator): the output is free
+    widget.preview_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    assert widget.status.value.startswith("finished: ") and "0 failed" in widget.status.value
+
+
+def test_unexpected_runtime_error_ends_the_run_in_one_sentence(
+    make_napari_viewer, qtbot, sample_path, monkeypatch
+):
+    """superqt drops a RuntimeError raised in a thread worker (it takes it for the worker's
+    deletion): no error, no end, and the panel said "preparing…" for ever. The run's thread
+    carries it out as another type. Fault injection: no input makes the engine raise one."""
+    from napari_emparsl.execution.runner import Run
+
+    def prepare(self, on_checked=None):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(Run, "prepare", prepare)
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    widget.preview_btn.clicked.emit()
+    _wait_idle(qtbot, widget, timeout=30_000)
+    assert widget.status.value == (
+        "The run failed unexpectedly (RuntimeError: simulated failure); see the log."
+    )

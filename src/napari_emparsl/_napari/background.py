@@ -17,7 +17,7 @@ from qtpy.QtCore import QObject, Signal
 
 from napari_emparsl.core.errors import UserError
 
-__all__ = ["Relay", "error_sentence", "in_background"]
+__all__ = ["Relay", "WorkerRuntimeError", "error_sentence", "in_background"]
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,17 @@ def in_background(relay: Relay, func: Callable[[], Any], name: str, daemon: bool
     threading.Thread(target=run, name=name, daemon=daemon).start()
 
 
+class WorkerRuntimeError(Exception):
+    """A RuntimeError raised in a napari thread worker, carried out of it as another type:
+    superqt takes a worker's RuntimeError for its own deletion and drops it (no ``errored``,
+    no ``finished``), and the panel would wait for its run forever. ``__cause__`` is it."""
+
+
 def error_sentence(err: BaseException, what: str) -> str:
     """Our own errors say what is wrong in one sentence; anything else is named in one, with
     its traceback in the log."""
+    if isinstance(err, WorkerRuntimeError) and err.__cause__ is not None:
+        err = err.__cause__
     if isinstance(err, UserError):
         return str(err)
     log.error("%s failed", what, exc_info=(type(err), err, err.__traceback__))

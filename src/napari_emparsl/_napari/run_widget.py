@@ -30,7 +30,12 @@ from magicgui.widgets import (
 )
 from qtpy.QtCore import QTimer
 
-from napari_emparsl._napari.background import Relay, error_sentence, in_background
+from napari_emparsl._napari.background import (
+    Relay,
+    WorkerRuntimeError,
+    error_sentence,
+    in_background,
+)
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.events import BlockDone, BlockFailed, Cancelled, Finished, Planned
 from napari_emparsl.core.geometry import Roi
@@ -491,16 +496,13 @@ class RunWidget(Container):
         # errors go to the handler below (one sentence), not to napari's traceback notification
         @thread_worker(ignore_errors=True)
         def drain(run: Run):  # an argument, not a closure: napari keeps the function, not the run
-            for event in run.events():
-                if isinstance(event, BlockDone) and run.blocks:
-                    roi = run.blocks[event.result.block_id].out_write_roi
-                    for live, fac in self._levels:  # read here, not on the Qt thread
-                        begin = [b // f for b, f in zip(roi.begin, fac, strict=True)]
-                        size = [
-                            (e - b) // f for b, e, f in zip(roi.begin, roi.end, fac, strict=True)
-                        ]
-                        live.block_written(begin, [b + n for b, n in zip(begin, size, strict=True)])
-                yield event
+            try:
+                for event in run.events():
+                    if isinstance(event, BlockDone) and run.blocks:
+                        self._block_written(run.blocks[event.result.block_id].out_write_roi)
+                    yield event
+            except RuntimeError as err:  # superqt would drop it, and the run never end here
+                raise WorkerRuntimeError(str(err)) from err
 
         worker = drain(run)
         worker.yielded.connect(self._on_event)
@@ -512,6 +514,13 @@ class RunWidget(Container):
         self.status.value = "preparing: checking the input and the model…"
         self._worker = worker
         worker.start()
+
+    def _block_written(self, roi: Roi) -> None:
+        """In the run's thread, not the Qt thread: the live levels re-read the block's part."""
+        for live, fac in self._levels:
+            begin = [b // f for b, f in zip(roi.begin, fac, strict=True)]
+            size = [(e - b) // f for b, e, f in zip(roi.begin, roi.end, fac, strict=True)]
+            live.block_written(begin, [b + n for b, n in zip(begin, size, strict=True)])
 
     # ------------------------------------------------------------------------------------------
     # events (Qt thread)

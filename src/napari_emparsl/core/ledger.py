@@ -173,7 +173,7 @@ def whole_plan_blocks(output_shape: Sequence[int], last_run: dict[str, Any]) -> 
     return math.prod(block_grid(shape, last_run["block"]))
 
 
-class OutputBusy(UserError, RuntimeError):
+class OutputBusy(UserError):
     """Another run is writing the same output dataset."""
 
 
