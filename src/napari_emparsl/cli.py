@@ -308,7 +308,7 @@ def _id_list(ids: list, most: int = 8) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from napari_emparsl.core.ledger import Ledger, whole_plan_blocks
+    from napari_emparsl.core.ledger import Ledger, lock_holder, whole_plan_blocks
     from napari_emparsl.core.volume import Volume, parse_spec
 
     root, key = parse_spec(args.output)
@@ -336,6 +336,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "input", "model", "model_sha256", "model_options", "block", "halo", "site", "version"
         )},
         "runs": len(summary.runs),
+        "running": lock_holder(root, key),  # the run writing it now: pid, host, since
         # where the model ran (blocks of runs before the ledger recorded it: none)
         "devices": sorted({r["device"] for r in summary.done.values() if r.get("device")}),
     }  # fmt: skip
@@ -345,6 +346,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(
         f"{out['output']}: {out['done']}/{planned} blocks done, {out['failed']} failed, {out['pending']} pending"
     )
+    if out["running"] is not None:
+        who = out["running"]
+        print(
+            f"a run is writing it now: process {who.get('pid', '?')} on {who.get('host', '?')}, "
+            f"since {who.get('since', '?')}"
+        )
     if out["mean_block_seconds"] is not None:
         print(f"mean block time {out['mean_block_seconds']} s (read + compute + write)")
     by_error: dict[str, list[str]] = {}

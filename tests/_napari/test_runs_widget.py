@@ -23,13 +23,24 @@ def test_runs_found_and_provenance(make_napari_viewer, qtbot, tmp_path, monkeypa
     assert output in widget.outputs()
     qtbot.waitUntil(lambda: widget.runs.native.count() == 1)  # ledgers are read off the Qt thread
     label = widget.runs.native.item(0).text()
-    assert "pred — 1/2 done, 0 failed — unet3d-em on threads" in label  # of the whole plan
+    assert "pred — stopped, 1/2 done, 0 failed — unet3d-em on threads" in label  # whole plan
     widget.runs.value = [output]
     # voxel (4, 4, 4) is in block 0 (done); voxel (4, 4, 100) in block 1 (not computed)
     assert widget.provenance_at((4 * 8, 4 * 8, 4 * 8)).startswith("block 0 done: model ")
     assert "site threads" in widget.provenance_at((32, 32, 32))
     assert "(cpu), at " in widget.provenance_at((32, 32, 32))  # where the model ran
     assert widget.provenance_at((4 * 8, 4 * 8, 100 * 8)) == "block 1: not computed yet"
+    # a run writing it now (here: paused after planning, in this process; or `emparsl run`)
+    from napari_emparsl.execution.runner import Run
+
+    other = Run(f"{tmp_path}/s.n5:raw", "unet3d-em", output, site="threads", block=(64, 64, 64))
+    events = other.events()
+    next(events)
+    shown = widget.refreshed
+    widget.refresh()
+    qtbot.waitUntil(lambda: widget.refreshed > shown)
+    assert "pred — running, 1/2 done" in widget.runs.native.item(0).text()
+    events.close()  # that run ends (cancelled, as a closed generator)
     # the rest, from the command line: the panel reads only the ledger lines appended since
     assert main(["run", "--input", f"{tmp_path}/s.n5:raw", "--model", "unet3d-em", "--output",
                  f"{tmp_path}/s.n5:pred", "--site", "threads", "--block", "64,64,64"]) == 0  # fmt: skip
@@ -37,7 +48,7 @@ def test_runs_found_and_provenance(make_napari_viewer, qtbot, tmp_path, monkeypa
     shown = widget.refreshed
     widget.refresh()
     qtbot.waitUntil(lambda: widget.refreshed > shown)
-    assert "pred — 2/2 done, 0 failed" in widget.runs.native.item(0).text()
+    assert "pred — complete, 2/2 done, 0 failed" in widget.runs.native.item(0).text()
     assert widget.runs.value == [output]  # the selection survives a refresh
     [layer] = widget.open_output()
     assert layer._type_string == "labels"

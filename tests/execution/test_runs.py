@@ -527,11 +527,13 @@ def test_model_output_not_the_declared_scale_fails_its_blocks(tmp_path, conv_mod
     assert not Ledger(str(tmp_path / "o.n5"), "x").summary().done
 
 
-def test_two_runs_never_write_one_output_at_once(tmp_path, conv_model, float_volume):
+def test_two_runs_never_write_one_output_at_once(tmp_path, conv_model, float_volume, capsys):
     src, _ = float_volume
     out = f"{tmp_path}/o.n5:x"
     first = Run(src, conv_model, out, site="threads").events()
     assert next(first).todo == 48  # Planned: the first run holds the output from here on
+    assert main(["status", out]) == 0  # status says so (and takes nothing from the run)
+    assert f"a run is writing it now: process {os.getpid()} on " in capsys.readouterr().out
     busy = f"The output {tmp_path}/o.n5:x is being written by another run (process {os.getpid()}"
     for overwrite in (False, True):  # --overwrite must not delete it under the first run either
         with pytest.raises(UserError, match=re.escape(busy)):
@@ -546,6 +548,8 @@ def test_two_runs_never_write_one_output_at_once(tmp_path, conv_model, float_vol
     assert "wait for it to end (or cancel it)" in other.stderr
     *_, last = first
     assert (last.done, last.failed) == (48, 0)
+    assert main(["status", out, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["running"] is None
     # once a run ends (also by an error before it wrote anything), the output is free again
     assert Run(src, conv_model, out, site="threads").execute().done == 48
     with pytest.raises(RunError, match="smaller than the halo"):

@@ -18,7 +18,7 @@ from magicgui.widgets import Container, Label, PushButton, Select
 from napari_emparsl._napari.background import Relay, error_sentence, in_background
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.geometry import plan_blocks
-from napari_emparsl.core.ledger import Ledger, LedgerFollower, whole_plan_blocks
+from napari_emparsl.core.ledger import Ledger, LedgerFollower, lock_holder, whole_plan_blocks
 from napari_emparsl.core.volume import Volume, parse_spec
 
 __all__ = ["SESSION_OUTPUTS", "RunsWidget", "remember_output"]
@@ -60,8 +60,13 @@ class _Output:
             total = whole_plan_blocks(self.volume().shape, last)
         except UserError:
             total = int(last.get("planned", 0))
+        done = len(summary.done)
+        if lock_holder(self.root, self.key) is not None:  # by this napari, or by `emparsl run`
+            state = "running"
+        else:
+            state = "complete" if done >= total else "stopped"
         return (
-            f"{os.path.basename(self.root)}:{self.key} — {len(summary.done)}/{total} done, "
+            f"{os.path.basename(self.root)}:{self.key} — {state}, {done}/{total} done, "
             f"{len(summary.failed)} failed — {last.get('model')} on {last.get('site')} — {when}"
         )
 

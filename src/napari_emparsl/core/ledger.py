@@ -35,6 +35,7 @@ __all__ = [
     "LedgerSummary",
     "OutputBusy",
     "OutputLock",
+    "lock_holder",
     "whole_plan_blocks",
 ]
 
@@ -188,9 +189,8 @@ class OutputLock:
     """
 
     def __init__(self, output_root: str, output_key: str, output: str):
-        parent, name = os.path.split(os.path.join(output_root, output_key.strip("/")))
-        self.parent, self.output = parent, output
-        self.path = os.path.join(parent, f".{name}{LOCK_SUFFIX}")
+        self.path = _lock_path(output_root, output_key)
+        self.parent, self.output = os.path.dirname(self.path), output
         self._file: Any = None
         self._made: str | None = None  # the outermost folder made to hold the lock file
 
@@ -211,7 +211,14 @@ class OutputLock:
             return
         self._made = made
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            for wait in (0.05, 0.1, 0.2, 0.0):  # `emparsl status` looks for a few µs: not a run
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not wait:
+                        raise
+                    time.sleep(wait)
         except BlockingIOError:
             f.seek(0)
             holder = _holder(f.read())
@@ -257,9 +264,41 @@ class OutputLock:
         self._made = None
 
 
+def _lock_path(output_root: str, output_key: str) -> str:
+    parent, name = os.path.split(os.path.join(output_root, output_key.strip("/")))
+    return os.path.join(parent, f".{name}{LOCK_SUFFIX}")
+
+
 def _holder(text: str) -> str:
     try:
         info = json.loads(text)
         return f" (process {info['pid']} on {info['host']}, since {info['since']})"
     except (ValueError, KeyError, TypeError):
         return ""
+
+
+def lock_holder(output_root: str, output_key: str) -> dict[str, Any] | None:
+    """The run writing this output now — ``{"pid", "host", "since"}`` as it recorded them (empty
+    if it had not yet) — or None when none is. Looks without writing anything: a shared lock
+    tried for a moment (a run starting meanwhile waits that moment out)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        f = open(_lock_path(output_root, output_key), encoding="utf-8")
+    except OSError:
+        return None  # never run, or not by a version that locks
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                info = json.loads(f.read())
+            except ValueError:
+                return {}
+            return info if isinstance(info, dict) else {}
+        except OSError:
+            return None  # no locks on this file system
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return None
