@@ -313,6 +313,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     root, key = parse_spec(args.output)
     ledger = Ledger(root, key)
+    if not ledger.exists() and not os.path.exists(os.path.join(root, key)):
+        missing = root if not os.path.exists(root) else f"{root}:{key}"
+        raise VolumeError(f"{missing} does not exist; check the path.")
     if not ledger.exists():
         raise VolumeError(
             f"{root}:{key} has no emparsl ledger; it was not written by `emparsl run`."
@@ -379,6 +382,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"The prediction {pred.shape} and the ground truth {truth.shape} differ in shape; "
             "compare datasets of the same volume."
         )
+    for what, vol in (("prediction", pred), ("ground truth", truth)):
+        if vol.dtype.kind not in "iub":
+            raise VolumeError(
+                f"The {what} {vol.root}:{vol.key} holds {vol.dtype.name} values, not class labels; "
+                "evaluate a labels output (integers) against labels of the same classes."
+            )
     names = pred.attrs.get("class_names") or truth.attrs.get("class_names") or []
     n = max(len(names), 2)
     p, t = pred.data, truth.data.rechunk(pred.data.chunks)
@@ -386,7 +395,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for c in range(n):
         pc, tc = p == c, t == c
         sums += [da.sum(pc & tc), da.sum(pc), da.sum(tc)]
-    values = da.compute(*sums)
+    *values, p_max, t_max = da.compute(*sums, p.max(), t.max())
+    for what, vol, top in (("prediction", pred, p_max), ("ground truth", truth, t_max)):
+        if top >= n:  # an image, or instance labels: the Dice of classes 0…n-1 means little
+            print(
+                f"emparsl: note: the {what} {vol.root}:{vol.key} holds values up to {top} but "
+                f"there are {n} classes (0–{n - 1}); is it labels of the same classes?",
+                file=sys.stderr,
+            )
     dice = {}
     for c in range(n):
         inter, ps, ts = values[3 * c : 3 * c + 3]

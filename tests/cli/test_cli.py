@@ -11,7 +11,7 @@ import pytest
 import tifffile
 
 from napari_emparsl.cli import main
-from napari_emparsl.core.volume import Volume
+from napari_emparsl.core.volume import Volume, save_array
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
@@ -146,3 +146,42 @@ def test_sample_writes_pyramids_with_ground_truth(capsys, tmp_path):
     assert code == 2 and "already exists" in err
     code, _, _ = run(capsys, "sample", str(out_path), "--shape", "16,32,32", "--overwrite")
     assert code == 0 and Volume.open(out_path, "raw").shape == (16, 32, 32)
+
+
+def test_evaluate_dice_and_what_is_not_labels(capsys, tmp_path):
+    truth = np.zeros((4, 8, 8), np.uint8)
+    truth[:, :4] = 1  # 128 voxels of class 1, 128 of class 0
+    pred = truth.copy()
+    pred[0, 0, :] = 0  # 8 voxels of class 1 predicted as 0
+    save_array(tmp_path / "e.n5", "truth", truth, attrs={"class_names": ["bg", "fg"]})
+    save_array(tmp_path / "e.n5", "pred", pred)
+    save_array(tmp_path / "e.n5", "raw", (np.arange(256) % 200).astype(np.uint8).reshape(4, 8, 8))
+    save_array(tmp_path / "e.n5", "prob", pred.astype(np.float32))
+    save_array(tmp_path / "e.n5", "small", truth[:2])
+    e = f"{tmp_path}/e.n5"
+    code, out, err = run(capsys, "evaluate", f"{e}:pred", f"{e}:truth", "--json")
+    # bg: 2·128 / (136 + 128); fg: 2·120 / (120 + 128)
+    assert code == 0 and err == ""
+    assert json.loads(out) == {"dice": {"bg": round(256 / 264, 4), "fg": round(240 / 248, 4)}}
+    code, out, _ = run(capsys, "evaluate", f"{e}:truth", f"{e}:truth")
+    assert out.strip() == "Dice against the ground truth: bg 1.000, fg 1.000"
+    # an image given as the prediction: the Dice, and a note that it is hardly labels
+    code, out, err = run(capsys, "evaluate", f"{e}:raw", f"{e}:truth")
+    assert code == 0 and "holds values up to 199 but there are 2 classes (0–1)" in err
+    for args, message in (
+        ([f"{e}:prob", f"{e}:truth"], "holds float32 values, not class labels;"),
+        ([f"{e}:small", f"{e}:truth"], "differ in shape"),
+    ):
+        code, _, err = run(capsys, "evaluate", *args)
+        assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_status_of_what_is_not_there(capsys, tmp_path, small_n5):
+    path, _ = small_n5
+    for spec, message in (
+        (f"{tmp_path}/nothere.n5:x", f"{tmp_path}/nothere.n5 does not exist; check the path."),
+        (f"{path}:nope", f"{path}:nope does not exist; check the path."),
+        (f"{path}:raw", "has no emparsl ledger; it was not written by `emparsl run`."),
+    ):
+        code, _, err = run(capsys, "status", spec)
+        assert code == 2 and err.strip().endswith(message)
