@@ -235,6 +235,17 @@ def test_site_started_early_is_shut_down_when_no_block_runs(
     np.testing.assert_array_equal(Volume.open(*src.split(":")).data.compute(), data)
 
 
+def _open_paths(pid: int) -> set[str]:
+    """The files a process has open (from /proc: psutil lists regular files only)."""
+    paths = set()
+    for fd in Path(f"/proc/{pid}/fd").glob("*"):
+        try:
+            paths.add(os.readlink(fd))
+        except OSError:
+            pass  # closed meanwhile
+    return paths
+
+
 def test_cancel_leaves_no_workers_and_resume_completes(tmp_path, unet_model, htex):
     import psutil
 
@@ -251,10 +262,17 @@ def test_cancel_leaves_no_workers_and_resume_completes(tmp_path, unet_model, hte
         if isinstance(event, BlockDone) and not niceness:
             # the local site lowers its workers' priority (nice 10): a GUI stays responsive
             niceness = [psutil.Process(pid).nice() for pid in htex.all(guards=False)]
+            # the output's lock is the coordinator's alone: a site process that inherited it
+            # would keep the output locked after a kill -9 of the coordinator
+            lock = str(tmp_path / "out.n5" / ".seg.emparsl-lock")
+            holders = [pid for pid in htex.all() if lock in _open_paths(pid)]
+            held_here = lock in _open_paths(os.getpid())
             run.cancel()
     assert isinstance(last, Cancelled) and last.done < last.total
     # the pool, the fork server, 2 workers, ...
     assert len(niceness) >= 3 and set(niceness) == {10}, niceness
+    assert held_here and holders == []
+    assert lock not in _open_paths(os.getpid())  # let go when the run ended
 
     assert htex.gone()
     summary = Ledger(str(tmp_path / "out.n5"), "seg").summary()
