@@ -31,6 +31,7 @@ def test_runs_found_and_provenance(make_napari_viewer, qtbot, tmp_path, monkeypa
     assert "(cpu), at " in widget.provenance_at((32, 32, 32))  # where the model ran
     assert widget.provenance_at((4 * 8, 4 * 8, 100 * 8)) == "block 1: not computed yet"
     # a run writing it now (here: paused after planning, in this process; or `emparsl run`)
+    from napari_emparsl.core.events import BlockDone
     from napari_emparsl.execution.runner import Run
 
     other = Run(f"{tmp_path}/s.n5:raw", "unet3d-em", output, site="threads", block=(64, 64, 64))
@@ -40,7 +41,15 @@ def test_runs_found_and_provenance(make_napari_viewer, qtbot, tmp_path, monkeypa
     widget.refresh()
     qtbot.waitUntil(lambda: widget.refreshed > shown)
     assert "pred — running, 1/2 done" in widget.runs.native.item(0).text()
-    events.close()  # that run ends (cancelled, as a closed generator)
+    for event in events:  # that run computes block 1: the list follows it by itself
+        if isinstance(event, BlockDone):
+            break
+    qtbot.waitUntil(lambda: "pred — running, 2/2 done" in widget.runs.native.item(0).text())
+    events.close()  # that run ends (as a closed generator): the list sees it, and stops looking
+    qtbot.waitUntil(lambda: "pred — complete, 2/2 done" in widget.runs.native.item(0).text())
+    shown = widget.refreshed
+    qtbot.wait(2 * runs_widget.FOLLOW_MS)
+    assert widget.refreshed == shown
     # the rest, from the command line: the panel reads only the ledger lines appended since
     assert main(["run", "--input", f"{tmp_path}/s.n5:raw", "--model", "unet3d-em", "--output",
                  f"{tmp_path}/s.n5:pred", "--site", "threads", "--block", "64,64,64"]) == 0  # fmt: skip

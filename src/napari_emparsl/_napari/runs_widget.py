@@ -25,6 +25,9 @@ __all__ = ["SESSION_OUTPUTS", "RunsWidget", "remember_output"]
 
 log = logging.getLogger(__name__)
 
+#: how often the list looks again while a run writes one of its outputs
+FOLLOW_MS = 2000
+
 #: outputs of runs started in this session (OUT.n5:KEY)
 SESSION_OUTPUTS: list[str] = []
 
@@ -52,7 +55,8 @@ class _Output:
             self._volume_of = self.ledger.generation
         return self._volume
 
-    def describe(self) -> str:
+    def describe(self) -> tuple[str, bool]:
+        """The run's line in the list, and whether a run writes the output now."""
         summary = self.ledger.summary()
         last = summary.last_run
         when = datetime.datetime.fromtimestamp(last.get("time", 0)).strftime("%Y-%m-%d %H:%M")
@@ -61,14 +65,12 @@ class _Output:
         except UserError:
             total = int(last.get("planned", 0))
         done = len(summary.done)
-        if lock_holder(self.root, self.key) is not None:  # by this napari, or by `emparsl run`
-            state = "running"
-        else:
-            state = "complete" if done >= total else "stopped"
+        running = lock_holder(self.root, self.key) is not None  # this napari's or `emparsl run`
+        state = "running" if running else ("complete" if done >= total else "stopped")
         return (
             f"{os.path.basename(self.root)}:{self.key} — {state}, {done}/{total} done, "
             f"{len(summary.failed)} failed — {last.get('model')} on {last.get('site')} — {when}"
-        )
+        ), running
 
 
 class RunsWidget(Container):
@@ -82,6 +84,14 @@ class RunsWidget(Container):
         self.refreshed = 0  # refreshes shown so far
         self._relay = Relay()  # background refreshes hand their answer to the Qt thread
         self._relay.answer.connect(self._answered)
+        from qtpy.QtCore import QTimer
+
+        # while a run writes one of the outputs, the list follows it (the ledgers are read
+        # incrementally, in the background); owned by the panel, gone with it
+        self._follow = QTimer(self.native)
+        self._follow.setSingleShot(True)
+        self._follow.setInterval(FOLLOW_MS)
+        self._follow.timeout.connect(self.refresh)
         self.runs = Select(
             label="runs", choices=[], tooltip="runs of this session and of opened outputs"
         )
@@ -116,12 +126,14 @@ class RunsWidget(Container):
         self._generation += 1
         generation = self._generation
 
-        def describe_all() -> tuple[list[tuple[str, str]], int]:
-            found = []
+        def describe_all() -> tuple[list[tuple[str, str]], int, bool]:
+            found, running = [], False
             for t, o in zip(tracked, outputs, strict=True):
                 with t.lock:
-                    found.append((t.describe(), o))
-            return found, generation
+                    label, now = t.describe()
+                found.append((label, o))
+                running = running or now
+            return found, generation, running
 
         in_background(self._relay, describe_all, name="emparsl-runs", daemon=True)
 
@@ -131,13 +143,15 @@ class RunsWidget(Container):
             return
         self._show_runs(*answer)
 
-    def _show_runs(self, runs: list[tuple[str, str]], generation: int) -> None:
+    def _show_runs(self, runs: list[tuple[str, str]], generation: int, running: bool) -> None:
         if generation != self._generation:
             return  # a later refresh is on its way
         selected = [o for o in (self.runs.value or []) if o in {o for _, o in runs}]
         self.runs.choices = runs
         self.runs.value = selected  # the selection survives new layers and refreshes
         self.refreshed += 1
+        if running:
+            self._follow.start()  # look again soon
 
     def _output(self, output: str) -> _Output:
         if output not in self._outputs:
