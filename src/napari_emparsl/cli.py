@@ -84,7 +84,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     path, key = parse_spec(args.path)
     tree = container_tree(path)
     volume = None
-    if key or any(n["key"] == "" and n["kind"] != "group" for n in tree):
+    group = key and any(n["key"] == key and n["kind"] == "group" for n in tree)
+    if group:  # a group of datasets (labels/): what it holds
+        tree = [n for n in tree if n["key"] == key or n["key"].startswith(key + "/")]
+    elif key or any(n["key"] == "" and n["kind"] != "group" for n in tree):
         volume = Volume.open(path, key)
     if args.json:
         out = {"tree": tree}
@@ -93,7 +96,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     print(f"{os.path.abspath(path)}{':' + key if key else ''}")
-    if not key:
+    if not key or group:
         _print_tree(tree)
     if volume is not None:
         _print_volume(volume.info())

@@ -185,3 +185,18 @@ def test_status_of_what_is_not_there(capsys, tmp_path, small_n5):
     ):
         code, _, err = run(capsys, "status", spec)
         assert code == 2 and err.strip().endswith(message)
+
+
+def test_info_of_a_group_lists_what_it_holds(capsys, tmp_path):
+    for name in ("a", "b"):
+        save_array(tmp_path / "g.n5", f"labels/{name}", np.zeros((4, 8, 8), np.uint8))
+    save_array(tmp_path / "g.n5", "raw", np.zeros((4, 8, 8), np.uint8))
+    code, out, err = run(capsys, "info", f"{tmp_path}/g.n5:labels")
+    assert code == 0 and err == ""
+    assert out.splitlines()[1:] == [
+        "  labels/",
+        "    a  4×8×8 uint8  chunks 4×8×8  gzip",
+        "    b  4×8×8 uint8  chunks 4×8×8  gzip",
+    ]  # the group's datasets, not the container's raw
+    code, out, _ = run(capsys, "info", f"{tmp_path}/g.n5:labels", "--json")
+    assert [n["key"] for n in json.loads(out)["tree"]] == ["labels", "labels/a", "labels/b"]
