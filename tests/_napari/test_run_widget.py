@@ -570,3 +570,41 @@ def test_unexpected_runtime_error_ends_the_run_in_one_sentence(
     assert widget.status.value == (
         "The run failed unexpectedly (RuntimeError: simulated failure); see the log."
     )
+
+
+def test_multichannel_volume_is_one_input(make_napari_viewer, qtbot, tmp_path):
+    """napari shows a multichannel volume as a layer per channel; the panel offers it once, as
+    the whole volume, and a run on it reads every channel."""
+    import torch
+    from torch import nn
+
+    from napari_emparsl.core.volume import save_array
+
+    data = np.random.default_rng(0).random((2, 16, 32, 32)).astype(np.float32)
+    save_array(tmp_path / "m.n5", "raw", data, chunks=(1, 16, 16, 16))
+    torch.manual_seed(0)
+    model = torch.jit.script(nn.Sequential(nn.Conv3d(2, 1, 3, padding=1)))
+    torch.jit.save(model, str(tmp_path / "c2.pt"))
+    (tmp_path / "c2.pt.yaml").write_text(
+        "kind: image\nin_channels: 2\nhalo: [2, 2, 2]\nblock: [16, 16, 16]\n"
+    )
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(tmp_path / "m.n5" / "raw"), plugin=PLUGIN)
+    assert [layer.name for layer in layers] == ["raw_c0", "raw_c1"]
+    widget = RunWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.input.reset_choices()
+    assert widget.input.choices == (layers[0],)
+    assert widget.input.native.itemText(0) == "raw_c0 (all 2 channels)"
+    widget.model_file.value = str(tmp_path / "c2.pt")
+    widget.output.value = f"{tmp_path}/m.n5:out"
+    widget.site.value = "threads"
+    assert widget.model_info.value.startswith("image, 1 channel(s); 2 input channel(s)")
+    widget.run_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    assert widget.status.value == "finished: 4/4 done, 0 failed"
+    with torch.no_grad():  # the whole forward in memory: the same away from the border
+        ref = model(torch.from_numpy(data)[None])[0, 0].numpy()
+    out = Volume.open(tmp_path / "m.n5", "out").data.compute()
+    inner = (slice(1, -1),) * 3  # (the engine reflects at the edge, the forward pads zeros)
+    np.testing.assert_allclose(out[inner], ref[inner], atol=1e-5)

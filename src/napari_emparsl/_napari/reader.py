@@ -91,7 +91,9 @@ def layer_data(volume: Volume) -> LayerData:
         return data, meta, "labels"
     if "c" in volume.axes:
         meta["channel_axis"] = volume.axes.index("c")
-        meta["name"] = [f"{name}_c{i}" for i in range(volume.shape[meta["channel_axis"]])]
+        channels = volume.shape[meta["channel_axis"]]
+        meta["name"] = [f"{name}_c{i}" for i in range(channels)]
+        meta["metadata"]["emparsl"]["channels"] = channels  # one layer each, one volume
     else:
         meta["contrast_limits"] = contrast_limits(volume)
     return data, meta, "image"

@@ -273,11 +273,16 @@ class RunWidget(Container):
         layers = getattr(self, "_viewer", None)
         if layers is None:
             return []
-        return [
-            (layer.name, layer)
-            for layer in self._viewer.layers
-            if _source_of(layer) and layer._type_string == "image"
-        ]
+        choices, seen = [], set()
+        for layer in self._viewer.layers:
+            src = _source_of(layer)
+            if not src or layer._type_string != "image" or src in seen:
+                continue
+            seen.add(src)  # a multichannel volume is one layer per channel, and one input
+            channels = layer.metadata["emparsl"].get("channels")
+            label = f"{layer.name} (all {channels} channels)" if channels else layer.name
+            choices.append((label, layer))
+        return choices
 
     def _no_volume(self) -> str:
         """Why there is no volume to choose, and what to do."""
