@@ -43,3 +43,28 @@ def test_writer_refuses_to_overwrite_its_own_source(make_napari_viewer, small_n5
     with pytest.raises(VolumeError, match="is the dataset this layer reads from"):
         layer.save(str(path / "raw"), plugin=PLUGIN)
     np.testing.assert_array_equal(Volume.open(path, "raw").data.compute(), data)
+
+
+def test_writer_waits_for_no_run(make_napari_viewer, tmp_path, small_n5):
+    """Saving over an output a run writes now is refused (the run's lock), and changes
+    nothing; saving leaves no lock file behind."""
+    import os
+
+    from napari_emparsl.execution.runner import Run
+
+    path, _ = small_n5
+    run = Run(f"{path}:raw", "unet3d-em", f"{tmp_path}/o.n5:pred", site="threads").events()
+    next(run)  # planned: the run holds o.n5:pred
+    viewer = make_napari_viewer()
+    layer = viewer.add_labels(np.ones((20, 40, 50), np.uint8), name="pred")
+    before = Volume.open(tmp_path / "o.n5", "pred").data.compute()
+    from napari_emparsl.core.ledger import OutputBusy
+
+    with pytest.raises(OutputBusy, match="is being written by another run"):
+        layer.save(str(tmp_path / "o.n5" / "pred"), plugin=PLUGIN)
+    np.testing.assert_array_equal(Volume.open(tmp_path / "o.n5", "pred").data.compute(), before)
+    run.close()
+    layer.save(str(tmp_path / "o.n5" / "pred"), plugin=PLUGIN)  # the run ended: allowed now
+    assert Volume.open(tmp_path / "o.n5", "pred").data.compute().min() == 1
+    layer.save(str(tmp_path / "new.n5"), plugin=PLUGIN)
+    assert sorted(os.listdir(tmp_path / "new.n5")) == ["attributes.json", "pred"]

@@ -578,3 +578,10 @@ def test_two_runs_never_write_one_output_at_once(tmp_path, conv_model, float_vol
     assert sorted(os.listdir(tmp_path / "o.n5")) == [".x.emparsl-lock", "attributes.json", "x"]
     assert Run(src, conv_model, f"{tmp_path}/new.n5:x", site="threads").execute().done == 48
     assert list(z5py.File(str(tmp_path / "new.n5"), "r").keys()) == ["x"]  # the lock is a file
+    # a dataset inside a group of a new container: the lock makes no folder of its own
+    assert Run(src, conv_model, f"{tmp_path}/fresh.n5:a/b", site="threads").execute().done == 48
+    assert sorted(os.listdir(tmp_path / "fresh.n5")) == [
+        ".a%2Fb.emparsl-lock",
+        "a",
+        "attributes.json",
+    ]

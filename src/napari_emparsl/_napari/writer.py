@@ -9,6 +9,7 @@ import os
 import re
 from typing import Any
 
+from napari_emparsl.core.ledger import OutputLock
 from napari_emparsl.core.n5attrs import VolumeError, find_container_root
 from napari_emparsl.core.volume import save_array
 
@@ -44,18 +45,23 @@ def _write(path: str, data: Any, meta: dict[str, Any], labels: bool) -> list[str
     unit = str(units[0]) if units else "nm"
     if unit == "pixel":
         unit = "nm"
-    save_array(
-        root,
-        key,
-        data,
-        voxel_size=tuple(float(s) for s in scale) if scale is not None else None,
-        offset=tuple(float(t) for t in meta["translate"])
-        if meta.get("translate") is not None
-        else None,
-        unit=unit,
-        labels=labels,
-        overwrite=True,  # napari's save dialog has already asked before replacing
-    )
+    lock = OutputLock(root, key, f"{root}:{key}")  # not while a run writes it, nor a run then
+    lock.acquire()
+    try:
+        save_array(
+            root,
+            key,
+            data,
+            voxel_size=tuple(float(s) for s in scale) if scale is not None else None,
+            offset=tuple(float(t) for t in meta["translate"])
+            if meta.get("translate") is not None
+            else None,
+            unit=unit,
+            labels=labels,
+            overwrite=True,  # napari's save dialog has already asked before replacing
+        )
+    finally:  # a saved layer keeps no lock file beside it (nor the folders made for one)
+        lock.release(failed_before_output=True)
     return [os.path.join(root, key)]
 
 

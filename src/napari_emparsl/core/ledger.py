@@ -19,6 +19,7 @@ import math
 import os
 import socket
 import time
+import urllib.parse
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -182,7 +183,7 @@ class OutputLock:
     """Held by a run's coordinator from before it looks at its output until the run ends, so
     two runs (two terminals, or the GUI and a terminal) never write one output at once.
 
-    An advisory ``flock`` on a file beside the output dataset's folder (``OUT.n5/.pred`` +
+    An advisory ``flock`` on a file in the output container's root (``OUT.n5/.pred`` +
     ``.emparsl-lock`` for ``OUT.n5:pred``: N5 readers see folders only). The system lets go of
     it when its process ends, however it ends (a ``kill -9`` leaves nothing to clean up). On a
     file system without locks the run goes on unlocked, as before, with a warning in the log.
@@ -265,8 +266,10 @@ class OutputLock:
 
 
 def _lock_path(output_root: str, output_key: str) -> str:
-    parent, name = os.path.split(os.path.join(output_root, output_key.strip("/")))
-    return os.path.join(parent, f".{name}{LOCK_SUFFIX}")
+    """In the container's root, named after the whole key (``.labels%2Fpred.emparsl-lock``):
+    nothing but the root is made for it, so a new container holds no stray folder."""
+    name = urllib.parse.quote(output_key.strip("/"), safe="")
+    return os.path.join(output_root, f".{name}{LOCK_SUFFIX}")
 
 
 def _holder(text: str) -> str:
