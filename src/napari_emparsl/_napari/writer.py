@@ -45,7 +45,7 @@ def _write(path: str, data: Any, meta: dict[str, Any], labels: bool) -> list[str
     unit = str(units[0]) if units else "nm"
     if unit == "pixel":
         unit = "nm"
-    lock = OutputLock(root, key, f"{root}:{key}")  # not while a run writes it, nor a run then
+    lock = OutputLock(root, key)  # not while a run writes it, nor a run meanwhile
     lock.acquire()
     try:
         save_array(
@@ -60,8 +60,8 @@ def _write(path: str, data: Any, meta: dict[str, Any], labels: bool) -> list[str
             labels=labels,
             overwrite=True,  # napari's save dialog has already asked before replacing
         )
-    finally:  # a saved layer keeps no lock file beside it (nor the folders made for one)
-        lock.release(failed_before_output=True)
+    finally:
+        lock.release(remove=True)  # a saved layer keeps no lock file
     return [os.path.join(root, key)]
 
 

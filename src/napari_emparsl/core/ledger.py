@@ -189,9 +189,9 @@ class OutputLock:
     file system without locks the run goes on unlocked, as before, with a warning in the log.
     """
 
-    def __init__(self, output_root: str, output_key: str, output: str):
+    def __init__(self, output_root: str, output_key: str):
         self.path = _lock_path(output_root, output_key)
-        self.parent, self.output = os.path.dirname(self.path), output
+        self.parent, self.output = os.path.dirname(self.path), f"{output_root}:{output_key}"
         self._file: Any = None
         self._made: str | None = None  # the outermost folder made to hold the lock file
 
@@ -240,13 +240,13 @@ class OutputLock:
         f.flush()
         self._file = f
 
-    def release(self, failed_before_output: bool = False) -> None:
-        """Let go; ``failed_before_output``: the run stopped while preparing, so its lock file
-        goes again, with the folders made to hold it if nothing else came into them (a refused
-        run leaves its output's container as it found it)."""
+    def release(self, remove: bool = False) -> None:
+        """Let go; ``remove``: the lock file goes too, with the folders made to hold it if
+        nothing else came into them (a run refused while preparing leaves its output's
+        container as it found it; a saved layer keeps no lock file)."""
         if self._file is None:
             return  # not held: someone else's lock is none of ours
-        if failed_before_output:
+        if remove:
             try:
                 os.remove(self.path)  # while still held: a run starting now makes a new one
             except OSError:

@@ -325,7 +325,7 @@ class Run:
         block = tuple(min(b, n) for b, n in zip(block, spatial, strict=True))
         out_shape = tuple(n * s for n, s in zip(spatial, spec.scale, strict=True))
         # from here until the run ends, no other run may look at or write this output
-        self._lock = OutputLock(self.output_root, self.output_key, self.output)
+        self._lock = OutputLock(self.output_root, self.output_key)
         self._lock.acquire()
         try:
             return self._plan(src, spec, spatial, block, halo, out_shape, model_file, model_sha256)
@@ -337,7 +337,7 @@ class Run:
         """Let go of the output (its lock); a run does when it ends, however it ends.
         ``failed``: while preparing — the lock file and folders made for it go again."""
         if self._lock is not None:
-            self._lock.release(failed_before_output=failed)
+            self._lock.release(remove=failed)
             self._lock = None
 
     def _plan(self, src, spec, spatial, block, halo, out_shape, model_file, model_sha256) -> _Plan:
