@@ -7,6 +7,7 @@ internal error prints one sentence pointing at the log file, which holds the tra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -204,7 +205,47 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's time limit, `kill`) or SIGHUP (the terminal closed) during a
+    run: stopped as Ctrl-C stops it, so the site shuts down and the output can be resumed."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGTERM and SIGHUP raise :class:`_Stopped` in the main thread while a run goes on;
+    a second one while the run shuts down is ignored (the shutdown is what it asks for)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    stopping = []
+
+    def stop(signum, frame):
+        if not stopping:
+            stopping.append(signum)
+            raise _Stopped(signum)
+
+    before = {s: signal.signal(s, stop) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    with _stop_on_signals():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from napari_emparsl.core.events import BlockDone, BlockFailed, Cancelled, Finished, Planned
@@ -266,18 +307,22 @@ def cmd_run(args: argparse.Namespace) -> int:
                         "failed" if event.final else f"failed (attempt {event.attempt}, retrying)"
                     )
                     tqdm.write(f"block {event.block_id} {what}: {event.error}", file=sys.stderr)
-    except KeyboardInterrupt:  # Ctrl-C: the site shut down, then how to go on
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP: stop the site, say how to resume
         run.cancel()
         events.close()
         if bar is not None:
             bar.close()
         at = f" at {progress[0]}/{progress[1]} blocks done" if progress else ""
+        how = "interrupted"
+        if isinstance(stop, _Stopped):
+            import signal
+
+            how = f"stopped by {signal.Signals(stop.signum).name}"
         print(
-            f"emparsl: interrupted{at}; finished blocks stay done, run the same command again "
-            "to resume.",
+            f"emparsl: {how}{at}; finished blocks stay done, run the same command again to resume.",
             file=sys.stderr,
         )
-        return 130
+        return 128 + stop.signum if isinstance(stop, _Stopped) else 130
     finally:
         if bar is not None:
             bar.close()
@@ -540,9 +585,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print("emparsl: interrupted.", file=sys.stderr)
-        return 130
+        return 128 + stop.signum if isinstance(stop, _Stopped) else 130
     except Exception as err:
         path = log_path()
         with open(path, "a", encoding="utf-8") as f:

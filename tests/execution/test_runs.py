@@ -460,9 +460,15 @@ def test_model_output_with_nan_fails_the_block_unwritten(tmp_path, save_model, k
     assert not (tmp_path / "o.n5" / "p" / "0" / "0" / "0").exists()  # block 0's chunk unwritten
 
 
-def test_ctrl_c_stops_the_local_site_and_says_how_to_resume(tmp_path, unet_model, htex):
-    """Ctrl-C (SIGINT) during a run on a real local site: exit 130 within seconds, no site
-    process left, one sentence with the blocks done and how to go on; the next run resumes."""
+@pytest.mark.parametrize(
+    ("signum", "code", "how"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "stopped by SIGTERM")],
+)
+def test_ctrl_c_stops_the_local_site_and_says_how_to_resume(tmp_path, unet_model, htex, signum,
+                                                            code, how):  # fmt: skip
+    """Ctrl-C (SIGINT) during a run on a real local site — or SIGTERM, as a batch scheduler
+    sends at a job's time limit: exit 130 / 143 within seconds, no site process left, one
+    sentence with the blocks done and how to go on; the next run resumes."""
     data = np.random.default_rng(8).random((64, 96, 96)).astype(np.float32)
     save_array(tmp_path / "in.n5", "raw", data, chunks=(16, 16, 16))
     cmd = [sys.executable, "-m", "napari_emparsl.cli", "run", "--input", f"{tmp_path}/in.n5:raw",
@@ -472,15 +478,15 @@ def test_ctrl_c_stops_the_local_site_and_says_how_to_resume(tmp_path, unet_model
     deadline = time.time() + 120
     while not _ledger_done(tmp_path / "out.n5") and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     t0 = time.time()
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and time.time() - t0 < 15
+    assert proc.returncode == code and time.time() - t0 < 15
     done = len(set(_ledger_done(tmp_path / "out.n5")))
     last = err.replace("\r", "\n").strip().splitlines()[-1]
     assert 1 <= done < 18, done  # stopped mid-run (18 blocks)
     assert last == (
-        f"emparsl: interrupted at {done}/18 blocks done; finished blocks stay done, run the "
+        f"emparsl: {how} at {done}/18 blocks done; finished blocks stay done, run the "
         "same command again to resume."
     )
     assert "Traceback" not in err
