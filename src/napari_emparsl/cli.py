@@ -112,9 +112,14 @@ def _print_tree(tree: list[dict]) -> None:
         if node["kind"] == "dataset":
             shape = "×".join(map(str, node["shape"]))
             chunks = "×".join(map(str, node["chunks"]))
-            print(f"{pad}{name}  {shape} {node['dtype']}  chunks {chunks}  {node['compression']}")
+            unfinished = f"  (unfinished: {node['unfinished']})" if "unfinished" in node else ""
+            print(
+                f"{pad}{name}  {shape} {node['dtype']}  chunks {chunks}  {node['compression']}"
+                + unfinished
+            )
         elif node["kind"] == "multiscale":
-            print(f"{pad}{name}/  pyramid: {', '.join(node['levels'])}")
+            unfinished = f"  (unfinished: {node['unfinished']})" if "unfinished" in node else ""
+            print(f"{pad}{name}/  pyramid: {', '.join(node['levels'])}{unfinished}")
         elif node["key"]:
             print(f"{pad}{name}/")
 
@@ -126,6 +131,8 @@ def _print_volume(info: dict) -> None:
     print(f"dtype        {info['dtype']}")
     print(f"chunks       {' × '.join(map(str, info['chunks']))}")
     print(f"compression  {info['compression']}")
+    if "unfinished" in info:
+        print(f"unfinished   {info['unfinished']}: parts of it are missing; write it again")
     vs = " × ".join(f"{v:g}" for v in info["voxel_size"])
     print(f"voxel size   {vs} {info['unit']}")
     if len(info["levels"]) > 1:
@@ -171,11 +178,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    with _stop_on_signals():
+        return _import(args)
+
+
+def _import(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from napari_emparsl.core.importer import Estimate, iter_import
 
     bar = None
+    complete = False  # the last slab written: a signal then stops nothing
     steps = iter_import(
         args.source,
         args.output,
@@ -185,20 +198,29 @@ def cmd_import(args: argparse.Namespace) -> int:
         unit=args.unit,
         overwrite=args.overwrite,
     )
-    for step in steps:
-        if isinstance(step, Estimate):
-            print(f"Estimate: {step.summary()}.")
-            for w in step.warnings:
-                print(f"Warning: {w}", file=sys.stderr)
-            if args.dry_run:
-                steps.close()
-                print("Dry run: nothing written.")
-                return 0
-            continue
-        done, total = step
-        if bar is None:
-            bar = tqdm(total=total, unit="slab", desc="import", file=sys.stderr)
-        bar.update(done - bar.n)
+    try:
+        for step in steps:
+            if isinstance(step, Estimate):
+                print(f"Estimate: {step.summary()}.")
+                for w in step.warnings:
+                    print(f"Warning: {w}", file=sys.stderr)
+                if args.dry_run:
+                    steps.close()
+                    print("Dry run: nothing written.")
+                    return 0
+                continue
+            done, total = step
+            complete = done == total
+            if bar is None:
+                bar = tqdm(total=total, unit="slab", desc="import", file=sys.stderr)
+            bar.update(done - bar.n)
+    except KeyboardInterrupt as stop:
+        steps.close()  # removes what the import wrote, unless it is complete
+        if not complete:
+            if bar is not None:
+                bar.close()
+            print(f"emparsl: import {_how_stopped(stop)}; nothing of it was kept.", file=sys.stderr)
+            return _stop_code(stop)
     if bar is not None:
         bar.close()
     print(f"Imported {args.source} into {args.output}.")
@@ -238,6 +260,19 @@ def _stop_on_signals():
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
+
+
+def _how_stopped(stop: KeyboardInterrupt) -> str:
+    if isinstance(stop, _Stopped):
+        import signal
+
+        return f"stopped by {signal.Signals(stop.signum).name}"
+    return "interrupted"
+
+
+def _stop_code(stop: KeyboardInterrupt) -> int:
+    """The shell's exit status for a process ended by that signal (Ctrl-C: 130)."""
+    return 128 + stop.signum if isinstance(stop, _Stopped) else 130
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -313,16 +348,12 @@ def _run(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
         at = f" at {progress[0]}/{progress[1]} blocks done" if progress else ""
-        how = "interrupted"
-        if isinstance(stop, _Stopped):
-            import signal
-
-            how = f"stopped by {signal.Signals(stop.signum).name}"
+        how = _how_stopped(stop)
         print(
             f"emparsl: {how}{at}; finished blocks stay done, run the same command again to resume.",
             file=sys.stderr,
         )
-        return 128 + stop.signum if isinstance(stop, _Stopped) else 130
+        return _stop_code(stop)
     finally:
         if bar is not None:
             bar.close()
@@ -586,8 +617,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     except KeyboardInterrupt as stop:
-        print("emparsl: interrupted.", file=sys.stderr)
-        return 128 + stop.signum if isinstance(stop, _Stopped) else 130
+        print(f"emparsl: {_how_stopped(stop)}.", file=sys.stderr)
+        return _stop_code(stop)
     except Exception as err:
         path = log_path()
         with open(path, "a", encoding="utf-8") as f:

@@ -58,3 +58,29 @@ def test_run_output_offers_resume_and_errors_are_sentences(
     assert widget.info.value == "32×64×64 uint8, chunks 32×64×64, voxel 8×8×8 nm, 3 level(s)"
     widget.path.value = str(tmp_path / "missing.n5")
     assert widget.info.value.endswith("does not exist; check the path.")
+
+
+def test_unfinished_import_is_marked(make_napari_viewer, tmp_path, monkeypatch):
+    """A dataset an import is still writing (or that a killed import left) says so in the tree
+    and the info line: parts of it are missing."""
+    import numpy as np
+    import tifffile
+
+    from napari_emparsl.core.importer import iter_import
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    tifffile.imwrite(tmp_path / "s.tif", np.ones((4, 8, 8), np.uint8), photometric="minisblack")
+    steps = iter_import(str(tmp_path / "s.tif"), f"{tmp_path}/o.n5:raw", chunks=(2, 8, 8))
+    next(steps), next(steps)  # the estimate, then the first of two slabs
+    widget = VolumeWidget(make_napari_viewer())
+    widget.path.value = str(tmp_path / "o.n5")
+    item = widget.datasets.native.item(0)
+    assert item.text() == "raw  4×8×8 uint8  (unfinished)"
+    assert item.toolTip().endswith(
+        f"; unfinished: an import of {tmp_path}/s.tif that has not finished"
+    )
+    widget.datasets.value = ["raw"]
+    assert widget.info.value.endswith("that has not finished): parts of it are missing")
+    list(steps)  # the import completes
+    widget.refresh()
+    assert widget.datasets.native.item(0).text() == "raw  4×8×8 uint8"

@@ -200,3 +200,37 @@ def test_info_of_a_group_lists_what_it_holds(capsys, tmp_path):
     ]  # the group's datasets, not the container's raw
     code, out, _ = run(capsys, "info", f"{tmp_path}/g.n5:labels", "--json")
     assert [n["key"] for n in json.loads(out)["tree"]] == ["labels", "labels/a", "labels/b"]
+
+
+def test_sigterm_stops_an_import_and_keeps_nothing(tmp_path):
+    """SIGTERM (a batch job's time limit) during `emparsl import`: exit 143, one sentence, and
+    the partly written dataset removed (before, the process died and left a dataset that looked
+    complete, its missing chunks read as zeros)."""
+    import os
+    import signal
+    import time
+
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for i in range(2000):  # one slab per slice: an import of ~2000 steps
+        tifffile.imwrite(folder / f"z{i:04d}.tif", np.full((32, 32), i % 251, np.uint8))
+    out = tmp_path / "o.n5"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "napari_emparsl.cli", "import", str(folder), f"{out}:raw",
+         "--chunks", "1,32,32"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    attrs = out / "raw" / "attributes.json"
+    deadline = time.time() + 60
+    while not (attrs.exists() and (out / "raw" / "0").exists()) and time.time() < deadline:
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGSTOP)  # held mid-import while we look
+    assert "emparsl_unfinished" in json.loads(attrs.read_text())
+    os.kill(proc.pid, signal.SIGTERM)
+    os.kill(proc.pid, signal.SIGCONT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert err.replace("\r", "\n").strip().splitlines()[-1] == (
+        "emparsl: import stopped by SIGTERM; nothing of it was kept."
+    )
+    assert not (out / "raw").exists() and "Traceback" not in err

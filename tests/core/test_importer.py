@@ -178,3 +178,35 @@ def test_estimate_comes_before_any_write(tmp_path):
     assert first.n_files == 2
     assert not (tmp_path / "o.n5").exists()
     assert list(steps) == [(1, 2), (2, 2)]
+
+
+def test_an_import_stopped_midway_is_marked_and_refused_as_input(tmp_path, capsys):
+    """While an import writes (and after `kill -9` stops it there) its dataset carries a mark:
+    `emparsl info` shows it, and a run refuses it as input instead of reading the chunks that
+    were never written as zeros. The mark goes when the import completes."""
+    from napari_emparsl.cli import main
+    from napari_emparsl.execution.runner import Run, RunError
+
+    vol = np.arange(4 * 8 * 8, dtype=np.uint8).reshape(4, 8, 8)
+    tifffile.imwrite(tmp_path / "s.tif", vol, photometric="minisblack")
+    steps = iter_import(str(tmp_path / "s.tif"), f"{tmp_path}/o.n5:raw", chunks=(2, 8, 8))
+    next(steps)  # the estimate
+    assert next(steps) == (1, 2)  # one of two slabs on disk: what a kill -9 now would leave
+    out = Volume.open(tmp_path / "o.n5", "raw")
+    assert (
+        out.info()["unfinished"]
+        == "an import of " + str(tmp_path / "s.tif") + " that has not finished"
+    )
+    assert main(["info", f"{tmp_path}/o.n5"]) == 0
+    assert (
+        "raw  4×8×8 uint8  chunks 2×8×8  gzip  (unfinished: an import of" in capsys.readouterr().out
+    )
+    run = Run(f"{tmp_path}/o.n5:raw", "unet3d-em", f"{tmp_path}/p.n5:x", site="threads")
+    with pytest.raises(RunError, match=r"is an import of .* that has not finished \(it is still"):
+        run.prepare()
+    assert not (tmp_path / "p.n5").exists()
+    assert next(steps) == (2, 2)  # the last slab: complete, the mark gone
+    done = Volume.open(tmp_path / "o.n5", "raw")
+    assert "unfinished" not in done.info() and "emparsl_unfinished" not in done.attrs
+    steps.close()  # a consumer closing after the last slab keeps the complete import
+    np.testing.assert_array_equal(Volume.open(tmp_path / "o.n5", "raw").data.compute(), vol)

@@ -195,3 +195,29 @@ def test_channels_axis(tmp_path):
     vol = Volume.open(tmp_path / "c.n5", "multi")
     assert vol.axes == ("c", "z", "y", "x") and vol.voxel_size == (20.0, 5.0, 5.0)
     assert os.path.isdir(tmp_path / "c.n5" / "multi")
+
+
+def test_a_write_that_fails_midway_stays_marked_unfinished(tmp_path):
+    """save_array / write_pyramid mark the dataset until its last chunk is written: one whose
+    source fails mid-way (or whose process is killed) says so, and is refused as a run's input."""
+    import dask.array as da
+
+    from napari_emparsl.core.volume import UNFINISHED, save_array, write_pyramid
+    from napari_emparsl.execution.runner import Run, RunError
+
+    def read(block, block_info=None):
+        if block_info and block_info[None]["chunk-location"] == (1, 0, 0):
+            raise OSError("the source disk went away")
+        return block
+
+    data = da.ones((32, 16, 16), dtype=np.uint8, chunks=(8, 16, 16)).map_blocks(read, dtype=np.uint8)
+    with pytest.raises(OSError, match="went away"):
+        save_array(tmp_path / "o.n5", "raw", data, chunks=(8, 16, 16))
+    vol = Volume.open(tmp_path / "o.n5", "raw")
+    assert vol.attrs[UNFINISHED] == "a write that has not finished"
+    with pytest.raises(RunError, match="is a write that has not finished"):
+        Run(f"{tmp_path}/o.n5:raw", "unet3d-em", f"{tmp_path}/p.n5:x", site="threads").prepare()
+    ok = save_array(tmp_path / "o.n5", "raw", data[:8], chunks=(8, 16, 16), overwrite=True)
+    assert UNFINISHED not in ok.attrs and UNFINISHED not in Volume.open(ok.root, "raw").attrs
+    pyr = write_pyramid(tmp_path / "o.n5", "pyr", np.ones((32, 32, 32), np.uint8), chunks=(16,) * 3)
+    assert UNFINISHED not in pyr.attrs and UNFINISHED not in Volume.open(pyr.root, "pyr/s0").attrs

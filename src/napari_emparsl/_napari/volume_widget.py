@@ -18,7 +18,7 @@ from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton, S
 from napari_emparsl._napari.background import Relay, error_sentence, in_background
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.ledger import Ledger, whole_plan_blocks
-from napari_emparsl.core.volume import Volume, container_tree, openable_keys
+from napari_emparsl.core.volume import UNFINISHED, Volume, container_tree, openable_keys
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,10 @@ class VolumeWidget(Container):
             if levels:
                 label += f"  ({len(levels)} levels)"
                 detail += f", pyramid of {len(levels)} levels"
+            unfinished = node.get("unfinished") or finest.get("unfinished")
+            if unfinished:  # an import still writing it, or one stopped mid-way
+                label += "  (unfinished)"
+                detail += f"; unfinished: {unfinished}"
             choices.append((label, key, detail))
         self.datasets.choices = [(label, key) for label, key, _ in choices]
         for i, (_, _, detail) in enumerate(choices):  # the whole line, without widening the dock
@@ -136,6 +140,8 @@ class VolumeWidget(Container):
             f"{_x(vol.shape)} {vol.dtype.name}, chunks {_x(vol.chunks)}, voxel {vs} {vol.unit}, "
             f"{len(vol.levels)} level(s)"
         )
+        if vol.attrs.get(UNFINISHED):
+            text += f"; unfinished ({vol.attrs[UNFINISHED]}): parts of it are missing"
         self.info.value = text
         self._described = (vol.root, vol.key)
         ledger = Ledger(vol.root, vol.key)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from napari_emparsl.core.n5attrs import VolumeError
-from napari_emparsl.core.volume import Volume, check_output_free, parse_spec
+from napari_emparsl.core.volume import UNFINISHED, Volume, check_output_free, parse_spec
 
 __all__ = ["Estimate", "ImportSource", "estimate", "import_volume", "open_source"]
 
@@ -359,21 +359,29 @@ def iter_import(
             compression=compression,
             voxel_size=voxel_size,
             unit=unit,
-            attrs={"source": source.description},
+            attrs={
+                "source": source.description,
+                UNFINISHED: f"an import of {src} that has not finished",
+            },
             overwrite=overwrite,
         )
         slab = vol.chunks[0]  # whole chunk rows: no two writes share a chunk
         total = math.ceil(source.shape[0] / slab)
+        finished = False
         try:
             for i in range(total):
                 z0 = i * slab
                 data = source.read_slab(z0, min(z0 + slab, source.shape[0]))
                 vol.write(np.asarray(data), (z0, 0, 0))
+                if i + 1 == total:
+                    vol.mark_finished()
+                    finished = True
                 yield (i + 1, total)
         except BaseException:
-            import shutil
+            if not finished:
+                import shutil
 
-            shutil.rmtree(os.path.join(out_root, out_key), ignore_errors=True)
+                shutil.rmtree(os.path.join(out_root, out_key), ignore_errors=True)
             raise
     finally:
         source.close()

@@ -59,6 +59,10 @@ __all__ = [
 ]
 
 LOCK_SUFFIX = ".emparsl-lock"  # a run's lock file beside its output dataset (ledger.OutputLock)
+UNFINISHED = "emparsl_unfinished"
+"""Attribute of a dataset an import is still writing (removed when the import completes): an
+import killed mid-way (kill -9, a node's failure) leaves it, and runs refuse such an input
+instead of reading its missing chunks as zeros."""
 
 _WRITABLE_DTYPES = {
     "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float32", "float64",
@@ -367,6 +371,15 @@ class Volume:
         ds = _open_file(self.root, "a")[self.levels[0]]
         ds[region] = np.ascontiguousarray(data, dtype=self.dtype)
 
+    def mark_finished(self) -> None:
+        """Remove the :data:`UNFINISHED` mark the writer set when it created the volume."""
+        f = _open_file(self.root, "a")
+        for key in {self.key, self.levels[0]}:
+            node = f[key] if key else f  # a dataset may be the container's root itself
+            if UNFINISHED in node.attrs:
+                del node.attrs[UNFINISHED]
+        self.attrs.pop(UNFINISHED, None)
+
     def info(self) -> dict[str, Any]:
         """A JSON-able summary (what `emparsl info` prints)."""
         levels = []
@@ -393,7 +406,7 @@ class Volume:
             "offset": list(self.offset),
             "axes": list(self.axes),
             "levels": levels,
-        }
+        } | ({"unfinished": self.attrs[UNFINISHED]} if UNFINISHED in self.attrs else {})
 
     # ------------------------------------------------------------------------------------------
     # creating
@@ -692,6 +705,8 @@ def container_tree(path: str | os.PathLike) -> list[dict[str, Any]]:
                 "chunks": list(reversed(node.attrs.get("blockSize", []))),
                 "compression": compression_of(node.attrs),
             }
+            if UNFINISHED in node.attrs:
+                entry["unfinished"] = node.attrs[UNFINISHED]
             try:  # a pyramid level may take its size from its group's attributes
                 parent = attrs_of.get(node.key.rpartition("/")[0]) if "/" in node.key else None
                 voxel, unit, _ = voxel_size_of(node.attrs, len(dims), parent)
@@ -700,6 +715,8 @@ def container_tree(path: str | os.PathLike) -> list[dict[str, Any]]:
                 pass
         elif node.kind == "multiscale":
             entry["levels"] = list(node.levels)
+            if UNFINISHED in node.attrs:
+                entry["unfinished"] = node.attrs[UNFINISHED]
         out.append(entry)
     return out
 
@@ -820,6 +837,7 @@ def write_pyramid(
             "multiScale": True,
             "scales": [list(reversed(f)) for f in factors],
             "layer_type": "labels" if labels else "image",
+            UNFINISHED: "a write that has not finished",
         }
         | (attrs or {})
     )
@@ -853,7 +871,9 @@ def write_pyramid(
             reader, chunks=level_chunks, lock=False, fancy=False, name=f"lvl-{uuid.uuid4().hex}"
         )
         previous = fac
-    return Volume.open(root, key)
+    vol = Volume.open(root, key)
+    vol.mark_finished()
+    return vol
 
 
 def _first(x: np.ndarray, axis: tuple[int, ...] = ()) -> np.ndarray:
@@ -901,13 +921,16 @@ def save_array(
         voxel_size=voxel_size,
         unit=unit,
         offset=offset,
-        attrs={"layer_type": "labels" if labels else "image"} | (attrs or {}),
+        attrs={"layer_type": "labels" if labels else "image"}
+        | {UNFINISHED: "a write that has not finished"}
+        | (attrs or {}),
         overwrite=overwrite,
     )
     ds = _open_file(vol.root, "a")[vol.levels[0]]
     arr = data if isinstance(data, da.Array) else da.from_array(data, chunks=vol.chunks)
     # one task per output chunk: no two tasks write the same chunk file
     da.store(arr.rechunk(vol.chunks).astype(vol.dtype), ds, lock=False)
+    vol.mark_finished()
     return vol
 
 

@@ -57,6 +57,7 @@ from napari_emparsl.core.n5attrs import (
     read_attrs,
 )
 from napari_emparsl.core.volume import (
+    UNFINISHED,
     Volume,
     finite_values,
     output_level_factors,
@@ -291,6 +292,12 @@ class Run:
         self.profile = self.site if isinstance(self.site, SiteProfile) else load_site(self.site)
         src = Volume.open(self.input_root, self.input_key)
         self.input_key = src.key
+        if UNFINISHED in src.attrs:
+            raise RunError(
+                f"The input {src.root}:{src.key} is {src.attrs[UNFINISHED]} (it is still being "
+                "written, or its writer was stopped, so parts of it are missing); wait for it to "
+                "finish, or write it again, e.g. with `emparsl import … --overwrite`."
+            )
         if os.path.realpath(src.root) == os.path.realpath(self.output_root):
             _refuse_output_over_input(self.output, self.output_key, src)
         spec = describe_model(self.model, self.model_options)
