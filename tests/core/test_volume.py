@@ -210,7 +210,9 @@ def test_a_write_that_fails_midway_stays_marked_unfinished(tmp_path):
             raise OSError("the source disk went away")
         return block
 
-    data = da.ones((32, 16, 16), dtype=np.uint8, chunks=(8, 16, 16)).map_blocks(read, dtype=np.uint8)
+    data = da.ones((32, 16, 16), dtype=np.uint8, chunks=(8, 16, 16)).map_blocks(
+        read, dtype=np.uint8
+    )
     with pytest.raises(OSError, match="went away"):
         save_array(tmp_path / "o.n5", "raw", data, chunks=(8, 16, 16))
     vol = Volume.open(tmp_path / "o.n5", "raw")

@@ -551,6 +551,30 @@ def test_model_output_not_the_declared_scale_fails_its_blocks(tmp_path, conv_mod
     assert not Ledger(str(tmp_path / "o.n5"), "x").summary().done
 
 
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        ({"kind": "labels", "classes": ["a", "b", "c"]}, "3 classes (a, b, c); set classes"),
+        ({"out_channels": 2}, "2 output channel(s); set out_channels"),
+    ],
+)
+def test_model_output_not_the_declared_channels_fails_its_blocks(tmp_path, conv_model,
+                                                                 float_volume, options, said):  # fmt: skip
+    """A description with more classes (or channels) than the model gives: its blocks fail with
+    both counts. Before, a labels run took the argmax over the channels there were and wrote
+    blocks marked done whose classes did not match the names."""
+    src, _ = float_volume
+    events = list(Run(src, conv_model, f"{tmp_path}/o.n5:x", site="threads", roi="0:1,0:4,0:4",
+                      retries=0, model_options=options).events())  # fmt: skip
+    failed = [e for e in events if type(e).__name__ == "BlockFailed"]
+    assert len(failed) == 1 and events[-1].done == 0
+    assert failed[0].error == (
+        f"ValueError: The model's output has 1 channel(s) but its description says {said} to "
+        "what the model produces."
+    )
+    assert not Ledger(str(tmp_path / "o.n5"), "x").summary().done
+
+
 def test_two_runs_never_write_one_output_at_once(tmp_path, conv_model, float_volume, capsys):
     src, _ = float_volume
     out = f"{tmp_path}/o.n5:x"

@@ -109,6 +109,18 @@ def run_model_on_batch(module: Any, spec: Any, xs: list[np.ndarray]) -> list[np.
             out = module(flat)
             y = out.reshape(n, z, *out.shape[1:]).permute(0, 2, 1, 3, 4)
         y = y.float().cpu().contiguous().numpy()
+    if y.ndim != 5 or y.shape[1] != spec.n_outputs:  # labels: an argmax would hide it
+        got = f"{y.shape[1]} channel(s)" if y.ndim == 5 else f"an array of {y.ndim - 1} axes"
+        said = (
+            f"{len(spec.classes)} classes ({', '.join(spec.classes)})"
+            if spec.kind == "labels" and spec.classes
+            else f"{spec.out_channels} output channel(s)"
+        )
+        what = "classes" if spec.kind == "labels" and spec.classes else "out_channels"
+        raise ValueError(
+            f"The model's output has {got} but its description says {said}; set {what} to "
+            "what the model produces."
+        )
     padded = [n + e for n, e in zip(spatial, extra, strict=True)]
     expected = [n * s for n, s in zip(padded, spec.scale, strict=True)]
     if list(y.shape[2:]) != expected:  # else the crop below would write a wrong-sized block
