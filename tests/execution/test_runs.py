@@ -575,6 +575,44 @@ def test_model_output_not_the_declared_channels_fails_its_blocks(tmp_path, conv_
     assert not Ledger(str(tmp_path / "o.n5"), "x").summary().done
 
 
+def test_chained_run_on_an_unfinished_output_is_refused(tmp_path, conv_model, float_volume):
+    """A run whose input is another run's output (or one of its levels) reads only what that
+    run has written: its unwritten chunks would read as zeros and be computed and marked done.
+    A region inside what is done runs; once the first run is finished, the whole volume."""
+    src, _ = float_volume  # 40×50×60, chunks 16³; conv_model's block 16³: 3×4×4 = 48 blocks
+    first = f"{tmp_path}/a.n5:x"
+    assert main(["run", "--input", src, "--model", conv_model, "--output", first, "--site",
+                 "threads", "--roi", "0:32,0:32,0:32"]) == 0  # fmt: skip  # 8 blocks
+    second = ["run", "--input", first, "--model", conv_model, "--site", "threads"]
+    with pytest.raises(RunError, match=(
+        r"a.n5:x is the output of a run that is not finished: 40 of the 48 blocks this run reads "
+        r"are not written yet \(they would read as zeros\); finish that run first \(see `emparsl "
+        r"status .*a.n5:x`\), or choose a region inside what it has done.")):  # fmt: skip
+        Run(first, conv_model, f"{tmp_path}/b.n5:y", site="threads").prepare()
+    assert not (tmp_path / "b.n5").exists()
+    # a region whose blocks and their halo (2) lie inside the done blocks
+    assert main([*second, "--output", f"{tmp_path}/b.n5:y", "--roi", "0:16,0:16,0:16"]) == 0
+    # the same blocks as the first run: their halo reads unwritten chunks
+    with pytest.raises(RunError, match="19 of the 27 blocks this run reads are not written"):
+        Run(first, conv_model, f"{tmp_path}/b.n5:z", site="threads", roi="0:32,0:32,0:32").prepare()
+    # an output big enough for coarser levels: a level's region maps onto the same blocks
+    save_array(
+        tmp_path / "big.n5", "raw", np.zeros((32, 288, 288), np.float32), chunks=(32, 96, 96)
+    )
+    big = f"{tmp_path}/c.n5:x"
+    list(Run(f"{tmp_path}/big.n5:raw", conv_model, big, site="threads", block=(32, 96, 96),
+             roi="0:32,0:96,0:96").events())  # fmt: skip
+    assert Volume.open(tmp_path / "c.n5", "x").levels == ("x/s0", "x/s1")
+    with pytest.raises(RunError, match=r"c.n5:x/s1 is the output of a run that is not finished: "
+                       r"8 of the 9 blocks"):  # fmt: skip
+        Run(f"{big}/s1", conv_model, f"{tmp_path}/b.n5:l", site="threads").prepare()
+    assert main([*second[:2], f"{big}/s1", *second[3:], "--output", f"{tmp_path}/b.n5:l",
+                 "--roi", "0:16,0:32,0:32"]) == 0  # fmt: skip
+    assert main(["run", "--input", src, "--model", conv_model, "--output", first, "--site",
+                 "threads"]) == 0  # fmt: skip
+    assert main([*second, "--output", f"{tmp_path}/b.n5:z"]) == 0
+
+
 def test_two_runs_never_write_one_output_at_once(tmp_path, conv_model, float_volume, capsys):
     src, _ = float_volume
     out = f"{tmp_path}/o.n5:x"
