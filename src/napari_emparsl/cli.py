@@ -449,9 +449,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    import dask.array as da
+def _class_names(vol) -> list[str]:
+    """A labels dataset's class names, also for one level of a pyramid (named on its group)."""
+    from napari_emparsl.core.n5attrs import read_attrs
 
+    names = vol.attrs.get("class_names")
+    if not names and "/" in vol.key:
+        names = read_attrs(os.path.join(vol.root, vol.key.rsplit("/", 1)[0])).get("class_names")
+    return list(names or [])
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import math
+
+    import dask.array as da
+    import numpy as np
+
+    from napari_emparsl.core.ledger import written_blocks
     from napari_emparsl.core.volume import Volume, parse_spec
 
     pred = Volume.open(*parse_spec(args.prediction))
@@ -467,14 +481,41 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 f"The {what} {vol.root}:{vol.key} holds {vol.dtype.name} values, not class labels; "
                 "evaluate a labels output (integers) against labels of the same classes."
             )
-    names = pred.attrs.get("class_names") or truth.attrs.get("class_names") or []
+    names = _class_names(pred) or _class_names(truth)
     n = max(len(names), 2)
     p, t = pred.data, truth.data.rechunk(pred.data.chunks)
+    written = written_blocks(pred.root, pred.key)  # a run's output: its written blocks only
+    mask = None
+    if written is not None and not written.complete:
+        if not written.done.any():
+            raise VolumeError(
+                f"The prediction {pred.root}:{pred.key} is the output of a run that has written "
+                f"no block yet; see `emparsl status {pred.root}:{written.key}`."
+            )
+
+        def chunk_written(x, block_info=None):  # each chunk lies inside one block
+            where = block_info[0]["array-location"]
+            return np.full(x.shape, written.written(*zip(*where, strict=True)), bool)
+
+        mask = da.map_blocks(chunk_written, p, dtype=bool)
     sums = []
     for c in range(n):
         pc, tc = p == c, t == c
+        if mask is not None:
+            pc, tc = pc & mask, tc & mask
         sums += [da.sum(pc & tc), da.sum(pc), da.sum(tc)]
+    if mask is not None:
+        sums.append(da.sum(mask))
     *values, p_max, t_max = da.compute(*sums, p.max(), t.max())
+    if mask is not None:
+        share = values.pop() / math.prod(pred.shape)
+        blocks = f"{int(written.done.sum())} of {written.done.size}"
+        print(
+            f"emparsl: note: the prediction is the output of a run that is not finished "
+            f"({blocks} blocks written); the Dice is over those blocks only "
+            f"({share:.0%} of the volume).",
+            file=sys.stderr,
+        )
     for what, vol, top in (("prediction", pred, p_max), ("ground truth", truth, t_max)):
         if top >= n:  # an image, or instance labels: the Dice of classes 0…n-1 means little
             print(

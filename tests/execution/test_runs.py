@@ -613,6 +613,40 @@ def test_chained_run_on_an_unfinished_output_is_refused(tmp_path, conv_model, fl
     assert main([*second, "--output", f"{tmp_path}/b.n5:z"]) == 0
 
 
+def test_evaluate_of_an_unfinished_output_counts_its_written_blocks(tmp_path, save_model, capsys):
+    """`emparsl evaluate` of a run's output with blocks still unwritten (a preview, a stopped run)
+    counts those blocks only, and says so: their zeros are not background predictions."""
+
+    class Split(torch.nn.Module):
+        def forward(self, x):
+            return torch.cat([0.5 - x, x - 0.5], dim=1)  # class 1 where x > 0.5
+
+    data = np.random.default_rng(3).random((32, 32, 32)).astype(np.float32)
+    truth = (data > 0.5).astype(np.uint8)
+    truth[16:] = 1  # outside the written block: nothing like the prediction's zeros there
+    save_array(tmp_path / "e.n5", "raw", data, chunks=(16, 16, 16))
+    save_array(tmp_path / "e.n5", "truth", truth, chunks=(16, 16, 16))
+    model = save_model(Split(), tmp_path / "split.pt",
+                       "kind: labels\nclasses: [bg, fg]\nblock: [16, 16, 16]\n")  # fmt: skip
+    e = f"{tmp_path}/e.n5"
+    assert main(["run", "--input", f"{e}:raw", "--model", model, "--output", f"{e}:pred",
+                 "--site", "threads", "--roi", "0:16,0:16,0:16"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["evaluate", f"{e}:pred", f"{e}:truth", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"dice": {"bg": 1.0, "fg": 1.0}}  # the written block is exact
+    assert err == (
+        "emparsl: note: the prediction is the output of a run that is not finished (1 of 8 "
+        "blocks written); the Dice is over those blocks only (12% of the volume).\n"
+    )
+    assert main(["run", "--input", f"{e}:raw", "--model", model, "--output", f"{e}:pred",
+                 "--site", "threads"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["evaluate", f"{e}:pred", f"{e}:truth", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and json.loads(out)["dice"]["fg"] < 0.9  # all blocks: truth[16:] counts
+
+
 def test_two_runs_never_write_one_output_at_once(tmp_path, conv_model, float_volume, capsys):
     src, _ = float_volume
     out = f"{tmp_path}/o.n5:x"

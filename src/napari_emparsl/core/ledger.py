@@ -36,8 +36,10 @@ __all__ = [
     "LedgerSummary",
     "OutputBusy",
     "OutputLock",
+    "WrittenBlocks",
     "lock_holder",
     "whole_plan_blocks",
+    "written_blocks",
 ]
 
 LEDGER_NAME = "emparsl-ledger.jsonl"
@@ -173,6 +175,76 @@ def whole_plan_blocks(output_shape: Sequence[int], last_run: dict[str, Any]) -> 
     scale = last_run.get("spec", {}).get("scale", [1, 1, 1])
     shape = [n // s for n, s in zip(list(output_shape)[-3:], scale, strict=True)]
     return math.prod(block_grid(shape, last_run["block"]))
+
+
+@dataclass
+class WrittenBlocks:
+    """Which blocks of a run's output are written, for reading that output (or one of its
+    coarser levels) as a dataset: its unwritten chunks read as zeros."""
+
+    key: str  # the run's output, which holds the ledger
+    done: Any  # numpy bool array, one flag per block of the run's plan (the whole volume's)
+    step: tuple[int, ...]  # a block's size on the output's finest grid
+    factor: tuple[int, ...]  # the dataset's voxel in voxels of the finest grid
+    shape: tuple[int, ...]  # the finest grid's shape
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done.all())
+
+    def _index(self, begin: Sequence[int], end: Sequence[int]) -> tuple[slice, ...]:
+        """Blocks a region [begin, end) of the dataset (spatial axes) touches."""
+        return tuple(
+            slice(b * f // t, -(-min(e * f, n) // t))
+            for b, e, f, t, n in zip(begin, end, self.factor, self.step, self.shape, strict=True)
+        )
+
+    def missing(self, begin: Sequence[int], end: Sequence[int]) -> tuple[int, int]:
+        """(unwritten, all) blocks a region of the dataset touches."""
+        need = self.done[self._index(begin, end)]
+        return int(need.size - need.sum()), int(need.size)
+
+    def written(self, begin: Sequence[int], end: Sequence[int]) -> bool:
+        """Whether every block a region of the dataset touches is written."""
+        return bool(self.done[self._index(begin, end)].all())
+
+
+def written_blocks(root: str, key: str) -> WrittenBlocks | None:
+    """The written blocks of ``root:key`` when it is a run's output or one of its levels
+    (``KEY/sN``); None for any other dataset."""
+    import re
+
+    import numpy as np
+
+    from napari_emparsl.core.volume import Volume
+
+    candidates = [(key, 0)]
+    match = re.fullmatch(r"(.+)/s(\d+)", key)
+    if match:
+        candidates.append((match.group(1), int(match.group(2))))
+    for out_key, level in candidates:  # noqa: B007 (the pair found is used below)
+        ledger = Ledger(root, out_key)
+        if ledger.exists():
+            break
+    else:
+        return None
+    summary = ledger.summary()
+    last = summary.last_run
+    if "block" not in last:
+        return None
+    made = Volume.open(root, out_key)
+    factor = tuple(made.level_factors()[level][-3:]) if level else (1, 1, 1)
+    scale = last.get("spec", {}).get("scale", [1, 1, 1])
+    step = tuple(int(b) * int(s) for b, s in zip(last["block"], scale, strict=True))
+    shape = tuple(made.level(0).shape[-3:] if made.is_multiscale else made.shape[-3:])
+    done = np.zeros([-(-n // t) for n, t in zip(shape, step, strict=True)], bool)
+    for rec in summary.done.values():
+        try:
+            begin = [int(part.split(":")[0]) for part in str(rec["roi"]).split(",")]
+            done[tuple(b * s // t for b, s, t in zip(begin, scale, step, strict=True))] = True
+        except (KeyError, ValueError, IndexError):
+            continue  # a record without a usable region counts as not written
+    return WrittenBlocks(out_key, done, step, factor, shape)
 
 
 class OutputBusy(UserError):

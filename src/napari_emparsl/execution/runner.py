@@ -41,7 +41,7 @@ from napari_emparsl.core.geometry import (
     check_no_shared_chunks,
     plan_blocks,
 )
-from napari_emparsl.core.ledger import Ledger, OutputLock
+from napari_emparsl.core.ledger import Ledger, OutputLock, written_blocks
 from napari_emparsl.core.models.loaders import (
     BUILTIN_MODELS,
     describe_model,
@@ -194,49 +194,18 @@ def _check_input_written(src: Volume, blocks: Sequence[Block]) -> None:
     """Refuse an input that is a run's output (or one of its levels) whose blocks are not all
     written where this run reads: unwritten chunks read as zeros, and the chained run would
     compute — and mark done — blocks of nothing. A region inside what is done may run."""
-    import re
-
-    candidates = [(src.key, 0)]
-    match = re.fullmatch(r"(.+)/s(\d+)", src.key)
-    if match:
-        candidates.append((match.group(1), int(match.group(2))))
-    for key, level in candidates:  # noqa: B007 (the pair found is used below)
-        ledger = Ledger(src.root, key)
-        if ledger.exists():
-            break
-    else:
+    written = written_blocks(src.root, src.key) if blocks else None
+    if written is None:
         return
-    summary = ledger.summary()
-    last = summary.last_run
-    if "block" not in last or not blocks:
-        return
-    made = Volume.open(src.root, key)
-    fac = made.level_factors()[level][-3:] if level else (1, 1, 1)
-    scale = last.get("spec", {}).get("scale", [1, 1, 1])
-    step = [int(b) * int(s) for b, s in zip(last["block"], scale, strict=True)]  # finest grid
-    shape = made.level(0).shape[-3:] if made.is_multiscale else made.shape[-3:]
-    done = np.zeros([-(-n // b) for n, b in zip(shape, step, strict=True)], bool)
-    for rec in summary.done.values():
-        try:
-            begin = [int(part.split(":")[0]) for part in str(rec["roi"]).split(",")]
-            done[tuple(b * s // t for b, s, t in zip(begin, scale, step, strict=True))] = True
-        except (KeyError, ValueError, IndexError):
-            continue
     lo = np.min([blk.read_roi.begin for blk in blocks], axis=0)
     hi = np.max([blk.read_roi.end for blk in blocks], axis=0)
-    need = done[
-        tuple(
-            slice(b * f // t, -(-min(e * f, n) // t))
-            for b, e, f, t, n in zip(lo, hi, fac, step, shape, strict=True)
-        )
-    ]
-    missing = int(need.size - np.count_nonzero(need))
+    missing, total = written.missing(lo, hi)
     if missing:
         raise RunError(
             f"The input {src.root}:{src.key} is the output of a run that is not finished: "
-            f"{missing} of the {need.size} blocks this run reads are not written yet (they would "
-            f"read as zeros); finish that run first (see `emparsl status {src.root}:{key}`), "
-            "or choose a region inside what it has done."
+            f"{missing} of the {total} blocks this run reads are not written yet (they would "
+            f"read as zeros); finish that run first (see `emparsl status {src.root}:"
+            f"{written.key}`), or choose a region inside what it has done."
         )
 
 
