@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_emparsl.core.volume import Volume, VolumeError
+from napari_emparsl.core.volume import Volume, VolumeError, save_array
 
 
 def digest(folder: Path) -> str:
@@ -164,3 +164,29 @@ def test_no_volume_given():
     with pytest.raises(VolumeError) as err:
         Volume.open("")
     assert one_sentence(err.value) == "No volume was given; give it as DATA.n5:DATASET."
+
+
+@pytest.mark.parametrize("name", ["../pred", "a/../../pred", "a/./pred", "a//pred"])
+def test_dataset_name_that_leaves_the_container(capsys, tmp_path, pyramid_sample, name):
+    """`OUT.n5:../pred` wrote the output beside the container (next to it in the parent folder),
+    where no N5 tool would look. Every command refuses such a name; nothing is written."""
+    from napari_emparsl.cli import main
+
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for args in (
+        ["run", "--input", f"{pyramid_sample}:raw", "--output", f"{tmp_path}/o.n5:{name}",
+         "--model", "unet3d-em", "--site", "threads"],
+        ["import", str(pyramid_sample / "raw"), f"{tmp_path}/o.n5:{name}"],
+        ["info", f"{pyramid_sample}:{name}"],
+    ):  # fmt: skip
+        assert main(args) == 2
+        assert capsys.readouterr().err == (
+            f"emparsl: error: The dataset name '{name}' in {tmp_path}/o.n5:{name} is not a path "
+            "inside the container (no '..', '.' or '//' in it); give a name such as pred or "
+            "labels/pred.\n"
+        ).replace(
+            f"{tmp_path}/o.n5", str(pyramid_sample) if args[0] == "info" else f"{tmp_path}/o.n5"
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    with pytest.raises(VolumeError, match="is not a path inside the container"):
+        save_array(tmp_path / "o.n5", name, np.zeros((2, 2, 2), np.uint8))

@@ -99,8 +99,19 @@ def parse_spec(spec: str) -> tuple[str, str]:
     if ":" in spec:
         left, right = spec.rsplit(":", 1)
         if len(left) > 1 and not os.path.exists(spec):  # "C:" alone would be a drive letter
-            return left, right.strip("/")
+            return left, check_key(right.strip("/"), spec)
     return spec, ""
+
+
+def check_key(key: str, where: str = "") -> str:
+    """A dataset name is a path inside its container: ``..`` would write beside it."""
+    if key and any(part in ("", ".", "..") for part in key.split("/")):
+        raise VolumeError(
+            f"The dataset name {key!r}{f' in {where}' if where else ''} is not a path inside "
+            "the container (no '..', '.' or '//' in it); give a name such as pred or "
+            "labels/pred."
+        )
+    return key
 
 
 class _ChunkReader:
@@ -602,6 +613,7 @@ def _listing(nodes: list[Node], limit: int = 20) -> str:
 
 def check_output_free(root: str, key: str, overwrite: bool) -> None:
     """Refuse, before any work starts, an output that exists (unless overwriting) or cannot be one."""
+    check_key(key.strip("/"), f"{root}:{key}")
     if os.path.exists(root) and not os.path.isdir(root):
         raise VolumeError(f"{root} is a file; choose a folder name for the output container.")
     target = os.path.join(root, key)
