@@ -133,3 +133,28 @@ def test_masked_float_data_gets_finite_contrast(tmp_path):
     [(_, meta, _)] = get_reader(str(tmp_path / "m.n5"))(str(tmp_path / "m.n5"))
     lo, hi = meta["contrast_limits"]
     assert 10 <= lo < hi <= 60
+
+
+def test_unfinished_dataset_opens_with_a_warning(make_napari_viewer, tmp_path):
+    """A dataset an import is still writing (or that a killed import left) opens — one may look
+    at what is there — with a warning that parts of it are missing."""
+    import tifffile
+    from napari.utils.notifications import notification_manager
+
+    from napari_emparsl.core.importer import iter_import
+
+    tifffile.imwrite(tmp_path / "s.tif", np.ones((4, 8, 8), np.uint8), photometric="minisblack")
+    steps = iter_import(str(tmp_path / "s.tif"), f"{tmp_path}/o.n5:raw", chunks=(2, 8, 8))
+    next(steps), next(steps)  # the estimate, the first of two slabs
+    viewer = make_napari_viewer()
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    try:
+        [layer] = viewer.open(str(tmp_path / "o.n5"), plugin=PLUGIN)
+    finally:
+        notification_manager.notification_ready.disconnect(seen.append)
+    assert layer.data.shape == (4, 8, 8)
+    assert [str(n.message) for n in seen] == [
+        f"{tmp_path}/o.n5:raw is an import of {tmp_path}/s.tif that has not finished: parts of "
+        "it are missing and show as zeros."
+    ]

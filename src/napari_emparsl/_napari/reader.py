@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from napari_emparsl.core.n5attrs import VolumeError, find_container_root, is_container
-from napari_emparsl.core.volume import Volume, finite_values, openable_keys
+from napari_emparsl.core.volume import UNFINISHED, Volume, finite_values, openable_keys
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,23 @@ def read_n5(path: str | list[str]) -> list[LayerData]:
     is added: ``[(None,)]`` is napari's "read, but no layers" answer.
     """
     try:
-        return read_layers(path)
+        layers = read_layers(path)
     except VolumeError as err:
         from napari.utils.notifications import show_error
 
         log.info("could not open %s: %s", path, err)
         show_error(str(err))
         return [(None,)]  # type: ignore[list-item]
+    for _, meta, _ in layers:
+        source = meta["metadata"]["emparsl"]
+        if source.get("unfinished"):
+            from napari.utils.notifications import show_warning
+
+            show_warning(
+                f"{source['path']}:{source['key']} is {source['unfinished']}: parts of it are "
+                "missing and show as zeros."
+            )
+    return layers
 
 
 def read_layers(path: str | list[str]) -> list[LayerData]:
@@ -87,6 +97,8 @@ def layer_data(volume: Volume) -> LayerData:
     }
     if meta["units"] is None:
         del meta["units"]
+    if volume.attrs.get(UNFINISHED):  # an import or save still writing it, or stopped mid-way
+        meta["metadata"]["emparsl"]["unfinished"] = volume.attrs[UNFINISHED]
     if volume.is_labels:
         return data, meta, "labels"
     if "c" in volume.axes:
