@@ -392,6 +392,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     root, key = parse_spec(args.output)
     ledger = Ledger(root, key)
+    level = re.fullmatch(r"(.+)/s\d+", key)
+    if not ledger.exists() and level and Ledger(root, level.group(1)).exists():
+        key = level.group(1)  # a level of a run's output (OUT.n5:pred/s0): the run's ledger
+        ledger = Ledger(root, key)
     if not ledger.exists() and not os.path.exists(os.path.join(root, key)):
         missing = root if not os.path.exists(root) else f"{root}:{key}"
         raise VolumeError(f"{missing} does not exist; check the path.")

@@ -575,7 +575,8 @@ def test_model_output_not_the_declared_channels_fails_its_blocks(tmp_path, conv_
     assert not Ledger(str(tmp_path / "o.n5"), "x").summary().done
 
 
-def test_chained_run_on_an_unfinished_output_is_refused(tmp_path, conv_model, float_volume):
+def test_chained_run_on_an_unfinished_output_is_refused(tmp_path, conv_model, float_volume,
+                                                        capsys):  # fmt: skip
     """A run whose input is another run's output (or one of its levels) reads only what that
     run has written: its unwritten chunks would read as zeros and be computed and marked done.
     A region inside what is done runs; once the first run is finished, the whole volume."""
@@ -606,6 +607,9 @@ def test_chained_run_on_an_unfinished_output_is_refused(tmp_path, conv_model, fl
     with pytest.raises(RunError, match=r"c.n5:x/s1 is the output of a run that is not finished: "
                        r"8 of the 9 blocks"):  # fmt: skip
         Run(f"{big}/s1", conv_model, f"{tmp_path}/b.n5:l", site="threads").prepare()
+    capsys.readouterr()
+    assert main(["status", f"{big}/s1"]) == 0  # a level's status is its run's
+    assert capsys.readouterr().out.startswith(f"{big}: 1/9 blocks done, 0 failed, 8 pending\n")
     assert main([*second[:2], f"{big}/s1", *second[3:], "--output", f"{tmp_path}/b.n5:l",
                  "--roi", "0:16,0:32,0:32"]) == 0  # fmt: skip
     assert main(["run", "--input", src, "--model", conv_model, "--output", first, "--site",
