@@ -223,3 +223,24 @@ def test_a_write_that_fails_midway_stays_marked_unfinished(tmp_path):
     assert UNFINISHED not in ok.attrs and UNFINISHED not in Volume.open(ok.root, "raw").attrs
     pyr = write_pyramid(tmp_path / "o.n5", "pyr", np.ones((32, 32, 32), np.uint8), chunks=(16,) * 3)
     assert UNFINISHED not in pyr.attrs and UNFINISHED not in Volume.open(pyr.root, "pyr/s0").attrs
+
+
+@pytest.mark.parametrize(
+    "resolution", [[0, 8, 8], [-4, 8, 8], [8, "x", 8], [8, 8, None]], ids=str
+)
+def test_unusable_voxel_size_reads_as_one(tmp_path, resolution):
+    """A zero voxel size made napari refuse the layer with a traceback ("scale values of 0"),
+    a negative one mirrored it: sizes that are not positive numbers read as 1 (as a missing
+    one does), and the data opens."""
+    save_array(tmp_path / "v.n5", "a", np.ones((4, 8, 8), np.uint8), voxel_size=(30, 4, 4))
+    path = tmp_path / "v.n5" / "a" / "attributes.json"
+    attrs = json.loads(path.read_text())
+    attrs.pop("pixelResolution", None)
+    attrs["resolution"] = resolution
+    path.write_text(json.dumps(attrs))
+    vol = Volume.open(tmp_path / "v.n5", "a")
+    assert vol.voxel_size == (1.0, 1.0, 1.0) and vol.data.shape == (4, 8, 8)
+    attrs["downsamplingFactors"] = [1, 0, 1]
+    attrs["resolution"] = [4, 4, 30]
+    path.write_text(json.dumps(attrs))
+    assert Volume.open(tmp_path / "v.n5", "a").voxel_size == (30.0, 4.0, 4.0)  # factors ignored

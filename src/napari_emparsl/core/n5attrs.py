@@ -20,6 +20,7 @@ Conventions understood
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -163,18 +164,24 @@ def voxel_size_of(
         elif "resolution" in source:
             src_order = axes_c_order(source, ndim)[1]
             base = _spatial_c_order(source["resolution"], axes, src_order)
+        if base is not None and not _positive(base):
+            base, unit = None, None  # a zero size napari refuses, a negative one mirrors
         if base is not None:
             unit = unit or source.get("unit")
             break
     if base is None:
         base = (1.0,) * n_spatial
         unit = unit or attrs.get("unit") or parent_attrs.get("unit") or "pixel"
-    if factors is not None and len(factors) == len(base):
+    if factors is not None and len(factors) == len(base) and _positive(factors):
         base = tuple(b * f for b, f in zip(base, factors, strict=True))
     offset = _spatial_c_order(attrs.get("offset"), axes, n5_order) or (0.0,) * n_spatial
-    if len(offset) != len(base):
+    if len(offset) != len(base) or not all(math.isfinite(o) for o in offset):
         offset = (0.0,) * len(base)
     return base, str(unit or "nm"), offset
+
+
+def _positive(values: tuple[float, ...]) -> bool:
+    return all(math.isfinite(v) and v > 0 for v in values)
 
 
 def looks_like_labels(key: str, attrs: dict[str, Any], dtype: str) -> bool:
