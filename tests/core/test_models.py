@@ -90,6 +90,30 @@ def test_options_override_sidecar_and_are_validated():
         ModelSpec(kind="points")
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("threshold=x", "The model option 'threshold' must be a number, not 'x'."),
+        ("threshold=.nan", "The model option 'threshold' must be a number, not nan."),
+        ("classes=3", "The model option 'classes' must be a list of class names, not 3."),
+        ("arch_options=x", "The model option 'arch_options' must be a mapping such as "
+                           "{base: 8, depth: 2}, not 'x'."),
+        ("arch_options={foo: 1}", "The arch_options of unet3d are base and depth, whole numbers "
+                                  "of at least 1 (e.g. {base: 8, depth: 2}), not {'foo': 1}."),
+        ("arch_options={depth: 0}", "The arch_options of unet3d are base and depth, whole numbers "
+                                    "of at least 1 (e.g. {base: 8, depth: 2}), not {'depth': 0}."),
+    ],
+)  # fmt: skip
+def test_bad_option_values_are_one_sentence(capsys, tmp_path, small_n5, option, message):
+    """Each was an internal error (a traceback in the log) before: float('x'), dict('x'),
+    UNet(foo=1)."""
+    from napari_emparsl.cli import main
+
+    code = main(["run", "--input", f"{small_n5[0]}:raw", "--model", "unet3d-em", "--site",
+                 "threads", "--output", f"{tmp_path}/o.n5:p", "--model-option", option])  # fmt: skip
+    assert code == 2 and capsys.readouterr().err == f"emparsl: error: {message}\n"
+
+
 def test_state_dict_that_does_not_fit_architecture(tmp_path):
     torch.save(UNet(1, 3, base=4, depth=1).state_dict(), tmp_path / "w.pt")
     (tmp_path / "w.pt.yaml").write_text(

@@ -225,9 +225,7 @@ def test_a_write_that_fails_midway_stays_marked_unfinished(tmp_path):
     assert UNFINISHED not in pyr.attrs and UNFINISHED not in Volume.open(pyr.root, "pyr/s0").attrs
 
 
-@pytest.mark.parametrize(
-    "resolution", [[0, 8, 8], [-4, 8, 8], [8, "x", 8], [8, 8, None]], ids=str
-)
+@pytest.mark.parametrize("resolution", [[0, 8, 8], [-4, 8, 8], [8, "x", 8], [8, 8, None]], ids=str)
 def test_unusable_voxel_size_reads_as_one(tmp_path, resolution):
     """A zero voxel size made napari refuse the layer with a traceback ("scale values of 0"),
     a negative one mirrored it: sizes that are not positive numbers read as 1 (as a missing

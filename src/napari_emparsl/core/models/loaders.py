@@ -119,12 +119,23 @@ def _is_torchscript(path: str) -> bool:
         return False
 
 
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _architecture(spec: ModelSpec) -> Any:
     from napari_emparsl.core.models.unet import UNet
 
     opts = dict(spec.arch_options)
     if spec.architecture in ("unet3d", "unet2d"):
         dims = 3 if spec.architecture == "unet3d" else 2
+        unknown = sorted(set(opts) - {"base", "depth"})
+        bad = [k for k in ("base", "depth") if k in opts and not _count(opts[k])]
+        if unknown or bad:
+            raise ModelError(
+                f"The arch_options of {spec.architecture} are base and depth, whole numbers of "
+                f"at least 1 (e.g. {{base: 8, depth: 2}}), not {opts}."
+            )
         return UNet(spec.in_channels, spec.n_outputs, dims=dims, **opts)
     raise ModelError(
         f"Unknown architecture {spec.architecture!r}; the built-in ones are unet3d and unet2d."

@@ -21,6 +21,7 @@ arch_options: {}              # its constructor arguments
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -145,6 +146,10 @@ class ModelSpec:
             elif key == "classes":
                 if isinstance(value, str):
                     value = [v.strip() for v in value.split(",") if v.strip()]
+                if value is not None and not isinstance(value, (list, tuple)):
+                    raise ModelError(
+                        f"The model option 'classes' must be a list of class names, not {value!r}."
+                    )
                 kwargs[key] = tuple(str(v) for v in value or ())
             elif key in ("in_channels", "out_channels", "spatial_dims"):
                 try:
@@ -154,8 +159,20 @@ class ModelSpec:
                         f"The model option '{key}' must be an integer, not {value!r}."
                     ) from None
             elif key == "threshold":
-                kwargs[key] = float(value)
+                try:
+                    kwargs[key] = float(value)
+                except (TypeError, ValueError):
+                    kwargs[key] = math.nan
+                if not math.isfinite(kwargs[key]):
+                    raise ModelError(
+                        f"The model option 'threshold' must be a number, not {value!r}."
+                    ) from None
             elif key == "arch_options":
+                if value is not None and not isinstance(value, Mapping):
+                    raise ModelError(
+                        "The model option 'arch_options' must be a mapping such as "
+                        f"{{base: 8, depth: 2}}, not {value!r}."
+                    )
                 kwargs[key] = dict(value or {})
             else:
                 kwargs[key] = value if value is None else str(value)
