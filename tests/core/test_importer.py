@@ -168,6 +168,15 @@ def test_bad_sources(tmp_path):
     (tmp_path / "bad.tif").write_bytes(b"II*\x00garbage")
     with pytest.raises(VolumeError, match="not a readable TIFF"):
         open_source(str(tmp_path / "bad.tif"))
+    import h5py
+
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f["stack4d"] = np.zeros((2, 3, 4, 4), np.uint8)
+    # the shape was read after the file closed: an internal error instead of this sentence
+    with pytest.raises(
+        VolumeError, match=r"x.h5:stack4d has shape \(2, 3, 4, 4\); import needs a 3D"
+    ):
+        open_source(f"{tmp_path}/x.h5:stack4d")
 
 
 def test_estimate_comes_before_any_write(tmp_path):

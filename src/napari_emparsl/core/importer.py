@@ -186,9 +186,10 @@ def _hdf5_source(path: str, key: str) -> ImportSource:
         )
     ds = f[key]
     if ds.ndim != 3:
+        shape = ds.shape  # before closing: a closed file's dataset has no shape
         f.close()
         raise VolumeError(
-            f"{path}:{key} has shape {ds.shape}; import needs a 3D (z, y, x) dataset."
+            f"{path}:{key} has shape {shape}; import needs a 3D (z, y, x) dataset."
         )
     return ImportSource(
         f"HDF5 {path}:{key}",
