@@ -242,3 +242,34 @@ def test_unusable_voxel_size_reads_as_one(tmp_path, resolution):
     attrs["resolution"] = [4, 4, 30]
     path.write_text(json.dumps(attrs))
     assert Volume.open(tmp_path / "v.n5", "a").voxel_size == (30.0, 4.0, 4.0)  # factors ignored
+
+
+def test_dataset_at_the_container_root(tmp_path, capsys):
+    """N5 allows a container whose root is the dataset; z5py opens datasets by name only, and
+    every command was an internal error on one. It reads, runs and is listed; an output into it
+    is refused (a dataset cannot hold other datasets)."""
+    import shutil
+
+    from napari_emparsl.cli import main
+
+    data = (np.arange(8 * 16 * 16) % 251).astype(np.uint8).reshape(8, 16, 16)
+    save_array(tmp_path / "tmp.n5", "x", data, voxel_size=(40, 4, 4))
+    shutil.move(tmp_path / "tmp.n5" / "x", tmp_path / "root.n5")
+    vol = Volume.open(tmp_path / "root.n5")
+    assert vol.key == "" and vol.voxel_size == (40.0, 4.0, 4.0)
+    np.testing.assert_array_equal(vol.data.compute(), data)
+    assert main(["info", str(tmp_path / "root.n5")]) == 0
+    assert "/  8×16×16 uint8  chunks 8×16×16  gzip" in capsys.readouterr().out
+    out = f"{tmp_path}/o.n5:p"
+    model = "unet3d-em"
+    assert main(["run", "--input", str(tmp_path / "root.n5"), "--model", model, "--output", out,
+                 "--site", "threads"]) == 0  # fmt: skip
+    assert Volume.open(tmp_path / "o.n5", "p").shape == (8, 16, 16)
+    capsys.readouterr()
+    assert main(["run", "--input", str(tmp_path / "root.n5"), "--model", model, "--output",
+                 f"{tmp_path}/root.n5:p", "--site", "threads"]) == 2  # fmt: skip
+    assert capsys.readouterr().err == (
+        f"emparsl: error: {tmp_path}/root.n5 is a dataset itself, not a container that can hold "
+        "p; write the output into another container (e.g. out.n5:pred).\n"
+    )
+    assert sorted(os.listdir(tmp_path / "root.n5")) == ["0", "attributes.json"]

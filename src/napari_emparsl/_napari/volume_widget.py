@@ -107,7 +107,7 @@ class VolumeWidget(Container):
             node = tree.get(key, {})
             levels = node.get("levels", [])
             finest = tree.get(f"{key}/{levels[0]}", {}) if levels else node  # a pyramid's s0
-            label = f"{key}  {_x(finest.get('shape', []))} {finest.get('dtype', '')}"
+            label = f"{key or '/'}  {_x(finest.get('shape', []))} {finest.get('dtype', '')}"
             detail = f"{label}, chunks {_x(finest.get('chunks', []))}"
             if finest.get("voxel_size"):
                 detail += f", voxel {_x(f'{v:g}' for v in finest['voxel_size'])} {finest['unit']}"

@@ -89,6 +89,16 @@ def _open_file(root: str, mode: str = "r") -> z5py.File:
         raise VolumeError(f"Cannot open the container {root} ({_first_line(err)}).") from None
 
 
+def _dataset(root: str, key: str, mode: str = "r") -> z5py.Dataset:
+    """The z5py dataset ``root:key``; ``key`` "" is a dataset at the container's root (N5 allows
+    it), which z5py opens only by name: as the dataset named after its folder, from the folder
+    above."""
+    if key:
+        return _open_file(root, mode)[key]
+    parent, name = os.path.split(os.path.abspath(root).rstrip(os.sep))
+    return _open_file(parent, mode)[name]
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:160] if text else type(err).__name__
@@ -132,7 +142,7 @@ class _ChunkReader:
     @property
     def ds(self) -> z5py.Dataset:
         if self._ds is None:
-            self._ds = _open_file(self.root)[self.key]
+            self._ds = _dataset(self.root, self.key)
         return self._ds
 
     def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
@@ -256,9 +266,8 @@ class Volume:
         level_attrs = [read_attrs(os.path.join(root, k)) for k in level_keys]
         for k, a in zip(level_keys, level_attrs, strict=True):
             check_compression(a, f"{root}:{k}")
-        f = _open_file(root)
         try:
-            ds = f[level_keys[0]]
+            ds = _dataset(root, level_keys[0])
         except (RuntimeError, KeyError) as err:
             raise VolumeError(
                 f"Cannot open dataset {root}:{level_keys[0]} ({_first_line(err)})."
@@ -297,7 +306,7 @@ class Volume:
         if key not in self._arrays:
             import dask.array as da
 
-            ds = _open_file(self.root)[key]
+            ds = _dataset(self.root, key)
             reader = _ChunkReader(self.root, key, tuple(ds.shape), ds.dtype)
             # a fresh name per open: dask/napari caches must never mix two versions of a dataset
             name = f"n5-{os.path.basename(self.root)}-{key}-{uuid.uuid4().hex[:8]}"
@@ -343,7 +352,7 @@ class Volume:
         from concurrent.futures import ThreadPoolExecutor
 
         key = self.levels[-1]
-        ds = _open_file(self.root)[key]
+        ds = _dataset(self.root, key)
         shape, chunks = tuple(ds.shape), tuple(ds.chunks)
         step = max(1, round((float(np.prod(shape)) / max_voxels) ** (1 / len(shape))))
         out = np.empty(tuple(-(-n // step) for n in shape), dtype=ds.dtype)
@@ -379,14 +388,16 @@ class Volume:
         region = tuple(slice(o, o + s) for o, s in zip(offset, data.shape, strict=True))
         if any(r.stop > n or r.start < 0 for r, n in zip(region, self.shape, strict=True)):
             raise ValueError(f"region {region} is outside the volume of shape {self.shape}")
-        ds = _open_file(self.root, "a")[self.levels[0]]
+        ds = _dataset(self.root, self.levels[0], "a")
         ds[region] = np.ascontiguousarray(data, dtype=self.dtype)
 
     def mark_finished(self) -> None:
         """Remove the :data:`UNFINISHED` mark the writer set when it created the volume."""
-        f = _open_file(self.root, "a")
         for key in {self.key, self.levels[0]}:
-            node = f[key] if key else f  # a dataset may be the container's root itself
+            if key == self.levels[0]:
+                node = _dataset(self.root, key, "a")
+            else:  # a pyramid's group
+                node = _open_file(self.root, "a")[key]
             if UNFINISHED in node.attrs:
                 del node.attrs[UNFINISHED]
         self.attrs.pop(UNFINISHED, None)
@@ -616,6 +627,11 @@ def check_output_free(root: str, key: str, overwrite: bool) -> None:
     check_key(key.strip("/"), f"{root}:{key}")
     if os.path.exists(root) and not os.path.isdir(root):
         raise VolumeError(f"{root} is a file; choose a folder name for the output container.")
+    if key and is_dataset_attrs(read_attrs(root) if os.path.isdir(root) else {}):
+        raise VolumeError(
+            f"{root} is a dataset itself, not a container that can hold {key}; write the output "
+            "into another container (e.g. out.n5:pred)."
+        )
     target = os.path.join(root, key)
     if os.path.exists(target) and not overwrite:
         raise VolumeError(
@@ -938,7 +954,7 @@ def save_array(
         | (attrs or {}),
         overwrite=overwrite,
     )
-    ds = _open_file(vol.root, "a")[vol.levels[0]]
+    ds = _dataset(vol.root, vol.levels[0], "a")
     arr = data if isinstance(data, da.Array) else da.from_array(data, chunks=vol.chunks)
     # one task per output chunk: no two tasks write the same chunk file
     da.store(arr.rechunk(vol.chunks).astype(vol.dtype), ds, lock=False)
