@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -25,6 +26,17 @@ from napari_emparsl.core.n5attrs import VolumeError
 log = logging.getLogger("napari_emparsl")
 
 
+def _zyx(values: tuple, text: str, example: str) -> tuple:
+    """Three values z,y,x, or one for all three axes."""
+    if len(values) == 1:
+        return values * 3
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(
+            f"expected three values z,y,x like {example} (or one for all axes), not {text!r}"
+        )
+    return values
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.replace("x", ",").split(","))
@@ -32,7 +44,7 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected integers like 64,64,64, not {text!r}") from None
     if any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"sizes must be positive, not {text!r}")
-    return values
+    return _zyx(values, text, "64,64,64")
 
 
 def _ints0(text: str) -> tuple[int, ...]:
@@ -42,7 +54,7 @@ def _ints0(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected integers like 16,16,16, not {text!r}") from None
     if any(v < 0 for v in values):
         raise argparse.ArgumentTypeError(f"a halo cannot be negative, not {text!r}")
-    return values
+    return _zyx(values, text, "16,16,16")
 
 
 def _count(text: str) -> int:
@@ -60,9 +72,19 @@ def _floats(text: str) -> tuple[float, ...]:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected numbers like 40,4,4, not {text!r}") from None
-    if any(v <= 0 for v in values):
+    if not all(math.isfinite(v) and v > 0 for v in values):
         raise argparse.ArgumentTypeError(f"voxel sizes must be positive, not {text!r}")
-    return values
+    return _zyx(values, text, "40,4,4")
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text!r}")
+    return value
 
 
 def log_path() -> str:
@@ -143,6 +165,29 @@ def _print_volume(info: dict) -> None:
             print(f"  {lv['key']:<14} {shape:<16} voxel {vs} {info['unit']}")
 
 
+SAMPLE_BYTES_PER_VOXEL = 40  # the sample generator's peak: 1.2 GB for 128×512×512 voxels
+
+
+def _free_memory() -> int | None:
+    """Bytes of memory available (Linux: MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from napari_emparsl.core.sample import make_sample
     from napari_emparsl.core.volume import write_pyramid
@@ -150,6 +195,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if os.path.exists(args.output) and not args.overwrite:
         raise VolumeError(
             f"{args.output} already exists; pass --overwrite to replace it, or choose another path."
+        )
+    need = SAMPLE_BYTES_PER_VOXEL * math.prod(args.shape)  # it is generated in memory
+    free = _free_memory()
+    if free is not None and need > free:
+        raise VolumeError(
+            f"A sample of {'×'.join(map(str, args.shape))} voxels needs about {_size(need)} of "
+            f"memory to generate and this machine has {_size(free)} free; choose a smaller "
+            "--shape."
         )
     t0 = time.perf_counter()
     sample = make_sample(tuple(args.shape), seed=args.seed, anisotropy=args.anisotropy)
@@ -583,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("output", help="OUT.n5 to create")
     sample.add_argument("--seed", type=_count, default=0)
     sample.add_argument("--shape", type=_ints, default=(128, 256, 256), help="z,y,x voxels")
-    sample.add_argument("--anisotropy", type=float, default=1.0, help="z voxel size / xy size")
+    sample.add_argument("--anisotropy", type=_positive, default=1.0, help="z voxel size / xy size")
     sample.add_argument("--overwrite", action="store_true")
     sample.set_defaults(func=cmd_sample)
 

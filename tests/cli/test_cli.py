@@ -121,6 +121,18 @@ def test_output_read_by_a_reader_that_stops_is_no_error(small_n5):
         (["run", "--input", "i.n5:r", "--model", "m", "--output", "o.n5:p", "--retries",
           "-1"], "argument --retries: cannot be negative, not '-1'"),
         (["sample", "s.n5", "--seed", "-3"], "argument --seed: cannot be negative"),
+        # two values where three axes are meant: an internal error (--block), a sample generator
+        # error in the log (--shape), a voxel size written that no reader could use (import)
+        (["run", "--input", "i.n5:r", "--model", "m", "--output", "o.n5:p", "--block",
+          "64,64"], "argument --block: expected three values z,y,x like 64,64,64 (or one for all "
+                    "axes), not '64,64'"),
+        (["sample", "s.n5", "--shape", "8,8"], "argument --shape: expected three values z,y,x"),
+        (["import", "a.tif", "o.n5:raw", "--voxel-size", "4,4"],
+         "argument --voxel-size: expected three values z,y,x like 40,4,4"),
+        (["import", "a.tif", "o.n5:raw", "--voxel-size", "nan,4,4"],
+         "argument --voxel-size: voxel sizes must be positive, not 'nan,4,4'"),
+        (["sample", "s.n5", "--anisotropy", "0"],
+         "argument --anisotropy: must be a positive number, not '0'"),
     ],
 )  # fmt: skip
 def test_bad_option_value(capsys, args, message):
@@ -129,6 +141,36 @@ def test_bad_option_value(capsys, args, message):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_one_value_for_all_axes_and_a_sample_too_big_for_memory(capsys, tmp_path):
+    code, _, _ = run(capsys, "sample", str(tmp_path / "s.n5"), "--shape", "16")
+    assert code == 0 and Volume.open(tmp_path / "s.n5", "raw").shape == (16, 16, 16)
+    code, _, err = run(capsys, "sample", str(tmp_path / "big.n5"), "--shape", "100000")
+    assert code == 2 and err.startswith(
+        "emparsl: error: A sample of 100000×100000×100000 voxels needs about "
+    )
+    assert err.endswith("free; choose a smaller --shape.\n") and not (tmp_path / "big.n5").exists()
+
+
+def test_python_api_refuses_a_block_or_halo_of_two_axes(small_n5, tmp_path):
+    import napari_emparsl
+    from napari_emparsl.execution.runner import RunError
+
+    for kwargs, message in (
+        (
+            {"block": (64, 64)},
+            "The block is three whole numbers z,y,x of at least 1, not (64, 64).",
+        ),
+        (
+            {"halo": (1, -1, 1)},
+            "The halo is three whole numbers z,y,x of at least 0, not (1, -1, 1).",
+        ),
+    ):
+        with pytest.raises(RunError) as err:
+            napari_emparsl.run(f"{small_n5[0]}:raw", "unet3d-em", f"{tmp_path}/o.n5:p", **kwargs)
+        assert str(err.value) == message
+    assert not (tmp_path / "o.n5").exists()
 
 
 def test_sample_writes_pyramids_with_ground_truth(capsys, tmp_path):

@@ -188,9 +188,7 @@ def _hdf5_source(path: str, key: str) -> ImportSource:
     if ds.ndim != 3:
         shape = ds.shape  # before closing: a closed file's dataset has no shape
         f.close()
-        raise VolumeError(
-            f"{path}:{key} has shape {shape}; import needs a 3D (z, y, x) dataset."
-        )
+        raise VolumeError(f"{path}:{key} has shape {shape}; import needs a 3D (z, y, x) dataset.")
     return ImportSource(
         f"HDF5 {path}:{key}",
         tuple(ds.shape),

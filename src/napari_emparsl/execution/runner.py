@@ -9,6 +9,7 @@ and sites can live in one process (the napari GUI).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import posixpath
 import queue
@@ -305,6 +306,15 @@ class Run:
         """
         if not isinstance(self.retries, int) or self.retries < 0:
             raise RunError(f"Retries are a count of 0 or more, not {self.retries!r}.")
+        for name, value, least in (("block", self.block, 1), ("halo", self.halo, 0)):
+            if value is not None and (
+                len(value) != 3
+                or not all(isinstance(v, numbers.Integral) and v >= least for v in value)
+            ):
+                raise RunError(
+                    f"The {name} is three whole numbers z,y,x of at least {least}, not "
+                    f"{tuple(value)}."
+                )
         if not self.output_key:
             given = f", not {self.output_root}" if self.output_root.strip(" :") else " (none given)"
             raise RunError(f"Give the output as OUT.n5:DATASET{given}.")
