@@ -156,6 +156,10 @@ def test_failing_model_shows_failed_blocks(make_napari_viewer, qtbot, sample_pat
     assert widget.failed_list.choices, widget.status.value
     assert all("too bright" in c for c in widget.failed_list.choices)
     boxes = viewer.layers["failed blocks"]
+    # in the input's units: without, napari warned "Inconsistent units across layers" and
+    # dropped the units (the scale bar's nm) from the whole view
+    assert tuple(map(str, boxes.units)) == tuple(map(str, viewer.layers["raw"].units))
+    assert viewer.layers.extent.units is not None
     n_failed = len(widget.failed_list.choices)
     assert len(boxes.data) == n_failed and widget.retry_btn.enabled
     # each box outlines its block's write ROI where the raw layer shows it
@@ -323,6 +327,21 @@ def test_preview_of_what_is_on_screen_2d_and_3d(make_napari_viewer, qtbot, sampl
     widget.preview_btn.clicked.emit()
     _wait_idle(qtbot, widget)
     assert set(ledger.summary().done) == {1, 6}  # + z-block 1, y-block 1, x-block 0
+    # panned away from the volume: one sentence, nothing computed (it previewed every block
+    # of the slice); a rectangle drawn beside the volume likewise
+    camera.center = (90 * 8, 100 * 8, 3000 * 8)
+    qtbot.wait(50)
+    widget.preview_btn.clicked.emit()
+    assert widget.status.value == (
+        "Nothing of the volume is on screen; pan to the part to preview, or draw a rectangle in "
+        "a Shapes layer named 'region'."
+    )
+    viewer.dims.ndisplay = 2
+    viewer.add_shapes([np.array([[5, 200, 200], [5, 200, 300], [5, 300, 300], [5, 300, 200]]) * 8.0],
+                      shape_type="rectangle", name="region")  # fmt: skip
+    widget.preview_btn.clicked.emit()
+    assert widget.status.value.startswith("The last shape of the 'region' layer lies outside")
+    assert set(ledger.summary().done) == {1, 6} and widget._run is None
 
 
 def test_super_resolution_preview_is_an_image_layer_on_the_finer_grid(

@@ -406,6 +406,11 @@ class RunWidget(Container):
             )
             y0, x0 = np.floor(pts[:, -2:].min(axis=0)).astype(int)
             y1, x1 = np.ceil(pts[:, -2:].max(axis=0)).astype(int)
+            if y1 <= 0 or x1 <= 0 or y0 >= shape[1] or x0 >= shape[2]:
+                raise UserError(
+                    "The last shape of the 'region' layer lies outside the volume; draw it over "
+                    "the image (or delete the layer to preview what is on screen)."
+                )
         else:
             visible = self._visible_box(layer, shape)
             if visible is not None:
@@ -415,7 +420,8 @@ class RunWidget(Container):
         return Roi.from_bounds((z0, y0, x0), (z1, y1, x1))
 
     def _visible_box(self, layer: Any, shape: tuple[int, ...]) -> tuple | None:
-        """What the canvas shows of ``layer`` (voxels), or None when the canvas has no size.
+        """What the canvas shows of ``layer`` (voxels), or None when the canvas has no size;
+        UserError when it shows nothing of it.
 
         From the camera: its centre ± half the canvas size / zoom, in world units, in y and x
         (in 3D: the footprint at the focal point of a view along z; the box is as deep as it
@@ -442,7 +448,10 @@ class RunWidget(Container):
         y0, x0 = max(0, y0), max(0, x0)
         y1, x1 = min(shape[1], y1), min(shape[2], x1)
         if y1 <= y0 or x1 <= x0:
-            return None
+            raise UserError(
+                "Nothing of the volume is on screen; pan to the part to preview, or draw a "
+                "rectangle in a Shapes layer named 'region'."
+            )
         if viewer.dims.ndisplay != 3:
             z = min(max(round(center[-3]), 0), shape[0] - 1)
             return (z, y0, x0), (z + 1, y1, x1)
@@ -822,7 +831,15 @@ class RunWidget(Container):
             corners = np.array([[zc, y0, x0], [zc, y0, x1], [zc, y1, x1], [zc, y1, x0]])
             boxes.append(corners * voxel + origin)
         if self._failed_layer is None or self._failed_layer not in self._viewer.layers:
+            # the input's units: a layer without them makes napari warn "Inconsistent units
+            # across layers" and drop units (the scale bar's nm) from the whole view
+            units = (vol.unit,) * 3 if vol.unit != "pixel" else None
             self._failed_layer = self._viewer.add_shapes(
-                name="failed blocks", edge_color="red", face_color="transparent", edge_width=2
+                name="failed blocks",
+                edge_color="red",
+                face_color="transparent",
+                edge_width=2,
+                ndim=3,
+                **({"units": units} if units else {}),
             )
         self._failed_layer.data = boxes
