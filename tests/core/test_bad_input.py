@@ -190,3 +190,17 @@ def test_dataset_name_that_leaves_the_container(capsys, tmp_path, pyramid_sample
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     with pytest.raises(VolumeError, match="is not a path inside the container"):
         save_array(tmp_path / "o.n5", name, np.zeros((2, 2, 2), np.uint8))
+
+
+def test_a_2d_dataset_says_how_to_make_it_a_volume(capsys, tmp_path):
+    from napari_emparsl.cli import main
+
+    save_array(tmp_path / "i.n5", "img", np.zeros((32, 32), np.uint8))
+    code = main(["run", "--input", f"{tmp_path}/i.n5:img", "--model", "unet3d-em", "--output",
+                 f"{tmp_path}/o.n5:p", "--site", "threads"])  # fmt: skip
+    assert code == 2 and capsys.readouterr().err == (
+        f"emparsl: error: The input {tmp_path}/i.n5:img has 2 spatial axes; emparsl runs on 3D "
+        "volumes (a 2D image is a volume of one slice: save it as a TIFF and `emparsl import` it, "
+        "which writes it as 1×Y×X).\n"
+    )
+    assert not (tmp_path / "o.n5").exists()

@@ -338,8 +338,15 @@ class Run:
             )
         spatial = tuple(n for n, a in zip(src.shape, src.axes, strict=True) if a != "c")
         if len(spatial) != 3:
+            hint = (
+                " (a 2D image is a volume of one slice: save it as a TIFF and `emparsl import` "
+                "it, which writes it as 1×Y×X)"
+                if len(spatial) == 2
+                else ""
+            )
             raise RunError(
-                f"The input has {len(spatial)} spatial axes; emparsl runs on 3D volumes."
+                f"The input {src.root}:{src.key} has {len(spatial)} spatial axes; emparsl runs on "
+                f"3D volumes{hint}."
             )
         if on_checked is not None:  # the cheap checks passed: the site may start meanwhile
             on_checked()
