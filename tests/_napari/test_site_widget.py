@@ -26,6 +26,17 @@ def test_form_from_schema_validates_and_saves(make_napari_viewer, tmp_path, monk
     assert path and path.endswith("mysite.yaml")
     saved = load_site("mysite")
     assert saved.workers == 3 and not saved.keep_freed_memory and "mysite" in widget.site.choices
+    # a name that is no file name: it was written where it pointed (../x.yaml beside the
+    # sites folder) or failed with a traceback
+    for name in ("../x", "", ".hidden"):
+        widget.fields["name"].value = name
+        assert widget.save() is None
+        assert widget.message.value == (
+            "'name': a site's name is the name of its file: not empty, without / or \\, and "
+            "not starting with a dot"
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sites"]
+    assert sorted(p.name for p in (tmp_path / "sites").iterdir()) == ["mysite.yaml"]
 
 
 def test_test_site_starts_the_site_as_the_form_says(make_napari_viewer, qtbot, tmp_path, htex,

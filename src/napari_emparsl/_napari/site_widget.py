@@ -95,7 +95,7 @@ class SiteWidget(Container):
         except ValidationError as err:
             first = err.errors()[0]
             field = ".".join(str(p) for p in first["loc"])
-            self.message.value = f"'{field}': {first['msg']}"
+            self.message.value = f"'{field}': {first['msg'].removeprefix('Value error, ')}"
             return None
 
     def test(self, *_: Any) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from napari_emparsl.core.errors import UserError
 
@@ -70,6 +70,17 @@ class SiteProfile(BaseModel):
         "the engine, instead of each starting a fresh Python (the first blocks start sooner: "
         "1-2 s on 2 cores); off: Parsl's worker pool as it ships",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _file_name(cls, name: str) -> str:
+        # a profile is saved as <sites folder>/<name>.yaml
+        if not name.strip() or any(c in name for c in "/\\") or name.startswith("."):
+            raise ValueError(
+                "a site's name is the name of its file: not empty, without / or \\, and not "
+                "starting with a dot"
+            )
+        return name
 
     @property
     def workers_keep_memory(self) -> bool:
@@ -129,7 +140,8 @@ def load_site(site: str) -> SiteProfile:
         first = err.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "(profile)"
         raise SiteError(
-            f"The site profile {path} is invalid: field '{field}': {first['msg']}."
+            f"The site profile {path} is invalid: field '{field}': "
+            f"{first['msg'].removeprefix('Value error, ')}."
         ) from None
 
 
