@@ -307,6 +307,9 @@ def _stop_on_signals():
             stopping.append(signum)
             raise _Stopped(signum)
 
+    # a signal the caller ignores stays ignored: `nohup emparsl run … &` must outlive its
+    # terminal (nohup ignores SIGHUP)
+    signals = [s for s in signals if signal.getsignal(s) is not signal.SIG_IGN]
     before = {s: signal.signal(s, stop) for s in signals}
     try:
         yield

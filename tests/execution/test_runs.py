@@ -495,6 +495,26 @@ def test_ctrl_c_stops_the_local_site_and_says_how_to_resume(tmp_path, unet_model
     assert again.returncode == 0 and f"({done} already done, resuming)" in again.stdout
 
 
+def test_a_run_under_nohup_outlives_its_terminal(tmp_path, unet_model, htex):
+    """SIGHUP stops a run (its terminal closed) unless the run ignores it, as under `nohup
+    emparsl run … &`: a signal ignored before the run stays ignored."""
+    data = np.random.default_rng(8).random((64, 96, 96)).astype(np.float32)
+    save_array(tmp_path / "in.n5", "raw", data, chunks=(16, 16, 16))
+    cmd = [sys.executable, "-m", "napari_emparsl.cli", "run", "--input", f"{tmp_path}/in.n5:raw",
+           "--model", unet_model, "--block", "32,32,32", "--site", "local",
+           "--output", f"{tmp_path}/out.n5:pred"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # fmt: skip
+    deadline = time.time() + 120
+    while not _ledger_done(tmp_path / "out.n5") and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGHUP)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "Finished: 18/18 blocks done, 0 failed" in out
+    assert htex.gone()
+
+
 def test_site_whose_workers_cannot_start_is_one_sentence(tmp_path, conv_model, float_volume,
                                                          htex, capsys):  # fmt: skip
     """A local site whose worker pool exits at once (a worker_init that fails): every block
