@@ -173,6 +173,28 @@ def test_python_api_refuses_a_block_or_halo_of_two_axes(small_n5, tmp_path):
     assert not (tmp_path / "o.n5").exists()
 
 
+def test_python_api_takes_a_region_as_text_slices_or_pairs(small_n5, tmp_path):
+    """In a notebook a region comes as numpy slices: it was an AttributeError ('tuple' object
+    has no attribute 'ndim') deep in the planner."""
+    import napari_emparsl
+    from napari_emparsl.execution.runner import Run, RunError
+
+    src = f"{small_n5[0]}:raw"  # 20×40×50
+    plans = []
+    for roi in (
+        "0:8,0:16,0:16",
+        (slice(0, 8), slice(0, 16), slice(0, 16)),
+        [(0, 8), (0, 16), (0, 16)],
+    ):
+        plan = Run(src, "unet3d-em", f"{tmp_path}/o{len(plans)}.n5:p", site="threads", roi=roi,
+                   block=(32, 32, 32)).prepare()  # fmt: skip
+        plans.append([b.id for b in plan.blocks])
+    assert plans[0] == plans[1] == plans[2] == [0]
+    for roi in (5, (slice(0, 8, 2), slice(0, 8), slice(0, 8))):
+        with pytest.raises(RunError, match=r"A region is z0:z1,y0:y1,x0:x1 \(or numpy slices"):
+            napari_emparsl.run(src, "unet3d-em", f"{tmp_path}/x.n5:p", roi=roi)
+
+
 def test_sample_writes_pyramids_with_ground_truth(capsys, tmp_path):
     out_path = tmp_path / "s.n5"
     code, out, _ = run(capsys, "sample", str(out_path), "--shape", "32,64,64", "--seed", "3")

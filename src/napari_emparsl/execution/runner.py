@@ -81,6 +81,26 @@ class RunError(UserError, ValueError):
     """A run that cannot start, said in one sentence."""
 
 
+def _as_roi(roi: Any) -> Roi | None:
+    """A region as the CLI text "z0:z1,y0:y1,x0:x1", a Roi, or (in a notebook) numpy-style
+    slices or (start, stop) pairs, one per axis."""
+    if roi is None or isinstance(roi, Roi):
+        return roi
+    if isinstance(roi, str):
+        return parse_roi(roi)
+    try:
+        pairs = [
+            (r.start or 0, r.stop) if isinstance(r, slice) and r.step in (None, 1) else tuple(r)
+            for r in roi
+        ]
+        return parse_roi(",".join(f"{int(a)}:{int(b)}" for a, b in pairs))
+    except (TypeError, ValueError):
+        raise RunError(
+            "A region is z0:z1,y0:y1,x0:x1 (or numpy slices, or (start, stop) pairs, one per "
+            f"axis), not {roi!r}."
+        ) from None
+
+
 def parse_roi(text: str) -> Roi:
     """``"z0:z1,y0:y1,x0:x1"`` -> Roi."""
     try:
@@ -265,7 +285,7 @@ class Run:
         self.model = model
         self.model_options = dict(model_options or {})
         self.site = site
-        self.roi = parse_roi(roi) if isinstance(roi, str) else roi
+        self.roi = _as_roi(roi)
         self.block = tuple(block) if block is not None else None
         self.halo = tuple(halo) if halo is not None else None
         self.overwrite = overwrite
