@@ -112,17 +112,24 @@ def cmd_info(args: argparse.Namespace) -> int:
         tree = [n for n in tree if n["key"] == key or n["key"].startswith(key + "/")]
     elif key or any(n["key"] == "" and n["kind"] != "group" for n in tree):
         volume = Volume.open(path, key)
+    info = volume.info() if volume is not None else None
+    if volume is not None:  # a run's output (or a level of it): how much of it is written
+        from napari_emparsl.core.ledger import written_blocks
+
+        written = written_blocks(volume.root, volume.key)
+        if written is not None:
+            info["run_blocks"] = {"written": int(written.done.sum()), "total": written.done.size}
     if args.json:
         out = {"tree": tree}
-        if volume is not None:
-            out["dataset"] = volume.info()
+        if info is not None:
+            out["dataset"] = info
         print(json.dumps(out, indent=2))
         return 0
     print(f"{os.path.abspath(path)}{':' + key if key else ''}")
     if not key or group:
         _print_tree(tree)
-    if volume is not None:
-        _print_volume(volume.info())
+    if info is not None:
+        _print_volume(info)
     return 0
 
 
@@ -155,6 +162,10 @@ def _print_volume(info: dict) -> None:
     print(f"compression  {info['compression']}")
     if "unfinished" in info:
         print(f"unfinished   {info['unfinished']}: parts of it are missing; write it again")
+    if "run_blocks" in info:
+        done, total = info["run_blocks"]["written"], info["run_blocks"]["total"]
+        state = "complete" if done == total else "the rest read as zeros; see `emparsl status`"
+        print(f"run          {done} of {total} blocks written ({state})")
     vs = " × ".join(f"{v:g}" for v in info["voxel_size"])
     print(f"voxel size   {vs} {info['unit']}")
     if len(info["levels"]) > 1:

@@ -663,6 +663,10 @@ def test_evaluate_of_an_unfinished_output_counts_its_written_blocks(tmp_path, sa
         "emparsl: note: the prediction is the output of a run that is not finished (1 of 8 "
         "blocks written); the Dice is over those blocks only (12% of the volume).\n"
     )
+    assert main(["info", f"{e}:pred"]) == 0  # info says how much of a run's output is there
+    assert "run          1 of 8 blocks written (the rest read as zeros; see `emparsl status`)" in (
+        capsys.readouterr().out
+    )
     assert main(["run", "--input", f"{e}:raw", "--model", model, "--output", f"{e}:pred",
                  "--site", "threads"]) == 0  # fmt: skip
     capsys.readouterr()
