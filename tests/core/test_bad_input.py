@@ -204,3 +204,43 @@ def test_a_2d_dataset_says_how_to_make_it_a_volume(capsys, tmp_path):
         "which writes it as 1×Y×X).\n"
     )
     assert not (tmp_path / "o.n5").exists()
+
+
+@pytest.fixture
+def read_only_container(tmp_path, small_n5):
+    """The small container, bind-mounted read-only (a shared data disk); needs root."""
+    import os
+    import subprocess
+
+    ro = tmp_path / "ro.n5"
+    ro.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root")
+    for cmd in (["mount", "--bind", str(small_n5[0]), str(ro)],
+                ["mount", "-o", "remount,bind,ro", str(ro)]):  # fmt: skip
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            subprocess.run(["umount", str(ro)], check=False, capture_output=True)
+            pytest.skip(f"cannot bind-mount read-only here: {res.stderr.strip()}")
+    yield ro
+    subprocess.run(["umount", str(ro)], check=False)
+
+
+def test_output_on_a_read_only_disk_is_one_sentence(capsys, tmp_path, read_only_container):
+    """An input on a read-only disk runs (it is only read); an output there was z5py's
+    "filesystem error: cannot create directories" as an internal error."""
+    from napari_emparsl.cli import main
+
+    ro = read_only_container
+    base = ["--model", "unet3d-em", "--site", "threads", "--roi", "0:8,0:8,0:8"]
+    assert main(["run", "--input", f"{ro}:raw", "--output", f"{tmp_path}/o.n5:p", *base]) == 0
+    capsys.readouterr()
+    for args in (
+        ["run", "--input", f"{ro}:raw", "--output", f"{ro}:p", *base],
+        ["run", "--input", f"{ro}:raw", "--output", f"{ro}/sub/o.n5:p", *base],
+    ):
+        assert main(args) == 2
+        assert capsys.readouterr().err == (
+            f"emparsl: error: Cannot write to {ro} (a read-only disk, or no permission); choose "
+            "an output on a disk you can write to.\n"
+        )

@@ -632,6 +632,14 @@ def check_output_free(root: str, key: str, overwrite: bool) -> None:
             f"{root} is a dataset itself, not a container that can hold {key}; write the output "
             "into another container (e.g. out.n5:pred)."
         )
+    existing = os.path.abspath(root)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)  # where the output's folders will be made
+    if not os.access(existing, os.W_OK):
+        raise VolumeError(
+            f"Cannot write to {existing} (a read-only disk, or no permission); choose an "
+            "output on a disk you can write to."
+        )
     target = os.path.join(root, key)
     if os.path.exists(target) and not overwrite:
         raise VolumeError(
