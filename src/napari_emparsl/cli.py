@@ -241,6 +241,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bar_interval() -> float:
+    """Seconds between progress bar updates: a terminal's bar moves at once; in a batch job's
+    log (not a terminal) each update is another line, so once every 10 s."""
+    return 0.1 if sys.stderr.isatty() else 10.0
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     with _stop_on_signals():
         return _import(args)
@@ -276,7 +282,13 @@ def _import(args: argparse.Namespace) -> int:
             done, total = step
             complete = done == total
             if bar is None:
-                bar = tqdm(total=total, unit="slab", desc="import", file=sys.stderr)
+                bar = tqdm(
+                    total=total,
+                    unit="slab",
+                    desc="import",
+                    file=sys.stderr,
+                    mininterval=_bar_interval(),
+                )
             bar.update(done - bar.n)
     except KeyboardInterrupt as stop:
         steps.close()  # removes what the import wrote, unless it is complete
@@ -390,7 +402,12 @@ def _run(args: argparse.Namespace) -> int:
                     + f"; site {args.site}."
                 )
                 bar = tqdm(
-                    total=event.total, initial=skipped, unit="block", desc="run", file=sys.stderr
+                    total=event.total,
+                    initial=skipped,
+                    unit="block",
+                    desc="run",
+                    file=sys.stderr,
+                    mininterval=_bar_interval(),
                 )
                 if event.todo:  # workers start, then compute: seconds without a finished block
                     bar.set_postfix_str("starting the site, first blocks running")
@@ -398,7 +415,7 @@ def _run(args: argparse.Namespace) -> int:
                 progress = (event.done, event.total)
                 voxels += event.voxels
                 rate = voxels / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix_str(f"{rate / 1e6:.2f} Mvox/s")
+                bar.set_postfix_str(f"{rate / 1e6:.2f} Mvox/s", refresh=False)  # update() draws
                 bar.update(1)
             elif isinstance(event, BlockFailed):
                 # each distinct error once (a wrong setting fails every block the same way)

@@ -298,3 +298,16 @@ def test_sigterm_stops_an_import_and_keeps_nothing(tmp_path):
         "emparsl: import stopped by SIGTERM; nothing of it was kept."
     )
     assert not (out / "raw").exists() and "Traceback" not in err
+
+
+def test_progress_in_a_log_file_is_a_few_lines(small_n5, tmp_path):
+    """Where stderr is not a terminal (a batch job's log) the bar is drawn every 10 s, not twice
+    per block: 105 blocks wrote 200+ bar states into the log."""
+    cmd = [sys.executable, "-m", "napari_emparsl.cli", "run", "--input", f"{small_n5[0]}:raw",
+           "--model", "unet3d-em", "--output", f"{tmp_path}/o.n5:p", "--site", "threads",
+           "--block", "8", "--halo", "0"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert res.returncode == 0 and "Finished: 105/105 blocks done" in res.stdout
+    states = [s for s in res.stderr.replace("\r", "\n").splitlines() if s.startswith("run:")]
+    assert 2 <= len(states) <= 8, states
+    assert "105/105" in states[-1]
