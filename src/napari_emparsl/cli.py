@@ -57,14 +57,25 @@ def _ints0(text: str) -> tuple[int, ...]:
     return _zyx(values, text, "16,16,16")
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"cannot be negative, not {text!r}")
-    return value
+def _scalar(parse, ok, expected: str, bad: str):
+    """An argparse type: ``parse`` the text (else "expected …"), then check it with ``ok``."""
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, not {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{bad}, not {text!r}")
+        return value
+
+    return convert
+
+
+_count = _scalar(int, lambda v: v >= 0, "a whole number", "cannot be negative")
+_positive = _scalar(
+    float, lambda v: math.isfinite(v) and v > 0, "a number", "must be a positive number"
+)
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -75,16 +86,6 @@ def _floats(text: str) -> tuple[float, ...]:
     if not all(math.isfinite(v) and v > 0 for v in values):
         raise argparse.ArgumentTypeError(f"voxel sizes must be positive, not {text!r}")
     return _zyx(values, text, "40,4,4")
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, not {text!r}")
-    return value
 
 
 def log_path() -> str:
@@ -191,15 +192,8 @@ def _free_memory() -> int | None:
     return None
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PiB"
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
+    from napari_emparsl.core.importer import human_size
     from napari_emparsl.core.sample import make_sample
     from napari_emparsl.core.volume import write_pyramid
 
@@ -211,9 +205,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     free = _free_memory()
     if free is not None and need > free:
         raise VolumeError(
-            f"A sample of {'×'.join(map(str, args.shape))} voxels needs about {_size(need)} of "
-            f"memory to generate and this machine has {_size(free)} free; choose a smaller "
-            "--shape."
+            f"A sample of {'×'.join(map(str, args.shape))} voxels needs about {human_size(need)} "
+            f"of memory to generate and this machine has {human_size(free)} free; choose a "
+            "smaller --shape."
         )
     t0 = time.perf_counter()
     sample = make_sample(tuple(args.shape), seed=args.seed, anisotropy=args.anisotropy)

@@ -236,12 +236,13 @@ class Estimate:
 
     def summary(self) -> str:
         return (
-            f"{self.n_files:,} chunk files, about {_human(self.disk_bytes)} on disk "
-            f"({_human(self.raw_bytes)} uncompressed, measured ratio {self.ratio:.2f})"
+            f"{self.n_files:,} chunk files, about {human_size(self.disk_bytes)} on disk "
+            f"({human_size(self.raw_bytes)} uncompressed, measured ratio {self.ratio:.2f})"
         )
 
 
-def _human(n: float) -> str:
+def human_size(n: float) -> str:
+    """Bytes as B / KiB / MiB / GiB / TiB, one decimal."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -299,7 +300,7 @@ def estimate(
     warnings = []
     if chunk_bytes < TINY_CHUNK_BYTES or n_files > MANY_FILES:
         warnings.append(
-            f"Chunks of {'×'.join(map(str, chunks))} ({_human(chunk_bytes)}) give {n_files:,} "
+            f"Chunks of {'×'.join(map(str, chunks))} ({human_size(chunk_bytes)}) give {n_files:,} "
             f"file{'s' if n_files != 1 else ''}: tiny chunks strain shared filesystems; consider 64×64×64 or larger."
         )
     if math.prod(chunks) > HUGE_CHUNK_VOXELS:
