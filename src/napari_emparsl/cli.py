@@ -425,6 +425,14 @@ def _run(args: argparse.Namespace) -> int:
         events.close()
         if bar is not None:
             bar.close()
+        if progress and run.blocks:  # the ledger's count: a block may be recorded done before
+            try:  # its event reached this loop, and it is what a resume skips
+                from napari_emparsl.core.ledger import Ledger
+
+                done = Ledger(run.output_root, run.output_key).summary().done
+                progress = (len(set(done) & set(run.blocks)), progress[1])
+            except (OSError, ValueError):
+                pass
         at = f" at {progress[0]}/{progress[1]} blocks done" if progress else ""
         how = _how_stopped(stop)
         print(

@@ -296,6 +296,7 @@ class Run:
         self._src: Volume | None = None
         self._provenance: dict[str, Any] | None = None
         self._done_ids: set[int] = set()  # of the whole output, this run's blocks included
+        self.blocks: dict[int, Block] = {}  # the plan's, once planned: where each block writes
         self._lock: OutputLock | None = None
         self.callbacks: list[Callable[[RunEvent], None]] = []
 
