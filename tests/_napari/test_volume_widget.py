@@ -26,6 +26,11 @@ def test_browse_and_open(make_napari_viewer, tmp_path, monkeypatch):
         "raw  32×64×64 uint8, chunks 32×64×64, voxel 8×8×8 nm, pyramid of 3 levels"
     )
     assert str(tmp_path / "s.n5") in recent_paths()
+    recent = tmp_path / "config" / "napari-emparsl" / "recent.json"
+    kept = recent.read_text()  # a recent-paths file that is no list (edited by hand): none,
+    recent.write_text("5")  # not a TypeError in the panel
+    assert recent_paths() == []
+    recent.write_text(kept)
     widget.datasets.value = ["raw"]
     assert widget.info.value == "32×64×64 uint8, chunks 32×64×64, voxel 8×8×8 nm, 3 level(s)"
     [layer] = widget.open_selected()

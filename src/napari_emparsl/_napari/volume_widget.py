@@ -37,6 +37,8 @@ def recent_paths() -> list[str]:
         data = json.loads(_recent_file().read_text())
     except (OSError, ValueError):
         return []
+    if not isinstance(data, list):  # a file edited by hand, or another program's
+        return []
     return [p for p in data if isinstance(p, str)][:_MAX_RECENT]
 
 
