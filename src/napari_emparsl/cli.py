@@ -632,10 +632,17 @@ def cmd_sites(args: argparse.Namespace) -> int:
     from napari_emparsl.execution.sites import list_sites, load_site
 
     if args.action == "list":
+        invalid = 0
         for name, path in list_sites().items():
-            profile = load_site(name)
-            print(f"{name:<12} {profile.kind:<8} {profile.workers} workers  ({path})")
-        return 0
+            try:  # one broken profile does not hide the others
+                profile = load_site(name)
+            except UserError as err:
+                invalid += 1
+                print(f"{name:<12} invalid: {err}")
+                continue
+            workers = f"{profile.workers} worker{'s' if profile.workers != 1 else ''}"
+            print(f"{name:<12} {profile.kind:<8} {workers}  ({path})")
+        return 2 if invalid else 0
     if not args.name:
         raise VolumeError(f"Name the site, e.g. `emparsl sites {args.action} local`.")
     profile = load_site(args.name)

@@ -311,3 +311,18 @@ def test_progress_in_a_log_file_is_a_few_lines(small_n5, tmp_path):
     states = [s for s in res.stderr.replace("\r", "\n").splitlines() if s.startswith("run:")]
     assert 2 <= len(states) <= 8, states
     assert "105/105" in states[-1]
+
+
+def test_sites_list_shows_a_broken_profile_among_the_others(capsys, tmp_path, monkeypatch):
+    """One profile that is not valid YAML stopped `sites list` there: the profiles after it
+    were not listed."""
+    monkeypatch.setenv("EMPARSL_SITES", str(tmp_path))
+    (tmp_path / "broken.yaml").write_text("kind: local\nworkers: [\n")
+    (tmp_path / "good.yaml").write_text("kind: local\nworkers: 1\n")
+    code, out, _ = run(capsys, "sites", "list")
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert code == 2 and set(lines) == {"local", "threads", "broken", "good"}
+    assert lines["broken"].startswith(
+        f"broken       invalid: The site profile {tmp_path}/broken.yaml"
+    )
+    assert lines["good"].startswith("good         local    1 worker  (")
