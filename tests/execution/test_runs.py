@@ -595,6 +595,27 @@ def test_model_output_not_the_declared_channels_fails_its_blocks(tmp_path, conv_
     assert not Ledger(str(tmp_path / "o.n5"), "x").summary().done
 
 
+def test_model_that_returns_a_tuple_fails_its_blocks_in_a_sentence(tmp_path, float_volume,
+                                                                  save_model):  # fmt: skip
+    """A model whose forward returns (output, aux), as deep-supervision nets do: each block
+    fails saying so (it was "AttributeError: 'tuple' object has no attribute 'float'")."""
+
+    class Pair(torch.nn.Module):
+        def forward(self, x):
+            return x, x
+
+    src, _ = float_volume
+    model = save_model(Pair(), tmp_path / "pair.pt", "kind: image\n")
+    events = list(Run(src, model, f"{tmp_path}/o.n5:x", site="threads", roi="0:1,0:4,0:4",
+                      retries=0).events())  # fmt: skip
+    failed = [e for e in events if type(e).__name__ == "BlockFailed"]
+    assert len(failed) == 1 and events[-1].done == 0
+    assert failed[0].error == (
+        "ValueError: The model returned a tuple of 2, not one tensor; export it so that its "
+        "forward returns the output tensor alone (e.g. a wrapper whose forward returns net(x)[0])."
+    )
+
+
 def test_chained_run_on_an_unfinished_output_is_refused(tmp_path, conv_model, float_volume,
                                                         capsys):  # fmt: skip
     """A run whose input is another run's output (or one of its levels) reads only what that

@@ -83,6 +83,23 @@ def run_model_on_array(module: Any, spec: Any, x: np.ndarray) -> np.ndarray:
     return run_model_on_batch(module, spec, [x])[0]
 
 
+def _one_tensor(out: Any) -> Any:
+    """The model's output, which must be one tensor (not a tuple, list or dict of them)."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out
+    what = (
+        f"a {type(out).__name__} of {len(out)}"
+        if isinstance(out, (tuple, list, dict))
+        else f"a {type(out).__name__}"
+    )
+    raise ValueError(
+        f"The model returned {what}, not one tensor; export it so that its forward returns the "
+        "output tensor alone (e.g. a wrapper whose forward returns net(x)[0])."
+    )
+
+
 def run_model_on_batch(module: Any, spec: Any, xs: list[np.ndarray]) -> list[np.ndarray]:
     """Forward same-shaped normalized (C, z, y, x) float32 arrays in one call.
 
@@ -102,11 +119,11 @@ def run_model_on_batch(module: Any, spec: Any, xs: list[np.ndarray]) -> list[np.
     with torch.inference_mode():
         t = torch.from_numpy(np.ascontiguousarray(np.stack(xs))).to(device)  # (N, C, z, y, x)
         if spec.spatial_dims == 3:
-            y = module(t)
+            y = _one_tensor(module(t))
         else:
             n, c, z = t.shape[:3]
             flat = t.permute(0, 2, 1, 3, 4).reshape(n * z, c, *t.shape[3:])
-            out = module(flat)
+            out = _one_tensor(module(flat))
             y = out.reshape(n, z, *out.shape[1:]).permute(0, 2, 1, 3, 4)
         y = y.float().cpu().contiguous().numpy()
     if y.ndim != 5 or y.shape[1] != spec.n_outputs:  # labels: an argmax would hide it
