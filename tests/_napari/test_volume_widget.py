@@ -55,12 +55,18 @@ def test_run_output_offers_resume_and_errors_are_sentences(
     assert widget.info.value.endswith("run output: reading its ledger…")
     # the region's one block done, out of the whole volume's 1 × 2 × 2
     qtbot.waitUntil(lambda: "run output: 1/4 blocks done, 0 failed" in widget.info.value)
+    assert widget.info.value.endswith(" — resume it from the run panel")
     # an answer for a dataset no longer selected is dropped
     widget.datasets.value = ["raw"]
     widget.datasets.value = ["pred"]
     widget.datasets.value = ["raw"]
     qtbot.wait(300)
     assert widget.info.value == "32×64×64 uint8, chunks 32×64×64, voxel 8×8×8 nm, 3 level(s)"
+    # a complete run's output is not offered for resuming
+    assert main(["run", "--input", f"{tmp_path}/s.n5:raw", "--model", "unet3d-em", "--output",
+                 f"{tmp_path}/s.n5:pred", "--site", "threads", "--block", "32,32,32"]) == 0  # fmt: skip
+    widget.datasets.value = ["pred"]
+    qtbot.waitUntil(lambda: "run output: 4/4 blocks done, 0 failed — complete" in widget.info.value)
     widget.path.value = str(tmp_path / "missing.n5")
     assert widget.info.value.endswith("does not exist; check the path.")
 

@@ -160,6 +160,8 @@ class VolumeWidget(Container):
                 return where, text, "; " + error_sentence(err, "Reading its run's ledger")
             done, failed = len(summary.done), len(summary.failed)
             run = f"; run output: {done}/{total} blocks done, {failed} failed"
+            if done >= total and not failed:
+                return where, text, run + " — complete"
             return where, text, run + " — resume it from the run panel"
 
         in_background(self._ledger_relay, read, "emparsl-volume-ledger", daemon=True)
