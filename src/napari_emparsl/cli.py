@@ -556,7 +556,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from napari_emparsl.core.ledger import written_blocks
-    from napari_emparsl.core.volume import Volume, parse_spec
+    from napari_emparsl.core.volume import UNFINISHED, Volume, parse_spec
 
     pred = Volume.open(*parse_spec(args.prediction))
     truth = Volume.open(*parse_spec(args.truth))
@@ -566,6 +566,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "compare datasets of the same volume."
         )
     for what, vol in (("prediction", pred), ("ground truth", truth)):
+        if vol.attrs.get(UNFINISHED):  # its missing chunks would count as class 0
+            raise VolumeError(
+                f"The {what} {vol.root}:{vol.key} is {vol.attrs[UNFINISHED]}, so parts of it are "
+                "missing; wait for it to finish, or write it again."
+            )
         if vol.dtype.kind not in "iub":
             raise VolumeError(
                 f"The {what} {vol.root}:{vol.key} holds {vol.dtype.name} values, not class labels; "

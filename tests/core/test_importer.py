@@ -214,6 +214,13 @@ def test_an_import_stopped_midway_is_marked_and_refused_as_input(tmp_path, capsy
     with pytest.raises(RunError, match=r"is an import of .* that has not finished \(it is still"):
         run.prepare()
     assert not (tmp_path / "p.n5").exists()
+    capsys.readouterr()
+    assert main(["evaluate", f"{tmp_path}/o.n5:raw", f"{tmp_path}/o.n5:raw"]) == 2  # nor scored
+    assert capsys.readouterr().err == (
+        f"emparsl: error: The prediction {tmp_path}/o.n5:raw is an import of {tmp_path}/s.tif "
+        "that has not finished, so parts of it are missing; wait for it to finish, or write it "
+        "again.\n"
+    )
     assert next(steps) == (2, 2)  # the last slab: complete, the mark gone
     done = Volume.open(tmp_path / "o.n5", "raw")
     assert "unfinished" not in done.info() and "emparsl_unfinished" not in done.attrs

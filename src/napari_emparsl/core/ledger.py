@@ -206,7 +206,7 @@ class WrittenBlocks:
 
     def written(self, begin: Sequence[int], end: Sequence[int]) -> bool:
         """Whether every block a region of the dataset touches is written."""
-        return bool(self.done[self._index(begin, end)].all())
+        return self.missing(begin, end)[0] == 0
 
 
 def written_blocks(root: str, key: str) -> WrittenBlocks | None:

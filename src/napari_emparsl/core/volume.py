@@ -60,9 +60,10 @@ __all__ = [
 
 LOCK_SUFFIX = ".emparsl-lock"  # a run's lock file beside its output dataset (ledger.OutputLock)
 UNFINISHED = "emparsl_unfinished"
-"""Attribute of a dataset an import is still writing (removed when the import completes): an
-import killed mid-way (kill -9, a node's failure) leaves it, and runs refuse such an input
-instead of reading its missing chunks as zeros."""
+"""Attribute of a dataset still being written by an import, a napari save or `emparsl sample`
+(removed once its last chunk is written): a writer killed mid-way (kill -9, a node's failure)
+leaves it, and runs and `evaluate` refuse such an input instead of reading its missing chunks
+as zeros."""
 
 _WRITABLE_DTYPES = {
     "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float32", "float64",
@@ -393,11 +394,10 @@ class Volume:
 
     def mark_finished(self) -> None:
         """Remove the :data:`UNFINISHED` mark the writer set when it created the volume."""
-        for key in {self.key, self.levels[0]}:
-            if key == self.levels[0]:
-                node = _dataset(self.root, key, "a")
-            else:  # a pyramid's group
-                node = _open_file(self.root, "a")[key]
+        nodes = [_dataset(self.root, self.levels[0], "a")]
+        if self.key != self.levels[0]:  # a pyramid: its group too
+            nodes.append(_open_file(self.root, "a")[self.key])
+        for node in nodes:
             if UNFINISHED in node.attrs:
                 del node.attrs[UNFINISHED]
         self.attrs.pop(UNFINISHED, None)
