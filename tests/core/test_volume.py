@@ -166,6 +166,14 @@ def test_parse_spec(tmp_path):
     assert parse_spec("b.N5:x") == ("b.N5", "x")
 
 
+def test_open_takes_path_colon_dataset_as_everywhere_else(small_n5):
+    path, data = small_n5
+    vol = Volume.open(f"{path}:raw")
+    assert vol.key == "raw" and vol.shape == data.shape
+    with pytest.raises(VolumeError, match=r"There is no dataset 'nope' in .*; available: raw"):
+        Volume.open(f"{path}:nope")
+
+
 def test_create_refuses_existing_unless_overwrite(small_n5):
     path, data = small_n5
     with pytest.raises(VolumeError, match="already exists; pass --overwrite"):

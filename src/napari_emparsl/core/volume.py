@@ -219,7 +219,8 @@ class Volume:
         Parameters
         ----------
         path
-            The container folder (``*.n5``), or a group/dataset folder inside it.
+            The container folder (``*.n5``), or a group/dataset folder inside it; or
+            ``DATA.n5:DATASET`` when ``key`` is not given.
         key
             Dataset or pyramid group inside ``path``. Optional when ``path`` is a dataset or the
             container holds just one.
@@ -232,6 +233,8 @@ class Volume:
         path = os.fspath(path)
         if not path.strip():
             raise VolumeError("No volume was given; give it as DATA.n5:DATASET.")
+        if not key and not os.path.exists(path):  # "DATA.n5:DATASET", as everywhere else
+            path, key = parse_spec(path)
         if not os.path.exists(path):
             raise VolumeError(f"{path} does not exist; check the path.")
         if not os.path.isdir(path):

@@ -12,16 +12,67 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from napari_emparsl.core.volume import Volume, volume_stats
+from napari_emparsl.core.errors import UserError
+from napari_emparsl.core.volume import UNFINISHED, Volume, volume_stats
 
-__all__ = ["N5TileDataset", "dice_scores", "volume_stats"]
+__all__ = ["N5TileDataset", "TrainingDataError", "dice_scores", "volume_stats"]
+
+
+class TrainingDataError(UserError, ValueError):
+    """Volumes or tiles that cannot be trained on, said in one sentence."""
+
+
+def _spatial_shape(volume: Volume) -> tuple[int, ...]:
+    return tuple(volume.shape[1:]) if "c" in volume.axes else tuple(volume.shape)
+
+
+def _size(shape: Sequence[int]) -> str:
+    return "×".join(map(str, shape))
+
+
+def _check_pair(raw: Volume, labels: Volume, tile: tuple[int, ...]) -> None:
+    names = {id(raw): f"raw {raw.root}:{raw.key}", id(labels): f"labels {labels.root}:{labels.key}"}
+    for vol in (raw, labels):
+        if vol.attrs.get(UNFINISHED):
+            raise TrainingDataError(
+                f"The {names[id(vol)]} is {vol.attrs[UNFINISHED]}, so parts of it are missing; "
+                "write it again before training on it."
+            )
+    if "c" in labels.axes or len(labels.shape) != 3:
+        raise TrainingDataError(
+            f"The {names[id(labels)]} has shape {_size(labels.shape)}; labels are one 3D volume "
+            "of class ids (z, y, x)."
+        )
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise TrainingDataError(
+            f"The {names[id(labels)]} holds {labels.dtype} values, not class ids; give an integer "
+            "labels volume (0 = background, 1, 2, … one id per class)."
+        )
+    spatial = _spatial_shape(raw)
+    if len(spatial) != 3:
+        raise TrainingDataError(
+            f"The {names[id(raw)]} has shape {_size(raw.shape)}; training reads 3D volumes "
+            "(z, y, x, with an optional channel axis first)."
+        )
+    if spatial != tuple(labels.shape):
+        raise TrainingDataError(
+            f"The {names[id(raw)]} is {_size(spatial)} voxels but the {names[id(labels)]} is "
+            f"{_size(labels.shape)}; give labels on the raw's grid (the same pyramid level)."
+        )
+    if any(t > n for t, n in zip(tile, spatial, strict=True)):
+        raise TrainingDataError(
+            f"A tile of {_size(tile)} voxels does not fit in the {names[id(raw)]} "
+            f"({_size(spatial)}); choose a tile no bigger than the volume in each axis."
+        )
 
 
 class N5TileDataset(Dataset):
     """Random (raw, labels) tiles from one or more N5 volume pairs; reads only the tiles.
 
-    Each item is ``(x, y)``: float32 ``(1, *tile)`` normalized by the volume's global mean/std,
-    int64 ``tile`` class ids. Random flips and axis-aligned rotations in y/x augment.
+    Each item is ``(x, y)``: float32 ``(channels, *tile)`` normalized by the volume's global
+    mean/std, int64 ``tile`` class ids. Random flips and axis-aligned rotations in y/x augment.
+    Raw volumes may have a channel axis (first); labels are 3D integer class ids on the raw's grid.
+    Bad pairs or tiles raise :class:`TrainingDataError` with one sentence.
     """
 
     def __init__(
@@ -34,7 +85,16 @@ class N5TileDataset(Dataset):
         augment: bool = True,
     ):
         self.pairs = list(pairs)
-        self.tile = tuple(int(t) for t in tile)
+        try:
+            self.tile = tuple(int(t) for t in tile)
+        except (TypeError, ValueError):
+            self.tile = ()
+        if len(self.tile) != 3 or min(self.tile) < 1:
+            raise TrainingDataError(f"A tile is 3 positive sizes (z, y, x), not {tile!r}.")
+        if not self.pairs:
+            raise TrainingDataError("Give at least one (raw, labels) pair of volumes to train on.")
+        for raw, labels in self.pairs:
+            _check_pair(raw, labels, self.tile)
         self.length = length
         self.seed = seed
         self.augment = augment
@@ -47,20 +107,22 @@ class N5TileDataset(Dataset):
         rng = np.random.default_rng((self.seed, index))
         k = int(rng.integers(len(self.pairs)))
         raw, labels = self.pairs[k]
-        begin = [int(rng.integers(0, n - t + 1)) for n, t in zip(raw.shape, self.tile, strict=True)]
+        spatial = _spatial_shape(raw)
+        begin = [int(rng.integers(0, n - t + 1)) for n, t in zip(spatial, self.tile, strict=True)]
         region = tuple(slice(b, b + t) for b, t in zip(begin, self.tile, strict=True))
         mean, std = self.stats[k]
-        x = (raw.read(region).astype(np.float32) - mean) / std
+        has_c = "c" in raw.axes
+        x = (raw.read(((slice(None),) if has_c else ()) + region).astype(np.float32) - mean) / std
+        if not has_c:
+            x = x[None]
         y = labels.read(region).astype(np.int64)
         if self.augment:
             for axis in range(3):
                 if rng.random() < 0.5:
-                    x, y = np.flip(x, axis), np.flip(y, axis)
-            if rng.random() < 0.5 and x.shape[1] == x.shape[2]:
-                x, y = np.swapaxes(x, 1, 2), np.swapaxes(y, 1, 2)
-        return torch.from_numpy(np.ascontiguousarray(x)[None]), torch.from_numpy(
-            np.ascontiguousarray(y)
-        )
+                    x, y = np.flip(x, axis + 1), np.flip(y, axis)
+            if rng.random() < 0.5 and y.shape[1] == y.shape[2]:
+                x, y = np.swapaxes(x, 2, 3), np.swapaxes(y, 1, 2)
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
 
 
 def dice_scores(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> list[float]:

@@ -1,0 +1,122 @@
+"""Training input: random (raw, labels) tiles read from N5 through a torch Dataset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_emparsl.core.errors import UserError
+from napari_emparsl.core.models.training import N5TileDataset, TrainingDataError, train
+from napari_emparsl.core.volume import Volume, save_array
+
+SHAPE = (24, 40, 40)
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """Raw values that encode each voxel's position; labels = raw % 5, so a tile's labels can be
+    checked against its raw voxel by voxel (after flips and rotations too)."""
+    raw = np.arange(np.prod(SHAPE), dtype=np.uint32).reshape(SHAPE)
+    save_array(tmp_path / "t.n5", "raw", raw, chunks=(8, 16, 16))
+    save_array(tmp_path / "t.n5", "labels", (raw % 5).astype(np.uint8), chunks=(8, 16, 16))
+    return Volume.open(f"{tmp_path}/t.n5:raw"), Volume.open(f"{tmp_path}/t.n5:labels"), raw
+
+
+def _raw_values(ds: N5TileDataset, x: torch.Tensor) -> np.ndarray:
+    mean, std = ds.stats[0]
+    return np.rint(x.numpy().astype(np.float64) * std + mean).astype(np.int64)
+
+
+def test_tiles_are_aligned_deterministic_and_inside(pair):
+    raw_vol, labels_vol, raw = pair
+    ds = N5TileDataset([(raw_vol, labels_vol)], (8, 16, 16), length=40, seed=3)
+    flat = set(raw.ravel().tolist())
+    seen_flipped = False
+    for i in range(len(ds)):
+        x, y = ds[i]
+        assert x.shape == (1, 8, 16, 16) and x.dtype == torch.float32
+        assert y.shape == (8, 16, 16) and y.dtype == torch.int64
+        values = _raw_values(ds, x[0])
+        np.testing.assert_array_equal(values % 5, y.numpy())  # labels follow their voxels
+        assert set(values.ravel().tolist()) <= flat
+        # the tile is a (possibly flipped / rotated) box of the volume: its voxels' positions
+        z, yy, xx = np.unravel_index(values, SHAPE)
+        assert [int(np.ptp(pos)) + 1 for pos in (z, yy, xx)] == [8, 16, 16]
+        seen_flipped |= bool(np.diff(z, axis=0).min() < 0)
+    assert seen_flipped  # augmentation happened
+    x0, y0 = ds[7]
+    x1, y1 = N5TileDataset([(raw_vol, labels_vol)], (8, 16, 16), length=40, seed=3)[7]
+    assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    x2, _ = N5TileDataset([(raw_vol, labels_vol)], (8, 16, 16), length=40, seed=4)[7]
+    assert not torch.equal(x0, x2)
+    plain = N5TileDataset([(raw_vol, labels_vol)], (8, 16, 16), seed=3, augment=False)
+    values = _raw_values(plain, plain[0][0][0])
+    assert (np.diff(values, axis=2) == 1).all()  # unaugmented: x runs forward
+
+
+def test_dataloader_with_worker_processes(pair):
+    raw_vol, labels_vol, _ = pair
+    ds = N5TileDataset([(raw_vol, labels_vol)], (8, 16, 16), length=6, seed=0)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
+    batches = list(loader)
+    assert len(batches) == 3
+    for (xb, yb), i in zip(batches, range(0, 6, 2), strict=True):
+        assert xb.shape == (2, 1, 8, 16, 16) and yb.shape == (2, 8, 16, 16)
+        assert torch.equal(xb[0], ds[i][0]) and torch.equal(yb[1], ds[i + 1][1])
+
+
+def test_multichannel_raw(tmp_path, pair):
+    _, labels_vol, raw = pair
+    two = np.stack([raw, raw + 1]).astype(np.float32)
+    rv = save_array(tmp_path / "m.n5", "raw", two, chunks=(1, 8, 16, 16))
+    ds = N5TileDataset([(rv, labels_vol)], (8, 16, 16), length=4, seed=1)
+    x, y = ds[2]
+    assert x.shape == (2, 8, 16, 16) and y.shape == (8, 16, 16)
+    mean, std = ds.stats[0]
+    c0, c1 = (np.rint(x.numpy().astype(np.float64) * std + mean)).astype(np.int64)
+    np.testing.assert_array_equal(c1, c0 + 1)  # both channels flipped alike
+    np.testing.assert_array_equal(c0 % 5, y.numpy())
+
+
+def test_train_a_few_steps(pair):
+    from napari_emparsl.core.models.unet import UNet
+
+    raw_vol, labels_vol, _ = pair
+    torch.manual_seed(0)
+    model = UNet(1, 5, dims=3, base=2, depth=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    lines: list[str] = []
+    ds = N5TileDataset([(raw_vol, labels_vol)], (8, 16, 16), length=4, seed=0)
+    train(model, ds, steps=5, batch=2, log=lines.append)
+    assert not model.training
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert lines and lines[-1].startswith("step 5/5  loss ")
+
+
+def test_bad_pairs_and_tiles_are_one_sentence(tmp_path, pair):
+    raw_vol, labels_vol, raw = pair
+    floats = save_array(tmp_path / "f.n5", "f", raw.astype(np.float32), chunks=(8, 16, 16))
+    coarse = save_array(tmp_path / "c.n5", "c", (raw[::2, ::2, ::2] % 5).astype(np.uint8))
+    save_array(tmp_path / "u.n5", "u", (raw % 5).astype(np.uint8))
+    import z5py
+
+    from napari_emparsl.core.volume import UNFINISHED
+
+    z5py.File(str(tmp_path / "u.n5"), "a")["u"].attrs[UNFINISHED] = "an import that was stopped"
+    unfinished = Volume.open(f"{tmp_path}/u.n5:u")
+    cases = [
+        ([(raw_vol, labels_vol)], (32, 16, 16), "A tile of 32×16×16 voxels does not fit in the raw"),
+        ([(raw_vol, labels_vol)], (0, 16, 16), "A tile is 3 positive sizes (z, y, x), not (0, 16, 16)."),
+        ([(raw_vol, labels_vol)], (16, 16), "A tile is 3 positive sizes"),
+        ([], (8, 8, 8), "Give at least one (raw, labels) pair of volumes to train on."),
+        ([(raw_vol, floats)], (8, 8, 8), "holds float32 values, not class ids"),
+        ([(raw_vol, coarse)], (8, 8, 8), "is 24×40×40 voxels but the labels"),
+        ([(raw_vol, unfinished)], (8, 8, 8), "is an import that was stopped, so parts of it"),
+    ]  # fmt: skip
+    for pairs, tile, sentence in cases:
+        with pytest.raises(TrainingDataError) as err:
+            N5TileDataset(pairs, tile)
+        assert sentence in str(err.value), str(err.value)
+        assert isinstance(err.value, UserError) and "\n" not in str(err.value)
+    np.testing.assert_array_equal(raw_vol.read(), raw)  # inputs untouched
