@@ -496,7 +496,7 @@ def test_replace_output_starts_it_again(make_napari_viewer, qtbot, sample_path):
     widget.halo.value = "16"
     widget.preview_btn.clicked.emit()
     _wait_idle(qtbot, widget)
-    assert "made from another input, model description, block or halo" in widget.status.value
+    assert "was made with halo 24×24×24, not 16×16×16; give the same" in widget.status.value
     assert "tick “replace output” to start again" in widget.status.value
     assert "--overwrite" not in widget.status.value
     widget.replace.value = True

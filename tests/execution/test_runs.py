@@ -143,7 +143,7 @@ def test_resume_after_kill_9(tmp_path, unet_model):
     ("kwargs", "message"),
     [
         ({"model": "/nope/model.pt"}, "does not exist"),
-        ({"block": (32, 16, 16)}, "made from another input, model description, block or halo"),
+        ({"block": (32, 16, 16)}, "was made with block 16×16×16, not 32×16×16; give the same"),
         ({"block": (16, 16, 16), "halo": (20, 2, 2)}, "smaller than the halo"),
         ({"roi": "50:60,0:4,0:4"}, "outside the volume"),
         ({"output": "{tmp}/in.n5:raw"}, "is the input"),
@@ -171,6 +171,25 @@ def test_bad_input_one_sentence(tmp_path, conv_model, float_volume, kwargs, mess
     with pytest.raises(Exception) as err:
         list(Run(src, model, output, **params).events())
     assert message in str(err.value) and "\n" not in str(err.value)
+    np.testing.assert_array_equal(Volume.open(*src.split(":")).data.compute(), data)
+
+
+def test_resume_refusal_names_what_differs(tmp_path, conv_model, float_volume):
+    """Each difference from the output's last run is named, with both values."""
+    src, data = float_volume
+    out = f"{tmp_path}/out.n5:pred"
+    assert Run(src, conv_model, out, site="threads", block=(16, 16, 16)).execute().ok
+    with pytest.raises(RunError) as err:
+        Run(
+            src, conv_model, out, site="threads", block=(16, 16, 16), halo=(3, 3, 3),
+            model_options={"normalize": "percentile"},
+        ).prepare()  # fmt: skip
+    text = str(err.value)
+    last = Ledger(str(tmp_path / "out.n5"), "pred").summary().last_run
+    assert last["halo"] == [2, 2, 2] and last["spec"]["normalize"] != "percentile"
+    assert f"normalize: {last['spec']['normalize']}, not percentile" in text, text
+    assert "halo 2×2×2, not 3×3×3" in text and "give the same to resume it" in text, text
+    assert "block" not in text and "the input" not in text and "\n" not in text
     np.testing.assert_array_equal(Volume.open(*src.split(":")).data.compute(), data)
 
 

@@ -230,6 +230,29 @@ def _check_input_written(src: Volume, blocks: Sequence[Block]) -> None:
         )
 
 
+def _changes(last: Mapping[str, Any], src: Volume, spec: ModelSpec, block, halo) -> list[str]:
+    """What differs between an output's last run and this one, in words ("block 64×64×64,
+    not 32×32×32"); empty when this run may resume it."""
+
+    def size(v: Any) -> str:
+        return "×".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
+
+    changed = []
+    if last.get("input") != f"{src.root}:{src.key}":
+        changed.append(f"the input {last.get('input')}, not {src.root}:{src.key}")
+    old, new = last.get("spec") or {}, spec.to_dict()
+    keys = [k for k in dict.fromkeys([*new, *old]) if old.get(k) != new.get(k)]
+    if keys:
+        changed.append(
+            "a model description with "
+            + ", ".join(f"{k}: {size(old.get(k))}, not {size(new.get(k))}" for k in keys)
+        )
+    for what, now in (("block", block), ("halo", halo)):
+        if last.get(what) != list(now):
+            changed.append(f"{what} {size(last.get(what))}, not {size(now)}")
+    return changed
+
+
 def _refuse_output_over_input(output: str, key: str, src: Volume) -> None:
     """The output must not be, hold or lie inside the input, nor inside the input's pyramid
     when the input is one level of it (data.n5:raw/s0 is part of data.n5:raw)."""
@@ -475,19 +498,12 @@ class Run:
                     f"The output {self.output} exists and was not written by emparsl; pass --overwrite "
                     "to replace it, or choose another name."
                 )
-            last = ledger.summary().last_run
-            same = (
-                # a changed model file (a fix) may resume: the ledger records each run's hash
-                last.get("input") == f"{src.root}:{src.key}"
-                and last.get("spec") == spec.to_dict()
-                and last.get("halo") == list(halo)
-                and last.get("block") == list(block)
-            )
-            if not same:
+            # a changed model file (a fix) may resume: the ledger records each run's hash
+            changed = _changes(ledger.summary().last_run, src, spec, block, halo)
+            if changed:
                 raise RunError(
-                    f"The output {self.output} was made from another input, model description, block "
-                    "or halo; "
-                    "pass --overwrite to start again, or choose another output name."
+                    f"The output {self.output} was made with {'; '.join(changed)}; give the same "
+                    "to resume it, pass --overwrite to start again, or choose another output name."
                 )
             return Volume.open(self.output_root, self.output_key)
         return None
