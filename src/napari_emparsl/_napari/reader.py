@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_emparsl._napari import napari_fixes
 from napari_emparsl.core.n5attrs import VolumeError, find_container_root, is_container
 from napari_emparsl.core.volume import UNFINISHED, Volume, finite_values, openable_keys
 
@@ -35,7 +36,10 @@ def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerD
     if not os.path.isdir(path):
         return None
     root, _ = find_container_root(path)
-    return read_n5 if is_container(root) else None
+    if not is_container(root):
+        return None
+    napari_fixes.apply()  # a napari crash on removing a layer (see the module)
+    return read_n5
 
 
 def read_n5(path: str | list[str]) -> list[LayerData]:

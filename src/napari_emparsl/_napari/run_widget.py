@@ -30,6 +30,7 @@ from magicgui.widgets import (
 )
 from qtpy.QtCore import QTimer
 
+from napari_emparsl._napari import napari_fixes
 from napari_emparsl._napari.background import (
     Relay,
     WorkerRuntimeError,
@@ -121,6 +122,7 @@ class RunWidget(Container):
     def __init__(self, viewer: Any):
         super().__init__(labels=True)
         self._viewer = viewer
+        napari_fixes.apply()  # a napari crash on removing a layer (see the module)
         self._worker = None
         self._run = None
         self._dirty = False

@@ -15,6 +15,7 @@ from typing import Any
 
 from magicgui.widgets import Container, Label, PushButton, Select
 
+from napari_emparsl._napari import napari_fixes
 from napari_emparsl._napari.background import Relay, error_sentence, in_background
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.geometry import plan_blocks
@@ -79,6 +80,7 @@ class RunsWidget(Container):
     def __init__(self, viewer: Any):
         super().__init__(labels=True)
         self._viewer = viewer
+        napari_fixes.apply()  # a napari crash on removing a layer (see the module)
         self._outputs: dict[str, _Output] = {}
         self._generation = 0  # of refreshes: only the latest one's answer is shown
         self.refreshed = 0  # refreshes shown so far

@@ -14,6 +14,7 @@ import yaml
 from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton, create_widget
 from pydantic import ValidationError
 
+from napari_emparsl._napari import napari_fixes
 from napari_emparsl._napari.background import Relay, error_sentence, in_background
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.execution.sites import SiteProfile, list_sites, load_site, user_site_dir
@@ -52,6 +53,7 @@ class SiteWidget(Container):
     def __init__(self, viewer: Any | None = None):
         super().__init__(labels=True)
         self._viewer = viewer
+        napari_fixes.apply()  # a napari crash on removing a layer (see the module)
         self.site = ComboBox(
             label="site", choices=lambda *_: list(list_sites()), tooltip="profile to view or edit"
         )

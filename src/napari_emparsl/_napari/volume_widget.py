@@ -15,6 +15,7 @@ from typing import Any
 
 from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton, Select
 
+from napari_emparsl._napari import napari_fixes
 from napari_emparsl._napari.background import Relay, error_sentence, in_background
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.ledger import Ledger, whole_plan_blocks
@@ -61,6 +62,7 @@ class VolumeWidget(Container):
     def __init__(self, viewer: Any):
         super().__init__(labels=True)
         self._viewer = viewer
+        napari_fixes.apply()  # a napari crash on removing a layer (see the module)
         self.path = LineEdit(label="N5 container", tooltip="a .n5 folder (type or paste a path)")
         self.recent = ComboBox(
             label="recent", choices=["", *recent_paths()], tooltip="containers opened before"

@@ -1,0 +1,50 @@
+"""A fix for a napari crash that our workflows meet (applied when our widgets or reader load).
+
+napari 0.9 (``VispyCanvas._clean_and_update_scenegraph``) flushes the canvas's queued OpenGL
+commands (``context.finish()``) when a layer is removed, to free the layer's textures at once
+— without making the canvas's OpenGL context current first. Outside a paint, Qt has its
+window compositor's context current, so the flushed commands (deleting the removed layer's
+objects, uploading the others' data) go to the wrong context. Under Mesa (software OpenGL: Xvfb,
+VNC and other remote desktops, virtual machines) the next drawing of a remaining layer then
+crashes the whole process (segmentation fault in ``glDrawArrays``): e.g. remove the raw image
+below a run's output and move the z slider. Plain napari does it with two image layers.
+
+The fix makes the canvas's context current before napari's own clean-up; nothing else changes.
+It is applied once, only where napari still has that method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+
+__all__ = ["apply"]
+
+log = logging.getLogger(__name__)
+
+
+def apply() -> bool:
+    """Patch napari's layer removal (idempotent); whether the patch is in place."""
+    try:
+        from napari._vispy.canvas import VispyCanvas
+    except ImportError:  # a napari without it: nothing to fix
+        return False
+    original = getattr(VispyCanvas, "_clean_and_update_scenegraph", None)
+    if original is None:
+        return False
+    if getattr(original, "_emparsl_context_current", False):
+        return True
+
+    @functools.wraps(original)
+    def clean_and_update_scenegraph(self, *args, **kwargs):
+        with contextlib.suppress(
+            Exception
+        ):  # a canvas not shown yet has no context to make current
+            self._scene_canvas.set_current()
+        return original(self, *args, **kwargs)
+
+    clean_and_update_scenegraph._emparsl_context_current = True  # type: ignore[attr-defined]
+    VispyCanvas._clean_and_update_scenegraph = clean_and_update_scenegraph
+    log.debug("napari's layer removal now makes the canvas's OpenGL context current first")
+    return True
