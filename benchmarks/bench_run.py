@@ -265,6 +265,7 @@ def bench_plan_ledger(tmp: Path, n_target: int = 100_000) -> dict:
     tracemalloc.start()  # memory in a second pass: tracemalloc slows Python down several times
     blocks = list(plan_blocks((side, side, side), (64, 64, 64), (24, 24, 24)))
     (tmp / "l.n5" / "pred").mkdir(parents=True)
+    (tmp / "l.n5" / "pred" / "attributes.json").write_text("{}")  # an output's folder, as a run's
     ledger = Ledger(str(tmp / "l.n5"), "pred")
     ledger.start_run({"planned": len(blocks)})
     t0 = time.perf_counter()

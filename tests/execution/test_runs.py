@@ -755,3 +755,32 @@ def test_two_runs_never_write_one_output_at_once(tmp_path, conv_model, float_vol
         "a",
         "attributes.json",
     ]
+
+
+def test_output_removed_during_the_run_stops_it_in_one_sentence(tmp_path, conv_model, float_volume):
+    """Deleting the output's folder mid-run (by hand, or an unmounted disk) stops the run with
+    one sentence instead of an OS error about the ledger file."""
+    from napari_emparsl.core.events import BlockDone
+    from napari_emparsl.core.ledger import OutputGone
+
+    src, data = float_volume
+    run = Run(src, conv_model, f"{tmp_path}/out.n5:pred", site="threads", block=(16, 16, 16))
+    done = 0
+    with pytest.raises(OutputGone) as err:
+        for event in run.events():
+            if isinstance(event, BlockDone):
+                done += 1
+                # moved away at once (the other thread may be writing into it right now)
+                os.rename(tmp_path / "out.n5" / "pred", tmp_path / "removed")
+    assert done == 1
+    assert str(err.value) == (
+        f"The output {tmp_path}/out.n5:pred was removed while the run wrote it (its folder is "
+        "gone); the run stopped — run it again to start the output anew."
+    )
+    assert isinstance(err.value, UserError)
+    import shutil
+
+    shutil.rmtree(tmp_path / "out.n5" / "pred", ignore_errors=True)  # what writes recreated
+    assert main(["run", "--input", src, "--model", conv_model, "--output",
+                 f"{tmp_path}/out.n5:pred", "--site", "threads", "--block", "16,16,16"]) == 0  # fmt: skip
+    np.testing.assert_array_equal(Volume.open(*src.split(":")).data.compute(), data)

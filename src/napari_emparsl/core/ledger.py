@@ -58,6 +58,10 @@ class LedgerSummary:
         return self.runs[-1] if self.runs else {}
 
 
+class OutputGone(UserError):
+    """The output's folder disappeared during a run (deleted by hand, or its disk unmounted)."""
+
+
 class Ledger:
     """Read and append the ledger of one output dataset."""
 
@@ -74,6 +78,12 @@ class Ledger:
 
     def _append(self, records: Iterable[dict[str, Any]]) -> None:
         text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+        # its attributes, not just its folder: a worker's chunk write recreates the folders
+        if not os.path.exists(os.path.join(os.path.dirname(self.path), "attributes.json")):
+            raise OutputGone(
+                f"The output {self._root}:{self._key} was removed while the run wrote it (its "
+                "folder is gone); the run stopped — run it again to start the output anew."
+            )
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(text)
             f.flush()
