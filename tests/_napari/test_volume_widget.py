@@ -37,6 +37,10 @@ def test_browse_and_open(make_napari_viewer, tmp_path, monkeypatch):
     assert (
         layer.multiscale and isinstance(layer.data[0], da.Array) and tuple(layer.scale) == (8, 8, 8)
     )
+    # typed as people do: "~" for the home folder, a pasted path in quotes
+    monkeypatch.setenv("HOME", str(tmp_path))
+    widget.path.value = "'~/s.n5' "
+    assert list(widget.datasets.choices) == ["labels/cells", "labels/classes", "raw"]
 
 
 def test_run_output_offers_resume_and_errors_are_sentences(

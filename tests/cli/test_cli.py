@@ -326,3 +326,31 @@ def test_sites_list_shows_a_broken_profile_among_the_others(capsys, tmp_path, mo
         f"broken       invalid: The site profile {tmp_path}/broken.yaml"
     )
     assert lines["good"].startswith("good         local    1 worker  (")
+
+
+def test_paths_as_typed_home_and_quotes(capsys, monkeypatch, tmp_path, small_n5):
+    """``~`` (not expanded by the shell in ``--output=~/…`` or in a panel's text field) and
+    quotes around a pasted path name the path they mean, not a folder called "~"."""
+    import torch
+
+    from napari_emparsl.core.paths import user_path
+
+    conv = torch.jit.script(torch.nn.Conv3d(1, 1, 3, padding=1).eval())
+    torch.jit.save(conv, str(tmp_path / "conv.pt"))
+    (tmp_path / "conv.pt.yaml").write_text("kind: image\nhalo: [1, 1, 1]\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path / "small.n5")  # a literal "~" folder would appear here
+    assert user_path(" '~/a b.n5' ") == str(tmp_path / "a b.n5")
+    assert user_path('"/x/y.n5"') == "/x/y.n5" and user_path("~") == str(tmp_path)
+    assert main(["info", "~/small.n5"]) == 0
+    assert "raw  20×40×50 uint8" in capsys.readouterr().out
+    args = ["run", "--input=~/small.n5:raw", "--model", '"~/conv.pt"',
+            "--output= ~/out.n5:pred", "--site", "threads", "--block", "16,16,16"]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    assert Volume.open(tmp_path / "out.n5", "pred").shape == small_n5[1].shape
+    assert Volume.open("'~/out.n5:pred'").key == "pred"
+    assert not (tmp_path / "small.n5" / "~").exists()
+    from napari_emparsl.execution.sites import load_site
+
+    (tmp_path / "mine.yaml").write_text("name: mine\nkind: threads\nworkers: 1\n")
+    assert load_site("'~/mine.yaml'").name == "mine"

@@ -19,6 +19,7 @@ from napari_emparsl._napari import napari_fixes
 from napari_emparsl._napari.background import Relay, error_sentence, in_background
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.ledger import Ledger, whole_plan_blocks
+from napari_emparsl.core.paths import user_path
 from napari_emparsl.core.volume import UNFINISHED, Volume, container_tree, openable_keys
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class VolumeWidget(Container):
 
     def refresh(self, *_: Any) -> None:
         """List what the container holds (JSON only: nothing is read)."""
-        path = self.path.value.strip()
+        path = user_path(self.path.value)
         self.datasets.choices = []
         if not path:
             return
@@ -135,7 +136,7 @@ class VolumeWidget(Container):
         if len(keys) != 1:
             return
         try:
-            vol = Volume.open(self.path.value.strip(), keys[0])
+            vol = Volume.open(user_path(self.path.value), keys[0])
         except UserError as err:
             self._error(str(err))
             return
@@ -180,7 +181,7 @@ class VolumeWidget(Container):
         added = []
         for key in self.datasets.value or []:
             try:
-                data, meta, kind = layer_data(Volume.open(self.path.value.strip(), key))
+                data, meta, kind = layer_data(Volume.open(user_path(self.path.value), key))
             except UserError as err:
                 self._error(str(err))
                 continue

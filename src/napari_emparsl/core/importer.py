@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from napari_emparsl.core.n5attrs import VolumeError
+from napari_emparsl.core.paths import user_path
 from napari_emparsl.core.volume import UNFINISHED, Volume, check_output_free, parse_spec
 
 __all__ = ["Estimate", "ImportSource", "estimate", "import_volume", "open_source"]
@@ -201,6 +202,7 @@ def _hdf5_source(path: str, key: str) -> ImportSource:
 
 def open_source(spec: str) -> ImportSource:
     """Open a TIFF stack, a folder of slices, or ``file.h5[:dataset]`` for reading."""
+    spec = user_path(spec)
     path, key = spec, ""
     if ":" in spec and not os.path.exists(spec):
         left, right = spec.rsplit(":", 1)

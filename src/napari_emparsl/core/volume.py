@@ -39,6 +39,7 @@ from napari_emparsl.core.n5attrs import (
     voxel_size_of,
     walk_tree,
 )
+from napari_emparsl.core.paths import user_path
 
 if TYPE_CHECKING:  # dask.array takes ~0.3 s to import: a block worker only reads with z5py
     import dask.array as da
@@ -106,7 +107,9 @@ def _first_line(err: BaseException) -> str:
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
-    """Split ``PATH.n5:DATASET`` into ``(PATH.n5, DATASET)``; the key is ``""`` when absent."""
+    """Split ``PATH.n5:DATASET`` into ``(PATH.n5, DATASET)``; the key is ``""`` when absent.
+    The path may be typed as a person would (``~/data.n5``, quoted): see :func:`user_path`."""
+    spec = user_path(spec)
     if ":" in spec:
         left, right = spec.rsplit(":", 1)
         if len(left) > 1 and not os.path.exists(spec):  # "C:" alone would be a drive letter
@@ -230,8 +233,8 @@ class Volume:
         VolumeError
             With one sentence saying what is wrong and what to do.
         """
-        path = os.fspath(path)
-        if not path.strip():
+        path = user_path(path)
+        if not path:
             raise VolumeError("No volume was given; give it as DATA.n5:DATASET.")
         if not key and not os.path.exists(path):  # "DATA.n5:DATASET", as everywhere else
             path, key = parse_spec(path)
@@ -710,7 +713,7 @@ def _geometry_attrs(
 def openable_keys(path: str | os.PathLike) -> list[str]:
     """Keys (from the container root) of the dataset or pyramid at ``path``, or of every dataset
     and pyramid below it (levels inside a pyramid are not listed on their own)."""
-    root, sub = find_container_root(os.fspath(path))
+    root, sub = find_container_root(user_path(path))
     base = os.path.join(root, sub) if sub else root
     nodes = walk_tree(base)
     if nodes and nodes[0].kind in ("dataset", "multiscale"):
@@ -720,7 +723,7 @@ def openable_keys(path: str | os.PathLike) -> list[str]:
 
 def container_tree(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Every group, dataset and pyramid of a container, with shape/dtype/chunks (JSON only)."""
-    path = os.fspath(path)
+    path = user_path(path)
     if not os.path.exists(path):
         raise VolumeError(f"{path} does not exist; check the path.")
     root, sub = find_container_root(path)

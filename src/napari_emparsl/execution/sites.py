@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from napari_emparsl.core.errors import UserError
+from napari_emparsl.core.paths import user_path
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,8 @@ def load_site(site: str) -> SiteProfile:
     files = _site_files()
     if site in files:
         path = files[site]
-    elif os.path.isfile(site):
-        path = Path(site)
+    elif os.path.isfile(user_path(site)):
+        path = Path(user_path(site))
     else:
         raise SiteError(
             f"Unknown site '{site}'; known sites: {', '.join(files)} (or give a profile file)."

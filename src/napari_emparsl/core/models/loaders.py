@@ -18,6 +18,7 @@ from importlib import resources
 from typing import Any
 
 from napari_emparsl.core.models.spec import ModelError, ModelSpec, read_sidecar
+from napari_emparsl.core.paths import user_path
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -71,6 +72,7 @@ def resolve_model(model: str) -> str:
     """A built-in name or a file path -> the model file's path."""
     if model in BUILTIN_MODELS:
         return str(resources.files("napari_emparsl") / "models" / BUILTIN_MODELS[model])
+    model = user_path(model)
     if not os.path.exists(model):
         names = ", ".join(BUILTIN_MODELS)
         what = f"The model {model} does not exist" if model.strip() else "No model was given"
