@@ -132,6 +132,41 @@ def test_state_dict_that_does_not_fit_architecture(tmp_path):
     assert isinstance(load_model(str(tmp_path / "w.pt")).module, UNet)
 
 
+def test_architecture_fills_in_what_the_network_fixes(tmp_path, small_n5):
+    """A state dict described only by its architecture gets the size multiple, the exact halo
+    and the spatial dims of that network (its blocks used to fail on odd sizes, halo 0), and
+    tiles it exactly like the built-in model with the same weights."""
+    from napari_emparsl.core.models.loaders import missing_description, resolve_model
+    from napari_emparsl.core.volume import Volume
+    from napari_emparsl.execution.runner import Run
+
+    spec = ModelSpec.from_mapping({"architecture": "unet3d", "arch_options": {"depth": 2}})
+    assert (spec.multiple, spec.halo, spec.spatial_dims) == ((4, 4, 4), (24, 24, 24), 3)
+    assert spec.derived == ("spatial_dims", "multiple", "halo") and "derived" not in spec.to_dict()
+    deeper = spec.with_options({"arch_options": {"depth": 3}})  # derived again, from depth 3
+    halo3 = -(-receptive_radius(3) // 8) * 8
+    assert (deeper.multiple, deeper.halo) == ((8, 8, 8), (halo3,) * 3)
+    flat = ModelSpec.from_mapping({"architecture": "unet2d", "halo": [0, 9, 9]})
+    assert (flat.multiple, flat.halo, flat.spatial_dims) == ((1, 4, 4), (0, 9, 9), 2)
+    assert flat.derived == ("spatial_dims", "multiple")  # a given halo is kept
+
+    weights = tmp_path / "mine.pt"
+    weights.write_bytes(open(resolve_model("unet3d-em"), "rb").read())
+    (tmp_path / "mine.pt.yaml").write_text(
+        "kind: labels\nclasses: [bg, membrane, mito]\narchitecture: unet3d\n"
+        "arch_options: {base: 8, depth: 2}\nnormalize: zscore\nedge: none\n"
+    )
+    assert missing_description(str(weights)) == []  # the panel asks for no halo
+    src = f"{small_n5[0]}:raw"
+    for model, key in ((str(weights), "mine"), ("unet3d-em", "builtin")):
+        ev = Run(src, model, f"{tmp_path}/o.n5:{key}", site="threads", block=(24, 24, 24)).execute()
+        assert ev.ok and ev.done == ev.total == 1 * 2 * 3
+    np.testing.assert_array_equal(
+        Volume.open(tmp_path / "o.n5", "mine").data.compute(),
+        Volume.open(tmp_path / "o.n5", "builtin").data.compute(),
+    )
+
+
 def test_state_dict_without_architecture_says_what_to_add(tmp_path):
     torch.save(UNet(1, 3, base=4, depth=1).state_dict(), tmp_path / "w.pt")
     with pytest.raises(ModelError, match="add 'architecture: unet3d'"):

@@ -101,7 +101,10 @@ def describe_model(model: str, options: Mapping[str, Any] | None = None) -> Mode
 def missing_description(model: str, options: Mapping[str, Any] | None = None) -> list[str]:
     """Keys a model file needs but neither its sidecar nor ``options`` give (the GUI asks)."""
     path = resolve_model(model)
-    given = set(read_sidecar(path)) | set(options or {})
+    described = read_sidecar(path) | dict(options or {})
+    given = set(described)
+    if described.get("architecture") in ("unet3d", "unet2d"):
+        given.add("halo")  # the network's whole context (ModelSpec fills it in)
     missing = [k for k in ("kind", "halo") if k not in given]
     if "kind" not in given and "classes" not in given:
         missing.append("classes")  # labels: one name per output channel

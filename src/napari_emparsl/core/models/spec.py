@@ -17,6 +17,10 @@ edge: reflect                 # context beyond the volume edge: reflect (mirror 
 architecture: unet3d          # only for state-dict files: a built-in architecture
 arch_options: {}              # its constructor arguments
 ```
+
+With a built-in ``architecture`` (unet3d / unet2d), what the network itself fixes need not be
+written: ``multiple`` defaults to 2**depth, ``halo`` to the network's whole context (exact
+tiling), ``spatial_dims`` to the architecture's.
 """
 
 from __future__ import annotations
@@ -40,6 +44,42 @@ EDGES = ("reflect", "none")
 
 class ModelError(UserError, ValueError):
     """A problem with a model file or its description, in one sentence."""
+
+
+def receptive_radius(depth: int) -> int:
+    """Context (voxels per side) a U-Net of two 3×3 convs per level needs for exact tiling.
+
+    Each level l adds 2 convs of radius 2**l on the way down and up; the bottom adds 2 at 2**depth;
+    pooling/upsampling add up to 2**l - 1 of grid offset, covered by aligning blocks to 2**depth.
+    """
+    down_up = sum(2 * 2 * 2**lvl for lvl in range(depth))
+    return down_up + 2 * 2**depth + 2**depth
+
+
+UNET_DEFAULT_DEPTH = 2  # core.models.unet.UNet's
+
+
+def _architecture_defaults(kwargs: dict[str, Any], given: set[str]) -> tuple[str, ...]:
+    """Fill what a built-in U-Net fixes (spatial dims, size multiple, exact halo) into
+    ``kwargs`` where the description does not say it; the keys filled in."""
+    arch = kwargs.get("architecture")
+    if arch not in ("unet3d", "unet2d"):
+        return ()
+    depth = (kwargs.get("arch_options") or {}).get("depth", UNET_DEFAULT_DEPTH)
+    if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= 10:
+        return ()  # refused, with a sentence, when the network is built
+    dims = 3 if arch == "unet3d" else 2
+    m = 2**depth
+    halo = -(-receptive_radius(depth) // m) * m  # on the pooling grid: tiles stay aligned
+    derived = {
+        "spatial_dims": dims,
+        "multiple": (m, m, m) if dims == 3 else (1, m, m),
+        "halo": (halo, halo, halo) if dims == 3 else (0, halo, halo),
+    }
+    filled = tuple(k for k in derived if k not in given)
+    for k in filled:
+        kwargs[k] = derived[k]
+    return filled
 
 
 def _triple(value: Any, name: str, minimum: int) -> tuple[int, int, int]:
@@ -78,6 +118,9 @@ class ModelSpec:
     edge: str = "reflect"
     architecture: str | None = None
     arch_options: dict[str, Any] = field(default_factory=dict)
+    # keys filled in from the architecture (not part of the description: options may change
+    # what they derive from)
+    derived: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -122,6 +165,7 @@ class ModelSpec:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        del d["derived"]
         for k, v in d.items():
             if isinstance(v, tuple):
                 d[k] = list(v)
@@ -131,7 +175,7 @@ class ModelSpec:
     def from_mapping(
         cls, data: Mapping[str, Any], where: str = "the model description"
     ) -> ModelSpec:
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - {"derived"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ModelError(
@@ -176,11 +220,12 @@ class ModelSpec:
                 kwargs[key] = dict(value or {})
             else:
                 kwargs[key] = value if value is None else str(value)
+        kwargs["derived"] = _architecture_defaults(kwargs, set(data))
         return cls(**kwargs)
 
     def with_options(self, options: Mapping[str, Any]) -> ModelSpec:
-        merged = self.to_dict() | dict(options)
-        return ModelSpec.from_mapping(merged, "the model options")
+        own = {k: v for k, v in self.to_dict().items() if k not in self.derived}
+        return ModelSpec.from_mapping(own | dict(options), "the model options")
 
 
 def parse_options(items: Sequence[str]) -> dict[str, Any]:

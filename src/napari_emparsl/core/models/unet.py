@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from napari_emparsl.core.models.spec import receptive_radius
+
 __all__ = ["UNet", "receptive_radius"]
 
 
@@ -65,13 +67,3 @@ class UNet(nn.Module):
             x = nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
             x = block(torch.cat([x, skips[len(skips) - 1 - i]], dim=1))
         return self.head(x)
-
-
-def receptive_radius(depth: int) -> int:
-    """Context (voxels per side) a U-Net of two 3×3 convs per level needs for exact tiling.
-
-    Each level l adds 2 convs of radius 2**l on the way down and up; the bottom adds 2 at 2**depth;
-    pooling/upsampling add up to 2**l - 1 of grid offset, covered by aligning blocks to 2**depth.
-    """
-    down_up = sum(2 * 2 * 2**lvl for lvl in range(depth))
-    return down_up + 2 * 2**depth + 2**depth
