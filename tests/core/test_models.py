@@ -223,3 +223,23 @@ def test_builtin_seamless_on_real_em(shared_data, tmp_path):
     b = 24
     mismatch = float((tiled[b:-b, b:-b, b:-b] != full[b:-b, b:-b, b:-b]).mean())
     assert mismatch < 1e-4, mismatch
+
+
+@pytest.mark.parametrize("scripted", [False, True])
+def test_size_the_unet_cannot_take_says_to_set_multiple(scripted):
+    from napari_emparsl.core.blockwise import run_model_on_batch
+
+    module = UNet(1, 3, base=2, depth=2).eval()
+    if scripted:
+        module = torch.jit.script(module)
+    spec = ModelSpec(classes=("a", "b", "c"), multiple=(1, 1, 1))
+    with pytest.raises(RuntimeError) as err:
+        run_model_on_batch(module, spec, [np.zeros((1, 10, 10, 10), np.float32)])
+    assert str(err.value) == (
+        "Sizes of tensors must match except in dimension 1 — the model cannot take 10×10×10 "
+        "voxels (multiple [1, 1, 1]): a U-Net needs sizes divisible by 2^depth; set multiple, "
+        "e.g. [16, 16, 16]."
+    )
+    fits = ModelSpec(classes=("a", "b", "c"), multiple=(4, 4, 4))  # padded to 12³, cropped back
+    [y] = run_model_on_batch(module, fits, [np.zeros((1, 10, 10, 10), np.float32)])
+    assert y.shape == (3, 10, 10, 10)

@@ -13,6 +13,7 @@ import os
 import socket
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +101,25 @@ def _one_tensor(out: Any) -> Any:
     )
 
 
+_SIZE_MISMATCH = ("Sizes of tensors must match", "must match the size of tensor")
+
+
+def _size_hint(err: RuntimeError, size: Sequence[int], spec: Any) -> RuntimeError:
+    """A U-Net given a size its poolings cannot halve fails deep inside (torch.cat of a skip
+    connection): say what to set instead (the error itself stays the block's message)."""
+    text = str(err)
+    if not any(s in text for s in _SIZE_MISMATCH):
+        return err
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    first = (lines[-1] if "TorchScript" in lines[0] else lines[0]).split(". ")[0][:110]
+    first = first.removeprefix("RuntimeError: ")  # TorchScript's last line names the type too
+    return RuntimeError(
+        f"{first} — the model cannot take {'×'.join(map(str, size))} voxels (multiple "
+        f"{list(spec.multiple)}): a U-Net needs sizes divisible by 2^depth; set multiple, e.g. "
+        "[16, 16, 16]."
+    )
+
+
 def run_model_on_batch(module: Any, spec: Any, xs: list[np.ndarray]) -> list[np.ndarray]:
     """Forward same-shaped normalized (C, z, y, x) float32 arrays in one call.
 
@@ -118,13 +138,16 @@ def run_model_on_batch(module: Any, spec: Any, xs: list[np.ndarray]) -> list[np.
     device = param.device if param is not None else torch.device("cpu")
     with torch.inference_mode():
         t = torch.from_numpy(np.ascontiguousarray(np.stack(xs))).to(device)  # (N, C, z, y, x)
-        if spec.spatial_dims == 3:
-            y = _one_tensor(module(t))
-        else:
-            n, c, z = t.shape[:3]
-            flat = t.permute(0, 2, 1, 3, 4).reshape(n * z, c, *t.shape[3:])
-            out = _one_tensor(module(flat))
-            y = out.reshape(n, z, *out.shape[1:]).permute(0, 2, 1, 3, 4)
+        try:
+            if spec.spatial_dims == 3:
+                y = _one_tensor(module(t))
+            else:
+                n, c, z = t.shape[:3]
+                flat = t.permute(0, 2, 1, 3, 4).reshape(n * z, c, *t.shape[3:])
+                out = _one_tensor(module(flat))
+                y = out.reshape(n, z, *out.shape[1:]).permute(0, 2, 1, 3, 4)
+        except RuntimeError as err:
+            raise _size_hint(err, t.shape[2:], spec) from err
         y = y.float().cpu().contiguous().numpy()
     if y.ndim != 5 or y.shape[1] != spec.n_outputs:  # labels: an argmax would hide it
         got = f"{y.shape[1]} channel(s)" if y.ndim == 5 else f"an array of {y.ndim - 1} axes"
