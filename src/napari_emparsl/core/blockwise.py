@@ -10,6 +10,7 @@ output N5, and returns a small :class:`BlockResult`. No image data travels back 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 import traceback
@@ -205,11 +206,16 @@ def postprocess(y: np.ndarray, spec: Any) -> np.ndarray:
 
 def _failure(blk_id: int, worker: str, err: BaseException, t_read: float = 0.0) -> BlockResult:
     lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
-    # TorchScript wraps the model's own error: its last line says what went wrong
-    message = (lines[-1] if "TorchScript" in lines[0] else lines[0])[:300] if lines else ""
+    error = f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
+    if lines and "TorchScript" in lines[0]:
+        # TorchScript wraps the model's own error: its last line says what went wrong, and of
+        # which type ("builtins.ValueError: …", "RuntimeError: …")
+        last = lines[-1].removeprefix("builtins.")[:300]
+        named = re.match(r"^[A-Za-z_.]*(Error|Exception|Warning): ", last)
+        error = last if named else f"{type(err).__name__}: {last}"
     return BlockResult(
         blk_id, False, worker, t_read,
-        error=f"{type(err).__name__}: {message}",
+        error=error,
         detail="".join(traceback.format_exception(err, limit=8))[-4000:],
     )  # fmt: skip
 
