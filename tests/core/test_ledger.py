@@ -42,3 +42,28 @@ def test_follower_reads_only_what_was_appended(tmp_path):
     summary = follower.summary()
     assert [r["time"] for r in summary.runs] == [2.0] and not summary.done
     assert follower.generation > first  # readers of the output know to open it again
+
+
+def test_a_line_torn_by_a_crash_loses_nothing_after_it(tmp_path):
+    """kill -9 mid-append leaves a line without its end: the next record starts on a line of its
+    own instead of being glued to it (and lost); damaged records are skipped, not errors."""
+    from napari_emparsl.core.blockwise import BlockResult
+
+    folder = tmp_path / "o.n5" / "pred"
+    folder.mkdir(parents=True)
+    (folder / "attributes.json").write_text("{}")
+    ledger = Ledger(str(tmp_path / "o.n5"), "pred")
+    ledger.start_run({"block": [8, 8, 8], "site": "a"})
+    with open(ledger.path, "a") as f:
+        f.write('{"type": "block", "id": 7, "sta')  # the crash
+    ledger.start_run({"block": [8, 8, 8], "site": "b"})
+    ledger.record(BlockResult(3, True, "w:1"), 1, "0:8,0:8,0:8")
+    with open(ledger.path, "a") as f:  # edited by hand, or damaged
+        f.write(_line({"type": "block", "id": "x", "status": "done"}))
+        f.write(_line({"type": "block", "status": "done"}))
+        f.write(_line({"type": "block", "id": [1], "status": "done"}))
+        f.write("\x00\x00 garbage\n[1, 2]\n")
+    summary = ledger.summary()
+    assert [run["site"] for run in summary.runs] == ["a", "b"]
+    assert list(summary.done) == [3] and not summary.failed
+    assert open(ledger.path).read().count("\n") == 9  # the torn line ended where it broke off

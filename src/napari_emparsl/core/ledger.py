@@ -84,8 +84,14 @@ class Ledger:
                 f"The output {self._root}:{self._key} was removed while the run wrote it (its "
                 "folder is gone); the run stopped — run it again to start the output anew."
             )
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(text)
+        with open(self.path, "a+b") as f:
+            # a line torn by a crash (kill -9 mid-write) must not swallow the next record
+            size = f.tell()  # append mode starts at the end
+            if size:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    text = "\n" + text
+            f.write(text.encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
 
@@ -117,7 +123,10 @@ def _apply(out: LedgerSummary, rec: dict[str, Any]) -> None:
     if rec.get("type") == "run":
         out.runs.append(rec)
     elif rec.get("type") == "block":
-        bid = int(rec["id"])
+        try:
+            bid = int(rec["id"])
+        except (KeyError, TypeError, ValueError):
+            return  # a record edited by hand or damaged: that block is simply not done
         if rec.get("status") == "done":
             out.done[bid] = rec
             out.failed.pop(bid, None)
