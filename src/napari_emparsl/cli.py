@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 from napari_emparsl import __version__
 from napari_emparsl.core.errors import UserError
+from napari_emparsl.core.geometry import size_values
 from napari_emparsl.core.n5attrs import VolumeError
 
 log = logging.getLogger("napari_emparsl")
@@ -39,7 +40,7 @@ def _zyx(values: tuple, text: str, example: str) -> tuple:
 
 def _ints(text: str) -> tuple[int, ...]:
     try:
-        values = tuple(int(v) for v in text.replace("x", ",").split(","))
+        values = tuple(size_values(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers like 64,64,64, not {text!r}") from None
     if any(v < 1 for v in values):
@@ -49,7 +50,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def _ints0(text: str) -> tuple[int, ...]:
     try:
-        values = tuple(int(v) for v in text.split(","))
+        values = tuple(size_values(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers like 16,16,16, not {text!r}") from None
     if any(v < 0 for v in values):
@@ -80,7 +81,7 @@ _positive = _scalar(
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
-        values = tuple(float(v) for v in text.split(","))
+        values = tuple(size_values(text, float))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected numbers like 40,4,4, not {text!r}") from None
     if not all(math.isfinite(v) and v > 0 for v in values):

@@ -153,6 +153,33 @@ def test_one_value_for_all_axes_and_a_sample_too_big_for_memory(capsys, tmp_path
     assert err.endswith("free; choose a smaller --shape.\n") and not (tmp_path / "big.n5").exists()
 
 
+def test_sizes_as_people_write_them(capsys, tmp_path, small_n5):
+    """64,64,64 — and 64 64 64, 64x64x64, 64×64×64 (as emparsl prints sizes) — in every size
+    option and in the run panel's fields."""
+    from napari_emparsl._napari.run_widget import _triple
+    from napari_emparsl.core.geometry import size_values
+
+    assert size_values(" 8 16,16 ") == [8, 16, 16] and size_values("40×4x4", float) == [40.0, 4, 4]
+    assert _triple("16×16×16", "block", 1) == (16, 16, 16) == _triple("16 16 16", "block", 1)
+    code, _, err = run(capsys, "sample", str(tmp_path / "s.n5"), "--shape", "16 32×32")
+    assert code == 0 and Volume.open(tmp_path / "s.n5", "raw").shape == (16, 32, 32), err
+    tifffile.imwrite(tmp_path / "t.tif", np.zeros((16, 32, 32), np.uint8))
+    code, _, err = run(capsys, "import", str(tmp_path / "t.tif"), f"{tmp_path}/i.n5:raw",
+                       "--chunks", "8x16x16", "--voxel-size", "40 4 4")  # fmt: skip
+    vol = Volume.open(tmp_path / "i.n5", "raw")
+    assert code == 0 and (vol.chunks, vol.voxel_size) == ((8, 16, 16), (40, 4, 4)), err
+    code, _, err = run(capsys, "run", "--input", f"{small_n5[0]}:raw", "--model", "unet3d-em",
+                       "--output", f"{tmp_path}/o.n5:p", "--site", "threads", "--block", "24×24×24",
+                       "--halo", "4 4 4", "--roi", "0:8,0:8,0:8")  # fmt: skip
+    assert code == 0, err
+    assert json.loads(
+        (tmp_path / "o.n5" / "p" / "emparsl-ledger.jsonl").read_text().splitlines()[0]
+    )["halo"] == [4, 4, 4]
+    with pytest.raises(SystemExit):
+        main(["sample", str(tmp_path / "t.n5"), "--shape", "16 a"])
+    assert "expected integers like 64,64,64, not '16 a'" in capsys.readouterr().err
+
+
 def test_python_api_refuses_a_block_or_halo_of_two_axes(small_n5, tmp_path):
     import napari_emparsl
     from napari_emparsl.execution.runner import RunError

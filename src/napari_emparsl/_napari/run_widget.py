@@ -39,7 +39,7 @@ from napari_emparsl._napari.background import (
 )
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.events import BlockDone, BlockFailed, Cancelled, Finished, Planned
-from napari_emparsl.core.geometry import Roi
+from napari_emparsl.core.geometry import Roi, size_values
 from napari_emparsl.core.models.loaders import BUILTIN_MODELS
 from napari_emparsl.core.volume import Volume
 
@@ -103,7 +103,7 @@ def _triple(text: str, name: str, minimum: int) -> tuple[int, int, int] | None:
     if not text:
         return None
     try:
-        values = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
+        values = size_values(text)
     except ValueError:
         values = []
     if len(values) == 1:

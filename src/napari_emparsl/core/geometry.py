@@ -24,12 +24,22 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from napari_emparsl.core.errors import UserError
 
-__all__ = ["Block", "GeometryError", "Roi", "plan_blocks"]
+__all__ = ["Block", "GeometryError", "Roi", "plan_blocks", "size_values"]
+
+_SIZE_SEPARATORS = re.compile(r"[\s,x×*]+")
+
+
+def size_values(text: str, kind: type = int) -> list:
+    """Per-axis sizes as people write them: ``64,64,64``, ``64 64 64``, ``64x64x64`` or
+    ``64×64×64`` (as this package prints them); ``kind`` converts each (ValueError if one
+    does not)."""
+    return [kind(part) for part in _SIZE_SEPARATORS.split(text.strip()) if part]
 
 
 class GeometryError(UserError, ValueError):
