@@ -217,6 +217,15 @@ def test_python_api_takes_a_region_as_text_slices_or_pairs(small_n5, tmp_path):
                    block=(32, 32, 32)).prepare()  # fmt: skip
         plans.append([b.id for b in plan.blocks])
     assert plans[0] == plans[1] == plans[2] == [0]
+    # open ends, as in numpy: to the volume's end (and a lone ":" the whole axis)
+    for roi in ("0:8,:,32:", " [0:8, 0:, 32:50] ", (slice(0, 8), slice(None), slice(32, None))):
+        run = Run(src, "unet3d-em", f"{tmp_path}/open.n5:p", site="threads", roi=roi,
+                  block=(32, 32, 32))  # fmt: skip
+        plan = run.prepare()
+        run.release()
+        assert [b.id for b in plan.blocks] == [1, 3] and str(run.roi) == "0:8,0:40,32:50"
+    with pytest.raises(RunError, match=r"The region 30:,0:40,0:50 is outside the volume 0:20,0:40,0:50"):
+        Run(src, "unet3d-em", f"{tmp_path}/x.n5:p", site="threads", roi="30:,:,:").prepare()
     for roi in (5, (slice(0, 8, 2), slice(0, 8), slice(0, 8))):
         with pytest.raises(RunError, match=r"A region is z0:z1,y0:y1,x0:x1 \(or numpy slices"):
             napari_emparsl.run(src, "unet3d-em", f"{tmp_path}/x.n5:p", roi=roi)

@@ -32,6 +32,8 @@ from napari_emparsl.core.errors import UserError
 
 __all__ = ["Block", "GeometryError", "Roi", "plan_blocks", "size_values"]
 
+OPEN_END = 2**62  # "10:" or ":" in a region: to the volume's end (clipped once it is known)
+
 _SIZE_SEPARATORS = re.compile(r"[\s,x×*]+")
 
 
@@ -115,7 +117,9 @@ class Roi:
         )
 
     def __str__(self) -> str:
-        return ",".join(f"{b}:{e}" for b, e in zip(self.begin, self.end, strict=True))
+        return ",".join(
+            f"{b}:{e if e < OPEN_END else ''}" for b, e in zip(self.begin, self.end, strict=True)
+        )
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from napari_emparsl.core.events import (
     RunEvent,
 )
 from napari_emparsl.core.geometry import (
+    OPEN_END,
     Block,
     Roi,
     block_grid,
@@ -93,7 +94,7 @@ def _as_roi(roi: Any) -> Roi | None:
             (r.start or 0, r.stop) if isinstance(r, slice) and r.step in (None, 1) else tuple(r)
             for r in roi
         ]
-        return parse_roi(",".join(f"{int(a)}:{int(b)}" for a, b in pairs))
+        return parse_roi(",".join(f"{int(a)}:{'' if b is None else int(b)}" for a, b in pairs))
     except (TypeError, ValueError):
         raise RunError(
             "A region is z0:z1,y0:y1,x0:x1 (or numpy slices, or (start, stop) pairs, one per "
@@ -102,13 +103,17 @@ def _as_roi(roi: Any) -> Roi | None:
 
 
 def parse_roi(text: str) -> Roi:
-    """``"z0:z1,y0:y1,x0:x1"`` -> Roi."""
+    """``"z0:z1,y0:y1,x0:x1"`` -> Roi; as in numpy, an empty start is 0 and an empty end (or a
+    lone ``:``) the volume's end."""
     try:
-        parts = [p.split(":") for p in text.split(",")]
-        begin = [int(a) for a, _ in parts]
-        end = [int(b) for _, b in parts]
+        parts = [p.strip().split(":") for p in text.strip().strip("[]()").split(",")]
+        begin = [int(a) if a.strip() else 0 for a, _ in parts]
+        end = [int(b) if b.strip() else OPEN_END for _, b in parts]
     except ValueError:
-        raise RunError(f"A region is z0:z1,y0:y1,x0:x1, not {text!r}.") from None
+        raise RunError(
+            f"A region is z0:z1,y0:y1,x0:x1 (e.g. 0:64,100:300,: — an empty end is the volume's), "
+            f"not {text!r}."
+        ) from None
     if any(e <= b for b, e in zip(begin, end, strict=True)):
         raise RunError(f"The region {text} is empty; each end must be larger than its start.")
     return Roi.from_bounds(begin, end)
@@ -393,6 +398,14 @@ class Run:
             raise RunError(
                 f"The input {src.root}:{src.key} has {len(spatial)} spatial axes; emparsl runs on "
                 f"3D volumes{hint}."
+            )
+        if self.roi is not None and self.roi.ndim == 3 and max(self.roi.end) >= OPEN_END:
+            self.roi = Roi.from_bounds(  # "z0:" ends where the volume does
+                self.roi.begin,
+                [
+                    n if e >= OPEN_END and b < n else e
+                    for b, e, n in zip(self.roi.begin, self.roi.end, spatial, strict=True)
+                ],
             )
         if on_checked is not None:  # the cheap checks passed: the site may start meanwhile
             on_checked()
