@@ -224,7 +224,9 @@ def test_python_api_takes_a_region_as_text_slices_or_pairs(small_n5, tmp_path):
         plan = run.prepare()
         run.release()
         assert [b.id for b in plan.blocks] == [1, 3] and str(run.roi) == "0:8,0:40,32:50"
-    with pytest.raises(RunError, match=r"The region 30:,0:40,0:50 is outside the volume 0:20,0:40,0:50"):
+    with pytest.raises(
+        RunError, match=r"The region 30:,0:40,0:50 is outside the volume 0:20,0:40,0:50"
+    ):
         Run(src, "unet3d-em", f"{tmp_path}/x.n5:p", site="threads", roi="30:,:,:").prepare()
     for roi in (5, (slice(0, 8, 2), slice(0, 8), slice(0, 8))):
         with pytest.raises(RunError, match=r"A region is z0:z1,y0:y1,x0:x1 \(or numpy slices"):
