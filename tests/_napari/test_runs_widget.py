@@ -61,3 +61,43 @@ def test_runs_found_and_provenance(make_napari_viewer, qtbot, tmp_path, monkeypa
     assert widget.runs.value == [output]  # the selection survives a refresh
     [layer] = widget.open_output()
     assert layer._type_string == "labels"
+
+
+def test_open_output_removed_since_it_was_listed_is_one_sentence(
+    make_napari_viewer, qtbot, tmp_path, monkeypatch
+):
+    """ "Open output" on a run whose output was deleted meanwhile: a notification of one
+    sentence (it was napari's traceback of an EmitLoopError) and the list drops it."""
+    import shutil
+
+    from napari.utils.notifications import notification_manager
+
+    from napari_emparsl._napari import runs_widget
+
+    monkeypatch.setattr(runs_widget, "SESSION_OUTPUTS", [])
+    assert main(["sample", str(tmp_path / "s.n5"), "--shape", "32,64,64"]) == 0
+    assert main(["run", "--input", f"{tmp_path}/s.n5:raw", "--model", "unet3d-em", "--output",
+                 f"{tmp_path}/s.n5:pred", "--site", "threads", "--roi", "0:8,0:8,0:8",
+                 "--block", "32,32,32"]) == 0  # fmt: skip
+    viewer = make_napari_viewer()
+    widget = RunsWidget(viewer)
+    viewer.open(str(tmp_path / "s.n5" / "pred"), plugin=PLUGIN)
+    qtbot.waitUntil(lambda: widget.runs.native.count() == 1)
+    widget.runs.value = [f"{tmp_path}/s.n5:pred"]
+    shutil.rmtree(tmp_path / "s.n5" / "pred")
+    messages: list[str] = []
+
+    def note(n):
+        messages.append(str(n.message))
+
+    notification_manager.notification_ready.connect(note)
+    try:
+        widget.open_btn.clicked.emit()
+    finally:
+        notification_manager.notification_ready.disconnect(note)
+    assert messages == [
+        f"There is no dataset 'pred' in {tmp_path}/s.n5; available: labels/cells, "
+        "labels/classes, raw."
+    ]
+    qtbot.waitUntil(lambda: widget.runs.native.count() == 0)
+    assert [layer.name for layer in viewer.layers] == ["pred"]  # nothing added

@@ -163,9 +163,16 @@ class RunsWidget(Container):
     def open_output(self, *_: Any) -> list[Any]:
         from napari_emparsl._napari.reader import layer_data
 
+        from napari.utils.notifications import show_error
+
         added = []
         for output in self.runs.value or []:
-            data, meta, kind = layer_data(Volume.open(*parse_spec(output)))
+            try:
+                data, meta, kind = layer_data(Volume.open(*parse_spec(output)))
+            except UserError as err:  # e.g. removed from disk since it was listed
+                show_error(str(err))
+                self.refresh()
+                continue
             added.append(getattr(self._viewer, f"add_{kind}")(data, **meta))
         return added
 
