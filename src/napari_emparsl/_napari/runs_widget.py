@@ -161,9 +161,9 @@ class RunsWidget(Container):
         return self._outputs[output]
 
     def open_output(self, *_: Any) -> list[Any]:
-        from napari_emparsl._napari.reader import layer_data
-
         from napari.utils.notifications import show_error
+
+        from napari_emparsl._napari.reader import layer_data
 
         added = []
         for output in self.runs.value or []:
