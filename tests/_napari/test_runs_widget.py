@@ -8,14 +8,13 @@ from napari_emparsl.cli import main
 PLUGIN = "napari-emparsl"
 
 
-def test_runs_found_and_provenance(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+def test_runs_found_and_provenance(
+    make_napari_viewer, qtbot, tmp_path, monkeypatch, make_run_output
+):
     from napari_emparsl._napari import runs_widget
 
     monkeypatch.setattr(runs_widget, "SESSION_OUTPUTS", [])  # only this test's runs
-    assert main(["sample", str(tmp_path / "s.n5"), "--shape", "64,64,128"]) == 0
-    assert main(["run", "--input", f"{tmp_path}/s.n5:raw", "--model", "unet3d-em", "--output",
-                 f"{tmp_path}/s.n5:pred", "--site", "threads", "--roi", "0:8,0:8,0:8",
-                 "--block", "64,64,64"]) == 0  # fmt: skip
+    make_run_output("64,64,128", "64,64,64")
     viewer = make_napari_viewer()
     widget = RunsWidget(viewer)
     viewer.open(str(tmp_path / "s.n5" / "pred"), plugin=PLUGIN)  # an output with a ledger
@@ -64,7 +63,7 @@ def test_runs_found_and_provenance(make_napari_viewer, qtbot, tmp_path, monkeypa
 
 
 def test_open_output_removed_since_it_was_listed_is_one_sentence(
-    make_napari_viewer, qtbot, tmp_path, monkeypatch
+    make_napari_viewer, qtbot, tmp_path, monkeypatch, make_run_output
 ):
     """ "Open output" on a run whose output was deleted meanwhile: a notification of one
     sentence (it was napari's traceback of an EmitLoopError) and the list drops it."""
@@ -75,10 +74,7 @@ def test_open_output_removed_since_it_was_listed_is_one_sentence(
     from napari_emparsl._napari import runs_widget
 
     monkeypatch.setattr(runs_widget, "SESSION_OUTPUTS", [])
-    assert main(["sample", str(tmp_path / "s.n5"), "--shape", "32,64,64"]) == 0
-    assert main(["run", "--input", f"{tmp_path}/s.n5:raw", "--model", "unet3d-em", "--output",
-                 f"{tmp_path}/s.n5:pred", "--site", "threads", "--roi", "0:8,0:8,0:8",
-                 "--block", "32,32,32"]) == 0  # fmt: skip
+    make_run_output()
     viewer = make_napari_viewer()
     widget = RunsWidget(viewer)
     viewer.open(str(tmp_path / "s.n5" / "pred"), plugin=PLUGIN)

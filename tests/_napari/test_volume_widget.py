@@ -44,13 +44,10 @@ def test_browse_and_open(make_napari_viewer, tmp_path, monkeypatch):
 
 
 def test_run_output_offers_resume_and_errors_are_sentences(
-    make_napari_viewer, qtbot, tmp_path, monkeypatch
+    make_napari_viewer, qtbot, tmp_path, monkeypatch, make_run_output
 ):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    assert main(["sample", str(tmp_path / "s.n5"), "--shape", "32,64,64"]) == 0
-    assert main(["run", "--input", f"{tmp_path}/s.n5:raw", "--model", "unet3d-em", "--output",
-                 f"{tmp_path}/s.n5:pred", "--site", "threads", "--roi", "0:8,0:8,0:8",
-                 "--block", "32,32,32"]) == 0  # fmt: skip
+    make_run_output()
     viewer = make_napari_viewer()
     widget = VolumeWidget(viewer)
     widget.path.value = str(tmp_path / "s.n5")
