@@ -26,6 +26,17 @@ def test_labels_round_trip(make_napari_viewer, tmp_path):
     assert reopened._type_string == "labels"
 
 
+def test_writer_takes_a_typed_home_path(tmp_path, monkeypatch):
+    """Called with "~/…" (a script, a console), not into a folder named "~"."""
+    from napari_emparsl._napari.writer import write_labels
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    written = write_labels("~/w.n5", np.ones((4, 8, 8), np.uint8), {"name": "lab"})
+    assert written == [str(tmp_path / "home" / "w.n5" / "lab")]
+    assert not (tmp_path / "~").exists() and Volume.open(written[0]).shape == (4, 8, 8)
+
+
 def test_image_round_trip_dask_and_dataset_path(make_napari_viewer, tmp_path):
     viewer = make_napari_viewer()
     data = da.random.default_rng(0).random((16, 96, 96), chunks=(8, 32, 32)).astype(np.float32)

@@ -11,6 +11,7 @@ from typing import Any
 
 from napari_emparsl.core.ledger import OutputLock
 from napari_emparsl.core.n5attrs import VolumeError, find_container_root
+from napari_emparsl.core.paths import user_path
 from napari_emparsl.core.volume import save_array
 
 
@@ -28,7 +29,7 @@ def _target(path: str, layer_name: str) -> tuple[str, str]:
 
 
 def _write(path: str, data: Any, meta: dict[str, Any], labels: bool) -> list[str]:
-    root, key = _target(os.fspath(path), meta.get("name") or "data")
+    root, key = _target(user_path(path), meta.get("name") or "data")
     source = (meta.get("metadata") or {}).get("emparsl") or {}
     if (
         source
