@@ -38,9 +38,8 @@ def apply() -> bool:
 
     @functools.wraps(original)
     def clean_and_update_scenegraph(self, *args, **kwargs):
-        with contextlib.suppress(
-            Exception
-        ):  # a canvas not shown yet has no context to make current
+        # a canvas not shown yet has no context to make current: napari's clean-up as it was
+        with contextlib.suppress(Exception):
             self._scene_canvas.set_current()
         return original(self, *args, **kwargs)
 

@@ -136,7 +136,7 @@ class VolumeWidget(Container):
         if len(keys) != 1:
             return
         try:
-            vol = Volume.open(user_path(self.path.value), keys[0])
+            vol = Volume.open(self.path.value, keys[0])  # typed as it is: Volume.open reads it
         except UserError as err:
             self._error(str(err))
             return
@@ -181,7 +181,7 @@ class VolumeWidget(Container):
         added = []
         for key in self.datasets.value or []:
             try:
-                data, meta, kind = layer_data(Volume.open(user_path(self.path.value), key))
+                data, meta, kind = layer_data(Volume.open(self.path.value, key))
             except UserError as err:
                 self._error(str(err))
                 continue

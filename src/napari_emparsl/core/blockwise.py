@@ -108,12 +108,9 @@ _SIZE_MISMATCH = ("Sizes of tensors must match", "must match the size of tensor"
 def _size_hint(err: RuntimeError, size: Sequence[int], spec: Any) -> RuntimeError:
     """A U-Net given a size its poolings cannot halve fails deep inside (torch.cat of a skip
     connection): say what to set instead (the error itself stays the block's message)."""
-    text = str(err)
-    if not any(s in text for s in _SIZE_MISMATCH):
+    if not any(s in str(err) for s in _SIZE_MISMATCH):
         return err
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    first = (lines[-1] if "TorchScript" in lines[0] else lines[0]).split(". ")[0][:110]
-    first = first.removeprefix("RuntimeError: ")  # TorchScript's last line names the type too
+    first = error_line(err).split(": ", 1)[-1].split(". ")[0][:110]  # its first sentence
     return RuntimeError(
         f"{first} — the model cannot take {'×'.join(map(str, size))} voxels (multiple "
         f"{list(spec.multiple)}): a U-Net needs sizes divisible by 2^depth; set multiple, e.g. "
@@ -204,18 +201,22 @@ def postprocess(y: np.ndarray, spec: Any) -> np.ndarray:
     return (y[0] if y.shape[0] == 1 else y).astype(np.float32)
 
 
-def _failure(blk_id: int, worker: str, err: BaseException, t_read: float = 0.0) -> BlockResult:
+def error_line(err: BaseException) -> str:
+    """``Type: message`` of an error, on one line (at most ~300 characters of message)."""
     lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
-    error = f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
     if lines and "TorchScript" in lines[0]:
         # TorchScript wraps the model's own error: its last line says what went wrong, and of
         # which type ("builtins.ValueError: …", "RuntimeError: …")
         last = lines[-1].removeprefix("builtins.")[:300]
         named = re.match(r"^[A-Za-z_.]*(Error|Exception|Warning): ", last)
-        error = last if named else f"{type(err).__name__}: {last}"
+        return last if named else f"{type(err).__name__}: {last}"
+    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def _failure(blk_id: int, worker: str, err: BaseException, t_read: float = 0.0) -> BlockResult:
     return BlockResult(
         blk_id, False, worker, t_read,
-        error=error,
+        error=error_line(err),
         detail="".join(traceback.format_exception(err, limit=8))[-4000:],
     )  # fmt: skip
 

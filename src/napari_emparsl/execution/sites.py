@@ -120,8 +120,8 @@ def load_site(site: str) -> SiteProfile:
     files = _site_files()
     if site in files:
         path = files[site]
-    elif os.path.isfile(user_path(site)):
-        path = Path(user_path(site))
+    elif os.path.isfile(typed := user_path(site)):
+        path = Path(typed)
     else:
         raise SiteError(
             f"Unknown site '{site}'; known sites: {', '.join(files)} (or give a profile file)."
