@@ -44,7 +44,9 @@ def main() -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
-        pairs = [write_sample(Path(tmp), seed)[:2] for seed in (1, 2, 3)]
+        written = [write_sample(Path(tmp), seed) for seed in (1, 2, 3)]
+        pairs = [w[:2] for w in written]
+        voxel_size = [float(v) for v in written[0][2].voxel_size]  # nm, z y x
         ds = N5TileDataset(pairs, (48, 64, 64), length=10**6, seed=args.seed)
         model = UNet(1, len(CLASS_NAMES), dims=3, **ARCH)
         train(model, ds, steps=args.steps, batch=2, lr=3e-3, class_weights=[0.3, 1.0, 1.0])
@@ -79,6 +81,8 @@ def main() -> None:
         "edge": "none",
         "architecture": "unet3d",
         "arch_options": ARCH,
+        # runs on volumes whose voxels differ from these by over 1.5x warn
+        "voxel_size": voxel_size,
     }
     text = (
         "# Built-in 3D U-Net for EM: background / membrane / mitochondria.\n"

@@ -16,11 +16,24 @@ def run(input: str, model: str, output: str, **kwargs):
     ``napari_emparsl.run("in.n5:raw", "unet3d-em", "out.n5:classes", site="local")`` returns the
     last event (``Finished`` with ``.ok``, or ``Cancelled``). Keyword arguments: ``site``, ``roi``,
     ``block``, ``halo``, ``model_options``, ``overwrite``, ``retries``, ``callback``.
+    What the run notes before it starts (the volume's voxels are not those the model was
+    trained on) comes as a ``UserWarning``.
     """
+    import warnings
+
+    from napari_emparsl.core.events import Planned
     from napari_emparsl.execution.runner import Run
 
     callback = kwargs.pop("callback", None)
-    return Run(input, model, output, **kwargs).execute(callback)
+
+    def report(event):
+        if isinstance(event, Planned):
+            for note in event.warnings:
+                warnings.warn(note, UserWarning, stacklevel=2)
+        if callback is not None:
+            callback(event)
+
+    return Run(input, model, output, **kwargs).execute(report)
 
 
 def __getattr__(name: str):

@@ -396,6 +396,8 @@ def _run(args: argparse.Namespace) -> int:
                     )
                     + f"; site {args.site}."
                 )
+                for warning in event.warnings:
+                    print(f"Warning: {warning}", file=sys.stderr)
                 bar = tqdm(
                     total=event.total,
                     initial=skipped,

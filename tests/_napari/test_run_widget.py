@@ -223,6 +223,16 @@ def test_model_info_estimate_and_site_test(
     assert "the volume has 2 spatial axes; runs need a 3D volume" in widget.model_info.value
     widget.input.value = raw
     assert "spatial axes" not in widget.model_info.value
+    # voxels other than those the model was trained on: a warning beside the model, no refusal
+    save_array(sample_path, "tem", np.zeros((8, 32, 32), np.uint8), voxel_size=(40, 4, 4))
+    [tem] = viewer.open(str(sample_path / "tem"), plugin=PLUGIN)
+    widget.input.reset_choices()
+    widget.input.value = tem
+    assert widget.model_info.value.endswith(
+        " — ⚠ trained on 8×8×8 nm voxels; the volume has 40×4×4 nm: expect poorer results"
+    )
+    widget.input.value = raw
+    assert "trained on" not in widget.model_info.value
     # block and halo: empty means the model's defaults (shown); bad values get one sentence
     assert widget.block.native.placeholderText() == "128,128,128 (model default)"
     assert widget.halo.native.placeholderText() == "24,24,24 (model default)"

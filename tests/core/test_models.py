@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -243,3 +244,77 @@ def test_size_the_unet_cannot_take_says_to_set_multiple(scripted):
     fits = ModelSpec(classes=("a", "b", "c"), multiple=(4, 4, 4))  # padded to 12³, cropped back
     [y] = run_model_on_batch(module, fits, [np.zeros((1, 10, 10, 10), np.float32)])
     assert y.shape == (3, 10, 10, 10)
+
+
+def test_voxel_size_a_model_was_trained_on_is_checked_against_the_volume(
+    capsys, tmp_path, small_n5
+):
+    """A model that declares the voxel size of its training data warns (not refuses) on volumes
+    whose voxels differ by over 1.5× on an axis it sees: the CLI on stderr, the Python API as a
+    UserWarning; an output made before the key existed still resumes."""
+    import napari_emparsl
+    from napari_emparsl.cli import main
+    from napari_emparsl.core.models.spec import resolution_mismatch
+    from napari_emparsl.execution.runner import _changes
+
+    builtin = describe_model("unet3d-em")
+    assert builtin.voxel_size == (8.0, 8.0, 8.0)  # the synthetic sample's, which it learnt
+    assert ModelSpec.from_mapping({"voxel_size": "40x4x4"}).voxel_size == (40.0, 4.0, 4.0)
+    assert builtin.with_options(parse_options(["voxel_size=6"])).voxel_size == (6.0, 6.0, 6.0)
+    for bad in ("8,8", "0,8,8", "eight", [8, 8, -1]):
+        with pytest.raises(ModelError, match="'voxel_size' must be three positive numbers"):
+            ModelSpec.from_mapping({"voxel_size": bad})
+
+    assert resolution_mismatch(builtin, (8, 8, 8), "nm") is None
+    assert resolution_mismatch(builtin, (11.9, 5.4, 8), "nm") is None  # within 1.5× each way
+    assert resolution_mismatch(builtin, (0.008, 0.008, 0.008), "µm") is None
+    assert resolution_mismatch(builtin, (40, 4, 4), "nanometer") == (
+        "trained on 8×8×8 nm voxels; the volume has 40×4×4 nm"
+    )
+    assert resolution_mismatch(builtin, (1, 1, 1), "pixel") is None  # no length: not compared
+    assert (
+        resolution_mismatch(describe_model("unet3d-em", {"voxel_size": None}), (40, 4, 4), "nm")
+        is None
+    )
+    flat = ModelSpec.from_mapping({"spatial_dims": 2, "voxel_size": [50, 4, 4]})
+    assert resolution_mismatch(flat, (40, 4.5, 4.5), "nm") is None  # a 2D model sees no z
+    assert resolution_mismatch(flat, (40, 8, 8), "nm") == (
+        "trained on 4×4 nm pixels; the volume has 8×8 nm"
+    )
+
+    # small_n5: voxels 30×10×10 nm — z 3.75× the model's
+    src, out = f"{small_n5[0]}:raw", f"{tmp_path}/o.n5:p"
+    args = ["run", "--input", src, "--model", "unet3d-em", "--site", "threads"]
+    assert main([*args, "--output", out, "--roi", "0:8,0:16,0:16"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "Warning: The model unet3d-em was trained on 8×8×8 nm voxels; the volume has 30×10×10 nm "
+        f"({small_n5[0]}:raw): expect poorer results; resample the volume" in err
+    )
+    with pytest.warns(UserWarning, match="was trained on 8×8×8 nm voxels; the volume has 30×10×10"):
+        assert napari_emparsl.run(src, "unet3d-em", out, site="threads").ok
+    with warnings.catch_warnings(record=True) as caught:  # none where the sizes fit
+        warnings.simplefilter("always")
+        napari_emparsl.run(
+            src,
+            "unet3d-em",
+            f"{tmp_path}/o.n5:q",
+            site="threads",
+            roi="0:8,0:16,0:16",
+            model_options={"voxel_size": [30, 10, 10]},
+        )
+    assert not [w for w in caught if "trained on" in str(w.message)]
+
+    # resuming an output whose ledger predates voxel_size (no such key recorded)
+    from napari_emparsl.core.volume import Volume
+
+    vol = Volume.open(src)
+    last = {
+        "input": f"{vol.root}:{vol.key}",
+        "spec": builtin.to_dict(),
+        "block": [8, 8, 8],
+        "halo": [24, 24, 24],
+    }
+    del last["spec"]["voxel_size"]
+    assert _changes(last, vol, builtin, (8, 8, 8), (24, 24, 24)) == []
+    assert _changes(last, vol, builtin.with_options({"halo": 8}), (8, 8, 8), (8, 8, 8))

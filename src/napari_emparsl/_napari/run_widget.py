@@ -323,6 +323,7 @@ class RunWidget(Container):
     def _describe_model(self, *_: Any) -> None:
         """Show what the model declares, ask for what it lacks, warn when it does not fit."""
         from napari_emparsl.core.models.loaders import describe_model, missing_description
+        from napari_emparsl.core.models.spec import resolution_mismatch
 
         try:
             options = self._options()
@@ -355,6 +356,9 @@ class RunWidget(Container):
             spatial = sum(a != "c" for a in vol.axes)
             if spatial != 3:  # 2D models too run on 3D volumes, slice by slice
                 text += f" — ⚠ the volume has {spatial} spatial axes; runs need a 3D volume"
+            note = resolution_mismatch(spec, vol.voxel_size, vol.unit)
+            if note:
+                text += f" — ⚠ {note}: expect poorer results"
         if missing:
             text += f" — ⚠ not described: set {', '.join(missing)} in model options"
         self.model_info.value = text

@@ -29,6 +29,7 @@ class Planned(RunEvent):
     output: str  # OUT.n5:KEY
     voxels_todo: int
     levels: int = 1  # the output's pyramid levels (> 1: coarser ones each block writes too)
+    warnings: tuple[str, ...] = ()  # e.g. the volume's voxels are not those the model knows
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ from napari_emparsl.core.models.loaders import (
     load_model,
     resolve_model,
 )
-from napari_emparsl.core.models.spec import ModelError, ModelSpec
+from napari_emparsl.core.models.spec import ModelError, ModelSpec, resolution_mismatch
 from napari_emparsl.core.n5attrs import (
     VolumeError,
     find_container_root,
@@ -235,6 +235,10 @@ def _check_input_written(src: Volume, blocks: Sequence[Block]) -> None:
         )
 
 
+# description keys that do not change what a model writes: a resume may differ in them
+_NOT_IN_OUTPUT = ("voxel_size",)
+
+
 def _changes(last: Mapping[str, Any], src: Volume, spec: ModelSpec, block, halo) -> list[str]:
     """What differs between an output's last run and this one, in words ("block 64×64×64,
     not 32×32×32"); empty when this run may resume it."""
@@ -248,7 +252,11 @@ def _changes(last: Mapping[str, Any], src: Volume, spec: ModelSpec, block, halo)
     if last.get("input") != f"{src.root}:{src.key}":
         changed.append(f"the input {last.get('input')}, not {src.root}:{src.key}")
     old, new = last.get("spec") or {}, spec.to_dict()
-    keys = [k for k in dict.fromkeys([*new, *old]) if old.get(k) != new.get(k)]
+    keys = [
+        k
+        for k in dict.fromkeys([*new, *old])
+        if old.get(k) != new.get(k) and k not in _NOT_IN_OUTPUT
+    ]
     if keys:
         changed.append(
             "a model description with "
@@ -329,6 +337,7 @@ class Run:
         self.blocks: dict[int, Block] = {}  # the plan's, once planned: where each block writes
         self._lock: OutputLock | None = None
         self.callbacks: list[Callable[[RunEvent], None]] = []
+        self.warnings: tuple[str, ...] = ()  # what the run notes before it starts (Planned)
 
     # ------------------------------------------------------------------------------------------
 
@@ -398,6 +407,14 @@ class Run:
             raise RunError(
                 f"The input {src.root}:{src.key} has {len(spatial)} spatial axes; emparsl runs on "
                 f"3D volumes{hint}."
+            )
+        note = resolution_mismatch(spec, src.voxel_size, src.unit)
+        if note:
+            name = self.model if self.model in BUILTIN_MODELS else os.path.basename(self.model)
+            self.warnings = (
+                f"The model {name} was {note} ({src.root}:{src.key}): expect poorer results; "
+                "resample the volume to about the model's voxel size, or use a model trained "
+                "on data like it.",
             )
         if self.roi is not None and self.roi.ndim == 3 and max(self.roi.end) >= OPEN_END:
             self.roi = Roi.from_bounds(  # "z0:" ends where the volume does
@@ -585,6 +602,7 @@ class Run:
                     self.output,
                     sum(plan.out_voxels[b.id] for b in todo),
                     plan.levels,
+                    self.warnings,
                 )
             )
         except BaseException:

@@ -14,6 +14,8 @@ scale: [1, 1, 1]              # output voxels per input voxel, per axis
 block: [64, 128, 128]         # preferred block (write ROI) size
 edge: reflect                 # context beyond the volume edge: reflect (mirror the data) | none
                               # (the model's own padding, as in a whole-volume forward; cheaper)
+voxel_size: [8, 8, 8]         # z, y, x nm of the data it was trained on (optional: runs on
+                              # volumes whose voxels differ by over 1.5× warn)
 architecture: unet3d          # only for state-dict files: a built-in architecture
 arch_options: {}              # its constructor arguments
 ```
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -35,11 +38,30 @@ import yaml
 
 from napari_emparsl.core.errors import UserError
 
-__all__ = ["ModelError", "ModelSpec", "parse_options", "read_sidecar"]
+__all__ = ["ModelError", "ModelSpec", "parse_options", "read_sidecar", "resolution_mismatch"]
 
 KINDS = ("labels", "image")
 NORMALIZATIONS = ("none", "zscore", "percentile")
 EDGES = ("reflect", "none")
+# a volume's voxels may differ from the model's training data by this factor per axis unwarned
+RESOLUTION_TOLERANCE = 1.5
+# nanometres per unit, as N5 writers spell units; other units ("pixel") are not compared
+_NM_PER_UNIT = {
+    "nm": 1.0,
+    "nanometer": 1.0,
+    "nanometre": 1.0,
+    "um": 1e3,
+    "µm": 1e3,
+    "μm": 1e3,
+    "micrometer": 1e3,
+    "micrometre": 1e3,
+    "micron": 1e3,
+    "mm": 1e6,
+    "millimeter": 1e6,
+    "millimetre": 1e6,
+    "å": 0.1,
+    "angstrom": 0.1,
+}
 
 
 class ModelError(UserError, ValueError):
@@ -100,6 +122,23 @@ def _triple(value: Any, name: str, minimum: int) -> tuple[int, int, int]:
     return out  # type: ignore[return-value]
 
 
+def _voxel_size(value: Any) -> tuple[float, float, float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value] * 3
+    if isinstance(value, str):
+        value = [v for v in re.split(r"[\s,x×*]+", value) if v]
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != 3 or not all(math.isfinite(v) and v > 0 for v in out):
+        raise ModelError(
+            "The model option 'voxel_size' must be three positive numbers z,y,x in nm (the "
+            f"voxel size of the data the model was trained on), not {value!r}."
+        )
+    return out  # type: ignore[return-value]
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What the tiler needs to know about a model."""
@@ -116,6 +155,7 @@ class ModelSpec:
     block: tuple[int, int, int] = (64, 64, 64)
     threshold: float = 0.5
     edge: str = "reflect"
+    voxel_size: tuple[float, float, float] | None = None  # nm, z y x, of its training data
     architecture: str | None = None
     arch_options: dict[str, Any] = field(default_factory=dict)
     # keys filled in from the architecture (not part of the description: options may change
@@ -211,6 +251,8 @@ class ModelSpec:
                     raise ModelError(
                         f"The model option 'threshold' must be a number, not {value!r}."
                     ) from None
+            elif key == "voxel_size":
+                kwargs[key] = None if value is None else _voxel_size(value)
             elif key == "arch_options":
                 if value is not None and not isinstance(value, Mapping):
                     raise ModelError(
@@ -226,6 +268,32 @@ class ModelSpec:
     def with_options(self, options: Mapping[str, Any]) -> ModelSpec:
         own = {k: v for k, v in self.to_dict().items() if k not in self.derived}
         return ModelSpec.from_mapping(own | dict(options), "the model options")
+
+
+def _nm(values: Sequence[float]) -> str:
+    return "×".join(f"{v:.3g}" for v in values) + " nm"
+
+
+def resolution_mismatch(spec: ModelSpec, voxel_size: Sequence[float], unit: str) -> str | None:
+    """Words for a volume (spatial ``voxel_size`` z,y,x in ``unit``) whose voxels differ from
+    those the model was trained on by more than RESOLUTION_TOLERANCE on an axis the model sees
+    ("trained on 8×8×8 nm voxels; the volume has 40×4×4 nm"); None when they fit, or when the
+    model does not say or the volume's unit is not a length."""
+    per_nm = _NM_PER_UNIT.get(str(unit).strip().lower())
+    if spec.voxel_size is None or per_nm is None or len(voxel_size) != 3:
+        return None
+    have = [v * per_nm for v in voxel_size]
+    axes = range(3) if spec.spatial_dims == 3 else (1, 2)  # 2D models see single sections
+    if all(
+        1 / RESOLUTION_TOLERANCE <= have[i] / spec.voxel_size[i] <= RESOLUTION_TOLERANCE
+        for i in axes
+    ):
+        return None
+    want = [spec.voxel_size[i] for i in axes]
+    return (
+        f"trained on {_nm(want)} {'voxels' if spec.spatial_dims == 3 else 'pixels'}; the "
+        f"volume has {_nm([have[i] for i in axes])}"
+    )
 
 
 def parse_options(items: Sequence[str]) -> dict[str, Any]:
