@@ -103,6 +103,13 @@ def test_options_override_sidecar_and_are_validated():
                                   "of at least 1 (e.g. {base: 8, depth: 2}), not {'foo': 1}."),
         ("arch_options={depth: 0}", "The arch_options of unet3d are base and depth, whole numbers "
                                     "of at least 1 (e.g. {base: 8, depth: 2}), not {'depth': 0}."),
+        ("out_dtype=uint8", "The model option 'out_dtype' is for image models; a labels model "
+                            "writes uint8, uint16 or uint32 class ids by its number of classes."),
+        ("out_dtype=int8", "The model option 'out_dtype' must be one of float32, uint8, not 'int8'."),
+        ("out_range=1,0", "The model option 'out_range' must be two numbers low,high with high > "
+                          "low (the model's output values written as 0 and 255), not [1.0, 0.0]."),
+        ("out_range=0,a,1", "The model option 'out_range' must be two numbers low,high (the "
+                            "model's output values written as 0 and 255), not '0,a,1'."),
     ],
 )  # fmt: skip
 def test_bad_option_values_are_one_sentence(capsys, tmp_path, small_n5, option, message):

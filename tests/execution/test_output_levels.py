@@ -11,6 +11,7 @@ import napari_emparsl
 from napari_emparsl.cli import main
 from napari_emparsl.core.geometry import check_no_shared_chunks, plan_blocks
 from napari_emparsl.core.volume import Volume, output_level_factors, save_array
+from napari_emparsl.execution.runner import RunError
 
 
 @pytest.mark.parametrize(
@@ -121,6 +122,49 @@ def test_image_output_levels_are_means_also_with_channels(tmp_path, save_model, 
     expected = np.stack([data, 1.0 - data]).astype(np.float64)
     expected = expected.reshape(2, 32, 2, 96, 2, 96, 2).mean(axis=(2, 4, 6))
     np.testing.assert_allclose(coarse, expected, atol=1e-6)
+
+
+def test_image_output_as_uint8_maps_its_range_and_resumes_an_older_output(
+    tmp_path, save_model, big_volume
+):
+    """``out_dtype: uint8`` writes 4× less than float32: ``out_range`` becomes 0..255 (rounded,
+    clipped), coarser levels are rounded means. An output whose ledger predates those keys
+    resumes as what it was, float32."""
+    import json
+
+    spec, data = big_volume
+    model = save_model(
+        TwoChannels(), tmp_path / "two.pt", "kind: image\nout_channels: 2\nblock: [32, 64, 64]\n"
+    )
+    out = f"{tmp_path}/out.n5"
+    as_uint8 = {"out_dtype": "uint8", "out_range": "0.2,0.8"}
+    done = napari_emparsl.run(spec, model, f"{out}:img8", site="threads", model_options=as_uint8)
+    assert done.ok and done.done == done.total == 2 * 3 * 3
+    vol = Volume.open(out, "img8")
+    assert vol.dtype == np.uint8 and vol.shape == (2, 64, 192, 192)
+    expected = np.clip(np.rint((np.stack([data, 1.0 - data]) - 0.2) * (255 / 0.6)), 0, 255)
+    fine = vol.level(0).compute()
+    assert np.abs(fine.astype(int) - expected).max() <= 1  # float32 rounding at .5
+    assert np.mean(fine == expected) > 0.999
+    assert (fine == 0).any() and (fine == 255).any()  # clipped at both ends
+    coarse = vol.level(1).compute()
+    mean = fine.astype(np.float64).reshape(2, 32, 2, 96, 2, 96, 2).mean(axis=(2, 4, 6))
+    assert coarse.dtype == np.uint8 and np.abs(coarse - np.round(mean)).max() <= 0.5
+
+    # a float32 output started by a version that knew neither key
+    assert napari_emparsl.run(spec, model, f"{out}:img", site="threads", roi="0:32,:,:").ok
+    ledger = tmp_path / "out.n5" / "img" / "emparsl-ledger.jsonl"
+    records = [json.loads(line) for line in ledger.read_text().splitlines()]
+    assert any("out_dtype" in r.get("spec", {}) for r in records)
+    for r in records:
+        for key in ("out_dtype", "out_range"):
+            r.get("spec", {}).pop(key, None)
+    ledger.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(RunError, match=r"out_dtype: float32, not uint8, out_range: 0\.0×1\.0, not"):
+        napari_emparsl.run(spec, model, f"{out}:img", site="threads", model_options=as_uint8)
+    final = napari_emparsl.run(spec, model, f"{out}:img", site="threads")
+    assert final.ok and final.total == 18 and final.done == 18
+    assert Volume.open(out, "img").dtype == np.float32
 
 
 def test_2d_model_levels_keep_every_slice(tmp_path, conv2d_model, big_volume):

@@ -342,6 +342,11 @@ class RunWidget(Container):
         text = (
             f"{what}; {spec.in_channels} input channel(s); {spec.spatial_dims}D; halo {list(spec.halo)}"
             + (f"; scale {list(spec.scale)}" if any(s != 1 for s in spec.scale) else "")
+            + (
+                f"; written as uint8 ({spec.out_range[0]:g}..{spec.out_range[1]:g} → 0..255)"
+                if spec.kind == "image" and spec.out_dtype == "uint8"
+                else ""
+            )
         )
         layer = self.input.value
         src = _source_of(layer) if layer is not None else None
@@ -787,7 +792,8 @@ class RunWidget(Container):
                     kwargs["scale"] = (1.0, *out.voxel_size)
                     kwargs["translate"] = (0.0, *out.offset[-3:])
                     kwargs["units"] = None
-                kwargs["contrast_limits"] = (0.0, 1.0)  # widened as blocks finish
+                # widened as blocks finish
+                kwargs["contrast_limits"] = (0.0, 255.0 if out.dtype == np.uint8 else 1.0)
             layer = kind(data, multiscale=len(levels) > 1, **kwargs)
             self._range = None
             layer.metadata["emparsl"] = {"path": out.root, "key": out.key}

@@ -193,12 +193,18 @@ def _argmax0(y: np.ndarray) -> np.ndarray:
 
 
 def postprocess(y: np.ndarray, spec: Any) -> np.ndarray:
-    """Labels: argmax over class logits (or threshold of one channel); images: float32."""
+    """Labels: argmax over class logits (or threshold of one channel); images: float32, or
+    uint8 with the model's ``out_range`` mapped to 0..255 (rounded, clipped)."""
     if spec.kind == "labels":
         if y.shape[0] == 1:
             return (y[0] > spec.threshold).astype(spec.label_dtype)
         return _argmax0(y).astype(spec.label_dtype, copy=False)
-    return (y[0] if y.shape[0] == 1 else y).astype(np.float32)
+    y = y[0] if y.shape[0] == 1 else y
+    if spec.out_dtype == "uint8":
+        lo, hi = spec.out_range
+        y = (y.astype(np.float32, copy=False) - np.float32(lo)) * np.float32(255 / (hi - lo))
+        return np.clip(np.rint(y), 0, 255).astype(np.uint8)
+    return y.astype(np.float32)
 
 
 def error_line(err: BaseException) -> str:

@@ -251,7 +251,9 @@ def _changes(last: Mapping[str, Any], src: Volume, spec: ModelSpec, block, halo)
     changed = []
     if last.get("input") != f"{src.root}:{src.key}":
         changed.append(f"the input {last.get('input')}, not {src.root}:{src.key}")
-    old, new = last.get("spec") or {}, spec.to_dict()
+    # a key the output's run did not know of (an older version) had its default value then
+    old = ModelSpec().to_dict() | (last.get("spec") or {})
+    new = spec.to_dict()
     keys = [
         k
         for k in dict.fromkeys([*new, *old])
@@ -543,7 +545,7 @@ class Run:
     def _create_output(
         self, src: Volume, spec: ModelSpec, out_shape, chunks, levels=None, level_chunks=None
     ) -> Volume:
-        dtype = spec.label_dtype if spec.kind == "labels" else "float32"
+        dtype = spec.label_dtype if spec.kind == "labels" else spec.out_dtype
         vs = tuple(v / s for v, s in zip(src.voxel_size, spec.scale, strict=True))
         # voxel centres: an input voxel centred at x covers x ± v/2; its s output voxels are
         # centred at x - v/2 + v/s * (k + 1/2), so the output grid starts (v/s - v)/2 further

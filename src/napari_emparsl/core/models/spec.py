@@ -11,6 +11,8 @@ halo: [16, 16, 16]            # z, y, x voxels of context per side
 multiple: [4, 4, 4]           # the model's input size must be a multiple of this
 normalize: none               # none | zscore | percentile
 scale: [1, 1, 1]              # output voxels per input voxel, per axis
+out_dtype: float32            # image models: float32 | uint8 (out_range mapped to 0..255)
+out_range: [0, 1]             # uint8 images: the output values written as 0 and as 255
 block: [64, 128, 128]         # preferred block (write ROI) size
 edge: reflect                 # context beyond the volume edge: reflect (mirror the data) | none
                               # (the model's own padding, as in a whole-volume forward; cheaper)
@@ -43,6 +45,7 @@ __all__ = ["ModelError", "ModelSpec", "parse_options", "read_sidecar", "resoluti
 KINDS = ("labels", "image")
 NORMALIZATIONS = ("none", "zscore", "percentile")
 EDGES = ("reflect", "none")
+OUT_DTYPES = ("float32", "uint8")  # of image models (labels: by class count)
 # a volume's voxels may differ from the model's training data by this factor per axis unwarned
 RESOLUTION_TOLERANCE = 1.5
 # nanometres per unit, as N5 writers spell units; other units ("pixel") are not compared
@@ -139,6 +142,20 @@ def _voxel_size(value: Any) -> tuple[float, float, float]:
     return out  # type: ignore[return-value]
 
 
+def _pair(value: Any) -> tuple[float, float]:
+    items = value
+    if isinstance(value, str):
+        items = [v for v in re.split(r"[\s,]+", value.strip("[]() ")) if v]
+    try:
+        lo, hi = (float(v) for v in items)
+    except (TypeError, ValueError):
+        raise ModelError(
+            "The model option 'out_range' must be two numbers low,high (the model's output "
+            f"values written as 0 and 255), not {value!r}."
+        ) from None
+    return lo, hi
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What the tiler needs to know about a model."""
@@ -156,6 +173,8 @@ class ModelSpec:
     threshold: float = 0.5
     edge: str = "reflect"
     voxel_size: tuple[float, float, float] | None = None  # nm, z y x, of its training data
+    out_dtype: str = "float32"  # image models: float32, or uint8 (out_range mapped to 0..255)
+    out_range: tuple[float, float] = (0.0, 1.0)
     architecture: str | None = None
     arch_options: dict[str, Any] = field(default_factory=dict)
     # keys filled in from the architecture (not part of the description: options may change
@@ -174,6 +193,22 @@ class ModelSpec:
         if self.edge not in EDGES:
             raise ModelError(
                 f"The model option 'edge' must be one of {', '.join(EDGES)}, not {self.edge!r}."
+            )
+        if self.out_dtype not in OUT_DTYPES:
+            raise ModelError(
+                f"The model option 'out_dtype' must be one of {', '.join(OUT_DTYPES)}, not "
+                f"{self.out_dtype!r}."
+            )
+        if self.kind == "labels" and self.out_dtype != "float32":
+            raise ModelError(
+                "The model option 'out_dtype' is for image models; a labels model writes "
+                "uint8, uint16 or uint32 class ids by its number of classes."
+            )
+        lo, hi = self.out_range
+        if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+            raise ModelError(
+                "The model option 'out_range' must be two numbers low,high with high > low (the "
+                f"model's output values written as 0 and 255), not {list(self.out_range)}."
             )
         if self.spatial_dims not in (2, 3):
             raise ModelError(
@@ -251,6 +286,8 @@ class ModelSpec:
                     raise ModelError(
                         f"The model option 'threshold' must be a number, not {value!r}."
                     ) from None
+            elif key == "out_range":
+                kwargs[key] = _pair(value)
             elif key == "voxel_size":
                 kwargs[key] = None if value is None else _voxel_size(value)
             elif key == "arch_options":
