@@ -37,6 +37,7 @@ from napari_emparsl._napari.background import (
     error_sentence,
     in_background,
 )
+from napari_emparsl._napari.widgets import wrapping
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.events import BlockDone, BlockFailed, Cancelled, Finished, Planned
 from napari_emparsl.core.geometry import Roi, size_values
@@ -221,7 +222,7 @@ class RunWidget(Container):
         ])  # fmt: skip
 
         for label in (self.model_info, self.estimate, self.status):
-            label.native.setWordWrap(True)  # long sentences wrap instead of widening the dock
+            wrapping(label)
         self.failed_list.native.setMaximumHeight(140)
         self.input.changed.connect(self._suggest_output)
         self.input.changed.connect(self._describe_model)

@@ -17,6 +17,7 @@ from magicgui.widgets import Container, Label, PushButton, Select
 
 from napari_emparsl._napari import napari_fixes
 from napari_emparsl._napari.background import Relay, error_sentence, in_background
+from napari_emparsl._napari.widgets import wrapping
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.geometry import plan_blocks
 from napari_emparsl.core.ledger import Ledger, LedgerFollower, lock_holder, whole_plan_blocks
@@ -103,7 +104,7 @@ class RunsWidget(Container):
         )
         self.provenance = Label(label="under cursor", value="")
         self.extend([self.runs, self.refresh_btn, self.open_btn, self.provenance])
-        self.provenance.native.setWordWrap(True)  # a long sentence wraps, not widens the dock
+        wrapping(self.provenance)
         self.refresh_btn.changed.connect(self.refresh)
         self.open_btn.changed.connect(self.open_output)
         viewer.layers.events.inserted.connect(self.refresh)

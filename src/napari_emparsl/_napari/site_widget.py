@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from napari_emparsl._napari import napari_fixes
 from napari_emparsl._napari.background import Relay, error_sentence, in_background
+from napari_emparsl._napari.widgets import wrapping
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.execution.sites import SiteProfile, list_sites, load_site, user_site_dir
 
@@ -67,7 +68,7 @@ class SiteWidget(Container):
             "task, and report the time to its result or the error",
         )
         self.message = Label(label="", value="")
-        self.message.native.setWordWrap(True)
+        wrapping(self.message)
         self.extend([self.site, *self.fields.values(), self.save_btn, self.test_btn, self.message])
         self._relay = Relay()  # a site test's answer, handed to the Qt thread
         self._relay.answer.connect(self._tested)

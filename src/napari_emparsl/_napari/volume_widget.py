@@ -17,6 +17,7 @@ from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton, S
 
 from napari_emparsl._napari import napari_fixes
 from napari_emparsl._napari.background import Relay, error_sentence, in_background
+from napari_emparsl._napari.widgets import wrapping
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.ledger import Ledger, whole_plan_blocks
 from napari_emparsl.core.paths import user_path
@@ -77,7 +78,7 @@ class VolumeWidget(Container):
         self.extend(
             [self.path, self.recent, self.browse_btn, self.datasets, self.open_btn, self.info]
         )
-        self.info.native.setWordWrap(True)  # a long line wraps instead of widening the dock
+        wrapping(self.info)
         self.path.changed.connect(self.refresh)
         self.recent.changed.connect(lambda v: v and setattr(self.path, "value", v))
         self.browse_btn.changed.connect(self._browse)
