@@ -86,7 +86,13 @@ def test_preview_then_full_run_streams(make_napari_viewer, qtbot, sample_path, t
     out_layer.events.set_data.connect(on_slice)
     widget.site.value = "local"
     widget.run_btn.clicked.emit()
+    # while it runs, what would change it cannot be changed; Cancel can be clicked
+    settings = ("input", "model", "model_file", "model_file_btn", "model_options", "site",
+                "output", "block", "halo", "replace", "preview_btn", "run_btn")  # fmt: skip
+    assert not any(getattr(widget, name).enabled for name in settings)
+    assert widget.cancel_btn.enabled
     _wait_idle(qtbot, widget)
+    assert all(getattr(widget, name).enabled for name in settings)
     assert "finished: 8/8 done, 0 failed" in widget.status.value
     assert widget.activity_counts[-1] == (8, 8)  # napari's activity dock counted every block
     assert any(1 < sum(s) < 4 for s in shown), shown  # some blocks drawn, others still empty
@@ -209,8 +215,22 @@ def test_model_info_estimate_and_site_test(
         .replace("in_channels: 1", "in_channels: 2")
     )
     (tmp_path / "two.pt.yaml").write_text(sidecar)
-    widget.model_file.value = str(tmp_path / "two.pt")
+    # "…" beside the model file field opens a file dialog (answered here as a user would)
+    from qtpy.QtWidgets import QFileDialog
+
+    asked = []
+
+    def answer(parent, title, folder, filters):
+        asked.append((title, folder, filters))
+        return str(tmp_path / "two.pt"), filters.split(";;")[0]
+
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", staticmethod(answer))
+    widget.model_file_btn.clicked.emit()
+    assert asked and asked[0][0] == "Choose a model file" and "*.pt" in asked[0][2]
+    assert widget.model_file.value == str(tmp_path / "two.pt")
     assert "the volume has 1 channel(s)" in widget.model_info.value
+    widget.model_file_btn.clicked.emit()  # the dialog starts in the chosen file's folder
+    assert asked[1][1] == str(tmp_path)
     widget.model_file.value = ""
     # a 2D image: the panel says it will not run before a run says so
     from napari_emparsl.core.volume import save_array

@@ -42,6 +42,7 @@ from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.events import BlockDone, BlockFailed, Cancelled, Finished, Planned
 from napari_emparsl.core.geometry import Roi, size_values
 from napari_emparsl.core.models.loaders import BUILTIN_MODELS
+from napari_emparsl.core.paths import user_path
 from napari_emparsl.core.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -154,9 +155,17 @@ class RunWidget(Container):
             tooltip="a built-in model (or type a model file path below)",
         )
         self.model_file = LineEdit(
-            label="model file",
             tooltip="optional: a TorchScript / state-dict model file (overrides the choice above)",
         )
+        self.model_file_btn = PushButton(text="…", tooltip="choose a model file")
+        self.model_file_btn.native.setMaximumWidth(32)
+        model_file_row = Container(
+            widgets=[self.model_file, self.model_file_btn],
+            layout="horizontal",
+            labels=False,
+            label="model file",
+        )
+        model_file_row.margins = (0, 0, 0, 0)
         self.model_options = LineEdit(
             label="model options",
             tooltip="key=value; … what the model's description (its .yaml) lacks or should "
@@ -213,7 +222,7 @@ class RunWidget(Container):
             label="failed blocks", choices=[], tooltip="blocks that failed, with their errors"
         )
         self.extend([
-            self.input, self.model, self.model_file, self.model_options, self.model_info,
+            self.input, self.model, model_file_row, self.model_options, self.model_info,
             self.site, self.test_site_btn,
             self.output, self.block, self.halo, self.replace,
             self.preview_btn, self.run_btn, self.cancel_btn, self.progress, self.estimate, self.status,
@@ -228,6 +237,7 @@ class RunWidget(Container):
         self.input.changed.connect(self._describe_model)
         self.model.changed.connect(self._describe_model)
         self.model_file.changed.connect(self._describe_model)
+        self.model_file_btn.changed.connect(self._choose_model_file)
         self.model_options.changed.connect(self._describe_model)
         self.test_site_btn.changed.connect(self.test_site)
         self.preview_btn.changed.connect(self.preview)
@@ -387,6 +397,19 @@ class RunWidget(Container):
 
     # ------------------------------------------------------------------------------------------
     # actions
+
+    def _choose_model_file(self, *_: Any) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        typed = user_path(self.model_file.value)
+        path, _ = QFileDialog.getOpenFileName(
+            self.native,
+            "Choose a model file",
+            os.path.dirname(typed) if typed else "",
+            "PyTorch models (*.pt *.pth *.ts *.torchscript *.zip);;All files (*)",
+        )
+        if path:
+            self.model_file.value = path
 
     def _model(self) -> str:
         return self.model_file.value.strip() or self.model.value
@@ -747,6 +770,8 @@ class RunWidget(Container):
             self.input,
             self.model,
             self.model_file,
+            self.model_file_btn,
+            self.model_options,
             self.site,
             self.output,
             self.block,
