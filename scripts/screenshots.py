@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import napari
@@ -82,8 +83,9 @@ def main() -> int:
         sdock = viewer.window.add_dock_widget(sw, name="Compute sites")
         sw.site.value = "local"
         sw.test()  # Test site: the local site starts, runs a no-op task, stops
-        while not sw.test_btn.enabled:
-            settle(viewer)
+        while not sw.test_btn.enabled:  # not a busy loop: the site needs the cores to start
+            settle(viewer, 1)
+            time.sleep(0.05)
         settle(viewer, 20)
         sw.native.grab().save(str(IMAGES / "site_panel.png"))
         print(f"wrote {IMAGES / 'site_panel.png'}")

@@ -648,7 +648,10 @@ def cmd_sites(args: argparse.Namespace) -> int:
                 invalid += 1
                 print(f"{name:<12} invalid: {err}")
                 continue
-            workers = f"{profile.workers} worker{'s' if profile.workers != 1 else ''}"
+            n = profile.worker_count
+            workers = f"{n} worker{'s' if n != 1 else ''}" + (
+                " (auto)" if profile.workers == "auto" else ""
+            )
             print(f"{name:<12} {profile.kind:<8} {workers}  ({path})")
         return 2 if invalid else 0
     if not args.name:
@@ -660,6 +663,9 @@ def cmd_sites(args: argparse.Namespace) -> int:
         print(f"Site {profile.name}: first result after {check_site(profile):.1f} s.")
         return 0
     print(json.dumps(profile.model_dump(), indent=2))
+    if profile.workers == "auto":
+        # on stderr: the profile on stdout stays JSON for scripts
+        print(f"(workers auto: {profile.worker_count} on this machine)", file=sys.stderr)
     return 0
 
 

@@ -14,11 +14,16 @@ def test_form_from_schema_validates_and_saves(make_napari_viewer, tmp_path, monk
     assert set(widget.fields) == set(SiteProfile.model_fields)  # one widget per schema field
     widget.site.value = "local"
     assert widget.fields["kind"].value == "local" and widget.fields["strategy_period"].value == 0.2
-    widget.fields["workers"].value = 0
+    # workers: a number or auto
+    workers = widget.fields["workers"]
+    assert workers.value == "auto" and "auto" in workers.tooltip
+    workers.value = "0"
     assert widget.save() is None
-    assert "'workers'" in widget.message.value and "greater than 0" in widget.message.value
+    assert widget.message.value == (
+        "'workers': workers is a whole number of at least 1, or auto, not '0'"
+    )
     widget.fields["name"].value = "mysite"
-    widget.fields["workers"].value = 3
+    workers.value = "3"
     keep = widget.fields["keep_freed_memory"]
     assert keep.widget_type == "CheckBox" and keep.value is True and "memory" in keep.tooltip
     keep.value = False
@@ -26,6 +31,17 @@ def test_form_from_schema_validates_and_saves(make_napari_viewer, tmp_path, monk
     assert path and path.endswith("mysite.yaml")
     saved = load_site("mysite")
     assert saved.workers == 3 and not saved.keep_freed_memory and "mysite" in widget.site.choices
+    workers.value = " auto"
+    assert widget.save() and load_site("mysite").workers == "auto"
+    assert "workers: auto" in (tmp_path / "sites" / "mysite.yaml").read_text()
+    widget.site.value = "local"
+    workers.value = "7"
+    widget.site.value = "mysite"
+    assert workers.value == "auto"
+    widget.fields["threads_per_worker"].value = 0  # what does not validate says so, once
+    assert widget.save() is None
+    assert widget.message.value == "'threads_per_worker': Input should be greater than 0"
+    widget.fields["threads_per_worker"].value = 1
     # a name that is no file name: it was written where it pointed (../x.yaml beside the
     # sites folder) or failed with a traceback
     for name in ("../x", "", ".hidden"):
@@ -48,9 +64,10 @@ def test_test_site_starts_the_site_as_the_form_says(make_napari_viewer, qtbot, t
     widget = SiteWidget(viewer)
     viewer.window.add_dock_widget(widget)
     widget.site.value = "local"
-    widget.fields["workers"].value = 0
+    widget.fields["strategy_period"].value = 0
     widget.test_btn.clicked.emit()
-    assert "'workers'" in widget.message.value and widget.test_btn.enabled  # nothing started
+    assert "'strategy_period'" in widget.message.value and widget.test_btn.enabled  # not started
+    widget.fields["strategy_period"].value = 0.2
     widget.fields["workers"].value = 1
     widget.fields["name"].value = "unsaved"
     widget.test_btn.clicked.emit()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -392,3 +393,35 @@ def test_paths_as_typed_home_and_quotes(capsys, monkeypatch, tmp_path, small_n5)
 
     (tmp_path / "mine.yaml").write_text("name: mine\nkind: threads\nworkers: 1\n")
     assert load_site("'~/mine.yaml'").name == "mine"
+
+
+def test_workers_auto_uses_the_cores_this_process_may_use(capsys, tmp_path, monkeypatch):
+    """The built-in sites take one worker per core this process may use (a batch job's
+    allocation, ``taskset``), at most one per 3 GB of memory: a 64-core node no longer ran 2."""
+    from napari_emparsl.execution.sites import auto_workers, load_site, machine_capacity
+
+    cores, memory = machine_capacity()
+    assert cores == len(os.sched_getaffinity(0)) and memory > 2**30
+    expected = max(1, min(cores, memory // (3 * 2**30)))
+    assert load_site("local").workers == "auto" and load_site("local").worker_count == expected
+    assert auto_workers(threads_per_worker=cores) == 1
+    code, out, _ = run(capsys, "sites", "list")
+    assert f"local        local    {expected} worker" in out and "(auto)" in out
+    # pinned to one core (as a job allocated one core is): one worker
+    script = (
+        "import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
+        "from napari_emparsl.cli import main; raise SystemExit(main(['sites', 'show', 'local']))"
+    )
+    shown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["workers"] == "auto"
+    assert shown.stderr == "(workers auto: 1 on this machine)\n"
+    # a number stays a number; anything else is one sentence naming the field
+    monkeypatch.setenv("EMPARSL_SITES", str(tmp_path))
+    (tmp_path / "three.yaml").write_text("kind: local\nworkers: 3\n")
+    assert load_site("three").worker_count == 3
+    (tmp_path / "zero.yaml").write_text("kind: local\nworkers: 0\n")
+    code, _, err = run(capsys, "sites", "show", "zero")
+    assert code == 2 and err == (
+        f"emparsl: error: The site profile {tmp_path}/zero.yaml is invalid: field 'workers': "
+        "workers is a whole number of at least 1, or auto, not 0.\n"
+    )

@@ -222,7 +222,10 @@ def test_invalid_site_profile_names_the_field(tmp_path, conv_model, float_volume
         ]
     )
     err = capsys.readouterr().err
-    assert code == 2 and "field 'workers'" in err and "greater than 0" in err
+    assert (
+        code == 2
+        and "field 'workers': workers is a whole number of at least 1, or auto, not 0." in err
+    )
     assert not (tmp_path / "o.n5" / "x" / "emparsl-ledger.jsonl").exists()
 
 

@@ -103,9 +103,9 @@ def test_workers_killed_while_idle_do_not_hang_the_site(tmp_path, htex):
         getpid = python_app(os.getpid, dfk, profile)
         workers: set[int] = set()
         deadline = time.monotonic() + 60
-        while len(workers) < profile.workers and time.monotonic() < deadline:
+        while len(workers) < profile.worker_count and time.monotonic() < deadline:
             workers |= {f.result(timeout=60) for f in [getpid() for _ in range(4)]}
-        assert len(workers) == profile.workers
+        assert len(workers) == profile.worker_count
         time.sleep(1.0)  # every worker idle, waiting for a task
         for pid in workers:
             os.kill(pid, signal.SIGKILL)

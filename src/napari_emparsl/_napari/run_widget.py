@@ -679,7 +679,7 @@ class RunWidget(Container):
             self.estimate.value = ""
             return
         try:
-            workers = load_site(self.site.value).workers
+            workers = load_site(self.site.value).worker_count
         except UserError:
             self.estimate.value = ""
             return

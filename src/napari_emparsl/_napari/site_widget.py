@@ -7,6 +7,7 @@ shows what is wrong next to the form; valid profiles are written to the user's s
 
 from __future__ import annotations
 
+import types
 import typing
 from typing import Any
 
@@ -23,10 +24,22 @@ from napari_emparsl.execution.sites import SiteProfile, list_sites, load_site, u
 __all__ = ["SiteWidget"]
 
 
+def _number_or_auto(annotation: Any) -> bool:
+    """A setting that is a number or ``auto`` (``PositiveInt | Literal["auto"]``)."""
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return False
+    args = typing.get_args(annotation)
+    return any(typing.get_args(a) == ("auto",) for a in args) and any(
+        a is int or typing.get_origin(a) is typing.Annotated for a in args
+    )
+
+
 def _field_widget(name: str, field: Any) -> Any:
     annotation = field.annotation
     options: dict[str, Any] = {}
-    if typing.get_origin(annotation) is typing.Literal:
+    if _number_or_auto(annotation):  # typed: a number or "auto" (validated with the form)
+        widget = LineEdit(name=name, label=name)
+    elif typing.get_origin(annotation) is typing.Literal:
         options["choices"] = list(typing.get_args(annotation))
         widget = ComboBox(name=name, label=name, **options)
     elif annotation in (int,) or getattr(annotation, "__origin__", None) is typing.Annotated:
@@ -59,6 +72,9 @@ class SiteWidget(Container):
             label="site", choices=lambda *_: list(list_sites()), tooltip="profile to view or edit"
         )
         self.fields = {name: _field_widget(name, f) for name, f in SiteProfile.model_fields.items()}
+        self._auto = {
+            name for name, f in SiteProfile.model_fields.items() if _number_or_auto(f.annotation)
+        }
         self.save_btn = PushButton(
             text="Save profile", tooltip="validate and save to your site folder"
         )
@@ -85,11 +101,15 @@ class SiteWidget(Container):
             self.message.value = str(err)
             return
         for name, widget in self.fields.items():
-            widget.value = getattr(profile, name)
+            value = getattr(profile, name)
+            widget.value = str(value) if name in self._auto else value
         self.message.value = ""
 
     def values(self) -> dict[str, Any]:
-        return {name: widget.value for name, widget in self.fields.items()}
+        return {
+            name: widget.value.strip() if name in self._auto else widget.value
+            for name, widget in self.fields.items()
+        }
 
     def _validated(self) -> SiteProfile | None:
         """The form as a profile, or None with what is wrong in the message line."""

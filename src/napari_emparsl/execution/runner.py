@@ -176,7 +176,7 @@ class _SiteStarter:
             self._dfk = start_kernel(self.profile, self.run_dir)
             if self.profile.kind != "threads":  # threads share the coordinator's loaded model
                 warm = python_app(warm_up, self._dfk, self.profile)
-                for _ in range(self.profile.workers):
+                for _ in range(self.profile.worker_count):
                     warm(
                         model,
                         options,
@@ -634,7 +634,7 @@ class Run:
             pending = [todo[i : i + size] for i in range(0, len(todo), size)][::-1]
             attempts: dict[int, int] = {}
             in_flight = 0
-            window = max(1, profile.workers * self.in_flight_per_worker)
+            window = max(1, profile.worker_count * self.in_flight_per_worker)
 
             def submit(batch: list[Block]) -> None:
                 nonlocal in_flight

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "SiteError",
     "SiteProfile",
+    "auto_workers",
     "check_site",
     "list_sites",
     "load_site",
@@ -46,7 +47,11 @@ class SiteProfile(BaseModel):
 
     name: str
     kind: Literal["threads", "local"]
-    workers: PositiveInt = 2
+    workers: PositiveInt | Literal["auto"] = Field(
+        "auto",
+        description="worker processes (threads for kind threads), or auto: one per "
+        "threads_per_worker cores this process may use, at most one per 3 GB of memory",
+    )
     threads_per_worker: PositiveInt = 1
     strategy_period: float = Field(0.2, gt=0)
     worker_init: str = ""
@@ -72,6 +77,18 @@ class SiteProfile(BaseModel):
         "1-2 s on 2 cores); off: Parsl's worker pool as it ships",
     )
 
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _worker_number(cls, value: Any) -> Any:
+        # one sentence, not pydantic's two (one per member of the union)
+        if value == "auto" or (
+            isinstance(value, int) and not isinstance(value, bool) and value > 0
+        ):
+            return value
+        if isinstance(value, str) and value.strip().isdigit() and int(value) > 0:
+            return int(value)
+        raise ValueError(f"workers is a whole number of at least 1, or auto, not {value!r}")
+
     @field_validator("name")
     @classmethod
     def _file_name(cls, name: str) -> str:
@@ -84,9 +101,62 @@ class SiteProfile(BaseModel):
         return name
 
     @property
+    def worker_count(self) -> int:
+        """``workers``, with ``auto`` made a number for this machine (see :func:`auto_workers`)."""
+        if self.workers == "auto":
+            return auto_workers(self.threads_per_worker)
+        return self.workers
+
+    @property
     def workers_keep_memory(self) -> bool:
         """Whether block workers keep freed memory: only processes of their own (not `threads`)."""
         return self.keep_freed_memory and self.kind != "threads"
+
+
+#: memory a worker may need: a 128³ block of the built-in model peaks at ~2.1 GB (one thread)
+AUTO_WORKER_MEMORY = 3 * 2**30
+
+
+def _cgroup_limit(name: str) -> str:
+    """A cgroup v2 limit of this process (``cpu.max``, ``memory.max``); '' where none is set."""
+    try:
+        with open("/proc/self/cgroup", encoding="ascii") as f:
+            rel = next((ln.split("::", 1)[1].strip() for ln in f if ln.startswith("0::")), "")
+        with open(os.path.join("/sys/fs/cgroup", rel.lstrip("/"), name), encoding="ascii") as f:
+            value = f.read().strip()
+    except (OSError, StopIteration):
+        return ""
+    return "" if value.startswith("max") else value
+
+
+def machine_capacity() -> tuple[int, int]:
+    """Cores this process may use (its CPU affinity — a batch job's allocation —, and a
+    container's CPU quota) and the memory it may use (physical, or the container's limit)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    quota = _cgroup_limit("cpu.max").split()
+    if len(quota) == 2 and quota[0].isdigit() and quota[1].isdigit() and int(quota[1]):
+        cores = min(cores, max(1, int(quota[0]) // int(quota[1])))
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        memory = 0
+    limit = _cgroup_limit("memory.max")
+    if limit.isdigit():
+        memory = min(memory, int(limit)) if memory else int(limit)
+    return cores, memory
+
+
+def auto_workers(threads_per_worker: int = 1) -> int:
+    """``workers: auto``: one worker per ``threads_per_worker`` cores, at most one per
+    AUTO_WORKER_MEMORY of memory, at least one."""
+    cores, memory = machine_capacity()
+    count = cores // max(1, threads_per_worker)
+    if memory:
+        count = min(count, memory // AUTO_WORKER_MEMORY)
+    return max(1, count)
 
 
 def user_site_dir() -> Path:
@@ -240,7 +310,7 @@ def make_config(
     if profile.kind == "threads":
         from parsl.executors import ThreadPoolExecutor
 
-        executor = ThreadPoolExecutor(label=profile.name, max_threads=profile.workers)
+        executor = ThreadPoolExecutor(label=profile.name, max_threads=profile.worker_count)
     else:
         from parsl.executors import HighThroughputExecutor
 
@@ -253,7 +323,7 @@ def make_config(
         executor = HighThroughputExecutor(
             label=profile.name,
             address="127.0.0.1",
-            max_workers_per_node=profile.workers,
+            max_workers_per_node=profile.worker_count,
             cores_per_worker=profile.threads_per_worker,
             heartbeat_period=2,
             heartbeat_threshold=10,  # a killed worker is noticed in seconds, not minutes
