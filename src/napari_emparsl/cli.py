@@ -267,6 +267,9 @@ def _import(args: argparse.Namespace) -> int:
         for step in steps:
             if isinstance(step, Estimate):
                 print(f"Estimate: {step.summary()}.")
+                if step.voxel_size is not None:
+                    size = "×".join(f"{v:g}" for v in step.voxel_size)
+                    print(f"Voxel size: {size} {step.unit} ({step.voxel_from}).")
                 for w in step.warnings:
                     print(f"Warning: {w}", file=sys.stderr)
                 if args.dry_run:

@@ -226,3 +226,74 @@ def test_an_import_stopped_midway_is_marked_and_refused_as_input(tmp_path, capsy
     assert "unfinished" not in done.info() and "emparsl_unfinished" not in done.attrs
     steps.close()  # a consumer closing after the last slab keeps the complete import
     np.testing.assert_array_equal(Volume.open(tmp_path / "o.n5", "raw").data.compute(), vol)
+
+
+def test_voxel_size_read_from_what_fiji_ome_and_hdf5_writers_record(tmp_path, capsys):
+    """Without --voxel-size, the voxel size the files record becomes the volume's (in nm): a
+    Fiji (ImageJ) TIFF's calibration, OME-TIFF's PhysicalSize*, HDF5's element_size_um (Fiji,
+    ilastik) or resolution (CREMI). What records none, or only the pixel size of slices, is
+    written without one and says so; a given voxel size wins."""
+    import h5py
+
+    from napari_emparsl.cli import main
+
+    a = (np.arange(6 * 32 * 48) % 251).astype(np.uint8).reshape(6, 32, 48)
+    # Fiji saves calibration as pixels per unit, the section spacing and unit in its metadata
+    tifffile.imwrite(tmp_path / "fiji.tif", a, imagej=True, resolution=(250, 250),
+                     metadata={"spacing": 0.04, "unit": "micron", "axes": "ZYX"})  # fmt: skip
+    tifffile.imwrite(tmp_path / "fiji_mu.tif", a, imagej=True, resolution=(0.25, 0.25),
+                     metadata={"spacing": 40, "unit": "nm", "axes": "ZYX"})  # fmt: skip
+    tifffile.imwrite(tmp_path / "ome.tif", a, ome=True,
+                     metadata={"axes": "ZYX", "PhysicalSizeX": 0.004, "PhysicalSizeY": 0.004,
+                               "PhysicalSizeZ": 0.04})  # µm: OME's default unit  # fmt: skip
+    tifffile.imwrite(tmp_path / "ome_nm.tif", a, ome=True,
+                     metadata={"axes": "ZYX", "PhysicalSizeX": 4, "PhysicalSizeXUnit": "nm",
+                               "PhysicalSizeY": 4, "PhysicalSizeYUnit": "nm",
+                               "PhysicalSizeZ": 40, "PhysicalSizeZUnit": "nm"})  # fmt: skip
+    tifffile.imwrite(tmp_path / "plain.tif", a)
+    tifffile.imwrite(tmp_path / "scanner.tif", a, resolution=(72, 72), resolutionunit="INCH")
+    with h5py.File(tmp_path / "v.h5", "w") as f:
+        f.create_dataset("fiji", data=a).attrs["element_size_um"] = [0.04, 0.004, 0.004]
+        f.create_dataset("cremi", data=a).attrs["resolution"] = [40.0, 4.0, 4.0]
+    (tmp_path / "thin").mkdir()
+    (tmp_path / "sections").mkdir()
+    for i in range(6):
+        tifffile.imwrite(tmp_path / "thin" / f"z{i}.tif", a[i], imagej=True,
+                         resolution=(250, 250), metadata={"unit": "micron"})  # fmt: skip
+        tifffile.imwrite(tmp_path / "sections" / f"z{i}.tif", a[i], imagej=True,
+                         resolution=(250, 250), metadata={"unit": "micron", "spacing": 0.04})  # fmt: skip
+    found = {
+        "fiji.tif": "the TIFF's ImageJ metadata",
+        "fiji_mu.tif": "the TIFF's ImageJ metadata",
+        "ome.tif": "the OME-TIFF metadata",
+        "ome_nm.tif": "the OME-TIFF metadata",
+        "v.h5:fiji": "the dataset's element_size_um attribute",
+        "v.h5:cremi": "the dataset's resolution attribute",
+        "sections": "the ImageJ metadata of z0.tif",
+    }
+    for i, (src, where) in enumerate(found.items()):
+        assert main(["import", str(tmp_path / src), f"{tmp_path}/o.n5:v{i}"]) == 0
+        out = capsys.readouterr().out
+        assert f"Voxel size: 40×4×4 nm (from {where}).\n" in out, (src, out)
+        vol = Volume.open(tmp_path / "o.n5", f"v{i}")
+        assert vol.voxel_size == pytest.approx((40, 4, 4)) and vol.unit == "nm", src
+        np.testing.assert_array_equal(vol.data.compute(), a)
+    unknown = {
+        "plain.tif": "The source records no voxel size",
+        "scanner.tif": "The source records no voxel size",  # 72 dpi is no EM voxel size
+        "thin": "The ImageJ metadata of z0.tif records 4×4 nm pixels but no section thickness",
+    }
+    for src, why in unknown.items():
+        assert main(["import", str(tmp_path / src), f"{tmp_path}/o.n5:{src}"]) == 0
+        captured = capsys.readouterr()
+        assert "Voxel size" not in captured.out
+        assert (
+            f"Warning: {why}: the volume is written without one (1 pixel per voxel); give "
+            "--voxel-size z,y,x in nm to record it.\n" in captured.err
+        ), (src, captured.err)
+        vol = Volume.open(tmp_path / "o.n5", src)
+        assert vol.voxel_size == (1, 1, 1) and vol.unit == "pixel"  # not "1 nm"
+    given = ["--voxel-size", "30,5,5"]
+    assert main(["import", str(tmp_path / "fiji.tif"), f"{tmp_path}/o.n5:g", *given]) == 0
+    assert "Voxel size: 30×5×5 nm (given).\n" in capsys.readouterr().out
+    assert Volume.open(tmp_path / "o.n5", "g").voxel_size == (30, 5, 5)

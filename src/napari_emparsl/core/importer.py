@@ -13,12 +13,14 @@ import os
 import re
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
 from napari_emparsl.core.n5attrs import VolumeError
 from napari_emparsl.core.paths import user_path
+from napari_emparsl.core.units import nm_per_unit
 from napari_emparsl.core.volume import UNFINISHED, Volume, check_output_free, parse_spec
 
 __all__ = ["Estimate", "ImportSource", "estimate", "import_volume", "open_source"]
@@ -45,6 +47,8 @@ class ImportSource:
     read_slab: Callable[[int, int], np.ndarray]
     close: Callable[[], None] = lambda: None
     paths: tuple[str, ...] = ()  # files that must never be written to
+    voxel_size: tuple[float, float, float] | None = None  # z, y, x nm, as the files record it
+    voxel_from: str = ""  # where from ("the TIFF's ImageJ metadata"), or why none
 
 
 def _natural_key(name: str) -> list[object]:
@@ -101,6 +105,75 @@ def _slice_shape(path: str) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(props.shape), np.dtype(props.dtype)
 
 
+# ----------------------------------------------------------------------------------------------
+# voxel size recorded by the files (Fiji / ImageJ, OME-TIFF, HDF5 conventions), in nm
+
+
+def _nm(value: object, unit: object) -> float | None:
+    per_nm = nm_per_unit(unit)
+    try:
+        size = float(value) * per_nm if per_nm is not None else None  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return size if size is not None and math.isfinite(size) and size > 0 else None
+
+
+def _ome_sizes(xml: str) -> tuple[float | None, float | None, float | None]:
+    """z, y, x nm from OME-XML's first ``Pixels`` (its ``PhysicalSize*``, µm unless said)."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None, None, None
+    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return None, None, None
+    return tuple(  # type: ignore[return-value]
+        _nm(pixels.get(f"PhysicalSize{a}"), pixels.get(f"PhysicalSize{a}Unit", "µm"))
+        if pixels.get(f"PhysicalSize{a}") is not None
+        else None
+        for a in "ZYX"
+    )
+
+
+def _tiff_sizes(tif: Any) -> tuple[tuple[float | None, float | None, float | None], str]:
+    """z, y, x nm of a TIFF (None where not recorded) and where they come from."""
+    if tif.is_ome and tif.ome_metadata:
+        sizes = _ome_sizes(tif.ome_metadata)
+        if any(sizes):
+            return sizes, "the OME-TIFF metadata"
+    meta = tif.imagej_metadata if tif.is_imagej else None
+    if meta and nm_per_unit(meta.get("unit", "")) is not None:
+        unit = meta["unit"]
+        tags = tif.pages[0].tags
+
+        def size(tag: str) -> float | None:  # pixels per unit, as a fraction
+            value = tags[tag].value if tag in tags else None
+            if not value or not value[0]:
+                return None
+            return _nm(value[1] / value[0], unit)
+
+        z = _nm(meta["spacing"], unit) if "spacing" in meta else None
+        return (z, size("YResolution"), size("XResolution")), "the TIFF's ImageJ metadata"
+    return (None, None, None), ""
+
+
+def _voxel_size(
+    sizes: tuple[float | None, float | None, float | None], where: str, depth: int
+) -> tuple[tuple[float, float, float] | None, str]:
+    """A voxel size from what a source records (a single section needs no z), or None and
+    what was missing."""
+    z, y, x = sizes
+    if y is not None and x is not None and z is None and depth == 1:
+        z = x  # one section: its thickness changes nothing
+    if None not in (z, y, x):
+        return (z, y, x), where  # type: ignore[return-value]
+    if y is not None and x is not None:
+        return None, f"{where} records {y:g}×{x:g} nm pixels but no section thickness"
+    return None, ""
+
+
 def _folder_source(folder: str) -> ImportSource:
     names = sorted(
         (n for n in os.listdir(folder) if n.lower().endswith(SLICE_EXTENSIONS)), key=_natural_key
@@ -124,12 +197,25 @@ def _folder_source(folder: str) -> ImportSource:
     def read_slab(z0: int, z1: int) -> np.ndarray:
         return np.stack([_read_slice(p) for p in paths[z0:z1]])
 
+    sizes, where = (None, None, None), ""
+    if paths[0].lower().endswith(TIFF_EXTENSIONS):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(paths[0]) as tif:
+                sizes, where = _tiff_sizes(tif)
+        except Exception:  # read once already: metadata that does not parse is no metadata
+            pass
+        where = where and where.replace("the TIFF's ", "the ") + f" of {names[0]}"
+    voxel, where = _voxel_size(sizes, where, len(paths))
     return ImportSource(
         f"{len(paths)} slices in {folder}",
         (len(paths), *first.shape),
         first.dtype,
         read_slab,
         paths=tuple(paths),
+        voxel_size=voxel,
+        voxel_from=where,
     )
 
 
@@ -158,8 +244,20 @@ def _tiff_source(path: str) -> ImportSource:
             return np.asarray(arr).reshape((z1 - z0, *shape[1:]))
         return np.asarray(series.asarray())[z0:z1]  # a single 3D page: no finer access
 
+    try:
+        sizes, where = _tiff_sizes(tif)
+    except Exception:  # metadata that does not parse is no metadata
+        sizes, where = (None, None, None), ""
+    voxel, where = _voxel_size(sizes, where, shape[0])
     return ImportSource(
-        f"TIFF stack {path}", shape, np.dtype(series.dtype), read_slab, tif.close, (path,)
+        f"TIFF stack {path}",
+        shape,
+        np.dtype(series.dtype),
+        read_slab,
+        tif.close,
+        (path,),
+        voxel,
+        where,
     )
 
 
@@ -190,6 +288,14 @@ def _hdf5_source(path: str, key: str) -> ImportSource:
         shape = ds.shape  # before closing: a closed file's dataset has no shape
         f.close()
         raise VolumeError(f"{path}:{key} has shape {shape}; import needs a 3D (z, y, x) dataset.")
+    # Fiji's and ilastik's element_size_um (z, y, x µm), or CREMI's resolution (z, y, x nm)
+    sizes, where = (None, None, None), ""
+    for name, unit in (("element_size_um", "µm"), ("resolution", "nm")):
+        values = np.ravel(np.asarray(ds.attrs.get(name, []), dtype=object))
+        if len(values) == 3:
+            sizes, where = tuple(_nm(v, unit) for v in values), f"the dataset's {name} attribute"
+            break
+    voxel, where = _voxel_size(sizes, where, ds.shape[0])  # type: ignore[arg-type]
     return ImportSource(
         f"HDF5 {path}:{key}",
         tuple(ds.shape),
@@ -197,6 +303,8 @@ def _hdf5_source(path: str, key: str) -> ImportSource:
         lambda z0, z1: ds[z0:z1],
         f.close,
         (path,),
+        voxel,
+        where,
     )
 
 
@@ -235,6 +343,9 @@ class Estimate:
     chunk_bytes: int
     ratio: float  # compressed / raw, measured on sample chunks
     warnings: tuple[str, ...]
+    voxel_size: tuple[float, ...] | None = None  # what the output gets (None: not known)
+    unit: str = "nm"
+    voxel_from: str = ""  # "given", or the metadata it was read from
 
     def summary(self) -> str:
         return (
@@ -351,6 +462,28 @@ def iter_import(
         if len(chunks) != 3 or min(chunks) < 1:
             raise VolumeError(f"Chunks must be three positive sizes z,y,x, not {chunks}.")
         est = estimate(source, chunks, compression)
+        if voxel_size is not None:
+            voxel_from = "given"
+        elif source.voxel_size is not None:
+            voxel_size, unit, voxel_from = source.voxel_size, "nm", f"from {source.voxel_from}"
+        else:
+            voxel_from = ""
+            missing = (
+                f"{source.voxel_from[0].upper()}{source.voxel_from[1:]}"
+                if source.voxel_from
+                else "The source records no voxel size"
+            )
+            est = replace(
+                est,
+                warnings=(
+                    *est.warnings,
+                    f"{missing}: the volume is written without one (1 pixel per voxel); give "
+                    "--voxel-size z,y,x in nm to record it.",
+                ),
+            )
+        est = replace(
+            est, voxel_size=voxel_size and tuple(voxel_size), unit=unit, voxel_from=voxel_from
+        )
         yield est
         vol = Volume.create(
             out_root,

@@ -169,9 +169,8 @@ def voxel_size_of(
         if base is not None:
             unit = unit or source.get("unit")
             break
-    if base is None:
-        base = (1.0,) * n_spatial
-        unit = unit or attrs.get("unit") or parent_attrs.get("unit") or "pixel"
+    if base is None:  # no voxel size recorded: a unit alone says nothing of the voxels
+        base, unit = (1.0,) * n_spatial, "pixel"
     if factors is not None and len(factors) == len(base) and _positive(factors):
         base = tuple(b * f for b, f in zip(base, factors, strict=True))
     offset = _spatial_c_order(attrs.get("offset"), axes, n5_order) or (0.0,) * n_spatial

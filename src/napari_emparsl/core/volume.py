@@ -700,8 +700,9 @@ def _geometry_attrs(
     spatial = ndim if ndim <= 3 else 3
     names = ["z", "y", "x"][-spatial:]
     axes = (["c"] if ndim == 4 else []) + names
-    out: dict[str, Any] = {"axes": list(reversed(axes)), "unit": unit}
-    if voxel_size is not None:
+    out: dict[str, Any] = {"axes": list(reversed(axes))}
+    if voxel_size is not None:  # without one, no unit: the voxel size is not known
+        out["unit"] = unit
         vs = [float(v) for v in voxel_size][-spatial:]
         out["resolution"] = list(reversed(vs))
         out["pixelResolution"] = {"dimensions": list(reversed(vs)), "unit": unit}

@@ -39,6 +39,7 @@ from typing import Any
 import yaml
 
 from napari_emparsl.core.errors import UserError
+from napari_emparsl.core.units import nm_per_unit
 
 __all__ = ["ModelError", "ModelSpec", "parse_options", "read_sidecar", "resolution_mismatch"]
 
@@ -48,23 +49,6 @@ EDGES = ("reflect", "none")
 OUT_DTYPES = ("float32", "uint8")  # of image models (labels: by class count)
 # a volume's voxels may differ from the model's training data by this factor per axis unwarned
 RESOLUTION_TOLERANCE = 1.5
-# nanometres per unit, as N5 writers spell units; other units ("pixel") are not compared
-_NM_PER_UNIT = {
-    "nm": 1.0,
-    "nanometer": 1.0,
-    "nanometre": 1.0,
-    "um": 1e3,
-    "µm": 1e3,
-    "μm": 1e3,
-    "micrometer": 1e3,
-    "micrometre": 1e3,
-    "micron": 1e3,
-    "mm": 1e6,
-    "millimeter": 1e6,
-    "millimetre": 1e6,
-    "å": 0.1,
-    "angstrom": 0.1,
-}
 
 
 class ModelError(UserError, ValueError):
@@ -316,7 +300,7 @@ def resolution_mismatch(spec: ModelSpec, voxel_size: Sequence[float], unit: str)
     those the model was trained on by more than RESOLUTION_TOLERANCE on an axis the model sees
     ("trained on 8×8×8 nm voxels; the volume has 40×4×4 nm"); None when they fit, or when the
     model does not say or the volume's unit is not a length."""
-    per_nm = _NM_PER_UNIT.get(str(unit).strip().lower())
+    per_nm = nm_per_unit(unit)
     if spec.voxel_size is None or per_nm is None or len(voxel_size) != 3:
         return None
     have = [v * per_nm for v in voxel_size]
