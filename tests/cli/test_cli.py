@@ -225,6 +225,17 @@ def test_python_api_takes_a_region_as_text_slices_or_pairs(small_n5, tmp_path):
         plan = run.prepare()
         run.release()
         assert [b.id for b in plan.blocks] == [1, 3] and str(run.roi) == "0:8,0:40,32:50"
+        assert not [w for w in run.warnings if "reaches beyond" in w]
+    # partly beyond the volume: cut to it, and said so (a typo would otherwise pass unnoticed)
+    run = Run(src, "unet3d-em", f"{tmp_path}/open.n5:p", site="threads", roi="0:8,0:99,32:50",
+              block=(32, 32, 32))  # fmt: skip
+    plan = run.prepare()
+    run.release()
+    assert [b.id for b in plan.blocks] == [1, 3] and str(run.roi) == "0:8,0:40,32:50"
+    assert run.warnings[-1] == (
+        "The region 0:8,0:99,32:50 reaches beyond the volume (20×40×50); it was cut to "
+        "0:8,0:40,32:50."
+    )
     with pytest.raises(
         RunError, match=r"The region 30:,0:40,0:50 is outside the volume 0:20,0:40,0:50"
     ):

@@ -366,6 +366,7 @@ class Run:
         ``on_checked`` is called once the cheap checks (site, input, model description) passed,
         before the slower ones (loading the model, the volume's statistics).
         """
+        self.warnings = ()
         if not isinstance(self.retries, int) or self.retries < 0:
             raise RunError(f"Retries are a count of 0 or more, not {self.retries!r}.")
         for name, value, least in (("block", self.block, 1), ("halo", self.halo, 0)):
@@ -426,6 +427,18 @@ class Run:
                     for b, e, n in zip(self.roi.begin, self.roi.end, spatial, strict=True)
                 ],
             )
+        if self.roi is not None and self.roi.ndim == 3:
+            ends = [min(e, n) for e, n in zip(self.roi.end, spatial, strict=True)]
+            begins = self.roi.begin
+            if list(ends) != list(self.roi.end) and all(
+                b < e for b, e in zip(begins, ends, strict=True)
+            ):  # partly outside (wholly outside is refused when planning)
+                clipped = Roi.from_bounds(begins, ends)
+                self.warnings += (
+                    f"The region {self.roi} reaches beyond the volume "
+                    f"({'×'.join(map(str, spatial))}); it was cut to {clipped}.",
+                )
+                self.roi = clipped
         if on_checked is not None:  # the cheap checks passed: the site may start meanwhile
             on_checked()
         # a model file is loaded here to fail clearly, not in every worker. A built-in model as
