@@ -113,6 +113,35 @@ def test_zarr_container_refused_clearly(tmp_path):
     assert "zarr container" in one_sentence(err.value)
 
 
+def test_zarr_output_refused_before_anything_is_made(capsys, tmp_path, small_n5):
+    """An output named like a zarr container was made as a folder, then failed inside z5py
+    ("Zarr file cannot be opened in N5 format"), leaving that folder behind."""
+    import tifffile
+    import z5py
+
+    from napari_emparsl.cli import main
+
+    z5py.File(str(tmp_path / "old.zarr"), "a").create_group("g")
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((2, 8, 8), np.uint8))
+    src = f"{small_n5[0]}:raw"
+    for output, import_to in (
+        (tmp_path / "new.zarr", tmp_path / "t.zarr"),
+        (tmp_path / "old.zarr", None),
+    ):
+        before = sorted(p.name for p in tmp_path.rglob("*"))
+        code = main(["run", "--input", src, "--model", "unet3d-em", "--site", "threads",
+                     "--output", f"{output}:pred"])  # fmt: skip
+        stem = output.name.split(".")[0]
+        assert code == 2 and capsys.readouterr().err == (
+            f"emparsl: error: {output} names a zarr container; emparsl writes N5: give the "
+            f"output a container name ending in .n5 (e.g. {stem}.n5:pred).\n"
+        )
+        if import_to is not None:
+            assert main(["import", str(tmp_path / "stack.tif"), f"{import_to}:raw"]) == 2
+            assert "t.zarr names a zarr container" in capsys.readouterr().err
+        assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing made
+
+
 @pytest.fixture
 def pyramid_sample(tmp_path) -> Path:
     from napari_emparsl.cli import main

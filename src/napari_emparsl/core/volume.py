@@ -631,6 +631,12 @@ def _listing(nodes: list[Node], limit: int = 20) -> str:
 def check_output_free(root: str, key: str, overwrite: bool) -> None:
     """Refuse, before any work starts, an output that exists (unless overwriting) or cannot be one."""
     check_key(key.strip("/"), f"{root}:{key}")
+    name = os.path.basename(os.path.normpath(root))
+    if name.lower().endswith(".zarr") or (os.path.isdir(root) and is_zarr(root)):
+        raise VolumeError(
+            f"{root} names a zarr container; emparsl writes N5: give the output a container name "
+            f"ending in .n5 (e.g. {name.rsplit('.', 1)[0] or 'out'}.n5:{key or 'pred'})."
+        )
     if os.path.exists(root) and not os.path.isdir(root):
         raise VolumeError(f"{root} is a file; choose a folder name for the output container.")
     if key and is_dataset_attrs(read_attrs(root) if os.path.isdir(root) else {}):
