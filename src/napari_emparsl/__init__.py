@@ -10,11 +10,12 @@ __version__ = "0.1.0"
 __all__ = ["Volume", "VolumeError", "__version__", "run"]
 
 
-def run(input: str, model: str, output: str, **kwargs):
+def run(input: str, model: str, output: str | None = None, **kwargs):
     """Run a model over an N5 volume block by block (same parameters as `emparsl run`).
 
     ``napari_emparsl.run("in.n5:raw", "unet3d-em", "out.n5:classes", site="local")`` returns the
-    last event (``Finished`` with ``.ok``, or ``Cancelled``). Keyword arguments: ``site``, ``roi``,
+    last event (``Finished`` with ``.ok``, or ``Cancelled``); without an output, it goes to
+    ``predictions/<name>`` beside the input (as ``emparsl run``). Keyword arguments: ``site``, ``roi``,
     ``block``, ``halo``, ``model_options``, ``overwrite``, ``retries``, ``callback``.
     What the run notes before it starts (the volume's voxels are not those the model was
     trained on) comes as a ``UserWarning``.

@@ -715,7 +715,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a model over a volume, block by block, on a compute site")
     run.add_argument("--input", required=True, help="IN.n5:DATASET")
     run.add_argument("--model", required=True, help="a model file or a built-in name (unet3d-em)")
-    run.add_argument("--output", required=True, help="OUT.n5:DATASET")
+    run.add_argument(
+        "--output",
+        help="OUT.n5:DATASET (default: predictions/NAME in the input's container, or in a "
+        "container of its name in ~/emparsl-predictions where that is read-only)",
+    )
     run.add_argument("--site", default="local", help="site name or profile file (default local)")
     run.add_argument("--roi", default=None, help="z0:z1,y0:y1,x0:x1 (default: whole volume)")
     run.add_argument(

@@ -247,12 +247,24 @@ def test_model_info_estimate_and_site_test(
     save_array(sample_path, "tem", np.zeros((8, 32, 32), np.uint8), voxel_size=(40, 4, 4))
     [tem] = viewer.open(str(sample_path / "tem"), plugin=PLUGIN)
     widget.input.reset_choices()
+    typed, widget.output.value = widget.output.value, ""  # the output suggested, not typed
     widget.input.value = tem
     assert widget.model_info.value.endswith(
         " — ⚠ trained on 8×8×8 nm voxels; the volume has 40×4×4 nm: expect poorer results"
     )
+    assert widget.output.value == f"{sample_path}:predictions/tem"  # follows the volume
     widget.input.value = raw
     assert "trained on" not in widget.model_info.value
+    assert widget.output.value == f"{sample_path}:predictions/raw"
+    widget.output.value = f"{tmp_path}/mine.n5:seg"  # typed: kept when the volume changes
+    widget.input.value = tem
+    assert widget.output.value == f"{tmp_path}/mine.n5:seg"
+    widget.input.value = raw
+    widget.output.value = ""  # emptied: suggested again
+    widget.input.value = tem
+    widget.input.value = raw
+    assert widget.output.value == f"{sample_path}:predictions/raw"
+    widget.output.value = typed
     # block and halo: empty means the model's defaults (shown); bad values get one sentence
     assert widget.block.native.placeholderText() == "128,128,128 (model default)"
     assert widget.halo.native.placeholderText() == "24,24,24 (model default)"

@@ -255,6 +255,26 @@ def read_only_container(tmp_path, small_n5):
     subprocess.run(["umount", str(ro)], check=False)
 
 
+def test_without_an_output_it_goes_beside_the_input_or_home_when_read_only(
+    capsys, tmp_path, monkeypatch, small_n5, read_only_container
+):
+    """`emparsl run` without --output (and the run panel's suggestion): predictions/<name> in
+    the input's container; for an input on a read-only disk, a container of its name in
+    ~/emparsl-predictions (it was always the input's container, which then failed)."""
+    from napari_emparsl.cli import main
+    from napari_emparsl.core.volume import suggest_output
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    home = tmp_path / "home" / "emparsl-predictions"
+    assert suggest_output(str(small_n5[0]), "raw") == f"{small_n5[0]}:predictions/raw"
+    assert suggest_output(str(read_only_container), "raw") == f"{home}/ro.n5:predictions/raw"
+    base = ["--model", "unet3d-em", "--site", "threads", "--roi", "0:8,0:8,0:8"]
+    for src, written in ((small_n5[0], small_n5[0]), (read_only_container, home / "ro.n5")):
+        assert main(["run", "--input", f"{src}:raw", *base]) == 0
+        assert f"Planned 1 blocks into {written}:predictions/raw" in capsys.readouterr().out
+        assert Volume.open(written, "predictions/raw").data[:8, :8, :8].compute().any()
+
+
 def test_output_on_a_read_only_disk_is_one_sentence(capsys, tmp_path, read_only_container):
     """An input on a read-only disk runs (it is only read); an output there was z5py's
     "filesystem error: cannot create directories" as an internal error."""

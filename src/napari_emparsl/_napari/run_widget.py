@@ -179,6 +179,7 @@ class RunWidget(Container):
             text="Test site", tooltip="start the site and run one no-op task"
         )
         self.output = LineEdit(label="output", tooltip="OUT.n5:DATASET (suggested from the input)")
+        self._suggested = ""  # the output this panel suggested (a typed one is kept)
         self.block = LineEdit(
             label="block",
             tooltip="Z,Y,X voxels each block writes, a multiple of the output chunks "
@@ -319,10 +320,17 @@ class RunWidget(Container):
         return list(list_sites())
 
     def _suggest_output(self, *_: Any) -> None:
+        """Suggest the output for the chosen volume (again when the volume changes, unless the
+        output was typed): beside it, or in ~/emparsl-predictions where it is read-only."""
+        from napari_emparsl.core.volume import suggest_output
+
         layer = self.input.value
         src = _source_of(layer) if layer is not None else None
-        if src and not self.output.value:
-            self.output.value = f"{src[0]}:predictions/{os.path.basename(src[1]) or 'data'}"
+        typed = self.output.value.strip()
+        if src is None or (typed and typed != self._suggested):
+            return
+        self._suggested = suggest_output(*src)
+        self.output.value = self._suggested
 
     def _options(self) -> dict[str, Any]:
         """The model options field: ``key=value; key=value`` (UserError when malformed)."""

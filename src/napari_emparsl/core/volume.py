@@ -55,6 +55,7 @@ __all__ = [
     "parse_spec",
     "pyramid_factors",
     "save_array",
+    "suggest_output",
     "volume_stats",
     "write_pyramid",
 ]
@@ -104,6 +105,17 @@ def _dataset(root: str, key: str, mode: str = "r") -> z5py.Dataset:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:160] if text else type(err).__name__
+
+
+def suggest_output(root: str, key: str) -> str:
+    """Where a run's output goes unless told: ``predictions/<name>`` in the input's container,
+    or, where that cannot be written (a read-only data disk), in a container of the same name
+    in ``~/emparsl-predictions``."""
+    name = os.path.basename(key.rstrip("/")) or "data"
+    if not os.access(root, os.W_OK):
+        home = os.path.join(os.path.expanduser("~"), "emparsl-predictions")
+        root = os.path.join(home, os.path.basename(os.path.normpath(root)))
+    return f"{root}:predictions/{name}"
 
 
 def parse_spec(spec: str) -> tuple[str, str]:

@@ -64,6 +64,7 @@ from napari_emparsl.core.volume import (
     finite_values,
     output_level_factors,
     parse_spec,
+    suggest_output,
     volume_stats,
 )
 from napari_emparsl.execution.sites import (
@@ -304,7 +305,7 @@ class Run:
         self,
         input: str,
         model: str,
-        output: str,
+        output: str | None = None,
         *,
         site: str | SiteProfile = "local",
         roi: Roi | str | None = None,
@@ -317,7 +318,9 @@ class Run:
         batch: int | None = None,
     ):
         self.input_root, self.input_key = parse_spec(input)
-        self.output_root, self.output_key = parse_spec(output)
+        # no output: suggested from the input once it is open (predictions/<name> beside it)
+        self._suggest_output = output is None
+        self.output_root, self.output_key = parse_spec(output) if output is not None else ("", "")
         root, sub = find_container_root(self.output_root) if self.output_root else ("", "")
         if sub:  # a folder inside a container (data.n5/raw:pred): the key is from the root
             self.output_root = root
@@ -378,12 +381,14 @@ class Run:
                     f"The {name} is three whole numbers z,y,x of at least {least}, not "
                     f"{tuple(value)}."
                 )
-        if not self.output_key:
+        if not self.output_key and not self._suggest_output:
             given = f", not {self.output_root}" if self.output_root.strip(" :") else " (none given)"
             raise RunError(f"Give the output as OUT.n5:DATASET{given}.")
         self.profile = self.site if isinstance(self.site, SiteProfile) else load_site(self.site)
         src = Volume.open(self.input_root, self.input_key)
         self.input_key = src.key
+        if self._suggest_output:
+            self.output_root, self.output_key = parse_spec(suggest_output(src.root, src.key))
         if UNFINISHED in src.attrs:
             raise RunError(
                 f"The input {src.root}:{src.key} is {src.attrs[UNFINISHED]} (it is still being "
