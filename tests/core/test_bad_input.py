@@ -111,6 +111,11 @@ def test_zarr_container_refused_clearly(tmp_path):
     with pytest.raises(VolumeError) as err:
         Volume.open(tmp_path / "x.zarr", "raw")
     assert "zarr container" in one_sentence(err.value)
+    from napari_emparsl.core.volume import container_tree
+
+    with pytest.raises(VolumeError) as err:  # `emparsl info`, the volume panel: no empty tree
+        container_tree(tmp_path / "x.zarr")
+    assert "is a zarr container, which this version does not open yet" in one_sentence(err.value)
 
 
 def test_zarr_output_refused_before_anything_is_made(capsys, tmp_path, small_n5):

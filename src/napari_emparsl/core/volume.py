@@ -751,6 +751,11 @@ def container_tree(path: str | os.PathLike) -> list[dict[str, Any]]:
             f"{path} is not an N5 or zarr container (no attributes.json inside); pick the "
             ".n5 folder, or convert your images with `emparsl import`."
         )
+    if is_zarr(root):  # its datasets would be listed as empty groups
+        raise VolumeError(
+            f"{root} is a zarr container, which this version does not open yet; convert it "
+            "to N5 (e.g. with z5py or BigDataViewer) and open that."
+        )
     base = os.path.join(root, sub) if sub else root
     out = []
     nodes = walk_tree(base)
