@@ -264,6 +264,28 @@ def test_model_info_estimate_and_site_test(
     widget.input.value = tem
     widget.input.value = raw
     assert widget.output.value == f"{sample_path}:predictions/raw"
+    # a run on it says so in a notification too, once (a preview or run again would repeat it)
+    from napari.utils.notifications import notification_manager
+
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    try:
+        widget.input.value = tem
+        widget.output.value, widget.site.value = f"{tmp_path}/tem.n5:pred", "threads"
+        for _ in range(2):
+            widget.run_btn.clicked.emit()
+            _wait_idle(qtbot, widget)
+            qtbot.wait(200)
+    finally:
+        notification_manager.notification_ready.disconnect(seen.append)
+    warned = [str(n.message) for n in seen if "trained on 8×8×8 nm voxels" in str(n.message)]
+    assert warned == [
+        "The model unet3d-em was trained on 8×8×8 nm voxels; the volume has 40×4×4 nm "
+        f"({sample_path}:tem): expect poorer results; resample the volume to about the "
+        "model's voxel size, or use a model trained on data like it."
+    ]
+    widget.input.value = raw
+    widget.site.value = "local"
     widget.output.value = typed
     # block and halo: empty means the model's defaults (shown); bad values get one sentence
     assert widget.block.native.placeholderText() == "128,128,128 (model default)"

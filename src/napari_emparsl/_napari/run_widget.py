@@ -55,6 +55,13 @@ def _source_of(layer: Any) -> tuple[str, str] | None:
     return (src["path"], src["key"]) if src else None
 
 
+def _show_warning(message: str) -> None:
+    from napari.utils.notifications import show_warning
+
+    log.warning(message)
+    show_warning(message)
+
+
 def _preload(model: str, done: threading.Event | None = None) -> None:
     """Import the engine and torch, and load ``model`` into the per-process cache."""
     try:
@@ -180,6 +187,7 @@ class RunWidget(Container):
         )
         self.output = LineEdit(label="output", tooltip="OUT.n5:DATASET (suggested from the input)")
         self._suggested = ""  # the output this panel suggested (a typed one is kept)
+        self._warned: set[str] = set()  # the runs' warnings shown so far
         self.block = LineEdit(
             label="block",
             tooltip="Z,Y,X voxels each block writes, a multiple of the output chunks "
@@ -622,6 +630,10 @@ class RunWidget(Container):
             # napari's activity dock shows the run too: its bar in a turn of the event loop of
             # its own, so that napari's two set-ups (layer, bar) do not add up to one stall
             QTimer.singleShot(40, lambda total=event.total: self._open_activity(total))
+            for warning in event.warnings:  # once per session: previews repeat them
+                if warning not in self._warned:
+                    self._warned.add(warning)
+                    QTimer.singleShot(80, lambda w=warning: _show_warning(w))
         elif isinstance(event, BlockDone):
             self._widen_contrast(event.result.out_min, event.result.out_max)
             self._set_progress(event.done)
