@@ -83,6 +83,9 @@ def test_model_that_needs_its_layout_keeps_it(tmp_path):
 def test_options_override_sidecar_and_are_validated():
     spec = describe_model("unet3d-em", parse_options(["halo=8,8,8", "block=32,32,32"]))
     assert spec.halo == (8, 8, 8) and spec.block == (32, 32, 32)
+    # sizes as emparsl prints them and people type them, as everywhere else
+    spec = describe_model("unet3d-em", parse_options(["halo=16×16×16", "block=64 64 64"]))
+    assert spec.halo == (16, 16, 16) and spec.block == (64, 64, 64)
     with pytest.raises(ModelError, match="Unknown key"):
         describe_model("unet3d-em", {"hallo": 3})
     with pytest.raises(ModelError, match="must be three integers"):

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -39,6 +38,7 @@ from typing import Any
 import yaml
 
 from napari_emparsl.core.errors import UserError
+from napari_emparsl.core.geometry import size_values
 from napari_emparsl.core.units import nm_per_unit
 
 __all__ = ["ModelError", "ModelSpec", "parse_options", "read_sidecar", "resolution_mismatch"]
@@ -94,10 +94,8 @@ def _architecture_defaults(kwargs: dict[str, Any], given: set[str]) -> tuple[str
 def _triple(value: Any, name: str, minimum: int) -> tuple[int, int, int]:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = [value] * 3
-    if isinstance(value, str):
-        value = [v for v in value.replace("x", ",").split(",") if v.strip()]
     try:
-        out = tuple(int(v) for v in value)
+        out = tuple(int(v) for v in (size_values(value) if isinstance(value, str) else value))
     except (TypeError, ValueError):
         raise ModelError(
             f"The model option '{name}' must be three integers z,y,x, not {value!r}."
@@ -112,10 +110,10 @@ def _triple(value: Any, name: str, minimum: int) -> tuple[int, int, int]:
 def _voxel_size(value: Any) -> tuple[float, float, float]:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = [value] * 3
-    if isinstance(value, str):
-        value = [v for v in re.split(r"[\s,x×*]+", value) if v]
     try:
-        out = tuple(float(v) for v in value)
+        out = tuple(
+            float(v) for v in (size_values(value, float) if isinstance(value, str) else value)
+        )
     except (TypeError, ValueError):
         out = ()
     if len(out) != 3 or not all(math.isfinite(v) and v > 0 for v in out):
@@ -127,11 +125,10 @@ def _voxel_size(value: Any) -> tuple[float, float, float]:
 
 
 def _pair(value: Any) -> tuple[float, float]:
-    items = value
-    if isinstance(value, str):
-        items = [v for v in re.split(r"[\s,]+", value.strip("[]() ")) if v]
     try:
-        lo, hi = (float(v) for v in items)
+        lo, hi = (
+            float(v) for v in (size_values(value, float) if isinstance(value, str) else value)
+        )
     except (TypeError, ValueError):
         raise ModelError(
             "The model option 'out_range' must be two numbers low,high (the model's output "
@@ -291,7 +288,7 @@ class ModelSpec:
         return ModelSpec.from_mapping(own | dict(options), "the model options")
 
 
-def _nm(values: Sequence[float]) -> str:
+def _in_nm(values: Sequence[float]) -> str:
     return "×".join(f"{v:.3g}" for v in values) + " nm"
 
 
@@ -312,8 +309,8 @@ def resolution_mismatch(spec: ModelSpec, voxel_size: Sequence[float], unit: str)
         return None
     want = [spec.voxel_size[i] for i in axes]
     return (
-        f"trained on {_nm(want)} {'voxels' if spec.spatial_dims == 3 else 'pixels'}; the "
-        f"volume has {_nm([have[i] for i in axes])}"
+        f"trained on {_in_nm(want)} {'voxels' if spec.spatial_dims == 3 else 'pixels'}; the "
+        f"volume has {_in_nm([have[i] for i in axes])}"
     )
 
 
