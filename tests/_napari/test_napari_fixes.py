@@ -72,3 +72,42 @@ def test_the_run_panel_applies_the_fix_once(make_napari_viewer):
     assert getattr(method, "_emparsl_context_current", False)
     assert napari_fixes.apply()  # idempotent: not wrapped twice
     assert VispyCanvas._clean_and_update_scenegraph is method
+
+
+UNITS_SCRIPT = textwrap.dedent(
+    """
+    import time
+    import napari, numpy as np, pint
+    from napari.layers import Image
+    from napari_emparsl._napari.run_widget import RunWidget
+
+    def registry():
+        return type(pint.get_application_registry().get()).__name__
+
+    viewer = napari.Viewer(show=False)  # no layer yet: pint's registry is still unloaded
+    print("before the panel:", registry())
+    panel = RunWidget(viewer)  # its preload thread makes napari layers in the background
+    print("after the panel:", registry())
+    errors, made, end = [], 0, time.time() + 20
+    while not panel._preloaded.is_set() and time.time() < end:
+        try:  # meanwhile the user opens a file: layers made on the Qt thread
+            Image(np.zeros((1, 1, 1), np.float32))
+            made += 1
+        except Exception as err:
+            errors.append(repr(err)[:100])
+    print("layers made:", made, "errors:", errors[:3], len(errors), flush=True)
+    """
+)
+
+
+def test_layers_made_while_the_run_panel_preloads_do_not_fail():
+    """pint's unit registry (napari's layers' units) loads on first use, not thread-safely: the
+    run panel's preload thread loading it while the Qt thread made a layer failed that layer
+    ("'pixel' is not defined in the unit registry"; seen once in CI as a failed napari open)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", UNITS_SCRIPT], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "before the panel: LazyRegistry" in proc.stdout  # the case the fix is for
+    assert "after the panel: UnitRegistry" in proc.stdout
+    assert "errors: [] 0" in proc.stdout, proc.stdout

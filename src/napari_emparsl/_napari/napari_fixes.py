@@ -11,6 +11,12 @@ below a run's output and move the z slider. Plain napari does it with two image 
 
 The fix makes the canvas's context current before napari's own clean-up; nothing else changes.
 It is applied once, only where napari still has that method.
+
+Also here, :func:`load_units`: napari's layers take their units from pint's application
+registry, which loads its definitions on first use (~0.5 s) in a way that is not thread-safe:
+while one thread loads it, a layer made on another thread fails ("'pixel' is not defined in the
+unit registry"). The run panel makes its first layers in a background thread (to pay napari's
+first-layer costs before a run): the registry is loaded on the Qt thread before that starts.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import contextlib
 import functools
 import logging
 
-__all__ = ["apply"]
+__all__ = ["apply", "load_units"]
 
 log = logging.getLogger(__name__)
 
@@ -47,3 +53,15 @@ def apply() -> bool:
     VispyCanvas._clean_and_update_scenegraph = clean_and_update_scenegraph
     log.debug("napari's layer removal now makes the canvas's OpenGL context current first")
     return True
+
+
+def load_units() -> None:
+    """Load pint's unit registry now, on this thread, if nothing has yet (see the module)."""
+    try:
+        import pint
+
+        registry = pint.get_application_registry()
+        if type(registry.get()).__name__ == "LazyRegistry":
+            registry.pixel  # noqa: B018  (its first attribute loads every definition)
+    except Exception:  # another pint: napari then loads it as it always did
+        log.debug("could not load pint's unit registry", exc_info=True)

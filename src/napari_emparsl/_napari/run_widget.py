@@ -275,6 +275,7 @@ class RunWidget(Container):
         self._testing_site = ""
         self._preloaded = threading.Event()
         self._collected = False
+        napari_fixes.load_units()  # before the preload makes layers in its thread
         threading.Thread(
             target=_preload, args=(self._model(), self._preloaded), name="emparsl-preload"
         ).start()
