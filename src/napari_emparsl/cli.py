@@ -639,6 +639,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_model(args: argparse.Namespace) -> int:
+    from napari_emparsl.core.models.spec import parse_options
+    from napari_emparsl.execution.check import check_model
+
+    result = check_model(args.model, parse_options(args.model_option or []))
+    print(f"{args.model}: {result.sentence()}")
+    return 0 if result.ok else 1
+
+
 def cmd_sites(args: argparse.Namespace) -> int:
     from napari_emparsl.execution.sites import list_sites, load_site
 
@@ -745,6 +754,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("truth", help="GT.n5:DATASET")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
+
+    check = sub.add_parser(
+        "check-model",
+        help="run a bioimage.io model on its test input here, and compare with its test output",
+    )
+    check.add_argument("model", help="a bioimage.io package: .zip, folder or rdf.yaml")
+    check.add_argument("--model-option", action="append", metavar="KEY=VALUE")
+    check.set_defaults(func=cmd_check_model)
 
     sites = sub.add_parser("sites", help="list, show or test compute site profiles")
     sites.add_argument("action", choices=["list", "show", "test"])

@@ -8,6 +8,7 @@ import weakref
 
 import numpy as np
 import pytest
+import yaml
 
 from napari_emparsl._napari.run_widget import RunWidget
 from napari_emparsl.cli import main
@@ -231,6 +232,25 @@ def test_model_info_estimate_and_site_test(
     assert "the volume has 1 channel(s)" in widget.model_info.value
     widget.model_file_btn.clicked.emit()  # the dialog starts in the chosen file's folder
     assert asked[1][1] == str(tmp_path)
+    # a bioimage.io package (its rdf.yaml chosen): described from the package, nothing asked
+    package = tmp_path / "zoo"
+    package.mkdir()
+    axes = [{"type": "batch"}, {"type": "channel", "channel_names": ["raw"]}]
+    space = [{"type": "space", "id": a, "size": {"min": 16, "step": 16}} for a in "zyx"]
+    out = [{"type": "space", "id": a, "size": {"tensor_id": "raw", "axis_id": a}, "halo": 8}
+           for a in "zyx"]  # fmt: skip
+    rdf = {"format_version": "0.5.4", "type": "model", "name": "zoo",
+           "inputs": [{"id": "raw", "axes": axes + space}],
+           "outputs": [{"id": "mask", "axes": axes + out, "postprocessing": [
+               {"id": "sigmoid"}, {"id": "binarize", "kwargs": {"threshold": 0.5}}]}],
+           "weights": {"torchscript": {"source": "weights.pt"}}}  # fmt: skip
+    (package / "rdf.yaml").write_text(yaml.safe_dump(rdf))
+    widget.model_file.value = str(package / "rdf.yaml")
+    info = widget.model_info.value
+    assert info.startswith(
+        "labels, 1 channel(s); 1 input channel(s); 3D; halo [8, 8, 8]; sigmoid > 0.5"
+    )
+    assert "not described" not in info and "⚠" not in info
     widget.model_file.value = ""
     # a 2D image: the panel says it will not run before a run says so
     from napari_emparsl.core.volume import save_array

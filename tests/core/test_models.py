@@ -113,6 +113,16 @@ def test_options_override_sidecar_and_are_validated():
                           "low (the model's output values written as 0 and 255), not [1.0, 0.0]."),
         ("out_range=0,a,1", "The model option 'out_range' must be two numbers low,high (the "
                             "model's output values written as 0 and 255), not '0,a,1'."),
+        ("activation=relu", "The model option 'activation' must be one of none, sigmoid, "
+                            "softmax, not 'relu'."),
+        ("percentiles=99,1", "The model option 'percentiles' must be two percentiles low,high "
+                             "with 0 <= low < high <= 100, not [99.0, 1.0]."),
+        ("norm_values=5,0", "The model option 'norm_values' must be two finite numbers "
+                            "subtract,divide with divide not 0, not [5.0, 0.0]."),
+        ("norm_values=x", "The model option 'norm_values' must be two numbers subtract,divide "
+                          "(e.g. a training set's mean and standard deviation), not 'x'."),
+        ("min_size=0,8,8", "The model option 'min_size' must be three integers z,y,x of at "
+                           "least 1, not '0,8,8'."),
     ],
 )  # fmt: skip
 def test_bad_option_values_are_one_sentence(capsys, tmp_path, small_n5, option, message):
@@ -328,3 +338,28 @@ def test_voxel_size_a_model_was_trained_on_is_checked_against_the_volume(
     del last["spec"]["voxel_size"]
     assert _changes(last, vol, builtin, (8, 8, 8), (24, 24, 24)) == []
     assert _changes(last, vol, builtin.with_options({"halo": 8}), (8, 8, 8), (8, 8, 8))
+
+
+def test_normalizations_use_the_whole_volume(tmp_path):
+    """zscore, percentile (its percentiles) and fixed values: one (subtract, divide) pair for
+    every block, from the volume (or the description)."""
+    from napari_emparsl.core.volume import Volume, save_array
+    from napari_emparsl.execution.runner import _norm
+
+    data = np.arange(40 * 50 * 50, dtype=np.float32).reshape(40, 50, 50)
+    save_array(tmp_path / "v.n5", "raw", data, chunks=(16, 16, 16))
+    vol = Volume.open(str(tmp_path / "v.n5"), "raw")
+    spec = describe_model("unet3d-em")
+    mean, std = _norm(vol, spec)
+    assert mean == pytest.approx(data.mean(), rel=1e-6) and std == pytest.approx(
+        data.std(), rel=1e-6
+    )
+    lo, span = _norm(vol, spec.with_options({"normalize": "percentile", "percentiles": [2, 98]}))
+    assert lo == pytest.approx(np.percentile(data, 2), rel=1e-6)
+    assert lo + span == pytest.approx(np.percentile(data, 98), rel=1e-6)
+    fixed = spec.with_options({"normalize": "fixed", "norm_values": "110, 15"})
+    assert _norm(vol, fixed) == (110.0, 15.0)
+    with pytest.raises(
+        ModelError, match="'normalize' must be one of none, zscore, percentile, fixed"
+    ):
+        spec.with_options({"normalize": "minmax"})

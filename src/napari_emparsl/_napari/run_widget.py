@@ -162,7 +162,8 @@ class RunWidget(Container):
             tooltip="a built-in model (or type a model file path below)",
         )
         self.model_file = LineEdit(
-            tooltip="optional: a TorchScript / state-dict model file (overrides the choice above)",
+            tooltip="optional: a TorchScript / state-dict model file, or a bioimage.io package "
+            "(.zip, or its rdf.yaml); overrides the choice above",
         )
         self.model_file_btn = PushButton(text="…", tooltip="choose a model file")
         self.model_file_btn.native.setMaximumWidth(32)
@@ -370,6 +371,8 @@ class RunWidget(Container):
         text = (
             f"{what}; {spec.in_channels} input channel(s); {spec.spatial_dims}D; halo {list(spec.halo)}"
             + (f"; scale {list(spec.scale)}" if any(s != 1 for s in spec.scale) else "")
+            + (f"; {spec.activation}" if spec.activation != "none" else "")
+            + (f" > {spec.threshold:g}" if spec.kind == "labels" and spec.n_outputs == 1 else "")
             + (
                 f"; written as uint8 ({spec.out_range[0]:g}..{spec.out_range[1]:g} → 0..255)"
                 if spec.kind == "image" and spec.out_dtype == "uint8"
@@ -423,7 +426,8 @@ class RunWidget(Container):
             self.native,
             "Choose a model file",
             os.path.dirname(typed) if typed else "",
-            "PyTorch models (*.pt *.pth *.ts *.torchscript *.zip);;All files (*)",
+            "PyTorch and bioimage.io models (*.pt *.pth *.ts *.torchscript *.zip rdf.yaml "
+            "*bioimageio.yaml);;All files (*)",
         )
         if path:
             self.model_file.value = path

@@ -9,6 +9,7 @@ output N5, and returns a small :class:`BlockResult`. No image data travels back 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_emparsl.core.geometry import Block
+from napari_emparsl.core.geometry import Block, Roi
 
 __all__ = [
     "BlockJob",
@@ -121,14 +122,15 @@ def _size_hint(err: RuntimeError, size: Sequence[int], spec: Any) -> RuntimeErro
 def run_model_on_batch(module: Any, spec: Any, xs: list[np.ndarray]) -> list[np.ndarray]:
     """Forward same-shaped normalized (C, z, y, x) float32 arrays in one call.
 
-    Pads the end of each spatial axis up to the model's size multiple and crops it back; returns
-    (C_out, z*s, y*s, x*s) float32 arrays. 3D models get the arrays as a batch; 2D models get
-    every z slice of every array as one batch.
+    Pads the end of each spatial axis up to the model's input size (``min_size``, ``multiple``)
+    and crops it back; returns (C_out, z*s, y*s, x*s) float32 arrays, after the model's
+    ``activation``. 3D models get the arrays as a batch; 2D models get every z slice of every
+    array as one batch.
     """
     import torch
 
     spatial = xs[0].shape[1:]
-    extra = [(-n) % m for n, m in zip(spatial, spec.multiple, strict=True)]
+    extra = [t - n for n, t in zip(spatial, spec.input_size(spatial), strict=True)]
     if any(extra):
         mode = "reflect" if min(spatial) > max(extra) else "edge"
         xs = [np.pad(x, [(0, 0)] + [(0, e) for e in extra], mode=mode) for x in xs]
@@ -146,6 +148,10 @@ def run_model_on_batch(module: Any, spec: Any, xs: list[np.ndarray]) -> list[np.
                 y = out.reshape(n, z, *out.shape[1:]).permute(0, 2, 1, 3, 4)
         except RuntimeError as err:
             raise _size_hint(err, t.shape[2:], spec) from err
+        if spec.activation == "sigmoid":
+            y = torch.sigmoid(y)
+        elif spec.activation == "softmax":
+            y = torch.softmax(y, dim=1)
         y = y.float().cpu().contiguous().numpy()
     if y.ndim != 5 or y.shape[1] != spec.n_outputs:  # labels: an argmax would hide it
         got = f"{y.shape[1]} channel(s)" if y.ndim == 5 else f"an array of {y.ndim - 1} axes"
@@ -227,12 +233,30 @@ def _failure(blk_id: int, worker: str, err: BaseException, t_read: float = 0.0) 
     )  # fmt: skip
 
 
-def _read_block(job: BlockJob) -> np.ndarray:
+def _fill_far_edge(blk: Block, spec: Any, shape: Sequence[int]) -> Block:
+    """With ``edge: none``, a block that ends at the volume's far edge reads more of the volume
+    before it instead of being padded (mirrored) at that edge up to the model's input size: the
+    model meets the edge as in one whole-volume forward, also where the block does not divide
+    the volume."""
+    begin, end = list(blk.read_roi.begin), blk.read_roi.end
+    for i, (b, e, n) in enumerate(zip(begin, end, shape, strict=True)):
+        if e == n:
+            extra = spec.input_size_axis(i, e - b) - (e - b)
+            begin[i] = max(0, b - extra)
+    if begin == list(blk.read_roi.begin):
+        return blk
+    return dataclasses.replace(blk, read_roi=Roi.from_bounds(begin, end))
+
+
+def _read_block(job: BlockJob, spec: Any = None) -> tuple[np.ndarray, Block]:
+    """The block's input, normalized, and the block as read (see :func:`_fill_far_edge`)."""
     from napari_emparsl.core.volume import Volume
 
     blk = job.block
     src = Volume.open(job.input_root, job.input_key)
     has_c = "c" in src.axes
+    if spec is not None and spec.edge == "none":
+        blk = _fill_far_edge(blk, spec, src.shape[-blk.read_roi.ndim :])
     data = src.read(((slice(None),) if has_c else ()) + blk.read_roi.to_slices())
     x = data.astype(np.float32, copy=False)
     if not has_c:
@@ -244,14 +268,16 @@ def _read_block(job: BlockJob) -> np.ndarray:
         # normalized (zscore: the volume's mean): otherwise they would spread through every
         # convolution of the block
         np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-    return x
+    return x, blk
 
 
-def _write_block(job: BlockJob, spec: Any, y: np.ndarray) -> tuple[np.ndarray, float]:
-    """Crop the halo (and reflect padding) on the output grid, post-process, write."""
+def _write_block(
+    job: BlockJob, spec: Any, y: np.ndarray, blk: Block
+) -> tuple[np.ndarray, float, float]:
+    """Crop the halo (and reflect padding) of ``blk`` (the block as read) on the output grid,
+    post-process, write."""
     from napari_emparsl.core.volume import Volume
 
-    blk = job.block
     start = [
         (w - (r - p)) * s
         for w, r, p, s in zip(
@@ -403,10 +429,12 @@ def process_batch(jobs: list[BlockJob]) -> list[BlockResult]:
         return [_failure(j.block.id, worker, err) for j in jobs]
     spec = loaded.spec
     inputs: dict[int, tuple[np.ndarray, float]] = {}
+    as_read: dict[int, Block] = {}
     for job in jobs:
         t0 = time.perf_counter()
         try:
-            inputs[job.block.id] = (_read_block(job), time.perf_counter() - t0)
+            x, as_read[job.block.id] = _read_block(job, spec)
+            inputs[job.block.id] = (x, time.perf_counter() - t0)
         except Exception as err:
             results[job.block.id] = _failure(job.block.id, worker, err, time.perf_counter() - t0)
     groups: dict[tuple[int, ...], list[BlockJob]] = {}
@@ -432,7 +460,7 @@ def process_batch(jobs: list[BlockJob]) -> list[BlockResult]:
                 results[bid] = _failure(bid, worker, y, t_read)
                 continue
             try:
-                out, t_post, t_write = _write_block(job, spec, y)
+                out, t_post, t_write = _write_block(job, spec, y, as_read[bid])
             except Exception as err:
                 results[bid] = _failure(bid, worker, err, t_read)
                 continue

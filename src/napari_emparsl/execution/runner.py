@@ -133,12 +133,14 @@ def _norm(volume: Volume, spec: ModelSpec) -> tuple[float, float]:
     """Global normalization (same for every block, so there are no seams)."""
     if spec.normalize == "none":
         return 0.0, 1.0
+    if spec.normalize == "fixed":
+        return spec.norm_values
     if spec.normalize == "zscore":
         return volume_stats(volume)
     sample = finite_values(volume.sample())
     if sample.size == 0:
         return 0.0, 1.0
-    lo, hi = np.percentile(sample, [1.0, 99.8])
+    lo, hi = np.percentile(sample, list(spec.percentiles))
     return float(lo), float(max(hi - lo, 1e-6))
 
 

@@ -7,6 +7,7 @@ loads each model once.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import re
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from napari_emparsl.core.models.bioimageio import describe_package, find_package
 from napari_emparsl.core.models.spec import ModelError, ModelSpec, read_sidecar
 from napari_emparsl.core.paths import user_path
 
@@ -69,7 +71,8 @@ def _first_mismatch(err: RuntimeError) -> str:
 
 
 def resolve_model(model: str) -> str:
-    """A built-in name or a file path -> the model file's path."""
+    """A built-in name or a file path -> the model file's path (a bioimage.io package: its
+    folder or ``.zip``)."""
     if model in BUILTIN_MODELS:
         return str(resources.files("napari_emparsl") / "models" / BUILTIN_MODELS[model])
     model = user_path(model)
@@ -77,38 +80,66 @@ def resolve_model(model: str) -> str:
         names = ", ".join(BUILTIN_MODELS)
         what = f"The model {model} does not exist" if model.strip() else "No model was given"
         raise ModelError(f"{what}; give a model file or a built-in name ({names}).")
+    package = find_package(model)
+    if package is not None:
+        return package.path if not package.is_zip else model
     if os.path.isdir(model):
         raise ModelError(
-            f"The model {model} is a folder; give the model file (.pt/.pth) inside it."
+            f"The model {model} is a folder; give the model file (.pt/.pth) inside it, or a "
+            "bioimage.io package (a folder or .zip with rdf.yaml)."
         )
     return model
 
 
 def file_hash(path: str) -> str:
+    """SHA-256 of a model file (a bioimage.io package folder: of its description and weights)."""
     h = hashlib.sha256()
+    if os.path.isdir(path):
+        package = find_package(path)
+        if package is None:
+            raise ModelError(f"The model {path} is a folder, not a bioimage.io package.")
+        h.update(package.read(package.rdf))
+        h.update(package.read(describe_package(package)[1]))
+        return h.hexdigest()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
+def _description(path: str) -> tuple[dict[str, Any], str]:
+    """The keys describing the model file at ``path`` (its sidecar; a bioimage.io package's
+    description, overridden by a sidecar beside the package), and where they come from."""
+    package = find_package(path)
+    if package is None:
+        return read_sidecar(path), f"{path}.yaml"
+    keys, _ = describe_package(package)
+    return keys | read_sidecar(path.rstrip("/\\")), f"the bioimage.io description of {path}"
+
+
 def describe_model(model: str, options: Mapping[str, Any] | None = None) -> ModelSpec:
-    """The model's spec from its sidecar and options, without loading any weights."""
+    """The model's spec from its sidecar (or bioimage.io description) and options, without
+    loading any weights."""
     path = resolve_model(model)
-    return ModelSpec.from_mapping(read_sidecar(path), f"{path}.yaml").with_options(options or {})
+    return ModelSpec.from_mapping(*_description(path)).with_options(options or {})
 
 
 def missing_description(model: str, options: Mapping[str, Any] | None = None) -> list[str]:
     """Keys a model file needs but neither its sidecar nor ``options`` give (the GUI asks)."""
     path = resolve_model(model)
-    described = read_sidecar(path) | dict(options or {})
+    described = _description(path)[0] | dict(options or {})
     given = set(described)
     if described.get("architecture") in ("unet3d", "unet2d"):
         given.add("halo")  # the network's whole context (ModelSpec fills it in)
     missing = [k for k in ("kind", "halo") if k not in given]
     if "kind" not in given and "classes" not in given:
         missing.append("classes")  # labels: one name per output channel
-    if os.path.isfile(path) and not _is_torchscript(path) and "architecture" not in given:
+    if (
+        os.path.isfile(path)
+        and find_package(path) is None
+        and not _is_torchscript(path)
+        and "architecture" not in given
+    ):
         missing.append("architecture")  # a state dict: which built-in network to fill
     return missing
 
@@ -150,6 +181,18 @@ def _architecture(spec: ModelSpec) -> Any:
 def _load_module(path: str, spec: ModelSpec) -> Any:
     import torch
 
+    package = find_package(path)
+    if package is not None:
+        weights = describe_package(package)[1]
+        try:
+            return torch.jit.load(io.BytesIO(package.read(weights)), map_location="cpu").eval()
+        except ModelError:
+            raise
+        except Exception as err:
+            raise ModelError(
+                f"The TorchScript weights {weights} of {path} cannot be loaded "
+                f"({str(err).splitlines()[0][:120]})."
+            ) from None
     if spec.architecture:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -227,7 +270,7 @@ def _channels_last(module: Any, spec: ModelSpec) -> Any:
     with torch.no_grad():
         for p in params:
             p.data = p.data.contiguous(memory_format=formats[p.dim()])
-    size = [m * max(1, 16 // m) for m in spec.multiple]
+    size = spec.input_size([m * max(1, 16 // m) for m in spec.multiple])
     # a batch of two: with one, a view across the batch axis works in any layout
     shape = (2, spec.in_channels, *(size if spec.spatial_dims == 3 else size[1:]))
     try:

@@ -9,7 +9,11 @@ classes: [background, membrane, mitochondria]   # labels: one logit channel per 
 spatial_dims: 3               # 2 = applied slice by slice on 3D volumes
 halo: [16, 16, 16]            # z, y, x voxels of context per side
 multiple: [4, 4, 4]           # the model's input size must be a multiple of this
-normalize: none               # none | zscore | percentile
+normalize: none               # none | zscore | percentile | fixed
+percentiles: [1, 99.8]        # percentile: the volume's values mapped to 0 and 1
+norm_values: [0, 1]           # fixed: subtract, then divide by (e.g. a training set's mean, std)
+activation: none              # applied to the model's output: none | sigmoid | softmax
+min_size: [1, 1, 1]           # the smallest input the model takes (z, y, x)
 scale: [1, 1, 1]              # output voxels per input voxel, per axis
 out_dtype: float32            # image models: float32 | uint8 (out_range mapped to 0..255)
 out_range: [0, 1]             # uint8 images: the output values written as 0 and as 255
@@ -44,7 +48,8 @@ from napari_emparsl.core.units import nm_per_unit
 __all__ = ["ModelError", "ModelSpec", "parse_options", "read_sidecar", "resolution_mismatch"]
 
 KINDS = ("labels", "image")
-NORMALIZATIONS = ("none", "zscore", "percentile")
+NORMALIZATIONS = ("none", "zscore", "percentile", "fixed")
+ACTIVATIONS = ("none", "sigmoid", "softmax")
 EDGES = ("reflect", "none")
 OUT_DTYPES = ("float32", "uint8")  # of image models (labels: by class count)
 # a volume's voxels may differ from the model's training data by this factor per axis unwarned
@@ -124,15 +129,21 @@ def _voxel_size(value: Any) -> tuple[float, float, float]:
     return out  # type: ignore[return-value]
 
 
-def _pair(value: Any) -> tuple[float, float]:
+_PAIRS = {
+    "out_range": "two numbers low,high (the model's output values written as 0 and 255)",
+    "percentiles": "two percentiles low,high (the volume's values mapped to 0 and 1)",
+    "norm_values": "two numbers subtract,divide (e.g. a training set's mean and standard deviation)",
+}
+
+
+def _pair(value: Any, name: str = "out_range") -> tuple[float, float]:
     try:
         lo, hi = (
             float(v) for v in (size_values(value, float) if isinstance(value, str) else value)
         )
     except (TypeError, ValueError):
         raise ModelError(
-            "The model option 'out_range' must be two numbers low,high (the model's output "
-            f"values written as 0 and 255), not {value!r}."
+            f"The model option '{name}' must be {_PAIRS[name]}, not {value!r}."
         ) from None
     return lo, hi
 
@@ -149,6 +160,10 @@ class ModelSpec:
     halo: tuple[int, int, int] = (0, 0, 0)
     multiple: tuple[int, int, int] = (1, 1, 1)
     normalize: str = "none"
+    percentiles: tuple[float, float] = (1.0, 99.8)  # normalize: percentile
+    norm_values: tuple[float, float] = (0.0, 1.0)  # normalize: fixed (subtract, divide)
+    activation: str = "none"  # applied to the network's output (bioimage.io postprocessing)
+    min_size: tuple[int, int, int] = (1, 1, 1)  # smallest input size per axis
     scale: tuple[int, int, int] = (1, 1, 1)
     block: tuple[int, int, int] = (64, 64, 64)
     threshold: float = 0.5
@@ -170,6 +185,24 @@ class ModelSpec:
         if self.normalize not in NORMALIZATIONS:
             raise ModelError(
                 f"The model option 'normalize' must be one of {', '.join(NORMALIZATIONS)}, not {self.normalize!r}."
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ModelError(
+                f"The model option 'activation' must be one of {', '.join(ACTIVATIONS)}, not "
+                f"{self.activation!r}."
+            )
+        plo, phi = self.percentiles
+        if not 0 <= plo < phi <= 100:
+            raise ModelError(
+                "The model option 'percentiles' must be two percentiles low,high with "
+                f"0 <= low < high <= 100, not {list(self.percentiles)}."
+            )
+        if not (math.isfinite(self.norm_values[0]) and math.isfinite(self.norm_values[1])) or (
+            self.norm_values[1] == 0
+        ):
+            raise ModelError(
+                "The model option 'norm_values' must be two finite numbers subtract,divide with "
+                f"divide not 0, not {list(self.norm_values)}."
             )
         if self.edge not in EDGES:
             raise ModelError(
@@ -202,17 +235,30 @@ class ModelSpec:
                 "A labels model needs at least two classes (or none, for one thresholded channel)."
             )
         if self.spatial_dims == 2 and (
-            self.halo[0] != 0 or self.multiple[0] != 1 or self.scale[0] != 1
+            self.halo[0] != 0
+            or self.multiple[0] != 1
+            or self.scale[0] != 1
+            or self.min_size[0] != 1
         ):
             raise ModelError(
-                "A 2D model runs slice by slice: its z halo must be 0 and its z multiple and z scale 1 "
-                f"(got halo {self.halo}, multiple {self.multiple}, scale {self.scale})."
+                "A 2D model runs slice by slice: its z halo must be 0 and its z multiple, z scale "
+                f"and z min_size 1 (got halo {self.halo}, multiple {self.multiple}, scale "
+                f"{self.scale}, min_size {self.min_size})."
             )
 
     @property
     def n_outputs(self) -> int:
         """Channels the network produces."""
         return len(self.classes) if self.kind == "labels" and self.classes else self.out_channels
+
+    def input_size(self, size: Sequence[int]) -> tuple[int, ...]:
+        """The size the model is given for ``size`` voxels (z, y, x): at least ``min_size``,
+        rounded up to a ``multiple``."""
+        return tuple(self.input_size_axis(i, n) for i, n in enumerate(size))
+
+    def input_size_axis(self, axis: int, n: int) -> int:
+        """:meth:`input_size` along one axis (0 = z)."""
+        return -(-max(n, self.min_size[axis]) // self.multiple[axis]) * self.multiple[axis]
 
     @property
     def label_dtype(self) -> str:
@@ -241,7 +287,7 @@ class ModelSpec:
         for key, value in data.items():
             if key in ("halo",):
                 kwargs[key] = _triple(value, key, 0)
-            elif key in ("multiple", "scale", "block"):
+            elif key in ("multiple", "scale", "block", "min_size"):
                 kwargs[key] = _triple(value, key, 1)
             elif key == "classes":
                 if isinstance(value, str):
@@ -267,8 +313,8 @@ class ModelSpec:
                     raise ModelError(
                         f"The model option 'threshold' must be a number, not {value!r}."
                     ) from None
-            elif key == "out_range":
-                kwargs[key] = _pair(value)
+            elif key in _PAIRS:
+                kwargs[key] = _pair(value, key)
             elif key == "voxel_size":
                 kwargs[key] = None if value is None else _voxel_size(value)
             elif key == "arch_options":

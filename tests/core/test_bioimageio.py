@@ -1,0 +1,437 @@
+"""bioimage.io model packages (format 0.4 and 0.5): described without loading, run like any
+model, reproducing the package's own test output; what emparsl cannot run the same way is
+refused in one sentence."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import yaml
+import z5py
+
+import napari_emparsl
+from napari_emparsl.core.models.loaders import (
+    describe_model,
+    file_hash,
+    load_model,
+    missing_description,
+)
+from napari_emparsl.core.models.spec import ModelError
+
+
+class _Net(torch.nn.Module):
+    """Two 3×3×3 convolutions: 2 voxels of context per side."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv3d(1, 4, 3, padding=1)
+        self.b = torch.nn.Conv3d(4, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def _space(axis: str, size, **more) -> dict:
+    return {"type": "space", "id": axis, "size": size, **more}
+
+
+def _rdf_05(**change) -> dict:
+    nm = {"unit": "nanometer", "scale": 8.0}
+    rdf = {
+        "format_version": "0.5.3",
+        "type": "model",
+        "name": "toy sigmoid",
+        "inputs": [
+            {
+                "id": "raw",
+                "axes": [
+                    {"type": "batch"},
+                    {"type": "channel", "channel_names": ["raw"]},
+                    *(_space(a, {"min": 16, "step": 8}, **nm) for a in "zyx"),
+                ],
+                "test_tensor": {"source": "test_input.npy"},
+                "preprocessing": [
+                    {"id": "ensure_dtype", "kwargs": {"dtype": "float32"}},
+                    {"id": "zero_mean_unit_variance", "kwargs": {"axes": ["z", "y", "x"]}},
+                ],
+            }
+        ],
+        "outputs": [
+            {
+                "id": "probability",
+                "axes": [
+                    {"type": "batch"},
+                    {"type": "channel", "channel_names": ["p"]},
+                    *(_space(a, {"tensor_id": "raw", "axis_id": a}, halo=4, **nm) for a in "zyx"),
+                ],
+                "test_tensor": {"source": "test_output.npy"},
+                "data": {"range": [0.0, 1.0]},
+                "postprocessing": [{"id": "sigmoid"}],
+            }
+        ],
+        "weights": {"torchscript": {"source": "weights.pt", "pytorch_version": "2.13"}},
+    }
+    return rdf | change
+
+
+def _rdf_04() -> dict:
+    return {
+        "format_version": "0.4.10",
+        "type": "model",
+        "name": "toy sigmoid",
+        "inputs": [
+            {
+                "name": "raw",
+                "axes": "bczyx",
+                "data_type": "float32",
+                "shape": {"min": [1, 1, 16, 16, 16], "step": [0, 0, 8, 8, 8]},
+                "preprocessing": [
+                    {
+                        "name": "zero_mean_unit_variance",
+                        "kwargs": {"mode": "per_sample", "axes": "zyx"},
+                    }
+                ],
+            }
+        ],
+        "outputs": [
+            {
+                "name": "probability",
+                "axes": "bczyx",
+                "data_type": "float32",
+                "data_range": [0.0, 1.0],
+                "halo": [0, 0, 4, 4, 4],
+                "shape": {
+                    "reference_tensor": "raw",
+                    "scale": [1, 0, 1, 1, 1],
+                    "offset": [0, 0.5, 0, 0, 0],
+                },
+                "postprocessing": [{"name": "sigmoid"}],
+            }
+        ],
+        "test_inputs": ["test_input.npy"],
+        "test_outputs": ["test_output.npy"],
+        "weights": {"torchscript": {"source": "weights.pt"}},
+    }
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    """A package folder and its .zip (format 0.5): TorchScript weights, test input (32×48×48)
+    and its output as the package's authors computed it (per-sample z-score, net, sigmoid)."""
+    root = tmp_path_factory.mktemp("bioimageio")
+    folder = root / "toy"
+    folder.mkdir()
+    torch.manual_seed(0)
+    net = torch.jit.script(_Net().eval())
+    torch.jit.save(net, folder / "weights.pt")
+    x = np.random.default_rng(0).normal(100, 20, (1, 1, 32, 48, 48)).astype(np.float32)
+    with torch.no_grad():
+        y = torch.sigmoid(net(torch.from_numpy((x - x.mean()) / x.std()))).numpy()
+    np.save(folder / "test_input.npy", x)
+    np.save(folder / "test_output.npy", y)
+    (folder / "rdf.yaml").write_text(yaml.safe_dump(_rdf_05(), sort_keys=False))
+    with zipfile.ZipFile(root / "toy.zip", "w") as zf:
+        for name in os.listdir(folder):
+            zf.write(folder / name, name)
+    n5 = root / "in.n5"
+    ds = z5py.File(str(n5), "a").create_dataset("raw", data=x[0, 0], chunks=(16, 16, 16))
+    ds.attrs["resolution"], ds.attrs["unit"] = [8, 8, 8], "nm"
+    return {"folder": folder, "zip": root / "toy.zip", "n5": n5, "expected": y[0, 0]}
+
+
+def _package(tmp_path, rdf: dict, files=("weights.pt",), src=None) -> str:
+    folder = tmp_path / "pkg"
+    folder.mkdir(exist_ok=True)
+    (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf, sort_keys=False))
+    for name in files:
+        (folder / name).write_bytes((src / name).read_bytes())
+    return str(folder)
+
+
+def test_package_described_without_torch_and_alike_in_both_formats(package, tmp_path):
+    spec = describe_model(str(package["zip"]))
+    assert spec.kind == "image" and spec.in_channels == 1 and spec.out_channels == 1
+    assert spec.spatial_dims == 3 and spec.halo == (4, 4, 4)
+    assert spec.min_size == (16, 16, 16) and spec.multiple == (8, 8, 8)
+    assert spec.normalize == "zscore" and spec.activation == "sigmoid" and spec.edge == "none"
+    assert spec.voxel_size == (8.0, 8.0, 8.0) and spec.out_range == (0.0, 1.0)
+    # the folder, its description file and the zip are the same model
+    assert describe_model(str(package["folder"])) == spec
+    assert describe_model(str(package["folder"] / "rdf.yaml")) == spec
+    assert missing_description(str(package["zip"])) == []  # the panel asks for nothing
+    # the coordinator and the panel describe it without importing torch
+    code = (
+        "import sys; from napari_emparsl.core.models.loaders import describe_model; "
+        f"describe_model({str(package['zip'])!r}); print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    # format 0.4 of the same model says the same (0.4 has no voxel size)
+    old = _package(tmp_path, _rdf_04(), src=package["folder"])
+    assert describe_model(old) == spec.with_options({"voxel_size": None})
+
+
+@pytest.mark.parametrize("form", ["zip", "folder", "rdf"])
+def test_package_run_reproduces_its_test_output(package, tmp_path, form):
+    model = {
+        "zip": package["zip"],
+        "folder": package["folder"],
+        "rdf": package["folder"] / "rdf.yaml",
+    }[form]
+    out = tmp_path / "out.n5"
+    # blocks of 24 do not divide 48 (nor 16 the 32 of z): inner and edge blocks both
+    done = napari_emparsl.run(
+        f"{package['n5']}:raw", str(model), f"{out}:p", site="threads", block=(16, 24, 24)
+    )
+    assert done.ok
+    y = z5py.File(str(out), "r")["p"][:]
+    assert y.dtype == np.float32 and y.shape == package["expected"].shape
+    # everywhere, edges included: the model meets the volume edge as in its own test
+    assert np.abs(y - package["expected"]).max() < 1e-5
+    # the ledger's hash covers the weights (a folder: its description and weights)
+    assert len(file_hash(str(model if form != "rdf" else package["folder"]))) == 64
+
+
+def test_sidecar_beside_package_and_options_override(package, tmp_path):
+    zipped = tmp_path / "toy.zip"
+    zipped.write_bytes(package["zip"].read_bytes())
+    (tmp_path / "toy.zip.yaml").write_text("edge: reflect\nblock: [32, 32, 32]\n")
+    spec = describe_model(str(zipped), {"activation": "none"})
+    assert spec.edge == "reflect" and spec.block == (32, 32, 32) and spec.activation == "none"
+    loaded = load_model(str(zipped))
+    assert isinstance(loaded.module, torch.jit.ScriptModule)
+
+
+def test_input_smaller_than_min_size_is_padded(package, tmp_path):
+    x = np.random.default_rng(1).normal(0, 1, (5, 9, 11)).astype(np.float32)
+    z5py.File(str(tmp_path / "s.n5"), "a").create_dataset("raw", data=x, chunks=(8, 8, 8))
+    done = napari_emparsl.run(
+        f"{tmp_path / 's.n5'}:raw", str(package["zip"]), f"{tmp_path / 'o.n5'}:p", site="threads"
+    )
+    assert done.ok
+    y = z5py.File(str(tmp_path / "o.n5"), "r")["p"][:]
+    assert y.shape == x.shape and np.isfinite(y).all() and 0 < y.min() <= y.max() < 1
+
+
+def _2d_04(**output) -> dict:
+    rdf = {
+        "format_version": "0.4.9",
+        "type": "model",
+        "name": "membranes 2d",
+        "inputs": [
+            {
+                "name": "raw",
+                "axes": "bcyx",
+                "shape": [1, 1, 256, 256],
+                "preprocessing": [
+                    {
+                        "name": "scale_range",
+                        "kwargs": {
+                            "mode": "per_sample",
+                            "axes": "yx",
+                            "min_percentile": 2,
+                            "max_percentile": 99.5,
+                        },
+                    }
+                ],
+            }
+        ],
+        "outputs": [
+            {
+                "name": "mask",
+                "axes": "bcyx",
+                "halo": [0, 0, 32, 32],
+                "shape": {
+                    "reference_tensor": "raw",
+                    "scale": [1, 0, 1, 1],
+                    "offset": [0, 0.5, 0, 0],
+                },
+                "postprocessing": [
+                    {"name": "sigmoid"},
+                    {"name": "binarize", "kwargs": {"threshold": 0.6}},
+                ],
+            }
+        ],
+        "weights": {"torchscript": {"source": "weights.pt"}},
+    }
+    rdf["outputs"][0] |= output
+    return rdf
+
+
+def test_2d_fixed_shape_binarized_model(package, tmp_path):
+    spec = describe_model(_package(tmp_path, _2d_04(), src=package["folder"]))
+    assert spec.spatial_dims == 2 and spec.halo == (0, 32, 32)
+    # a fixed 256×256 input: blocks of 192 fill it with their halo; smaller ones are padded
+    assert spec.min_size == (1, 256, 256) and spec.multiple == (1, 256, 256)
+    assert spec.block == (1, 192, 192)
+    assert spec.normalize == "percentile" and spec.percentiles == (2.0, 99.5)
+    assert spec.kind == "labels" and spec.classes == () and spec.threshold == 0.6
+    assert spec.activation == "sigmoid" and spec.label_dtype == "uint8"
+
+
+def test_super_resolution_and_fixed_normalizations(package, tmp_path):
+    rdf = _rdf_05()
+    out_axes = rdf["outputs"][0]["axes"]
+    for ax in out_axes[3:]:  # y, x: voxels half as large -> twice as many, halo in output voxels
+        ax.update(scale=4.0, halo=8)
+    out_axes[2]["halo"] = 2
+    rdf["outputs"][0]["postprocessing"] = []
+    rdf["inputs"][0]["preprocessing"] = [
+        {"id": "fixed_zero_mean_unit_variance", "kwargs": {"mean": 110.0, "std": 15.0}}
+    ]
+    spec = describe_model(_package(tmp_path, rdf, src=package["folder"]))
+    assert spec.scale == (1, 2, 2) and spec.halo == (2, 4, 4)
+    assert spec.normalize == "fixed" and spec.norm_values == (110.0, 15.0)
+    assert spec.activation == "none"
+    rdf["inputs"][0]["preprocessing"] = [
+        {"id": "scale_linear", "kwargs": {"gain": 0.5, "offset": -3.0}}
+    ]
+    spec = describe_model(_package(tmp_path, rdf, src=package["folder"]))
+    assert spec.norm_values == (6.0, 2.0)  # (x - 6) / 2 = 0.5 x - 3
+
+
+def _two_inputs(rdf):
+    rdf["inputs"] = rdf["inputs"] * 2
+    return rdf
+
+
+def _state_dict_only(rdf):
+    rdf["weights"] = {"pytorch_state_dict": {"source": "w.pt", "architecture": "unet.py:UNet"}}
+    return rdf
+
+
+def _channels_last(rdf):
+    ax = rdf["inputs"][0]["axes"]
+    rdf["inputs"][0]["axes"] = [ax[0], *ax[2:], ax[1]]
+    return rdf
+
+
+def _other_postprocessing(rdf):
+    rdf["outputs"][0]["postprocessing"] = [{"id": "scale_linear", "kwargs": {"gain": 2.0}}]
+    return rdf
+
+
+def _remote_weights(rdf):
+    rdf["weights"]["torchscript"]["source"] = "https://zenodo.org/record/1/files/weights.pt"
+    return rdf
+
+
+def _per_channel(rdf):
+    rdf["inputs"][0]["preprocessing"] = [
+        {"id": "fixed_zero_mean_unit_variance", "kwargs": {"mean": [1.0, 2.0], "std": [1.0, 1.0]}}
+    ]
+    return rdf
+
+
+def _old_format(rdf):
+    rdf["format_version"] = "0.3.6"
+    return rdf
+
+
+@pytest.mark.parametrize(
+    ("change", "files", "words"),
+    [
+        (
+            _two_inputs,
+            ("weights.pt",),
+            "has 2 input(s) and 1 output(s); emparsl runs models of one",
+        ),
+        (
+            _state_dict_only,
+            (),
+            "has no TorchScript weights (only pytorch_state_dict): a state dict needs",
+        ),
+        (_channels_last, ("weights.pt",), "input takes axes bzyxc; emparsl runs models on batch"),
+        (_other_postprocessing, ("weights.pt",), "post-processes its output with 'scale_linear'"),
+        (_remote_weights, (), "to download, which emparsl does not do"),
+        (_per_channel, ("weights.pt",), "normalizes each channel with its own mean"),
+        (_old_format, ("weights.pt",), "is in bioimage.io format 0.3.6; emparsl reads formats"),
+        (lambda rdf: rdf, (), "lacks weights.pt, which its description names"),
+    ],
+)
+def test_what_cannot_run_the_same_way_is_refused_in_one_sentence(
+    package, tmp_path, change, files, words
+):
+    path = _package(tmp_path, change(_rdf_05()), files=files, src=package["folder"])
+    with pytest.raises(ModelError) as err:
+        describe_model(path)
+        load_model(path)
+    message = str(err.value)
+    assert words in message and "\n" not in message and message.endswith(".")
+
+
+def test_cli_refuses_a_package_it_cannot_run_and_writes_nothing(package, tmp_path):
+    path = _package(tmp_path, _state_dict_only(_rdf_05()), files=(), src=package["folder"])
+    out = tmp_path / "out.n5"
+    cmd = [sys.executable, "-m", "napari_emparsl.cli", "run", "--input", f"{package['n5']}:raw",
+           "--model", path, "--output", f"{out}:p", "--site", "threads"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (
+        "has no TorchScript weights" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    )
+    assert not out.exists()
+
+
+def test_check_model_runs_the_test_input_through_the_engine(package, capsys):
+    from napari_emparsl.cli import main
+
+    assert main(["check-model", str(package["zip"])]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{package['zip']}: Reproduces the package's test output: largest")
+    assert "over 73,728 values" in out
+    # mirrored context at the edges is not what the authors computed: the check says so
+    assert main(["check-model", str(package["folder"]), "--model-option", "edge=reflect"]) == 1
+    assert "Does not reproduce the package's test output" in capsys.readouterr().out
+    # a model file without a package: nothing to check it with, in one sentence
+    assert main(["check-model", "unet3d-em"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("emparsl: error: ") and "is not a bioimage.io package" in err
+    assert err.count("\n") == 1
+
+
+class _Net2d(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.b = torch.nn.Conv2d(4, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_2d_fixed_shape_labels_package_reproduces_its_test_output(tmp_path):
+    """A 2D model of one fixed input size (64×64, halo 8: blocks of 48 padded to it), percentile
+    normalization, sigmoid then binarize: a uint8 labels output equal to the authors' masks."""
+    from napari_emparsl.execution.check import check_model
+
+    torch.manual_seed(1)
+    net = torch.jit.script(_Net2d().eval())
+    folder = tmp_path / "pkg"
+    folder.mkdir()
+    torch.jit.save(net, folder / "weights.pt")
+    x = np.random.default_rng(2).gamma(2.0, 30.0, (1, 1, 64, 64)).astype(np.float32)
+    lo, hi = np.percentile(x, [2, 99.5])
+    with torch.no_grad():
+        p = torch.sigmoid(net(torch.from_numpy(((x - lo) / (hi - lo)).astype(np.float32)))).numpy()
+    # a threshold halfway between two neighbouring values (a random net's outputs all lie
+    # near 0.5): half of the voxels on each side, none within float rounding of it
+    ordered = np.sort(p.ravel())
+    threshold = float(ordered[2047] + ordered[2048]) / 2
+    np.save(folder / "test_input.npy", x)
+    np.save(folder / "test_output.npy", (p > threshold).astype(np.uint8))
+    rdf = _2d_04()
+    rdf["inputs"][0]["shape"] = [1, 1, 64, 64]
+    rdf["outputs"][0]["halo"] = [0, 0, 8, 8]
+    rdf["outputs"][0]["postprocessing"][1]["kwargs"]["threshold"] = threshold
+    rdf |= {"test_inputs": ["test_input.npy"], "test_outputs": ["test_output.npy"]}
+    (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf))
+    result = check_model(str(folder))
+    assert result.ok and result.kind == "labels" and result.max_difference == 0
+    assert result.voxels == 64 * 64
