@@ -4,6 +4,7 @@ refused in one sentence."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -135,7 +136,11 @@ def package(tmp_path_factory):
         y = torch.sigmoid(net(torch.from_numpy((x - x.mean()) / x.std()))).numpy()
     np.save(folder / "test_input.npy", x)
     np.save(folder / "test_output.npy", y)
-    (folder / "rdf.yaml").write_text(yaml.safe_dump(_rdf_05(), sort_keys=False))
+    rdf = _rdf_05()
+    rdf["weights"]["torchscript"]["sha256"] = hashlib.sha256(
+        (folder / "weights.pt").read_bytes()
+    ).hexdigest()  # checked when the weights are loaded
+    (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf, sort_keys=False))
     with zipfile.ZipFile(root / "toy.zip", "w") as zf:
         for name in os.listdir(folder):
             zf.write(folder / name, name)
@@ -329,6 +334,11 @@ def _per_channel(rdf):
     return rdf
 
 
+def _damaged_weights(rdf):
+    rdf["weights"]["torchscript"]["sha256"] = "0" * 64
+    return rdf
+
+
 def _old_format(rdf):
     rdf["format_version"] = "0.3.6"
     return rdf
@@ -353,6 +363,7 @@ def _old_format(rdf):
         (_per_channel, ("weights.pt",), "normalizes each channel with its own mean"),
         (_old_format, ("weights.pt",), "is in bioimage.io format 0.3.6; emparsl reads formats"),
         (lambda rdf: rdf, (), "lacks weights.pt, which its description names"),
+        (_damaged_weights, ("weights.pt",), "do not match the SHA-256 its description records"),
     ],
 )
 def test_what_cannot_run_the_same_way_is_refused_in_one_sentence(

@@ -29,7 +29,7 @@ import yaml
 from napari_emparsl.core.models.spec import ModelError
 from napari_emparsl.core.units import nm_per_unit
 
-__all__ = ["Package", "describe_package", "find_package", "test_tensors"]
+__all__ = ["Package", "describe_package", "find_package", "read_weights", "test_tensors"]
 
 _RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 
@@ -345,6 +345,22 @@ def _weights(desc: Mapping[str, Any], where: str) -> str:
         f"{where} has no TorchScript weights (only {have}){why}; use a package with torchscript "
         "weights, or export the network with torch.jit.save."
     )
+
+
+def read_weights(package: Package) -> tuple[str, bytes]:
+    """The name and bytes of the package's TorchScript weights, checked against the SHA-256 its
+    description records."""
+    import hashlib
+
+    name = describe_package(package)[1]
+    data = package.read(name)
+    recorded = str((package.description()["weights"]["torchscript"]).get("sha256") or "")
+    if recorded and hashlib.sha256(data).hexdigest() != recorded.lower():
+        raise ModelError(
+            f"The weights {name} of {package.path} do not match the SHA-256 its description "
+            "records, so the package is damaged or was changed; download it again."
+        )
+    return name, data
 
 
 def describe_package(package: Package) -> tuple[dict[str, Any], str]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from napari_emparsl.core.models.bioimageio import describe_package, find_package
+from napari_emparsl.core.models.bioimageio import describe_package, find_package, read_weights
 from napari_emparsl.core.models.spec import ModelError, ModelSpec, read_sidecar
 from napari_emparsl.core.paths import user_path
 
@@ -99,7 +99,7 @@ def file_hash(path: str) -> str:
         if package is None:
             raise ModelError(f"The model {path} is a folder, not a bioimage.io package.")
         h.update(package.read(package.rdf))
-        h.update(package.read(describe_package(package)[1]))
+        h.update(read_weights(package)[1])
         return h.hexdigest()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -183,11 +183,9 @@ def _load_module(path: str, spec: ModelSpec) -> Any:
 
     package = find_package(path)
     if package is not None:
-        weights = describe_package(package)[1]
+        weights, data = read_weights(package)
         try:
-            return torch.jit.load(io.BytesIO(package.read(weights)), map_location="cpu").eval()
-        except ModelError:
-            raise
+            return torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
         except Exception as err:
             raise ModelError(
                 f"The TorchScript weights {weights} of {path} cannot be loaded "
