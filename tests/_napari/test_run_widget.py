@@ -714,3 +714,53 @@ def test_multichannel_volume_is_one_input(make_napari_viewer, qtbot, tmp_path):
     out = Volume.open(tmp_path / "m.n5", "out").data.compute()
     inner = (slice(1, -1),) * 3  # (the engine reflects at the edge, the forward pads zeros)
     np.testing.assert_allclose(out[inner], ref[inner], atol=1e-5)
+
+
+def test_check_a_bioimageio_package_from_the_panel(
+    make_napari_viewer, qtbot, sample_path, tmp_path
+):
+    """ "Check" (a bioimage.io package only) runs its test input in a thread and says whether the
+    engine reproduces its test output; a package without test data is told in one sentence."""
+    import torch
+
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    assert not widget.check_model_btn.enabled  # the built-in model: no package, nothing to check
+    folder = tmp_path / "zoo"
+    folder.mkdir()
+    torch.manual_seed(0)
+    net = torch.jit.script(torch.nn.Conv3d(1, 1, 1).eval())
+    torch.jit.save(net, folder / "weights.pt")
+    x = np.random.default_rng(0).normal(9, 3, (1, 1, 8, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        y = torch.sigmoid(net(torch.from_numpy((x - x.mean()) / x.std()))).numpy()
+    np.save(folder / "in.npy", x)
+    np.save(folder / "out.npy", y)
+    axes = [{"type": "batch"}, {"type": "channel", "channel_names": ["c"]}]
+    space = [{"type": "space", "id": a, "size": {"min": 8, "step": 8}} for a in "zyx"]
+    same = [{"type": "space", "id": a, "size": {"tensor_id": "i", "axis_id": a}} for a in "zyx"]
+    rdf = {"format_version": "0.5.4", "type": "model", "name": "one voxel",
+           "inputs": [{"id": "i", "axes": axes + space, "test_tensor": {"source": "in.npy"},
+                       "preprocessing": [{"id": "zero_mean_unit_variance"}]}],
+           "outputs": [{"id": "o", "axes": axes + same, "test_tensor": {"source": "out.npy"},
+                        "postprocessing": [{"id": "sigmoid"}]}],
+           "weights": {"torchscript": {"source": "weights.pt"}}}  # fmt: skip
+    (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf))
+    widget.model_file.value = str(folder / "rdf.yaml")
+    assert widget.check_model_btn.enabled
+    widget.check_model_btn.clicked.emit()
+    assert not widget.check_model_btn.enabled  # while it checks
+    qtbot.waitUntil(lambda: widget.status.value.startswith("model check: "), timeout=60_000)
+    assert widget.status.value.startswith(
+        "model check: Reproduces the package's test output: largest difference"
+    )
+    assert widget.check_model_btn.enabled
+    # without test tensors: said in one sentence, the panel still usable
+    del rdf["inputs"][0]["test_tensor"]
+    (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf))
+    widget.check_model_btn.clicked.emit()
+    qtbot.waitUntil(lambda: "has no test input" in widget.status.value, timeout=60_000)
+    assert widget.status.value == (
+        f"The bioimage.io model {folder} has no test input and output to check it with."
+    )
+    assert widget.check_model_btn.enabled and widget.run_btn.enabled

@@ -125,6 +125,17 @@ def _triple(text: str, name: str, minimum: int) -> tuple[int, int, int] | None:
     return values[0], values[1], values[2]
 
 
+def _is_package(model: str) -> bool:
+    """Whether ``model`` is a bioimage.io package (which carries test data to check it with)."""
+    from napari_emparsl.core.models.bioimageio import find_package
+    from napari_emparsl.core.models.loaders import resolve_model
+
+    try:
+        return find_package(resolve_model(model)) is not None
+    except UserError:
+        return False
+
+
 class RunWidget(Container):
     """Volume → model → site → preview / run, with streaming results and failed blocks."""
 
@@ -167,8 +178,14 @@ class RunWidget(Container):
         )
         self.model_file_btn = PushButton(text="…", tooltip="choose a model file")
         self.model_file_btn.native.setMaximumWidth(32)
+        self.check_model_btn = PushButton(
+            text="Check",
+            enabled=False,
+            tooltip="a bioimage.io package: run its test input here, block by block, and "
+            "compare with the test output its authors published",
+        )
         model_file_row = Container(
-            widgets=[self.model_file, self.model_file_btn],
+            widgets=[self.model_file, self.model_file_btn, self.check_model_btn],
             layout="horizontal",
             labels=False,
             label="model file",
@@ -248,6 +265,7 @@ class RunWidget(Container):
         self.model.changed.connect(self._describe_model)
         self.model_file.changed.connect(self._describe_model)
         self.model_file_btn.changed.connect(self._choose_model_file)
+        self.check_model_btn.changed.connect(self.check_model)
         self.model_options.changed.connect(self._describe_model)
         self.test_site_btn.changed.connect(self.test_site)
         self.preview_btn.changed.connect(self.preview)
@@ -273,6 +291,8 @@ class RunWidget(Container):
         # it (≤ 3 s) when it exits.
         self._site_relay = Relay()  # a site test's answer, handed to the Qt thread
         self._site_relay.answer.connect(self._site_tested)
+        self._check_relay = Relay()  # a model check's answer
+        self._check_relay.answer.connect(self._model_checked)
         self._testing_site = ""
         self._preloaded = threading.Event()
         self._collected = False
@@ -354,6 +374,7 @@ class RunWidget(Container):
         from napari_emparsl.core.models.loaders import describe_model, missing_description
         from napari_emparsl.core.models.spec import resolution_mismatch
 
+        self.check_model_btn.enabled = False
         try:
             options = self._options()
             spec = describe_model(self._model(), options)
@@ -361,6 +382,7 @@ class RunWidget(Container):
         except UserError as err:
             self.model_info.value = f"⚠ {err}"
             return
+        self.check_model_btn.enabled = self._run is None and _is_package(self._model())
         self.block.native.setPlaceholderText(",".join(map(str, spec.block)) + " (model default)")
         self.halo.native.setPlaceholderText(",".join(map(str, spec.halo)) + " (model default)")
         what = (
@@ -398,6 +420,27 @@ class RunWidget(Container):
         if missing:
             text += f" — ⚠ not described: set {', '.join(missing)} in model options"
         self.model_info.value = text
+
+    def check_model(self, *_: Any) -> None:
+        """Run the bioimage.io package in the model file on its test input (in a thread)."""
+        from napari_emparsl.execution.check import check_model
+
+        model, options = self._model(), self._options()
+        self.check_model_btn.enabled = False
+        self.status.value = "checking the model on its test input…"
+        in_background(
+            self._check_relay, lambda: check_model(model, options), name="emparsl-model-check"
+        )
+
+    def _model_checked(self, result: Any) -> None:
+        from napari.utils.notifications import show_info, show_warning
+
+        self._describe_model()  # enables the button again
+        if isinstance(result, BaseException):
+            self._error(error_sentence(result, "Checking the model"))
+            return
+        self.status.value = f"model check: {result.sentence()}"
+        (show_info if result.ok else show_warning)(self.status.value)
 
     def test_site(self, *_: Any) -> None:
         from napari_emparsl.execution.sites import check_site, load_site
@@ -791,6 +834,7 @@ class RunWidget(Container):
         self.run_btn.enabled = not running
         self.cancel_btn.enabled = running
         self.retry_btn.enabled = not running and bool(self._failed)
+        self.check_model_btn.enabled = not running and _is_package(self._model())
         for w in (
             self.input,
             self.model,
