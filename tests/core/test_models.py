@@ -363,3 +363,20 @@ def test_normalizations_use_the_whole_volume(tmp_path):
         ModelError, match="'normalize' must be one of none, zscore, percentile, fixed"
     ):
         spec.with_options({"normalize": "minmax"})
+
+
+def test_model_hash_is_remembered_until_the_file_changes(tmp_path):
+    """Workers ask for the model's hash before every block: it is computed once per file
+    version, and a model written again (same size, other weights) gets its own."""
+    import hashlib
+    import time
+
+    from napari_emparsl.core.models.loaders import file_hash
+
+    path = tmp_path / "m.pt"
+    path.write_bytes(b"a" * 1000)
+    first = file_hash(str(path))
+    assert first == hashlib.sha256(b"a" * 1000).hexdigest() == file_hash(str(path))
+    time.sleep(0.05)  # file times advance by the kernel's clock tick
+    path.write_bytes(b"b" * 1000)
+    assert file_hash(str(path)) == hashlib.sha256(b"b" * 1000).hexdigest()

@@ -37,6 +37,7 @@ BUILTIN_MODELS = {"unet3d-em": "unet3d_em.pt"}
 
 _CACHE: dict[tuple[str, str], LoadedModel] = {}
 _LOCK = threading.Lock()
+_HASHES: dict[tuple[Any, ...], str] = {}  # file_hash by the file's stat
 
 
 @dataclass
@@ -91,8 +92,36 @@ def resolve_model(model: str) -> str:
     return model
 
 
+def _stamp(path: str) -> tuple[Any, ...]:
+    """What changes when a file (or a package folder's files) is written again."""
+    paths = [path]
+    if os.path.isdir(path):
+        paths = [os.path.join(path, name) for name in sorted(os.listdir(path))]
+    stamps = []
+    for p in paths:
+        st = os.stat(p)
+        stamps.append((p, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(stamps)
+
+
 def file_hash(path: str) -> str:
-    """SHA-256 of a model file (a bioimage.io package folder: of its description and weights)."""
+    """SHA-256 of a model file (a bioimage.io package folder: of its description and weights).
+
+    Remembered per process while the file's size, inode and times stay the same: a worker
+    asks for it before every block, and reading a 100 MB model each time cost ~80 ms a block
+    (more than a block's compute on a GPU).
+    """
+    stamp = _stamp(path)
+    with _LOCK:
+        known = _HASHES.get(stamp)
+    if known is None:
+        known = _file_hash(path)
+        with _LOCK:
+            _HASHES[stamp] = known
+    return known
+
+
+def _file_hash(path: str) -> str:
     h = hashlib.sha256()
     if os.path.isdir(path):
         package = find_package(path)
