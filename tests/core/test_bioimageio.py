@@ -166,6 +166,7 @@ def test_package_described_without_torch_and_alike_in_both_formats(package, tmp_
     assert spec.min_size == (16, 16, 16) and spec.multiple == (8, 8, 8)
     assert spec.normalize == "zscore" and spec.activation == "sigmoid" and spec.edge == "none"
     assert spec.voxel_size == (8.0, 8.0, 8.0) and spec.out_range == (0.0, 1.0)
+    assert spec.block == (64, 64, 64)  # read 72 = 16 + 7 × 8: a size the model takes
     # the folder, its description file and the zip are the same model
     assert describe_model(str(package["folder"])) == spec
     assert describe_model(str(package["folder"] / "rdf.yaml")) == spec
@@ -278,6 +279,12 @@ def test_2d_fixed_shape_binarized_model(package, tmp_path):
     assert spec.normalize == "percentile" and spec.percentiles == (2.0, 99.5)
     assert spec.kind == "labels" and spec.classes == () and spec.threshold == 0.6
     assert spec.activation == "sigmoid" and spec.label_dtype == "uint8"
+    # any size of 64 + k × 16: 256² blocks, read as 320² (not 1×64×64 blocks read as 128²)
+    rdf = _2d_04()
+    rdf["inputs"][0]["shape"] = {"min": [1, 1, 64, 64], "step": [0, 0, 16, 16]}
+    spec = describe_model(_package(tmp_path, rdf, src=package["folder"]))
+    assert spec.min_size == (1, 64, 64) and spec.multiple == (1, 16, 16)
+    assert spec.block == (1, 256, 256)
 
 
 def test_super_resolution_and_fixed_normalizations(package, tmp_path):
