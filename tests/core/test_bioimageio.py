@@ -285,6 +285,13 @@ def test_2d_fixed_shape_binarized_model(package, tmp_path):
     spec = describe_model(_package(tmp_path, rdf, src=package["folder"]))
     assert spec.min_size == (1, 64, 64) and spec.multiple == (1, 16, 16)
     assert spec.block == (1, 256, 256)
+    # sizes 20 + k × 8 (20 is not a multiple of 8): inputs padded to 20, 28, 36, …
+    rdf = _rdf_05()
+    for ax in rdf["inputs"][0]["axes"][2:]:
+        ax["size"] = {"min": 20, "step": 8}
+    spec = describe_model(_package(tmp_path, rdf, src=package["folder"]))
+    assert spec.input_size((5, 21, 36)) == (20, 28, 36)
+    assert spec.block == (68, 68, 68)  # read 76 = 20 + 7 × 8
 
 
 def test_super_resolution_and_fixed_normalizations(package, tmp_path):

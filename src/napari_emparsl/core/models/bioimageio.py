@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from napari_emparsl.core.models.spec import ModelError
+from napari_emparsl.core.models.spec import ModelError, fit_size
 from napari_emparsl.core.units import nm_per_unit
 
 __all__ = ["Package", "describe_package", "find_package", "read_weights", "test_tensors"]
@@ -281,11 +281,6 @@ def _in_sizes(axes: list[_Axis], where: str) -> dict[str, Any]:
             )
         if step == 0:  # one size only: inputs are padded to it
             step = lo
-        elif lo % step:
-            raise ModelError(
-                f"{where} takes {lo} + k×{step} voxels along {ax.name}; emparsl pads inputs to "
-                "multiples: set min_size and multiple in a sidecar or the model options."
-            )
         mins.append(lo)
         steps.append(step)
     return {"min_size": mins, "multiple": steps}
@@ -303,7 +298,7 @@ def _default_block(axes: list[_Axis], sizes: dict[str, Any], halo: list[int]) ->
             continue
         low, high = (64, 128) if dims == 3 else (256, 512)
         want = min(max(low, 4 * h), max(high, 2 * h))
-        read = max(lo, -(-(want + 2 * h) // step) * step)
+        read = fit_size(want + 2 * h, lo, step)
         out.append(max(1, read - 2 * h))
     return out
 

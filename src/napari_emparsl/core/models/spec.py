@@ -13,7 +13,9 @@ normalize: none               # none | zscore | percentile | fixed
 percentiles: [1, 99.8]        # percentile: the volume's values mapped to 0 and 1
 norm_values: [0, 1]           # fixed: subtract, then divide by (e.g. a training set's mean, std)
 activation: none              # applied to the model's output: none | sigmoid | softmax
-min_size: [1, 1, 1]           # the smallest input the model takes (z, y, x)
+min_size: [1, 1, 1]           # the smallest input the model takes (z, y, x); inputs are
+                              # multiples of `multiple` of at least this (or min_size + k ×
+                              # multiple where it is larger and not a multiple of it)
 scale: [1, 1, 1]              # output voxels per input voxel, per axis
 out_dtype: float32            # image models: float32 | uint8 (out_range mapped to 0..255)
 out_range: [0, 1]             # uint8 images: the output values written as 0 and as 255
@@ -148,6 +150,15 @@ def _pair(value: Any, name: str = "out_range") -> tuple[float, float]:
     return lo, hi
 
 
+def fit_size(n: int, low: int, step: int) -> int:
+    """The smallest input size of at least ``n`` that a model takes: a multiple of ``step`` of
+    at least ``low`` — or, where ``low`` is larger than ``step`` and not a multiple of it (a
+    bioimage.io size ``min + k·step``), ``low + k × step``."""
+    if low <= step or low % step == 0:
+        return -(-max(n, low) // step) * step
+    return low + -(-max(0, n - low) // step) * step
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What the tiler needs to know about a model."""
@@ -252,13 +263,12 @@ class ModelSpec:
         return len(self.classes) if self.kind == "labels" and self.classes else self.out_channels
 
     def input_size(self, size: Sequence[int]) -> tuple[int, ...]:
-        """The size the model is given for ``size`` voxels (z, y, x): at least ``min_size``,
-        rounded up to a ``multiple``."""
+        """The size the model is given for ``size`` voxels (z, y, x): see :func:`fit_size`."""
         return tuple(self.input_size_axis(i, n) for i, n in enumerate(size))
 
     def input_size_axis(self, axis: int, n: int) -> int:
         """:meth:`input_size` along one axis (0 = z)."""
-        return -(-max(n, self.min_size[axis]) // self.multiple[axis]) * self.multiple[axis]
+        return fit_size(n, self.min_size[axis], self.multiple[axis])
 
     @property
     def label_dtype(self) -> str:
