@@ -639,6 +639,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_describe_model(args: argparse.Namespace) -> int:
+    import yaml
+
+    from napari_emparsl.core.models.loaders import describe_model, missing_description
+    from napari_emparsl.core.models.spec import parse_options
+
+    options = parse_options(args.model_option or [])
+    spec = describe_model(args.model, options)
+    print(yaml.safe_dump(spec.to_dict(), sort_keys=False, default_flow_style=None), end="")
+    missing = missing_description(args.model, options)
+    if missing:
+        print(
+            f"Not described: {', '.join(missing)} (set them in its sidecar or with "
+            "--model-option); the values above are defaults.",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def cmd_check_model(args: argparse.Namespace) -> int:
     from napari_emparsl.core.models.spec import parse_options
     from napari_emparsl.execution.check import check_model
@@ -754,6 +773,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("truth", help="GT.n5:DATASET")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
+
+    describe = sub.add_parser(
+        "describe-model",
+        help="print what a model declares, as emparsl runs it (a sidecar's keys)",
+    )
+    describe.add_argument("model", help="a built-in name, a model file or a bioimage.io package")
+    describe.add_argument("--model-option", action="append", metavar="KEY=VALUE")
+    describe.set_defaults(func=cmd_describe_model)
 
     check = sub.add_parser(
         "check-model",

@@ -248,7 +248,8 @@ def test_model_info_estimate_and_site_test(
     widget.model_file.value = str(package / "rdf.yaml")
     info = widget.model_info.value
     assert info.startswith(
-        "labels, 1 channel(s); 1 input channel(s); 3D; halo [8, 8, 8]; sigmoid > 0.5"
+        "bioimage.io “zoo”: labels, 1 channel(s); 1 input channel(s); 3D; halo [8, 8, 8]; "
+        "sigmoid > 0.5"
     )
     assert "not described" not in info and "⚠" not in info
     widget.model_file.value = ""

@@ -460,3 +460,18 @@ def test_2d_fixed_shape_labels_package_reproduces_its_test_output(tmp_path):
     result = check_model(str(folder))
     assert result.ok and result.kind == "labels" and result.max_difference == 0
     assert result.voxels == 64 * 64
+
+
+def test_describe_model_prints_what_emparsl_will_run(package, capsys):
+    from napari_emparsl.cli import main
+
+    assert main(["describe-model", str(package["zip"]), "--model-option", "block=32"]) == 0
+    out, err = capsys.readouterr()
+    printed = yaml.safe_load(out)
+    assert printed == describe_model(str(package["zip"]), {"block": 32}).to_dict()
+    assert printed["normalize"] == "zscore" and printed["block"] == [32, 32, 32] and err == ""
+    # a TorchScript file without a sidecar: what is missing, on stderr (stdout stays YAML)
+    assert main(["describe-model", str(package["folder"] / "weights.pt")]) == 0
+    out, err = capsys.readouterr()
+    assert yaml.safe_load(out)["kind"] == "labels"
+    assert err.startswith("Not described: kind, halo, classes (set them in its sidecar")

@@ -125,15 +125,20 @@ def _triple(text: str, name: str, minimum: int) -> tuple[int, int, int] | None:
     return values[0], values[1], values[2]
 
 
-def _is_package(model: str) -> bool:
-    """Whether ``model`` is a bioimage.io package (which carries test data to check it with)."""
+def _package_name(model: str) -> str | None:
+    """The name a bioimage.io package gives itself (its folder or file name where it gives
+    none), or None when ``model`` is not a package."""
     from napari_emparsl.core.models.bioimageio import find_package
     from napari_emparsl.core.models.loaders import resolve_model
 
     try:
-        return find_package(resolve_model(model)) is not None
+        package = find_package(resolve_model(model))
+        if package is None:
+            return None
+        name = package.description().get("name")
     except UserError:
-        return False
+        return None
+    return str(name or os.path.basename(package.path.rstrip("/\\")))
 
 
 class RunWidget(Container):
@@ -382,7 +387,8 @@ class RunWidget(Container):
         except UserError as err:
             self.model_info.value = f"⚠ {err}"
             return
-        self.check_model_btn.enabled = self._run is None and _is_package(self._model())
+        package = _package_name(self._model())
+        self.check_model_btn.enabled = self._run is None and package is not None
         self.block.native.setPlaceholderText(",".join(map(str, spec.block)) + " (model default)")
         self.halo.native.setPlaceholderText(",".join(map(str, spec.halo)) + " (model default)")
         what = (
@@ -390,6 +396,8 @@ class RunWidget(Container):
             if spec.classes
             else f"{spec.kind}, {spec.out_channels} channel(s)"
         )
+        if package is not None:
+            what = f"bioimage.io “{package}”: {what}"
         text = (
             f"{what}; {spec.in_channels} input channel(s); {spec.spatial_dims}D; halo {list(spec.halo)}"
             + (f"; scale {list(spec.scale)}" if any(s != 1 for s in spec.scale) else "")
@@ -834,7 +842,7 @@ class RunWidget(Container):
         self.run_btn.enabled = not running
         self.cancel_btn.enabled = running
         self.retry_btn.enabled = not running and bool(self._failed)
-        self.check_model_btn.enabled = not running and _is_package(self._model())
+        self.check_model_btn.enabled = not running and _package_name(self._model()) is not None
         for w in (
             self.input,
             self.model,
