@@ -460,6 +460,10 @@ def test_2d_fixed_shape_labels_package_reproduces_its_test_output(tmp_path):
     result = check_model(str(folder))
     assert result.ok and result.kind == "labels" and result.max_difference == 0
     assert result.voxels == 64 * 64
+    assert result.sentence().startswith(
+        "Reproduces the package's test output: 0 of 4,096 voxels differ (allowed: a fraction of "
+        "0.0001)"
+    )
 
 
 def test_describe_model_prints_what_emparsl_will_run(package, capsys):

@@ -35,8 +35,8 @@ class ModelCheck:
         if self.kind == "labels":
             return (
                 f"{'Reproduces' if self.ok else 'Does not reproduce'} the package's test output: "
-                f"{self.max_difference:.2g} of {self.voxels:,} voxels differ (allowed "
-                f"{LABELS_MISMATCH:g}), in {self.seconds:.1f} s."
+                f"{round(self.max_difference * self.voxels):,} of {self.voxels:,} voxels differ "
+                f"(allowed: a fraction of {LABELS_MISMATCH:g}), in {self.seconds:.1f} s."
             )
         return (
             f"{'Reproduces' if self.ok else 'Does not reproduce'} the package's test output: "
