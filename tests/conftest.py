@@ -117,3 +117,47 @@ def superres_model(tmp_path) -> str:
         "kind: image\nhalo: [2, 2, 2]\nscale: [1, 2, 2]\nblock: [16, 16, 16]\n"
     )
     return str(path)
+
+
+class TwoConvs(nn.Module):
+    """Two 3×3(×3) convolutions, 2 voxels of context per side: a network for model packages."""
+
+    def __init__(self, dims: int = 3) -> None:
+        super().__init__()
+        conv = nn.Conv3d if dims == 3 else nn.Conv2d
+        self.a = conv(1, 4, 3, padding=1)
+        self.b = conv(4, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.fixture(scope="session")
+def write_package():
+    """``write(folder, x, rdf, dims=3, seed=0, expected=None)`` writes a bioimage.io package
+    folder as its authors would: a TorchScript :class:`TwoConvs` of ``dims`` (weights from
+    ``seed``; its SHA-256 recorded in ``rdf``), the test input ``x`` (test_input.npy), its test
+    output (test_output.npy: ``expected(net)``, by default sigmoid(net(x z-scored))) and ``rdf``
+    as rdf.yaml; returns the test output."""
+    import hashlib
+
+    import yaml
+
+    def write(folder: Path, x: np.ndarray, rdf: dict, dims=3, seed=0, expected=None):
+        torch.manual_seed(seed)
+        net = torch.jit.script(TwoConvs(dims).eval())
+        folder.mkdir(exist_ok=True)
+        torch.jit.save(net, folder / "weights.pt")
+        digest = hashlib.sha256((folder / "weights.pt").read_bytes()).hexdigest()
+        rdf["weights"]["torchscript"]["sha256"] = digest
+        if expected is None:
+            with torch.no_grad():
+                out = torch.sigmoid(net(torch.from_numpy((x - x.mean()) / x.std()))).numpy()
+        else:
+            out = expected(net)
+        np.save(folder / "test_input.npy", x)
+        np.save(folder / "test_output.npy", out)
+        (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf, sort_keys=False))
+        return out
+
+    return write

@@ -774,21 +774,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
 
-    describe = sub.add_parser(
-        "describe-model",
-        help="print what a model declares, as emparsl runs it (a sidecar's keys)",
-    )
-    describe.add_argument("model", help="a built-in name, a model file or a bioimage.io package")
-    describe.add_argument("--model-option", action="append", metavar="KEY=VALUE")
-    describe.set_defaults(func=cmd_describe_model)
-
-    check = sub.add_parser(
-        "check-model",
-        help="run a bioimage.io model on its test input here, and compare with its test output",
-    )
-    check.add_argument("model", help="a bioimage.io package: .zip, folder or rdf.yaml")
-    check.add_argument("--model-option", action="append", metavar="KEY=VALUE")
-    check.set_defaults(func=cmd_check_model)
+    for name, func, what, model in (
+        ("describe-model", cmd_describe_model,
+         "print what a model declares, as emparsl runs it (a sidecar's keys)",
+         "a built-in name, a model file or a bioimage.io package"),
+        ("check-model", cmd_check_model,
+         "run a bioimage.io model on its test input here, and compare with its test output",
+         "a bioimage.io package: .zip, folder or rdf.yaml"),
+    ):  # fmt: skip
+        cmd = sub.add_parser(name, help=what)
+        cmd.add_argument("model", help=model)
+        cmd.add_argument("--model-option", action="append", metavar="KEY=VALUE")
+        cmd.set_defaults(func=func)
 
     sites = sub.add_parser("sites", help="list, show or test compute site profiles")
     sites.add_argument("action", choices=["list", "show", "test"])

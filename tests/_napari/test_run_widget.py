@@ -718,35 +718,29 @@ def test_multichannel_volume_is_one_input(make_napari_viewer, qtbot, tmp_path):
 
 
 def test_check_a_bioimageio_package_from_the_panel(
-    make_napari_viewer, qtbot, sample_path, tmp_path
+    make_napari_viewer, qtbot, sample_path, tmp_path, write_package
 ):
-    """ "Check" (a bioimage.io package only) runs its test input in a thread and says whether the
-    engine reproduces its test output; a package without test data is told in one sentence."""
-    import torch
-
+    """The Check button (a bioimage.io package only) runs its test input in a thread and says
+    whether the engine reproduces its test output; a package without test data is told in one
+    sentence."""
     viewer = make_napari_viewer()
     widget = _setup(viewer, sample_path)
     assert not widget.check_model_btn.enabled  # the built-in model: no package, nothing to check
     folder = tmp_path / "zoo"
-    folder.mkdir()
-    torch.manual_seed(0)
-    net = torch.jit.script(torch.nn.Conv3d(1, 1, 1).eval())
-    torch.jit.save(net, folder / "weights.pt")
-    x = np.random.default_rng(0).normal(9, 3, (1, 1, 8, 16, 16)).astype(np.float32)
-    with torch.no_grad():
-        y = torch.sigmoid(net(torch.from_numpy((x - x.mean()) / x.std()))).numpy()
-    np.save(folder / "in.npy", x)
-    np.save(folder / "out.npy", y)
     axes = [{"type": "batch"}, {"type": "channel", "channel_names": ["c"]}]
     space = [{"type": "space", "id": a, "size": {"min": 8, "step": 8}} for a in "zyx"]
-    same = [{"type": "space", "id": a, "size": {"tensor_id": "i", "axis_id": a}} for a in "zyx"]
-    rdf = {"format_version": "0.5.4", "type": "model", "name": "one voxel",
-           "inputs": [{"id": "i", "axes": axes + space, "test_tensor": {"source": "in.npy"},
+    same = [{"type": "space", "id": a, "size": {"tensor_id": "i", "axis_id": a}, "halo": 2}
+            for a in "zyx"]  # fmt: skip
+    rdf = {"format_version": "0.5.4", "type": "model", "name": "two convolutions",
+           "inputs": [{"id": "i", "axes": axes + space,
+                       "test_tensor": {"source": "test_input.npy"},
                        "preprocessing": [{"id": "zero_mean_unit_variance"}]}],
-           "outputs": [{"id": "o", "axes": axes + same, "test_tensor": {"source": "out.npy"},
+           "outputs": [{"id": "o", "axes": axes + same,
+                        "test_tensor": {"source": "test_output.npy"},
                         "postprocessing": [{"id": "sigmoid"}]}],
            "weights": {"torchscript": {"source": "weights.pt"}}}  # fmt: skip
-    (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf))
+    x = np.random.default_rng(0).normal(9, 3, (1, 1, 8, 16, 16)).astype(np.float32)
+    write_package(folder, x, rdf)
     widget.model_file.value = str(folder / "rdf.yaml")
     assert widget.check_model_btn.enabled
     widget.check_model_btn.clicked.emit()

@@ -4,7 +4,6 @@ refused in one sentence."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -24,18 +23,6 @@ from napari_emparsl.core.models.loaders import (
     missing_description,
 )
 from napari_emparsl.core.models.spec import ModelError
-
-
-class _Net(torch.nn.Module):
-    """Two 3×3×3 convolutions: 2 voxels of context per side."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = torch.nn.Conv3d(1, 4, 3, padding=1)
-        self.b = torch.nn.Conv3d(4, 1, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(torch.relu(self.a(x)))
 
 
 def _space(axis: str, size, **more) -> dict:
@@ -122,25 +109,13 @@ def _rdf_04() -> dict:
 
 
 @pytest.fixture(scope="module")
-def package(tmp_path_factory):
+def package(tmp_path_factory, write_package):
     """A package folder and its .zip (format 0.5): TorchScript weights, test input (32×48×48)
     and its output as the package's authors computed it (per-sample z-score, net, sigmoid)."""
     root = tmp_path_factory.mktemp("bioimageio")
     folder = root / "toy"
-    folder.mkdir()
-    torch.manual_seed(0)
-    net = torch.jit.script(_Net().eval())
-    torch.jit.save(net, folder / "weights.pt")
     x = np.random.default_rng(0).normal(100, 20, (1, 1, 32, 48, 48)).astype(np.float32)
-    with torch.no_grad():
-        y = torch.sigmoid(net(torch.from_numpy((x - x.mean()) / x.std()))).numpy()
-    np.save(folder / "test_input.npy", x)
-    np.save(folder / "test_output.npy", y)
-    rdf = _rdf_05()
-    rdf["weights"]["torchscript"]["sha256"] = hashlib.sha256(
-        (folder / "weights.pt").read_bytes()
-    ).hexdigest()  # checked when the weights are loaded
-    (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf, sort_keys=False))
+    y = write_package(folder, x, _rdf_05())
     with zipfile.ZipFile(root / "toy.zip", "w") as zf:
         for name in os.listdir(folder):
             zf.write(folder / name, name)
@@ -421,42 +396,30 @@ def test_check_model_runs_the_test_input_through_the_engine(package, capsys):
     assert err.count("\n") == 1
 
 
-class _Net2d(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = torch.nn.Conv2d(1, 4, 3, padding=1)
-        self.b = torch.nn.Conv2d(4, 1, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(torch.relu(self.a(x)))
-
-
-def test_2d_fixed_shape_labels_package_reproduces_its_test_output(tmp_path):
+def test_2d_fixed_shape_labels_package_reproduces_its_test_output(tmp_path, write_package):
     """A 2D model of one fixed input size (64×64, halo 8: blocks of 48 padded to it), percentile
     normalization, sigmoid then binarize: a uint8 labels output equal to the authors' masks."""
     from napari_emparsl.execution.check import check_model
 
-    torch.manual_seed(1)
-    net = torch.jit.script(_Net2d().eval())
-    folder = tmp_path / "pkg"
-    folder.mkdir()
-    torch.jit.save(net, folder / "weights.pt")
     x = np.random.default_rng(2).gamma(2.0, 30.0, (1, 1, 64, 64)).astype(np.float32)
     lo, hi = np.percentile(x, [2, 99.5])
-    with torch.no_grad():
-        p = torch.sigmoid(net(torch.from_numpy(((x - lo) / (hi - lo)).astype(np.float32)))).numpy()
-    # a threshold halfway between two neighbouring values (a random net's outputs all lie
-    # near 0.5): half of the voxels on each side, none within float rounding of it
-    ordered = np.sort(p.ravel())
-    threshold = float(ordered[2047] + ordered[2048]) / 2
-    np.save(folder / "test_input.npy", x)
-    np.save(folder / "test_output.npy", (p > threshold).astype(np.uint8))
     rdf = _2d_04()
     rdf["inputs"][0]["shape"] = [1, 1, 64, 64]
     rdf["outputs"][0]["halo"] = [0, 0, 8, 8]
-    rdf["outputs"][0]["postprocessing"][1]["kwargs"]["threshold"] = threshold
     rdf |= {"test_inputs": ["test_input.npy"], "test_outputs": ["test_output.npy"]}
-    (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf))
+
+    def masks(net):
+        with torch.no_grad():
+            p = torch.sigmoid(net(torch.from_numpy(((x - lo) / (hi - lo)).astype(np.float32))))
+        # a threshold halfway between two neighbouring values (a random net's outputs all lie
+        # near 0.5): half of the voxels on each side, none within float rounding of it
+        ordered = np.sort(p.numpy().ravel())
+        threshold = float(ordered[2047] + ordered[2048]) / 2
+        rdf["outputs"][0]["postprocessing"][1]["kwargs"]["threshold"] = threshold
+        return (p.numpy() > threshold).astype(np.uint8)
+
+    folder = tmp_path / "pkg"
+    write_package(folder, x, rdf, dims=2, seed=1, expected=masks)
     result = check_model(str(folder))
     assert result.ok and result.kind == "labels" and result.max_difference == 0
     assert result.voxels == 64 * 64
