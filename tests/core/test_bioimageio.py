@@ -158,18 +158,26 @@ def test_package_described_without_torch_and_alike_in_both_formats(package, tmp_
     assert describe_model(old) == spec.with_options({"voxel_size": None})
 
 
-@pytest.mark.parametrize("form", ["zip", "folder", "rdf"])
-def test_package_run_reproduces_its_test_output(package, tmp_path, form):
+@pytest.mark.parametrize(
+    ("form", "site"),
+    [("zip", "threads"), ("folder", "threads"), ("rdf", "threads"), ("zip", "local")],
+)
+def test_package_run_reproduces_its_test_output(package, tmp_path, form, site, htex):
     model = {
         "zip": package["zip"],
         "folder": package["folder"],
         "rdf": package["folder"] / "rdf.yaml",
     }[form]
     out = tmp_path / "out.n5"
-    # blocks of 24 do not divide 48 (nor 16 the 32 of z): inner and edge blocks both
+    # blocks of 24 do not divide 48 (nor 16 the 32 of z): inner and edge blocks both; on
+    # `local`, worker processes read the weights from the zip themselves
+    workers = set()
     done = napari_emparsl.run(
-        f"{package['n5']}:raw", str(model), f"{out}:p", site="threads", block=(16, 24, 24)
-    )
+        f"{package['n5']}:raw", str(model), f"{out}:p", site=site, block=(16, 24, 24),
+        callback=lambda e: workers.add(e.result.worker) if hasattr(e, "result") else None,
+    )  # fmt: skip
+    here = any(w.endswith(f":{os.getpid()}") for w in workers)
+    assert workers and here == (site == "threads")
     assert done.ok
     y = z5py.File(str(out), "r")["p"][:]
     assert y.dtype == np.float32 and y.shape == package["expected"].shape
@@ -177,6 +185,7 @@ def test_package_run_reproduces_its_test_output(package, tmp_path, form):
     assert np.abs(y - package["expected"]).max() < 1e-5
     # the ledger's hash covers the weights (a folder: its description and weights)
     assert len(file_hash(str(model if form != "rdf" else package["folder"]))) == 64
+    assert htex.gone()
 
 
 def test_sidecar_beside_package_and_options_override(package, tmp_path):
