@@ -667,6 +667,33 @@ def cmd_check_model(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_export_model(args: argparse.Namespace) -> int:
+    from napari_emparsl.core.models.export import export_package
+    from napari_emparsl.core.models.spec import parse_options
+    from napari_emparsl.core.volume import Volume, parse_spec
+
+    test = None
+    if args.test_input:
+        vol = Volume.open(*parse_spec(args.test_input))
+        test = vol.read()
+    done = export_package(
+        args.model,
+        args.output,
+        parse_options(args.model_option or []),
+        name=args.name,
+        authors=args.author or ("emparsl user",),
+        test_input=test,
+        overwrite=args.overwrite,
+    )
+    shape = "×".join(map(str, done.test_shape[2:]))
+    print(
+        f"Wrote {done.path} ({done.bytes / 1e6:.1f} MB): TorchScript weights, rdf.yaml (bioimage.io "
+        f"0.5) and a {shape} test input with its output; check it with `emparsl check-model "
+        f"{done.path}`, and complete authors, cite and license in its rdf.yaml before sharing it."
+    )
+    return 0
+
+
 def cmd_sites(args: argparse.Namespace) -> int:
     from napari_emparsl.execution.sites import list_sites, load_site
 
@@ -786,6 +813,23 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("model", help=model)
         cmd.add_argument("--model-option", action="append", metavar="KEY=VALUE")
         cmd.set_defaults(func=func)
+
+    export = sub.add_parser(
+        "export-model",
+        help="write a model as a bioimage.io package (.zip) to share or run elsewhere",
+    )
+    export.add_argument("model", help="a built-in name, a model file or a bioimage.io package")
+    export.add_argument("output", help="OUT.zip")
+    export.add_argument("--model-option", action="append", metavar="KEY=VALUE")
+    export.add_argument("--name", help="the model's name (default: the file name)")
+    export.add_argument("--author", action="append", help="an author (repeat for several)")
+    export.add_argument(
+        "--test-input", metavar="IN.n5:DATASET",
+        help="the package's test input: a small volume, cut to a size the model takes "
+        "(default: a synthetic sample)",
+    )  # fmt: skip
+    export.add_argument("--overwrite", action="store_true", help="replace an existing OUT.zip")
+    export.set_defaults(func=cmd_export_model)
 
     sites = sub.add_parser("sites", help="list, show or test compute site profiles")
     sites.add_argument("action", choices=["list", "show", "test"])

@@ -4,6 +4,8 @@ refused in one sentence."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import subprocess
 import sys
@@ -451,3 +453,65 @@ def test_describe_model_prints_what_emparsl_will_run(package, capsys):
     out, err = capsys.readouterr()
     assert yaml.safe_load(out)["kind"] == "labels"
     assert err.startswith("Not described: kind, halo, classes (set them in its sidecar")
+
+
+def test_export_builtin_model_round_trip(tmp_path):
+    """The built-in U-Net written as a package: what emparsl reads back is the same model (its
+    labels under config.emparsl), and the engine reproduces the package's test output."""
+    from napari_emparsl.core.models.export import export_package
+    from napari_emparsl.execution.check import check_model
+
+    out = tmp_path / "membranes.zip"
+    done = export_package("unet3d-em", str(out), name="EM membranes & mitochondria")
+    assert done.test_shape == (1, 1, 64, 64, 64) and done.bytes == out.stat().st_size
+    with zipfile.ZipFile(out) as zf:
+        assert sorted(zf.namelist()) == [
+            "README.md", "rdf.yaml", "test_input.npy", "test_output.npy", "weights.pt"
+        ]  # fmt: skip
+        rdf = yaml.safe_load(zf.read("rdf.yaml"))
+        probabilities = np.load(io.BytesIO(zf.read("test_output.npy")))
+        for tensor in rdf["inputs"] + rdf["outputs"]:
+            source = tensor["test_tensor"]
+            assert hashlib.sha256(zf.read(source["source"])).hexdigest() == source["sha256"]
+    assert rdf["name"] == "EM membranes mitochondria" and rdf["format_version"] == "0.5.4"
+    assert [a["channel_names"] for a in rdf["outputs"][0]["axes"][1:2]] == [
+        ["background", "membrane", "mitochondria"]
+    ]
+    assert rdf["outputs"][0]["axes"][2]["halo"] == 24 and rdf["inputs"][0]["axes"][2]["size"] == {
+        "min": 52, "step": 4}  # fmt: skip
+    assert probabilities.shape == (1, 3, 64, 64, 64)
+    assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)  # softmax over the classes
+    back, original = describe_model(str(out)), describe_model("unet3d-em")
+    same = ("kind", "classes", "halo", "multiple", "min_size", "normalize", "block", "edge",
+            "voxel_size", "spatial_dims", "in_channels", "scale")  # fmt: skip
+    assert {k: getattr(back, k) for k in same} == {k: getattr(original, k) for k in same}
+    result = check_model(str(out))
+    assert result.ok and result.kind == "labels" and result.max_difference == 0
+
+
+def test_export_a_package_again_as_uint8_and_from_the_command_line(package, tmp_path, capsys):
+    from napari_emparsl.cli import main
+    from napari_emparsl.execution.check import check_model
+
+    out = tmp_path / "again.zip"
+    test = f"{package['n5']}:raw"
+    assert main(["export-model", str(package["zip"]), str(out), "--test-input", test,
+                 "--model-option", "out_dtype=uint8", "--author", "A. Microscopist"]) == 0  # fmt: skip
+    said = capsys.readouterr().out
+    assert said.startswith(f"Wrote {out} (") and "a 32×48×48 test input with its output" in said
+    spec = describe_model(str(out))
+    assert spec.out_dtype == "uint8" and spec.activation == "sigmoid" and spec.edge == "none"
+    with zipfile.ZipFile(out) as zf:
+        rdf = yaml.safe_load(zf.read("rdf.yaml"))
+        x = np.load(io.BytesIO(zf.read("test_input.npy")))
+    assert rdf["authors"] == [{"name": "A. Microscopist"}]
+    assert np.array_equal(x[0, 0], z5py.File(str(package["n5"]), "r")["raw"][:])
+    result = check_model(str(out))  # written as 0..255: within 1 of the mapped test output
+    assert result.ok and result.max_difference <= 1
+    # an existing package is kept unless asked; a name that is not a .zip is refused
+    assert main(["export-model", str(package["zip"]), str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"emparsl: error: {out} exists; choose another name or pass --overwrite.\n"
+    )
+    assert main(["export-model", "unet3d-em", str(tmp_path / "m.tar")]) == 2
+    assert "is a .zip file; name it" in capsys.readouterr().err

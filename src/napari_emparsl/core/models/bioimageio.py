@@ -21,12 +21,12 @@ import math
 import os
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import yaml
 
-from napari_emparsl.core.models.spec import ModelError, fit_size
+from napari_emparsl.core.models.spec import ModelError, ModelSpec, fit_size
 from napari_emparsl.core.units import nm_per_unit
 
 __all__ = ["Package", "describe_package", "find_package", "read_weights", "test_tensors"]
@@ -434,6 +434,15 @@ def describe_package(package: Package) -> tuple[dict[str, Any], str]:
     voxel = _voxel_size(sin) if v05 else None
     if voxel:
         keys["voxel_size"] = voxel
+    # what emparsl itself wrote there when it exported the model (kind, classes, block, …)
+    ours = (
+        (desc.get("config") or {}).get("emparsl")
+        if isinstance(desc.get("config"), Mapping)
+        else None
+    )
+    if isinstance(ours, Mapping):
+        known = {f.name for f in fields(ModelSpec)}
+        keys |= {k: v for k, v in ours.items() if k in known and k != "derived"}
     return keys, _weights(desc, where)
 
 
