@@ -515,3 +515,53 @@ def test_export_a_package_again_as_uint8_and_from_the_command_line(package, tmp_
     )
     assert main(["export-model", "unet3d-em", str(tmp_path / "m.tar")]) == 2
     assert "is a .zip file; name it" in capsys.readouterr().err
+
+
+def _places(tree, at=()):
+    """Every key and list index of a description, as paths."""
+    items = (
+        tree.items()
+        if isinstance(tree, dict)
+        else enumerate(tree)
+        if isinstance(tree, list)
+        else ()
+    )
+    for key, value in items:
+        yield (*at, key)
+        yield from _places(value, (*at, key))
+
+
+@pytest.mark.parametrize("rdf", [_rdf_05, _rdf_04])
+def test_any_malformed_description_is_one_sentence(package, tmp_path, rdf):
+    """Each field of a description replaced by a value of another type (None, text, numbers,
+    lists, mappings): described, or refused as a ModelError of one line — never another error
+    (which the command line would report as an internal error)."""
+    import copy
+
+    good = rdf()
+    folder = _package(tmp_path, good, src=package["folder"])
+    described, refused = 0, 0
+    for place in list(_places(good)):
+        for odd in (None, "x", 3, -1, 0, 2.5, [], {}, [1, 2], {"a": 1}, True):
+            bad = copy.deepcopy(good)
+            parent = bad
+            for key in place[:-1]:
+                parent = parent[key]
+            parent[place[-1]] = odd
+            (tmp_path / "pkg" / "rdf.yaml").write_text(yaml.safe_dump(bad))
+            try:
+                describe_model(folder)
+                described += 1
+            except ModelError as err:
+                assert "\n" not in str(err) and str(err).endswith("."), (place, odd, err)
+                refused += 1
+    assert described > 50 and refused > 200  # both happen: the mutations reach the reader
+
+
+def test_damaged_zip_is_one_sentence(package, tmp_path):
+    broken = tmp_path / "broken.zip"
+    data = package["zip"].read_bytes()
+    broken.write_bytes(data[: len(data) // 2] + data[-22:])  # the end record, half the files
+    with pytest.raises(ModelError) as err:
+        describe_model(str(broken))
+    assert "\n" not in str(err.value) and str(err.value).endswith(".")

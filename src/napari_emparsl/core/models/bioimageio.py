@@ -98,8 +98,13 @@ def find_package(path: str) -> Package | None:
     if _is_rdf_name(path) and os.path.isfile(path):
         return Package(os.path.dirname(path) or ".", os.path.basename(path))
     if path.lower().endswith(".zip") and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            names = sorted(n for n in zf.namelist() if "/" not in n and _is_rdf_name(n))
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = sorted(n for n in zf.namelist() if "/" not in n and _is_rdf_name(n))
+        except (zipfile.BadZipFile, OSError) as err:
+            raise ModelError(
+                f"The model {path} is a damaged zip file ({err}); download it again."
+            ) from None
         names.sort(key=lambda n: n not in _RDF_NAMES)
         return Package(path, names[0]) if names else None
     return None
@@ -375,9 +380,26 @@ def read_weights(package: Package) -> tuple[str, bytes]:
     return name, data
 
 
+def _malformed(package: Package, err: Exception) -> ModelError:
+    return ModelError(
+        f"The description {package.rdf} of {package.path} does not follow the bioimage.io "
+        f"format ({type(err).__name__}: {str(err)[:120]}); validate it with bioimageio.spec, or "
+        "download the package again."
+    )
+
+
 def describe_package(package: Package) -> tuple[dict[str, Any], str]:
     """The package's description as sidecar keys, and the name of its TorchScript weights."""
     desc = package.description()
+    try:
+        return _describe(package, desc)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as err:
+        if isinstance(err, ModelError):
+            raise
+        raise _malformed(package, err) from None
+
+
+def _describe(package: Package, desc: dict[str, Any]) -> tuple[dict[str, Any], str]:
     name = desc.get("name") or os.path.basename(package.path.rstrip("/"))
     where = f"The bioimage.io model {name!r}"
     if desc.get("type", "model") != "model":
@@ -449,9 +471,19 @@ def describe_package(package: Package) -> tuple[dict[str, Any], str]:
 def test_tensors(package: Package) -> tuple[Any, Any]:
     """The package's test input and the output its authors got from it (numpy arrays, with
     their batch and channel axes)."""
-    import numpy as np
 
     desc = package.description()
+    try:
+        return _test_tensors(package, desc)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as err:
+        if isinstance(err, ModelError):
+            raise
+        raise _malformed(package, err) from None
+
+
+def _test_tensors(package: Package, desc: dict[str, Any]) -> tuple[Any, Any]:
+    import numpy as np
+
     if str(desc.get("format_version", "")).startswith("0.4"):
         sources = [(desc.get("test_inputs") or [None])[0], (desc.get("test_outputs") or [None])[0]]
     else:
