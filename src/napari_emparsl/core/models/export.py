@@ -267,9 +267,14 @@ def export_package(
         "engine and compares the result with the test output.\n"
     ).encode()
     files["rdf.yaml"] = yaml.safe_dump(rdf, sort_keys=False, allow_unicode=True).encode()
-    tmp = f"{output}.part"
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
-        for file, data in files.items():
-            zf.writestr(file, data)
-    os.replace(tmp, output)
+    tmp = f"{output}.part"  # a package appears whole, or not at all
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+            for file, data in files.items():
+                zf.writestr(file, data)
+        os.replace(tmp, output)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return Exported(output, os.path.getsize(output), tuple(x_t.shape))
