@@ -123,6 +123,22 @@ def main() -> int:
         wait_idle()
         shot(viewer, "run_widget_full.png")
 
+        # a bioimage.io package (the built-in model, exported) chosen and checked
+        from napari_emparsl.core.models.export import export_package
+
+        package = Path(tmp) / "membranes.zip"
+        export_package("unet3d-em", str(package), name="EM membranes and mitochondria")
+        widget.model_file.value = str(package)
+        widget.check_model_btn.clicked.emit()
+        while not widget.status.value.startswith("model check"):
+            loop = QEventLoop()
+            QTimer.singleShot(100, loop.quit)
+            loop.exec_()
+        settle(viewer)
+        widget.native.grab().save(str(IMAGES / "run_widget_package.png"))
+        print(f"wrote {IMAGES / 'run_widget_package.png'}")
+        widget.model_file.value = ""
+
         # the runs panel, that run selected, the mouse over a mitochondrion
         from napari_emparsl._napari.runs_widget import RunsWidget
 

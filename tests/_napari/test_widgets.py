@@ -44,3 +44,26 @@ def test_short_sentences_start_where_the_fields_do(make_napari_viewer, qtbot):
     QApplication.processEvents()
     assert run.status.native.height() >= 2 * run.status.native.fontMetrics().height()
     assert run.status.native.width() <= run.native.width()
+
+
+def test_wrapped_sentences_keep_their_lines_when_the_dock_narrows(make_napari_viewer, qtbot):
+    """Qt does not lay a dock's rows out by height-for-width again when only the dock's width
+    changes: the run panel's model info kept the height of 4 lines when it needed 6 after the
+    dock was narrowed, and showed its middle lines only (seen in the docs' screenshot)."""
+    from qtpy.QtCore import Qt
+
+    viewer = make_napari_viewer(show=True)
+    run = RunWidget(viewer)
+    dock = viewer.window.add_dock_widget(run, area="right")
+    run.model_info.value = (
+        "bioimage.io “EM membranes and mitochondria”: labels: background, membrane, "
+        "mitochondria; 1 input channel(s); 3D; halo [24, 24, 24]; softmax"
+    )
+    qtbot.wait(50)
+    label = run.model_info.native
+    lines = label.height() // label.fontMetrics().lineSpacing()
+    viewer.window._qt_window.resizeDocks([dock], [330], Qt.Orientation.Horizontal)
+    qtbot.wait(100)
+    QApplication.processEvents()
+    assert label.height() >= label.heightForWidth(label.width())
+    assert label.height() // label.fontMetrics().lineSpacing() > lines  # more lines, all shown

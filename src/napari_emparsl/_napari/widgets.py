@@ -4,16 +4,42 @@ from __future__ import annotations
 
 from typing import Any
 
-from qtpy.QtWidgets import QSizePolicy
+from qtpy.QtCore import QEvent, QObject
+from qtpy.QtWidgets import QLabel, QSizePolicy
+
+
+class _FitHeight(QObject):
+    """Keeps a word-wrapped label at least as tall as its text needs at its current width.
+
+    Qt lays a dock's rows out by height-for-width only when the dock's own size changes: a
+    label that gets longer text later, or a narrower row than it was measured for, kept the
+    old height and cut its first and last lines off (seen on the run panel's model info).
+    """
+
+    def eventFilter(self, obj: QObject, event: QEvent) -> bool:
+        if isinstance(obj, QLabel) and event.type() in (QEvent.Type.Resize, QEvent.Type.Show):
+            fit(obj)
+        return False
+
+
+def fit(native: QLabel) -> None:
+    """Set ``native``'s minimum height to what its text needs at its width."""
+    need = native.heightForWidth(native.width()) if native.width() > 0 else -1
+    if need > 0 and need != native.minimumHeight():
+        native.setMinimumHeight(need)
 
 
 def wrapping(label: Any) -> Any:
-    """A magicgui ``Label`` for sentences: long text wraps instead of widening the dock, and the
-    text starts where the other rows' fields do. (A ``QLabel`` is not stretched across its row:
-    short text sat in the middle of it, with its row label pushed after it.)"""
+    """A magicgui ``Label`` for sentences: long text wraps instead of widening the dock, the
+    text starts where the other rows' fields do (a ``QLabel`` is not stretched across its row:
+    short text sat in the middle of it, with its row label pushed after it), and the row is as
+    tall as the wrapped text (:class:`_FitHeight`)."""
     native = label.native
     native.setWordWrap(True)
     policy = native.sizePolicy()  # keeps height-for-width, which wrapped text needs
     policy.setHorizontalPolicy(QSizePolicy.Policy.Expanding)
     native.setSizePolicy(policy)
+    native._fit_height = _FitHeight(native)  # owned by the label
+    native.installEventFilter(native._fit_height)
+    label.changed.connect(lambda *_: fit(native))
     return label
