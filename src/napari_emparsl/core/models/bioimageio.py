@@ -388,15 +388,21 @@ def _malformed(package: Package, err: Exception) -> ModelError:
     )
 
 
-def describe_package(package: Package) -> tuple[dict[str, Any], str]:
-    """The package's description as sidecar keys, and the name of its TorchScript weights."""
+def _read(package: Package, reader: Any) -> Any:
+    """``reader(package, description)``; a description whose fields are not of the format's
+    types (which the readers meet as Python errors) is refused in one sentence."""
     desc = package.description()
     try:
-        return _describe(package, desc)
+        return reader(package, desc)
     except (TypeError, ValueError, AttributeError, KeyError, IndexError) as err:
         if isinstance(err, ModelError):
             raise
         raise _malformed(package, err) from None
+
+
+def describe_package(package: Package) -> tuple[dict[str, Any], str]:
+    """The package's description as sidecar keys, and the name of its TorchScript weights."""
+    return _read(package, _describe)
 
 
 def _describe(package: Package, desc: dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -471,14 +477,7 @@ def _describe(package: Package, desc: dict[str, Any]) -> tuple[dict[str, Any], s
 def test_tensors(package: Package) -> tuple[Any, Any]:
     """The package's test input and the output its authors got from it (numpy arrays, with
     their batch and channel axes)."""
-
-    desc = package.description()
-    try:
-        return _test_tensors(package, desc)
-    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as err:
-        if isinstance(err, ModelError):
-            raise
-        raise _malformed(package, err) from None
+    return _read(package, _test_tensors)
 
 
 def _test_tensors(package: Package, desc: dict[str, Any]) -> tuple[Any, Any]:
