@@ -237,12 +237,15 @@ def _fill_far_edge(blk: Block, spec: Any, shape: Sequence[int]) -> Block:
     """With ``edge: none``, a block that ends at the volume's far edge reads more of the volume
     before it instead of being padded (mirrored) at that edge up to the model's input size: the
     model meets the edge as in one whole-volume forward, also where the block does not divide
-    the volume."""
+    the volume. The read still begins on the model's pooling grid (a multiple of its size
+    multiple), as the whole-volume forward's does; what that leaves short of the input size is
+    padded at the far edge, as in the whole-volume forward."""
     begin, end = list(blk.read_roi.begin), blk.read_roi.end
     for i, (b, e, n) in enumerate(zip(begin, end, shape, strict=True)):
         if e == n:
             extra = spec.input_size_axis(i, e - b) - (e - b)
-            begin[i] = max(0, b - extra)
+            step = spec.multiple[i]
+            begin[i] = max(0, (b - extra) // step * step) if b % step == 0 else max(0, b - extra)
     if begin == list(blk.read_roi.begin):
         return blk
     return dataclasses.replace(blk, read_roi=Roi.from_bounds(begin, end))

@@ -144,6 +144,7 @@ def _check(
     halo: Sequence[int],
     out_chunks: Sequence[int],
     scale: Sequence[int],
+    grid: Sequence[int] | None = None,
 ) -> None:
     n = len(shape)
     for name, value in (
@@ -173,12 +174,44 @@ def _check(
             f"{' at scale ' + str(tuple(scale)) if any(s != 1 for s in scale) else ''}; "
             f"use a multiple of the chunks, e.g. --block {','.join(map(str, good))}."
         )
+    if grid is not None:
+        _check_grid(shape, block, halo, grid)
     small = [i for i in range(n) if block[i] < halo[i] and block[i] < shape[i]]
     if small:
         raise GeometryError(
             f"Block {tuple(block)} is smaller than the halo {tuple(halo)}; most of each read would be "
             "context: use blocks at least as large as the halo (ideally 2–4× larger)."
         )
+
+
+def _check_grid(
+    shape: Sequence[int], block: Sequence[int], halo: Sequence[int], grid: Sequence[int]
+) -> None:
+    """Blocks begin, and read their context, on the model's pooling grid (its size multiple),
+    as one whole-volume forward does: a U-Net given a block shifted off that grid pools other
+    voxels together and computes other values (seams of whole class flips)."""
+    n = len(shape)
+    off = [i for i in range(n) if block[i] % grid[i] and block[i] < shape[i]]
+    if off:
+        below = [max(g, b // g * g) for b, g in zip(block, grid, strict=True)]
+        above = [-(-b // g) * g for b, g in zip(block, grid, strict=True)]
+        raise GeometryError(
+            f"Block {tuple(block)} does not line up with the model's size multiple "
+            f"{tuple(grid)}: blocks that do not begin on a multiple of it compute other values "
+            "than one whole-volume forward (visible seams); use a multiple of it, e.g. --block "
+            f"{','.join(map(str, below))} or {','.join(map(str, above))}."
+        )
+    if any(h % g for h, g in zip(halo, grid, strict=True)):
+        raise GeometryError(
+            f"Halo {tuple(halo)} does not line up with the model's size multiple {tuple(grid)}; "
+            f"use a multiple of it, e.g. --halo {','.join(map(str, align_halo(halo, grid)))}."
+        )
+
+
+def align_halo(halo: Sequence[int], grid: Sequence[int]) -> tuple[int, ...]:
+    """``halo`` rounded up to multiples of ``grid`` (the model's size multiple): each block then
+    reads from a voxel on the model's pooling grid (more context never hurts)."""
+    return tuple(-(-int(h) // int(g)) * int(g) for h, g in zip(halo, grid, strict=True))
 
 
 def block_grid(shape: Sequence[int], block: Sequence[int]) -> tuple[int, ...]:
@@ -194,6 +227,7 @@ def plan_blocks(
     scale: Sequence[int] | None = None,
     roi: Roi | None = None,
     edge: str = "reflect",
+    grid: Sequence[int] | None = None,
 ) -> Iterator[Block]:
     """Blocks covering the volume (or those touching ``roi``), in id order.
 
@@ -215,11 +249,16 @@ def plan_blocks(
     edge
         ``"reflect"``: the halo beyond the volume edge is reflect-padded (``pad_before``/
         ``pad_after``); ``"none"``: no context beyond the edge (pads are 0).
+    grid
+        The model's size multiple (z, y, x): block and halo must be multiples of it (where a
+        block does not cover its whole axis), so that every read begins on the model's pooling
+        grid, as in one whole-volume forward (see :func:`align_halo`).
 
     Raises
     ------
     GeometryError
-        When the block is not chunk-aligned, smaller than the halo, or the ROI is outside.
+        When the block is not chunk-aligned, smaller than the halo, off the model's grid, or
+        the ROI is outside.
     """
     n = len(shape)
     scale = tuple(scale) if scale is not None else (1,) * n
@@ -232,7 +271,7 @@ def plan_blocks(
     halo = tuple(int(h) for h in halo)
     if edge not in ("reflect", "none"):
         raise GeometryError(f"The edge policy must be 'reflect' or 'none', not {edge!r}.")
-    _check(shape, block, halo, out_chunks, scale)
+    _check(shape, block, halo, out_chunks, scale, grid)
     total = Roi((0,) * n, tuple(shape))
     grid = block_grid(shape, block)
     if roi is not None:

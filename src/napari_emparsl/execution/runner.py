@@ -39,6 +39,7 @@ from napari_emparsl.core.geometry import (
     OPEN_END,
     Block,
     Roi,
+    align_halo,
     block_grid,
     check_no_shared_chunks,
     plan_blocks,
@@ -463,6 +464,20 @@ class Run:
         halo = self.halo or spec.halo
         if spec.spatial_dims == 2:
             block, halo = (1, *block[1:]), (0, *halo[1:])
+        # every read begins on the model's pooling grid (its size multiple), as in one
+        # whole-volume forward: a given halo is rounded up (more context), a given block that
+        # is off the grid is refused when planning (the model's default is rounded up)
+        if self.block is None:
+            block = align_halo(block, spec.multiple)
+        aligned = align_halo(halo, spec.multiple)
+        if aligned != tuple(halo) and self.halo is not None:
+            self.warnings += (
+                f"The halo {','.join(map(str, halo))} was rounded up to "
+                f"{','.join(map(str, aligned))}, a multiple of the model's size multiple "
+                f"{','.join(map(str, spec.multiple))}, so that blocks compute what one "
+                "whole-volume forward computes (no seams).",
+            )
+        halo = aligned
         block = tuple(min(b, n) for b, n in zip(block, spatial, strict=True))
         out_shape = tuple(n * s for n, s in zip(spatial, spec.scale, strict=True))
         # from here until the run ends, no other run may look at or write this output
@@ -496,6 +511,7 @@ class Run:
                     scale=spec.scale,
                     roi=self.roi,
                     edge=spec.edge,
+                    grid=spec.multiple,
                 )
             )
         except GeometryError as err:
