@@ -517,6 +517,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "running": lock_holder(root, key),  # the run writing it now: pid, host, since
         # where the model ran (blocks of runs before the ledger recorded it: none)
         "devices": sorted({r["device"] for r in summary.done.values() if r.get("device")}),
+        "last_run": _throughput(summary),
     }  # fmt: skip
     if args.json:
         print(json.dumps(out, indent=2))
@@ -532,6 +533,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     if out["mean_block_seconds"] is not None:
         print(f"mean block time {out['mean_block_seconds']} s (read + compute + write)")
+    if out["last_run"]:
+        t = out["last_run"]
+        print(
+            f"last run: {t['blocks_done']} block(s) done in {t['seconds']:.1f} s from its start "
+            f"({t['blocks_per_second']:.2f} blocks/s, {t['voxels_per_second'] / 1e6:.2f} "
+            "Mvoxel/s written)"
+        )
     by_error: dict[str, list[str]] = {}
     for bid, err in out["failed_blocks"].items():
         by_error.setdefault(err, []).append(bid)
@@ -539,10 +547,47 @@ def cmd_status(args: argparse.Namespace) -> int:
         which = f"block {ids[0]}" if len(ids) == 1 else f"{len(ids)} blocks ({_id_list(ids)})"
         print(f"  {which} failed: {err}")
     prov = out["provenance"]
-    print(f"input {prov['input']}, model {prov['model']} (sha256 {str(prov['model_sha256'])[:12]}…), "
-          f"block {prov['block']}, halo {prov['halo']}, site {prov['site']}, emparsl {prov['version']}"
+    print(f"input {prov['input']}, model {prov['model']} (sha256 {str(prov['model_sha256'])[:12]}…)"
+          + (f", options {_options_text(prov['model_options'])}" if prov["model_options"] else "")
+          + f", block {prov['block']}, halo {prov['halo']}, site {prov['site']}, emparsl {prov['version']}"
           + (f", on {', '.join(out['devices'])}" if out["devices"] else ""))  # fmt: skip
     return 0
+
+
+def _options_text(options: object) -> str:
+    """Model options as typed on the command line: ``kind=image; halo=[8, 8, 8]``."""
+    if not isinstance(options, dict):
+        return str(options)
+    return "; ".join(f"{k}={v}" for k, v in options.items())
+
+
+def _throughput(summary) -> dict[str, float] | None:
+    """Blocks and voxels the last run wrote per second of its wall time (from its start to its
+    last finished block), from the ledger's time stamps; None when it finished none."""
+    start = summary.last_run.get("time")
+    if not isinstance(start, (int, float)):
+        return None
+    times, voxels = [], 0
+    for rec in summary.done.values():
+        at = rec.get("time")
+        if not isinstance(at, (int, float)) or at < start:
+            continue
+        times.append(at)
+        try:
+            voxels += math.prod(
+                int(e) - int(b) for b, e in (p.split(":") for p in str(rec["roi"]).split(","))
+            )
+        except (KeyError, ValueError):
+            pass  # an old or damaged record: its block counts, its voxels do not
+    if not times:
+        return None
+    seconds = max(max(times) - start, 1e-3)
+    return {
+        "blocks_done": len(times),
+        "seconds": round(seconds, 2),
+        "blocks_per_second": round(len(times) / seconds, 3),
+        "voxels_per_second": round(voxels / seconds, 1),
+    }
 
 
 def _class_names(vol) -> list[str]:

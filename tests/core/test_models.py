@@ -123,6 +123,13 @@ def test_options_override_sidecar_and_are_validated():
                           "(e.g. a training set's mean and standard deviation), not 'x'."),
         ("min_size=0,8,8", "The model option 'min_size' must be three integers z,y,x of at "
                            "least 1, not '0,8,8'."),
+        # YAML 1.1 read "1:30" as the base-60 number 90, and the run went on with halo 90
+        ("halo=1:30", "The model option 'halo' must be three integers z,y,x, not '1:30'."),
+        # int() made 1.7 channels 1, and 0 output channels failed in every block instead
+        ("in_channels=1.7", "The model option 'in_channels' must be a whole number of at least "
+                            "1, not 1.7."),
+        ("out_channels=0", "The model option 'out_channels' must be a whole number of at least "
+                           "1, not 0."),
     ],
 )  # fmt: skip
 def test_bad_option_values_are_one_sentence(capsys, tmp_path, small_n5, option, message):

@@ -59,6 +59,28 @@ def test_failing_blocks_reported_then_only_they_rerun(tmp_path, failing_model, s
     status = json.loads(capsys.readouterr().out)
     assert code == 0 and status["failed"] == 2 and status["done"] == 6
     assert "marker found" in status["failed_blocks"]["0"]
+    from napari_emparsl import __version__
+
+    prov = status["provenance"]
+    assert prov["input"] == src and prov["model"] == failing_model and prov["site"] == "threads"
+    assert prov["version"] == __version__ and prov["model_options"] == {}
+    assert prov["block"] == [16, 16, 16] and len(prov["model_sha256"]) == 64
+    last = status["last_run"]  # throughput of the run, from the ledger's time stamps
+    assert last["blocks_done"] == 6 and last["voxels_per_second"] > 0
+    assert last["blocks_per_second"] == pytest.approx(6 / last["seconds"], rel=0.01)
+    # per block: attempts (a failed block retried once: 2), worker, timings, output statistics
+    records = summary.done | summary.failed
+    assert {records[i]["attempt"] for i in (0, 7)} == {2} and records[1]["attempt"] == 1
+    assert all(
+        r["worker"] and r["t_compute"] > 0 and r["t_read"] > 0 for r in summary.done.values()
+    )
+    assert all(
+        sum(r["histogram"]) > 0 and r["out_min"] <= r["out_max"] for r in summary.done.values()
+    )
+    assert "marker found" in records[0]["error"]
+    main(["status", out])
+    printed = capsys.readouterr().out
+    assert "last run: 6 block(s) done in" in printed and "2 blocks (0, 7) failed" in printed
 
     # "fix" the model: same description, new weights file
     fixed = torch.nn.Identity()

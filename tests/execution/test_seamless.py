@@ -114,6 +114,19 @@ def test_many_workers_write_disjoint_chunks(tmp_path, conv_model, float_volume):
     )
 
 
+def test_any_block_size_gets_chunks_that_divide_it(tmp_path, conv_model, float_volume):
+    # 23 and 29 are primes: the largest divisor up to 64 was 1, and each block wrote one chunk
+    # file per voxel column (thousands); such an axis is now one chunk per block
+    src, data = float_volume
+    ev = Run(src, conv_model, f"{tmp_path}/out.n5:p", site="threads", block=(20, 23, 29)).execute()
+    assert ev.ok and ev.total == 2 * 3 * 3
+    out = Volume.open(tmp_path / "out.n5", "p")
+    assert out.chunks == (20, 23, 29)
+    full = forward(conv_model, data)[0]
+    np.testing.assert_allclose(out.data.compute()[2:-2, 2:-2, 2:-2], full[2:-2, 2:-2, 2:-2],
+                               atol=1e-4)  # fmt: skip
+
+
 def test_batched_equals_unbatched(tmp_path, conv2d_model, float_volume):
     src, _ = float_volume
     batched = Run(src, conv2d_model, f"{tmp_path}/out.n5:b", site="threads")

@@ -122,11 +122,14 @@ def parse_roi(text: str) -> Roi:
 
 
 def _out_chunks(block: Sequence[int], scale: Sequence[int]) -> tuple[int, ...]:
-    """Largest divisor of block×scale that is at most 64 per axis: any block works on the output."""
+    """Per axis, the largest divisor of block×scale that is at most 64, so that any block works
+    on the output — or the whole block where that divisor is under 16 (a block of 67 voxels
+    had chunks of 1: thousands of files per block)."""
     out = []
     for b, s in zip(block, scale, strict=True):
         n = b * s
-        out.append(max(d for d in range(1, min(64, n) + 1) if n % d == 0))
+        best = max(d for d in range(1, min(64, n) + 1) if n % d == 0)
+        out.append(best if best >= min(16, n) else n)
     return tuple(out)
 
 

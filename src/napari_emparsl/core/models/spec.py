@@ -308,12 +308,7 @@ class ModelSpec:
                     )
                 kwargs[key] = tuple(str(v) for v in value or ())
             elif key in ("in_channels", "out_channels", "spatial_dims"):
-                try:
-                    kwargs[key] = int(value)
-                except (TypeError, ValueError):
-                    raise ModelError(
-                        f"The model option '{key}' must be an integer, not {value!r}."
-                    ) from None
+                kwargs[key] = _count(value, key)
             elif key == "threshold":
                 try:
                     kwargs[key] = float(value)
@@ -370,6 +365,26 @@ def resolution_mismatch(spec: ModelSpec, voxel_size: Sequence[float], unit: str)
     )
 
 
+def _count(value: Any, key: str) -> int:
+    """A whole number of at least 1 (``2``, ``"2"``, ``2.0``), or the one-sentence refusal —
+    ``int()`` alone made 1.7 channels 1, and let 0 output channels through to fail in every
+    block."""
+    number = None
+    if isinstance(value, bool):
+        pass
+    elif isinstance(value, int):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        number = int(value.strip())
+    if number is None or number < 1:
+        raise ModelError(
+            f"The model option '{key}' must be a whole number of at least 1, not {value!r}."
+        )
+    return number
+
+
 def parse_options(items: Sequence[str]) -> dict[str, Any]:
     """``["halo=8,8,8", "kind=image"]`` -> dict (values parsed as YAML scalars/lists)."""
     out: dict[str, Any] = {}
@@ -380,8 +395,9 @@ def parse_options(items: Sequence[str]) -> dict[str, Any]:
             )
         key, value = item.split("=", 1)
         parsed = yaml.safe_load(value) if value.strip() else ""
+        # "16,16,16" and YAML 1.1's base-60 numbers ("1:30" is 90) stay the text typed
         out[key.strip()] = (
-            parsed if not isinstance(parsed, (int, float)) or "," not in value else value
+            value if isinstance(parsed, (int, float)) and ("," in value or ":" in value) else parsed
         )
     return out
 
