@@ -139,6 +139,44 @@ def main() -> int:
         print(f"wrote {IMAGES / 'run_widget_package.png'}")
         widget.model_file.value = ""
 
+        # a model that fails on the brightest blocks: failed blocks listed and outlined
+        import torch
+
+        class Fails(torch.nn.Module):
+            def __init__(self, limit: float) -> None:
+                super().__init__()
+                self.limit = limit
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                if bool((x > self.limit).any()):
+                    raise RuntimeError("a voxel brighter than this model was trained on")
+                return torch.cat([-x, x], dim=1)
+
+        raw_s0 = Volume.open(sample, "raw").data.compute()
+        maxima = sorted(
+            raw_s0[a : a + 64, b : b + 64, c : c + 64].max()
+            for a in range(0, raw_s0.shape[0], 64)
+            for b in range(0, raw_s0.shape[1], 64)
+            for c in range(0, raw_s0.shape[2], 64)
+        )
+        fails = Path(tmp) / "bright.pt"
+        torch.jit.save(torch.jit.script(Fails(float(maxima[-4]) - 0.5)), str(fails))
+        fails.with_name("bright.pt.yaml").write_text(
+            "kind: labels\nclasses: [background, foreground]\nnormalize: none\nhalo: [0, 0, 0]\n"
+        )
+        widget.model_file.value = str(fails)
+        first_output, widget.output.value = widget.output.value, f"{sample}:bright"
+        widget.run_btn.clicked.emit()
+        wait_idle()
+        viewer.layers["bright"].visible = False  # the boxes over the raw data
+        failed = min(widget._failed_rois.values(), key=lambda roi: roi.begin)
+        viewer.dims.set_point(0, (failed.begin[0] + 20) * 8)
+        shot(viewer, "run_widget_failed.png")
+        widget.model_file.value = ""
+        for name in ("bright", "failed blocks"):
+            viewer.layers.remove(name)
+        widget.output.value = first_output
+
         # the runs panel, that run selected, the mouse over a mitochondrion
         from napari_emparsl._napari.runs_widget import RunsWidget
 

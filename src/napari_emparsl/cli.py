@@ -581,23 +581,13 @@ def _throughput(summary) -> dict[str, float] | None:
             pass  # an old or damaged record: its block counts, its voxels do not
     if not times:
         return None
-    seconds = max(max(times) - start, 1e-3)
+    seconds = round(max(max(times) - start, 1e-3), 3)
     return {
         "blocks_done": len(times),
-        "seconds": round(seconds, 2),
+        "seconds": seconds,
         "blocks_per_second": round(len(times) / seconds, 3),
         "voxels_per_second": round(voxels / seconds, 1),
     }
-
-
-def _class_names(vol) -> list[str]:
-    """A labels dataset's class names, also for one level of a pyramid (named on its group)."""
-    from napari_emparsl.core.n5attrs import read_attrs
-
-    names = vol.attrs.get("class_names")
-    if not names and "/" in vol.key:
-        names = read_attrs(os.path.join(vol.root, vol.key.rsplit("/", 1)[0])).get("class_names")
-    return list(names or [])
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -627,7 +617,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 f"The {what} {vol.root}:{vol.key} holds {vol.dtype.name} values, not class labels; "
                 "evaluate a labels output (integers) against labels of the same classes."
             )
-    names = _class_names(pred) or _class_names(truth)
+    names = pred.class_names or truth.class_names
     n = max(len(names), 2)
     p, t = pred.data, truth.data.rechunk(pred.data.chunks)
     written = written_blocks(pred.root, pred.key)  # a run's output: its written blocks only

@@ -158,3 +158,19 @@ def test_unfinished_dataset_opens_with_a_warning(make_napari_viewer, tmp_path):
         f"{tmp_path}/o.n5:raw is an import of {tmp_path}/s.tif that has not finished: parts of "
         "it are missing and show as zeros."
     ]
+
+
+def test_labels_with_class_names_name_the_class_under_the_cursor(make_napari_viewer, tmp_path):
+    # the sample's ground truth and run outputs carry class_names (on a pyramid's group)
+    from napari_emparsl.cli import main
+
+    assert main(["sample", str(tmp_path / "s.n5"), "--shape", "16,32,32"]) == 0
+    viewer = make_napari_viewer()
+    [classes] = viewer.open(str(tmp_path / "s.n5" / "labels" / "classes"), plugin=PLUGIN)
+    assert classes.multiscale
+    assert list(classes.features["class"]) == ["background", "membrane", "mitochondria"]
+    value = int(np.asarray(classes.data[0][8, 16, 16]))
+    status = classes.get_status((8 * 8.0, 16 * 8.0, 16 * 8.0), world=True)
+    assert f"class: {classes.features['class'][value]}" in str(status)
+    [cells] = viewer.open(str(tmp_path / "s.n5" / "labels" / "cells"), plugin=PLUGIN)
+    assert cells.features.shape[1] == 0  # instance ids: no classes to name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import weakref
 
 import numpy as np
@@ -65,6 +66,12 @@ def test_preview_then_full_run_streams(make_napari_viewer, qtbot, sample_path, t
     widget = _setup(viewer, sample_path)
     out_layer = _preview_rectangle(qtbot, viewer, widget, 40)
     assert out_layer is not None and out_layer._type_string == "labels"
+    # the class names: napari's status bar names the class under the cursor
+    assert list(out_layer.features["class"]) == ["background", "membrane", "mitochondria"]
+    viewer.dims.set_point(0, 40 * 8)
+    value = int(np.asarray(out_layer.data)[40, 20, 80])
+    status = out_layer.get_status((40 * 8.0, 20 * 8.0, 80 * 8.0), world=True)
+    assert f"class: {out_layer.features['class'][value]}" in str(status)
     preview = np.asarray(out_layer.data)
     # the preview ran exactly the blocks touching the rectangle: z-block 0, y-block 0, x-block 1
     assert _blocks_with_data(preview) == [False, True, False, False, False, False, False, False]
@@ -89,13 +96,16 @@ def test_preview_then_full_run_streams(make_napari_viewer, qtbot, sample_path, t
     widget.run_btn.clicked.emit()
     # while it runs, what would change it cannot be changed; Cancel can be clicked
     settings = ("input", "model", "model_file", "model_file_btn", "model_options", "site",
-                "output", "block", "halo", "replace", "preview_btn", "run_btn")  # fmt: skip
+                "output", "block", "halo", "replace", "preview_btn", "run_btn", "test_site_btn",
+                "preview_on_site", "retry_btn")  # fmt: skip
     assert not any(getattr(widget, name).enabled for name in settings)
     assert widget.cancel_btn.enabled
     _wait_idle(qtbot, widget)
-    assert all(getattr(widget, name).enabled for name in settings)
+    assert all(getattr(widget, name).enabled for name in settings if name != "retry_btn")
+    assert not widget.retry_btn.enabled  # nothing failed
     assert "finished: 8/8 done, 0 failed" in widget.status.value
     assert widget.activity_counts[-1] == (8, 8)  # napari's activity dock counted every block
+    assert re.search(r"emparsl: .*:pred — \d+\.\d\d Mvoxel/s", widget.activity_texts[-1])
     assert any(1 < sum(s) < 4 for s in shown), shown  # some blocks drawn, others still empty
     assert shown[-1] == [True] * 4
     n5 = Volume.open(sample_path, "pred").data.compute()
@@ -141,15 +151,21 @@ def test_failing_model_shows_failed_blocks(make_napari_viewer, qtbot, sample_pat
 
     class Fails(torch.nn.Module):
         def forward(self, x):
-            if bool((x > 2.5).any()):
+            if bool((x > 254.5).any()):
                 raise RuntimeError("too bright for this model")
             return torch.cat([x, -x], dim=1)
 
     path = tmp_path / "fails.pt"
     torch.jit.save(torch.jit.script(Fails()), str(path))
     (tmp_path / "fails.pt.yaml").write_text(
-        "kind: labels\nclasses: [a, b]\nnormalize: zscore\nblock: [64, 64, 64]\n"
+        "kind: labels\nclasses: [a, b]\nnormalize: none\nblock: [64, 64, 64]\n"
     )
+    import z5py
+
+    finest = z5py.File(str(sample_path), "a")["raw/s0"]
+    raw = np.minimum(finest[:], 250)
+    raw[10, 10, 10] = raw[100, 10, 100] = 255  # blocks 0 and 1·4 + 0·2 + 1 = 5 fail
+    finest[:] = raw
     for attrs in (sample_path / "raw").rglob("attributes.json"):  # an input not at the origin
         meta = json.loads(attrs.read_text())
         attrs.write_text(json.dumps(meta | {"offset": [800.0, 800.0, 800.0]}))
@@ -167,20 +183,46 @@ def test_failing_model_shows_failed_blocks(make_napari_viewer, qtbot, sample_pat
     # dropped the units (the scale bar's nm) from the whole view
     assert tuple(map(str, boxes.units)) == tuple(map(str, viewer.layers["raw"].units))
     assert viewer.layers.extent.units is not None
-    n_failed = len(widget.failed_list.choices)
-    assert len(boxes.data) == n_failed and widget.retry_btn.enabled
-    # each box outlines its block's write ROI where the raw layer shows it
+    assert widget.retry_btn.enabled
+    # a box outlines each failed block the slice on screen passes through, on every slice
     raw = viewer.layers["raw"]
     plan = {b.id: b for b in plan_blocks((128, 128, 128), (64, 64, 64), (0, 0, 0))}
     ids = sorted(int(c.split(":")[0].split()[1]) for c in widget.failed_list.choices)
-    for box, block_id in zip(boxes.data, ids, strict=True):
-        corners = np.array([raw.world_to_data(c) for c in box])
-        roi = plan[block_id].write_roi
-        for ax in (1, 2):
-            assert (corners[:, ax].min(), corners[:, ax].max()) == pytest.approx(
-                (roi.begin[ax], roi.end[ax])
-            )
-        assert roi.begin[0] <= corners[0, 0] < roi.end[0]
+    assert ids == [0, 5]
+
+    def check_boxes(z: int) -> None:
+        viewer.dims.set_point(0, 800 + z * 8)
+        here = [i for i in ids if plan[i].write_roi.begin[0] <= z < plan[i].write_roi.end[0]]
+        assert len(boxes.data) == len(here)
+        for box, block_id in zip(boxes.data, here, strict=True):
+            corners = np.array([raw.world_to_data(c) for c in box])
+            roi = plan[block_id].write_roi
+            for ax in (1, 2):
+                assert (corners[:, ax].min(), corners[:, ax].max()) == pytest.approx(
+                    (roi.begin[ax], roi.end[ax])
+                )
+            assert corners[:, 0] == pytest.approx([z] * 4)
+
+    for z in (0, 5, 63, 64, 100, 127):  # before, one box per block, on its middle slice only
+        check_boxes(z)
+    # the output opened again in a new panel (a later session, or after `emparsl run`): its
+    # failed blocks come from its ledger — listed, outlined, Retry offered — and Run / resume
+    # is offered with the block it was made with
+    other = RunWidget(viewer)
+    other.input.value = raw
+    other.model_file.value = str(path)
+    other.block.value = ""
+    other.output.value = f"{sample_path}:fails"
+    qtbot.waitUntil(lambda: len(other.failed_list.choices) == 2, timeout=10_000)
+    # the lists stay when layers come and go (napari resets a docked panel's choices then:
+    # the failed blocks' list emptied as soon as another layer was added)
+    assert other.failed_list.choices == widget.failed_list.choices
+    assert other.retry_btn.enabled and other.block.value == "64,64,64"
+    assert other.status.value == (
+        f"this output has a run at {8 - len(ids)}/8 blocks done, {len(ids)} failed: Run / "
+        "resume continues it; Retry failed computes only the failed blocks"
+    )
+    other.close()
 
     # fix the model (same description, a new file), then Retry failed computes only those blocks
     class Fixed(torch.nn.Module):
@@ -188,11 +230,28 @@ def test_failing_model_shows_failed_blocks(make_napari_viewer, qtbot, sample_pat
             return torch.cat([x, -x], dim=1)
 
     torch.jit.save(torch.jit.script(Fixed()), str(path))
+    from napari_emparsl.core.ledger import Ledger
+
+    ledger = Ledger(str(sample_path), "fails")
+    lines = open(ledger.path).read().splitlines(keepends=True)
+    # a block whose record a crash lost: pending (neither done nor failed), for Retry to leave
+    last = max(i for i, line in enumerate(lines) if json.loads(line).get("status") == "done")
+    pending = json.loads(lines[last])["id"]
+    before = "".join(lines[:last] + lines[last + 1 :])
+    open(ledger.path, "w").write(before)
     widget.retry_btn.clicked.emit()
     _wait_idle(qtbot, widget)
     assert not widget.failed_list.choices and len(boxes.data) == 0
-    assert widget.status.value == "finished: 8/8 done, 0 failed"
-    assert widget.progress.value == 8 and not widget.retry_btn.enabled
+    assert widget.status.value == f"retried {len(ids)} failed block(s): {len(ids)} done, 0 failed"
+    assert not widget.retry_btn.enabled
+    # only those ran (before, Retry was Run / resume: the pending block too)
+    added = [json.loads(line) for line in open(ledger.path).read()[len(before) :].splitlines()]
+    assert sorted(r["id"] for r in added if r.get("type") == "block") == ids
+    summary = ledger.summary()
+    assert len(summary.done) == 7 and pending not in summary.done and not summary.failed
+    widget.run_btn.clicked.emit()  # Run / resume: the pending one
+    _wait_idle(qtbot, widget)
+    assert widget.status.value == "finished: 8/8 done, 0 failed" and widget.progress.value == 8
 
 
 def test_model_info_estimate_and_site_test(
@@ -335,6 +394,25 @@ def test_model_info_estimate_and_site_test(
     widget.site.value = "eight"
     assert widget.estimate.value.startswith("full run on eight: ~")
     assert "for 4 blocks" in widget.estimate.value and "8 workers" in widget.estimate.value
+    # another model, block, halo, input or output: the blocks timed say nothing of it (before,
+    # one estimate averaged every preview of the session)
+    widget.model_options.value = "halo=16"
+    assert widget.estimate.value == "" and widget.block_seconds == []
+    widget.model_options.value = ""
+    # "preview on the chosen site": the preview runs there, not in this process
+    from napari_emparsl.core.ledger import Ledger
+
+    (tmp_path / "sites" / "one.yaml").write_text("kind: threads\nworkers: 1\n")
+    widget.site.reset_choices()
+    widget.site.value = "one"
+    widget.preview_on_site.value = True
+    widget.preview_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    assert Ledger(str(sample_path), "pred").summary().last_run["site"] == "one"
+    widget.preview_on_site.value = False
+    widget.preview_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    assert Ledger(str(sample_path), "pred").summary().last_run["site"] == "threads"
     # a profile that does not validate: Test site says which field, in one sentence
     (tmp_path / "sites" / "broken.yaml").write_text("kind: local\nworkers: zero\n")
     widget.site.reset_choices()
@@ -351,6 +429,11 @@ def test_model_info_estimate_and_site_test(
     assert widget.status.value.startswith("preparing")  # not the last run's status
     _wait_idle(qtbot, widget)
     assert widget.status.value == "finished: 8/8 done, 0 failed" and widget.estimate.value == ""
+    # an output the engine refuses to make: one sentence, no traceback, no run
+    widget.output.value = f"{tmp_path}/o.n5:a//b"
+    widget.run_btn.clicked.emit()
+    assert widget._run is None and widget.run_btn.enabled
+    assert widget.status.value.startswith("The dataset name 'a//b' in ")
 
 
 def test_closing_viewer_during_run_asks_and_stops_workers(
@@ -759,3 +842,31 @@ def test_check_a_bioimageio_package_from_the_panel(
         f"The bioimage.io model {folder} has no test input and output to check it with."
     )
     assert widget.check_model_btn.enabled and widget.run_btn.enabled
+
+
+def test_multichannel_image_output_streams_the_slice_on_screen(
+    make_napari_viewer, qtbot, sample_path
+):
+    """An image output of several channels is a layer with a channel axis first: a finished
+    block is on screen by its z, the third axis from the end (before, the channel index was
+    taken for z: blocks below z 64 were taken as off screen and not drawn until the view
+    moved)."""
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    widget.site.value = "threads"
+    widget.model_options.value = "kind=image; classes=[]; out_channels=3"
+    widget.output.value = f"{sample_path}:logits"
+    viewer.dims.set_point(0, 100 * 8)  # slice 100: the second row of blocks in z
+    widget.preview_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    layer = widget._output_layer
+    assert layer._type_string == "image" and layer.ndim == 4
+    widget._run = type("R", (), {"blocks": {b.id: b for b in plan_blocks(
+        (128, 128, 128), (64, 64, 64), (0, 0, 0))}})()  # fmt: skip
+    try:
+        viewer.dims.set_point(1, 100 * 8)
+        assert [widget._on_screen(i) for i in range(8)] == [False] * 4 + [True] * 4
+        viewer.dims.set_point(1, 10 * 8)
+        assert [widget._on_screen(i) for i in range(8)] == [True] * 4 + [False] * 4
+    finally:
+        widget._run = None

@@ -53,6 +53,28 @@ def test_form_from_schema_validates_and_saves(make_napari_viewer, tmp_path, monk
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sites"]
     assert sorted(p.name for p in (tmp_path / "sites").iterdir()) == ["mysite.yaml"]
+    # every field says what it is (before, some showed a type: "threads_per_worker
+    # (typing.Annotated[int, Gt(gt=0)])")
+    for name, field in widget.fields.items():
+        assert field.tooltip == SiteProfile.model_fields[name].description, name
+        assert "typing" not in field.tooltip and len(field.tooltip) > 20
+    # a sites folder that cannot be written: one sentence, as a notification too
+    from napari.utils.notifications import notification_manager
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("EMPARSL_SITES", str(tmp_path / "file"))
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    try:
+        widget.fields["name"].value = "other"
+        assert widget.save() is None
+    finally:
+        notification_manager.notification_ready.disconnect(seen.append)
+    assert widget.message.value.startswith(f"Could not save the site profile to {tmp_path}/file/")
+    assert widget.message.value.endswith(
+        "set EMPARSL_SITES to a folder you can write, or free some space."
+    )
+    assert [str(n.message) for n in seen] == [widget.message.value]
 
 
 def test_test_site_starts_the_site_as_the_form_says(make_napari_viewer, qtbot, tmp_path, htex,

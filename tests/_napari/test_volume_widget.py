@@ -96,3 +96,43 @@ def test_unfinished_import_is_marked(make_napari_viewer, tmp_path, monkeypatch):
     list(steps)  # the import completes
     widget.refresh()
     assert widget.datasets.native.item(0).text() == "raw  4×8×8 uint8"
+
+
+def test_typed_paths_and_lists_that_stay(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    from napari.utils.notifications import notification_manager
+    from qtpy.QtCore import Qt
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    assert main(["sample", str(tmp_path / "s.n5"), "--shape", "16,32,32"]) == 0
+    viewer = make_napari_viewer(show=True)
+    widget = VolumeWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    line = widget.path.native
+    line.activateWindow()
+    line.setFocus()
+    qtbot.waitUntil(line.hasFocus, timeout=5_000)
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    try:
+        # typed letter by letter: every prefix is no container, said in the info line only
+        # (before, each keystroke was an error notification)
+        qtbot.keyClicks(line, str(tmp_path / "s.n5"))
+        assert list(widget.datasets.choices) == ["labels/cells", "labels/classes", "raw"]
+        assert seen == []
+        line.clear()
+        qtbot.keyClicks(line, str(tmp_path / "nope.n5"))
+        assert "does not exist" in widget.info.value and seen == []
+        qtbot.keyClick(line, Qt.Key.Key_Return)  # typing done: said once, as a notification
+        assert len(seen) == 1 and "nope.n5" in str(seen[0].message)
+        qtbot.keyClick(line, Qt.Key.Key_Return)
+        assert len(seen) == 1
+    finally:
+        notification_manager.notification_ready.disconnect(seen.append)
+    # the recent list gets the paths listed since the panel opened
+    widget.path.value = str(tmp_path / "s.n5")
+    assert str(tmp_path / "s.n5") in widget.recent.choices
+    # Open adds layers, and napari then resets a docked panel's choices: the list stays
+    # (before, it emptied as soon as its datasets were opened)
+    widget.datasets.value = ["raw", "labels/classes"]
+    assert len(widget.open_selected()) == 2
+    assert list(widget.datasets.choices) == ["labels/cells", "labels/classes", "raw"]

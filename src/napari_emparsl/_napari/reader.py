@@ -104,6 +104,8 @@ def layer_data(volume: Volume) -> LayerData:
     if volume.attrs.get(UNFINISHED):  # an import or save still writing it, or stopped mid-way
         meta["metadata"]["emparsl"]["unfinished"] = volume.attrs[UNFINISHED]
     if volume.is_labels:
+        if volume.class_names:  # napari's status bar names the class under the cursor
+            meta["features"] = {"class": volume.class_names}
         return data, meta, "labels"
     if "c" in volume.axes:
         meta["channel_axis"] = volume.axes.index("c")

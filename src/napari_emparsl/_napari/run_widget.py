@@ -37,7 +37,7 @@ from napari_emparsl._napari.background import (
     error_sentence,
     in_background,
 )
-from napari_emparsl._napari.widgets import wrapping
+from napari_emparsl._napari.widgets import set_choices, wrapping
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.events import BlockDone, BlockFailed, Cancelled, Finished, Planned
 from napari_emparsl.core.geometry import Roi, size_values
@@ -141,6 +141,55 @@ def _package_name(model: str) -> str | None:
     return str(name or os.path.basename(package.path.rstrip("/\\")))
 
 
+def _triple_or_none(text: str) -> tuple[int, int, int] | None:
+    try:
+        return _triple(text, "block", 0)
+    except UserError:
+        return None
+
+
+def _output_ledger(output: str) -> dict[str, Any]:
+    """What the run panel shows of an output's ledger (in a background thread): its failed
+    blocks with their errors and write ROIs, the input geometry to outline them in, blocks
+    done of the whole plan, and the block, halo and model of its last run. Only
+    ``{"output": …}`` when it has no ledger."""
+    from napari_emparsl.core.ledger import Ledger, whole_plan_blocks
+    from napari_emparsl.core.volume import parse_spec
+    from napari_emparsl.execution.runner import parse_roi
+
+    root, key = parse_spec(output)
+    ledger = Ledger(user_path(root), key)
+    if not ledger.exists():
+        return {"output": output}
+    summary = ledger.summary()
+    last = summary.last_run
+    out = Volume.open(user_path(root), key)
+    scale = last.get("spec", {}).get("scale", [1, 1, 1])
+    # the input's grid, from the output's (see Run._create_output): voxel × scale, and the
+    # origin of its voxel centres
+    in_vs = [v * s for v, s in zip(out.voxel_size[-3:], scale, strict=True)]
+    in_off = [
+        o - (w - v) / 2 for o, v, w in zip(out.offset[-3:], in_vs, out.voxel_size[-3:], strict=True)
+    ]
+    rois = {}
+    for bid, rec in summary.failed.items():
+        try:
+            rois[bid] = parse_roi(str(rec["roi"]))
+        except (KeyError, UserError):
+            pass  # an old or damaged record: listed, not outlined
+    return {
+        "output": output,
+        "failed": {bid: str(rec.get("error", "")) for bid, rec in sorted(summary.failed.items())},
+        "rois": rois,
+        "geo": (tuple(in_vs), tuple(in_off), out.unit),
+        "done": len(summary.done),
+        "total": whole_plan_blocks(out.shape, last),
+        "block": last.get("block"),
+        "halo": last.get("halo"),
+        "model": last.get("model"),
+    }
+
+
 class RunWidget(Container):
     """Volume → model → site → preview / run, with streaming results and failed blocks."""
 
@@ -157,7 +206,10 @@ class RunWidget(Container):
         self._levels: list[tuple[Any, tuple[int, ...]]] = []
         self._range: tuple[float, float] | None = None  # value range of an image output so far
         self._failed_layer = None
-        self._failed: dict[int, str] = {}
+        self._failed: dict[int, str] = {}  # block id -> error, of the output shown
+        self._failed_rois: dict[int, Roi] = {}  # block id -> its write ROI (input voxels)
+        # input voxel size, origin (z, y, x) and unit the failed blocks' boxes are drawn in
+        self._failed_geo: tuple[Any, Any, str] | None = None
         self._planned = 0
         self._last_refresh = 0.0
         self._stale = False  # finished blocks off screen, not yet shown
@@ -166,7 +218,12 @@ class RunWidget(Container):
         self._activity_pending = False
         self._activity_last = 0.0
         self.activity_counts: list[tuple[int, int]] = []  # (done, total) of each finished run
-        self.block_seconds: list[float] = []  # compute time of each finished block (estimates)
+        self.activity_texts: list[str] = []  # and the activity dock's last line of each
+        # time of each block finished since the model, block, halo, input or output last
+        # changed (read + compute + write), for the estimate of a full run
+        self.block_seconds: list[float] = []
+        self._voxels = 0  # written by the run going on, for the activity dock's rate
+        self._started = 0.0
         self._blocks_left: int | None = None  # of the whole plan, after the last preview
 
         self.input = ComboBox(
@@ -227,6 +284,12 @@ class RunWidget(Container):
             "block or halo wrote there is deleted (the input never is); unticks itself once "
             "the run has started",
         )
+        self.preview_on_site = CheckBox(
+            text="preview on the chosen site",
+            value=False,
+            tooltip="off: previews run in this process (threads: no site to start, the first "
+            "block sooner); on: on the site chosen above, as the full run will",
+        )
         self.preview_btn = PushButton(
             text="Preview region",
             tooltip="compute only the blocks under the rectangle of the 'region' Shapes layer, "
@@ -257,7 +320,7 @@ class RunWidget(Container):
             self.input, self.model, model_file_row, self.model_options, self.model_info,
             self.site, self.test_site_btn,
             self.output, self.block, self.halo, self.replace,
-            self.preview_btn, self.run_btn, self.cancel_btn, self.progress, self.estimate, self.status,
+            self.preview_on_site, self.preview_btn, self.run_btn, self.cancel_btn, self.progress, self.estimate, self.status,
             self.failed_list,
             self.retry_btn,
         ])  # fmt: skip
@@ -276,8 +339,22 @@ class RunWidget(Container):
         self.preview_btn.changed.connect(self.preview)
         self.run_btn.changed.connect(self.start_full_run)
         self.cancel_btn.changed.connect(self.cancel)
-        self.retry_btn.changed.connect(self.start_full_run)  # a run computes what is not done
+        self.retry_btn.changed.connect(self.retry_failed)
         self.site.changed.connect(self._show_estimate)
+        # the estimate was measured with one model, block and halo: another makes it void
+        for w in (self.input, self.model, self.model_file, self.model_options, self.block,
+                  self.halo, self.output):  # fmt: skip
+            w.changed.connect(self._forget_estimate)
+        # an output with a ledger: its failed blocks, and an offer to resume it (read off the
+        # Qt thread, once typing has paused)
+        self._ledger_relay = Relay()
+        self._ledger_relay.answer.connect(self._ledger_read)
+        self._runs_started = 0
+        self._ledger_timer = QTimer(self.native)  # goes with the panel
+        self._ledger_timer.setSingleShot(True)
+        self._ledger_timer.setInterval(300)
+        self._ledger_timer.timeout.connect(self.read_output_ledger)
+        self.output.changed.connect(lambda *_: self._ledger_timer.start())
         viewer.layers.events.inserted.connect(lambda e: self.input.reset_choices())
         viewer.layers.events.removed.connect(lambda e: self.input.reset_choices())
         viewer.dims.events.current_step.connect(self._on_dims)
@@ -454,6 +531,7 @@ class RunWidget(Container):
         from napari_emparsl.execution.sites import check_site, load_site
 
         name = self._testing_site = self.site.value
+        self.test_site_btn.enabled = False  # one test at a time
         self.status.value = f"testing site {name}…"
         in_background(
             self._site_relay, lambda: check_site(load_site(name)), name="emparsl-site-test"
@@ -461,6 +539,8 @@ class RunWidget(Container):
 
     def _site_tested(self, result: Any) -> None:
         name = self._testing_site
+        self._testing_site = ""
+        self.test_site_btn.enabled = self._run is None
         if isinstance(result, BaseException):
             self._error(error_sentence(result, f"Testing site {name}"))
         else:
@@ -572,7 +652,12 @@ class RunWidget(Container):
         except (UserError, TypeError) as err:
             self._error(str(err) if isinstance(err, UserError) else self._no_volume())
             return
-        self._start(roi=roi, site="threads")
+        self._start(roi=roi, site=self.site.value if self.preview_on_site.value else "threads")
+
+    def retry_failed(self, *_: Any) -> None:
+        """Compute the failed blocks again — only those, not the blocks still pending."""
+        if self._failed:
+            self._start(roi=None, site=self.site.value, only=set(self._failed))
 
     def start_full_run(self, *_: Any) -> None:
         self._blocks_left = None  # the estimate was for this run
@@ -584,7 +669,7 @@ class RunWidget(Container):
             self._run.cancel()
             self.status.value = "cancelling…"
 
-    def _start(self, roi: Roi | None, site: str) -> None:
+    def _start(self, roi: Roi | None, site: str, only: set[int] | None = None) -> None:
         from napari.qt.threading import thread_worker
 
         from napari_emparsl.execution.runner import Run
@@ -598,21 +683,21 @@ class RunWidget(Container):
             block = _triple(self.block.value, "block", 1)
             halo = _triple(self.halo.value, "halo", 0)
             options = self._options()
-        except UserError as err:
+            run = Run(
+                f"{src[0]}:{src[1]}", self._model(), self.output.value, site=site, roi=roi,
+                block=block, halo=halo, model_options=options, overwrite=self.replace.value,
+                block_ids=only,
+            )  # fmt: skip
+        except UserError as err:  # e.g. an output name that leaves its container
             self._error(str(err))
             return
-        run = Run(
-            f"{src[0]}:{src[1]}", self._model(), self.output.value, site=site, roi=roi,
-            block=block, halo=halo, model_options=options, overwrite=self.replace.value,
-        )  # fmt: skip
+        self._ledger_timer.stop()  # the run's events say what the ledger would
+        self._runs_started += 1
         self._run = run
         from napari_emparsl._napari.runs_widget import remember_output
 
         remember_output(self.output.value)
-        self._failed.clear()
-        self.failed_list.choices = []
-        if self._failed_layer is not None and self._failed_layer in self._viewer.layers:
-            self._failed_layer.data = []
+        self._set_failed({}, {}, None)
 
         # errors go to the handler below (one sentence), not to napari's traceback notification
         @thread_worker(ignore_errors=True)
@@ -625,6 +710,7 @@ class RunWidget(Container):
             except RuntimeError as err:  # superqt would drop it, and the run never end here
                 raise WorkerRuntimeError(str(err)) from err
 
+        self._voxels, self._started = 0, time.perf_counter()
         worker = drain(run)
         worker.yielded.connect(self._on_event)
         worker.errored.connect(lambda err: self._error(error_sentence(err, "The run")))
@@ -664,9 +750,18 @@ class RunWidget(Container):
         if self._run is None or self._activity is not None:
             return  # the run ended already
         # created last: napari's progress may run queued events
-        activity = progress(total=total, desc=f"emparsl: {self.output.value}")
+        activity = progress(total=total, desc=self._activity_text())
         activity.update(self.progress.value - activity.n)
         self._activity = activity
+
+    def _activity_text(self) -> str:
+        """The activity dock's line: the output, and the voxels per second written so far
+        (napari's bar adds blocks done / total and the ETA)."""
+        text = f"emparsl: {self.output.value}"
+        seconds = time.perf_counter() - self._started
+        if self._voxels and seconds > 0:
+            text += f" — {self._voxels / seconds / 1e6:.2f} Mvoxel/s"
+        return text
 
     def _update_activity(self) -> None:
         # napari's progress may process queued Qt events (the next run events) while it draws,
@@ -674,6 +769,7 @@ class RunWidget(Container):
         self._activity_pending = False
         self._activity_last = time.perf_counter()
         if self._activity is not None and self._activity_target > self._activity.n:
+            self._activity.set_description(self._activity_text())
             self._activity.update(self._activity_target - self._activity.n)
 
     def _handle(self, event: Any) -> None:
@@ -694,7 +790,9 @@ class RunWidget(Container):
             self._widen_contrast(event.result.out_min, event.result.out_max)
             self._set_progress(event.done)
             self.status.value = f"{event.done}/{event.total} blocks done"
-            self.block_seconds.append(event.result.t_compute)
+            r = event.result
+            self.block_seconds.append(r.t_read + r.t_compute + r.t_write)
+            self._voxels += event.voxels
             if not self._on_screen(event.result.block_id):
                 self._stale = True  # refreshed when the view moves there: no redraw now
                 return
@@ -702,11 +800,23 @@ class RunWidget(Container):
             if time.perf_counter() - self._last_refresh > 0.2:
                 self._refresh_output()  # show the first blocks at once; later ones are throttled
         elif isinstance(event, BlockFailed) and event.final:
+            run = self._run
+            blk = run.blocks.get(event.block_id) if run is not None else None
+            if blk is not None and run._src is not None:
+                self._failed_rois[event.block_id] = blk.write_roi
+                src = run._src  # the run's own plan and input: no re-planning on this thread
+                self._failed_geo = (src.voxel_size[-3:], src.offset[-3:], src.unit)
             self._failed[event.block_id] = event.error
-            self.failed_list.choices = [f"block {k}: {v}" for k, v in sorted(self._failed.items())]
+            set_choices(
+                self.failed_list, [f"block {k}: {v}" for k, v in sorted(self._failed.items())]
+            )
             self._show_failed_boxes()
         elif isinstance(event, Finished):
-            self.status.value = f"finished: {event.done}/{event.total} done, {event.failed} failed"
+            self.status.value = (
+                f"retried {event.total} failed block(s): {event.done} done, {event.failed} failed"
+                if self._run is not None and self._run.block_ids is not None
+                else f"finished: {event.done}/{event.total} done, {event.failed} failed"
+            )
             if self._run is not None and self._run.roi is not None:
                 self._estimate_full_run()
             self._dirty = True
@@ -738,6 +848,14 @@ class RunWidget(Container):
             self._range = (min(self._range[0], lo), max(self._range[1], hi))
         a, b = self._range
         layer.contrast_limits = (a, b if b > a else a + 1)
+
+    def _forget_estimate(self, *_: Any) -> None:
+        """Another model, block, halo, input or output: the blocks timed so far say nothing
+        about it (before, one estimate averaged every preview of the session)."""
+        if self._run is None:
+            self.block_seconds.clear()
+            self._blocks_left = None
+            self.estimate.value = ""
 
     def _estimate_full_run(self) -> None:
         """After a preview: measured block time × blocks left ÷ workers of the chosen site."""
@@ -773,7 +891,8 @@ class RunWidget(Container):
         blocks = getattr(self._run, "blocks", None)
         if self._viewer.dims.ndisplay == 3 or not blocks or self._output_layer is None:
             return True
-        z = self._output_layer.world_to_data(self._viewer.dims.point)[0]
+        # z is the third axis from the end: a multichannel image output's first is its channel
+        z = self._output_layer.world_to_data(self._viewer.dims.point)[-3]
         roi = blocks[block_id].out_write_roi
         return roi.begin[0] <= z < roi.end[0]
 
@@ -821,6 +940,8 @@ class RunWidget(Container):
 
     def _on_dims(self, *_: Any) -> None:
         self._update_watch()
+        if self._failed_rois:
+            self._show_failed_boxes(create=False)  # the boxes of the slice now shown
         if self._stale:
             self._stale = False
             self._dirty = True
@@ -829,6 +950,7 @@ class RunWidget(Container):
         if self._activity is not None:
             self._update_activity()  # a count still waiting for its turn
             self.activity_counts.append((self._activity.n, self._activity.total))
+            self.activity_texts.append(self._activity.desc)
             self._activity.close()
             self._activity = None
         self._set_running(False)
@@ -854,8 +976,10 @@ class RunWidget(Container):
             self.block,
             self.halo,
             self.replace,
+            self.preview_on_site,
         ):
             w.enabled = not running
+        self.test_site_btn.enabled = not running and not self._testing_site
 
     def _error(self, message: str) -> None:
         from napari.utils.notifications import show_error
@@ -897,11 +1021,15 @@ class RunWidget(Container):
                     kwargs["units"] = None
                 # widened as blocks finish
                 kwargs["contrast_limits"] = (0.0, 255.0 if out.dtype == np.uint8 else 1.0)
+            if out.is_labels and out.class_names:  # the status bar names the class
+                kwargs["features"] = {"class": out.class_names}
             layer = kind(data, multiscale=len(levels) > 1, **kwargs)
             self._range = None
             layer.metadata["emparsl"] = {"path": out.root, "key": out.key}
         elif not isinstance(layer.data[0] if layer.multiscale else layer.data, LiveN5Array):
             layer.data = data
+            if out.is_labels and out.class_names:
+                layer.features = {"class": out.class_names}
         else:
             levels = list(layer.data) if layer.multiscale else [layer.data]
             live = levels[0]
@@ -930,26 +1058,52 @@ class RunWidget(Container):
         self._last_refresh = time.perf_counter()
         self._output_layer.refresh()  # the plane on screen is read already (LiveN5Array)
 
-    def _show_failed_boxes(self) -> None:
-        run = self._run
-        if run is None or not run.blocks or run._src is None:
+    def _set_failed(
+        self, failed: dict[int, str], rois: dict[int, Roi], geo: tuple[Any, Any, str] | None
+    ) -> None:
+        """The failed blocks of the output shown: listed with their errors, outlined, and
+        Retry failed offered."""
+        self._failed, self._failed_rois, self._failed_geo = dict(failed), dict(rois), geo
+        set_choices(self.failed_list, [f"block {k}: {v}" for k, v in sorted(self._failed.items())])
+        self.retry_btn.enabled = self._run is None and bool(self._failed)
+        self._show_failed_boxes()
+
+    def _show_failed_boxes(self, create: bool = True) -> None:
+        """Outline the failed blocks in a Shapes layer: in a 2D view, a box for each failed
+        block the slice on screen passes through (set again as the slice changes: a box on
+        every slice of a block, at the cost of a few rectangles); in 3D, one at each block's
+        middle slice. ``create``: add the layer where it is not in the viewer (a layer the user
+        removed comes back with the next failure, not as the slice changes)."""
+        layer = self._failed_layer
+        if not create and (layer is None or layer not in self._viewer.layers):
             return
-        vol = run._src  # the run's own plan and input: no re-planning on the Qt thread
-        voxel, origin = np.asarray(vol.voxel_size[-3:]), np.asarray(vol.offset[-3:])
+        if not self._failed_rois or self._failed_geo is None:
+            if layer is not None and layer in self._viewer.layers and len(layer.data):
+                layer.data = []
+            return
+        voxel, origin, unit = self._failed_geo
+        voxel, origin = np.asarray(voxel, float), np.asarray(origin, float)
+        dims = self._viewer.dims
+        plane = None
+        if dims.ndisplay == 2 and len(dims.point) >= 3:
+            plane = int(np.floor((dims.point[-3] - origin[0]) / voxel[0] + 0.5))
         boxes = []
-        for block_id in sorted(self._failed):
-            blk = run.blocks.get(block_id)
-            if blk is None:
+        for block_id in sorted(self._failed_rois):
+            roi = self._failed_rois[block_id]
+            (z0, y0, x0), (z1, y1, x1) = roi.begin, roi.end
+            if plane is None:
+                z = (z0 + z1 - 1) / 2
+            elif z0 <= plane < z1:
+                z = plane
+            else:
                 continue
-            (z0, y0, x0), (z1, y1, x1) = blk.write_roi.begin, blk.write_roi.end
-            zc = (z0 + z1 - 1) / 2
-            corners = np.array([[zc, y0, x0], [zc, y0, x1], [zc, y1, x1], [zc, y1, x0]])
+            corners = np.array([[z, y0, x0], [z, y0, x1], [z, y1, x1], [z, y1, x0]], float)
             boxes.append(corners * voxel + origin)
-        if self._failed_layer is None or self._failed_layer not in self._viewer.layers:
+        if layer is None or layer not in self._viewer.layers:
             # the input's units: a layer without them makes napari warn "Inconsistent units
             # across layers" and drop units (the scale bar's nm) from the whole view
-            units = (vol.unit,) * 3 if vol.unit != "pixel" else None
-            self._failed_layer = self._viewer.add_shapes(
+            units = (unit,) * 3 if unit != "pixel" else None
+            layer = self._failed_layer = self._viewer.add_shapes(
                 name="failed blocks",
                 edge_color="red",
                 face_color="transparent",
@@ -957,4 +1111,56 @@ class RunWidget(Container):
                 ndim=3,
                 **({"units": units} if units else {}),
             )
-        self._failed_layer.data = boxes
+        if boxes or len(layer.data):
+            layer.data = boxes
+            layer.shape_type = "rectangle"
+
+    # ------------------------------------------------------------------------------------------
+    # an output's ledger: its failed blocks, and an offer to resume it
+
+    def read_output_ledger(self, *_: Any) -> None:
+        """Read the ledger of the output named now, off the Qt thread (see :meth:`_ledger_read`)."""
+        output = self.output.value.strip()
+        if self._run is not None or not output:
+            return
+        runs = self._runs_started  # a run started meanwhile makes this answer stale
+
+        def read() -> tuple[int, Any]:
+            try:
+                return runs, _output_ledger(output)
+            except Exception as err:  # no such output yet, or one half typed
+                return runs, err
+
+        in_background(self._ledger_relay, read, "emparsl-run-ledger", daemon=True)
+
+    def _ledger_read(self, result: Any) -> None:
+        runs, answer = result
+        if isinstance(answer, BaseException):
+            log.debug("reading the output's ledger failed: %s", answer)
+            answer = None
+        if self._run is not None or runs != self._runs_started:
+            return  # a run says it itself (or said it: what was read may be stale)
+        if answer and answer["output"] != self.output.value.strip():
+            return  # the output changed again meanwhile
+        if not answer or "done" not in answer:  # a new output: nothing failed there
+            if self._failed:
+                self._set_failed({}, {}, None)
+            return
+        self._set_failed(answer["failed"], answer["rois"], answer["geo"])
+        done, total, failed = answer["done"], answer["total"], len(answer["failed"])
+        if done >= total and not failed:
+            self.status.value = f"this output is complete: {done}/{total} blocks done"
+            return
+        # resuming needs the block and halo it was made with: fill them in
+        for field, value in (("block", answer["block"]), ("halo", answer["halo"])):
+            if isinstance(value, list) and _triple_or_none(getattr(self, field).value) != tuple(
+                value
+            ):
+                getattr(self, field).value = ",".join(map(str, value))
+        model = answer["model"]
+        other = f" (made with model {model}: choose it to resume)" if model != self._model() else ""
+        self.status.value = (
+            f"this output has a run at {done}/{total} blocks done, {failed} failed{other}: "
+            "Run / resume continues it"
+            + ("; Retry failed computes only the failed blocks" if failed else "")
+        )

@@ -17,7 +17,7 @@ from magicgui.widgets import Container, Label, PushButton, Select
 
 from napari_emparsl._napari import napari_fixes
 from napari_emparsl._napari.background import Relay, error_sentence, in_background
-from napari_emparsl._napari.widgets import wrapping
+from napari_emparsl._napari.widgets import set_choices, wrapping
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.geometry import plan_blocks
 from napari_emparsl.core.ledger import Ledger, LedgerFollower, lock_holder, whole_plan_blocks
@@ -150,7 +150,7 @@ class RunsWidget(Container):
         if generation != self._generation:
             return  # a later refresh is on its way
         selected = [o for o in (self.runs.value or []) if o in {o for _, o in runs}]
-        self.runs.choices = runs
+        set_choices(self.runs, runs)
         self.runs.value = selected  # the selection survives new layers and refreshes
         self.refreshed += 1
         if running:

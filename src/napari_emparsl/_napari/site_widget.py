@@ -135,12 +135,17 @@ class SiteWidget(Container):
 
     def _tested(self, result: Any) -> None:
         name = self._testing
-        self.message.value = (
-            error_sentence(result, f"Testing site {name}")
-            if isinstance(result, BaseException)
-            else f"site {name}: first result after {result:.1f} s"
-        )
         self.test_btn.enabled = True
+        if isinstance(result, BaseException):
+            self._error(error_sentence(result, f"Testing site {name}"))
+        else:
+            self.message.value = f"site {name}: first result after {result:.1f} s"
+
+    def _error(self, message: str) -> None:
+        from napari.utils.notifications import show_error
+
+        self.message.value = message
+        show_error(message)
 
     def save(self, *_: Any) -> str | None:
         """Validate; on success write ``<user sites>/<name>.yaml`` and return its path."""
@@ -148,9 +153,16 @@ class SiteWidget(Container):
         if profile is None:
             return None
         folder = user_site_dir()
-        folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{profile.name}.yaml"
-        path.write_text(yaml.safe_dump(profile.model_dump(), sort_keys=False))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path.write_text(yaml.safe_dump(profile.model_dump(), sort_keys=False))
+        except OSError as err:  # a read-only home, a full disk
+            self._error(
+                f"Could not save the site profile to {path} ({err.strerror or err}); set "
+                "EMPARSL_SITES to a folder you can write, or free some space."
+            )
+            return None
         self.message.value = f"saved {path}"
         self.site.reset_choices()
         return str(path)

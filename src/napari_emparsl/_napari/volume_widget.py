@@ -17,7 +17,7 @@ from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton, S
 
 from napari_emparsl._napari import napari_fixes
 from napari_emparsl._napari.background import Relay, error_sentence, in_background
-from napari_emparsl._napari.widgets import wrapping
+from napari_emparsl._napari.widgets import set_choices, wrapping
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.ledger import Ledger, whole_plan_blocks
 from napari_emparsl.core.paths import user_path
@@ -67,7 +67,9 @@ class VolumeWidget(Container):
         napari_fixes.apply()  # a napari crash on removing a layer (see the module)
         self.path = LineEdit(label="N5 container", tooltip="a .n5 folder (type or paste a path)")
         self.recent = ComboBox(
-            label="recent", choices=["", *recent_paths()], tooltip="containers opened before"
+            label="recent",
+            choices=lambda *_: ["", *recent_paths()],
+            tooltip="containers opened before",
         )
         self.browse_btn = PushButton(text="Choose folder…", tooltip="pick a .n5 folder")
         self.datasets = Select(label="datasets", choices=[], tooltip="datasets and pyramids inside")
@@ -79,7 +81,12 @@ class VolumeWidget(Container):
             [self.path, self.recent, self.browse_btn, self.datasets, self.open_btn, self.info]
         )
         wrapping(self.info)
-        self.path.changed.connect(self.refresh)
+        # typed: listed as it is typed, but what is wrong with a half-typed path is said in
+        # the info line only — as a notification once typing is done (Return, or leaving the
+        # field); chosen (folder dialog, recent list): said at once
+        self.path.changed.connect(lambda *_: self.refresh(notify=not self.path.native.hasFocus()))
+        self.path.native.editingFinished.connect(self._typed)
+        self._path_error = ""
         self.recent.changed.connect(lambda v: v and setattr(self.path, "value", v))
         self.browse_btn.changed.connect(self._browse)
         self.open_btn.changed.connect(self.open_selected)
@@ -96,17 +103,23 @@ class VolumeWidget(Container):
         if folder:
             self.path.value = folder
 
-    def refresh(self, *_: Any) -> None:
-        """List what the container holds (JSON only: nothing is read)."""
+    def refresh(self, *_: Any, notify: bool = True) -> None:
+        """List what the container holds (JSON only: nothing is read); ``notify``: what is
+        wrong is also a napari notification (else the info line only)."""
         path = user_path(self.path.value)
-        self.datasets.choices = []
+        set_choices(self.datasets, [])
+        self._path_error = ""
         if not path:
             return
         try:
             tree = {n["key"]: n for n in container_tree(path)}
             keys = openable_keys(path)
         except UserError as err:
-            self._error(str(err))
+            self._path_error = str(err)
+            if notify:
+                self._error(str(err))
+            else:
+                self.info.value = str(err)
             return
         choices = []
         for key in keys:
@@ -125,11 +138,18 @@ class VolumeWidget(Container):
                 label += "  (unfinished)"
                 detail += f"; unfinished: {unfinished}"
             choices.append((label, key, detail))
-        self.datasets.choices = [(label, key) for label, key, _ in choices]
+        set_choices(self.datasets, [(label, key) for label, key, _ in choices])
         for i, (_, _, detail) in enumerate(choices):  # the whole line, without widening the dock
             self.datasets.native.item(i).setToolTip(detail)
         self.info.value = f"{len(keys)} dataset(s)"
         _remember(os.path.abspath(path))
+        self.recent.reset_choices()
+
+    def _typed(self) -> None:
+        """Typing is done: what is wrong with the path typed is a notification now, once."""
+        if self._path_error:
+            self._error(self._path_error)
+            self._path_error = ""
 
     def _describe(self, *_: Any) -> None:
         keys = self.datasets.value or []

@@ -43,3 +43,15 @@ def wrapping(label: Any) -> Any:
     native.installEventFilter(native._fit_height)
     label.changed.connect(lambda *_: fit(native))
     return label
+
+
+def set_choices(widget: Any, choices: Any) -> None:
+    """Set a list the panel fills itself (datasets, failed blocks, runs) so that it stays.
+
+    napari calls ``reset_choices`` on a docked widget whenever a layer is added or removed,
+    and magicgui then sets plain choices back to those the widget was created with: the list
+    emptied (e.g. the failed blocks as soon as their Shapes layer was added, the datasets when
+    Open added their layers). Choices given as a function survive it.
+    """
+    items = list(choices)
+    widget.choices = lambda *_: items

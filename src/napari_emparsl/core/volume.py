@@ -359,6 +359,17 @@ class Volume:
         return looks_like_labels(self.key, self.attrs, self.dtype.name)
 
     @property
+    def class_names(self) -> list[str]:
+        """A labels output's class names (``class_names``), also for one level of a pyramid
+        (named on its group); empty when it has none."""
+        names = self.attrs.get("class_names")
+        if not names and "/" in self.key:
+            names = read_attrs(os.path.join(self.root, self.key.rsplit("/", 1)[0])).get(
+                "class_names"
+            )
+        return [str(n) for n in names] if isinstance(names, list) else []
+
+    @property
     def ndim(self) -> int:
         return len(self.shape)
 

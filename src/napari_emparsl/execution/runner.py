@@ -17,7 +17,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -304,7 +304,8 @@ class Run:
     """One inference run from an N5 input to an N5 output.
 
     Parameters mirror ``emparsl run``. Iterate :meth:`events` (or call :meth:`execute`) to run;
-    :meth:`cancel` from another thread stops it cleanly.
+    :meth:`cancel` from another thread stops it cleanly. ``block_ids`` restricts the run to
+    those blocks of its plan (the run panel's Retry failed: only the failed ones).
     """
 
     def __init__(
@@ -322,6 +323,7 @@ class Run:
         retries: int = 2,
         in_flight_per_worker: int = 2,
         batch: int | None = None,
+        block_ids: Iterable[int] | None = None,
     ):
         self.input_root, self.input_key = parse_spec(input)
         # no output: suggested from the input once it is open (predictions/<name> beside it)
@@ -341,6 +343,8 @@ class Run:
         self.retries = retries
         self.in_flight_per_worker = in_flight_per_worker
         self.batch = batch  # blocks per task; None: by block size (_auto_batch)
+        # only these blocks of the plan (the panel's Retry failed); None: every block
+        self.block_ids = frozenset(block_ids) if block_ids is not None else None
         self._cancel = threading.Event()
         self._src: Volume | None = None
         self._provenance: dict[str, Any] | None = None
@@ -519,6 +523,8 @@ class Run:
             )
         except GeometryError as err:
             raise RunError(str(err)) from None
+        if self.block_ids is not None:
+            blocks = [b for b in blocks if b.id in self.block_ids]
         check_no_shared_chunks(blocks, out_chunks)
         _check_input_written(src, blocks)
         if existing is not None:

@@ -45,19 +45,37 @@ class SiteProfile(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str
-    kind: Literal["threads", "local"]
+    name: str = Field(description="the profile's name, also its file name (<name>.yaml)")
+    kind: Literal["threads", "local"] = Field(
+        description="threads: blocks run in this process (previews, tests); local: in worker "
+        "processes of this machine (full runs)"
+    )
     workers: PositiveInt | Literal["auto"] = Field(
         "auto",
         description="worker processes (threads for kind threads), or auto: one per "
         "threads_per_worker cores this process may use, at most one per 3 GB of memory",
     )
-    threads_per_worker: PositiveInt = 1
-    strategy_period: float = Field(0.2, gt=0)
-    worker_init: str = ""
+    threads_per_worker: PositiveInt = Field(
+        1, description="torch threads (cores) each worker uses for its blocks"
+    )
+    strategy_period: float = Field(
+        0.2,
+        gt=0,
+        description="seconds between Parsl's checks of the workers it needs (short: the "
+        "first blocks start sooner)",
+    )
+    worker_init: str = Field(
+        "", description="shell commands run before each worker starts (e.g. module load …)"
+    )
     # niceness of the worker processes (0-19): a desktop running the GUI stays responsive while
     # the workers use every core
-    nice: int = Field(0, ge=0, le=19)
+    nice: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description="niceness of the worker processes, 0-19 (higher: the desktop stays "
+        "responsive while the workers use every core)",
+    )
     keep_freed_memory: bool = Field(
         True,
         description="workers keep the memory a block frees for the next block (a third faster "
