@@ -24,6 +24,10 @@ def settle(viewer: napari.Viewer, n: int = 20) -> None:
 
 
 def shot(viewer: napari.Viewer, name: str) -> None:
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close()  # an earlier step's notification over the canvas
     settle(viewer)
     viewer.screenshot(str(IMAGES / name), canvas_only=False, flash=False)
     print(f"wrote {IMAGES / name}")

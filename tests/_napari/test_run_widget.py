@@ -205,6 +205,10 @@ def test_failing_model_shows_failed_blocks(make_napari_viewer, qtbot, sample_pat
 
     for z in (0, 5, 63, 64, 100, 127):  # before, one box per block, on its middle slice only
         check_boxes(z)
+    # red rectangles 2 voxels wide: before, they were polygons 1 nm wide (the layer's default
+    # for shapes added after it is made), too thin to be seen
+    assert set(boxes.shape_type) == {"rectangle"} and set(boxes.edge_width) == {16.0}
+    assert (boxes.edge_color == [1, 0, 0, 1]).all() and (boxes.face_color[:, 3] == 0).all()
     # the output opened again in a new panel (a later session, or after `emparsl run`): its
     # failed blocks come from its ledger — listed, outlined, Retry offered — and Run / resume
     # is offered with the block it was made with

@@ -1099,21 +1099,25 @@ class RunWidget(Container):
                 continue
             corners = np.array([[z, y0, x0], [z, y0, x1], [z, y1, x1], [z, y1, x0]], float)
             boxes.append(corners * voxel + origin)
+        # the boxes' look is given with the boxes: shapes a layer gets after it is made take its
+        # defaults for new shapes (polygons 1 unit wide: 1 nm, a line too thin to see — the
+        # boxes had never shown), not what the layer was made with
+        style = {
+            "edge_color": "red",
+            "face_color": "transparent",
+            "edge_width": 2 * float(voxel[-1]),
+        }
         if layer is None or layer not in self._viewer.layers:
             # the input's units: a layer without them makes napari warn "Inconsistent units
             # across layers" and drop units (the scale bar's nm) from the whole view
             units = (unit,) * 3 if unit != "pixel" else None
             layer = self._failed_layer = self._viewer.add_shapes(
-                name="failed blocks",
-                edge_color="red",
-                face_color="transparent",
-                edge_width=2,
-                ndim=3,
-                **({"units": units} if units else {}),
+                name="failed blocks", ndim=3, **style, **({"units": units} if units else {})
             )
         if boxes or len(layer.data):
-            layer.data = boxes
-            layer.shape_type = "rectangle"
+            layer.data = []
+            if boxes:
+                layer.add_rectangles(boxes, **style)
 
     # ------------------------------------------------------------------------------------------
     # an output's ledger: its failed blocks, and an offer to resume it

@@ -54,4 +54,5 @@ def set_choices(widget: Any, choices: Any) -> None:
     Open added their layers). Choices given as a function survive it.
     """
     items = list(choices)
+    widget.choices = ()  # emptied first: magicgui appends new items after those it keeps
     widget.choices = lambda *_: items
