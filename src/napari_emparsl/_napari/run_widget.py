@@ -768,9 +768,11 @@ class RunWidget(Container):
         # so it is set to the latest count rather than incremented
         self._activity_pending = False
         self._activity_last = time.perf_counter()
-        if self._activity is not None and self._activity_target > self._activity.n:
-            self._activity.set_description(self._activity_text())
-            self._activity.update(self._activity_target - self._activity.n)
+        activity = self._activity
+        if activity is not None and self._activity_target > activity.n:
+            activity.update(self._activity_target - activity.n)
+            if self._activity is activity:  # the run did not end while napari drew
+                activity.set_description(self._activity_text())
 
     def _handle(self, event: Any) -> None:
         if isinstance(event, Planned):
