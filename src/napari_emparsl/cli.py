@@ -756,9 +756,11 @@ def cmd_sites(args: argparse.Namespace) -> int:
         print(f"Site {profile.name}: first result after {check_site(profile):.1f} s.")
         return 0
     print(json.dumps(profile.model_dump(), indent=2))
-    if profile.workers == "auto":
-        # on stderr: the profile on stdout stays JSON for scripts
-        print(f"(workers auto: {profile.worker_count} on this machine)", file=sys.stderr)
+    made = [f"workers auto: {profile.worker_count}"] if profile.workers == "auto" else []
+    if profile.threads_per_worker == "auto":
+        made.append(f"threads_per_worker auto: {profile.worker_threads}")
+    if made:  # on stderr: the profile on stdout stays JSON for scripts
+        print(f"({'; '.join(made)} on this machine)", file=sys.stderr)
     return 0
 
 

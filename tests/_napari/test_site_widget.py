@@ -38,10 +38,12 @@ def test_form_from_schema_validates_and_saves(make_napari_viewer, tmp_path, monk
     workers.value = "7"
     widget.site.value = "mysite"
     assert workers.value == "auto"
-    widget.fields["threads_per_worker"].value = 0  # what does not validate says so, once
+    widget.fields["threads_per_worker"].value = "0"  # what does not validate says so, once
     assert widget.save() is None
-    assert widget.message.value == "'threads_per_worker': Input should be greater than 0"
-    widget.fields["threads_per_worker"].value = 1
+    assert widget.message.value == (
+        "'threads_per_worker': threads_per_worker is a whole number of at least 1, or auto, not '0'"
+    )
+    widget.fields["threads_per_worker"].value = "auto"
     # a name that is no file name: it was written where it pointed (../x.yaml beside the
     # sites folder) or failed with a traceback
     for name in ("../x", "", ".hidden"):

@@ -416,6 +416,18 @@ def test_workers_auto_uses_the_cores_this_process_may_use(capsys, tmp_path, monk
     expected = max(1, min(cores, memory // (3 * 2**30)))
     assert load_site("local").workers == "auto" and load_site("local").worker_count == expected
     assert auto_workers(threads_per_worker=cores) == 1
+    # threads per worker: auto shares the cores among a given number of workers
+    from napari_emparsl.execution.sites import SiteProfile
+
+    assert load_site("local").worker_threads == 1
+    two = SiteProfile(name="two", kind="local", workers=2)
+    assert two.worker_threads == max(1, cores // 2)
+    assert SiteProfile(name="one", kind="local", workers=1).worker_threads == cores
+    assert (
+        SiteProfile(name="t", kind="local", workers=2, threads_per_worker="3").worker_threads == 3
+    )
+    fixed = SiteProfile(name="f", kind="local", threads_per_worker=cores)
+    assert fixed.worker_count == 1 and fixed.worker_threads == cores
     code, out, _ = run(capsys, "sites", "list")
     assert f"local        local    {expected} worker" in out and "(auto)" in out
     # pinned to one core (as a job allocated one core is): one worker
@@ -425,7 +437,7 @@ def test_workers_auto_uses_the_cores_this_process_may_use(capsys, tmp_path, monk
     )
     shown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert shown.returncode == 0 and json.loads(shown.stdout)["workers"] == "auto"
-    assert shown.stderr == "(workers auto: 1 on this machine)\n"
+    assert shown.stderr == "(workers auto: 1; threads_per_worker auto: 1 on this machine)\n"
     # a number stays a number; anything else is one sentence naming the field
     monkeypatch.setenv("EMPARSL_SITES", str(tmp_path))
     (tmp_path / "three.yaml").write_text("kind: local\nworkers: 3\n")

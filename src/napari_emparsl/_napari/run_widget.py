@@ -809,10 +809,7 @@ class RunWidget(Container):
                 src = run._src  # the run's own plan and input: no re-planning on this thread
                 self._failed_geo = (src.voxel_size[-3:], src.offset[-3:], src.unit)
             self._failed[event.block_id] = event.error
-            set_choices(
-                self.failed_list, [f"block {k}: {v}" for k, v in sorted(self._failed.items())]
-            )
-            self._show_failed_boxes()
+            self._set_failed(self._failed, self._failed_rois, self._failed_geo)
         elif isinstance(event, Finished):
             self.status.value = (
                 f"retried {event.total} failed block(s): {event.done} done, {event.failed} failed"

@@ -187,7 +187,7 @@ class _SiteStarter:
                     warm(
                         model,
                         options,
-                        self.profile.threads_per_worker,
+                        self.profile.worker_threads,
                         self.profile.workers_keep_memory,
                         self.profile.device,
                     )
@@ -696,7 +696,7 @@ class Run:
                             self.model,
                             self.model_options,
                             plan.norm,
-                            profile.threads_per_worker,
+                            profile.worker_threads,
                             profile.workers_keep_memory,
                             profile.device,
                         )

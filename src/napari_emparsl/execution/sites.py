@@ -55,8 +55,10 @@ class SiteProfile(BaseModel):
         description="worker processes (threads for kind threads), or auto: one per "
         "threads_per_worker cores this process may use, at most one per 3 GB of memory",
     )
-    threads_per_worker: PositiveInt = Field(
-        1, description="torch threads (cores) each worker uses for its blocks"
+    threads_per_worker: PositiveInt | Literal["auto"] = Field(
+        "auto",
+        description="torch threads (cores) each worker uses for its blocks, or auto: 1 with "
+        "workers auto, else the cores this process may use shared among the workers",
     )
     strategy_period: float = Field(
         0.2,
@@ -95,9 +97,9 @@ class SiteProfile(BaseModel):
         "1-2 s on 2 cores); off: Parsl's worker pool as it ships",
     )
 
-    @field_validator("workers", mode="before")
+    @field_validator("workers", "threads_per_worker", mode="before")
     @classmethod
-    def _worker_number(cls, value: Any) -> Any:
+    def _number_or_auto(cls, value: Any, info: Any) -> Any:
         # one sentence, not pydantic's two (one per member of the union)
         if value == "auto" or (
             isinstance(value, int) and not isinstance(value, bool) and value > 0
@@ -105,7 +107,11 @@ class SiteProfile(BaseModel):
             return value
         if isinstance(value, str) and value.strip().isdigit() and int(value) > 0:
             return int(value)
-        raise ValueError(f"workers is a whole number of at least 1, or auto, not {value!r}")
+        if isinstance(value, str) and value.strip() == "auto":
+            return "auto"
+        raise ValueError(
+            f"{info.field_name} is a whole number of at least 1, or auto, not {value!r}"
+        )
 
     @field_validator("name")
     @classmethod
@@ -122,8 +128,19 @@ class SiteProfile(BaseModel):
     def worker_count(self) -> int:
         """``workers``, with ``auto`` made a number for this machine (see :func:`auto_workers`)."""
         if self.workers == "auto":
-            return auto_workers(self.threads_per_worker)
+            return auto_workers(self.worker_threads if self.threads_per_worker != "auto" else 1)
         return self.workers
+
+    @property
+    def worker_threads(self) -> int:
+        """``threads_per_worker``, with ``auto`` made a number: 1 when ``workers`` is auto (one
+        worker per core), else the cores this process may use shared among the workers — so
+        that ``workers: 2`` on 16 cores gives each worker 8 threads, not 1."""
+        if self.threads_per_worker != "auto":
+            return self.threads_per_worker
+        if self.workers == "auto":
+            return 1
+        return max(1, machine_capacity()[0] // self.workers)
 
     @property
     def workers_keep_memory(self) -> bool:
@@ -342,7 +359,7 @@ def make_config(
             label=profile.name,
             address="127.0.0.1",
             max_workers_per_node=profile.worker_count,
-            cores_per_worker=profile.threads_per_worker,
+            cores_per_worker=profile.worker_threads,
             heartbeat_period=2,
             heartbeat_threshold=10,  # a killed worker is noticed in seconds, not minutes
             launch_cmd=_pool_launch_cmd(profile, fork_server),
