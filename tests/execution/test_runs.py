@@ -107,7 +107,10 @@ def _ledger_done(path: Path) -> list[int]:
     return ids
 
 
-def test_resume_after_kill_9(tmp_path, unet_model):
+@pytest.mark.parametrize("site", ["threads", "local"])
+def test_resume_after_kill_9(tmp_path, unet_model, htex, site):
+    """kill -9 of the coordinator mid-run, on the in-process site and on `local` (the default:
+    worker processes), then the same command again."""
     data = np.random.default_rng(7).random((96, 96, 128)).astype(np.float32)
     save_array(tmp_path / "in.n5", "raw", data, chunks=(16, 16, 16))
     args = [
@@ -118,10 +121,10 @@ def test_resume_after_kill_9(tmp_path, unet_model):
         "--block",
         "32,32,32",
         "--site",
-        "threads",
+        site,
     ]
     # the reference: an uninterrupted run
-    assert main(["run", *args, "--output", f"{tmp_path}/ref.n5:pred"]) == 0
+    assert main(["run", *args[:-1], "threads", "--output", f"{tmp_path}/ref.n5:pred"]) == 0
     cmd = [
         sys.executable,
         "-m",
@@ -145,11 +148,15 @@ def test_resume_after_kill_9(tmp_path, unet_model):
     proc.wait()
     before = _ledger_done(tmp_path / "out.n5")
     assert 5 <= len(before) < 36, len(before)  # killed mid-run (36 blocks)
-    assert len(list((tmp_path / "tmp").glob("emparsl-parsl-*"))) == 1  # the killed run's
+    if site == "threads":
+        assert len(list((tmp_path / "tmp").glob("emparsl-parsl-*"))) == 1  # the killed run's
+    else:  # the site's guard stops the worker pool its coordinator left
+        assert htex.gone(timeout=30), htex.all()
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     assert done.returncode == 0, done.stderr
     # the next run removed the killed one's folder (a `threads` site has no guard), then its own
     assert list((tmp_path / "tmp").glob("emparsl-parsl-*")) == []
+    assert htex.gone()
     assert f"({len(before)} already done, resuming)" in done.stdout
     after = _ledger_done(tmp_path / "out.n5")
     recomputed = [i for i in set(before) if after.count(i) > 1]
