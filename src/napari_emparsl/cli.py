@@ -564,6 +564,8 @@ def _options_text(options: object) -> str:
 def _throughput(summary) -> dict[str, float] | None:
     """Blocks and voxels the last run wrote per second of its wall time (from its start to its
     last finished block), from the ledger's time stamps; None when it finished none."""
+    from napari_emparsl.execution.runner import parse_roi
+
     start = summary.last_run.get("time")
     if not isinstance(start, (int, float)):
         return None
@@ -574,10 +576,8 @@ def _throughput(summary) -> dict[str, float] | None:
             continue
         times.append(at)
         try:
-            voxels += math.prod(
-                int(e) - int(b) for b, e in (p.split(":") for p in str(rec["roi"]).split(","))
-            )
-        except (KeyError, ValueError):
+            voxels += parse_roi(str(rec["roi"])).size
+        except (KeyError, UserError):
             pass  # an old or damaged record: its block counts, its voxels do not
     if not times:
         return None

@@ -7,7 +7,7 @@ import pytest
 from napari_emparsl.core.geometry import (
     GeometryError,
     Roi,
-    align_halo,
+    align_up,
     check_no_shared_chunks,
     plan_blocks,
 )
@@ -199,4 +199,4 @@ def test_blocks_and_halo_on_the_models_grid():
     assert len(list(plan_blocks((10, 50, 50), (1, 20, 20), (0, 4, 4), grid=(1, 4, 4)))) == 90
     with pytest.raises(GeometryError, match=r"Halo \(0, 6, 4\) .* --halo 0,8,4\.$"):
         list(plan_blocks((10, 50, 50), (1, 20, 20), (0, 6, 4), grid=(1, 4, 4)))
-    assert align_halo((0, 6, 24), (1, 4, 4)) == (0, 8, 24)
+    assert align_up((0, 6, 24), (1, 4, 4)) == (0, 8, 24)

@@ -204,14 +204,15 @@ def _check_grid(
     if any(h % g for h, g in zip(halo, grid, strict=True)):
         raise GeometryError(
             f"Halo {tuple(halo)} does not line up with the model's size multiple {tuple(grid)}; "
-            f"use a multiple of it, e.g. --halo {','.join(map(str, align_halo(halo, grid)))}."
+            f"use a multiple of it, e.g. --halo {','.join(map(str, align_up(halo, grid)))}."
         )
 
 
-def align_halo(halo: Sequence[int], grid: Sequence[int]) -> tuple[int, ...]:
-    """``halo`` rounded up to multiples of ``grid`` (the model's size multiple): each block then
-    reads from a voxel on the model's pooling grid (more context never hurts)."""
-    return tuple(-(-int(h) // int(g)) * int(g) for h, g in zip(halo, grid, strict=True))
+def align_up(values: Sequence[int], grid: Sequence[int]) -> tuple[int, ...]:
+    """``values`` (a halo, a default block) rounded up to multiples of ``grid`` (the model's
+    size multiple): each block then reads from a voxel on the model's pooling grid (more
+    context never hurts)."""
+    return tuple(-(-int(v) // int(g)) * int(g) for v, g in zip(values, grid, strict=True))
 
 
 def block_grid(shape: Sequence[int], block: Sequence[int]) -> tuple[int, ...]:
@@ -252,7 +253,7 @@ def plan_blocks(
     grid
         The model's size multiple (z, y, x): block and halo must be multiples of it (where a
         block does not cover its whole axis), so that every read begins on the model's pooling
-        grid, as in one whole-volume forward (see :func:`align_halo`).
+        grid, as in one whole-volume forward (see :func:`align_up`).
 
     Raises
     ------

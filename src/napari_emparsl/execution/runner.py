@@ -39,7 +39,7 @@ from napari_emparsl.core.geometry import (
     OPEN_END,
     Block,
     Roi,
-    align_halo,
+    align_up,
     block_grid,
     check_no_shared_chunks,
     plan_blocks,
@@ -475,8 +475,8 @@ class Run:
         # whole-volume forward: a given halo is rounded up (more context), a given block that
         # is off the grid is refused when planning (the model's default is rounded up)
         if self.block is None:
-            block = align_halo(block, spec.multiple)
-        aligned = align_halo(halo, spec.multiple)
+            block = align_up(block, spec.multiple)
+        aligned = align_up(halo, spec.multiple)
         if aligned != tuple(halo) and self.halo is not None:
             self.warnings += (
                 f"The halo {','.join(map(str, halo))} was rounded up to "

@@ -128,7 +128,7 @@ class SiteProfile(BaseModel):
     def worker_count(self) -> int:
         """``workers``, with ``auto`` made a number for this machine (see :func:`auto_workers`)."""
         if self.workers == "auto":
-            return auto_workers(self.worker_threads if self.threads_per_worker != "auto" else 1)
+            return auto_workers(self.worker_threads)  # 1 thread each where both are auto
         return self.workers
 
     @property
