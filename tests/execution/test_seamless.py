@@ -175,3 +175,28 @@ def test_trained_unet_off_its_grid_equals_whole_forward(tmp_path):
                        r"--block 28,28,36 or 28,32,36\.$"):  # fmt: skip
         Run(src, "unet3d-em", f"{tmp_path}/new.n5:x", site="threads", block=(28, 30, 36)).execute()
     assert not (tmp_path / "new.n5" / "x").exists()
+
+
+def test_many_classes_get_a_wider_label_dtype_and_outputs_are_gzip(tmp_path, save_model,
+                                                                    float_volume):  # fmt: skip
+    # 300 classes do not fit uint8: the labels are uint16 (the argmax of every class kept);
+    # every output is gzip-compressed N5, readable by every N5 implementation
+    import json
+
+    class Ramp(torch.nn.Module):
+        """Logit c is -(x·299 - c)²: the class nearest to x·299 wins."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            c = torch.arange(300, dtype=x.dtype).view(1, 300, 1, 1, 1)
+            return -((x * 299.0 - c) ** 2)
+
+    classes = ", ".join(f"c{i}" for i in range(300))
+    model = save_model(Ramp(), tmp_path / "ramp.pt",
+                       f"kind: labels\nclasses: [{classes}]\nnormalize: none\nblock: [16, 16, 16]\n")  # fmt: skip
+    src, data = float_volume
+    assert Run(src, model, f"{tmp_path}/out.n5:many", site="threads").execute().ok
+    out = Volume.open(tmp_path / "out.n5", "many")
+    assert out.dtype == np.uint16 and len(out.class_names) == 300
+    np.testing.assert_array_equal(out.data.compute(), np.rint(data * 299).astype(np.uint16))
+    attrs = json.loads((tmp_path / "out.n5" / "many" / "attributes.json").read_text())
+    assert attrs["compression"]["type"] == "gzip"
