@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from napari_emparsl._napari import napari_fixes
 from napari_emparsl._napari.background import Relay, error_sentence, in_background
-from napari_emparsl._napari.widgets import wrapping
+from napari_emparsl._napari.widgets import say_error, wrapping
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.execution.sites import SiteProfile, list_sites, load_site, user_site_dir
 
@@ -142,10 +142,7 @@ class SiteWidget(Container):
             self.message.value = f"site {name}: first result after {result:.1f} s"
 
     def _error(self, message: str) -> None:
-        from napari.utils.notifications import show_error
-
-        self.message.value = message
-        show_error(message)
+        say_error(self.message, message)
 
     def save(self, *_: Any) -> str | None:
         """Validate; on success write ``<user sites>/<name>.yaml`` and return its path."""

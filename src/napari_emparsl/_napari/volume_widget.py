@@ -17,7 +17,7 @@ from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton, S
 
 from napari_emparsl._napari import napari_fixes
 from napari_emparsl._napari.background import Relay, error_sentence, in_background
-from napari_emparsl._napari.widgets import set_choices, wrapping
+from napari_emparsl._napari.widgets import say_error, set_choices, wrapping
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.ledger import Ledger, whole_plan_blocks
 from napari_emparsl.core.paths import user_path
@@ -210,7 +210,4 @@ class VolumeWidget(Container):
         return added
 
     def _error(self, message: str) -> None:
-        from napari.utils.notifications import show_error
-
-        self.info.value = message
-        show_error(message)
+        say_error(self.info, message)

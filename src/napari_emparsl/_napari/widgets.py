@@ -56,3 +56,11 @@ def set_choices(widget: Any, choices: Any) -> None:
     items = list(choices)
     widget.choices = ()  # emptied first: magicgui appends new items after those it keeps
     widget.choices = lambda *_: items
+
+
+def say_error(line: Any, message: str) -> None:
+    """What went wrong, in a panel's message line and as a napari notification."""
+    from napari.utils.notifications import show_error
+
+    line.value = message
+    show_error(message)
