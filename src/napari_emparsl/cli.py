@@ -819,8 +819,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--halo", type=_ints0, default=None, help="Z,Y,X context (default: model's)")
     run.add_argument(
-        "--model-option", action="append", metavar="KEY=VALUE", help="override the sidecar"
-    )
+        "--model-option", action="extend", nargs="+", metavar="KEY=VALUE",
+        help="override the sidecar (several after one flag, or the flag repeated)",
+    )  # fmt: skip
     run.add_argument(
         "--retries", type=_count, default=2, help="retries of a failed block (default 2)"
     )
@@ -848,7 +849,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):  # fmt: skip
         cmd = sub.add_parser(name, help=what)
         cmd.add_argument("model", help=model)
-        cmd.add_argument("--model-option", action="append", metavar="KEY=VALUE")
+        cmd.add_argument("--model-option", action="extend", nargs="+", metavar="KEY=VALUE")
         cmd.set_defaults(func=func)
 
     export = sub.add_parser(
@@ -857,7 +858,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("model", help="a built-in name, a model file or a bioimage.io package")
     export.add_argument("output", help="OUT.zip")
-    export.add_argument("--model-option", action="append", metavar="KEY=VALUE")
+    export.add_argument("--model-option", action="extend", nargs="+", metavar="KEY=VALUE")
     export.add_argument("--name", help="the model's name (default: the file name)")
     export.add_argument("--author", action="append", help="an author (repeat for several)")
     export.add_argument(

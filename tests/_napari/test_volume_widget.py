@@ -136,3 +136,34 @@ def test_typed_paths_and_lists_that_stay(make_napari_viewer, qtbot, tmp_path, mo
     widget.datasets.value = ["raw", "labels/classes"]
     assert len(widget.open_selected()) == 2
     assert list(widget.datasets.choices) == ["labels/cells", "labels/classes", "raw"]
+
+
+def test_a_layer_already_open_from_n5(make_napari_viewer, tmp_path, monkeypatch):
+    from napari_emparsl._napari.reader import read_layers
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    assert main(["sample", str(tmp_path / "s.n5"), "--shape", "32,64,64"]) == 0
+    viewer = make_napari_viewer()
+    viewer.add_points()  # not from N5: not offered
+    widget = VolumeWidget(viewer)
+    viewer.window.add_dock_widget(widget)  # napari refreshes a docked panel's lists
+    # opened another way (File > Open, a drop on the viewer): the panel offers its layers
+    for data, meta, kind in read_layers(str(tmp_path / "s.n5")):
+        getattr(viewer, f"add_{kind}")(data, **meta)
+    assert list(widget.layer.choices) == ["", "raw", "labels_cells", "labels_classes"]
+    widget.layer.value = "labels_classes"
+    assert widget.path.value == str(tmp_path / "s.n5")
+    assert widget.datasets.value == ["labels/classes"]
+    assert widget.info.value.startswith("32×64×64 uint8, chunks 32×64×64, voxel 8×8×8 nm")
+    # opening it again (also through a symlink to the container) selects the layer open already
+    (tmp_path / "link.n5").symlink_to(tmp_path / "s.n5")
+    widget.path.value = str(tmp_path / "link.n5")
+    widget.datasets.value = ["labels/classes", "raw"]
+    viewer.layers.selection.active = viewer.layers["raw"]
+    assert widget.open_selected() == [] and len(viewer.layers) == 4
+    assert viewer.layers.selection.active.name == "raw"
+    assert widget.info.value == "raw is open already, as the layer 'raw'."
+    viewer.layers.remove("raw")
+    assert list(widget.layer.choices) == ["", "labels_cells", "labels_classes"]
+    [again] = widget.open_selected()  # the other one is still open
+    assert again.name == "raw" and len(viewer.layers) == 4

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from napari_emparsl.core.models.loaders import describe_model, load_model
 from napari_emparsl.core.models.spec import ModelError, ModelSpec, parse_options
@@ -387,3 +388,19 @@ def test_model_hash_is_remembered_until_the_file_changes(tmp_path):
     time.sleep(0.05)  # file times advance by the kernel's clock tick
     path.write_bytes(b"b" * 1000)
     assert file_hash(str(path)) == hashlib.sha256(b"b" * 1000).hexdigest()
+
+
+def test_several_model_options_after_one_flag(capsys):
+    from napari_emparsl.cli import main
+
+    # `--model-option k=v …` as the command's help and docs write it, and the flag repeated
+    for argv in (["--model-option", "halo=8,8,8", "edge=reflect"],
+                 ["--model-option", "halo=8,8,8", "--model-option", "edge=reflect"]):  # fmt: skip
+        assert main(["describe-model", "unet3d-em", *argv]) == 0
+        described = yaml.safe_load(capsys.readouterr().out)
+        assert described["halo"] == [8, 8, 8] and described["edge"] == "reflect"
+    assert main(["describe-model", "unet3d-em", "--model-option", "halo=8,8,8", "reflect"]) == 2
+    assert capsys.readouterr().err == (
+        "emparsl: error: Model options are key=value, not 'reflect' (e.g. --model-option "
+        "halo=8,8,8 kind=image, after the model and output paths).\n"
+    )

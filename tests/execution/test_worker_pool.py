@@ -172,3 +172,26 @@ def test_site_shut_down_while_parsl_launches_tasks(tmp_path, htex):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("shut down") == 3
     assert htex.gone()
+
+
+@pytest.mark.parametrize("update", [{"workers": 2}, {"workers": 1, "threads_per_worker": 2}])
+def test_each_worker_loads_the_model_once_with_its_share_of_threads(
+    tmp_path, conv_model, float_volume, htex, update
+):
+    # models are cached per worker process; torch's threads per worker are the site's share
+    src, _ = float_volume
+    profile = load_site("local").model_copy(update=update)
+    expected_threads = profile.worker_threads
+    if "threads_per_worker" in update:
+        assert expected_threads == 2
+    run = Run(src, conv_model, f"{tmp_path}/o.n5:x", site=profile, block=(8, 16, 16))
+    results = [e.result for e in run.events() if isinstance(e, BlockDone)]
+    assert len(results) == 80  # 5 × 4 × 4 blocks
+    by_worker: dict[str, list] = {}
+    for r in results:
+        by_worker.setdefault(r.worker, []).append(r)
+    assert 1 <= len(by_worker) <= update["workers"]
+    assert max(len(rs) for rs in by_worker.values()) > 1  # a worker computed several blocks ...
+    assert {r.model_loads for r in results} == {1}  # ... from the one model it loaded
+    assert {r.threads for r in results} == {expected_threads}
+    assert htex.gone()

@@ -37,6 +37,7 @@ from napari_emparsl._napari.background import (
     error_sentence,
     in_background,
 )
+from napari_emparsl._napari.widgets import n5_source as _source_of
 from napari_emparsl._napari.widgets import set_choices, wrapping
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.events import BlockDone, BlockFailed, Cancelled, Finished, Planned
@@ -48,11 +49,6 @@ from napari_emparsl.core.volume import Volume
 log = logging.getLogger(__name__)
 
 __all__ = ["RunWidget"]
-
-
-def _source_of(layer: Any) -> tuple[str, str] | None:
-    src = (getattr(layer, "metadata", None) or {}).get("emparsl")
-    return (src["path"], src["key"]) if src else None
 
 
 def _show_warning(message: str) -> None:

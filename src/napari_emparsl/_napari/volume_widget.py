@@ -2,7 +2,9 @@
 
 Recent containers are remembered in ``~/.config/napari-emparsl/recent.json``. Outputs written
 by ``emparsl run`` (they carry a ledger) say how far their run got, so it can be resumed from the
-run panel.
+run panel. A layer already open from N5 (dropped on the viewer, File > Open, another panel) can be
+chosen to show its container and dataset here; opening a dataset that is open already selects its
+layer instead of adding it twice.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton, S
 
 from napari_emparsl._napari import napari_fixes
 from napari_emparsl._napari.background import Relay, error_sentence, in_background
-from napari_emparsl._napari.widgets import say_error, set_choices, wrapping
+from napari_emparsl._napari.widgets import n5_source, say_error, set_choices, wrapping
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.ledger import Ledger, whole_plan_blocks
 from napari_emparsl.core.paths import user_path
@@ -72,13 +74,26 @@ class VolumeWidget(Container):
             tooltip="containers opened before",
         )
         self.browse_btn = PushButton(text="Choose folder…", tooltip="pick a .n5 folder")
+        self.layer = ComboBox(
+            label="open layer",
+            choices=self._n5_layers,
+            tooltip="a layer already open from an N5 volume: show its container and dataset here",
+        )
         self.datasets = Select(label="datasets", choices=[], tooltip="datasets and pyramids inside")
         self.open_btn = PushButton(
             text="Open selected", tooltip="add the selected datasets as lazy layers"
         )
         self.info = Label(label="info", value="")
         self.extend(
-            [self.path, self.recent, self.browse_btn, self.datasets, self.open_btn, self.info]
+            [
+                self.path,
+                self.recent,
+                self.browse_btn,
+                self.layer,
+                self.datasets,
+                self.open_btn,
+                self.info,
+            ]
         )
         wrapping(self.info)
         # typed: listed as it is typed, but what is wrong with a half-typed path is said in
@@ -89,6 +104,7 @@ class VolumeWidget(Container):
         self._path_error = ""
         self.recent.changed.connect(lambda v: v and setattr(self.path, "value", v))
         self.browse_btn.changed.connect(self._browse)
+        self.layer.changed.connect(self._show_layer)
         self.open_btn.changed.connect(self.open_selected)
         self.datasets.changed.connect(self._describe)
         # a run output's ledger (10⁵ blocks: ~1 s) is read off the Qt thread
@@ -102,6 +118,23 @@ class VolumeWidget(Container):
         folder = QFileDialog.getExistingDirectory(self.native, "Choose an N5 container")
         if folder:
             self.path.value = folder
+
+    def _n5_layers(self, *_: Any) -> list[str]:
+        """The viewer's layers opened from N5 (napari resets the list as layers come and go)."""
+        return ["", *(layer.name for layer in self._viewer.layers if n5_source(layer))]
+
+    def _show_layer(self, name: str) -> None:
+        """Show the chosen layer's container and select its dataset."""
+        layer = next((lay for lay in self._viewer.layers if lay.name == name), None)
+        src = n5_source(layer) if layer is not None else None
+        if src is None:
+            return
+        if user_path(self.path.value) != src[0]:
+            self.path.value = src[0]  # lists the container's datasets
+        if src[1] in self.datasets.choices:
+            self.datasets.value = [src[1]]  # says what it is (and how far its run got)
+        else:  # removed or renamed since it was opened
+            self._error(f"{src[0]} has no dataset {src[1]!r} now; the layer shows what it held.")
 
     def refresh(self, *_: Any, notify: bool = True) -> None:
         """List what the container holds (JSON only: nothing is read); ``notify``: what is
@@ -201,6 +234,12 @@ class VolumeWidget(Container):
 
         added = []
         for key in self.datasets.value or []:
+            same = _real(self.path.value), key
+            already = [lay for lay in self._viewer.layers if _source(lay) == same]
+            if already:  # not a second copy of it: its layer is selected
+                self._viewer.layers.selection.active = already[0]
+                self.info.value = f"{key or '/'} is open already, as the layer '{already[0].name}'."
+                continue
             try:
                 data, meta, kind = layer_data(Volume.open(self.path.value, key))
             except UserError as err:
@@ -211,3 +250,13 @@ class VolumeWidget(Container):
 
     def _error(self, message: str) -> None:
         say_error(self.info, message)
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(user_path(path))
+
+
+def _source(layer: Any) -> tuple[str, str] | None:
+    """A layer's N5 source with its container's real path (symlinks, ``~``, ``..`` resolved)."""
+    src = n5_source(layer)
+    return (_real(src[0]), src[1]) if src else None

@@ -64,3 +64,9 @@ def say_error(line: Any, message: str) -> None:
 
     line.value = message
     show_error(message)
+
+
+def n5_source(layer: Any) -> tuple[str, str] | None:
+    """``(container, dataset)`` of a layer opened from N5 by this plugin; None for others."""
+    src = (getattr(layer, "metadata", None) or {}).get("emparsl")
+    return (src["path"], src["key"]) if src else None

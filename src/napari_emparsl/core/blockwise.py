@@ -68,6 +68,8 @@ class BlockResult:
     error: str = ""
     detail: str = ""  # traceback, for the log
     device: str = ""  # where the model ran: cpu, cuda:0, ...
+    threads: int = 0  # torch's intra-op threads in the worker that computed it
+    model_loads: int = 0  # models that worker's process has loaded from file so far
 
 
 def _pad_reflect(arr: np.ndarray, pads: list[tuple[int, int]]) -> np.ndarray:
@@ -419,13 +421,14 @@ def process_batch(jobs: list[BlockJob]) -> list[BlockResult]:
     try:
         import torch
 
-        from napari_emparsl.core.models.loaders import load_model
+        from napari_emparsl.core.models.loaders import load_model, models_loaded
 
         first = jobs[0]
         if torch.get_num_threads() != first.threads:
             torch.set_num_threads(max(1, first.threads))
         device = worker_device(first.device)
         loaded = load_model(first.model, first.model_options, device)
+        threads, loads = torch.get_num_threads(), models_loaded()
     except BaseException as err:
         if isinstance(err, KeyboardInterrupt):
             raise
@@ -478,6 +481,6 @@ def process_batch(jobs: list[BlockJob]) -> list[BlockResult]:
             t_write += time.perf_counter() - t0
             results[bid] = BlockResult(
                 bid, True, worker, t_read, t_compute + t_post, t_write, lo, hi, hist,
-                device=device,
+                device=device, threads=threads, model_loads=loads,
             )  # fmt: skip
     return [results[j.block.id] for j in jobs]

@@ -37,6 +37,7 @@ BUILTIN_MODELS = {"unet3d-em": "unet3d_em.pt"}
 
 _CACHE: dict[tuple[str, str], LoadedModel] = {}
 _LOCK = threading.Lock()
+_LOADS = 0  # cache misses in this process: a worker loads each model once
 _HASHES: dict[tuple[Any, ...], str] = {}  # file_hash by the file's stat
 
 
@@ -336,4 +337,11 @@ def load_model(
             module = _channels_last(module, spec) if device == "cpu" else module.to(device)
             cached = LoadedModel(module, spec, digest, path)
             _CACHE[key] = cached
+            global _LOADS
+            _LOADS += 1
     return cached
+
+
+def models_loaded() -> int:
+    """How many times this process has loaded a model from its file (cache misses)."""
+    return _LOADS

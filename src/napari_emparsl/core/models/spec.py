@@ -391,7 +391,8 @@ def parse_options(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         if "=" not in item:
             raise ModelError(
-                f"Model options are key=value, not {item!r} (e.g. --model-option halo=8,8,8)."
+                f"Model options are key=value, not {item!r} (e.g. --model-option halo=8,8,8 "
+                "kind=image, after the model and output paths)."
             )
         key, value = item.split("=", 1)
         parsed = yaml.safe_load(value) if value.strip() else ""
