@@ -100,3 +100,20 @@ def test_test_site_starts_the_site_as_the_form_says(make_napari_viewer, qtbot, t
     assert widget.message.value.startswith("site unsaved: first result after ")
     assert htex.gone()  # the site was shut down: no interchange, pool or worker left
     assert "unsaved" not in widget.site.choices  # testing saves nothing
+    # a site whose workers cannot start: one sentence in the panel and as a notification
+    from napari.utils.notifications import notification_manager
+
+    widget.fields["worker_init"].value = "exit 3"
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    try:
+        widget.test_btn.clicked.emit()
+        qtbot.waitUntil(lambda: widget.test_btn.enabled, timeout=120_000)
+    finally:
+        notification_manager.notification_ready.disconnect(seen.append)
+    assert widget.message.value == (
+        "The site 'unsaved' could not start its workers (their pool exited with code 3); check "
+        "its worker_init and settings."
+    )
+    assert [str(n.message) for n in seen] == [widget.message.value]
+    assert htex.gone()
