@@ -68,6 +68,7 @@ def main() -> int:
         vdock = viewer.window.add_dock_widget(vw, name="N5 volumes")
         vw.path.value = str(sample)
         vw.datasets.value = ["raw"]  # info: dtype, voxel size, levels
+        vw.datasets.item("raw").setExpanded(True)  # its pyramid levels
         settle(viewer, 40)
         # the panel alone (a window grab may skip repainting its list)
         vw.native.grab().save(str(IMAGES / "volume_panel.png"))

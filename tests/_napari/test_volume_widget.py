@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dask.array as da
 
+from napari_emparsl._napari.dataset_tree import item_texts
 from napari_emparsl._napari.volume_widget import VolumeWidget, recent_paths
 from napari_emparsl.cli import main
 
@@ -14,17 +15,23 @@ def test_browse_and_open(make_napari_viewer, tmp_path, monkeypatch):
     viewer = make_napari_viewer()
     widget = VolumeWidget(viewer)
     widget.path.value = str(tmp_path / "s.n5")
-    keys = (
-        [v for _, v in widget.datasets._default_choices] if False else list(widget.datasets.choices)
-    )
-    assert keys == ["labels/cells", "labels/classes", "raw"]
-    # the tree says shape, dtype and levels, its tooltip also chunks and voxel size (of a
-    # pyramid's finest level)
-    raw = widget.datasets.native.item(2)
-    assert raw.text() == "raw  32×64×64 uint8  (3 levels)"
-    assert raw.toolTip() == (
+    assert list(widget.datasets.choices) == ["labels/cells", "labels/classes", "raw"]
+    # a tree: groups hold their datasets, a pyramid its levels; columns say shape, dtype,
+    # chunks, voxel size and levels (of a pyramid's finest level), the tooltip all of it
+    tree = widget.datasets
+    raw = tree.item("raw")
+    assert item_texts(raw) == ["raw", "32×64×64", "uint8", "32×64×64", "8×8×8 nm", "3 levels"]
+    assert raw.toolTip(0) == (
         "raw  32×64×64 uint8, chunks 32×64×64, voxel 8×8×8 nm, pyramid of 3 levels"
     )
+    assert [raw.child(i).text(0) for i in range(raw.childCount())] == ["s0", "s1", "s2"]
+    assert item_texts(raw.child(2))[1:5] == ["8×16×16", "uint8", "8×16×16", "32×32×32 nm"]
+    labels = tree.item("labels")
+    assert [labels.child(i).text(0) for i in range(labels.childCount())] == ["cells", "classes"]
+    assert labels.isExpanded() and not raw.isExpanded()
+    # a group or a single level of a pyramid is not opened on its own: not selectable
+    tree.value = ["labels", "raw/s1", "labels/cells"]
+    assert tree.value == ["labels/cells"]
     assert str(tmp_path / "s.n5") in recent_paths()
     recent = tmp_path / "config" / "napari-emparsl" / "recent.json"
     kept = recent.read_text()  # a recent-paths file that is no list (edited by hand): none,
@@ -86,16 +93,16 @@ def test_unfinished_import_is_marked(make_napari_viewer, tmp_path, monkeypatch):
     next(steps), next(steps)  # the estimate, then the first of two slabs
     widget = VolumeWidget(make_napari_viewer())
     widget.path.value = str(tmp_path / "o.n5")
-    item = widget.datasets.native.item(0)
-    assert item.text() == "raw  4×8×8 uint8  (unfinished)"
-    assert item.toolTip().endswith(
+    item = widget.datasets.item("raw")
+    assert item_texts(item)[:3] == ["raw  (unfinished)", "4×8×8", "uint8"]
+    assert item.toolTip(0).endswith(
         f"; unfinished: an import of {tmp_path}/s.tif that has not finished"
     )
     widget.datasets.value = ["raw"]
     assert widget.info.value.endswith("that has not finished): parts of it are missing")
     list(steps)  # the import completes
     widget.refresh()
-    assert widget.datasets.native.item(0).text() == "raw  4×8×8 uint8"
+    assert item_texts(widget.datasets.item("raw"))[:3] == ["raw", "4×8×8", "uint8"]
 
 
 def test_typed_paths_and_lists_that_stay(make_napari_viewer, qtbot, tmp_path, monkeypatch):
@@ -133,7 +140,14 @@ def test_typed_paths_and_lists_that_stay(make_napari_viewer, qtbot, tmp_path, mo
     assert str(tmp_path / "s.n5") in widget.recent.choices
     # Open adds layers, and napari then resets a docked panel's choices: the list stays
     # (before, it emptied as soon as its datasets were opened)
-    widget.datasets.value = ["raw", "labels/classes"]
+    # chosen with the mouse, as people do: a click, then a ctrl-click adds a second row
+    tree = widget.datasets.native
+    for key, modifier in (("raw", Qt.KeyboardModifier.NoModifier),
+                          ("labels/classes", Qt.KeyboardModifier.ControlModifier)):  # fmt: skip
+        rect = tree.visualItemRect(widget.datasets.item(key))
+        qtbot.mouseClick(tree.viewport(), Qt.MouseButton.LeftButton, modifier, rect.center())
+    assert widget.datasets.value == ["labels/classes", "raw"]
+    assert widget.info.value == "2 datasets selected: Open selected adds each as a layer."
     assert len(widget.open_selected()) == 2
     assert list(widget.datasets.choices) == ["labels/cells", "labels/classes", "raw"]
 

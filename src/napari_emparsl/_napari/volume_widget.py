@@ -15,11 +15,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton, Select
+from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton
 
 from napari_emparsl._napari import napari_fixes
 from napari_emparsl._napari.background import Relay, error_sentence, in_background
-from napari_emparsl._napari.widgets import n5_source, say_error, set_choices, wrapping
+from napari_emparsl._napari.dataset_tree import DatasetTree
+from napari_emparsl._napari.widgets import full_width, n5_source, say_error, wrapping
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.ledger import Ledger, whole_plan_blocks
 from napari_emparsl.core.paths import user_path
@@ -79,7 +80,10 @@ class VolumeWidget(Container):
             choices=self._n5_layers,
             tooltip="a layer already open from an N5 volume: show its container and dataset here",
         )
-        self.datasets = Select(label="datasets", choices=[], tooltip="datasets and pyramids inside")
+        self.datasets = DatasetTree(
+            label="datasets",
+            tooltip="the container's groups, datasets and pyramids (a pyramid's rows: its levels)",
+        )
         self.open_btn = PushButton(
             text="Open selected", tooltip="add the selected datasets as lazy layers"
         )
@@ -96,6 +100,7 @@ class VolumeWidget(Container):
             ]
         )
         wrapping(self.info)
+        full_width(self.datasets)  # the tree's columns need the dock's width
         # typed: listed as it is typed, but what is wrong with a half-typed path is said in
         # the info line only — as a notification once typing is done (Return, or leaving the
         # field); chosen (folder dialog, recent list): said at once
@@ -140,7 +145,7 @@ class VolumeWidget(Container):
         """List what the container holds (JSON only: nothing is read); ``notify``: what is
         wrong is also a napari notification (else the info line only)."""
         path = user_path(self.path.value)
-        set_choices(self.datasets, [])
+        self.datasets.set_nodes([], [])
         self._path_error = ""
         if not path:
             return
@@ -154,26 +159,7 @@ class VolumeWidget(Container):
             else:
                 self.info.value = str(err)
             return
-        choices = []
-        for key in keys:
-            node = tree.get(key, {})
-            levels = node.get("levels", [])
-            finest = tree.get(f"{key}/{levels[0]}", {}) if levels else node  # a pyramid's s0
-            label = f"{key or '/'}  {_x(finest.get('shape', []))} {finest.get('dtype', '')}"
-            detail = f"{label}, chunks {_x(finest.get('chunks', []))}"
-            if finest.get("voxel_size"):
-                detail += f", voxel {_x(f'{v:g}' for v in finest['voxel_size'])} {finest['unit']}"
-            if levels:
-                label += f"  ({len(levels)} levels)"
-                detail += f", pyramid of {len(levels)} levels"
-            unfinished = node.get("unfinished") or finest.get("unfinished")
-            if unfinished:  # an import still writing it, or one stopped mid-way
-                label += "  (unfinished)"
-                detail += f"; unfinished: {unfinished}"
-            choices.append((label, key, detail))
-        set_choices(self.datasets, [(label, key) for label, key, _ in choices])
-        for i, (_, _, detail) in enumerate(choices):  # the whole line, without widening the dock
-            self.datasets.native.item(i).setToolTip(detail)
+        self.datasets.set_nodes(list(tree.values()), keys)
         self.info.value = f"{len(keys)} dataset(s)"
         _remember(os.path.abspath(path))
         self.recent.reset_choices()
@@ -187,6 +173,8 @@ class VolumeWidget(Container):
     def _describe(self, *_: Any) -> None:
         keys = self.datasets.value or []
         self._described = None  # a ledger still being read for the last one is not shown
+        if len(keys) > 1:
+            self.info.value = f"{len(keys)} datasets selected: Open selected adds each as a layer."
         if len(keys) != 1:
             return
         try:

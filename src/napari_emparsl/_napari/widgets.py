@@ -70,3 +70,13 @@ def n5_source(layer: Any) -> tuple[str, str] | None:
     """``(container, dataset)`` of a layer opened from N5 by this plugin; None for others."""
     src = (getattr(layer, "metadata", None) or {}).get("emparsl")
     return (src["path"], src["key"]) if src else None
+
+
+def full_width(widget: Any) -> Any:
+    """Hide the row label of ``widget`` in a labelled container, so that a wide widget (a tree
+    with columns) spans the whole dock; its tooltip still says what it is."""
+    row = getattr(widget.native.parentWidget(), "_magic_widget", None)
+    label = getattr(row, "_label_widget", None)
+    if label is not None:
+        label.hide()
+    return widget
