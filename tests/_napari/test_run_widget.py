@@ -453,17 +453,25 @@ def test_closing_viewer_during_run_asks_and_stops_workers(
     qtbot.waitUntil(lambda: widget.progress.value >= 1, timeout=120_000)
     asked = []
 
-    def answer_yes():
+    def answer(button):
         box = QApplication.activeModalWidget()
         if isinstance(box, QMessageBox):
             asked.append(box.text())
-            box.button(QMessageBox.StandardButton.Yes).click()
+            box.button(button).click()
         else:
-            QTimer.singleShot(50, answer_yes)
+            QTimer.singleShot(50, lambda: answer(button))
 
-    QTimer.singleShot(50, answer_yes)
-    viewer.window._qt_window.close()
-    assert asked and "A run is going on" in asked[0]
+    # "No": the viewer stays open and the run goes on
+    QTimer.singleShot(50, lambda: answer(QMessageBox.StandardButton.No))
+    assert not viewer.window._qt_window.close()
+    assert len(asked) == 1 and "A run is going on" in asked[0]
+    assert widget._run is not None and widget.cancel_btn.enabled and htex.pools()
+    QTimer.singleShot(50, lambda: answer(QMessageBox.StandardButton.Yes))
+    assert viewer.window._qt_window.close()
+    assert len(asked) == 2
+    # the window is deleted on close: napari's Window.close forgets it so, and the fixture's
+    # teardown then does not close it a second time
+    del viewer.window._qt_window
     assert widget._run is None
     assert htex.gone(timeout=5)  # signalled on close; they exit within moments
 

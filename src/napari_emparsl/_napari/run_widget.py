@@ -925,12 +925,15 @@ class RunWidget(Container):
         if answer != QMessageBox.StandardButton.Yes:
             return False
         self.cancel()
+        self.status.value = "stopping the run before the viewer closes…"
         for _ in range(600):  # up to 60 s for the executor to shut down
             if self._run is None:
                 break
             loop = QEventLoop()
             QTimer.singleShot(100, loop.quit)
             loop.exec()
+        else:  # its site's guard ends the workers once the coordinator (napari) is gone
+            log.warning("the run had not stopped 60 s after it was cancelled; closing anyway")
         return True
 
     def _on_dims(self, *_: Any) -> None:
