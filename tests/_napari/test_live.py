@@ -74,3 +74,25 @@ def test_follow_keeps_the_plane_napari_reads(tmp_path):
     live.follow(False)  # the run ended: nothing kept, every read goes to disk
     assert not live.block_written((4, 8, 8), (8, 16, 16)) and live[6, 9, 9] == 4
     assert live.plane_hits == 2
+
+
+def test_kept_whole_for_a_3d_view(tmp_path):
+    """A 3D view draws a whole (coarse) level: kept in memory while a run writes it, read whole
+    with the first block, then each block's box re-read (off the Qt thread), reads from memory."""
+    out = Volume.create(tmp_path / "o.n5", "img", (2, 8, 16, 16), "float32", (1, 4, 8, 8))
+    live = LiveN5Array(str(tmp_path / "o.n5"), "img")
+    live.keep_whole(True)
+    out.write(np.ones((2, 4, 8, 8), np.float32), (0, 0, 0, 0))
+    assert np.asarray(live)[:, :4, :8, :8].all() and live.whole_hits == 0  # nothing kept yet
+    assert live.block_written((0, 0, 0), (4, 8, 8))
+    whole = np.asarray(live)
+    assert live.whole_hits == 1 and whole.shape == (2, 8, 16, 16) and whole.sum() == 2 * 256
+    out.write(np.full((2, 4, 8, 8), 2, np.float32), (0, 4, 8, 8))
+    out.write(np.full((2, 4, 8, 8), 3, np.float32), (0, 0, 8, 0))  # no block reported there
+    assert live.block_written((4, 8, 8), (8, 16, 16))
+    assert float(live[1, 6, 12, 12]) == 2 and float(live[0, 2, 12, 4]) == 0
+    assert live.whole_hits == 3
+    whole[:] = 9  # what a reader got is its own copy
+    assert float(live[0, 0, 0, 0]) == 1
+    live.keep_whole(False)  # the run ended, or a 2D view: every read goes to disk
+    assert float(live[0, 2, 12, 4]) == 3 and live.whole_hits == 4

@@ -597,6 +597,16 @@ def test_big_output_is_multiscale_and_3d_shows_its_coarse_level(
     viewer.dims.ndisplay = 3
     qtbot.waitUntil(lambda: np.asarray(layer._slice.image.raw).ndim == 3, timeout=10_000)
     np.testing.assert_array_equal(np.asarray(layer._slice.image.raw), coarse)
+    # a run streamed in 3D: the coarse level is kept whole by the run's thread, and napari's
+    # refreshes read it from memory (not from disk on the Qt thread)
+    widget.replace.value = True
+    widget.run_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    assert "finished: 16/16 done" in widget.status.value
+    layer = widget._output_layer
+    assert layer.data[1].whole_hits > 0 and layer.data[0].whole_hits == 0
+    assert layer.data[1]._whole is None  # dropped when the run ended
+    np.testing.assert_array_equal(np.asarray(layer._slice.image.raw), n5.level(1).compute())
 
 
 def test_reopened_multiscale_output_resumes_in_its_layer(make_napari_viewer, qtbot, tmp_path):

@@ -5,7 +5,9 @@ refresh (its chunk cache would show stale data) and reads the slice on the Qt th
 array-like reads straight from N5 (nothing cached across writes), and keeps one plane — the one
 on screen — that the run's background thread re-reads after each block that touches it, so a
 refresh on the Qt thread only draws. A multiscale output layer has one per level; each follows
-the z-plane napari reads from it (``follow``), whichever level napari shows.
+the z-plane napari reads from it (``follow``), whichever level napari shows. In a 3D view napari
+draws a whole level (the coarsest): that one is kept whole instead (``keep_whole``), refreshed
+in the same way.
 
 Consistency: the kept plane is always the watched one (``watch`` drops it); the first finished
 block that touches it reads it whole, each later one re-reads its own part of it
@@ -73,6 +75,9 @@ class LiveN5Array:
         self._follow = False  # watch whichever plane napari reads (see ``follow``)
         self._last_plane: int | None = None  # the plane napari read last
         self.plane_hits = 0  # reads answered from the kept plane (for tests and benchmarks)
+        self._keep_whole = False  # keep the whole array (a 3D view of a coarse level)
+        self._whole: np.ndarray | None = None  # it, as of the last block written
+        self.whole_hits = 0  # reads answered from the kept whole array
 
     @property
     def size(self) -> int:
@@ -116,6 +121,11 @@ class LiveN5Array:
 
     def _get(self, norm: tuple[tuple[int, int, bool], ...]) -> np.ndarray:
         axis = self.ndim - 3
+        drop = tuple(0 if drop else slice(None) for *_, drop in norm)
+        with self._lock:  # a copy: the run's thread patches the kept array in place
+            if self._whole is not None:
+                self.whole_hits += 1
+                return self._whole[tuple(slice(a, b) for a, b, _ in norm)].copy()[drop]
         if norm[axis][2] and not norm[axis + 1][2] and not norm[axis + 2][2]:  # a z-plane of y, x
             self._last_plane = norm[axis][0]
             if self._follow and self._watched != self._last_plane:
@@ -131,10 +141,8 @@ class LiveN5Array:
                 )
                 with self._lock:  # a copy: the run's thread patches the kept plane in place
                     out = plane[sub].copy()
-                return out[tuple(0 if drop else slice(None) for *_, drop in norm)]
-        region = tuple(slice(a, b) for a, b, _ in norm)
-        out = self._read(region)
-        return out[tuple(0 if drop else slice(None) for *_, drop in norm)]
+                return out[drop]
+        return self._read(tuple(slice(a, b) for a, b, _ in norm))[drop]
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = self._get(tuple((0, n, False) for n in self.shape))
@@ -160,15 +168,40 @@ class LiveN5Array:
             self._follow = on
         self.watch(self._last_plane if on else None)
 
+    def keep_whole(self, on: bool) -> None:
+        """Keep the whole array in memory (on), for a 3D view, which draws a whole level (the
+        coarsest: small); or not (off). Kept, it is read whole when the next block is written,
+        afterwards each block re-reads its own box (:meth:`block_written`, off the Qt thread),
+        and every read is answered from it."""
+        with self._lock:
+            if on != self._keep_whole:
+                self._keep_whole, self._whole = on, None
+                self._generation += 1
+
     def block_written(self, begin: Sequence[int], end: Sequence[int]) -> bool:
         """A block wrote the box ``begin:end`` (z, y, x); refresh the kept plane if the box
         crosses it (call off the Qt thread): read it whole the first time, afterwards only the
-        box's part. Returns whether the watched plane changed."""
+        box's part; or the kept whole array (:meth:`keep_whole`) likewise. Returns whether what
+        is kept changed."""
+        lead = (slice(None),) * (self.ndim - 3)
         with self._lock:
+            keep, whole = self._keep_whole, self._whole
             z, plane, generation = self._watched, self._plane, self._generation
+        if keep:
+            if whole is None:
+                fresh = self._read((slice(None),) * self.ndim)
+                with self._lock:
+                    if self._generation == generation:
+                        self._whole = fresh
+                return True
+            box = (*lead, *(slice(b, e) for b, e in zip(begin, end, strict=True)))
+            part = self._read(box)
+            with self._lock:
+                if self._generation == generation and self._whole is whole:
+                    whole[box] = part
+            return True
         if z is None or not begin[0] <= z < end[0]:
             return False
-        lead = (slice(None),) * (self.ndim - 3)
         if plane is None:
             fresh = self._read(self._plane_region(z))
             with self._lock:

@@ -48,6 +48,10 @@ from napari_emparsl.core.volume import Volume
 
 log = logging.getLogger(__name__)
 
+# a 3D view draws the output's coarsest level whole: kept in memory during a run up to this size
+# (64 MB of float32; a multiscale output's coarsest level has at most 2 Mi voxels)
+_KEEP_WHOLE_VOXELS = 16 * 2**20
+
 __all__ = ["RunWidget"]
 
 
@@ -1038,15 +1042,20 @@ class RunWidget(Container):
 
     def _update_watch(self) -> None:
         """While a run goes on in a 2D view, each level's live array keeps the plane napari
-        reads from it fresh (off the Qt thread); otherwise none is kept."""
+        reads from it fresh (off the Qt thread); in a 3D view, the coarsest level (the one
+        napari draws in 3D; at most 2 Mi voxels where there are several) is kept whole, fresh
+        likewise; otherwise nothing is kept."""
         dims = self._viewer.dims
         on = self._run is not None and dims.ndisplay == 2
         if on:
             displayed = tuple(dims.displayed[-2:])
             n = len(dims.point)
             on = displayed == (n - 2, n - 1)  # a z-plane of y, x: the planes blocks are read in
-        for live, _ in self._levels:
+        whole = self._run is not None and dims.ndisplay == 3
+        for i, (live, _) in enumerate(self._levels):
             live.follow(on)
+            coarsest = i == len(self._levels) - 1
+            live.keep_whole(whole and coarsest and live.size <= _KEEP_WHOLE_VOXELS)
 
     def _refresh_output(self) -> None:
         """Swap in a fresh lazy view of the output N5 (new dask name: no stale cache)."""
