@@ -32,6 +32,8 @@ def test_browse_and_open(make_napari_viewer, tmp_path, monkeypatch):
     # a group or a single level of a pyramid is not opened on its own: not selectable
     tree.value = ["labels", "raw/s1", "labels/cells"]
     assert tree.value == ["labels/cells"]
+    tree.value = "raw"  # one key alone, as magicgui's own lists take it
+    assert tree.value == ["raw"]
     assert str(tmp_path / "s.n5") in recent_paths()
     recent = tmp_path / "config" / "napari-emparsl" / "recent.json"
     kept = recent.read_text()  # a recent-paths file that is no list (edited by hand): none,

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+# magicgui's own base for its Qt value widgets (ComboBox, Select… are built on it): a tree is
+# a value widget like them, with a label, tooltip, enabled state and ``changed`` signal
 from magicgui.backends._qtpy.widgets import QBaseValueWidget
 from magicgui.widgets.bases import ValueWidget
 from qtpy.QtCore import Qt
@@ -80,7 +82,7 @@ class _QDatasetTree(QBaseValueWidget):
         ]
 
     def _mgui_set_value(self, value: Any) -> None:
-        keys = set(value or [])
+        keys = {value} if isinstance(value, str) else set(value or [])
         tree = self._qwidget
         tree.blockSignals(True)
         try:
@@ -124,6 +126,7 @@ class DatasetTree(ValueWidget):
             tree.clear()
             tree._items, tree._openable = {}, []
             by_key = {n["key"]: n for n in nodes}
+            selectable = set(openable)
             for key in sorted(by_key, key=lambda k: k.split("/")):
                 node = by_key[key]
                 parent_key = key.rpartition("/")[0] if "/" in key else ""
@@ -139,7 +142,7 @@ class DatasetTree(ValueWidget):
                 item = QTreeWidgetItem(_row(node, finest, name))
                 item.setData(0, _KEY, key)
                 item.setToolTip(0, _tooltip(key, node, finest, unfinished))
-                if key in openable:
+                if key in selectable:
                     tree._openable.append(key)
                 else:  # a group, or one level of a pyramid: shown, opened with its pyramid
                     item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsSelectable)
