@@ -151,6 +151,14 @@ def test_typed_paths_and_lists_that_stay(make_napari_viewer, qtbot, tmp_path, mo
     assert widget.datasets.value == ["labels/classes", "raw"]
     assert widget.info.value == "2 datasets selected: Open selected adds each as a layer."
     assert len(widget.open_selected()) == 2
+    # a double-click opens a dataset; a group's row only folds (a click first, as a mouse
+    # sends it: Qt's item views take a double-click on the row the press went to)
+    for key in ("labels/cells", "labels"):
+        rect = tree.visualItemRect(widget.datasets.item(key))
+        qtbot.mouseClick(tree.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+        qtbot.mouseDClick(tree.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+    assert [lyr.name for lyr in viewer.layers] == ["labels_classes", "raw", "labels_cells"]
+    assert not widget.datasets.item("labels").isExpanded() and widget.datasets.value == []
     assert list(widget.datasets.choices) == ["labels/cells", "labels/classes", "raw"]
 
 

@@ -103,6 +103,8 @@ class _QDatasetTree(QBaseValueWidget):
 class DatasetTree(ValueWidget):
     """The datasets of a container as a tree (see the module); fill it with :meth:`set_nodes`."""
 
+    KEY = _KEY  # the item data role that holds a row's key
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(widget_type=_QDatasetTree, **kwargs)
         self.native._items = {}

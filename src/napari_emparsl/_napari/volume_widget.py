@@ -112,6 +112,7 @@ class VolumeWidget(Container):
         self.layer.changed.connect(self._show_layer)
         self.open_btn.changed.connect(self.open_selected)
         self.datasets.changed.connect(self._describe)
+        self.datasets.native.itemDoubleClicked.connect(self._double_clicked)
         # a run output's ledger (10⁵ blocks: ~1 s) is read off the Qt thread
         self._ledger_relay = Relay()
         self._ledger_relay.answer.connect(self._ledger_read)
@@ -216,6 +217,13 @@ class VolumeWidget(Container):
         where, text, run = answer
         if where == self._described:
             self.info.value = text + run
+
+    def _double_clicked(self, item: Any, *_: Any) -> None:
+        """A double-click on a dataset or pyramid opens it (a group's folds, as in any tree)."""
+        key = item.data(0, DatasetTree.KEY)
+        if key in self.datasets.choices:
+            self.datasets.value = [key]
+            self.open_selected()
 
     def open_selected(self, *_: Any) -> list[Any]:
         from napari_emparsl._napari.reader import layer_data
