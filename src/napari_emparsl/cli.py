@@ -195,8 +195,7 @@ def _free_memory() -> int | None:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from napari_emparsl.core.importer import human_size
-    from napari_emparsl.core.sample import make_sample
-    from napari_emparsl.core.volume import write_pyramid
+    from napari_emparsl.core.sample import SAMPLE_LEVELS, make_sample, write_sample
 
     if os.path.exists(args.output) and not args.overwrite:
         raise VolumeError(
@@ -213,25 +212,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     sample = make_sample(tuple(args.shape), seed=args.seed, anisotropy=args.anisotropy)
     t_gen = time.perf_counter() - t0
-    chunks = (min(64, sample.raw.shape[0]), 64, 64)
-    common = {"chunks": chunks, "levels": 3, "voxel_size": sample.voxel_size, "unit": "nm"}
-    write_pyramid(args.output, "raw", sample.raw, overwrite=args.overwrite, **common)
-    write_pyramid(
-        args.output,
-        "labels/classes",
-        sample.classes,
-        labels=True,
-        overwrite=args.overwrite,
-        attrs={"class_names": list(sample.class_names)},
-        **common,
-    )
-    write_pyramid(
-        args.output, "labels/cells", sample.cells, labels=True, overwrite=args.overwrite, **common
-    )
+    write_sample(args.output, sample, overwrite=args.overwrite)
     shape = "×".join(map(str, sample.raw.shape))
     print(
         f"Wrote the synthetic EM sample (seed {args.seed}, {shape} voxels, generated in "
-        f"{t_gen:.1f} s) to {args.output}: raw, labels/classes, labels/cells, 3 pyramid levels each."
+        f"{t_gen:.1f} s) to {args.output}: raw, labels/classes, labels/cells, {SAMPLE_LEVELS} pyramid "
+        "levels each."
     )
     return 0
 

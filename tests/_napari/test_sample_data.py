@@ -1,18 +1,45 @@
-"""napari sample data: the synthetic EM volume with classes and cells."""
+"""napari sample data: the synthetic EM volume with classes and cells, opened from N5 so that
+it can be run on at once."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from napari_emparsl.core.sample import make_sample
 
-def test_open_sample(make_napari_viewer):
+
+def test_open_sample(make_napari_viewer, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     viewer = make_napari_viewer()
     layers = viewer.open_sample("napari-emparsl", "synthetic_em")
     names = [layer.name for layer in layers]
     assert names == ["sample raw", "sample classes", "sample cells"]
     raw, classes, cells = layers
-    assert raw._type_string == "image" and raw.data.dtype == np.uint8
-    assert classes._type_string == "labels" and set(np.unique(classes.data)) == {0, 1, 2}
-    assert cells._type_string == "labels" and len(np.unique(cells.data)) > 10
-    assert raw.data.shape == (128, 256, 256)
-    assert tuple(raw.scale) == tuple(classes.scale)
+    container = tmp_path / "cache" / "napari-emparsl" / "sample-seed0.n5"
+    # lazy multiscale layers over the sample's N5 container in the user's cache
+    for layer, key in zip(layers, ("raw", "labels/classes", "labels/cells"), strict=True):
+        assert layer.metadata["emparsl"] == {"path": str(container), "key": key}
+        assert layer.multiscale and len(layer.data) == 3
+    assert raw._type_string == "image" and raw.data[0].dtype == np.uint8
+    assert raw.data[0].shape == (128, 256, 256) and tuple(raw.scale) == tuple(classes.scale)
+    expected = make_sample(seed=0)
+    np.testing.assert_array_equal(np.asarray(raw.data[0][60]), expected.raw[60])
+    assert classes._type_string == "labels" and classes.opacity == 0.5
+    assert list(classes.features["class"]) == list(expected.class_names)
+    assert cells._type_string == "labels" and not cells.visible
+    assert len(np.unique(np.asarray(cells.data[0][60]))) > 10
+    # opened again: the container is reused as it is (nothing rewritten), temp folders gone
+    stamp = (container / "raw" / "s0" / "attributes.json").stat().st_mtime_ns
+    viewer.layers.clear()
+    viewer.open_sample("napari-emparsl", "synthetic_em")
+    assert (container / "raw" / "s0" / "attributes.json").stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in container.parent.iterdir()) == ["sample-seed0.n5"]
+    # a container missing a dataset (deleted by hand) is moved aside, not deleted, and written
+    # whole again
+    import shutil
+
+    shutil.rmtree(container / "labels" / "cells")
+    viewer.layers.clear()
+    assert len(viewer.open_sample("napari-emparsl", "synthetic_em")) == 3
+    kept = sorted(p.name for p in container.parent.iterdir())
+    assert kept[0] == "sample-seed0.n5" and kept[1].startswith("sample-seed0.n5.incomplete-")

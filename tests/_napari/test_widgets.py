@@ -67,3 +67,34 @@ def test_wrapped_sentences_keep_their_lines_when_the_dock_narrows(make_napari_vi
     QApplication.processEvents()
     assert label.height() >= label.heightForWidth(label.width())
     assert label.height() // label.fontMetrics().lineSpacing() > lines  # more lines, all shown
+
+
+def test_the_plugins_menu_opens_every_panel(make_napari_viewer, tmp_path, monkeypatch):
+    """Each panel as a user opens it (Plugins > EM Parsl > …): napari finds it through the
+    installed manifest, builds it with the viewer, and docks it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the sample's container
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    viewer = make_napari_viewer()
+    panels = {
+        "N5 volumes": VolumeWidget,
+        "Run model (preview, full run)": RunWidget,
+        "Compute sites": SiteWidget,
+        "Runs": RunsWidget,
+    }
+    opened = {}
+    for name, kind in panels.items():
+        dock, widget = viewer.window.add_plugin_dock_widget("napari-emparsl", name)
+        assert isinstance(widget, kind) and widget._viewer is viewer  # (before: a TypeError)
+        assert name in dock.name
+        opened[kind] = widget
+    # the sample, as File > Open Sample > EM Parsl gives it, is offered to the panels: the
+    # run panel's volume is the layer itself (not a proxy of it, which is a new object at
+    # every access), the volume panel lists it among the layers open from N5
+    layers = viewer.open_sample("napari-emparsl", "synthetic_em")
+    raw = viewer.layers["sample raw"]
+    assert layers[0] is raw
+    run = opened[RunWidget]
+    run.input.reset_choices()
+    assert run.input.value is raw  # (before, the sample was in memory: no volume to run on)
+    assert run.output.value.endswith("sample-seed0.n5:predictions/raw")
+    assert "sample raw" in opened[VolumeWidget].layer.choices

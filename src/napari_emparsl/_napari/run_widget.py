@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from magicgui.widgets import (
@@ -38,13 +38,16 @@ from napari_emparsl._napari.background import (
     in_background,
 )
 from napari_emparsl._napari.widgets import n5_source as _source_of
-from napari_emparsl._napari.widgets import set_choices, wrapping
+from napari_emparsl._napari.widgets import set_choices, viewer_itself, wrapping
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.events import BlockDone, BlockFailed, Cancelled, Finished, Planned
 from napari_emparsl.core.geometry import Roi, size_values
 from napari_emparsl.core.models.loaders import BUILTIN_MODELS
 from napari_emparsl.core.paths import user_path
 from napari_emparsl.core.volume import Volume
+
+if TYPE_CHECKING:
+    import napari.viewer
 
 log = logging.getLogger(__name__)
 
@@ -193,9 +196,9 @@ def _output_ledger(output: str) -> dict[str, Any]:
 class RunWidget(Container):
     """Volume → model → site → preview / run, with streaming results and failed blocks."""
 
-    def __init__(self, viewer: Any):
+    def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=True)
-        self._viewer = viewer
+        self._viewer = viewer_itself(viewer)  # napari injects it by this annotation
         napari_fixes.apply()  # a napari crash on removing a layer (see the module)
         self._worker = None
         self._run = None

@@ -11,19 +11,22 @@ import datetime
 import logging
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import Container, Label, PushButton, Select
 
 from napari_emparsl._napari import napari_fixes
 from napari_emparsl._napari.background import Relay, error_sentence, in_background
-from napari_emparsl._napari.widgets import set_choices, wrapping
+from napari_emparsl._napari.widgets import set_choices, viewer_itself, wrapping
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.geometry import plan_blocks
 from napari_emparsl.core.ledger import Ledger, LedgerFollower, lock_holder, whole_plan_blocks
 from napari_emparsl.core.volume import Volume, parse_spec
 
 __all__ = ["SESSION_OUTPUTS", "RunsWidget", "remember_output"]
+
+if TYPE_CHECKING:
+    import napari.viewer
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +81,9 @@ class _Output:
 class RunsWidget(Container):
     """List of runs; open an output; provenance of the block under the cursor."""
 
-    def __init__(self, viewer: Any):
+    def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=True)
-        self._viewer = viewer
+        self._viewer = viewer_itself(viewer)  # napari injects it by this annotation
         napari_fixes.apply()  # a napari crash on removing a layer (see the module)
         self._outputs: dict[str, _Output] = {}
         self._generation = 0  # of refreshes: only the latest one's answer is shown

@@ -1,33 +1,83 @@
-"""napari sample data: the synthetic EM volume with its ground truth."""
+"""napari sample data: the synthetic EM volume with its ground truth, ready to run on.
+
+Runs read their blocks from N5, so the sample is written once as an N5 container in the user's
+cache (``$XDG_CACHE_HOME/napari-emparsl/sample-seed0.n5``, else ``~/.cache/…``) and opened lazily
+from there, as File > Open would open it: the run panel offers it as a volume at once, and a
+run's output goes beside it (``sample-seed0.n5:predictions/…``). The container is written in a
+temporary folder and moved into place when whole, so an interrupted first opening leaves nothing
+half-written; later openings reuse it (generating it takes a few seconds).
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
-from napari_emparsl.core.sample import make_sample
+from napari_emparsl.core.errors import UserError
+from napari_emparsl.core.sample import make_sample, write_sample
+from napari_emparsl.core.volume import Volume
+
+log = logging.getLogger(__name__)
+
+__all__ = ["make_sample_data", "sample_container"]
+
+# the sample's datasets and the names of their layers
+LAYERS = {"raw": "sample raw", "labels/classes": "sample classes", "labels/cells": "sample cells"}
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "napari-emparsl"
+
+
+def _whole(path: Path) -> bool:
+    """Whether ``path`` holds every dataset of the sample."""
+    try:
+        for key in LAYERS:
+            Volume.open(str(path), key)
+    except UserError:
+        return False
+    return True
+
+
+def sample_container(seed: int = 0) -> str:
+    """The sample's N5 container in the user's cache, written first where it is not there whole."""
+    path = _cache_dir() / f"sample-seed{seed}.n5"
+    if _whole(path):
+        return str(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=".sample-", dir=path.parent) as tmp:
+        fresh = Path(tmp) / path.name
+        write_sample(str(fresh), make_sample(seed=seed))
+        if path.exists():  # not whole (a dataset deleted by hand): kept aside, not deleted
+            aside = path.with_name(f"{path.name}.incomplete-{int(time.time())}")
+            path.rename(aside)
+            log.warning("the cached sample at %s was incomplete; moved it to %s", path, aside)
+        try:
+            fresh.rename(path)
+        except OSError:  # another viewer wrote it meanwhile: that one is used
+            if not _whole(path):
+                raise
+    log.info("wrote the sample to %s in %.1f s", path, time.perf_counter() - t0)
+    return str(path)
 
 
 def make_sample_data(seed: int = 0) -> list[tuple[Any, dict[str, Any], str]]:
-    """Raw EM, class labels (background, membrane, mitochondria) and cell instances."""
-    sample = make_sample(seed=seed)
-    scale = tuple(sample.voxel_size)
-    units = ("nm",) * 3
-    return [
-        (sample.raw, {"name": "sample raw", "scale": scale, "units": units}, "image"),
-        (
-            sample.classes,
-            {
-                "name": "sample classes",
-                "scale": scale,
-                "units": units,
-                "opacity": 0.5,
-                "features": {"class": list(sample.class_names)},
-            },
-            "labels",
-        ),
-        (
-            sample.cells,
-            {"name": "sample cells", "scale": scale, "units": units, "visible": False},
-            "labels",
-        ),
-    ]
+    """Raw EM, class labels (background, membrane, mitochondria) and cell instances, as lazy
+    layers over the sample's N5 container (see the module)."""
+    from napari_emparsl._napari.reader import layer_data
+
+    path = sample_container(seed)
+    layers = []
+    for key, name in LAYERS.items():
+        data, meta, kind = layer_data(Volume.open(path, key))
+        meta["name"] = name
+        layers.append((data, meta, kind))
+    layers[1][1]["opacity"] = 0.5  # the classes over the raw data
+    layers[2][1]["visible"] = False  # the cells: hidden at first
+    return layers

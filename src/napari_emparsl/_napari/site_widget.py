@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import types
 import typing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton, create_widget
@@ -17,9 +17,12 @@ from pydantic import ValidationError
 
 from napari_emparsl._napari import napari_fixes
 from napari_emparsl._napari.background import Relay, error_sentence, in_background
-from napari_emparsl._napari.widgets import say_error, wrapping
+from napari_emparsl._napari.widgets import say_error, viewer_itself, wrapping
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.execution.sites import SiteProfile, list_sites, load_site, user_site_dir
+
+if TYPE_CHECKING:
+    import napari.viewer
 
 __all__ = ["SiteWidget"]
 
@@ -64,9 +67,9 @@ def _field_widget(name: str, field: Any) -> Any:
 class SiteWidget(Container):
     """Site chooser, one widget per profile field, Save (validated), messages."""
 
-    def __init__(self, viewer: Any | None = None):
+    def __init__(self, viewer: napari.viewer.Viewer = None):  # None: outside napari
         super().__init__(labels=True)
-        self._viewer = viewer
+        self._viewer = viewer_itself(viewer)  # napari injects it by this annotation
         napari_fixes.apply()  # a napari crash on removing a layer (see the module)
         self.site = ComboBox(
             label="site", choices=lambda *_: list(list_sites()), tooltip="profile to view or edit"

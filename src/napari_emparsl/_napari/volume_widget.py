@@ -13,18 +13,21 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton
 
 from napari_emparsl._napari import napari_fixes
 from napari_emparsl._napari.background import Relay, error_sentence, in_background
 from napari_emparsl._napari.dataset_tree import DatasetTree
-from napari_emparsl._napari.widgets import full_width, n5_source, say_error, wrapping
+from napari_emparsl._napari.widgets import full_width, n5_source, say_error, viewer_itself, wrapping
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.ledger import Ledger, whole_plan_blocks
 from napari_emparsl.core.paths import user_path
 from napari_emparsl.core.volume import UNFINISHED, Volume, container_tree, openable_keys
+
+if TYPE_CHECKING:
+    import napari.viewer
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +67,9 @@ def _x(values: Any) -> str:
 class VolumeWidget(Container):
     """Path → tree of datasets (shape, dtype, chunks, voxel size, levels) → Open."""
 
-    def __init__(self, viewer: Any):
+    def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=True)
-        self._viewer = viewer
+        self._viewer = viewer_itself(viewer)  # napari injects it by this annotation
         napari_fixes.apply()  # a napari crash on removing a layer (see the module)
         self.path = LineEdit(label="N5 container", tooltip="a .n5 folder (type or paste a path)")
         self.recent = ComboBox(

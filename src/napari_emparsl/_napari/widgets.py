@@ -80,3 +80,12 @@ def full_width(widget: Any) -> Any:
     if label is not None:
         label.hide()
     return widget
+
+
+def viewer_itself(viewer: Any) -> Any:
+    """The viewer a panel works on. napari hands a plugin's panel (Plugins > EM Parsl > …) a
+    ``PublicOnlyProxy`` of it, which wraps each layer anew at every access — a layer taken from it
+    is never the same object twice, so the panel could not tell its own output layer by identity
+    — and warns on private attributes (the close guard needs the Qt main window). The panels are
+    this plugin's GUI and work on the viewer itself, as when they are made in a script."""
+    return getattr(viewer, "__wrapped__", viewer)

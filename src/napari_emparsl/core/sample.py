@@ -499,3 +499,25 @@ def make_sample(
         cells=cells,
         voxel_size=(float(vox[0]), float(vox[1]), float(vox[2])),
     )
+
+
+SAMPLE_LEVELS = 3  # pyramid levels written for each dataset of the sample
+
+
+def write_sample(path: str, sample: Sample, *, overwrite: bool = False) -> None:
+    """Write ``sample`` as an N5 container: ``raw``, ``labels/classes`` (with its class names)
+    and ``labels/cells``, each a pyramid of :data:`SAMPLE_LEVELS` levels, gzip, 64³ chunks."""
+    from napari_emparsl.core.volume import write_pyramid
+
+    chunks = (min(64, sample.raw.shape[0]), 64, 64)
+    common = {
+        "chunks": chunks,
+        "levels": SAMPLE_LEVELS,
+        "voxel_size": sample.voxel_size,
+        "unit": "nm",
+        "overwrite": overwrite,
+    }
+    write_pyramid(path, "raw", sample.raw, **common)
+    names = {"class_names": list(sample.class_names)}
+    write_pyramid(path, "labels/classes", sample.classes, labels=True, attrs=names, **common)
+    write_pyramid(path, "labels/cells", sample.cells, labels=True, **common)
