@@ -110,9 +110,14 @@ def main() -> int:
         widget.site.value = "threads"
         widget.block.value = "64"  # 32 blocks: the preview computes a few of them
         viewer.dims.set_point(0, z * 8)
-        rect = np.array([[z, 40, 60], [z, 40, 200], [z, 150, 200], [z, 150, 60]]) * 8.0
-        viewer.add_shapes([rect], shape_type="rectangle", name="region", edge_color="yellow",
-                          face_color="transparent", edge_width=3, units=("nm",) * 3)  # fmt: skip
+        # Draw region, then the rectangle a user drags (voxels: the layer is on the volume's grid)
+        region = widget.draw_region()
+        region.add_rectangles(
+            np.array([[z, 40, 60], [z, 40, 200], [z, 150, 200], [z, 150, 60]], float),
+            edge_color="yellow",
+            face_color="transparent",
+            edge_width=2,
+        )
 
         def wait_idle() -> None:
             while widget._run is not None or not widget.run_btn.enabled:

@@ -892,3 +892,43 @@ def test_multichannel_image_output_streams_the_slice_on_screen(
         assert [widget._on_screen(i) for i in range(8)] == [True] * 4 + [False] * 4
     finally:
         widget._run = None
+
+
+def test_draw_region_with_the_mouse_then_preview(make_napari_viewer, qtbot, sample_path):
+    """Draw region: the 'region' Shapes layer on the volume's grid, selected, in rectangle mode;
+    a rectangle dragged with the mouse on the canvas is what Preview region computes."""
+    from qtpy.QtCore import QPoint, Qt
+
+    viewer = make_napari_viewer(show=True)  # the canvas takes mouse events
+    widget = _setup(viewer, sample_path)
+    viewer.dims.set_point(0, 40 * 8)
+    region = widget.draw_region()
+    assert region is viewer.layers["region"] and viewer.layers.selection.active is region
+    assert region.mode == "add_rectangle" and tuple(region.scale) == (8.0, 8.0, 8.0)
+    assert widget.status.value.startswith("Drag a rectangle on the slice shown")
+    widget.region_btn.clicked.emit()  # again: the same layer, not a second one
+    assert [lyr.name for lyr in viewer.layers].count("region") == 1
+    # drag from 40 % to 60 % of the canvas, as a user does
+    canvas = viewer.window._qt_viewer.canvas.native
+    qtbot.waitUntil(lambda: canvas.width() > 100 and canvas.height() > 100, timeout=5_000)
+    w, h = canvas.width(), canvas.height()
+    start, end = QPoint(int(0.4 * w), int(0.4 * h)), QPoint(int(0.6 * w), int(0.6 * h))
+    qtbot.mousePress(canvas, Qt.MouseButton.LeftButton, pos=start)
+    for i in range(1, 11):
+        qtbot.mouseMove(canvas, start + (end - start) * (i / 10))
+        qtbot.wait(10)
+    qtbot.mouseRelease(canvas, Qt.MouseButton.LeftButton, pos=end)
+    qtbot.waitUntil(lambda: len(region.data) == 1, timeout=5_000)
+    roi = widget.preview_region()
+    corners = region.data[0]  # voxels of the volume (the layer is on its grid)
+    assert roi.begin[0] == 40 and roi.end[0] == 41
+    lo, hi = np.floor(corners[:, 1:].min(axis=0)), np.ceil(corners[:, 1:].max(axis=0))
+    assert tuple(roi.begin[1:]) == tuple(np.maximum(lo, 0).astype(int))
+    assert tuple(roi.end[1:]) == tuple(np.minimum(hi, 128).astype(int))  # clipped to the volume
+    assert 1 < roi.end[1] - roi.begin[1] < 128 and 1 < roi.end[2] - roi.begin[2] < 128
+    widget.preview_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    assert widget.status.value.startswith("finished: ")
+    out = Volume.open(sample_path, "pred").data.compute()
+    (z0, y0, x0), (z1, y1, x1) = roi.begin, roi.end
+    assert out[z0:z1, y0:y1, x0:x1].any()  # the rectangle's blocks were computed

@@ -293,6 +293,11 @@ class RunWidget(Container):
             tooltip="off: previews run in this process (threads: no site to start, the first "
             "block sooner); on: on the site chosen above, as the full run will",
         )
+        self.region_btn = PushButton(
+            text="Draw region",
+            tooltip="add (or pick) the Shapes layer 'region' in rectangle mode: drag a rectangle "
+            "on the slice, and Preview region computes the blocks under it",
+        )
         self.preview_btn = PushButton(
             text="Preview region",
             tooltip="compute only the blocks under the rectangle of the 'region' Shapes layer, "
@@ -323,7 +328,7 @@ class RunWidget(Container):
             self.input, self.model, model_file_row, self.model_options, self.model_info,
             self.site, self.test_site_btn,
             self.output, self.block, self.halo, self.replace,
-            self.preview_on_site, self.preview_btn, self.run_btn, self.cancel_btn, self.progress, self.estimate, self.status,
+            self.preview_on_site, self.region_btn, self.preview_btn, self.run_btn, self.cancel_btn, self.progress, self.estimate, self.status,
             self.failed_list,
             self.retry_btn,
         ])  # fmt: skip
@@ -339,6 +344,7 @@ class RunWidget(Container):
         self.check_model_btn.changed.connect(self.check_model)
         self.model_options.changed.connect(self._describe_model)
         self.test_site_btn.changed.connect(self.test_site)
+        self.region_btn.changed.connect(self.draw_region)
         self.preview_btn.changed.connect(self.preview)
         self.run_btn.changed.connect(self.start_full_run)
         self.cancel_btn.changed.connect(self.cancel)
@@ -569,6 +575,45 @@ class RunWidget(Container):
     def _model(self) -> str:
         return self.model_file.value.strip() or self.model.value
 
+    def _region_layer(self) -> Any:
+        """The Shapes layer named 'region', or None."""
+        return next(
+            (
+                lyr
+                for lyr in self._viewer.layers
+                if lyr._type_string == "shapes" and lyr.name == "region"
+            ),
+            None,
+        )
+
+    def draw_region(self, *_: Any) -> Any:
+        """Add the 'region' Shapes layer on the volume's grid (or pick the one there), select it
+        and put it in rectangle mode: the user drags a rectangle on the slice shown."""
+        layer = self.input.value
+        if layer is None:
+            self._error(self._no_volume())
+            return None
+        region = self._region_layer()
+        if region is None:
+            n = 3  # the volume's z, y, x (a multichannel volume's layers are one channel each)
+            region = self._viewer.add_shapes(
+                name="region",
+                ndim=n,
+                scale=tuple(layer.scale[-n:]),
+                translate=tuple(layer.translate[-n:]),
+                units=tuple(layer.units[-n:]),  # the volume's: no "inconsistent units" warning
+            )
+        # what new rectangles look like (a layer's own style is not what it draws with)
+        region.current_edge_color = "yellow"
+        region.current_face_color = "transparent"
+        region.current_edge_width = 2  # voxels of the volume
+        self._viewer.layers.selection.active = region
+        region.mode = "add_rectangle"
+        self.status.value = (
+            "Drag a rectangle on the slice shown, then Preview region (the last rectangle counts)."
+        )
+        return region
+
     def preview_region(self) -> Roi:
         """The region a preview computes (input voxels).
 
@@ -585,15 +630,9 @@ class RunWidget(Container):
         z = min(max(z, 0), shape[0] - 1)
         z0, z1 = z, z + 1
         y0, x0, y1, x1 = 0, 0, shape[1], shape[2]
-        shapes = [
-            lyr
-            for lyr in self._viewer.layers
-            if lyr._type_string == "shapes" and lyr.name == "region"
-        ]
-        if shapes and len(shapes[0].data):
-            pts = np.array(
-                [layer.world_to_data(shapes[0].data_to_world(p)) for p in shapes[0].data[-1]]
-            )
+        region = self._region_layer()
+        if region is not None and len(region.data):
+            pts = np.array([layer.world_to_data(region.data_to_world(p)) for p in region.data[-1]])
             y0, x0 = np.floor(pts[:, -2:].min(axis=0)).astype(int)
             y1, x1 = np.ceil(pts[:, -2:].max(axis=0)).astype(int)
             if y1 <= 0 or x1 <= 0 or y0 >= shape[1] or x0 >= shape[2]:
