@@ -43,3 +43,21 @@ def test_open_sample(make_napari_viewer, tmp_path, monkeypatch):
     assert len(viewer.open_sample("napari-emparsl", "synthetic_em")) == 3
     kept = sorted(p.name for p in container.parent.iterdir())
     assert kept[0] == "sample-seed0.n5" and kept[1].startswith("sample-seed0.n5.incomplete-")
+
+
+def test_sample_without_a_writable_cache(tmp_path, monkeypatch, caplog):
+    """A cache folder that cannot be made (here: under a file; a read-only home alike): the
+    sample goes to the temporary folder, said in the log, and the menu still opens it."""
+    import os
+    import tempfile
+
+    from napari_emparsl._napari.sample_data import make_sample_data
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file" / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    layers = make_sample_data()
+    where = tmp_path / "tmp" / f"napari-emparsl-{os.getuid()}" / "sample-seed0.n5"
+    assert [meta["metadata"]["emparsl"]["path"] for _, meta, _ in layers] == [str(where)] * 3
+    assert "could not write the sample to" in caplog.text

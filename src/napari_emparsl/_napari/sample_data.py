@@ -1,7 +1,8 @@
 """napari sample data: the synthetic EM volume with its ground truth, ready to run on.
 
 Runs read their blocks from N5, so the sample is written once as an N5 container in the user's
-cache (``$XDG_CACHE_HOME/napari-emparsl/sample-seed0.n5``, else ``~/.cache/…``) and opened lazily
+cache (``$XDG_CACHE_HOME/napari-emparsl/sample-seed0.n5``, else ``~/.cache/…``; the temporary
+folder where that cannot be written) and opened lazily
 from there, as File > Open would open it: the run panel offers it as a volume at once, and a
 run's output goes beside it (``sample-seed0.n5:predictions/…``). The container is written in a
 temporary folder and moved into place when whole, so an interrupted first opening leaves nothing
@@ -45,8 +46,18 @@ def _whole(path: Path) -> bool:
 
 
 def sample_container(seed: int = 0) -> str:
-    """The sample's N5 container in the user's cache, written first where it is not there whole."""
-    path = _cache_dir() / f"sample-seed{seed}.n5"
+    """The sample's N5 container in the user's cache, written first where it is not there whole;
+    where the cache cannot be written (a read-only home), in the temporary folder instead."""
+    try:
+        return _container_in(_cache_dir(), seed)
+    except OSError as err:
+        fallback = Path(tempfile.gettempdir()) / f"napari-emparsl-{os.getuid()}"
+        log.warning("could not write the sample to %s (%s); using %s", _cache_dir(), err, fallback)
+        return _container_in(fallback, seed)
+
+
+def _container_in(folder: Path, seed: int) -> str:
+    path = folder / f"sample-seed{seed}.n5"
     if _whole(path):
         return str(path)
     path.parent.mkdir(parents=True, exist_ok=True)
