@@ -9,9 +9,25 @@ from napari_emparsl.core.sample import make_sample
 
 
 def test_open_sample(make_napari_viewer, tmp_path, monkeypatch):
+    import time
+
+    from qtpy.QtCore import QTimer
+
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     viewer = make_napari_viewer()
+    # the first opening writes the container (seconds): Qt's events go on meanwhile (a 10 ms
+    # timer ticks; on a blocked event loop it would fire at most once, after)
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(10)
+    t0 = time.perf_counter()
     layers = viewer.open_sample("napari-emparsl", "synthetic_em")
+    took = time.perf_counter() - t0
+    timer.stop()
+    gaps = np.diff([t0, *ticks])
+    print(f"first opening {took:.1f} s, {len(ticks)} ticks, longest gap {gaps.max() * 1e3:.0f} ms")
+    assert len(ticks) >= 10 and took > 0.5
     names = [layer.name for layer in layers]
     assert names == ["sample raw", "sample classes", "sample cells"]
     raw, classes, cells = layers
@@ -61,3 +77,20 @@ def test_sample_without_a_writable_cache(tmp_path, monkeypatch, caplog):
     where = tmp_path / "tmp" / f"napari-emparsl-{os.getuid()}" / "sample-seed0.n5"
     assert [meta["metadata"]["emparsl"]["path"] for _, meta, _ in layers] == [str(where)] * 3
     assert "could not write the sample to" in caplog.text
+
+
+def test_viewer_closed_while_the_sample_is_written(make_napari_viewer, tmp_path, monkeypatch):
+    """Closed during the first opening's writing (Qt's events go on then): one sentence, not
+    napari's IndexError from layers added to a closed viewer, and the sample is kept whole."""
+    import pytest
+    from qtpy.QtCore import QTimer
+
+    from napari_emparsl._napari.sample_data import _whole
+    from napari_emparsl.core.errors import UserError
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    viewer = make_napari_viewer()
+    QTimer.singleShot(300, viewer.close)
+    with pytest.raises(UserError, match="The viewer was closed while the sample was being"):
+        viewer.open_sample("napari-emparsl", "synthetic_em")
+    assert _whole(tmp_path / "cache" / "napari-emparsl" / "sample-seed0.n5")

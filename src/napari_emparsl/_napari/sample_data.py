@@ -6,7 +6,9 @@ folder where that cannot be written) and opened lazily
 from there, as File > Open would open it: the run panel offers it as a volume at once, and a
 run's output goes beside it (``sample-seed0.n5:predictions/…``). The container is written in a
 temporary folder and moved into place when whole, so an interrupted first opening leaves nothing
-half-written; later openings reuse it (generating it takes a few seconds).
+half-written; later openings reuse it. Generating it takes a few seconds: on the Qt thread that
+first writing runs in a thread of its own while Qt's events go on (napari stays responsive, with a
+progress bar in its activity dock); asked again meanwhile, the same writing is waited for.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +82,71 @@ def _container_in(folder: Path, seed: int) -> str:
     return str(path)
 
 
+# the writings of the sample going on, by seed (see _container_keeping_qt_alive)
+_writing: dict[int, Future[str]] = {}
+_writing_lock = threading.Lock()
+
+
+def _writing_of(seed: int) -> Future[str]:
+    """The writing of the sample for ``seed``: the one going on, else a new one in a thread."""
+    with _writing_lock:
+        future = _writing.get(seed)
+        if future is not None and not future.done():
+            return future
+        future = _writing[seed] = Future()
+
+    def write() -> None:
+        try:
+            future.set_result(sample_container(seed))
+        except BaseException as err:  # handed to the caller, raised there
+            future.set_exception(err)
+
+    threading.Thread(target=write, name=f"emparsl-sample-{seed}", daemon=True).start()
+    return future
+
+
+def _container_keeping_qt_alive(seed: int) -> str:
+    """``sample_container(seed)``; called on the Qt thread of a running app (napari's File >
+    Open Sample) where the container has still to be written, the writing runs in a thread and
+    Qt's events go on meanwhile in a local event loop, with a progress bar."""
+    try:
+        from qtpy.QtCore import QCoreApplication, QEventLoop, QThread, QTimer
+    except ImportError:  # napari without a Qt binding (headless)
+        return sample_container(seed)
+    app = QCoreApplication.instance()
+    cached = _cache_dir() / f"sample-seed{seed}.n5"
+    if app is None or QThread.currentThread() is not app.thread() or _whole(cached):
+        return sample_container(seed)
+    import napari
+    from napari.utils import progress
+
+    asking = napari.current_viewer()
+    future = _writing_of(seed)
+    loop = QEventLoop()
+    timer = QTimer()
+    timer.setInterval(50)
+    timer.timeout.connect(lambda: future.done() and loop.quit())
+    with progress(total=0, desc="EM sample: writing it to the cache (first time only)"):
+        timer.start()
+        if not future.done():
+            loop.exec()
+        timer.stop()
+    path = future.result()
+    if asking is not None and asking not in getattr(type(asking), "_instances", (asking,)):
+        # napari's own widgets fail on layers added to a closed viewer
+        raise UserError(
+            f"The viewer was closed while the sample was being written; it is now in {path}: "
+            "open the sample again in a viewer."
+        )
+    return path
+
+
 def make_sample_data(seed: int = 0) -> list[tuple[Any, dict[str, Any], str]]:
     """Raw EM, class labels (background, membrane, mitochondria) and cell instances, as lazy
     layers over the sample's N5 container (see the module)."""
     from napari_emparsl._napari.reader import layer_data
 
-    path = sample_container(seed)
+    path = _container_keeping_qt_alive(seed)
     layers = []
     for key, name in LAYERS.items():
         data, meta, kind = layer_data(Volume.open(path, key))
