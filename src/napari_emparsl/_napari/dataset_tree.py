@@ -9,7 +9,6 @@ stays as the panel filled it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 # magicgui's own base for its Qt value widgets (ComboBox, Select… are built on it): a tree is
@@ -19,26 +18,24 @@ from magicgui.widgets.bases import ValueWidget
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QTreeWidget, QTreeWidgetItem
 
+from napari_emparsl._napari.widgets import by_x
+
 __all__ = ["COLUMNS", "DatasetTree"]
 
 COLUMNS = ("dataset", "shape", "dtype", "chunks", "voxel", "levels")
 _KEY = Qt.ItemDataRole.UserRole
 
 
-def _x(values: Iterable[Any]) -> str:
-    return "×".join(map(str, values))
-
-
 def _row(node: dict[str, Any], finest: dict[str, Any], name: str) -> list[str]:
     voxel = ""
     if finest.get("voxel_size"):
-        voxel = f"{_x(f'{v:g}' for v in finest['voxel_size'])} {finest.get('unit', '')}".strip()
+        voxel = f"{by_x(f'{v:g}' for v in finest['voxel_size'])} {finest.get('unit', '')}".strip()
     levels = node.get("levels") or []
     return [
         name,
-        _x(finest.get("shape", [])),
+        by_x(finest.get("shape", [])),
         finest.get("dtype") or "",
-        _x(finest.get("chunks", [])),
+        by_x(finest.get("chunks", [])),
         voxel,
         f"{len(levels)} levels" if levels else "",
     ]

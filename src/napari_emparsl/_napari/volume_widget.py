@@ -20,7 +20,14 @@ from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton
 from napari_emparsl._napari import napari_fixes
 from napari_emparsl._napari.background import Relay, error_sentence, in_background
 from napari_emparsl._napari.dataset_tree import DatasetTree
-from napari_emparsl._napari.widgets import full_width, n5_source, say_error, viewer_itself, wrapping
+from napari_emparsl._napari.widgets import (
+    by_x,
+    full_width,
+    n5_source,
+    say_error,
+    viewer_itself,
+    wrapping,
+)
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.ledger import Ledger, whole_plan_blocks
 from napari_emparsl.core.paths import user_path
@@ -58,10 +65,6 @@ def _remember(path: str) -> None:
         _recent_file().write_text(json.dumps(paths[:_MAX_RECENT]))
     except OSError:  # a read-only home must not break the panel
         log.info("could not remember recent paths")
-
-
-def _x(values: Any) -> str:
-    return "×".join(map(str, values))
 
 
 class VolumeWidget(Container):
@@ -186,9 +189,9 @@ class VolumeWidget(Container):
         except UserError as err:
             self._error(str(err))
             return
-        vs = "×".join(f"{v:g}" for v in vol.voxel_size)
+        vs = by_x(f"{v:g}" for v in vol.voxel_size)
         text = (
-            f"{_x(vol.shape)} {vol.dtype.name}, chunks {_x(vol.chunks)}, voxel {vs} {vol.unit}, "
+            f"{by_x(vol.shape)} {vol.dtype.name}, chunks {by_x(vol.chunks)}, voxel {vs} {vol.unit}, "
             f"{len(vol.levels)} level(s)"
         )
         if vol.attrs.get(UNFINISHED):

@@ -22,6 +22,11 @@ class _FitHeight(QObject):
         return False
 
 
+def by_x(values: Any) -> str:
+    """``(64, 128, 128)`` → ``"64×128×128"``: shapes, chunks and voxel sizes as the panels say them."""
+    return "×".join(map(str, values))
+
+
 def fit(native: QLabel) -> None:
     """Set ``native``'s minimum height to what its text needs at its width."""
     need = native.heightForWidth(native.width()) if native.width() > 0 else -1
