@@ -68,6 +68,7 @@ def test_preview_then_full_run_streams(make_napari_viewer, qtbot, sample_path, t
     assert out_layer is not None and out_layer._type_string == "labels"
     # the class names: napari's status bar names the class under the cursor
     assert list(out_layer.features["class"]) == ["background", "membrane", "mitochondria"]
+    assert out_layer.axis_labels == viewer.dims.axis_labels == ("z", "y", "x")  # not -3, -2, -1
     viewer.dims.set_point(0, 40 * 8)
     value = int(np.asarray(out_layer.data)[40, 20, 80])
     status = out_layer.get_status((40 * 8.0, 20 * 8.0, 80 * 8.0), world=True)
@@ -905,6 +906,7 @@ def test_draw_region_with_the_mouse_then_preview(make_napari_viewer, qtbot, samp
     region = widget.draw_region()
     assert region is viewer.layers["region"] and viewer.layers.selection.active is region
     assert region.mode == "add_rectangle" and tuple(region.scale) == (8.0, 8.0, 8.0)
+    assert region.axis_labels == ("z", "y", "x")
     assert widget.status.value.startswith("Drag a rectangle on the slice shown")
     widget.region_btn.clicked.emit()  # again: the same layer, not a second one
     assert [lyr.name for lyr in viewer.layers].count("region") == 1

@@ -38,6 +38,7 @@ def test_open_sample(make_napari_viewer, tmp_path, monkeypatch):
         assert layer.multiscale and len(layer.data) == 3
     assert raw._type_string == "image" and raw.data[0].dtype == np.uint8
     assert raw.data[0].shape == (128, 256, 256) and tuple(raw.scale) == tuple(classes.scale)
+    assert viewer.dims.axis_labels == ("z", "y", "x")  # the sliders say z, not -3
     expected = make_sample(seed=0)
     np.testing.assert_array_equal(np.asarray(raw.data[0][60]), expected.raw[60])
     assert classes._type_string == "labels" and classes.opacity == 0.5

@@ -101,6 +101,8 @@ def layer_data(volume: Volume) -> LayerData:
     }
     if meta["units"] is None:
         del meta["units"]
+    if "c" not in volume.axes:  # the sliders say z (not -3); channels are split into layers
+        meta["axis_labels"] = tuple(volume.axes)
     if volume.attrs.get(UNFINISHED):  # an import or save still writing it, or stopped mid-way
         meta["metadata"]["emparsl"]["unfinished"] = volume.attrs[UNFINISHED]
     if volume.is_labels:

@@ -602,6 +602,7 @@ class RunWidget(Container):
                 scale=tuple(layer.scale[-n:]),
                 translate=tuple(layer.translate[-n:]),
                 units=tuple(layer.units[-n:]),  # the volume's: no "inconsistent units" warning
+                axis_labels=tuple(layer.axis_labels[-n:]),
             )
         # what new rectangles look like (a layer's own style is not what it draws with)
         region.current_edge_color = "yellow"
@@ -1067,6 +1068,8 @@ class RunWidget(Container):
                 kwargs["contrast_limits"] = (0.0, 255.0 if out.dtype == np.uint8 else 1.0)
             if out.is_labels and out.class_names:  # the status bar names the class
                 kwargs["features"] = {"class": out.class_names}
+            if len(out.axes) == live.ndim:  # the sliders say z (and c), not -3
+                kwargs["axis_labels"] = tuple(out.axes)
             layer = kind(data, multiscale=len(levels) > 1, **kwargs)
             self._range = None
             layer.metadata["emparsl"] = {"path": out.root, "key": out.key}
