@@ -95,3 +95,23 @@ def test_viewer_closed_while_the_sample_is_written(make_napari_viewer, tmp_path,
     with pytest.raises(UserError, match="The viewer was closed while the sample was being"):
         viewer.open_sample("napari-emparsl", "synthetic_em")
     assert _whole(tmp_path / "cache" / "napari-emparsl" / "sample-seed0.n5")
+
+
+def test_sample_nowhere_to_write_is_one_sentence(tmp_path, monkeypatch):
+    """Neither the cache nor the temporary folder can be written: one sentence saying both
+    places and what to do (napari shows it as the notification's text)."""
+    import tempfile
+
+    import pytest
+
+    from napari_emparsl._napari.sample_data import make_sample_data
+    from napari_emparsl.core.errors import UserError
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file" / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "file" / "tmp"))
+    with pytest.raises(UserError) as caught:
+        make_sample_data()
+    message = str(caught.value)
+    assert message.startswith(f"Could not write the EM sample to {tmp_path}/file/cache/")
+    assert "nor to" in message and "set XDG_CACHE_HOME" in message and "\n" not in message

@@ -57,7 +57,14 @@ def sample_container(seed: int = 0) -> str:
     except OSError as err:
         fallback = Path(tempfile.gettempdir()) / f"napari-emparsl-{os.getuid()}"
         log.warning("could not write the sample to %s (%s); using %s", _cache_dir(), err, fallback)
+    try:
         return _container_in(fallback, seed)
+    except OSError as err:
+        raise UserError(
+            f"Could not write the EM sample to {_cache_dir()} nor to {fallback} "
+            f"({err.strerror or err}): free some disk space there, or set XDG_CACHE_HOME to a "
+            "folder you can write to."
+        ) from err
 
 
 def _container_in(folder: Path, seed: int) -> str:
