@@ -12,6 +12,9 @@ def test_form_from_schema_validates_and_saves(make_napari_viewer, tmp_path, monk
     widget = SiteWidget(viewer)
     viewer.window.add_dock_widget(widget)
     assert set(widget.fields) == set(SiteProfile.model_fields)  # one widget per schema field
+    # labelled in words (the profile's keys, as in YAML, stay the widgets' names)
+    assert widget.fields["threads_per_worker"].label == "threads per worker"
+    assert not [w.label for w in widget.fields.values() if "_" in w.label]
     widget.site.value = "local"
     assert widget.fields["kind"].value == "local" and widget.fields["strategy_period"].value == 0.2
     # workers: a number or auto

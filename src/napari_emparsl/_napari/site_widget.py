@@ -39,27 +39,28 @@ def _number_or_auto(annotation: Any) -> bool:
 
 def _field_widget(name: str, field: Any) -> Any:
     annotation = field.annotation
+    label = name.replace("_", " ")  # the profile's key (in YAML and in messages) as words
     options: dict[str, Any] = {}
     if _number_or_auto(annotation):  # typed: a number or "auto" (validated with the form)
-        widget = LineEdit(name=name, label=name)
+        widget = LineEdit(name=name, label=label)
     elif typing.get_origin(annotation) is typing.Literal:
         options["choices"] = list(typing.get_args(annotation))
-        widget = ComboBox(name=name, label=name, **options)
+        widget = ComboBox(name=name, label=label, **options)
     elif annotation in (int,) or getattr(annotation, "__origin__", None) is typing.Annotated:
         widget = create_widget(
-            annotation=int, name=name, label=name, options={"min": 0, "max": 4096}
+            annotation=int, name=name, label=label, options={"min": 0, "max": 4096}
         )
     elif annotation is bool:
-        widget = create_widget(annotation=bool, name=name, label=name)
+        widget = create_widget(annotation=bool, name=name, label=label)
     elif annotation is float:
         widget = create_widget(
             annotation=float,
             name=name,
-            label=name,
+            label=label,
             options={"min": 0.0, "max": 3600.0, "step": 0.1},
         )
     else:
-        widget = LineEdit(name=name, label=name)
+        widget = LineEdit(name=name, label=label)
     widget.tooltip = field.description or f"{name} ({getattr(annotation, '__name__', annotation)})"
     return widget
 
