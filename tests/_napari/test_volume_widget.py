@@ -191,3 +191,35 @@ def test_a_layer_already_open_from_n5(make_napari_viewer, tmp_path, monkeypatch)
     assert list(widget.layer.choices) == ["", "labels_cells", "labels_classes"]
     [again] = widget.open_selected()  # the other one is still open
     assert again.name == "raw" and len(viewer.layers) == 4
+
+
+def test_a_folder_inside_a_container_and_recent_again(make_napari_viewer, tmp_path, monkeypatch):
+    """A group or dataset folder typed or chosen (s.n5/labels): its datasets are listed with
+    keys from the container's root, and describing and opening them works (before: 'no dataset
+    labels/labels/classes'); a recent container chosen again after another one is listed
+    again (before: the list still held it, so choosing it was no change)."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    for name in ("s.n5", "t.n5"):
+        assert main(["sample", str(tmp_path / name), "--shape", "16,32,32"]) == 0
+    viewer = make_napari_viewer()
+    widget = VolumeWidget(viewer)
+    widget.path.value = str(tmp_path / "s.n5" / "labels")
+    assert list(widget.datasets.choices) == ["labels/cells", "labels/classes"]
+    widget.datasets.value = ["labels/classes"]
+    assert widget.info.value.startswith("16×32×32 uint8, chunks")
+    [layer] = widget.open_selected()
+    assert layer.metadata["emparsl"] == {"path": str(tmp_path / "s.n5"), "key": "labels/classes"}
+    assert widget.open_selected() == [] and "is open already" in widget.info.value
+    widget.path.value = str(tmp_path / "s.n5" / "raw")  # a pyramid's folder
+    assert list(widget.datasets.choices) == ["raw"]
+    widget.datasets.value = ["raw"]
+    assert [lyr.name for lyr in widget.open_selected()] == ["raw"]
+    # recent: s.n5, then t.n5 typed, then s.n5 chosen again from the list
+    widget.path.value = str(tmp_path / "s.n5")
+    widget.path.value = str(tmp_path / "t.n5")
+    widget.recent.reset_choices()
+    widget.recent.value = str(tmp_path / "s.n5")
+    assert widget.path.value == str(tmp_path / "s.n5") and widget.recent.value == ""
+    widget.path.value = str(tmp_path / "t.n5")
+    widget.recent.value = str(tmp_path / "s.n5")
+    assert widget.path.value == str(tmp_path / "s.n5")

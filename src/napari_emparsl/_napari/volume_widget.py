@@ -30,6 +30,7 @@ from napari_emparsl._napari.widgets import (
 )
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.ledger import Ledger, whole_plan_blocks
+from napari_emparsl.core.n5attrs import find_container_root
 from napari_emparsl.core.paths import user_path
 from napari_emparsl.core.volume import UNFINISHED, Volume, container_tree, openable_keys
 
@@ -113,7 +114,7 @@ class VolumeWidget(Container):
         self.path.changed.connect(lambda *_: self.refresh(notify=not self.path.native.hasFocus()))
         self.path.native.editingFinished.connect(self._typed)
         self._path_error = ""
-        self.recent.changed.connect(lambda v: v and setattr(self.path, "value", v))
+        self.recent.changed.connect(self._recent_chosen)
         self.browse_btn.changed.connect(self._browse)
         self.layer.changed.connect(self._show_layer)
         self.open_btn.changed.connect(self.open_selected)
@@ -123,6 +124,13 @@ class VolumeWidget(Container):
         self._ledger_relay = Relay()
         self._ledger_relay.answer.connect(self._ledger_read)
         self._described: tuple[str, str] | None = None
+
+    def _recent_chosen(self, path: str) -> None:
+        """A recent container chosen: listed; the list goes back to blank, so that choosing
+        the same one again later (after browsing elsewhere) is a change too."""
+        if path:
+            self.path.value = path
+            self.recent.value = ""
 
     def _browse(self, *_: Any) -> None:
         from qtpy.QtWidgets import QFileDialog
@@ -185,7 +193,7 @@ class VolumeWidget(Container):
         if len(keys) != 1:
             return
         try:
-            vol = Volume.open(self.path.value, keys[0])  # typed as it is: Volume.open reads it
+            vol = Volume.open(self._container(), keys[0])
         except UserError as err:
             self._error(str(err))
             return
@@ -236,19 +244,24 @@ class VolumeWidget(Container):
 
         added = []
         for key in self.datasets.value or []:
-            same = _real(self.path.value), key
+            same = _real(self._container()), key
             already = [lay for lay in self._viewer.layers if _source(lay) == same]
             if already:  # not a second copy of it: its layer is selected
                 self._viewer.layers.selection.active = already[0]
                 self.info.value = f"{key or '/'} is open already, as the layer '{already[0].name}'."
                 continue
             try:
-                data, meta, kind = layer_data(Volume.open(self.path.value, key))
+                data, meta, kind = layer_data(Volume.open(self._container(), key))
             except UserError as err:
                 self._error(str(err))
                 continue
             added.append(getattr(self._viewer, f"add_{kind}")(data, **meta))
         return added
+
+    def _container(self) -> str:
+        """The container the path is or lies in: the tree's keys count from its root, also
+        where the path is a group or dataset folder inside it."""
+        return find_container_root(user_path(self.path.value))[0]
 
     def _error(self, message: str) -> None:
         say_error(self.info, message)
