@@ -934,3 +934,33 @@ def test_draw_region_with_the_mouse_then_preview(make_napari_viewer, qtbot, samp
     out = Volume.open(sample_path, "pred").data.compute()
     (z0, y0, x0), (z1, y1, x1) = roi.begin, roi.end
     assert out[z0:z1, y0:y1, x0:x1].any()  # the rectangle's blocks were computed
+
+
+def test_a_block_the_display_cannot_read_yet_does_not_stop_the_run(
+    make_napari_viewer, qtbot, sample_path, monkeypatch, caplog
+):
+    """The run's thread re-reads each finished block for the display; where that read fails
+    (a network filesystem showing a chunk whole only a while later), the run goes on and the
+    block stays done — the display reads it from the N5 when it draws (before: the run's thread
+    ended, and the run was abandoned)."""
+    from napari_emparsl._napari.live import LiveN5Array
+    from napari_emparsl.core.volume import VolumeError
+
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    original = LiveN5Array.block_written
+    failures = []
+
+    def not_yet(self, begin, end):
+        if not failures:  # the first block's read fails
+            failures.append((tuple(begin), tuple(end)))
+            raise VolumeError("chunk 0/0/1 of pred/s0 is truncated or corrupt")
+        return original(self, begin, end)
+
+    monkeypatch.setattr(LiveN5Array, "block_written", not_yet)
+    out_layer = _preview_rectangle(qtbot, viewer, widget, 40)
+    assert failures and "could not show block" in caplog.text
+    assert widget.status.value.startswith("finished: 1/1 done, 0 failed"), widget.status.value
+    n5 = Volume.open(sample_path, "pred").data.compute()
+    np.testing.assert_array_equal(np.asarray(out_layer.data), n5)
+    assert n5[:64, :64, 64:].any()  # the block was written and is shown

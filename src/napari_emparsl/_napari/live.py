@@ -178,6 +178,12 @@ class LiveN5Array:
                 self._keep_whole, self._whole = on, None
                 self._generation += 1
 
+    def forget(self) -> None:
+        """Drop what is kept (plane or whole array): read from the N5 again when next needed."""
+        with self._lock:
+            self._plane = self._whole = None
+            self._generation += 1
+
     def block_written(self, begin: Sequence[int], end: Sequence[int]) -> bool:
         """A block wrote the box ``begin:end`` (z, y, x); refresh the kept plane if the box
         crosses it (call off the Qt thread): read it whole the first time, afterwards only the

@@ -770,7 +770,12 @@ class RunWidget(Container):
         for live, fac in self._levels:
             begin = [b // f for b, f in zip(roi.begin, fac, strict=True)]
             size = [(e - b) // f for b, e, f in zip(roi.begin, roi.end, fac, strict=True)]
-            live.block_written(begin, [b + n for b, n in zip(begin, size, strict=True)])
+            try:
+                live.block_written(begin, [b + n for b, n in zip(begin, size, strict=True)])
+            except Exception as err:  # only the display's copy: the run goes on, the block is
+                # done (e.g. a network filesystem that shows a chunk whole a while later)
+                log.warning("could not show block %s yet (%s); read again when drawn", roi, err)
+                live.forget()
 
     # ------------------------------------------------------------------------------------------
     # events (Qt thread)
