@@ -20,10 +20,16 @@ def test_labels_round_trip(make_napari_viewer, tmp_path):
     assert written and written[0].endswith("my_seg")
     vol = Volume.open(tmp_path / "out.n5", "my_seg")
     assert vol.is_labels and vol.dtype == np.uint32 and vol.voxel_size == (40.0, 4.0, 4.0)
+    assert vol.unit == "pixel"  # the layer had no units: none is made up (before: nm)
     assert vol.compression == "gzip"
     np.testing.assert_array_equal(vol.data.compute(), labels)
     [reopened] = viewer.open(str(tmp_path / "out.n5"), plugin=PLUGIN)
-    assert reopened._type_string == "labels"
+    assert reopened._type_string == "labels" and tuple(reopened.scale) == (40.0, 4.0, 4.0)
+    assert str(reopened.units[0]) == "pixel"
+    # a layer in nm keeps nm
+    viewer.add_image(np.ones((4, 8, 8), np.uint8), name="em", scale=(8, 8, 8), units="nm")
+    viewer.layers["em"].save(str(tmp_path / "out.n5"), plugin=PLUGIN)
+    assert Volume.open(tmp_path / "out.n5", "em").unit in ("nm", "nanometer")
 
 
 def test_writer_takes_a_typed_home_path(tmp_path, monkeypatch):

@@ -43,9 +43,9 @@ def _write(path: str, data: Any, meta: dict[str, Any], labels: bool) -> list[str
         data = data[0]
     scale = meta.get("scale")
     units = meta.get("units")
-    unit = str(units[0]) if units else "nm"
-    if unit == "pixel":
-        unit = "nm"
+    # napari's "pixel" (a layer without units, e.g. from a TIFF) stays so: 1 nm voxels would be
+    # a size nobody measured (and a model trained on 8 nm would warn of a mismatch)
+    unit = str(units[0]) if units else "pixel"
     lock = OutputLock(root, key)  # not while a run writes it, nor a run meanwhile
     lock.acquire()
     try:
