@@ -20,6 +20,7 @@ import z5py
 from napari_emparsl.cli import main
 from napari_emparsl.core.blockwise import BlockJob
 from napari_emparsl.core.errors import UserError
+from napari_emparsl.core.geometry import Roi
 from napari_emparsl.core.ledger import Ledger
 from napari_emparsl.core.volume import Volume, save_array
 from napari_emparsl.execution.runner import Run, RunError
@@ -220,6 +221,59 @@ def test_resume_refusal_names_what_differs(tmp_path, conv_model, float_volume):
     assert "halo 2×2×2, not 3×3×3" in text and "give the same to resume it" in text, text
     assert "block" not in text and "the input" not in text and "\n" not in text
     np.testing.assert_array_equal(Volume.open(*src.split(":")).data.compute(), data)
+
+
+def test_resume_refuses_a_changed_input_shape_and_another_model(
+    tmp_path, conv_model, float_volume, save_model
+):
+    """Done blocks are known by id, which is a place only on the same grid: an input whose
+    shape changed since is refused (before: a region was left unwritten and the run said
+    finished); so is another model (before: one output, two models). The same model file
+    changed (a fix) resumes, with a warning."""
+    import shutil
+
+    src, data = float_volume
+    out = f"{tmp_path}/out.n5:pred"
+    roi = Roi((0, 0, 0), (16, 16, 16))
+    assert Run(src, conv_model, out, site="threads", block=(16, 16, 16), roi=roi).execute().ok
+    # the input written again, smaller
+    save_array(
+        tmp_path / "in.n5",
+        "raw",
+        data[:, :32],
+        chunks=(16,) * 3,
+        voxel_size=(40, 8, 8),
+        overwrite=True,
+    )
+    with pytest.raises(RunError) as err:
+        Run(src, conv_model, out, site="threads", block=(16, 16, 16)).prepare()
+    assert str(err.value) == (
+        f"The output {out} has 40×50×60 voxels, but this input ({tmp_path}/in.n5:raw) gives "
+        "40×32×60: the input changed since; pass --overwrite to start again, or choose another "
+        "output name."
+    )
+    save_array(
+        tmp_path / "in.n5", "raw", data, chunks=(16,) * 3, voxel_size=(40, 8, 8), overwrite=True
+    )
+    # another model file with the same description
+    other = tmp_path / "other.pt"
+    shutil.copy(conv_model, other)
+    shutil.copy(conv_model + ".yaml", str(other) + ".yaml")
+    module = torch.jit.load(str(other))
+    with torch.no_grad():
+        for p in module.parameters():
+            p.neg_()
+    torch.jit.save(module, str(other))
+    with pytest.raises(RunError) as err:
+        Run(src, str(other), out, site="threads", block=(16, 16, 16)).prepare()
+    assert f"was made with the model {conv_model}, not {other}; give the same" in str(err.value)
+    # the same file fixed (here: changed) resumes, and says that earlier blocks keep theirs
+    shutil.copy(other, conv_model)
+    run = Run(src, conv_model, out, site="threads", block=(16, 16, 16))
+    result = run.execute()
+    assert result.ok and any("changed since this output's last run" in w for w in run.warnings)
+    ledger = Ledger(str(tmp_path / "out.n5"), "pred").summary()
+    assert len({rec["model_sha256"] for rec in ledger.done.values()}) == 2
 
 
 def test_unsafe_pickle_and_non_torchscript_refused(tmp_path, float_volume):

@@ -277,6 +277,18 @@ def _changes(last: Mapping[str, Any], src: Volume, spec: ModelSpec, block, halo)
     return changed
 
 
+def _model_changed(last: Mapping[str, Any], name: str, model_file: str, sha256: str) -> list[str]:
+    """Another model than the output's last run's, in words; none for the same file changed
+    (a fix: resuming with it is how failed blocks are computed again) or the same weights found
+    elsewhere (a package installed anew)."""
+    was_file, was_sha = last.get("model_file"), last.get("model_sha256")
+    if not was_file or not was_sha or was_sha == sha256:
+        return []
+    if os.path.realpath(str(was_file)) == os.path.realpath(model_file):
+        return []
+    return [f"the model {last.get('model')}, not {name}"]
+
+
 def _refuse_output_over_input(output: str, key: str, src: Volume) -> None:
     """The output must not be, hold or lie inside the input, nor inside the input's pyramid
     when the input is one level of it (data.n5:raw/s0 is part of data.n5:raw)."""
@@ -466,7 +478,9 @@ class Run:
             model_file, model_sha256 = path, file_hash(path)
         else:
             loaded = load_model(self.model, self.model_options)
-            model_file, model_sha256 = loaded.path, loaded.sha256
+            # the file given (a model cached from another file with the same weights has that
+            # file's path)
+            model_file, model_sha256 = resolve_model(self.model), loaded.sha256
         block = self.block or spec.block
         halo = self.halo or spec.halo
         if spec.spatial_dims == 2:
@@ -504,7 +518,9 @@ class Run:
             self._lock = None
 
     def _plan(self, src, spec, spatial, block, halo, out_shape, model_file, model_sha256) -> _Plan:
-        existing = self._existing_output(src, spec, block, halo)
+        existing = self._existing_output(
+            src, spec, block, halo, out_shape, (str(model_file), model_sha256)
+        )
         out_chunks = existing.chunks[-3:] if existing else _out_chunks(block, spec.scale)
         from napari_emparsl.core.geometry import GeometryError
 
@@ -567,8 +583,11 @@ class Run:
         out_voxels = {b.id: b.out_write_roi.size for b in blocks}
         return _Plan(blocks, done, spec, norm, out_voxels, len(levels))
 
-    def _existing_output(self, src: Volume, spec: ModelSpec, block, halo) -> Volume | None:
-        """The output to resume, None for a new one; refuses outputs it must not touch."""
+    def _existing_output(
+        self, src: Volume, spec: ModelSpec, block, halo, out_shape, model: tuple[str, str]
+    ) -> Volume | None:
+        """The output to resume, None for a new one; refuses outputs it must not touch.
+        ``model``: this run's model file and its hash."""
         ledger = Ledger(self.output_root, self.output_key)
         exists = os.path.exists(os.path.join(self.output_root, self.output_key))
         if exists and not self.overwrite:
@@ -578,13 +597,31 @@ class Run:
                     "to replace it, or choose another name."
                 )
             # a changed model file (a fix) may resume: the ledger records each run's hash
-            changed = _changes(ledger.summary().last_run, src, spec, block, halo)
+            last = ledger.summary().last_run
+            changed = _changes(last, src, spec, block, halo) + _model_changed(
+                last, str(self.model), *model
+            )
             if changed:
                 raise RunError(
                     f"The output {self.output} was made with {'; '.join(changed)}; give the same "
                     "to resume it, pass --overwrite to start again, or choose another output name."
                 )
-            return Volume.open(self.output_root, self.output_key)
+            existing = Volume.open(self.output_root, self.output_key)
+            if tuple(existing.shape[-3:]) != tuple(out_shape):  # the input changed since
+                have, want = ("×".join(map(str, s)) for s in (existing.shape[-3:], out_shape))
+                raise RunError(
+                    f"The output {self.output} has {have} voxels, but this input "
+                    f"({src.root}:{src.key}) gives {want}: the input changed since; pass "
+                    "--overwrite to start again, or choose another output name."
+                )
+            if last.get("model_sha256") and last.get("model_sha256") != model[1]:
+                self.warnings += (
+                    f"The model file {os.path.basename(model[0])} changed since this output's "
+                    "last run: blocks done before keep what the earlier file computed (the "
+                    "ledger records each block's model hash); pass --overwrite to compute all "
+                    "with this one.",
+                )
+            return existing
         return None
 
     def _create_output(
