@@ -18,7 +18,7 @@ import torch
 import z5py
 
 from napari_emparsl.cli import main
-from napari_emparsl.core.blockwise import BlockJob
+from napari_emparsl.core.blockwise import BlockJob, BlockResult
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.geometry import Roi
 from napari_emparsl.core.ledger import Ledger
@@ -389,6 +389,67 @@ def test_cancel_leaves_no_workers_and_resume_completes(tmp_path, unet_model, hte
         Volume.open(tmp_path / "out.n5", "seg").data.compute(),
         Volume.open(tmp_path / "ref.n5", "seg").data.compute(),
     )
+
+
+def test_cancel_on_threads_begins_no_queued_block_and_records_what_finished(
+    tmp_path, conv_model, float_volume, monkeypatch
+):
+    """Cancel on the threads site: blocks queued but not begun are not computed (before, the
+    pool ran every queued one while shutting down), and every block that was computed — so
+    written — is recorded done and counted (before, those finishing after the cancel were
+    written but not recorded, and computed again on resume)."""
+    import threading
+
+    from napari_emparsl.core.events import BlockDone, Cancelled
+    from napari_emparsl.execution import runner as runner_module
+
+    real = runner_module.process_batch
+    begun: list[int] = []
+    lock = threading.Lock()
+
+    def slow(jobs):  # a slower model: the run is still going when it is cancelled
+        with lock:
+            begun.extend(j.block.id for j in jobs)
+        time.sleep(0.4)
+        return real(jobs)
+
+    monkeypatch.setattr(runner_module, "process_batch", slow)
+    src, _ = float_volume
+    out = f"{tmp_path}/o.n5:x"
+    run = Run(src, conv_model, out, site="threads", block=(16, 16, 16), batch=1)
+    events = []
+    for event in run.events():
+        events.append(event)
+        if isinstance(event, BlockDone) and event.done == 1:
+            run.cancel()
+    last = events[-1]
+    assert isinstance(last, Cancelled) and last.total == 48
+    done_ids = set(Ledger(str(tmp_path / "o.n5"), "x").summary().done)
+    assert done_ids == set(begun) and last.done == len(begun) < 48
+    assert {e.result.block_id for e in events if isinstance(e, BlockDone)} == done_ids
+
+
+def test_cancel_as_the_last_block_fails_with_retries_left_is_cancelled(
+    tmp_path, conv_model, float_volume, monkeypatch
+):
+    """A cancel that comes with a failure that would be retried: the run says Cancelled (the
+    block was not retried), not Finished with nothing failed."""
+    from napari_emparsl.core.events import BlockFailed, Cancelled
+    from napari_emparsl.execution import runner as runner_module
+
+    def failing(jobs):
+        return [BlockResult(j.block.id, False, "here", error="RuntimeError: no") for j in jobs]
+
+    monkeypatch.setattr(runner_module, "process_batch", failing)
+    src, _ = float_volume
+    run = Run(src, conv_model, f"{tmp_path}/o.n5:x", site="threads", roi="0:8,0:8,0:8")
+    events = []
+    for event in run.events():
+        events.append(event)
+        if isinstance(event, BlockFailed):
+            assert not event.final
+            run.cancel()
+    assert isinstance(events[-1], Cancelled) and events[-1].done == 0
 
 
 def test_block_started_where_the_site_tells(tmp_path, conv_model, float_volume):

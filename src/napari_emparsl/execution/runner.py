@@ -160,6 +160,9 @@ def _auto_batch(block: Block, spec: ModelSpec) -> int:
     return max(1, min(16, _BATCH_VOXELS // max(1, read)))
 
 
+_NOT_BEGUN = "not begun: the run was cancelled"
+
+
 class _SiteStarter:
     """Starts a site's DataFlowKernel in the background, and warms its workers up.
 
@@ -707,6 +710,10 @@ class Run:
 
                 def process_batch_reporting(jobs: list[BlockJob]) -> list[BlockResult]:
                     worker = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+                    if self._cancel.is_set():  # queued when the run was cancelled: not begun
+                        return [
+                            BlockResult(j.block.id, False, worker, error=_NOT_BEGUN) for j in jobs
+                        ]
                     results.put(("started", ([j.block.id for j in jobs], worker)))
                     return process_batch(jobs)
 
@@ -746,6 +753,23 @@ class Run:
                 while pending and in_flight < window and not self._cancel.is_set():
                     submit(pending.pop())
                 if self._cancel.is_set():
+                    # running blocks end (threads) or are abandoned (worker processes); those
+                    # that finished meanwhile were written: recorded, not computed again
+                    site.close()
+                    while True:
+                        try:
+                            batch, fut = results.get_nowait()
+                        except queue.Empty:
+                            break
+                        if batch == "started":
+                            continue
+                        for blk, result in zip(batch, self._results_of(batch, fut), strict=True):
+                            if result.ok:
+                                self._ledger.record(result, attempts[blk.id], str(blk.write_roi))
+                                done += 1
+                                self._done_ids.add(blk.id)
+                                out_voxels = plan.out_voxels[blk.id]
+                                yield self._emit(BlockDone(result, done, total, out_voxels))
                     yield self._emit(Cancelled(done, total))
                     return
                 try:
@@ -770,6 +794,10 @@ class Run:
                         failed_final.add(blk.id)
                     elif not self._cancel.is_set():
                         pending.append([blk])  # retried on its own
+            if self._cancel.is_set() and done + len(failed_final) < total:
+                # cancelled as the last block failed with retries left: it was not retried
+                yield self._emit(Cancelled(done, total))
+                return
             yield self._emit(Finished(done, len(failed_final), total, time.perf_counter() - t0))
         finally:
             site.close()
