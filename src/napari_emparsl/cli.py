@@ -487,7 +487,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         planned = whole_plan_blocks(Volume.open(root, key).shape, last)
     except VolumeError:  # the output's own attributes unreadable: what its last run planned
         planned = int(last.get("planned", 0))
-    done_times = [r["t_read"] + r["t_compute"] + r["t_write"] for r in summary.done.values()]
+    done_times = [  # a record without its timings (damaged, edited by hand) is left out
+        sum(float(r[k]) for k in ("t_read", "t_compute", "t_write"))
+        for r in summary.done.values()
+        if all(isinstance(r.get(k), int | float) for k in ("t_read", "t_compute", "t_write"))
+    ]
     out = {
         "output": f"{root}:{key}",
         "blocks": planned,

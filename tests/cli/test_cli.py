@@ -301,6 +301,26 @@ def test_status_of_what_is_not_there(capsys, tmp_path, small_n5):
         assert code == 2 and err.strip().endswith(message)
 
 
+def test_status_of_a_ledger_with_a_damaged_record(capsys, tmp_path, small_n5):
+    """A done record without its timings (edited by hand, or damaged): status still answers,
+    leaving it out of the mean time (before: an internal error, KeyError 't_read')."""
+    path, _ = small_n5
+    out = f"{tmp_path}/o.n5:pred"
+    code, _, _ = run(capsys, "run", "--input", f"{path}:raw", "--model", "unet3d-em",
+                     "--output", out, "--site", "threads", "--roi", "0:1,0:8,0:8")  # fmt: skip
+    assert code == 0
+    ledger = tmp_path / "o.n5" / "pred" / "emparsl-ledger.jsonl"
+    records = [json.loads(line) for line in ledger.read_text().splitlines()]
+    block = next(r for r in records if r.get("type") == "block")
+    ledger.write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if k != "t_read"}) + "\n" for r in records)
+    )
+    code, text, err = run(capsys, "status", out, "--json")
+    assert code == 0 and err == ""
+    status = json.loads(text)
+    assert status["done"] == 1 and status["mean_block_seconds"] is None and block["id"] == 0
+
+
 def test_info_of_a_group_lists_what_it_holds(capsys, tmp_path):
     for name in ("a", "b"):
         save_array(tmp_path / "g.n5", f"labels/{name}", np.zeros((4, 8, 8), np.uint8))
