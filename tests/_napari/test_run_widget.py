@@ -10,6 +10,7 @@ import weakref
 import numpy as np
 import pytest
 import yaml
+from qtpy.QtCore import Qt
 
 from napari_emparsl._napari.run_widget import RunWidget
 from napari_emparsl.cli import main
@@ -964,3 +965,66 @@ def test_a_block_the_display_cannot_read_yet_does_not_stop_the_run(
     n5 = Volume.open(sample_path, "pred").data.compute()
     np.testing.assert_array_equal(np.asarray(out_layer.data), n5)
     assert n5[:64, :64, 64:].any()  # the block was written and is shown
+
+
+def test_runs_panel_follows_a_run_into_an_open_output(
+    make_napari_viewer, qtbot, sample_path, monkeypatch
+):
+    """A full run after a preview adds no layer (the preview's is there): the runs panel is told
+    the run started, and follows it to the end (before: 'stopped' through the whole run)."""
+    from napari_emparsl._napari import runs_widget
+    from napari_emparsl._napari.runs_widget import RunsWidget
+
+    monkeypatch.setattr(runs_widget, "SESSION_OUTPUTS", [])
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    runs = RunsWidget(viewer)
+    _preview_rectangle(qtbot, viewer, widget, 40)
+    qtbot.waitUntil(lambda: runs.runs.native.count() == 1)
+    qtbot.waitUntil(lambda: "stopped, 1/8 done" in runs.runs.native.item(0).text())
+    seen = []
+    runs._relay.answer.connect(lambda answer: seen.append(runs.runs.native.item(0).text()))
+    widget.run_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    qtbot.waitUntil(lambda: "complete, 8/8 done" in runs.runs.native.item(0).text())
+    assert any("— running, " in text for text in seen), seen
+
+
+def test_closing_the_panels_lets_go_of_the_viewer_and_stops_the_run(
+    make_napari_viewer, qtbot, sample_path, monkeypatch
+):
+    """The dock's ×: napari keeps a closed panel alive, unparented. The runs panel no longer
+    reads ledgers on every mouse move; the run panel no longer follows the viewer, and its run
+    stops (nothing could cancel it any more), said in a notification; a panel opened again from
+    the menu starts afresh."""
+    from napari.utils.notifications import notification_manager
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(sample_path.parent / "config"))
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(sample_path / "raw"), plugin=PLUGIN)
+    run_dock, run = viewer.window.add_plugin_dock_widget(PLUGIN, "Run model (preview, full run)")
+    runs_dock, runs = viewer.window.add_plugin_dock_widget(PLUGIN, "Runs")
+    assert runs._on_mouse_move in viewer.mouse_move_callbacks
+    hooks = len(viewer.layers.events.inserted.callbacks)
+    qtbot.mouseClick(runs_dock.title.close_button, Qt.MouseButton.LeftButton)
+    assert runs._on_mouse_move not in viewer.mouse_move_callbacks
+    assert len(viewer.layers.events.inserted.callbacks) == hooks - 1
+    run.input.reset_choices()
+    run.model.value = "unet3d-em"
+    run.output.value = f"{sample_path}:pred"
+    run.block.value = "64"
+    run.site.value = "threads"
+    run.run_btn.clicked.emit()
+    qtbot.waitUntil(lambda: run.progress.value >= 1, timeout=120_000)
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    try:
+        qtbot.mouseClick(run_dock.title.close_button, Qt.MouseButton.LeftButton)
+        qtbot.waitUntil(lambda: run._run is None, timeout=120_000)
+    finally:
+        notification_manager.notification_ready.disconnect(seen.append)
+    assert "cancelled" in run.status.value, run.status.value
+    assert any("The run panel was closed, so the run into" in str(n.message) for n in seen)
+    assert len(viewer.layers.events.inserted.callbacks) == hooks - 2
+    again = viewer.window.add_plugin_dock_widget(PLUGIN, "Run model (preview, full run)")[1]
+    assert again is not run

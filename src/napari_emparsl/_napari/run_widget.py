@@ -38,7 +38,7 @@ from napari_emparsl._napari.background import (
     in_background,
 )
 from napari_emparsl._napari.widgets import n5_source as _source_of
-from napari_emparsl._napari.widgets import set_choices, viewer_itself, wrapping
+from napari_emparsl._napari.widgets import on_removed, set_choices, viewer_itself, wrapping
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.events import BlockDone, BlockFailed, Cancelled, Finished, Planned
 from napari_emparsl.core.geometry import Roi, size_values
@@ -364,12 +364,19 @@ class RunWidget(Container):
         self._ledger_timer.setInterval(300)
         self._ledger_timer.timeout.connect(self.read_output_ledger)
         self.output.changed.connect(lambda *_: self._ledger_timer.start())
-        viewer.layers.events.inserted.connect(lambda e: self.input.reset_choices())
-        viewer.layers.events.removed.connect(lambda e: self.input.reset_choices())
-        viewer.dims.events.current_step.connect(self._on_dims)
-        viewer.dims.events.ndisplay.connect(self._on_dims)
-        viewer.dims.events.order.connect(self._on_dims)
+        # the viewer's events this panel follows; let go when the panel is closed
+        self._hooks = [
+            (self._viewer.layers.events.inserted, self._layers_changed),
+            (self._viewer.layers.events.removed, self._layers_changed),
+            (self._viewer.dims.events.current_step, self._on_dims),
+            (self._viewer.dims.events.ndisplay, self._on_dims),
+            (self._viewer.dims.events.order, self._on_dims),
+        ]
+        for emitter, callback in self._hooks:
+            emitter.connect(callback)
+        self._guard = None
         self._install_close_guard()
+        on_removed(self, self._removed)
         self._timer = QTimer()
         self._timer.setInterval(200)
         self._timer.timeout.connect(self._refresh_output)
@@ -392,6 +399,30 @@ class RunWidget(Container):
             target=_preload, args=(self._model(), self._preloaded), name="emparsl-preload"
         ).start()
         self._timer.timeout.connect(self._after_preload)
+
+    def _layers_changed(self, *_: Any) -> None:
+        self.input.reset_choices()
+
+    def _removed(self) -> None:
+        """Closed (the dock's ×; napari keeps the panel alive, connected): lets go of the
+        viewer, and stops a run going on — nothing could cancel it or show it any more; a panel
+        opened again is a new one, and Run / resume there continues it."""
+        for emitter, callback in self._hooks:
+            emitter.disconnect(callback)
+        window = getattr(getattr(self._viewer, "window", None), "_qt_window", None)
+        if window is not None and self._guard is not None:
+            window.removeEventFilter(self._guard)
+        self._timer.stop()
+        self._ledger_timer.stop()
+        if self._run is not None:
+            from napari.utils.notifications import show_info
+
+            output = self.output.value
+            self.cancel()
+            show_info(
+                f"The run panel was closed, so the run into {output} stops; finished blocks "
+                "stay done: open the panel again and click Run / resume to continue it."
+            )
 
     def _after_preload(self) -> None:
         """Once, after the preload: its imports add ~300,000 objects, and Python's next full
@@ -829,6 +860,9 @@ class RunWidget(Container):
             self._set_progress(event.total - event.todo, maximum=max(1, event.total))
             self.status.value = f"{event.todo} of {event.total} blocks to compute"
             self._ensure_output_layer()
+            from napari_emparsl._napari.runs_widget import run_going
+
+            run_going(self.output.value)  # the runs panel follows it
             # napari's activity dock shows the run too: its bar in a turn of the event loop of
             # its own, so that napari's two set-ups (layer, bar) do not add up to one stall
             QTimer.singleShot(40, lambda total=event.total: self._open_activity(total))

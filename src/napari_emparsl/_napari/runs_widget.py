@@ -11,13 +11,14 @@ import datetime
 import logging
 import os
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import Container, Label, PushButton, Select
 
 from napari_emparsl._napari import napari_fixes
 from napari_emparsl._napari.background import Relay, error_sentence, in_background
-from napari_emparsl._napari.widgets import set_choices, viewer_itself, wrapping
+from napari_emparsl._napari.widgets import on_removed, set_choices, viewer_itself, wrapping
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.geometry import plan_blocks
 from napari_emparsl.core.ledger import Ledger, LedgerFollower, lock_holder, whole_plan_blocks
@@ -37,9 +38,21 @@ FOLLOW_MS = 2000
 SESSION_OUTPUTS: list[str] = []
 
 
+#: the runs panels open now (a run started in another panel refreshes them)
+_PANELS: weakref.WeakSet[RunsWidget] = weakref.WeakSet()
+
+
 def remember_output(output: str) -> None:
     if output not in SESSION_OUTPUTS:
         SESSION_OUTPUTS.append(output)
+
+
+def run_going(output: str) -> None:
+    """A run of this session writes ``output`` now (it has planned: its lock is held): the
+    runs panels list it and follow it, also where its layer was open before (a preview's)."""
+    remember_output(output)
+    for panel in list(_PANELS):
+        panel.refresh()
 
 
 class _Output:
@@ -110,9 +123,19 @@ class RunsWidget(Container):
         wrapping(self.provenance)
         self.refresh_btn.changed.connect(self.refresh)
         self.open_btn.changed.connect(self.open_output)
-        viewer.layers.events.inserted.connect(self.refresh)
-        viewer.mouse_move_callbacks.append(self._on_mouse_move)
+        self._viewer.layers.events.inserted.connect(self.refresh)
+        self._viewer.mouse_move_callbacks.append(self._on_mouse_move)
+        _PANELS.add(self)
+        on_removed(self, self._removed)
         self.refresh()
+
+    def _removed(self) -> None:
+        """Closed (the dock's ×): lets go of the viewer; a panel opened again is a new one."""
+        _PANELS.discard(self)
+        self._follow.stop()
+        self._viewer.layers.events.inserted.disconnect(self.refresh)
+        if self._on_mouse_move in self._viewer.mouse_move_callbacks:
+            self._viewer.mouse_move_callbacks.remove(self._on_mouse_move)
 
     def outputs(self) -> list[str]:
         found = list(SESSION_OUTPUTS)
@@ -205,10 +228,12 @@ class RunsWidget(Container):
         scale = last.get("spec", {}).get("scale", [1, 1, 1])
         in_shape = tuple(n // s for n, s in zip(out.shape[-3:], scale, strict=True))
         in_voxel = tuple(v // s for v, s in zip(voxel, scale, strict=True))
-        block_grid = last["block"]
+        block_grid, halo = last.get("block"), last.get("halo")
+        if not block_grid or halo is None:  # no run record (yet), or one from an old version
+            return ""
         ids = [
             b.id
-            for b in plan_blocks(in_shape, block_grid, last["halo"], scale=scale, out_chunks=out.chunks[-3:],
+            for b in plan_blocks(in_shape, block_grid, halo, scale=scale, out_chunks=out.chunks[-3:],
                                  roi=_point_roi(in_voxel))
         ]  # fmt: skip
         if not ids:

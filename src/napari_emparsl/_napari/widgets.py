@@ -94,3 +94,24 @@ def viewer_itself(viewer: Any) -> Any:
     — and warns on private attributes (the close guard needs the Qt main window). The panels are
     this plugin's GUI and work on the viewer itself, as when they are made in a script."""
     return getattr(viewer, "__wrapped__", viewer)
+
+
+class _OnRemoved(QObject):
+    def __init__(self, callback: Any) -> None:
+        super().__init__()
+        self._callback = callback
+
+    def eventFilter(self, obj: QObject, event: QEvent) -> bool:
+        if event.type() == QEvent.Type.ParentChange and obj.parent() is None:
+            obj.removeEventFilter(self)
+            self._callback()
+        return False
+
+
+def on_removed(panel: Any, callback: Any) -> None:
+    """Call ``callback()`` once, when the panel is taken out of its dock — the dock's × button:
+    napari then unparents the panel and drops its dock, but the panel lives on, still connected
+    to the viewer (its handlers, a run), unless it lets go."""
+    watcher = _OnRemoved(callback)
+    panel._removed_watcher = watcher  # kept with the panel
+    panel.native.installEventFilter(watcher)
