@@ -1028,3 +1028,29 @@ def test_closing_the_panels_lets_go_of_the_viewer_and_stops_the_run(
     assert len(viewer.layers.events.inserted.callbacks) == hooks - 2
     again = viewer.window.add_plugin_dock_widget(PLUGIN, "Run model (preview, full run)")[1]
     assert again is not run
+
+
+def test_output_layers_are_told_by_their_source_not_their_name(
+    make_napari_viewer, qtbot, sample_path, tmp_path
+):
+    """Two containers' outputs of one name (both suggested predictions/raw): each run shows in
+    its own output's layer (before: the second run reused the first one's layer, which went on
+    showing the first container)."""
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    first = _preview_rectangle(qtbot, viewer, widget, 40)
+    other = tmp_path / "other.n5"
+    assert main(["sample", str(other), "--shape", "128,128,128", "--seed", "5"]) == 0
+    [raw2] = viewer.open(str(other / "raw"), plugin=PLUGIN)
+    widget.input.reset_choices()
+    widget.input.value = raw2
+    widget.output.value = f"{other}:pred"
+    widget.preview_btn.clicked.emit()  # the same rectangle
+    _wait_idle(qtbot, widget)
+    second = widget._output_layer
+    assert second is not first and first.name == "pred" and second.name != "pred"
+    assert second.metadata["emparsl"] == {"path": str(other), "key": "pred"}
+    for layer, path in ((first, sample_path), (second, other)):
+        n5 = Volume.open(path, "pred").data.compute()
+        np.testing.assert_array_equal(np.asarray(layer.data), n5)
+    assert not np.array_equal(np.asarray(first.data), np.asarray(second.data))

@@ -855,11 +855,11 @@ class RunWidget(Container):
 
     def _handle(self, event: Any) -> None:
         if isinstance(event, Planned):
-            self.replace.value = False  # replaced: the next run continues this one
+            replaced, self.replace.value = self.replace.value, False  # the next one continues
             self._planned = event.total
             self._set_progress(event.total - event.todo, maximum=max(1, event.total))
             self.status.value = f"{event.todo} of {event.total} blocks to compute"
-            self._ensure_output_layer()
+            self._ensure_output_layer(fresh=replaced)
             from napari_emparsl._napari.runs_widget import run_going
 
             run_going(self.output.value)  # the runs panel follows it
@@ -1075,24 +1075,46 @@ class RunWidget(Container):
         self.status.value = message
         show_error(message)
 
-    def _ensure_output_layer(self) -> None:
+    def _ensure_output_layer(self, fresh: bool = False) -> None:
+        """The output's layer, live over its N5 (added, or made live); ``fresh``: the output
+        was written anew (replaced), nothing kept of what the layer showed is valid."""
         from napari_emparsl._napari.live import LiveN5Array
         from napari_emparsl.core.volume import parse_spec
 
         out = Volume.open(*parse_spec(self.output.value))
         name = out.key.replace("/", "_")
-        layer = next((lyr for lyr in self._viewer.layers if lyr.name == name), None)
+        # the output's own layer (not one of the same name over another container's output; a
+        # multichannel output opened as one layer per channel is not it either)
+        layer = next(
+            (
+                lyr
+                for lyr in self._viewer.layers
+                if _source_of(lyr) == (out.root, out.key)
+                and "channels" not in lyr.metadata["emparsl"]
+            ),
+            None,
+        )
         # a big output has coarser levels (written by the blocks too): napari shows those when
         # zoomed out and in 3D, instead of reading the whole finest level on the Qt thread
         levels = [LiveN5Array(out.root, key) for key in out.levels]
         factors = [fac[-3:] for fac in out.level_factors()]
         live = levels[0]
         data = levels if len(levels) > 1 else live
-        if layer is not None and bool(layer.multiscale) != (len(levels) > 1):
-            self._viewer.layers.remove(layer)  # e.g. opened before as one level: made anew
+        kind = "labels" if out.is_labels else "image"
+        if (
+            layer is not None
+            and (
+                bool(layer.multiscale) != (len(levels) > 1)  # e.g. opened before as one level
+                or (layer.multiscale and len(layer.data) != len(levels))
+                or layer._type_string != kind  # replaced by another kind of model's output
+                or (layer.data[0] if layer.multiscale else layer.data).shape != live.shape
+                or tuple(layer.scale[-3:]) != tuple(out.voxel_size)
+            )
+        ):
+            self._viewer.layers.remove(layer)  # made anew
             layer = None
         if layer is None:
-            kind = self._viewer.add_labels if out.is_labels else self._viewer.add_image
+            add = self._viewer.add_labels if out.is_labels else self._viewer.add_image
             units = (out.unit,) * len(out.voxel_size) if out.unit != "pixel" else None
             kwargs = {
                 "name": name, "scale": out.voxel_size, "translate": out.offset,
@@ -1109,10 +1131,15 @@ class RunWidget(Container):
                 kwargs["features"] = {"class": out.class_names}
             if len(out.axes) == live.ndim:  # the sliders say z (and c), not -3
                 kwargs["axis_labels"] = tuple(out.axes)
-            layer = kind(data, multiscale=len(levels) > 1, **kwargs)
+            layer = add(data, multiscale=len(levels) > 1, **kwargs)
             self._range = None
             layer.metadata["emparsl"] = {"path": out.root, "key": out.key}
-        elif not isinstance(layer.data[0] if layer.multiscale else layer.data, LiveN5Array):
+        elif (
+            fresh
+            or not isinstance(layer.data[0] if layer.multiscale else layer.data, LiveN5Array)
+            or [(a.shape, a.dtype) for a in (layer.data if layer.multiscale else [layer.data])]
+            != [(a.shape, a.dtype) for a in levels]
+        ):  # opened from the file before, or its output written anew: live arrays of it now
             layer.data = data
             if out.is_labels and out.class_names:
                 layer.features = {"class": out.class_names}
