@@ -228,7 +228,24 @@ def test_failing_model_shows_failed_blocks(make_napari_viewer, qtbot, sample_pat
         f"this output has a run at {8 - len(ids)}/8 blocks done, {len(ids)} failed: Run / "
         "resume continues it; Retry failed computes only the failed blocks"
     )
+    # another output named: what was said of this one goes at once (its failed blocks could
+    # otherwise be retried on that one before its ledger is read)
+    other.output.value = f"{sample_path}:elsewhere"
+    assert other.failed_list.choices == () and not other.retry_btn.enabled
+    assert other.status.value == ""
     other.close()
+    # a run refused (another run holds the output) leaves the failed blocks as they were
+    from napari_emparsl.execution.runner import Run
+
+    holder = Run(f"{sample_path}:raw", str(path), f"{sample_path}:fails", site="threads",
+                 block=(64, 64, 64)).events()  # fmt: skip
+    next(holder)  # planned: it holds the output
+    shown = widget.failed_list.choices
+    widget.run_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    assert "is being written by another run" in widget.status.value
+    assert widget.failed_list.choices == shown and widget.retry_btn.enabled
+    holder.close()
 
     # fix the model (same description, a new file), then Retry failed computes only those blocks
     class Fixed(torch.nn.Module):

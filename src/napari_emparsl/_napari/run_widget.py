@@ -213,6 +213,8 @@ class RunWidget(Container):
         self._failed_rois: dict[int, Roi] = {}  # block id -> its write ROI (input voxels)
         # input voxel size, origin (z, y, x) and unit the failed blocks' boxes are drawn in
         self._failed_geo: tuple[Any, Any, str] | None = None
+        self._failed_pending = False  # failures not listed yet (see _handle)
+        self._failed_shown = 0.0  # when they were last listed
         self._planned = 0
         self._last_refresh = 0.0
         self._stale = False  # finished blocks off screen, not yet shown
@@ -363,7 +365,7 @@ class RunWidget(Container):
         self._ledger_timer.setSingleShot(True)
         self._ledger_timer.setInterval(300)
         self._ledger_timer.timeout.connect(self.read_output_ledger)
-        self.output.changed.connect(lambda *_: self._ledger_timer.start())
+        self.output.changed.connect(self._output_changed)
         # the viewer's events this panel follows; let go when the panel is closed
         self._hooks = [
             (self._viewer.layers.events.inserted, self._layers_changed),
@@ -771,7 +773,6 @@ class RunWidget(Container):
         from napari_emparsl._napari.runs_widget import remember_output
 
         remember_output(self.output.value)
-        self._set_failed({}, {}, None)
 
         # errors go to the handler below (one sentence), not to napari's traceback notification
         @thread_worker(ignore_errors=True)
@@ -856,6 +857,7 @@ class RunWidget(Container):
     def _handle(self, event: Any) -> None:
         if isinstance(event, Planned):
             replaced, self.replace.value = self.replace.value, False  # the next one continues
+            self._set_failed({}, {}, None)  # this run's failures come as it goes
             self._planned = event.total
             self._set_progress(event.total - event.todo, maximum=max(1, event.total))
             self.status.value = f"{event.todo} of {event.total} blocks to compute"
@@ -891,7 +893,12 @@ class RunWidget(Container):
                 src = run._src  # the run's own plan and input: no re-planning on this thread
                 self._failed_geo = (src.voxel_size[-3:], src.offset[-3:], src.unit)
             self._failed[event.block_id] = event.error
-            self._set_failed(self._failed, self._failed_rois, self._failed_geo)
+            # listed and outlined at most twice a second: a model failing every block of a big
+            # volume would otherwise rebuild the list and the boxes thousands of times
+            if not self._failed_pending:
+                self._failed_pending = True
+                wait = 0.5 - (time.perf_counter() - self._failed_shown)
+                QTimer.singleShot(max(0, int(wait * 1000)), self._show_failed_now)
         elif isinstance(event, Finished):
             self.status.value = (
                 f"retried {event.total} failed block(s): {event.done} done, {event.failed} failed"
@@ -1037,8 +1044,9 @@ class RunWidget(Container):
             self.activity_texts.append(self._activity.desc)
             self._activity.close()
             self._activity = None
-        self._set_running(False)
         self._run = None
+        self._show_failed_now()  # failures still waiting for their turn
+        self._set_running(False)
         self._worker = None  # its generator holds the run, and the run the volumes' file handles
         self._update_watch()  # no run: every read goes to disk again
         self._refresh_output()
@@ -1176,11 +1184,16 @@ class RunWidget(Container):
         self._last_refresh = time.perf_counter()
         self._output_layer.refresh()  # the plane on screen is read already (LiveN5Array)
 
+    def _show_failed_now(self) -> None:
+        if self._failed_pending:
+            self._set_failed(self._failed, self._failed_rois, self._failed_geo)
+
     def _set_failed(
         self, failed: dict[int, str], rois: dict[int, Roi], geo: tuple[Any, Any, str] | None
     ) -> None:
         """The failed blocks of the output shown: listed with their errors, outlined, and
         Retry failed offered."""
+        self._failed_pending, self._failed_shown = False, time.perf_counter()
         self._failed, self._failed_rois, self._failed_geo = dict(failed), dict(rois), geo
         set_choices(self.failed_list, [f"block {k}: {v}" for k, v in sorted(self._failed.items())])
         self.retry_btn.enabled = self._run is None and bool(self._failed)
@@ -1239,6 +1252,18 @@ class RunWidget(Container):
 
     # ------------------------------------------------------------------------------------------
     # an output's ledger: its failed blocks, and an offer to resume it
+
+    def _output_changed(self, *_: Any) -> None:
+        """Another output named: what was said of the last one goes at once (its failed blocks
+        could otherwise be retried on this one), and this one's ledger is read once typing
+        has paused."""
+        if self._run is not None:
+            return
+        if self._failed:
+            self._set_failed({}, {}, None)
+        if self.status.value.startswith("this output "):
+            self.status.value = ""
+        self._ledger_timer.start()
 
     def read_output_ledger(self, *_: Any) -> None:
         """Read the ledger of the output named now, off the Qt thread (see :meth:`_ledger_read`)."""
