@@ -30,10 +30,15 @@ def test_form_from_schema_validates_and_saves(make_napari_viewer, tmp_path, monk
     keep = widget.fields["keep_freed_memory"]
     assert keep.widget_type == "CheckBox" and keep.value is True and "memory" in keep.tooltip
     keep.value = False
+    from napari_emparsl._napari.run_widget import RunWidget
+
+    run = RunWidget(viewer)  # a run panel open meanwhile
+    assert "mysite" not in run.site.choices
     path = widget.save()
     assert path and path.endswith("mysite.yaml")
     saved = load_site("mysite")
     assert saved.workers == 3 and not saved.keep_freed_memory and "mysite" in widget.site.choices
+    assert "mysite" in run.site.choices  # offered there at once (before: once a layer came)
     workers.value = " auto"
     assert widget.save() and load_site("mysite").workers == "auto"
     assert "workers: auto" in (tmp_path / "sites" / "mysite.yaml").read_text()

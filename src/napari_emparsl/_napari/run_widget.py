@@ -38,7 +38,13 @@ from napari_emparsl._napari.background import (
     in_background,
 )
 from napari_emparsl._napari.widgets import n5_source as _source_of
-from napari_emparsl._napari.widgets import on_removed, set_choices, viewer_itself, wrapping
+from napari_emparsl._napari.widgets import (
+    on_removed,
+    set_choices,
+    site_chooser,
+    viewer_itself,
+    wrapping,
+)
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.events import BlockDone, BlockFailed, Cancelled, Finished, Planned
 from napari_emparsl.core.geometry import Roi, size_values
@@ -264,8 +270,8 @@ class RunWidget(Container):
             "differ, e.g. kind=image; halo=16,16,16 (as --model-option on the command line)",
         )
         self.model_info = Label(label="model says", value="")
-        self.site = ComboBox(
-            label="site", choices=self._site_choices, tooltip="where blocks are computed"
+        self.site = site_chooser(
+            ComboBox(label="site", choices=self._site_choices, tooltip="where blocks are computed")
         )
         self.test_site_btn = PushButton(
             text="Test site", tooltip="start the site and run one no-op task"

@@ -17,7 +17,13 @@ from pydantic import ValidationError
 
 from napari_emparsl._napari import napari_fixes
 from napari_emparsl._napari.background import Relay, error_sentence, in_background
-from napari_emparsl._napari.widgets import say_error, viewer_itself, wrapping
+from napari_emparsl._napari.widgets import (
+    say_error,
+    site_chooser,
+    sites_changed,
+    viewer_itself,
+    wrapping,
+)
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.execution.sites import SiteProfile, list_sites, load_site, user_site_dir
 
@@ -72,8 +78,12 @@ class SiteWidget(Container):
         super().__init__(labels=True)
         self._viewer = viewer_itself(viewer)  # napari injects it by this annotation
         napari_fixes.apply()  # a napari crash on removing a layer (see the module)
-        self.site = ComboBox(
-            label="site", choices=lambda *_: list(list_sites()), tooltip="profile to view or edit"
+        self.site = site_chooser(
+            ComboBox(
+                label="site",
+                choices=lambda *_: list(list_sites()),
+                tooltip="profile to view or edit",
+            )
         )
         self.fields = {name: _field_widget(name, f) for name, f in SiteProfile.model_fields.items()}
         self._auto = {
@@ -165,5 +175,5 @@ class SiteWidget(Container):
             )
             return None
         self.message.value = f"saved {path}"
-        self.site.reset_choices()
+        sites_changed()  # this panel's list, and the run panels' (offered there at once)
         return str(path)

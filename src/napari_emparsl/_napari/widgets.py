@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from qtpy.QtCore import QEvent, QObject
@@ -115,3 +116,23 @@ def on_removed(panel: Any, callback: Any) -> None:
     watcher = _OnRemoved(callback)
     panel._removed_watcher = watcher  # kept with the panel
     panel.native.installEventFilter(watcher)
+
+
+#: the site choosers open now (the run panel's, the site panel's): a profile saved in one
+#: panel is offered in the others at once
+_SITE_CHOOSERS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def site_chooser(combo: Any) -> Any:
+    """Register a site ComboBox to be told of saved profiles (:func:`sites_changed`)."""
+    _SITE_CHOOSERS.add(combo)
+    return combo
+
+
+def sites_changed() -> None:
+    """A site profile was saved: every site chooser lists the profiles again."""
+    for combo in list(_SITE_CHOOSERS):
+        try:
+            combo.reset_choices()
+        except RuntimeError:  # its Qt widget is gone
+            _SITE_CHOOSERS.discard(combo)
