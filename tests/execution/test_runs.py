@@ -429,6 +429,26 @@ def test_cancel_on_threads_begins_no_queued_block_and_records_what_finished(
     assert {e.result.block_id for e in events if isinstance(e, BlockDone)} == done_ids
 
 
+def test_cancel_while_preparing_changes_nothing(tmp_path, conv_model, float_volume):
+    """Cancel before the plan is made (the panel's Cancel during 'preparing…'), with the output
+    to be replaced: the run ends Cancelled and the output is as it was (before: replaced
+    anyway, and its blocks planned)."""
+    from napari_emparsl.core.events import Cancelled
+
+    src, _ = float_volume
+    out = f"{tmp_path}/o.n5:x"
+    assert Run(src, conv_model, out, site="threads", roi="0:16,0:16,0:16").execute().ok
+    ledger = Ledger(str(tmp_path / "o.n5"), "x")
+    before = open(ledger.path).read()
+    data = Volume.open(tmp_path / "o.n5", "x").data.compute()
+    run = Run(src, conv_model, out, site="threads", overwrite=True)
+    run.cancel()
+    assert list(run.events()) == [Cancelled(0, 0)]
+    assert open(ledger.path).read() == before
+    np.testing.assert_array_equal(Volume.open(tmp_path / "o.n5", "x").data.compute(), data)
+    assert Run(src, conv_model, out, site="threads").execute().ok  # not left locked
+
+
 def test_cancel_as_the_last_block_fails_with_retries_left_is_cancelled(
     tmp_path, conv_model, float_volume, monkeypatch
 ):

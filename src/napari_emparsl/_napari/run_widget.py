@@ -915,6 +915,8 @@ class RunWidget(Container):
                 self._estimate_full_run()
             self._dirty = True
             self._stale = False
+        elif isinstance(event, Cancelled) and not event.total:
+            self.status.value = "cancelled before it began: nothing was changed"
         elif isinstance(event, Cancelled):
             self.status.value = f"cancelled at {event.done}/{event.total}; Run / resume continues"
             self._dirty = True

@@ -163,6 +163,10 @@ def _auto_batch(block: Block, spec: ModelSpec) -> int:
 _NOT_BEGUN = "not begun: the run was cancelled"
 
 
+class _CancelledWhilePreparing(Exception):
+    """Cancel came before the plan was made: the run ends before it changes anything."""
+
+
 class _SiteStarter:
     """Starts a site's DataFlowKernel in the background, and warms its workers up.
 
@@ -469,6 +473,8 @@ class Run:
                     f"({'×'.join(map(str, spatial))}); it was cut to {clipped}.",
                 )
                 self.roi = clipped
+        if self._cancel.is_set():
+            raise _CancelledWhilePreparing
         if on_checked is not None:  # the cheap checks passed: the site may start meanwhile
             on_checked()
         # a model file is loaded here to fail clearly, not in every worker. A built-in model as
@@ -562,6 +568,8 @@ class Run:
         for fac, chunks in zip(levels[1:], level_chunks[1:], strict=True):
             check_no_shared_chunks(blocks, chunks, factor=fac)
         norm = _norm(src, spec)
+        if self._cancel.is_set():  # cancelled while preparing: nothing replaced nor recorded
+            raise _CancelledWhilePreparing
         if existing is None:  # only now, when everything checked out
             self._create_output(src, spec, out_shape, out_chunks, levels, level_chunks)
         ledger = Ledger(self.output_root, self.output_key)
@@ -671,6 +679,9 @@ class Run:
         except BaseException as err:
             if starter:
                 starter[0].close()
+            if isinstance(err, _CancelledWhilePreparing):
+                yield self._emit(Cancelled(0, 0))
+                return
             if isinstance(err, (VolumeError, ModelError)):
                 raise RunError(str(err)) from None
             raise
