@@ -135,6 +135,27 @@ def test_masked_float_data_gets_finite_contrast(tmp_path):
     assert 10 <= lo < hi <= 60
 
 
+def test_contrast_of_small_chunks_reads_a_few_of_them(tmp_path, monkeypatch):
+    """A float dataset without a pyramid in small chunks: its contrast (computed on the Qt
+    thread as the layer opens) comes from at most 4×4×4 whole chunks around the centre
+    (before: all 1024 chunk files of it were read)."""
+    from napari_emparsl._napari.reader import contrast_limits
+
+    data = np.random.default_rng(3).random((32, 128, 128)).astype(np.float32) * 100 + 50
+    save_array(tmp_path / "f.n5", "raw", data, chunks=(8, 8, 8))
+    reads: list[tuple] = []
+    original = volume_mod._ChunkReader.__getitem__
+
+    def counting(self, index):  # instrumentation around the real reader
+        reads.append(index)
+        return original(self, index)
+
+    monkeypatch.setattr(volume_mod._ChunkReader, "__getitem__", counting)
+    lo, hi = contrast_limits(Volume.open(tmp_path / "f.n5", "raw"))
+    assert 50 <= lo < 52 and 148 < hi <= 150
+    assert 0 < len(reads) <= 64, len(reads)
+
+
 def test_unfinished_dataset_opens_with_a_warning(make_napari_viewer, tmp_path):
     """A dataset an import is still writing (or that a killed import left) opens — one may look
     at what is there — with a warning that parts of it are missing."""

@@ -119,17 +119,32 @@ def layer_data(volume: Volume) -> LayerData:
     return data, meta, "image"
 
 
+def _central_chunks(shape: tuple[int, ...], chunks: list[int]) -> tuple[slice, ...]:
+    """The box of whole chunks around the centre that the contrast is sampled from: all of a
+    small array; else at most 4 chunks per axis and _CONTRAST_SAMPLE_VOXELS voxels (read on the
+    Qt thread as a layer opens: a few chunk files, not thousands)."""
+    counts = [-(-n // c) for n, c in zip(shape, chunks, strict=True)]
+    take = [min(k, 4) for k in counts]
+    while (
+        int(np.prod([t * c for t, c in zip(take, chunks, strict=True)])) > _CONTRAST_SAMPLE_VOXELS
+    ):
+        axis = int(np.argmax(take))
+        if take[axis] == 1:
+            break  # one chunk: as small as whole chunks get
+        take[axis] -= 1
+    box = []
+    for n, c, k, t in zip(shape, chunks, counts, take, strict=True):
+        first = max(0, min(k - t, (n // 2) // c - t // 2))
+        box.append(slice(first * c, min(n, (first + t) * c)))
+    return tuple(box)
+
+
 def contrast_limits(volume: Volume) -> tuple[float, float]:
     """From the dtype for 8-bit data, else from the coarsest level or one central chunk."""
     if volume.dtype == np.uint8:
         return 0.0, 255.0
     coarse = volume.level(len(volume.levels) - 1)
-    if coarse.size > _CONTRAST_SAMPLE_VOXELS:
-        center = tuple(
-            slice(max(0, n // 2 - c[0] // 2), n // 2 - c[0] // 2 + c[0])
-            for n, c in zip(coarse.shape, coarse.chunks, strict=True)
-        )
-        coarse = coarse[center]
+    coarse = coarse[_central_chunks(coarse.shape, [c[0] for c in coarse.chunks])]
     sample = finite_values(np.asarray(coarse.compute()))  # NaN: masked voxels of float data
     if sample.size == 0:
         return 0.0, 1.0
