@@ -195,8 +195,10 @@ def _free_memory() -> int | None:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from napari_emparsl.core.importer import human_size
+    from napari_emparsl.core.paths import user_path
     from napari_emparsl.core.sample import SAMPLE_LEVELS, make_sample, write_sample
 
+    args.output = user_path(args.output)  # "~/s.n5": in the home folder, not a folder named ~
     if os.path.exists(args.output) and not args.overwrite:
         raise VolumeError(
             f"{args.output} already exists; pass --overwrite to replace it, or choose another path."

@@ -468,3 +468,17 @@ def test_workers_auto_uses_the_cores_this_process_may_use(capsys, tmp_path, monk
         f"emparsl: error: The site profile {tmp_path}/zero.yaml is invalid: field 'workers': "
         "workers is a whole number of at least 1, or auto, not 0.\n"
     )
+
+
+def test_a_path_from_the_home_folder_is_not_a_folder_named_tilde(tmp_path, monkeypatch, capsys):
+    """`emparsl sample '~/s.n5'` (quoted, so no shell expanded it) and save_array('~/…'):
+    written in the home folder (before: a half-written folder named ~ in the current one)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    code, out, _ = run(capsys, "sample", "~/s.n5", "--shape", "8,32,32")
+    assert code == 0 and f"to {tmp_path}/home/s.n5:" in out
+    save_array("~/t.n5", "raw", np.zeros((4, 8, 8), np.uint8))
+    assert sorted(p.name for p in (tmp_path / "home").iterdir()) == ["s.n5", "t.n5"]
+    assert list((tmp_path / "cwd").iterdir()) == []

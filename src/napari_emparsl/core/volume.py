@@ -494,7 +494,7 @@ class Volume:
         VolumeError
             When the dataset exists and ``overwrite`` is false, or the dtype cannot be stored.
         """
-        root = os.fspath(path)
+        root = user_path(path)  # "~/x.n5" is under the home folder, not a folder named ~
         key = key.strip("/")
         if not key:
             raise VolumeError(f"Give a dataset name inside {root}, e.g. {root}:raw.")
@@ -902,7 +902,7 @@ def write_pyramid(
     """
     import dask.array as da
 
-    root = os.fspath(path)
+    root = user_path(path)
     key = key.strip("/")
     voxel_size = tuple(voxel_size) if voxel_size is not None else (1.0,) * data.ndim
     _prepare_output(root, key, overwrite)
