@@ -146,6 +146,27 @@ def test_existing_output_refused_unless_overwrite(tmp_path, small_n5):
     assert out.shape == (4, 8, 8)
 
 
+def test_a_failed_import_over_a_dataset_keeps_it(tmp_path, small_n5):
+    """--overwrite, and the import fails midway (a slice cut short): the dataset it was to
+    replace is kept as it was (before: deleted when the import began, and nothing left); one
+    that succeeds replaces it, leaving nothing beside it."""
+    path, data = small_n5
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for i in range(8):
+        tifffile.imwrite(folder / f"s{i}.tif", np.full((64, 64), i, np.uint8))
+    whole = (folder / "s4.tif").read_bytes()
+    (folder / "s4.tif").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(VolumeError, match="s4.tif cannot be read"):
+        import_volume(str(folder), f"{path}:raw", chunks=(2, 64, 64), overwrite=True)
+    np.testing.assert_array_equal(Volume.open(path, "raw").data.compute(), data)
+    assert sorted(p.name for p in path.iterdir()) == ["attributes.json", "raw"]
+    (folder / "s4.tif").write_bytes(whole)
+    out = import_volume(str(folder), f"{path}:raw", chunks=(2, 64, 64), overwrite=True)
+    assert out.shape == (8, 64, 64) and int(out.data[4, 0, 0].compute()) == 4
+    assert sorted(p.name for p in path.iterdir()) == ["attributes.json", "raw"]
+
+
 def test_slice_folder_natural_order(tmp_path):
     folder = tmp_path / "slices"
     folder.mkdir()

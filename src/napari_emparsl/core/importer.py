@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
+import uuid
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -485,9 +487,17 @@ def iter_import(
             est, voxel_size=voxel_size and tuple(voxel_size), unit=unit, voxel_from=voxel_from
         )
         yield est
+        # replacing a dataset: written beside it and swapped in when whole, so that a failed
+        # import keeps the one it was to replace
+        replacing = overwrite and os.path.exists(os.path.join(out_root, out_key))
+        write_key = out_key
+        if replacing:
+            head, _, name = out_key.rpartition("/")
+            hidden = f".{name}.importing-{uuid.uuid4().hex[:8]}"
+            write_key = f"{head}/{hidden}" if head else hidden
         vol = Volume.create(
             out_root,
-            out_key,
+            write_key,
             source.shape,
             source.dtype,
             chunks,
@@ -498,7 +508,7 @@ def iter_import(
                 "source": source.description,
                 UNFINISHED: f"an import of {src} that has not finished",
             },
-            overwrite=overwrite,
+            overwrite=overwrite and not replacing,
         )
         slab = vol.chunks[0]  # whole chunk rows: no two writes share a chunk
         total = math.ceil(source.shape[0] / slab)
@@ -510,16 +520,29 @@ def iter_import(
                 vol.write(np.asarray(data), (z0, 0, 0))
                 if i + 1 == total:
                     vol.mark_finished()
+                    if replacing:
+                        _swap_in(out_root, write_key, out_key)
                     finished = True
                 yield (i + 1, total)
         except BaseException:
             if not finished:
-                import shutil
-
-                shutil.rmtree(os.path.join(out_root, out_key), ignore_errors=True)
+                shutil.rmtree(os.path.join(out_root, write_key), ignore_errors=True)
             raise
     finally:
         source.close()
+
+
+def _swap_in(root: str, fresh_key: str, key: str) -> None:
+    """Put the dataset at ``fresh_key`` in place of the one at ``key`` (same group)."""
+    final, fresh = os.path.join(root, key), os.path.join(root, fresh_key)
+    aside = f"{fresh}.replaced"
+    os.rename(final, aside)
+    try:
+        os.rename(fresh, final)
+    except BaseException:
+        os.rename(aside, final)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def import_volume(src: str, dest: str, **kwargs) -> Volume:
