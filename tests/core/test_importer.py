@@ -177,6 +177,40 @@ def test_slice_folder_natural_order(tmp_path):
     assert [int(out.data[z, 0, 0].compute()) for z in range(3)] == [1, 2, 10]
 
 
+def test_tiffs_that_are_no_greyscale_stack_are_refused(tmp_path):
+    """A TIFF whose pages are not one stack (one page of another size: tifffile makes two
+    series), a colour TIFF and a multichannel one: one sentence each (before: only the first
+    series imported, pages lost without a word; colour or channels imported as z); and a
+    macOS '._' file beside the slices is no slice (before: an internal error)."""
+    from PIL import Image
+
+    pages = [Image.fromarray(np.full((30, 30), i, np.uint8)) for i in range(7)]
+    pages[4] = Image.fromarray(np.full((31, 30), 4, np.uint8))
+    pages[0].save(tmp_path / "mixed.tif", save_all=True, append_images=pages[1:])
+    with pytest.raises(VolumeError) as err:
+        import_volume(str(tmp_path / "mixed.tif"), f"{tmp_path}/o.n5:a")
+    assert "image series" in str(err.value) and "not one stack" in str(err.value)
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((40, 50, 3), np.uint8), photometric="rgb")
+    with pytest.raises(VolumeError, match="is a colour image"):
+        import_volume(str(tmp_path / "rgb.tif"), f"{tmp_path}/o.n5:b")
+    tifffile.imwrite(
+        tmp_path / "cyx.tif", np.zeros((2, 40, 50), np.uint8), metadata={"axes": "CYX"}
+    )
+    with pytest.raises(VolumeError, match="holds 2 channels"):
+        import_volume(str(tmp_path / "cyx.tif"), f"{tmp_path}/o.n5:c")
+    assert not (tmp_path / "o.n5").exists() or not any((tmp_path / "o.n5").glob("[abc]"))
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for i in (1, 2, 10):
+        tifffile.imwrite(folder / f"z{i}.tif", np.full((8, 8), i, np.uint8))
+    (folder / "._z1.tif").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
+    out = import_volume(str(folder), f"{tmp_path}/s.n5:raw", chunks=(1, 8, 8))
+    assert out.shape == (3, 8, 8)
+    (folder / "z3.tif").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # a broken slice
+    with pytest.raises(VolumeError, match="The slice .*z3.tif cannot be read"):
+        import_volume(str(folder), f"{tmp_path}/s.n5:again")
+
+
 def test_bad_sources(tmp_path):
     with pytest.raises(VolumeError, match="does not exist"):
         open_source(str(tmp_path / "missing.tif"))

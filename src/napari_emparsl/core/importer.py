@@ -92,9 +92,15 @@ def _slice_shape(path: str) -> tuple[tuple[int, ...], np.dtype]:
     if path.lower().endswith(TIFF_EXTENSIONS):
         import tifffile
 
-        with tifffile.TiffFile(path) as tif:
-            page = tif.pages[0]
-            return tuple(page.shape), np.dtype(page.dtype)
+        try:
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages[0]
+                return tuple(page.shape), np.dtype(page.dtype)
+        except Exception as err:  # tifffile raises many types for broken files
+            raise VolumeError(
+                f"The slice {path} cannot be read ({str(err)[:100] or type(err).__name__}); "
+                "replace or remove it and import again."
+            ) from None
     import imageio.v3 as iio
 
     try:
@@ -178,7 +184,13 @@ def _voxel_size(
 
 def _folder_source(folder: str) -> ImportSource:
     names = sorted(
-        (n for n in os.listdir(folder) if n.lower().endswith(SLICE_EXTENSIONS)), key=_natural_key
+        # hidden files are no slices: "._z1.tif" is macOS's note on z1.tif, not an image
+        (
+            n
+            for n in os.listdir(folder)
+            if n.lower().endswith(SLICE_EXTENSIONS) and not n.startswith(".")
+        ),
+        key=_natural_key,
     )
     if not names:
         raise VolumeError(
@@ -230,6 +242,25 @@ def _tiff_source(path: str) -> ImportSource:
     except Exception as err:  # tifffile raises many types for broken files
         raise VolumeError(f"{path} is not a readable TIFF file ({err}).") from None
     shape = tuple(series.shape)
+    axes = str(getattr(series, "axes", "")).upper()
+    problem = None
+    if len(tif.series) > 1:  # pages that are not one stack: another size or type among them
+        shapes = ", ".join("×".join(map(str, s.shape)) for s in tif.series[:4])
+        problem = (
+            f"{path} holds {len(tif.series)} image series ({shapes}{', …' if len(tif.series) > 4 else ''}), "
+            "not one stack (a page differs in size or type from the others); save the stack "
+            "alone, or as a folder of slices"
+        )
+    elif "S" in axes:
+        problem = f"{path} is a colour image (axes {axes}); convert it to greyscale first"
+    elif "C" in axes:
+        problem = (
+            f"{path} holds {shape[axes.index('C')]} channels (axes {axes}); import needs one "
+            "greyscale channel: save each channel as a stack of its own"
+        )
+    if problem is not None:
+        tif.close()
+        raise VolumeError(problem + ".")
     if len(shape) == 2:
         shape = (1, *shape)
     if len(shape) != 3:
