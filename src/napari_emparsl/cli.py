@@ -612,18 +612,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     names = pred.class_names or truth.class_names
     n = max(len(names), 2)
     p, t = pred.data, truth.data.rechunk(pred.data.chunks)
-    written = written_blocks(pred.root, pred.key)  # a run's output: its written blocks only
+    # a run's unfinished output (either side; two runs compared): its written blocks only
+    unfinished = []
+    for what, vol in (("prediction", pred), ("ground truth", truth)):
+        written = written_blocks(vol.root, vol.key)
+        if written is not None and not written.complete:
+            if not written.done.any():
+                raise VolumeError(
+                    f"The {what} {vol.root}:{vol.key} is the output of a run that has written "
+                    f"no block yet; see `emparsl status {vol.root}:{written.key}`."
+                )
+            unfinished.append((what, written))
     mask = None
-    if written is not None and not written.complete:
-        if not written.done.any():
-            raise VolumeError(
-                f"The prediction {pred.root}:{pred.key} is the output of a run that has written "
-                f"no block yet; see `emparsl status {pred.root}:{written.key}`."
-            )
+    if unfinished:
 
-        def chunk_written(x, block_info=None):  # each chunk lies inside one block
-            where = block_info[0]["array-location"]
-            return np.full(x.shape, written.written(*zip(*where, strict=True)), bool)
+        def chunk_written(x, block_info=None):  # a chunk of the prediction's: written by both?
+            where = tuple(zip(*block_info[0]["array-location"], strict=True))
+            return np.full(x.shape, all(w.written(*where) for _, w in unfinished), bool)
 
         mask = da.map_blocks(chunk_written, p, dtype=bool)
     sums = []
@@ -637,11 +642,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     *values, p_max, t_max = da.compute(*sums, p.max(), t.max())
     if mask is not None:
         share = values.pop() / math.prod(pred.shape)
-        blocks = f"{int(written.done.sum())} of {written.done.size}"
+        said = " and ".join(
+            f"the {what} is the output of a run that is not finished "
+            f"({int(w.done.sum())} of {w.done.size} blocks written)"
+            for what, w in unfinished
+        )
+        over = "those blocks" if len(unfinished) == 1 else "the blocks written in both"
         print(
-            f"emparsl: note: the prediction is the output of a run that is not finished "
-            f"({blocks} blocks written); the Dice is over those blocks only "
-            f"({share:.0%} of the volume).",
+            f"emparsl: note: {said}; the Dice is over {over} only ({share:.0%} of the volume).",
             file=sys.stderr,
         )
     for what, vol, top in (("prediction", pred, p_max), ("ground truth", truth, t_max)):

@@ -870,6 +870,11 @@ def test_evaluate_of_an_unfinished_output_counts_its_written_blocks(tmp_path, sa
         "emparsl: note: the prediction is the output of a run that is not finished (1 of 8 "
         "blocks written); the Dice is over those blocks only (12% of the volume).\n"
     )
+    # given as the ground truth (two runs compared): its unwritten blocks are left out too
+    assert main(["evaluate", f"{e}:truth", f"{e}:pred", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"dice": {"bg": 1.0, "fg": 1.0}}  # (before: fg 0.22)
+    assert err.startswith("emparsl: note: the ground truth is the output of a run that is not")
     assert main(["info", f"{e}:pred"]) == 0  # info says how much of a run's output is there
     assert "run          1 of 8 blocks written (the rest read as zeros; see `emparsl status`)" in (
         capsys.readouterr().out
