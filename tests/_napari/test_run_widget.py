@@ -1000,10 +1000,15 @@ def test_runs_panel_follows_a_run_into_an_open_output(
     qtbot.waitUntil(lambda: runs.runs.native.count() == 1)
     qtbot.waitUntil(lambda: "stopped, 1/8 done" in runs.runs.native.item(0).text())
     seen = []
-    runs._relay.answer.connect(lambda answer: seen.append(runs.runs.native.item(0).text()))
+
+    def listed(_answer) -> None:  # what the list says after each refresh
+        seen.append(runs.runs.native.item(0).text())
+
+    runs._relay.answer.connect(listed)
     widget.run_btn.clicked.emit()
     _wait_idle(qtbot, widget)
     qtbot.waitUntil(lambda: "complete, 8/8 done" in runs.runs.native.item(0).text())
+    runs._relay.answer.disconnect(listed)
     assert any("— running, " in text for text in seen), seen
 
 

@@ -52,7 +52,10 @@ def run_going(output: str) -> None:
     runs panels list it and follow it, also where its layer was open before (a preview's)."""
     remember_output(output)
     for panel in list(_PANELS):
-        panel.refresh()
+        try:
+            panel.refresh()
+        except RuntimeError:  # its Qt widget is gone (its viewer closed)
+            _PANELS.discard(panel)
 
 
 class _Output:
@@ -127,6 +130,9 @@ class RunsWidget(Container):
         self._viewer.mouse_move_callbacks.append(self._on_mouse_move)
         _PANELS.add(self)
         on_removed(self, self._removed)
+        # gone with its viewer's window (Qt deletes docked panels): no longer told of runs
+        ref = weakref.ref(self)
+        self.native.destroyed.connect(lambda *_: _PANELS.discard(ref()) if ref() else None)
         self.refresh()
 
     def _removed(self) -> None:
