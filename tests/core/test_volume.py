@@ -281,3 +281,20 @@ def test_dataset_at_the_container_root(tmp_path, capsys):
         "p; write the output into another container (e.g. out.n5:pred).\n"
     )
     assert sorted(os.listdir(tmp_path / "root.n5")) == ["0", "attributes.json"]
+
+
+def test_openable_keys_from_one_walk_of_the_tree(tmp_path):
+    """What the volume panel lists from one walk (openable_in_tree) is what openable_keys says,
+    for a container, a group, a pyramid, one of its levels and a plain dataset."""
+    from napari_emparsl.core.volume import openable_in_tree, openable_keys
+
+    root = tmp_path / "c.n5"
+    data = np.zeros((8, 16, 16), np.uint8)
+    write_pyramid(root, "raw", data, levels=2, chunks=(8, 8, 8))
+    write_pyramid(root, "labels/classes", data, levels=2, chunks=(8, 8, 8), labels=True)
+    save_array(root, "labels/plain", data)
+    save_array(root, "plain", data)
+    paths = [root, root / "labels", root / "raw", root / "raw" / "s1", root / "labels" / "plain"]
+    for path in paths:
+        assert openable_in_tree(container_tree(path)) == openable_keys(path), path
+    assert openable_keys(root) == ["labels/classes", "labels/plain", "plain", "raw"]

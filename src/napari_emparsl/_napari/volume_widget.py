@@ -32,7 +32,7 @@ from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.ledger import Ledger, whole_plan_blocks
 from napari_emparsl.core.n5attrs import find_container_root
 from napari_emparsl.core.paths import user_path
-from napari_emparsl.core.volume import UNFINISHED, Volume, container_tree, openable_keys
+from napari_emparsl.core.volume import UNFINISHED, Volume, container_tree, openable_in_tree
 
 if TYPE_CHECKING:
     import napari.viewer
@@ -165,8 +165,9 @@ class VolumeWidget(Container):
         if not path:
             return
         try:
-            tree = {n["key"]: n for n in container_tree(path)}
-            keys = openable_keys(path)
+            listing = container_tree(path)  # one walk of the folders (on each keystroke)
+            tree = {n["key"]: n for n in listing}
+            keys = openable_in_tree(listing)
         except UserError as err:
             self._path_error = str(err)
             if notify:

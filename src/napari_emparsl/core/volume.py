@@ -50,6 +50,7 @@ __all__ = [
     "check_output_free",
     "container_tree",
     "downsample_block",
+    "openable_in_tree",
     "openable_keys",
     "output_level_factors",
     "parse_spec",
@@ -749,6 +750,20 @@ def openable_keys(path: str | os.PathLike) -> list[str]:
     if nodes and nodes[0].kind in ("dataset", "multiscale"):
         return [sub]
     return ["/".join(p for p in (sub, n.key) if p) for n in _openable(nodes)]
+
+
+def openable_in_tree(tree: list[dict[str, Any]]) -> list[str]:
+    """:func:`openable_keys` of the path a :func:`container_tree` listing was made for, from
+    the listing (no second walk of the folders: the volume panel lists as the user types)."""
+    if tree and tree[0]["kind"] in ("dataset", "multiscale"):
+        return [tree[0]["key"]]  # the path is a dataset or a pyramid itself
+    pyramids = [n["key"] for n in tree if n["kind"] == "multiscale"]
+    return [
+        n["key"]
+        for n in tree
+        if n["kind"] in ("dataset", "multiscale")
+        and not any(n["key"] != p and n["key"].startswith(p + "/") for p in pyramids)
+    ]
 
 
 def container_tree(path: str | os.PathLike) -> list[dict[str, Any]]:
