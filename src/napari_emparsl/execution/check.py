@@ -91,8 +91,8 @@ def check_model(model: str, options: Mapping[str, Any] | None = None) -> ModelCh
             site="threads",
             # a package's test output is the model's own forward over the whole test input:
             # at its edges the model pads as it does, not with mirrored context (the `reflect`
-            # an exported package keeps for emparsl's runs of big volumes)
-            model_options={**(options or {}), "edge": "none"},
+            # an exported package keeps for emparsl's runs of big volumes) — unless asked
+            model_options={"edge": "none", **(options or {})},
             callback=note,
         )
         seconds = time.perf_counter() - t0
