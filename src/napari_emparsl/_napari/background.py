@@ -17,7 +17,7 @@ from qtpy.QtCore import QObject, Signal
 
 from napari_emparsl.core.errors import UserError
 
-__all__ = ["Relay", "WorkerRuntimeError", "error_sentence", "in_background"]
+__all__ = ["Relay", "WorkerRuntimeError", "error_sentence", "import_engine", "in_background"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,21 @@ def in_background(relay: Relay, func: Callable[[], Any], name: str, daemon: bool
             pass  # the panel was closed meanwhile
 
     threading.Thread(target=run, name=name, daemon=daemon).start()
+
+
+_ENGINE_IMPORT = threading.Lock()
+
+
+def import_engine() -> None:
+    """Import the engine and Parsl's kernel, one thread at a time. The panels' background
+    threads (the run panel's preload, a site test) import them, and two threads importing
+    Parsl at once could see it half-initialized ("partially initialized module 'parsl' has no
+    attribute '__version__'"). Cheap once done."""
+    with _ENGINE_IMPORT:
+        from napari_emparsl.execution import runner  # noqa: F401  (parsl, the engine)
+        from napari_emparsl.execution.sites import import_kernel
+
+        import_kernel()
 
 
 class WorkerRuntimeError(Exception):

@@ -35,6 +35,7 @@ from napari_emparsl._napari.background import (
     Relay,
     WorkerRuntimeError,
     error_sentence,
+    import_engine,
     in_background,
 )
 from napari_emparsl._napari.widgets import n5_source as _source_of
@@ -82,15 +83,12 @@ def _preload(model: str, done: threading.Event | None = None) -> None:
 
 def _preload_all(model: str) -> None:
     try:
+        # the engine, Parsl and what a site's kernel imports when it starts (~0.25 s: a first
+        # preview right after the model is loaded waited for it before its block could start)
+        import_engine()
         from napari_emparsl.core.models.loaders import load_model
-        from napari_emparsl.execution import runner  # noqa: F401  (parsl, the engine)
 
         load_model(model)
-        # what a site's kernel imports when it starts (~0.25 s): a first preview right after
-        # the model is loaded waited for it before its block could start
-        from napari_emparsl.execution.sites import import_kernel
-
-        import_kernel()
     except Exception:  # a model that does not load is reported when it is used
         log.debug("preloading %s failed", model, exc_info=True)
     try:
@@ -582,7 +580,9 @@ class RunWidget(Container):
         self.test_site_btn.enabled = False  # one test at a time
         self.status.value = f"testing site {name}…"
         in_background(
-            self._site_relay, lambda: check_site(load_site(name)), name="emparsl-site-test"
+            self._site_relay,
+            lambda: (import_engine(), check_site(load_site(name)))[1],
+            name="emparsl-site-test",
         )
 
     def _site_tested(self, result: Any) -> None:

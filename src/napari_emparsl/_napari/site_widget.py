@@ -16,7 +16,7 @@ from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton, c
 from pydantic import ValidationError
 
 from napari_emparsl._napari import napari_fixes
-from napari_emparsl._napari.background import Relay, error_sentence, in_background
+from napari_emparsl._napari.background import Relay, error_sentence, import_engine, in_background
 from napari_emparsl._napari.widgets import (
     say_error,
     site_chooser,
@@ -145,7 +145,11 @@ class SiteWidget(Container):
         self.message.value = f"testing site {profile.name}…"
         self.test_btn.enabled = False
         self._testing = profile.name
-        in_background(self._relay, lambda: check_site(profile), name="emparsl-site-test")
+        in_background(
+            self._relay,
+            lambda: (import_engine(), check_site(profile))[1],
+            name="emparsl-site-test",
+        )
 
     def _tested(self, result: Any) -> None:
         name = self._testing

@@ -116,11 +116,12 @@ class SiteProfile(BaseModel):
     @field_validator("name")
     @classmethod
     def _file_name(cls, name: str) -> str:
-        # a profile is saved as <sites folder>/<name>.yaml
-        if not name.strip() or any(c in name for c in "/\\") or name.startswith("."):
+        # a profile is saved as <sites folder>/<name>.yaml, and Parsl puts the name into its
+        # workers' command line unquoted (a space there and no worker ever starts)
+        if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name):
             raise ValueError(
-                "a site's name is the name of its file: not empty, without / or \\, and not "
-                "starting with a dot"
+                "a site's name is the name of its file: letters, digits, '.', '_' and '-' only "
+                f"(no spaces), not starting with a dot, not {name!r}"
             )
         return name
 
