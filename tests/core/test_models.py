@@ -126,6 +126,14 @@ def test_options_override_sidecar_and_are_validated():
                            "least 1, not '0,8,8'."),
         # YAML 1.1 read "1:30" as the base-60 number 90, and the run went on with halo 90
         ("halo=1:30", "The model option 'halo' must be three integers z,y,x, not '1:30'."),
+        # int() made a halo of 20.9 a halo of 20, and a ×1.5 scale ×1, silently
+        ("halo=20.9", "The model option 'halo' must be three integers z,y,x, not 20.9."),
+        ("scale=1.5", "The model option 'scale' must be three integers z,y,x, not 1.5."),
+        # options that are not YAML were an internal error (ParserError, ScannerError)
+        ("classes=[a,b", "The model option 'classes' is not a list emparsl can read: '[a,b' (a "
+                         "bracket missing?); write it as classes=a,b or classes=[a, b]."),
+        ("normalize=@x", "The model option 'normalize' must be one of none, zscore, "
+                         "percentile, fixed, not '@x'."),
         # int() made 1.7 channels 1, and 0 output channels failed in every block instead
         ("in_channels=1.7", "The model option 'in_channels' must be a whole number of at least "
                             "1, not 1.7."),
@@ -404,3 +412,12 @@ def test_several_model_options_after_one_flag(capsys):
         "emparsl: error: Model options are key=value, not 'reflect' (e.g. --model-option "
         "halo=8,8,8 kind=image, after the model and output paths).\n"
     )
+
+
+def test_a_sidecar_not_in_utf8_is_one_sentence(tmp_path):
+    """A sidecar saved in Latin-1 (an accent in a comment): one sentence (before: an internal
+    error, UnicodeDecodeError)."""
+    torch.jit.save(torch.jit.script(torch.nn.Conv3d(1, 1, 3, padding=1)), str(tmp_path / "m.pt"))
+    (tmp_path / "m.pt.yaml").write_bytes("kind: image\n# modèle\n".encode("latin-1"))
+    with pytest.raises(ModelError, match=r"m.pt.yaml is not UTF-8 text; save it as UTF-8.$"):
+        describe_model(str(tmp_path / "m.pt"))

@@ -233,10 +233,16 @@ def load_site(site: str) -> SiteProfile:
             f"Unknown site '{site}'; known sites: {', '.join(files)} (or give a profile file)."
         )
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise SiteError(
             f"The site profile {path} is not valid YAML ({str(err).splitlines()[0]})."
+        ) from None
+    except UnicodeDecodeError:
+        raise SiteError(f"The site profile {path} is not UTF-8 text; save it as UTF-8.") from None
+    except OSError as err:
+        raise SiteError(
+            f"The site profile {path} cannot be read ({err.strerror or err})."
         ) from None
     if not isinstance(data, dict):
         raise SiteError(f"The site profile {path} must be a mapping of settings.")

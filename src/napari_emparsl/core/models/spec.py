@@ -99,17 +99,24 @@ def _architecture_defaults(kwargs: dict[str, Any], given: set[str]) -> tuple[str
 
 
 def _triple(value: Any, name: str, minimum: int) -> tuple[int, int, int]:
+    given = value  # as the user wrote it, for the message
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = [value] * 3
+
+    def whole(v: Any) -> int:  # int() alone made a halo of 20.9 a halo of 20, silently
+        if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+            raise ValueError(v)
+        return int(v)
+
     try:
-        out = tuple(int(v) for v in (size_values(value) if isinstance(value, str) else value))
+        out = tuple(whole(v) for v in (size_values(value) if isinstance(value, str) else value))
     except (TypeError, ValueError):
         raise ModelError(
-            f"The model option '{name}' must be three integers z,y,x, not {value!r}."
+            f"The model option '{name}' must be three integers z,y,x, not {given!r}."
         ) from None
     if len(out) != 3 or any(v < minimum for v in out):
         raise ModelError(
-            f"The model option '{name}' must be three integers z,y,x of at least {minimum}, not {value!r}."
+            f"The model option '{name}' must be three integers z,y,x of at least {minimum}, not {given!r}."
         )
     return out  # type: ignore[return-value]
 
@@ -395,7 +402,15 @@ def parse_options(items: Sequence[str]) -> dict[str, Any]:
                 "kind=image, after the model and output paths)."
             )
         key, value = item.split("=", 1)
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:  # "@x": the text typed, checked as such
+            if value.strip()[:1] in "[{":
+                raise ModelError(
+                    f"The model option '{key.strip()}' is not a list emparsl can read: {value!r} "
+                    f"(a bracket missing?); write it as {key.strip()}=a,b or {key.strip()}=[a, b]."
+                ) from None
+            parsed = value
         # "16,16,16" and YAML 1.1's base-60 numbers ("1:30" is 90) stay the text typed
         out[key.strip()] = (
             value if isinstance(parsed, (int, float)) and ("," in value or ":" in value) else parsed
@@ -414,6 +429,10 @@ def read_sidecar(model_path: str) -> dict[str, Any]:
             except yaml.YAMLError as err:
                 raise ModelError(
                     f"The model description {path} is not valid YAML ({str(err).splitlines()[0]})."
+                ) from None
+            except UnicodeDecodeError:
+                raise ModelError(
+                    f"The model description {path} is not UTF-8 text; save it as UTF-8."
                 ) from None
             if not isinstance(data, dict):
                 raise ModelError(
