@@ -134,6 +134,12 @@ def test_options_override_sidecar_and_are_validated():
                          "bracket missing?); write it as classes=a,b or classes=[a, b]."),
         ("normalize=@x", "The model option 'normalize' must be one of none, zscore, "
                          "percentile, fixed, not '@x'."),
+        # accepted before, and an exported package of it failed its own check
+        ("kind=image", "The model option 'classes' is for labels models; an image model says "
+                       "how many channels it outputs with 'out_channels' (give classes= empty "
+                       "with kind=image)."),
+        ("out_channels=2", "The model option 'out_channels' (2) differs from the 3 classes; a "
+                           "labels model outputs one channel per class."),
         # int() made 1.7 channels 1, and 0 output channels failed in every block instead
         ("in_channels=1.7", "The model option 'in_channels' must be a whole number of at least "
                             "1, not 1.7."),
@@ -421,3 +427,10 @@ def test_a_sidecar_not_in_utf8_is_one_sentence(tmp_path):
     (tmp_path / "m.pt.yaml").write_bytes("kind: image\n# modèle\n".encode("latin-1"))
     with pytest.raises(ModelError, match=r"m.pt.yaml is not UTF-8 text; save it as UTF-8.$"):
         describe_model(str(tmp_path / "m.pt"))
+
+
+def test_softmax_over_one_channel_is_refused():
+    """Softmax over one channel is 1 everywhere (every voxel above a labels threshold): said
+    (before: accepted)."""
+    with pytest.raises(ModelError, match="softmax over one output channel, which is 1"):
+        describe_model("unet3d-em", {"activation": "softmax", "classes": ""})

@@ -252,6 +252,25 @@ class ModelSpec:
             raise ModelError(
                 "A labels model needs at least two classes (or none, for one thresholded channel)."
             )
+        if self.kind == "image" and self.classes:
+            raise ModelError(
+                "The model option 'classes' is for labels models; an image model says how many "
+                "channels it outputs with 'out_channels' (give classes= empty with kind=image)."
+            )
+        if (
+            self.kind == "labels"
+            and self.classes
+            and self.out_channels not in (1, len(self.classes))
+        ):
+            raise ModelError(
+                f"The model option 'out_channels' ({self.out_channels}) differs from the "
+                f"{len(self.classes)} classes; a labels model outputs one channel per class."
+            )
+        if self.activation == "softmax" and self.n_outputs == 1:
+            raise ModelError(
+                "The model option 'activation' is softmax over one output channel, which is 1 "
+                "everywhere; use sigmoid (or none) for a one-channel model."
+            )
         if self.spatial_dims == 2 and (
             self.halo[0] != 0
             or self.multiple[0] != 1
