@@ -589,3 +589,21 @@ def test_damaged_zip_is_one_sentence(package, tmp_path):
     with pytest.raises(ModelError) as err:
         describe_model(str(broken))
     assert "\n" not in str(err.value) and str(err.value).endswith(".")
+
+
+def test_export_test_input_is_at_least_the_declared_minimum(tmp_path):
+    """A halo over 56: the package declares inputs of at least 2 × halo + 1, and its test input
+    is that large (before: cut to 128, smaller than its own description allows)."""
+    import torch
+
+    from napari_emparsl.core.models.export import export_package
+
+    path = tmp_path / "c.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Conv3d(1, 1, 3, padding=1).eval()), str(path))
+    (tmp_path / "c.pt.yaml").write_text("kind: image\nhalo: [64, 64, 64]\nedge: none\n")
+    export_package(str(path), str(tmp_path / "c.zip"))
+    with zipfile.ZipFile(tmp_path / "c.zip") as zf:
+        rdf = yaml.safe_load(zf.read("rdf.yaml"))
+        x = np.load(io.BytesIO(zf.read("test_input.npy")))
+    least = [a["size"]["min"] for a in rdf["inputs"][0]["axes"][2:]]
+    assert least == [129, 129, 129] and all(n >= m for n, m in zip(x.shape[2:], least, strict=True))

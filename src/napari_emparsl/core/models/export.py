@@ -69,17 +69,25 @@ def _test_input(spec: ModelSpec, volume: np.ndarray | None) -> np.ndarray:
     cap = (128, 128, 128) if spec.spatial_dims == 3 else (1, 512, 512)
     fit = []
     for i, n in enumerate(volume.shape[1:]):
-        m = min(n, cap[i])
+        # at least the input size the description declares (its output must outgrow the halo)
+        low = _least_input(spec, i)
+        m = min(n, max(cap[i], low))
         size = spec.input_size_axis(i, m)
         size = size if size <= m else size - spec.multiple[i]
-        if size < spec.input_size_axis(i, 1):
+        if size < low:
             raise ModelError(
                 f"The test input ({'×'.join(map(str, volume.shape[1:]))} voxels) is smaller "
-                "than the model takes along "
-                f"{'zyx'[i]} ({spec.input_size_axis(i, 1)}); give a larger one."
+                f"than the model takes along {'zyx'[i]} ({low}: more than twice its halo); "
+                "give a larger one."
             )
         fit.append(size)
     return volume[(slice(None), *(slice(0, s) for s in fit))].astype(np.float32)
+
+
+def _least_input(spec: ModelSpec, axis: int) -> int:
+    """The smallest input the package declares along ``axis`` (bioimage.io: an output must be
+    larger than its halo on both sides); its test input is at least that."""
+    return spec.input_size_axis(axis, 2 * spec.halo[axis] + 1)
 
 
 def _normalized(x: np.ndarray, spec: ModelSpec) -> np.ndarray:
@@ -183,8 +191,7 @@ def export_package(
     for i, axis in enumerate(names, start=lead):
         if spec.voxel_size is not None:
             unit = {"unit": "nanometer", "scale": float(spec.voxel_size[i])}
-        # bioimage.io: an output must be larger than its halo on both sides
-        low = spec.input_size_axis(i, 2 * spec.halo[i] + 1)
+        low = _least_input(spec, i)
         in_axes.append(
             {"type": "space", "id": axis, "size": {"min": low, "step": spec.multiple[i]}, **unit}
         )
