@@ -389,11 +389,12 @@ def test_sites_list_shows_a_broken_profile_among_the_others(capsys, tmp_path, mo
     monkeypatch.setenv("EMPARSL_SITES", str(tmp_path))
     (tmp_path / "broken.yaml").write_text("kind: local\nworkers: [\n")
     (tmp_path / "good.yaml").write_text("kind: local\nworkers: 1\n")
+    (tmp_path / "short.yml").write_text("kind: threads\nworkers: 1\n")  # .yml: listed too
     # one saved in Latin-1 (before: an internal error, no profile listed at all)
     (tmp_path / "latin.yaml").write_bytes("kind: local\n# café\n".encode("latin-1"))
     code, out, _ = run(capsys, "sites", "list")
     lines = {line.split()[0]: line for line in out.splitlines()}
-    assert code == 2 and set(lines) == {"local", "threads", "broken", "good", "latin"}
+    assert code == 2 and set(lines) == {"local", "threads", "broken", "good", "latin", "short"}
     assert lines["broken"].startswith(
         f"broken       invalid: The site profile {tmp_path}/broken.yaml"
     )

@@ -211,8 +211,13 @@ def _site_files() -> dict[str, Path]:
             files[entry.name[:-5]] = Path(str(entry))
     user = user_site_dir()
     if user.is_dir():
-        for p in sorted(user.glob("*.yaml")):
-            files[p.stem] = p
+        # .yml too (as model sidecars); a .yaml wins over a .yml of the same name
+        mine: dict[str, Path] = {}
+        for p in sorted([*user.glob("*.yml"), *user.glob("*.yaml")], key=lambda p: p.suffix):
+            if p.stem not in mine or p.suffix == ".yaml":
+                mine[p.stem] = p
+        for name in sorted(mine):
+            files[name] = mine[name]
     return files
 
 
