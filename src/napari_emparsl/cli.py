@@ -250,6 +250,7 @@ def _import(args: argparse.Namespace) -> int:
         voxel_size=args.voxel_size,
         unit=args.unit,
         overwrite=args.overwrite,
+        dry_run=args.dry_run,
     )
     try:
         for step in steps:

@@ -85,6 +85,14 @@ def test_import_dry_run_and_tiny_chunk_warning(capsys, tmp_path):
     assert code == 0 and "Dry run: nothing written." in out
     assert "tiny chunks" in err
     assert not (tmp_path / "o.n5").exists()
+    # over an existing dataset: the estimate still (before: refused), and what importing needs
+    save_array(tmp_path / "o.n5", "raw", np.zeros((2, 4, 4), np.uint8))
+    code, out, err = run(capsys, "import", str(tif), f"{tmp_path}/o.n5:raw", "--dry-run")
+    assert code == 0 and out.startswith("Estimate: ") and "Dry run: nothing written." in out
+    assert f"{tmp_path}/o.n5:raw already exists: importing needs --overwrite" in err
+    assert Volume.open(tmp_path / "o.n5", "raw").shape == (2, 4, 4)
+    code, _, err = run(capsys, "import", str(tif), f"{tmp_path}/o.n5:raw")  # for real: refused
+    assert code == 2 and err.startswith("emparsl: error: ") and "already exists" in err
 
 
 def test_console_script_no_traceback(tmp_path):

@@ -475,12 +475,14 @@ def iter_import(
     voxel_size: Sequence[float] | None = None,
     unit: str = "nm",
     overwrite: bool = False,
+    dry_run: bool = False,
 ) -> Iterator[Estimate | tuple[int, int]]:
     """Import ``src`` into ``dest`` (``OUT.n5:DATASET``) as a generator.
 
     Yields the :class:`Estimate` first (before anything is written), then ``(slabs_done,
     slabs_total)`` after each slab. On any error the partly written dataset is removed, so a
-    failed import never leaves an output that looks complete.
+    failed import never leaves an output that looks complete. ``dry_run``: only the estimate is
+    wanted; an existing output is said in it, not refused.
     """
     out_root, out_key = parse_spec(dest)
     out_key = out_key or "raw"
@@ -490,7 +492,9 @@ def iter_import(
             raise VolumeError(
                 f"The output {out_root} is the input (or inside it); choose another output path."
             )
-        check_output_free(out_root, out_key, overwrite)
+        # a dry run over an existing output still gives its estimate (and says so)
+        taken = dry_run and not overwrite and os.path.exists(os.path.join(out_root, out_key))
+        check_output_free(out_root, out_key, overwrite or taken)
         chunks = tuple(int(c) for c in chunks)
         if len(chunks) != 3 or min(chunks) < 1:
             raise VolumeError(f"Chunks must be three positive sizes z,y,x, not {chunks}.")
@@ -517,7 +521,18 @@ def iter_import(
         est = replace(
             est, voxel_size=voxel_size and tuple(voxel_size), unit=unit, voxel_from=voxel_from
         )
+        if taken:
+            est = replace(
+                est,
+                warnings=(
+                    *est.warnings,
+                    f"The output {out_root}:{out_key} already exists: importing needs "
+                    "--overwrite to replace it.",
+                ),
+            )
         yield est
+        if taken:
+            check_output_free(out_root, out_key, overwrite)  # refused now, in one sentence
         # replacing a dataset: written beside it and swapped in when whole, so that a failed
         # import keeps the one it was to replace
         replacing = overwrite and os.path.exists(os.path.join(out_root, out_key))
