@@ -731,6 +731,7 @@ def cmd_export_model(args: argparse.Namespace) -> int:
 
 
 def cmd_sites(args: argparse.Namespace) -> int:
+    from napari_emparsl.core.paths import user_path
     from napari_emparsl.execution.sites import list_sites, load_site
 
     if args.action == "list":
@@ -747,6 +748,13 @@ def cmd_sites(args: argparse.Namespace) -> int:
                 " (auto)" if profile.workers == "auto" else ""
             )
             print(f"{name:<12} {profile.kind:<8} {workers}  ({path})")
+        folder = os.environ.get("EMPARSL_SITES")
+        if folder and not os.path.isdir(user_path(folder)):  # a typo would hide your profiles
+            print(
+                f"emparsl: note: EMPARSL_SITES is {folder}, which is no folder: no profiles of "
+                "yours are listed from it.",
+                file=sys.stderr,
+            )
         return 2 if invalid else 0
     if not args.name:
         raise VolumeError(f"Name the site, e.g. `emparsl sites {args.action} local`.")

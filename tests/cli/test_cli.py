@@ -407,6 +407,14 @@ def test_sites_list_shows_a_broken_profile_among_the_others(capsys, tmp_path, mo
         f"broken       invalid: The site profile {tmp_path}/broken.yaml"
     )
     assert lines["latin"].endswith("latin.yaml is not UTF-8 text; save it as UTF-8.")
+    # a folder that is not there (a typo): said, not silently nothing of yours
+    monkeypatch.setenv("EMPARSL_SITES", str(tmp_path / "nope"))
+    code, out, err = run(capsys, "sites", "list")
+    assert code == 0 and {line.split()[0] for line in out.splitlines()} == {"local", "threads"}
+    assert err == (
+        f"emparsl: note: EMPARSL_SITES is {tmp_path}/nope, which is no folder: no profiles of "
+        "yours are listed from it.\n"
+    )
     assert lines["good"].startswith("good         local    1 worker  (")
 
 
