@@ -45,3 +45,27 @@ def test_torchscript_errors_read_as_the_model_raised_them():
     assert errors[1].startswith("RuntimeError: Sizes of tensors must match except in dimension")
     assert "RuntimeError: RuntimeError" not in errors[1]
     assert _failure(3, "w", KeyError("x")).error == "KeyError: 'x'"
+
+
+def test_many_unnamed_classes_are_not_cut_to_uint8():
+    """A labels model of 300 output channels without class names: uint16 class ids (before:
+    uint8, ids over 255 wrapped)."""
+    from napari_emparsl.core.models.spec import ModelSpec
+
+    spec = ModelSpec(kind="labels", out_channels=300)
+    assert spec.n_outputs == 300 and spec.label_dtype == "uint16"
+    assert ModelSpec(kind="labels", classes=("a", "b")).label_dtype == "uint8"
+
+
+def test_a_2d_model_pads_each_axis_by_its_own_length():
+    """Padding to a 2D model's size multiple: mirrored along y and x wherever they are long
+    enough, whatever the z of the batch (before: one slice in a block made it repeat the edge,
+    so tiles differed from a whole-volume forward near the far edge)."""
+    from napari_emparsl.core.blockwise import _pad_end
+
+    x = np.arange(2 * 1 * 5 * 6, dtype=np.float32).reshape(2, 1, 5, 6)
+    padded = _pad_end(x, [0, 0, 3, 2])
+    assert padded.shape == (2, 1, 8, 8)
+    np.testing.assert_array_equal(padded, np.pad(x, [(0, 0), (0, 0), (0, 3), (0, 2)], "reflect"))
+    short = _pad_end(np.ones((1, 1, 2, 6), np.float32), [0, 0, 3, 0])  # y shorter than its pad
+    assert short.shape == (1, 1, 5, 6)

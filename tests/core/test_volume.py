@@ -298,3 +298,41 @@ def test_openable_keys_from_one_walk_of_the_tree(tmp_path):
     for path in paths:
         assert openable_in_tree(container_tree(path)) == openable_keys(path), path
     assert openable_keys(root) == ["labels/classes", "labels/plain", "plain", "raw"]
+
+
+def test_statistics_come_from_the_finest_level_pyramid_or_not(tmp_path):
+    """A volume's normalization does not depend on whether it has a pyramid (before: from its
+    coarsest level, averages whose spread is smaller: zscore std 3.8 instead of 30); a big one
+    is sampled in whole chunks spread over it; channels are all sampled."""
+    from napari_emparsl.core.models.spec import ModelSpec
+    from napari_emparsl.core.volume import volume_stats
+    from napari_emparsl.execution.runner import _norm
+
+    data = np.random.default_rng(0).normal(128, 30, (64, 64, 64)).clip(0, 255).astype(np.uint8)
+    flat = save_array(tmp_path / "a.n5", "raw", data, chunks=(16, 16, 16))
+    pyramid = write_pyramid(tmp_path / "b.n5", "raw", data, levels=3, chunks=(16, 16, 16))
+    assert len(pyramid.levels) == 3
+    truth = (float(data.mean()), float(data.std()))
+    for vol in (flat, pyramid):
+        mean, std = volume_stats(vol)
+        assert mean == pytest.approx(truth[0], abs=0.5) and std == pytest.approx(truth[1], rel=0.02)
+        lo, span = _norm(vol, ModelSpec(normalize="percentile", percentiles=(1.0, 99.0)))
+        want = np.percentile(data, [1, 99])
+        assert lo == pytest.approx(want[0], abs=2) and span == pytest.approx(
+            want[1] - want[0], abs=3
+        )
+    # more than max_voxels: whole chunks, evenly spread, about max_voxels of them
+    part = pyramid.sample(max_voxels=20_000)
+    assert 20_000 <= part.size <= 24_576 and part.size % 4096 == 0
+    # channels: both sampled (before, the stride stepped over the channel axis too)
+    two = np.stack([np.zeros((32, 32, 32), np.uint8), np.full((32, 32, 32), 100, np.uint8)])
+    vol = save_array(tmp_path / "c.n5", "raw", two, chunks=(1, 16, 16, 16))
+    assert volume_stats(vol) == pytest.approx((50.0, 50.0))
+    assert set(np.unique(vol.sample(max_voxels=8192))) == {0, 100}
+    # nearly constant: percentiles equal; the spread falls back to the standard deviation
+    # (before: a divisor of 1e-6, voxels normalized to 2e8)
+    sparse = np.zeros((32, 32, 32), np.uint8)
+    sparse.flat[:30] = 200
+    vol = save_array(tmp_path / "d.n5", "raw", sparse)
+    lo, span = _norm(vol, ModelSpec(normalize="percentile"))
+    assert lo == 0 and span == pytest.approx(float(sparse.std()))

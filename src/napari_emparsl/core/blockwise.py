@@ -88,6 +88,18 @@ def run_model_on_array(module: Any, spec: Any, x: np.ndarray) -> np.ndarray:
     return run_model_on_batch(module, spec, [x])[0]
 
 
+def _pad_end(x: np.ndarray, extra: Sequence[int]) -> np.ndarray:
+    """Pad the end of each axis by ``extra``: mirrored where the axis is longer than that, else
+    its edge value repeated."""
+    for axis, e in enumerate(extra):
+        if e:
+            mode = "reflect" if x.shape[axis] > e else "edge"
+            width = [(0, 0)] * x.ndim
+            width[axis] = (0, e)
+            x = np.pad(x, width, mode=mode)
+    return x
+
+
 def _one_tensor(out: Any) -> Any:
     """The model's output, which must be one tensor (not a tuple, list or dict of them)."""
     import torch
@@ -133,9 +145,9 @@ def run_model_on_batch(module: Any, spec: Any, xs: list[np.ndarray]) -> list[np.
 
     spatial = xs[0].shape[1:]
     extra = [t - n for n, t in zip(spatial, spec.input_size(spatial), strict=True)]
-    if any(extra):
-        mode = "reflect" if min(spatial) > max(extra) else "edge"
-        xs = [np.pad(x, [(0, 0)] + [(0, e) for e in extra], mode=mode) for x in xs]
+    if any(extra):  # reflect where the axis is long enough, else repeat the edge (per axis:
+        # a 2D model's z of one slice, never padded, chose "edge" for all of them before)
+        xs = [_pad_end(x, [0, *extra]) for x in xs]
     param = next(iter(module.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     with torch.inference_mode():
@@ -472,7 +484,7 @@ def process_batch(jobs: list[BlockJob]) -> list[BlockResult]:
                 continue
             t0 = time.perf_counter()  # the block's statistics count as writing its result
             if spec.kind == "labels":
-                n = max(len(spec.classes), 2)
+                n = max(len(spec.classes), spec.n_outputs, 2)
                 hist = tuple(int(c) for c in np.bincount(out.ravel(), minlength=n))
                 lo, hi = _nonzero_range(hist)
             else:

@@ -375,33 +375,35 @@ class Volume:
         return len(self.shape)
 
     def sample(self, max_voxels: int = 2_000_000) -> np.ndarray:
-        """A strided sample of the coarsest level (for global statistics), at most ~max_voxels.
+        """Voxels of the finest level for global statistics (what a model sees), flat: all of a
+        volume of at most ~``max_voxels``, else whole chunks spread evenly over its chunk grid
+        until ~``max_voxels`` (a pyramid's coarser levels are averages: their spread is smaller,
+        and a volume's normalization must not depend on whether it has a pyramid).
 
         Read chunk by chunk with z5py (no dask: a coordinator that only plans and submits blocks
         never pays dask's import), in a few threads.
         """
         from concurrent.futures import ThreadPoolExecutor
 
-        key = self.levels[-1]
+        key = self.levels[0]
         ds = _dataset(self.root, key)
         shape, chunks = tuple(ds.shape), tuple(ds.chunks)
-        step = max(1, round((float(np.prod(shape)) / max_voxels) ** (1 / len(shape))))
-        out = np.empty(tuple(-(-n // step) for n in shape), dtype=ds.dtype)
         reader = _ChunkReader(self.root, key, shape, ds.dtype)
-        grid = [range(0, n, c) for n, c in zip(shape, chunks, strict=True)]
+        grid = list(product(*(range(0, n, c) for n, c in zip(shape, chunks, strict=True))))
+        wanted = -(-max_voxels // int(np.prod(chunks)))
+        if len(grid) > wanted:  # evenly spaced over the grid (deterministic)
+            picks = np.unique(np.linspace(0, len(grid) - 1, wanted).round().astype(int))
+            grid = [grid[i] for i in picks]
 
-        def read(begin: tuple[int, ...]) -> None:  # one chunk: memory stays bounded
+        def read(begin: tuple[int, ...]) -> np.ndarray:  # one chunk: memory stays bounded
             region = tuple(
                 slice(b, min(b + c, n)) for b, c, n in zip(begin, chunks, shape, strict=True)
             )
-            block = reader[region]
-            sub = block[tuple(slice((-b) % step, None, step) for b in begin)]
-            dest = tuple(-(-b // step) for b in begin)
-            out[tuple(slice(d, d + m) for d, m in zip(dest, sub.shape, strict=True))] = sub
+            return np.asarray(reader[region]).ravel()
 
         with ThreadPoolExecutor(4) as pool:
-            list(pool.map(read, product(*grid)))
-        return out
+            parts = list(pool.map(read, grid))
+        return np.concatenate(parts) if parts else np.empty(0, ds.dtype)
 
     def read(self, region: Sequence[slice] | None = None) -> np.ndarray:
         """Read a region of the finest level into memory (VolumeError names a corrupt chunk)."""
@@ -1027,8 +1029,8 @@ def save_array(
 
 
 def volume_stats(volume: Volume, max_voxels: int = 2_000_000) -> tuple[float, float]:
-    """Global mean and std of a volume, from its coarsest pyramid level or a strided sample;
-    NaN and infinite voxels (masked or padded regions of float data) are left out."""
+    """Global mean and std of a volume, from its finest level (:meth:`Volume.sample`); NaN and
+    infinite voxels (masked or padded regions of float data) are left out."""
     sample = finite_values(volume.sample(max_voxels))
     if sample.size == 0:
         return 0.0, 1.0

@@ -145,7 +145,10 @@ def _norm(volume: Volume, spec: ModelSpec) -> tuple[float, float]:
     if sample.size == 0:
         return 0.0, 1.0
     lo, hi = np.percentile(sample, list(spec.percentiles))
-    return float(lo), float(max(hi - lo, 1e-6))
+    span = float(hi - lo)
+    if span <= 1e-6 * max(1.0, abs(float(lo))):  # nearly constant: 1e-6 made rare voxels 1e8
+        span = float(sample.std()) or 1.0
+    return float(lo), span
 
 
 #: batch small blocks until a task reads about this many voxels

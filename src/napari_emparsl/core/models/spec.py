@@ -298,7 +298,7 @@ class ModelSpec:
 
     @property
     def label_dtype(self) -> str:
-        n = max(len(self.classes), 2)
+        n = max(len(self.classes), self.n_outputs, 2)  # unnamed classes count too
         return "uint8" if n <= 255 else "uint16" if n <= 65535 else "uint32"
 
     def to_dict(self) -> dict[str, Any]:
