@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from napari_emparsl._napari.live import LiveN5Array
-from napari_emparsl.core.volume import Volume
+from napari_emparsl.core.volume import Volume, save_array
 
 
 def test_reads_follow_writes_and_the_kept_plane_is_fresh(tmp_path):
@@ -96,3 +96,10 @@ def test_kept_whole_for_a_3d_view(tmp_path):
     assert float(live[0, 0, 0, 0]) == 1
     live.keep_whole(False)  # the run ended, or a 2D view: every read goes to disk
     assert float(live[0, 2, 12, 4]) == 3 and live.whole_hits == 4
+
+
+def test_a_reversed_slice_is_empty_as_in_numpy(tmp_path):
+    """``live[4:2]``: shape (0, …) as numpy gives (before: a negative shape)."""
+    save_array(tmp_path / "o.n5", "x", np.zeros((6, 7, 8), np.uint8))
+    live = LiveN5Array(str(tmp_path / "o.n5"), "x")
+    assert live[4:2].shape == (0, 7, 8) == np.zeros((6, 7, 8))[4:2].shape

@@ -195,3 +195,17 @@ def test_labels_with_class_names_name_the_class_under_the_cursor(make_napari_vie
     assert f"class: {classes.features['class'][value]}" in str(status)
     [cells] = viewer.open(str(tmp_path / "s.n5" / "labels" / "cells"), plugin=PLUGIN)
     assert cells.features.shape[1] == 0  # instance ids: no classes to name
+
+
+def test_an_integer_volume_with_channels_opens_as_images(make_napari_viewer, tmp_path):
+    """A 4D (c, z, y, x) uint32 volume marked as labels: napari's labels have no channel axis,
+    so it opens as one image layer per channel (before: napari refused the layer, 'units must
+    have length ndim=4')."""
+    data = np.arange(2 * 4 * 6 * 8, dtype=np.uint32).reshape(2, 4, 6, 8)
+    save_array(tmp_path / "d.n5", "seg", data, chunks=(1, 4, 4, 4), voxel_size=(8, 4, 4),
+               labels=True)  # fmt: skip
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(tmp_path / "d.n5"), plugin=PLUGIN)
+    assert [lyr._type_string for lyr in layers] == ["image", "image"]
+    np.testing.assert_array_equal(np.asarray(layers[1].data), data[1])
+    assert tuple(layers[0].scale) == (8.0, 4.0, 4.0)

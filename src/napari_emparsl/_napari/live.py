@@ -227,7 +227,7 @@ class _Region:
 
     def __init__(self, parent: LiveN5Array, bounds: tuple[tuple[int, int], ...]) -> None:
         self._parent, self._bounds = parent, bounds
-        self.shape = tuple(b - a for a, b in bounds)
+        self.shape = tuple(max(0, b - a) for a, b in bounds)  # a reversed slice is empty
         self.dtype = parent.dtype
         self.ndim = len(self.shape)
 

@@ -105,7 +105,9 @@ def layer_data(volume: Volume) -> LayerData:
         meta["axis_labels"] = tuple(volume.axes)
     if volume.attrs.get(UNFINISHED):  # an import or save still writing it, or stopped mid-way
         meta["metadata"]["emparsl"]["unfinished"] = volume.attrs[UNFINISHED]
-    if volume.is_labels:
+    # labels have no channel axis in napari: an integer volume with one (tagged or named as
+    # labels, or 32-bit) opens as images, one per channel (napari refused the labels layer)
+    if volume.is_labels and "c" not in volume.axes:
         if volume.class_names:  # napari's status bar names the class under the cursor
             meta["features"] = {"class": volume.class_names}
         return data, meta, "labels"
