@@ -660,7 +660,10 @@ def test_ctrl_c_stops_the_local_site_and_says_how_to_resume(tmp_path, unet_model
     cmd = [sys.executable, "-m", "napari_emparsl.cli", "run", "--input", f"{tmp_path}/in.n5:raw",
            "--model", unet_model, "--block", "32,32,32", "--site", "local",
            "--output", f"{tmp_path}/out.n5:pred"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # as from a terminal: a suite started in the background by a non-interactive shell has
+    # SIGINT ignored, which its children inherit (and then Ctrl-C does nothing, as it should)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.time() + 120
     while not _ledger_done(tmp_path / "out.n5") and time.time() < deadline:
         time.sleep(0.05)
