@@ -763,6 +763,14 @@ class Run:
                 fut.add_done_callback(lambda f, b=batch: results.put((b, f)))
                 in_flight += 1
 
+            def finished(blk: Block, result: BlockResult) -> RunEvent:
+                """A block written: recorded done (a resume skips it), and its event."""
+                nonlocal done
+                self._ledger.record(result, attempts[blk.id], str(blk.write_roi))
+                done += 1
+                self._done_ids.add(blk.id)
+                return self._emit(BlockDone(result, done, total, plan.out_voxels[blk.id]))
+
             while pending or in_flight:
                 while pending and in_flight < window and not self._cancel.is_set():
                     submit(pending.pop())
@@ -779,11 +787,7 @@ class Run:
                             continue
                         for blk, result in zip(batch, self._results_of(batch, fut), strict=True):
                             if result.ok:
-                                self._ledger.record(result, attempts[blk.id], str(blk.write_roi))
-                                done += 1
-                                self._done_ids.add(blk.id)
-                                out_voxels = plan.out_voxels[blk.id]
-                                yield self._emit(BlockDone(result, done, total, out_voxels))
+                                yield finished(blk, result)
                     yield self._emit(Cancelled(done, total))
                     return
                 try:
@@ -796,12 +800,10 @@ class Run:
                     continue
                 in_flight -= 1
                 for blk, result in zip(batch, self._results_of(batch, fut), strict=True):
-                    self._ledger.record(result, attempts[blk.id], str(blk.write_roi))
                     if result.ok:
-                        done += 1
-                        self._done_ids.add(blk.id)
-                        yield self._emit(BlockDone(result, done, total, plan.out_voxels[blk.id]))
+                        yield finished(blk, result)
                         continue
+                    self._ledger.record(result, attempts[blk.id], str(blk.write_roi))
                     final = attempts[blk.id] > self.retries
                     yield self._emit(BlockFailed(blk.id, result.error, attempts[blk.id], final))
                     if final:
