@@ -23,7 +23,7 @@ def test_form_from_schema_validates_and_saves(make_napari_viewer, tmp_path, monk
     workers.value = "0"
     assert widget.save() is None
     assert widget.message.value == (
-        "'workers': workers is a whole number of at least 1, or auto, not '0'"
+        "field 'workers': workers is a whole number of at least 1, or auto, not '0'"
     )
     widget.fields["name"].value = "mysite"
     workers.value = "3"
@@ -50,9 +50,20 @@ def test_form_from_schema_validates_and_saves(make_napari_viewer, tmp_path, monk
     widget.fields["threads_per_worker"].value = "0"  # what does not validate says so, once
     assert widget.save() is None
     assert widget.message.value == (
-        "'threads_per_worker': threads_per_worker is a whole number of at least 1, or auto, not '0'"
+        "field 'threads_per_worker': threads_per_worker is a whole number of at least 1, or "
+        "auto, not '0'"
     )
     widget.fields["threads_per_worker"].value = "auto"
+    # a local profile made a threads one: its nice has no process to apply to (was ignored)
+    widget.site.value = "local"
+    widget.fields["kind"].value = "threads"
+    assert widget.save() is None
+    assert widget.message.value.startswith("nice sets the priority of worker processes")
+    widget.fields["nice"].value = 0
+    widget.fields["name"].value = "mythreads"
+    assert widget.save() and load_site("mythreads").kind == "threads"
+    (tmp_path / "sites" / "mythreads.yaml").unlink()
+    widget.site.value = "mysite"
     # a name that is no file name: it was written where it pointed (../x.yaml beside the
     # sites folder) or failed with a traceback
     # (a space: Parsl puts the name into its workers' command line unquoted, and none starts)
@@ -60,8 +71,8 @@ def test_form_from_schema_validates_and_saves(make_napari_viewer, tmp_path, monk
         widget.fields["name"].value = name
         assert widget.save() is None
         assert widget.message.value == (
-            "'name': a site's name is the name of its file: letters, digits, '.', '_' and '-' "
-            f"only (no spaces), not starting with a dot, not {name!r}"
+            "field 'name': a site's name is the name of its file: letters, digits, '.', '_' and "
+            f"'-' only (no spaces), not starting with a dot, not {name!r}"
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sites"]
     assert sorted(p.name for p in (tmp_path / "sites").iterdir()) == ["mysite.yaml"]

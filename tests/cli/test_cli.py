@@ -488,6 +488,19 @@ def test_workers_auto_uses_the_cores_this_process_may_use(capsys, tmp_path, monk
         f"emparsl: error: The site profile {tmp_path}/zero.yaml is invalid: field 'workers': "
         "workers is a whole number of at least 1, or auto, not 0.\n"
     )
+    # a threads site has no worker processes: settings for them are refused, not ignored
+    (tmp_path / "t1.yaml").write_text('kind: threads\nworker_init: "module load x"\n')
+    (tmp_path / "t2.yaml").write_text("kind: threads\nnice: 10\n")
+    code, _, err = run(capsys, "sites", "show", "t1")
+    assert code == 2 and err == (
+        f"emparsl: error: The site profile {tmp_path}/t1.yaml is invalid: worker_init runs "
+        "before worker processes start, and a threads site has none (its blocks run in this "
+        "process): leave it empty, or use kind local.\n"
+    )
+    code, _, err = run(capsys, "sites", "show", "t2")
+    assert code == 2 and "invalid: nice sets the priority of worker processes" in err
+    (tmp_path / "t3.yaml").write_text('kind: threads\nnice: 0\nworker_init: " "\n')
+    assert load_site("t3").kind == "threads"  # the defaults (as the site panel saves them)
 
 
 def test_a_path_from_the_home_folder_is_not_a_folder_named_tilde(tmp_path, monkeypatch, capsys):

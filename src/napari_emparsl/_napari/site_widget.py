@@ -25,7 +25,13 @@ from napari_emparsl._napari.widgets import (
     wrapping,
 )
 from napari_emparsl.core.errors import UserError
-from napari_emparsl.execution.sites import SiteProfile, list_sites, load_site, user_site_dir
+from napari_emparsl.execution.sites import (
+    SiteProfile,
+    list_sites,
+    load_site,
+    profile_problem,
+    user_site_dir,
+)
 
 if TYPE_CHECKING:
     import napari.viewer
@@ -130,9 +136,7 @@ class SiteWidget(Container):
         try:
             return SiteProfile.model_validate(self.values())
         except ValidationError as err:
-            first = err.errors()[0]
-            field = ".".join(str(p) for p in first["loc"])
-            self.message.value = f"'{field}': {first['msg'].removeprefix('Value error, ')}"
+            self.message.value = profile_problem(err)
             return None
 
     def test(self, *_: Any) -> None:

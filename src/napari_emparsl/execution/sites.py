@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.paths import user_path
@@ -31,6 +39,7 @@ __all__ = [
     "load_site",
     "make_config",
     "new_run_dir",
+    "profile_problem",
     "python_app",
     "start_kernel",
 ]
@@ -124,6 +133,24 @@ class SiteProfile(BaseModel):
                 f"(no spaces), not starting with a dot, not {name!r}"
             )
         return name
+
+    @model_validator(mode="after")
+    def _process_settings(self) -> SiteProfile:
+        # a threads site computes its blocks in this process: there is no worker process to
+        # run shell commands before, or to lower the priority of (lowering this process's would
+        # slow the viewer) — accepted and ignored, they would look as if they took effect
+        if self.kind == "threads":
+            if self.worker_init.strip():
+                raise ValueError(
+                    "worker_init runs before worker processes start, and a threads site has "
+                    "none (its blocks run in this process): leave it empty, or use kind local"
+                )
+            if self.nice:
+                raise ValueError(
+                    "nice sets the priority of worker processes, and a threads site has none "
+                    "(its blocks run in this process): set it to 0, or use kind local"
+                )
+        return self
 
     @property
     def worker_count(self) -> int:
@@ -255,12 +282,15 @@ def load_site(site: str) -> SiteProfile:
     try:
         return SiteProfile.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "(profile)"
-        raise SiteError(
-            f"The site profile {path} is invalid: field '{field}': "
-            f"{first['msg'].removeprefix('Value error, ')}."
-        ) from None
+        raise SiteError(f"The site profile {path} is invalid: {profile_problem(err)}.") from None
+
+
+def profile_problem(err: ValidationError) -> str:
+    """The first problem of a profile, naming its field where it is one field's."""
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"])
+    problem = first["msg"].removeprefix("Value error, ")
+    return f"field '{field}': {problem}" if field else problem
 
 
 def _python_bin_on_path() -> None:
