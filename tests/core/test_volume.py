@@ -336,3 +336,33 @@ def test_statistics_come_from_the_finest_level_pyramid_or_not(tmp_path):
     vol = save_array(tmp_path / "d.n5", "raw", sparse)
     lo, span = _norm(vol, ModelSpec(normalize="percentile"))
     assert lo == 0 and span == pytest.approx(float(sparse.std()))
+
+
+def test_n5_viewer_layout_scales_and_resolution_on_the_root(tmp_path):
+    """n5-viewer keeps `scales` and `pixelResolution` on the container's root, with channel
+    pyramids c0/s0, s1 below and no downsamplingFactors on the levels (before: voxel size 1
+    pixel on every level: only the level and its direct parent were read, `scales` never)."""
+    import z5py
+
+    path = tmp_path / "nv.n5"
+    f = z5py.File(str(path), "w")
+    f.attrs.update(
+        {"scales": [[1, 1, 1], [2, 2, 1]],
+         "pixelResolution": {"unit": "um", "dimensions": [0.097, 0.097, 0.18]}}
+    )  # fmt: skip
+    for c in ("c0", "c1"):
+        f.create_group(c)
+        for i, shape in enumerate([(16, 64, 64), (16, 32, 32)]):
+            f.create_dataset(f"{c}/s{i}", shape=shape, chunks=(8, 16, 16), dtype="uint16")
+    vol = Volume.open(path, "c0")
+    assert vol.is_multiscale and vol.unit == "um"
+    assert vol.voxel_size == pytest.approx((0.18, 0.097, 0.097))
+    assert vol.level_voxel_sizes[1] == pytest.approx((0.18, 0.194, 0.194))
+    assert vol.level_factors() == [(1, 1, 1), (1, 2, 2)]
+    level = Volume.open(path, "c1/s1")  # one level alone, as a plain dataset
+    assert level.voxel_size == pytest.approx((0.18, 0.194, 0.194)) and level.unit == "um"
+    tree = {n["key"]: n for n in container_tree(path)}
+    assert tree["c1/s1"]["voxel_size"] == pytest.approx([0.18, 0.194, 0.194])
+    assert tree["c1/s0"]["unit"] == "um"
+    only_level = {n["key"]: n for n in container_tree(path / "c0" / "s1")}
+    assert only_level["c0/s1"]["voxel_size"] == pytest.approx([0.18, 0.194, 0.194])

@@ -12,9 +12,14 @@ Conventions understood
 - ``pixelResolution``: ``{"dimensions": [x, y, z], "unit": "nm"}`` (or a plain list), N5 order.
 - ``downsamplingFactors``: per pyramid level, N5 order; a level's voxel size is the base voxel size
   times its factors.
-- ``scales``: on a pyramid group, one factor list per level, N5 order.
+- ``scales``: on a pyramid group or any group above it (n5-viewer writes it on the container's
+  root), one factor list per level, N5 order; used for a level without ``downsamplingFactors``.
 - ``unit``: a string for all axes (default: ``pixel`` when no voxel size is given at all).
 - ``offset``: world offset of voxel 0, same order rules as ``resolution``.
+
+A dataset without its own voxel size takes the one of the nearest group above it that has one,
+up to the container's root (n5-viewer keeps ``pixelResolution`` and ``scales`` on the root, with
+channel pyramids ``c0/s0, s1, …`` below).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,30 +150,48 @@ def _spatial_c_order(
 
 
 def voxel_size_of(
-    attrs: dict[str, Any], ndim: int, parent_attrs: dict[str, Any] | None = None
+    attrs: dict[str, Any],
+    ndim: int,
+    parent_attrs: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
+    level: int | None = None,
 ) -> tuple[tuple[float, ...], str, tuple[float, ...]]:
     """Voxel size (C order, spatial axes), unit, and world offset of a dataset.
 
-    A pyramid level without its own size takes the group's size times its ``downsamplingFactors``.
+    ``parent_attrs`` are the attributes of the groups above the dataset, nearest first, up to the
+    container's root (one dict: the parent alone). A dataset without its own voxel size takes
+    the nearest one above it. ``level`` is the dataset's index in its pyramid (None: not a
+    pyramid level): a level's voxel size is the base voxel size times its
+    ``downsamplingFactors``, or, without those, times ``scales[level]`` of the nearest group
+    above it that has ``scales``.
     """
-    parent_attrs = parent_attrs or {}
+    if parent_attrs is None:
+        ancestors: list[dict[str, Any]] = []
+    elif isinstance(parent_attrs, dict):
+        ancestors = [parent_attrs]
+    else:
+        ancestors = list(parent_attrs)
+    chain = [attrs, *ancestors]
     axes, n5_order = axes_c_order(attrs, ndim)
     n_spatial = len([a for a in axes if a not in ("c", "t")])
     factors = _spatial_c_order(attrs.get("downsamplingFactors"), axes, True)
+    if factors is None and level is not None:
+        scales = next((a["scales"] for a in ancestors if isinstance(a.get("scales"), list)), None)
+        if scales is not None and 0 <= level < len(scales):
+            factors = _spatial_c_order(scales[level], axes, True)
 
     base, unit = None, None
-    for source in (attrs, parent_attrs):
+    for source in chain:
         if "pixelResolution" in source:  # always N5 order
             base = _spatial_c_order(source["pixelResolution"], axes, True)
-            if isinstance(source["pixelResolution"], dict):
-                unit = source["pixelResolution"].get("unit")
         elif "resolution" in source:
             src_order = axes_c_order(source, ndim)[1]
             base = _spatial_c_order(source["resolution"], axes, src_order)
         if base is not None and not _positive(base):
-            base, unit = None, None  # a zero size napari refuses, a negative one mirrors
+            base = None  # a zero size napari refuses, a negative one mirrors
         if base is not None:
-            unit = unit or source.get("unit")
+            # the unit said with the size, else the nearest one said from there up
+            at = chain.index(source)
+            unit = next((u for a in chain[at:] if (u := _unit_of(a))), None)
             break
     if base is None:  # no voxel size recorded: a unit alone says nothing of the voxels
         base, unit = (1.0,) * n_spatial, "pixel"
@@ -177,6 +201,33 @@ def voxel_size_of(
     if len(offset) != len(base) or not all(math.isfinite(o) for o in offset):
         offset = (0.0,) * len(base)
     return base, str(unit or "nm"), offset
+
+
+def _unit_of(attrs: dict[str, Any]) -> str | None:
+    """The unit a group or dataset states: ``pixelResolution.unit``, else ``unit``."""
+    res = attrs.get("pixelResolution")
+    if isinstance(res, dict) and isinstance(res.get("unit"), str) and res["unit"]:
+        return res["unit"]
+    unit = attrs.get("unit")
+    return unit if isinstance(unit, str) and unit else None
+
+
+def ancestor_attrs(root: str, key: str) -> list[dict[str, Any]]:
+    """Attributes of the groups above ``key`` in the container at ``root``, nearest first, the
+    root's last (``[]`` for the root itself)."""
+    parts = [p for p in key.split("/") if p]
+    return [read_attrs(os.path.join(root, *parts[:i])) for i in range(len(parts) - 1, -1, -1)]
+
+
+def level_index(root: str, key: str) -> int | None:
+    """The index of dataset ``key`` in its pyramid (``s2`` of a group of ``s0, s1, s2``), or
+    None when it is not a level of a pyramid."""
+    parent, _, name = key.rpartition("/")
+    m = _LEVEL_RE.match(name)
+    if not m or not key:
+        return None
+    directory = os.path.join(root, parent) if parent else root
+    return int(m.group(1)) if name in pyramid_levels(directory, {}) else None
 
 
 def _positive(values: tuple[float, ...]) -> bool:

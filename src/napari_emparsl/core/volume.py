@@ -26,6 +26,7 @@ from napari_emparsl.core.n5attrs import (
     ATTRS,
     Node,
     VolumeError,
+    ancestor_attrs,
     axes_c_order,
     check_compression,
     compression_of,
@@ -33,6 +34,7 @@ from napari_emparsl.core.n5attrs import (
     is_container,
     is_dataset_attrs,
     is_zarr,
+    level_index,
     looks_like_labels,
     pyramid_levels,
     read_attrs,
@@ -277,12 +279,13 @@ class Volume:
     def _from_node(cls, root: str, node: Node) -> Volume:
         if node.kind == "multiscale":
             level_keys = tuple(f"{node.key}/{lv}" if node.key else lv for lv in node.levels)
-            parent_attrs = node.attrs
+            ancestors = [node.attrs, *ancestor_attrs(root, node.key)] if node.key else [node.attrs]
+            indices: list[int | None] = list(range(len(level_keys)))
         else:
             level_keys = (node.key,)
-            parent_attrs = (
-                read_attrs(os.path.join(root, os.path.dirname(node.key))) if node.key else {}
-            )
+            ancestors = ancestor_attrs(root, node.key)
+            indices = [level_index(root, node.key)]
+        parent_attrs = ancestors[0] if ancestors else {}
         level_attrs = [read_attrs(os.path.join(root, k)) for k in level_keys]
         for k, a in zip(level_keys, level_attrs, strict=True):
             check_compression(a, f"{root}:{k}")
@@ -296,8 +299,8 @@ class Volume:
         attrs0 = level_attrs[0]
         axes, _ = axes_c_order(attrs0 if "axes" in attrs0 else parent_attrs, ndim)
         sizes = []
-        for a in level_attrs:
-            vs, unit, offset0 = voxel_size_of(a, ndim, parent_attrs)
+        for a, index in zip(level_attrs, indices, strict=True):
+            vs, unit, offset0 = voxel_size_of(a, ndim, ancestors, index)
             sizes.append(vs)
             if len(sizes) == 1:
                 unit0, offset = unit, offset0
@@ -551,8 +554,12 @@ class Volume:
     def level_factors(self) -> list[tuple[int, ...]]:
         """Cumulative downsampling factor of each level (C order, level 0 = ones)."""
         out = [(1,) * self.ndim]
-        for key in self.levels[1:]:
+        ancestors = ancestor_attrs(self.root, self.levels[0])
+        scales = next((a["scales"] for a in ancestors if isinstance(a.get("scales"), list)), [])
+        for i, key in enumerate(self.levels[1:], 1):
             fac = read_attrs(os.path.join(self.root, key)).get("downsamplingFactors")
+            if fac is None and i < len(scales):  # n5-viewer: the factors on a group above
+                fac = scales[i]
             if not isinstance(fac, list) or len(fac) != self.ndim:
                 raise VolumeError(
                     f"The pyramid level {self.root}:{key} has no usable downsamplingFactors; "
@@ -787,7 +794,8 @@ def container_tree(path: str | os.PathLike) -> list[dict[str, Any]]:
     base = os.path.join(root, sub) if sub else root
     out = []
     nodes = walk_tree(base)
-    attrs_of = {node.key: node.attrs for node in nodes}
+    by_key = {node.key: node for node in nodes}
+    above = ancestor_attrs(root, sub) if sub else []  # the groups above the listed folder
     for node in nodes:
         key = "/".join(p for p in (sub, node.key) if p)
         entry: dict[str, Any] = {"key": key, "kind": node.kind}
@@ -801,9 +809,16 @@ def container_tree(path: str | os.PathLike) -> list[dict[str, Any]]:
             }
             if UNFINISHED in node.attrs:
                 entry["unfinished"] = node.attrs[UNFINISHED]
-            try:  # a pyramid level may take its size from its group's attributes
-                parent = attrs_of.get(node.key.rpartition("/")[0]) if "/" in node.key else None
-                voxel, unit, _ = voxel_size_of(node.attrs, len(dims), parent)
+            try:  # a pyramid level may take its size from its group's attributes, or above
+                parts = node.key.split("/") if node.key else []
+                inside = [by_key["/".join(parts[:i])].attrs for i in range(len(parts) - 1, -1, -1)]
+                parent_key, _, name = node.key.rpartition("/")
+                parent = by_key.get(parent_key) if node.key else None
+                if parent is not None:
+                    level = parent.levels.index(name) if name in parent.levels else None
+                else:  # the listed folder itself: a level of a pyramid above it?
+                    level = level_index(root, key)
+                voxel, unit, _ = voxel_size_of(node.attrs, len(dims), inside + above, level)
                 entry |= {"voxel_size": list(voxel), "unit": unit}
             except Exception:  # odd attributes: the listing goes on without a voxel size
                 pass
