@@ -366,3 +366,38 @@ def test_n5_viewer_layout_scales_and_resolution_on_the_root(tmp_path):
     assert tree["c1/s0"]["unit"] == "um"
     only_level = {n["key"]: n for n in container_tree(path / "c0" / "s1")}
     assert only_level["c0/s1"]["voxel_size"] == pytest.approx([0.18, 0.194, 0.194])
+
+
+@pytest.mark.parametrize(
+    "root_attrs",
+    [{}, {"pixelResolution": {"unit": "nm", "dimensions": [4, 4, 40]}}, {"n5": "4.0.0"}],
+    ids=["empty", "resolution-only", "n5-4"],
+)
+def test_root_attributes_without_an_n5_version_open(tmp_path, root_attrs):
+    """A root attributes.json without an "n5" key is read (before: a raw AttributeError from
+    inside z5py's version check); outputs can be written into such a container too."""
+    import z5py
+
+    path = tmp_path / "r.n5"
+    f = z5py.File(str(path), "w")
+    f.create_dataset("raw", shape=(4, 8, 8), chunks=(4, 4, 4), dtype="uint8")[:] = 3
+    (path / "attributes.json").write_text(json.dumps(root_attrs))
+    vol = Volume.open(path, "raw")
+    assert int(vol.data.sum().compute()) == 3 * 4 * 8 * 8
+    if "pixelResolution" in root_attrs:  # the root's voxel size, as n5-viewer keeps it
+        assert vol.voxel_size == (40.0, 4.0, 4.0)
+    assert save_array(path, "out", np.ones((2, 2, 2), np.uint8)).shape == (2, 2, 2)
+
+
+def test_root_of_a_newer_n5_major_version_is_refused_in_one_sentence(tmp_path):
+    import z5py
+
+    path = tmp_path / "new.n5"
+    z5py.File(str(path), "w").create_dataset("raw", shape=(4, 4), chunks=(4, 4), dtype="uint8")
+    (path / "attributes.json").write_text(json.dumps({"n5": "5.0.0"}))
+    with pytest.raises(VolumeError) as err:
+        Volume.open(path, "raw")
+    assert str(err.value) == (
+        f"The container {path} is N5 version 5.0.0, newer than this version reads (up to 4.x); "
+        "save it again in an older N5 format (e.g. Fiji > N5 export)."
+    )

@@ -77,15 +77,27 @@ _WRITABLE_DTYPES = {
 
 class _TolerantFile(z5py.File):
     """z5py.File that opens N5 containers without a root ``attributes.json`` (as tensorstore
-    writes them); z5py itself refuses those."""
+    writes them) or whose root ``attributes.json`` has no ``"n5"`` version (``{}``, or only
+    ``pixelResolution``); z5py itself refuses the first and fails inside on the second."""
 
     def _check_version(self) -> None:
-        if not self._handle.is_zarr() and not os.path.exists(
-            os.path.join(self._handle.path(), ATTRS)
-        ):
-            self._zarr_format = 2
+        if self._handle.is_zarr():
+            super()._check_version()
             return
-        super()._check_version()
+        self._zarr_format = 2
+        root = self._handle.path()
+        version = read_attrs(root).get("n5")  # the root's JSON, read here (VolumeError if bad)
+        if version is None:
+            return  # no version said: nothing to check
+        try:
+            major = int(str(version).strip().split(".")[0])
+        except ValueError:
+            return  # a version that is not a number: read it as an N5 one can
+        if major > 4:
+            raise VolumeError(
+                f"The container {root} is N5 version {version}, newer than this version reads "
+                "(up to 4.x); save it again in an older N5 format (e.g. Fiji > N5 export)."
+            )
 
 
 def _open_file(root: str, mode: str = "r") -> z5py.File:
