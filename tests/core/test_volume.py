@@ -401,3 +401,28 @@ def test_root_of_a_newer_n5_major_version_is_refused_in_one_sentence(tmp_path):
         f"The container {path} is N5 version 5.0.0, newer than this version reads (up to 4.x); "
         "save it again in an older N5 format (e.g. Fiji > N5 export)."
     )
+
+
+def test_parse_spec_splits_after_the_container_folder(tmp_path):
+    """A colon in a folder above the container stays in the path (before: `exp:1/out.n5` split
+    at the last colon, an output written to `exp` as dataset `1/out.n5`); one in the dataset
+    name after it stays in the key."""
+    import z5py
+
+    base = tmp_path / "exp:1"
+    assert parse_spec(f"{base}/out.n5") == (f"{base}/out.n5", "")
+    assert parse_spec(f"{base}/out.n5:pred") == (f"{base}/out.n5", "pred")
+    assert parse_spec(f"{base}/OUT.ZARR:a/b") == (f"{base}/OUT.ZARR", "a/b")
+    assert parse_spec("/a/b.n5/:raw") == ("/a/b.n5/", "raw")
+    assert parse_spec(f"{base}/c.n5/raw") == (f"{base}/c.n5/raw", "")  # a dataset folder
+    z5py.File(str(base / "c.n5"), "w").create_dataset(
+        "raw:v2", shape=(2, 4, 4), chunks=(2, 4, 4), dtype="uint8"
+    )
+    assert parse_spec(f"{base}/c.n5:raw:v2") == (f"{base}/c.n5", "raw:v2")
+    assert Volume.open(f"{base}/c.n5:raw:v2").shape == (2, 4, 4)
+    saved = save_array(*parse_spec(f"{base}/out.n5:pred"), np.ones((2, 2, 2), np.uint8))
+    assert saved.root == f"{base}/out.n5" and (base / "out.n5" / "pred").is_dir()
+    # a container named otherwise: the split whose path exists, else the last colon
+    (tmp_path / "run:1" / "cont").mkdir(parents=True)
+    assert parse_spec(f"{tmp_path}/run:1/cont:raw") == (f"{tmp_path}/run:1/cont", "raw")
+    assert parse_spec("/nowhere/x:y:z") == ("/nowhere/x:y", "z")

@@ -12,6 +12,7 @@ when the dask array is computed, and a missing chunk reads as the fill value (0)
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Sequence
@@ -135,13 +136,28 @@ def suggest_output(root: str, key: str) -> str:
 
 def parse_spec(spec: str) -> tuple[str, str]:
     """Split ``PATH.n5:DATASET`` into ``(PATH.n5, DATASET)``; the key is ``""`` when absent.
-    The path may be typed as a person would (``~/data.n5``, quoted): see :func:`user_path`."""
+    The path may be typed as a person would (``~/data.n5``, quoted): see :func:`user_path`.
+
+    The split is at the first ``:`` after a folder named ``*.n5`` / ``*.zarr``, so a colon in a
+    folder above it (``exp:1/out.n5``) stays in the path and one in the dataset name after it
+    (``c.n5:raw:v2``) stays in the key; a path with such a folder but no colon after it has no
+    key. Without such a folder (a container named otherwise), the split is at the last colon
+    whose path part exists, else at the last colon.
+    """
     spec = user_path(spec)
-    if ":" in spec:
-        left, right = spec.rsplit(":", 1)
-        if len(left) > 1 and not os.path.exists(spec):  # "C:" alone would be a drive letter
-            return left, check_key(right.strip("/"), spec)
-    return spec, ""
+    if ":" not in spec or os.path.exists(spec):
+        return spec, ""
+    colons = [i for i, ch in enumerate(spec) if ch == ":" and i > 1]  # "C:" is a drive letter
+    for i in colons:
+        name = re.split(r"[/\\]", spec[:i].rstrip("/\\"))[-1]
+        if name.lower().endswith((".n5", ".zarr")):
+            return spec[:i], check_key(spec[i + 1 :].strip("/"), spec)
+    if any(part.lower().endswith((".n5", ".zarr")) for part in re.split(r"[/\\]", spec) if part):
+        return spec, ""  # every colon is before the container's folder: part of the path
+    if not colons:
+        return spec, ""
+    i = next((i for i in reversed(colons) if os.path.exists(spec[:i])), colons[-1])
+    return spec[:i], check_key(spec[i + 1 :].strip("/"), spec)
 
 
 def check_key(key: str, where: str = "") -> str:
