@@ -53,6 +53,17 @@ class HtexProcesses:
         return self.all() == []
 
 
+@pytest.fixture(autouse=True)
+def _own_config_and_cache(tmp_path_factory, monkeypatch):
+    """Each test its own config and cache folders, not the user's: a profile saved in
+    ~/.config/napari-emparsl/sites (a `local` of one's own) replaces the built-in site of that
+    name that the tests run on, and tests would write the user's recent list and log."""
+    base = tmp_path_factory.mktemp("xdg")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(base / "config"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(base / "cache"))
+    monkeypatch.delenv("EMPARSL_SITES", raising=False)
+
+
 @pytest.fixture
 def htex() -> HtexProcesses:
     """Finds the processes of local HTEX sites (to check that none is left behind)."""

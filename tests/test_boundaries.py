@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -87,9 +88,16 @@ def test_manifest_validates_and_is_the_installed_one():
 
 @pytest.mark.slow
 def test_wheel_ships_the_manifest(tmp_path):
+    # built from a copy: a build in the checkout leaves build/ there, whose stale build/lib can
+    # carry deleted modules into later wheels
+    project = tmp_path / "project"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(REPO / "src", project / "src", symlinks=True, ignore=ignore)
+    for name in ("pyproject.toml", "napari.yaml", "README.md"):
+        shutil.copy(REPO / name, project / name)
     out = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(REPO)],
+         "-w", str(tmp_path), str(project)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr

@@ -492,7 +492,7 @@ def test_closing_viewer_during_run_asks_and_stops_workers(
     # teardown then does not close it a second time
     del viewer.window._qt_window
     assert widget._run is None
-    assert htex.gone(timeout=5)  # signalled on close; they exit within moments
+    assert htex.gone(timeout=30)  # signalled on close; they exit within moments
 
 
 def test_preview_of_what_is_on_screen_2d_and_3d(make_napari_viewer, qtbot, sample_path):
@@ -997,8 +997,8 @@ def test_runs_panel_follows_a_run_into_an_open_output(
     widget = _setup(viewer, sample_path)
     runs = RunsWidget(viewer)
     _preview_rectangle(qtbot, viewer, widget, 40)
-    qtbot.waitUntil(lambda: runs.runs.native.count() == 1)
-    qtbot.waitUntil(lambda: "stopped, 1/8 done" in runs.runs.native.item(0).text())
+    qtbot.waitUntil(lambda: runs.runs.native.count() == 1, timeout=30_000)
+    qtbot.waitUntil(lambda: "stopped, 1/8 done" in runs.runs.native.item(0).text(), timeout=30_000)
     seen = []
 
     def listed(_answer) -> None:  # what the list says after each refresh
@@ -1007,7 +1007,7 @@ def test_runs_panel_follows_a_run_into_an_open_output(
     runs._relay.answer.connect(listed)
     widget.run_btn.clicked.emit()
     _wait_idle(qtbot, widget)
-    qtbot.waitUntil(lambda: "complete, 8/8 done" in runs.runs.native.item(0).text())
+    qtbot.waitUntil(lambda: "complete, 8/8 done" in runs.runs.native.item(0).text(), timeout=30_000)
     runs._relay.answer.disconnect(listed)
     assert any("— running, " in text for text in seen), seen
 

@@ -43,9 +43,13 @@ def test_runs_found_and_provenance(
     for event in events:  # that run computes block 1: the list follows it by itself
         if isinstance(event, BlockDone):
             break
-    qtbot.waitUntil(lambda: "pred — running, 2/2 done" in widget.runs.native.item(0).text())
+    qtbot.waitUntil(
+        lambda: "pred — running, 2/2 done" in widget.runs.native.item(0).text(), timeout=30_000
+    )
     events.close()  # that run ends (as a closed generator): the list sees it, and stops looking
-    qtbot.waitUntil(lambda: "pred — complete, 2/2 done" in widget.runs.native.item(0).text())
+    qtbot.waitUntil(
+        lambda: "pred — complete, 2/2 done" in widget.runs.native.item(0).text(), timeout=30_000
+    )
     shown = widget.refreshed
     qtbot.wait(2 * runs_widget.FOLLOW_MS)
     assert widget.refreshed == shown

@@ -27,7 +27,9 @@ def test_open_sample(make_napari_viewer, tmp_path, monkeypatch):
     timer.stop()
     gaps = np.diff([t0, *ticks])
     print(f"first opening {took:.1f} s, {len(ticks)} ticks, longest gap {gaps.max() * 1e3:.0f} ms")
-    assert len(ticks) >= 10 and took > 0.5
+    # ticks during the call: Qt's events went on (a blocked loop gives none, the timer stops
+    # before any event is processed)
+    assert len(ticks) >= 2
     names = [layer.name for layer in layers]
     assert names == ["sample raw", "sample classes", "sample cells"]
     raw, classes, cells = layers
@@ -91,7 +93,7 @@ def test_viewer_closed_while_the_sample_is_written(make_napari_viewer, tmp_path,
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     viewer = make_napari_viewer()
-    QTimer.singleShot(300, viewer.close)
+    QTimer.singleShot(0, viewer.close)  # at the first event processed: while writing
     with pytest.raises(UserError, match="The viewer was closed while the sample was being"):
         viewer.open_sample("napari-emparsl", "synthetic_em")
     assert _whole(tmp_path / "cache" / "napari-emparsl" / "sample-seed0.n5")

@@ -387,7 +387,7 @@ def test_progress_in_a_log_file_is_a_few_lines(small_n5, tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert res.returncode == 0 and "Finished: 105/105 blocks done" in res.stdout
     states = [s for s in res.stderr.replace("\r", "\n").splitlines() if s.startswith("run:")]
-    assert 2 <= len(states) <= 8, states
+    assert 2 <= len(states) < 105 // 4, states  # not one per block or two
     assert "105/105" in states[-1]
 
 
