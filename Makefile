@@ -10,7 +10,8 @@ venv: $(VENV)/.installed
 
 # torch first, pinned to the CPU wheel; the package itself only asks for a range (torch>=2.2).
 $(VENV)/.installed: pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV) || \
+	  { echo "$(PYTHON) -m venv failed: on Debian install python3-venv (apt-get install python3-venv, or run scripts/system-deps.sh as root), then run make again." >&2; exit 1; }; }
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[testing]'
@@ -36,7 +37,7 @@ format: venv
 	$(BIN)/ruff format src tests benchmarks scripts
 	$(BIN)/ruff check --fix src tests benchmarks scripts
 
-test: venv system-deps lint
+test: system-deps venv lint
 	xvfb-run -a -s "-screen 0 1600x1000x24" $(BIN)/python -m pytest
 
 clean:
