@@ -426,3 +426,38 @@ def test_parse_spec_splits_after_the_container_folder(tmp_path):
     (tmp_path / "run:1" / "cont").mkdir(parents=True)
     assert parse_spec(f"{tmp_path}/run:1/cont:raw") == (f"{tmp_path}/run:1/cont", "raw")
     assert parse_spec("/nowhere/x:y:z") == ("/nowhere/x:y", "z")
+
+
+def test_zstd_reads_and_zlib_is_refused_in_one_sentence(tmp_path):
+    """z5py reads zstd in N5 (before: refused as 'cannot be read here'); a "zlib" compression
+    type, which z5py rejects for N5, is refused in one sentence (before: z5py's own message)."""
+    data = (np.arange(8 * 8 * 8) % 1000).astype(np.uint16).reshape(8, 8, 8)
+    vol = Volume.create(tmp_path / "z.n5", "raw", data.shape, data.dtype, (4, 4, 4),
+                        compression="zstd")  # fmt: skip
+    vol.write(data)
+    stored = json.loads((tmp_path / "z.n5" / "raw" / "attributes.json").read_text())
+    assert stored["compression"]["type"] == "zstd"
+    again = Volume.open(tmp_path / "z.n5", "raw")
+    assert again.compression == "zstd"
+    np.testing.assert_array_equal(again.data.compute(), data)
+
+    path = tmp_path / "zl.n5"
+    (path / "raw").mkdir(parents=True)
+    (path / "attributes.json").write_text('{"n5": "2.0.0"}')
+    (path / "raw" / "attributes.json").write_text(
+        json.dumps({"dimensions": [4, 4], "blockSize": [4, 4], "dataType": "uint8",
+                    "compression": {"type": "zlib"}})
+    )  # fmt: skip
+    with pytest.raises(VolumeError) as err:
+        Volume.open(path, "raw")
+    assert str(err.value) == (
+        f"Dataset {path}:raw uses 'zlib' compression, which cannot be read here; re-save it "
+        "with gzip compression (e.g. Fiji > N5 export) and open that."
+    )
+    # the list is z5py's own (the fixed one, used without z5py, is the same)
+    from z5py.dataset import Dataset
+
+    from napari_emparsl.core.n5attrs import SUPPORTED_COMPRESSIONS, supported_compressions
+
+    assert set(supported_compressions()) == set(Dataset.compressors_n5) >= {"zstd", "gzip"}
+    assert set(SUPPORTED_COMPRESSIONS) == set(Dataset.compressors_n5)

@@ -24,6 +24,7 @@ channel pyramids ``c0/s0, s1, …`` below).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -36,8 +37,10 @@ from napari_emparsl.core.errors import UserError
 
 ATTRS = "attributes.json"
 
-#: Compressions z5py can decode in N5 containers.
-SUPPORTED_COMPRESSIONS = ("raw", "gzip", "bzip2", "xz", "lz4", "blosc", "zlib")
+#: Compressions z5py decodes in N5 containers (z5py's ``Dataset.compressors_n5`` when built with
+#: all codecs); ``zlib`` is not one (N5-Java writes zlib streams as gzip with ``useZlib``, which
+#: reads). :func:`supported_compressions` asks the z5py that is installed.
+SUPPORTED_COMPRESSIONS = ("raw", "gzip", "bzip2", "xz", "lz4", "blosc", "zstd")
 
 _LEVEL_RE = re.compile(r"^s(\d+)$")
 _LABEL_NAME_RE = re.compile(
@@ -93,10 +96,21 @@ def compression_of(attrs: dict[str, Any]) -> str:
     return str(attrs.get("compressionType", "raw"))
 
 
+@functools.cache
+def supported_compressions() -> tuple[str, ...]:
+    """The N5 compressions the installed z5py decodes (imported only here: this module is JSON
+    logic, and the command line starts without z5py)."""
+    try:
+        from z5py.dataset import Dataset
+    except ImportError:
+        return SUPPORTED_COMPRESSIONS
+    return tuple(Dataset.compressors_n5)
+
+
 def check_compression(attrs: dict[str, Any], where: str) -> None:
     """Refuse compressions no Python N5 library decodes, before any chunk is read."""
     comp = compression_of(attrs)
-    if comp not in SUPPORTED_COMPRESSIONS:
+    if comp not in supported_compressions():
         raise VolumeError(
             f"Dataset {where} uses '{comp}' compression, which cannot be read here; "
             "re-save it with gzip compression (e.g. Fiji > N5 export) and open that."
