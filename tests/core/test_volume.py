@@ -461,3 +461,25 @@ def test_zstd_reads_and_zlib_is_refused_in_one_sentence(tmp_path):
 
     assert set(supported_compressions()) == set(Dataset.compressors_n5) >= {"zstd", "gzip"}
     assert set(SUPPORTED_COMPRESSIONS) == set(Dataset.compressors_n5)
+
+
+def test_pyramid_group_offset_is_used_as_its_resolution_is(tmp_path):
+    """Paintera keeps `resolution` and `offset` (x, y, z) on the pyramid group: the offset was
+    ignored while the resolution was used."""
+    import z5py
+
+    path = tmp_path / "pt.n5"
+    f = z5py.File(str(path), "w")
+    group = f.create_group("raw/data")
+    group.attrs.update(
+        {"multiScale": True, "resolution": [4.0, 4.0, 40.0], "offset": [400.0, 800.0, 1200.0]}
+    )
+    for i, shape in enumerate([(8, 32, 32), (8, 16, 16)]):
+        ds = f.create_dataset(f"raw/data/s{i}", shape=shape, chunks=(8, 16, 16), dtype="uint8")
+        ds.attrs["downsamplingFactors"] = [2**i, 2**i, 1]
+    vol = Volume.open(path, "raw/data")
+    assert vol.voxel_size == (40.0, 4.0, 4.0) and vol.offset == (1200.0, 800.0, 400.0)
+    assert vol.level_voxel_sizes[1] == (40.0, 8.0, 8.0)
+    assert Volume.open(path, "raw/data/s1").offset == (1200.0, 800.0, 400.0)
+    f["raw/data/s0"].attrs["offset"] = [1.0, 2.0, 3.0]  # a level's own offset comes first
+    assert Volume.open(path, "raw/data").offset == (3.0, 2.0, 1.0)

@@ -15,7 +15,8 @@ Conventions understood
 - ``scales``: on a pyramid group or any group above it (n5-viewer writes it on the container's
   root), one factor list per level, N5 order; used for a level without ``downsamplingFactors``.
 - ``unit``: a string for all axes (default: ``pixel`` when no voxel size is given at all).
-- ``offset``: world offset of voxel 0, same order rules as ``resolution``.
+- ``offset``: world offset of voxel 0, same order rules as ``resolution``; a dataset without
+  one takes the nearest group's above it (Paintera keeps it on the pyramid group).
 
 A dataset without its own voxel size takes the one of the nearest group above it that has one,
 up to the container's root (n5-viewer keeps ``pixelResolution`` and ``scales`` on the root, with
@@ -176,7 +177,7 @@ def voxel_size_of(
     the nearest one above it. ``level`` is the dataset's index in its pyramid (None: not a
     pyramid level): a level's voxel size is the base voxel size times its
     ``downsamplingFactors``, or, without those, times ``scales[level]`` of the nearest group
-    above it that has ``scales``.
+    above it that has ``scales``. The offset is the dataset's own, else the nearest above.
     """
     if parent_attrs is None:
         ancestors: list[dict[str, Any]] = []
@@ -211,7 +212,10 @@ def voxel_size_of(
         base, unit = (1.0,) * n_spatial, "pixel"
     if factors is not None and len(factors) == len(base) and _positive(factors):
         base = tuple(b * f for b, f in zip(base, factors, strict=True))
-    offset = _spatial_c_order(attrs.get("offset"), axes, n5_order) or (0.0,) * n_spatial
+    # the offset said with the dataset, else the nearest above (Paintera: on the pyramid group)
+    at = next((a for a in chain if a.get("offset") is not None), attrs)
+    order = n5_order if at is attrs else axes_c_order(at, ndim)[1]
+    offset = _spatial_c_order(at.get("offset"), axes, order) or (0.0,) * n_spatial
     if len(offset) != len(base) or not all(math.isfinite(o) for o in offset):
         offset = (0.0,) * len(base)
     return base, str(unit or "nm"), offset
