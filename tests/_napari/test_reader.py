@@ -209,3 +209,30 @@ def test_an_integer_volume_with_channels_opens_as_images(make_napari_viewer, tmp
     assert [lyr._type_string for lyr in layers] == ["image", "image"]
     np.testing.assert_array_equal(np.asarray(layers[1].data), data[1])
     assert tuple(layers[0].scale) == (8.0, 4.0, 4.0)
+
+
+@pytest.mark.parametrize(
+    ("unit", "expected"),
+    [("voxel", "pixel"), ("\\u00B5m", "micrometer"), ("a.u.", "pixel"), ("nanometers", "nanometer"),
+     ("µm", "micrometer")],
+)  # fmt: skip
+def test_units_napari_cannot_parse_are_left_out(tmp_path, unit, expected):
+    """A unit napari cannot parse ("voxel", ImageJ's literal "\\u00B5m") made napari's layer
+    creation fail with a ValueError ("Could not find unit voxel"): known lengths are spelled
+    as napari reads them, others are left out (napari's default units)."""
+    from napari.components import ViewerModel
+
+    from napari_emparsl._napari.reader import read_layers
+
+    save_array(tmp_path / "u.n5", "raw", np.ones((4, 5, 6), np.uint16), voxel_size=(50, 10, 10))
+    attrs_file = tmp_path / "u.n5" / "raw" / "attributes.json"
+    attrs = json.loads(attrs_file.read_text())
+    attrs["unit"] = unit
+    attrs["pixelResolution"]["unit"] = unit
+    attrs_file.write_text(json.dumps(attrs))
+    viewer = ViewerModel()
+    for layer_data in read_layers(str(tmp_path / "u.n5")):
+        viewer._add_layer_from_data(*layer_data)
+    [layer] = viewer.layers
+    assert [str(u) for u in layer.units] == [expected] * 3
+    assert tuple(layer.scale) == (50.0, 10.0, 10.0)

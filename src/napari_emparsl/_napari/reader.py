@@ -16,6 +16,7 @@ import numpy as np
 
 from napari_emparsl._napari import napari_fixes
 from napari_emparsl.core.n5attrs import VolumeError, find_container_root, is_container
+from napari_emparsl.core.units import nm_per_unit
 from napari_emparsl.core.volume import UNFINISHED, Volume, finite_values, openable_keys
 
 log = logging.getLogger(__name__)
@@ -91,11 +92,12 @@ def layer_data(volume: Volume) -> LayerData:
     data = volume.pyramid if volume.is_multiscale else volume.data
     name = volume.key.replace("/", "_") or os.path.basename(volume.root.rstrip("/"))
     spatial = len(volume.voxel_size)
+    unit = napari_unit(volume.unit)
     meta: dict[str, Any] = {
         "name": name,
         "scale": tuple(volume.voxel_size),
         "translate": tuple(volume.offset),
-        "units": (volume.unit,) * spatial if volume.unit != "pixel" else None,
+        "units": (unit,) * spatial if unit else None,
         "multiscale": volume.is_multiscale,
         "metadata": {"emparsl": {"path": volume.root, "key": volume.key}},
     }
@@ -119,6 +121,25 @@ def layer_data(volume: Volume) -> LayerData:
     else:
         meta["contrast_limits"] = contrast_limits(volume)
     return data, meta, "image"
+
+
+#: napari's (pint's) name for a length of so many nanometres (see core/units.py)
+_NAPARI_UNITS = {1.0: "nanometer", 1e3: "micrometer", 1e6: "millimeter", 0.1: "angstrom"}
+
+
+def napari_unit(unit: str) -> str | None:
+    """``unit`` as napari spells it (``µm``, ImageJ's ``\\u00B5m``, ``micron`` → micrometer), or
+    None where it is no length (``pixel``, ``voxel``, ``a.u.``): napari refused those with a
+    traceback ("Could not find unit voxel"), and its layers then keep their default units."""
+    text = str(unit).strip()
+    nm = nm_per_unit(text)
+    if nm is None and text.lower().endswith("s"):  # plurals: nanometers, microns
+        nm = nm_per_unit(text[:-1])
+    if nm is None:
+        if text.lower() not in ("pixel", "pixels", ""):
+            log.info("unit %r is not a length napari knows: the layer keeps napari's units", unit)
+        return None
+    return _NAPARI_UNITS.get(nm)
 
 
 def _central_chunks(shape: tuple[int, ...], chunks: list[int]) -> tuple[slice, ...]:
