@@ -236,3 +236,39 @@ def test_units_napari_cannot_parse_are_left_out(tmp_path, unit, expected):
     [layer] = viewer.layers
     assert [str(u) for u in layer.units] == [expected] * 3
     assert tuple(layer.scale) == (50.0, 10.0, 10.0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "axes", "resolution", "scale", "layers"),
+    [
+        ((3, 4, 5, 6), ["x", "y", "z", "t"], [4, 4, 40, 1], (1.0, 40.0, 4.0, 4.0), 1),
+        ((2, 2, 4, 5, 6), ["x", "y", "z", "c", "t"], [4, 4, 40, 1, 1], (1.0, 40.0, 4.0, 4.0), 2),
+        ((3, 4, 5, 6), ["x", "y", "z", "t"], None, (1.0, 1.0, 1.0, 1.0), 1),
+    ],
+    ids=["tzyx", "tczyx", "tzyx-no-size"],
+)
+def test_a_time_axis_gets_scale_one_and_units_of_the_layers_length(
+    tmp_path, shape, axes, resolution, scale, layers
+):
+    """A 4-D (t, z, y, x) dataset with a unit: napari refused the layer ('units must have
+    length ndim=4', 3 units for 4 axes); a time axis gets scale 1, translate 0, unit pixel."""
+    import z5py
+    from napari.components import ViewerModel
+
+    from napari_emparsl._napari.reader import read_layers
+
+    path = tmp_path / "t.n5"
+    ds = z5py.File(str(path), "w").create_dataset("raw", shape=shape, chunks=shape, dtype="uint16")
+    ds[:] = 1
+    ds.attrs.update(
+        {"axes": axes} | ({"resolution": resolution, "unit": "nm"} if resolution else {})
+    )
+    viewer = ViewerModel()
+    for layer_data in read_layers(str(path)):
+        viewer._add_layer_from_data(*layer_data)
+    assert len(viewer.layers) == layers
+    for layer in viewer.layers:
+        assert layer.ndim == 4 and tuple(layer.scale) == scale
+        assert tuple(layer.translate) == (0.0,) * 4
+        units = [str(u) for u in layer.units]
+        assert units == (["pixel"] + ["nanometer"] * 3 if resolution else ["pixel"] * 4)

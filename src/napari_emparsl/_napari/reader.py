@@ -91,18 +91,12 @@ def layer_data(volume: Volume) -> LayerData:
     """A napari LayerData tuple for a volume (lazy; multiscale where it exists)."""
     data = volume.pyramid if volume.is_multiscale else volume.data
     name = volume.key.replace("/", "_") or os.path.basename(volume.root.rstrip("/"))
-    spatial = len(volume.voxel_size)
-    unit = napari_unit(volume.unit)
     meta: dict[str, Any] = {
         "name": name,
-        "scale": tuple(volume.voxel_size),
-        "translate": tuple(volume.offset),
-        "units": (unit,) * spatial if unit else None,
+        **_geometry(volume),
         "multiscale": volume.is_multiscale,
         "metadata": {"emparsl": {"path": volume.root, "key": volume.key}},
     }
-    if meta["units"] is None:
-        del meta["units"]
     if "c" not in volume.axes:  # the sliders say z (not -3); channels are split into layers
         meta["axis_labels"] = tuple(volume.axes)
     if volume.attrs.get(UNFINISHED):  # an import or save still writing it, or stopped mid-way
@@ -121,6 +115,25 @@ def layer_data(volume: Volume) -> LayerData:
     else:
         meta["contrast_limits"] = contrast_limits(volume)
     return data, meta, "image"
+
+
+def _geometry(volume: Volume) -> dict[str, tuple]:
+    """A layer's scale, translate and units: one per axis of the layer (the volume's axes but
+    a channel axis, which napari splits into layers); a time axis gets scale 1, translate 0
+    and napari's unit ``pixel`` (before: 3 values for a 4-D t, z, y, x layer, which napari
+    refused: 'units must have length ndim=4'). Units are left out where unknown."""
+    layer_axes = [a for a in volume.axes if a != "c"]
+    space = [i for i, a in enumerate(layer_axes) if a != "t"]
+    if len(space) != len(volume.voxel_size) or len(volume.offset) != len(space):
+        return {}  # axes and sizes disagree: napari's defaults (1 per axis)
+    scale, translate = [1.0] * len(layer_axes), [0.0] * len(layer_axes)
+    for i, size, offset in zip(space, volume.voxel_size, volume.offset, strict=True):
+        scale[i], translate[i] = size, offset
+    out: dict[str, tuple] = {"scale": tuple(scale), "translate": tuple(translate)}
+    unit = napari_unit(volume.unit)
+    if unit:
+        out["units"] = tuple(unit if i in space else "pixel" for i in range(len(layer_axes)))
+    return out
 
 
 #: napari's (pint's) name for a length of so many nanometres (see core/units.py)
