@@ -272,3 +272,21 @@ def test_a_time_axis_gets_scale_one_and_units_of_the_layers_length(
         assert tuple(layer.translate) == (0.0,) * 4
         units = [str(u) for u in layer.units]
         assert units == (["pixel"] + ["nanometer"] * 3 if resolution else ["pixel"] * 4)
+
+
+def test_a_pyramid_level_of_other_dimensions_is_left_out_of_the_layer(tmp_path):
+    """A 3-D s0 with a 2-D s1: napari's layer creation failed with a raw traceback ('setting an
+    array element with a sequence'); the layer has the levels that fit."""
+    import z5py
+    from napari.components import ViewerModel
+
+    from napari_emparsl._napari.reader import read_layers
+
+    f = z5py.File(str(tmp_path / "p.n5"), "w")
+    f.create_dataset("vol/s0", shape=(8, 16, 16), chunks=(4, 8, 8), dtype="uint16")[:] = 5
+    f.create_dataset("vol/s1", shape=(8, 8), chunks=(8, 8), dtype="uint16")
+    viewer = ViewerModel()
+    for layer_data in read_layers(str(tmp_path / "p.n5")):
+        viewer._add_layer_from_data(*layer_data)
+    [layer] = viewer.layers
+    assert not layer.multiscale and layer.data.shape == (8, 16, 16)

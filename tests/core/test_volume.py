@@ -483,3 +483,37 @@ def test_pyramid_group_offset_is_used_as_its_resolution_is(tmp_path):
     assert Volume.open(path, "raw/data/s1").offset == (1200.0, 800.0, 400.0)
     f["raw/data/s0"].attrs["offset"] = [1.0, 2.0, 3.0]  # a level's own offset comes first
     assert Volume.open(path, "raw/data").offset == (3.0, 2.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("s1", "s2", "kept"),
+    [
+        (((8, 8), "uint16"), None, 1),  # 3-D s0, 2-D s1
+        (((8, 8, 8), "uint8"), None, 1),  # another data type
+        (((8, 8, 8), "uint16"), ((8, 32, 32), "uint16"), 2),  # s2 larger than s1
+        (((8, 8, 8), "uint16"), ((4, 4, 4), "uint16"), 3),
+    ],
+    ids=["ndim", "dtype", "larger", "fine"],
+)
+def test_pyramid_levels_that_do_not_fit_the_ones_before_are_left_out(
+    tmp_path, caplog, s1, s2, kept
+):
+    """Levels were not checked against each other: a 3-D s0 with a 2-D s1 made napari fail with
+    a raw traceback. The leading levels of s0's ndim and dtype, none larger than the one
+    before, are kept, with a warning about the rest."""
+    import logging
+
+    import z5py
+
+    f = z5py.File(str(tmp_path / "p.n5"), "w")
+    f.create_dataset("vol/s0", shape=(8, 16, 16), chunks=(4, 8, 8), dtype="uint16")
+    for i, level in enumerate((s1, s2), 1):
+        if level:
+            f.create_dataset(f"vol/s{i}", shape=level[0], chunks=(4,) * len(level[0]),
+                             dtype=level[1])  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="napari_emparsl.core.n5attrs"):
+        vol = Volume.open(tmp_path / "p.n5", "vol")
+    assert vol.levels == tuple(f"vol/s{i}" for i in range(kept))
+    assert [a.ndim for a in vol.pyramid] == [3] * kept
+    assert ("left out" in caplog.text) == (kept < 3 if s2 else kept < 2)
+    assert container_tree(tmp_path / "p.n5")[1]["levels"] == [f"s{i}" for i in range(kept)]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -37,6 +38,8 @@ from typing import Any
 from napari_emparsl.core.errors import UserError
 
 ATTRS = "attributes.json"
+
+log = logging.getLogger(__name__)
 
 #: Compressions z5py decodes in N5 containers (z5py's ``Dataset.compressors_n5`` when built with
 #: all codecs); ``zlib`` is not one (N5-Java writes zlib streams as gzip with ``useZlib``, which
@@ -342,14 +345,39 @@ def pyramid_levels(directory: str, attrs: dict[str, Any]) -> tuple[str, ...]:
     )
     if not levels or levels[0][0] != 0:
         return ()
-    out = []
+    out: list[str] = []
+    previous: dict[str, Any] = {}
     for expected, (idx, name) in enumerate(levels):
         if idx != expected:
             break
-        if not is_dataset_attrs(read_attrs(os.path.join(directory, name))):
+        level = read_attrs(os.path.join(directory, name))
+        if not is_dataset_attrs(level):
+            break
+        if previous and not _coarser_level(previous, level):
+            rest = [n for i, n in levels[expected:]]
+            log.warning(
+                "%s: pyramid level(s) %s left out (a level needs the number of dimensions and "
+                "the data type of %s, and no axis longer than the level before)",
+                directory, ", ".join(rest), out[0],
+            )  # fmt: skip
             break
         out.append(name)
+        previous = level
     return tuple(out)
+
+
+def _coarser_level(finer: dict[str, Any], level: dict[str, Any]) -> bool:
+    """Whether ``level`` can follow ``finer`` in a pyramid: as many dimensions, the same data
+    type, and no axis longer (napari refuses a pyramid whose levels differ so)."""
+    dims, finer_dims = level.get("dimensions"), finer.get("dimensions")
+    if not isinstance(dims, list) or not isinstance(finer_dims, list):
+        return False
+    if len(dims) != len(finer_dims) or level.get("dataType") != finer.get("dataType"):
+        return False
+    try:
+        return all(int(n) <= int(m) for n, m in zip(dims, finer_dims, strict=True))
+    except (TypeError, ValueError):
+        return False
 
 
 def walk_tree(root: str) -> list[Node]:
