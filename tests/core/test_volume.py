@@ -517,3 +517,18 @@ def test_pyramid_levels_that_do_not_fit_the_ones_before_are_left_out(
     assert [a.ndim for a in vol.pyramid] == [3] * kept
     assert ("left out" in caplog.text) == (kept < 3 if s2 else kept < 2)
     assert container_tree(tmp_path / "p.n5")[1]["levels"] == [f"s{i}" for i in range(kept)]
+
+
+def test_a_symlink_loop_in_a_container_is_listed_once(tmp_path):
+    """A `latest -> .` link inside a container made walk_tree recurse until the OS gave up
+    (latest/latest/…/raw, listed dozens of times, or a RecursionError)."""
+    from napari_emparsl.core.volume import openable_keys
+
+    path = tmp_path / "loop.n5"
+    save_array(path, "raw", np.full((2, 4, 4), 7, np.uint8))
+    os.symlink(".", path / "latest")
+    os.symlink("..", path / "raw" / "up")  # inside a dataset: chunk folders are not walked
+    assert openable_keys(path) == ["raw"]
+    assert [n["key"] for n in container_tree(path)] == ["", "raw"]
+    assert Volume.open(path).key == "raw"  # the only dataset, found without a key
+    assert int(Volume.open(path, "latest/raw").data.sum().compute()) == 7 * 32

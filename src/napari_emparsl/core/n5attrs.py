@@ -381,10 +381,19 @@ def _coarser_level(finer: dict[str, Any], level: dict[str, Any]) -> bool:
 
 
 def walk_tree(root: str) -> list[Node]:
-    """All groups, datasets and pyramids of a container (JSON only, no chunk is read)."""
+    """All groups, datasets and pyramids of a container (JSON only, no chunk is read).
+
+    A folder is visited once: a link back up the tree (``latest -> .``) is not followed again.
+    """
     nodes: list[Node] = []
+    visited: set[str] = set()
 
     def visit(directory: str, key: str) -> None:
+        real = os.path.realpath(directory)
+        if real in visited:
+            log.debug("%s: already listed (a link back into the container), not followed", key)
+            return
+        visited.add(real)
         attrs = read_attrs(directory)
         if is_dataset_attrs(attrs):
             nodes.append(Node(key, "dataset", attrs))
