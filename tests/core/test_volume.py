@@ -532,3 +532,38 @@ def test_a_symlink_loop_in_a_container_is_listed_once(tmp_path):
     assert [n["key"] for n in container_tree(path)] == ["", "raw"]
     assert Volume.open(path).key == "raw"  # the only dataset, found without a key
     assert int(Volume.open(path, "latest/raw").data.sum().compute()) == 7 * 32
+
+
+def test_a_paintera_label_multiset_is_refused_on_opening(tmp_path):
+    """Paintera's label multisets (varlength chunks) opened as uint8 and failed on reading with
+    a message implying damaged files; refused on opening, in one sentence."""
+    import struct
+
+    path = tmp_path / "paintera.n5"
+    (path / "labels" / "data" / "s0" / "0" / "0").mkdir(parents=True)
+    (path / "attributes.json").write_text('{"n5": "2.0.0"}')
+    (path / "labels" / "attributes.json").write_text(
+        json.dumps({"painteraData": {"type": "label"}})
+    )
+    (path / "labels" / "data" / "attributes.json").write_text(
+        json.dumps({"multiScale": True, "resolution": [4, 4, 40], "offset": [0, 0, 0]})
+    )
+    (path / "labels" / "data" / "s0" / "attributes.json").write_text(
+        json.dumps({"dataType": "uint8", "isLabelMultiset": True, "compression": {"type": "raw"},
+                    "blockSize": [4, 4, 2], "dimensions": [4, 4, 2]})
+    )  # fmt: skip
+    payload = bytes(range(37))  # a varlength (mode 1) chunk
+    (path / "labels" / "data" / "s0" / "0" / "0" / "0").write_bytes(
+        struct.pack(">HHIIII", 1, 3, 4, 4, 2, len(payload)) + payload
+    )
+    message = (
+        f"{path}:labels/data is a Paintera label multiset, which this version cannot read; "
+        "export it as a plain label dataset (e.g. with `paintera-convert to-scalar`) and open "
+        "that."
+    )
+    for key in ("labels/data", "labels"):  # the pyramid, or the only one in its group
+        with pytest.raises(VolumeError) as err:
+            Volume.open(path, key)
+        assert str(err.value) == message
+    with pytest.raises(VolumeError, match="is a Paintera label multiset"):
+        Volume.open(path, "labels/data/s0")

@@ -315,6 +315,13 @@ class Volume:
             indices = [level_index(root, node.key)]
         parent_attrs = ancestors[0] if ancestors else {}
         level_attrs = [read_attrs(os.path.join(root, k)) for k in level_keys]
+        if any(a.get("isLabelMultiset") is True for a in (node.attrs, *level_attrs)):
+            # varlength chunks of label lists per voxel: z5py reads them as bytes, or fails
+            raise VolumeError(
+                f"{root}:{node.key} is a Paintera label multiset, which this version cannot "
+                "read; export it as a plain label dataset (e.g. with `paintera-convert "
+                "to-scalar`) and open that."
+            )
         for k, a in zip(level_keys, level_attrs, strict=True):
             check_compression(a, f"{root}:{k}")
         try:
