@@ -515,3 +515,36 @@ def test_a_path_from_the_home_folder_is_not_a_folder_named_tilde(tmp_path, monke
     save_array("~/t.n5", "raw", np.zeros((4, 8, 8), np.uint8))
     assert sorted(p.name for p in (tmp_path / "home").iterdir()) == ["s.n5", "t.n5"]
     assert list((tmp_path / "cwd").iterdir()) == []
+
+
+def test_site_profiles_that_would_not_do_what_they_say_are_refused(capsys, tmp_path, monkeypatch):
+    """A profile named otherwise than its file could not be chosen by its name (and the site
+    panel saved a second file); `nice: true` was read as 1; a strategy_period of .inf or 1e300
+    killed Parsl's poller thread, and workers that failed to start were never noticed."""
+    from napari_emparsl.execution.sites import load_site
+
+    monkeypatch.setenv("EMPARSL_SITES", str(tmp_path))
+    (tmp_path / "gpu.yaml").write_text("name: mygpu\nkind: local\n")
+    code, _, err = run(capsys, "sites", "show", "gpu")
+    assert code == 2 and err == (
+        f"emparsl: error: The site profile {tmp_path}/gpu.yaml names itself 'mygpu', but a "
+        "site's name is its file's name: rename the file to mygpu.yaml, or set name: gpu.\n"
+    )
+    (tmp_path / "my gpu.yaml").write_text("kind: local\n")
+    code, _, err = run(capsys, "sites", "show", str(tmp_path / "my gpu.yaml"))
+    assert code == 2 and err.startswith(
+        f"emparsl: error: The site profile {tmp_path}/my gpu.yaml is invalid: its file name "
+        "'my gpu' is no site name: a site's name is the name of its file: letters, digits"
+    )
+    for text, field in (
+        ("nice: true", "nice"),
+        ("keep_freed_memory: 1", "keep_freed_memory"),
+        ("strategy_period: .inf", "strategy_period"),
+        ("strategy_period: 1e300", "strategy_period"),
+        ("strategy_period: true", "strategy_period"),
+    ):
+        (tmp_path / "odd.yaml").write_text(f"kind: local\n{text}\n")
+        code, _, err = run(capsys, "sites", "show", "odd")
+        assert code == 2 and f"is invalid: field '{field}': " in err, (text, err)
+    (tmp_path / "odd.yaml").write_text("kind: local\nstrategy_period: 2\nnice: 19\n")
+    assert load_site("odd").strategy_period == 2.0

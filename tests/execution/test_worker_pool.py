@@ -195,3 +195,46 @@ def test_each_worker_loads_the_model_once_with_its_share_of_threads(
     assert {r.model_loads for r in results} == {1}  # ... from the one model it loaded
     assert {r.threads for r in results} == {expected_threads}
     assert htex.gone()
+
+
+def test_the_pool_starts_the_workers_the_profile_asks_for(htex):
+    """Parsl's pool starts min(workers, cores ÷ cores_per_worker) workers: `workers: 3` on 2
+    cores started 2 (the runner sized its warm-ups and window for 3), and threads_per_worker
+    above the cores started none — every block waited for ever. A site that runs no task says
+    so in one sentence (before: "could not run a task (TimeoutError: )")."""
+    import glob
+    import shutil
+
+    from napari_emparsl.execution.sites import (
+        SiteError,
+        SiteProfile,
+        _noop,
+        check_site,
+        machine_capacity,
+        new_run_dir,
+    )
+
+    cores = machine_capacity()[0]
+    for workers, threads in ((cores + 1, 1), (1, cores + 2)):
+        profile = SiteProfile(
+            name="many", kind="local", workers=workers, threads_per_worker=threads
+        )
+        run_dir = new_run_dir()
+        dfk = start_kernel(profile, run_dir)
+        try:
+            assert python_app(_noop, dfk, profile)().result(timeout=120) > 0
+            [log] = glob.glob(f"{run_dir}/**/manager.log", recursive=True)
+            spawn = [ln for ln in Path(log).read_text().splitlines() if "will spawn" in ln]
+        finally:
+            dfk.cleanup()
+            shutil.rmtree(run_dir, ignore_errors=True)
+        assert len(spawn) == 1 and spawn[0].endswith(f"Manager will spawn {workers} workers")
+    assert htex.gone()
+    # a pool told it has no cores starts no worker: the test says so, in one sentence
+    none = SiteProfile(name="nocores", kind="local", workers=1, worker_init="export PARSL_CORES=0")
+    with pytest.raises(SiteError) as err:
+        check_site(none, timeout=5)
+    assert str(err.value) == (
+        "The site 'nocores' ran no task within 5 s (no worker took it); check its settings."
+    )
+    assert htex.gone()

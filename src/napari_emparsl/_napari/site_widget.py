@@ -49,6 +49,11 @@ def _number_or_auto(annotation: Any) -> bool:
     )
 
 
+def _most(field: Any, default: float) -> float:
+    """A number field's largest value as the schema says (``le``), else ``default``."""
+    return next((m.le for m in field.metadata if getattr(m, "le", None) is not None), default)
+
+
 def _field_widget(name: str, field: Any) -> Any:
     annotation = field.annotation
     label = name.replace("_", " ")  # the profile's key (in YAML and in messages) as words
@@ -60,7 +65,7 @@ def _field_widget(name: str, field: Any) -> Any:
         widget = ComboBox(name=name, label=label, **options)
     elif annotation in (int,) or getattr(annotation, "__origin__", None) is typing.Annotated:
         widget = create_widget(
-            annotation=int, name=name, label=label, options={"min": 0, "max": 4096}
+            annotation=int, name=name, label=label, options={"min": 0, "max": _most(field, 4096)}
         )
     elif annotation is bool:
         widget = create_widget(annotation=bool, name=name, label=label)
@@ -69,7 +74,7 @@ def _field_widget(name: str, field: Any) -> Any:
             annotation=float,
             name=name,
             label=label,
-            options={"min": 0.0, "max": 3600.0, "step": 0.1},
+            options={"min": 0.0, "max": float(_most(field, 3600)), "step": 0.1},
         )
     else:
         widget = LineEdit(name=name, label=label)

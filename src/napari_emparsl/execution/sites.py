@@ -72,6 +72,9 @@ class SiteProfile(BaseModel):
     strategy_period: float = Field(
         0.2,
         gt=0,
+        le=60,  # Parsl's poller thread dies on a huge period, and failed workers go unnoticed
+        strict=True,  # not `true` read as 1
+        allow_inf_nan=False,
         description="seconds between Parsl's checks of the workers it needs (short: the "
         "first blocks start sooner)",
     )
@@ -84,11 +87,13 @@ class SiteProfile(BaseModel):
         0,
         ge=0,
         le=19,
+        strict=True,
         description="niceness of the worker processes, 0-19 (higher: the desktop stays "
         "responsive while the workers use every core)",
     )
     keep_freed_memory: bool = Field(
         True,
+        strict=True,
         description="workers keep the memory a block frees for the next block (a third faster "
         "per block on CPUs; a worker's memory stays at its peak until the run ends)",
     )
@@ -101,6 +106,7 @@ class SiteProfile(BaseModel):
 
     preload_workers: bool = Field(
         True,
+        strict=True,
         description="worker processes are forked from one that has already imported torch and "
         "the engine, instead of each starting a fresh Python (the first blocks start sooner: "
         "1-2 s on 2 cores); off: Parsl's worker pool as it ships",
@@ -278,11 +284,24 @@ def load_site(site: str) -> SiteProfile:
         ) from None
     if not isinstance(data, dict):
         raise SiteError(f"The site profile {path} must be a mapping of settings.")
+    if site in files and "name" in data and data["name"] != path.stem:
+        # a sites folder's profile is found by its file's name: under another name it could not
+        # be chosen, and the site panel would save a second file (a file given by its path may
+        # name its site as it likes)
+        raise SiteError(
+            f"The site profile {path} names itself {data['name']!r}, but a site's name is its "
+            f"file's name: rename the file to {data['name']}.yaml, or set name: {path.stem}."
+        )
     data.setdefault("name", path.stem)
     try:
         return SiteProfile.model_validate(data)
     except ValidationError as err:
-        raise SiteError(f"The site profile {path} is invalid: {profile_problem(err)}.") from None
+        problem = profile_problem(err)
+        if problem.startswith("field 'name': "):  # the name is the file's: say so
+            problem = f"its file name {path.stem!r} is no site name: " + problem.removeprefix(
+                "field 'name': "
+            )
+        raise SiteError(f"The site profile {path} is invalid: {problem}.") from None
 
 
 def profile_problem(err: ValidationError) -> str:
@@ -348,15 +367,21 @@ def _quiet_local_provider():
 
 
 def _worker_init(profile: SiteProfile, run_dir: str) -> str:
-    """The profile's worker_init, after lowering the worker pool's priority (inherited) and
+    """The profile's worker_init, after lowering the worker pool's priority (inherited),
     making the run's folder the pool's TMPDIR (:func:`_site_tmpdir`; a worker_init may set
-    its own)."""
+    its own) and telling the pool the cores its workers are given.
+
+    Parsl's pool starts min(workers, its node's cores ÷ cores_per_worker) workers: `workers: 3`
+    on 2 cores started 2, and a threads_per_worker above the cores started none (every block
+    then waited for ever). The profile's numbers are the user's to choose; PARSL_CORES makes
+    the pool start exactly ``workers`` of them."""
     import shlex
 
     renice = f"renice -n {profile.nice} -p $$ >/dev/null 2>&1" if profile.nice else ""
     tmp = _site_tmpdir(run_dir)
     tmpdir = f"export TMPDIR={shlex.quote(tmp)}" if tmp else ""
-    return "; ".join(cmd for cmd in (renice, tmpdir, profile.worker_init) if cmd)
+    cores = f"export PARSL_CORES={profile.worker_count * profile.worker_threads}"
+    return "; ".join(cmd for cmd in (renice, tmpdir, cores, profile.worker_init) if cmd)
 
 
 def _site_tmpdir(run_dir: str) -> str | None:
@@ -628,7 +653,7 @@ def task_error(err: BaseException, site: str) -> str:
     return f"{type(err).__name__}: {first}"
 
 
-def check_site(profile: SiteProfile) -> float:
+def check_site(profile: SiteProfile, timeout: float = 120) -> float:
     """Start the site, run one no-op task, shut it down; seconds to the first result.
 
     Raises
@@ -644,8 +669,13 @@ def check_site(profile: SiteProfile) -> float:
     dfk = None
     try:
         dfk = start_kernel(profile, run_dir)
-        python_app(_noop, dfk, profile)().result(timeout=120)
+        python_app(_noop, dfk, profile)().result(timeout=timeout)
         return time.perf_counter() - t0
+    except TimeoutError:  # Parsl's future: concurrent.futures.TimeoutError, the same class
+        raise SiteError(
+            f"The site '{profile.name}' ran no task within {timeout:g} s (no worker took it); check "
+            "its settings."
+        ) from None
     except Exception as err:
         why = _workers_failed(err)
         what = (
