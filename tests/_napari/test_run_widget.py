@@ -1076,3 +1076,48 @@ def test_output_layers_are_told_by_their_source_not_their_name(
         n5 = Volume.open(path, "pred").data.compute()
         np.testing.assert_array_equal(np.asarray(layer.data), n5)
     assert not np.array_equal(np.asarray(first.data), np.asarray(second.data))
+
+
+def test_a_unit_napari_does_not_know_makes_layers_without_units(
+    make_napari_viewer, qtbot, tmp_path
+):
+    """An input in `voxel` units (no length): the output and failed-block layers were made
+    with units=('voxel', …), which napari refuses with a traceback ("Could not find unit")."""
+    import torch
+
+    class Fails(torch.nn.Module):
+        def forward(self, x):
+            if bool((x > 254.5).any()):
+                raise RuntimeError("too bright for this model")
+            return torch.cat([-x, x], dim=1)  # class b where bright
+
+    model = tmp_path / "fails.pt"
+    torch.jit.save(torch.jit.script(Fails()), str(model))
+    (tmp_path / "fails.pt.yaml").write_text("kind: labels\nclasses: [a, b]\nnormalize: none\n")
+    raw = np.full((32, 64, 64), 100, np.uint8)
+    raw[5, 5, 5] = 255  # the first of the 4 blocks fails
+    from napari_emparsl.core.volume import save_array
+
+    save_array(tmp_path / "v.n5", "raw", raw, chunks=(32, 32, 32), voxel_size=(2, 1, 1))
+    for attrs in (tmp_path / "v.n5" / "raw").rglob("attributes.json"):
+        meta = json.loads(attrs.read_text())
+        if "pixelResolution" in meta:
+            meta["pixelResolution"]["unit"] = "voxel"
+        attrs.write_text(json.dumps(meta | ({"unit": "voxel"} if "unit" in meta else {})))
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(str(tmp_path / "v.n5" / "raw"), plugin=PLUGIN)
+    widget = RunWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.input.reset_choices()
+    widget.input.value = layer
+    widget.site.value = "threads"
+    widget.model_file.value = str(model)
+    widget.output.value = f"{tmp_path}/v.n5:pred"
+    widget.block.value = "32"
+    widget.run_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    assert len(widget.failed_list.choices) == 1, widget.status.value
+    out, boxes = widget._output_layer, viewer.layers["failed blocks"]
+    assert out in viewer.layers and tuple(out.scale) == (2.0, 1.0, 1.0)
+    assert out.units == boxes.units == layer.units  # napari's default (pixels) on all three
+    assert np.asarray(out.data[:, :, 32:]).all() and not np.asarray(out.data[:, :32, :32]).any()

@@ -38,6 +38,7 @@ from napari_emparsl._napari.background import (
     import_engine,
     in_background,
 )
+from napari_emparsl._napari.reader import napari_unit
 from napari_emparsl._napari.widgets import n5_source as _source_of
 from napari_emparsl._napari.widgets import (
     on_removed,
@@ -1131,7 +1132,9 @@ class RunWidget(Container):
             layer = None
         if layer is None:
             add = self._viewer.add_labels if out.is_labels else self._viewer.add_image
-            units = (out.unit,) * len(out.voxel_size) if out.unit != "pixel" else None
+            # as napari spells it; none where it is no length napari knows (voxel: a traceback)
+            unit = napari_unit(out.unit)
+            units = (unit,) * len(out.voxel_size) if unit else None
             kwargs = {
                 "name": name, "scale": out.voxel_size, "translate": out.offset,
                 "units": units, "opacity": 0.6,
@@ -1249,7 +1252,8 @@ class RunWidget(Container):
         if layer is None or layer not in self._viewer.layers:
             # the input's units: a layer without them makes napari warn "Inconsistent units
             # across layers" and drop units (the scale bar's nm) from the whole view
-            units = (unit,) * 3 if unit != "pixel" else None
+            unit = napari_unit(unit)
+            units = (unit,) * 3 if unit else None
             layer = self._failed_layer = self._viewer.add_shapes(
                 name="failed blocks", ndim=3, **style, **({"units": units} if units else {})
             )
