@@ -120,3 +120,24 @@ def test_bad_pairs_and_tiles_are_one_sentence(tmp_path, pair):
         assert sentence in str(err.value), str(err.value)
         assert isinstance(err.value, UserError) and "\n" not in str(err.value)
     np.testing.assert_array_equal(raw_vol.read(), raw)  # inputs untouched
+
+
+def test_empty_dataset_and_no_steps_are_refused(pair):
+    """An empty dataset made train() loop for ever; steps=0 gave torch's raw total_steps error."""
+    from napari_emparsl.core.models.unet import UNet
+
+    raw_vol, labels_vol, _ = pair
+    for length in (0, -3):
+        with pytest.raises(TrainingDataError) as err:
+            N5TileDataset([(raw_vol, labels_vol)], (8, 16, 16), length=length)
+        assert f"A dataset of {length} tiles has nothing to train on" in str(err.value)
+    ds = N5TileDataset([(raw_vol, labels_vol)], (8, 16, 16), length=4)
+    model = UNet(1, 5, dims=3, base=2, depth=1)
+    for kwargs, sentence in [
+        ({"steps": 0}, "Training needs steps of 1 or more, not 0;"),
+        ({"steps": -1}, "Training needs steps of 1 or more, not -1;"),
+        ({"steps": 2, "batch": 0}, "Training needs batch of 1 or more, not 0;"),
+    ]:
+        with pytest.raises(TrainingDataError) as err:
+            train(model, ds, log=lambda _: None, **kwargs)
+        assert sentence in str(err.value) and "\n" not in str(err.value)

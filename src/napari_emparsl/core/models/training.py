@@ -95,7 +95,12 @@ class N5TileDataset(Dataset):
             raise TrainingDataError("Give at least one (raw, labels) pair of volumes to train on.")
         for raw, labels in self.pairs:
             _check_pair(raw, labels, self.tile)
-        self.length = length
+        if isinstance(length, bool) or not isinstance(length, int | np.integer) or length < 1:
+            raise TrainingDataError(
+                f"A dataset of {length!r} tiles has nothing to train on; give a length of 1 or "
+                "more tiles."
+            )
+        self.length = int(length)
         self.seed = seed
         self.augment = augment
         self.stats = [volume_stats(raw) for raw, _ in self.pairs]
@@ -146,6 +151,12 @@ def train(
     log: Callable[[str], None] = print,
 ) -> None:
     """Adam + weighted cross-entropy on random tiles; logs the loss now and then."""
+    for name, value in (("steps", steps), ("batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise TrainingDataError(
+                f"Training needs {name} of 1 or more, not {value!r}; ask for at least one step "
+                "of at least one tile."
+            )
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=0)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
