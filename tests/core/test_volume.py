@@ -567,3 +567,68 @@ def test_a_paintera_label_multiset_is_refused_on_opening(tmp_path):
         assert str(err.value) == message
     with pytest.raises(VolumeError, match="is a Paintera label multiset"):
         Volume.open(path, "labels/data/s0")
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"blockSize": [0, 32, 1]}, "has a blockSize of [0, 32, 1] in its attributes.json, not 3"),
+        ({"blockSize": [32, 32]}, "has a blockSize of [32, 32] in its attributes.json, not 3"),
+        ({"dimensions": [8, -8, 8]}, "has dimensions [8, -8, 8] in its attributes.json"),
+        ({"dimensions": "8,8,8"}, "has dimensions '8,8,8' in its attributes.json"),
+        ({"dataType": "complex64"}, "stores voxels of type 'complex64', which N5 readers"),
+    ],
+)
+def test_dataset_attributes_z5py_cannot_open_are_one_sentence(tmp_path, change, said):
+    """A blockSize of 0 killed the process (z5py divides by it: SIGFPE, napari gone without a
+    word); negative dimensions were a MemoryError, an unknown dataType `map::at`. Checked in a
+    process of its own, so that the old behaviour fails the test rather than ending the run."""
+    import json
+    import subprocess
+    import sys
+
+    save_array(tmp_path / "d.n5", "raw", np.zeros((8, 32, 32), np.uint8), chunks=(8, 32, 32))
+    path = tmp_path / "d.n5" / "raw" / "attributes.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | change))
+    script = (
+        "import sys; from napari_emparsl.core.volume import Volume, VolumeError\n"
+        "try: Volume.open(sys.argv[1], 'raw')\n"
+        "except VolumeError as err: print(err)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "d.n5")], capture_output=True, text=True
+    )
+    assert out.returncode == 0, (out.returncode, out.stderr[-500:])
+    assert out.stdout.startswith(f"Dataset {tmp_path}/d.n5:raw {said}"), out.stdout
+    assert out.stdout.count("\n") == 1
+
+
+def test_a_run_on_an_input_with_no_voxels_is_one_sentence(tmp_path):
+    """N5 allows an axis of length 0 (written here as another tool would): a run on it was an
+    internal error (max() of an empty sequence); writing one killed the process (SIGFPE)."""
+    import json
+
+    from napari_emparsl.execution.runner import Run, RunError
+
+    with pytest.raises(VolumeError, match=r"with 8×8×0 voxels: a dataset needs at least one"):
+        save_array(tmp_path / "z.n5", "raw", np.zeros((8, 8, 0), np.uint8))
+    save_array(tmp_path / "z.n5", "raw", np.zeros((8, 8, 8), np.uint8), chunks=(8, 8, 8))
+    path = tmp_path / "z.n5" / "raw" / "attributes.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"dimensions": [0, 8, 8]}))
+    run = Run(f"{tmp_path}/z.n5:raw", "unet3d-em", f"{tmp_path}/o.n5:p", site="threads")
+    with pytest.raises(RunError, match=r"has no voxels \(its size is 8×8×0\); choose a"):
+        run.prepare()
+    assert not (tmp_path / "o.n5").exists()
+
+
+def test_a_dataset_inside_a_dataset_is_one_sentence(tmp_path):
+    """`--output s.n5:raw/pred` where raw is a dataset: z5py's "Incompatible object (Dataset)
+    already exists" came out as an internal error."""
+    save_array(tmp_path / "s.n5", "raw", np.ones((8, 8, 8), np.uint8))
+    with pytest.raises(VolumeError) as err:
+        save_array(tmp_path / "s.n5", "raw/pred", np.zeros((8, 8, 8), np.uint8))
+    assert str(err.value) == (
+        f"{tmp_path}/s.n5:raw is a dataset, which cannot hold raw/pred; choose a name beside "
+        f"it, e.g. {tmp_path}/s.n5:pred."
+    )
+    assert sorted(p.name for p in (tmp_path / "s.n5" / "raw").iterdir()) == ["0", "attributes.json"]

@@ -111,6 +111,44 @@ def supported_compressions() -> tuple[str, ...]:
     return tuple(Dataset.compressors_n5)
 
 
+#: the voxel types of the N5 format (z5py reads these; others are refused before it opens them)
+N5_DTYPES = (
+    "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float32", "float64",
+)  # fmt: skip
+
+
+def _whole_numbers(value: Any, least: int) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= least for n in value)
+    )
+
+
+def check_dataset_attrs(attrs: dict[str, Any], where: str) -> None:
+    """Refuse a dataset whose attributes z5py cannot open safely, before it opens them: a
+    blockSize of 0 made z5py divide by zero (SIGFPE: the whole process, napari too, died without
+    a word), negative dimensions allocated for ever, an unknown dataType ended in ``map::at``."""
+    dims, block, dtype = attrs.get("dimensions"), attrs.get("blockSize"), attrs.get("dataType")
+    fix = "restore its attributes.json or write the dataset again"
+    if not _whole_numbers(dims, 0):
+        raise VolumeError(
+            f"Dataset {where} has dimensions {dims!r} in its attributes.json, not whole "
+            f"numbers of 0 or more (one per axis); {fix}."
+        )
+    if not _whole_numbers(block, 1) or len(block) != len(dims):
+        raise VolumeError(
+            f"Dataset {where} has a blockSize of {block!r} in its attributes.json, not "
+            f"{len(dims)} whole numbers of at least 1 (one per axis); {fix}."
+        )
+    if dtype not in N5_DTYPES:
+        raise VolumeError(
+            f"Dataset {where} stores voxels of type {dtype!r}, which N5 readers here cannot "
+            f"read ({', '.join(N5_DTYPES)}); convert it to one of those and open that."
+        )
+    check_compression(attrs, where)
+
+
 def check_compression(attrs: dict[str, Any], where: str) -> None:
     """Refuse compressions no Python N5 library decodes, before any chunk is read."""
     comp = compression_of(attrs)

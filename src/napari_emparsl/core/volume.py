@@ -25,11 +25,12 @@ import z5py
 
 from napari_emparsl.core.n5attrs import (
     ATTRS,
+    N5_DTYPES,
     Node,
     VolumeError,
     ancestor_attrs,
     axes_c_order,
-    check_compression,
+    check_dataset_attrs,
     compression_of,
     find_container_root,
     is_container,
@@ -71,9 +72,7 @@ UNFINISHED = "emparsl_unfinished"
 leaves it, and runs and `evaluate` refuse such an input instead of reading its missing chunks
 as zeros."""
 
-_WRITABLE_DTYPES = {
-    "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float32", "float64",
-}  # fmt: skip
+_WRITABLE_DTYPES = set(N5_DTYPES)
 
 
 class _TolerantFile(z5py.File):
@@ -323,7 +322,7 @@ class Volume:
                 "to-scalar`) and open that."
             )
         for k, a in zip(level_keys, level_attrs, strict=True):
-            check_compression(a, f"{root}:{k}")
+            check_dataset_attrs(a, f"{root}:{k}")
         try:
             ds = _dataset(root, level_keys[0])
         except (RuntimeError, KeyError) as err:
@@ -548,6 +547,23 @@ class Volume:
                 f"{', '.join(sorted(_WRITABLE_DTYPES))}."
             )
         shape = tuple(int(s) for s in shape)
+        if not all(s > 0 for s in shape):  # z5py divides by it: SIGFPE, the process gone
+            raise VolumeError(
+                f"Cannot write {root}:{key} with {'×'.join(map(str, shape))} voxels: a dataset "
+                "needs at least one voxel along each axis."
+            )
+        parts = key.split("/")
+        for n in range(1, len(parts)):  # z5py: "Incompatible object (Dataset) already exists"
+            above = "/".join(parts[:n])
+            try:
+                is_dataset = is_dataset_attrs(read_attrs(os.path.join(root, above)))
+            except VolumeError:
+                is_dataset = False
+            if is_dataset:
+                raise VolumeError(
+                    f"{root}:{above} is a dataset, which cannot hold {key}; choose a name "
+                    f"beside it, e.g. {root}:{'/'.join([*parts[: n - 1], parts[-1]])}."
+                )
         chunks = tuple(max(1, min(int(c), s)) for c, s in zip(chunks, shape, strict=True))
         _prepare_output(root, key, overwrite)
         f = _open_file(root, "a")

@@ -427,6 +427,11 @@ class Run:
                 "written, or its writer was stopped, so parts of it are missing); wait for it to "
                 "finish, or write it again, e.g. with `emparsl import … --overwrite`."
             )
+        if not all(src.shape):
+            raise RunError(
+                f"The input {src.root}:{src.key} has no voxels (its size is {'×'.join(map(str, src.shape))}); "
+                "choose a dataset with data."
+            )
         if os.path.realpath(src.root) == os.path.realpath(self.output_root):
             _refuse_output_over_input(self.output, self.output_key, src)
         spec = describe_model(self.model, self.model_options)
