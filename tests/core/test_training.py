@@ -141,3 +141,43 @@ def test_empty_dataset_and_no_steps_are_refused(pair):
         with pytest.raises(TrainingDataError) as err:
             train(model, ds, log=lambda _: None, **kwargs)
         assert sentence in str(err.value) and "\n" not in str(err.value)
+
+
+class _Recording(torch.nn.Module):
+    """A model that keeps a copy of every batch it is given."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.inputs = model, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.detach().clone())
+        return self.model(x)
+
+
+def test_each_step_draws_fresh_tiles_reproducibly(pair):
+    """A DataLoader over range(length) came round to the same tiles (augmentation included)
+    after length/batch steps: length=4, 6 steps of 2 gave only 2 distinct batches."""
+    from napari_emparsl.core.models.unet import UNet
+
+    raw_vol, labels_vol, _ = pair
+
+    def run(seed: int) -> tuple[_Recording, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = _Recording(UNet(1, 5, dims=3, base=2, depth=1))
+        ds = N5TileDataset([(raw_vol, labels_vol)], (4, 8, 8), length=4, seed=seed)
+        train(model, ds, steps=6, batch=2, log=lambda _: None)
+        return model, [p.detach().clone() for p in model.parameters()]
+
+    model, weights = run(0)
+    assert len(model.inputs) == 6
+    tiles = [tuple(x.numpy().ravel().tolist()) for b in model.inputs for x in b]
+    assert len(set(tiles)) == 12  # every tile of the run is new
+    ds = N5TileDataset([(raw_vol, labels_vol)], (4, 8, 8), length=4, seed=0)
+    assert torch.equal(model.inputs[0][1], ds[1][0])  # the first pass: the dataset's items
+    again, weights_again = run(0)
+    assert all(torch.equal(a, b) for a, b in zip(model.inputs, again.inputs, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(weights, weights_again, strict=True))
+    other, weights_other = run(1)
+    assert not torch.equal(model.inputs[0], other.inputs[0])
+    assert any(not torch.equal(a, b) for a, b in zip(weights, weights_other, strict=True))

@@ -73,6 +73,10 @@ class N5TileDataset(Dataset):
     mean/std, int64 ``tile`` class ids. Random flips and axis-aligned rotations in y/x augment.
     Raw volumes may have a channel axis (first); labels are 3D integer class ids on the raw's grid.
     Bad pairs or tiles raise :class:`TrainingDataError` with one sentence.
+
+    Item ``i`` is drawn from a random stream seeded by ``(seed, i)``, so it is the same tile on
+    every read, for any ``i >= 0``: ``length`` is one pass of a plain DataLoader, and
+    :func:`train` reads items 0, 1, 2, … on past it, so no step sees an earlier step's tiles.
     """
 
     def __init__(
@@ -157,26 +161,24 @@ def train(
                 f"Training needs {name} of 1 or more, not {value!r}; ask for at least one step "
                 "of at least one tile."
             )
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=0)
+    # item k of the run is the dataset's item k, on past len(dataset): fresh tiles at every step
+    # (a DataLoader over range(len(dataset)) came round to the same tiles again after each pass),
+    # reproducible from the dataset's seed; the first pass is the tiles read before
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch, sampler=range(steps * batch), num_workers=0
+    )
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
     model.train()
     t0 = time.perf_counter()
-    step = 0
-    while step < steps:
-        for x, y in loader:
-            opt.zero_grad()
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            if step % 25 == 0 or step == steps:
-                log(
-                    f"step {step}/{steps}  loss {loss.item():.4f}  {time.perf_counter() - t0:.0f} s"
-                )
-            if step >= steps:
-                break
+    for step, (x, y) in enumerate(loader, 1):
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 25 == 0 or step == steps:
+            log(f"step {step}/{steps}  loss {loss.item():.4f}  {time.perf_counter() - t0:.0f} s")
     model.eval()
