@@ -196,7 +196,8 @@ def _free_memory() -> int | None:
 def cmd_sample(args: argparse.Namespace) -> int:
     from napari_emparsl.core.importer import human_size
     from napari_emparsl.core.paths import user_path
-    from napari_emparsl.core.sample import SAMPLE_LEVELS, make_sample, write_sample
+    from napari_emparsl.core.sample import make_sample, write_sample
+    from napari_emparsl.core.volume import Volume
 
     args.output = user_path(args.output)  # "~/s.n5": in the home folder, not a folder named ~
     if os.path.exists(args.output) and not args.overwrite:
@@ -216,10 +217,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     t_gen = time.perf_counter() - t0
     write_sample(args.output, sample, overwrite=args.overwrite)
     shape = "×".join(map(str, sample.raw.shape))
+    levels = len(Volume.open(args.output, "raw").levels)  # fewer where the sample is small
     print(
         f"Wrote the synthetic EM sample (seed {args.seed}, {shape} voxels, generated in "
-        f"{t_gen:.1f} s) to {args.output}: raw, labels/classes, labels/cells, {SAMPLE_LEVELS} pyramid "
-        "levels each."
+        f"{t_gen:.1f} s) to {args.output}: raw, labels/classes, labels/cells, "
+        + (f"{levels} pyramid levels each." if levels > 1 else "no pyramid (too small).")
     )
     return 0
 
@@ -376,6 +378,7 @@ def _run(args: argparse.Namespace) -> int:
         for event in events:
             last = event
             if isinstance(event, Planned):
+                t0 = time.perf_counter()  # the rate of blocks, not of preparing the model
                 skipped = event.total - event.todo
                 progress = (skipped, event.total)
                 print(
@@ -451,7 +454,7 @@ def _run(args: argparse.Namespace) -> int:
                         file=sys.stderr,
                     )
             print(
-                f"emparsl: error: {last.failed} block(s) failed; see `emparsl status {args.output}` "
+                f"emparsl: error: {last.failed} block(s) failed; see `emparsl status {run.output}` "
                 "and run the same command again to retry them.",
                 file=sys.stderr,
             )
@@ -482,7 +485,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise VolumeError(f"{missing} does not exist; check the path.")
     if not ledger.exists():
         raise VolumeError(
-            f"{root}:{key} has no emparsl ledger; it was not written by `emparsl run`."
+            (f"{root}:{key}" if key else root)
+            + " has no emparsl ledger; it was not written by `emparsl run`."
         )
     summary = ledger.summary()
     last = summary.last_run

@@ -304,6 +304,7 @@ def test_status_of_what_is_not_there(capsys, tmp_path, small_n5):
         (f"{tmp_path}/nothere.n5:x", f"{tmp_path}/nothere.n5 does not exist; check the path."),
         (f"{path}:nope", f"{path}:nope does not exist; check the path."),
         (f"{path}:raw", "has no emparsl ledger; it was not written by `emparsl run`."),
+        (str(path), f"{path} has no emparsl ledger; it was not written by `emparsl run`."),
     ):
         code, _, err = run(capsys, "status", spec)
         assert code == 2 and err.strip().endswith(message)
@@ -548,3 +549,10 @@ def test_site_profiles_that_would_not_do_what_they_say_are_refused(capsys, tmp_p
         assert code == 2 and f"is invalid: field '{field}': " in err, (text, err)
     (tmp_path / "odd.yaml").write_text("kind: local\nstrategy_period: 2\nnice: 19\n")
     assert load_site("odd").strategy_period == 2.0
+
+
+def test_sample_says_how_many_levels_it_wrote(capsys, tmp_path):
+    """It always said "3 pyramid levels each"; a small sample has fewer."""
+    for shape, said in (("1", "no pyramid (too small)."), ("64,64,64", "3 pyramid levels each.")):
+        code, out, _ = run(capsys, "sample", f"{tmp_path}/s{len(shape)}.n5", "--shape", shape)
+        assert code == 0 and out.strip().endswith(f"labels/cells, {said}"), out

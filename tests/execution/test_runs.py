@@ -26,6 +26,19 @@ from napari_emparsl.core.volume import Volume, save_array
 from napari_emparsl.execution.runner import Run, RunError
 
 
+def test_failed_run_without_output_names_the_output_it_wrote(tmp_path, failing_model, capsys):
+    """Without --output the run writes to the suggested one; its failure said `emparsl status
+    None`."""
+    data = np.zeros((16, 16, 32), np.float32)
+    data[3, 3, 3] = 255.0  # block 0 of 2
+    save_array(tmp_path / "in.n5", "raw", data, chunks=(16, 16, 16))
+    code = main(["run", "--input", f"{tmp_path}/in.n5:raw", "--model", failing_model,
+                 "--site", "threads", "--retries", "0"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and "None" not in err
+    assert f"see `emparsl status {tmp_path}/in.n5:predictions/raw` and run" in err
+
+
 def test_failing_blocks_reported_then_only_they_rerun(tmp_path, failing_model, save_model, capsys):
     data = np.zeros((32, 32, 32), np.float32)
     data[3, 3, 3] = 255.0  # block 0
