@@ -181,3 +181,36 @@ def test_each_step_draws_fresh_tiles_reproducibly(pair):
     other, weights_other = run(1)
     assert not torch.equal(model.inputs[0], other.inputs[0])
     assert any(not torch.equal(a, b) for a, b in zip(weights, weights_other, strict=True))
+
+
+def test_labels_beyond_the_classes_are_one_sentence(tmp_path, pair):
+    """Instance-like ids (up to 43) for a 5-class model failed inside the loss with
+    'IndexError: Target 43 is out of bounds'."""
+    from napari_emparsl.core.models.unet import UNet
+
+    raw_vol, labels_vol, raw = pair
+    cells = save_array(tmp_path / "t.n5", "cells", (raw % 44).astype(np.uint16), chunks=(8, 16, 16))
+    model = UNet(1, 5, dims=3, base=2, depth=1)
+    ds = N5TileDataset([(raw_vol, labels_vol), (raw_vol, cells)], (8, 16, 16), length=4)
+    with pytest.raises(TrainingDataError) as err:
+        train(model, ds, steps=3, batch=2, log=lambda _: None)
+    message = str(err.value)
+    assert (
+        f"The labels {tmp_path}/t.n5:cells hold id 43, the largest in a training tile, but"
+        in message
+    ), message
+    assert (
+        "but there are 5 classes, ids 0–4; give labels of class ids" in message
+        and "\n" not in message
+    )
+    assert isinstance(err.value, UserError)
+    # the dataset checks each tile itself when told the classes; negative ids too
+    with pytest.raises(TrainingDataError, match="hold id 43, .* 5 classes"):
+        N5TileDataset([(raw_vol, cells)], (8, 16, 16), length=4, classes=5)[0]
+    signed = save_array(tmp_path / "t.n5", "signed", (raw % 3).astype(np.int8) - 1)
+    with pytest.raises(TrainingDataError, match="signed hold id -1 but there are 3 classes"):
+        N5TileDataset([(raw_vol, signed)], (8, 16, 16), length=4, classes=3)[0]
+    with pytest.raises(TrainingDataError, match="The number of classes is 1 or more, not 0."):
+        N5TileDataset([(raw_vol, labels_vol)], (8, 16, 16), classes=0)
+    _, y = N5TileDataset([(raw_vol, labels_vol)], (8, 16, 16), length=4, classes=5)[3]  # fits
+    assert int(y.min()) == 0 and int(y.max()) == 4

@@ -72,7 +72,9 @@ class N5TileDataset(Dataset):
     Each item is ``(x, y)``: float32 ``(channels, *tile)`` normalized by the volume's global
     mean/std, int64 ``tile`` class ids. Random flips and axis-aligned rotations in y/x augment.
     Raw volumes may have a channel axis (first); labels are 3D integer class ids on the raw's grid.
-    Bad pairs or tiles raise :class:`TrainingDataError` with one sentence.
+    Bad pairs or tiles raise :class:`TrainingDataError` with one sentence; given ``classes``, so
+    does a tile whose labels hold an id outside 0…classes-1 (:func:`train` checks every tile
+    against the model's classes in any case).
 
     Item ``i`` is drawn from a random stream seeded by ``(seed, i)``, so it is the same tile on
     every read, for any ``i >= 0``: ``length`` is one pass of a plain DataLoader, and
@@ -87,6 +89,7 @@ class N5TileDataset(Dataset):
         length: int = 1000,
         seed: int = 0,
         augment: bool = True,
+        classes: int | None = None,
     ):
         self.pairs = list(pairs)
         try:
@@ -104,7 +107,12 @@ class N5TileDataset(Dataset):
                 f"A dataset of {length!r} tiles has nothing to train on; give a length of 1 or "
                 "more tiles."
             )
+        if classes is not None and (
+            isinstance(classes, bool) or not isinstance(classes, int | np.integer) or classes < 1
+        ):
+            raise TrainingDataError(f"The number of classes is 1 or more, not {classes!r}.")
         self.length = int(length)
+        self.classes = None if classes is None else int(classes)
         self.seed = seed
         self.augment = augment
         self.stats = [volume_stats(raw) for raw, _ in self.pairs]
@@ -112,9 +120,27 @@ class N5TileDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw(self, index: int) -> tuple[np.random.Generator, int]:
+        """Item ``index``'s random stream, and the pair it reads, drawn first from it."""
         rng = np.random.default_rng((self.seed, index))
-        k = int(rng.integers(len(self.pairs)))
+        return rng, int(rng.integers(len(self.pairs)))
+
+    def check_classes(self, index: int, y: torch.Tensor | np.ndarray, classes: int) -> None:
+        """Raise :class:`TrainingDataError` naming the labels volume if item ``index``'s labels
+        ``y`` hold an id outside 0…classes-1 (instance ids, say), which the loss cannot take."""
+        low, high = int(y.min()), int(y.max())
+        if low >= 0 and high < classes:
+            return
+        labels = self.pairs[self._draw(index)[1]][1]
+        found = f"id {high}, the largest in a training tile," if high >= classes else f"id {low}"
+        raise TrainingDataError(
+            f"The labels {labels.root}:{labels.key} hold {found} but there are {classes} "
+            f"classes, ids 0–{classes - 1}; give labels of class ids (0 = background, 1, 2, …), "
+            "not instance ids, or train that many classes."
+        )
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng, k = self._draw(index)
         raw, labels = self.pairs[k]
         spatial = _spatial_shape(raw)
         begin = [int(rng.integers(0, n - t + 1)) for n, t in zip(spatial, self.tile, strict=True)]
@@ -125,6 +151,8 @@ class N5TileDataset(Dataset):
         if not has_c:
             x = x[None]
         y = labels.read(region).astype(np.int64)
+        if self.classes is not None:
+            self.check_classes(index, y, self.classes)
         if self.augment:
             for axis in range(3):
                 if rng.random() < 0.5:
@@ -175,7 +203,11 @@ def train(
     t0 = time.perf_counter()
     for step, (x, y) in enumerate(loader, 1):
         opt.zero_grad()
-        loss = loss_fn(model(x), y)
+        out = model(x)
+        if y.min() < 0 or y.max() >= out.shape[1]:  # the loss's own error is an IndexError
+            for j, tile in enumerate(y):
+                dataset.check_classes((step - 1) * batch + j, tile, out.shape[1])
+        loss = loss_fn(out, y)
         loss.backward()
         opt.step()
         sched.step()
