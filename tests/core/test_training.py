@@ -214,3 +214,30 @@ def test_labels_beyond_the_classes_are_one_sentence(tmp_path, pair):
         N5TileDataset([(raw_vol, labels_vol)], (8, 16, 16), classes=0)
     _, y = N5TileDataset([(raw_vol, labels_vol)], (8, 16, 16), length=4, classes=5)[3]  # fits
     assert int(y.min()) == 0 and int(y.max()) == 4
+
+
+def test_non_finite_raw_enters_as_zero_like_inference(tmp_path, pair):
+    """NaN in float raw went into the tiles and made the loss and the weights NaN; blockwise
+    inference feeds non-finite voxels to the model as 0 once normalized, and so does training."""
+    from napari_emparsl.core.models.unet import UNet
+
+    _, labels_vol, raw = pair
+    holes = raw.astype(np.float32)
+    holes[:, :20] = np.nan
+    holes[:, 20:, :3] = np.inf
+    rv = save_array(tmp_path / "n.n5", "raw", holes, chunks=(8, 16, 16))
+    ds = N5TileDataset([(rv, labels_vol)], SHAPE, length=4, augment=False)
+    x, _ = ds[0]
+    mean, std = ds.stats[0]
+    assert np.isfinite(mean) and np.isfinite(std)
+    bad = ~np.isfinite(holes)
+    assert (x[0].numpy()[bad] == 0).all()
+    np.testing.assert_allclose(x[0].numpy()[~bad], (holes[~bad] - mean) / std, rtol=1e-5)
+    torch.manual_seed(0)
+    model = UNet(1, 5, dims=3, base=2, depth=1)
+    lines: list[str] = []
+    train(
+        model, N5TileDataset([(rv, labels_vol)], (8, 16, 16), length=4), steps=3, log=lines.append
+    )
+    assert "nan" not in lines[-1]
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -70,7 +70,8 @@ class N5TileDataset(Dataset):
     """Random (raw, labels) tiles from one or more N5 volume pairs; reads only the tiles.
 
     Each item is ``(x, y)``: float32 ``(channels, *tile)`` normalized by the volume's global
-    mean/std, int64 ``tile`` class ids. Random flips and axis-aligned rotations in y/x augment.
+    mean/std (NaN and infinite voxels: 0, as in blockwise inference), int64 ``tile`` class ids.
+    Random flips and axis-aligned rotations in y/x augment.
     Raw volumes may have a channel axis (first); labels are 3D integer class ids on the raw's grid.
     Bad pairs or tiles raise :class:`TrainingDataError` with one sentence; given ``classes``, so
     does a tile whose labels hold an id outside 0…classes-1 (:func:`train` checks every tile
@@ -148,6 +149,10 @@ class N5TileDataset(Dataset):
         mean, std = self.stats[k]
         has_c = "c" in raw.axes
         x = (raw.read(((slice(None),) if has_c else ()) + region).astype(np.float32) - mean) / std
+        if np.issubdtype(raw.dtype, np.floating) and not np.isfinite(x).all():
+            # NaN / infinite voxels (masked or padded float data) are 0 once normalized, as
+            # blockwise inference feeds them to the model; else they make the loss and weights NaN
+            np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         if not has_c:
             x = x[None]
         y = labels.read(region).astype(np.int64)
