@@ -1,10 +1,12 @@
 """Train the built-in 3D U-Net (``unet3d-em``) on the synthetic sample, reproducibly from a seed.
 
-    .venv/bin/python scripts/train_unet.py [--steps 600] [--out src/napari_emparsl/models]
+    .venv/bin/python scripts/train_unet.py [--steps 800] [--seed 0] [--out FOLDER]
 
 Trains on samples generated with seeds 1-3 (written to N5 and read back as random tiles through
 N5TileDataset), then reports per-class Dice on a sample with seed 100, which it never saw.
-Writes ``unet3d_em.pt`` (state dict) and ``unet3d_em.pt.yaml`` (its ModelSpec sidecar).
+Writes ``unet3d_em.pt`` (state dict) and ``unet3d_em.pt.yaml`` (its ModelSpec sidecar) into
+``--out``, by default the current folder; the built-in model is replaced only when asked for
+explicitly, with ``--out src/napari_emparsl/models``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from napari_emparsl.core.models.unet import UNet, receptive_radius
 from napari_emparsl.core.sample import CLASS_NAMES, make_sample
 from napari_emparsl.core.volume import save_array
 
-REPO = Path(__file__).resolve().parents[1]
 ARCH = {"base": 8, "depth": 2}
 
 
@@ -35,12 +36,21 @@ def write_sample(folder: Path, seed: int, shape=(96, 160, 160)):
     return raw, labels, s
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=800, help="training steps of 2 tiles (800)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and tiles (0)")
+    p.add_argument(
+        "--out",
+        default=".",
+        help="folder to write unet3d_em.pt and its sidecar into (default: the current folder); "
+        "--out src/napari_emparsl/models replaces the built-in model",
+    )
+    return p.parse_args(argv)
+
+
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(REPO / "src" / "napari_emparsl" / "models"))
-    args = p.parse_args()
+    args = parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:

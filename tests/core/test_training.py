@@ -241,3 +241,22 @@ def test_non_finite_raw_enters_as_zero_like_inference(tmp_path, pair):
     )
     assert "nan" not in lines[-1]
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_train_unet_script_writes_to_the_current_folder_by_default(tmp_path, monkeypatch):
+    """Its default --out was the package's models folder, so a trial run replaced the built-in
+    model; and its docstring said --steps 600 where the default (and docs/models.md) is 800."""
+    import importlib.util
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("train_unet", repo / "scripts" / "train_unet.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.chdir(tmp_path)
+    args = script.parse_args([])
+    assert Path(args.out).resolve() == tmp_path.resolve()
+    shipped = repo / "src" / "napari_emparsl" / "models"
+    assert Path(script.parse_args(["--out", str(shipped)]).out) == shipped  # only when asked
+    assert f"--steps {args.steps}]" in script.__doc__ and args.steps == 800
+    assert f"{args.steps} steps of two random" in (repo / "docs" / "models.md").read_text()
