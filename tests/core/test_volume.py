@@ -426,6 +426,10 @@ def test_parse_spec_splits_after_the_container_folder(tmp_path):
     (tmp_path / "run:1" / "cont").mkdir(parents=True)
     assert parse_spec(f"{tmp_path}/run:1/cont:raw") == (f"{tmp_path}/run:1/cont", "raw")
     assert parse_spec("/nowhere/x:y:z") == ("/nowhere/x:y", "z")
+    # a folder inside the container, then the key (a regression of this split: the whole text
+    # was taken as a path, and a run wrote a dataset named "raw:s0")
+    assert parse_spec(f"{base}/c.n5/labels:cells") == (f"{base}/c.n5/labels", "cells")
+    assert parse_spec("/nowhere/s.n5/raw:s0") == ("/nowhere/s.n5/raw", "s0")
 
 
 def test_zstd_reads_and_zlib_is_refused_in_one_sentence(tmp_path):

@@ -236,6 +236,16 @@ def test_resume_refusal_names_what_differs(tmp_path, conv_model, float_volume):
     np.testing.assert_array_equal(Volume.open(*src.split(":")).data.compute(), data)
 
 
+def _as_written_by_another_tool(dataset) -> None:
+    """Take emparsl's write id off a dataset, as if another program had written it."""
+    from napari_emparsl.core.volume import WRITE_ID
+
+    for path in dataset.rglob("attributes.json"):
+        attrs = json.loads(path.read_text())
+        attrs.pop(WRITE_ID, None)
+        path.write_text(json.dumps(attrs))
+
+
 def test_resume_refuses_a_changed_input_shape_and_another_model(
     tmp_path, conv_model, float_volume, save_model
 ):
@@ -246,6 +256,9 @@ def test_resume_refuses_a_changed_input_shape_and_another_model(
     import shutil
 
     src, data = float_volume
+    # written by another program (no write id, which would tell a writing again at once): its
+    # shape tells
+    _as_written_by_another_tool(tmp_path / "in.n5" / "raw")
     out = f"{tmp_path}/out.n5:pred"
     roi = Roi((0, 0, 0), (16, 16, 16))
     assert Run(src, conv_model, out, site="threads", block=(16, 16, 16), roi=roi).execute().ok
@@ -258,6 +271,7 @@ def test_resume_refuses_a_changed_input_shape_and_another_model(
         voxel_size=(40, 8, 8),
         overwrite=True,
     )
+    _as_written_by_another_tool(tmp_path / "in.n5" / "raw")
     with pytest.raises(RunError) as err:
         Run(src, conv_model, out, site="threads", block=(16, 16, 16)).prepare()
     assert str(err.value) == (
@@ -268,6 +282,7 @@ def test_resume_refuses_a_changed_input_shape_and_another_model(
     save_array(
         tmp_path / "in.n5", "raw", data, chunks=(16,) * 3, voxel_size=(40, 8, 8), overwrite=True
     )
+    _as_written_by_another_tool(tmp_path / "in.n5" / "raw")
     # another model file with the same description
     other = tmp_path / "other.pt"
     shutil.copy(conv_model, other)
@@ -440,6 +455,32 @@ def test_cancel_on_threads_begins_no_queued_block_and_records_what_finished(
     done_ids = set(Ledger(str(tmp_path / "o.n5"), "x").summary().done)
     assert done_ids == set(begun) and last.done == len(begun) < 48
     assert {e.result.block_id for e in events if isinstance(e, BlockDone)} == done_ids
+
+
+def test_resume_after_the_input_was_written_again_is_refused(tmp_path, conv_model, float_volume):
+    """The input written again with the same shape (`emparsl import … --overwrite`, `sample
+    --overwrite`): the resume said "Finished", the blocks done before holding what the old input
+    gave — or, partly done, one output from two inputs. Each writing has its own id now, which
+    the ledger records."""
+    src, data = float_volume
+    out = f"{tmp_path}/o.n5:x"
+    assert Run(src, conv_model, out, site="threads", roi="0:16,0:16,0:16").execute().ok
+    assert Run(src, conv_model, out, site="threads", roi="0:32,0:16,0:16").execute().ok  # same
+    root, key = src.rsplit(":", 1)
+    save_array(
+        root, key, data[::-1].copy(), chunks=(16, 16, 16), voxel_size=(40, 8, 8), overwrite=True
+    )
+    before = open(Ledger(str(tmp_path / "o.n5"), "x").path).read()
+    with pytest.raises(RunError) as err:
+        Run(src, conv_model, out, site="threads").execute()
+    assert str(err.value) == (
+        f"The input {src} was written again since the output {out} was begun, so its blocks "
+        "done so far hold what the input held then; pass --overwrite to compute the output "
+        "anew, or choose another output name."
+    )
+    assert open(Ledger(str(tmp_path / "o.n5"), "x").path).read() == before  # nothing recorded
+    assert Run(src, conv_model, out, site="threads", overwrite=True).execute().ok
+    assert Run(src, conv_model, out, site="threads").execute().ok  # resumes the new one
 
 
 def test_cancel_while_preparing_changes_nothing(tmp_path, conv_model, float_volume):

@@ -66,6 +66,11 @@ __all__ = [
 ]
 
 LOCK_SUFFIX = ".emparsl-lock"  # a run's lock file beside its output dataset (ledger.OutputLock)
+WRITE_ID = "emparsl_written"
+"""Attribute of each dataset (and pyramid group) emparsl writes: a random id made anew by each
+writing (an import, a sample, a run's output created or replaced). A run records its input's id
+in its ledger, so that resuming after the input was written again is refused — by id or by
+path the input would look the same, and the blocks done before came from what it held then."""
 UNFINISHED = "emparsl_unfinished"
 """Attribute of a dataset still being written by an import, a napari save or `emparsl sample`
 (removed once its last chunk is written): a writer killed mid-way (kill -9, a node's failure)
@@ -137,8 +142,9 @@ def parse_spec(spec: str) -> tuple[str, str]:
     """Split ``PATH.n5:DATASET`` into ``(PATH.n5, DATASET)``; the key is ``""`` when absent.
     The path may be typed as a person would (``~/data.n5``, quoted): see :func:`user_path`.
 
-    The split is at the first ``:`` after a folder named ``*.n5`` / ``*.zarr``, so a colon in a
-    folder above it (``exp:1/out.n5``) stays in the path and one in the dataset name after it
+    The split is at the first ``:`` after a folder named ``*.n5`` / ``*.zarr`` (also after a
+    folder inside it: ``s.n5/labels:cells``), so a colon in a folder above it
+    (``exp:1/out.n5``) stays in the path and one in the dataset name after it
     (``c.n5:raw:v2``) stays in the key; a path with such a folder but no colon after it has no
     key. Without such a folder (a container named otherwise), the split is at the last colon
     whose path part exists, else at the last colon.
@@ -147,9 +153,8 @@ def parse_spec(spec: str) -> tuple[str, str]:
     if ":" not in spec or os.path.exists(spec):
         return spec, ""
     colons = [i for i, ch in enumerate(spec) if ch == ":" and i > 1]  # "C:" is a drive letter
-    for i in colons:
-        name = re.split(r"[/\\]", spec[:i].rstrip("/\\"))[-1]
-        if name.lower().endswith((".n5", ".zarr")):
+    for i in colons:  # the first colon inside the container (s.n5:raw, s.n5/labels:cells)
+        if any(p.lower().endswith((".n5", ".zarr")) for p in re.split(r"[/\\]", spec[:i])):
             return spec[:i], check_key(spec[i + 1 :].strip("/"), spec)
     if any(part.lower().endswith((".n5", ".zarr")) for part in re.split(r"[/\\]", spec) if part):
         return spec, ""  # every colon is before the container's folder: part of the path
@@ -461,6 +466,12 @@ class Volume:
         ds = _dataset(self.root, self.levels[0], "a")
         ds[region] = np.ascontiguousarray(data, dtype=self.dtype)
 
+    @property
+    def write_id(self) -> str | None:
+        """The :data:`WRITE_ID` of this volume's writing; None where another tool wrote it."""
+        value = self.attrs.get(WRITE_ID)
+        return value if isinstance(value, str) else None
+
     def mark_finished(self) -> None:
         """Remove the :data:`UNFINISHED` mark the writer set when it created the volume."""
         nodes = [_dataset(self.root, self.levels[0], "a")]
@@ -569,15 +580,17 @@ class Volume:
         f = _open_file(root, "a")
         kwargs = {"compression": compression} if compression != "raw" else {"compression": "raw"}
         geometry = _geometry_attrs(len(shape), voxel_size, unit, offset)
+        written = {WRITE_ID: uuid.uuid4().hex}
         if not levels or len(levels) < 2:
             f.create_dataset(key, shape=shape, chunks=chunks, dtype=dtype.name, **kwargs)
-            f[key].attrs.update(geometry | (attrs or {}))
+            f[key].attrs.update(geometry | written | (attrs or {}))
             return cls.open(root, key)
         factors = [tuple(int(v) for v in fac) for fac in levels]
         group = f.require_group(key)
         group.attrs.update(
             geometry
             | {"multiScale": True, "scales": [list(reversed(fac)) for fac in factors]}
+            | written
             | (attrs or {})
         )
         spatial = min(len(shape), 3)
@@ -599,6 +612,7 @@ class Volume:
                 }
                 | ({"offset": geometry["offset"]} if "offset" in geometry else {})
                 | ({"layer_type": attrs["layer_type"]} if attrs and "layer_type" in attrs else {})
+                | written  # also where one level is opened as the input
             )
         return cls.open(root, key)
 

@@ -584,6 +584,7 @@ class Run:
         done = set(ledger.summary().done) if ledger.exists() else set()
         self._provenance = {
             "input": f"{src.root}:{src.key}",
+            "input_written": src.write_id,
             "model": self.model,
             "model_file": model_file,
             "model_sha256": model_sha256,
@@ -617,6 +618,14 @@ class Run:
                 )
             # a changed model file (a fix) may resume: the ledger records each run's hash
             last = ledger.summary().last_run
+            was = last.get("input_written")
+            if was and was != src.write_id and last.get("input") == f"{src.root}:{src.key}":
+                raise RunError(
+                    f"The input {src.root}:{src.key} was written again since the output "
+                    f"{self.output} was begun, so its blocks done so far hold what the input "
+                    "held then; pass --overwrite to compute the output anew, or choose another "
+                    "output name."
+                )
             changed = _changes(last, src, spec, block, halo) + _model_changed(
                 last, str(self.model), *model
             )
