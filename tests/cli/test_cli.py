@@ -251,6 +251,12 @@ def test_python_api_takes_a_region_as_text_slices_or_pairs(small_n5, tmp_path):
     for roi in (5, (slice(0, 8, 2), slice(0, 8), slice(0, 8))):
         with pytest.raises(RunError, match=r"A region is z0:z1,y0:y1,x0:x1 \(or numpy slices"):
             napari_emparsl.run(src, "unet3d-em", f"{tmp_path}/x.n5:p", roi=roi)
+    # a negative bound: numpy counts it from the end; it was taken as 0 (-8: ran the whole
+    # column) or said "empty" (0:-1)
+    for roi in ("-8:,0:8,0:8", "0:-1,:,:", (slice(-8, None), slice(0, 8), slice(0, 8))):
+        with pytest.raises(RunError, match=r"has a negative bound; give positions counted from"):
+            napari_emparsl.run(src, "unet3d-em", f"{tmp_path}/x.n5:p", roi=roi)
+    assert not (tmp_path / "x.n5").exists()
 
 
 def test_sample_writes_pyramids_with_ground_truth(capsys, tmp_path):

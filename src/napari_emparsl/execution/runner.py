@@ -96,12 +96,13 @@ def _as_roi(roi: Any) -> Roi | None:
             (r.start or 0, r.stop) if isinstance(r, slice) and r.step in (None, 1) else tuple(r)
             for r in roi
         ]
-        return parse_roi(",".join(f"{int(a)}:{'' if b is None else int(b)}" for a, b in pairs))
+        text = ",".join(f"{int(a)}:{'' if b is None else int(b)}" for a, b in pairs)
     except (TypeError, ValueError):
         raise RunError(
             "A region is z0:z1,y0:y1,x0:x1 (or numpy slices, or (start, stop) pairs, one per "
             f"axis), not {roi!r}."
         ) from None
+    return parse_roi(text)
 
 
 def parse_roi(text: str) -> Roi:
@@ -116,6 +117,11 @@ def parse_roi(text: str) -> Roi:
             f"A region is z0:z1,y0:y1,x0:x1 (e.g. 0:64,100:300,: — an empty end is the volume's), "
             f"not {text!r}."
         ) from None
+    if any(v < 0 for v in (*begin, *end)):  # numpy would count from the end: not taken as 0
+        raise RunError(
+            f"The region {text} has a negative bound; give positions counted from 0 (e.g. "
+            "56:64 for the last 8 of 64 slices, or 56: to the end)."
+        )
     if any(e <= b for b, e in zip(begin, end, strict=True)):
         raise RunError(f"The region {text} is empty; each end must be larger than its start.")
     return Roi.from_bounds(begin, end)
