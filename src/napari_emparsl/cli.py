@@ -77,6 +77,8 @@ _count = _scalar(int, lambda v: v >= 0, "a whole number", "cannot be negative")
 _positive = _scalar(
     float, lambda v: math.isfinite(v) and v > 0, "a number", "must be a positive number"
 )
+# the sample's cells are laid out in nm: a huge anisotropy overflowed (an internal error)
+_anisotropy = _scalar(float, lambda v: 0 < v <= 100, "a number", "must be above 0 and at most 100")
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -798,7 +800,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("output", help="OUT.n5 to create")
     sample.add_argument("--seed", type=_count, default=0)
     sample.add_argument("--shape", type=_ints, default=(128, 256, 256), help="z,y,x voxels")
-    sample.add_argument("--anisotropy", type=_positive, default=1.0, help="z voxel size / xy size")
+    sample.add_argument(
+        "--anisotropy", type=_anisotropy, default=1.0, help="z voxel size / xy size (up to 100)"
+    )
     sample.add_argument("--overwrite", action="store_true")
     sample.set_defaults(func=cmd_sample)
 

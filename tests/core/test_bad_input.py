@@ -234,10 +234,21 @@ def test_a_2d_dataset_says_how_to_make_it_a_volume(capsys, tmp_path):
                  f"{tmp_path}/o.n5:p", "--site", "threads"])  # fmt: skip
     assert code == 2 and capsys.readouterr().err == (
         f"emparsl: error: The input {tmp_path}/i.n5:img has 2 spatial axes; emparsl runs on 3D "
-        "volumes (a 2D image is a volume of one slice: save it as a TIFF and `emparsl import` it, "
-        "which writes it as 1×Y×X).\n"
+        "volumes (z, y, x, and at most one channel axis) (a 2D image is a volume of one slice: "
+        "save it as a TIFF and `emparsl import` it, which writes it as 1×Y×X).\n"
     )
     assert not (tmp_path / "o.n5").exists()
+    # five axes with no names: not "5 spatial axes"
+    save_array(tmp_path / "i.n5", "five", np.zeros((2, 2, 4, 8, 8), np.uint8))
+    code = main(["run", "--input", f"{tmp_path}/i.n5:five", "--model", "unet3d-em", "--output",
+                 f"{tmp_path}/o.n5:p", "--site", "threads"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "has 5 axes (" in err and "spatial" not in err
+    with pytest.raises(SystemExit) as exit_:  # argparse's: before, an internal error
+        main(["sample", f"{tmp_path}/a.n5", "--shape", "8,16,16", "--anisotropy", "1e308"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "must be above 0 and at most 100, not '1e308'" in err
+    assert not (tmp_path / "o.n5").exists() and not (tmp_path / "a.n5").exists()
 
 
 @pytest.fixture

@@ -455,9 +455,14 @@ class Run:
                 if len(spatial) == 2
                 else ""
             )
+            what = (
+                f"{len(spatial)} spatial axes"
+                if set(src.axes) <= {"z", "y", "x", "c"}
+                else f"{len(src.shape)} axes ({', '.join(src.axes)})"  # a time axis, or unnamed
+            )
             raise RunError(
-                f"The input {src.root}:{src.key} has {len(spatial)} spatial axes; emparsl runs on "
-                f"3D volumes{hint}."
+                f"The input {src.root}:{src.key} has {what}; emparsl runs on 3D volumes (z, y, "
+                f"x, and at most one channel axis){hint}."
             )
         note = resolution_mismatch(spec, src.voxel_size, src.unit)
         if note:
