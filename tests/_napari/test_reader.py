@@ -214,7 +214,7 @@ def test_an_integer_volume_with_channels_opens_as_images(make_napari_viewer, tmp
 @pytest.mark.parametrize(
     ("unit", "expected"),
     [("voxel", "pixel"), ("\\u00B5m", "micrometer"), ("a.u.", "pixel"), ("nanometers", "nanometer"),
-     ("µm", "micrometer")],
+     ("µm", "micrometer"), ("cm", "centimeter"), ("pm", "picometer"), ("meter", "meter")],
 )  # fmt: skip
 def test_units_napari_cannot_parse_are_left_out(tmp_path, unit, expected):
     """A unit napari cannot parse ("voxel", ImageJ's literal "\\u00B5m") made napari's layer

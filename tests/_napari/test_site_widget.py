@@ -54,9 +54,13 @@ def test_form_from_schema_validates_and_saves(make_napari_viewer, tmp_path, monk
         "auto, not '0'"
     )
     widget.fields["threads_per_worker"].value = "auto"
-    # a local profile made a threads one: its nice has no process to apply to (was ignored)
+    # a local profile made a threads one: its nice has no process to apply to (was ignored);
+    # the form sets it back to 0 (and worker_init to none) as the kind changes
     widget.site.value = "local"
+    widget.fields["worker_init"].value = "module load x"
     widget.fields["kind"].value = "threads"
+    assert widget.fields["nice"].value == 0 and widget.fields["worker_init"].value == ""
+    widget.fields["nice"].value = 5  # set again by hand: refused, saying why
     assert widget.save() is None
     assert widget.message.value.startswith("nice sets the priority of worker processes")
     widget.fields["nice"].value = 0

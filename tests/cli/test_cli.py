@@ -537,6 +537,10 @@ def test_site_profiles_that_would_not_do_what_they_say_are_refused(capsys, tmp_p
         f"emparsl: error: The site profile {tmp_path}/gpu.yaml names itself 'mygpu', but a "
         "site's name is its file's name: rename the file to mygpu.yaml, or set name: gpu.\n"
     )
+    (tmp_path / "2024.yaml").write_text("name: 2024\nkind: local\n")  # YAML's int, not text
+    code, _, err = run(capsys, "sites", "show", "2024")
+    assert code == 2 and "is invalid: field 'name': Input should be a valid string" in err
+    (tmp_path / "2024.yaml").unlink()
     (tmp_path / "my gpu.yaml").write_text("kind: local\n")
     code, _, err = run(capsys, "sites", "show", str(tmp_path / "my gpu.yaml"))
     assert code == 2 and err.startswith(

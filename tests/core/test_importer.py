@@ -232,6 +232,10 @@ def test_bad_sources(tmp_path):
         VolumeError, match=r"x.h5:stack4d has shape \(2, 3, 4, 4\); import needs a 3D"
     ):
         open_source(f"{tmp_path}/x.h5:stack4d")
+    # a colon in the dataset's name (was split at the last colon: "x.h5:raw does not exist")
+    with h5py.File(tmp_path / "x.h5", "a") as f:
+        f["raw:v2"] = np.zeros((2, 3, 4), np.uint8)
+    assert open_source(f"{tmp_path}/x.h5:raw:v2").shape == (2, 3, 4)
 
 
 def test_estimate_comes_before_any_write(tmp_path):

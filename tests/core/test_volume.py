@@ -430,6 +430,10 @@ def test_parse_spec_splits_after_the_container_folder(tmp_path):
     # was taken as a path, and a run wrote a dataset named "raw:s0")
     assert parse_spec(f"{base}/c.n5/labels:cells") == (f"{base}/c.n5/labels", "cells")
     assert parse_spec("/nowhere/s.n5/raw:s0") == ("/nowhere/s.n5/raw", "s0")
+    # a container named otherwise holding a dataset named like one (as before today's split)
+    (tmp_path / "vol").mkdir()
+    assert parse_spec(f"{tmp_path}/vol:exports/a.n5") == (f"{tmp_path}/vol", "exports/a.n5")
+    assert parse_spec(f"{tmp_path}/vol:a.zarr") == (f"{tmp_path}/vol", "a.zarr")
 
 
 def test_zstd_reads_and_zlib_is_refused_in_one_sentence(tmp_path):
@@ -636,3 +640,38 @@ def test_a_dataset_inside_a_dataset_is_one_sentence(tmp_path):
         f"it, e.g. {tmp_path}/s.n5:pred."
     )
     assert sorted(p.name for p in (tmp_path / "s.n5" / "raw").iterdir()) == ["0", "attributes.json"]
+
+
+def test_every_writing_has_its_own_id_and_pyramids_refuse_what_z5py_dies_of(tmp_path):
+    """write_pyramid (the sample's writer) set no write id, so a resume after `sample
+    --overwrite` was not refused; and an axis of 0 voxels killed the process there (SIGFPE)."""
+    from napari_emparsl.core.sample import make_sample, write_sample
+
+    data = np.ones((8, 16, 16), np.uint8)
+    first = write_pyramid(tmp_path / "p.n5", "raw", data, chunks=(8, 8, 8), levels=2)
+    again = write_pyramid(tmp_path / "p.n5", "raw", data, chunks=(8, 8, 8), levels=2,
+                          overwrite=True)  # fmt: skip
+    assert first.write_id and again.write_id and first.write_id != again.write_id
+    level = Volume.open(tmp_path / "p.n5", "raw/s1")  # a level opened alone carries it too
+    assert level.write_id == again.write_id
+    ids = set()
+    for _ in range(2):
+        write_sample(str(tmp_path / "s.n5"), make_sample((8, 16, 16)), overwrite=True)
+        ids.add(Volume.open(tmp_path / "s.n5", "raw").write_id)
+    assert len(ids) == 2 and None not in ids
+    with pytest.raises(VolumeError, match=r"with 0×8×8 voxels: a dataset needs at least one"):
+        write_pyramid(tmp_path / "z.n5", "raw", np.zeros((0, 8, 8)), chunks=(4, 4, 4), levels=1)
+    with pytest.raises(VolumeError, match=r"p.n5:raw is a dataset|p.n5:raw/s0 is a dataset"):
+        write_pyramid(tmp_path / "p.n5", "raw/s0/x", data, chunks=(8, 8, 8), levels=1)
+
+
+def test_whole_numbers_written_as_floats_are_dimensions(tmp_path):
+    """`"dimensions": [8.0, …]` is read by z5py; the new attribute check refused it."""
+    import json
+
+    save_array(tmp_path / "f.n5", "raw", np.ones((8, 8, 8), np.uint8), chunks=(4, 4, 4))
+    path = tmp_path / "f.n5" / "raw" / "attributes.json"
+    attrs = json.loads(path.read_text())
+    attrs |= {"dimensions": [8.0] * 3, "blockSize": [4.0] * 3}
+    path.write_text(json.dumps(attrs))
+    assert Volume.open(tmp_path / "f.n5", "raw").data.compute().sum() == 512

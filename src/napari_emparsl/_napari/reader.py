@@ -148,11 +148,26 @@ def napari_unit(unit: str) -> str | None:
     nm = nm_per_unit(text)
     if nm is None and text.lower().endswith("s"):  # plurals: nanometers, microns
         nm = nm_per_unit(text[:-1])
-    if nm is None:
-        if text.lower() not in ("pixel", "pixels", ""):
-            log.info("unit %r is not a length napari knows: the layer keeps napari's units", unit)
+    if nm in _NAPARI_UNITS:
+        return _NAPARI_UNITS[nm]
+    named = _pint_length(text)  # other lengths napari's units know: cm, m, pm, meter, …
+    if named is None and text.lower() not in ("pixel", "pixels", ""):
+        log.info("unit %r is not a length napari knows: the layer keeps napari's units", unit)
+    return named
+
+
+def _pint_length(text: str) -> str | None:
+    """``text`` as pint (napari's units) names it, where it is a length; else None."""
+    try:
+        import pint
+
+        registry = pint.get_application_registry()
+        parsed = registry.Unit(text)
+        if parsed.dimensionality != registry.Unit("meter").dimensionality:
+            return None  # a.u. (atomic mass × year), a second, …
+        return str(parsed)
+    except Exception:  # not a unit pint knows (voxel), or no pint
         return None
-    return _NAPARI_UNITS.get(nm)
 
 
 def _central_chunks(shape: tuple[int, ...], chunks: list[int]) -> tuple[slice, ...]:

@@ -115,6 +115,7 @@ class SiteWidget(Container):
         self._relay.answer.connect(self._tested)
         self._testing = ""
         self.site.changed.connect(self.load)
+        self.fields["kind"].changed.connect(self._kind_changed)
         self.save_btn.changed.connect(self.save)
         self.test_btn.changed.connect(self.test)
         self.load()
@@ -129,6 +130,13 @@ class SiteWidget(Container):
             value = getattr(profile, name)
             widget.value = str(value) if name in self._auto else value
         self.message.value = ""
+
+    def _kind_changed(self, kind: str) -> None:
+        """Made a threads site: it has no worker processes, whose settings go back to their
+        defaults (a threads profile refuses them; a copy of `local` kept its nice of 10)."""
+        if kind == "threads":
+            for name in ("worker_init", "nice"):
+                self.fields[name].value = SiteProfile.model_fields[name].default
 
     def values(self) -> dict[str, Any]:
         return {

@@ -346,9 +346,17 @@ def open_source(spec: str) -> ImportSource:
     spec = user_path(spec)
     path, key = spec, ""
     if ":" in spec and not os.path.exists(spec):
-        left, right = spec.rsplit(":", 1)
-        if left.lower().endswith(HDF5_EXTENSIONS):
-            path, key = left, right
+        # the first colon after the file's name: one in the dataset name stays there (a.h5:raw:v2)
+        at = next(
+            (
+                i
+                for i, ch in enumerate(spec)
+                if ch == ":" and spec[:i].lower().endswith(HDF5_EXTENSIONS)
+            ),
+            None,
+        )
+        if at is not None:
+            path, key = spec[:at], spec[at + 1 :]
     if not os.path.exists(path):
         raise VolumeError(f"{path} does not exist; check the path.")
     if os.path.isdir(path):

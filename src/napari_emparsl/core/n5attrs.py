@@ -118,10 +118,17 @@ N5_DTYPES = (
 
 
 def _whole_numbers(value: Any, least: int) -> bool:
+    """A list of whole numbers of at least ``least`` (8.0 counts: z5py reads it)."""
     return (
         isinstance(value, list)
         and len(value) > 0
-        and all(isinstance(n, int) and not isinstance(n, bool) and n >= least for n in value)
+        and all(
+            isinstance(n, int | float)
+            and not isinstance(n, bool)
+            and float(n).is_integer()
+            and n >= least
+            for n in value
+        )
     )
 
 

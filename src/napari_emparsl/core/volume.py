@@ -153,14 +153,24 @@ def parse_spec(spec: str) -> tuple[str, str]:
     if ":" not in spec or os.path.exists(spec):
         return spec, ""
     colons = [i for i, ch in enumerate(spec) if ch == ":" and i > 1]  # "C:" is a drive letter
+
+    def container(text: str) -> bool:
+        return any(p.lower().endswith((".n5", ".zarr")) for p in re.split(r"[/\\]", text))
+
     for i in colons:  # the first colon inside the container (s.n5:raw, s.n5/labels:cells)
-        if any(p.lower().endswith((".n5", ".zarr")) for p in re.split(r"[/\\]", spec[:i])):
+        if container(spec[:i]):
             return spec[:i], check_key(spec[i + 1 :].strip("/"), spec)
-    if any(part.lower().endswith((".n5", ".zarr")) for part in re.split(r"[/\\]", spec) if part):
-        return spec, ""  # every colon is before the container's folder: part of the path
+    existing = [i for i in colons if os.path.exists(spec[:i])]
+    found = re.search(r"(?:^|[/\\])([^/\\]*\.(?:n5|zarr))(?=$|[/\\])", spec, re.IGNORECASE)
+    if found:  # every colon is before the container's folder
+        # part of the path (exp:1/out.n5), unless only what lies before a colon exists
+        # (vol:exports/a.n5, vol existing: the dataset exports/a.n5 in the container vol)
+        folder = spec[: found.start(1)].rstrip("/\\")
+        if not existing or (":" in folder and os.path.isdir(folder)):
+            return spec, ""
     if not colons:
         return spec, ""
-    i = next((i for i in reversed(colons) if os.path.exists(spec[:i])), colons[-1])
+    i = existing[-1] if existing else colons[-1]
     return spec[:i], check_key(spec[i + 1 :].strip("/"), spec)
 
 
@@ -558,23 +568,7 @@ class Volume:
                 f"{', '.join(sorted(_WRITABLE_DTYPES))}."
             )
         shape = tuple(int(s) for s in shape)
-        if not all(s > 0 for s in shape):  # z5py divides by it: SIGFPE, the process gone
-            raise VolumeError(
-                f"Cannot write {root}:{key} with {'×'.join(map(str, shape))} voxels: a dataset "
-                "needs at least one voxel along each axis."
-            )
-        parts = key.split("/")
-        for n in range(1, len(parts)):  # z5py: "Incompatible object (Dataset) already exists"
-            above = "/".join(parts[:n])
-            try:
-                is_dataset = is_dataset_attrs(read_attrs(os.path.join(root, above)))
-            except VolumeError:
-                is_dataset = False
-            if is_dataset:
-                raise VolumeError(
-                    f"{root}:{above} is a dataset, which cannot hold {key}; choose a name "
-                    f"beside it, e.g. {root}:{'/'.join([*parts[: n - 1], parts[-1]])}."
-                )
+        _check_new_dataset(root, key, shape)
         chunks = tuple(max(1, min(int(c), s)) for c, s in zip(chunks, shape, strict=True))
         _prepare_output(root, key, overwrite)
         f = _open_file(root, "a")
@@ -772,6 +766,27 @@ def check_output_free(root: str, key: str, overwrite: bool) -> None:
 def _names(keys: list[str], limit: int = 4) -> str:
     shown = ", ".join(keys[:limit])
     return shown if len(keys) <= limit else f"{shown} and {len(keys) - limit} more"
+
+
+def _check_new_dataset(root: str, key: str, shape: Sequence[int]) -> None:
+    """Refuse what z5py would fail on, or die of, before anything is written."""
+    if not all(s > 0 for s in shape):  # z5py divides by it: SIGFPE, the process gone
+        raise VolumeError(
+            f"Cannot write {root}:{key} with {'×'.join(map(str, shape))} voxels: a dataset "
+            "needs at least one voxel along each axis."
+        )
+    parts = key.split("/")
+    for n in range(1, len(parts)):  # z5py: "Incompatible object (Dataset) already exists"
+        above = "/".join(parts[:n])
+        try:
+            is_dataset = is_dataset_attrs(read_attrs(os.path.join(root, above)))
+        except VolumeError:
+            is_dataset = False
+        if is_dataset:
+            raise VolumeError(
+                f"{root}:{above} is a dataset, which cannot hold {key}; choose a name "
+                f"beside it, e.g. {root}:{'/'.join([*parts[: n - 1], parts[-1]])}."
+            )
 
 
 def _prepare_output(root: str, key: str, overwrite: bool) -> None:
@@ -1002,8 +1017,10 @@ def write_pyramid(
     root = user_path(path)
     key = key.strip("/")
     voxel_size = tuple(voxel_size) if voxel_size is not None else (1.0,) * data.ndim
+    _check_new_dataset(root, key, data.shape)
     _prepare_output(root, key, overwrite)
     factors = pyramid_factors(data.shape, voxel_size, levels)
+    written = {WRITE_ID: uuid.uuid4().hex}  # this writing's id (see WRITE_ID)
     arr = data if isinstance(data, da.Array) else da.from_array(data, chunks=tuple(chunks))
     group_attrs = (
         _geometry_attrs(data.ndim, voxel_size, unit, None)
@@ -1013,6 +1030,7 @@ def write_pyramid(
             "layer_type": "labels" if labels else "image",
             UNFINISHED: "a write that has not finished",
         }
+        | written
         | (attrs or {})
     )
     f = _open_file(root, "a")
@@ -1036,6 +1054,7 @@ def write_pyramid(
                 "pixelResolution": {"dimensions": list(reversed(voxel_size)), "unit": unit},
                 "layer_type": group_attrs["layer_type"],
             }
+            | written
         )
         # one dask task per output chunk: no two tasks ever write the same chunk file
         arr = arr.rechunk(level_chunks)

@@ -284,7 +284,8 @@ def load_site(site: str) -> SiteProfile:
         ) from None
     if not isinstance(data, dict):
         raise SiteError(f"The site profile {path} must be a mapping of settings.")
-    if site in files and "name" in data and data["name"] != path.stem:
+    name = data.get("name")
+    if site in files and isinstance(name, str) and name != path.stem:
         # a sites folder's profile is found by its file's name: under another name it could not
         # be chosen, and the site panel would save a second file (a file given by its path may
         # name its site as it likes)
@@ -292,12 +293,13 @@ def load_site(site: str) -> SiteProfile:
             f"The site profile {path} names itself {data['name']!r}, but a site's name is its "
             f"file's name: rename the file to {data['name']}.yaml, or set name: {path.stem}."
         )
+    named = "name" in data
     data.setdefault("name", path.stem)
     try:
         return SiteProfile.model_validate(data)
     except ValidationError as err:
         problem = profile_problem(err)
-        if problem.startswith("field 'name': "):  # the name is the file's: say so
+        if not named and problem.startswith("field 'name': "):  # the file's name: say so
             problem = f"its file name {path.stem!r} is no site name: " + problem.removeprefix(
                 "field 'name': "
             )
