@@ -141,7 +141,7 @@ def test_output_read_by_a_reader_that_stops_is_no_error(small_n5):
         (["import", "a.tif", "o.n5:raw", "--voxel-size", "nan,4,4"],
          "argument --voxel-size: voxel sizes must be positive, not 'nan,4,4'"),
         (["sample", "s.n5", "--anisotropy", "0"],
-         "argument --anisotropy: must be a positive number, not '0'"),
+         "argument --anisotropy: must be above 0 and at most 100, not '0'"),
     ],
 )  # fmt: skip
 def test_bad_option_value(capsys, args, message):
