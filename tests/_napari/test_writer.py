@@ -77,11 +77,35 @@ def test_writer_waits_for_no_run(make_napari_viewer, tmp_path, small_n5):
     before = Volume.open(tmp_path / "o.n5", "pred").data.compute()
     from napari_emparsl.core.ledger import OutputBusy
 
+    # the container given (napari asked before replacing what it holds): the layer "pred"
+    # would replace o.n5:pred
     with pytest.raises(OutputBusy, match="is being written by another run"):
-        layer.save(str(tmp_path / "o.n5" / "pred"), plugin=PLUGIN)
+        layer.save(str(tmp_path / "o.n5"), plugin=PLUGIN)
     np.testing.assert_array_equal(Volume.open(tmp_path / "o.n5", "pred").data.compute(), before)
     run.close()
-    layer.save(str(tmp_path / "o.n5" / "pred"), plugin=PLUGIN)  # the run ended: allowed now
+    layer.save(str(tmp_path / "o.n5"), plugin=PLUGIN)  # the run ended: allowed now
     assert Volume.open(tmp_path / "o.n5", "pred").data.compute().min() == 1
     layer.save(str(tmp_path / "new.n5"), plugin=PLUGIN)
     assert sorted(os.listdir(tmp_path / "new.n5")) == ["attributes.json", "pred"]
+
+
+def test_writer_replaces_only_what_napari_asked_about(tmp_path):
+    """napari's dialog asks before replacing the path it hands over; "w.n5/seg.n5" (its
+    extension added to a dataset name) does not exist, so nothing asked — and the existing
+    w.n5/seg (a whole pyramid) was replaced all the same."""
+    from napari_emparsl._napari.writer import write_labels
+    from napari_emparsl.core.volume import write_pyramid
+
+    data = np.arange(8 * 16 * 16, dtype=np.uint16).reshape(8, 16, 16)
+    write_pyramid(tmp_path / "w.n5", "seg", data, chunks=(8, 8, 8), levels=2, labels=True)
+    with pytest.raises(VolumeError) as err:
+        write_labels(str(tmp_path / "w.n5" / "seg.n5"), np.zeros((8, 16, 16), np.uint8), {})
+    assert str(err.value) == (
+        f"{tmp_path}/w.n5:seg exists already; save under another name, or remove it first "
+        "(nothing asked to replace it)."
+    )
+    kept = Volume.open(tmp_path / "w.n5", "seg")
+    assert len(kept.levels) == 2 and kept.data.compute().tolist() == data.tolist()
+    # the container itself given (napari asked about replacing it): its dataset is replaced
+    assert write_labels(str(tmp_path / "w.n5"), np.ones((4, 4, 4), np.uint8), {"name": "seg"})
+    assert Volume.open(tmp_path / "w.n5", "seg").shape == (4, 4, 4)

@@ -29,7 +29,8 @@ def _target(path: str, layer_name: str) -> tuple[str, str]:
 
 
 def _write(path: str, data: Any, meta: dict[str, Any], labels: bool) -> list[str]:
-    root, key = _target(user_path(path), meta.get("name") or "data")
+    given = user_path(path)
+    root, key = _target(given, meta.get("name") or "data")
     source = (meta.get("metadata") or {}).get("emparsl") or {}
     if (
         source
@@ -38,6 +39,15 @@ def _write(path: str, data: Any, meta: dict[str, Any], labels: bool) -> list[str
     ):
         raise VolumeError(
             f"{root}:{key} is the dataset this layer reads from; save it under another name."
+        )
+    # napari's save dialog asks before replacing only what it was given: an existing container
+    # (OUT.n5) may have its dataset replaced; "OUT.n5/seg.n5" (napari's extension on a dataset
+    # name) does not exist, nothing asked, and an existing OUT.n5/seg is not replaced
+    replace = os.path.exists(given)
+    if not replace and os.path.exists(os.path.join(root, key)):
+        raise VolumeError(
+            f"{root}:{key} exists already; save under another name, or remove it first "
+            "(nothing asked to replace it)."
         )
     if isinstance(data, list):  # multiscale: the finest level holds everything
         data = data[0]
@@ -59,7 +69,7 @@ def _write(path: str, data: Any, meta: dict[str, Any], labels: bool) -> list[str
             else None,
             unit=unit,
             labels=labels,
-            overwrite=True,  # napari's save dialog has already asked before replacing
+            overwrite=replace,  # napari's save dialog has asked before replacing it
         )
     finally:
         lock.release(remove=True)  # a saved layer keeps no lock file
