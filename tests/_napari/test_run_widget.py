@@ -233,6 +233,9 @@ def test_failing_model_shows_failed_blocks(make_napari_viewer, qtbot, sample_pat
     other.output.value = f"{sample_path}:elsewhere"
     assert other.failed_list.choices == () and not other.retry_btn.enabled
     assert other.status.value == ""
+    # … and the block filled in from its ledger goes back to what it was (the model's
+    # default): a new output did not take the last one's block without a word
+    assert other.block.value == ""
     other.close()
     # a run refused (another run holds the output) leaves the failed blocks as they were
     from napari_emparsl.execution.runner import Run
@@ -1121,3 +1124,50 @@ def test_a_unit_napari_does_not_know_makes_layers_without_units(
     assert out in viewer.layers and tuple(out.scale) == (2.0, 1.0, 1.0)
     assert out.units == boxes.units == layer.units  # napari's default (pixels) on all three
     assert np.asarray(out.data[:, :, 32:]).all() and not np.asarray(out.data[:, :32, :32]).any()
+
+
+def test_regions_come_from_a_3d_volume_seen_as_z_slices(make_napari_viewer, qtbot, sample_path):
+    """A 2D dataset: Preview and Draw region crashed (IndexError, ValueError); a transposed
+    view previewed another region than the one on screen; Draw region in 3D set a mode napari
+    ignores there. Engine messages speak of the panel's fields, not command-line options."""
+    from napari.utils.notifications import notification_manager
+
+    from napari_emparsl.core.volume import save_array
+
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    save_array(sample_path, "img2d", np.zeros((64, 64), np.uint8))
+    [flat] = viewer.open(str(sample_path / "img2d"), plugin=PLUGIN)
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    try:
+        widget.input.reset_choices()
+        widget.input.value = flat
+        for button in (widget.preview_btn, widget.region_btn):
+            button.clicked.emit()
+            assert widget.status.value.startswith(
+                "The layer 'img2d' is 2D; previews and runs need a 3D volume"
+            ), widget.status.value
+        viewer.layers.remove(flat)
+        widget.input.reset_choices()
+        widget.input.value = viewer.layers["raw"]
+        viewer.dims.order = (1, 0, 2)  # transposed: y is the slider
+        widget.preview_btn.clicked.emit()
+        assert widget.status.value.startswith("Regions are read off the z-slice view")
+        assert widget._run is None
+        viewer.dims.order = (0, 1, 2)
+        viewer.dims.ndisplay = 3
+        widget.region_btn.clicked.emit()
+        assert viewer.dims.ndisplay == 2 and viewer.layers["region"].mode == "add_rectangle"
+        widget.block.value = "30"  # not a multiple of the model's 4: said with the field's name
+        widget.run_btn.clicked.emit()
+        _wait_idle(qtbot, widget)
+        assert "e.g. block " in widget.status.value and "--" not in widget.status.value
+        widget.block.value = "64"
+        widget.model_options.value = "foo"
+        widget.run_btn.clicked.emit()
+        _wait_idle(qtbot, widget)
+        assert widget.status.value.endswith("(e.g. halo=8,8,8; normalize=zscore).")
+    finally:
+        notification_manager.notification_ready.disconnect(seen.append)
+    assert len(seen) >= 5 and not [n for n in seen if "Traceback" in str(n.message)]

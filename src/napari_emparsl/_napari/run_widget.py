@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import re
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -215,6 +216,7 @@ class RunWidget(Container):
         self._range: tuple[float, float] | None = None  # value range of an image output so far
         self._failed_layer = None
         self._failed: dict[int, str] = {}  # block id -> error, of the output shown
+        self._filled: dict[str, tuple[str, str]] = {}  # field -> (filled from a ledger, before)
         self._failed_rois: dict[int, Roi] = {}  # block id -> its write ROI (input voxels)
         # input voxel size, origin (z, y, x) and unit the failed blocks' boxes are drawn in
         self._failed_geo: tuple[Any, Any, str] | None = None
@@ -266,7 +268,8 @@ class RunWidget(Container):
         self.model_options = LineEdit(
             label="model options",
             tooltip="key=value; … what the model's description (its .yaml) lacks or should "
-            "differ, e.g. kind=image; halo=16,16,16 (as --model-option on the command line)",
+            "differ, e.g. halo=16,16,16; normalize=zscore (as --model-option on the command "
+            "line)",
         )
         self.model_info = Label(label="model says", value="")
         self.site = site_chooser(
@@ -633,6 +636,13 @@ class RunWidget(Container):
         if layer is None:
             self._error(self._no_volume())
             return None
+        try:
+            self._check_view(layer, drawing=True)
+        except UserError as err:
+            self._error(str(err))
+            return None
+        if self._viewer.dims.ndisplay == 3:  # napari draws no rectangle in 3D: the slice view
+            self._viewer.dims.ndisplay = 2
         region = self._region_layer()
         if region is None:
             n = 3  # the volume's z, y, x (a multichannel volume's layers are one channel each)
@@ -664,6 +674,7 @@ class RunWidget(Container):
         the blocks' context (halo) itself.
         """
         layer = self.input.value
+        self._check_view(layer)
         vol = Volume.open(*_source_of(layer))
         shape = vol.shape[-3:]
         dims = self._viewer.dims
@@ -688,6 +699,29 @@ class RunWidget(Container):
         y0, x0 = max(0, y0), max(0, x0)
         y1, x1 = min(shape[1], max(y1, y0 + 1)), min(shape[2], max(x1, x0 + 1))
         return Roi.from_bounds((z0, y0, x0), (z1, y1, x1))
+
+    def _check_view(self, layer: Any, drawing: bool = False) -> None:
+        """UserError unless the region can be read off the view: a 3D volume (a 2D one crashed
+        with an IndexError), shown as z slices with y down and x across (transposed, a preview
+        computed another region than the one on screen)."""
+        if layer is None:
+            raise TypeError("no input layer")
+        ndim = self._viewer.dims.ndim
+        if layer.ndim < 3:
+            raise UserError(
+                f"The layer {layer.name!r} is 2D; previews and runs need a 3D volume (a 2D image "
+                "is a volume of one slice: save it as a TIFF and `emparsl import` it)."
+            )
+        shown = tuple(self._viewer.dims.displayed)
+        want = tuple(range(ndim - 3, ndim))[-len(shown) :] if not drawing else None
+        if (want is not None and shown != want) or (
+            drawing and tuple(shown[-2:]) != (ndim - 2, ndim - 1)
+        ):
+            raise UserError(
+                "Regions are read off the z-slice view (y down, x across), and the view is "
+                "transposed or rolled now; restore napari's axis order (z as the slider, y down, "
+                "x across), then try again."
+            )
 
     def _visible_box(self, layer: Any, shape: tuple[int, ...]) -> tuple | None:
         """What the canvas shows of ``layer`` (voxels), or None when the canvas has no size;
@@ -1085,9 +1119,18 @@ class RunWidget(Container):
     def _error(self, message: str) -> None:
         from napari.utils.notifications import show_error
 
-        # the engine speaks to the command line; here the option is the panel's checkbox
+        # the engine speaks to the command line; here the options are the panel's fields
         message = message.replace("pass --overwrite", "tick “replace output”")
         message = message.replace("--overwrite", "“replace output”")
+        message = re.sub(
+            r"\(e\.g\. --model-option [^)]*, after the model and output paths\)",
+            "(e.g. halo=8,8,8; normalize=zscore)",
+            message,
+        )
+        message = message.replace("set --model-option ", "set the model option ")
+        message = message.replace("e.g. --block ", "e.g. block ").replace(
+            "e.g. --halo ", "e.g. halo "
+        )
         log.warning(message)
         self.status.value = message
         show_error(message)
@@ -1273,8 +1316,13 @@ class RunWidget(Container):
             return
         if self._failed:
             self._set_failed({}, {}, None)
-        if self.status.value.startswith("this output "):
-            self.status.value = ""
+        self.status.value = ""  # it spoke of the last output ("finished: …", "this output …")
+        # block and halo filled in from the last output's ledger (to resume it) go back to
+        # what they were, unless changed since: a new output takes the model's defaults
+        for field, (filled, before) in self._filled.items():
+            if getattr(self, field).value == filled:
+                getattr(self, field).value = before
+        self._filled = {}
         self._ledger_timer.start()
 
     def read_output_ledger(self, *_: Any) -> None:
@@ -1315,7 +1363,9 @@ class RunWidget(Container):
             if isinstance(value, list) and _triple_or_none(getattr(self, field).value) != tuple(
                 value
             ):
+                before = getattr(self, field).value
                 getattr(self, field).value = ",".join(map(str, value))
+                self._filled[field] = (getattr(self, field).value, before)
         model = answer["model"]
         other = f" (made with model {model}: choose it to resume)" if model != self._model() else ""
         self.status.value = (
