@@ -483,6 +483,17 @@ def test_resume_after_the_input_was_written_again_is_refused(tmp_path, conv_mode
     assert Run(src, conv_model, out, site="threads").execute().ok  # resumes the new one
 
 
+def test_an_output_pasted_quoted_then_given_a_key(tmp_path, conv_model, float_volume):
+    """A path pasted with its quotes, then `:pred` typed after it: the run said the output
+    "was removed while the run wrote it" and left a half-made dataset (the quotes were
+    dropped where the folder was made, not where its ledger was looked for)."""
+    src, _ = float_volume
+    (tmp_path / "dir with space").mkdir()
+    out = f"'{tmp_path}/dir with space/q.n5':pred"
+    assert Run(src, conv_model, out, site="threads", roi="0:16,0:16,0:16").execute().ok
+    assert Ledger(str(tmp_path / "dir with space" / "q.n5"), "pred").summary().done
+
+
 def test_cancel_while_preparing_changes_nothing(tmp_path, conv_model, float_volume):
     """Cancel before the plan is made (the panel's Cancel during 'preparing…'), with the output
     to be replaced: the run ends Cancelled and the output is as it was (before: replaced

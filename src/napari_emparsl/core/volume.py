@@ -140,7 +140,8 @@ def suggest_output(root: str, key: str) -> str:
 
 def parse_spec(spec: str) -> tuple[str, str]:
     """Split ``PATH.n5:DATASET`` into ``(PATH.n5, DATASET)``; the key is ``""`` when absent.
-    The path may be typed as a person would (``~/data.n5``, quoted): see :func:`user_path`.
+    The path may be typed as a person would (``~/data.n5``, quoted — also the path alone, as
+    pasted before ``:KEY`` was typed: ``'/a b/s.n5':raw``): see :func:`user_path`.
 
     The split is at the first ``:`` after a folder named ``*.n5`` / ``*.zarr`` (also after a
     folder inside it: ``s.n5/labels:cells``), so a colon in a folder above it
@@ -159,7 +160,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
     for i in colons:  # the first colon inside the container (s.n5:raw, s.n5/labels:cells)
         if container(spec[:i]):
-            return spec[:i], check_key(spec[i + 1 :].strip("/"), spec)
+            return user_path(spec[:i]), check_key(spec[i + 1 :].strip("/"), spec)
     existing = [i for i in colons if os.path.exists(spec[:i])]
     found = re.search(r"(?:^|[/\\])([^/\\]*\.(?:n5|zarr))(?=$|[/\\])", spec, re.IGNORECASE)
     if found:  # every colon is before the container's folder
@@ -171,7 +172,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
     if not colons:
         return spec, ""
     i = existing[-1] if existing else colons[-1]
-    return spec[:i], check_key(spec[i + 1 :].strip("/"), spec)
+    return user_path(spec[:i]), check_key(spec[i + 1 :].strip("/"), spec)
 
 
 def check_key(key: str, where: str = "") -> str:
