@@ -39,6 +39,18 @@ def test_form_from_schema_validates_and_saves(make_napari_viewer, tmp_path, monk
     saved = load_site("mysite")
     assert saved.workers == 3 and not saved.keep_freed_memory and "mysite" in widget.site.choices
     assert "mysite" in run.site.choices  # offered there at once (before: once a layer came)
+    assert widget.site.value == "mysite"  # the chooser shows what was saved
+    # a profile that cannot be read: the form still shows the last one, so neither Save nor
+    # Test (before: Save wrote the last profile, e.g. a copy of local shadowing the built-in)
+    (tmp_path / "sites" / "broken.yaml").write_text("kind: [local\n")
+    widget.site.reset_choices()
+    widget.site.value = "broken"
+    assert "is not valid YAML" in widget.message.value
+    assert not widget.save_btn.enabled and not widget.test_btn.enabled
+    widget.site.value = "mysite"
+    assert widget.save_btn.enabled and widget.test_btn.enabled
+    (tmp_path / "sites" / "broken.yaml").unlink()
+    widget.site.reset_choices()
     assert run._preloaded.wait(120)  # its background preload ends within this test
     workers.value = " auto"
     assert widget.save() and load_site("mysite").workers == "auto"

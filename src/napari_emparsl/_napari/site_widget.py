@@ -124,8 +124,12 @@ class SiteWidget(Container):
         try:
             profile = load_site(self.site.value)
         except UserError as err:
-            self.message.value = str(err)
+            # the form still shows the last profile: saved or tested now, it would be that
+            # one under its name (a broken "local" shadowed by a copy of the built-in one)
+            self.message.value = str(err) + " Fix the file, or choose another profile."
+            self.save_btn.enabled = self.test_btn.enabled = False
             return
+        self.save_btn.enabled = self.test_btn.enabled = True
         for name, widget in self.fields.items():
             value = getattr(profile, name)
             widget.value = str(value) if name in self._auto else value
@@ -195,6 +199,7 @@ class SiteWidget(Container):
                 "EMPARSL_SITES to a folder you can write, or free some space."
             )
             return None
-        self.message.value = f"saved {path}"
         sites_changed()  # this panel's list, and the run panels' (offered there at once)
+        self.site.value = profile.name  # the chooser shows the profile saved
+        self.message.value = f"saved {path}"
         return str(path)
