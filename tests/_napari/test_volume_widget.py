@@ -137,9 +137,14 @@ def test_typed_paths_and_lists_that_stay(make_napari_viewer, qtbot, tmp_path, mo
         assert len(seen) == 1
     finally:
         notification_manager.notification_ready.disconnect(seen.append)
-    # the recent list gets the paths listed since the panel opened
+    # the recent list gets the containers chosen or typed (Return), not each folder typed on
+    # the way (before: s.n5/raw/s0/0, s.n5/raw/s0, … each a recent path), most recent first
+    assert widget.recent.choices == ("",)  # typed, never confirmed
+    line.clearFocus()  # chosen elsewhere (Browse, the recent list, a layer)
+    assert main(["sample", str(tmp_path / "t.n5"), "--shape", "16,32,32"]) == 0
+    widget.path.value = str(tmp_path / "t.n5" / "raw" / "s0")
     widget.path.value = str(tmp_path / "s.n5")
-    assert str(tmp_path / "s.n5") in widget.recent.choices
+    assert widget.recent.choices == ("", str(tmp_path / "s.n5"), str(tmp_path / "t.n5"))
     # Open adds layers, and napari then resets a docked panel's choices: the list stays
     # (before, it emptied as soon as its datasets were opened)
     # chosen with the mouse, as people do: a click, then a ctrl-click adds a second row
@@ -179,6 +184,11 @@ def test_a_layer_already_open_from_n5(make_napari_viewer, tmp_path, monkeypatch)
     assert widget.path.value == str(tmp_path / "s.n5")
     assert widget.datasets.value == ["labels/classes"]
     assert widget.info.value.startswith("32×64×64 uint8, chunks 32×64×64, voxel 8×8×8 nm")
+    # another path typed, then the same layer chosen again: shown again (before: no change)
+    widget.path.value = str(tmp_path)
+    widget.layer.value = "labels_classes"
+    assert widget.path.value == str(tmp_path / "s.n5")
+    assert widget.datasets.value == ["labels/classes"]
     # opening it again (also through a symlink to the container) selects the layer open already
     (tmp_path / "link.n5").symlink_to(tmp_path / "s.n5")
     widget.path.value = str(tmp_path / "link.n5")

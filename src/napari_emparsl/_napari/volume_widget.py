@@ -77,9 +77,7 @@ class VolumeWidget(Container):
         napari_fixes.apply()  # a napari crash on removing a layer (see the module)
         self.path = LineEdit(label="N5 container", tooltip="a .n5 folder (type or paste a path)")
         self.recent = ComboBox(
-            label="recent",
-            choices=lambda *_: ["", *recent_paths()],
-            tooltip="containers opened before",
+            label="recent", choices=_recent_choices, tooltip="containers opened before"
         )
         self.browse_btn = PushButton(text="Choose folder…", tooltip="pick a .n5 folder")
         self.layer = ComboBox(
@@ -149,6 +147,7 @@ class VolumeWidget(Container):
         src = n5_source(layer) if layer is not None else None
         if src is None:
             return
+        self.layer.value = ""  # so that choosing the same layer again later is a change too
         if user_path(self.path.value) != src[0]:
             self.path.value = src[0]  # lists the container's datasets
         if src[1] in self.datasets.choices:
@@ -163,6 +162,7 @@ class VolumeWidget(Container):
         self.datasets.set_nodes([], [])
         self._path_error = ""
         if not path:
+            self.info.value = ""  # what was said of the last path
             return
         try:
             listing = container_tree(path)  # one walk of the folders (on each keystroke)
@@ -177,14 +177,25 @@ class VolumeWidget(Container):
             return
         self.datasets.set_nodes(list(tree.values()), keys)
         self.info.value = f"{len(keys)} dataset(s)"
-        _remember(os.path.abspath(path))
-        self.recent.reset_choices()
+        if not keys:  # a chunk folder, a folder of one level's chunks, an empty group
+            self.info.value += " here; choose the container (.n5) or a group in it"
+        if notify:  # chosen, not half typed: remembered (typed: once typing is done)
+            self._remember_shown()
+
+    def _remember_shown(self) -> None:
+        """Remember the container shown (its root: not each folder typed on the way)."""
+        _remember(os.path.abspath(self._container()))
+        self.recent.choices = ()  # emptied first: magicgui appends new items after those kept
+        self.recent.choices = _recent_choices  # most recent first
 
     def _typed(self) -> None:
-        """Typing is done: what is wrong with the path typed is a notification now, once."""
+        """Typing is done: what is wrong with the path typed is a notification now, once;
+        a container listed is remembered."""
         if self._path_error:
             self._error(self._path_error)
             self._path_error = ""
+        elif user_path(self.path.value) and self.datasets.choices:
+            self._remember_shown()
 
     def _describe(self, *_: Any) -> None:
         keys = self.datasets.value or []
@@ -266,6 +277,10 @@ class VolumeWidget(Container):
 
     def _error(self, message: str) -> None:
         say_error(self.info, message)
+
+
+def _recent_choices(*_: Any) -> list[str]:
+    return ["", *recent_paths()]
 
 
 def _real(path: str) -> str:
