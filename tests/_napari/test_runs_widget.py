@@ -62,6 +62,12 @@ def test_runs_found_and_provenance(
     qtbot.waitUntil(lambda: widget.refreshed > shown)
     assert "pred — complete, 2/2 done, 0 failed" in widget.runs.native.item(0).text()
     assert widget.runs.value == [output]  # the selection survives a refresh
+    # open already (at the start of this test): its layer is selected, not a second copy
+    # added (before: "pred [1]")
+    [opened] = [lay for lay in viewer.layers if lay.name == "pred"]
+    viewer.add_points()  # selected now
+    assert widget.open_output() == [] and viewer.layers.selection.active is opened
+    viewer.layers.remove(opened)
     [layer] = widget.open_output()
     assert layer._type_string == "labels"
 

@@ -18,7 +18,13 @@ from magicgui.widgets import Container, Label, PushButton, Select
 
 from napari_emparsl._napari import napari_fixes
 from napari_emparsl._napari.background import Relay, error_sentence, in_background
-from napari_emparsl._napari.widgets import on_removed, set_choices, viewer_itself, wrapping
+from napari_emparsl._napari.widgets import (
+    layer_of,
+    on_removed,
+    set_choices,
+    viewer_itself,
+    wrapping,
+)
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.geometry import plan_blocks
 from napari_emparsl.core.ledger import Ledger, LedgerFollower, lock_holder, whole_plan_blocks
@@ -200,6 +206,12 @@ class RunsWidget(Container):
 
         added = []
         for output in self.runs.value or []:
+            root, key = parse_spec(output)
+            already = layer_of(self._viewer, root, key)
+            if already is not None and os.path.isdir(os.path.join(root, key)):
+                # not a second copy of it (`pred [1]`): its layer is selected
+                self._viewer.layers.selection.active = already
+                continue
             try:
                 data, meta, kind = layer_data(Volume.open(*parse_spec(output)))
             except UserError as err:  # e.g. removed from disk since it was listed

@@ -23,6 +23,7 @@ from napari_emparsl._napari.dataset_tree import DatasetTree
 from napari_emparsl._napari.widgets import (
     by_x,
     full_width,
+    layer_of,
     n5_source,
     say_error,
     viewer_itself,
@@ -256,11 +257,10 @@ class VolumeWidget(Container):
 
         added = []
         for key in self.datasets.value or []:
-            same = _real(self._container()), key
-            already = [lay for lay in self._viewer.layers if _source(lay) == same]
-            if already:  # not a second copy of it: its layer is selected
-                self._viewer.layers.selection.active = already[0]
-                self.info.value = f"{key or '/'} is open already, as the layer '{already[0].name}'."
+            already = layer_of(self._viewer, self._container(), key)
+            if already is not None:  # not a second copy of it: its layer is selected
+                self._viewer.layers.selection.active = already
+                self.info.value = f"{key or '/'} is open already, as the layer '{already.name}'."
                 continue
             try:
                 data, meta, kind = layer_data(Volume.open(self._container(), key))
@@ -281,13 +281,3 @@ class VolumeWidget(Container):
 
 def _recent_choices(*_: Any) -> list[str]:
     return ["", *recent_paths()]
-
-
-def _real(path: str) -> str:
-    return os.path.realpath(user_path(path))
-
-
-def _source(layer: Any) -> tuple[str, str] | None:
-    """A layer's N5 source with its container's real path (symlinks, ``~``, ``..`` resolved)."""
-    src = n5_source(layer)
-    return (_real(src[0]), src[1]) if src else None

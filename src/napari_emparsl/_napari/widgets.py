@@ -72,6 +72,21 @@ def say_error(line: Any, message: str) -> None:
     show_error(message)
 
 
+def layer_of(viewer: Any, root: str, key: str) -> Any | None:
+    """The viewer's layer opened from ``root:key`` already (symlinks, ``~``, ``..`` resolved),
+    or None: a panel selects it rather than adding a second copy."""
+    import os
+
+    from napari_emparsl.core.paths import user_path
+
+    want = os.path.realpath(user_path(root)), key
+    for layer in viewer.layers:
+        src = n5_source(layer)
+        if src and (os.path.realpath(user_path(src[0])), src[1]) == want:
+            return layer
+    return None
+
+
 def n5_source(layer: Any) -> tuple[str, str] | None:
     """``(container, dataset)`` of a layer opened from N5 by this plugin; None for others."""
     src = (getattr(layer, "metadata", None) or {}).get("emparsl")
