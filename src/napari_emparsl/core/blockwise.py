@@ -150,8 +150,12 @@ def run_model_on_batch(module: Any, spec: Any, xs: list[np.ndarray]) -> list[np.
         xs = [_pad_end(x, [0, *extra]) for x in xs]
     param = next(iter(module.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
+    # in the model's own float type: a float16 / bfloat16 model refused float32 input in every
+    # block ("Input type (float) and bias type (c10::Half) should be the same")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     with torch.inference_mode():
-        t = torch.from_numpy(np.ascontiguousarray(np.stack(xs))).to(device)  # (N, C, z, y, x)
+        t = torch.from_numpy(np.ascontiguousarray(np.stack(xs)))
+        t = t.to(device=device, dtype=dtype)  # (N, C, z, y, x)
         try:
             if spec.spatial_dims == 3:
                 y = _one_tensor(module(t))
@@ -183,10 +187,16 @@ def run_model_on_batch(module: Any, spec: Any, xs: list[np.ndarray]) -> list[np.
     expected = [n * s for n, s in zip(padded, spec.scale, strict=True)]
     if list(y.shape[2:]) != expected:  # else the crop below would write a wrong-sized block
         got, given = "×".join(map(str, y.shape[2:])), "×".join(map(str, padded))
+        smaller = all(g <= e for g, e in zip(y.shape[2:], expected, strict=True))
         raise ValueError(
             f"The model's output is {got} voxels for an input of {given}, but its scale "
-            f"{list(spec.scale)} says {'×'.join(map(str, expected))}; set the scale (and "
-            "halo, multiple) the model really has."
+            f"{list(spec.scale)} says {'×'.join(map(str, expected))}; "
+            + (
+                "emparsl needs an output of input × scale voxels: a model whose valid "
+                "convolutions shrink its output needs 'same' padding to run here."
+                if smaller and y.shape[2:] != tuple(expected) and all(s == 1 for s in spec.scale)
+                else "set the scale (and halo, multiple) the model really has."
+            )
         )
     out_shape = tuple(n * s for n, s in zip(spatial, spec.scale, strict=True))
     return [yi[(slice(None), *(slice(0, n) for n in out_shape))] for yi in y]

@@ -96,8 +96,11 @@ def resolve_model(model: str) -> str:
 def _stamp(path: str) -> tuple[Any, ...]:
     """What changes when a file (or a package folder's files) is written again."""
     paths = [path]
-    if os.path.isdir(path):
-        paths = [os.path.join(path, name) for name in sorted(os.listdir(path))]
+    if os.path.isdir(path):  # every file, also in subfolders (weights/weights.pt): a file
+        # written again inside one changes no stamp of the folder above it
+        paths = sorted(
+            os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names
+        )
     stamps = []
     for p in paths:
         st = os.stat(p)
@@ -230,13 +233,13 @@ def _load_module(path: str, spec: ModelSpec) -> Any:
             raise ModelError(
                 f"The weights {path} cannot be read ({str(err).splitlines()[0][:120]})."
             ) from None
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
+        state = _unwrapped_state(state)
         if not isinstance(state, dict):
             raise ModelError(
                 f"{path} does not hold a state dict; save model.state_dict() for an architecture."
             )
         module = _architecture(spec)
+        state = _without_prefix(state, module.state_dict())
         try:
             module.load_state_dict(state)
         except RuntimeError as err:
@@ -257,7 +260,10 @@ def _load_module(path: str, spec: ModelSpec) -> Any:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "safe_globals" in str(err) or "Unsupported global" in str(err):
+        text = str(err)
+        # a global it refuses to load ("Unsupported global", or "unsupported GLOBAL
+        # posix.system whose module posix is blocked"): code, not "not a PyTorch file"
+        if "safe_globals" in text or "Unsupported global" in text or "unsupported GLOBAL" in text:
             raise ModelError(_unsafe(path)) from None
         raise ModelError(
             f"{path} is not a TorchScript or PyTorch file; export the model with torch.jit.script or "
@@ -276,6 +282,27 @@ def _load_module(path: str, spec: ModelSpec) -> Any:
     raise ModelError(
         f"{path} is not a TorchScript model; export it with torch.jit.script or torch.jit.trace."
     )
+
+
+def _unwrapped_state(state: Any) -> Any:
+    """The state dict inside the usual checkpoint wrappers: {"state_dict": …} (Lightning),
+    {"model_state_dict": …}, {"model": …} — saved so, they were refused as not fitting."""
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            return state[key]
+    return state
+
+
+def _without_prefix(state: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with a prefix every key shares dropped (``module.`` of DataParallel,
+    ``model.`` of a Lightning module) where the architecture's keys have none."""
+    keys = [k for k in state if isinstance(k, str)]
+    if not keys or set(keys) & set(wanted):
+        return state
+    head = keys[0].split(".", 1)[0] + "."
+    if all(k.startswith(head) for k in keys) and {k[len(head) :] for k in keys} & set(wanted):
+        return {k[len(head) :]: v for k, v in state.items()}
+    return state
 
 
 def _channels_last(module: Any, spec: ModelSpec) -> Any:
@@ -303,7 +330,7 @@ def _channels_last(module: Any, spec: ModelSpec) -> Any:
     shape = (2, spec.in_channels, *(size if spec.spatial_dims == 3 else size[1:]))
     try:
         with torch.inference_mode():
-            module(torch.zeros(shape))
+            module(torch.zeros(shape, dtype=params[0].dtype))  # a float16 model's own type
     except Exception:
         with torch.no_grad():
             for p, data in zip(params, before, strict=True):
