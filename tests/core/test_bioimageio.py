@@ -260,8 +260,8 @@ def test_2d_fixed_shape_binarized_model(package, tmp_path):
     spec = describe_model(_package(tmp_path, _2d_04(), src=package["folder"]))
     assert spec.spatial_dims == 2 and spec.halo == (0, 32, 32)
     # a fixed 256×256 input: blocks of 192 fill it with their halo; smaller ones are padded
-    assert spec.min_size == (1, 256, 256) and spec.multiple == (1, 256, 256)
-    assert spec.block == (1, 192, 192)
+    assert spec.fixed == (0, 256, 256) and spec.multiple == (1, 1, 1)
+    assert spec.input_size((1, 100, 256)) == (1, 256, 256) and spec.block == (1, 192, 192)
     assert spec.normalize == "percentile" and spec.percentiles == (2.0, 99.5)
     assert spec.kind == "labels" and spec.classes == () and spec.threshold == 0.6
     assert spec.activation == "sigmoid" and spec.label_dtype == "uint8"
@@ -607,3 +607,70 @@ def test_export_test_input_is_at_least_the_declared_minimum(tmp_path):
         x = np.load(io.BytesIO(zf.read("test_input.npy")))
     least = [a["size"]["min"] for a in rdf["inputs"][0]["axes"][2:]]
     assert least == [129, 129, 129] and all(n >= m for n, m in zip(x.shape[2:], least, strict=True))
+
+
+class _FixedConv(torch.nn.Module):
+    """One 3×3×3 convolution (radius 1) that refuses any input but 8×16×16, as models exported
+    for one tile size do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        if x.shape[2] != 8 or x.shape[3] != 16 or x.shape[4] != 16:
+            raise ValueError("fixed-size model got " + str(x.shape))
+        return self.conv(x)
+
+
+def test_fixed_size_package_runs_on_a_volume_larger_than_its_tile(tmp_path, capsys):
+    """A package of one input size (8×16×16, output halo 1,2,2): every block is read at exactly
+    that size, and the output is the convolution tile by tile. Before, the size became
+    min_size = multiple = 8×16×16 and the halo was rounded up to it: blocks read 24×48×48 and all
+    failed ("fixed-size model got [1, 1, 24, 48, 48]")."""
+    from napari_emparsl.cli import main
+
+    torch.manual_seed(3)
+    net = torch.jit.script(_FixedConv().eval())
+    rdf = _rdf_05()
+    rdf["name"] = "fixed tile"
+    for ax, n in zip(rdf["inputs"][0]["axes"][2:], (8, 16, 16), strict=True):
+        ax["size"] = n
+    rdf["inputs"][0]["preprocessing"] = []
+    for ax, h in zip(rdf["outputs"][0]["axes"][2:], (1, 2, 2), strict=True):
+        ax["halo"] = h
+    rdf["outputs"][0]["postprocessing"] = []
+    folder = tmp_path / "pkg"
+    folder.mkdir()
+    torch.jit.save(net, str(folder / "weights.pt"))
+    (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf, sort_keys=False))
+    spec = describe_model(str(folder))
+    assert spec.fixed == (8, 16, 16) and spec.multiple == (1, 1, 1) and spec.halo == (1, 2, 2)
+    assert spec.block == (6, 12, 12)  # the tile less twice the halo
+    x = np.random.default_rng(4).normal(0, 1, (20, 40, 44)).astype(np.float32)
+    z5py.File(str(tmp_path / "in.n5"), "a").create_dataset("raw", data=x, chunks=(8, 16, 16))
+    with torch.no_grad():  # the same convolution over the whole volume: what tiles give
+        want = net.conv(torch.from_numpy(x)[None, None])[0, 0].numpy()
+    for name, halo in (("p", None), ("q", (2, 3, 3))):  # a halo given: blocks of 4×10×10
+        done = napari_emparsl.run(
+            f"{tmp_path / 'in.n5'}:raw", str(folder), f"{tmp_path / 'o.n5'}:{name}",
+            site="threads", halo=halo,
+        )  # fmt: skip
+        assert done.ok and done.failed == 0
+        y = z5py.File(str(tmp_path / "o.n5"), "r")[name][:]
+        assert y.shape == x.shape and np.abs(y - want).max() < 1e-5
+    # a block (or halo) whose reads are not the fixed size: one sentence, what works
+    code = main(["run", "--input", f"{tmp_path / 'in.n5'}:raw", "--model", str(folder),
+                 "--output", f"{tmp_path / 'o.n5'}:r", "--site", "threads",
+                 "--block", "8,16,16"])  # fmt: skip
+    assert code == 2 and capsys.readouterr().err == (
+        "emparsl: error: The model takes inputs of exactly 8×16×16 voxels (z×y×x), but blocks "
+        "of 8,16,16 with a halo of 1,2,2 read 10×20×20; give blocks of that size less twice the "
+        "halo, e.g. --block 6,12,12 (or no block: that is the default).\n"
+    )
+    code = main(["run", "--input", f"{tmp_path / 'in.n5'}:raw", "--model", str(folder),
+                 "--output", f"{tmp_path / 'o.n5'}:r", "--site", "threads", "--halo", "4,4,4"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "which leave no voxels to write with a halo of 4,4,4" in err and "--halo 1,2,2." in err
+    assert not (tmp_path / "o.n5" / "r").exists()

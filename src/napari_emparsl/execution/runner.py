@@ -161,6 +161,54 @@ def _norm(volume: Volume, spec: ModelSpec) -> tuple[float, float]:
 _BATCH_VOXELS = 2**18
 
 
+def _fixed_size_block(
+    spec: ModelSpec,
+    block: Sequence[int],
+    halo: Sequence[int],
+    spatial: Sequence[int],
+    given: bool,
+) -> tuple[int, ...]:
+    """The block along the axes where the model takes one ``fixed`` input size n: n − 2 × halo
+    (each read is then exactly n), unless ``given``; a given block, or a halo, with which a
+    read would not be n (larger: the model cannot take it) is refused in one sentence."""
+    fixed = spec.fixed
+    if not any(fixed):
+        return tuple(block)
+    size = "×".join(str(n) if n else "any" for n in fixed)
+
+    def fits(h: Sequence[int]) -> bool:
+        return all(not n or n - 2 * v >= 1 for n, v in zip(fixed, h, strict=True))
+
+    if not fits(halo):
+        most = [(n - 1) // 2 if n else v for n, v in zip(fixed, halo, strict=True)]
+        good = spec.halo if fits(spec.halo) else most
+        raise RunError(
+            f"The model takes inputs of exactly {size} voxels (z×y×x), which leave no voxels to "
+            f"write with a halo of {','.join(map(str, halo))} on each side; use a halo below "
+            f"half of that size, e.g. --halo {','.join(map(str, good))}."
+        )
+    fit = tuple(n - 2 * h if n else b for n, h, b in zip(fixed, halo, block, strict=True))
+    if not given:
+        return fit
+    reads, bad = [], False
+    for n, b, h, s in zip(fixed, block, halo, spatial, strict=True):
+        if b < s:  # several blocks along the axis: each reads b + 2 × halo
+            read = b + 2 * h
+            bad |= bool(n) and read != n
+        else:  # one block over the whole axis (mirrored beyond its ends with edge reflect)
+            read = s + (2 * h if spec.edge == "reflect" else 0)
+            bad |= bool(n) and read > n
+        reads.append(read)
+    if bad:
+        raise RunError(
+            f"The model takes inputs of exactly {size} voxels (z×y×x), but blocks of "
+            f"{','.join(map(str, block))} with a halo of {','.join(map(str, halo))} read "
+            f"{'×'.join(map(str, reads))}; give blocks of that size less twice the halo, e.g. "
+            f"--block {','.join(map(str, fit))} (or no block: that is the default)."
+        )
+    return tuple(block)
+
+
 def _auto_batch(block: Block, spec: ModelSpec) -> int:
     """Blocks per task: several small blocks (2D slices, small tiles) share one forward call."""
     read = 1
@@ -527,6 +575,7 @@ class Run:
                 "whole-volume forward computes (no seams).",
             )
         halo = aligned
+        block = _fixed_size_block(spec, block, halo, spatial, given=self.block is not None)
         block = tuple(min(b, n) for b, n in zip(block, spatial, strict=True))
         out_shape = tuple(n * s for n, s in zip(spatial, spec.scale, strict=True))
         # from here until the run ends, no other run may look at or write this output

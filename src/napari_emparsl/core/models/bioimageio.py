@@ -2,14 +2,15 @@
 and TorchScript weights, as the BioImage Model Zoo distributes them (format 0.4 and 0.5).
 
 The package's description is turned into the keys of a sidecar (see :mod:`.spec`): channels,
-2D/3D, halo, size (``min_size`` and ``multiple`` from a fixed or ``min + k·step`` size), output
-scale (super-resolution), normalization (``zero_mean_unit_variance`` → ``zscore`` over the whole
-volume, ``scale_range`` → ``percentile``, ``fixed_zero_mean_unit_variance`` / ``scale_linear`` →
-``fixed``), post-processing (``sigmoid`` / ``softmax`` → ``activation``, ``binarize`` → a thresholded
-labels output) and the voxel size of the training data. What emparsl cannot do the same way —
-several inputs, a state dict that needs the architecture's Python code, weights to download,
-per-channel normalization, other post-processing — is refused in one sentence. A sidecar
-``<package>.yaml`` beside the package, or model options, override any key.
+2D/3D, halo, size (``fixed`` from a fixed size, ``min_size`` and ``multiple`` from ``min +
+k·step``), output scale (super-resolution), normalization (``zero_mean_unit_variance`` →
+``zscore`` over the whole volume, ``scale_range`` → ``percentile``,
+``fixed_zero_mean_unit_variance`` / ``scale_linear`` → ``fixed``), post-processing (``sigmoid`` /
+``softmax`` → ``activation``, ``binarize`` → a thresholded labels output) and the voxel size of
+the training data. What emparsl cannot do the same way — several inputs, a state dict that needs
+the architecture's Python code, weights to download, per-channel normalization, other
+post-processing — is refused in one sentence. A sidecar ``<package>.yaml`` beside the package,
+or model options, override any key.
 
 No torch here: the runner and the GUI describe models without loading them.
 """
@@ -271,8 +272,8 @@ def _postprocessing(
 
 
 def _in_sizes(axes: list[_Axis], where: str) -> dict[str, Any]:
-    """min_size and multiple of the input's spatial axes."""
-    mins, steps = [], []
+    """min_size, multiple and fixed size (0: any) of the input's spatial axes."""
+    mins, steps, fixed = [], [], []
     for ax in axes:
         size = ax.size
         if isinstance(size, int):
@@ -284,22 +285,31 @@ def _in_sizes(axes: list[_Axis], where: str) -> dict[str, Any]:
                 f"{where} sizes its input axis {ax.name} by another tensor; emparsl needs a fixed "
                 "or a min + k·step size."
             )
-        if step == 0:  # one size only: inputs are padded to it
-            step = lo
+        # one size only: the model takes exactly it (smaller reads are padded up to it)
         mins.append(lo)
-        steps.append(step)
-    return {"min_size": mins, "multiple": steps}
+        steps.append(step or 1)
+        fixed.append(0 if step else lo)
+    return {"min_size": mins, "multiple": steps, "fixed": fixed}
 
 
-def _default_block(axes: list[_Axis], sizes: dict[str, Any], halo: list[int]) -> list[int]:
-    """Write blocks whose read size (block + 2 × halo) is one the model takes: the fixed size;
-    else about 4 × the halo (at least 64 in 3D, 256 in 2D; at most 128 / 512), so that the halo
-    recomputed around each block stays a modest share of it."""
+def _default_block(
+    axes: list[_Axis], sizes: dict[str, Any], halo: list[int], where: str
+) -> list[int]:
+    """Write blocks whose read size (block + 2 × halo) is one the model takes: the fixed size
+    less twice the halo; else about 4 × the halo (at least 64 in 3D, 256 in 2D; at most 128 /
+    512), so that the halo recomputed around each block stays a modest share of it."""
     out = []
     dims = len(axes)
-    for ax, lo, step, h in zip(axes, sizes["min_size"], sizes["multiple"], halo, strict=True):
-        if isinstance(ax.size, int):
-            out.append(max(1, lo - 2 * h))
+    for ax, lo, step, n, h in zip(
+        axes, sizes["min_size"], sizes["multiple"], sizes["fixed"], halo, strict=True
+    ):
+        if n:
+            if n - 2 * h < 1:
+                raise ModelError(
+                    f"{where} takes {n} voxels along {ax.name} but asks for a halo of {h} on "
+                    "each side, which leaves none to write; check the package's halo."
+                )
+            out.append(n - 2 * h)
             continue
         low, high = (64, 128) if dims == 3 else (256, 512)
         want = min(max(low, 4 * h), max(high, 2 * h))
@@ -447,10 +457,11 @@ def _describe(package: Package, desc: dict[str, Any]) -> tuple[dict[str, Any], s
     keys["min_size"] = pad + sizes["min_size"]
     keys["multiple"] = pad + sizes["multiple"]
     keys["halo"] = [0] * (3 - dims) + halo
+    keys["fixed"] = [0] * (3 - dims) + sizes["fixed"]
     keys["scale"] = pad + scale
     keys["edge"] = "none"  # the model meets the volume edge as in its own test: reproducible
     # a fixed-size model takes blocks that fill its input with their halo
-    keys["block"] = pad + _default_block(sin, sizes, halo)
+    keys["block"] = pad + _default_block(sin, sizes, halo, where)
     keys |= _normalization(_steps(tin, "preprocessing"), where)
     keys |= _postprocessing(_steps(tout, "postprocessing"), out_channels, where)
     data = tout.get("data") if v05 else None

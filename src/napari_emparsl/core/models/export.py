@@ -32,7 +32,7 @@ __all__ = ["Exported", "export_package"]
 #: ModelSpec keys kept under config.emparsl (bioimage.io has no word for them)
 _CONFIG_KEYS = (
     "kind", "classes", "threshold", "block", "edge", "out_dtype", "out_range", "min_size",
-    "multiple", "voxel_size",
+    "multiple", "fixed", "voxel_size",
 )  # fmt: skip
 
 
@@ -192,9 +192,8 @@ def export_package(
         if spec.voxel_size is not None:
             unit = {"unit": "nanometer", "scale": float(spec.voxel_size[i])}
         low = _least_input(spec, i)
-        in_axes.append(
-            {"type": "space", "id": axis, "size": {"min": low, "step": spec.multiple[i]}, **unit}
-        )
+        size = spec.fixed[i] or {"min": low, "step": spec.multiple[i]}  # one size, or min + k·step
+        in_axes.append({"type": "space", "id": axis, "size": size, **unit})
         out_unit = dict(unit)
         if spec.scale[i] != 1:
             out_unit = {**unit, "scale": float(unit.get("scale", 1.0)) / spec.scale[i]}

@@ -16,6 +16,8 @@ activation: none              # applied to the model's output: none | sigmoid | 
 min_size: [1, 1, 1]           # the smallest input the model takes (z, y, x); inputs are
                               # multiples of `multiple` of at least this (or min_size + k ×
                               # multiple where it is larger and not a multiple of it)
+fixed: [0, 0, 0]              # the one input size the model takes per axis (0: any, as above);
+                              # blocks there are this size less twice the halo
 scale: [1, 1, 1]              # output voxels per input voxel, per axis
 out_dtype: float32            # image models: float32 | uint8 (out_range mapped to 0..255)
 out_range: [0, 1]             # uint8 images: the output values written as 0 and as 255
@@ -182,6 +184,8 @@ class ModelSpec:
     norm_values: tuple[float, float] = (0.0, 1.0)  # normalize: fixed (subtract, divide)
     activation: str = "none"  # applied to the network's output (bioimage.io postprocessing)
     min_size: tuple[int, int, int] = (1, 1, 1)  # smallest input size per axis
+    # the one input size the model takes per axis (a bioimage.io fixed size); 0: any size
+    fixed: tuple[int, int, int] = (0, 0, 0)
     scale: tuple[int, int, int] = (1, 1, 1)
     block: tuple[int, int, int] = (64, 64, 64)
     threshold: float = 0.5
@@ -276,11 +280,19 @@ class ModelSpec:
             or self.multiple[0] != 1
             or self.scale[0] != 1
             or self.min_size[0] != 1
+            or self.fixed[0] > 1
         ):
             raise ModelError(
                 "A 2D model runs slice by slice: its z halo must be 0 and its z multiple, z scale "
                 f"and z min_size 1 (got halo {self.halo}, multiple {self.multiple}, scale "
-                f"{self.scale}, min_size {self.min_size})."
+                f"{self.scale}, min_size {self.min_size}"
+                + (f", fixed {self.fixed}" if self.fixed[0] > 1 else "")
+                + ")."
+            )
+        if any(f and m != 1 for f, m in zip(self.fixed, self.multiple, strict=True)):
+            raise ModelError(
+                f"The model option 'fixed' {list(self.fixed)} is the one input size the model "
+                f"takes along an axis, so its multiple there must be 1 (got {list(self.multiple)})."
             )
 
     @property
@@ -293,7 +305,9 @@ class ModelSpec:
         return tuple(self.input_size_axis(i, n) for i, n in enumerate(size))
 
     def input_size_axis(self, axis: int, n: int) -> int:
-        """:meth:`input_size` along one axis (0 = z)."""
+        """:meth:`input_size` along one axis (0 = z); the ``fixed`` size where there is one."""
+        if self.fixed[axis]:
+            return self.fixed[axis]
         return fit_size(n, self.min_size[axis], self.multiple[axis])
 
     @property
@@ -321,7 +335,7 @@ class ModelSpec:
             )
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
-            if key in ("halo",):
+            if key in ("halo", "fixed"):
                 kwargs[key] = _triple(value, key, 0)
             elif key in ("multiple", "scale", "block", "min_size"):
                 kwargs[key] = _triple(value, key, 1)
