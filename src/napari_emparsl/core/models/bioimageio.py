@@ -211,7 +211,25 @@ def _flatten(values: Sequence[Any]) -> list[Any]:
     return out
 
 
-def _normalization(steps: list[tuple[str, dict[str, Any]]], where: str) -> dict[str, Any]:
+def _joint_over_channels(kw: Mapping[str, Any], channel: str, v05: bool) -> bool:
+    """Whether statistics computed with these kwargs are one value over all channels: their
+    ``axes`` are the axes reduced over (all of them when not given; 0.4: letters, 0.5: ids)."""
+    axes = kw.get("axes")
+    if axes is None:
+        return True
+    if isinstance(axes, str):
+        axes = [axes] if v05 else list(axes)
+    return channel in [str(a) for a in axes]
+
+
+def _normalization(
+    steps: list[tuple[str, dict[str, Any]]],
+    where: str,
+    channels: int = 1,
+    channel: str = "c",
+    v05: bool = False,
+) -> dict[str, Any]:
+    """``channels``: of the input; ``channel``: the id of its channel axis."""
     if not steps:
         return {"normalize": "none"}
     if len(steps) > 1:
@@ -222,6 +240,14 @@ def _normalization(steps: list[tuple[str, dict[str, Any]]], where: str) -> dict[
         )
     name, kw = steps[0]
     mode = kw.get("mode", "per_sample")
+    computed = name in ("zero_mean_unit_variance", "scale_range") and mode != "fixed"
+    if computed and channels > 1 and not _joint_over_channels(kw, channel, v05):
+        raise ModelError(
+            f"{where} normalizes each of its {channels} input channels on its own ({name} over "
+            f"axes {kw.get('axes')}, without {channel}); emparsl normalizes all channels of a "
+            "volume together, which gives the model other values: set normalize in a sidecar "
+            "or the model options to run it anyway."
+        )
     if name == "zero_mean_unit_variance" and mode != "fixed":
         return {"normalize": "zscore"}
     if name == "fixed_zero_mean_unit_variance" or (
@@ -462,7 +488,8 @@ def _describe(package: Package, desc: dict[str, Any]) -> tuple[dict[str, Any], s
     keys["edge"] = "none"  # the model meets the volume edge as in its own test: reproducible
     # a fixed-size model takes blocks that fill its input with their halo
     keys["block"] = pad + _default_block(sin, sizes, halo, where)
-    keys |= _normalization(_steps(tin, "preprocessing"), where)
+    channel = str(tin["axes"][1].get("id") or "channel") if v05 else "c"
+    keys |= _normalization(_steps(tin, "preprocessing"), where, in_channels, channel, v05)
     keys |= _postprocessing(_steps(tout, "postprocessing"), out_channels, where)
     data = tout.get("data") if v05 else None
     span = data.get("range") if isinstance(data, Mapping) else tout.get("data_range")

@@ -104,7 +104,11 @@ def _normalized(x: np.ndarray, spec: ModelSpec) -> np.ndarray:
     return ((x - np.float32(sub)) / np.float32(div)).astype(np.float32)
 
 
-def _preprocessing(spec: ModelSpec, axes: list[str]) -> list[dict[str, Any]]:
+def _preprocessing(spec: ModelSpec, names: list[str]) -> list[dict[str, Any]]:
+    # bioimage.io's `axes` are those reduced over: the channel axis with the space axes is one
+    # mean and std (or pair of percentiles) over all channels of the sample, as emparsl
+    # normalizes a volume (without it, each channel would be normalized on its own)
+    axes = ["channel", *names]
     if spec.normalize == "zscore":
         return [{"id": "zero_mean_unit_variance", "kwargs": {"axes": axes}}]
     if spec.normalize == "percentile":
