@@ -751,3 +751,42 @@ def test_per_channel_statistics_of_several_channels_are_refused(tmp_path, v05):
         rdf["inputs"][0]["shape"]["min"][1] = 1
     (tmp_path / "pkg" / "rdf.yaml").write_text(yaml.safe_dump(rdf))
     assert describe_model(path).normalize == "zscore"
+
+
+def test_04_output_shaped_by_its_input_keeps_its_channels(tmp_path):
+    """A 0.4 output whose shape refers to its input has input × scale + 2 × offset channels
+    (offset per side). Before, channels were counted only for a channel scale of 0: binarize of
+    one channel (scale 1) was refused as of several channels, and an image model of 3 input
+    channels (scale 1) was taken for one of 1 output channel."""
+    rdf = _rdf_04()
+    out = rdf["outputs"][0]
+    out["shape"] = {"reference_tensor": "raw", "scale": [1, 1, 1, 1, 1], "offset": [0] * 5}
+    out["postprocessing"] = [
+        {"name": "sigmoid"},
+        {"name": "binarize", "kwargs": {"threshold": 0.4}},
+    ]
+    path = _package(tmp_path, rdf, files=())
+    spec = describe_model(path)
+    assert spec.kind == "labels" and spec.out_channels == 1 and spec.threshold == 0.4
+    out["postprocessing"] = []
+    rdf["inputs"][0]["preprocessing"][0]["kwargs"]["axes"] = "czyx"  # all channels together
+    for n_in, scale, offset, n_out in (
+        (3, 1, 0, 3),
+        (3, 0, 1.5, 3),
+        (2, None, 1, 2),
+        (2, 2, 0.5, 5),
+    ):
+        rdf["inputs"][0]["shape"]["min"][1] = n_in
+        out["shape"]["scale"][1], out["shape"]["offset"][1] = scale, offset
+        (tmp_path / "pkg" / "rdf.yaml").write_text(yaml.safe_dump(rdf))
+        spec = describe_model(path)
+        assert (spec.kind, spec.in_channels, spec.out_channels) == ("image", n_in, n_out)
+    rdf["inputs"][0]["shape"]["min"][1] = 3
+    out["shape"]["scale"][1], out["shape"]["offset"][1] = 0.5, 0
+    (tmp_path / "pkg" / "rdf.yaml").write_text(yaml.safe_dump(rdf))
+    with pytest.raises(ModelError) as err:
+        describe_model(path)
+    assert str(err.value) == (
+        "The bioimage.io model 'toy sigmoid''s output has 3 × 0.5 + 2 × 0 = 1.5 channels, not a "
+        "whole number of at least 1; check its shape's scale and offset."
+    )

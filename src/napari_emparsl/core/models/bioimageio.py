@@ -142,7 +142,8 @@ def _axes_04(tensor: Mapping[str, Any], output: bool) -> list[_Axis]:
     elif isinstance(shape, Mapping) and output:
         for ax, sc, off in zip(axes, shape.get("scale", []), shape.get("offset", []), strict=False):
             ax.size = {"reference": True}
-            ax.scale, ax.offset = float(sc), float(off)
+            # scale null: a new axis, of 2 × offset
+            ax.scale, ax.offset = (0.0 if sc is None else float(sc)), float(off)
     for ax, h in zip(axes, halo, strict=False):
         ax.halo = int(h)
     for ax in axes:
@@ -150,9 +151,19 @@ def _axes_04(tensor: Mapping[str, Any], output: bool) -> list[_Axis]:
             ax.channels = ax.size
         elif ax.name == "c" and isinstance(ax.size, Mapping) and not ax.size.get("step", 1):
             ax.channels = ax.size.get("min")
-        elif ax.name == "c" and isinstance(ax.size, Mapping) and ax.size.get("reference"):
-            ax.channels = round(2 * ax.offset) if ax.scale == 0 else None
     return axes
+
+
+def _reference_channels(ax: _Axis, in_channels: int, where: str) -> int:
+    """The channels of a 0.4 output shaped by its input: input × scale + 2 × offset (the
+    offset is per side)."""
+    n = in_channels * ax.scale + 2 * ax.offset
+    if not (math.isfinite(n) and abs(n - round(n)) < 1e-6 and round(n) >= 1):
+        raise ModelError(
+            f"{where}'s output has {in_channels} × {ax.scale:g} + 2 × {ax.offset:g} = {n:g} "
+            "channels, not a whole number of at least 1; check its shape's scale and offset."
+        )
+    return round(n)
 
 
 def _axes_05(tensor: Mapping[str, Any]) -> list[_Axis]:
@@ -472,6 +483,8 @@ def _describe(package: Package, desc: dict[str, Any]) -> tuple[dict[str, Any], s
     out_channels = aout[1].channels
     if in_channels is None:
         raise ModelError(f"{where} does not say how many channels its input has.")
+    if not v05 and isinstance(aout[1].size, Mapping) and aout[1].size.get("reference"):
+        out_channels = _reference_channels(aout[1], in_channels, where)
     keys: dict[str, Any] = {"kind": "image", "in_channels": in_channels, "spatial_dims": dims}
     if out_channels:
         keys["out_channels"] = out_channels
