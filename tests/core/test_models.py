@@ -434,3 +434,43 @@ def test_softmax_over_one_channel_is_refused():
     (before: accepted)."""
     with pytest.raises(ModelError, match="softmax over one output channel, which is 1"):
         describe_model("unet3d-em", {"activation": "softmax", "classes": ""})
+
+
+def test_two_classes_of_one_output_channel_are_refused_up_front(tmp_path, small_n5, capsys):
+    """A labels model described with one output channel and two classes (a logit thresholded
+    into background and foreground): refused before any block runs, saying how to describe it.
+    Before, it was accepted and every block failed ("The model's output has 1 channel(s) but
+    its description says 2 classes")."""
+    from napari_emparsl.cli import main
+
+    torch.jit.save(torch.jit.script(torch.nn.Conv3d(1, 1, 1).eval()), str(tmp_path / "m.pt"))
+    (tmp_path / "m.pt.yaml").write_text(
+        "kind: labels\nclasses: [background, foreground]\nout_channels: 1\nactivation: sigmoid\n"
+    )
+    said = (
+        "The model option 'out_channels' (1) differs from the 2 classes; a labels model outputs "
+        "one channel per class, or one channel thresholded into 0 and 1, which has no classes "
+        "(classes=[] and a threshold)."
+    )
+    with pytest.raises(ModelError) as err:
+        describe_model(str(tmp_path / "m.pt"))
+    assert str(err.value) == said
+    out = tmp_path / "o.n5"
+    code = main(["run", "--input", f"{small_n5[0]}:raw", "--model", str(tmp_path / "m.pt"),
+                 "--output", f"{out}:p", "--site", "threads"])  # fmt: skip
+    assert code == 2 and capsys.readouterr().err == f"emparsl: error: {said}\n"
+    assert not out.exists()
+    # described as one thresholded channel, it runs
+    (tmp_path / "m.pt.yaml").write_text("kind: labels\nout_channels: 1\nactivation: sigmoid\n")
+    assert describe_model(str(tmp_path / "m.pt")).n_outputs == 1
+    assert main(["run", "--input", f"{small_n5[0]}:raw", "--model", str(tmp_path / "m.pt"),
+                 "--output", f"{out}:p", "--site", "threads"]) == 0  # fmt: skip
+    # the classes alone (out_channels the default) say the channels, also as options
+    (tmp_path / "m.pt.yaml").write_text("kind: image\n")
+    assert (
+        describe_model(str(tmp_path / "m.pt"), {"kind": "labels", "classes": "a,b"}).n_outputs == 2
+    )
+    assert describe_model("unet3d-em").n_outputs == 3
+    assert describe_model("unet3d-em", {"classes": "a,b"}).n_outputs == 2
+    with pytest.raises(ModelError, match=re.escape(said)):
+        describe_model("unet3d-em", {"classes": "a,b", "out_channels": 1})
