@@ -371,28 +371,11 @@ class ModelSpec:
                 kwargs[key] = dict(value or {})
             else:
                 kwargs[key] = value if value is None else str(value)
-        classes = kwargs.get("classes", ())
-        if (
-            "out_channels" in kwargs
-            and kwargs.get("kind", "labels") == "labels"
-            and classes
-            and kwargs["out_channels"] == 1 != len(classes)
-        ):  # written so: the model gives one channel, and blocks would all fail (1 is also
-            # the default, with which the classes alone say the channels)
-            raise ModelError(
-                f"The model option 'out_channels' (1) differs from the {len(classes)} classes; a "
-                "labels model outputs one channel per class, or one channel thresholded into "
-                "0 and 1, which has no classes (classes=[] and a threshold)."
-            )
         kwargs["derived"] = _architecture_defaults(kwargs, set(data))
         return cls(**kwargs)
 
     def with_options(self, options: Mapping[str, Any]) -> ModelSpec:
         own = {k: v for k, v in self.to_dict().items() if k not in self.derived}
-        if (self.kind == "labels" and self.classes) or options.get("classes"):
-            # the classes say how many channels: out_channels there is the default, not a word
-            # of the description (and options that name classes mean their channels)
-            del own["out_channels"]
         return ModelSpec.from_mapping(own | dict(options), "the model options")
 
 
