@@ -63,8 +63,8 @@ def test_writer_refuses_to_overwrite_its_own_source(make_napari_viewer, small_n5
 
 
 def test_writer_waits_for_no_run(make_napari_viewer, tmp_path, small_n5):
-    """Saving over an output a run writes now is refused (the run's lock), and changes
-    nothing; saving leaves no lock file behind."""
+    """Saving over a run's output is refused and changes nothing; a layer saved before is not
+    replaced while a run holds it (its lock); saving leaves no lock file behind."""
     import os
 
     from napari_emparsl.execution.runner import Run
@@ -75,37 +75,46 @@ def test_writer_waits_for_no_run(make_napari_viewer, tmp_path, small_n5):
     viewer = make_napari_viewer()
     layer = viewer.add_labels(np.ones((20, 40, 50), np.uint8), name="pred")
     before = Volume.open(tmp_path / "o.n5", "pred").data.compute()
-    from napari_emparsl.core.ledger import OutputBusy
-
-    # the container given (napari asked before replacing what it holds): the layer "pred"
-    # would replace o.n5:pred
-    with pytest.raises(OutputBusy, match="is being written by another run"):
+    # a run's output is not replaced by a layer saved (before: replaced once the run ended)
+    with pytest.raises(VolumeError, match="exists already and is not a layer saved from napari"):
         layer.save(str(tmp_path / "o.n5"), plugin=PLUGIN)
     np.testing.assert_array_equal(Volume.open(tmp_path / "o.n5", "pred").data.compute(), before)
     run.close()
-    layer.save(str(tmp_path / "o.n5"), plugin=PLUGIN)  # the run ended: allowed now
-    assert Volume.open(tmp_path / "o.n5", "pred").data.compute().min() == 1
+    # a layer saved before is not replaced while a run holds it (the run's lock, taken here
+    # as a run takes it)
+    from napari_emparsl.core.ledger import OutputBusy, OutputLock
+
+    layer.save(str(tmp_path / "o.n5" / "mine"), plugin=PLUGIN)
+    held = OutputLock(str(tmp_path / "o.n5"), "mine")
+    held.acquire()
+    try:
+        with pytest.raises(OutputBusy, match="is being written by another run"):
+            layer.save(str(tmp_path / "o.n5" / "mine"), plugin=PLUGIN)
+    finally:
+        held.release(remove=True)
     layer.save(str(tmp_path / "new.n5"), plugin=PLUGIN)
     assert sorted(os.listdir(tmp_path / "new.n5")) == ["attributes.json", "pred"]
 
 
-def test_writer_replaces_only_what_napari_asked_about(tmp_path):
-    """napari's dialog asks before replacing the path it hands over; "w.n5/seg.n5" (its
-    extension added to a dataset name) does not exist, so nothing asked — and the existing
-    w.n5/seg (a whole pyramid) was replaced all the same."""
+def test_writer_replaces_only_a_layer_saved_before(tmp_path):
+    """Nothing asks before a dataset is replaced (napari hands over w.n5/seg.n5, which does not
+    exist; Qt's dialog enters an existing folder): an existing w.n5/seg — a whole pyramid too —
+    was replaced without a word. Only a layer saved here before is replaced now."""
     from napari_emparsl._napari.writer import write_labels
     from napari_emparsl.core.volume import write_pyramid
 
     data = np.arange(8 * 16 * 16, dtype=np.uint16).reshape(8, 16, 16)
     write_pyramid(tmp_path / "w.n5", "seg", data, chunks=(8, 8, 8), levels=2, labels=True)
-    with pytest.raises(VolumeError) as err:
-        write_labels(str(tmp_path / "w.n5" / "seg.n5"), np.zeros((8, 16, 16), np.uint8), {})
-    assert str(err.value) == (
-        f"{tmp_path}/w.n5:seg exists already; save under another name, or remove it first "
-        "(nothing asked to replace it)."
-    )
+    for given, meta in ((tmp_path / "w.n5" / "seg.n5", {}), (tmp_path / "w.n5", {"name": "seg"})):
+        with pytest.raises(VolumeError) as err:
+            write_labels(str(given), np.zeros((8, 16, 16), np.uint8), meta)
+        assert str(err.value) == (
+            f"{tmp_path}/w.n5:seg exists already and is not a layer saved from napari; save "
+            "under another name, or remove it first."
+        )
     kept = Volume.open(tmp_path / "w.n5", "seg")
     assert len(kept.levels) == 2 and kept.data.compute().tolist() == data.tolist()
-    # the container itself given (napari asked about replacing it): its dataset is replaced
-    assert write_labels(str(tmp_path / "w.n5"), np.ones((4, 4, 4), np.uint8), {"name": "seg"})
-    assert Volume.open(tmp_path / "w.n5", "seg").shape == (4, 4, 4)
+    # a layer saved, edited, saved again under its name: replaced
+    assert write_labels(str(tmp_path / "w.n5"), np.ones((4, 4, 4), np.uint8), {"name": "mine"})
+    assert write_labels(str(tmp_path / "w.n5" / "mine.n5"), np.full((4, 4, 4), 2, np.uint8), {})
+    assert Volume.open(tmp_path / "w.n5", "mine").data.compute().min() == 2

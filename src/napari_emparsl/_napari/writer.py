@@ -28,6 +28,19 @@ def _target(path: str, layer_name: str) -> tuple[str, str]:
     return root, key
 
 
+#: attribute of a dataset this writer saved: saving a layer there again may replace it
+SAVED_LAYER = "emparsl_saved_layer"
+
+
+def _saved_layer(target: str) -> bool:
+    from napari_emparsl.core.n5attrs import read_attrs
+
+    try:
+        return read_attrs(target).get(SAVED_LAYER) is True
+    except VolumeError:  # damaged: not replaced without a word either
+        return False
+
+
 def _write(path: str, data: Any, meta: dict[str, Any], labels: bool) -> list[str]:
     given = user_path(path)
     root, key = _target(given, meta.get("name") or "data")
@@ -40,14 +53,16 @@ def _write(path: str, data: Any, meta: dict[str, Any], labels: bool) -> list[str
         raise VolumeError(
             f"{root}:{key} is the dataset this layer reads from; save it under another name."
         )
-    # napari's save dialog asks before replacing only what it was given: an existing container
-    # (OUT.n5) may have its dataset replaced; "OUT.n5/seg.n5" (napari's extension on a dataset
-    # name) does not exist, nothing asked, and an existing OUT.n5/seg is not replaced
-    replace = os.path.exists(given)
-    if not replace and os.path.exists(os.path.join(root, key)):
+    # nothing asks before a dataset is replaced: napari is handed OUT.n5/seg.n5, which does
+    # not exist, and Qt's save dialog enters an existing folder rather than asking. So only a
+    # layer saved here before is replaced (saving an edited layer again); a run's output, an
+    # import, the sample or ground truth of the same name is not (it was, without a word)
+    target = os.path.join(root, key)
+    replace = os.path.exists(target)
+    if replace and not _saved_layer(target):
         raise VolumeError(
-            f"{root}:{key} exists already; save under another name, or remove it first "
-            "(nothing asked to replace it)."
+            f"{root}:{key} exists already and is not a layer saved from napari; save under "
+            "another name, or remove it first."
         )
     if isinstance(data, list):  # multiscale: the finest level holds everything
         data = data[0]
@@ -69,7 +84,8 @@ def _write(path: str, data: Any, meta: dict[str, Any], labels: bool) -> list[str
             else None,
             unit=unit,
             labels=labels,
-            overwrite=replace,  # napari's save dialog has asked before replacing it
+            attrs={SAVED_LAYER: True},
+            overwrite=replace,  # a layer saved here before (see above)
         )
     finally:
         lock.release(remove=True)  # a saved layer keeps no lock file
