@@ -738,6 +738,17 @@ def test_per_channel_statistics_of_several_channels_are_refused(tmp_path, v05):
     message = str(err.value)
     assert "normalizes each of its 2 input channels on its own (zero_mean_unit_variance" in message
     assert "\n" not in message and message.endswith(".")
+    # as the sentence says: normalize given in the options, or a sidecar, runs it anyway (the
+    # refusal came before either was read); so does a package emparsl exported itself (its
+    # statistics are emparsl's: exports before the axes said so wrote z, y, x)
+    assert describe_model(path, {"normalize": "percentile"}).normalize == "percentile"
+    (tmp_path / "pkg.yaml").write_text("normalize: zscore\n")
+    assert describe_model(path).normalize == "zscore"
+    (tmp_path / "pkg.yaml").unlink()
+    rdf["config"] = {"emparsl": {"kind": "image"}}
+    (tmp_path / "pkg" / "rdf.yaml").write_text(yaml.safe_dump(rdf))
+    assert describe_model(path).normalize == "zscore"
+    del rdf["config"]
     for axes in (joint, None):  # over the channels too, or over all axes (the default)
         step["kwargs"]["axes"] = axes
         (tmp_path / "pkg" / "rdf.yaml").write_text(yaml.safe_dump(rdf))

@@ -233,6 +233,11 @@ def _joint_over_channels(kw: Mapping[str, Any], channel: str, v05: bool) -> bool
     return channel in [str(a) for a in axes]
 
 
+#: a key of a package's description: why it cannot run as described (per-channel statistics),
+#: unless a sidecar or the model options set normalize (see loaders.describe_model)
+PER_CHANNEL = "_per_channel_statistics"
+
+
 def _normalization(
     steps: list[tuple[str, dict[str, Any]]],
     where: str,
@@ -252,15 +257,17 @@ def _normalization(
     name, kw = steps[0]
     mode = kw.get("mode", "per_sample")
     computed = name in ("zero_mean_unit_variance", "scale_range") and mode != "fixed"
+    refusal = {}
     if computed and channels > 1 and not _joint_over_channels(kw, channel, v05):
-        raise ModelError(
-            f"{where} normalizes each of its {channels} input channels on its own ({name} over "
-            f"axes {kw.get('axes')}, without {channel}); emparsl normalizes all channels of a "
-            "volume together, which gives the model other values: set normalize in a sidecar "
-            "or the model options to run it anyway."
-        )
+        # said when the model is described, unless a sidecar or the options set normalize
+        refusal = {
+            PER_CHANNEL: f"{where} normalizes each of its {channels} input channels on its own "
+            f"({name} over axes {kw.get('axes')}, without {channel}); emparsl normalizes all "
+            "channels of a volume together, which gives the model other values: set normalize "
+            "in a sidecar or the model options to run it anyway."
+        }
     if name == "zero_mean_unit_variance" and mode != "fixed":
-        return {"normalize": "zscore"}
+        return {"normalize": "zscore"} | refusal
     if name == "fixed_zero_mean_unit_variance" or (
         name == "zero_mean_unit_variance" and mode == "fixed"
     ):
@@ -277,7 +284,7 @@ def _normalization(
         return {"normalize": "fixed", "norm_values": [-offset / gain, 1 / gain]}
     if name == "scale_range" and mode != "fixed" and "reference_tensor" not in kw:
         lo, hi = float(kw.get("min_percentile", 0)), float(kw.get("max_percentile", 100))
-        return {"normalize": "percentile", "percentiles": [lo, hi]}
+        return {"normalize": "percentile", "percentiles": [lo, hi]} | refusal
     raise ModelError(
         f"{where} preprocesses its input with {name!r}"
         + (f" ({mode})" if "mode" in kw else "")
@@ -522,6 +529,9 @@ def _describe(package: Package, desc: dict[str, Any]) -> tuple[dict[str, Any], s
     if isinstance(ours, Mapping):
         known = {f.name for f in fields(ModelSpec)}
         keys |= {k: v for k, v in ours.items() if k in known and k != "derived"}
+        # emparsl exported it: its statistics are emparsl's, over all channels together
+        # (packages exported before the axes said so wrote z, y, x)
+        keys.pop(PER_CHANNEL, None)
     return keys, _weights(desc, where)
 
 

@@ -18,7 +18,12 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from napari_emparsl.core.models.bioimageio import describe_package, find_package, read_weights
+from napari_emparsl.core.models.bioimageio import (
+    PER_CHANNEL,
+    describe_package,
+    find_package,
+    read_weights,
+)
 from napari_emparsl.core.models.spec import ModelError, ModelSpec, read_sidecar
 from napari_emparsl.core.paths import user_path
 
@@ -147,20 +152,28 @@ def _description(path: str) -> tuple[dict[str, Any], str]:
     if package is None:
         return read_sidecar(path), f"{path}.yaml"
     keys, _ = describe_package(package)
-    return keys | read_sidecar(path.rstrip("/\\")), f"the bioimage.io description of {path}"
+    keys |= read_sidecar(path.rstrip("/\\"))
+    if "normalize" in read_sidecar(path.rstrip("/\\")):
+        keys.pop(PER_CHANNEL, None)  # the sidecar says how to normalize it
+    return keys, f"the bioimage.io description of {path}"
 
 
 def describe_model(model: str, options: Mapping[str, Any] | None = None) -> ModelSpec:
     """The model's spec from its sidecar (or bioimage.io description) and options, without
     loading any weights."""
     path = resolve_model(model)
-    return ModelSpec.from_mapping(*_description(path)).with_options(options or {})
+    keys, where = _description(path)
+    refusal = keys.pop(PER_CHANNEL, None)
+    if refusal and "normalize" not in (options or {}):
+        raise ModelError(refusal)
+    return ModelSpec.from_mapping(keys, where).with_options(options or {})
 
 
 def missing_description(model: str, options: Mapping[str, Any] | None = None) -> list[str]:
     """Keys a model file needs but neither its sidecar nor ``options`` give (the GUI asks)."""
     path = resolve_model(model)
     described = _description(path)[0] | dict(options or {})
+    described.pop(PER_CHANNEL, None)
     given = set(described)
     if described.get("architecture") in ("unet3d", "unet2d"):
         given.add("halo")  # the network's whole context (ModelSpec fills it in)
