@@ -416,7 +416,7 @@ def test_several_model_options_after_one_flag(capsys):
     assert main(["describe-model", "unet3d-em", "--model-option", "halo=8,8,8", "reflect"]) == 2
     assert capsys.readouterr().err == (
         "emparsl: error: Model options are key=value, not 'reflect' (e.g. --model-option "
-        "halo=8,8,8 kind=image, after the model and output paths).\n"
+        "halo=8,8,8 normalize=zscore, after the model and output paths).\n"
     )
 
 

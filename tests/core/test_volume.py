@@ -430,6 +430,7 @@ def test_parse_spec_splits_after_the_container_folder(tmp_path):
     # was taken as a path, and a run wrote a dataset named "raw:s0")
     assert parse_spec(f"{base}/c.n5/labels:cells") == (f"{base}/c.n5/labels", "cells")
     assert parse_spec("/nowhere/s.n5/raw:s0") == ("/nowhere/s.n5/raw", "s0")
+    assert parse_spec("'/no where/s.n5':raw:v2") == ("/no where/s.n5", "raw:v2")  # quoted
     # a container named otherwise holding a dataset named like one (as before today's split)
     (tmp_path / "vol").mkdir()
     assert parse_spec(f"{tmp_path}/vol:exports/a.n5") == (f"{tmp_path}/vol", "exports/a.n5")

@@ -199,6 +199,22 @@ def _output_ledger(output: str) -> dict[str, Any]:
     }
 
 
+def panel_words(message: str) -> str:
+    """An engine sentence in the panel's words: it speaks to the command line (--overwrite,
+    --block, --model-option), the panel has its fields."""
+    # the engine speaks to the command line; here the options are the panel's fields
+    message = message.replace("pass --overwrite", "tick “replace output”")
+    message = message.replace("--overwrite", "“replace output”")
+    message = re.sub(
+        r"\(e\.g\. --model-option [^)]*, after the model and output paths\)",
+        "(e.g. halo=8,8,8; normalize=zscore)",
+        message,
+    )
+    message = message.replace("set --model-option ", "set the model option ")
+    message = message.replace("e.g. --block ", "e.g. block ").replace("e.g. --halo ", "e.g. halo ")
+    return message
+
+
 class RunWidget(Container):
     """Volume → model → site → preview / run, with streaming results and failed blocks."""
 
@@ -512,7 +528,7 @@ class RunWidget(Container):
             spec = describe_model(self._model(), options)
             missing = missing_description(self._model(), options)
         except UserError as err:
-            self.model_info.value = f"⚠ {err}"
+            self.model_info.value = f"⚠ {panel_words(str(err))}"
             return
         package = _package_name(self._model())
         self.check_model_btn.enabled = self._run is None and package is not None
@@ -1119,18 +1135,7 @@ class RunWidget(Container):
     def _error(self, message: str) -> None:
         from napari.utils.notifications import show_error
 
-        # the engine speaks to the command line; here the options are the panel's fields
-        message = message.replace("pass --overwrite", "tick “replace output”")
-        message = message.replace("--overwrite", "“replace output”")
-        message = re.sub(
-            r"\(e\.g\. --model-option [^)]*, after the model and output paths\)",
-            "(e.g. halo=8,8,8; normalize=zscore)",
-            message,
-        )
-        message = message.replace("set --model-option ", "set the model option ")
-        message = message.replace("e.g. --block ", "e.g. block ").replace(
-            "e.g. --halo ", "e.g. halo "
-        )
+        message = panel_words(message)
         log.warning(message)
         self.status.value = message
         show_error(message)

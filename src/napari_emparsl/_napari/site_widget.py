@@ -129,7 +129,8 @@ class SiteWidget(Container):
             self.message.value = str(err) + " Fix the file, or choose another profile."
             self.save_btn.enabled = self.test_btn.enabled = False
             return
-        self.save_btn.enabled = self.test_btn.enabled = True
+        self.save_btn.enabled = True
+        self.test_btn.enabled = not self._testing  # one test at a time
         for name, widget in self.fields.items():
             value = getattr(profile, name)
             widget.value = str(value) if name in self._auto else value
@@ -173,8 +174,8 @@ class SiteWidget(Container):
         )
 
     def _tested(self, result: Any) -> None:
-        name = self._testing
-        self.test_btn.enabled = True
+        name, self._testing = self._testing, ""
+        self.test_btn.enabled = self.save_btn.enabled  # not while the form shows no profile
         if isinstance(result, BaseException):
             self._error(error_sentence(result, f"Testing site {name}"))
         else:

@@ -159,9 +159,9 @@ def parse_spec(spec: str) -> tuple[str, str]:
         return any(p.lower().endswith((".n5", ".zarr")) for p in re.split(r"[/\\]", text))
 
     for i in colons:  # the first colon inside the container (s.n5:raw, s.n5/labels:cells)
-        if container(spec[:i]):
+        if container(user_path(spec[:i])):  # also quoted alone: '/a b/s.n5':raw:v2
             return user_path(spec[:i]), check_key(spec[i + 1 :].strip("/"), spec)
-    existing = [i for i in colons if os.path.exists(spec[:i])]
+    existing = [i for i in colons if os.path.exists(user_path(spec[:i]))]
     found = re.search(r"(?:^|[/\\])([^/\\]*\.(?:n5|zarr))(?=$|[/\\])", spec, re.IGNORECASE)
     if found:  # every colon is before the container's folder
         # part of the path (exp:1/out.n5), unless only what lies before a colon exists

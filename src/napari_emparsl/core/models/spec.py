@@ -432,7 +432,7 @@ def parse_options(items: Sequence[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ModelError(
                 f"Model options are key=value, not {item!r} (e.g. --model-option halo=8,8,8 "
-                "kind=image, after the model and output paths)."
+                "normalize=zscore, after the model and output paths)."
             )
         key, value = item.split("=", 1)
         try:
