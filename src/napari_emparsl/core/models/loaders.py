@@ -152,8 +152,9 @@ def _description(path: str) -> tuple[dict[str, Any], str]:
     if package is None:
         return read_sidecar(path), f"{path}.yaml"
     keys, _ = describe_package(package)
-    keys |= read_sidecar(path.rstrip("/\\"))
-    if "normalize" in read_sidecar(path.rstrip("/\\")):
+    sidecar = read_sidecar(path.rstrip("/\\"))
+    keys |= sidecar
+    if "normalize" in sidecar:
         keys.pop(PER_CHANNEL, None)  # the sidecar says how to normalize it
     return keys, f"the bioimage.io description of {path}"
 
