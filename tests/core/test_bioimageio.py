@@ -659,6 +659,13 @@ def test_fixed_size_package_runs_on_a_volume_larger_than_its_tile(tmp_path, caps
         assert done.ok and done.failed == 0
         y = z5py.File(str(tmp_path / "o.n5"), "r")[name][:]
         assert y.shape == x.shape and np.abs(y - want).max() < 1e-5
+    # a halo of more than a quarter of the tile: blocks smaller than the halo, the only ones
+    # such a model takes (before: refused, advising blocks at least as large as the halo)
+    done = napari_emparsl.run(f"{tmp_path / 'in.n5'}:raw", str(folder),
+                              f"{tmp_path / 'o.n5'}:wide", site="threads", halo=(1, 6, 6))  # fmt: skip
+    assert done.ok and done.failed == 0
+    y = z5py.File(str(tmp_path / "o.n5"), "r")["wide"][:]
+    assert np.abs(y - want).max() < 1e-5
     # a block (or halo) whose reads are not the fixed size: one sentence, what works
     code = main(["run", "--input", f"{tmp_path / 'in.n5'}:raw", "--model", str(folder),
                  "--output", f"{tmp_path / 'o.n5'}:r", "--site", "threads",

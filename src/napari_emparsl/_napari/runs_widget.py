@@ -252,7 +252,8 @@ class RunsWidget(Container):
         ids = [
             b.id
             for b in plan_blocks(in_shape, block_grid, halo, scale=scale, out_chunks=out.chunks[-3:],
-                                 roi=_point_roi(in_voxel))
+                                 roi=_point_roi(in_voxel),
+                                 fixed=last.get("spec", {}).get("fixed"))
         ]  # fmt: skip
         if not ids:
             return ""

@@ -145,6 +145,7 @@ def _check(
     out_chunks: Sequence[int],
     scale: Sequence[int],
     grid: Sequence[int] | None = None,
+    fixed: Sequence[int] | None = None,
 ) -> None:
     n = len(shape)
     for name, value in (
@@ -176,7 +177,9 @@ def _check(
         )
     if grid is not None:
         _check_grid(shape, block, halo, grid)
-    small = [i for i in range(n) if block[i] < halo[i] and block[i] < shape[i]]
+    # (a model of one input size has its blocks at that size less the halo: no larger ones)
+    fixed = fixed or (0,) * n
+    small = [i for i in range(n) if block[i] < halo[i] and block[i] < shape[i] and not fixed[i]]
     if small:
         raise GeometryError(
             f"Block {tuple(block)} is smaller than the halo {tuple(halo)}; most of each read would be "
@@ -229,6 +232,7 @@ def plan_blocks(
     roi: Roi | None = None,
     edge: str = "reflect",
     grid: Sequence[int] | None = None,
+    fixed: Sequence[int] | None = None,
 ) -> Iterator[Block]:
     """Blocks covering the volume (or those touching ``roi``), in id order.
 
@@ -254,6 +258,9 @@ def plan_blocks(
         The model's size multiple (z, y, x): block and halo must be multiples of it (where a
         block does not cover its whole axis), so that every read begins on the model's pooling
         grid, as in one whole-volume forward (see :func:`align_up`).
+    fixed
+        The one input size of the model per axis (0: any): there a block smaller than its
+        halo is what the model takes, not refused.
 
     Raises
     ------
@@ -272,7 +279,7 @@ def plan_blocks(
     halo = tuple(int(h) for h in halo)
     if edge not in ("reflect", "none"):
         raise GeometryError(f"The edge policy must be 'reflect' or 'none', not {edge!r}.")
-    _check(shape, block, halo, out_chunks, scale, grid)
+    _check(shape, block, halo, out_chunks, scale, grid, fixed)
     total = Roi((0,) * n, tuple(shape))
     grid = block_grid(shape, block)
     if roi is not None:

@@ -612,6 +612,7 @@ class Run:
                     roi=self.roi,
                     edge=spec.edge,
                     grid=spec.multiple,
+                    fixed=spec.fixed,
                 )
             )
         except GeometryError as err:
