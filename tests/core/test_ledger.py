@@ -67,3 +67,30 @@ def test_a_line_torn_by_a_crash_loses_nothing_after_it(tmp_path):
     assert [run["site"] for run in summary.runs] == ["a", "b"]
     assert list(summary.done) == [3] and not summary.failed
     assert open(ledger.path).read().count("\n") == 9  # the torn line ended where it broke off
+
+
+def test_a_lock_let_go_and_removed_is_held_by_one_at_a_time(tmp_path):
+    """A run waiting for the lock took it on the file its holder removed as it let go (the
+    napari writer and a run refused while preparing let go so): the next one made a new file
+    and took that, and two runs held "the lock" of one output at once."""
+    import threading
+    import time
+
+    import pytest
+
+    from napari_emparsl.core.ledger import OutputBusy, OutputLock, lock_holder
+
+    (tmp_path / "o.n5").mkdir()
+    first = OutputLock(str(tmp_path / "o.n5"), "pred")
+    first.acquire()
+    waiting = OutputLock(str(tmp_path / "o.n5"), "pred")
+    took = threading.Thread(target=waiting.acquire)
+    took.start()  # its first try fails (held), then it waits 50 ms before the next
+    time.sleep(0.02)
+    first.release(remove=True)
+    took.join(10)
+    assert waiting._file is not None  # it holds the lock …
+    assert lock_holder(str(tmp_path / "o.n5"), "pred")  # … on the file at the lock's path
+    with pytest.raises(OutputBusy):  # so a third one is refused
+        OutputLock(str(tmp_path / "o.n5"), "pred").acquire()
+    waiting.release(remove=True)

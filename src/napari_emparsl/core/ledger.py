@@ -287,10 +287,19 @@ class OutputLock:
         self._made: str | None = None  # the outermost folder made to hold the lock file
 
     def acquire(self) -> None:
+        for _ in range(5):
+            if self._acquire():
+                return
+        # removed under us again and again: take it as it is now (the next check is the run's)
+        self._acquire(recheck=False)
+
+    def _acquire(self, recheck: bool = True) -> bool:
+        """One try; False where the file locked is no longer the one at the path (its holder
+        removed it as it let go: holding the old one, two runs would each hold "the lock")."""
         try:
             import fcntl
         except ImportError:  # not on Windows
-            return
+            return True
         made = None
         d = self.parent
         while d and not os.path.exists(d):
@@ -300,7 +309,7 @@ class OutputLock:
             f = open(self.path, "a+", encoding="utf-8")  # held for the run
         except OSError as err:  # a file in the way, no permission: the output's checks say so
             log.info("could not lock %s (%s)", self.path, err)
-            return
+            return True
         self._made = made
         try:
             for wait in (0.05, 0.1, 0.2, 0.0):  # `emparsl status` looks for a few µs: not a run
@@ -323,13 +332,22 @@ class OutputLock:
         except OSError as err:  # a file system without locks: go on, unlocked
             log.warning("could not lock %s (%s); running without a lock", self.path, err)
             f.close()
-            return
+            return True
+        if recheck:
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
+            except OSError:  # removed meanwhile
+                same = False
+            if not same:
+                f.close()
+                return False
         f.seek(0)
         f.truncate()
         since = time.strftime("%Y-%m-%d %H:%M:%S")
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}))
         f.flush()
         self._file = f
+        return True
 
     def release(self, remove: bool = False) -> None:
         """Let go; ``remove``: the lock file goes too, with the folders made to hold it if
