@@ -356,3 +356,30 @@ def test_voxel_size_read_from_what_fiji_ome_and_hdf5_writers_record(tmp_path, ca
     assert main(["import", str(tmp_path / "fiji.tif"), f"{tmp_path}/o.n5:g", *given]) == 0
     assert "Voxel size: 30×5×5 nm (given).\n" in capsys.readouterr().out
     assert Volume.open(tmp_path / "o.n5", "g").voxel_size == (30, 5, 5)
+
+
+def test_time_series_tiffs_are_refused_not_imported_as_z(tmp_path):
+    """An ImageJ or OME TIFF with axes TYX (time points, one section) is refused in one
+    sentence (before: its time points imported as sections, OME's PhysicalSizeZ taken as
+    their thickness); a single time point of a z-stack is imported."""
+    t = np.stack([np.full((20, 30), i, np.uint16) for i in range(5)])
+    tifffile.imwrite(tmp_path / "ij_t.tif", t, imagej=True, resolution=(250, 250),
+                     metadata={"axes": "TYX", "unit": "um", "finterval": 2.0})  # fmt: skip
+    tifffile.imwrite(tmp_path / "ome_t.ome.tif", t,
+                     metadata={"axes": "TYX", "PhysicalSizeX": 0.004, "PhysicalSizeY": 0.004,
+                               "PhysicalSizeZ": 0.05})  # fmt: skip
+    for name in ("ij_t.tif", "ome_t.ome.tif"):
+        with pytest.raises(VolumeError) as err:
+            import_volume(str(tmp_path / name), f"{tmp_path}/o.n5:raw")
+        assert str(err.value) == (
+            f"{tmp_path / name} holds 5 time points (axes TYX); import needs a z-stack: save "
+            "one time point as a stack and import that."
+        )
+    hyper = np.arange(3 * 4 * 20 * 30, dtype=np.uint16).reshape(3, 4, 20, 30)
+    tifffile.imwrite(tmp_path / "tz.tif", hyper, imagej=True, metadata={"axes": "TZYX"})
+    with pytest.raises(VolumeError, match=r"holds 3 time points \(axes TZYX\)"):
+        open_source(str(tmp_path / "tz.tif"))
+    tifffile.imwrite(tmp_path / "one_t.tif", hyper[:1], imagej=True, metadata={"axes": "TZYX"})
+    out = import_volume(str(tmp_path / "one_t.tif"), f"{tmp_path}/o.n5:one", chunks=(2, 8, 8))
+    np.testing.assert_array_equal(out.data.compute(), hyper[0])
+    assert not (tmp_path / "o.n5" / "raw").exists()

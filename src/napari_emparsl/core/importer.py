@@ -233,6 +233,25 @@ def _folder_source(folder: str) -> ImportSource:
     )
 
 
+def _other_axis(axes: str, shape: tuple[int, ...]) -> str:
+    """What a TIFF holds along an axis of length > 1 that is not z (Z; I, Q: tifffile's names
+    for a plain page sequence) nor y, x: "holds 5 time points", or "" if none.
+
+    A time series is no z-stack: imported as one, its time points became sections (and
+    OME's PhysicalSizeZ their thickness)."""
+    if len(axes) != len(shape):
+        return ""
+    for axis, n in zip(axes[:-2], shape[:-2], strict=True):
+        if n > 1 and axis not in "ZIQ":
+            if axis == "T":
+                return f"holds {n} time points"
+            from tifffile import TIFF
+
+            name = getattr(TIFF, "AXES_NAMES", {}).get(axis, "")
+            return f"holds {n} images along its {name + ' ' if name else ''}axis {axis}"
+    return ""
+
+
 def _tiff_source(path: str) -> ImportSource:
     import tifffile
 
@@ -258,9 +277,17 @@ def _tiff_source(path: str) -> ImportSource:
             f"{path} holds {shape[axes.index('C')]} channels (axes {axes}); import needs one "
             "greyscale channel: save each channel as a stack of its own"
         )
+    elif extra := _other_axis(axes, shape):
+        problem = f"{path} {extra} (axes {axes}); import needs a z-stack: " + (
+            "save one time point as a stack and import that"
+            if extra.endswith("time points")
+            else "save one z-stack of it and import that"
+        )
     if problem is not None:
         tif.close()
         raise VolumeError(problem + ".")
+    while len(shape) > 3 and shape[0] == 1:  # a single time point, a single position, …
+        shape = shape[1:]
     if len(shape) == 2:
         shape = (1, *shape)
     if len(shape) != 3:
