@@ -472,6 +472,9 @@ def _id_list(ids: list, most: int = 8) -> str:
     return shown if len(ids) <= most else f"{shown} and {len(ids) - most} more"
 
 
+_SHOWN_ERRORS = 10  # distinct errors `emparsl status` prints before it counts the rest
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from napari_emparsl.core.ledger import Ledger, lock_holder, whole_plan_blocks
     from napari_emparsl.core.volume import Volume, parse_spec
@@ -542,9 +545,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     by_error: dict[str, list[str]] = {}
     for bid, err in out["failed_blocks"].items():
         by_error.setdefault(err, []).append(bid)
-    for err, ids in by_error.items():
+    # errors that differ only in their numbers (a region, a memory size) come in one line per
+    # block: 100,000 lines for a ledger of as many failures; the first few, then a count
+    shown = list(by_error.items())[:_SHOWN_ERRORS]
+    for err, ids in shown:
         which = f"block {ids[0]}" if len(ids) == 1 else f"{len(ids)} blocks ({_id_list(ids)})"
         print(f"  {which} failed: {err}")
+    if len(by_error) > len(shown):
+        rest = sum(len(ids) for _, ids in list(by_error.items())[len(shown) :])
+        print(
+            f"  and {rest} more block(s) failed with {len(by_error) - len(shown)} other "
+            "error(s); `emparsl status --json` lists every one"
+        )
     prov = out["provenance"]
     print(f"input {prov['input']}, model {prov['model']} (sha256 {str(prov['model_sha256'])[:12]}…)"
           + (f", options {_options_text(prov['model_options'])}" if prov["model_options"] else "")

@@ -336,6 +336,30 @@ def test_status_of_a_ledger_with_a_damaged_record(capsys, tmp_path, small_n5):
     assert status["done"] == 1 and status["mean_block_seconds"] is None and block["id"] == 0
 
 
+def test_status_of_many_different_failures_is_a_few_lines(capsys, tmp_path, small_n5):
+    """Errors that differ in their numbers (a region, a memory size) were printed one line per
+    failed block: 100,004 lines for a ledger of 100,000 failures."""
+    path, _ = small_n5
+    out = f"{tmp_path}/o.n5:pred"
+    code, _, _ = run(capsys, "run", "--input", f"{path}:raw", "--model", "unet3d-em",
+                     "--output", out, "--site", "threads", "--roi", "0:1,0:8,0:8")  # fmt: skip
+    assert code == 0
+    ledger = tmp_path / "o.n5" / "pred" / "emparsl-ledger.jsonl"
+    with open(ledger, "a") as f:
+        for i in range(1, 40):  # blocks 1…39 failed, each with its own numbers
+            f.write(json.dumps({"type": "block", "id": i, "status": "failed", "attempt": 1,
+                                "error": f"out of memory: tried to allocate {i} MiB"}) + "\n")  # fmt: skip
+    code, text, _ = run(capsys, "status", out)
+    lines = [ln for ln in text.splitlines() if "failed" in ln and ln.startswith("  ")]
+    assert code == 0 and len(lines) == 11, text
+    assert lines[-1] == (
+        "  and 29 more block(s) failed with 29 other error(s); `emparsl status --json` lists "
+        "every one"
+    )
+    code, text, _ = run(capsys, "status", out, "--json")
+    assert len(json.loads(text)["failed_blocks"]) == 39
+
+
 def test_info_of_a_group_lists_what_it_holds(capsys, tmp_path):
     for name in ("a", "b"):
         save_array(tmp_path / "g.n5", f"labels/{name}", np.zeros((4, 8, 8), np.uint8))
