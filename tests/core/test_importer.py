@@ -383,3 +383,35 @@ def test_time_series_tiffs_are_refused_not_imported_as_z(tmp_path):
     out = import_volume(str(tmp_path / "one_t.tif"), f"{tmp_path}/o.n5:one", chunks=(2, 8, 8))
     np.testing.assert_array_equal(out.data.compute(), hyper[0])
     assert not (tmp_path / "o.n5" / "raw").exists()
+
+
+def test_import_refused_while_a_run_writes_the_output(tmp_path, small_n5):
+    """`import --overwrite` over an output a run writes now is refused in one sentence and
+    writes nothing (before: it replaced the dataset, and the run then wrote its failed records
+    into the imported one's ledger); once the run is done the import takes the lock itself
+    and leaves no lock file."""
+    from napari_emparsl.core.ledger import OutputBusy, OutputLock
+
+    path, data = small_n5
+    tif = tmp_path / "s.tif"
+    tifffile.imwrite(tif, np.ones((4, 8, 8), np.uint8), photometric="minisblack")
+    held = OutputLock(str(path), "raw")
+    held.acquire()
+    before = sorted(p.name for p in path.iterdir())  # the dataset and the run's lock file
+    try:
+        with pytest.raises(OutputBusy) as err:
+            import_volume(str(tif), f"{path}:raw", overwrite=True)
+        assert str(err.value).startswith(f"The output {path}:raw is being written by another run")
+        assert str(err.value).count(". ") == 0
+        assert sorted(p.name for p in path.iterdir()) == before  # nothing beside it
+        np.testing.assert_array_equal(Volume.open(path, "raw").data.compute(), data)
+        # the estimate (a dry run) still comes: it writes nothing
+        est = next(iter_import(str(tif), f"{path}:raw", overwrite=True, dry_run=True))
+        assert est.n_files == 1
+    finally:
+        held.release(remove=True)
+    out = import_volume(str(tif), f"{path}:raw", overwrite=True)
+    assert out.shape == (4, 8, 8)
+    assert sorted(p.name for p in path.iterdir()) == ["attributes.json", "raw"]
+    import_volume(str(tif), f"{tmp_path}/new.n5:a/raw")  # a new container: no lock file left
+    assert sorted(p.name for p in (tmp_path / "new.n5").iterdir()) == ["a", "attributes.json"]

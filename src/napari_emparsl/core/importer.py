@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_emparsl.core.ledger import OutputLock
 from napari_emparsl.core.n5attrs import VolumeError
 from napari_emparsl.core.paths import user_path
 from napari_emparsl.core.units import nm_per_unit
@@ -522,6 +523,7 @@ def iter_import(
     out_root, out_key = parse_spec(dest)
     out_key = out_key or "raw"
     source = open_source(src)
+    lock = OutputLock(out_root, out_key)
     try:
         if any(_same_path(p, out_root) for p in (*source.paths, src.split(":")[0])):
             raise VolumeError(
@@ -566,8 +568,11 @@ def iter_import(
                 ),
             )
         yield est
-        if taken:
-            check_output_free(out_root, out_key, overwrite)  # refused now, in one sentence
+        # from here until the import ends, no run (nor another import) writes this output; a
+        # run writing it now refuses the import (OutputBusy), before anything is written
+        lock.acquire()
+        # looked at again under the lock: a run may have made the output since
+        check_output_free(out_root, out_key, overwrite)  # refused now, in one sentence
         # replacing a dataset: written beside it and swapped in when whole, so that a failed
         # import keeps the one it was to replace
         replacing = overwrite and os.path.exists(os.path.join(out_root, out_key))
@@ -611,6 +616,7 @@ def iter_import(
             raise
     finally:
         source.close()
+        lock.release(remove=True)  # an import leaves no lock file
 
 
 def _swap_in(root: str, fresh_key: str, key: str) -> None:
