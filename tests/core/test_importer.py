@@ -415,3 +415,34 @@ def test_import_refused_while_a_run_writes_the_output(tmp_path, small_n5):
     assert sorted(p.name for p in path.iterdir()) == ["attributes.json", "raw"]
     import_volume(str(tif), f"{tmp_path}/new.n5:a/raw")  # a new container: no lock file left
     assert sorted(p.name for p in (tmp_path / "new.n5").iterdir()) == ["a", "attributes.json"]
+
+
+def test_folders_left_by_a_killed_overwrite_are_cleared(tmp_path, small_n5):
+    """An `import --overwrite` killed outright leaves its hidden `.NAME.importing-…` folder
+    beside the dataset; the next import of that dataset removes it (before: left forever), and
+    one killed between its two renames, which left the dataset itself aside, gets it back."""
+    from napari_emparsl.core.volume import save_array
+
+    path, _ = small_n5
+    tif = tmp_path / "s.tif"
+    tifffile.imwrite(tif, np.ones((4, 8, 8), np.uint8), photometric="minisblack")
+    save_array(path, ".raw.importing-0badf00d", np.zeros((4, 8, 8), np.uint8))  # half-written
+    (path / ".raw.importing-12345678").mkdir()  # killed just after it began
+    (path / ".rawer.importing-87654321").mkdir()  # another dataset's: not ours to remove
+    out = import_volume(str(tif), f"{path}:raw", overwrite=True)
+    assert out.shape == (4, 8, 8)
+    assert sorted(p.name for p in path.iterdir()) == [
+        ".rawer.importing-87654321",
+        "attributes.json",
+        "raw",
+    ]
+    (path / "raw").rename(path / ".raw.importing-0badf00d.replaced")  # killed between renames
+    (path / ".raw.importing-0badf00d").mkdir()
+    with pytest.raises(VolumeError, match="already exists; pass --overwrite"):
+        import_volume(str(tif), f"{path}:raw")
+    assert sorted(p.name for p in path.iterdir()) == [
+        ".rawer.importing-87654321",
+        "attributes.json",
+        "raw",
+    ]
+    np.testing.assert_array_equal(Volume.open(path, "raw").data.compute(), np.ones((4, 8, 8)))

@@ -571,6 +571,7 @@ def iter_import(
         # from here until the import ends, no run (nor another import) writes this output; a
         # run writing it now refuses the import (OutputBusy), before anything is written
         lock.acquire()
+        _clear_leftovers(out_root, out_key)  # of imports killed outright (kill -9) before
         # looked at again under the lock: a run may have made the output since
         check_output_free(out_root, out_key, overwrite)  # refused now, in one sentence
         # replacing a dataset: written beside it and swapped in when whole, so that a failed
@@ -617,6 +618,26 @@ def iter_import(
     finally:
         source.close()
         lock.release(remove=True)  # an import leaves no lock file
+
+
+def _clear_leftovers(root: str, key: str) -> None:
+    """Remove the hidden ``.NAME.importing-…`` folders that imports over ``key`` killed
+    outright (``kill -9``, a node failure) left beside it; under the output's lock, no other
+    import is writing one. One killed between the two renames of :func:`_swap_in` left the
+    dataset itself aside (``….replaced``) and none in its place: that one is put back."""
+    head, _, name = key.strip("/").rpartition("/")
+    group = os.path.join(root, head)
+    try:
+        left = [n for n in os.listdir(group) if n.startswith(f".{name}.importing-")]
+    except OSError:  # no container or group yet: nothing left there
+        return
+    final = os.path.join(root, key)
+    aside = [n for n in left if n.endswith(".replaced")]
+    if len(aside) == 1 and not os.path.exists(final):
+        os.rename(os.path.join(group, aside[0]), final)
+        left.remove(aside[0])
+    for n in left:
+        shutil.rmtree(os.path.join(group, n), ignore_errors=True)
 
 
 def _swap_in(root: str, fresh_key: str, key: str) -> None:
