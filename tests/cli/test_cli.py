@@ -257,6 +257,17 @@ def test_python_api_takes_a_region_as_text_slices_or_pairs(small_n5, tmp_path):
         with pytest.raises(RunError, match=r"has a negative bound; give positions counted from"):
             napari_emparsl.run(src, "unet3d-em", f"{tmp_path}/x.n5:p", roi=roi)
     assert not (tmp_path / "x.n5").exists()
+    # block and halo as the command line takes them (before: "not ('1', '6', ',', …)")
+    done = napari_emparsl.run(src, "unet3d-em", f"{tmp_path}/t.n5:p", site="threads",
+                              roi="0:8,0:8,0:8", block="32,32,32", halo="8")  # fmt: skip
+    assert done.ok
+    prov = json.loads(
+        (tmp_path / "t.n5" / "p" / "emparsl-ledger.jsonl").read_text().splitlines()[0]
+    )
+    assert prov["block"][1:] == [32, 32] and prov["halo"] == [8, 8, 8]  # z: the volume's 20
+    with pytest.raises(RunError, match=r"The block is three whole numbers z,y,x of at least 1, "
+                       r"not '32,a'\."):  # fmt: skip
+        napari_emparsl.run(src, "unet3d-em", f"{tmp_path}/u.n5:p", site="threads", block="32,a")
 
 
 def test_sample_writes_pyramids_with_ground_truth(capsys, tmp_path):

@@ -43,6 +43,7 @@ from napari_emparsl.core.geometry import (
     block_grid,
     check_no_shared_chunks,
     plan_blocks,
+    size_values,
 )
 from napari_emparsl.core.ledger import Ledger, OutputLock, written_blocks
 from napari_emparsl.core.models.loaders import (
@@ -392,8 +393,8 @@ class Run:
         *,
         site: str | SiteProfile = "local",
         roi: Roi | str | None = None,
-        block: Sequence[int] | None = None,
-        halo: Sequence[int] | None = None,
+        block: Sequence[int] | str | None = None,
+        halo: Sequence[int] | str | None = None,
         model_options: Mapping[str, Any] | None = None,
         overwrite: bool = False,
         retries: int = 2,
@@ -413,8 +414,9 @@ class Run:
         self.model_options = dict(model_options or {})
         self.site = site
         self.roi = _as_roi(roi)
-        self.block = tuple(block) if block is not None else None
-        self.halo = tuple(halo) if halo is not None else None
+        # as the CLI takes them ("16,32,32", "64": read in prepare) or (z, y, x)
+        self.block = tuple(block) if block is not None and not isinstance(block, str) else block
+        self.halo = tuple(halo) if halo is not None and not isinstance(halo, str) else halo
         self.overwrite = overwrite
         self.retries = retries
         self.in_flight_per_worker = in_flight_per_worker
@@ -458,14 +460,24 @@ class Run:
         self.warnings = ()
         if not isinstance(self.retries, int) or self.retries < 0:
             raise RunError(f"Retries are a count of 0 or more, not {self.retries!r}.")
-        for name, value, least in (("block", self.block, 1), ("halo", self.halo, 0)):
+        for name, least in (("block", 1), ("halo", 0)):
+            value = getattr(self, name)
+            if isinstance(value, str):  # as typed on the command line: "16,32,32", "64"
+                try:
+                    sizes = size_values(value)
+                except ValueError:
+                    sizes = []
+                if len(sizes) in (1, 3):
+                    value = tuple(sizes * 3 if len(sizes) == 1 else sizes)
+                    setattr(self, name, value)
             if value is not None and (
-                len(value) != 3
+                isinstance(value, str)
+                or len(value) != 3
                 or not all(isinstance(v, numbers.Integral) and v >= least for v in value)
             ):
+                shown = repr(value) if isinstance(value, str) else tuple(value)
                 raise RunError(
-                    f"The {name} is three whole numbers z,y,x of at least {least}, not "
-                    f"{tuple(value)}."
+                    f"The {name} is three whole numbers z,y,x of at least {least}, not {shown}."
                 )
         if not self.output_key and not self._suggest_output:
             given = f", not {self.output_root}" if self.output_root.strip(" :") else " (none given)"
