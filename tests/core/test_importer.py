@@ -446,3 +446,29 @@ def test_folders_left_by_a_killed_overwrite_are_cleared(tmp_path, small_n5):
         "raw",
     ]
     np.testing.assert_array_equal(Volume.open(path, "raw").data.compute(), np.ones((4, 8, 8)))
+
+
+def test_data_types_n5_cannot_store(tmp_path):
+    """float16 is imported as float32 (lossless; before: refused, and only after the
+    estimate); complex and string data are refused in one sentence before the estimate, so a
+    dry run refuses them too (before: it passed them)."""
+    import h5py
+
+    half = (np.arange(5 * 20 * 30) / 7).astype(np.float16).reshape(5, 20, 30)
+    tifffile.imwrite(tmp_path / "f16.tif", half)
+    out = import_volume(str(tmp_path / "f16.tif"), f"{tmp_path}/o.n5:half", chunks=(2, 8, 8))
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out.data.compute(), half.astype(np.float32))
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f["complex"] = np.zeros((2, 3, 4), np.complex64)
+        f.create_dataset("text", data=np.full((2, 3, 4), b"ab", object), dtype=h5py.string_dtype())
+    for key, name in (("complex", "complex64"), ("text", "object")):
+        for dry in (True, False):
+            with pytest.raises(VolumeError) as err:
+                next(iter_import(f"{tmp_path}/x.h5:{key}", f"{tmp_path}/o.n5:{key}", dry_run=dry))
+            assert str(err.value) == (
+                f"HDF5 {tmp_path}/x.h5:{key} holds {name} data, which N5 cannot store; convert "
+                "it to one of int8, int16, int32, int64, uint8, uint16, uint32, uint64, float32, "
+                "float64 and import again."
+            )
+    assert sorted(p.name for p in (tmp_path / "o.n5").iterdir()) == ["attributes.json", "half"]

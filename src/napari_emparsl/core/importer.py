@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from napari_emparsl.core.ledger import OutputLock
-from napari_emparsl.core.n5attrs import VolumeError
+from napari_emparsl.core.n5attrs import N5_DTYPES, VolumeError
 from napari_emparsl.core.paths import user_path
 from napari_emparsl.core.units import nm_per_unit
 from napari_emparsl.core.volume import UNFINISHED, Volume, check_output_free, parse_spec
@@ -497,6 +497,26 @@ def estimate(
 # import
 
 
+def _storable(source: ImportSource) -> ImportSource:
+    """The source as N5 stores it: float16 read as float32 and bool as uint8 (both lossless);
+    a type N5 cannot store (complex, strings, …) refused in one sentence."""
+    dtype = source.dtype
+    to = {"float16": np.float32, "bool": np.uint8}.get(dtype.name)
+    if to is not None:
+        read = source.read_slab
+        return replace(
+            source,
+            dtype=np.dtype(to),
+            read_slab=lambda z0, z1: np.asarray(read(z0, z1)).astype(to),
+        )
+    if dtype.name not in N5_DTYPES:
+        raise VolumeError(
+            f"{source.description} holds {dtype.name} data, which N5 cannot store; convert it "
+            f"to one of {', '.join(N5_DTYPES)} and import again."
+        )
+    return source
+
+
 def _same_path(a: str, b: str) -> bool:
     a, b = os.path.realpath(a), os.path.realpath(b)
     return a == b or a.startswith(b + os.sep) or b.startswith(a + os.sep)
@@ -525,6 +545,7 @@ def iter_import(
     source = open_source(src)
     lock = OutputLock(out_root, out_key)
     try:
+        source = _storable(source)  # before the estimate: --dry-run refuses it too
         if any(_same_path(p, out_root) for p in (*source.paths, src.split(":")[0])):
             raise VolumeError(
                 f"The output {out_root} is the input (or inside it); choose another output path."
