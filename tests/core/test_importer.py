@@ -472,3 +472,21 @@ def test_data_types_n5_cannot_store(tmp_path):
                 "float64 and import again."
             )
     assert sorted(p.name for p in (tmp_path / "o.n5").iterdir()) == ["attributes.json", "half"]
+
+
+def test_an_empty_dataset_is_refused(tmp_path):
+    """An HDF5 dataset with an axis of length 0 is refused in one sentence (before: a
+    ZeroDivisionError in the estimate, an internal error)."""
+    import h5py
+
+    with h5py.File(tmp_path / "e.h5", "w") as f:
+        f["empty"] = np.zeros((0, 4, 5), np.uint8)
+        f["thin"] = np.zeros((3, 0, 5), np.uint8)
+    for key, shape in (("empty", "0×4×5"), ("thin", "3×0×5")):
+        with pytest.raises(VolumeError) as err:
+            import_volume(f"{tmp_path}/e.h5:{key}", f"{tmp_path}/o.n5:raw", dry_run=True)
+        assert str(err.value) == (
+            f"HDF5 {tmp_path}/e.h5:{key} is empty (shape {shape}); import needs a volume with "
+            "at least one voxel along each axis."
+        )
+    assert not (tmp_path / "o.n5").exists()

@@ -387,17 +387,25 @@ def open_source(spec: str) -> ImportSource:
             path, key = spec[:at], spec[at + 1 :]
     if not os.path.exists(path):
         raise VolumeError(f"{path} does not exist; check the path.")
-    if os.path.isdir(path):
-        return _folder_source(path)
     low = path.lower()
-    if low.endswith(HDF5_EXTENSIONS):
-        return _hdf5_source(path, key)
-    if low.endswith(TIFF_EXTENSIONS):
-        return _tiff_source(path)
-    raise VolumeError(
-        f"{path} is neither a TIFF stack, a folder of TIFF/PNG slices, nor an HDF5 file; "
-        "convert it to one of these first."
-    )
+    if os.path.isdir(path):
+        source = _folder_source(path)
+    elif low.endswith(HDF5_EXTENSIONS):
+        source = _hdf5_source(path, key)
+    elif low.endswith(TIFF_EXTENSIONS):
+        source = _tiff_source(path)
+    else:
+        raise VolumeError(
+            f"{path} is neither a TIFF stack, a folder of TIFF/PNG slices, nor an HDF5 file; "
+            "convert it to one of these first."
+        )
+    if 0 in source.shape:
+        source.close()
+        raise VolumeError(
+            f"{source.description} is empty (shape {'×'.join(map(str, source.shape))}); "
+            "import needs a volume with at least one voxel along each axis."
+        )
+    return source
 
 
 # ----------------------------------------------------------------------------------------------
