@@ -490,3 +490,67 @@ def test_an_empty_dataset_is_refused(tmp_path):
             "at least one voxel along each axis."
         )
     assert not (tmp_path / "o.n5").exists()
+
+
+def test_damaged_stacks_and_missing_codecs_are_said_in_one_sentence(tmp_path):
+    """A TIFF stack cut short, one with a corrupt zlib page, a corrupt HDF5 chunk: one
+    sentence naming the file and the slices, and what to do (before: an internal error); an LZW
+    stack or slice without the imagecodecs package: install it (not "replace the file")."""
+    import importlib.util
+
+    import h5py
+    from PIL import Image
+
+    a = np.random.default_rng(0).integers(0, 255, (12, 32, 32), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "cut.tif", a)
+    whole = (tmp_path / "cut.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(whole[: len(whole) // 2])
+    # Fiji's one-header stack cut short: tifffile finds only the first image (was imported so)
+    tifffile.imwrite(tmp_path / "fiji.tif", a, imagej=True, truncate=True,
+                     metadata={"axes": "ZYX"})  # fmt: skip
+    whole = (tmp_path / "fiji.tif").read_bytes()
+    (tmp_path / "fiji.tif").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(VolumeError) as err:
+        import_volume(f"{tmp_path}/fiji.tif", f"{tmp_path}/o.n5:raw", dry_run=True)
+    assert str(err.value) == (
+        f"{tmp_path}/fiji.tif is cut short: its ImageJ header says 12 images but the file holds "
+        "1; replace it (copy it again) and import again."
+    )
+    tifffile.imwrite(tmp_path / "zlib.tif", a, compression="zlib")
+    with tifffile.TiffFile(tmp_path / "zlib.tif") as tif:
+        at = tif.pages[5].dataoffsets[0]
+    with open(tmp_path / "zlib.tif", "r+b") as f:
+        f.seek(at)
+        f.write(b"\xff" * 16)
+    with h5py.File(tmp_path / "c.h5", "w") as f:
+        ds = f.create_dataset("raw", data=a, chunks=(4, 32, 32), compression="gzip")
+        at = ds.id.get_chunk_info(1).byte_offset
+    with open(tmp_path / "c.h5", "r+b") as f:
+        f.seek(at)
+        f.write(b"\xff" * 16)
+    cases = {
+        "cut.tif": r"The TIFF stack .*cut.tif \(slices \d+–\d+ of 12\) cannot be read \(.*\); "
+        r"the file is damaged \(cut short, or a page corrupt\): replace it and import again\.",
+        "zlib.tif": r"The TIFF stack .*zlib.tif \(slices 5–8 of 12\) cannot be read \(.*\); "
+        r"the file is damaged",
+        "c.h5:raw": r"The HDF5 dataset .*c.h5:raw \(slices 5–8 of 12\) cannot be read \(.*\); "
+        r"the file is damaged or uses a compression h5py cannot read",
+    }
+    for name, said in cases.items():
+        with pytest.raises(VolumeError, match=said):
+            import_volume(f"{tmp_path}/{name}", f"{tmp_path}/o.n5:raw", chunks=(4, 32, 32))
+        assert not (tmp_path / "o.n5" / "raw").exists()
+    if importlib.util.find_spec("imagecodecs") is not None:
+        return  # LZW reads: nothing to say
+    pages = [Image.fromarray(s) for s in a]
+    pages[0].save(tmp_path / "lzw.tif", save_all=True, append_images=pages[1:],
+                  compression="tiff_lzw")  # fmt: skip
+    (tmp_path / "lzw").mkdir()
+    pages[0].save(tmp_path / "lzw" / "s0.tif", compression="tiff_lzw")
+    for name in ("lzw.tif", "lzw"):
+        with pytest.raises(VolumeError) as err:
+            import_volume(f"{tmp_path}/{name}", f"{tmp_path}/o.n5:raw", dry_run=True)
+        assert "requires the 'imagecodecs' package" in str(err.value)
+        assert str(err.value).endswith(
+            "; install imagecodecs (pip install imagecodecs) and import again."
+        )

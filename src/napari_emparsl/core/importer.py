@@ -70,6 +70,19 @@ def _as_gray(arr: np.ndarray, name: str) -> np.ndarray:
     return arr
 
 
+def _unreadable(what: str, err: BaseException, fix: str) -> VolumeError:
+    """One sentence for data that cannot be read: what, why, and what to do — installing
+    imagecodecs where tifffile says a codec needs it (LZW, zstd, JPEG …), else ``fix``."""
+    if "imagecodecs" in str(err):
+        fix = "install imagecodecs (pip install imagecodecs) and import again"
+    return VolumeError(f"{what} cannot be read ({str(err)[:100] or type(err).__name__}); {fix}.")
+
+
+def _slices(z0: int, z1: int, depth: int) -> str:
+    """Sections z0..z1-1 as Fiji numbers them (from 1)."""
+    return f"slice {z0 + 1}" if z1 - z0 == 1 else f"slices {z0 + 1}–{z1} of {depth}"
+
+
 def _read_slice(path: str) -> np.ndarray:
     try:
         if path.lower().endswith(TIFF_EXTENSIONS):
@@ -81,9 +94,8 @@ def _read_slice(path: str) -> np.ndarray:
 
             arr = iio.imread(path)
     except Exception as err:  # image libraries raise many types for broken files
-        raise VolumeError(
-            f"The slice {path} cannot be read ({str(err)[:100] or type(err).__name__}); "
-            "replace or remove it and import again."
+        raise _unreadable(
+            f"The slice {path}", err, "replace or remove it and import again"
         ) from None
     return _as_gray(np.asarray(arr), os.path.basename(path))
 
@@ -234,6 +246,15 @@ def _folder_source(folder: str) -> ImportSource:
     )
 
 
+def _imagej_images(tif: Any) -> int:
+    """How many images an ImageJ TIFF's header says it holds (0: not said)."""
+    try:
+        images = (tif.imagej_metadata or {}).get("images", 0) if tif.is_imagej else 0
+        return int(images)
+    except (TypeError, ValueError):
+        return 0
+
+
 def _other_axis(axes: str, shape: tuple[int, ...]) -> str:
     """What a TIFF holds along an axis of length > 1 that is not z (Z; I, Q: tifffile's names
     for a plain page sequence) nor y, x: "holds 5 time points", or "" if none.
@@ -271,6 +292,12 @@ def _tiff_source(path: str) -> ImportSource:
             "not one stack (a page differs in size or type from the others); save the stack "
             "alone, or as a folder of slices"
         )
+    elif (images := _imagej_images(tif)) > math.prod(shape[:-2]):
+        # tifffile, finding fewer images than the header says, gives the first alone
+        problem = (
+            f"{path} is cut short: its ImageJ header says {images} images but the file holds "
+            f"{math.prod(shape[:-2])}; replace it (copy it again) and import again"
+        )
     elif "S" in axes:
         problem = f"{path} is a colour image (axes {axes}); convert it to greyscale first"
     elif "C" in axes:
@@ -299,11 +326,21 @@ def _tiff_source(path: str) -> ImportSource:
         )
     n_pages = len(series.pages)
 
-    def read_slab(z0: int, z1: int) -> np.ndarray:
+    def read_pages(z0: int, z1: int) -> np.ndarray:
         if n_pages == shape[0]:
             arr = series.asarray(key=range(z0, z1)) if z1 - z0 > 1 else series.asarray(key=z0)
             return np.asarray(arr).reshape((z1 - z0, *shape[1:]))
         return np.asarray(series.asarray())[z0:z1]  # a single 3D page: no finer access
+
+    def read_slab(z0: int, z1: int) -> np.ndarray:
+        try:
+            return read_pages(z0, z1)
+        except Exception as err:  # a damaged file, a codec missing: tifffile raises many types
+            raise _unreadable(
+                f"The TIFF stack {path} ({_slices(z0, z1, shape[0])})",
+                err,
+                "the file is damaged (cut short, or a page corrupt): replace it and import again",
+            ) from None
 
     try:
         sizes, where = _tiff_sizes(tif)
@@ -357,11 +394,23 @@ def _hdf5_source(path: str, key: str) -> ImportSource:
             sizes, where = tuple(_nm(v, unit) for v in values), f"the dataset's {name} attribute"
             break
     voxel, where = _voxel_size(sizes, where, ds.shape[0])  # type: ignore[arg-type]
+
+    def read_slab(z0: int, z1: int) -> np.ndarray:
+        try:
+            return ds[z0:z1]
+        except Exception as err:  # a corrupt chunk, a compression filter h5py lacks
+            raise _unreadable(
+                f"The HDF5 dataset {path}:{key} ({_slices(z0, z1, ds.shape[0])})",
+                err,
+                "the file is damaged or uses a compression h5py cannot read: replace it (or save "
+                "the dataset again) and import again",
+            ) from None
+
     return ImportSource(
         f"HDF5 {path}:{key}",
         tuple(ds.shape),
         np.dtype(ds.dtype),
-        lambda z0, z1: ds[z0:z1],
+        read_slab,
         f.close,
         (path,),
         voxel,
