@@ -554,3 +554,27 @@ def test_damaged_stacks_and_missing_codecs_are_said_in_one_sentence(tmp_path):
         assert str(err.value).endswith(
             "; install imagecodecs (pip install imagecodecs) and import again."
         )
+
+
+def test_a_one_header_fiji_stack_is_read_slab_by_slab(tmp_path):
+    """A Fiji stack with one image header (as Fiji writes those over 4 GB; tifffile sees one
+    page) is imported right, reading one slab at a time (before: the whole stack for every
+    slab); big-endian too."""
+    vol = np.random.default_rng(0).integers(0, 255, (96, 256, 256), dtype=np.uint8)  # 6 MiB
+    src = tmp_path / "fiji.tif"
+    tifffile.imwrite(src, vol, imagej=True, truncate=True, metadata={"axes": "ZYX"})
+    with tifffile.TiffFile(src) as tif:
+        assert len(tif.pages) == 1 and tif.series[0].shape == vol.shape
+    tracemalloc.start()
+    out = import_volume(str(src), f"{tmp_path}/o.n5:raw", chunks=(8, 64, 64))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    slab = 8 * 256 * 256
+    assert peak < 6 * slab, f"peak {peak} bytes for slabs of {slab}"
+    np.testing.assert_array_equal(out.data.compute(), vol)
+    small = (np.arange(5 * 20 * 30) % 65535).astype(">u2").reshape(5, 20, 30)
+    tifffile.imwrite(tmp_path / "be.tif", small, imagej=True, truncate=True,
+                     byteorder=">", metadata={"axes": "ZYX"})  # fmt: skip
+    src = open_source(str(tmp_path / "be.tif"))
+    np.testing.assert_array_equal(src.read_slab(1, 4), small[1:4])
+    src.close()

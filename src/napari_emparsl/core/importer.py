@@ -325,12 +325,29 @@ def _tiff_source(path: str) -> ImportSource:
             "3D (z, y, x) greyscale stack."
         )
     n_pages = len(series.pages)
+    # one header for all sections (Fiji's stacks over 4 GB, tifffile's own): where the
+    # sections lie uncompressed one after another, a slab is read alone, not the whole file
+    offset = None
+    if n_pages != shape[0]:
+        try:
+            offset = series.dataoffset
+        except Exception:  # no contiguous data: read whole below
+            offset = None
+    stored = np.dtype(series.dtype).newbyteorder(tif.byteorder)
 
     def read_pages(z0: int, z1: int) -> np.ndarray:
         if n_pages == shape[0]:
             arr = series.asarray(key=range(z0, z1)) if z1 - z0 > 1 else series.asarray(key=z0)
             return np.asarray(arr).reshape((z1 - z0, *shape[1:]))
-        return np.asarray(series.asarray())[z0:z1]  # a single 3D page: no finer access
+        if offset is not None:
+            per = math.prod(shape[1:]) * stored.itemsize  # bytes of one section
+            with open(path, "rb") as f:
+                f.seek(offset + z0 * per)
+                buf = f.read((z1 - z0) * per)
+            if len(buf) < (z1 - z0) * per:
+                raise ValueError(f"the file ends within slice {z0 + len(buf) // per + 1}")
+            return np.frombuffer(buf, stored).reshape((z1 - z0, *shape[1:]))
+        return np.asarray(series.asarray())[z0:z1]  # compressed in one page: no finer access
 
     def read_slab(z0: int, z1: int) -> np.ndarray:
         try:
