@@ -327,15 +327,21 @@ def test_status_of_what_is_not_there(capsys, tmp_path, small_n5):
         assert code == 2 and err.strip().endswith(message)
 
 
-def test_status_of_a_ledger_with_a_damaged_record(capsys, tmp_path, small_n5):
-    """A done record without its timings (edited by hand, or damaged): status still answers,
-    leaving it out of the mean time (before: an internal error, KeyError 't_read')."""
+def _one_block_run(capsys, tmp_path, small_n5):
+    """A run of one block into o.n5:pred; the output and its ledger file."""
     path, _ = small_n5
     out = f"{tmp_path}/o.n5:pred"
     code, _, _ = run(capsys, "run", "--input", f"{path}:raw", "--model", "unet3d-em",
                      "--output", out, "--site", "threads", "--roi", "0:1,0:8,0:8")  # fmt: skip
     assert code == 0
     ledger = tmp_path / "o.n5" / "pred" / "emparsl-ledger.jsonl"
+    return out, ledger
+
+
+def test_status_of_a_ledger_with_a_damaged_record(capsys, tmp_path, small_n5):
+    """A done record without its timings (edited by hand, or damaged): status still answers,
+    leaving it out of the mean time (before: an internal error, KeyError 't_read')."""
+    out, ledger = _one_block_run(capsys, tmp_path, small_n5)
     records = [json.loads(line) for line in ledger.read_text().splitlines()]
     block = next(r for r in records if r.get("type") == "block")
     ledger.write_text(
@@ -350,12 +356,7 @@ def test_status_of_a_ledger_with_a_damaged_record(capsys, tmp_path, small_n5):
 def test_status_of_many_different_failures_is_a_few_lines(capsys, tmp_path, small_n5):
     """Errors that differ in their numbers (a region, a memory size) were printed one line per
     failed block: 100,004 lines for a ledger of 100,000 failures."""
-    path, _ = small_n5
-    out = f"{tmp_path}/o.n5:pred"
-    code, _, _ = run(capsys, "run", "--input", f"{path}:raw", "--model", "unet3d-em",
-                     "--output", out, "--site", "threads", "--roi", "0:1,0:8,0:8")  # fmt: skip
-    assert code == 0
-    ledger = tmp_path / "o.n5" / "pred" / "emparsl-ledger.jsonl"
+    out, ledger = _one_block_run(capsys, tmp_path, small_n5)
     with open(ledger, "a") as f:
         for i in range(1, 40):  # blocks 1…39 failed, each with its own numbers
             f.write(json.dumps({"type": "block", "id": i, "status": "failed", "attempt": 1,

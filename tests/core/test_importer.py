@@ -48,17 +48,23 @@ def test_hdf5_equals_shipped_n5(shared_data, tmp_path):
     assert out2.key == "raw" and out2.shape == (50, 100, 200)
 
 
-def test_memory_bounded_by_a_slab(tmp_path):
-    vol = np.random.default_rng(0).integers(0, 255, (96, 256, 256), dtype=np.uint8)  # 6 MiB
-    src = tmp_path / "stack.tif"
-    tifffile.imwrite(src, vol)
-    del vol
+def _imported_in_slabs(src, tmp_path):
+    """``src`` imported in slabs of 8 sections of 256×256; its peak memory under 6 slabs."""
     tracemalloc.start()
     out = import_volume(str(src), f"{tmp_path}/o.n5:raw", chunks=(8, 64, 64))
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     slab = 8 * 256 * 256
     assert peak < 6 * slab, f"peak {peak} bytes for slabs of {slab}"
+    return out
+
+
+def test_memory_bounded_by_a_slab(tmp_path):
+    vol = np.random.default_rng(0).integers(0, 255, (96, 256, 256), dtype=np.uint8)  # 6 MiB
+    src = tmp_path / "stack.tif"
+    tifffile.imwrite(src, vol)
+    del vol
+    out = _imported_in_slabs(src, tmp_path)
     assert out.shape == (96, 256, 256)
 
 
@@ -565,12 +571,7 @@ def test_a_one_header_fiji_stack_is_read_slab_by_slab(tmp_path):
     tifffile.imwrite(src, vol, imagej=True, truncate=True, metadata={"axes": "ZYX"})
     with tifffile.TiffFile(src) as tif:
         assert len(tif.pages) == 1 and tif.series[0].shape == vol.shape
-    tracemalloc.start()
-    out = import_volume(str(src), f"{tmp_path}/o.n5:raw", chunks=(8, 64, 64))
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    slab = 8 * 256 * 256
-    assert peak < 6 * slab, f"peak {peak} bytes for slabs of {slab}"
+    out = _imported_in_slabs(src, tmp_path)
     np.testing.assert_array_equal(out.data.compute(), vol)
     small = (np.arange(5 * 20 * 30) % 65535).astype(">u2").reshape(5, 20, 30)
     tifffile.imwrite(tmp_path / "be.tif", small, imagej=True, truncate=True,
