@@ -379,7 +379,8 @@ def test_time_series_tiffs_are_refused_not_imported_as_z(tmp_path):
             import_volume(str(tmp_path / name), f"{tmp_path}/o.n5:raw")
         assert str(err.value) == (
             f"{tmp_path / name} holds 5 time points (axes TYX); import needs a z-stack: save "
-            "one time point as a stack and import that."
+            "one time point as a stack and import that (if these are z sections, set Slices "
+            "to their number and Frames to 1 in Fiji's Image > Properties, and save again)."
         )
     hyper = np.arange(3 * 4 * 20 * 30, dtype=np.uint16).reshape(3, 4, 20, 30)
     tifffile.imwrite(tmp_path / "tz.tif", hyper, imagej=True, metadata={"axes": "TZYX"})

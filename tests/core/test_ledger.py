@@ -94,3 +94,27 @@ def test_a_lock_let_go_and_removed_is_held_by_one_at_a_time(tmp_path):
     with pytest.raises(OutputBusy):  # so a third one is refused
         OutputLock(str(tmp_path / "o.n5"), "pred").acquire()
     waiting.release(remove=True)
+
+
+def test_a_lock_taken_on_a_second_try_still_removes_the_folders_it_made(tmp_path, monkeypatch):
+    """A try that found its file removed and tried again forgot the folders the first made for
+    the lock file: a run refused while preparing left an empty new container behind."""
+    import os
+
+    from napari_emparsl.core.ledger import OutputLock
+
+    lock = OutputLock(str(tmp_path / "new.n5"), "raw")
+    real_stat, failed = os.stat, []
+
+    def stat_once_gone(path, *args, **kwargs):  # the first recheck sees the file removed
+        if str(path) == lock.path and not failed:
+            failed.append(path)
+            raise FileNotFoundError(path)
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat_once_gone)
+    lock.acquire()
+    monkeypatch.setattr(os, "stat", real_stat)
+    assert failed and lock.held
+    lock.release(remove=True)
+    assert not (tmp_path / "new.n5").exists()

@@ -307,7 +307,9 @@ def _tiff_source(path: str) -> ImportSource:
         )
     elif extra := _other_axis(axes, shape):
         problem = f"{path} {extra} (axes {axes}); import needs a z-stack: " + (
-            "save one time point as a stack and import that"
+            "save one time point as a stack and import that (if these are z sections, set "
+            "Slices to their number and Frames to 1 in Fiji's Image > Properties, and save "
+            "again)"
             if extra.endswith("time points")
             else "save one z-stack of it and import that"
         )
@@ -666,7 +668,8 @@ def iter_import(
         # from here until the import ends, no run (nor another import) writes this output; a
         # run writing it now refuses the import (OutputBusy), before anything is written
         lock.acquire()
-        _clear_leftovers(out_root, out_key)  # of imports killed outright (kill -9) before
+        if lock.held:  # (a file system without locks: another import may be writing one)
+            _clear_leftovers(out_root, out_key)  # of imports killed outright (kill -9) before
         # looked at again under the lock: a run may have made the output since
         check_output_free(out_root, out_key, overwrite)  # refused now, in one sentence
         # replacing a dataset: written beside it and swapped in when whole, so that a failed

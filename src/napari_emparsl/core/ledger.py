@@ -310,7 +310,7 @@ class OutputLock:
         except OSError as err:  # a file in the way, no permission: the output's checks say so
             log.info("could not lock %s (%s)", self.path, err)
             return True
-        self._made = made
+        self._made = made or self._made  # a second try finds the folders a first one made
         try:
             for wait in (0.05, 0.1, 0.2, 0.0):  # `emparsl status` looks for a few µs: not a run
                 try:
@@ -348,6 +348,11 @@ class OutputLock:
         f.flush()
         self._file = f
         return True
+
+    @property
+    def held(self) -> bool:
+        """Whether this holds the lock (not where the file system has no locks)."""
+        return self._file is not None
 
     def release(self, remove: bool = False) -> None:
         """Let go; ``remove``: the lock file goes too, with the folders made to hold it if
