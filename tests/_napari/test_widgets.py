@@ -98,3 +98,26 @@ def test_the_plugins_menu_opens_every_panel(make_napari_viewer, tmp_path, monkey
     assert run.input.value is raw  # (before, the sample was in memory: no volume to run on)
     assert run.output.value.endswith("sample-seed0.n5:predictions/raw")
     assert "sample raw" in opened[VolumeWidget].layer.choices
+
+
+def test_answers_arriving_after_the_viewer_closed_are_dropped(make_napari_viewer, qtbot):
+    """A background thread's answer queued just before the viewer closed reached the panel
+    after its fields were deleted: "wrapped C/C++ object of type QLineEdit has been deleted",
+    raised in Qt's event loop (seen in CI at a test's teardown). Such answers are dropped."""
+    viewer = make_napari_viewer()
+    run, runs = RunWidget(viewer), RunsWidget(viewer)
+    volume, site = VolumeWidget(viewer), SiteWidget(viewer)
+    for panel in (run, runs, volume, site):
+        viewer.window.add_dock_widget(panel, area="right")
+    qtbot.wait(20)
+    viewer.close()
+    qtbot.wait(20)
+    # answers each handler would write into its (now deleted) fields
+    run._ledger_relay.answer.emit((run._runs_started, {"output": "elsewhere.n5:pred"}))
+    run._site_relay.answer.emit(1.0)
+    run._check_relay.answer.emit(ValueError("late"))
+    site._relay.answer.emit(1.0)
+    volume._ledger_relay.answer.emit((volume._described, "text", ""))
+    runs._relay.answer.emit(([], runs._generation, False))
+    qtbot.wait(300)  # pytest-qt fails the test on an exception raised in the event loop
+    QApplication.processEvents()

@@ -2,8 +2,8 @@
 
 Not napari's Qt workers: a worker still running when its viewer closed (or a test ended) had its
 signals deleted under it, and Qt aborted the whole process. A plain thread hands its answer to
-the Qt thread through a :class:`Relay` the panel owns (a queued signal); a panel closed
-meanwhile simply gets no answer.
+the Qt thread through a :class:`Relay` the panel owns (a queued signal), connected through
+:func:`guarded`: a panel closed meanwhile simply gets no answer.
 """
 
 from __future__ import annotations
@@ -17,7 +17,15 @@ from qtpy.QtCore import QObject, Signal
 
 from napari_emparsl.core.errors import UserError
 
-__all__ = ["Relay", "WorkerRuntimeError", "error_sentence", "import_engine", "in_background"]
+__all__ = [
+    "Relay",
+    "WorkerRuntimeError",
+    "alive",
+    "error_sentence",
+    "guarded",
+    "import_engine",
+    "in_background",
+]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +35,28 @@ class Relay(QObject):
     thread; create it on the Qt thread, in the panel that connects to ``answer``."""
 
     answer = Signal(object)
+
+
+def alive(widget: Any) -> bool:
+    """Whether a Qt object's C++ side still exists (a closed viewer deletes its panels' widgets
+    while their Python objects live on)."""
+    try:
+        widget.objectName()
+    except RuntimeError:  # "wrapped C/C++ object … has been deleted" (PyQt and PySide alike)
+        return False
+    return True
+
+
+def guarded(owner: Any, func: Callable[..., Any]) -> Callable[..., None]:
+    """``func``, called only while the Qt widget ``owner`` exists: for answers and timers that
+    reach the Qt thread after the panel was closed (a background thread's answer queued just
+    before the viewer closed read a deleted field and raised in Qt's event loop)."""
+
+    def call(*args: Any) -> None:
+        if alive(owner):
+            func(*args)
+
+    return call
 
 
 def in_background(relay: Relay, func: Callable[[], Any], name: str, daemon: bool = False) -> None:

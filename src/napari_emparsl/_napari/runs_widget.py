@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from magicgui.widgets import Container, Label, PushButton, Select
 
 from napari_emparsl._napari import napari_fixes
-from napari_emparsl._napari.background import Relay, error_sentence, in_background
+from napari_emparsl._napari.background import Relay, error_sentence, guarded, in_background
 from napari_emparsl._napari.widgets import (
     layer_of,
     on_removed,
@@ -111,7 +111,7 @@ class RunsWidget(Container):
         self._generation = 0  # of refreshes: only the latest one's answer is shown
         self.refreshed = 0  # refreshes shown so far
         self._relay = Relay()  # background refreshes hand their answer to the Qt thread
-        self._relay.answer.connect(self._answered)
+        self._relay.answer.connect(guarded(self.native, self._answered))
         from qtpy.QtCore import QTimer
 
         # while a run writes one of the outputs, the list follows it (the ledgers are read

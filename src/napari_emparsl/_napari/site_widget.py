@@ -16,7 +16,13 @@ from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton, c
 from pydantic import ValidationError
 
 from napari_emparsl._napari import napari_fixes
-from napari_emparsl._napari.background import Relay, error_sentence, import_engine, in_background
+from napari_emparsl._napari.background import (
+    Relay,
+    error_sentence,
+    guarded,
+    import_engine,
+    in_background,
+)
 from napari_emparsl._napari.widgets import (
     say_error,
     site_chooser,
@@ -112,7 +118,7 @@ class SiteWidget(Container):
         wrapping(self.message)
         self.extend([self.site, *self.fields.values(), self.save_btn, self.test_btn, self.message])
         self._relay = Relay()  # a site test's answer, handed to the Qt thread
-        self._relay.answer.connect(self._tested)
+        self._relay.answer.connect(guarded(self.native, self._tested))
         self._testing = ""
         self.site.changed.connect(self.load)
         self.fields["kind"].changed.connect(self._kind_changed)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton
 
 from napari_emparsl._napari import napari_fixes
-from napari_emparsl._napari.background import Relay, error_sentence, in_background
+from napari_emparsl._napari.background import Relay, error_sentence, guarded, in_background
 from napari_emparsl._napari.dataset_tree import DatasetTree
 from napari_emparsl._napari.widgets import (
     by_x,
@@ -121,7 +121,7 @@ class VolumeWidget(Container):
         self.datasets.native.itemDoubleClicked.connect(self._double_clicked)
         # a run output's ledger (10⁵ blocks: ~1 s) is read off the Qt thread
         self._ledger_relay = Relay()
-        self._ledger_relay.answer.connect(self._ledger_read)
+        self._ledger_relay.answer.connect(guarded(self.native, self._ledger_read))
         self._described: tuple[str, str] | None = None
 
     def _recent_chosen(self, path: str) -> None:
