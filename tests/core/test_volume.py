@@ -676,3 +676,56 @@ def test_whole_numbers_written_as_floats_are_dimensions(tmp_path):
     attrs |= {"dimensions": [8.0] * 3, "blockSize": [4.0] * 3}
     path.write_text(json.dumps(attrs))
     assert Volume.open(tmp_path / "f.n5", "raw").data.compute().sum() == 512
+
+
+@pytest.mark.parametrize("order", ["C", "F", None])
+def test_cosem_transform_gives_voxel_size_unit_and_offset(tmp_path, order):
+    """OpenOrganelle (COSEM) N5: each level carries a `transform` (axes, scale, translate,
+    units, in C order unless it says F). Its translate is the offset (before: 0, so a run's
+    output and anything placed by world coordinates sat off the data); its scale is absolute
+    per level, half a voxel shifted on coarser levels."""
+    import z5py
+
+    def transform(scale, translate):
+        tx = {"axes": ["z", "y", "x"], "scale": scale, "translate": translate,
+              "units": ["nm", "nm", "nm"]}  # fmt: skip
+        if order == "F":
+            tx = {k: v[::-1] for k, v in tx.items()}
+        if order is not None:
+            tx["ordering" if order == "F" else "order"] = order
+        return tx
+
+    path = tmp_path / "jrc.n5"
+    f = z5py.File(str(path), "w")
+    g = f.create_group("em/fibsem-uint8")
+    g.attrs.update({"axes": ["x", "y", "z"], "units": ["nm"] * 3, "scales": [[1] * 3, [2] * 3],
+                    "pixelResolution": {"dimensions": [4.0, 4.0, 5.24], "unit": "nm"}})  # fmt: skip
+    levels = [((5.24, 4.0, 4.0), (100.0, 40.0, 20.0)), ((10.48, 8.0, 8.0), (102.62, 42.0, 22.0))]
+    for i, (scale, translate) in enumerate(levels):
+        shape = (16 >> i, 64 >> i, 64 >> i)
+        ds = g.create_dataset(f"s{i}", shape=shape, chunks=(8, 16, 16), dtype="uint8")
+        ds.attrs["transform"] = transform(list(scale), list(translate))
+    vol = Volume.open(path, "em/fibsem-uint8")
+    assert vol.is_multiscale and vol.unit == "nm"
+    assert vol.voxel_size == pytest.approx((5.24, 4.0, 4.0))
+    assert vol.offset == pytest.approx((100.0, 40.0, 20.0))
+    assert vol.level_voxel_sizes[1] == pytest.approx((10.48, 8.0, 8.0))
+    level = Volume.open(path, "em/fibsem-uint8/s1")
+    assert level.offset == pytest.approx((102.62, 42.0, 22.0))
+    assert level.voxel_size == pytest.approx((10.48, 8.0, 8.0))
+
+
+def test_a_transform_that_does_not_fit_is_passed_over(tmp_path):
+    """A `transform` of another length than the dataset's axes (or with a zero scale) is not
+    the dataset's: the other conventions are read, as before."""
+    import z5py
+
+    path = tmp_path / "bad.n5"
+    f = z5py.File(str(path), "w")
+    ds = f.create_dataset("raw", shape=(4, 8, 8), chunks=(4, 8, 8), dtype="uint8")
+    ds.attrs["resolution"] = [2, 2, 3]
+    for bad in ({"axes": ["y", "x"], "scale": [1, 1], "translate": [0, 0]},
+                {"axes": ["z", "y", "x"], "scale": [0, 1, 1], "translate": [5, 5, 5]}):  # fmt: skip
+        ds.attrs["transform"] = bad
+        vol = Volume.open(path, "raw")
+        assert vol.voxel_size == (3.0, 2.0, 2.0) and vol.offset == (0.0, 0.0, 0.0)

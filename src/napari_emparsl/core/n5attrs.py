@@ -15,6 +15,11 @@ Conventions understood
 - ``scales``: on a pyramid group or any group above it (n5-viewer writes it on the container's
   root), one factor list per level, N5 order; used for a level without ``downsamplingFactors``.
 - ``unit``: a string for all axes (default: ``pixel`` when no voxel size is given at all).
+- ``transform`` (COSEM / OpenOrganelle, on each dataset): ``{"axes": [...], "order": "C",
+  "scale": [...], "translate": [...], "units": [...]}`` — the dataset's own voxel size, unit and
+  offset, in the order ``order`` (or ``ordering``) says (``C`` when absent). It comes first: its
+  ``translate`` is the offset (pyramid levels are shifted by half a voxel there), which
+  ``pixelResolution`` beside it cannot say.
 - ``offset``: world offset of voxel 0, same order rules as ``resolution``; a dataset without
   one takes the nearest group's above it (Paintera keeps it on the pyramid group).
 
@@ -242,6 +247,9 @@ def voxel_size_of(
         if scales is not None and 0 <= level < len(scales):
             factors = _spatial_c_order(scales[level], axes, True)
 
+    own = _st_transform(attrs, ndim)
+    if own is not None:  # absolute, per dataset: no factors, nothing from above
+        return own
     base, unit = None, None
     for source in chain:
         if "pixelResolution" in source:  # always N5 order
@@ -267,6 +275,45 @@ def voxel_size_of(
     if len(offset) != len(base) or not all(math.isfinite(o) for o in offset):
         offset = (0.0,) * len(base)
     return base, str(unit or "nm"), offset
+
+
+def _st_transform(
+    attrs: dict[str, Any], ndim: int
+) -> tuple[tuple[float, ...], str, tuple[float, ...]] | None:
+    """Voxel size, unit and offset (C order, spatial axes) from a COSEM ``transform``; None when
+    there is none or it does not fit the dataset (then the other conventions are read)."""
+    tx = attrs.get("transform")
+    if not isinstance(tx, dict):
+        return None
+    order = tx.get("order", tx.get("ordering", "C"))
+    if order not in ("C", "F", None):
+        return None
+    names, scale = tx.get("axes"), tx.get("scale")
+    translate, units = tx.get("translate"), tx.get("units")
+    if translate is None:
+        translate = [0.0] * ndim
+    lists = (names, scale, translate)
+    if not all(isinstance(v, list) and len(v) == ndim for v in lists):
+        return None
+    if not all(isinstance(n, str) for n in names):
+        return None
+    try:
+        scale_f = [float(v) for v in scale]
+        translate_f = [float(v) for v in translate]
+    except (TypeError, ValueError):
+        return None
+    if order == "F":  # N5 order: reversed into C order
+        names, scale_f, translate_f = names[::-1], scale_f[::-1], translate_f[::-1]
+        units = units[::-1] if isinstance(units, list) else units
+    spatial = [i for i, n in enumerate(names) if n.lower() not in ("c", "t", "channel", "time")]
+    base = tuple(scale_f[i] for i in spatial)
+    offset = tuple(translate_f[i] for i in spatial)
+    if not spatial or not _positive(base) or not all(math.isfinite(o) for o in offset):
+        return None
+    unit = None
+    if isinstance(units, list) and len(units) == ndim:
+        unit = next((u for i in spatial if isinstance(u := units[i], str) and u), None)
+    return base, unit or _unit_of(attrs) or "nm", offset
 
 
 def _unit_of(attrs: dict[str, Any]) -> str | None:
