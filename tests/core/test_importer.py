@@ -580,3 +580,38 @@ def test_a_one_header_fiji_stack_is_read_slab_by_slab(tmp_path):
     src = open_source(str(tmp_path / "be.tif"))
     np.testing.assert_array_equal(src.read_slab(1, 4), small[1:4])
     src.close()
+
+
+def test_an_hdf5_filter_h5py_lacks_says_to_install_hdf5plugin(tmp_path):
+    """A dataset compressed with a filter this HDF5 library has not registered (blosc, zstd …
+    from ilastik or BigStitcher; here lzf, unregistered in a fresh process): HDF5 says "can't
+    open directory (…/plugin)"; the sentence says to install hdf5plugin, not to replace the
+    file. Nothing is written."""
+    import subprocess
+    import sys
+
+    import h5py
+
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f.create_dataset("raw", data=np.ones((4, 8, 8), np.uint8), compression="lzf",
+                         chunks=(1, 8, 8))  # fmt: skip
+    script = (
+        "import sys, h5py\n"
+        "h5py.h5z.unregister_filter(32000)\n"
+        "from napari_emparsl.core.importer import import_volume\n"
+        "from napari_emparsl.core.errors import UserError\n"
+        "try:\n"
+        "    import_volume(sys.argv[1] + '/f.h5:raw', sys.argv[1] + '/o.n5:raw')\n"
+        "except UserError as err:\n"
+        "    print(err)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = proc.stdout.strip()
+    assert said.startswith(f"The HDF5 dataset {tmp_path}/f.h5:raw (slices 1–"), said
+    assert said.endswith(
+        "; it is compressed with a filter this HDF5 library lacks: install hdf5plugin "
+        "(pip install hdf5plugin) and import again."
+    ), said
+    assert not (tmp_path / "o.n5" / "raw").exists()

@@ -75,6 +75,15 @@ def _unreadable(what: str, err: BaseException, fix: str) -> VolumeError:
     imagecodecs where tifffile says a codec needs it (LZW, zstd, JPEG …), else ``fix``."""
     if "imagecodecs" in str(err):
         fix = "install imagecodecs (pip install imagecodecs) and import again"
+    elif isinstance(err, OSError) and re.search(
+        r"not registered|plugin|dlopen", str(err), re.IGNORECASE
+    ):
+        # HDF5's words for a compression filter it has not (blosc, zstd, lz4, bitshuffle …):
+        # "required filter … is not registered", "can't open directory (…/plugin)"
+        fix = (
+            "it is compressed with a filter this HDF5 library lacks: install hdf5plugin "
+            "(pip install hdf5plugin) and import again"
+        )
     return VolumeError(f"{what} cannot be read ({str(err)[:100] or type(err).__name__}); {fix}.")
 
 
@@ -380,6 +389,11 @@ def _tiff_source(path: str) -> ImportSource:
 
 def _hdf5_source(path: str, key: str) -> ImportSource:
     import h5py
+
+    try:  # registers the common compression filters (blosc, zstd, lz4 …) with h5py
+        import hdf5plugin  # noqa: F401
+    except Exception:  # not installed (or broken): files without those filters still read
+        pass
 
     try:
         f = h5py.File(path, "r")
