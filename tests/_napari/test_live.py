@@ -103,3 +103,22 @@ def test_a_reversed_slice_is_empty_as_in_numpy(tmp_path):
     save_array(tmp_path / "o.n5", "x", np.zeros((6, 7, 8), np.uint8))
     live = LiveN5Array(str(tmp_path / "o.n5"), "x")
     assert live[4:2].shape == (0, 7, 8) == np.zeros((6, 7, 8))[4:2].shape
+
+
+def test_an_index_out_of_range_raises_as_in_numpy(tmp_path):
+    """``live[6]`` of 6 planes, ``live[0][9]``: IndexError, as numpy (before: a plane of 0s
+    read from beyond the dataset, or a region with indices past its end)."""
+    import pytest
+
+    data = np.arange(6 * 7 * 8, dtype=np.uint16).reshape(6, 7, 8)
+    save_array(tmp_path / "o.n5", "x", data)
+    live = LiveN5Array(str(tmp_path / "o.n5"), "x")
+    for key in (6, -7, (0, 7), (slice(None), slice(None), 8)):
+        with pytest.raises(IndexError):
+            live[key]
+        with pytest.raises(IndexError):
+            data[key]
+    with pytest.raises(IndexError):
+        live[1:3][2]
+    np.testing.assert_array_equal(np.asarray(live[-1]), data[-1])
+    np.testing.assert_array_equal(np.asarray(live[1:3][1, 2]), data[1:3][1, 2])

@@ -41,6 +41,8 @@ def _norm_key(key: Any, shape: Sequence[int]) -> tuple[tuple[int, int], ...] | N
     for k, n in zip(key, shape, strict=True):
         if isinstance(k, (int, np.integer)):
             i = int(k) + (n if k < 0 else 0)
+            if not 0 <= i < n:  # as numpy says it (a read there would return a block of 0s)
+                raise IndexError(f"index {int(k)} is out of bounds for axis with size {n}")
             out.append((i, i + 1, True))
         elif isinstance(k, slice):
             start, stop, step = k.indices(n)
