@@ -498,6 +498,36 @@ def test_closing_viewer_during_run_asks_and_stops_workers(
     assert htex.gone(timeout=30)  # signalled on close; they exit within moments
 
 
+def test_viewer_close_during_run_stops_it_without_asking(
+    make_napari_viewer, qtbot, sample_path, htex
+):
+    """`viewer.close()` (napari's console, a script, a test's end) tears the viewer down
+    before its window closes, and cannot be refused: the run is stopped there without a
+    question (before: the question came after the teardown — "No" left a broken window — and
+    the run's events then reached deleted widgets: tracebacks in the event loop). Finished
+    blocks stay done, no worker is left, and nothing reaches the panel afterwards."""
+    from qtpy.QtWidgets import QApplication
+
+    from napari_emparsl.core.ledger import Ledger, lock_holder
+
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    widget.site.value = "local"
+    widget.run_btn.clicked.emit()
+    qtbot.waitUntil(lambda: widget.progress.value >= 1, timeout=120_000)
+    asked = []
+    original = widget.confirm_close
+    widget.confirm_close = lambda: asked.append(1) or original()
+    viewer.close()
+    assert not asked and widget._run is None and widget._viewer_closing
+    assert htex.gone(timeout=30)
+    assert widget._hooks == []  # let go of the viewer's events
+    qtbot.wait(300)  # the panel's timers, late answers: pytest-qt fails on an exception
+    QApplication.processEvents()
+    assert len(Ledger(str(sample_path), "pred").summary().done) >= 1  # what finished stays done
+    assert lock_holder(str(sample_path), "pred") is None  # the output is free for a resume
+
+
 def test_preview_of_what_is_on_screen_2d_and_3d(make_napari_viewer, qtbot, sample_path):
     from napari_emparsl.core.ledger import Ledger
 

@@ -25,6 +25,7 @@ __all__ = [
     "guarded",
     "import_engine",
     "in_background",
+    "panel_alive",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,13 +48,26 @@ def alive(widget: Any) -> bool:
     return True
 
 
+def panel_alive(owner: Any) -> bool:
+    """Whether ``owner`` — a Qt widget, or a panel (its ``native`` widget) — still exists, and,
+    for a panel, its viewer has not begun closing (``_viewer_closing``: set by the run panel
+    when napari tears its viewer down; the widgets are deleted only a moment later)."""
+    try:  # a deleted Qt widget, or magicgui asking one, raises on any attribute
+        if getattr(owner, "_viewer_closing", False):
+            return False
+        return alive(getattr(owner, "native", owner))
+    except RuntimeError:
+        return False
+
+
 def guarded(owner: Any, func: Callable[..., Any]) -> Callable[..., None]:
-    """``func``, called only while the Qt widget ``owner`` exists: for answers and timers that
-    reach the Qt thread after the panel was closed (a background thread's answer queued just
-    before the viewer closed read a deleted field and raised in Qt's event loop)."""
+    """``func``, called only while ``owner`` (see :func:`panel_alive`) is there: for answers,
+    timers and run events that reach the Qt thread after the panel was closed (a background
+    thread's answer queued just before the viewer closed read a deleted field and raised in
+    Qt's event loop)."""
 
     def call(*args: Any) -> None:
-        if alive(owner):
+        if panel_alive(owner):
             func(*args)
 
     return call

@@ -16,6 +16,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,10 +36,12 @@ from napari_emparsl._napari import napari_fixes
 from napari_emparsl._napari.background import (
     Relay,
     WorkerRuntimeError,
+    alive,
     error_sentence,
     guarded,
     import_engine,
     in_background,
+    panel_alive,
 )
 from napari_emparsl._napari.reader import napari_unit
 from napari_emparsl._napari.widgets import n5_source as _source_of
@@ -401,10 +404,11 @@ class RunWidget(Container):
         ]
         for emitter, callback in self._hooks:
             emitter.connect(callback)
-        self._guard = None
+        self._guard, self._guarded = None, []
+        self._viewer_closing = False  # set as napari tears the viewer down (see the guard)
         self._install_close_guard()
         on_removed(self, self._removed)
-        self._timer = QTimer()
+        self._timer = QTimer(self.native)  # goes with the panel
         self._timer.setInterval(200)
         self._timer.timeout.connect(guarded(self.native, self._refresh_output))
         self._timer.start()
@@ -425,7 +429,7 @@ class RunWidget(Container):
         threading.Thread(
             target=_preload, args=(self._model(), self._preloaded), name="emparsl-preload"
         ).start()
-        self._timer.timeout.connect(self._after_preload)
+        self._timer.timeout.connect(guarded(self.native, self._after_preload))
 
     def _layers_changed(self, *_: Any) -> None:
         self.input.reset_choices()
@@ -433,15 +437,18 @@ class RunWidget(Container):
     def _removed(self) -> None:
         """Closed (the dock's ×; napari keeps the panel alive, connected): lets go of the
         viewer, and stops a run going on — nothing could cancel it or show it any more; a panel
-        opened again is a new one, and Run / resume there continues it."""
-        for emitter, callback in self._hooks:
+        opened again is a new one, and Run / resume there continues it. Also as napari
+        tears the viewer down (its close guard): then once only."""
+        hooks, self._hooks = self._hooks, []
+        for emitter, callback in hooks:
             emitter.disconnect(callback)
-        window = getattr(getattr(self._viewer, "window", None), "_qt_window", None)
-        if window is not None and self._guard is not None:
-            window.removeEventFilter(self._guard)
+        if self._guard is not None:
+            for ref in self._guarded:
+                if (w := ref()) is not None and alive(w):
+                    w.removeEventFilter(self._guard)
         self._timer.stop()
         self._ledger_timer.stop()
-        if self._run is not None:
+        if self._run is not None and not self._viewer_closing:
             from napari.utils.notifications import show_info
 
             output = self.output.value
@@ -845,8 +852,12 @@ class RunWidget(Container):
 
         self._voxels, self._started = 0, time.perf_counter()
         worker = drain(run)
-        worker.yielded.connect(self._on_event)
-        worker.errored.connect(lambda err: self._error(error_sentence(err, "The run")))
+        # a viewer closed meanwhile (its run cancelled): events and errors are dropped, and the
+        # end lets go of the run without touching the panel's deleted widgets
+        worker.yielded.connect(guarded(self, self._on_event))
+        worker.errored.connect(
+            guarded(self, lambda err: self._error(error_sentence(err, "The run")))
+        )
         worker.finished.connect(self._on_finished)
         self._set_running(True)
         # until the plan is made (the checks, the model, the volume's statistics; on a first
@@ -1051,28 +1062,44 @@ class RunWidget(Container):
         return roi.begin[0] <= z < roi.end[0]
 
     def _install_close_guard(self) -> None:
-        """Closing the viewer during a run asks, then cancels and waits for a clean shutdown."""
+        """Closing the viewer's window during a run asks, then cancels and waits for a clean
+        shutdown. ``viewer.close()`` (napari's console, a script, a test's end) tears the viewer
+        down before its window closes, whatever is answered: then the run is stopped without
+        asking, before the teardown, and nothing later reaches the panel."""
         from qtpy.QtCore import QEvent, QObject
+        from qtpy.QtWidgets import QMainWindow
 
         window = getattr(getattr(self._viewer, "window", None), "_qt_window", None)
         if window is None:
             return
+        qt_viewer = getattr(self._viewer.window, "_qt_viewer", None)
         widget = self
 
         class _Guard(QObject):
             def eventFilter(self, obj, event):
-                if event.type() == QEvent.Type.Close and widget._run is not None:
-                    if not widget.confirm_close():
-                        event.ignore()
-                        return True
+                if event.type() != QEvent.Type.Close:
+                    return False
+                if not isinstance(obj, QMainWindow):  # the QtViewer: Window.close() tears
+                    # it down first, and goes on whatever is answered
+                    if widget._run is not None:
+                        widget.stop_for_close()
+                    widget._viewer_closing = True
+                    widget._removed()  # lets go of the viewer's events, stops the timers
+                    return False
+                if widget._run is not None and not widget.confirm_close():
+                    event.ignore()
+                    return True
                 return False
 
         self._guard = _Guard()
-        window.installEventFilter(self._guard)
+        # weakly: the panel may outlive its viewer, which must not be kept for it
+        self._guarded = [weakref.ref(w) for w in (window, qt_viewer) if w is not None]
+        for w in (window, qt_viewer):
+            if w is not None:
+                w.installEventFilter(self._guard)
 
     def confirm_close(self) -> bool:
         """Ask whether to stop the run; if yes, cancel it and wait until its workers are gone."""
-        from qtpy.QtCore import QEventLoop, QTimer
         from qtpy.QtWidgets import QMessageBox
 
         answer = QMessageBox.question(
@@ -1083,6 +1110,13 @@ class RunWidget(Container):
         )
         if answer != QMessageBox.StandardButton.Yes:
             return False
+        self.stop_for_close()
+        return True
+
+    def stop_for_close(self) -> None:
+        """Cancel the run and wait (the Qt loop turning) until its workers are gone."""
+        from qtpy.QtCore import QEventLoop, QTimer
+
         self.cancel()
         self.status.value = "stopping the run before the viewer closes…"
         for _ in range(600):  # up to 60 s for the executor to shut down
@@ -1093,7 +1127,6 @@ class RunWidget(Container):
             loop.exec()
         else:  # its site's guard ends the workers once the coordinator (napari) is gone
             log.warning("the run had not stopped 60 s after it was cancelled; closing anyway")
-        return True
 
     def _on_dims(self, *_: Any) -> None:
         self._update_watch()
@@ -1104,13 +1137,24 @@ class RunWidget(Container):
             self._dirty = True
 
     def _on_finished(self) -> None:
+        shown = panel_alive(self)
         if self._activity is not None:
-            self._update_activity()  # a count still waiting for its turn
-            self.activity_counts.append((self._activity.n, self._activity.total))
-            self.activity_texts.append(self._activity.desc)
-            self._activity.close()
+            if shown:
+                self._update_activity()  # a count still waiting for its turn
+                self.activity_counts.append((self._activity.n, self._activity.total))
+                self.activity_texts.append(self._activity.desc)
+            try:
+                self._activity.close()
+            except RuntimeError as err:  # the activity dock went with its viewer
+                log.debug("closing the run's progress bar: %s", err)
             self._activity = None
         self._run = None
+        if not shown:  # the viewer closed: let go of the run, its layer and live arrays
+            self._worker = None
+            for live, _ in self._levels:
+                live.follow(False)
+                live.keep_whole(False)
+            return
         self._show_failed_now()  # failures still waiting for their turn
         self._set_running(False)
         self._worker = None  # its generator holds the run, and the run the volumes' file handles
