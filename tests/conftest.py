@@ -31,15 +31,19 @@ class HtexProcesses:
         """Pids of the worker pools (Parsl's script, or emparsl's pool with a fork server)."""
         return [pid for pid, cmd in self._cmdlines().items() if any(m in cmd for m in self.POOLS)]
 
-    def all(self, guards: bool = True) -> list[int]:
+    def all(self, guards: bool = True, interchanges: bool = True) -> list[int]:
         """The pools, the fork servers with emparsl preloaded and every process forked from them
-        (workers and the pool's manager process carry the fork server's command line), and the
+        (workers and the pool's manager process carry the fork server's command line), the
+        interchanges (at the coordinator's priority) unless ``interchanges`` is false, and the
         sites' guards (idle shells, at the coordinator's priority) unless ``guards`` is false."""
         return [
             pid
             for pid, cmd in self._cmdlines().items()
             if any(m in cmd for m in self.POOLS)
             or ("multiprocessing.forkserver" in cmd and "napari_emparsl" in cmd)
+            or (
+                interchanges and ("HTEX interchange" in cmd or "high_throughput.interchange" in cmd)
+            )
             or (guards and "emparsl-site-guard" in cmd)
         ]
 

@@ -18,7 +18,7 @@ def _worker_pids(htex) -> list[int]:
     """Processes of emparsl's HTEX sites that are no pool: the workers (forked from a fork
     server, which is a child of this process, or of the pool when it starts the server)."""
     pools = set(htex.pools())
-    return [pid for pid in htex.all(guards=False) if pid not in pools]
+    return [pid for pid in htex.all(guards=False, interchanges=False) if pid not in pools]
 
 
 def _wait_until_computing(pid: int, timeout: float = 20.0) -> bool:

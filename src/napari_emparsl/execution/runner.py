@@ -221,6 +221,18 @@ def _auto_batch(block: Block, spec: ModelSpec) -> int:
 _NOT_BEGUN = "not begun: the run was cancelled"
 
 
+def _id_range(blocks: Sequence[Block]) -> str:
+    ids = sorted(b.id for b in blocks)
+    return "none" if not ids else f"{ids[0]}–{ids[-1]}" if len(ids) > 1 else str(ids[0])
+
+
+def _whole(value: Any) -> bool:
+    """A whole number (not a bool, a float or a string of one)."""
+    import numbers
+
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 class _CancelledWhilePreparing(Exception):
     """Cancel came before the plan was made: the run ends before it changes anything."""
 
@@ -418,10 +430,24 @@ class Run:
         self.block = tuple(block) if block is not None and not isinstance(block, str) else block
         self.halo = tuple(halo) if halo is not None and not isinstance(halo, str) else halo
         self.overwrite = overwrite
+        # (retries: checked with the plan, as the CLI's)
+        for name, value, least in (("in_flight_per_worker", in_flight_per_worker, 1),
+                                   ("batch", batch, 1)):  # fmt: skip
+            if value is not None and (not _whole(value) or value < least):
+                raise UserError(f"{name} must be a whole number ≥ {least} (got {value!r}).")
         self.retries = retries
         self.in_flight_per_worker = in_flight_per_worker
         self.batch = batch  # blocks per task; None: by block size (_auto_batch)
         # only these blocks of the plan (the panel's Retry failed); None: every block
+        if block_ids is not None:
+            if isinstance(block_ids, (str, bytes)) or not isinstance(block_ids, Iterable):
+                raise UserError(
+                    f"block_ids must be a list of block ids (got {block_ids!r}); None runs "
+                    "every block."
+                )
+            ids = list(block_ids)
+            if not all(_whole(i) and i >= 0 for i in ids):
+                raise UserError(f"block_ids must be block ids, whole numbers ≥ 0 (got {ids!r}).")
         self.block_ids = frozenset(block_ids) if block_ids is not None else None
         self._cancel = threading.Event()
         self._src: Volume | None = None
@@ -630,6 +656,14 @@ class Run:
         except GeometryError as err:
             raise RunError(str(err)) from None
         if self.block_ids is not None:
+            unknown = sorted(self.block_ids - {b.id for b in blocks})
+            if unknown:  # before: nothing computed, and "Finished" said
+                raise RunError(
+                    f"Block id(s) {', '.join(map(str, unknown[:10]))}"
+                    f"{' …' if len(unknown) > 10 else ''} are not in this run's plan of "
+                    f"{len(blocks)} blocks (ids {_id_range(blocks)}): they were listed with "
+                    "another block size, halo or region; run again without them."
+                )
             blocks = [b for b in blocks if b.id in self.block_ids]
         check_no_shared_chunks(blocks, out_chunks)
         _check_input_written(src, blocks)
@@ -875,7 +909,11 @@ class Run:
                         for blk, result in zip(batch, self._results_of(batch, fut), strict=True):
                             if result.ok:
                                 yield finished(blk, result)
-                    yield self._emit(Cancelled(done, total))
+                    if done == total:  # the last blocks finished as it was cancelled
+                        elapsed = time.perf_counter() - t0
+                        yield self._emit(Finished(done, 0, total, elapsed))
+                    else:
+                        yield self._emit(Cancelled(done, total))
                     return
                 try:
                     batch, fut = results.get(timeout=0.2)
@@ -890,6 +928,8 @@ class Run:
                     if result.ok:
                         yield finished(blk, result)
                         continue
+                    if result.error == _NOT_BEGUN:  # cancelled before it began: not a failure
+                        continue
                     self._ledger.record(result, attempts[blk.id], str(blk.write_roi))
                     final = attempts[blk.id] > self.retries
                     yield self._emit(BlockFailed(blk.id, result.error, attempts[blk.id], final))
@@ -902,6 +942,9 @@ class Run:
                 yield self._emit(Cancelled(done, total))
                 return
             yield self._emit(Finished(done, len(failed_final), total, time.perf_counter() - t0))
+        except BaseException:  # an error, Ctrl-C, or the caller stopped iterating: blocks still
+            self._cancel.set()  # queued (threads) are not begun while the site shuts down
+            raise
         finally:
             site.close()
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -432,6 +434,7 @@ def make_config(
             heartbeat_period=2,
             heartbeat_threshold=10,  # a killed worker is noticed in seconds, not minutes
             launch_cmd=_pool_launch_cmd(profile, fork_server),
+            interchange_launch_cmd=[sys.executable, "-c", _INTERCHANGE_LAUNCH],
             provider=provider,
         )
     return Config(
@@ -442,6 +445,19 @@ def make_config(
         initialize_logging=False,
         usage_tracking=0,
     )
+
+
+#: The interchange, started in a process group of its own with SIGINT ignored: a terminal's
+#: Ctrl-C (or a signal to the coordinator's process group) otherwise killed it alongside the
+#: coordinator, whose shutdown then waited for its answer for ever. The coordinator stops it
+#: (and the site's guard, if the coordinator dies). Same session: Linux shares CPU time
+#: between sessions first (see the fork server).
+_INTERCHANGE_LAUNCH = (
+    "import os, runpy, signal\n"
+    "os.setpgid(0, 0)\n"
+    "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+    "runpy.run_module('parsl.executors.high_throughput.interchange', run_name='__main__')\n"
+)
 
 
 def _noop() -> int:
@@ -519,18 +535,62 @@ def start_kernel(profile: SiteProfile, run_dir: str):
         if interchange is not None:
             guard.add(interchange.pid)
     cleanup = dfk.cleanup
+    interchanges = [
+        proc
+        for executor in dfk.executors.values()
+        if (proc := getattr(executor, "interchange_proc", None)) is not None
+    ]
 
     def cleanup_then_stop() -> None:
+        done = False
         try:
             _wait_for_launches(dfk)
-            cleanup()
+            done = _cleanup_within(cleanup, interchanges)
         finally:
+            if not done:  # interrupted, failed or stuck: nothing may outlive the coordinator
+                guard.kill_all(interchanges)
             if server is not None:
                 server.stop()
             guard.stop()
 
     dfk.cleanup = cleanup_then_stop
     return dfk
+
+
+def _cleanup_within(cleanup: Any, interchanges: list[Any], timeout: float = 60.0) -> bool:
+    """Run Parsl's ``cleanup`` and say whether it finished. It asks the interchange for its
+    workers with no time limit: an interchange that died (SIGTERM to every process of a batch
+    job, the out-of-memory killer) left it waiting for ever. It runs in a thread of its own,
+    given up on once the interchange is gone (a moment's grace) or after ``timeout`` seconds."""
+    import threading
+    import time
+
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            cleanup()
+        except BaseException as err:  # said below, in the caller's thread
+            failed.append(err)
+
+    thread = threading.Thread(target=run, name="emparsl-site-cleanup", daemon=True)
+    thread.start()
+    deadline, dead_since = time.monotonic() + timeout, None
+    while thread.is_alive() and time.monotonic() < deadline:
+        thread.join(0.2)
+        if dead_since is None and any(p.poll() is not None for p in interchanges):
+            dead_since = time.monotonic()
+        if dead_since is not None and time.monotonic() - dead_since > 2.0:
+            break
+    if thread.is_alive():
+        log.warning(
+            "the site did not shut down %s; stopping its processes",
+            "(its interchange had died)" if dead_since is not None else f"within {timeout:.0f} s",
+        )
+        return False
+    if failed:
+        raise failed[0]
+    return True
 
 
 def _wait_for_launches(dfk: Any, timeout: float = 60.0) -> None:
@@ -599,6 +659,39 @@ rm -rf -- "$EMPARSL_RUN_DIR"
                 os.replace(self._file + ".new", self._file)
             except OSError:  # a full disk: the site still runs, the guard knows the older list
                 pass
+
+    def kill_all(self, children: Sequence[Any] = ()) -> None:
+        """Stop every process listed now (SIGTERM, then SIGKILL after up to 3 s), as the guard
+        does when the coordinator dies: for a shutdown that was interrupted or got stuck.
+        ``children``: those of them that are this process's own (``Popen``s), reaped here."""
+        import signal
+        import time
+
+        with self._lock:
+            pids = list(self._pids)
+
+        def signal_all(signum: int) -> list[int]:
+            alive = []
+            for pid in pids:
+                try:
+                    (os.killpg(-pid, signum) if pid < 0 else os.kill(pid, signum))
+                    alive.append(pid)
+                except OSError:  # gone already
+                    pass
+            return alive
+
+        if not signal_all(signal.SIGTERM):
+            return
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            for child in children:
+                child.poll()  # a child that exited stays a zombie (alive to kill) until reaped
+            if not signal_all(0):
+                return
+            time.sleep(0.1)
+        signal_all(signal.SIGKILL)
+        for child in children:
+            child.poll()
 
     def stop(self) -> None:
         """The site was shut down: the guard exits without stopping anything."""
