@@ -529,9 +529,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     if out["running"] is not None:
         who = out["running"]
+        writer = {"import": "an import", "napari save": "a save from napari"}.get(
+            who.get("what", "run"), "a run"
+        )
         print(
-            f"a run is writing it now: process {who.get('pid', '?')} on {who.get('host', '?')}, "
-            f"since {who.get('since', '?')}"
+            f"{writer} is writing it now: process {who.get('pid', '?')} on "
+            f"{who.get('host', '?')}, since {who.get('since', '?')}"
         )
     if out["mean_block_seconds"] is not None:
         print(f"mean block time {out['mean_block_seconds']} s (read + compute + write)")

@@ -1000,6 +1000,26 @@ def test_two_runs_never_write_one_output_at_once(tmp_path, conv_model, float_vol
     assert (last.done, last.failed) == (48, 0)
     assert main(["status", out, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["running"] is None
+    # an import or a napari save holding the output: the sentence says which (before: "by
+    # another run" for an import too)
+    from napari_emparsl.core.ledger import OutputLock
+
+    for what, said, status in (
+        ("import", "an import (`emparsl import`)", "an import"),
+        ("napari save", "a save from napari", "a save from napari"),
+    ):
+        held = OutputLock(f"{tmp_path}/o.n5", "x", what)
+        held.acquire()
+        with pytest.raises(UserError) as err:
+            Run(src, conv_model, out, site="threads").execute()
+        assert str(err.value).startswith(
+            f"The output {tmp_path}/o.n5:x is being written by {said} (process {os.getpid()} on "
+        )
+        assert main(["status", out]) == 0
+        assert f"{status} is writing it now: process {os.getpid()} on " in capsys.readouterr().out
+        assert main(["status", out, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["running"]["what"] == what
+        held.release()
     # once a run ends (also by an error before it wrote anything), the output is free again
     assert Run(src, conv_model, out, site="threads").execute().done == 48
     with pytest.raises(RunError, match="smaller than the halo"):

@@ -71,7 +71,7 @@ def _write(path: str, data: Any, meta: dict[str, Any], labels: bool) -> list[str
     # napari's "pixel" (a layer without units, e.g. from a TIFF) stays so: 1 nm voxels would be
     # a size nobody measured (and a model trained on 8 nm would warn of a mismatch)
     unit = str(units[0]) if units else "pixel"
-    lock = OutputLock(root, key)  # not while a run writes it, nor a run meanwhile
+    lock = OutputLock(root, key, "napari save")  # not while a run writes it, nor a run meanwhile
     lock.acquire()
     try:
         save_array(

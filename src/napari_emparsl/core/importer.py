@@ -633,7 +633,7 @@ def iter_import(
     out_root, out_key = parse_spec(dest)
     out_key = out_key or "raw"
     source = open_source(src)
-    lock = OutputLock(out_root, out_key)
+    lock = OutputLock(out_root, out_key, "import")
     try:
         source = _storable(source)  # before the estimate: --dry-run refuses it too
         if any(_same_path(p, out_root) for p in (*source.paths, src.split(":")[0])):

@@ -280,9 +280,10 @@ class OutputLock:
     file system without locks the run goes on unlocked, as before, with a warning in the log.
     """
 
-    def __init__(self, output_root: str, output_key: str):
+    def __init__(self, output_root: str, output_key: str, what: str = "run"):
         self.path = _lock_path(output_root, output_key)
         self.parent, self.output = os.path.dirname(self.path), f"{output_root}:{output_key}"
+        self.what = what  # who holds it, as another writer is told: run, import, napari save
         self._file: Any = None
         self._made: str | None = None  # the outermost folder made to hold the lock file
 
@@ -322,12 +323,12 @@ class OutputLock:
                     time.sleep(wait)
         except BlockingIOError:
             f.seek(0)
-            holder = _holder(f.read())
+            text = f.read()
             f.close()
             self._made = None
             raise OutputBusy(
-                f"The output {self.output} is being written by another run{holder}; wait for "
-                "it to end (or cancel it), or choose another output name."
+                f"The output {self.output} is being written by {_writer(text)}{_holder(text)}; "
+                "wait for it to end (or cancel it), or choose another output name."
             ) from None
         except OSError as err:  # a file system without locks: go on, unlocked
             log.warning("could not lock %s (%s); running without a lock", self.path, err)
@@ -344,7 +345,8 @@ class OutputLock:
         f.seek(0)
         f.truncate()
         since = time.strftime("%Y-%m-%d %H:%M:%S")
-        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}))
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": since}
+        f.write(json.dumps({**info, "what": self.what}))
         f.flush()
         self._file = f
         return True
@@ -386,6 +388,18 @@ def _lock_path(output_root: str, output_key: str) -> str:
     return os.path.join(output_root, f".{name}{LOCK_SUFFIX}")
 
 
+_WRITERS = {"import": "an import (`emparsl import`)", "napari save": "a save from napari"}
+
+
+def _writer(text: str) -> str:
+    """Who holds a lock, by what its file says (a lock written before it said: a run)."""
+    try:
+        what = json.loads(text).get("what", "run")
+    except (ValueError, AttributeError):
+        what = "run"
+    return _WRITERS.get(what, "another run")
+
+
 def _holder(text: str) -> str:
     try:
         info = json.loads(text)
@@ -395,8 +409,8 @@ def _holder(text: str) -> str:
 
 
 def lock_holder(output_root: str, output_key: str) -> dict[str, Any] | None:
-    """The run writing this output now — ``{"pid", "host", "since"}`` as it recorded them (empty
-    if it had not yet) — or None when none is. Looks without writing anything: a shared lock
+    """The writer of this output now — ``{"pid", "host", "since", "what"}`` (run, import,
+    napari save) as it recorded them (empty if it had not yet) — or None when none is. Looks without writing anything: a shared lock
     tried for a moment (a run starting meanwhile waits that moment out)."""
     try:
         import fcntl
