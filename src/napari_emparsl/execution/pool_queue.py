@@ -6,20 +6,94 @@ worker killed (by a user, or the system) while it waits dies holding the lock, a
 other workers — and the ones started in its place — can never take a task again: the run hangs.
 Here a reader waits for the pipe to become readable first, and takes the lock only to read an item
 that is there, so a worker is almost never killed holding it.
+
+The writers share a lock too: a worker's result goes out through a thread that holds the queue's
+write lock while it sends, and a worker killed in that moment left every other worker's result
+waiting behind it for ever (the run stalled). Both locks here are therefore file locks
+(``flock``), which the system lets go of when their holder dies, however it dies.
 """
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing.queues
+import os
 import queue
+import tempfile
+import threading
 import time
 from multiprocessing.connection import wait
 
-__all__ = ["LockFreeWaitQueue"]
+__all__ = ["LockFreeWaitQueue", "ProcessDeathSafeLock"]
+
+
+class ProcessDeathSafeLock:
+    """A lock shared by processes (handed to them pickled, as a queue's locks are) that is let
+    go of when its holder dies: an ``flock`` on a file of its own, opened once in each process,
+    with a thread lock for the threads of one process (they share the open file)."""
+
+    def __init__(self, path: str | None = None) -> None:
+        if path is None:
+            fd, path = tempfile.mkstemp(prefix="emparsl-queue-", suffix=".lock")
+            os.close(fd)
+        self._path = path
+        self._pid: int | None = None
+
+    def __getstate__(self) -> dict[str, str]:
+        return {"path": self._path}
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        self._path, self._pid = state["path"], None
+
+    def _here(self) -> tuple[int, threading.Lock]:
+        if self._pid != os.getpid():  # a new process (also forked): its own file and lock
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._threads = threading.Lock()
+            self._pid = os.getpid()
+        return self._fd, self._threads
+
+    def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
+        fd, threads = self._here()
+        deadline = None if not block or timeout is None else time.monotonic() + timeout
+        if not threads.acquire(block, -1 if deadline is None else max(0.0, timeout or 0.0)):
+            return False
+        try:
+            if block and deadline is None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                return True
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return True
+                except BlockingIOError:
+                    if deadline is None or time.monotonic() >= deadline:
+                        threads.release()
+                        return False
+                    time.sleep(0.001)
+        except BaseException:
+            threads.release()
+            raise
+
+    def release(self) -> None:
+        fd, threads = self._here()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        threads.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
 
 
 class LockFreeWaitQueue(multiprocessing.queues.Queue):
-    """``multiprocessing.Queue`` whose blocking ``get`` waits without holding the reader lock."""
+    """``multiprocessing.Queue`` whose blocking ``get`` waits without holding the reader lock,
+    and whose reader and writer locks are let go of when their holder dies."""
+
+    def __init__(self, maxsize: int = 0, *, ctx) -> None:
+        super().__init__(maxsize, ctx=ctx)
+        self._rlock = ProcessDeathSafeLock()
+        self._wlock = ProcessDeathSafeLock()
 
     def get(self, block: bool = True, timeout: float | None = None):
         if not block:
