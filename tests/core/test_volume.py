@@ -164,6 +164,9 @@ def test_parse_spec(tmp_path):
     assert parse_spec("/a/b.n5:raw/s0") == ("/a/b.n5", "raw/s0")
     assert parse_spec("/a/b.n5") == ("/a/b.n5", "")
     assert parse_spec("b.N5:x") == ("b.N5", "x")
+    # a one-letter container is no drive letter outside Windows (before: a folder "x:raw")
+    assert parse_spec("x:raw") == ("x", "raw")
+    assert parse_spec("w:bar/baz") == ("w", "bar/baz")
 
 
 def test_open_takes_path_colon_dataset_as_everywhere_else(small_n5):

@@ -153,7 +153,9 @@ def parse_spec(spec: str) -> tuple[str, str]:
     spec = user_path(spec)
     if ":" not in spec or os.path.exists(spec):
         return spec, ""
-    colons = [i for i, ch in enumerate(spec) if ch == ":" and i > 1]  # "C:" is a drive letter
+    # "C:\\data" is a drive letter on Windows only: elsewhere x:raw is container x, dataset raw
+    drive = os.name == "nt" and re.match(r"^[A-Za-z]:[/\\]", spec) is not None
+    colons = [i for i, ch in enumerate(spec) if ch == ":" and not (drive and i == 1)]
 
     def container(text: str) -> bool:
         return any(p.lower().endswith((".n5", ".zarr")) for p in re.split(r"[/\\]", text))
