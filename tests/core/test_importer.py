@@ -615,3 +615,94 @@ def test_an_hdf5_filter_h5py_lacks_says_to_install_hdf5plugin(tmp_path):
         "(pip install hdf5plugin) and import again."
     ), said
     assert not (tmp_path / "o.n5" / "raw").exists()
+
+
+def _broken_png_folder(tmp_path, n=6, broken=4):
+    """A folder of ``n`` PNG slices of 16×16 whose slice ``broken`` is cut short: its header
+    reads, its pixels do not (the import fails there, half-way)."""
+    import imageio.v3 as iio
+
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        iio.imwrite(folder / f"z{i}.png", rng.integers(0, 255, (16, 16), dtype=np.uint8))
+    data = (folder / f"z{broken}.png").read_bytes()
+    (folder / f"z{broken}.png").write_bytes(data[: len(data) // 2])
+    return folder
+
+
+def test_a_failed_or_stopped_import_leaves_no_container_it_made(tmp_path, small_n5):
+    """An import into a new container that fails half-way (a broken slice) or is stopped (Ctrl-C,
+    SIGTERM: the command closes the import) removes the container it made, its groups and lock
+    file with it (before: `OUT.n5/` was left holding only attributes.json, sometimes the lock
+    file). A container that was there before keeps all it held (a group the import made in it
+    goes); one that something else came into meanwhile stays."""
+    folder = _broken_png_folder(tmp_path)
+    for dest in ("new.n5:raw", "new.n5:em/raw", "sub/dir/new.n5:raw"):
+        with pytest.raises(VolumeError, match="z4.png cannot be read"):
+            import_volume(str(folder), f"{tmp_path}/{dest}", chunks=(1, 16, 16))
+        assert not (tmp_path / "new.n5").exists() and not (tmp_path / "sub").exists(), dest
+    tif = tmp_path / "s.tif"
+    tifffile.imwrite(tif, np.ones((4, 8, 8), np.uint8), photometric="minisblack")
+    steps = iter_import(str(tif), f"{tmp_path}/new.n5:em/raw", chunks=(1, 8, 8))
+    next(steps)  # the estimate
+    assert next(steps) == (1, 4) and (tmp_path / "new.n5" / "em" / "raw").is_dir()
+    steps.close()  # what `emparsl import` does on Ctrl-C or SIGTERM
+    assert not (tmp_path / "new.n5").exists()
+    # a container that was there: kept, as it was (a group made for the import goes)
+    path, data = small_n5
+    before = sorted(p.name for p in path.iterdir())
+    for dest in ("raw2", "em/raw"):
+        with pytest.raises(VolumeError, match="z4.png cannot be read"):
+            import_volume(str(folder), f"{path}:{dest}", chunks=(1, 16, 16))
+        assert sorted(p.name for p in path.iterdir()) == before, dest
+    np.testing.assert_array_equal(Volume.open(path, "raw").data.compute(), data)
+    # a new container that another writer put a dataset into meanwhile: kept, with it
+    from napari_emparsl.core.volume import save_array
+
+    steps = iter_import(str(tif), f"{tmp_path}/shared.n5:raw", chunks=(1, 8, 8))
+    next(steps)
+    assert next(steps) == (1, 4)
+    save_array(tmp_path / "shared.n5", "other", np.zeros((2, 2, 2), np.uint8))
+    steps.close()
+    assert sorted(p.name for p in (tmp_path / "shared.n5").iterdir()) == [
+        "attributes.json",
+        "other",
+    ]
+
+
+def test_ctrl_c_during_an_import_keeps_nothing(tmp_path):
+    """Ctrl-C during `emparsl import` into a new container: exit 130, one sentence, and no
+    container left (before: `o.n5/` with its attributes.json, though it said nothing was kept)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for i in range(2000):  # one slab per slice: an import of ~2000 steps
+        tifffile.imwrite(folder / f"z{i:04d}.tif", np.full((32, 32), i % 251, np.uint8))
+    out = tmp_path / "o.n5"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "napari_emparsl.cli", "import", str(folder), f"{out}:raw",
+         "--chunks", "1,32,32"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    attrs = out / "raw" / "attributes.json"
+    deadline = time.time() + 60
+    while not (attrs.exists() and (out / "raw" / "0").exists()) and time.time() < deadline:
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGSTOP)  # held mid-import while we look
+    assert "emparsl_unfinished" in json.loads(attrs.read_text())
+    os.kill(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, signal.SIGCONT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.replace("\r", "\n").strip().splitlines()[-1] == (
+        "emparsl: import interrupted; nothing of it was kept."
+    )
+    assert not out.exists() and "Traceback" not in err

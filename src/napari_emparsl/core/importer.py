@@ -626,14 +626,17 @@ def iter_import(
     """Import ``src`` into ``dest`` (``OUT.n5:DATASET``) as a generator.
 
     Yields the :class:`Estimate` first (before anything is written), then ``(slabs_done,
-    slabs_total)`` after each slab. On any error the partly written dataset is removed, so a
-    failed import never leaves an output that looks complete. ``dry_run``: only the estimate is
+    slabs_total)`` after each slab. On any error (or when closed before the last slab) the
+    partly written dataset is removed, with the container and groups the import made, so a
+    failed import never leaves an output that looks complete, nor an empty container. ``dry_run``: only the estimate is
     wanted; an existing output is said in it, not refused.
     """
     out_root, out_key = parse_spec(dest)
     out_key = out_key or "raw"
     source = open_source(src)
     lock = OutputLock(out_root, out_key, "import")
+    made: list[str] = []  # the folders this import made (the container, its groups), outer first
+    finished = False
     try:
         source = _storable(source)  # before the estimate: --dry-run refuses it too
         if any(_same_path(p, out_root) for p in (*source.paths, src.split(":")[0])):
@@ -681,6 +684,7 @@ def iter_import(
         yield est
         # from here until the import ends, no run (nor another import) writes this output; a
         # run writing it now refuses the import (OutputBusy), before anything is written
+        made = _missing_folders(out_root, out_key)  # before the lock, which makes the container
         lock.acquire()
         if lock.held:  # (a file system without locks: another import may be writing one)
             _clear_leftovers(out_root, out_key)  # of imports killed outright (kill -9) before
@@ -711,7 +715,6 @@ def iter_import(
         )
         slab = vol.chunks[0]  # whole chunk rows: no two writes share a chunk
         total = math.ceil(source.shape[0] / slab)
-        finished = False
         try:
             for i in range(total):
                 z0 = i * slab
@@ -729,7 +732,50 @@ def iter_import(
             raise
     finally:
         source.close()
+        if not finished:  # a container (or group) made for nothing is no output either
+            _remove_made(made, lock.path, lock_held=lock.held)
         lock.release(remove=True)  # an import leaves no lock file
+
+
+def _missing_folders(root: str, key: str) -> list[str]:
+    """The folders an import of ``root:key`` would make, outer first: the container (with the
+    folders above it that are missing too) and the groups on the way to the dataset."""
+    groups = key.strip("/").split("/")[:-1]
+    inner = [os.path.join(root, *groups[:i]) for i in range(1, len(groups) + 1)]
+    outer: list[str] = []
+    d = os.path.abspath(root)
+    while not os.path.exists(d) and os.path.dirname(d) != d:
+        outer.insert(0, d)
+        d = os.path.dirname(d)
+    if outer:  # the container made: every group in it is new too
+        return [*outer[:-1], root, *inner]
+    return [g for g in inner if not os.path.exists(g)]
+
+
+def _remove_made(made: list[str], lock_path: str, lock_held: bool) -> None:
+    """Remove the folders a failed or stopped import made (:func:`_missing_folders`), inner
+    first, each only while it holds nothing but what the import put there: a group's or the
+    container's ``attributes.json``, and the import's lock file. A folder something else came
+    into meanwhile stays, with all above it. Where the lock is held, its file and the folder
+    holding it (with those above, that the lock made) are left to its release."""
+    lock_dir, lock_name = os.path.dirname(lock_path), os.path.basename(lock_path)
+    for d in reversed(made):
+        try:
+            names = set(os.listdir(d)) - {lock_name if d == lock_dir else ""}
+        except OSError:
+            return
+        if not names <= {"attributes.json"}:
+            return
+        try:
+            for n in names:
+                os.remove(os.path.join(d, n))
+            if d == lock_dir and lock_held:
+                return  # the lock's release removes its file, this folder, and those above
+            if d == lock_dir and os.path.exists(lock_path):
+                os.remove(lock_path)  # a file system without locks: the lock left its file
+            os.rmdir(d)
+        except OSError:
+            return
 
 
 def _clear_leftovers(root: str, key: str) -> None:
