@@ -706,3 +706,50 @@ def test_ctrl_c_during_an_import_keeps_nothing(tmp_path):
         "emparsl: import interrupted; nothing of it was kept."
     )
     assert not out.exists() and "Traceback" not in err
+
+
+def test_stacks_in_a_slice_folder_are_named_as_stacks(tmp_path):
+    """A folder holding stacks (an image and its labels, as CREMI ships them), or a stack among
+    2D slices, says in one sentence which file is a stack and to import it itself (before:
+    "Slice cremi_labels.tif is 625×625 uint32 but cremi_image.tif is 625×625 uint8", as if both
+    were slices). A slice with a thumbnail page beside it is a slice; slices that differ still
+    say so."""
+    import imageio.v3 as iio
+
+    stacks = tmp_path / "cremi"
+    stacks.mkdir()
+    tifffile.imwrite(stacks / "cremi_image.tif", np.zeros((25, 40, 40), np.uint8))
+    tifffile.imwrite(stacks / "cremi_labels.tif", np.zeros((25, 40, 40), np.uint32))
+    with pytest.raises(VolumeError) as err:
+        import_volume(str(stacks), f"{tmp_path}/o.n5:raw")
+    assert str(err.value) == (
+        f"cremi_image.tif in {stacks} is a stack of 25 images, not a slice (and so is "
+        f"cremi_labels.tif); import each stack itself (emparsl import {stacks}/cremi_image.tif "
+        "OUT.n5:DATASET)."
+    )
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i in range(3):
+        tifffile.imwrite(mixed / f"z{i}.tif", np.full((40, 40), i, np.uint8))
+    tifffile.imwrite(mixed / "z3.tif", np.zeros((4, 40, 40), np.uint8), imagej=True)
+    with pytest.raises(VolumeError) as err:
+        import_volume(str(mixed), f"{tmp_path}/o.n5:raw")
+    assert str(err.value) == (
+        f"z3.tif in {mixed} is a stack of 4 images, not a slice; import the stack itself "
+        f"(emparsl import {mixed}/z3.tif OUT.n5:DATASET), or move it out of the folder of slices."
+    )
+    (mixed / "z3.tif").unlink()
+    iio.imwrite(mixed / "z3.png", np.zeros((3, 40, 40), np.uint8), extension=".png")  # animated
+    with pytest.raises(VolumeError, match=r"z3.png in .* is a stack of 3 images, not a slice; "
+                       "save it as a TIFF stack and import that, or move it out"):  # fmt: skip
+        import_volume(str(mixed), f"{tmp_path}/o.n5:raw")
+    (mixed / "z3.png").unlink()
+    assert not (tmp_path / "o.n5").exists()
+    with tifffile.TiffWriter(mixed / "z3.tif") as tif:  # a slice and its thumbnail
+        tif.write(np.full((40, 40), 3, np.uint8))
+        tif.write(np.zeros((8, 8), np.uint8), subfiletype=1)
+    out = import_volume(str(mixed), f"{tmp_path}/o.n5:raw")
+    assert out.shape == (4, 40, 40) and int(out.data[3, 0, 0].compute()) == 3
+    tifffile.imwrite(mixed / "z4.tif", np.zeros((40, 40), np.uint16))
+    with pytest.raises(VolumeError, match="Slice z4.tif is 40×40 uint16 but z0.tif is 40×40 uint8"):
+        import_volume(str(mixed), f"{tmp_path}/o.n5:again")

@@ -109,15 +109,21 @@ def _read_slice(path: str) -> np.ndarray:
     return _as_gray(np.asarray(arr), os.path.basename(path))
 
 
-def _slice_shape(path: str) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype from the file header only."""
+def _slice_shape(path: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape and dtype of the first image, and how many images the file holds (a TIFF stack,
+    an animated PNG: more than one), from the file header only."""
     if path.lower().endswith(TIFF_EXTENSIONS):
         import tifffile
 
         try:
             with tifffile.TiffFile(path) as tif:
-                page = tif.pages[0]
-                return tuple(page.shape), np.dtype(page.dtype)
+                page, series = tif.pages[0], tif.series[0]
+                # images along any axis but y, x and colour (pages; a volume in one page); a
+                # thumbnail page beside the image is a series of its own, no second image
+                axes = str(getattr(series, "axes", "")).upper()
+                along = [n for a, n in zip(axes, series.shape, strict=False) if a not in "YXS"]
+                images = max(math.prod(along), _imagej_images(tif))
+                return tuple(page.shape), np.dtype(page.dtype), images
         except Exception as err:  # tifffile raises many types for broken files
             raise VolumeError(
                 f"The slice {path} cannot be read ({str(err)[:100] or type(err).__name__}); "
@@ -132,7 +138,12 @@ def _slice_shape(path: str) -> tuple[tuple[int, ...], np.dtype]:
             f"The slice {path} cannot be read ({str(err)[:100] or type(err).__name__}); "
             "replace or remove it and import again."
         ) from None
-    return tuple(props.shape), np.dtype(props.dtype)
+    images = int(props.n_images or 1) if props.is_batch else 1
+    return (
+        tuple(props.shape)[1:] if images > 1 else tuple(props.shape),
+        np.dtype(props.dtype),
+        images,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,9 +230,27 @@ def _folder_source(folder: str) -> ImportSource:
             f"{folder} holds no .tif, .tiff or .png slices; point to the folder of 2D slices."
         )
     paths = [os.path.join(folder, n) for n in names]
-    first_shape, first_dtype = _slice_shape(paths[0])
-    for p in paths[1:]:
-        shape, dtype = _slice_shape(p)
+    headers = [_slice_shape(p) for p in paths]
+    stacks = [(p, images) for p, (_, _, images) in zip(paths, headers, strict=True) if images > 1]
+    if stacks:  # a stack among the slices, or a folder of stacks (an image and its labels)
+        (path, images), more = stacks[0], len(stacks) - 1
+        if path.lower().endswith(TIFF_EXTENSIONS):
+            fix = (
+                f"import {'each' if more else 'the'} stack itself (emparsl import {path} "
+                "OUT.n5:DATASET)"
+            )
+        else:  # an animated PNG: no source of its own
+            fix = "save it as a TIFF stack and import that"
+        if len(stacks) < len(paths):
+            fix += f", or move {'them' if more else 'it'} out of the folder of slices"
+        raise VolumeError(
+            f"{os.path.basename(path)} in {folder} is a stack of {images} images, not a slice"
+            + (f" (and so are {more} more files there)" if more > 1 else "")
+            + (f" (and so is {os.path.basename(stacks[1][0])})" if more == 1 else "")
+            + f"; {fix}."
+        )
+    first_shape, first_dtype, _ = headers[0]
+    for p, (shape, dtype, _) in zip(paths[1:], headers[1:], strict=True):
         if shape != first_shape or dtype != first_dtype:
             raise VolumeError(
                 f"Slice {os.path.basename(p)} is {'×'.join(map(str, shape))} {dtype.name} but "
