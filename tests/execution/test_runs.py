@@ -1132,3 +1132,32 @@ def test_python_api_options_are_checked(tmp_path, conv_model, float_volume, opti
         Run(src, conv_model, f"{tmp_path}/o.n5:p", site="threads", **option).execute()
     assert str(err.value) == said
     assert not (tmp_path / "o.n5").exists()
+
+
+def test_a_halo_below_the_models_context_is_said_to_be_inexact(tmp_path, unet_model,
+                                                              conv_model, float_volume):  # fmt: skip
+    """A given halo smaller than the context the model declares: the run says blocks may
+    differ from one whole forward (before: `--halo 10` was "rounded up to 12 … (no seams)",
+    though 12 < the model's 24, and `--halo 8` said nothing). A halo that covers the context
+    says nothing, or (rounded up) that it is exact."""
+    src, _ = float_volume
+    cases = [
+        (unet_model, (10, 10, 10), "The halo 10,10,10 was rounded up to 12,12,12 (a multiple of "
+         "the model's size multiple 4,4,4), still smaller than the context the model declares "
+         "(24,24,24): blocks may differ slightly from one whole-volume forward near their edges "
+         "(faster, not exact); leave the halo out for an exact result."),
+        (unet_model, (8, 8, 8), "The halo 8,8,8 is smaller than the context the model declares "
+         "(24,24,24): blocks may differ slightly from one whole-volume forward near their edges "
+         "(faster, not exact); leave the halo out for an exact result."),
+        (unet_model, (26, 26, 26), "The halo 26,26,26 was rounded up to 28,28,28 (a multiple of "
+         "the model's size multiple 4,4,4), so that blocks compute what one whole-volume forward "
+         "computes (no seams)."),
+        (conv_model, (2, 2, 2), None),
+    ]  # fmt: skip
+    for i, (model, halo, said) in enumerate(cases):
+        run = Run(src, model, f"{tmp_path}/o.n5:p{i}", site="threads", halo=halo)
+        events = run.events()
+        next(events)  # planned
+        events.close()
+        halo_warnings = [w for w in run.warnings if w.startswith("The halo")]
+        assert halo_warnings == ([said] if said else []), halo_warnings

@@ -221,6 +221,10 @@ def _auto_batch(block: Block, spec: ModelSpec) -> int:
 _NOT_BEGUN = "not begun: the run was cancelled"
 
 
+def _triple_text(values: Sequence[int]) -> str:
+    return ",".join(str(int(v)) for v in values)
+
+
 def _id_range(blocks: Sequence[Block]) -> str:
     ids = sorted(b.id for b in blocks)
     return "none" if not ids else f"{ids[0]}–{ids[-1]}" if len(ids) > 1 else str(ids[0])
@@ -605,12 +609,25 @@ class Run:
         if self.block is None:
             block = align_up(block, spec.multiple)
         aligned = align_up(halo, spec.multiple)
-        if aligned != tuple(halo) and self.halo is not None:
+        context = tuple(spec.halo if spec.spatial_dims == 3 else (0, *spec.halo[1:]))
+        short = any(h < c for h, c in zip(aligned, context, strict=True))
+        if self.halo is not None and (aligned != tuple(halo) or short):
+            said = _triple_text(aligned)
+            if aligned != tuple(halo):
+                what = (
+                    f"The halo {_triple_text(halo)} was rounded up to {said} (a multiple of the "
+                    f"model's size multiple {_triple_text(spec.multiple)})"
+                )
+                what += ", still" if short else ""
+            else:
+                what = f"The halo {said} is"
             self.warnings += (
-                f"The halo {','.join(map(str, halo))} was rounded up to "
-                f"{','.join(map(str, aligned))}, a multiple of the model's size multiple "
-                f"{','.join(map(str, spec.multiple))}, so that blocks compute what one "
-                "whole-volume forward computes (no seams).",
+                f"{what}, so that blocks compute what one whole-volume forward computes (no seams)."
+                if not short
+                else f"{what} smaller than the context the model declares "
+                f"({_triple_text(context)}): blocks may differ slightly from one whole-volume "
+                "forward near their edges (faster, not exact); leave the halo out for an exact "
+                "result.",
             )
         halo = aligned
         block = _fixed_size_block(spec, block, halo, spatial, given=self.block is not None)
