@@ -830,8 +830,17 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument(
         "--compression", default="gzip", choices=["gzip", "raw", "bzip2", "xz"], help="default gzip"
     )
-    imp.add_argument("--voxel-size", type=_floats, default=None, help="z,y,x, e.g. 40,4,4")
-    imp.add_argument("--unit", default="nm")
+    imp.add_argument(
+        "--voxel-size",
+        type=_floats,
+        default=None,
+        help="z,y,x in nm (or in --unit), e.g. 40,4,4; default: as the files record it",
+    )
+    imp.add_argument(
+        "--unit",
+        default=None,
+        help="unit of --voxel-size: nm (default), um (µm), mm or angstrom; recorded in nm",
+    )
     imp.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     imp.add_argument("--dry-run", action="store_true", help="print the estimate, write nothing")
     imp.set_defaults(func=cmd_import)

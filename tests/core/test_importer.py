@@ -753,3 +753,37 @@ def test_stacks_in_a_slice_folder_are_named_as_stacks(tmp_path):
     tifffile.imwrite(mixed / "z4.tif", np.zeros((40, 40), np.uint16))
     with pytest.raises(VolumeError, match="Slice z4.tif is 40×40 uint16 but z0.tif is 40×40 uint8"):
         import_volume(str(mixed), f"{tmp_path}/o.n5:again")
+
+
+def test_a_voxel_size_given_in_another_unit_is_recorded_in_nm(tmp_path, capsys):
+    """`--voxel-size 0.01,0.01,0.01 --unit um` is recorded (and shown by `emparsl info`) as
+    10×10×10 nm, as the guide says and as a voxel size read from the files is (before: 0.01 um,
+    beside volumes in nm); a unit that is no length (before: "furlong" recorded), and --unit
+    without --voxel-size (before: silently dropped), are refused in one sentence, nothing
+    written."""
+    from napari_emparsl.cli import main
+
+    tif = tmp_path / "s.tif"
+    tifffile.imwrite(tif, np.ones((4, 8, 8), np.uint8), photometric="minisblack")
+    given = ["--voxel-size", "0.04,0.004,0.004", "--unit", "um"]
+    assert main(["import", str(tif), f"{tmp_path}/o.n5:raw", *given]) == 0
+    assert "Voxel size: 40×4×4 nm (given as 0.04×0.004×0.004 um).\n" in capsys.readouterr().out
+    vol = Volume.open(tmp_path / "o.n5", "raw")
+    assert vol.voxel_size == (40, 4, 4) and vol.unit == "nm"
+    assert main(["info", f"{tmp_path}/o.n5:raw"]) == 0
+    assert "40 × 4 × 4 nm" in capsys.readouterr().out
+    out = import_volume(str(tif), f"{tmp_path}/o.n5:a", voxel_size=(4, 0.4, 0.4), unit="Å")
+    assert out.voxel_size == (0.4, 0.04, 0.04) and out.unit == "nm"
+    refused = {
+        ("--unit", "µm"): "emparsl: error: --unit µm is the unit of --voxel-size, which is not "
+        "given (a voxel size the files record is read in their own unit and recorded in nm); "
+        "give --voxel-size Z,Y,X with it, or leave --unit out.\n",
+        ("--voxel-size", "1,1,1", "--unit", "furlong"): "emparsl: error: --unit furlong is no "
+        "unit of length the import knows; give the voxel size in nm, µm (um, micron), mm or Å "
+        "(angstrom).\n",
+    }
+    for args, said in refused.items():
+        for dry in ([], ["--dry-run"]):
+            assert main(["import", str(tif), f"{tmp_path}/new.n5:raw", *args, *dry]) == 2
+            assert capsys.readouterr().err == said, args
+    assert not (tmp_path / "new.n5").exists()

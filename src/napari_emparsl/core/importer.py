@@ -648,7 +648,7 @@ def iter_import(
     chunks: Sequence[int] = (64, 64, 64),
     compression: str = "gzip",
     voxel_size: Sequence[float] | None = None,
-    unit: str = "nm",
+    unit: str | None = None,
     overwrite: bool = False,
     dry_run: bool = False,
 ) -> Iterator[Estimate | tuple[int, int]]:
@@ -658,10 +658,12 @@ def iter_import(
     slabs_total)`` after each slab. On any error (or when closed before the last slab) the
     partly written dataset is removed, with the container and groups the import made, so a
     failed import never leaves an output that looks complete, nor an empty container. ``dry_run``: only the estimate is
-    wanted; an existing output is said in it, not refused.
+    wanted; an existing output is said in it, not refused. ``voxel_size`` (z, y, x) is in
+    ``unit`` (a length: nm when not given) and recorded in nm, as one read from the files is.
     """
     out_root, out_key = parse_spec(dest)
     out_key = out_key or "raw"
+    voxel_size, given = _in_nm(voxel_size, unit)
     source = open_source(src)
     lock = OutputLock(out_root, out_key, "import")
     made: list[str] = []  # the folders this import made (the container, its groups), outer first
@@ -680,9 +682,9 @@ def iter_import(
             raise VolumeError(f"Chunks must be three positive sizes z,y,x, not {chunks}.")
         est = estimate(source, chunks, compression)
         if voxel_size is not None:
-            voxel_from = "given"
+            voxel_from = given
         elif source.voxel_size is not None:
-            voxel_size, unit, voxel_from = source.voxel_size, "nm", f"from {source.voxel_from}"
+            voxel_size, voxel_from = source.voxel_size, f"from {source.voxel_from}"
         else:
             voxel_from = ""
             missing = (
@@ -699,7 +701,7 @@ def iter_import(
                 ),
             )
         est = replace(
-            est, voxel_size=voxel_size and tuple(voxel_size), unit=unit, voxel_from=voxel_from
+            est, voxel_size=voxel_size and tuple(voxel_size), unit="nm", voxel_from=voxel_from
         )
         if taken:
             est = replace(
@@ -735,7 +737,7 @@ def iter_import(
             chunks,
             compression=compression,
             voxel_size=voxel_size,
-            unit=unit,
+            unit="nm",
             attrs={
                 "source": source.description,
                 UNFINISHED: f"an import of {src} that has not finished",
@@ -764,6 +766,32 @@ def iter_import(
         if not finished:  # a container (or group) made for nothing is no output either
             _remove_made(made, lock.path, lock_held=lock.held)
         lock.release(remove=True)  # an import leaves no lock file
+
+
+def _in_nm(
+    voxel_size: Sequence[float] | None, unit: str | None
+) -> tuple[tuple[float, ...] | None, str]:
+    """A voxel size given in ``unit`` (None: nm) in nm, and how the estimate says it was given
+    ("given", "given as 0.01×0.01×0.01 um"); a unit that is no length, or one without a voxel
+    size (it would change nothing), refused in one sentence."""
+    if voxel_size is None:
+        if unit is not None:
+            raise VolumeError(
+                f"--unit {unit} is the unit of --voxel-size, which is not given (a voxel size "
+                "the files record is read in their own unit and recorded in nm); give "
+                "--voxel-size Z,Y,X with it, or leave --unit out."
+            )
+        return None, ""
+    per_nm = nm_per_unit(unit if unit is not None else "nm")
+    if per_nm is None:
+        raise VolumeError(
+            f"--unit {unit} is no unit of length the import knows; give the voxel size in nm, "
+            "µm (um, micron), mm or Å (angstrom)."
+        )
+    nm = tuple(float(f"{float(v) * per_nm:.12g}") for v in voxel_size)  # 0.004 µm: 4, not 4.0…01
+    if per_nm == 1:
+        return nm, "given"
+    return nm, f"given as {'×'.join(f'{float(v):g}' for v in voxel_size)} {unit}"
 
 
 def _missing_folders(root: str, key: str) -> list[str]:
