@@ -1161,3 +1161,24 @@ def test_a_halo_below_the_models_context_is_said_to_be_inexact(tmp_path, unet_mo
         events.close()
         halo_warnings = [w for w in run.warnings if w.startswith("The halo")]
         assert halo_warnings == ([said] if said else []), halo_warnings
+
+
+def test_a_label_volume_as_input_is_said(tmp_path, conv_model):
+    """`--input my.n5:labels` (a group whose only dataset is labels/sparse, uint32 ids) ran the
+    model on label ids without a word. The run now says the input looks like a label volume,
+    and which dataset the group opened; an image says nothing of the kind."""
+    rng = np.random.default_rng(0)
+    save_array(tmp_path / "my.n5", "labels/sparse", rng.integers(0, 9, (16, 16, 16), np.uint32),
+               labels=True)  # fmt: skip
+    save_array(tmp_path / "my.n5", "raw", rng.random((16, 16, 16), np.float32))
+    for key, said in (
+        ("labels", f"The input {tmp_path}/my.n5:labels/sparse (opened for {tmp_path}/my.n5:"
+                   "labels) looks like a label volume (uint32), not an image: check --input, "
+                   "the model runs on what it is given."),
+        ("raw", None),
+    ):  # fmt: skip
+        run = Run(f"{tmp_path}/my.n5:{key}", conv_model, f"{tmp_path}/o.n5:{key}",
+                  site="threads")  # fmt: skip
+        assert run.execute().ok
+        labels = [w for w in run.warnings if "looks like a label volume" in w]
+        assert labels == ([said] if said else []), labels

@@ -57,6 +57,7 @@ from napari_emparsl.core.models.spec import ModelError, ModelSpec, resolution_mi
 from napari_emparsl.core.n5attrs import (
     VolumeError,
     find_container_root,
+    looks_like_labels,
     pyramid_levels,
     read_attrs,
 )
@@ -514,7 +515,7 @@ class Run:
             raise RunError(f"Give the output as OUT.n5:DATASET{given}.")
         self.profile = self.site if isinstance(self.site, SiteProfile) else load_site(self.site)
         src = Volume.open(self.input_root, self.input_key)
-        self.input_key = src.key
+        given_key, self.input_key = self.input_key, src.key
         if self._suggest_output:
             self.output_root, self.output_key = parse_spec(suggest_output(src.root, src.key))
         if UNFINISHED in src.attrs:
@@ -561,6 +562,16 @@ class Run:
                 f"The model {name} was {note} ({src.root}:{src.key}): expect poorer results; "
                 "resample the volume to about the model's voxel size, or use a model trained "
                 "on data like it.",
+            )
+        if looks_like_labels(src.key, src.attrs, str(src.dtype)):  # a typo, or a group's only
+            # dataset (my.n5:labels opens labels/sparse): the model would run on label ids
+            opened = f" (opened for {self.input_root}:{given_key})" if (
+                given_key.strip("/") != src.key.strip("/")
+            ) else ""  # fmt: skip
+            self.warnings += (
+                f"The input {src.root}:{src.key}{opened} looks like a label volume "
+                f"({src.dtype}), not an image: check --input, the model runs on what it is "
+                "given.",
             )
         if self.roi is not None and self.roi.ndim == 3 and max(self.roi.end) >= OPEN_END:
             self.roi = Roi.from_bounds(  # "z0:" ends where the volume does
