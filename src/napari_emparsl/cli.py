@@ -919,9 +919,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: options whose value may begin with "-" (a negative bound, said in one sentence there):
+#: argparse takes "--roi -8:,:,:" for an option without its value
+_VALUE_OPTIONS = ("--roi", "--block", "--halo", "--voxel-size")
+
+
+def _join_values(argv: Sequence[str]) -> list[str]:
+    """``--roi -8:`` as ``--roi=-8:``, for the options above."""
+    out, args = [], list(argv)
+    i = 0
+    while i < len(args):
+        if args[i] in _VALUE_OPTIONS and i + 1 < len(args) and args[i + 1].startswith("-"):
+            if not args[i + 1].startswith("--"):
+                out.append(f"{args[i]}={args[i + 1]}")
+                i += 2
+                continue
+        out.append(args[i])
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_values(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.func(args) or 0)
     except UserError as err:

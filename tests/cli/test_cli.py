@@ -606,3 +606,18 @@ def test_sample_says_how_many_levels_it_wrote(capsys, tmp_path):
     for shape, said in (("1", "no pyramid (too small)."), ("64,64,64", "3 pyramid levels each.")):
         code, out, _ = run(capsys, "sample", f"{tmp_path}/s{len(shape)}.n5", "--shape", shape)
         assert code == 0 and out.strip().endswith(f"labels/cells, {said}"), out
+
+
+def test_a_negative_bound_after_a_space_gets_its_sentence(capsys, tmp_path, small_n5):
+    """`--roi -8:,:,:` (a space, not `=`): argparse took the value for an option and said
+    "expected one argument"; now it reaches the sentence the docs promise, as `--roi=-8:`."""
+    src = f"{small_n5[0]}:raw"
+    for roi in (["--roi", "-8:,:,:"], ["--roi=-8:,:,:"]):
+        code = main(["run", "--input", src, "--model", "unet3d-em", "--site", "threads",
+                     "--output", f"{tmp_path}/o.n5:p", *roi])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2 and "has a negative bound; give positions counted from" in err, err
+    assert not (tmp_path / "o.n5").exists()
+    with pytest.raises(SystemExit):  # a value that is an option stays one: argparse says so
+        main(["run", "--input", src, "--model", "unet3d-em", "--roi", "--halo", "8"])
+    assert "argument --roi: expected one argument" in capsys.readouterr().err
