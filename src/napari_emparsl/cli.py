@@ -383,12 +383,21 @@ def _run(args: argparse.Namespace) -> int:
                 t0 = time.perf_counter()  # the rate of blocks, not of preparing the model
                 skipped = event.total - event.todo
                 progress = (skipped, event.total)
+                if not event.todo:  # nothing left: no "resuming", no rate of 0 voxels/s
+                    print(
+                        f"{event.output} is complete already ({event.total}/{event.total} "
+                        "blocks done): nothing to compute (--overwrite computes it again)."
+                    )
+                    for warning in event.warnings:
+                        print(f"Warning: {warning}", file=sys.stderr)
+                    continue
+                levels = event.levels - 1
                 print(
-                    f"Planned {event.total} blocks into {event.output}"
+                    f"Planned {_n(event.total, 'block')} into {event.output}"
                     + (f" ({skipped} already done, resuming)" if skipped else "")
                     + (
-                        f", which each also write {event.levels - 1} coarser level(s) for viewing"
-                        if event.levels > 1
+                        f", which each also write {_n(levels, 'coarser level')} for viewing"
+                        if levels
                         else ""
                     )
                     + f"; site {args.site}."
@@ -443,6 +452,8 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+    if isinstance(last, Finished) and bar is None:  # complete already: said above
+        return 0
     if isinstance(last, Finished):
         print(
             f"Finished: {last.done}/{last.total} blocks done, {last.failed} failed, "
@@ -475,6 +486,27 @@ def _id_list(ids: list, most: int = 8) -> str:
 _SHOWN_ERRORS = 10  # distinct errors `emparsl status` prints before it counts the rest
 
 
+def _n(count: int, word: str) -> str:
+    """``1 block``, ``2 blocks``."""
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _outputs_inside(root: str, key: str) -> list[str]:
+    """The datasets with a ledger (run outputs) in the container or group ``root:key``."""
+    from napari_emparsl.core.ledger import Ledger
+    from napari_emparsl.core.volume import container_tree
+
+    try:
+        nodes = container_tree(os.path.join(root, key) if key else root)
+    except (UserError, OSError):
+        return []
+    return [
+        f"{root}:{n['key']}"
+        for n in nodes
+        if n["kind"] != "group" and Ledger(root, n["key"]).exists()
+    ]
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from napari_emparsl.core.ledger import Ledger, lock_holder, whole_plan_blocks
     from napari_emparsl.core.volume import Volume, parse_spec
@@ -489,6 +521,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         missing = root if not os.path.exists(root) else f"{root}:{key}"
         raise VolumeError(f"{missing} does not exist; check the path.")
     if not ledger.exists():
+        inside = _outputs_inside(root, key)
+        if inside:  # a container or group: the run outputs in it
+            shown = ", ".join(inside[:5]) + (
+                f" and {len(inside) - 5} more" if len(inside) > 5 else ""
+            )
+            raise VolumeError(
+                f"{root}:{key}".rstrip(":") + f" holds run outputs: {shown}; give one, e.g. "
+                f"`emparsl status {inside[0]}`."
+            )
         raise VolumeError(
             (f"{root}:{key}" if key else root)
             + " has no emparsl ledger; it was not written by `emparsl run`."
@@ -617,7 +658,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     truth = Volume.open(*parse_spec(args.truth))
     if pred.shape != truth.shape:
         raise VolumeError(
-            f"The prediction {pred.shape} and the ground truth {truth.shape} differ in shape; "
+            f"The prediction ({'×'.join(map(str, pred.shape))}) and the ground truth "
+            f"({'×'.join(map(str, truth.shape))}) differ in shape; "
             "compare datasets of the same volume."
         )
     for what, vol in (("prediction", pred), ("ground truth", truth)):
@@ -704,7 +746,12 @@ def cmd_describe_model(args: argparse.Namespace) -> int:
 
     options = parse_options(args.model_option or [])
     spec = describe_model(args.model, options)
-    print(yaml.safe_dump(spec.to_dict(), sort_keys=False, default_flow_style=None), end="")
+    described = spec.to_dict()
+    if described.get("architecture") is None:  # a TorchScript file or a package: no class to
+        described.pop("architecture", None)  # build (a sidecar would not take null)
+        if not described.get("arch_options"):
+            described.pop("arch_options", None)
+    print(yaml.safe_dump(described, sort_keys=False, default_flow_style=None), end="")
     missing = missing_description(args.model, options)
     if missing:
         print(

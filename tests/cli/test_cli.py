@@ -313,7 +313,10 @@ def test_evaluate_dice_and_what_is_not_labels(capsys, tmp_path):
     assert code == 0 and "holds values up to 199 but there are 2 classes (0–1)" in err
     for args, message in (
         ([f"{e}:prob", f"{e}:truth"], "holds float32 values, not class labels;"),
-        ([f"{e}:small", f"{e}:truth"], "differ in shape"),
+        (
+            [f"{e}:small", f"{e}:truth"],
+            "The prediction (2×8×8) and the ground truth (4×8×8) differ in shape",
+        ),
     ):
         code, _, err = run(capsys, "evaluate", *args)
         assert code == 2 and message in err and err.count("\n") == 1
@@ -329,6 +332,28 @@ def test_status_of_what_is_not_there(capsys, tmp_path, small_n5):
     ):
         code, _, err = run(capsys, "status", spec)
         assert code == 2 and err.strip().endswith(message)
+    # a container holding run outputs: it names them (before: "has no emparsl ledger")
+    _one_block_run(capsys, tmp_path, small_n5)
+    code, _, err = run(capsys, "status", f"{tmp_path}/o.n5")
+    assert code == 2 and err.strip() == (
+        f"emparsl: error: {tmp_path}/o.n5 holds run outputs: {tmp_path}/o.n5:pred; give one, "
+        f"e.g. `emparsl status {tmp_path}/o.n5:pred`."
+    )
+
+
+def test_a_complete_output_run_again_says_so(capsys, tmp_path, small_n5):
+    """The same run again on a finished output: it is complete, nothing to compute (before:
+    "Planned 1 blocks … (1 already done, resuming)" and "Finished … 0.00 Mvoxel/s")."""
+    _one_block_run(capsys, tmp_path, small_n5)
+    path, _ = small_n5
+    code, out, _ = run(capsys, "run", "--input", f"{path}:raw", "--model", "unet3d-em",
+                       "--output", f"{tmp_path}/o.n5:pred", "--site", "threads", "--roi",
+                       "0:1,0:8,0:8")  # fmt: skip
+    assert code == 0
+    assert out == (
+        f"{tmp_path}/o.n5:pred is complete already (1/1 blocks done): nothing to compute "
+        "(--overwrite computes it again).\n"
+    )
 
 
 def _one_block_run(capsys, tmp_path, small_n5):

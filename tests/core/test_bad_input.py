@@ -287,7 +287,7 @@ def test_without_an_output_it_goes_beside_the_input_or_home_when_read_only(
     base = ["--model", "unet3d-em", "--site", "threads", "--roi", "0:8,0:8,0:8"]
     for src, written in ((small_n5[0], small_n5[0]), (read_only_container, home / "ro.n5")):
         assert main(["run", "--input", f"{src}:raw", *base]) == 0
-        assert f"Planned 1 blocks into {written}:predictions/raw" in capsys.readouterr().out
+        assert f"Planned 1 block into {written}:predictions/raw" in capsys.readouterr().out
         assert Volume.open(written, "predictions/raw").data[:8, :8, :8].compute().any()
 
 

@@ -405,6 +405,15 @@ def test_check_model_runs_the_test_input_through_the_engine(package, capsys):
     err = capsys.readouterr().err
     assert err.startswith("emparsl: error: ") and "is not a bioimage.io package" in err
     assert err.count("\n") == 1
+    assert err.rstrip().endswith(
+        "(`emparsl export-model unet3d-em unet3d-em.zip` makes one of it)."
+    )
+    # a missing file: no advice to give a built-in name, which it would then refuse
+    assert main(["check-model", str(package["zip"]) + ".nope"]) == 2
+    assert capsys.readouterr().err == (
+        f"emparsl: error: The model '{package['zip']}.nope' does not exist; give a bioimage.io "
+        "package (a folder or .zip holding rdf.yaml).\n"
+    )
 
 
 def test_2d_fixed_shape_labels_package_reproduces_its_test_output(tmp_path, write_package):
@@ -446,7 +455,12 @@ def test_describe_model_prints_what_emparsl_will_run(package, capsys):
     assert main(["describe-model", str(package["zip"]), "--model-option", "block=32"]) == 0
     out, err = capsys.readouterr()
     printed = yaml.safe_load(out)
-    assert printed == describe_model(str(package["zip"]), {"block": 32}).to_dict()
+    described = describe_model(str(package["zip"]), {"block": 32}).to_dict()
+    assert described["architecture"] is None and not described["arch_options"]
+    # no "architecture: null" to copy into a sidecar, which would not take it
+    assert "architecture" not in printed and "arch_options" not in printed
+    del described["architecture"], described["arch_options"]
+    assert printed == described
     assert printed["normalize"] == "zscore" and printed["block"] == [32, 32, 32] and err == ""
     # a TorchScript file without a sidecar: what is missing, on stderr (stdout stays YAML)
     assert main(["describe-model", str(package["folder"] / "weights.pt")]) == 0

@@ -189,6 +189,6 @@ def test_cli_says_the_output_has_levels(tmp_path, save_model, big_volume, capsys
         main(["run", "--input", spec, "--model", model, "--output", out, "--site", "threads"]) == 0
     )
     printed = capsys.readouterr().out
-    assert f"Planned 18 blocks into {out}, which each also write 1 coarser level(s)" in printed
+    assert f"Planned 18 blocks into {out}, which each also write 1 coarser level for" in printed
     assert main(["info", out]) == 0
     assert "seg/s1" in capsys.readouterr().out

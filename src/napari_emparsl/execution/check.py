@@ -61,14 +61,26 @@ def check_model(model: str, options: Mapping[str, Any] | None = None) -> ModelCh
     import time
 
     import napari_emparsl
+    from napari_emparsl.core.models.loaders import BUILTIN_MODELS
+    from napari_emparsl.core.paths import user_path
     from napari_emparsl.core.volume import Volume, save_array
 
+    if model not in BUILTIN_MODELS and not os.path.exists(user_path(model)):
+        raise ModelError(  # (not "give a built-in name": a built-in model is no package)
+            f"The model {user_path(model) or model!r} does not exist; give a bioimage.io package "
+            "(a folder or .zip holding rdf.yaml)."
+        )
     path = resolve_model(model)
     package = find_package(path)
     if package is None:
+        made = (
+            f" (`emparsl export-model {model} {model}.zip` makes one of it)"
+            if model in BUILTIN_MODELS
+            else ""
+        )
         raise ModelError(
             f"{model} is not a bioimage.io package; only packages carry a test input and output "
-            "to check a model with."
+            f"to check a model with{made}."
         )
     spec = describe_model(model, options)
     x, expected = test_tensors(package)
