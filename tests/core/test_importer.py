@@ -639,7 +639,7 @@ def test_a_failed_or_stopped_import_leaves_no_container_it_made(tmp_path, small_
     file). A container that was there before keeps all it held (a group the import made in it
     goes); one that something else came into meanwhile stays."""
     folder = _broken_png_folder(tmp_path)
-    for dest in ("new.n5:raw", "new.n5:em/raw", "sub/dir/new.n5:raw"):
+    for dest in ("new.n5:raw", "new.n5:em/raw", "sub/dir/new.n5:raw", "new.n5/:raw"):
         with pytest.raises(VolumeError, match="z4.png cannot be read"):
             import_volume(str(folder), f"{tmp_path}/{dest}", chunks=(1, 16, 16))
         assert not (tmp_path / "new.n5").exists() and not (tmp_path / "sub").exists(), dest

@@ -167,6 +167,9 @@ def test_parse_spec(tmp_path):
     # a one-letter container is no drive letter outside Windows (before: a folder "x:raw")
     assert parse_spec("x:raw") == ("x", "raw")
     assert parse_spec("w:bar/baz") == ("w", "bar/baz")
+    with pytest.raises(VolumeError, match=r"^:raw names no container before the colon; give "
+                       r"it as PATH\.n5:DATASET \(e\.g\. out\.n5:raw\)\.$"):  # fmt: skip
+        parse_spec(":raw")
 
 
 def test_open_takes_path_colon_dataset_as_everywhere_else(small_n5):

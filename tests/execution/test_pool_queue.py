@@ -49,3 +49,19 @@ def test_a_process_killed_holding_a_lock_does_not_stop_the_queue(held):
         writer.kill()
         writer.join()
         q.close()
+
+
+def test_the_lock_files_go_with_the_queue(tmp_path, monkeypatch):
+    """The queue's lock files (in the pool's TMPDIR, /tmp where the run folder's path is long)
+    are removed when the queue goes, by the process that made them only."""
+    import gc
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    q = LockFreeWaitQueue(0, ctx=ForkServerContext())
+    assert len(list(tmp_path.glob("emparsl-queue-*.lock"))) == 2
+    q.close()
+    q.join_thread()
+    del q
+    gc.collect()
+    assert list(tmp_path.glob("emparsl-queue-*.lock")) == []

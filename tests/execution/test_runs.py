@@ -1112,6 +1112,10 @@ def test_a_cancel_never_records_blocks_that_did_not_begin(tmp_path, unet_model, 
             {"in_flight_per_worker": "2"},
             "in_flight_per_worker must be a whole number ≥ 1 (got '2').",
         ),
+        (
+            {"in_flight_per_worker": None},
+            "in_flight_per_worker must be a whole number ≥ 1 (got None).",
+        ),
         ({"retries": 1.5}, "Retries are a count of 0 or more, not 1.5."),
         ({"block_ids": 5}, "block_ids must be a list of block ids (got 5); None runs every block."),
         ({"block_ids": [-1]}, "block_ids must be block ids, whole numbers ≥ 0 (got [-1])."),
@@ -1182,3 +1186,13 @@ def test_a_label_volume_as_input_is_said(tmp_path, conv_model):
         assert run.execute().ok
         labels = [w for w in run.warnings if "looks like a label volume" in w]
         assert labels == ([said] if said else []), labels
+
+
+def test_block_ids_may_come_from_a_generator(tmp_path, conv_model, float_volume):
+    """`block_ids=(i for i in failed)`: read once (a check that read it first left none, and
+    the run computed nothing)."""
+    src, _ = float_volume
+    last = Run(src, conv_model, f"{tmp_path}/o.n5:p", site="threads",
+               block_ids=(i for i in (0, 5))).execute()  # fmt: skip
+    assert (last.done, last.total) == (2, 2)
+    assert sorted(Ledger(str(tmp_path / "o.n5"), "p").summary().done) == [0, 5]

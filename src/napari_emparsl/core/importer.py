@@ -715,8 +715,9 @@ def iter_import(
         yield est
         # from here until the import ends, no run (nor another import) writes this output; a
         # run writing it now refuses the import (OutputBusy), before anything is written
-        made = _missing_folders(out_root, out_key)  # before the lock, which makes the container
+        missing = _missing_folders(out_root, out_key)  # before the lock, which makes the container
         lock.acquire()
+        made = missing  # (a lock held by another writer: what it made is its own)
         if lock.held:  # (a file system without locks: another import may be writing one)
             _clear_leftovers(out_root, out_key)  # of imports killed outright (kill -9) before
         # looked at again under the lock: a run may have made the output since
@@ -797,6 +798,7 @@ def _in_nm(
 def _missing_folders(root: str, key: str) -> list[str]:
     """The folders an import of ``root:key`` would make, outer first: the container (with the
     folders above it that are missing too) and the groups on the way to the dataset."""
+    root = os.path.normpath(root)  # new.n5/ and new.n5 are one folder
     groups = key.strip("/").split("/")[:-1]
     inner = [os.path.join(root, *groups[:i]) for i in range(1, len(groups) + 1)]
     outer: list[str] = []
@@ -815,7 +817,7 @@ def _remove_made(made: list[str], lock_path: str, lock_held: bool) -> None:
     container's ``attributes.json``, and the import's lock file. A folder something else came
     into meanwhile stays, with all above it. Where the lock is held, its file and the folder
     holding it (with those above, that the lock made) are left to its release."""
-    lock_dir, lock_name = os.path.dirname(lock_path), os.path.basename(lock_path)
+    lock_dir, lock_name = os.path.normpath(os.path.dirname(lock_path)), os.path.basename(lock_path)
     for d in reversed(made):
         try:
             names = set(os.listdir(d)) - {lock_name if d == lock_dir else ""}

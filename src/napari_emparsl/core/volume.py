@@ -153,6 +153,11 @@ def parse_spec(spec: str) -> tuple[str, str]:
     spec = user_path(spec)
     if ":" not in spec or os.path.exists(spec):
         return spec, ""
+    if spec.startswith(":"):
+        raise VolumeError(
+            f"{spec} names no container before the colon; give it as PATH.n5:DATASET (e.g. "
+            f"out.n5{spec})."
+        )
     # "C:\\data" is a drive letter on Windows only: elsewhere x:raw is container x, dataset raw
     drive = os.name == "nt" and re.match(r"^[A-Za-z]:[/\\]", spec) is not None
     colons = [i for i, ch in enumerate(spec) if ch == ":" and not (drive and i == 1)]

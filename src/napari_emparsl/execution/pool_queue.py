@@ -22,9 +22,18 @@ import queue
 import tempfile
 import threading
 import time
+import weakref
 from multiprocessing.connection import wait
 
 __all__ = ["LockFreeWaitQueue", "ProcessDeathSafeLock"]
+
+
+def _remove_in(path: str, pid: int) -> None:
+    if os.getpid() == pid:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 class ProcessDeathSafeLock:
@@ -36,6 +45,8 @@ class ProcessDeathSafeLock:
         if path is None:
             fd, path = tempfile.mkstemp(prefix="emparsl-queue-", suffix=".lock")
             os.close(fd)
+            # removed with the lock in the process that made it (the pool), not in the others
+            weakref.finalize(self, _remove_in, path, os.getpid())
         self._path = path
         self._pid: int | None = None
 

@@ -436,9 +436,9 @@ class Run:
         self.halo = tuple(halo) if halo is not None and not isinstance(halo, str) else halo
         self.overwrite = overwrite
         # (retries: checked with the plan, as the CLI's)
-        for name, value, least in (("in_flight_per_worker", in_flight_per_worker, 1),
-                                   ("batch", batch, 1)):  # fmt: skip
-            if value is not None and (not _whole(value) or value < least):
+        for name, value, least, optional in (("in_flight_per_worker", in_flight_per_worker, 1, False),
+                                             ("batch", batch, 1, True)):  # fmt: skip
+            if (value is not None or not optional) and (not _whole(value) or value < least):
                 raise UserError(f"{name} must be a whole number ≥ {least} (got {value!r}).")
         self.retries = retries
         self.in_flight_per_worker = in_flight_per_worker
@@ -450,10 +450,10 @@ class Run:
                     f"block_ids must be a list of block ids (got {block_ids!r}); None runs "
                     "every block."
                 )
-            ids = list(block_ids)
+            ids = list(block_ids)  # read once: a generator is used up by reading it
             if not all(_whole(i) and i >= 0 for i in ids):
                 raise UserError(f"block_ids must be block ids, whole numbers ≥ 0 (got {ids!r}).")
-        self.block_ids = frozenset(block_ids) if block_ids is not None else None
+        self.block_ids = frozenset(ids) if block_ids is not None else None
         self._cancel = threading.Event()
         self._src: Volume | None = None
         self._provenance: dict[str, Any] | None = None
@@ -570,7 +570,7 @@ class Run:
             ) else ""  # fmt: skip
             self.warnings += (
                 f"The input {src.root}:{src.key}{opened} looks like a label volume "
-                f"({src.dtype}), not an image: check --input, the model runs on what it is "
+                f"({src.dtype}), not an image: check the input, the model runs on what it is "
                 "given.",
             )
         if self.roi is not None and self.roi.ndim == 3 and max(self.roi.end) >= OPEN_END:

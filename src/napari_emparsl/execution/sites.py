@@ -573,12 +573,22 @@ def _cleanup_within(cleanup: Any, interchanges: list[Any], timeout: float = 60.0
         except BaseException as err:  # said below, in the caller's thread
             failed.append(err)
 
+    stopped: list[Any] = []  # interchanges Parsl's own shutdown stopped: not dead of a signal
+    for proc in interchanges:
+        terminate = proc.terminate
+
+        def stop(proc: Any = proc, terminate: Any = terminate) -> None:
+            stopped.append(proc)
+            terminate()
+
+        proc.terminate = stop
     thread = threading.Thread(target=run, name="emparsl-site-cleanup", daemon=True)
     thread.start()
     deadline, dead_since = time.monotonic() + timeout, None
     while thread.is_alive() and time.monotonic() < deadline:
         thread.join(0.2)
-        if dead_since is None and any(p.poll() is not None for p in interchanges):
+        died = [p for p in interchanges if p.poll() is not None and p not in stopped]
+        if dead_since is None and died:
             dead_since = time.monotonic()
         if dead_since is not None and time.monotonic() - dead_since > 2.0:
             break
