@@ -802,6 +802,11 @@ def cmd_sites(args: argparse.Namespace) -> int:
     from napari_emparsl.core.paths import user_path
     from napari_emparsl.execution.sites import list_sites, load_site
 
+    if args.action == "list" and args.name:  # (was ignored: a typo for show?)
+        raise VolumeError(
+            f"`emparsl sites list` takes no name; `emparsl sites show {args.name}` shows that "
+            "profile."
+        )
     if args.action == "list":
         invalid = 0
         for name, path in list_sites().items():

@@ -646,3 +646,17 @@ def test_a_negative_bound_after_a_space_gets_its_sentence(capsys, tmp_path, smal
     with pytest.raises(SystemExit):  # a value that is an option stays one: argparse says so
         main(["run", "--input", src, "--model", "unet3d-em", "--roi", "--halo", "8"])
     assert "argument --roi: expected one argument" in capsys.readouterr().err
+
+
+def test_sites_list_with_a_name_says_show(capsys):
+    """`emparsl sites list local` listed every site, the name ignored (a typo for show)."""
+    code, out, err = run(capsys, "sites", "list", "local")
+    assert (
+        code == 2
+        and out == ""
+        and err
+        == (
+            "emparsl: error: `emparsl sites list` takes no name; `emparsl sites show local` shows "
+            "that profile.\n"
+        )
+    )
