@@ -790,6 +790,9 @@ def cmd_export_model(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     shape = "×".join(map(str, done.test_shape[2:]))
+    if done.mirrored_from:  # fewer sections (say) than the model takes
+        given = "×".join(map(str, done.mirrored_from))
+        shape += f" (the {given} test input given, mirrored to the size the model takes)"
     print(
         f"Wrote {done.path} ({done.bytes / 1e6:.1f} MB): TorchScript weights, rdf.yaml (bioimage.io "
         f"0.5) and a {shape} test input with its output; check it with `emparsl check-model "
