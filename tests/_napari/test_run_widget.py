@@ -39,6 +39,15 @@ def _setup(viewer, sample_path):
     return widget
 
 
+def _run_on_local_until_a_block_is_done(qtbot, viewer, sample_path):
+    """The run panel on the sample, a full run on the local site, one block done."""
+    widget = _setup(viewer, sample_path)
+    widget.site.value = "local"
+    widget.run_btn.clicked.emit()
+    qtbot.waitUntil(lambda: widget.progress.value >= 1, timeout=120_000)
+    return widget
+
+
 def _wait_idle(qtbot, widget, timeout=120_000):
     qtbot.waitUntil(lambda: widget._run is None and widget.run_btn.enabled, timeout=timeout)
 
@@ -469,10 +478,7 @@ def test_closing_viewer_during_run_asks_and_stops_workers(
     from qtpy.QtWidgets import QApplication, QMessageBox
 
     viewer = make_napari_viewer()
-    widget = _setup(viewer, sample_path)
-    widget.site.value = "local"
-    widget.run_btn.clicked.emit()
-    qtbot.waitUntil(lambda: widget.progress.value >= 1, timeout=120_000)
+    widget = _run_on_local_until_a_block_is_done(qtbot, viewer, sample_path)
     asked = []
 
     def answer(button):
@@ -511,10 +517,7 @@ def test_viewer_close_during_run_stops_it_without_asking(
     from napari_emparsl.core.ledger import Ledger, lock_holder
 
     viewer = make_napari_viewer()
-    widget = _setup(viewer, sample_path)
-    widget.site.value = "local"
-    widget.run_btn.clicked.emit()
-    qtbot.waitUntil(lambda: widget.progress.value >= 1, timeout=120_000)
+    widget = _run_on_local_until_a_block_is_done(qtbot, viewer, sample_path)
     asked = []
     original = widget.confirm_close
     widget.confirm_close = lambda: asked.append(1) or original()

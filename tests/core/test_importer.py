@@ -672,42 +672,6 @@ def test_a_failed_or_stopped_import_leaves_no_container_it_made(tmp_path, small_
     ]
 
 
-def test_ctrl_c_during_an_import_keeps_nothing(tmp_path):
-    """Ctrl-C during `emparsl import` into a new container: exit 130, one sentence, and no
-    container left (before: `o.n5/` with its attributes.json, though it said nothing was kept)."""
-    import json
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    folder = tmp_path / "slices"
-    folder.mkdir()
-    for i in range(2000):  # one slab per slice: an import of ~2000 steps
-        tifffile.imwrite(folder / f"z{i:04d}.tif", np.full((32, 32), i % 251, np.uint8))
-    out = tmp_path / "o.n5"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "napari_emparsl.cli", "import", str(folder), f"{out}:raw",
-         "--chunks", "1,32,32"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    attrs = out / "raw" / "attributes.json"
-    deadline = time.time() + 60
-    while not (attrs.exists() and (out / "raw" / "0").exists()) and time.time() < deadline:
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGSTOP)  # held mid-import while we look
-    assert "emparsl_unfinished" in json.loads(attrs.read_text())
-    os.kill(proc.pid, signal.SIGINT)
-    os.kill(proc.pid, signal.SIGCONT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert err.replace("\r", "\n").strip().splitlines()[-1] == (
-        "emparsl: import interrupted; nothing of it was kept."
-    )
-    assert not out.exists() and "Traceback" not in err
-
-
 def test_stacks_in_a_slice_folder_are_named_as_stacks(tmp_path):
     """A folder holding stacks (an image and its labels, as CREMI ships them), or a stack among
     2D slices, says in one sentence which file is a stack and to import it itself (before:
