@@ -926,13 +926,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="blocks done/failed/pending and provenance of an output")
     status.add_argument("output", help="OUT.n5:DATASET")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
 
     ev = sub.add_parser("evaluate", help="per-class Dice of a labels output against ground truth")
     ev.add_argument("prediction", help="OUT.n5:DATASET")
     ev.add_argument("truth", help="GT.n5:DATASET")
-    ev.add_argument("--json", action="store_true")
+    ev.add_argument("--json", action="store_true", help="machine-readable output")
     ev.set_defaults(func=cmd_evaluate)
 
     for name, func, what, model in (
@@ -967,7 +967,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sites = sub.add_parser("sites", help="list, show or test compute site profiles")
     sites.add_argument("action", choices=["list", "show", "test"])
-    sites.add_argument("name", nargs="?")
+    sites.add_argument(
+        "name", nargs="?", help="a profile's name (see `sites list`) or a YAML file, for show/test"
+    )
     sites.set_defaults(func=cmd_sites)
     for parser in (p, *sub.choices.values()):  # "--block -32,32,32" is a (bad) value, not an option
         parser._negative_number_matcher = re.compile(r"^-\d[\d.,x]*$")

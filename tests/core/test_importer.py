@@ -16,7 +16,7 @@ from napari_emparsl.core.importer import (
     iter_import,
     open_source,
 )
-from napari_emparsl.core.volume import Volume, VolumeError
+from napari_emparsl.core.volume import Volume, VolumeError, save_array
 
 GALA = "gala_fibsem_tiny"
 EXAMPLE = f"{GALA}/original/tests/example-data"
@@ -226,6 +226,31 @@ def test_bad_sources(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(VolumeError, match="holds no .tif"):
         open_source(str(tmp_path / "empty"))
+    # what such a folder holds instead, and what to do with it (before: only "holds no …")
+    import h5py
+
+    def said(folder):
+        with pytest.raises(VolumeError) as err:
+            open_source(str(folder))
+        return str(err.value)
+
+    e = tmp_path / "empty"
+    assert said(e) == f"{e} holds no .tif, .tiff or .png slices (it is empty); point to the " \
+        "folder of 2D slices."  # fmt: skip
+    for i in range(2):
+        with h5py.File(e / f"v{i}.h5", "w") as f:
+            f["raw"] = np.zeros((2, 2, 2), np.uint8)
+    assert said(e) == f"{e} holds no .tif, .tiff or .png slices, but HDF5 files (v0.h5 and 1 " \
+        f"more); import one of them as {e}/v0.h5:DATASET."  # fmt: skip
+    n5 = tmp_path / "c.n5"
+    save_array(n5, "raw", np.zeros((2, 2, 2), np.uint8))
+    assert said(n5).endswith(
+        ": it is an N5 container or group; open it directly, no import needed."
+    )
+    odd = tmp_path / "odd"
+    (odd / "sub").mkdir(parents=True)
+    (odd / "a.jpg").write_text("")
+    assert "(it holds 1 folder and .jpg files)" in said(odd)
     (tmp_path / "bad.tif").write_bytes(b"II*\x00garbage")
     with pytest.raises(VolumeError, match="not a readable TIFF"):
         open_source(str(tmp_path / "bad.tif"))

@@ -87,6 +87,33 @@ def _unreadable(what: str, err: BaseException, fix: str) -> VolumeError:
     return VolumeError(f"{what} cannot be read ({str(err)[:100] or type(err).__name__}); {fix}.")
 
 
+def _no_slices(folder: str) -> str:
+    """A folder that holds no slices: what it holds instead, and what to do with that (an N5
+    container, HDF5 files, folders)."""
+    none = f"{folder} holds no .tif, .tiff or .png slices"
+    if os.path.exists(os.path.join(folder, "attributes.json")):
+        return f"{none}: it is an N5 container or group; open it directly, no import needed."
+    try:
+        names = [n for n in os.listdir(folder) if not n.startswith(".")]
+    except OSError:
+        names = []
+    h5 = sorted(n for n in names if n.lower().endswith(HDF5_EXTENSIONS))
+    if h5:
+        more = f" and {len(h5) - 1} more" if len(h5) > 1 else ""
+        return (
+            f"{none}, but HDF5 files ({h5[0]}{more}); import one of them as "
+            f"{os.path.join(folder, h5[0])}:DATASET."
+        )
+    folders = [n for n in names if os.path.isdir(os.path.join(folder, n))]
+    kinds = sorted(
+        {os.path.splitext(n)[1].lower() or "extensionless" for n in names if n not in folders}
+    )
+    held = [f"{len(folders)} folder{'s' if len(folders) != 1 else ''}"] if folders else []
+    held += [f"{', '.join(kinds[:6])} files"] if kinds else []
+    instead = f" (it holds {' and '.join(held)})" if held else " (it is empty)"
+    return f"{none}{instead}; point to the folder of 2D slices."
+
+
 def _slices(z0: int, z1: int, depth: int) -> str:
     """Sections z0..z1-1 as Fiji numbers them (from 1)."""
     return f"slice {z0 + 1}" if z1 - z0 == 1 else f"slices {z0 + 1}–{z1} of {depth}"
@@ -226,9 +253,7 @@ def _folder_source(folder: str) -> ImportSource:
         key=_natural_key,
     )
     if not names:
-        raise VolumeError(
-            f"{folder} holds no .tif, .tiff or .png slices; point to the folder of 2D slices."
-        )
+        raise VolumeError(_no_slices(folder))
     paths = [os.path.join(folder, n) for n in names]
     headers = [_slice_shape(p) for p in paths]
     stacks = [(p, images) for p, (_, _, images) in zip(paths, headers, strict=True) if images > 1]
