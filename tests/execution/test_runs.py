@@ -1177,7 +1177,7 @@ def test_a_label_volume_as_input_is_said(tmp_path, conv_model):
     save_array(tmp_path / "my.n5", "raw", rng.random((16, 16, 16), np.float32))
     for key, said in (
         ("labels", f"The input {tmp_path}/my.n5:labels/sparse (opened for {tmp_path}/my.n5:"
-                   "labels) looks like a label volume (uint32), not an image: check --input, "
+                   "labels) looks like a label volume (uint32), not an image: check the input, "
                    "the model runs on what it is given."),
         ("raw", None),
     ):  # fmt: skip

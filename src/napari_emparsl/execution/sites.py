@@ -434,8 +434,8 @@ def make_config(
             heartbeat_period=2,
             heartbeat_threshold=10,  # a killed worker is noticed in seconds, not minutes
             launch_cmd=_pool_launch_cmd(profile, fork_server),
-            interchange_launch_cmd=[sys.executable, "-c", _INTERCHANGE_LAUNCH],
             provider=provider,
+            **_interchange_launch(HighThroughputExecutor),
         )
     return Config(
         executors=[executor],
@@ -458,6 +458,24 @@ _INTERCHANGE_LAUNCH = (
     "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
     "runpy.run_module('parsl.executors.high_throughput.interchange', run_name='__main__')\n"
 )
+
+
+def _interchange_launch(htex: Any) -> dict[str, Any]:
+    """The interchange's launch command, where this Parsl takes one (it starts the
+    interchange as a command since 2024; older ones fork it)."""
+    import inspect
+
+    if "interchange_launch_cmd" not in inspect.signature(htex.__init__).parameters:
+        return {}
+    return {"interchange_launch_cmd": [sys.executable, "-c", _INTERCHANGE_LAUNCH]}
+
+
+def _exited(proc: Any) -> bool:
+    """Whether an interchange (a Popen, or an older Parsl's forked Process) has exited."""
+    poll = getattr(proc, "poll", None)
+    if poll is not None:
+        return poll() is not None
+    return getattr(proc, "exitcode", None) is not None
 
 
 def _noop() -> int:
@@ -587,7 +605,7 @@ def _cleanup_within(cleanup: Any, interchanges: list[Any], timeout: float = 60.0
     deadline, dead_since = time.monotonic() + timeout, None
     while thread.is_alive() and time.monotonic() < deadline:
         thread.join(0.2)
-        died = [p for p in interchanges if p.poll() is not None and p not in stopped]
+        died = [p for p in interchanges if _exited(p) and p not in stopped]
         if dead_since is None and died:
             dead_since = time.monotonic()
         if dead_since is not None and time.monotonic() - dead_since > 2.0:
@@ -695,13 +713,13 @@ rm -rf -- "$EMPARSL_RUN_DIR"
         deadline = time.monotonic() + 3.0
         while time.monotonic() < deadline:
             for child in children:
-                child.poll()  # a child that exited stays a zombie (alive to kill) until reaped
+                _exited(child)  # a child that exited stays a zombie (alive to kill) until reaped
             if not signal_all(0):
                 return
             time.sleep(0.1)
         signal_all(signal.SIGKILL)
         for child in children:
-            child.poll()
+            _exited(child)
 
     def stop(self) -> None:
         """The site was shut down: the guard exits without stopping anything."""
