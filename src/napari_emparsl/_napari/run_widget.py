@@ -387,7 +387,7 @@ class RunWidget(Container):
         # an output with a ledger: its failed blocks, and an offer to resume it (read off the
         # Qt thread, once typing has paused)
         self._ledger_relay = Relay()
-        self._ledger_relay.answer.connect(guarded(self.native, self._ledger_read))
+        self._ledger_relay.answer.connect(guarded(self, self._ledger_read))
         self._runs_started = 0
         self._ledger_timer = QTimer(self.native)  # goes with the panel
         self._ledger_timer.setSingleShot(True)
@@ -410,7 +410,7 @@ class RunWidget(Container):
         on_removed(self, self._removed)
         self._timer = QTimer(self.native)  # goes with the panel
         self._timer.setInterval(200)
-        self._timer.timeout.connect(guarded(self.native, self._refresh_output))
+        self._timer.timeout.connect(guarded(self, self._refresh_output))
         self._timer.start()
         self._suggest_output()
         self._describe_model()
@@ -419,9 +419,9 @@ class RunWidget(Container):
         # deleted a Qt worker's signals under it, and Qt aborted the process. Python waits for
         # it (≤ 3 s) when it exits.
         self._site_relay = Relay()  # a site test's answer, handed to the Qt thread
-        self._site_relay.answer.connect(guarded(self.native, self._site_tested))
+        self._site_relay.answer.connect(guarded(self, self._site_tested))
         self._check_relay = Relay()  # a model check's answer
-        self._check_relay.answer.connect(guarded(self.native, self._model_checked))
+        self._check_relay.answer.connect(guarded(self, self._model_checked))
         self._testing_site = ""
         self._preloaded = threading.Event()
         self._collected = False
@@ -429,7 +429,7 @@ class RunWidget(Container):
         threading.Thread(
             target=_preload, args=(self._model(), self._preloaded), name="emparsl-preload"
         ).start()
-        self._timer.timeout.connect(guarded(self.native, self._after_preload))
+        self._timer.timeout.connect(guarded(self, self._after_preload))
 
     def _layers_changed(self, *_: Any) -> None:
         self.input.reset_choices()
@@ -891,9 +891,7 @@ class RunWidget(Container):
             if not self._activity_pending:
                 self._activity_pending = True
                 wait = 0.5 - (time.perf_counter() - self._activity_last)
-                QTimer.singleShot(
-                    max(0, int(wait * 1000)), guarded(self.native, self._update_activity)
-                )
+                QTimer.singleShot(max(0, int(wait * 1000)), guarded(self, self._update_activity))
 
     def _open_activity(self, total: int) -> None:
         from napari.utils import progress
@@ -939,7 +937,7 @@ class RunWidget(Container):
             # napari's activity dock shows the run too: its bar in a turn of the event loop of
             # its own, so that napari's two set-ups (layer, bar) do not add up to one stall
             QTimer.singleShot(
-                40, guarded(self.native, lambda total=event.total: self._open_activity(total))
+                40, guarded(self, lambda total=event.total: self._open_activity(total))
             )
             for warning in event.warnings:  # once per session: previews repeat them
                 if warning not in self._warned:
@@ -971,9 +969,7 @@ class RunWidget(Container):
             if not self._failed_pending:
                 self._failed_pending = True
                 wait = 0.5 - (time.perf_counter() - self._failed_shown)
-                QTimer.singleShot(
-                    max(0, int(wait * 1000)), guarded(self.native, self._show_failed_now)
-                )
+                QTimer.singleShot(max(0, int(wait * 1000)), guarded(self, self._show_failed_now))
         elif isinstance(event, Finished):
             self.status.value = (
                 f"retried {event.total} failed block(s): {event.done} done, {event.failed} failed"

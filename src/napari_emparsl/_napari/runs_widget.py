@@ -111,7 +111,7 @@ class RunsWidget(Container):
         self._generation = 0  # of refreshes: only the latest one's answer is shown
         self.refreshed = 0  # refreshes shown so far
         self._relay = Relay()  # background refreshes hand their answer to the Qt thread
-        self._relay.answer.connect(guarded(self.native, self._answered))
+        self._relay.answer.connect(guarded(self, self._answered))
         from qtpy.QtCore import QTimer
 
         # while a run writes one of the outputs, the list follows it (the ledgers are read
