@@ -820,9 +820,7 @@ def cmd_sites(args: argparse.Namespace) -> int:
                 print(f"{name:<12} invalid: {err}")
                 continue
             n = profile.worker_count
-            workers = f"{n} worker{'s' if n != 1 else ''}" + (
-                " (auto)" if profile.workers == "auto" else ""
-            )
+            workers = _n(n, "worker") + (" (auto)" if profile.workers == "auto" else "")
             print(f"{name:<12} {profile.kind:<8} {workers}  ({path})")
         folder = os.environ.get("EMPARSL_SITES")
         if folder and not os.path.isdir(user_path(folder)):  # a typo would hide your profiles
