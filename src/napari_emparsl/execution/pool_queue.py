@@ -11,6 +11,13 @@ The writers share a lock too: a worker's result goes out through a thread that h
 write lock while it sends, and a worker killed in that moment left every other worker's result
 waiting behind it for ever (the run stalled). Both locks here are therefore file locks
 (``flock``), which the system lets go of when their holder dies, however it dies.
+
+A writer killed in the middle of sending an item larger than a pipe's atomic write (4 KB on
+Linux; a block's result is ~350 bytes, a failed block's long traceback can be more) left the part
+it had sent in the pipe, and the pool then read the next worker's result as the rest of it:
+garbage, and a reader waiting for bytes that never come. Items that large go through a file
+instead (written whole before the queue hears of it); the pipe carries only a short note of the
+file, which a pipe writes whole or not at all.
 """
 
 from __future__ import annotations
@@ -19,13 +26,20 @@ import fcntl
 import multiprocessing.queues
 import os
 import queue
+import shutil
 import tempfile
 import threading
 import time
 import weakref
 from multiprocessing.connection import wait
+from multiprocessing.reduction import ForkingPickler
 
 __all__ = ["LockFreeWaitQueue", "ProcessDeathSafeLock"]
+
+# An item whose pickle is longer than this goes through a file: with the queue's 4-byte header it
+# stays within one atomic pipe write (PIPE_BUF, 4096 bytes on Linux; POSIX's minimum is 512, but
+# the systems this runs on have 4096 or more).
+_ATOMIC = 4000
 
 
 def _remove_in(path: str, pid: int) -> None:
@@ -97,16 +111,63 @@ class ProcessDeathSafeLock:
         self.release()
 
 
+def _remove_folder_in(path: str, pid: int) -> None:
+    if os.getpid() == pid:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class _InFile:
+    """The note a large item's writer sends instead of the item: the file that holds it."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (_InFile, (self.path,))
+
+
 class LockFreeWaitQueue(multiprocessing.queues.Queue):
     """``multiprocessing.Queue`` whose blocking ``get`` waits without holding the reader lock,
-    and whose reader and writer locks are let go of when their holder dies."""
+    whose reader and writer locks are let go of when their holder dies, and whose items larger
+    than an atomic pipe write go through files (a writer killed while sending one cannot leave
+    half of it in the pipe)."""
 
     def __init__(self, maxsize: int = 0, *, ctx) -> None:
         super().__init__(maxsize, ctx=ctx)
         self._rlock = ProcessDeathSafeLock()
         self._wlock = ProcessDeathSafeLock()
+        self._files = tempfile.mkdtemp(prefix="emparsl-queue-")
+        # removed (with the items nobody read) in the process that made it, not in the others
+        weakref.finalize(self, _remove_folder_in, self._files, os.getpid())
+
+    def __getstate__(self):
+        return (*super().__getstate__(), self._files)
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state[:-1])
+        self._files = state[-1]
+
+    def put(self, obj, block: bool = True, timeout: float | None = None) -> None:
+        data = ForkingPickler.dumps(obj)
+        if len(data) > _ATOMIC:
+            fd, path = tempfile.mkstemp(dir=self._files, suffix=".item")
+            with open(fd, "wb") as file:
+                file.write(data)
+            obj = _InFile(path)  # the file is whole before the queue hears of it
+        super().put(obj, block, timeout)
 
     def get(self, block: bool = True, timeout: float | None = None):
+        item = self._get(block, timeout)
+        if isinstance(item, _InFile):
+            with open(item.path, "rb") as file:
+                data = file.read()
+            os.unlink(item.path)
+            item = ForkingPickler.loads(data)
+        return item
+
+    def _get(self, block: bool, timeout: float | None):
         if not block:
             return super().get(False)
         deadline = None if timeout is None else time.monotonic() + timeout
