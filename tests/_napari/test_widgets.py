@@ -100,24 +100,52 @@ def test_the_plugins_menu_opens_every_panel(make_napari_viewer, tmp_path, monkey
     assert "sample raw" in opened[VolumeWidget].layer.choices
 
 
-def test_answers_arriving_after_the_viewer_closed_are_dropped(make_napari_viewer, qtbot):
+def test_answers_arriving_after_the_viewer_closed_are_dropped(
+    make_napari_viewer, qtbot, monkeypatch
+):
     """A background thread's answer queued just before the viewer closed reached the panel
     after its fields were deleted: "wrapped C/C++ object of type QLineEdit has been deleted",
-    raised in Qt's event loop (seen in CI at a test's teardown). Such answers are dropped."""
+    raised in Qt's event loop (seen in CI at a test's teardown). Such answers are dropped.
+    The relays go with their panels (children of the panels' widgets, deleted by Qt on its
+    own thread; before, a thread that outlived its panel could hold a relay's last reference
+    and destroy it on the wrong thread), and a thread answering after that says nothing."""
+    import threading
+
+    from napari_emparsl._napari.background import alive, in_background
+
     viewer = make_napari_viewer()
     run, runs = RunWidget(viewer), RunsWidget(viewer)
     volume, site = VolumeWidget(viewer), SiteWidget(viewer)
     for panel in (run, runs, volume, site):
         viewer.window.add_dock_widget(panel, area="right")
     qtbot.wait(20)
+    # answers each handler would write into its fields, queued from a thread just before the
+    # viewer closes, delivered (if at all) after napari deleted the fields
+    answers = [
+        (run._ledger_relay, (run._runs_started, {"output": "elsewhere.n5:pred"})),
+        (run._site_relay, 1.0),
+        (run._check_relay, ValueError("late")),
+        (site._relay, 1.0),
+        (volume._ledger_relay, (volume._described, "text", "")),
+        (runs._relay, ([], runs._generation, False)),
+    ]
+    queued = threading.Thread(target=lambda: [r.answer.emit(a) for r, a in answers])
+    queued.start()
+    queued.join()
     viewer.close()
-    qtbot.wait(20)
-    # answers each handler would write into its (now deleted) fields
-    run._ledger_relay.answer.emit((run._runs_started, {"output": "elsewhere.n5:pred"}))
-    run._site_relay.answer.emit(1.0)
-    run._check_relay.answer.emit(ValueError("late"))
-    site._relay.answer.emit(1.0)
-    volume._ledger_relay.answer.emit((volume._described, "text", ""))
-    runs._relay.answer.emit(([], runs._generation, False))
     qtbot.wait(300)  # pytest-qt fails the test on an exception raised in the event loop
     QApplication.processEvents()
+    assert not any(alive(relay) for relay, _ in answers)
+    raised: list = []
+    monkeypatch.setattr(threading, "excepthook", raised.append)
+    for relay, answer in answers:  # a thread that outlived its panel answers
+        in_background(relay, lambda answer=answer: answer, "late answer")
+    qtbot.waitUntil(
+        lambda: (
+            threading.active_count() == 1
+            or not any(t.name == "late answer" for t in threading.enumerate())
+        ),
+        timeout=5000,
+    )
+    qtbot.wait(50)
+    assert raised == []

@@ -33,9 +33,15 @@ log = logging.getLogger(__name__)
 
 class Relay(QObject):
     """Hands a background thread's answer (a value or the exception it raised) to the Qt
-    thread; create it on the Qt thread, in the panel that connects to ``answer``."""
+    thread; create it on the Qt thread, in the panel that connects to ``answer``, as a child of
+    the panel's widget: Qt then deletes it with the panel, on the Qt thread. (Without a parent,
+    a panel closed while its thread ran left that thread the relay's last reference, and the
+    Qt object was destroyed on the wrong thread when the thread ended.)"""
 
     answer = Signal(object)
+
+    def __init__(self, parent: QObject) -> None:
+        super().__init__(parent)
 
 
 def alive(widget: Any) -> bool:

@@ -386,7 +386,7 @@ class RunWidget(Container):
             w.changed.connect(self._forget_estimate)
         # an output with a ledger: its failed blocks, and an offer to resume it (read off the
         # Qt thread, once typing has paused)
-        self._ledger_relay = Relay()
+        self._ledger_relay = Relay(self.native)
         self._ledger_relay.answer.connect(guarded(self, self._ledger_read))
         self._runs_started = 0
         self._ledger_timer = QTimer(self.native)  # goes with the panel
@@ -418,9 +418,9 @@ class RunWidget(Container):
         # A plain thread, no Qt object: a viewer closed (or a test ended) before it finished
         # deleted a Qt worker's signals under it, and Qt aborted the process. Python waits for
         # it (≤ 3 s) when it exits.
-        self._site_relay = Relay()  # a site test's answer, handed to the Qt thread
+        self._site_relay = Relay(self.native)  # a site test's answer, handed to the Qt thread
         self._site_relay.answer.connect(guarded(self, self._site_tested))
-        self._check_relay = Relay()  # a model check's answer
+        self._check_relay = Relay(self.native)  # a model check's answer
         self._check_relay.answer.connect(guarded(self, self._model_checked))
         self._testing_site = ""
         self._preloaded = threading.Event()

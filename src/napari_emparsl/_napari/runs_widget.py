@@ -110,7 +110,7 @@ class RunsWidget(Container):
         self._outputs: dict[str, _Output] = {}
         self._generation = 0  # of refreshes: only the latest one's answer is shown
         self.refreshed = 0  # refreshes shown so far
-        self._relay = Relay()  # background refreshes hand their answer to the Qt thread
+        self._relay = Relay(self.native)  # background refreshes hand their answer to the Qt thread
         self._relay.answer.connect(guarded(self, self._answered))
         from qtpy.QtCore import QTimer
 

@@ -117,7 +117,7 @@ class SiteWidget(Container):
         self.message = Label(label="", value="")
         wrapping(self.message)
         self.extend([self.site, *self.fields.values(), self.save_btn, self.test_btn, self.message])
-        self._relay = Relay()  # a site test's answer, handed to the Qt thread
+        self._relay = Relay(self.native)  # a site test's answer, handed to the Qt thread
         self._relay.answer.connect(guarded(self, self._tested))
         self._testing = ""
         self.site.changed.connect(self.load)

@@ -120,7 +120,7 @@ class VolumeWidget(Container):
         self.datasets.changed.connect(self._describe)
         self.datasets.native.itemDoubleClicked.connect(self._double_clicked)
         # a run output's ledger (10⁵ blocks: ~1 s) is read off the Qt thread
-        self._ledger_relay = Relay()
+        self._ledger_relay = Relay(self.native)
         self._ledger_relay.answer.connect(guarded(self, self._ledger_read))
         self._described: tuple[str, str] | None = None
 
