@@ -192,3 +192,39 @@ def test_cli_says_the_output_has_levels(tmp_path, save_model, big_volume, capsys
     assert f"Planned 18 blocks into {out}, which each also write 1 coarser level for" in printed
     assert main(["info", out]) == 0
     assert "seg/s1" in capsys.readouterr().out
+
+
+def test_every_chunk_a_block_wrote_is_on_disk_before_the_block_is_recorded(
+    tmp_path, save_model, big_volume, monkeypatch
+):
+    """The ledger is flushed to disk as each block is recorded done; the block's chunks were
+    only in the system's cache (a machine losing power could come back with blocks recorded
+    done over chunks that never reached the disk, and a resume skipped them). Each block now
+    flushes its chunk files (every level, every channel) and their folders before it returns:
+    before, no chunk file was flushed."""
+    import os
+
+    spec, _ = big_volume
+    model = save_model(
+        TwoChannels(), tmp_path / "two.pt", "kind: image\nout_channels: 2\nblock: [32, 64, 64]\n"
+    )
+    flushed: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):  # the real flush, noting what it flushed
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "out.n5"
+    assert napari_emparsl.run(spec, model, f"{out}:img", site="threads").ok
+    chunk_files, folders = set(), set()
+    for level in ("s0", "s1"):
+        top = out / "img" / level
+        folders.add(str(top))
+        for here, subs, files in os.walk(top):
+            folders.update(os.path.join(here, s) for s in subs)
+            chunk_files.update(os.path.join(here, f) for f in files if f != "attributes.json")
+    assert len(chunk_files) == 2 * 18 * 2  # channels × blocks × levels (one chunk each)
+    assert chunk_files <= set(flushed)
+    assert folders <= set(flushed)

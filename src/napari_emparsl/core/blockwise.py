@@ -328,9 +328,9 @@ def _write_block(
     offset = blk.out_write_roi.begin
     if out.ndim == len(offset) + 1:
         offset = (0, *offset)
-    dst.write(out, offset)
+    dst.write(out, offset, sync=True)  # on disk before the ledger records the block done
     if dst.is_multiscale:  # the block's part of each coarser level (whole chunks, planned so)
-        dst.write_levels(out, offset, labels=spec.kind == "labels")
+        dst.write_levels(out, offset, labels=spec.kind == "labels", sync=True)
     return out, t_post, time.perf_counter() - t0
 
 
