@@ -69,3 +69,30 @@ def test_a_2d_model_pads_each_axis_by_its_own_length():
     np.testing.assert_array_equal(padded, np.pad(x, [(0, 0), (0, 0), (0, 3), (0, 2)], "reflect"))
     short = _pad_end(np.ones((1, 1, 2, 6), np.float32), [0, 0, 3, 0])  # y shorter than its pad
     assert short.shape == (1, 1, 5, 6)
+
+
+@pytest.mark.parametrize(
+    ("conv", "spatial_dims", "expected"),
+    [
+        # a 3D model described as 2D takes a block's batch of slices for one unbatched volume
+        (torch.nn.Conv3d(3, 3, 3, padding=1), 2, "The model is a 3D model (its convolutions "
+         "are conv3d), but its description says spatial_dims: 2; set spatial_dims: 3."),
+        (torch.nn.Conv3d(1, 3, 3, padding=1), 2, "The model is a 3D model (its convolutions "
+         "are conv3d), but its description says spatial_dims: 2; set spatial_dims: 3."),
+        (torch.nn.Conv2d(3, 3, 3, padding=1), 3, "The model is a 2D model (its convolutions are "
+         "conv2d), but its description says spatial_dims: 3; set spatial_dims: 2."),
+        (torch.nn.Conv3d(2, 3, 3, padding=1), 3, "The model takes 2 input channel(s), not the 3 "
+         "its description says; set in_channels: 2 (and give it a volume with 2 channel(s))."),
+    ],
+)  # fmt: skip
+def test_a_block_of_a_misdescribed_model_fails_in_a_sentence(conv, spatial_dims, expected):
+    """What a block says where the run's trial could not tell (torch's own words were a
+    reshape error, "Expected 3D (unbatched) or 4D (batched) input to conv2d", "expected input
+    … to have 2 channels, but got 3 channels instead")."""
+    from napari_emparsl.core.blockwise import run_model_on_array
+    from napari_emparsl.core.models.spec import ModelSpec
+
+    spec = ModelSpec(kind="image", in_channels=3, out_channels=3, spatial_dims=spatial_dims)
+    with pytest.raises(ValueError) as err:
+        run_model_on_array(conv.eval(), spec, np.zeros((3, 3, 8, 8), np.float32))
+    assert str(err.value) == expected

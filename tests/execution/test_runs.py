@@ -831,20 +831,28 @@ def test_temporary_folder_with_a_space(tmp_path, conv_model, float_volume):
     assert list(spaced.iterdir()) == []  # nothing of the site's went there, nothing left
 
 
-def test_model_output_not_the_declared_scale_fails_its_blocks(tmp_path, conv_model, float_volume):
-    """A description that says ×2 for a model that does not upsample: the blocks fail with
-    what the model gave and what its scale says; nothing is written as done (it wrote
-    wrong-sized blocks and called them done)."""
+def _refused_before_any_block(tmp_path, src, model, options=None):
+    """The run's sentence, once it was refused before planning (no output made)."""
+    run = Run(src, model, f"{tmp_path}/o.n5:x", site="threads", roi="0:1,0:4,0:4", retries=2,
+              model_options=options or {})  # fmt: skip
+    with pytest.raises(RunError) as err:
+        list(run.events())
+    assert not (tmp_path / "o.n5").exists()
+    return str(err.value)
+
+
+def test_model_output_not_the_declared_scale_is_refused_before_any_block(
+    tmp_path, conv_model, float_volume
+):
+    """A description that says ×2 for a model that does not upsample. Once it wrote
+    wrong-sized blocks and called them done; then every block failed with this sentence, each
+    retried, through the whole run. A trial on zeros finds it before any block."""
     src, _ = float_volume
-    events = list(Run(src, conv_model, f"{tmp_path}/o.n5:x", site="threads", roi="0:1,0:4,0:4",
-                      retries=0, model_options={"scale": [1, 2, 2]}).events())  # fmt: skip
-    failed = [e for e in events if type(e).__name__ == "BlockFailed"]
-    assert len(failed) == 1 and events[-1].done == 0
-    assert failed[0].error == (
-        "ValueError: The model's output is 20×20×20 voxels for an input of 20×20×20, but its "
-        "scale [1, 2, 2] says 20×40×40; set the scale (and halo, multiple) the model really has."
+    said = _refused_before_any_block(tmp_path, src, conv_model, {"scale": [1, 2, 2]})
+    assert said == (
+        "The model's output is 16×16×16 voxels for an input of 16×16×16, but its scale "
+        "[1, 2, 2] says 16×32×32; set the scale (and halo, multiple) the model really has."
     )
-    assert not Ledger(str(tmp_path / "o.n5"), "x").summary().done
 
 
 @pytest.mark.parametrize(
@@ -854,27 +862,22 @@ def test_model_output_not_the_declared_scale_fails_its_blocks(tmp_path, conv_mod
         ({"out_channels": 2}, "2 output channel(s); set out_channels"),
     ],
 )
-def test_model_output_not_the_declared_channels_fails_its_blocks(tmp_path, conv_model,
-                                                                 float_volume, options, said):  # fmt: skip
-    """A description with more classes (or channels) than the model gives: its blocks fail with
-    both counts. Before, a labels run took the argmax over the channels there were and wrote
-    blocks marked done whose classes did not match the names."""
+def test_model_output_not_the_declared_channels_is_refused_before_any_block(
+    tmp_path, conv_model, float_volume, options, said
+):
+    """A description with more classes (or channels) than the model gives (once a labels run
+    took the argmax over the channels there were and wrote blocks whose classes did not match
+    the names; then each block failed): refused with both counts before any block."""
     src, _ = float_volume
-    events = list(Run(src, conv_model, f"{tmp_path}/o.n5:x", site="threads", roi="0:1,0:4,0:4",
-                      retries=0, model_options=options).events())  # fmt: skip
-    failed = [e for e in events if type(e).__name__ == "BlockFailed"]
-    assert len(failed) == 1 and events[-1].done == 0
-    assert failed[0].error == (
-        f"ValueError: The model's output has 1 channel(s) but its description says {said} to "
-        "what the model produces."
+    assert _refused_before_any_block(tmp_path, src, conv_model, options) == (
+        f"The model's output has 1 channel(s) but its description says {said} to what the "
+        "model produces."
     )
-    assert not Ledger(str(tmp_path / "o.n5"), "x").summary().done
 
 
-def test_model_that_returns_a_tuple_fails_its_blocks_in_a_sentence(tmp_path, float_volume,
-                                                                  save_model):  # fmt: skip
-    """A model whose forward returns (output, aux), as deep-supervision nets do: each block
-    fails saying so (it was "AttributeError: 'tuple' object has no attribute 'float'")."""
+def test_model_that_returns_a_tuple_is_refused_in_a_sentence(tmp_path, float_volume, save_model):
+    """A model whose forward returns (output, aux), as deep-supervision nets do (was
+    "AttributeError: 'tuple' object has no attribute 'float'" in every block)."""
 
     class Pair(torch.nn.Module):
         def forward(self, x):
@@ -882,13 +885,42 @@ def test_model_that_returns_a_tuple_fails_its_blocks_in_a_sentence(tmp_path, flo
 
     src, _ = float_volume
     model = save_model(Pair(), tmp_path / "pair.pt", "kind: image\n")
-    events = list(Run(src, model, f"{tmp_path}/o.n5:x", site="threads", roi="0:1,0:4,0:4",
-                      retries=0).events())  # fmt: skip
-    failed = [e for e in events if type(e).__name__ == "BlockFailed"]
-    assert len(failed) == 1 and events[-1].done == 0
-    assert failed[0].error == (
-        "ValueError: The model returned a tuple of 2, not one tensor; export it so that its "
-        "forward returns the output tensor alone (e.g. a wrapper whose forward returns net(x)[0])."
+    assert _refused_before_any_block(tmp_path, src, model) == (
+        "The model returned a tuple of 2, not one tensor; export it so that its forward "
+        "returns the output tensor alone (e.g. a wrapper whose forward returns net(x)[0])."
+    )
+
+
+@pytest.mark.parametrize(
+    ("dims", "said", "expected"),
+    [
+        # a 3D model described as 2D took the batch of slices for one unbatched volume: a
+        # reshape error in every block ("shape '[1, 1, 1, 66, 66]' is invalid for input …")
+        (3, 2, "The model is a 3D model (its convolutions are conv3d), but its description "
+               "says spatial_dims: 2; set spatial_dims: 3."),
+        # a 2D model described as 3D: torch's "Expected 3D (unbatched) or 4D (batched) input to
+        # conv2d" in every block
+        (2, 3, "The model is a 2D model (its convolutions are conv2d), but its description "
+               "says spatial_dims: 3; set spatial_dims: 2."),
+    ],
+)  # fmt: skip
+def test_model_of_other_dimensions_than_described_is_refused(
+    tmp_path, float_volume, save_model, dims, said, expected
+):
+    conv = torch.nn.Conv3d(1, 1, 3, padding=1) if dims == 3 else torch.nn.Conv2d(1, 1, 3, padding=1)
+    model = save_model(conv, tmp_path / f"c{dims}.pt", f"kind: image\nspatial_dims: {said}\n")
+    src, _ = float_volume
+    assert _refused_before_any_block(tmp_path, src, model) == expected
+
+
+def test_model_taking_other_channels_than_described_is_refused(tmp_path, float_volume, save_model):
+    """Weights for 2 input channels, described (and given) as 1: torch's "expected input … to
+    have 2 channels, but got 1 channels instead" in every block; said up front now."""
+    model = save_model(torch.nn.Conv3d(2, 1, 3, padding=1), tmp_path / "c.pt", "kind: image\n")
+    src, _ = float_volume
+    assert _refused_before_any_block(tmp_path, src, model) == (
+        "The model takes 2 input channel(s), not the 1 its description says; set in_channels: 2 "
+        "(and give it a volume with 2 channel(s))."
     )
 
 

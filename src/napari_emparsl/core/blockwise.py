@@ -118,6 +118,44 @@ def _one_tensor(out: Any) -> Any:
 
 
 _SIZE_MISMATCH = ("Sizes of tensors must match", "must match the size of tensor")
+_WRONG_DIMS = re.compile(r"Expected (\d)D \(unbatched\) or (\d)D \(batched\) input to conv(\d)d")
+_WRONG_CHANNELS = re.compile(r"to have (\d+) channels, but got (\d+) channels instead")
+
+
+def conv_dims(module: Any) -> int | None:
+    """2 or 3: the dimensions of the model's convolutions (their weights' axes), where all of
+    them have the same; else None."""
+    kinds = {p.dim() for p in module.parameters() if p.dim() in (4, 5)}
+    return kinds.pop() - 2 if len(kinds) == 1 else None
+
+
+def _other_dims(module: Any, spec: Any, dims: int | None = None) -> ValueError | None:
+    """The sentence for a model whose convolutions are not of the dimensions its description
+    says (``spatial_dims``); None where they are, or cannot be told."""
+    dims = conv_dims(module) or dims
+    if dims is None or dims == spec.spatial_dims:
+        return None
+    return ValueError(
+        f"The model is a {dims}D model (its convolutions are conv{dims}d), but its "
+        f"description says spatial_dims: {spec.spatial_dims}; set spatial_dims: {dims}."
+    )
+
+
+def _dims_hint(err: RuntimeError, module: Any, spec: Any) -> ValueError | None:
+    """torch's refusals that mean the description is wrong, said so: a model of other
+    dimensions (``spatial_dims``), a model given another number of channels (``in_channels``)."""
+    m = _WRONG_DIMS.search(str(err))
+    other = _other_dims(module, spec, int(m.group(3)) if m else None)
+    if other is not None:
+        return other
+    m = _WRONG_CHANNELS.search(str(err))
+    if m and int(m.group(2)) == spec.in_channels:
+        return ValueError(
+            f"The model takes {m.group(1)} input channel(s), not the {spec.in_channels} its "
+            f"description says; set in_channels: {m.group(1)} (and give it a volume with "
+            f"{m.group(1)} channel(s))."
+        )
+    return None
 
 
 def _size_hint(err: RuntimeError, size: Sequence[int], spec: Any) -> RuntimeError:
@@ -156,6 +194,9 @@ def run_model_on_batch(module: Any, spec: Any, xs: list[np.ndarray]) -> list[np.
     with torch.inference_mode():
         t = torch.from_numpy(np.ascontiguousarray(np.stack(xs)))
         t = t.to(device=device, dtype=dtype)  # (N, C, z, y, x)
+        other = _other_dims(module, spec)  # a 3D model may even take a batch of slices for
+        if other is not None:  # one unbatched volume without a word, if their counts agree
+            raise other
         try:
             if spec.spatial_dims == 3:
                 y = _one_tensor(module(t))
@@ -163,9 +204,17 @@ def run_model_on_batch(module: Any, spec: Any, xs: list[np.ndarray]) -> list[np.
                 n, c, z = t.shape[:3]
                 flat = t.permute(0, 2, 1, 3, 4).reshape(n * z, c, *t.shape[3:])
                 out = _one_tensor(module(flat))
+                if out.ndim != 4 or out.shape[0] != n * z:  # a 3D model took the batch of
+                    # slices for one unbatched volume (its reshape failed in every block)
+                    raise _other_dims(module, spec) or ValueError(
+                        f"The model's output for a batch of {n * z} 2D slices "
+                        f"({'×'.join(map(str, flat.shape))}) is "
+                        f"{'×'.join(map(str, out.shape))}, not one 2D output per slice: is it a "
+                        "3D model? Set spatial_dims: 3 in its description."
+                    )
                 y = out.reshape(n, z, *out.shape[1:]).permute(0, 2, 1, 3, 4)
         except RuntimeError as err:
-            raise _size_hint(err, t.shape[2:], spec) from err
+            raise _dims_hint(err, module, spec) or _size_hint(err, t.shape[2:], spec) from err
         if spec.activation == "sigmoid":
             y = torch.sigmoid(y)
         elif spec.activation == "softmax":
