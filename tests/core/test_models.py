@@ -304,7 +304,9 @@ def test_voxel_size_a_model_was_trained_on_is_checked_against_the_volume(
     assert ModelSpec.from_mapping({"voxel_size": "40x4x4"}).voxel_size == (40.0, 4.0, 4.0)
     assert builtin.with_options(parse_options(["voxel_size=6"])).voxel_size == (6.0, 6.0, 6.0)
     for bad in ("8,8", "0,8,8", "eight", [8, 8, -1]):
-        with pytest.raises(ModelError, match="'voxel_size' must be three positive numbers"):
+        with pytest.raises(
+            ModelError, match="'voxel_size' in the model description must be three positive"
+        ):
             ModelSpec.from_mapping({"voxel_size": bad})
 
     assert resolution_mismatch(builtin, (8, 8, 8), "nm") is None
@@ -434,3 +436,32 @@ def test_softmax_over_one_channel_is_refused():
     (before: accepted)."""
     with pytest.raises(ModelError, match="softmax over one output channel, which is 1"):
         describe_model("unet3d-em", {"activation": "softmax", "classes": ""})
+
+
+@pytest.mark.parametrize(
+    ("sidecar", "said"),
+    [
+        ("kind: labels\nclasses: [a, b, c]\nhalo: abc\n",
+         "The value of 'halo' in {m}.yaml must be three integers z,y,x, not 'abc'."),
+        ("kind: labels\nclasses: 3\n",
+         "The value of 'classes' in {m}.yaml must be a list of class names, not 3."),
+        ("kind: image\nscale: [2, 2]\n",
+         "The value of 'scale' in {m}.yaml must be three integers z,y,x of at least 1, not [2, 2]."),
+        # the YAML's own words, with where it stopped reading (was: its first line only)
+        ("kind: image\nhalo: [1, 2\nmultiple: 4\n",
+         "The model description {m}.yaml is not valid YAML (expected ',' or ']', but got ':', "
+         "line 3, column 9)."),
+    ],
+)  # fmt: skip
+def test_a_sidecar_value_error_names_the_sidecar(tmp_path, sidecar, said):
+    """A wrong value in a sidecar was blamed on "the model option", which the user never gave,
+    and the sidecar was not named."""
+    model = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Conv3d(1, 1, 3, padding=1)), str(model))
+    (tmp_path / "m.pt.yaml").write_text(sidecar)
+    with pytest.raises(ModelError) as err:
+        describe_model(str(model))
+    assert str(err.value) == said.format(m=model)
+    # the same value given as an option is still the option's
+    with pytest.raises(ModelError, match="^The model option 'halo'"):
+        describe_model("unet3d-em", {"halo": "abc"})

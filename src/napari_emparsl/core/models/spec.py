@@ -334,43 +334,50 @@ class ModelSpec:
                 f"Unknown key(s) {', '.join(unknown)} in {where}; known keys: {', '.join(sorted(known))}."
             )
         kwargs: dict[str, Any] = {}
-        for key, value in data.items():
-            if key in ("halo", "fixed"):
-                kwargs[key] = _triple(value, key, 0)
-            elif key in ("multiple", "scale", "block", "min_size"):
-                kwargs[key] = _triple(value, key, 1)
-            elif key == "classes":
-                if isinstance(value, str):
-                    value = [v.strip() for v in value.split(",") if v.strip()]
-                if value is not None and not isinstance(value, (list, tuple)):
-                    raise ModelError(
-                        f"The model option 'classes' must be a list of class names, not {value!r}."
-                    )
-                kwargs[key] = tuple(str(v) for v in value or ())
-            elif key in ("in_channels", "out_channels", "spatial_dims"):
-                kwargs[key] = _count(value, key)
-            elif key == "threshold":
-                try:
-                    kwargs[key] = float(value)
-                except (TypeError, ValueError):
-                    kwargs[key] = math.nan
-                if not math.isfinite(kwargs[key]):
-                    raise ModelError(
-                        f"The model option 'threshold' must be a number, not {value!r}."
-                    ) from None
-            elif key in _PAIRS:
-                kwargs[key] = _pair(value, key)
-            elif key == "voxel_size":
-                kwargs[key] = None if value is None else _voxel_size(value)
-            elif key == "arch_options":
-                if value is not None and not isinstance(value, Mapping):
-                    raise ModelError(
-                        "The model option 'arch_options' must be a mapping such as "
-                        f"{{base: 8, depth: 2}}, not {value!r}."
-                    )
-                kwargs[key] = dict(value or {})
-            else:
-                kwargs[key] = value if value is None else str(value)
+        key = None
+        try:
+            for key, value in data.items():
+                if key in ("halo", "fixed"):
+                    kwargs[key] = _triple(value, key, 0)
+                elif key in ("multiple", "scale", "block", "min_size"):
+                    kwargs[key] = _triple(value, key, 1)
+                elif key == "classes":
+                    if isinstance(value, str):
+                        value = [v.strip() for v in value.split(",") if v.strip()]
+                    if value is not None and not isinstance(value, (list, tuple)):
+                        raise ModelError(
+                            f"The model option 'classes' must be a list of class names, not {value!r}."
+                        )
+                    kwargs[key] = tuple(str(v) for v in value or ())
+                elif key in ("in_channels", "out_channels", "spatial_dims"):
+                    kwargs[key] = _count(value, key)
+                elif key == "threshold":
+                    try:
+                        kwargs[key] = float(value)
+                    except (TypeError, ValueError):
+                        kwargs[key] = math.nan
+                    if not math.isfinite(kwargs[key]):
+                        raise ModelError(
+                            f"The model option 'threshold' must be a number, not {value!r}."
+                        ) from None
+                elif key in _PAIRS:
+                    kwargs[key] = _pair(value, key)
+                elif key == "voxel_size":
+                    kwargs[key] = None if value is None else _voxel_size(value)
+                elif key == "arch_options":
+                    if value is not None and not isinstance(value, Mapping):
+                        raise ModelError(
+                            "The model option 'arch_options' must be a mapping such as "
+                            f"{{base: 8, depth: 2}}, not {value!r}."
+                        )
+                    kwargs[key] = dict(value or {})
+                else:
+                    kwargs[key] = value if value is None else str(value)
+        except ModelError as err:  # a value's sentence names where it was written
+            said = f"The model option '{key}'"
+            if where == "the model options" or key is None or not str(err).startswith(said):
+                raise
+            raise ModelError(f"The value of '{key}' in {where}" + str(err)[len(said) :]) from None
         kwargs["derived"] = _architecture_defaults(kwargs, set(data))
         return cls(**kwargs)
 
@@ -460,8 +467,11 @@ def read_sidecar(model_path: str) -> dict[str, Any]:
                 with open(path, encoding="utf-8") as f:
                     data = yaml.safe_load(f) or {}
             except yaml.YAMLError as err:
+                mark = getattr(err, "problem_mark", None)
+                at = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                what = getattr(err, "problem", None) or str(err).splitlines()[0]
                 raise ModelError(
-                    f"The model description {path} is not valid YAML ({str(err).splitlines()[0]})."
+                    f"The model description {path} is not valid YAML ({what}{at})."
                 ) from None
             except UnicodeDecodeError:
                 raise ModelError(
