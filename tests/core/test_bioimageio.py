@@ -848,3 +848,62 @@ def test_export_with_a_test_input_of_few_sections(tmp_path, capsys):
     np.testing.assert_array_equal(x[0, 0, :25], raw)  # the data as given, then its mirror
     np.testing.assert_array_equal(x[0, 0, 25:50], raw[::-1])
     assert check_model(str(out)).ok
+
+
+def test_a_zip_cut_short_is_said_to_be_damaged(package, tmp_path, capsys):
+    """A download cut short: zipfile.is_zipfile() is False for it (its end is missing), so it
+    was "not a TorchScript or PyTorch file" (run) or "not a bioimage.io package" (check-model),
+    and describe-model described it, asking for an architecture."""
+    from napari_emparsl.cli import main
+
+    cut = tmp_path / "cut.zip"
+    cut.write_bytes(package["zip"].read_bytes()[:20000])
+    said = (
+        f"{cut} is a damaged zip file (its end, which lists its files, is missing: it was cut "
+        "short); download or export it again."
+    )
+    for ask in (describe_model, missing_description, load_model):
+        with pytest.raises(ModelError) as err:
+            ask(str(cut))
+        assert str(err.value) == said
+    for command in ("check-model", "describe-model"):
+        assert main([command, str(cut)]) == 2
+        assert capsys.readouterr().err == f"emparsl: error: {said}\n"
+
+
+def test_a_zip_of_the_package_folder_runs_as_the_package(package, tmp_path):
+    """A package zipped as its folder (toy/rdf.yaml, as a file manager zips a folder) was "not a
+    TorchScript or PyTorch file"; a zip of two such folders is refused, naming them."""
+    from napari_emparsl.execution.check import check_model
+
+    nested = tmp_path / "nested.zip"
+    with zipfile.ZipFile(nested, "w") as zf:
+        for name in os.listdir(package["folder"]):
+            zf.write(package["folder"] / name, f"toy/{name}")
+        zf.writestr("__MACOSX/toy/._rdf.yaml", b"\x00\x05\x16\x07")  # a Mac's resource fork
+    assert describe_model(str(nested)) == describe_model(str(package["zip"]))
+    assert missing_description(str(nested)) == []
+    result = check_model(str(nested))
+    assert result.ok and result.max_difference < 1e-4
+    two = tmp_path / "two.zip"
+    with zipfile.ZipFile(two, "w") as zf:
+        for folder in ("a", "b"):
+            zf.write(package["folder"] / "rdf.yaml", f"{folder}/rdf.yaml")
+    with pytest.raises(ModelError, match=r"holds several bioimage.io packages \(a/, b/\); unzip"):
+        describe_model(str(two))
+
+
+def test_export_of_a_model_that_fails_its_test_input_is_one_sentence(tmp_path, capsys):
+    """A model of 2 output channels described as 3: "emparsl: internal error (ValueError: The
+    model's output has 2 channel(s) …)", exit code 1."""
+    from napari_emparsl.cli import main
+
+    path = tmp_path / "two.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Conv3d(1, 2, 3, padding=1).eval()), str(path))
+    (tmp_path / "two.pt.yaml").write_text("kind: image\nout_channels: 3\nhalo: 1\n")
+    out = tmp_path / "two.zip"
+    assert main(["export-model", str(path), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("emparsl: error: The model failed on its test input (")
+    assert "2 channel(s)" in err and err.endswith(").\n") and err.count("\n") == 1
+    assert not out.exists() and not (tmp_path / "two.zip.part").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -99,13 +100,127 @@ def test_a_pickle_that_would_run_code_is_refused_for_that(tmp_path, monkeypatch)
 
 def test_valid_convolutions_are_said_to_need_same_padding(tmp_path):
     """A model whose output is smaller than its input: the message suggested setting a scale,
-    halo or multiple, none of which makes such a model run here."""
+    halo or multiple, none of which makes such a model run here. (The run tries the model
+    before planning, so it is refused before any block, not in each.)"""
     data = np.zeros((16, 32, 32), np.float32)
     save_array(tmp_path / "in.n5", "raw", data, chunks=(16, 16, 16))
     path = tmp_path / "valid.pt"
     torch.jit.save(torch.jit.script(nn.Conv3d(1, 1, 5).eval()), str(path))
     (tmp_path / "valid.pt.yaml").write_text("kind: image\nhalo: [2, 2, 2]\nnormalize: none\n")
-    events = list(Run(f"{tmp_path}/in.n5:raw", str(path), f"{tmp_path}/o.n5:p", site="threads",
-                      block=(16, 16, 16), retries=0).events())  # fmt: skip
-    errors = {e.error for e in events if type(e).__name__ == "BlockFailed"}
-    assert errors and all("needs 'same' padding to run here" in e for e in errors), errors
+    run = Run(f"{tmp_path}/in.n5:raw", str(path), f"{tmp_path}/o.n5:p", site="threads",
+              block=(16, 16, 16), retries=0)  # fmt: skip
+    with pytest.raises(UserError, match="needs 'same' padding to run here"):
+        list(run.events())
+
+
+def _first_bytes_cases(tmp_path):
+    """Files given as the model that are none, as users give them by mistake."""
+    torch.save(UNet(1, 3, base=4, depth=2).state_dict(), tmp_path / "whole.pt")
+    data = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])  # a download cut short
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "notes.pt").write_text("class Net:\n    pass\n")  # 'c': pickle's GLOBAL opcode
+    (tmp_path / "net.py").write_text("class Net:\n    pass\n")
+    (tmp_path / "mine.pt").write_bytes(data)
+    (tmp_path / "mine.pt.yaml").write_text("classes: [a, b, c]\n")  # given instead of mine.pt
+    return {
+        "cut.pt": "cut.pt is a damaged zip file (its end, which lists its files, is missing: it "
+        "was cut short); save or download it again.",
+        "empty.pt": "empty.pt is empty, not a TorchScript or PyTorch file; ",
+        "notes.pt": "notes.pt is not a TorchScript or PyTorch file; ",
+        "net.py": "net.py is a Python source file, not a model; export the model",
+        "mine.pt.yaml": "mine.pt.yaml is a model description (YAML), not a model; give the model "
+        f"file it describes ({tmp_path}/mine.pt).",
+    }
+
+
+@pytest.mark.parametrize("architecture", [False, True], ids=["alone", "with-architecture"])
+def test_a_file_that_is_no_model_is_said_to_be_what_it_is(tmp_path, architecture):
+    """Text starting with "c" (a sidecar, Python) was refused as "a pickled Python object that
+    needs code to load"; an empty file with an architecture was an internal error (IndexError),
+    a text file "cannot be read (101)"; describe-model (missing_description) advised adding an
+    architecture to all of them."""
+    from napari_emparsl.core.models.loaders import missing_description
+
+    options = {"architecture": "unet3d"} if architecture else {}
+    for name, said in _first_bytes_cases(tmp_path).items():
+        path = str(tmp_path / name)
+        for ask in (load_model, missing_description):
+            with pytest.raises(UserError) as err:
+                ask(path, options)
+            text = str(err.value)
+            assert text.startswith(f"{tmp_path}/{said}"), (ask.__name__, text)
+            assert "\n" not in text and text.endswith(".") and "pickled" not in text
+            if architecture and name in ("empty.pt", "notes.pt"):  # what to save for one
+                assert text.endswith(
+                    "save the network's weights with torch.save(model.state_dict(), …)."
+                )
+
+
+def test_describe_model_refuses_a_file_that_is_no_model(tmp_path, capsys):
+    """describe-model said nothing was wrong with a text file (exit code 0), only that
+    kind, halo, classes and architecture were not described."""
+    from napari_emparsl.cli import main
+
+    (tmp_path / "notes.pt").write_text("class Net:\n    pass\n")
+    assert main(["describe-model", str(tmp_path / "notes.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"emparsl: error: {tmp_path}/notes.pt is not a TorchScript or PyTorch file; export the "
+        "model with torch.jit.script or torch.jit.trace and save it with torch.jit.save.\n"
+    )
+
+
+def test_architecture_is_asked_for_only_of_a_state_dict(tmp_path):
+    """A pickled module (torch.save(model)) was asked for an architecture, which would not
+    load it either; a state dict whose sidecar names its classes was asked for its kind."""
+    from napari_emparsl.core.models.loaders import missing_description
+
+    torch.save(UNet(1, 3, base=4, depth=2).state_dict(), tmp_path / "sd.pt")
+    (tmp_path / "sd.pt.yaml").write_text("classes: [a, b, c]\nhalo: 8\n")
+    assert missing_description(str(tmp_path / "sd.pt")) == ["architecture"]
+    torch.save(UNet(1, 3, base=4, depth=2), tmp_path / "module.pt")
+    (tmp_path / "module.pt.yaml").write_text("classes: [a, b, c]\nhalo: 8\n")
+    with pytest.raises(UserError, match="module.pt is a pickled Python object that needs code"):
+        missing_description(str(tmp_path / "module.pt"))
+    torch.jit.save(torch.jit.script(_conv_model()), str(tmp_path / "ts.pt"))
+    assert missing_description(str(tmp_path / "ts.pt")) == ["kind", "halo", "classes"]
+
+
+def test_a_torchscript_model_given_an_architecture_is_told_to_drop_it(tmp_path):
+    """torch.load(weights_only=True) of the TorchScript file: a UserWarning on the terminal and
+    "cannot be read (Cannot use ``weights_only=True`` with TorchScript archives passed to
+    ``torch.load``. In PyTorch 2.6, we changed the defa)", cut mid-word."""
+    from napari_emparsl.core.models.loaders import missing_description
+
+    path = tmp_path / "ts.pt"
+    torch.jit.save(torch.jit.script(_conv_model()), str(path))
+    (tmp_path / "ts.pt.yaml").write_text("kind: image\nhalo: 2\narchitecture: unet3d\n")
+    said = (
+        f"{path} is a TorchScript model, which carries its own architecture; remove "
+        "`architecture` (and `arch_options`) from its sidecar and model options."
+    )
+    for ask in (load_model, missing_description):
+        with warnings.catch_warnings(record=True) as shown, pytest.raises(UserError) as err:
+            warnings.simplefilter("always")
+            ask(str(path))
+        assert str(err.value) == said and not [str(w.message) for w in shown]
+
+
+def test_reasons_in_parentheses_are_cut_at_a_sentence_or_a_word():
+    """Cut at 120 characters, mid-word ("…we changed the defa"); an empty reason (EOFError(''))
+    was an IndexError."""
+    from napari_emparsl.core.models.bioimageio import one_line
+
+    assert one_line(EOFError("")) == "EOFError"
+    torch_said = (
+        "Cannot use ``weights_only=True`` with TorchScript archives passed to ``torch.load``. "
+        "In PyTorch 2.6, we changed the default value of the `weights_only` argument."
+    )
+    assert one_line(RuntimeError(torch_said)) == (
+        "Cannot use ``weights_only=True`` with TorchScript archives passed to ``torch.load``"
+    )
+    words = "word " * 40
+    cut = one_line(words, 120)
+    assert cut.endswith("word…") and len(cut) <= 121
+    assert one_line("Short.\nsecond line") == "Short"

@@ -21,6 +21,7 @@ import io
 import math
 import os
 import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -30,7 +31,15 @@ import yaml
 from napari_emparsl.core.models.spec import ModelError, ModelSpec, fit_size
 from napari_emparsl.core.units import nm_per_unit
 
-__all__ = ["Package", "describe_package", "find_package", "read_weights", "test_tensors"]
+__all__ = [
+    "Package",
+    "describe_package",
+    "find_package",
+    "one_line",
+    "read_weights",
+    "test_tensors",
+    "zip_members",
+]
 
 _RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 
@@ -47,6 +56,9 @@ class Package:
 
     path: str
     rdf: str
+    #: the folder inside a ``.zip`` that holds the description and its files (a zip of the
+    #: package's folder rather than of its contents: ``seg3/rdf.yaml``), with its ``/``; else ""
+    folder: str = ""
 
     @property
     def is_zip(self) -> bool:
@@ -63,7 +75,7 @@ class Package:
         try:
             if self.is_zip:
                 with zipfile.ZipFile(self.path) as zf:
-                    return zf.read(name)
+                    return zf.read(self.folder + name)
             with open(os.path.join(self.path, name), "rb") as f:
                 return f.read()
         except (KeyError, FileNotFoundError):
@@ -71,9 +83,10 @@ class Package:
                 f"The bioimage.io model {self.path} lacks {name}, which its description names; "
                 "the package is incomplete: download it again."
             ) from None
-        except (OSError, zipfile.BadZipFile) as err:
+        except (OSError, zipfile.BadZipFile, zlib.error, EOFError) as err:
             raise ModelError(
-                f"The bioimage.io model {self.path} cannot be read ({err}); check the file."
+                f"The bioimage.io model {self.path} cannot be read ({one_line(err)}); check the "
+                "file, or download it again."
             ) from None
 
     def description(self) -> dict[str, Any]:
@@ -91,24 +104,86 @@ class Package:
 
 def find_package(path: str) -> Package | None:
     """The bioimage.io package at ``path`` (its folder, its ``.zip`` or its description file), or
-    None when ``path`` is not one."""
+    None when ``path`` is not one. A ``.zip`` that cannot be read is refused as damaged."""
     if os.path.isdir(path):
         names = sorted(n for n in os.listdir(path) if _is_rdf_name(n))
         names.sort(key=lambda n: n not in _RDF_NAMES)  # rdf.yaml first
         return Package(path, names[0]) if names else None
     if _is_rdf_name(path) and os.path.isfile(path):
         return Package(os.path.dirname(path) or ".", os.path.basename(path))
-    if path.lower().endswith(".zip") and zipfile.is_zipfile(path):
-        try:
-            with zipfile.ZipFile(path) as zf:
-                names = sorted(n for n in zf.namelist() if "/" not in n and _is_rdf_name(n))
-        except (zipfile.BadZipFile, OSError) as err:
-            raise ModelError(
-                f"The model {path} is a damaged zip file ({err}); download it again."
-            ) from None
-        names.sort(key=lambda n: n not in _RDF_NAMES)
-        return Package(path, names[0]) if names else None
-    return None
+    if not path.lower().endswith(".zip") or not os.path.isfile(path):
+        return None
+    members = zip_members(path)
+    if members is None:
+        return None  # not a zip at all: said so where it is loaded as a model file
+    top = sorted(n for n in members if "/" not in n and _is_rdf_name(n))
+    if top:
+        top.sort(key=lambda n: n not in _RDF_NAMES)
+        return Package(path, top[0])
+    # a zip of the package's folder (as a file manager zips it): its description one folder
+    # down, the files it names beside it (__MACOSX/ holds a Mac's resource forks: no package)
+    nested = sorted(
+        n
+        for n in members
+        if n.count("/") == 1
+        and _is_rdf_name(n)
+        and not n.startswith("__MACOSX/")
+        and not os.path.basename(n).startswith("._")
+    )
+    folders = sorted({n.split("/")[0] + "/" for n in nested})
+    if len(folders) > 1:
+        raise ModelError(
+            f"The zip file {path} holds several bioimage.io packages ({', '.join(folders)}); "
+            "unzip it and give one of them."
+        )
+    if not nested:
+        return None
+    nested.sort(key=lambda n: os.path.basename(n) not in _RDF_NAMES)
+    return Package(path, os.path.basename(nested[0]), folders[0])
+
+
+#: the local file header that starts a zip file (a bioimage.io .zip, a TorchScript file, a
+#: state dict torch.save wrote)
+_ZIP_MAGIC = b"PK\x03\x04"
+_CUT_SHORT = "its end, which lists its files, is missing: it was cut short"
+
+
+def zip_members(path: str, redo: str = "download or export it again") -> list[str] | None:
+    """The names of the files in the zip file at ``path``; None when it is no zip file. One
+    that starts as a zip file does (a local header) but cannot be read as one is refused as
+    damaged, saying to ``redo`` it: also when the list of files found is not its own but that of
+    a zip stored inside it (cut short, a package's end is missing and its TorchScript weights,
+    themselves a zip file, end with a list of their own files)."""
+    starts = False
+    try:
+        with open(path, "rb") as f:
+            starts = f.read(4) == _ZIP_MAGIC
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError) as err:
+        if not starts and not zipfile.is_zipfile(path):
+            return None
+        why = _CUT_SHORT if "not a zip file" in str(err).lower() else one_line(err)
+        raise ModelError(f"{path} is a damaged zip file ({why}); {redo}.") from None
+    if starts and infos and min(i.header_offset for i in infos) > 0:
+        raise ModelError(f"{path} is a damaged zip file ({_CUT_SHORT}); {redo}.")
+    return [i.filename for i in infos]
+
+
+def one_line(err: BaseException | str, limit: int = 120) -> str:
+    """An error's first line for a message's parentheses, without a closing period: at most
+    ``limit`` characters (the whole sentences that fit, else cut at a word with "…", never
+    mid-word); the error's type when it says nothing (``EOFError('')``)."""
+    text = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
+    text = text or ("" if isinstance(err, str) else type(err).__name__)
+    if len(text) > limit:
+        end = text[:limit].rfind(". ")  # its whole sentences that fit, else its words
+        if end > 0:
+            text = text[:end]
+        else:
+            cut = text[: limit + 1].rsplit(" ", 1)[0] if " " in text[:limit] else text[:limit]
+            text = cut.rstrip(" ,;:.(") + "…"
+    return text.rstrip(".")
 
 
 # -- axes --------------------------------------------------------------------------------------
@@ -437,7 +512,7 @@ def read_weights(package: Package) -> tuple[str, bytes]:
 def _malformed(package: Package, err: Exception) -> ModelError:
     return ModelError(
         f"The description {package.rdf} of {package.path} does not follow the bioimage.io "
-        f"format ({type(err).__name__}: {str(err)[:120]}); validate it with bioimageio.spec, or "
+        f"format ({type(err).__name__}: {one_line(err)}); validate it with bioimageio.spec, or "
         "download the package again."
     )
 

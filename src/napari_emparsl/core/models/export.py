@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 
 from napari_emparsl.core.errors import UserError
+from napari_emparsl.core.models.bioimageio import one_line
 from napari_emparsl.core.models.loaders import describe_model, load_model
 from napari_emparsl.core.models.spec import ModelError, ModelSpec
 
@@ -167,13 +168,19 @@ def export_package(
             module = torch.jit.script(module)
         except Exception as err:
             raise ModelError(
-                f"The model cannot be written as TorchScript ({str(err).splitlines()[0][:120]})."
+                f"The model cannot be written as TorchScript ({one_line(err)})."
             ) from None
     x = _test_input(spec, test_input)
     activation, post = _postprocessing(spec)
-    y = run_model_on_array(
-        module, dataclasses.replace(spec, activation=activation), _normalized(x, spec)
-    )
+    try:
+        y = run_model_on_array(
+            module, dataclasses.replace(spec, activation=activation), _normalized(x, spec)
+        )
+    except UserError:
+        raise
+    except Exception as err:  # the model's own failure (its description does not fit it): said
+        # as check-model says it, not as an internal error
+        raise ModelError(f"The model failed on its test input ({one_line(err, 300)}).") from None
     if spec.kind == "labels" and spec.n_outputs == 1:
         y = (y > spec.threshold).astype(np.float32)
     dims = spec.spatial_dims

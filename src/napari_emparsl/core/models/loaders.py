@@ -12,7 +12,6 @@ import os
 import pickle
 import re
 import threading
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -22,7 +21,9 @@ from napari_emparsl.core.models.bioimageio import (
     PER_CHANNEL,
     describe_package,
     find_package,
+    one_line,
     read_weights,
+    zip_members,
 )
 from napari_emparsl.core.models.spec import ModelError, ModelSpec, read_sidecar
 from napari_emparsl.core.paths import user_path
@@ -74,7 +75,7 @@ def _first_mismatch(err: RuntimeError) -> str:
             return f"{len(keys)} parameter(s) of the architecture are not in the weights, e.g. {keys[0]}"
         if line.startswith("Unexpected key(s)") and keys:
             return f"{len(keys)} parameter(s) of the weights are not in the architecture, e.g. {keys[0]}"
-    return (lines[0] if lines else str(err).strip())[:150].rstrip(".")
+    return one_line(lines[0] if lines else str(err), 150)
 
 
 def resolve_model(model: str) -> str:
@@ -171,35 +172,137 @@ def describe_model(model: str, options: Mapping[str, Any] | None = None) -> Mode
 
 
 def missing_description(model: str, options: Mapping[str, Any] | None = None) -> list[str]:
-    """Keys a model file needs but neither its sidecar nor ``options`` give (the GUI asks)."""
+    """Keys a model file needs but neither its sidecar nor ``options`` give (the GUI asks).
+
+    A file that is no model emparsl can load (not a TorchScript or PyTorch file, a damaged
+    zip, a pickle that needs code, a TorchScript model given an architecture) is refused as
+    loading it would be: there is nothing to describe. ``architecture`` is asked for only of a
+    state dict.
+    """
     path = resolve_model(model)
     described = _description(path)[0] | dict(options or {})
     described.pop(PER_CHANNEL, None)
     given = set(described)
     if described.get("architecture") in ("unet3d", "unet2d"):
         given.add("halo")  # the network's whole context (ModelSpec fills it in)
+    if described.get("classes"):
+        given.add("kind")  # class names: a labels model
     missing = [k for k in ("kind", "halo") if k not in given]
     if "kind" not in given and "classes" not in given:
         missing.append("classes")  # labels: one name per output channel
-    if (
-        os.path.isfile(path)
-        and find_package(path) is None
-        and not _is_torchscript(path)
-        and "architecture" not in given
-    ):
-        missing.append("architecture")  # a state dict: which built-in network to fill
+    if os.path.isfile(path) and find_package(path) is None:
+        # what it is, as loading it finds (a state dict: mapped, not read, from its file)
+        what, _ = _contents(path, bool(described.get("architecture")), mmap=True)
+        if what == "state dict" and "architecture" not in given:
+            missing.append("architecture")  # which built-in network to fill
     return missing
 
 
-def _is_torchscript(path: str) -> bool:
+def _torchscript_names(names: list[str]) -> bool:
+    return any(n.endswith("/constants.pkl") or n.endswith("/code/") or "/code/" in n for n in names)
+
+
+_EXPORT = (
+    "export the model with torch.jit.script or torch.jit.trace and save it with torch.jit.save"
+)
+
+
+def _not_a_model(path: str, architecture: bool) -> str:
+    """Why a file that is neither a zip nor a pickle is no model, in one sentence: by its name
+    where that says what it is (a sidecar given instead of its model, Python source)."""
+    name = path.lower()
+    if name.endswith((".yaml", ".yml")):
+        stem = path[: path.rfind(".")]
+        which = f" ({stem})" if os.path.isfile(stem) else ""
+        return (
+            f"{path} is a model description (YAML), not a model; give the model file it "
+            f"describes{which}."
+        )
+    if name.endswith(".py"):
+        return (
+            f"{path} is a Python source file, not a model; {_EXPORT} (or save its state_dict "
+            "with torch.save for a built-in architecture)."
+        )
+    what = "is empty, not" if os.path.getsize(path) == 0 else "is not"
+    advice = (
+        "save the network's weights with torch.save(model.state_dict(), …)"
+        if architecture
+        else _EXPORT
+    )
+    return f"{path} {what} a TorchScript or PyTorch file; {advice}."
+
+
+def _file_kind(path: str, architecture: bool) -> str:
+    """What a model file (not a package) is, by its first bytes: ``torchscript`` (a zip with
+    code), ``archive`` (a zip torch.save wrote: a state dict, or a pickled module) or
+    ``pickle`` (torch.save's older format: pickle protocol 2 and later start with 0x80).
+    Anything else is refused in one sentence, a zip that cannot be read as damaged."""
     try:
-        with zipfile.ZipFile(path) as zf:
-            return any(
-                n.endswith("/constants.pkl") or n.endswith("/code/") or "/code/" in n
-                for n in zf.namelist()
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as err:
+        raise ModelError(f"The model {path} cannot be read ({one_line(err)}).") from None
+    names = zip_members(path, "save or download it again")
+    if names is not None:
+        if _torchscript_names(names):
+            return "torchscript"
+        if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            return "archive"
+        if any(os.path.basename(n) == "archive_format" for n in names):
+            raise ModelError(
+                f"{path} is a torch.export program, which emparsl does not run; {_EXPORT}."
             )
-    except (zipfile.BadZipFile, OSError):
-        return False
+        raise ModelError(f"{path} is a zip file but not a TorchScript or PyTorch file; {_EXPORT}.")
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    raise ModelError(_not_a_model(path, architecture))
+
+
+def _torchscript_with_architecture(path: str) -> str:
+    return (
+        f"{path} is a TorchScript model, which carries its own architecture; remove "
+        "`architecture` (and `arch_options`) from its sidecar and model options."
+    )
+
+
+def _weights_only(path: str, mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)``: tensors, containers and numbers, never code."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        # a global it refuses to load ("Unsupported global", or "unsupported GLOBAL
+        # posix.system whose module posix is blocked"): code, not "cannot be read"
+        if "safe_globals" in text or "Unsupported global" in text or "unsupported GLOBAL" in text:
+            raise ModelError(_unsafe(path)) from None
+        # torch's own words lead with how to load it unsafely; the reason is on its last lines
+        reason = text.rsplit("WeightsUnpickler error:", 1)[-1]
+        raise ModelError(f"The weights {path} cannot be read ({one_line(reason)}).") from None
+    except Exception as err:
+        raise ModelError(f"The weights {path} cannot be read ({one_line(err)}).") from None
+
+
+def _contents(path: str, architecture: bool, mmap: bool = False) -> tuple[str, Any]:
+    """``("torchscript", None)`` or ``("state dict", the state dict)`` for a model file (not a
+    package), or the one sentence that says why it cannot be loaded (``architecture``: whether
+    its description names one)."""
+    kind = _file_kind(path, architecture)
+    if kind == "torchscript":
+        if architecture:
+            raise ModelError(_torchscript_with_architecture(path))
+        return "torchscript", None
+    state = _unwrapped_state(_weights_only(path, mmap=mmap and kind == "archive"))
+    if isinstance(state, dict):
+        return "state dict", state
+    if architecture:
+        raise ModelError(
+            f"{path} does not hold a state dict; save model.state_dict() for an architecture."
+        )
+    raise ModelError(
+        f"{path} is not a TorchScript model; export it with torch.jit.script or torch.jit.trace."
+    )
 
 
 def _count(value: Any) -> bool:
@@ -235,67 +338,32 @@ def _load_module(path: str, spec: ModelSpec) -> Any:
             return torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
         except Exception as err:
             raise ModelError(
-                f"The TorchScript weights {weights} of {path} cannot be loaded "
-                f"({str(err).splitlines()[0][:120]})."
+                f"The TorchScript weights {weights} of {path} cannot be loaded ({one_line(err)})."
             ) from None
-    if spec.architecture:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            raise ModelError(_unsafe(path)) from None
-        except Exception as err:
-            raise ModelError(
-                f"The weights {path} cannot be read ({str(err).splitlines()[0][:120]})."
-            ) from None
-        state = _unwrapped_state(state)
-        if not isinstance(state, dict):
-            raise ModelError(
-                f"{path} does not hold a state dict; save model.state_dict() for an architecture."
-            )
-        module = _architecture(spec)
-        state = _without_prefix(state, module.state_dict())
-        try:
-            module.load_state_dict(state)
-        except RuntimeError as err:
-            raise ModelError(
-                f"The weights {path} do not fit the architecture {spec.architecture} with options "
-                f"{spec.arch_options} and the description's channels ({_first_mismatch(err)}); "
-                "check in_channels, classes / out_channels and arch_options."
-            ) from None
-        return module.eval()
-    if _is_torchscript(path):
+    what, state = _contents(path, bool(spec.architecture))
+    if what == "torchscript":
         try:
             return torch.jit.load(path, map_location="cpu").eval()
         except Exception as err:
             raise ModelError(
-                f"The TorchScript model {path} cannot be loaded ({str(err).splitlines()[0][:120]})."
+                f"The TorchScript model {path} cannot be loaded ({one_line(err)})."
             ) from None
-    # not TorchScript and no architecture: say what it is and what to do
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        text = str(err)
-        # a global it refuses to load ("Unsupported global", or "unsupported GLOBAL
-        # posix.system whose module posix is blocked"): code, not "not a PyTorch file"
-        if "safe_globals" in text or "Unsupported global" in text or "unsupported GLOBAL" in text:
-            raise ModelError(_unsafe(path)) from None
-        raise ModelError(
-            f"{path} is not a TorchScript or PyTorch file; export the model with torch.jit.script or "
-            "torch.jit.trace and save it with torch.jit.save."
-        ) from None
-    except Exception:
-        raise ModelError(
-            f"{path} is not a TorchScript or PyTorch file; export the model with torch.jit.script or "
-            "torch.jit.trace and save it with torch.jit.save."
-        ) from None
-    if isinstance(obj, dict):
+    if not spec.architecture:
         raise ModelError(
             f"{path} is a state dict without an architecture; add 'architecture: unet3d' (and its "
             "arch_options) to its sidecar, or export the model to TorchScript."
         )
-    raise ModelError(
-        f"{path} is not a TorchScript model; export it with torch.jit.script or torch.jit.trace."
-    )
+    module = _architecture(spec)
+    state = _without_prefix(state, module.state_dict())
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        raise ModelError(
+            f"The weights {path} do not fit the architecture {spec.architecture} with options "
+            f"{spec.arch_options} and the description's channels ({_first_mismatch(err)}); "
+            "check in_channels, classes / out_channels and arch_options."
+        ) from None
+    return module.eval()
 
 
 def _unwrapped_state(state: Any) -> Any:
