@@ -746,13 +746,13 @@ def cmd_describe_model(args: argparse.Namespace) -> int:
 
     options = parse_options(args.model_option or [])
     spec = describe_model(args.model, options)
+    missing = missing_description(args.model, options)  # refuses a file that is no model
     described = spec.to_dict()
     if described.get("architecture") is None:  # a TorchScript file or a package: no class to
         described.pop("architecture", None)  # build (a sidecar would not take null)
         if not described.get("arch_options"):
             described.pop("arch_options", None)
     print(yaml.safe_dump(described, sort_keys=False, default_flow_style=None), end="")
-    missing = missing_description(args.model, options)
     if missing:
         print(
             f"Not described: {', '.join(missing)} (set them in its sidecar or with "

@@ -164,7 +164,8 @@ def test_describe_model_refuses_a_file_that_is_no_model(tmp_path, capsys):
 
     (tmp_path / "notes.pt").write_text("class Net:\n    pass\n")
     assert main(["describe-model", str(tmp_path / "notes.pt")]) == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert out == ""  # (was a description of defaults, printed before the refusal)
     assert err == (
         f"emparsl: error: {tmp_path}/notes.pt is not a TorchScript or PyTorch file; export the "
         "model with torch.jit.script or torch.jit.trace and save it with torch.jit.save.\n"
