@@ -1228,3 +1228,38 @@ def test_block_ids_may_come_from_a_generator(tmp_path, conv_model, float_volume)
                block_ids=(i for i in (0, 5))).execute()  # fmt: skip
     assert (last.done, last.total) == (2, 2)
     assert sorted(Ledger(str(tmp_path / "o.n5"), "p").summary().done) == [0, 5]
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({}, "The model one.pt has no description of its kind, halo, classes (no one.pt.yaml "
+             "beside it), so it runs as a labels model and with no halo (blocks may differ from "
+             "one whole-volume forward near their edges); describe it in one.pt.yaml (`emparsl "
+             "describe-model {model}` prints a description to edit) or with --model-option."),
+        ({"one.yaml": "kind: image\nhalo: 2\n"},
+         "The model one.pt has no description of its kind, halo, classes (one.yaml beside it is "
+         "not read: a model's description is named one.pt.yaml), so it runs as a labels model "
+         "and with no halo"),
+        ({"one.pt.yaml": "kind: image\n"},
+         "The description of the model one.pt does not give its halo, so it runs with no halo "
+         "(blocks may differ"),
+        ({"one.pt.yaml": "kind: image\nhalo: 0\n"}, None),
+    ],
+)  # fmt: skip
+def test_a_model_run_on_defaults_it_does_not_say_is_warned(tmp_path, float_volume, files,
+                                                           expected):  # fmt: skip
+    """A model file without its description (or with it under another name) ran silently as a
+    labels model (a thresholded mask where an image was meant) with no halo (seams)."""
+    model = tmp_path / "one.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Conv3d(1, 1, 3, padding=1)), str(model))
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    src, _ = float_volume
+    run = Run(src, str(model), f"{tmp_path}/o.n5:x", site="threads", roi="0:1,0:4,0:4")
+    planned = next(e for e in run.events() if type(e).__name__ == "Planned")
+    said = [w for w in planned.warnings if "one.pt" in w]
+    if expected is None:
+        assert said == []
+    else:
+        assert len(said) == 1 and said[0].startswith(expected.format(model=model))

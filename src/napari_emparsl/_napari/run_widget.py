@@ -215,6 +215,7 @@ def panel_words(message: str) -> str:
         message,
     )
     message = message.replace("set --model-option ", "set the model option ")
+    message = message.replace("or with --model-option", "or in the model options")
     message = message.replace("e.g. --block ", "e.g. block ").replace("e.g. --halo ", "e.g. halo ")
     return message
 

@@ -57,6 +57,7 @@ from napari_emparsl.core.models.loaders import (
     describe_model,
     file_hash,
     load_model,
+    missing_description,
     resolve_model,
 )
 from napari_emparsl.core.models.spec import ModelError, ModelSpec, resolution_mismatch
@@ -244,6 +245,45 @@ def _try_on_zeros(module: Any, spec: ModelSpec) -> None:
         raise RunError(str(err)) from None
     except Exception:  # its blocks will say why, with the real size of a block
         pass
+
+
+def _undescribed(model: str, options: Mapping[str, Any], spec: ModelSpec) -> str | None:
+    """A warning for a model file run with defaults its sidecar should have given (kind, halo,
+    classes): without one it ran silently as a labels model with no halo — seams — also where
+    its description lay beside it under another name. None for built-in models, packages and
+    described files."""
+    from napari_emparsl.core.models.bioimageio import find_package
+
+    path = resolve_model(model)
+    if model in BUILTIN_MODELS or not os.path.isfile(path) or find_package(path) is not None:
+        return None
+    missing = [k for k in missing_description(model, options) if k != "architecture"]
+    if not missing:
+        return None
+    name, sidecar = os.path.basename(path), os.path.basename(path) + ".yaml"
+    keys = ", ".join(missing)
+    stem = os.path.splitext(path)[0]
+    aside = [p for p in (stem + ".yaml", stem + ".yml") if p != path and os.path.isfile(p)]
+    if aside:
+        head = (
+            f"The model {name} has no description of its {keys} ({os.path.basename(aside[0])} "
+            f"beside it is not read: a model's description is named {sidecar})"
+        )
+    elif not any(os.path.isfile(path + ext) for ext in (".yaml", ".yml")):
+        head = f"The model {name} has no description of its {keys} (no {sidecar} beside it)"
+    else:
+        head = f"The description of the model {name} does not give its {keys}"
+    runs = []
+    if "kind" in missing:
+        runs.append(f"as a {spec.kind} model")
+    if "halo" in missing:
+        runs.append(
+            "with no halo (blocks may differ from one whole-volume forward near their edges)"
+        )
+    return (
+        f"{head}, so it runs {' and '.join(runs) or 'with defaults'}; describe it in {sidecar} "
+        f"(`emparsl describe-model {model}` prints a description to edit) or with --model-option."
+    )
 
 
 def _triple_text(values: Sequence[int]) -> str:
@@ -581,10 +621,13 @@ class Run:
                 f"The input {src.root}:{src.key} has {what}; emparsl runs on 3D volumes (z, y, "
                 f"x, and at most one channel axis){hint}."
             )
+        undescribed = _undescribed(self.model, self.model_options, spec)
+        if undescribed:
+            self.warnings += (undescribed,)
         note = resolution_mismatch(spec, src.voxel_size, src.unit)
         if note:
             name = self.model if self.model in BUILTIN_MODELS else os.path.basename(self.model)
-            self.warnings = (
+            self.warnings += (
                 f"The model {name} was {note} ({src.root}:{src.key}): expect poorer results; "
                 "resample the volume to about the model's voxel size, or use a model trained "
                 "on data like it.",
