@@ -1263,3 +1263,23 @@ def test_a_model_run_on_defaults_it_does_not_say_is_warned(tmp_path, float_volum
         assert said == []
     else:
         assert len(said) == 1 and said[0].startswith(expected.format(model=model))
+
+
+def test_a_changed_description_after_every_block_failed_says_nothing_is_lost(
+    tmp_path, failing_model
+):
+    """Every block failed; the user changes the description as a block's error suggested, and
+    the run told them to give the old one back to resume (0 blocks done: nothing to resume)."""
+    data = np.full((16, 32, 32), 255.0, np.float32)  # the model fails on every block
+    save_array(tmp_path / "in.n5", "raw", data, chunks=(16, 16, 16))
+    src, out = f"{tmp_path}/in.n5:raw", f"{tmp_path}/out.n5:pred"
+    first = list(Run(src, failing_model, out, site="threads", retries=0).events())
+    assert first[-1].done == 0 and first[-1].failed == first[-1].total
+    with pytest.raises(RunError) as err:
+        list(Run(src, failing_model, out, site="threads", model_options={"halo": 4}).events())
+    assert str(err.value) == (
+        f"The output {out} was begun with a model description with halo: 0×0×0, not 4×4×4, but "
+        "no block of it is done, "
+        "so nothing is lost by starting again: pass --overwrite to compute it with this one "
+        "(or choose another output name)."
+    )

@@ -418,7 +418,11 @@ def _changes(last: Mapping[str, Any], src: Volume, spec: ModelSpec, block, halo)
             + ", ".join(f"{k}: {size(old.get(k))}, not {size(new.get(k))}" for k in keys)
         )
     for what, now in (("block", block), ("halo", halo)):
-        if last.get(what) != list(now):
+        said = what in keys and (size(old.get(what)), size(new.get(what))) == (
+            size(last.get(what)),
+            size(now),
+        )  # the description's change already says it
+        if last.get(what) != list(now) and not said:
             changed.append(f"{what} {size(last.get(what))}, not {size(now)}")
     return changed
 
@@ -822,7 +826,8 @@ class Run:
                     "to replace it, or choose another name."
                 )
             # a changed model file (a fix) may resume: the ledger records each run's hash
-            last = ledger.summary().last_run
+            summary = ledger.summary()
+            last = summary.last_run
             was = last.get("input_written")
             if was and was != src.write_id and last.get("input") == f"{src.root}:{src.key}":
                 raise RunError(
@@ -834,6 +839,12 @@ class Run:
             changed = _changes(last, src, spec, block, halo) + _model_changed(
                 last, str(self.model), *model
             )
+            if changed and not summary.done:  # a fix after every block failed: say so first
+                raise RunError(
+                    f"The output {self.output} was begun with {'; '.join(changed)}, but no block "
+                    "of it is done, so nothing is lost by starting again: pass --overwrite to "
+                    "compute it with this one (or choose another output name)."
+                )
             if changed:
                 raise RunError(
                     f"The output {self.output} was made with {'; '.join(changed)}; give the same "
