@@ -994,9 +994,29 @@ def _join_values(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def _options_last(argv: Sequence[str]) -> list[str]:
+    """``--model-option k=v …`` moved to the end: it takes one or more values, and before a
+    command's paths it took them too (``describe-model --model-option halo=1 m.pt`` said the
+    model was missing). Its values are the KEY=VALUE words right after it."""
+    out, options, args = [], [], list(argv)
+    i = 0
+    while i < len(args):
+        if args[i] == "--model-option":
+            j = i + 1
+            while j < len(args) and "=" in args[j] and not args[j].startswith("-"):
+                j += 1
+            if j > i + 1:
+                options += args[i:j]
+                i = j
+                continue
+        out.append(args[i])
+        i += 1
+    return out + options
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(_join_values(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(_options_last(_join_values(sys.argv[1:] if argv is None else argv)))
     try:
         return int(args.func(args) or 0)
     except UserError as err:

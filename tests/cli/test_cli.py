@@ -667,3 +667,16 @@ def test_sites_list_with_a_name_says_show(capsys):
             "that profile.\n"
         )
     )
+
+
+def test_model_options_before_a_command_s_paths_leave_the_paths_alone(capsys, tmp_path):
+    """`--model-option` takes one or more values, and before a command's paths it took those
+    too: "the following arguments are required: model"."""
+    assert main(["describe-model", "--model-option", "halo=1", "classes=a,b,c", "unet3d-em"]) == 0
+    out = capsys.readouterr().out
+    assert "halo: [1, 1, 1]" in out and "classes: [a, b, c]" in out
+    # a word without "=" ends its values: the option's own sentence, not argparse's
+    assert main(["describe-model", "unet3d-em", "--model-option", "halo"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "emparsl: error: Model options are key=value, not 'halo'"
+    )
