@@ -1283,3 +1283,20 @@ def test_a_changed_description_after_every_block_failed_says_nothing_is_lost(
         "so nothing is lost by starting again: pass --overwrite to compute it with this one "
         "(or choose another output name)."
     )
+
+
+def test_a_2d_model_s_block_depth_is_said_to_be_one_slice(tmp_path, conv2d_model, float_volume):
+    """`--block 16,32,32` for a 2D model became 1×32×32 without a word."""
+    src, _ = float_volume
+    run = Run(src, conv2d_model, f"{tmp_path}/o.n5:x", site="threads", block=(16, 32, 32),
+              roi="0:1,0:32,0:32")  # fmt: skip
+    events = list(run.events())
+    assert events[-1].done == 1
+    assert (
+        "The model is a 2D model, which computes one slice at a time: the block 16,32,32 is "
+        "1,32,32." in run.warnings
+    )
+    quiet = Run(src, conv2d_model, f"{tmp_path}/o.n5:y", site="threads", block=(1, 32, 32),
+                roi="0:1,0:32,0:32")  # fmt: skip
+    list(quiet.events())
+    assert not [w for w in quiet.warnings if "one slice at a time" in w]

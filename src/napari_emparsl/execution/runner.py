@@ -687,6 +687,11 @@ class Run:
         block = self.block or spec.block
         halo = self.halo or spec.halo
         if spec.spatial_dims == 2:
+            if self.block is not None and block[0] != 1:  # was changed without a word
+                self.warnings += (
+                    f"The model is a 2D model, which computes one slice at a time: the block "
+                    f"{_triple_text(block)} is {_triple_text((1, *block[1:]))}.",
+                )
             block, halo = (1, *block[1:]), (0, *halo[1:])
         # every read begins on the model's pooling grid (its size multiple), as in one
         # whole-volume forward: a given halo is rounded up (more context), a given block that
