@@ -1014,9 +1014,33 @@ def _options_last(argv: Sequence[str]) -> list[str]:
     return out + options
 
 
+def _parsable(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``argv``, or, where only that parses, ``argv`` with its model options last (see
+    :func:`_options_last`; a value without ``=`` after them stays theirs: its own sentence)."""
+    import contextlib
+    import io
+
+    moved = _options_last(argv)
+    if moved == argv:
+        return argv
+    for candidate in (argv, moved):
+        try:
+            with (
+                contextlib.redirect_stderr(io.StringIO()),
+                contextlib.redirect_stdout(io.StringIO()),
+            ):
+                parser.parse_args(candidate)
+        except SystemExit:
+            continue
+        return candidate
+    return argv  # argparse says what is wrong with it as given
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(_options_last(_join_values(sys.argv[1:] if argv is None else argv)))
+    args = parser.parse_args(
+        _parsable(parser, _join_values(sys.argv[1:] if argv is None else argv))
+    )
     try:
         return int(args.func(args) or 0)
     except UserError as err:

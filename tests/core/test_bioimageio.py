@@ -553,6 +553,11 @@ def test_export_a_package_again_as_uint8_and_from_the_command_line(package, tmp_
     )
     assert main(["export-model", "unet3d-em", str(tmp_path / "m.tar")]) == 2
     assert "is a .zip file; name it" in capsys.readouterr().err
+    # a folder that is not there: said before the model runs (it named the package's .part)
+    assert main(["export-model", "unet3d-em", str(tmp_path / "nowhere" / "m.zip")]) == 2
+    assert capsys.readouterr().err == (
+        f"emparsl: error: The folder {tmp_path / 'nowhere'} does not exist; create it first.\n"
+    )
 
 
 def _places(tree, at=()):

@@ -465,3 +465,13 @@ def test_a_sidecar_value_error_names_the_sidecar(tmp_path, sidecar, said):
     # the same value given as an option is still the option's
     with pytest.raises(ModelError, match="^The model option 'halo'"):
         describe_model("unet3d-em", {"halo": "abc"})
+
+
+def test_a_class_named_twice_is_refused():
+    """classes=a,a,b was accepted: two channels of the output under one name."""
+    with pytest.raises(ModelError) as err:
+        describe_model("unet3d-em", {"classes": "bg,mem,mem"})
+    assert str(err.value) == (
+        "The model option 'classes' names mem more than once; give each class (each output "
+        "channel) a name of its own."
+    )

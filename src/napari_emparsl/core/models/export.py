@@ -160,6 +160,9 @@ def export_package(
         raise UserError(f"A bioimage.io package is a .zip file; name it {output}.zip.")
     if os.path.exists(output) and not overwrite:
         raise UserError(f"{output} exists; choose another name or pass --overwrite.")
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):  # said before the model is run (it named the .part file)
+        raise UserError(f"The folder {os.path.dirname(output)} does not exist; create it first.")
     spec = describe_model(model, options)
     loaded = load_model(model, options)
     module = loaded.module

@@ -349,6 +349,12 @@ class ModelSpec:
                             f"The model option 'classes' must be a list of class names, not {value!r}."
                         )
                     kwargs[key] = tuple(str(v) for v in value or ())
+                    twice = sorted({c for c in kwargs[key] if kwargs[key].count(c) > 1})
+                    if twice:  # the output's class names would not tell them apart
+                        raise ModelError(
+                            f"The model option 'classes' names {', '.join(twice)} more than "
+                            "once; give each class (each output channel) a name of its own."
+                        )
                 elif key in ("in_channels", "out_channels", "spatial_dims"):
                     kwargs[key] = _count(value, key)
                 elif key == "threshold":
