@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from collections.abc import Sequence
 
 from napari_emparsl import __version__
@@ -560,6 +561,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         "running": lock_holder(root, key),  # the run writing it now: pid, host, since
         # where the model ran (blocks of runs before the ledger recorded it: none)
         "devices": sorted({r["device"] for r in summary.done.values() if r.get("device")}),
+        # the model file (hash) each done block was computed with: the last run's file may
+        # have changed since (blocks of runs before the ledger recorded it: none)
+        "block_models": dict(
+            Counter(r["model_sha256"] for r in summary.done.values() if r.get("model_sha256"))
+        ),
         "last_run": _throughput(summary),
     }  # fmt: skip
     if args.json:
@@ -606,6 +612,15 @@ def cmd_status(args: argparse.Namespace) -> int:
           + (f", options {_options_text(prov['model_options'])}" if prov["model_options"] else "")
           + f", block {prov['block']}, halo {prov['halo']}, site {prov['site']}, emparsl {prov['version']}"
           + (f", on {', '.join(out['devices'])}" if out["devices"] else ""))  # fmt: skip
+    others = {h: n for h, n in out["block_models"].items() if h != prov["model_sha256"]}
+    if others:
+        hashes = ", ".join(f"{str(h)[:12]}…" for h in others)
+        count = sum(others.values())
+        print(
+            f"{_n(count, 'block')} of the {out['done']} done {'was' if count == 1 else 'were'} "
+            f"computed with another model file (sha256 {hashes}) than the last run's, which "
+            "changed since; `emparsl run … --overwrite` computes them all with the file as it is now"
+        )
     return 0
 
 

@@ -247,7 +247,7 @@ def _as_written_by_another_tool(dataset) -> None:
 
 
 def test_resume_refuses_a_changed_input_shape_and_another_model(
-    tmp_path, conv_model, float_volume, save_model
+    tmp_path, conv_model, float_volume, save_model, capsys
 ):
     """Done blocks are known by id, which is a place only on the same grid: an input whose
     shape changed since is refused (before: a region was left unwritten and the run said
@@ -299,9 +299,34 @@ def test_resume_refuses_a_changed_input_shape_and_another_model(
     shutil.copy(other, conv_model)
     run = Run(src, conv_model, out, site="threads", block=(16, 16, 16))
     result = run.execute()
-    assert result.ok and any("changed since this output's last run" in w for w in run.warnings)
+    changed = [w for w in run.warnings if "other.pt" not in w and "changed since" in w]
     ledger = Ledger(str(tmp_path / "out.n5"), "pred").summary()
+    older = sum(
+        1 for r in ledger.done.values() if r["model_sha256"] != ledger.last_run["model_sha256"]
+    )
+    assert result.ok and 0 < older < len(ledger.done) == result.total
+    assert changed == [
+        f"The model file conv.pt changed since it computed blocks of this output "
+        f"({older}/{older} of the blocks done): they keep what the earlier file computed (the "
+        "ledger records each block's model hash); pass --overwrite to compute all with this one."
+    ]
     assert len({rec["model_sha256"] for rec in ledger.done.values()}) == 2
+    # a run with nothing left to compute records this file too: it still says so (it did not:
+    # the last run's hash was the file's), and so does the output's status
+    again = Run(src, conv_model, out, site="threads", block=(16, 16, 16))
+    assert again.execute().ok
+    assert any(f"({older}/{len(ledger.done)} of the blocks done)" in w for w in again.warnings)
+    capsys.readouterr()
+    assert main(["status", out]) == 0
+    assert (
+        f"{older} block{'s' * (older > 1)} of the {len(ledger.done)} done "
+        f"{'were' if older > 1 else 'was'} computed with another model file"
+        in capsys.readouterr().out
+    )
+    assert main(["status", out, "--json"]) == 0
+    assert sorted(json.loads(capsys.readouterr().out)["block_models"].values()) == sorted(
+        [older, len(ledger.done) - older]
+    )
 
 
 def test_unsafe_pickle_and_non_torchscript_refused(tmp_path, float_volume):

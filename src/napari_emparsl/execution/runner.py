@@ -863,12 +863,17 @@ class Run:
                     f"({src.root}:{src.key}) gives {want}: the input changed since; pass "
                     "--overwrite to start again, or choose another output name."
                 )
-            if last.get("model_sha256") and last.get("model_sha256") != model[1]:
+            # the blocks' own hashes, not the last run's: a run with nothing left to compute
+            # records the new file too, and the warning stopped while no block was its
+            older = sum(
+                1 for r in summary.done.values() if r.get("model_sha256", model[1]) != model[1]
+            )
+            if older:
                 self.warnings += (
-                    f"The model file {os.path.basename(model[0])} changed since this output's "
-                    "last run: blocks done before keep what the earlier file computed (the "
-                    "ledger records each block's model hash); pass --overwrite to compute all "
-                    "with this one.",
+                    f"The model file {os.path.basename(model[0])} changed since it computed "
+                    f"blocks of this output ({older}/{len(summary.done)} of the blocks done): "
+                    "they keep what the earlier file computed (the ledger records each block's "
+                    "model hash); pass --overwrite to compute all with this one.",
                 )
             return existing
         return None
