@@ -1204,3 +1204,17 @@ def test_regions_come_from_a_3d_volume_seen_as_z_slices(make_napari_viewer, qtbo
     finally:
         notification_manager.notification_ready.disconnect(seen.append)
     assert len(seen) >= 5 and not [n for n in seen if "Traceback" in str(n.message)]
+
+
+def test_a_run_s_warnings_are_shown_in_the_panel_s_words():
+    """The engine's warnings speak to the command line; shown in napari, they name the panel's
+    fields instead (they were shown as the command line has them)."""
+    from napari_emparsl._napari.run_widget import panel_words
+
+    assert panel_words(
+        "The model one.pt has no description of its halo (no one.pt.yaml beside it), so it runs "
+        "with no halo; describe it in one.pt.yaml (…) or with --model-option."
+    ).endswith("describe it in one.pt.yaml (…) or in the model options.")
+    assert panel_words("…; pass --overwrite to compute all with this one.") == (
+        "…; tick “replace output” to compute all with this one."
+    )

@@ -943,7 +943,8 @@ class RunWidget(Container):
             for warning in event.warnings:  # once per session: previews repeat them
                 if warning not in self._warned:
                     self._warned.add(warning)
-                    QTimer.singleShot(80, lambda w=warning: _show_warning(w))
+                    shown = panel_words(warning)
+                    QTimer.singleShot(80, lambda w=shown: _show_warning(w))
         elif isinstance(event, BlockDone):
             self._widen_contrast(event.result.out_min, event.result.out_max)
             self._set_progress(event.done)
