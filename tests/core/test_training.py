@@ -92,6 +92,7 @@ def test_train_a_few_steps(pair):
     assert not model.training
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert lines and lines[-1].startswith("step 5/5  loss ")
+    assert len(lines) == 1  # labels of 5 classes in every tile: nothing to say about them
 
 
 def test_bad_pairs_and_tiles_are_one_sentence(tmp_path, pair):
@@ -107,8 +108,8 @@ def test_bad_pairs_and_tiles_are_one_sentence(tmp_path, pair):
     unfinished = Volume.open(f"{tmp_path}/u.n5:u")
     cases = [
         ([(raw_vol, labels_vol)], (32, 16, 16), "A tile of 32×16×16 voxels does not fit in the raw"),
-        ([(raw_vol, labels_vol)], (0, 16, 16), "A tile is 3 positive sizes (z, y, x), not (0, 16, 16)."),
-        ([(raw_vol, labels_vol)], (16, 16), "A tile is 3 positive sizes"),
+        ([(raw_vol, labels_vol)], (0, 16, 16), "A tile is 3 positive whole numbers of voxels (z, y, x), not (0, 16, 16)."),
+        ([(raw_vol, labels_vol)], (16, 16), "A tile is 3 positive whole numbers of voxels"),
         ([], (8, 8, 8), "Give at least one (raw, labels) pair of volumes to train on."),
         ([(raw_vol, floats)], (8, 8, 8), "holds float32 values, not class ids"),
         ([(raw_vol, coarse)], (8, 8, 8), "is 24×40×40 voxels but the labels"),
@@ -260,3 +261,337 @@ def test_train_unet_script_writes_to_the_current_folder_by_default(tmp_path, mon
     assert Path(script.parse_args(["--out", str(shipped)]).out) == shipped  # only when asked
     assert f"--steps {args.steps}]" in script.__doc__ and args.steps == 800
     assert f"{args.steps} steps of two random" in (repo / "docs" / "models.md").read_text()
+
+
+# --- a trained model saved for runs; sparse labels; what the model takes ------------------------
+
+
+def _classes_pair(tmp_path, shape=(24, 40, 40), offset=1000.0):
+    """Raw of membrane-like sheets on a large offset (the normalization matters), and labels
+    of 2 classes: 1 on the sheets."""
+    _, y, x = np.indices(shape)
+    sheets = ((y % 10) < 2) | ((x % 12) < 2)
+    rng = np.random.default_rng(0)
+    raw = (offset + 50 * sheets + rng.normal(0, 5, shape)).astype(np.float32)
+    save_array(tmp_path / "c.n5", "raw", raw, chunks=(8, 16, 16))
+    save_array(tmp_path / "c.n5", "labels", sheets.astype(np.uint8), chunks=(8, 16, 16))
+    return Volume.open(f"{tmp_path}/c.n5:raw"), Volume.open(f"{tmp_path}/c.n5:labels"), raw
+
+
+@pytest.mark.parametrize("dims", [3, 2])
+def test_save_model_writes_what_a_run_needs_to_reproduce_training(tmp_path, dims):
+    """docs/models.md had the state dict saved with a sidecar of `architecture: unet3d` alone:
+    UNet's default base (12) did not fit the weights (base 8), and once arch_options were
+    added, the model ran without the z-score normalization training gave every tile
+    (inference's default is none): boundary Dice 0.000 instead of 0.561 on real data."""
+    import napari_emparsl
+    from napari_emparsl.core.models.loaders import describe_model, load_model
+    from napari_emparsl.core.models.training import save_model
+    from napari_emparsl.core.models.unet import UNet
+
+    raw_vol, labels_vol, raw = _classes_pair(tmp_path)
+    torch.manual_seed(0)
+    model = UNet(1, 2, dims=dims, base=2, depth=1)
+    ds = N5TileDataset([(raw_vol, labels_vol)], (4, 8, 8), length=4, seed=0)
+    train(model, ds, steps=3, batch=2, log=lambda _: None)
+    path = tmp_path / "mine.pt"
+    spec = save_model(model, path, classes=["interior", "boundary"], dataset=ds)
+    described = describe_model(str(path))
+    assert described == spec
+    assert described.normalize == "zscore" and described.edge == "none"
+    assert described.architecture == ("unet3d" if dims == 3 else "unet2d")
+    assert described.arch_options == {"base": 2, "depth": 1}
+    assert described.spatial_dims == dims and described.in_channels == 1
+    assert described.classes == ("interior", "boundary") and described.kind == "labels"
+    assert described.voxel_size is None  # the raw has no voxel size in a length unit
+    loaded = load_model(str(path)).module
+    state = {k: v.float() for k, v in loaded.state_dict().items()}
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(state[k].contiguous(), v)
+
+    # a blockwise run equals the model's own forward over the z-scored volume
+    event = napari_emparsl.run(
+        f"{tmp_path}/c.n5:raw", str(path), f"{tmp_path}/out.n5:pred", site="threads",
+        block=(12, 20, 20) if dims == 3 else (1, 20, 20),
+    )  # fmt: skip
+    assert event.ok, event
+    pred = Volume.open(f"{tmp_path}/out.n5:pred").read()
+
+    def forward(volume: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(volume.astype(np.float32))[None, None]
+        if dims == 2:  # slice by slice
+            x = x[0].transpose(0, 1)
+        with torch.inference_mode():
+            out = model(x)
+        return out.numpy()[0] if dims == 3 else out.transpose(0, 1).numpy()
+
+    mean, std = ds.stats[0]
+    assert np.mean(pred == forward((raw - mean) / std).argmax(0)) > 0.999
+    # the network's output itself, as an image model: the z-scored volume's, not the raw's
+    event = napari_emparsl.run(
+        f"{tmp_path}/c.n5:raw", str(path), f"{tmp_path}/out.n5:logits", site="threads",
+        block=(12, 20, 20) if dims == 3 else (1, 20, 20), model_options={"kind": "image", "classes": [], "out_channels": 2},
+    )  # fmt: skip
+    assert event.ok, event
+    logits = Volume.open(f"{tmp_path}/out.n5:logits").read()
+    np.testing.assert_allclose(logits, forward((raw - mean) / std), atol=1e-4)
+    assert np.abs(logits - forward(raw)).max() > 1  # what a run without normalization gives
+
+
+def test_save_model_refusals_are_one_sentence(tmp_path, pair):
+    from napari_emparsl.core.models.spec import ModelError
+    from napari_emparsl.core.models.training import save_model
+    from napari_emparsl.core.models.unet import UNet
+
+    model = UNet(1, 3, base=2, depth=1)
+    cases = [
+        (dict(path=tmp_path / "m.pt", classes=["a", "b"]), "The model outputs 3 classes but 2 class names"),
+        (dict(path=tmp_path / "no" / "m.pt", classes="a,b,c"), f"The folder {tmp_path}/no does not exist"),
+        (dict(path=tmp_path, classes="a,b,c"), "is a folder; give the model's file name"),
+        (dict(path=tmp_path / "m.pt", classes="a,b,c", options={"normalize": "none"}), "The option(s) normalize are fixed by the network"),
+        (dict(path=tmp_path / "m.pt", classes="a,b,c", options={"halo": 2.5}), "'halo' in the options given to save_model must be three integers"),
+        (dict(path=tmp_path / "m.pt", classes=["a", "a", "b"]), "names a more than once"),
+    ]  # fmt: skip
+    for kwargs, sentence in cases:
+        with pytest.raises(ModelError) as err:
+            save_model(model, **kwargs)
+        assert sentence in str(err.value), str(err.value)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ModelError, match="not a Conv3d; save other networks with torch.jit"):
+        save_model(torch.nn.Conv3d(1, 2, 1), tmp_path / "m.pt", classes="a,b")
+    assert list(tmp_path.glob("m.pt*")) == []  # nothing written
+    raw = np.zeros((8, 8, 8), np.uint8)
+    raw[4:] = 1
+    rv = save_array(tmp_path / "v.n5", "raw", raw, voxel_size=(40, 4, 4), unit="nm")
+    ds = N5TileDataset([(rv, Volume.open(f"{tmp_path}/v.n5:raw"))], (4, 4, 4), length=1)
+    spec = save_model(
+        model, tmp_path / "m.pt", classes="a,b,c", dataset=ds, options={"block": 32}, comment="x\ny"
+    )
+    assert spec.voxel_size == (40.0, 4.0, 4.0) and spec.block == (32, 32, 32)
+    assert (tmp_path / "m.pt.yaml").read_text().startswith("# x\n# y\nkind: labels\n")
+
+
+def _sparse_labels(tmp_path, raw: np.ndarray, unlabelled: int) -> Volume:
+    """Class ids 0/1 on z = 2 only; ``unlabelled`` elsewhere."""
+    labels = np.full(raw.shape, unlabelled, np.uint8)
+    labels[2] = raw[2] % 2
+    return save_array(
+        tmp_path / "s.n5", f"u{unlabelled}", labels, chunks=(8, 16, 16), overwrite=True
+    )
+
+
+def test_ignore_id_leaves_unlabelled_voxels_out_of_the_loss(tmp_path, pair):
+    """Sparse labels (one labelled section, as CREMI's) had no way to mark the unlabelled
+    voxels: they trained as background."""
+    from napari_emparsl.core.models.unet import UNet
+
+    raw_vol, _, raw = pair
+
+    def weights(labels: Volume, ignore: int | None) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = UNet(1, 2, base=2, depth=1)
+        ds = N5TileDataset([(raw_vol, labels)], (4, 8, 8), length=4, seed=0, ignore=ignore)
+        train(model, ds, steps=4, batch=2, log=lambda _: None)
+        params = [p.detach().clone() for p in model.parameters()]
+        assert all(torch.isfinite(p).all() for p in params)
+        return params
+
+    marked = _sparse_labels(tmp_path, raw, 255)
+    with pytest.raises(TrainingDataError, match="largest in a training tile, but there are 2 "
+                       "classes, ids 0–1; .* if id 255 marks unlabelled voxels, pass ignore=255."):  # fmt: skip
+        weights(marked, None)
+    by_255 = weights(marked, 255)
+    by_7 = weights(_sparse_labels(tmp_path, raw, 7), 7)  # the ignored voxels' id does not count
+    assert all(torch.equal(a, b) for a, b in zip(by_255, by_7, strict=True))
+    as_background = weights(_sparse_labels(tmp_path, raw, 0), None)
+    assert any(not torch.equal(a, b) for a, b in zip(by_255, as_background, strict=True))
+    # the ignore id passes the dataset's own class check
+    ds = N5TileDataset([(raw_vol, marked)], SHAPE, length=1, classes=2, ignore=255)
+    assert set(ds[0][1].unique().tolist()) == {0, 1, 255}
+    for ignore, sentence in [
+        (300, "The ignore id 300 cannot occur in the labels"),
+        (-1, "holds uint8 ids 0–255; give the id its unlabelled voxels have."),
+        (True, "The ignore id is the whole-number label id of unlabelled voxels"),
+        (2.5, "(or None: every voxel is labelled), not 2.5."),
+    ]:
+        with pytest.raises(TrainingDataError) as err:
+            N5TileDataset([(raw_vol, marked)], (4, 8, 8), ignore=ignore)
+        assert sentence in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_tiles_of_one_class_are_counted_and_labels_of_one_id_refused(tmp_path, pair, monkeypatch):
+    """83 of 100 tiles of sparse labels held background only, and labels all one id trained,
+    both without a word."""
+    from napari_emparsl.core.models import training
+    from napari_emparsl.core.models.unet import UNet
+
+    raw_vol, _, raw = pair
+    sparse = _sparse_labels(tmp_path, raw, 0)
+    lines: list[str] = []
+    ds = N5TileDataset([(raw_vol, sparse)], (4, 8, 8), length=4, seed=0)
+    expected = sum(len(ds[i][1].unique()) == 1 for i in range(10))
+    assert expected >= 3
+    train(UNet(1, 2, base=2, depth=1), ds, steps=5, batch=2, log=lines.append)
+    assert lines[-2].endswith(f"  single-class tiles {expected}/10"), lines
+    assert lines[-1].startswith(
+        f"{expected} of 10 training tiles ({10 * expected} %) held a single class, which teaches"
+    )
+    assert "pass it to N5TileDataset as ignore." in lines[-1]
+    ignored = _sparse_labels(tmp_path, raw, 255)
+    lines.clear()
+    ds = N5TileDataset([(raw_vol, ignored)], (4, 8, 8), length=4, seed=0, ignore=255)
+    train(UNet(1, 2, base=2, depth=1), ds, steps=5, batch=2, log=lines.append)
+    assert "held a single class or only the ignore id 255, which" in lines[-1]
+
+    zeros = save_array(tmp_path / "s.n5", "zeros", np.zeros(SHAPE, np.uint8), chunks=(8, 16, 16))
+    only = np.full(SHAPE, 255, np.uint8)
+    only[2] = 0
+    only = save_array(tmp_path / "s.n5", "only", only, chunks=(8, 16, 16))  # 0, the ignore id
+    for labels, ignore, sentence in [
+        (zeros, None, f"The labels {tmp_path}/s.n5:zeros hold only id 0 in every voxel, so"),
+        (ignored, 255, None),  # 0 and 1 on z = 2: fine
+        (only, 255, "hold only id 0 in every voxel"),
+        (zeros, 0, "hold only the ignore id 0 in every voxel"),
+    ]:
+        if sentence is None:
+            N5TileDataset([(raw_vol, labels)], (4, 8, 8), ignore=ignore)
+            continue
+        with pytest.raises(TrainingDataError) as err:
+            N5TileDataset([(raw_vol, labels)], (4, 8, 8), ignore=ignore)
+        assert sentence in str(err.value) and "\n" not in str(err.value), str(err.value)
+    # another pair of other ids: one class in a pair is fine (a crop of background only)
+    N5TileDataset([(raw_vol, zeros), (raw_vol, sparse)], (4, 8, 8))
+    # a volume too big to read whole: a sample of its chunks, said in the log, not refused
+    monkeypatch.setattr(training, "LABEL_SAMPLE", 2048)
+    ds = N5TileDataset([(raw_vol, zeros)], (4, 8, 8), length=2)
+    assert len(ds.notes) == 1 and ds.notes[0].startswith(
+        f"The labels {tmp_path}/s.n5:zeros held only id 0 in the 2,048 voxels read across it"
+    )
+    lines.clear()
+    train(UNet(1, 2, base=2, depth=1), ds, steps=1, batch=2, log=lines.append)
+    assert lines[0] == ds.notes[0]
+
+
+def test_tiles_the_unet_cannot_take_are_one_sentence(tmp_path, pair):
+    """A tile that is not a multiple of 2**depth, or too small, failed inside torch ('Sizes of
+    tensors must match…', 'Output size is too small'); 2 raw channels for a 1-channel U-Net
+    too."""
+    from napari_emparsl.core.models.unet import UNet
+
+    raw_vol, labels_vol, raw = pair
+    thin = save_array(tmp_path / "thin.n5", "raw", raw[:2])
+    thin_labels = save_array(tmp_path / "thin.n5", "labels", (raw[:2] % 5).astype(np.uint8))
+    two = save_array(tmp_path / "two.n5", "raw", np.stack([raw, raw]), chunks=(1, 8, 16, 16))
+    cases = [
+        ((raw_vol, labels_vol), (6, 17, 16), 2, 3,
+         "A tile of 6×17×16 voxels does not suit the U-Net of depth 2, which takes sizes that "
+         "are multiples of 4 along each axis; use a tile of 4×16×16."),
+        ((raw_vol, labels_vol), (1, 16, 16), 2, 3, "; use a tile of 4×16×16."),
+        ((raw_vol, labels_vol), (3, 18, 16), 2, 2,
+         "multiples of 4 along y and x (it takes each z slice on its own); use a tile of 3×16×16."),
+        ((thin, thin_labels), (2, 16, 16), 2, 3,
+         f"and the raw {tmp_path}/thin.n5:raw has only 2 voxel(s) along z; train a U-Net of "
+         "depth 1 or a 2D one (dims=2) on it."),
+        ((two, labels_vol), (4, 8, 8), 1, 3,
+         f"The U-Net takes 1 input channel(s) but the raw {tmp_path}/two.n5:raw has 2; build "
+         "it as UNet(2, …) for these volumes."),
+    ]  # fmt: skip
+    for pair_, tile, depth, dims, sentence in cases:
+        ds = N5TileDataset([pair_], tile, length=2)
+        model = UNet(1, 5, base=2, depth=depth, dims=dims)
+        with pytest.raises(TrainingDataError) as err:
+            train(model, ds, steps=1, log=lambda _: None)
+        assert sentence in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_a_2d_unet_learns_from_the_z_slices_of_its_tiles(pair):
+    """A UNet(dims=2) could not be trained: tiles are 3D ('Expected 3D (unbatched) or 4D
+    (batched) input to conv2d')."""
+    from napari_emparsl.core.models.unet import UNet
+
+    raw_vol, labels_vol, _ = pair
+    torch.manual_seed(0)
+    model = UNet(1, 5, base=2, depth=1, dims=2)
+    inputs: list[torch.Tensor] = []
+    model.register_forward_pre_hook(lambda _, args: inputs.append(args[0].detach().clone()))
+    before = [p.detach().clone() for p in model.parameters()]
+    ds = N5TileDataset([(raw_vol, labels_vol)], (3, 8, 8), length=4, seed=0)
+    train(model, ds, steps=2, batch=2, log=lambda _: None)
+    assert [tuple(x.shape) for x in inputs] == [(6, 1, 8, 8)] * 2
+    x, _ = ds[1]
+    assert torch.equal(inputs[0][3:], x.transpose(0, 1))  # item 1's slices, in order
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_training_settings_are_checked_first(pair):
+    """Class weights of another length failed in torch ('weight tensor should be defined
+    either for all or no classes'), negative ones trained; a tile of 8.5 was 8; seed None
+    failed at the first item ('object of type 'NoneType' has no len()'); lr 0 trained."""
+    from napari_emparsl.core.models.unet import UNet
+
+    raw_vol, labels_vol, _ = pair
+    ds = N5TileDataset([(raw_vol, labels_vol)], (4, 8, 8), length=4)
+    model = UNet(1, 5, base=2, depth=1)
+    for kwargs, sentence in [
+        ({"class_weights": [0.3, 1.0, 1.0]},
+         "There are 3 class weights [0.3, 1.0, 1.0] but the model outputs 5 classes; give one "
+         "weight per class."),
+        ({"class_weights": [1, 1, -1, 1, 1]}, "The class weights are positive numbers, one per "
+         "class (the model's output channels), not [1, 1, -1, 1, 1]."),
+        ({"class_weights": [1, 1, 0, 1, 1]}, "not [1, 1, 0, 1, 1]."),
+        ({"class_weights": [1, 1, float("nan"), 1, 1]}, "The class weights are positive"),
+        ({"class_weights": 0.3}, "The class weights are positive numbers, one per class"),
+        ({"lr": 0}, "The learning rate is a positive number, not 0."),
+        ({"lr": float("inf")}, "The learning rate is a positive number, not inf."),
+    ]:  # fmt: skip
+        with pytest.raises(TrainingDataError) as err:
+            train(model, ds, steps=1, log=lambda _: None, **kwargs)
+        assert sentence in str(err.value) and "\n" not in str(err.value), str(err.value)
+    train(model, ds, steps=1, class_weights=[0.3, 1, 1, 1, 1], log=lambda _: None)  # fits
+
+    for kwargs, sentence in [
+        ({"tile": (8.5, 16, 16)}, "A tile is 3 positive whole numbers of voxels (z, y, x), not (8.5, 16, 16)."),
+        ({"tile": (8, 16, True)}, "not (8, 16, True)."),
+        ({"seed": None}, "The seed is a whole number of 0 or more (it draws the tiles, reproducibly), not None."),
+        ({"seed": -1}, "not -1."),
+        ({"seed": 1.5}, "not 1.5."),
+    ]:  # fmt: skip
+        with pytest.raises(TrainingDataError) as err:
+            N5TileDataset([(raw_vol, labels_vol)], **({"tile": (4, 8, 8)} | kwargs))
+        assert sentence in str(err.value), str(err.value)
+    whole = N5TileDataset([(raw_vol, labels_vol)], (8.0, np.int64(16), 16), seed=np.int64(3))
+    assert whole.tile == (8, 16, 16)
+    assert torch.equal(
+        whole[2][0], N5TileDataset([(raw_vol, labels_vol)], (8, 16, 16), seed=3)[2][0]
+    )
+
+
+def _script():
+    import importlib.util
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("train_unet", repo / "scripts" / "train_unet.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_train_unet_script_checks_its_arguments_before_training(tmp_path, capsys):
+    """--out an existing file failed with a FileExistsError traceback after the whole training;
+    --steps 0 with a traceback after writing the samples."""
+    script = _script()
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for argv, sentence in [
+        (["--steps", "1", "--out", str(afile)],
+         f"--out {afile} is a file; give the folder to write unet3d_em.pt and unet3d_em.pt.yaml into."),
+        (["--steps", "1", "--out", f"{afile}/sub"], f"is inside {afile}, which is a file, not a folder."),
+        (["--steps", "0", "--out", str(tmp_path)], "--steps is the number of training steps, 1 or more, not 0."),
+        (["--steps", "1", "--seed", "-2", "--out", str(tmp_path)], "--seed is a whole number of 0 or more"),
+    ]:  # fmt: skip
+        assert script.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("train_unet.py: error: ") and sentence in err, err
+        assert err.count("\n") == 1 and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing written

@@ -1,37 +1,79 @@
-"""Training on N5: a torch Dataset of random tiles read lazily from N5, and a small trainer.
+"""Training on N5: a torch Dataset of random tiles read lazily from N5, a small trainer, and
+:func:`save_model`, which writes a trained U-Net with the description a run needs.
 
 Used to make the built-in model (``scripts/train_unet.py``); works for any raw/labels pair.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import Dataset
 
 from napari_emparsl.core.errors import UserError
+from napari_emparsl.core.models.spec import ModelError, ModelSpec
+from napari_emparsl.core.models.unet import UNet
+from napari_emparsl.core.units import nm_per_unit
 from napari_emparsl.core.volume import UNFINISHED, Volume, volume_stats
 
-__all__ = ["N5TileDataset", "TrainingDataError", "dice_scores", "volume_stats"]
+__all__ = [
+    "N5TileDataset",
+    "TrainingDataError",
+    "dice_scores",
+    "save_model",
+    "train",
+    "volume_stats",
+]
+
+#: labels voxels read (whole chunks spread over each labels volume) to tell, when the dataset is
+#: made, whether its labels hold more than one class
+LABEL_SAMPLE = 2_000_000
+#: train() says so when at least this share of its tiles held a single class
+ONE_CLASS_WARN = 0.25
 
 
 class TrainingDataError(UserError, ValueError):
-    """Volumes or tiles that cannot be trained on, said in one sentence."""
+    """Volumes, tiles or training settings that cannot be trained on, said in one sentence."""
 
 
 def _spatial_shape(volume: Volume) -> tuple[int, ...]:
     return tuple(volume.shape[1:]) if "c" in volume.axes else tuple(volume.shape)
 
 
+def _channels(volume: Volume) -> int:
+    return int(volume.shape[0]) if "c" in volume.axes else 1
+
+
 def _size(shape: Sequence[int]) -> str:
     return "×".join(map(str, shape))
 
 
+def _name(volume: Volume) -> str:
+    return f"{volume.root}:{volume.key}"
+
+
+def _whole(value: Any) -> int | None:
+    """``value`` as an int where it is a whole number (``8``, ``np.int64(8)``, ``8.0``); None
+    for anything else (``8.5``, ``True``, ``None``, text) — int() alone made a tile of 8.5
+    voxels 8, silently."""
+    if isinstance(value, bool | np.bool_):
+        return None
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return int(value)
+    return None
+
+
 def _check_pair(raw: Volume, labels: Volume, tile: tuple[int, ...]) -> None:
-    names = {id(raw): f"raw {raw.root}:{raw.key}", id(labels): f"labels {labels.root}:{labels.key}"}
+    names = {id(raw): f"raw {_name(raw)}", id(labels): f"labels {_name(labels)}"}
     for vol in (raw, labels):
         if vol.attrs.get(UNFINISHED):
             raise TrainingDataError(
@@ -72,10 +114,22 @@ class N5TileDataset(Dataset):
     Each item is ``(x, y)``: float32 ``(channels, *tile)`` normalized by the volume's global
     mean/std (NaN and infinite voxels: 0, as in blockwise inference), int64 ``tile`` class ids.
     Random flips and axis-aligned rotations in y/x augment.
-    Raw volumes may have a channel axis (first); labels are 3D integer class ids on the raw's grid.
+    Raw volumes may have a channel axis (first), the same number of channels in every pair;
+    labels are 3D integer class ids on the raw's grid. ``tile`` is three whole numbers of
+    voxels (z, y, x); ``seed`` a whole number of 0 or more (``None`` is refused: the tiles
+    would not be reproducible).
+
+    ``ignore``: the label id of unlabelled voxels (sparse labels: CREMI's one labelled section
+    in a stack), which :func:`train` leaves out of the loss; it may lie outside the classes
+    (255, -1), but must be an id the labels volume can hold.
+
     Bad pairs or tiles raise :class:`TrainingDataError` with one sentence; given ``classes``, so
-    does a tile whose labels hold an id outside 0…classes-1 (:func:`train` checks every tile
-    against the model's classes in any case).
+    does a tile whose labels hold an id outside 0…classes-1 other than ``ignore``
+    (:func:`train` checks every tile against the model's classes in any case). Labels that
+    hold a single class (the ignore id aside) all through, in every pair, are refused where
+    that is certain: where each labels volume is small enough to be read whole
+    (:data:`LABEL_SAMPLE` voxels); for larger ones, what a sample of whole chunks spread over
+    each found is kept in :attr:`notes`, which :func:`train` logs.
 
     Item ``i`` is drawn from a random stream seeded by ``(seed, i)``, so it is the same tile on
     every read, for any ``i >= 0``: ``length`` is one pass of a plain DataLoader, and
@@ -91,18 +145,30 @@ class N5TileDataset(Dataset):
         seed: int = 0,
         augment: bool = True,
         classes: int | None = None,
+        ignore: int | None = None,
     ):
         self.pairs = list(pairs)
         try:
-            self.tile = tuple(int(t) for t in tile)
-        except (TypeError, ValueError):
-            self.tile = ()
-        if len(self.tile) != 3 or min(self.tile) < 1:
-            raise TrainingDataError(f"A tile is 3 positive sizes (z, y, x), not {tile!r}.")
+            whole = tuple(_whole(t) for t in tile)
+        except TypeError:
+            whole = ()
+        if len(whole) != 3 or None in whole or min(whole) < 1:  # type: ignore[type-var]
+            raise TrainingDataError(
+                f"A tile is 3 positive whole numbers of voxels (z, y, x), not {tile!r}."
+            )
+        self.tile: tuple[int, ...] = whole  # type: ignore[assignment]
         if not self.pairs:
             raise TrainingDataError("Give at least one (raw, labels) pair of volumes to train on.")
         for raw, labels in self.pairs:
             _check_pair(raw, labels, self.tile)
+        first = self.pairs[0][0]
+        for raw, _ in self.pairs[1:]:
+            if _channels(raw) != _channels(first):
+                raise TrainingDataError(
+                    f"The raw {_name(raw)} has {_channels(raw)} channel(s) but the raw "
+                    f"{_name(first)} has {_channels(first)}; give raw volumes of the same "
+                    "channels (the model's inputs)."
+                )
         if isinstance(length, bool) or not isinstance(length, int | np.integer) or length < 1:
             raise TrainingDataError(
                 f"A dataset of {length!r} tiles has nothing to train on; give a length of 1 or "
@@ -112,14 +178,75 @@ class N5TileDataset(Dataset):
             isinstance(classes, bool) or not isinstance(classes, int | np.integer) or classes < 1
         ):
             raise TrainingDataError(f"The number of classes is 1 or more, not {classes!r}.")
+        seed_value = _whole(seed)
+        if seed_value is None or seed_value < 0:
+            raise TrainingDataError(
+                f"The seed is a whole number of 0 or more (it draws the tiles, reproducibly), "
+                f"not {seed!r}."
+            )
+        if ignore is not None:
+            ignore_value = _whole(ignore)
+            if ignore_value is None:
+                raise TrainingDataError(
+                    "The ignore id is the whole-number label id of unlabelled voxels (or None: "
+                    f"every voxel is labelled), not {ignore!r}."
+                )
+            for _, labels in self.pairs:
+                info = np.iinfo(labels.dtype)
+                if not info.min <= ignore_value <= info.max:
+                    raise TrainingDataError(
+                        f"The ignore id {ignore_value} cannot occur in the labels "
+                        f"{_name(labels)}, which holds {labels.dtype} ids {info.min}–{info.max}; "
+                        "give the id its unlabelled voxels have."
+                    )
+            ignore = ignore_value
         self.length = int(length)
         self.classes = None if classes is None else int(classes)
-        self.seed = seed
+        self.seed = seed_value
         self.augment = augment
+        self.ignore: int | None = ignore
         self.stats = [volume_stats(raw) for raw, _ in self.pairs]
+        self.notes: list[str] = self._check_labels_vary()
+
+    def _check_labels_vary(self) -> list[str]:
+        """Refuse labels that certainly hold one class only (read whole: small volumes); say
+        which larger ones held one class in a sample of their chunks (notes for the log)."""
+        # labels -> ids found (the ignore id left out), whether read whole, voxels read
+        found: dict[str, tuple[set[int], bool, int]] = {}
+        for _, labels in self.pairs:
+            name = _name(labels)
+            if name in found:
+                continue
+            sample = labels.sample(LABEL_SAMPLE)
+            ids = {int(v) for v in np.unique(sample)} - {self.ignore}
+            found[name] = ids, sample.size >= int(np.prod(labels.shape)), sample.size
+        every = set().union(*(ids for ids, _, _ in found.values()))
+        if len(every) <= 1 and all(whole for _, whole, _ in found.values()):
+            which = " and ".join(found)
+            held = f"only id {every.pop()}" if every else f"only the ignore id {self.ignore}"
+            raise TrainingDataError(
+                f"The labels {which} hold {held} in every voxel, so there is nothing to learn "
+                "from; give labels of at least two classes (0 = background, 1, 2, …)."
+            )
+        notes = []
+        for name, (ids, whole, read) in found.items():
+            if len(ids) <= 1 and not whole:
+                held = f"only id {min(ids)}" if ids else f"only the ignore id {self.ignore}"
+                notes.append(
+                    f"The labels {name} held {held} in the {read:,} voxels read across "
+                    "it (whole chunks spread over the volume): most of its tiles may teach "
+                    "nothing; check it is the labels volume meant, or mark its unlabelled "
+                    "voxels with an id of their own and pass it as ignore."
+                )
+        return notes
 
     def __len__(self) -> int:
         return self.length
+
+    @property
+    def channels(self) -> int:
+        """Channels of the tiles' raw (the model's input channels)."""
+        return _channels(self.pairs[0][0])
 
     def _draw(self, index: int) -> tuple[np.random.Generator, int]:
         """Item ``index``'s random stream, and the pair it reads, drawn first from it."""
@@ -128,16 +255,25 @@ class N5TileDataset(Dataset):
 
     def check_classes(self, index: int, y: torch.Tensor | np.ndarray, classes: int) -> None:
         """Raise :class:`TrainingDataError` naming the labels volume if item ``index``'s labels
-        ``y`` hold an id outside 0…classes-1 (instance ids, say), which the loss cannot take."""
+        ``y`` hold an id outside 0…classes-1 other than the ignore id (instance ids, say),
+        which the loss cannot take."""
+        if self.ignore is not None:
+            y = y[y != self.ignore]
+            if not len(y):
+                return
         low, high = int(y.min()), int(y.max())
         if low >= 0 and high < classes:
             return
         labels = self.pairs[self._draw(index)[1]][1]
         found = f"id {high}, the largest in a training tile," if high >= classes else f"id {low}"
+        odd = high if high >= classes else low
+        # the dtype's largest id, or -1: the usual marks of unlabelled voxels
+        marks = self.ignore is None and odd in (-1, int(np.iinfo(labels.dtype).max))
         raise TrainingDataError(
             f"The labels {labels.root}:{labels.key} hold {found} but there are {classes} "
             f"classes, ids 0–{classes - 1}; give labels of class ids (0 = background, 1, 2, …), "
-            "not instance ids, or train that many classes."
+            "not instance ids, or train that many classes"
+            + (f"; if id {odd} marks unlabelled voxels, pass ignore={odd}." if marks else ".")
         )
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,6 +313,65 @@ def dice_scores(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> list[flo
     return out
 
 
+def _unet_in_channels(model: UNet) -> int:
+    return int(model.down[0][0].in_channels)
+
+
+def _check_unet(model: UNet, dataset: N5TileDataset) -> None:
+    """The package's U-Net takes sizes that are multiples of 2**depth (each pooling halves
+    them), along y and x only for a 2D one, which takes each z slice of a tile on its own; and
+    the raw's channels."""
+    takes, has = _unet_in_channels(model), dataset.channels
+    if takes != has:
+        raise TrainingDataError(
+            f"The U-Net takes {takes} input channel(s) but the raw {_name(dataset.pairs[0][0])} "
+            f"has {has}; build it as UNet({has}, …) for these volumes."
+        )
+    m, tile = 2**model.depth, dataset.tile
+    axes = range(3) if model.dims == 3 else (1, 2)
+    if all(tile[i] % m == 0 for i in axes):
+        return
+    along = "each axis" if model.dims == 3 else "y and x (it takes each z slice on its own)"
+    said = (
+        f"A tile of {_size(tile)} voxels does not suit the U-Net of depth {model.depth}, which "
+        f"takes sizes that are multiples of {m} along {along}"
+    )
+    fit = list(tile)
+    for i in axes:
+        fit[i] = max(m, tile[i] // m * m)
+    for i in axes:
+        raw = min((raw for raw, _ in dataset.pairs), key=lambda r: _spatial_shape(r)[i])
+        n = _spatial_shape(raw)[i]
+        if fit[i] > n:  # even one multiple does not fit: a shallower U-Net, or a 2D one
+            depth = int(math.log2(n)) if n >= 2 else 0
+            advice = [f"a U-Net of depth {depth}"] if depth >= 1 else []
+            if i == 0 and model.dims == 3:
+                advice.append("a 2D one (dims=2)")
+            raise TrainingDataError(
+                f"{said}, and the raw {_name(raw)} has only {n} voxel(s) along {'zyx'[i]}; "
+                f"train {' or '.join(advice)} on it."
+            )
+    raise TrainingDataError(f"{said}; use a tile of {_size(fit)}.")
+
+
+def _class_weights(class_weights: Sequence[float], classes: int | None) -> torch.Tensor:
+    try:
+        weights = [float(w) for w in class_weights]
+    except (TypeError, ValueError):
+        weights = []
+    if not weights or not all(math.isfinite(w) and w > 0 for w in weights):
+        raise TrainingDataError(
+            "The class weights are positive numbers, one per class (the model's output "
+            f"channels), not {class_weights!r}."
+        )
+    if classes is not None and len(weights) != classes:
+        raise TrainingDataError(
+            f"There are {len(weights)} class weights {list(class_weights)!r} but the model "
+            f"outputs {classes} classes; give one weight per class."
+        )
+    return torch.tensor(weights, dtype=torch.float32)
+
+
 def train(
     model: torch.nn.Module,
     dataset: N5TileDataset,
@@ -187,13 +382,37 @@ def train(
     class_weights: Sequence[float] | None = None,
     log: Callable[[str], None] = print,
 ) -> None:
-    """Adam + weighted cross-entropy on random tiles; logs the loss now and then."""
+    """Adam + weighted cross-entropy on random tiles; logs the loss now and then.
+
+    Voxels labelled with the dataset's ``ignore`` id are left out of the loss. The package's
+    :class:`~napari_emparsl.core.models.unet.UNet` is checked against the tiles before the
+    first step (a 3D one takes multiples of 2**depth along each axis; a 2D one, ``dims=2``,
+    along y and x, and learns from each z slice of a tile as an image of its own), and
+    ``class_weights`` (positive, one per output channel) against the model. The log says how
+    many tiles held a single class (or only the ignore id), which teach little, and what the
+    dataset's :attr:`~N5TileDataset.notes` found.
+    """
     for name, value in (("steps", steps), ("batch", batch)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
             raise TrainingDataError(
                 f"Training needs {name} of 1 or more, not {value!r}; ask for at least one step "
                 "of at least one tile."
             )
+    if (
+        isinstance(lr, bool)
+        or not isinstance(lr, int | float | np.integer | np.floating)
+        or not math.isfinite(lr)
+        or lr <= 0
+    ):
+        raise TrainingDataError(f"The learning rate is a positive number, not {lr!r}.")
+    flat = isinstance(model, UNet) and model.dims == 2  # 2D: each z slice an image of its own
+    if isinstance(model, UNet):
+        _check_unet(model, dataset)
+    outputs = int(model.head.out_channels) if isinstance(model, UNet) else None
+    weight = None if class_weights is None else _class_weights(class_weights, outputs)
+    ignore = dataset.ignore
+    for note in dataset.notes:
+        log(note)
     # item k of the run is the dataset's item k, on past len(dataset): fresh tiles at every step
     # (a DataLoader over range(len(dataset)) came round to the same tiles again after each pass),
     # reproducible from the dataset's seed; the first pass is the tiles read before
@@ -202,20 +421,164 @@ def train(
     )
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+    loss_fn = torch.nn.CrossEntropyLoss(
+        weight=weight, ignore_index=-100 if ignore is None else ignore
+    )
+    one_class = 0  # tiles whose labels held a single class (or only the ignore id)
     model.train()
     t0 = time.perf_counter()
     for step, (x, y) in enumerate(loader, 1):
+        for tile in y:
+            ids = torch.unique(tile)
+            if ignore is not None:
+                ids = ids[ids != ignore]
+            one_class += len(ids) <= 1
+        labelled = y if ignore is None else y[y != ignore]
+        if flat:  # (batch, c, z, y, x) -> (batch × z, c, y, x): z slices as images
+            x = x.transpose(1, 2).reshape(-1, x.shape[1], *x.shape[3:])
         opt.zero_grad()
         out = model(x)
-        if y.min() < 0 or y.max() >= out.shape[1]:  # the loss's own error is an IndexError
-            for j, tile in enumerate(y):
+        if weight is not None and out.shape[1] != len(weight):  # not the package's U-Net
+            _class_weights(class_weights, out.shape[1])  # type: ignore[arg-type]
+        if len(labelled) and (labelled.min() < 0 or labelled.max() >= out.shape[1]):
+            for j, tile in enumerate(y):  # the loss's own error is an IndexError
                 dataset.check_classes((step - 1) * batch + j, tile, out.shape[1])
-        loss = loss_fn(out, y)
+        if flat:
+            y = y.reshape(-1, *y.shape[2:])
+        if tuple(out.shape[2:]) != tuple(y.shape[1:]):
+            raise TrainingDataError(
+                f"The model's output is {_size(out.shape[2:])} voxels for a tile of "
+                f"{_size(y.shape[1:])}; the loss needs one output voxel per label voxel (a "
+                "model with 'same' padding, given tiles it takes)."
+            )
+        # a batch of unlabelled voxels only: no loss (the mean over none is NaN, which would
+        # make every weight NaN), and no gradient
+        loss = loss_fn(out, y) if len(labelled) else out.sum() * 0.0
         loss.backward()
         opt.step()
         sched.step()
         if step % 25 == 0 or step == steps:
-            log(f"step {step}/{steps}  loss {loss.item():.4f}  {time.perf_counter() - t0:.0f} s")
+            seen = step * batch
+            tail = f"  single-class tiles {one_class}/{seen}" if one_class else ""
+            log(
+                f"step {step}/{steps}  loss {loss.item():.4f}  "
+                f"{time.perf_counter() - t0:.0f} s{tail}"
+            )
     model.eval()
+    total = steps * batch
+    if one_class and one_class >= ONE_CLASS_WARN * total:
+        said = f"{one_class} of {total} training tiles ({100 * one_class / total:.0f} %) held"
+        if ignore is None:
+            log(
+                f"{said} a single class, which teaches the model little: use larger tiles, "
+                "labels that cover more of the volume, or mark unlabelled voxels with an id of "
+                "their own and pass it to N5TileDataset as ignore."
+            )
+        else:
+            log(
+                f"{said} a single class or only the ignore id {ignore}, which teaches the model "
+                "little or nothing: use tiles that reach more of the labelled voxels (larger "
+                "ones, or volumes cropped around the labels)."
+            )
+
+
+def _voxel_size_nm(dataset: N5TileDataset) -> list[float] | None:
+    """The raw volumes' voxel size in nm where they all have the same one in a length unit."""
+    sizes = set()
+    for raw, _ in dataset.pairs:
+        per_nm = nm_per_unit(raw.unit)
+        if per_nm is None or len(raw.voxel_size) < 3:
+            return None
+        sizes.add(tuple(round(float(v) * per_nm, 6) for v in raw.voxel_size[-3:]))
+    return list(sizes.pop()) if len(sizes) == 1 else None
+
+
+#: sidecar keys that save_model writes from the network and from how train() trained it
+_FIXED_KEYS = (
+    "kind",
+    "in_channels",
+    "classes",
+    "out_channels",
+    "spatial_dims",
+    "architecture",
+    "arch_options",
+    "normalize",
+    "percentiles",
+    "norm_values",
+)
+
+
+def save_model(
+    model: UNet,
+    path: str | os.PathLike,
+    *,
+    classes: Sequence[str],
+    dataset: N5TileDataset | None = None,
+    voxel_size: Sequence[float] | None = None,
+    options: Mapping[str, Any] | None = None,
+    comment: str = "",
+) -> ModelSpec:
+    """Write a U-Net trained by :func:`train` as ``path`` (its state dict) and ``path.yaml``
+    (its complete sidecar), so that ``emparsl run --model path`` runs it as it was trained.
+
+    The sidecar says ``architecture`` (``unet3d`` or ``unet2d``, from the U-Net's ``dims``),
+    ``arch_options`` (its ``base`` and ``depth``), ``in_channels``, ``classes`` (one name per
+    output channel, background first as in the labels), ``normalize: zscore`` (train's tiles
+    are normalized by the raw volume's mean and standard deviation, as a run's ``zscore``
+    normalizes each volume) and ``edge: none`` (the tiles met their edges with the
+    convolutions' zero padding); the halo and size multiple follow from the architecture.
+    ``voxel_size`` (nm, z y x) is that of the training data — by default the ``dataset``'s raw
+    volumes' where they share one in a length unit — so that runs on other voxels warn.
+    ``options`` adds or overrides other sidecar keys (``block``, ``edge``, ``voxel_size``);
+    ``comment`` is written as ``#`` lines at the top. Returns the description as a run reads
+    it. An existing model at ``path`` is replaced; a description that would not load is
+    refused (:class:`~napari_emparsl.core.models.spec.ModelError`) before anything is written.
+    """
+    if not isinstance(model, UNet):
+        raise ModelError(
+            f"save_model writes the package's UNet (a state dict and its architecture), not a "
+            f"{type(model).__name__}; save other networks with torch.jit.save(torch.jit.script("
+            "model), path) and describe them in a sidecar path.yaml."
+        )
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ModelError(f"{path} is a folder; give the model's file name, e.g. {path}/mine.pt.")
+    if not os.path.isdir(folder):
+        raise ModelError(
+            f"The folder {folder} does not exist; create it, or save the model elsewhere."
+        )
+    if isinstance(classes, str):
+        classes = [c.strip() for c in classes.split(",") if c.strip()]
+    outputs = int(model.head.out_channels)
+    if len(classes) != outputs:
+        raise ModelError(
+            f"The model outputs {outputs} classes but {len(classes)} class names were given "
+            f"({', '.join(map(str, classes))}); give one name per class, background first."
+        )
+    fixed = sorted(set(options or {}) & set(_FIXED_KEYS))
+    if fixed:
+        raise ModelError(
+            f"The option(s) {', '.join(fixed)} are fixed by the network and by how train() "
+            "trained it; save_model writes them itself."
+        )
+    if voxel_size is None and dataset is not None:
+        voxel_size = _voxel_size_nm(dataset)
+    sidecar: dict[str, Any] = {
+        "kind": "labels",
+        "in_channels": _unet_in_channels(model),
+        "classes": [str(c) for c in classes],
+        "normalize": "zscore",
+        "edge": "none",
+        "architecture": "unet3d" if model.dims == 3 else "unet2d",
+        "arch_options": {"base": int(model.head.in_channels), "depth": int(model.depth)},
+    }
+    if voxel_size is not None:
+        sidecar["voxel_size"] = [float(v) for v in voxel_size]
+    sidecar |= dict(options or {})
+    spec = ModelSpec.from_mapping(sidecar, "the options given to save_model")
+    text = "".join(f"# {line}\n" for line in comment.splitlines())
+    torch.save(model.state_dict(), path)
+    with open(path + ".yaml", "w", encoding="utf-8") as f:
+        f.write(text + yaml.safe_dump(sidecar, sort_keys=False, allow_unicode=True))
+    return spec
