@@ -1218,3 +1218,32 @@ def test_a_run_s_warnings_are_shown_in_the_panel_s_words():
     assert panel_words("…; pass --overwrite to compute all with this one.") == (
         "…; tick “replace output” to compute all with this one."
     )
+
+
+def test_removing_the_input_layer_during_a_run_leaves_its_output_alone(
+    make_napari_viewer, qtbot, sample_path, tmp_path
+):
+    """The input layer removed while its run goes on made the other open volume the input
+    choice, which suggested that volume's output: the (disabled) output field changed, and the
+    run's end looked for its output layer there ("There is no dataset 'pred' …", raised in
+    Qt's event loop; the run's result never shown)."""
+    import shutil
+
+    other = tmp_path / "other.n5"
+    shutil.copytree(sample_path, other)
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    second = viewer.open(str(other / "raw"), plugin=PLUGIN)[0]
+    widget.input.reset_choices()
+    widget.input.value = viewer.layers["raw"]
+    widget._suggested = widget.output.value  # as if suggested: the field follows the input
+    widget.site.value = "threads"
+    widget.block.value = "128"  # one block
+    output = widget.output.value
+    widget.run_btn.clicked.emit()
+    viewer.layers.remove(viewer.layers["raw"])
+    assert widget.input.value is second
+    _wait_idle(qtbot, widget)
+    assert widget.output.value == output
+    assert widget.status.value.startswith("finished: 1/1 done")
+    assert widget._output_layer is not None and widget._output_layer.name == "pred"

@@ -511,6 +511,8 @@ class RunWidget(Container):
         output was typed): beside it, or in ~/emparsl-predictions where it is read-only."""
         from napari_emparsl.core.volume import suggest_output
 
+        if self._run is not None:  # its output stays (the input layer removed meanwhile made
+            return  # another volume the choice, and the run's output layer was looked for there)
         layer = self.input.value
         src = _source_of(layer) if layer is not None else None
         typed = self.output.value.strip()
