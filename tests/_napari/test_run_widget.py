@@ -1247,3 +1247,95 @@ def test_removing_the_input_layer_during_a_run_leaves_its_output_alone(
     assert widget.output.value == output
     assert widget.status.value.startswith("finished: 1/1 done")
     assert widget._output_layer is not None and widget._output_layer.name == "pred"
+
+
+def _fails_on_bright(path):
+    """A labels model that raises on blocks holding a voxel above 254.5."""
+    import torch
+
+    class Fails(torch.nn.Module):
+        def forward(self, x):
+            if bool((x > 254.5).any()):
+                raise RuntimeError("too bright for this model")
+            return torch.cat([x, -x], dim=1)
+
+    torch.jit.save(torch.jit.script(Fails()), str(path))
+    path.with_name(path.name + ".yaml").write_text(
+        "kind: labels\nclasses: [a, b]\nnormalize: none\nhalo: 0\nblock: [64, 64, 64]\n"
+    )
+
+
+def test_an_output_begun_with_a_relative_model_path_resumes_from_the_panel(
+    make_napari_viewer, qtbot, sample_path, tmp_path, monkeypatch
+):
+    """`emparsl run --model models/fails.pt` in one folder, napari started in another: the
+    panel said "(made with model models/fails.pt: choose it to resume)" with that very file
+    chosen, and Run / resume after fixing it was refused ("… was made with the model
+    models/fails.pt, not /…/models/fails.pt"). Also: the status follows the model chosen."""
+    import z5py
+
+    (tmp_path / "models").mkdir()
+    model = tmp_path / "models" / "fails.pt"
+    _fails_on_bright(model)
+    finest = z5py.File(str(sample_path), "a")["raw/s0"]
+    raw = np.minimum(finest[:], 250)
+    raw[10, 10, 10] = 255  # block 0 fails
+    finest[:] = raw
+    monkeypatch.chdir(tmp_path)
+    out = f"{sample_path}:fails"
+    assert main(["run", "--input", f"{sample_path}:raw", "--model", "models/fails.pt",
+                 "--output", out, "--site", "threads", "--retries", "0"]) == 1  # fmt: skip
+    monkeypatch.chdir(sample_path.parent.parent)
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    widget.site.value = "threads"
+    widget.output.value = out
+    qtbot.waitUntil(lambda: "this output has a run at 7/8" in widget.status.value, timeout=20_000)
+    assert "made with model models/fails.pt: choose it" in widget.status.value
+    widget.model_file.value = str(model)  # the same file: the status says so at once
+    assert widget.status.value.startswith("this output has a run at 7/8 blocks done, 1 failed:")
+    import torch  # the model fixed, in the same file: Run / resume computes its failed block
+
+    class Fine(torch.nn.Module):
+        def forward(self, x):
+            return torch.cat([x, -x], dim=1)
+
+    torch.jit.save(torch.jit.script(Fine()), str(model))
+    widget.run_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    assert widget.status.value.startswith("finished: 8/8 done"), widget.status.value
+
+
+def test_an_output_another_process_writes_is_not_offered_to_resume(
+    make_napari_viewer, qtbot, sample_path, tmp_path
+):
+    """While another run wrote the output, the panel said "Run / resume continues it" (and
+    then refused), and the volume panel "resume it from the run panel"."""
+    from napari_emparsl._napari.volume_widget import VolumeWidget
+    from napari_emparsl.core.ledger import OutputLock
+
+    assert main(["run", "--input", f"{sample_path}:raw", "--model", "unet3d-em", "--output",
+                 f"{sample_path}:pred", "--site", "threads", "--block", "64",
+                 "--roi", "0:64,0:64,0:64"]) == 0  # fmt: skip
+    lock = OutputLock(str(sample_path), "pred")
+    lock.acquire()  # as another run does (a lock of its own open file: another holder)
+    try:
+        viewer = make_napari_viewer()
+        widget = _setup(viewer, sample_path)
+        widget.output.value = f"{sample_path}:pred"
+        qtbot.waitUntil(lambda: "being written by another run now" in widget.status.value,
+                        timeout=20_000)  # fmt: skip
+        assert widget.status.value.endswith(
+            "1/8 blocks done: wait for it to end, or choose another output"
+        )
+        volumes = VolumeWidget(viewer)
+        volumes.path.value = str(sample_path)
+        volumes.datasets.value = ["pred"]
+        qtbot.waitUntil(lambda: "blocks done" in volumes.info.value, timeout=20_000)
+        assert volumes.info.value.endswith(
+            "run output: 1/8 blocks done, 0 failed — being written now"
+        )
+    finally:
+        lock.release()
+    # once it ends, the panel looks again and offers it
+    qtbot.waitUntil(lambda: "Run / resume continues it" in widget.status.value, timeout=20_000)

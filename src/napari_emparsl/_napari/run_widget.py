@@ -166,7 +166,7 @@ def _output_ledger(output: str) -> dict[str, Any]:
     blocks with their errors and write ROIs, the input geometry to outline them in, blocks
     done of the whole plan, and the block, halo and model of its last run. Only
     ``{"output": …}`` when it has no ledger."""
-    from napari_emparsl.core.ledger import Ledger, whole_plan_blocks
+    from napari_emparsl.core.ledger import Ledger, lock_holder, whole_plan_blocks
     from napari_emparsl.core.volume import parse_spec
     from napari_emparsl.execution.runner import parse_roi
 
@@ -174,6 +174,7 @@ def _output_ledger(output: str) -> dict[str, Any]:
     ledger = Ledger(user_path(root), key)
     if not ledger.exists():
         return {"output": output}
+    holder = lock_holder(user_path(root), key)  # another run (or an import) writing it now
     summary = ledger.summary()
     last = summary.last_run
     out = Volume.open(user_path(root), key)
@@ -200,7 +201,27 @@ def _output_ledger(output: str) -> dict[str, Any]:
         "block": last.get("block"),
         "halo": last.get("halo"),
         "model": last.get("model"),
+        "model_file": last.get("model_file"),
+        "holder": holder,
     }
+
+
+def _same_model(chosen: str, model: Any, model_file: Any) -> bool:
+    """Whether the model chosen is the one an output's last run recorded: the same name or
+    path as typed, or the same file (a path given relative to another folder)."""
+    if chosen == model:
+        return True
+    from napari_emparsl.core.models.loaders import BUILTIN_MODELS, resolve_model
+
+    if chosen in BUILTIN_MODELS or not model_file:
+        return False
+    try:
+        return os.path.realpath(resolve_model(chosen)) == os.path.realpath(str(model_file))
+    except UserError:
+        return False
+
+
+_WRITERS = {"import": "an import", "napari save": "a save from napari"}
 
 
 def panel_words(message: str) -> str:
@@ -367,6 +388,9 @@ class RunWidget(Container):
         for label in (self.model_info, self.estimate, self.status):
             wrapping(label)
         self.failed_list.native.setMaximumHeight(140)
+        self._ledger_answer: dict[str, Any] | None = None  # the output's, read last
+        self.model.changed.connect(self._show_resumable)
+        self.model_file.changed.connect(self._show_resumable)
         self.input.changed.connect(self._suggest_output)
         self.input.changed.connect(self._describe_model)
         self.model.changed.connect(self._describe_model)
@@ -836,6 +860,7 @@ class RunWidget(Container):
             self._error(str(err))
             return
         self._ledger_timer.stop()  # the run's events say what the ledger would
+        self._ledger_answer = None
         self._runs_started += 1
         self._run = run
         from napari_emparsl._napari.runs_widget import remember_output
@@ -1379,7 +1404,8 @@ class RunWidget(Container):
             if getattr(self, field).value == filled:
                 getattr(self, field).value = before
         self._filled = {}
-        self._ledger_timer.start()
+        self._ledger_answer = None
+        self._ledger_timer.start(300)
 
     def read_output_ledger(self, *_: Any) -> None:
         """Read the ledger of the output named now, off the Qt thread (see :meth:`_ledger_read`)."""
@@ -1411,6 +1437,17 @@ class RunWidget(Container):
             return
         self._set_failed(answer["failed"], answer["rois"], answer["geo"])
         done, total, failed = answer["done"], answer["total"], len(answer["failed"])
+        holder = answer.get("holder")
+        if holder is not None:  # Run / resume would be refused: say so, and look again soon
+            writer = _WRITERS.get(holder.get("what", "run"), "another run")
+            self.status.value = (
+                f"this output is being written by {writer} now (process "
+                f"{holder.get('pid', '?')} on {holder.get('host', '?')}), {done}/{total} blocks "
+                "done: wait for it to end, or choose another output"
+            )
+            self._ledger_answer = None
+            self._ledger_timer.start(2000)
+            return
         if done >= total and not failed:
             self.status.value = f"this output is complete: {done}/{total} blocks done"
             return
@@ -1422,8 +1459,22 @@ class RunWidget(Container):
                 before = getattr(self, field).value
                 getattr(self, field).value = ",".join(map(str, value))
                 self._filled[field] = (getattr(self, field).value, before)
+        self._ledger_answer = answer
+        self._show_resumable()
+
+    def _show_resumable(self, *_: Any) -> None:
+        """The status of an output that can be resumed (read from its ledger last), again when
+        the model changes: whether the model chosen is the one it was made with."""
+        answer = self._ledger_answer
+        if self._run is not None or not answer or answer["output"] != self.output.value.strip():
+            return
+        done, total, failed = answer["done"], answer["total"], len(answer["failed"])
         model = answer["model"]
-        other = f" (made with model {model}: choose it to resume)" if model != self._model() else ""
+        other = (
+            f" (made with model {model}: choose it to resume)"
+            if not _same_model(self._model(), model, answer.get("model_file"))
+            else ""
+        )
         self.status.value = (
             f"this output has a run at {done}/{total} blocks done, {failed} failed{other}: "
             "Run / resume continues it"

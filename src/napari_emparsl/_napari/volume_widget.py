@@ -30,7 +30,7 @@ from napari_emparsl._napari.widgets import (
     wrapping,
 )
 from napari_emparsl.core.errors import UserError
-from napari_emparsl.core.ledger import Ledger, whole_plan_blocks
+from napari_emparsl.core.ledger import Ledger, lock_holder, whole_plan_blocks
 from napari_emparsl.core.n5attrs import find_container_root
 from napari_emparsl.core.paths import user_path
 from napari_emparsl.core.volume import UNFINISHED, Volume, container_tree, openable_in_tree
@@ -233,6 +233,8 @@ class VolumeWidget(Container):
                 return where, text, "; " + error_sentence(err, "Reading its run's ledger")
             done, failed = len(summary.done), len(summary.failed)
             run = f"; run output: {done}/{total} blocks done, {failed} failed"
+            if lock_holder(*where) is not None:  # no resume to offer while another writes it
+                return where, text, run + " — being written now"
             if done >= total and not failed:
                 return where, text, run + " — complete"
             return where, text, run + " — resume it from the run panel"

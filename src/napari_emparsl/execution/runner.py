@@ -683,7 +683,7 @@ class Run:
             _try_on_zeros(loaded.module, loaded.spec)
             # the file given (a model cached from another file with the same weights has that
             # file's path)
-            model_file, model_sha256 = resolve_model(self.model), loaded.sha256
+            model_file, model_sha256 = os.path.abspath(resolve_model(self.model)), loaded.sha256
         block = self.block or spec.block
         halo = self.halo or spec.halo
         if spec.spatial_dims == 2:
