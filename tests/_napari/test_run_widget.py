@@ -421,6 +421,10 @@ def test_model_info_estimate_and_site_test(
 
     workers = load_site("threads").worker_count  # workers: auto — one per core here
     assert "for 4 blocks" in widget.estimate.value and f"{workers} workers" in widget.estimate.value
+    secs = float(np.mean(widget.block_seconds)) * 4 / workers  # under a minute: in seconds
+    took = f"~{max(1, round(secs))} s" if secs < 60 else f"~{secs / 60:.1f} min"
+    assert widget.estimate.value.startswith(f"full run on threads: {took} for 4 blocks")  # (was
+    # "~0.0 min")
     # another site: the same preview, that site's workers
     monkeypatch.setenv("EMPARSL_SITES", str(tmp_path / "sites"))
     (tmp_path / "sites").mkdir()
@@ -905,11 +909,16 @@ def test_check_a_bioimageio_package_from_the_panel(
     assert widget.check_model_btn.enabled
     widget.check_model_btn.clicked.emit()
     assert not widget.check_model_btn.enabled  # while it checks
-    qtbot.waitUntil(lambda: widget.status.value.startswith("model check: "), timeout=60_000)
-    assert widget.status.value.startswith(
-        "model check: Reproduces the package's test output: largest difference"
+    qtbot.waitUntil(lambda: widget.status.value.startswith("model check"), timeout=60_000)
+    assert re.match(
+        r"model check of “[^”]+”: Reproduces the package's test output: largest difference",
+        widget.status.value,
     )
     assert widget.check_model_btn.enabled
+    # another model chosen: the check spoke of the package, and goes (it stayed)
+    widget.model_file.value = ""
+    assert widget.status.value == ""
+    widget.model_file.value = str(folder / "rdf.yaml")
     # without test tensors: said in one sentence, the panel still usable
     del rdf["inputs"][0]["test_tensor"]
     (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf))
@@ -1339,3 +1348,28 @@ def test_an_output_another_process_writes_is_not_offered_to_resume(
         lock.release()
     # once it ends, the panel looks again and offers it
     qtbot.waitUntil(lambda: "Run / resume continues it" in widget.status.value, timeout=20_000)
+
+
+def test_model_info_names_a_misnamed_description_and_drops_old_defaults(
+    make_napari_viewer, tmp_path, sample_path
+):
+    """A model file with its description beside it under a name that is not read looked like
+    one without any; an unusable model kept the last model's block and halo as the defaults
+    shown."""
+    import torch
+
+    model = tmp_path / "conv.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Conv3d(1, 1, 3, padding=1)), str(model))
+    (tmp_path / "conv.yaml").write_text("kind: image\nhalo: 2\n")
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    assert widget.halo.native.placeholderText() == "24,24,24 (model default)"
+    widget.model_file.value = str(model)
+    assert widget.model_info.value.endswith(
+        "⚠ not described: set kind, halo, classes in model options (conv.yaml beside it is "
+        "not read: a model's description is named conv.pt.yaml)"
+    )
+    (tmp_path / "notes.pt").write_text("not a model")
+    widget.model_file.value = str(tmp_path / "notes.pt")
+    assert widget.model_info.value.startswith("⚠ ")
+    assert widget.block.native.placeholderText() == widget.halo.native.placeholderText() == ""

@@ -554,16 +554,24 @@ class RunWidget(Container):
 
     def _describe_model(self, *_: Any) -> None:
         """Show what the model declares, ask for what it lacks, warn when it does not fit."""
-        from napari_emparsl.core.models.loaders import describe_model, missing_description
+        from napari_emparsl.core.models.loaders import (
+            describe_model,
+            misnamed_description,
+            missing_description,
+        )
         from napari_emparsl.core.models.spec import resolution_mismatch
 
         self.check_model_btn.enabled = False
+        if self.status.value.startswith("model check"):  # it spoke of the model before
+            self.status.value = ""
         try:
             options = self._options()
             spec = describe_model(self._model(), options)
             missing = missing_description(self._model(), options)
         except UserError as err:
             self.model_info.value = f"⚠ {panel_words(str(err))}"
+            for field in (self.block, self.halo):  # no model: no defaults (it kept the last's)
+                field.native.setPlaceholderText("")
             return
         package = _package_name(self._model())
         self.check_model_btn.enabled = self._run is None and package is not None
@@ -605,6 +613,12 @@ class RunWidget(Container):
                 text += f" — ⚠ {note}: expect poorer results"
         if missing:
             text += f" — ⚠ not described: set {', '.join(missing)} in model options"
+            aside = misnamed_description(self._model())
+            if aside:
+                text += (
+                    f" ({aside} beside it is not read: a model's description is named "
+                    f"{os.path.basename(self._model())}.yaml)"
+                )
         self.model_info.value = text
 
     def check_model(self, *_: Any) -> None:
@@ -625,7 +639,10 @@ class RunWidget(Container):
         if isinstance(result, BaseException):
             self._error(error_sentence(result, "Checking the model"))
             return
-        self.status.value = f"model check: {result.sentence()}"
+        package = _package_name(self._model())
+        self.status.value = (
+            f"model check{f' of “{package}”' if package else ''}: {result.sentence()}"
+        )
         (show_info if result.ok else show_warning)(self.status.value)
 
     def test_site(self, *_: Any) -> None:
@@ -1069,8 +1086,9 @@ class RunWidget(Container):
             return
         left, per_block = self._blocks_left, float(np.mean(self.block_seconds))
         secs = per_block * left / workers
+        took = f"~{secs / 60:.1f} min" if secs >= 60 else f"~{max(1, round(secs))} s"
         self.estimate.value = (
-            f"full run on {self.site.value}: ~{secs / 60:.1f} min for {left} blocks "
+            f"full run on {self.site.value}: {took} for {left} blocks "
             f"({per_block:.2f} s per block, {workers} workers)"
             if left
             else "every block is done"

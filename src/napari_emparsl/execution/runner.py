@@ -57,6 +57,7 @@ from napari_emparsl.core.models.loaders import (
     describe_model,
     file_hash,
     load_model,
+    misnamed_description,
     missing_description,
     resolve_model,
 )
@@ -262,12 +263,11 @@ def _undescribed(model: str, options: Mapping[str, Any], spec: ModelSpec) -> str
         return None
     name, sidecar = os.path.basename(path), os.path.basename(path) + ".yaml"
     keys = ", ".join(missing)
-    stem = os.path.splitext(path)[0]
-    aside = [p for p in (stem + ".yaml", stem + ".yml") if p != path and os.path.isfile(p)]
+    aside = misnamed_description(model)
     if aside:
         head = (
-            f"The model {name} has no description of its {keys} ({os.path.basename(aside[0])} "
-            f"beside it is not read: a model's description is named {sidecar})"
+            f"The model {name} has no description of its {keys} ({aside} beside it is not "
+            f"read: a model's description is named {sidecar})"
         )
     elif not any(os.path.isfile(path + ext) for ext in (".yaml", ".yml")):
         head = f"The model {name} has no description of its {keys} (no {sidecar} beside it)"

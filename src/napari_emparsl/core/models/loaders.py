@@ -34,6 +34,7 @@ __all__ = [
     "describe_model",
     "file_hash",
     "load_model",
+    "misnamed_description",
     "missing_description",
     "resolve_model",
 ]
@@ -169,6 +170,26 @@ def describe_model(model: str, options: Mapping[str, Any] | None = None) -> Mode
     if refusal and "normalize" not in (options or {}):
         raise ModelError(refusal)
     return ModelSpec.from_mapping(keys, where).with_options(options or {})
+
+
+def misnamed_description(model: str) -> str | None:
+    """The name of a description lying beside a model file under a name that is not read
+    (``model.yaml`` or ``model.yml`` for ``model.pt``, whose is ``model.pt.yaml``), where the
+    file has none of its own; else None."""
+    if model in BUILTIN_MODELS:
+        return None
+    path = user_path(model)
+    if not os.path.isfile(path) or any(os.path.isfile(path + e) for e in (".yaml", ".yml")):
+        return None
+    stem = os.path.splitext(path)[0]
+    return next(
+        (
+            os.path.basename(p)
+            for p in (stem + ".yaml", stem + ".yml")
+            if p != path and os.path.isfile(p)
+        ),
+        None,
+    )
 
 
 def missing_description(model: str, options: Mapping[str, Any] | None = None) -> list[str]:
