@@ -290,3 +290,39 @@ def test_a_pyramid_level_of_other_dimensions_is_left_out_of_the_layer(tmp_path):
         viewer._add_layer_from_data(*layer_data)
     [layer] = viewer.layers
     assert not layer.multiscale and layer.data.shape == (8, 16, 16)
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 4), (64, 64, 3), (2, 64, 64, 3)])
+def test_a_last_axis_of_3_or_4_is_no_rgb(make_napari_viewer, tmp_path, shape):
+    """A volume without a voxel size (unit pixel, as `emparsl import` writes where the files
+    record none) whose last axis is 3 or 4 long: napari took it for RGB(A) and failed with a
+    traceback ("could not broadcast input array from shape (3,) into shape (2,)"); it opens as
+    a volume of as many dimensions as it has, its scale one per axis (a 4-D one: one layer per
+    channel, each a 3-D volume)."""
+    data = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
+    save_array(tmp_path / "narrow.n5", "raw", data, chunks=shape, voxel_size=(1, 1, 1),
+               unit="pixel")  # fmt: skip
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(tmp_path / "narrow.n5" / "raw"), plugin=PLUGIN)
+    channels = data if len(shape) == 4 else [data]
+    assert len(layers) == len(channels)
+    for layer, channel in zip(layers, channels, strict=True):
+        assert layer._type_string == "image" and not layer.rgb
+        assert layer.ndim == 3 and layer.data.shape == channel.shape
+        assert tuple(layer.scale) == (1.0, 1.0, 1.0)
+        np.testing.assert_array_equal(np.asarray(layer.data[..., 2]), channel[..., 2])
+
+
+def test_n5_javas_rgb_test_image_opens_as_a_volume(shared_data, make_napari_viewer):
+    """N5-Java's gzip dataset of the shared test data, 512×512×3 uint8 (an RGB picture stored
+    as a volume, no voxel size): it failed to open with napari's RGB guess; it opens as the 3-D
+    volume it is stored as, each plane one colour of the reference picture."""
+    import imageio.v3 as iio
+
+    data_dir = shared_data / "n5_implementations" / "data"
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(str(data_dir / "n5-java.n5" / "gzip"), plugin=PLUGIN)
+    assert not layer.rgb and layer.ndim == 3 and layer.data.shape == (512, 512, 3)
+    np.testing.assert_array_equal(
+        np.asarray(layer.data), iio.imread(data_dir / "reference_image.png")
+    )

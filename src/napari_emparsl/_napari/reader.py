@@ -107,6 +107,10 @@ def layer_data(volume: Volume) -> LayerData:
         if volume.class_names:  # napari's status bar names the class under the cursor
             meta["features"] = {"class": volume.class_names}
         return data, meta, "labels"
+    # never RGB: napari guesses it from a last axis of 3 or 4 (a 64×64×4 volume without a voxel
+    # size, N5-Java's 512×512×3 test image), and then refused our scale with a traceback
+    # ("could not broadcast input array from shape (3,) into shape (2,)")
+    meta["rgb"] = False
     if "c" in volume.axes:
         meta["channel_axis"] = volume.axes.index("c")
         channels = volume.shape[meta["channel_axis"]]
