@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+
+import pytest
+from pydantic import ValidationError
+
 from napari_emparsl._napari.site_widget import SiteWidget
 from napari_emparsl.execution.sites import SiteProfile, load_site
 
@@ -119,16 +124,12 @@ def test_form_from_schema_validates_and_saves(make_napari_viewer, tmp_path, monk
 def test_test_site_starts_the_site_as_the_form_says(make_napari_viewer, qtbot, tmp_path, htex,
                                                     monkeypatch):  # fmt: skip
     """Test site runs one no-op task on the site the form describes (saved or not) — a real
-    local site, its processes gone afterwards — and a form that does not validate says why."""
+    local site, its processes gone afterwards."""
     monkeypatch.setenv("EMPARSL_SITES", str(tmp_path / "sites"))
     viewer = make_napari_viewer()
     widget = SiteWidget(viewer)
     viewer.window.add_dock_widget(widget)
     widget.site.value = "local"
-    widget.fields["strategy_period"].value = 0
-    widget.test_btn.clicked.emit()
-    assert "'strategy_period'" in widget.message.value and widget.test_btn.enabled  # not started
-    widget.fields["strategy_period"].value = 0.2
     widget.fields["workers"].value = 1
     widget.fields["name"].value = "unsaved"
     widget.test_btn.clicked.emit()
@@ -154,3 +155,90 @@ def test_test_site_starts_the_site_as_the_form_says(make_napari_viewer, qtbot, t
     )
     assert [str(n.message) for n in seen] == [widget.message.value]
     assert htex.gone()
+
+
+def test_number_boxes_offer_only_what_the_schema_allows(make_napari_viewer, tmp_path, monkeypatch):
+    """The strategy period box went down to 0.0, which Save then refused in pydantic's words
+    ("field 'strategy_period': Input should be greater than 0"): every number box's range is
+    the schema's, a valid profile whose value the box cannot show opens with the nearest one
+    it can, and what the schema refuses is said in a sentence."""
+    monkeypatch.setenv("EMPARSL_SITES", str(tmp_path / "sites"))
+    viewer = make_napari_viewer()
+    widget = SiteWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.site.value = "threads"
+    period, nice = widget.fields["strategy_period"], widget.fields["nice"]
+    assert (period.min, period.max) == (0.01, 60.0) and (nice.min, nice.max) == (0, 19)
+    with pytest.raises(ValueError, match="outside of the allowed range"):
+        period.value = 0.0  # the box refuses it (before: it showed 0.00, and Save refused it)
+    period.value = period.min  # the smallest value the box takes is one Save takes
+    widget.fields["name"].value = "fast"
+    assert widget.save() and load_site("fast").strategy_period == 0.01
+    # a valid profile with a period the box cannot show: opens (with 0.01), no traceback
+    (tmp_path / "sites" / "tiny.yaml").write_text(
+        "name: tiny\nkind: threads\nstrategy_period: 0.001\n"
+    )
+    widget.site.reset_choices()
+    widget.site.value = "tiny"
+    assert period.value == 0.01 and widget.message.value == "" and widget.save_btn.enabled
+    # what the schema itself refuses (not a value the form can hold): a sentence, no "Input"
+    from napari_emparsl._napari.site_widget import _plain_problem
+
+    for settings, message in [
+        ({"strategy_period": 0.0}, "field 'strategy_period': strategy_period should be greater "
+                                   "than 0, not 0.0"),
+        ({"strategy_period": 61.0}, "field 'strategy_period': strategy_period should be less "
+                                    "than or equal to 60, not 61.0"),
+        ({"nice": 20, "kind": "local"}, "field 'nice': nice should be less than or equal to 19, "
+                                        "not 20"),
+        ({"device": "gpu"}, "field 'device': device should be 'auto', 'cpu' or 'cuda', not 'gpu'"),
+    ]:  # fmt: skip
+        with pytest.raises(ValidationError) as err:
+            SiteProfile.model_validate({"name": "x", "kind": "threads"} | settings)
+        assert _plain_problem(err.value) == message
+    # the profile's own sentences are kept as they are
+    with pytest.raises(ValidationError) as err:
+        SiteProfile.model_validate({"name": "x", "kind": "threads", "workers": "0"})
+    assert _plain_problem(err.value) == (
+        "field 'workers': workers is a whole number of at least 1, or auto, not '0'"
+    )
+
+
+def test_test_site_checks_the_device_as_a_block_does(make_napari_viewer, qtbot, tmp_path,
+                                                     monkeypatch):  # fmt: skip
+    """A threads site with device: cuda where torch sees no GPU: Test site said "first result
+    after 0.0 s" while every block of a run failed; the test's task checks the device as a
+    block does, and fails with the blocks' sentence. With device: auto (the CPU here) it passes.
+    A form that does not validate starts nothing and says why."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("torch sees a GPU here: device cuda works, the failure cannot be shown")
+    monkeypatch.setenv("EMPARSL_SITES", str(tmp_path / "sites"))
+    viewer = make_napari_viewer()
+    widget = SiteWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.site.value = "threads"
+    widget.fields["workers"].value = "0"
+    widget.test_btn.clicked.emit()
+    assert widget.message.value.startswith("field 'workers': ") and widget.test_btn.enabled
+    widget.fields["workers"].value = "1"
+    widget.fields["device"].value = "cuda"
+    from napari.utils.notifications import notification_manager
+
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    try:
+        widget.test_btn.clicked.emit()
+        qtbot.waitUntil(lambda: widget.test_btn.enabled, timeout=60_000)
+    finally:
+        notification_manager.notification_ready.disconnect(seen.append)
+    assert widget.message.value == (
+        f"The site asks for a GPU (device: cuda), but torch on {socket.gethostname()} sees no "
+        "CUDA device; set device: auto or cpu in the site profile, or run it where a GPU is."
+    )
+    assert [str(n.message) for n in seen] == [widget.message.value]
+    widget.fields["device"].value = "auto"
+    widget.test_btn.clicked.emit()
+    qtbot.waitUntil(lambda: widget.test_btn.enabled, timeout=60_000)
+    assert widget.message.value.startswith("site threads: first result after ")

@@ -60,6 +60,35 @@ def _most(field: Any, default: float) -> float:
     return next((m.le for m in field.metadata if getattr(m, "le", None) is not None), default)
 
 
+#: the smallest step a float spin box shows (magicgui's: 2 decimals)
+_FLOAT_STEP = 0.01
+
+
+def _least(field: Any, step: float) -> float:
+    """A number field's smallest value as the schema says: ``ge``, or the first value the box
+    shows above ``gt`` (``step`` more); else 0 (the spin box offered 0.0 for a strategy period
+    that must be greater than 0, and Save then refused it)."""
+    for m in field.metadata:
+        if getattr(m, "ge", None) is not None:
+            return m.ge
+        if getattr(m, "gt", None) is not None:
+            return m.gt + step
+    return 0
+
+
+def _plain_problem(err: ValidationError) -> str:
+    """What is wrong with the form, in the words of the profile's own checks (a name, workers,
+    a threads site's nice), or else as a sentence naming the field and the value it has,
+    instead of pydantic's ("field 'strategy_period': Input should be greater than 0")."""
+    first = err.errors()[0]
+    if first["type"] == "value_error" or not first["loc"]:
+        return profile_problem(err)
+    field = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    what = msg.removeprefix("Input ") if msg.startswith("Input ") else msg[:1].lower() + msg[1:]
+    return f"field '{field}': {field} {what}, not {first['input']!r}"
+
+
 def _field_widget(name: str, field: Any) -> Any:
     annotation = field.annotation
     label = name.replace("_", " ")  # the profile's key (in YAML and in messages) as words
@@ -71,7 +100,10 @@ def _field_widget(name: str, field: Any) -> Any:
         widget = ComboBox(name=name, label=label, **options)
     elif annotation in (int,) or getattr(annotation, "__origin__", None) is typing.Annotated:
         widget = create_widget(
-            annotation=int, name=name, label=label, options={"min": 0, "max": _most(field, 4096)}
+            annotation=int,
+            name=name,
+            label=label,
+            options={"min": int(_least(field, 1)), "max": _most(field, 4096)},
         )
     elif annotation is bool:
         widget = create_widget(annotation=bool, name=name, label=label)
@@ -80,7 +112,11 @@ def _field_widget(name: str, field: Any) -> Any:
             annotation=float,
             name=name,
             label=label,
-            options={"min": 0.0, "max": float(_most(field, 3600)), "step": 0.1},
+            options={
+                "min": float(_least(field, _FLOAT_STEP)),
+                "max": float(_most(field, 3600)),
+                "step": 0.1,
+            },
         )
     else:
         widget = LineEdit(name=name, label=label)
@@ -139,7 +175,13 @@ class SiteWidget(Container):
         self.test_btn.enabled = not self._testing  # one test at a time
         for name, widget in self.fields.items():
             value = getattr(profile, name)
-            widget.value = str(value) if name in self._auto else value
+            if name in self._auto:
+                value = str(value)
+            elif hasattr(widget, "min") and not isinstance(value, bool):
+                # a valid value the box cannot show (a strategy period of 0.001 s, below the
+                # box's 0.01): its nearest (magicgui refused it with a traceback)
+                value = min(max(value, widget.min), widget.max)
+            widget.value = value
         self.message.value = ""
 
     def _kind_changed(self, kind: str) -> None:
@@ -160,7 +202,7 @@ class SiteWidget(Container):
         try:
             return SiteProfile.model_validate(self.values())
         except ValidationError as err:
-            self.message.value = profile_problem(err)
+            self.message.value = _plain_problem(err)
             return None
 
     def test(self, *_: Any) -> None:

@@ -478,9 +478,19 @@ def _exited(proc: Any) -> bool:
     return getattr(proc, "exitcode", None) is not None
 
 
-def _noop() -> int:
+def _noop(device: str = "cpu") -> int:
+    """The site test's task: this worker's pid, once it has checked the site's ``device`` as a
+    block does (``device: cuda`` where torch sees no GPU fails every block, and so the test,
+    with :func:`~napari_emparsl.core.blockwise.worker_device`'s sentence)."""
     import os
 
+    if device != "cpu":
+        from napari_emparsl.core.blockwise import worker_device
+
+        try:
+            worker_device(device)
+        except RuntimeError as err:  # its one sentence, as a SiteError (it reaches the user)
+            raise SiteError(str(err)) from None
     return os.getpid()
 
 
@@ -777,7 +787,8 @@ def task_error(err: BaseException, site: str) -> str:
 
 
 def check_site(profile: SiteProfile, timeout: float = 120) -> float:
-    """Start the site, run one no-op task, shut it down; seconds to the first result.
+    """Start the site, run one no-op task (which checks the site's device, as a block does),
+    shut it down; seconds to the first result.
 
     Raises
     ------
@@ -792,8 +803,10 @@ def check_site(profile: SiteProfile, timeout: float = 120) -> float:
     dfk = None
     try:
         dfk = start_kernel(profile, run_dir)
-        python_app(_noop, dfk, profile)().result(timeout=timeout)
+        python_app(_noop, dfk, profile)(profile.device).result(timeout=timeout)
         return time.perf_counter() - t0
+    except SiteError:  # the task's: the site's device is not there (worker_device's sentence)
+        raise
     except TimeoutError:  # Parsl's future: concurrent.futures.TimeoutError, the same class
         raise SiteError(
             f"The site '{profile.name}' ran no task within {timeout:g} s (no worker took it); check "
