@@ -190,6 +190,8 @@ def test_resume_after_kill_9(tmp_path, unet_model, htex, site):
         ({"block": (16, 16, 16), "halo": (20, 2, 2)}, "smaller than the halo"),
         ({"roi": "50:60,0:4,0:4"}, "outside the volume"),
         ({"output": "{tmp}/in.n5:raw"}, "is the input"),
+        # a mistyped folder was made, with every folder above it
+        ({"output": "{tmp}/no/such/o.n5:x"}, "/no/such does not exist, so the output"),
         ({"output": ""}, "Give the output as OUT.n5:DATASET (none given)."),
         ({"model": ""}, "No model was given; give a model file or a built-in name"),
         ({"site": "nowhere"}, "Unknown site 'nowhere'"),
@@ -215,6 +217,7 @@ def test_bad_input_one_sentence(tmp_path, conv_model, float_volume, kwargs, mess
         list(Run(src, model, output, **params).events())
     assert message in str(err.value) and "\n" not in str(err.value)
     np.testing.assert_array_equal(Volume.open(*src.split(":")).data.compute(), data)
+    assert not (tmp_path / "no").exists()  # nothing made for a refused output
 
 
 def test_resume_refusal_names_what_differs(tmp_path, conv_model, float_volume):
@@ -295,6 +298,14 @@ def test_resume_refuses_a_changed_input_shape_and_another_model(
     with pytest.raises(RunError) as err:
         Run(src, str(other), out, site="threads", block=(16, 16, 16)).prepare()
     assert f"was made with the model {conv_model}, not {other}; give the same" in str(err.value)
+    # another model with another description: the model is said, not every key it differs in
+    # ("a model description with architecture: None, not unet3d, arch_options: {}, not …")
+    with pytest.raises(RunError) as err:
+        Run(src, "unet3d-em", out, site="threads", block=(16, 16, 16)).prepare()
+    assert str(err.value) == (
+        f"The output {out} was made with the model {conv_model}, not unet3d-em; give the same "
+        "to resume it, pass --overwrite to start again, or choose another output name."
+    )
     # the same file fixed (here: changed) resumes, and says that earlier blocks keep theirs
     shutil.copy(other, conv_model)
     run = Run(src, conv_model, out, site="threads", block=(16, 16, 16))

@@ -439,6 +439,20 @@ def _model_changed(last: Mapping[str, Any], name: str, model_file: str, sha256: 
     return [f"the model {last.get('model')}, not {name}"]
 
 
+def _refuse_missing_folder(root: str, output: str) -> None:
+    """The output's container is made in a folder that is there: a mistyped folder
+    (``/data/projcet/out.n5``) was made, with every folder above it, without a word. The
+    folder of suggested outputs (``~/emparsl-predictions``) is made as needed."""
+    parent = os.path.dirname(os.path.abspath(root))
+    suggested = os.path.join(os.path.expanduser("~"), "emparsl-predictions")
+    if os.path.isdir(parent) or parent.startswith(suggested + os.sep) or parent == suggested:
+        return
+    raise RunError(
+        f"The folder {parent} does not exist, so the output {output} cannot be made there; "
+        "create the folder first, or check the path."
+    )
+
+
 def _refuse_output_over_input(output: str, key: str, src: Volume) -> None:
     """The output must not be, hold or lie inside the input, nor inside the input's pyramid
     when the input is one level of it (data.n5:raw/s0 is part of data.n5:raw)."""
@@ -597,6 +611,7 @@ class Run:
                 f"The input {src.root}:{src.key} has no voxels (its size is {'×'.join(map(str, src.shape))}); "
                 "choose a dataset with data."
             )
+        _refuse_missing_folder(self.output_root, self.output)
         if os.path.realpath(src.root) == os.path.realpath(self.output_root):
             _refuse_output_over_input(self.output, self.output_key, src)
         spec = describe_model(self.model, self.model_options)
@@ -841,9 +856,10 @@ class Run:
                     "held then; pass --overwrite to compute the output anew, or choose another "
                     "output name."
                 )
-            changed = _changes(last, src, spec, block, halo) + _model_changed(
-                last, str(self.model), *model
-            )
+            changed = _changes(last, src, spec, block, halo)
+            other = _model_changed(last, str(self.model), *model)
+            if other:  # another model: its description differs in every way, and says no more
+                changed = [c for c in changed if not c.startswith("a model description")] + other
             if changed and not summary.done:  # a fix after every block failed: say so first
                 raise RunError(
                     f"The output {self.output} was begun with {'; '.join(changed)}, but no block "
