@@ -579,6 +579,7 @@ def test_preview_of_what_is_on_screen_2d_and_3d(make_napari_viewer, qtbot, sampl
         "a Shapes layer named 'region'."
     )
     viewer.dims.ndisplay = 2
+    viewer.dims.set_point(0, 5 * 8)  # the slice the rectangle is drawn on
     viewer.add_shapes([np.array([[5, 200, 200], [5, 200, 300], [5, 300, 300], [5, 300, 200]]) * 8.0],
                       shape_type="rectangle", name="region")  # fmt: skip
     widget.preview_btn.clicked.emit()
@@ -1373,3 +1374,22 @@ def test_model_info_names_a_misnamed_description_and_drops_old_defaults(
     widget.model_file.value = str(tmp_path / "notes.pt")
     assert widget.model_info.value.startswith("⚠ ")
     assert widget.block.native.placeholderText() == widget.halo.native.placeholderText() == ""
+
+
+def test_the_region_is_the_rectangle_on_the_slice_shown(make_napari_viewer, sample_path):
+    """A rectangle drawn on z 10 was still the region on z 100, where napari shows none; a
+    rectangle drawn in the layer Draw region made was ignored where another layer was named
+    'region' already (napari named it 'region [1]')."""
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    viewer.add_points(name="region")  # someone's own layer of that name
+    viewer.dims.set_point(0, 10 * 8)
+    drawn = widget.draw_region()
+    assert drawn.name == "region [1]"
+    drawn.add_rectangles(np.array([[10, 10, 70], [10, 10, 100], [10, 50, 100], [10, 50, 70]]))
+    roi = widget.preview_region()
+    assert (roi.begin, roi.end) == ((10, 10, 70), (11, 50, 100))
+    viewer.dims.set_point(0, 100 * 8)  # no rectangle on this slice: what is on screen
+    roi = widget.preview_region()
+    assert roi.begin[0] == 100 and roi.end[0] == 101
+    assert (roi.begin[1:], roi.end[1:]) != ((10, 70), (50, 100))

@@ -389,6 +389,7 @@ class RunWidget(Container):
             wrapping(label)
         self.failed_list.native.setMaximumHeight(140)
         self._ledger_answer: dict[str, Any] | None = None  # the output's, read last
+        self._region: weakref.ref | None = None  # the Shapes layer Draw region made
         self.model.changed.connect(self._show_resumable)
         self.model_file.changed.connect(self._show_resumable)
         self.input.changed.connect(self._suggest_output)
@@ -687,7 +688,11 @@ class RunWidget(Container):
         return self.model_file.value.strip() or self.model.value
 
     def _region_layer(self) -> Any:
-        """The Shapes layer named 'region', or None."""
+        """The Shapes layer Draw region made (napari names it 'region [1]' where another layer
+        is named 'region'), else the Shapes layer named 'region', or None."""
+        made = self._region() if self._region is not None else None
+        if made is not None and made in self._viewer.layers:
+            return made
         return next(
             (
                 lyr
@@ -722,6 +727,7 @@ class RunWidget(Container):
                 units=tuple(layer.units[-n:]),  # the volume's: no "inconsistent units" warning
                 axis_labels=tuple(layer.axis_labels[-n:]),
             )
+            self._region = weakref.ref(region)
         # what new rectangles look like (a layer's own style is not what it draws with)
         region.current_edge_color = "yellow"
         region.current_face_color = "transparent"
@@ -751,8 +757,16 @@ class RunWidget(Container):
         z0, z1 = z, z + 1
         y0, x0, y1, x1 = 0, 0, shape[1], shape[2]
         region = self._region_layer()
-        if region is not None and len(region.data):
-            pts = np.array([layer.world_to_data(region.data_to_world(p)) for p in region.data[-1]])
+        shapes = [  # in the input's voxels; the last one drawn on this slice counts
+            pts
+            for pts in (
+                np.array([layer.world_to_data(region.data_to_world(p)) for p in shape])
+                for shape in (region.data if region is not None else [])
+            )
+            if np.all(np.round(pts[:, -3]) == z)
+        ]
+        if shapes:
+            pts = shapes[-1]
             y0, x0 = np.floor(pts[:, -2:].min(axis=0)).astype(int)
             y1, x1 = np.ceil(pts[:, -2:].max(axis=0)).astype(int)
             if y1 <= 0 or x1 <= 0 or y0 >= shape[1] or x0 >= shape[2]:
