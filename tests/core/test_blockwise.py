@@ -96,3 +96,29 @@ def test_a_block_of_a_misdescribed_model_fails_in_a_sentence(conv, spatial_dims,
     with pytest.raises(ValueError) as err:
         run_model_on_array(conv.eval(), spec, np.zeros((3, 3, 8, 8), np.float32))
     assert str(err.value) == expected
+
+
+def test_a_3d_model_of_2d_convolutions_runs_as_described():
+    """A 3D model that runs 2D convolutions slice by slice itself (a 2D network wrapped for
+    z, y, x input, as some bioimage.io packages are) has only 4-D weights: described as 3D it
+    runs (it was refused as a 2D model, with advice that broke it)."""
+    from napari_emparsl.core.blockwise import run_model_on_array
+    from napari_emparsl.core.models.spec import ModelSpec
+
+    class SliceWise(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+
+        def forward(self, x):
+            n, c, z, y, w = x.shape
+            out = self.conv(x.permute(0, 2, 1, 3, 4).reshape(n * z, c, y, w))
+            return out.reshape(n, z, 2, y, w).permute(0, 2, 1, 3, 4)
+
+    module = torch.jit.script(SliceWise().eval())
+    spec = ModelSpec(kind="image", out_channels=2, spatial_dims=3)
+    x = np.random.default_rng(0).random((1, 4, 8, 8)).astype(np.float32)
+    out = run_model_on_array(module, spec, x)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x)[None])[0].numpy()
+    np.testing.assert_allclose(out, expected, atol=1e-6)

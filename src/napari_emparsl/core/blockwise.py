@@ -145,7 +145,7 @@ def _dims_hint(err: RuntimeError, module: Any, spec: Any) -> ValueError | None:
     """torch's refusals that mean the description is wrong, said so: a model of other
     dimensions (``spatial_dims``), a model given another number of channels (``in_channels``)."""
     m = _WRONG_DIMS.search(str(err))
-    other = _other_dims(module, spec, int(m.group(3)) if m else None)
+    other = _other_dims(module, spec, int(m.group(3))) if m else None  # torch's own refusal
     if other is not None:
         return other
     m = _WRONG_CHANNELS.search(str(err))
@@ -194,9 +194,12 @@ def run_model_on_batch(module: Any, spec: Any, xs: list[np.ndarray]) -> list[np.
     with torch.inference_mode():
         t = torch.from_numpy(np.ascontiguousarray(np.stack(xs)))
         t = t.to(device=device, dtype=dtype)  # (N, C, z, y, x)
-        other = _other_dims(module, spec)  # a 3D model may even take a batch of slices for
-        if other is not None:  # one unbatched volume without a word, if their counts agree
-            raise other
+        # a 3D model described as 2D may even take a batch of slices for one unbatched volume
+        # without a word, if their counts agree: refused from its weights. (Not the other way:
+        # a 3D model may run 2D convolutions slice by slice itself; a 2D model given 3D blocks
+        # fails in torch, said below.)
+        if spec.spatial_dims == 2 and conv_dims(module) == 3:
+            raise _other_dims(module, spec)
         try:
             if spec.spatial_dims == 3:
                 y = _one_tensor(module(t))
@@ -206,7 +209,9 @@ def run_model_on_batch(module: Any, spec: Any, xs: list[np.ndarray]) -> list[np.
                 out = _one_tensor(module(flat))
                 if out.ndim != 4 or out.shape[0] != n * z:  # a 3D model took the batch of
                     # slices for one unbatched volume (its reshape failed in every block)
-                    raise _other_dims(module, spec) or ValueError(
+                    raise (
+                        _other_dims(module, spec) if conv_dims(module) == 3 else None
+                    ) or ValueError(
                         f"The model's output for a batch of {n * z} 2D slices "
                         f"({'×'.join(map(str, flat.shape))}) is "
                         f"{'×'.join(map(str, out.shape))}, not one 2D output per slice: is it a "
