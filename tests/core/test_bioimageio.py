@@ -876,6 +876,24 @@ def test_a_zip_cut_short_is_said_to_be_damaged(package, tmp_path, capsys):
         assert capsys.readouterr().err == f"emparsl: error: {said}\n"
 
 
+def test_a_zip_whose_list_of_files_is_damaged_is_one_sentence(tmp_path):
+    """A file name flagged UTF-8 that is not escaped as a traceback (UnicodeDecodeError)."""
+    import io
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("archive/data.pkl", b"x")
+    data = bytearray(buf.getvalue())
+    entry = data.rfind(b"PK\x01\x02")  # the list's entry: the UTF-8 flag, a byte that is not
+    data[entry + 8 : entry + 10] = (0x800).to_bytes(2, "little")
+    data[entry + 46] = 0xFF
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(bytes(data))
+    for ask in (missing_description, load_model):
+        with pytest.raises(ModelError, match=r"bad.pt is a damaged zip file \("):
+            ask(str(bad))
+
+
 def test_a_zip_of_the_package_folder_runs_as_the_package(package, tmp_path):
     """A package zipped as its folder (toy/rdf.yaml, as a file manager zips a folder) was "not a
     TorchScript or PyTorch file"; a zip of two such folders is refused, naming them."""

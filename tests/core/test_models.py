@@ -447,6 +447,10 @@ def test_softmax_over_one_channel_is_refused():
          "The value of 'classes' in {m}.yaml must be a list of class names, not 3."),
         ("kind: image\nscale: [2, 2]\n",
          "The value of 'scale' in {m}.yaml must be three integers z,y,x of at least 1, not [2, 2]."),
+        # a value checked once the whole description is read (it said "The model option")
+        ("kind: image\nactivation: relu\n",
+         "The value of 'activation' in {m}.yaml must be one of none, sigmoid, softmax, not "
+         "'relu'."),
         # the YAML's own words, with where it stopped reading (was: its first line only)
         ("kind: image\nhalo: [1, 2\nmultiple: 4\n",
          "The model description {m}.yaml is not valid YAML (expected ',' or ']', but got ':', "

@@ -160,7 +160,9 @@ def zip_members(path: str, redo: str = "download or export it again") -> list[st
             starts = f.read(4) == _ZIP_MAGIC
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
-    except (zipfile.BadZipFile, OSError) as err:
+    # a damaged list of files can fail otherwise: a name flagged UTF-8 that is not
+    # (UnicodeDecodeError, a ValueError), a list cut short (EOFError), an unknown method
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as err:
         if not starts and not zipfile.is_zipfile(path):
             return None
         why = _CUT_SHORT if "not a zip file" in str(err).lower() else one_line(err)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -334,7 +335,6 @@ class ModelSpec:
                 f"Unknown key(s) {', '.join(unknown)} in {where}; known keys: {', '.join(sorted(known))}."
             )
         kwargs: dict[str, Any] = {}
-        key = None
         try:
             for key, value in data.items():
                 if key in ("halo", "fixed"):
@@ -379,13 +379,13 @@ class ModelSpec:
                     kwargs[key] = dict(value or {})
                 else:
                     kwargs[key] = value if value is None else str(value)
+            kwargs["derived"] = _architecture_defaults(kwargs, set(data))
+            return cls(**kwargs)  # (its checks of single values speak as the loop's do)
         except ModelError as err:  # a value's sentence names where it was written
-            said = f"The model option '{key}'"
-            if where == "the model options" or key is None or not str(err).startswith(said):
+            m = re.match(r"The model option '([^']+)'", str(err))
+            if where == "the model options" or m is None:
                 raise
-            raise ModelError(f"The value of '{key}' in {where}" + str(err)[len(said) :]) from None
-        kwargs["derived"] = _architecture_defaults(kwargs, set(data))
-        return cls(**kwargs)
+            raise ModelError(f"The value of '{m[1]}' in {where}" + str(err)[m.end() :]) from None
 
     def with_options(self, options: Mapping[str, Any]) -> ModelSpec:
         own = {k: v for k, v in self.to_dict().items() if k not in self.derived}
