@@ -230,6 +230,9 @@ def _auto_batch(block: Block, spec: ModelSpec) -> int:
 _NOT_BEGUN = "not begun: the run was cancelled"
 
 
+_TRIAL_VOXELS = 2 * 64**3  # the largest input tried on zeros before planning (1×512×512 2D)
+
+
 def _try_on_zeros(module: Any, spec: ModelSpec) -> None:
     """Refuse, before any block, a model whose output does not fit its description (channels
     or classes, scale, 2D or 3D, one tensor): a small input of zeros shows it in milliseconds.
@@ -239,7 +242,10 @@ def _try_on_zeros(module: Any, spec: ModelSpec) -> None:
     size = [m * max(1, 16 // m) for m in spec.multiple]
     if spec.spatial_dims == 2:
         size[0] = 1
-    x = np.zeros((spec.in_channels, *spec.input_size(size)), np.float32)
+    shape = spec.input_size(size)
+    if math.prod(shape) > _TRIAL_VOXELS:  # a model of a fixed, large size: a forward of seconds
+        return  # and gigabytes in the coordinator (napari's process): left to its blocks
+    x = np.zeros((spec.in_channels, *shape), np.float32)
     try:
         run_model_on_array(module, spec, x)
     except ValueError as err:  # our own sentences: what the model gave, what to set

@@ -484,7 +484,7 @@ def _noop(device: str = "cpu") -> int:
     with :func:`~napari_emparsl.core.blockwise.worker_device`'s sentence)."""
     import os
 
-    if device != "cpu":
+    if device == "cuda":  # auto and cpu cannot fail (nor import torch for nothing)
         from napari_emparsl.core.blockwise import worker_device
 
         try:
