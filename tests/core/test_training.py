@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.models.training import N5TileDataset, TrainingDataError, train
@@ -369,6 +370,13 @@ def test_save_model_refusals_are_one_sentence(tmp_path, pair):
     )
     assert spec.voxel_size == (40.0, 4.0, 4.0) and spec.block == (32, 32, 32)
     assert (tmp_path / "m.pt.yaml").read_text().startswith("# x\n# y\nkind: labels\n")
+    # numpy values (YAML cannot write them): written as plain numbers; before, the weights were
+    # written and the description left empty, a traceback raised
+    save_model(model, tmp_path / "n.pt", classes="a,b,c",
+               options={"threshold": np.float32(0.25), "block": np.array([32, 32, 32])})  # fmt: skip
+    written = yaml.safe_load((tmp_path / "n.pt.yaml").read_text())
+    assert written["threshold"] == 0.25 and written["block"] == [32, 32, 32]
+    assert sorted(p.name for p in tmp_path.glob("n.pt*")) == ["n.pt", "n.pt.yaml"]
 
 
 def _sparse_labels(tmp_path, raw: np.ndarray, unlabelled: int) -> Volume:

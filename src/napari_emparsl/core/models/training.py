@@ -575,10 +575,18 @@ def save_model(
     }
     if voxel_size is not None:
         sidecar["voxel_size"] = [float(v) for v in voxel_size]
+    options_keys = set(options or {})
     sidecar |= dict(options or {})
     spec = ModelSpec.from_mapping(sidecar, "the options given to save_model")
+    given = spec.to_dict()  # the options as the description reads them: plain numbers, lists
+    sidecar = {k: given.get(k, v) if k in options_keys else v for k, v in sidecar.items()}
     text = "".join(f"# {line}\n" for line in comment.splitlines())
-    torch.save(model.state_dict(), path)
-    with open(path + ".yaml", "w", encoding="utf-8") as f:
-        f.write(text + yaml.safe_dump(sidecar, sort_keys=False, allow_unicode=True))
+    text += yaml.safe_dump(sidecar, sort_keys=False, allow_unicode=True)  # before any file:
+    # a value YAML cannot write (a numpy number) wiped the description, the weights written
+    for name, write in ((path, lambda f: torch.save(model.state_dict(), f)),
+                        (path + ".yaml", lambda f: f.write(text.encode("utf-8")))):  # fmt: skip
+        with open(name + ".part", "wb") as f:
+            write(f)
+    os.replace(path + ".part", path)  # each whole, or the one before kept
+    os.replace(path + ".yaml.part", path + ".yaml")
     return spec
