@@ -1393,3 +1393,24 @@ def test_the_region_is_the_rectangle_on_the_slice_shown(make_napari_viewer, samp
     roi = widget.preview_region()
     assert roi.begin[0] == 100 and roi.end[0] == 101
     assert (roi.begin[1:], roi.end[1:]) != ((10, 70), (50, 100))
+
+
+def test_the_same_weights_elsewhere_are_the_model_an_output_was_made_with(tmp_path):
+    """A run resumes with the same weights found at another path (a package installed anew);
+    the panel asked to choose the model it had been made with all the same."""
+    import shutil
+
+    import torch
+
+    from napari_emparsl._napari.run_widget import _same_model
+    from napari_emparsl.core.models.loaders import file_hash
+
+    first = tmp_path / "a" / "m.pt"
+    first.parent.mkdir()
+    torch.jit.save(torch.jit.script(torch.nn.Conv3d(1, 1, 3)), str(first))
+    (tmp_path / "b").mkdir()
+    moved = shutil.copy(first, tmp_path / "b" / "m.pt")
+    sha = file_hash(str(first))
+    assert _same_model(str(moved), str(first), str(first), sha)
+    assert not _same_model(str(moved), str(first), str(first), "0" * 64)
+    assert not _same_model("unet3d-em", str(first), str(first), sha)

@@ -136,6 +136,9 @@ def test_answers_arriving_after_the_viewer_closed_are_dropped(
     qtbot.wait(300)  # pytest-qt fails the test on an exception raised in the event loop
     QApplication.processEvents()
     assert not any(alive(relay) for relay, _ in answers)
+    # and each knows it: a thread's send after that emits nothing (a send under way when Qt
+    # deleted the relay raced its deletion on another thread)
+    assert all(relay._gone.is_set() for relay, _ in answers)
     raised: list = []
     monkeypatch.setattr(threading, "excepthook", raised.append)
     for relay, answer in answers:  # a thread that outlived its panel answers

@@ -42,6 +42,23 @@ class Relay(QObject):
 
     def __init__(self, parent: QObject) -> None:
         super().__init__(parent)
+        # a thread sends while Qt may be deleting the relay on its own thread: the deletion
+        # waits for a send under way, and no send begins after it (``destroyed`` is emitted
+        # first thing in the deletion, on the deleting thread)
+        lock, gone = threading.Lock(), threading.Event()
+
+        def deleted(*_: Any) -> None:
+            with lock:
+                gone.set()
+
+        self.destroyed.connect(deleted)
+        self._lock, self._gone = lock, gone
+
+    def send(self, value: Any) -> None:
+        """Emit ``value`` from any thread (queued to the Qt thread); nothing once deleted."""
+        with self._lock:
+            if not self._gone.is_set():
+                self.answer.emit(value)
 
 
 def alive(widget: Any) -> bool:
@@ -90,7 +107,7 @@ def in_background(relay: Relay, func: Callable[[], Any], name: str, daemon: bool
         except Exception as err:  # handed over, said in one sentence there
             result = err
         try:
-            relay.answer.emit(result)  # queued to the Qt thread
+            relay.send(result)  # queued to the Qt thread
         except RuntimeError:
             pass  # the panel was closed meanwhile
 

@@ -202,22 +202,27 @@ def _output_ledger(output: str) -> dict[str, Any]:
         "halo": last.get("halo"),
         "model": last.get("model"),
         "model_file": last.get("model_file"),
+        "model_sha256": last.get("model_sha256"),
         "holder": holder,
     }
 
 
-def _same_model(chosen: str, model: Any, model_file: Any) -> bool:
-    """Whether the model chosen is the one an output's last run recorded: the same name or
-    path as typed, or the same file (a path given relative to another folder)."""
+def _same_model(chosen: str, model: Any, model_file: Any, sha256: Any = None) -> bool:
+    """Whether the model chosen is the one an output's last run recorded, as a run decides:
+    the same name or path as typed, the same file (a path given relative to another folder),
+    or the same weights elsewhere (a package installed anew)."""
     if chosen == model:
         return True
-    from napari_emparsl.core.models.loaders import BUILTIN_MODELS, resolve_model
+    from napari_emparsl.core.models.loaders import BUILTIN_MODELS, file_hash, resolve_model
 
     if chosen in BUILTIN_MODELS or not model_file:
         return False
     try:
-        return os.path.realpath(resolve_model(chosen)) == os.path.realpath(str(model_file))
-    except UserError:
+        path = resolve_model(chosen)
+        if os.path.realpath(path) == os.path.realpath(str(model_file)):
+            return True
+        return bool(sha256) and os.path.exists(path) and file_hash(path) == sha256
+    except (UserError, OSError):
         return False
 
 
@@ -1504,7 +1509,9 @@ class RunWidget(Container):
         model = answer["model"]
         other = (
             f" (made with model {model}: choose it to resume)"
-            if not _same_model(self._model(), model, answer.get("model_file"))
+            if not _same_model(
+                self._model(), model, answer.get("model_file"), answer.get("model_sha256")
+            )
             else ""
         )
         self.status.value = (
