@@ -200,31 +200,50 @@ def test_every_chunk_a_block_wrote_is_on_disk_before_the_block_is_recorded(
     """The ledger is flushed to disk as each block is recorded done; the block's chunks were
     only in the system's cache (a machine losing power could come back with blocks recorded
     done over chunks that never reached the disk, and a resume skipped them). Each block now
-    flushes its chunk files (every level, every channel) and their folders before it returns:
-    before, no chunk file was flushed."""
+    flushes its chunk files (every level, every channel) and their folders before it returns,
+    so before the ledger records it: before, no chunk file was flushed."""
     import os
+
+    from napari_emparsl.core.ledger import Ledger
 
     spec, _ = big_volume
     model = save_model(
         TwoChannels(), tmp_path / "two.pt", "kind: image\nout_channels: 2\nblock: [32, 64, 64]\n"
     )
-    flushed: list[str] = []
-    real_fsync = os.fsync
+    events: list[tuple[str, object]] = []  # ("flush", path) and ("record", block id), in order
+    real_fsync, real_record = os.fsync, Ledger.record
 
     def fsync(fd):  # the real flush, noting what it flushed
-        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        events.append(("flush", os.readlink(f"/proc/self/fd/{fd}")))
         real_fsync(fd)
 
+    def record(self, result, attempt, roi):
+        events.append(("record", result.block_id))
+        real_record(self, result, attempt, roi)
+
     monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Ledger, "record", record)
     out = tmp_path / "out.n5"
     assert napari_emparsl.run(spec, model, f"{out}:img", site="threads").ok
-    chunk_files, folders = set(), set()
+    # the block of each chunk file: its chunk index (N5 order: x, y, z, channel) is the
+    # block's place in the plan's grid of 2×3×3 blocks, at both levels
+    ids = {
+        tuple(b.write_roi.begin[i] // (32, 64, 64)[i] for i in range(3)): b.id
+        for b in plan_blocks((64, 192, 192), (32, 64, 64), (0, 0, 0))
+    }
+    chunks: dict[int, set[str]] = {}
     for level in ("s0", "s1"):
         top = out / "img" / level
-        folders.add(str(top))
-        for here, subs, files in os.walk(top):
-            folders.update(os.path.join(here, s) for s in subs)
-            chunk_files.update(os.path.join(here, f) for f in files if f != "attributes.json")
-    assert len(chunk_files) == 2 * 18 * 2  # channels × blocks × levels (one chunk each)
-    assert chunk_files <= set(flushed)
-    assert folders <= set(flushed)
+        for here, _, files in os.walk(top):
+            for f in files:
+                if f != "attributes.json":
+                    x, y, z, _c = map(int, os.path.relpath(os.path.join(here, f), top).split("/"))
+                    chunks.setdefault(ids[(z, y, x)], set()).add(os.path.join(here, f))
+    assert sum(map(len, chunks.values())) == 2 * 18 * 2  # channels × blocks × levels
+    flushed: set[object] = set()
+    for what, value in events:
+        if what == "flush":
+            flushed.add(value)
+        else:  # each block's chunks were on disk before its record
+            assert chunks[value] <= flushed, f"block {value} recorded before its chunks"
+    assert {v for w, v in events if w == "record"} == set(chunks)

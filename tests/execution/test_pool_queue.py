@@ -68,7 +68,8 @@ def test_a_writer_killed_while_sending_a_large_item_leaves_no_half_of_it():
     q = LockFreeWaitQueue(0, ctx=ctx)
     ready = ctx.Event()
     writer = ctx.Process(target=_put_big, args=(q, ready))
-    writer.start()  # nobody reads yet: a 200 kB item fills the pipe and its writer waits
+    writer.start()  # nobody reads yet: a 200 kB item sent through the pipe filled it, and
+    # its writer waited there (now it is a file, and the pipe carries a short note of it)
     assert ready.wait(60)
     time.sleep(0.5)
     os.kill(writer.pid, signal.SIGKILL)
@@ -126,3 +127,12 @@ def test_the_lock_files_go_with_the_queue(tmp_path, monkeypatch):
     del q
     gc.collect()
     assert list(tmp_path.glob("emparsl-queue-*")) == []
+
+
+def test_a_large_item_the_queue_refuses_leaves_no_file():
+    """An item put into a closed (or full) queue raised, and its file was left behind."""
+    q = LockFreeWaitQueue(0, ctx=ForkServerContext())
+    q.close()
+    with pytest.raises(ValueError):
+        q.put("x" * 10_000)
+    assert os.listdir(q._files) == []

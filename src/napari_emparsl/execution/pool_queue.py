@@ -156,7 +156,12 @@ class LockFreeWaitQueue(multiprocessing.queues.Queue):
             with open(fd, "wb") as file:
                 file.write(data)
             obj = _InFile(path)  # the file is whole before the queue hears of it
-        super().put(obj, block, timeout)
+        try:
+            super().put(obj, block, timeout)
+        except BaseException:  # closed, or full: nobody will read the file
+            if isinstance(obj, _InFile):
+                os.unlink(obj.path)
+            raise
 
     def get(self, block: bool = True, timeout: float | None = None):
         item = self._get(block, timeout)
