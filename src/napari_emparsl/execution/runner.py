@@ -453,6 +453,11 @@ def _refuse_missing_folder(root: str, output: str) -> None:
     suggested = os.path.join(os.path.expanduser("~"), "emparsl-predictions")
     if os.path.isdir(parent) or parent.startswith(suggested + os.sep) or parent == suggested:
         return
+    there = parent
+    while not os.path.isdir(there) and os.path.dirname(there) != there:
+        there = os.path.dirname(there)
+    if not os.access(there, os.W_OK):  # nothing can be made there: said as such when made
+        return
     raise RunError(
         f"The folder {parent} does not exist, so the output {output} cannot be made there; "
         "create the folder first, or check the path."
