@@ -11,6 +11,20 @@ from napari_emparsl._napari.site_widget import SiteWidget
 from napari_emparsl.execution.sites import SiteProfile, load_site
 
 
+def _test_site(qtbot, widget, timeout: int) -> list:
+    """Click Test site and wait for its answer; the notifications shown meanwhile."""
+    from napari.utils.notifications import notification_manager
+
+    seen: list = []
+    notification_manager.notification_ready.connect(seen.append)
+    try:
+        widget.test_btn.clicked.emit()
+        qtbot.waitUntil(lambda: widget.test_btn.enabled, timeout=timeout)
+    finally:
+        notification_manager.notification_ready.disconnect(seen.append)
+    return seen
+
+
 def test_form_from_schema_validates_and_saves(make_napari_viewer, tmp_path, monkeypatch):
     monkeypatch.setenv("EMPARSL_SITES", str(tmp_path / "sites"))
     viewer = make_napari_viewer()
@@ -139,16 +153,8 @@ def test_test_site_starts_the_site_as_the_form_says(make_napari_viewer, qtbot, t
     assert htex.gone()  # the site was shut down: no interchange, pool or worker left
     assert "unsaved" not in widget.site.choices  # testing saves nothing
     # a site whose workers cannot start: one sentence in the panel and as a notification
-    from napari.utils.notifications import notification_manager
-
     widget.fields["worker_init"].value = "exit 3"
-    seen = []
-    notification_manager.notification_ready.connect(seen.append)
-    try:
-        widget.test_btn.clicked.emit()
-        qtbot.waitUntil(lambda: widget.test_btn.enabled, timeout=120_000)
-    finally:
-        notification_manager.notification_ready.disconnect(seen.append)
+    seen = _test_site(qtbot, widget, 120_000)
     assert widget.message.value == (
         "The site 'unsaved' could not start its workers (their pool exited with code 3); check "
         "its worker_init and settings."
@@ -224,15 +230,7 @@ def test_test_site_checks_the_device_as_a_block_does(make_napari_viewer, qtbot, 
     assert widget.message.value.startswith("field 'workers': ") and widget.test_btn.enabled
     widget.fields["workers"].value = "1"
     widget.fields["device"].value = "cuda"
-    from napari.utils.notifications import notification_manager
-
-    seen = []
-    notification_manager.notification_ready.connect(seen.append)
-    try:
-        widget.test_btn.clicked.emit()
-        qtbot.waitUntil(lambda: widget.test_btn.enabled, timeout=60_000)
-    finally:
-        notification_manager.notification_ready.disconnect(seen.append)
+    seen = _test_site(qtbot, widget, 60_000)
     assert widget.message.value == (
         f"The site asks for a GPU (device: cuda), but torch on {socket.gethostname()} sees no "
         "CUDA device; set device: auto or cpu in the site profile, or run it where a GPU is."
