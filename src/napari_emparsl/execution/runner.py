@@ -231,6 +231,7 @@ _NOT_BEGUN = "not begun: the run was cancelled"
 
 
 _TRIAL_VOXELS = 2 * 64**3  # the largest input tried on zeros before planning (1×512×512 2D)
+_TRIED: set[tuple[int, str]] = set()  # loaded models and descriptions that passed the trial
 
 
 def _try_on_zeros(module: Any, spec: ModelSpec) -> None:
@@ -242,6 +243,9 @@ def _try_on_zeros(module: Any, spec: ModelSpec) -> None:
     size = [m * max(1, 16 // m) for m in spec.multiple]
     if spec.spatial_dims == 2:
         size[0] = 1
+    key = (id(module), repr(sorted(spec.to_dict().items())))
+    if key in _TRIED:  # once per loaded model and description (a preview's 0.1–0.2 s in napari)
+        return
     shape = spec.input_size(size)
     if math.prod(shape) > _TRIAL_VOXELS:  # a model of a fixed, large size: a forward of seconds
         return  # and gigabytes in the coordinator (napari's process): left to its blocks
@@ -252,6 +256,7 @@ def _try_on_zeros(module: Any, spec: ModelSpec) -> None:
         raise RunError(str(err)) from None
     except Exception:  # its blocks will say why, with the real size of a block
         pass
+    _TRIED.add(key)  # (the module stays loaded, in the loader's cache, so its id stays its own)
 
 
 def _undescribed(model: str, options: Mapping[str, Any], spec: ModelSpec) -> str | None:
