@@ -238,3 +238,37 @@ def test_the_pool_starts_the_workers_the_profile_asks_for(htex):
         "The site 'nocores' ran no task within 5 s (no worker took it); check its settings."
     )
     assert htex.gone()
+
+
+@pytest.mark.parametrize("interchange", ["killed", "not answering"])
+def test_a_site_whose_interchange_died_shuts_down_whole(tmp_path, htex, monkeypatch, interchange):
+    # Parsl's shutdown asked the interchange for its workers with no time limit: with the
+    # interchange dead (the out-of-memory killer, a batch job's SIGTERM) the asking thread was
+    # given up on after 2 s and stayed blocked for ever, one per such run in a napari session.
+    # A dead interchange has no workers now, and one that does not answer is given a few seconds
+    import threading
+
+    from napari_emparsl.execution import sites
+
+    monkeypatch.setattr(sites, "MANAGERS_TIMEOUT", 2.0)
+    profile = load_site("local")
+    dfk = start_kernel(profile, str(tmp_path))
+    assert python_app(sites._noop, dfk, profile)().result(timeout=120) > 0
+    [proc] = [e.interchange_proc for e in dfk.executors.values() if hasattr(e, "interchange_proc")]
+    if interchange == "killed":
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    else:  # alive, never answering
+        os.kill(proc.pid, signal.SIGSTOP)
+    start = time.monotonic()
+    dfk.cleanup()
+    took = time.monotonic() - start
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(
+        t.name == "emparsl-site-cleanup" for t in threading.enumerate()
+    ):
+        time.sleep(0.1)
+    assert not [t.name for t in threading.enumerate() if t.name == "emparsl-site-cleanup"]
+    assert htex.gone()  # interchange, pool, workers, fork server: all stopped
+    if interchange == "killed":
+        assert took < 2.0  # a whole shutdown, not one given up on after its 2 s of grace

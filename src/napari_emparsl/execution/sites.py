@@ -562,6 +562,7 @@ def start_kernel(profile: SiteProfile, run_dir: str):
         interchange = getattr(executor, "interchange_proc", None)
         if interchange is not None:
             guard.add(interchange.pid)
+            _bound_manager_query(executor, interchange)
     cleanup = dfk.cleanup
     interchanges = [
         proc
@@ -583,6 +584,35 @@ def start_kernel(profile: SiteProfile, run_dir: str):
 
     dfk.cleanup = cleanup_then_stop
     return dfk
+
+
+#: Seconds Parsl's shutdown waits for the interchange to say which workers it has.
+MANAGERS_TIMEOUT = 10.0
+
+
+def _bound_manager_query(executor: Any, interchange: Any) -> None:
+    """Make the executor's question for its connected workers end.
+
+    Parsl's shutdown asks the interchange for its workers (``connected_managers``) with no time
+    limit; an interchange that died never answers, and the thread asking stayed blocked for ever
+    (one such thread for each dead site in a long napari session, after the run had given up on
+    it). Now a dead interchange has no workers, and one that does not answer within
+    :data:`MANAGERS_TIMEOUT` seconds is taken to have none: the shutdown goes on and stops it.
+    """
+    client = getattr(executor, "command_client", None)
+    if client is None or not callable(getattr(executor, "connected_managers", None)):
+        return  # another Parsl: left as it is
+
+    def connected_managers() -> list[dict[str, Any]]:
+        if _exited(interchange):
+            return []
+        try:
+            return client.run("MANAGERS", timeout_s=MANAGERS_TIMEOUT)
+        except Exception as err:  # no answer (Parsl's CommandClientTimeoutError), or a bad socket
+            log.warning("the site's interchange did not answer (%s); taken to have no workers", err)
+            return []
+
+    executor.connected_managers = connected_managers
 
 
 def _cleanup_within(cleanup: Any, interchanges: list[Any], timeout: float = 60.0) -> bool:
