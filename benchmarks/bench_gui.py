@@ -79,6 +79,7 @@ def main() -> None:
             viewer.add_shapes([rect], shape_type="rectangle", name="region", units=("nm",) * 3)
             viewer.dims.set_point(0, z * 8)
             widget.block_seconds.clear()
+            widget.block_threads.clear()
             shown = []
             t0 = time.perf_counter()
 

@@ -86,6 +86,11 @@ def test_preview_then_full_run_streams(make_napari_viewer, qtbot, sample_path, t
     preview = np.asarray(out_layer.data)
     # the preview ran exactly the blocks touching the rectangle: z-block 0, y-block 0, x-block 1
     assert _blocks_with_data(preview) == [False, True, False, False, False, False, False, False]
+    # one block on the in-process site: it had the threads of every worker (one core of two
+    # idled before)
+    from napari_emparsl.execution.sites import load_site
+
+    assert widget.block_threads == [load_site("threads").worker_count]
     # equal to the CLI's output for the same region
     assert main(["run", "--input", f"{sample_path}:raw", "--model", "unet3d-em", "--output",
                  f"{tmp_path}/cli.n5:pred", "--site", "threads", "--roi", "40:41,10:50,70:100",
@@ -421,7 +426,12 @@ def test_model_info_estimate_and_site_test(
 
     workers = load_site("threads").worker_count  # workers: auto — one per core here
     assert "for 4 blocks" in widget.estimate.value and f"{workers} workers" in widget.estimate.value
-    secs = float(np.mean(widget.block_seconds)) * 4 / workers  # under a minute: in seconds
+    # a block's time, scaled to a full run's threads per worker (a preview of fewer blocks than
+    # workers gives each more)
+    spent = [s * t for s, t in zip(widget.block_seconds, widget.block_threads, strict=True)]
+    per_block = float(np.mean(spent)) / load_site("threads").worker_threads
+    assert f"({per_block:.2f} s per block, {workers} workers)" in widget.estimate.value
+    secs = per_block * 4 / workers  # under a minute: in seconds
     took = f"~{max(1, round(secs))} s" if secs < 60 else f"~{secs / 60:.1f} min"
     assert widget.estimate.value.startswith(f"full run on threads: {took} for 4 blocks")  # (was
     # "~0.0 min")

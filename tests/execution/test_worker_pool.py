@@ -272,3 +272,33 @@ def test_a_site_whose_interchange_died_shuts_down_whole(tmp_path, htex, monkeypa
     assert htex.gone()  # interchange, pool, workers, fork server: all stopped
     if interchange == "killed":
         assert took < 2.0  # a whole shutdown, not one given up on after its 2 s of grace
+
+
+@pytest.mark.parametrize("kind", ["local", "threads"])
+def test_fewer_blocks_than_workers_get_the_idle_workers_threads(
+    tmp_path, conv_model, float_volume, htex, kind
+):
+    # a preview of one block, or a volume of one block, used one core of two: the idle
+    # workers' threads now go to the blocks there are
+    import torch
+
+    src, _ = float_volume
+    profile = load_site(kind).model_copy(update={"workers": 2, "threads_per_worker": 1})
+    before = torch.get_num_threads()
+    try:
+        threads = {}
+        for roi, name in (("0:8,0:16,0:16", "one"), ("0:8,0:16,0:32", "two")):
+            run = Run(
+                src,
+                conv_model,
+                f"{tmp_path}/{name}.n5:x",
+                site=profile,
+                block=(16, 16, 16),
+                roi=roi,
+                batch=1,
+            )
+            threads[name] = [e.result.threads for e in run.events() if isinstance(e, BlockDone)]
+    finally:
+        torch.set_num_threads(before)
+    assert threads == {"one": [2], "two": [1, 1]}
+    assert htex.gone()

@@ -281,6 +281,7 @@ class RunWidget(Container):
         # time of each block finished since the model, block, halo, input or output last
         # changed (read + compute + write), for the estimate of a full run
         self.block_seconds: list[float] = []
+        self.block_threads: list[int] = []  # torch threads each of those blocks had
         self._voxels = 0  # written by the run going on, for the activity dock's rate
         self._started = 0.0
         self._blocks_left: int | None = None  # of the whole plan, after the last preview
@@ -1014,6 +1015,7 @@ class RunWidget(Container):
             self.status.value = f"{event.done}/{event.total} blocks done"
             r = event.result
             self.block_seconds.append(r.t_read + r.t_compute + r.t_write)
+            self.block_threads.append(r.threads)
             self._voxels += event.voxels
             if not self._on_screen(event.result.block_id):
                 self._stale = True  # refreshed when the view moves there: no redraw now
@@ -1080,6 +1082,7 @@ class RunWidget(Container):
         about it (before, one estimate averaged every preview of the session)."""
         if self._run is None:
             self.block_seconds.clear()
+            self.block_threads.clear()
             self._blocks_left = None
             self.estimate.value = ""
 
@@ -1099,11 +1102,17 @@ class RunWidget(Container):
             self.estimate.value = ""
             return
         try:
-            workers = load_site(self.site.value).worker_count
+            profile = load_site(self.site.value)
+            workers, threads = profile.worker_count, profile.worker_threads
         except UserError:
             self.estimate.value = ""
             return
-        left, per_block = self._blocks_left, float(np.mean(self.block_seconds))
+        # a preview of fewer blocks than workers gave each block more threads than a full
+        # run's worker has: its time is scaled to the site's threads (as if they scaled fully:
+        # the estimate errs on the long side)
+        timed = zip(self.block_seconds, self.block_threads, strict=False)
+        spent = [s * (t or threads) for s, t in timed]
+        left, per_block = self._blocks_left, float(np.mean(spent)) / threads
         secs = per_block * left / workers
         took = f"~{secs / 60:.1f} min" if secs >= 60 else f"~{max(1, round(secs))} s"
         self.estimate.value = (
