@@ -153,7 +153,8 @@ def _print_tree(tree: list[dict]) -> None:
             )
         elif node["kind"] == "multiscale":
             unfinished = f"  (unfinished: {node['unfinished']})" if "unfinished" in node else ""
-            print(f"{pad}{name}/  pyramid: {', '.join(node['levels'])}{unfinished}")
+            folder = f"{name}/" if node["key"] else "/"  # the root: "/", not "//"
+            print(f"{pad}{folder}  pyramid: {', '.join(node['levels'])}{unfinished}")
         elif node["key"]:
             print(f"{pad}{name}/")
 

@@ -49,14 +49,22 @@ def read_n5(path: str | list[str]) -> list[LayerData]:
     Bad data is reported as one sentence in a napari notification (no traceback) and nothing
     is added: ``[(None,)]`` is napari's "read, but no layers" answer.
     """
+    skipped: list[str] = []
     try:
-        layers = read_layers(path)
+        layers = read_layers(path, skipped)
     except VolumeError as err:
         from napari.utils.notifications import show_error
 
         log.info("could not open %s: %s", path, err)
         show_error(str(err))
         return [(None,)]  # type: ignore[list-item]
+    if skipped:
+        from napari.utils.notifications import show_warning
+
+        for reason in skipped:
+            log.info("left out of %s: %s", path, reason)
+        more = f" ({len(skipped) - 1} more in the log)" if len(skipped) > 1 else ""
+        show_warning(f"Left out: {skipped[0]}{more}")
     for _, meta, _ in layers:
         source = meta["metadata"]["emparsl"]
         if source.get("unfinished"):
@@ -69,22 +77,40 @@ def read_n5(path: str | list[str]) -> list[LayerData]:
     return layers
 
 
-def read_layers(path: str | list[str]) -> list[LayerData]:
-    """LayerData tuples (raises VolumeError on bad data)."""
+def read_layers(path: str | list[str], skipped: list[str] | None = None) -> list[LayerData]:
+    """LayerData tuples (raises VolumeError on bad data).
+
+    A container or group of several datasets opens those that can be opened; why each other
+    one cannot is added to ``skipped`` (a Paintera label multiset left the rest of its
+    container unopened). VolumeError when none can be opened, or ``skipped`` is None.
+    """
     paths = [path] if isinstance(path, str) else list(path)
     layers: list[LayerData] = []
     for p in paths:
-        for volume in _volumes(os.fspath(p)):
+        for volume in _volumes(os.fspath(p), skipped):
             layers.append(layer_data(volume))
     # images below labels, in the order napari stacks them
     layers.sort(key=lambda ld: ld[2] == "labels")
     return layers
 
 
-def _volumes(path: str) -> list[Volume]:
-    """The dataset or pyramid at ``path``, or every one inside the group/container there."""
+def _volumes(path: str, skipped: list[str] | None = None) -> list[Volume]:
+    """The dataset or pyramid at ``path``, or every one inside the group/container there
+    (see :func:`read_layers` for ``skipped``)."""
     root, _ = find_container_root(path)
-    return [Volume.open(root, key) for key in openable_keys(path)]
+    keys = openable_keys(path)
+    if skipped is None or len(keys) < 2:
+        return [Volume.open(root, key) for key in keys]
+    volumes, errors = [], []
+    for key in keys:
+        try:
+            volumes.append(Volume.open(root, key))
+        except VolumeError as err:
+            errors.append(err)
+    if not volumes and errors:
+        raise errors[0]
+    skipped.extend(str(err) for err in errors)
+    return volumes
 
 
 def layer_data(volume: Volume) -> LayerData:

@@ -52,6 +52,11 @@ log = logging.getLogger(__name__)
 SUPPORTED_COMPRESSIONS = ("raw", "gzip", "bzip2", "xz", "lz4", "blosc", "zstd")
 
 _LEVEL_RE = re.compile(r"^s(\d+)$")
+#: words of a dataset's name that say it holds intensities, whatever groups it lies in
+_IMAGE_WORDS = frozenset(
+    "raw em fibsem sem tem image img intensity intensities pred prediction predictions prob "
+    "probs probability probabilities affinities affs boundary boundaries distance distances".split()
+)
 _LABEL_NAME_RE = re.compile(
     r"(label|seg|watershed|neuron|instance|mask|class|cells|gt$|groundtruth|ids$)", re.IGNORECASE
 )
@@ -191,9 +196,26 @@ def axes_c_order(attrs: dict[str, Any], ndim: int) -> tuple[tuple[str, ...], boo
         if names[0] == "x" and names[-1] != "x":
             return tuple(reversed(names)), True
         return tuple(names), False
+    imagej = _imagej_axes(attrs)
+    if imagej is not None and len(imagej) == ndim:
+        return tuple(reversed(imagej)), True
     default = {1: ("x",), 2: ("y", "x"), 3: ("z", "y", "x"), 4: ("c", "z", "y", "x")}
     names = default.get(ndim, tuple(f"d{i}" for i in range(ndim)))
     return names, True
+
+
+def _imagej_axes(attrs: dict[str, Any]) -> list[str] | None:
+    """The N5-order axes of an image Fiji's N5 export wrote with ImageJ metadata: ImageJ's
+    X, Y, C, Z, T order without the axes of length one (``numChannels``, ``numSlices``,
+    ``numFrames``); None without those keys."""
+    counts = [attrs.get(k) for k in ("numChannels", "numSlices", "numFrames")]
+    if not any(isinstance(c, int) for c in counts):
+        return None
+    names = ["x", "y"]
+    for name, count in zip(("c", "z", "t"), counts, strict=True):
+        if isinstance(count, int) and count > 1:
+            names.append(name)
+    return names
 
 
 def _spatial_c_order(
@@ -243,7 +265,7 @@ def voxel_size_of(
     n_spatial = len([a for a in axes if a not in ("c", "t")])
     factors = _spatial_c_order(attrs.get("downsamplingFactors"), axes, True)
     if factors is None and level is not None:
-        scales = next((a["scales"] for a in ancestors if isinstance(a.get("scales"), list)), None)
+        scales = next((found for a in ancestors if (found := _level_factor_lists(a))), None)
         if scales is not None and 0 <= level < len(scales):
             factors = _spatial_c_order(scales[level], axes, True)
 
@@ -252,17 +274,23 @@ def voxel_size_of(
         return own
     base, unit = None, None
     for source in chain:
+        src_order = axes_c_order(source, ndim)[1]
         if "pixelResolution" in source:  # always N5 order
             base = _spatial_c_order(source["pixelResolution"], axes, True)
         elif "resolution" in source:
-            src_order = axes_c_order(source, ndim)[1]
             base = _spatial_c_order(source["resolution"], axes, src_order)
+        elif "pixelWidth" in source:  # Fiji's N5 export, ImageJ metadata
+            base = _imagej_size(source, len([a for a in axes if a not in ("c", "t")]))
         if base is not None and not _positive(base):
             base = None  # a zero size napari refuses, a negative one mirrors
         if base is not None:
             # the unit said with the size, else the nearest one said from there up
             at = chain.index(source)
-            unit = next((u for a in chain[at:] if (u := _unit_of(a))), None)
+            units = _units_list(source, axes, src_order)
+            if units is not None and len(units) == len(base) and len(set(units)) > 1:
+                base, units = _in_nm(base, units)  # nm, µm, …: one unit for every axis
+            unit = units[0] if units else None
+            unit = unit or next((u for a in chain[at:] if (u := _unit_of(a))), None)
             break
     if base is None:  # no voxel size recorded: a unit alone says nothing of the voxels
         base, unit = (1.0,) * n_spatial, "pixel"
@@ -270,11 +298,76 @@ def voxel_size_of(
         base = tuple(b * f for b, f in zip(base, factors, strict=True))
     # the offset said with the dataset, else the nearest above (Paintera: on the pyramid group)
     at = next((a for a in chain if a.get("offset") is not None), attrs)
+    if at.get("offset") is None and "pixelWidth" in attrs:  # ImageJ: the origin, in voxels
+        origin = _imagej_origin(attrs, len(base))
+        if origin is not None:
+            return base, str(unit or "nm"), tuple(-o * b for o, b in zip(origin, base, strict=True))
     order = n5_order if at is attrs else axes_c_order(at, ndim)[1]
     offset = _spatial_c_order(at.get("offset"), axes, order) or (0.0,) * n_spatial
     if len(offset) != len(base) or not all(math.isfinite(o) for o in offset):
         offset = (0.0,) * len(base)
     return base, str(unit or "nm"), offset
+
+
+def _level_factor_lists(attrs: dict[str, Any]) -> list[Any] | None:
+    """Per-level factor lists a group gives its pyramid: n5-viewer's ``scales``, or
+    BigDataViewer's ``downsamplingFactors`` on the setup group (a list of lists)."""
+    for name in ("scales", "downsamplingFactors"):
+        value = attrs.get(name)
+        if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+            return value
+    return None
+
+
+def _imagej_size(attrs: dict[str, Any], n_spatial: int) -> tuple[float, ...] | None:
+    """The voxel size (C order) in ImageJ metadata: ``pixelDepth``, ``pixelHeight``,
+    ``pixelWidth``."""
+    keys = ("pixelDepth", "pixelHeight", "pixelWidth")[-n_spatial:] if n_spatial <= 3 else ()
+    try:
+        return tuple(float(attrs.get(k, 1.0)) for k in keys) or None
+    except (TypeError, ValueError):
+        return None
+
+
+def _imagej_origin(attrs: dict[str, Any], n_spatial: int) -> tuple[float, ...] | None:
+    """ImageJ's origin (C order, in voxels: where world 0 lies), or None where none is given."""
+    keys = ("zOrigin", "yOrigin", "xOrigin")[-n_spatial:] if n_spatial <= 3 else ()
+    if not keys or not any(k in attrs for k in keys):
+        return None
+    try:
+        origin = tuple(float(attrs.get(k, 0.0)) for k in keys)
+    except (TypeError, ValueError):
+        return None
+    return origin if all(math.isfinite(o) for o in origin) else None
+
+
+def _units_list(
+    attrs: dict[str, Any], axes: tuple[str, ...], stored_n5_order: bool
+) -> tuple[str, ...] | None:
+    """A ``units`` list (tensorstore and neuroglancer write one beside ``resolution``, in its
+    order), C order over the spatial axes; None without one."""
+    units = attrs.get("units")
+    if not isinstance(units, list) or not all(isinstance(u, str) and u for u in units):
+        return None
+    spatial = [a for a in axes if a not in ("c", "t")]
+    if len(units) == len(axes):
+        c_units = list(reversed(units)) if stored_n5_order else units
+        return tuple(u for u, a in zip(c_units, axes, strict=True) if a not in ("c", "t"))
+    if len(units) == len(spatial):
+        return tuple(reversed(units)) if stored_n5_order else tuple(units)
+    return None
+
+
+def _in_nm(
+    size: tuple[float, ...], units: tuple[str, ...]
+) -> tuple[tuple[float, ...], tuple[str, ...]]:
+    """A voxel size given in a unit per axis, in nm (every unit a length), else as given."""
+    from napari_emparsl.core.units import nm_per_unit
+
+    factors = [nm_per_unit(u) for u in units]
+    if any(f is None for f in factors):
+        return size, units
+    return tuple(v * f for v, f in zip(size, factors, strict=True)), ("nm",) * len(size)
 
 
 def _st_transform(
@@ -321,8 +414,11 @@ def _unit_of(attrs: dict[str, Any]) -> str | None:
     res = attrs.get("pixelResolution")
     if isinstance(res, dict) and isinstance(res.get("unit"), str) and res["unit"]:
         return res["unit"]
-    unit = attrs.get("unit")
-    return unit if isinstance(unit, str) and unit else None
+    for key in ("unit", "pixelUnit"):  # pixelUnit: ImageJ metadata
+        unit = attrs.get(key)
+        if isinstance(unit, str) and unit:
+            return unit
+    return None
 
 
 def ancestor_attrs(root: str, key: str) -> list[dict[str, Any]]:
@@ -335,12 +431,16 @@ def ancestor_attrs(root: str, key: str) -> list[dict[str, Any]]:
 def level_index(root: str, key: str) -> int | None:
     """The index of dataset ``key`` in its pyramid (``s2`` of a group of ``s0, s1, s2``), or
     None when it is not a level of a pyramid."""
-    parent, _, name = key.rpartition("/")
-    m = _LEVEL_RE.match(name)
-    if not m or not key:
+    if not key:
         return None
+    parent, _, name = key.rpartition("/")
     directory = os.path.join(root, parent) if parent else root
-    return int(m.group(1)) if name in pyramid_levels(directory, {}) else None
+    try:
+        group = read_attrs(directory)
+    except VolumeError:  # the group's own file is damaged: its levels are not known
+        group = {}
+    levels = pyramid_levels(directory, group)
+    return levels.index(name) if name in levels else None
 
 
 def _positive(values: tuple[float, ...]) -> bool:
@@ -356,7 +456,17 @@ def looks_like_labels(key: str, attrs: dict[str, Any], dtype: str) -> bool:
         return True
     if marked in ("image", "intensity", "raw"):
         return False
-    if any(_LABEL_NAME_RE.search(part) for part in key.split("/") if part):
+    parts = [p for p in key.split("/") if p]
+    # the dataset's own name first (a pyramid level's: its group's), then the groups above it:
+    # COSEM's labels/mito_pred is a prediction image, HeLa_cells/raw the EM
+    while parts and (_LEVEL_RE.match(parts[-1]) or parts[-1].isdigit()):
+        parts.pop()
+    if parts:
+        words = set(re.split(r"[^a-z0-9]+", parts[-1].lower()))
+        image, label = bool(words & _IMAGE_WORDS), bool(_LABEL_NAME_RE.search(parts[-1]))
+        if image != label:
+            return label
+    if any(_LABEL_NAME_RE.search(part) for part in parts[:-1]):
         return True
     return dtype in ("uint32", "uint64", "int32", "int64")
 
@@ -424,25 +534,119 @@ def is_zarr(root: str) -> bool:
     return any(os.path.exists(os.path.join(root, m)) for m in (".zgroup", ".zarray", "zarr.json"))
 
 
+def multiscale_paths(attrs: dict[str, Any]) -> list[str] | None:
+    """The level paths a group's ``multiscales`` lists (OME-NGFF, as Fiji's N5 export and
+    n5-universe write it into N5; COSEM), finest first; None without a usable list."""
+    entries = attrs.get("multiscales")
+    if not isinstance(entries, list) or not entries or not isinstance(entries[0], dict):
+        return None
+    datasets = entries[0].get("datasets")
+    if not isinstance(datasets, list) or not datasets:
+        return None
+    paths = [d.get("path") if isinstance(d, dict) else None for d in datasets]
+    if not all(
+        isinstance(p, str) and p.strip("/") and ".." not in p.split("/") and not p.startswith(".")
+        for p in paths
+    ):
+        return None
+    return [p.strip("/") for p in paths]
+
+
+def with_group_transform(attrs: dict[str, Any], group: dict[str, Any], name: str) -> dict[str, Any]:
+    """A pyramid level's attributes, with what its group's ``multiscales`` says of it where the
+    level says nothing itself: OME-NGFF's ``coordinateTransformations`` (scale, translation;
+    the axes' names and units) or a COSEM ``transform``, as a ``transform``; the axes' names as
+    ``axes``."""
+    paths = multiscale_paths(group)
+    if not paths or name not in paths or "transform" in attrs:
+        return attrs
+    entry = group["multiscales"][0]
+    level = entry["datasets"][paths.index(name)]
+    out = dict(attrs)
+    if isinstance(level.get("transform"), dict):  # COSEM: the level's transform on the group
+        out["transform"] = level["transform"]
+        return out
+    axes = entry.get("axes")
+    if not isinstance(axes, list) or not axes:
+        return attrs
+    names = [a.get("name") if isinstance(a, dict) else a for a in axes]
+    units = [a.get("unit") if isinstance(a, dict) else None for a in axes]
+    if not all(isinstance(n, str) and n for n in names):
+        return attrs
+    scale, translate = _ngff_transforms(level.get("coordinateTransformations"), len(names))
+    outer_scale, outer_translate = _ngff_transforms(
+        entry.get("coordinateTransformations"), len(names)
+    )  # the whole multiscale's, applied after the level's
+    if scale is None or outer_scale is None:
+        return attrs
+    translate = [o * t + u for o, t, u in zip(outer_scale, translate, outer_translate, strict=True)]
+    scale = [o * v for o, v in zip(outer_scale, scale, strict=True)]
+    lowered = [n.lower() for n in names]
+    order = "F" if lowered[0] == "x" and lowered[-1] != "x" else "C"
+    out["transform"] = {
+        "axes": names, "scale": scale, "translate": translate, "units": units, "order": order,
+    }  # fmt: skip
+    if "axes" not in attrs:
+        out["axes"] = lowered
+    return out
+
+
+def _ngff_transforms(transforms: Any, ndim: int) -> tuple[list[float] | None, list[float]]:
+    """Scale and translation of an OME-NGFF ``coordinateTransformations`` list (ones and zeros
+    where absent); scale None where the list cannot be read."""
+    scale, translate = [1.0] * ndim, [0.0] * ndim
+    if transforms is None:
+        return scale, translate
+    if not isinstance(transforms, list):
+        return None, translate
+    for t in transforms:
+        kind = t.get("type") if isinstance(t, dict) else None
+        values = t.get(kind) if kind in ("scale", "translation") else None
+        if kind == "identity":
+            continue
+        if not isinstance(values, list) or len(values) != ndim:
+            return None, translate
+        try:
+            numbers = [float(v) for v in values]
+        except (TypeError, ValueError):
+            return None, translate
+        if kind == "scale":
+            scale = [a * b for a, b in zip(scale, numbers, strict=True)]
+            translate = [a * b for a, b in zip(translate, numbers, strict=True)]
+        else:
+            translate = [a + b for a, b in zip(translate, numbers, strict=True)]
+    return scale, translate
+
+
 def pyramid_levels(directory: str, attrs: dict[str, Any]) -> tuple[str, ...]:
-    """Names of the ``s0, s1, …`` datasets of a pyramid group, finest first; ``()`` if not one."""
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return ()
-    levels = sorted(
-        (int(m.group(1)), n)
-        for n in names
-        if (m := _LEVEL_RE.match(n)) and os.path.isdir(os.path.join(directory, n))
-    )
+    """Names of the levels of a pyramid group, finest first; ``()`` if not one: the paths its
+    ``multiscales`` lists (OME-NGFF, COSEM), else its ``s0, s1, …`` datasets."""
+    paths = multiscale_paths(attrs)
+    if paths:
+        levels = [(i, p) for i, p in enumerate(paths)]
+    else:
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            return ()
+        levels = sorted(
+            (int(m.group(1)), n)
+            for n in names
+            if (m := _LEVEL_RE.match(n)) and os.path.isdir(os.path.join(directory, n))
+        )
     if not levels or levels[0][0] != 0:
         return ()
     out: list[str] = []
     previous: dict[str, Any] = {}
     for expected, (idx, name) in enumerate(levels):
         if idx != expected:
+            log.warning(
+                "%s: pyramid level(s) %s left out (the level before them, s%d, is missing)",
+                directory, ", ".join(n for _, n in levels[expected:]), expected,
+            )  # fmt: skip
             break
-        level = read_attrs(os.path.join(directory, name))
+        level_dir = os.path.join(directory, name)
+        level = read_attrs(level_dir) if os.path.isdir(level_dir) else {}
         if not is_dataset_attrs(level):
             break
         if previous and not _coarser_level(previous, level):
@@ -455,6 +659,8 @@ def pyramid_levels(directory: str, attrs: dict[str, Any]) -> tuple[str, ...]:
             break
         out.append(name)
         previous = level
+    if not out and paths:  # a multiscales list naming no dataset here: the s0, s1, … there are
+        return pyramid_levels(directory, {k: v for k, v in attrs.items() if k != "multiscales"})
     return tuple(out)
 
 
@@ -499,6 +705,11 @@ def walk_tree(root: str) -> list[Node]:
             children = sorted(os.listdir(directory))
         except OSError:
             return
+        if isinstance(attrs.get("painteraData"), dict) and "data" in children:
+            # a Paintera source: its image or labels are `data`; `unique-labels`,
+            # `label-to-block-mapping` and `fragment-segment-assignment` are Paintera's own
+            # look-up tables (varlength chunks napari cannot draw)
+            children = ["data"]
         for child in children:
             sub = os.path.join(directory, child)
             if os.path.isdir(sub) and not child.startswith("."):

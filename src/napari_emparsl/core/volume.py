@@ -43,6 +43,7 @@ from napari_emparsl.core.n5attrs import (
     read_attrs,
     voxel_size_of,
     walk_tree,
+    with_group_transform,
 )
 from napari_emparsl.core.paths import user_path
 
@@ -339,6 +340,15 @@ class Volume:
             indices = [level_index(root, node.key)]
         parent_attrs = ancestors[0] if ancestors else {}
         level_attrs = [read_attrs(os.path.join(root, k)) for k in level_keys]
+        # what the pyramid group's multiscales list says of a level (OME-NGFF, COSEM)
+        if node.kind == "multiscale":
+            level_attrs = [
+                with_group_transform(a, node.attrs, name)
+                for a, name in zip(level_attrs, node.levels, strict=True)
+            ]
+        elif indices[0] is not None:
+            name = node.key.rpartition("/")[2]
+            level_attrs = [with_group_transform(level_attrs[0], parent_attrs, name)]
         if any(a.get("isLabelMultiset") is True for a in (node.attrs, *level_attrs)):
             # varlength chunks of label lists per voxel: z5py reads them as bytes, or fails
             raise VolumeError(
@@ -356,7 +366,8 @@ class Volume:
             ) from None
         ndim = ds.ndim
         attrs0 = level_attrs[0]
-        axes, _ = axes_c_order(attrs0 if "axes" in attrs0 else parent_attrs, ndim)
+        own_axes = "axes" in attrs0 or "numChannels" in attrs0  # numChannels: ImageJ's
+        axes, _ = axes_c_order(attrs0 if own_axes else parent_attrs, ndim)
         sizes = []
         for a, index in zip(level_attrs, indices, strict=True):
             vs, unit, offset0 = voxel_size_of(a, ndim, ancestors, index)
@@ -951,7 +962,11 @@ def container_tree(path: str | os.PathLike) -> list[dict[str, Any]]:
                     level = parent.levels.index(name) if name in parent.levels else None
                 else:  # the listed folder itself: a level of a pyramid above it?
                     level = level_index(root, key)
-                voxel, unit, _ = voxel_size_of(node.attrs, len(dims), inside + above, level)
+                attrs = node.attrs
+                group = (inside + above)[:1]
+                if level is not None and group:  # what the group's multiscales says of it
+                    attrs = with_group_transform(attrs, group[0], key.rpartition("/")[2])
+                voxel, unit, _ = voxel_size_of(attrs, len(dims), inside + above, level)
                 entry |= {"voxel_size": list(voxel), "unit": unit}
             except Exception:  # odd attributes: the listing goes on without a voxel size
                 pass

@@ -631,6 +631,12 @@ class Run:
         if os.path.realpath(src.root) == os.path.realpath(self.output_root):
             _refuse_output_over_input(self.output, self.output_key, src)
         spec = describe_model(self.model, self.model_options)
+        if "c" in src.axes and src.axes[0] != "c":  # Fiji's hyperstacks: z, c, y, x
+            raise RunError(
+                f"The input {src.root}:{src.key} has its channel axis between its others (axes "
+                f"{', '.join(src.axes)}); emparsl runs on channels first (c, z, y, x): save it so "
+                "(e.g. with numpy's moveaxis and z5py) and run on that."
+            )
         channels = src.shape[src.axes.index("c")] if "c" in src.axes else 1
         if channels != spec.in_channels:
             raise RunError(

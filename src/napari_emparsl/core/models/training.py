@@ -90,6 +90,12 @@ def _check_pair(raw: Volume, labels: Volume, tile: tuple[int, ...]) -> None:
             f"The {names[id(labels)]} holds {labels.dtype} values, not class ids; give an integer "
             "labels volume (0 = background, 1, 2, … one id per class)."
         )
+    if "c" in raw.axes and raw.axes[0] != "c":
+        raise TrainingDataError(
+            f"The {names[id(raw)]} has its channel axis between its others (axes "
+            f"{', '.join(raw.axes)}); training reads channels first (c, z, y, x): save it so "
+            "and train on that."
+        )
     spatial = _spatial_shape(raw)
     if len(spatial) != 3:
         raise TrainingDataError(

@@ -1,0 +1,243 @@
+"""N5 containers as other tools lay them out (OME-NGFF metadata in N5, COSEM, Fiji's ImageJ
+metadata, tensorstore's units, BigDataViewer, Paintera): what each says of voxel size, unit,
+offset, axes, pyramid levels and labels is read, and what cannot be read is said."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_emparsl.core.n5attrs import VolumeError, looks_like_labels
+from napari_emparsl.core.volume import Volume, container_tree, openable_keys
+
+#: each voxel holds its own coordinate: one read shows the orientation
+RAMP = (
+    np.arange(8)[:, None, None] * 10000 + np.arange(16)[None, :, None] * 100 + np.arange(24)
+).astype(np.uint16)
+
+
+def _dataset(root: Path, key: str, data: np.ndarray, attrs: dict | None = None) -> None:
+    """A dataset written by z5py, its attributes then replaced by ``attrs`` (as another tool
+    writes them: no resolution of ours)."""
+    import z5py
+
+    f = z5py.File(str(root), "a")
+    ds = f.create_dataset(key, data=data, chunks=(4,) * data.ndim, compression="gzip")
+    meta = root / key / "attributes.json"
+    stored = json.loads(meta.read_text())
+    keep = {k: stored[k] for k in ("dimensions", "blockSize", "dataType", "compression")}
+    meta.write_text(json.dumps(keep | (attrs or {})))
+    del ds
+
+
+def _group(root: Path, key: str, attrs: dict) -> None:
+    path = root / key if key else root
+    path.mkdir(parents=True, exist_ok=True)
+    meta = path / "attributes.json"
+    old = json.loads(meta.read_text()) if meta.exists() else {}
+    meta.write_text(json.dumps(old | attrs))
+
+
+def _ngff(root: Path, group: str, paths: list[str], axes: str = "zyx") -> None:
+    """An OME-NGFF multiscale in an N5 group, as Fiji's N5 export (n5-universe) writes it:
+    the levels carry no voxel size; the group's ``multiscales`` list gives each one's scale
+    and translation, and the axes' units."""
+    factors = [(1, 1, 1), (1, 2, 2), (2, 4, 4)]
+    datasets = []
+    for path, f in zip(paths, factors, strict=False):
+        _dataset(root, f"{group}/{path}", RAMP[:: f[0], :: f[1], :: f[2]])
+        scale = [0.5 * f[0], 0.1 * f[1], 0.1 * f[2]]
+        translate = [100.0, 20.0, 30.0]
+        if axes == "xyz":
+            scale, translate = scale[::-1], translate[::-1]
+        datasets.append({"path": path, "coordinateTransformations": [
+            {"type": "scale", "scale": scale}, {"type": "translation", "translation": translate},
+        ]})  # fmt: skip
+    _group(root, "", {"n5": "4.0.0"})
+    _group(root, group, {"multiscales": [{
+        "version": "0.4", "name": group,
+        "axes": [{"name": n, "type": "space", "unit": "micrometer"} for n in axes],
+        "datasets": datasets,
+    }]})  # fmt: skip
+
+
+@pytest.mark.parametrize(("paths", "axes"), [(["0", "1", "2"], "zyx"), (["s0", "s1", "s2"], "xyz")])
+def test_ome_ngff_multiscales_in_n5_is_one_pyramid_in_its_units(tmp_path, paths, axes):
+    # before: levels named 0, 1, 2 were three datasets ("holds several datasets"; napari
+    # opened three layers at scale 1, the coarse ones shrunk in a corner), and levels named s0,
+    # s1, s2 a pyramid of 1-pixel voxels at offset 0
+    root = tmp_path / "ngff.n5"
+    _ngff(root, "img", paths, axes)
+    assert openable_keys(root) == ["img"]
+    vol = Volume.open(root)
+    assert vol.key == "img" and vol.levels == tuple(f"img/{p}" for p in paths)
+    assert vol.voxel_size == pytest.approx((0.5, 0.1, 0.1)) and vol.unit == "micrometer"
+    assert vol.offset == pytest.approx((100.0, 20.0, 30.0))
+    assert vol.level_voxel_sizes[2] == pytest.approx((1.0, 0.4, 0.4))
+    assert vol.axes == ("z", "y", "x") and int(vol.read()[3, 5, 7]) == 30507
+    level = Volume.open(root, f"img/{paths[1]}")  # one level opened on its own
+    assert level.voxel_size == pytest.approx((0.5, 0.2, 0.2)) and level.unit == "micrometer"
+    [entry] = [e for e in container_tree(root) if e["key"] == f"img/{paths[2]}"]
+    assert entry["voxel_size"] == pytest.approx([1.0, 0.4, 0.4]) and entry["unit"] == "micrometer"
+
+
+def test_a_cosem_pyramid_described_only_by_its_groups_multiscales(tmp_path):
+    root = tmp_path / "cosem.n5"
+    _group(root, "", {"n5": "2.0.0"})
+    datasets = []
+    for i in range(2):
+        _dataset(root, f"em/fibsem/s{i}", RAMP[:, :: 2**i, :: 2**i])
+        datasets.append({"path": f"s{i}", "transform": {
+            "axes": ["z", "y", "x"], "scale": [5.24, 4.0 * 2**i, 4.0 * 2**i],
+            "translate": [100.0, 200.0 + i, 300.0 + i], "units": ["nm"] * 3,
+        }})  # fmt: skip
+    _group(root, "em/fibsem", {"multiscales": [{"datasets": datasets, "name": "fibsem"}]})
+    vol = Volume.open(root, "em/fibsem")  # before: 1-pixel voxels, unit "pixel", offset 0
+    assert vol.voxel_size == pytest.approx((5.24, 4.0, 4.0)) and vol.unit == "nm"
+    assert vol.offset == pytest.approx((100.0, 200.0, 300.0))
+    assert vol.level_voxel_sizes[1] == pytest.approx((5.24, 8.0, 8.0))
+
+
+def test_tensorstore_units_list_is_read_and_mixed_units_are_made_nm(tmp_path):
+    root = tmp_path / "ts.n5"
+    _group(root, "", {"n5": "2.0.0"})
+    _dataset(root, "um", RAMP, {"resolution": [0.1, 0.1, 0.5], "units": ["um", "um", "um"]})
+    _dataset(root, "mixed", RAMP, {"resolution": [4, 4, 0.05], "units": ["nm", "nm", "um"],
+                                   "axes": ["x", "y", "z"]})  # fmt: skip
+    um = Volume.open(root, "um")  # before: 0.5 × 0.1 × 0.1 "nm", 1000× too small
+    assert um.voxel_size == pytest.approx((0.5, 0.1, 0.1)) and um.unit == "um"
+    mixed = Volume.open(root, "mixed")
+    assert mixed.voxel_size == pytest.approx((50.0, 4.0, 4.0)) and mixed.unit == "nm"
+
+
+def test_fiji_imagej_metadata_gives_voxel_size_unit_origin_and_hyperstack_axes(tmp_path):
+    root = tmp_path / "fiji.n5"
+    _group(root, "", {"n5": "2.0.0"})
+    ij = {"pixelWidth": 0.1, "pixelHeight": 0.2, "pixelDepth": 0.5, "pixelUnit": "micron"}
+    _dataset(root, "stack", RAMP, ij | {"xOrigin": 10.0, "yOrigin": 0.0, "zOrigin": 2.0,
+                                        "numChannels": 1, "numSlices": 8, "numFrames": 1})  # fmt: skip
+    stack = Volume.open(root, "stack")  # before: 1-pixel voxels, unit "pixel"
+    assert stack.voxel_size == pytest.approx((0.5, 0.2, 0.1)) and stack.unit == "micron"
+    assert stack.offset == pytest.approx((-1.0, 0.0, -1.0))  # ImageJ's origin is in voxels
+    # a 2-channel hyperstack: ImageJ's order X, Y, C, Z in N5, so z, c, y, x here (before:
+    # c, z, y, x — napari showed 8 "channels" of 2 slices)
+    zcyx = np.ascontiguousarray(np.stack([RAMP, RAMP + 1]).transpose(1, 0, 2, 3))
+    _dataset(root, "hyper", zcyx, ij | {"numChannels": 2, "numSlices": 8, "numFrames": 1})
+    hyper = Volume.open(root, "hyper")
+    assert hyper.axes == ("z", "c", "y", "x") and hyper.voxel_size == pytest.approx((0.5, 0.2, 0.1))
+    assert int(hyper.read()[3, 1, 5, 7]) == 30508
+    from napari_emparsl._napari.reader import layer_data
+
+    _, meta, _ = layer_data(hyper)
+    assert meta["channel_axis"] == 1 and len(meta["name"]) == 2
+    # runs and training take channels first: one sentence, nothing made
+    import napari_emparsl
+    from napari_emparsl.execution.runner import RunError
+
+    with pytest.raises(RunError, match="has its channel axis between its others"):
+        napari_emparsl.run(f"{root}:hyper", "unet3d-em", f"{tmp_path}/out.n5:p", site="threads")
+    assert not (tmp_path / "out.n5").exists()
+    from napari_emparsl.core.models.training import N5TileDataset, TrainingDataError
+
+    _dataset(root, "labels", np.zeros((8, 16, 24), np.uint8))
+    with pytest.raises(TrainingDataError, match="has its channel axis between its others"):
+        N5TileDataset([(hyper, Volume.open(root, "labels"))], (4, 8, 8))
+
+
+def test_bigdataviewer_factors_on_the_setup_group(tmp_path):
+    # BigDataViewer keeps every level's factors as one list of lists on the setup group
+    root = tmp_path / "bdv.n5"
+    _group(root, "", {"n5": "2.0.0"})
+    for i, step in enumerate([(1, 1, 1), (1, 2, 2), (2, 4, 4)]):
+        _dataset(root, f"setup0/timepoint0/s{i}", RAMP[:: step[0], :: step[1], :: step[2]])
+    _group(root, "setup0", {"downsamplingFactors": [[1, 1, 1], [2, 2, 1], [4, 4, 2]],
+                            "dataType": "uint16"})  # fmt: skip
+    _group(root, "setup0/timepoint0", {"resolution": [0.1, 0.1, 0.5], "unit": "µm"})
+    vol = Volume.open(root, "setup0/timepoint0")  # before: every level at s0's voxel size
+    expected = [(0.5, 0.1, 0.1), (0.5, 0.2, 0.2), (1.0, 0.4, 0.4)]
+    for size, want in zip(vol.level_voxel_sizes, expected, strict=True):
+        assert size == pytest.approx(want)
+
+
+def _paintera(root: Path, multiset: bool = False) -> None:
+    _group(root, "", {"n5": "2.0.0"})
+    for source, kind, dtype in (("raw", "raw", np.uint8), ("neurons", "label", np.uint64)):
+        _group(root, source, {"painteraData": {"type": kind}})
+        _group(root, f"{source}/data", {"multiScale": True, "resolution": [4, 4, 40]})
+        for i in range(2):
+            _dataset(root, f"{source}/data/s{i}", RAMP[:, :: 2**i, :: 2**i].astype(dtype),
+                     {"downsamplingFactors": [2**i, 2**i, 1]}
+                     | ({"isLabelMultiset": True} if multiset and kind == "label" else {}))  # fmt: skip
+    # Paintera's look-up tables beside the labels
+    _dataset(root, "neurons/unique-labels/s0", RAMP.astype(np.uint64))
+    _dataset(root, "neurons/fragment-segment-assignment", np.zeros((2, 4), np.uint64))
+
+
+def test_a_paintera_container_opens_its_sources_data(tmp_path):
+    # before: unique-labels and fragment-segment-assignment opened as label layers (napari
+    # failed drawing the varlength chunks), and "neurons" held "several datasets"
+    root = tmp_path / "paintera.n5"
+    _paintera(root)
+    assert openable_keys(root) == ["neurons/data", "raw/data"]
+    neurons = Volume.open(root, "neurons")
+    assert neurons.key == "neurons/data" and neurons.is_labels and neurons.is_multiscale
+    assert not Volume.open(root, "raw").is_labels
+
+
+def test_a_label_multiset_leaves_the_rest_of_its_container_open(tmp_path):
+    from napari_emparsl._napari.reader import read_layers
+
+    root = tmp_path / "paintera.n5"
+    _paintera(root, multiset=True)
+    with pytest.raises(VolumeError, match="is a Paintera label multiset"):
+        read_layers(str(root))  # asked for strictly
+    skipped: list[str] = []
+    layers = read_layers(str(root), skipped)  # as napari opens it: before, nothing opened
+    assert [meta["name"] for _, meta, _ in layers] == ["raw_data"]
+    assert len(skipped) == 1 and "neurons/data is a Paintera label multiset" in skipped[0]
+
+
+@pytest.mark.parametrize(
+    ("key", "dtype", "labels"),
+    [
+        ("labels/mito_pred", "uint8", False),  # COSEM's predictions: images in a labels group
+        ("HeLa_cells/raw", "uint16", False),
+        ("volumes/raw", "uint32", False),
+        ("volumes/raw/s0", "uint32", False),
+        ("img/0", "uint32", False),
+        ("labels/mito_seg", "uint64", True),
+        ("neurons/data", "uint64", True),
+        ("train/labels/neurons", "uint32", True),
+        ("c0", "uint32", True),  # a wide integer with nothing else to go by
+        ("mask_probability", "uint8", False),
+    ],
+)
+def test_labels_or_image_by_the_datasets_own_name_first(key, dtype, labels):
+    assert looks_like_labels(key, {}, dtype) is labels
+
+
+def test_a_pyramid_with_a_missing_level_says_so_in_the_log(tmp_path, caplog):
+    root = tmp_path / "gap.n5"
+    _group(root, "", {"n5": "2.0.0"})
+    _dataset(root, "img/s0", RAMP)
+    _dataset(root, "img/s2", RAMP[::2, ::4, ::4])
+    with caplog.at_level(logging.WARNING):
+        vol = Volume.open(root, "img")
+    assert vol.levels == ("img/s0",)
+    assert "pyramid level(s) s2 left out (the level before them, s1, is missing)" in caplog.text
+
+
+def test_info_names_a_pyramid_at_the_container_root_once(tmp_path, capsys):
+    from napari_emparsl.cli import main
+
+    root = tmp_path / "root.n5"
+    _group(root, "", {"n5": "2.0.0"})
+    _dataset(root, "s0", RAMP)
+    _dataset(root, "s1", RAMP[:, ::2, ::2])
+    assert main(["info", str(root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "/  pyramid: s0, s1" in lines  # was "//  pyramid"
