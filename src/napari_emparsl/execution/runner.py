@@ -1017,8 +1017,8 @@ class Run:
             in_flight = 0
             window = max(1, profile.worker_count * self.in_flight_per_worker)
             # fewer batches than workers (a preview of one block, a small volume): the idle
-            # workers' cores go to the batches there are (one 128³ block on two cores took
-            # 1.6 s with one thread against ~1 s with two)
+            # workers' cores go to the batches there are (the built-in model's 128³ block on
+            # two cores: 1.8–2.0 s of compute with one thread, 0.9–1.1 s with two)
             threads = profile.worker_threads * max(1, profile.worker_count // len(pending))
 
             def submit(batch: list[Block]) -> None:
