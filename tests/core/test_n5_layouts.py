@@ -214,6 +214,11 @@ def test_a_label_multiset_leaves_the_rest_of_its_container_open(tmp_path):
         ("train/labels/neurons", "uint32", True),
         ("c0", "uint32", True),  # a wide integer with nothing else to go by
         ("mask_probability", "uint8", False),
+        # both kinds of word: the last that tells decides
+        ("pred_labels", "uint8", True),
+        ("raw_mask", "uint16", True),
+        ("affs_watershed", "uint16", True),
+        ("cells_raw", "uint16", False),
     ],
 )
 def test_labels_or_image_by_the_datasets_own_name_first(key, dtype, labels):
@@ -241,3 +246,34 @@ def test_info_names_a_pyramid_at_the_container_root_once(tmp_path, capsys):
     assert main(["info", str(root)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "/  pyramid: s0, s1" in lines  # was "//  pyramid"
+
+
+def test_a_level_beside_a_damaged_sibling_and_levels_with_their_own_size(tmp_path):
+    # a review of the layouts above: every dataset opened read its group's levels, so a
+    # damaged s0 beside a plain dataset refused that dataset too; and a group's multiscales
+    # list without transforms (OME-NGFF 0.3) set levels with their own size to 1-pixel voxels
+    root = tmp_path / "mixed.n5"
+    _group(root, "", {"n5": "2.0.0"})
+    _dataset(root, "grp/raw", RAMP, {"resolution": [4, 4, 40]})
+    (root / "grp" / "s0").mkdir()
+    (root / "grp" / "s0" / "attributes.json").write_text("{not json")
+    assert Volume.open(root, "grp/raw").voxel_size == (40.0, 4.0, 4.0)
+    for i in range(2):
+        _dataset(root, f"old/s{i}", RAMP[:, :: 2**i, :: 2**i],
+                 {"pixelResolution": {"dimensions": [4 * 2**i, 4 * 2**i, 40], "unit": "nm"}})  # fmt: skip
+    _group(root, "old", {"multiscales": [{"version": "0.3", "axes": ["z", "y", "x"],
+                                          "datasets": [{"path": "s0"}, {"path": "s1"}]}]})  # fmt: skip
+    old = Volume.open(root, "old")
+    assert old.level_voxel_sizes == ((40.0, 4.0, 4.0), (40.0, 8.0, 8.0)) and old.unit == "nm"
+
+
+def test_units_lists_with_a_channel_axis_or_units_that_are_not_lengths(tmp_path):
+    root = tmp_path / "units.n5"
+    _group(root, "", {"n5": "2.0.0"})
+    _dataset(root, "two", np.stack([RAMP, RAMP]), {
+        "resolution": [0.1, 0.1, 0.5, 1], "units": ["um", "um", "um", ""],
+        "axes": ["x", "y", "z", "c"]})  # fmt: skip
+    two = Volume.open(root, "two")  # the channel's empty unit threw the list away: "nm"
+    assert two.axes == ("c", "z", "y", "x") and two.unit == "um"
+    _dataset(root, "time", RAMP, {"resolution": [4, 4, 1], "units": ["nm", "nm", "s"]})
+    assert Volume.open(root, "time").unit != "s"  # not one unit for every axis

@@ -260,6 +260,9 @@ def test_a_site_whose_interchange_died_shuts_down_whole(tmp_path, htex, monkeypa
         proc.wait(timeout=10)
     else:  # alive, never answering
         os.kill(proc.pid, signal.SIGSTOP)
+    # Parsl's status poller asks the interchange for its worker pools every 5 s (the local
+    # provider's interval), holding the executor's command socket: the shutdown waits for it
+    time.sleep(6)
     start = time.monotonic()
     dfk.cleanup()
     took = time.monotonic() - start

@@ -289,7 +289,7 @@ def voxel_size_of(
             units = _units_list(source, axes, src_order)
             if units is not None and len(units) == len(base) and len(set(units)) > 1:
                 base, units = _in_nm(base, units)  # nm, µm, …: one unit for every axis
-            unit = units[0] if units else None
+            unit = units[0] if units and len(set(units)) == 1 else None  # (not nm, nm, s)
             unit = unit or next((u for a in chain[at:] if (u := _unit_of(a))), None)
             break
     if base is None:  # no voxel size recorded: a unit alone says nothing of the voxels
@@ -301,7 +301,8 @@ def voxel_size_of(
     if at.get("offset") is None and "pixelWidth" in attrs:  # ImageJ: the origin, in voxels
         origin = _imagej_origin(attrs, len(base))
         if origin is not None:
-            return base, str(unit or "nm"), tuple(-o * b for o, b in zip(origin, base, strict=True))
+            offset = tuple(0.0 - o * b for o, b in zip(origin, base, strict=True))  # not -0.0
+            return base, str(unit or "nm"), offset
     order = n5_order if at is attrs else axes_c_order(at, ndim)[1]
     offset = _spatial_c_order(at.get("offset"), axes, order) or (0.0,) * n_spatial
     if len(offset) != len(base) or not all(math.isfinite(o) for o in offset):
@@ -322,7 +323,7 @@ def _level_factor_lists(attrs: dict[str, Any]) -> list[Any] | None:
 def _imagej_size(attrs: dict[str, Any], n_spatial: int) -> tuple[float, ...] | None:
     """The voxel size (C order) in ImageJ metadata: ``pixelDepth``, ``pixelHeight``,
     ``pixelWidth``."""
-    keys = ("pixelDepth", "pixelHeight", "pixelWidth")[-n_spatial:] if n_spatial <= 3 else ()
+    keys = ("pixelDepth", "pixelHeight", "pixelWidth")[-n_spatial:] if 0 < n_spatial <= 3 else ()
     try:
         return tuple(float(attrs.get(k, 1.0)) for k in keys) or None
     except (TypeError, ValueError):
@@ -331,7 +332,7 @@ def _imagej_size(attrs: dict[str, Any], n_spatial: int) -> tuple[float, ...] | N
 
 def _imagej_origin(attrs: dict[str, Any], n_spatial: int) -> tuple[float, ...] | None:
     """ImageJ's origin (C order, in voxels: where world 0 lies), or None where none is given."""
-    keys = ("zOrigin", "yOrigin", "xOrigin")[-n_spatial:] if n_spatial <= 3 else ()
+    keys = ("zOrigin", "yOrigin", "xOrigin")[-n_spatial:] if 0 < n_spatial <= 3 else ()
     if not keys or not any(k in attrs for k in keys):
         return None
     try:
@@ -347,15 +348,17 @@ def _units_list(
     """A ``units`` list (tensorstore and neuroglancer write one beside ``resolution``, in its
     order), C order over the spatial axes; None without one."""
     units = attrs.get("units")
-    if not isinstance(units, list) or not all(isinstance(u, str) and u for u in units):
+    if not isinstance(units, list) or not all(isinstance(u, str) for u in units):
         return None
     spatial = [a for a in axes if a not in ("c", "t")]
     if len(units) == len(axes):
         c_units = list(reversed(units)) if stored_n5_order else units
-        return tuple(u for u, a in zip(c_units, axes, strict=True) if a not in ("c", "t"))
-    if len(units) == len(spatial):
-        return tuple(reversed(units)) if stored_n5_order else tuple(units)
-    return None
+        out = tuple(u for u, a in zip(c_units, axes, strict=True) if a not in ("c", "t"))
+    elif len(units) == len(spatial):
+        out = tuple(reversed(units)) if stored_n5_order else tuple(units)
+    else:
+        return None
+    return out if out and all(out) else None  # a channel axis may have "" for its unit
 
 
 def _in_nm(
@@ -435,11 +438,13 @@ def level_index(root: str, key: str) -> int | None:
         return None
     parent, _, name = key.rpartition("/")
     directory = os.path.join(root, parent) if parent else root
-    try:
+    try:  # (opened for every block a run reads or writes: only what a level name needs)
         group = read_attrs(directory)
-    except VolumeError:  # the group's own file is damaged: its levels are not known
-        group = {}
-    levels = pyramid_levels(directory, group)
+        if not _LEVEL_RE.match(name) and name not in (multiscale_paths(group) or ()):
+            return None
+        levels = pyramid_levels(directory, group)
+    except VolumeError:  # a damaged file of the group or of a level: the levels are not known
+        return None
     return levels.index(name) if name in levels else None
 
 
@@ -461,11 +466,14 @@ def looks_like_labels(key: str, attrs: dict[str, Any], dtype: str) -> bool:
     # COSEM's labels/mito_pred is a prediction image, HeLa_cells/raw the EM
     while parts and (_LEVEL_RE.match(parts[-1]) or parts[-1].isdigit()):
         parts.pop()
-    if parts:
-        words = set(re.split(r"[^a-z0-9]+", parts[-1].lower()))
-        image, label = bool(words & _IMAGE_WORDS), bool(_LABEL_NAME_RE.search(parts[-1]))
-        if image != label:
-            return label
+    if parts:  # its last word that tells: pred_labels, raw_mask are labels; cells_raw an image
+        for word in reversed([w for w in re.split(r"[^a-z0-9]+", parts[-1].lower()) if w]):
+            if word in _IMAGE_WORDS:
+                return False
+            if _LABEL_NAME_RE.search(word):
+                return True
+        if _LABEL_NAME_RE.search(parts[-1]):  # a label word inside another (neuronids)
+            return True
     if any(_LABEL_NAME_RE.search(part) for part in parts[:-1]):
         return True
     return dtype in ("uint32", "uint64", "int32", "int64")
@@ -558,7 +566,8 @@ def with_group_transform(attrs: dict[str, Any], group: dict[str, Any], name: str
     the axes' names and units) or a COSEM ``transform``, as a ``transform``; the axes' names as
     ``axes``."""
     paths = multiscale_paths(group)
-    if not paths or name not in paths or "transform" in attrs:
+    own = ("transform", "pixelResolution", "resolution", "downsamplingFactors", "pixelWidth")
+    if not paths or name not in paths or any(k in attrs for k in own):
         return attrs
     entry = group["multiscales"][0]
     level = entry["datasets"][paths.index(name)]
@@ -573,6 +582,8 @@ def with_group_transform(attrs: dict[str, Any], group: dict[str, Any], name: str
     units = [a.get("unit") if isinstance(a, dict) else None for a in axes]
     if not all(isinstance(n, str) and n for n in names):
         return attrs
+    if "coordinateTransformations" not in level and "coordinateTransformations" not in entry:
+        return attrs  # OME-NGFF 0.3 and before: no voxel size said there
     scale, translate = _ngff_transforms(level.get("coordinateTransformations"), len(names))
     outer_scale, outer_translate = _ngff_transforms(
         entry.get("coordinateTransformations"), len(names)

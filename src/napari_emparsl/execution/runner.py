@@ -81,6 +81,7 @@ from napari_emparsl.core.volume import (
 from napari_emparsl.execution.sites import (
     SiteProfile,
     load_site,
+    machine_capacity,
     new_run_dir,
     python_app,
     start_kernel,
@@ -1020,6 +1021,8 @@ class Run:
             # workers' cores go to the batches there are (the built-in model's 128³ block on
             # two cores: 1.8–2.0 s of compute with one thread, 0.9–1.1 s with two)
             threads = profile.worker_threads * max(1, profile.worker_count // len(pending))
+            # ... never more than this machine's cores (a profile may ask more workers)
+            threads = max(profile.worker_threads, min(threads, machine_capacity()[0]))
 
             def submit(batch: list[Block]) -> None:
                 nonlocal in_flight

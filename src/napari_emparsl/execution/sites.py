@@ -586,33 +586,42 @@ def start_kernel(profile: SiteProfile, run_dir: str):
     return dfk
 
 
-#: Seconds Parsl's shutdown waits for the interchange to say which workers it has.
+#: Seconds Parsl waits for the interchange to say which workers and worker pools it has.
 MANAGERS_TIMEOUT = 10.0
 
 
 def _bound_manager_query(executor: Any, interchange: Any) -> None:
-    """Make the executor's question for its connected workers end.
+    """Make the executor's questions to the interchange about its workers end.
 
-    Parsl's shutdown asks the interchange for its workers (``connected_managers``) with no time
-    limit; an interchange that died never answers, and the thread asking stayed blocked for ever
-    (one such thread for each dead site in a long napari session, after the run had given up on
-    it). Now a dead interchange has no workers, and one that does not answer within
-    :data:`MANAGERS_TIMEOUT` seconds is taken to have none: the shutdown goes on and stops it.
+    Parsl asks the interchange for its workers (``connected_managers``, in its shutdown) and
+    for its worker pools (``connected_blocks``, every few seconds from its status poller, whose
+    end the shutdown waits for) with no time limit, holding the executor's one command socket
+    meanwhile. An interchange that died never answers: the asking thread stayed blocked for
+    ever, and with it the shutdown (one such thread for each dead site in a long napari
+    session, after the run had given up on it). Now a dead interchange has no workers and no
+    pools, and one that does not answer within :data:`MANAGERS_TIMEOUT` seconds is taken to
+    have none: the shutdown goes on and stops it.
     """
     client = getattr(executor, "command_client", None)
-    if client is None or not callable(getattr(executor, "connected_managers", None)):
+    if client is None:
         return  # another Parsl: left as it is
+    for method, command in (
+        ("connected_managers", "MANAGERS"),
+        ("connected_blocks", "CONNECTED_BLOCKS"),
+    ):
+        if not callable(getattr(executor, method, None)):
+            continue
 
-    def connected_managers() -> list[dict[str, Any]]:
-        if _exited(interchange):
-            return []
-        try:
-            return client.run("MANAGERS", timeout_s=MANAGERS_TIMEOUT)
-        except Exception as err:  # no answer (Parsl's CommandClientTimeoutError), or a bad socket
-            log.warning("the site's interchange did not answer (%s); taken to have no workers", err)
-            return []
+        def ask(command: str = command) -> list[Any]:
+            if _exited(interchange):
+                return []
+            try:
+                return client.run(command, timeout_s=MANAGERS_TIMEOUT)
+            except Exception as err:  # no answer (Parsl's CommandClientTimeoutError), bad socket
+                log.warning("the site's interchange did not answer (%s); taken to have none", err)
+                return []
 
-    executor.connected_managers = connected_managers
+        setattr(executor, method, ask)
 
 
 def _cleanup_within(cleanup: Any, interchanges: list[Any], timeout: float = 60.0) -> bool:
