@@ -95,6 +95,11 @@ def test_estimate_warns_tiny_and_huge_chunks():
     assert any("tiny chunks" in w for w in tiny.warnings)
     ok = estimate(_zeros_source((64, 64, 64)), (32, 32, 32))
     assert ok.warnings == ()
+    # a volume smaller than a chunk: one small file, nothing to advise (said "consider 64³")
+    small = estimate(_zeros_source((5, 20, 20)), (64, 64, 64))
+    assert small.warnings == ()
+    thin = estimate(_zeros_source((4, 20, 300)), (64, 64, 64))  # 4×20×64: as big as it gets
+    assert thin.warnings == ()
     huge = estimate(_zeros_source((300, 300, 300)), (300, 300, 300), samples=1)
     assert any("bigger than a GPU tile" in w for w in huge.warnings)
 

@@ -624,7 +624,10 @@ def estimate(
             comp_total += _compress(block.tobytes(), compression)
     ratio = comp_total / raw_total if raw_total else 1.0
     warnings = []
-    if chunk_bytes < TINY_CHUNK_BYTES or n_files > MANY_FILES:
+    # (chunks that are the whole volume, or 64 along every axis it is that long, are not tiny
+    # by choice: a 5×20×20 volume is one file of 2 KiB, and the warning said to use 64³)
+    could_grow = any(c < min(64, s) for c, s in zip(chunks, shape, strict=True))
+    if (chunk_bytes < TINY_CHUNK_BYTES and could_grow) or n_files > MANY_FILES:
         warnings.append(
             f"Chunks of {'×'.join(map(str, chunks))} ({human_size(chunk_bytes)}) give {n_files:,} "
             f"file{'s' if n_files != 1 else ''}: tiny chunks strain shared filesystems; consider 64×64×64 or larger."
