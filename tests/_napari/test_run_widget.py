@@ -1425,3 +1425,29 @@ def test_the_same_weights_elsewhere_are_the_model_an_output_was_made_with(tmp_pa
     assert _same_model(str(moved), str(first), str(first), sha)
     assert not _same_model(str(moved), str(first), str(first), "0" * 64)
     assert not _same_model("unet3d-em", str(first), str(first), sha)
+
+
+def test_a_rectangle_on_voxel_edges_of_micrometre_voxels_is_those_voxels(
+    make_napari_viewer, tmp_path
+):
+    """A rectangle drawn exactly on voxels 32:64 of 0.008 µm voxels mapped to 31.99999…: the
+    region began at voxel 31 and the preview computed the blocks before it too (4 instead of
+    1; seen on an OME-NGFF volume from Fiji)."""
+    from napari_emparsl.core.volume import save_array
+
+    data = np.zeros((16, 128, 128), np.uint8)
+    save_array(tmp_path / "um.n5", "raw", data, voxel_size=(0.008,) * 3, unit="um",
+               offset=(0.1, 0.3, 0.7))  # fmt: skip
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(str(tmp_path / "um.n5" / "raw"), plugin=PLUGIN)
+    widget = RunWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.input.reset_choices()
+    widget.input.value = layer
+    z = 5
+    corners = np.array([[z, 32, 32], [z, 32, 64], [z, 64, 64], [z, 64, 32]], float)
+    world = corners * 0.008 + np.array([0.1, 0.3, 0.7])
+    viewer.add_shapes([world], shape_type="rectangle", name="region", units=("µm",) * 3)
+    viewer.dims.set_point(0, world[0, 0])
+    roi = widget.preview_region()
+    assert (roi.begin[1:], roi.end[1:]) == ((32, 32), (64, 64))

@@ -246,6 +246,18 @@ def panel_words(message: str) -> str:
     return message
 
 
+def _floor(values: np.ndarray) -> np.ndarray:
+    """Voxel indices below world positions mapped to voxels, forgiving float error (napari keeps
+    shapes in float32): a corner drawn on voxel 32 of 0.008 µm voxels maps to 31.99999…,
+    which took voxel 31 and the blocks before it into the region."""
+    return np.floor(np.asarray(values, dtype=float) + 1e-3).astype(int)
+
+
+def _ceil(values: np.ndarray) -> np.ndarray:
+    """As :func:`_floor`, upwards (64.00001 is voxel 64, not 65)."""
+    return np.ceil(np.asarray(values, dtype=float) - 1e-3).astype(int)
+
+
 class RunWidget(Container):
     """Volume → model → site → preview / run, with streaming results and failed blocks."""
 
@@ -773,8 +785,8 @@ class RunWidget(Container):
         ]
         if shapes:
             pts = shapes[-1]
-            y0, x0 = np.floor(pts[:, -2:].min(axis=0)).astype(int)
-            y1, x1 = np.ceil(pts[:, -2:].max(axis=0)).astype(int)
+            y0, x0 = _floor(pts[:, -2:].min(axis=0))
+            y1, x1 = _ceil(pts[:, -2:].max(axis=0))
             if y1 <= 0 or x1 <= 0 or y0 >= shape[1] or x0 >= shape[2]:
                 raise UserError(
                     "The last shape of the 'region' layer lies outside the volume; draw it over "
@@ -835,8 +847,8 @@ class RunWidget(Container):
         lo[-2:] -= (height / zoom / 2, width / zoom / 2)
         hi[-2:] += (height / zoom / 2, width / zoom / 2)
         a, b = np.asarray(layer.world_to_data(lo)), np.asarray(layer.world_to_data(hi))
-        y0, x0 = np.floor(np.minimum(a, b)[-2:]).astype(int)
-        y1, x1 = np.ceil(np.maximum(a, b)[-2:]).astype(int)
+        y0, x0 = _floor(np.minimum(a, b)[-2:])
+        y1, x1 = _ceil(np.maximum(a, b)[-2:])
         y0, x0 = max(0, y0), max(0, x0)
         y1, x1 = min(shape[1], y1), min(shape[2], x1)
         if y1 <= y0 or x1 <= x0:
