@@ -49,7 +49,7 @@ def _ngff(root: Path, group: str, paths: list[str], axes: str = "zyx") -> None:
     factors = [(1, 1, 1), (1, 2, 2), (2, 4, 4)]
     datasets = []
     for path, f in zip(paths, factors, strict=False):
-        _dataset(root, f"{group}/{path}", RAMP[:: f[0], :: f[1], :: f[2]])
+        _dataset(root, f"{group}/{path}" if group else path, RAMP[:: f[0], :: f[1], :: f[2]])
         scale = [0.5 * f[0], 0.1 * f[1], 0.1 * f[2]]
         translate = [100.0, 20.0, 30.0]
         if axes == "xyz":
@@ -277,3 +277,38 @@ def test_units_lists_with_a_channel_axis_or_units_that_are_not_lengths(tmp_path)
     assert two.axes == ("c", "z", "y", "x") and two.unit == "um"
     _dataset(root, "time", RAMP, {"resolution": [4, 4, 1], "units": ["nm", "nm", "s"]})
     assert Volume.open(root, "time").unit != "s"  # not one unit for every axis
+
+
+@pytest.mark.filterwarnings("ignore:The model unet3d-em was trained on")
+def test_outputs_are_not_hidden_inside_pyramids_or_paintera_sources(tmp_path):
+    # a run (or import) wrote them, and then nothing listed or opened them (a helper's
+    # walkthrough): a pyramid shows its levels only, a Paintera source its data only
+    import napari_emparsl
+    from napari_emparsl.core.importer import import_volume
+    from napari_emparsl.execution.runner import RunError
+
+    root = tmp_path / "ngff_root.n5"
+    _ngff(root, "", ["0", "1"])
+    with pytest.raises(RunError) as err:
+        napari_emparsl.run(str(root), "unet3d-em", f"{root}:pred", site="threads")
+    assert str(err.value) == (
+        f"The output {root}:pred would lie inside the pyramid at the root of {root}, where "
+        "nothing but its levels is listed or opened; choose a name outside it, e.g. "
+        f"{tmp_path}/ngff_root-predictions.n5:predictions."
+    )
+    # unless told, the output goes beside it (was root:predictions/data, hidden)
+    result = napari_emparsl.run(str(root), "unet3d-em", site="threads")
+    assert result.ok
+    assert openable_keys(tmp_path / "ngff_root-predictions.n5") == ["predictions"]
+    paintera = tmp_path / "paintera.n5"
+    _paintera(paintera)
+    with pytest.raises(RunError, match="inside the Paintera source raw, where nothing but its"):
+        napari_emparsl.run(f"{paintera}:raw", "unet3d-em", f"{paintera}:raw/pred", site="threads")
+    assert napari_emparsl.run(f"{paintera}:raw", "unet3d-em", site="threads").ok
+    assert "predictions/raw" in openable_keys(paintera)  # was predictions/data
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "s.tif", RAMP.astype(np.uint8), photometric="minisblack")
+    with pytest.raises(VolumeError, match="would lie inside the pyramid at the root of"):
+        import_volume(str(tmp_path / "s.tif"), f"{root}:new")
+    assert not (root / "new").exists()

@@ -24,7 +24,13 @@ from napari_emparsl.core.ledger import OutputLock
 from napari_emparsl.core.n5attrs import N5_DTYPES, VolumeError
 from napari_emparsl.core.paths import user_path
 from napari_emparsl.core.units import nm_per_unit
-from napari_emparsl.core.volume import UNFINISHED, Volume, check_output_free, parse_spec
+from napari_emparsl.core.volume import (
+    UNFINISHED,
+    Volume,
+    check_output_free,
+    hidden_output,
+    parse_spec,
+)
 
 __all__ = ["Estimate", "ImportSource", "estimate", "import_volume", "open_source"]
 
@@ -705,6 +711,12 @@ def iter_import(
         # a dry run over an existing output still gives its estimate (and says so)
         taken = dry_run and not overwrite and os.path.exists(os.path.join(out_root, out_key))
         check_output_free(out_root, out_key, overwrite or taken)
+        hidden = hidden_output(out_root, out_key)
+        if hidden:  # written, then neither listed nor opened
+            raise VolumeError(
+                f"The output {out_root}:{out_key} would lie inside {hidden}; choose a name "
+                "outside it."
+            )
         chunks = tuple(int(c) for c in chunks)
         if len(chunks) != 3 or min(chunks) < 1:
             raise VolumeError(f"Chunks must be three positive sizes z,y,x, not {chunks}.")

@@ -56,6 +56,7 @@ __all__ = [
     "check_output_free",
     "container_tree",
     "downsample_block",
+    "hidden_output",
     "openable_in_tree",
     "openable_keys",
     "output_level_factors",
@@ -134,11 +135,42 @@ def suggest_output(root: str, key: str) -> str:
     """Where a run's output goes unless told: ``predictions/<name>`` in the input's container,
     or, where that cannot be written (a read-only data disk), in a container of the same name
     in ``~/emparsl-predictions``."""
-    name = os.path.basename(key.rstrip("/")) or "data"
+    parts = [p for p in key.split("/") if p]
+    if len(parts) > 1 and parts[-1] == "data":  # Paintera's raw/data: named after its source
+        parts.pop()
     if not os.access(root, os.W_OK):
         home = os.path.join(os.path.expanduser("~"), "emparsl-predictions")
         root = os.path.join(home, os.path.basename(os.path.normpath(root)))
-    return f"{root}:predictions/{name}"
+    if not parts:  # the container's root is the volume: nothing can go inside it
+        base = os.path.normpath(root)
+        stem = os.path.basename(base)
+        stem = stem[:-3] if stem.lower().endswith(".n5") else stem
+        return f"{os.path.join(os.path.dirname(base), stem + '-predictions.n5')}:predictions"
+    return f"{root}:predictions/{parts[-1]}"
+
+
+def hidden_output(root: str, key: str) -> str | None:
+    """Where a dataset written at ``key`` would be hidden, said in words, or None: inside a
+    pyramid group (its levels are all it shows) or a Paintera source (which shows its
+    ``data``)."""
+    parts = [p for p in key.split("/") if p]
+    for n in range(len(parts)):  # the groups above the dataset, the root first
+        above = "/".join(parts[:n])
+        directory = os.path.join(root, above) if above else root
+        if not os.path.isdir(directory):
+            break
+        try:
+            attrs = read_attrs(directory)
+        except VolumeError:
+            continue
+        if is_dataset_attrs(attrs):
+            break  # refused elsewhere: a dataset holds nothing
+        where = above or f"at the root of {root}"
+        if pyramid_levels(directory, attrs):
+            return f"the pyramid {where}, where nothing but its levels is listed or opened"
+        if isinstance(attrs.get("painteraData"), dict):
+            return f"the Paintera source {where}, where nothing but its data is listed or opened"
+    return None
 
 
 def parse_spec(spec: str) -> tuple[str, str]:

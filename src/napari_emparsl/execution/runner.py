@@ -73,6 +73,7 @@ from napari_emparsl.core.volume import (
     UNFINISHED,
     Volume,
     finite_values,
+    hidden_output,
     output_level_factors,
     parse_spec,
     suggest_output,
@@ -631,6 +632,14 @@ class Run:
         _refuse_missing_folder(self.output_root, self.output)
         if os.path.realpath(src.root) == os.path.realpath(self.output_root):
             _refuse_output_over_input(self.output, self.output_key, src)
+        hidden = hidden_output(self.output_root, self.output_key)
+        if hidden:  # it would be written, and then neither listed nor opened
+            elsewhere = suggest_output(self.output_root, "")
+            instead = elsewhere if "at the root" in hidden else f"{self.output_root}:predictions"
+            raise RunError(
+                f"The output {self.output} would lie inside {hidden}; choose a name outside it, "
+                f"e.g. {instead}."
+            )
         spec = describe_model(self.model, self.model_options)
         if "c" in src.axes and src.axes[0] != "c":  # Fiji's hyperstacks: z, c, y, x
             raise RunError(
