@@ -19,6 +19,7 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 from napari_emparsl import __version__
 from napari_emparsl.core.errors import UserError
@@ -115,6 +116,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     group = key and any(n["key"] == key and n["kind"] == "group" for n in tree)
     if group:  # a group of datasets (labels/): what it holds
         tree = [n for n in tree if n["key"] == key or n["key"].startswith(key + "/")]
+        from napari_emparsl.core.n5attrs import find_container_root, read_attrs
+
+        root = find_container_root(path)[0]
+        if isinstance(read_attrs(os.path.join(root, key)).get("painteraData"), dict):
+            volume = Volume.open(path, key)  # a Paintera source: its data, as runs take it
     elif key or any(n["key"] == "" and n["kind"] != "group" for n in tree):
         volume = Volume.open(path, key)
     info = volume.info() if volume is not None else None
@@ -147,6 +153,8 @@ def _print_tree(tree: list[dict]) -> None:
             shape = "×".join(map(str, node["shape"]))
             chunks = "×".join(map(str, node["chunks"]))
             unfinished = f"  (unfinished: {node['unfinished']})" if "unfinished" in node else ""
+            if "unreadable" in node:
+                unfinished += f"  ({node['unreadable']})"
             print(
                 f"{pad}{name}  {shape} {node['dtype']}  chunks {chunks}  {node['compression']}"
                 + unfinished
@@ -174,12 +182,15 @@ def _print_volume(info: dict) -> None:
         print(f"run          {done} of {total} blocks written ({state})")
     vs = " × ".join(f"{v:g}" for v in info["voxel_size"])
     print(f"voxel size   {vs} {info['unit']}")
+    if any(info.get("offset", ())):  # where voxel 0 lies (COSEM, OME-NGFF, Paintera, ImageJ)
+        print(f"offset       {' × '.join(f'{v:g}' for v in info['offset'])} {info['unit']}")
     if len(info["levels"]) > 1:
         print(f"pyramid      {len(info['levels'])} levels")
+        width = max(14, *(len(lv["key"]) for lv in info["levels"]))  # long keys: a column still
         for lv in info["levels"]:
             shape = "×".join(map(str, lv["shape"]))
             vs = "×".join(f"{v:g}" for v in lv["voxel_size"])
-            print(f"  {lv['key']:<14} {shape:<16} voxel {vs} {info['unit']}")
+            print(f"  {lv['key']:<{width}} {shape:<16} voxel {vs} {info['unit']}")
 
 
 SAMPLE_BYTES_PER_VOXEL = 40  # the sample generator's peak: 1.2 GB for 128×512×512 voxels
@@ -661,6 +672,32 @@ def _throughput(summary) -> dict[str, float] | None:
     }
 
 
+def _grid_difference(a: Any, b: Any) -> str:
+    """How two volumes of one shape lie differently in the world (voxel size, offset), in
+    words; '' where they agree, or where either records no voxel size (unit ``pixel``)."""
+    from napari_emparsl.core.units import nm_per_unit
+
+    na, nb = nm_per_unit(a.unit), nm_per_unit(b.unit)
+    if "pixel" in (a.unit, b.unit) or (na is None) != (nb is None):
+        return ""
+    fa, fb = (na, nb) if na is not None and nb is not None else (1.0, 1.0)
+    if na is None and a.unit != b.unit:
+        return ""
+    same = all(
+        math.isclose(x * fa, y * fb, rel_tol=1e-3, abs_tol=1e-6)
+        for u, v in ((a.voxel_size, b.voxel_size), (a.offset, b.offset))
+        for x, y in zip(u, v, strict=True)
+    )
+    if same:
+        return ""
+
+    def where(v: Any) -> str:
+        size = "×".join(f"{x:g}" for x in v.voxel_size)
+        return f"{size} {v.unit} voxels at {', '.join(f'{x:g}' for x in v.offset)}"
+
+    return f"{where(a)} against {where(b)}"
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import math
 
@@ -689,6 +726,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 f"The {what} {vol.root}:{vol.key} holds {vol.dtype.name} values, not class labels; "
                 "evaluate a labels output (integers) against labels of the same classes."
             )
+    grid = _grid_difference(pred, truth)
+    if grid:  # same shape, another place or voxel size: compared voxel to voxel all the same
+        print(
+            f"Warning: the prediction and the ground truth lie on different grids ({grid}); "
+            "the Dice compares them voxel by voxel: check that they show the same region.",
+            file=sys.stderr,
+        )
     names = pred.class_names or truth.class_names
     n = max(len(names), 2)
     p, t = pred.data, truth.data.rechunk(pred.data.chunks)

@@ -233,3 +233,29 @@ def test_a_folder_inside_a_container_and_recent_again(make_napari_viewer, tmp_pa
     widget.path.value = str(tmp_path / "t.n5")
     widget.recent.value = str(tmp_path / "s.n5")
     assert widget.path.value == str(tmp_path / "s.n5")
+
+
+def test_a_label_multiset_is_listed_greyed_not_offered(make_napari_viewer, tmp_path, monkeypatch):
+    """A Paintera label multiset was a selectable uint8 pyramid: selecting it raised an error
+    notification, and Open the same again. Now it says it cannot be read and is not offered;
+    the raw beside it is."""
+    import json
+
+    import numpy as np
+
+    from napari_emparsl.core.volume import save_array
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    root = tmp_path / "paintera.n5"
+    save_array(root, "raw/data/s0", np.zeros((4, 8, 8), np.uint8))
+    save_array(root, "neurons/data/s0", np.zeros((4, 8, 8), np.uint8))
+    for source, kind in (("raw", "raw"), ("neurons", "label")):
+        (root / source / "attributes.json").write_text(json.dumps({"painteraData": {"type": kind}}))
+    meta = root / "neurons" / "data" / "s0" / "attributes.json"
+    meta.write_text(json.dumps(json.loads(meta.read_text()) | {"isLabelMultiset": True}))
+    widget = VolumeWidget(make_napari_viewer())
+    widget.path.value = str(root)
+    item = widget.datasets.item("neurons/data")
+    assert item_texts(item)[0] == "data  (cannot be read)" and item.isDisabled()
+    assert "a Paintera label multiset, which this version cannot read" in item.toolTip(0)
+    assert widget.datasets.native._openable == ["raw/data"]

@@ -321,6 +321,23 @@ def test_evaluate_dice_and_what_is_not_labels(capsys, tmp_path):
     ):
         code, _, err = run(capsys, "evaluate", *args)
         assert code == 2 and message in err and err.count("\n") == 1
+    # same shape, other grid (µm at 100,20,30 against nm at 0): scored, and said (was silent)
+    save_array(tmp_path / "e.n5", "um", pred, voxel_size=(0.5, 0.2, 0.2), unit="um",
+               offset=(100, 20, 30))  # fmt: skip
+    save_array(tmp_path / "e.n5", "nm", truth, voxel_size=(500, 200, 200), unit="nm",
+               offset=(1e5, 2e4, 3e4))  # fmt: skip
+    save_array(tmp_path / "e.n5", "nm0", truth, voxel_size=(40, 4, 4), unit="nm")
+    code, out, err = run(capsys, "evaluate", f"{e}:um", f"{e}:nm0")
+    assert code == 0 and "Dice" in out
+    assert err.strip() == (
+        "Warning: the prediction and the ground truth lie on different grids (0.5×0.2×0.2 um "
+        "voxels at 100, 20, 30 against 40×4×4 nm voxels at 0, 0, 0); the Dice compares them "
+        "voxel by voxel: check that they show the same region."
+    )
+    code, out, err = run(capsys, "evaluate", f"{e}:um", f"{e}:truth")  # no voxel size: no word
+    assert code == 0 and err == ""
+    code, out, err = run(capsys, "evaluate", f"{e}:um", f"{e}:nm")  # the same grid in nm
+    assert code == 0 and err == ""
 
 
 def test_status_of_what_is_not_there(capsys, tmp_path, small_n5):

@@ -312,3 +312,20 @@ def test_outputs_are_not_hidden_inside_pyramids_or_paintera_sources(tmp_path):
     with pytest.raises(VolumeError, match="would lie inside the pyramid at the root of"):
         import_volume(str(tmp_path / "s.tif"), f"{root}:new")
     assert not (root / "new").exists()
+
+
+def test_info_says_offsets_multisets_and_a_paintera_sources_data(tmp_path, capsys):
+    from napari_emparsl.cli import main
+
+    root = tmp_path / "paintera.n5"
+    _paintera(root, multiset=True)
+    assert main(["info", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "s0  8×16×24 uint64  chunks 4×4×4  gzip  (a Paintera label multiset, which this " in out
+    assert main(["info", f"{root}:raw"]) == 0  # the source group: its tree, then its data
+    out = capsys.readouterr().out.splitlines()
+    assert "dataset      raw/data  (image)" in out
+    assert "offset       0 × 0 × 0 nm" not in out  # no offset: no line
+    _group(root, "raw/data", {"offset": [40, 80, 400]})
+    assert main(["info", f"{root}:raw"]) == 0
+    assert "offset       400 × 80 × 40 nm" in capsys.readouterr().out.splitlines()

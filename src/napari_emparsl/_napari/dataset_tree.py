@@ -138,10 +138,16 @@ class DatasetTree(ValueWidget):
                 unfinished = node.get("unfinished") or finest.get("unfinished")
                 if unfinished:  # an import still writing it, or one stopped mid-way
                     name += "  (unfinished)"
+                unreadable = node.get("unreadable") or finest.get("unreadable")
+                if unreadable:  # a Paintera label multiset: listed, greyed, not offered
+                    name += "  (cannot be read)"
                 item = QTreeWidgetItem(_row(node, finest, name))
                 item.setData(0, _KEY, key)
-                item.setToolTip(0, _tooltip(key, node, finest, unfinished))
-                if key in selectable:
+                tip = _tooltip(key, node, finest, unfinished)
+                item.setToolTip(0, f"{tip}; {unreadable}" if unreadable else tip)
+                if unreadable:
+                    item.setDisabled(True)
+                if key in selectable and not unreadable:
                     tree._openable.append(key)
                 else:  # a group, or one level of a pyramid: shown, opened with its pyramid
                     item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsSelectable)

@@ -985,6 +985,8 @@ def container_tree(path: str | os.PathLike) -> list[dict[str, Any]]:
             }
             if UNFINISHED in node.attrs:
                 entry["unfinished"] = node.attrs[UNFINISHED]
+            if node.attrs.get("isLabelMultiset") is True:  # varlength label lists per voxel
+                entry["unreadable"] = "a Paintera label multiset, which this version cannot read"
             try:  # a pyramid level may take its size from its group's attributes, or above
                 parts = node.key.split("/") if node.key else []
                 inside = [by_key["/".join(parts[:i])].attrs for i in range(len(parts) - 1, -1, -1)]
