@@ -1451,3 +1451,13 @@ def test_a_rectangle_on_voxel_edges_of_micrometre_voxels_is_those_voxels(
     viewer.dims.set_point(0, world[0, 0])
     roi = widget.preview_region()
     assert (roi.begin[1:], roi.end[1:]) == ((32, 32), (64, 64))
+
+
+def test_the_tolerance_of_a_drawn_rectangle_holds_far_from_the_origin():
+    from napari_emparsl._napari.run_widget import _ceil, _floor
+
+    # 1e-3 voxel alone held up to ~32k voxels (a review)
+    voxel = 0.008  # µm; napari keeps shapes in float32
+    for i in (32, 32002, 150_001, 199_999):
+        drawn = float(np.float32(i * voxel)) / voxel
+        assert int(_floor(np.array([drawn]))[0]) == i and int(_ceil(np.array([drawn]))[0]) == i

@@ -118,3 +118,20 @@ def test_writer_replaces_only_a_layer_saved_before(tmp_path):
     assert write_labels(str(tmp_path / "w.n5"), np.ones((4, 4, 4), np.uint8), {"name": "mine"})
     assert write_labels(str(tmp_path / "w.n5" / "mine.n5"), np.full((4, 4, 4), 2, np.uint8), {})
     assert Volume.open(tmp_path / "w.n5", "mine").data.compute().min() == 2
+
+
+def test_a_layer_is_not_saved_where_nothing_would_list_it(tmp_path):
+    """Saved inside a pyramid group (or a Paintera source), a layer was written and then never
+    listed nor opened: refused in one sentence."""
+    from napari_emparsl._napari.writer import write_labels
+    from napari_emparsl.core.volume import write_pyramid
+
+    write_pyramid(tmp_path / "p.n5", "raw", np.zeros((8, 64, 64), np.uint8), chunks=(8, 32, 32))
+    with pytest.raises(VolumeError) as err:
+        write_labels(str(tmp_path / "p.n5" / "raw" / "edited"), np.zeros((8, 64, 64), np.uint32),
+                     {"name": "edited"})  # fmt: skip
+    assert str(err.value) == (
+        f"{tmp_path}/p.n5:raw/edited would lie inside the pyramid raw, where nothing but its "
+        "levels is listed or opened; save it under a name outside it."
+    )
+    assert not (tmp_path / "p.n5" / "raw" / "edited").exists()

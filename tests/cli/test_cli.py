@@ -336,6 +336,14 @@ def test_evaluate_dice_and_what_is_not_labels(capsys, tmp_path):
     )
     code, out, err = run(capsys, "evaluate", f"{e}:um", f"{e}:truth")  # no voxel size: no word
     assert code == 0 and err == ""
+    # offsets within a share of a voxel: a 20-voxel shift far from 0 is one (was within 0.1 % of
+    # the offset), float noise near 0 is not
+    save_array(tmp_path / "e.n5", "far", truth, voxel_size=(4, 4, 4), offset=(1e5, 0, 0))
+    save_array(tmp_path / "e.n5", "far20", truth, voxel_size=(4, 4, 4), offset=(1e5 + 80, 0, 0))
+    save_array(tmp_path / "e.n5", "noise", truth, voxel_size=(4, 4, 4), offset=(1e-5, 0, 0))
+    save_array(tmp_path / "e.n5", "zero", truth, voxel_size=(4, 4, 4))
+    assert "different grids" in run(capsys, "evaluate", f"{e}:far", f"{e}:far20")[2]
+    assert run(capsys, "evaluate", f"{e}:noise", f"{e}:zero")[2] == ""
     code, out, err = run(capsys, "evaluate", f"{e}:um", f"{e}:nm")  # the same grid in nm
     assert code == 0 and err == ""
 

@@ -98,8 +98,13 @@ def test_estimate_warns_tiny_and_huge_chunks():
     # a volume smaller than a chunk: one small file, nothing to advise (said "consider 64³")
     small = estimate(_zeros_source((5, 20, 20)), (64, 64, 64))
     assert small.warnings == ()
-    thin = estimate(_zeros_source((4, 20, 300)), (64, 64, 64))  # 4×20×64: as big as it gets
+    thin = estimate(_zeros_source((4, 20, 300)), (64, 64, 64))  # 24 KB in all: nothing to gain
     assert thin.warnings == ()
+    flat = estimate(_zeros_source((1, 4096, 4096)), (64, 64, 64), samples=1)  # 4,096 × 4 KiB
+    assert flat.warnings == (
+        "Chunks of 1×64×64 (4.0 KiB) give 4,096 files: tiny chunks strain shared filesystems; "
+        "consider 1×256×256 or larger.",
+    )
     huge = estimate(_zeros_source((300, 300, 300)), (300, 300, 300), samples=1)
     assert any("bigger than a GPU tile" in w for w in huge.warnings)
 

@@ -329,3 +329,24 @@ def test_info_says_offsets_multisets_and_a_paintera_sources_data(tmp_path, capsy
     _group(root, "raw/data", {"offset": [40, 80, 400]})
     assert main(["info", f"{root}:raw"]) == 0
     assert "offset       400 × 80 × 40 nm" in capsys.readouterr().out.splitlines()
+
+
+def test_what_is_listed_is_not_refused_and_suggestions_leave_pyramids(tmp_path, capsys):
+    # a review of the refusals above: the levels of a pyramid and a Paintera source's data are
+    # what those show, so writing them stays allowed; an input that is one level (raw/s0) got
+    # the output predictions/s0, which made `predictions` a one-level pyramid hiding the rest
+    from napari_emparsl.cli import main
+    from napari_emparsl.core.volume import hidden_output, suggest_output
+
+    root = tmp_path / "p.n5"
+    _paintera(root, multiset=True)
+    assert hidden_output(str(root), "raw/data") is None
+    assert hidden_output(str(root), "raw/data/s2") is None  # a new level
+    assert hidden_output(str(root), "raw/pred") is not None
+    assert suggest_output(str(root), "raw/data/s0") == f"{root}:predictions/raw"
+    assert main(["info", f"{root}:neurons"]) == 0  # its data cannot be read: the tree says so
+    assert "cannot read" in capsys.readouterr().out
+    rootpyr = tmp_path / "rootpyr.n5"
+    _ngff(rootpyr, "", ["s0", "s1"])
+    assert suggest_output(str(rootpyr), "s0") == f"{tmp_path}/rootpyr-predictions.n5:predictions"
+    assert hidden_output(str(rootpyr), "s1") is None and hidden_output(str(rootpyr), "x")

@@ -250,12 +250,14 @@ def _floor(values: np.ndarray) -> np.ndarray:
     """Voxel indices below world positions mapped to voxels, forgiving float error (napari keeps
     shapes in float32): a corner drawn on voxel 32 of 0.008 µm voxels maps to 31.99999…,
     which took voxel 31 and the blocks before it into the region."""
-    return np.floor(np.asarray(values, dtype=float) + 1e-3).astype(int)
+    v = np.asarray(values, dtype=float)
+    return np.floor(v + 1e-3 + np.abs(v) * 1e-6).astype(int)  # float32: ~1e-7 of the value
 
 
 def _ceil(values: np.ndarray) -> np.ndarray:
     """As :func:`_floor`, upwards (64.00001 is voxel 64, not 65)."""
-    return np.ceil(np.asarray(values, dtype=float) - 1e-3).astype(int)
+    v = np.asarray(values, dtype=float)
+    return np.ceil(v - 1e-3 - np.abs(v) * 1e-6).astype(int)
 
 
 class RunWidget(Container):

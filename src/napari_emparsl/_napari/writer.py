@@ -12,7 +12,7 @@ from typing import Any
 from napari_emparsl.core.ledger import OutputLock
 from napari_emparsl.core.n5attrs import VolumeError, find_container_root
 from napari_emparsl.core.paths import user_path
-from napari_emparsl.core.volume import save_array
+from napari_emparsl.core.volume import hidden_output, save_array
 
 
 def _target(path: str, layer_name: str) -> tuple[str, str]:
@@ -57,6 +57,11 @@ def _write(path: str, data: Any, meta: dict[str, Any], labels: bool) -> list[str
     # not exist, and Qt's save dialog enters an existing folder rather than asking. So only a
     # layer saved here before is replaced (saving an edited layer again); a run's output, an
     # import, the sample or ground truth of the same name is not (it was, without a word)
+    hidden = hidden_output(root, key)
+    if hidden:  # saved, then neither listed nor opened
+        raise VolumeError(
+            f"{root}:{key} would lie inside {hidden}; save it under a name outside it."
+        )
     target = os.path.join(root, key)
     replace = os.path.exists(target)
     if replace and not _saved_layer(target):

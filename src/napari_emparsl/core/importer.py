@@ -630,13 +630,19 @@ def estimate(
             comp_total += _compress(block.tobytes(), compression)
     ratio = comp_total / raw_total if raw_total else 1.0
     warnings = []
-    # (chunks that are the whole volume, or 64 along every axis it is that long, are not tiny
-    # by choice: a 5×20×20 volume is one file of 2 KiB, and the warning said to use 64³)
-    could_grow = any(c < min(64, s) for c, s in zip(chunks, shape, strict=True))
+    # (a volume of a few tiny chunks has nothing to gain: a 5×20×20 stack, one file of 2 KiB,
+    # was told to use 64³; a 1×4096×4096 image in 1×64×64 chunks has: 4,096 files of 4 KiB)
+    could_grow = n_files > 1 and raw_bytes >= TINY_CHUNK_BYTES
     if (chunk_bytes < TINY_CHUNK_BYTES and could_grow) or n_files > MANY_FILES:
+        better = [min(64, s) for s in shape]  # grown in y, x first where z is thin (one slice)
+        while math.prod(better) * itemsize < TINY_CHUNK_BYTES and (
+            better[1] < shape[1] or better[2] < shape[2]
+        ):
+            better[1:] = [min(2 * b, s) for b, s in zip(better[1:], shape[1:], strict=True)]
         warnings.append(
             f"Chunks of {'×'.join(map(str, chunks))} ({human_size(chunk_bytes)}) give {n_files:,} "
-            f"file{'s' if n_files != 1 else ''}: tiny chunks strain shared filesystems; consider 64×64×64 or larger."
+            f"file{'s' if n_files != 1 else ''}: tiny chunks strain shared filesystems; consider "
+            f"{'×'.join(map(str, better))} or larger."
         )
     if math.prod(chunks) > HUGE_CHUNK_VOXELS:
         warnings.append(

@@ -136,17 +136,24 @@ def suggest_output(root: str, key: str) -> str:
     or, where that cannot be written (a read-only data disk), in a container of the same name
     in ``~/emparsl-predictions``."""
     parts = [p for p in key.split("/") if p]
+    if parts and level_index(root, "/".join(parts)) is not None:
+        parts.pop()  # one level of a pyramid (raw/s0): named after its pyramid
     if len(parts) > 1 and parts[-1] == "data":  # Paintera's raw/data: named after its source
         parts.pop()
-    if not os.access(root, os.W_OK):
-        home = os.path.join(os.path.expanduser("~"), "emparsl-predictions")
-        root = os.path.join(home, os.path.basename(os.path.normpath(root)))
+    home = os.path.join(os.path.expanduser("~"), "emparsl-predictions")
     if not parts:  # the container's root is the volume: nothing can go inside it
         base = os.path.normpath(root)
         stem = os.path.basename(base)
         stem = stem[:-3] if stem.lower().endswith(".n5") else stem
-        return f"{os.path.join(os.path.dirname(base), stem + '-predictions.n5')}:predictions"
+        folder = os.path.dirname(base)
+        folder = folder if os.access(folder or ".", os.W_OK) else home
+        return f"{os.path.join(folder, stem + '-predictions.n5')}:predictions"
+    if not os.access(root, os.W_OK):
+        root = os.path.join(home, os.path.basename(os.path.normpath(root)))
     return f"{root}:predictions/{parts[-1]}"
+
+
+_LEVEL_NAME = re.compile(r"^s\d+$")
 
 
 def hidden_output(root: str, key: str) -> str | None:
@@ -166,9 +173,11 @@ def hidden_output(root: str, key: str) -> str | None:
         if is_dataset_attrs(attrs):
             break  # refused elsewhere: a dataset holds nothing
         where = above or f"at the root of {root}"
-        if pyramid_levels(directory, attrs):
+        below = "/".join(parts[n:])  # the key from this group down
+        levels = pyramid_levels(directory, attrs)
+        if levels and not (below in levels or (n == len(parts) - 1 and _LEVEL_NAME.match(below))):
             return f"the pyramid {where}, where nothing but its levels is listed or opened"
-        if isinstance(attrs.get("painteraData"), dict):
+        if isinstance(attrs.get("painteraData"), dict) and parts[n] != "data":
             return f"the Paintera source {where}, where nothing but its data is listed or opened"
     return None
 

@@ -634,8 +634,9 @@ class Run:
             _refuse_output_over_input(self.output, self.output_key, src)
         hidden = hidden_output(self.output_root, self.output_key)
         if hidden:  # it would be written, and then neither listed nor opened
-            elsewhere = suggest_output(self.output_root, "")
-            instead = elsewhere if "at the root" in hidden else f"{self.output_root}:predictions"
+            instead = suggest_output(src.root, src.key)
+            if hidden_output(*parse_spec(instead)) or instead == self.output:
+                instead = suggest_output(self.output_root, "")  # beside the container
             raise RunError(
                 f"The output {self.output} would lie inside {hidden}; choose a name outside it, "
                 f"e.g. {instead}."
