@@ -634,7 +634,7 @@ class Run:
             _refuse_output_over_input(self.output, self.output_key, src)
         hidden = hidden_output(self.output_root, self.output_key)
         if hidden:  # it would be written, and then neither listed nor opened
-            instead = suggest_output(src.root, src.key)
+            instead = suggest_output(self.output_root, src.key)  # in the container asked for
             if hidden_output(*parse_spec(instead)) or instead == self.output:
                 instead = suggest_output(self.output_root, "")  # beside the container
             raise RunError(
