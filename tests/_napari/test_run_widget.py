@@ -27,12 +27,18 @@ def sample_path(tmp_path):
     return path
 
 
-def _setup(viewer, sample_path):
-    layers = viewer.open(str(sample_path / "raw"), plugin=PLUGIN)
+def _panel_on(viewer, path):
+    """The run panel docked in ``viewer``, on the volume at ``path`` (opened as a layer)."""
+    [layer] = viewer.open(str(path), plugin=PLUGIN)
     widget = RunWidget(viewer)
     viewer.window.add_dock_widget(widget)
     widget.input.reset_choices()
-    widget.input.value = layers[0]
+    widget.input.value = layer
+    return widget
+
+
+def _setup(viewer, sample_path):
+    widget = _panel_on(viewer, sample_path / "raw")
     widget.model.value = "unet3d-em"
     widget.output.value = f"{sample_path}:pred"
     widget.block.value = "64"  # 8 blocks on the 128³ sample (the model's default 128³ is one)
@@ -1162,11 +1168,7 @@ def test_a_unit_napari_does_not_know_makes_layers_without_units(
             meta["pixelResolution"]["unit"] = "voxel"
         attrs.write_text(json.dumps(meta | ({"unit": "voxel"} if "unit" in meta else {})))
     viewer = make_napari_viewer()
-    [layer] = viewer.open(str(tmp_path / "v.n5" / "raw"), plugin=PLUGIN)
-    widget = RunWidget(viewer)
-    viewer.window.add_dock_widget(widget)
-    widget.input.reset_choices()
-    widget.input.value = layer
+    widget = _panel_on(viewer, tmp_path / "v.n5" / "raw")
     widget.site.value = "threads"
     widget.model_file.value = str(model)
     widget.output.value = f"{tmp_path}/v.n5:pred"
@@ -1176,7 +1178,8 @@ def test_a_unit_napari_does_not_know_makes_layers_without_units(
     assert len(widget.failed_list.choices) == 1, widget.status.value
     out, boxes = widget._output_layer, viewer.layers["failed blocks"]
     assert out in viewer.layers and tuple(out.scale) == (2.0, 1.0, 1.0)
-    assert out.units == boxes.units == layer.units  # napari's default (pixels) on all three
+    # napari's default (pixels) on all three
+    assert out.units == boxes.units == widget.input.value.units
     assert np.asarray(out.data[:, :, 32:]).all() and not np.asarray(out.data[:, :32, :32]).any()
 
 
@@ -1439,11 +1442,7 @@ def test_a_rectangle_on_voxel_edges_of_micrometre_voxels_is_those_voxels(
     save_array(tmp_path / "um.n5", "raw", data, voxel_size=(0.008,) * 3, unit="um",
                offset=(0.1, 0.3, 0.7))  # fmt: skip
     viewer = make_napari_viewer()
-    [layer] = viewer.open(str(tmp_path / "um.n5" / "raw"), plugin=PLUGIN)
-    widget = RunWidget(viewer)
-    viewer.window.add_dock_widget(widget)
-    widget.input.reset_choices()
-    widget.input.value = layer
+    widget = _panel_on(viewer, tmp_path / "um.n5" / "raw")
     z = 5
     corners = np.array([[z, 32, 32], [z, 32, 64], [z, 64, 64], [z, 64, 32]], float)
     world = corners * 0.008 + np.array([0.1, 0.3, 0.7])

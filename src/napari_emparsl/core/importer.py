@@ -630,9 +630,9 @@ def estimate(
             comp_total += _compress(block.tobytes(), compression)
     ratio = comp_total / raw_total if raw_total else 1.0
     warnings = []
-    # (a volume of a few tiny chunks has nothing to gain: a 5×20×20 stack, one file of 2 KiB,
-    # was told to use 64³; a 1×4096×4096 image in 1×64×64 chunks has: 4,096 files of 4 KiB)
-    could_grow = n_files > 1 and raw_bytes >= TINY_CHUNK_BYTES
+    # (a few tiny chunks strain nothing: a 5×20×20 stack, one file of 2 KiB, was told to use
+    # 64³; a 1×4096×4096 image in 1×64×64 chunks is 4,096 files of 4 KiB)
+    could_grow = n_files > 64
     if (chunk_bytes < TINY_CHUNK_BYTES and could_grow) or n_files > MANY_FILES:
         better = [min(64, s) for s in shape]  # grown in y, x first where z is thin (one slice)
         while math.prod(better) * itemsize < TINY_CHUNK_BYTES and (
