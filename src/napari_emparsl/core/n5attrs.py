@@ -542,6 +542,11 @@ def is_zarr(root: str) -> bool:
     return any(os.path.exists(os.path.join(root, m)) for m in (".zgroup", ".zarray", "zarr.json"))
 
 
+def is_level_name(name: str) -> bool:
+    """Whether ``name`` is a pyramid level's name in the ``s0, s1, …`` convention."""
+    return bool(_LEVEL_RE.match(name))
+
+
 def multiscale_paths(attrs: dict[str, Any]) -> list[str] | None:
     """The level paths a group's ``multiscales`` lists (OME-NGFF, as Fiji's N5 export and
     n5-universe write it into N5; COSEM), finest first; None without a usable list."""

@@ -36,6 +36,7 @@ from napari_emparsl.core.n5attrs import (
     find_container_root,
     is_container,
     is_dataset_attrs,
+    is_level_name,
     is_zarr,
     level_index,
     looks_like_labels,
@@ -153,9 +154,6 @@ def suggest_output(root: str, key: str) -> str:
     return f"{root}:predictions/{parts[-1]}"
 
 
-_LEVEL_NAME = re.compile(r"^s\d+$")
-
-
 def hidden_output(root: str, key: str) -> str | None:
     """Where a dataset written at ``key`` would be hidden, said in words, or None: inside a
     pyramid group (its levels are all it shows) or a Paintera source (which shows its
@@ -175,7 +173,7 @@ def hidden_output(root: str, key: str) -> str | None:
         where = above or f"at the root of {root}"
         below = "/".join(parts[n:])  # the key from this group down
         levels = pyramid_levels(directory, attrs)
-        if levels and not (below in levels or (n == len(parts) - 1 and _LEVEL_NAME.match(below))):
+        if levels and not (below in levels or (n == len(parts) - 1 and is_level_name(below))):
             return f"the pyramid {where}, where nothing but its levels is listed or opened"
         if isinstance(attrs.get("painteraData"), dict) and parts[n] != "data":
             return f"the Paintera source {where}, where nothing but its data is listed or opened"
