@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import re
+import subprocess
+import sys
 import weakref
 
 import numpy as np
@@ -1460,3 +1463,41 @@ def test_the_tolerance_of_a_drawn_rectangle_holds_far_from_the_origin():
     for i in (32, 32002, 150_001, 199_999):
         drawn = float(np.float32(i * voxel)) / voxel
         assert int(_floor(np.array([drawn]))[0]) == i and int(_ceil(np.array([drawn]))[0]) == i
+
+
+PANELS_OPEN_SCRIPT = """
+import sys, threading, time
+
+importers = []
+
+def hook(event, args):
+    if event == "import" and args[0] == "torch" and not importers:
+        importers.append(threading.current_thread().name)
+
+sys.addaudithook(hook)
+import napari
+
+viewer = napari.Viewer(show=False)
+opened = {}
+for name in ("N5 volumes", "Run model (preview, full run)", "Compute sites", "Runs"):
+    start = time.perf_counter()
+    _, panel = viewer.window.add_plugin_dock_widget("napari-emparsl", name)
+    opened[name] = time.perf_counter() - start
+    if hasattr(panel, "_preloaded"):
+        assert panel._preloaded.wait(120)
+print("opened", opened, flush=True)
+print("torch imported first by", importers, flush=True)
+viewer.close()
+"""
+
+
+@pytest.mark.skipif(not os.environ.get("DISPLAY"), reason="needs a display (run under xvfb-run)")
+def test_opening_the_panels_leaves_torch_import_to_a_background_thread():
+    # In a fresh process, as a user opens napari: importing torch takes 1.5-2.5 s here, and the
+    # run panel describing its built-in model imported it on the Qt thread (napari froze as the
+    # panel opened). The panel's preload imports it in the background.
+    proc = subprocess.run(
+        [sys.executable, "-c", PANELS_OPEN_SCRIPT], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch imported first by ['emparsl-preload']" in proc.stdout, proc.stdout

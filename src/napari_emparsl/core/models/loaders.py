@@ -211,8 +211,10 @@ def missing_description(model: str, options: Mapping[str, Any] | None = None) ->
     missing = [k for k in ("kind", "halo") if k not in given]
     if "kind" not in given and "classes" not in given:
         missing.append("classes")  # labels: one name per output channel
-    if os.path.isfile(path) and find_package(path) is None:
-        # what it is, as loading it finds (a state dict: mapped, not read, from its file)
+    if model not in BUILTIN_MODELS and os.path.isfile(path) and find_package(path) is None:
+        # what it is, as loading it finds (a state dict: mapped, not read, from its file); a
+        # built-in model is ours and described: looking needs torch, whose import (~1.5 s) would
+        # hold napari's Qt thread as the run panel opens
         what, _ = _contents(path, bool(described.get("architecture")), mmap=True)
         if what == "state dict" and "architecture" not in given:
             missing.append("architecture")  # which built-in network to fill
