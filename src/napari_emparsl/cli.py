@@ -621,7 +621,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "error(s); `emparsl status --json` lists every one"
         )
     prov = out["provenance"]
-    print(f"input {prov['input']}, model {prov['model']} (sha256 {str(prov['model_sha256'])[:12]}…)"
+    print(f"input {str(prov['input']).removesuffix(':')}, model {prov['model']} (sha256 {str(prov['model_sha256'])[:12]}…)"
           + (f", options {_options_text(prov['model_options'])}" if prov["model_options"] else "")
           + f", block {prov['block']}, halo {prov['halo']}, site {prov['site']}, emparsl {prov['version']}"
           + (f", on {', '.join(out['devices'])}" if out["devices"] else ""))  # fmt: skip

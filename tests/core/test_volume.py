@@ -280,6 +280,14 @@ def test_dataset_at_the_container_root(tmp_path, capsys):
                  "--site", "threads"]) == 0  # fmt: skip
     assert Volume.open(tmp_path / "o.n5", "p").shape == (8, 16, 16)
     capsys.readouterr()
+    assert main(["status", out]) == 0  # the input named by its container alone, not "root.n5:"
+    assert f"\ninput {tmp_path}/root.n5, model unet3d-em" in capsys.readouterr().out
+    shutil.copytree(tmp_path / "root.n5", tmp_path / "copy.n5")
+    assert main(["run", "--input", str(tmp_path / "copy.n5"), "--model", model, "--output", out,
+                 "--site", "threads"]) == 2  # fmt: skip
+    assert f"made with the input {tmp_path}/root.n5, not {tmp_path}/copy.n5;" in (
+        capsys.readouterr().err
+    )
     assert main(["run", "--input", str(tmp_path / "root.n5"), "--model", model, "--output",
                  f"{tmp_path}/root.n5:p", "--site", "threads"]) == 2  # fmt: skip
     assert capsys.readouterr().err == (

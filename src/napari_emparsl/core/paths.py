@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["user_path"]
+__all__ = ["spec_text", "user_path"]
 
 
 def user_path(text: str | os.PathLike) -> str:
@@ -14,3 +14,9 @@ def user_path(text: str | os.PathLike) -> str:
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
         text = text[1:-1].strip()
     return os.path.expanduser(text)
+
+
+def spec_text(root: str, key: str) -> str:
+    """``root:key`` as messages show a dataset: the container alone for its root dataset (the
+    key empty), not ``root:``."""
+    return f"{root}:{key}" if key.strip("/") else root

@@ -69,6 +69,7 @@ from napari_emparsl.core.n5attrs import (
     pyramid_levels,
     read_attrs,
 )
+from napari_emparsl.core.paths import spec_text
 from napari_emparsl.core.volume import (
     UNFINISHED,
     Volume,
@@ -416,7 +417,8 @@ def _changes(last: Mapping[str, Any], src: Volume, spec: ModelSpec, block, halo)
 
     changed = []
     if last.get("input") != f"{src.root}:{src.key}":
-        changed.append(f"the input {last.get('input')}, not {src.root}:{src.key}")
+        was = str(last.get("input"))
+        changed.append(f"the input {was.removesuffix(':')}, not {spec_text(src.root, src.key)}")
     # a key the output's run did not know of (an older version) had its default value then
     old = ModelSpec().to_dict() | (last.get("spec") or {})
     new = spec.to_dict()
