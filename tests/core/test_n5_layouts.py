@@ -163,6 +163,63 @@ def test_bigdataviewer_factors_on_the_setup_group(tmp_path):
         assert size == pytest.approx(want)
 
 
+BDV_XML = """<?xml version="1.0" encoding="UTF-8"?>
+<SpimData version="0.2">
+  <BasePath type="relative">.</BasePath>
+  <SequenceDescription>
+    <ImageLoader format="bdv.n5" version="1.0">
+      <n5 type="relative">{n5}</n5>
+    </ImageLoader>
+    <ViewSetups>
+      <ViewSetup><id>0</id><name>0</name><size>24 16 8</size>
+        <voxelSize><unit>µm</unit><size>0.1 0.1 0.5</size></voxelSize></ViewSetup>
+      <ViewSetup><id>1</id><name>1</name><size>24 16 8</size>
+        <voxelSize><unit>nm</unit><size>4 4 40</size></voxelSize></ViewSetup>
+    </ViewSetups>
+    <Timepoints type="range"><first>0</first><last>0</last></Timepoints>
+  </SequenceDescription>
+</SpimData>
+"""
+
+
+def test_bigdataviewer_export_unit_and_voxel_size_from_its_dataset_xml(tmp_path):
+    # BigDataViewer's "Export to N5" (and BigStitcher) keep the unit in the project's
+    # dataset.xml beside the container: the N5 has a unit-less resolution on each time point
+    # (for Paintera) or none at all. µm data read as nm (1000x off) before.
+    root = tmp_path / "export.n5"
+    _group(root, "", {"n5": "2.0.0"})
+    for setup in (0, 1):
+        _group(root, f"setup{setup}", {"downsamplingFactors": [[1, 1, 1], [2, 2, 1]],
+                                       "dataType": "uint16"})  # fmt: skip
+        for i, step in enumerate([(1, 1, 1), (1, 2, 2)]):
+            _dataset(
+                root, f"setup{setup}/timepoint0/s{i}", RAMP[:: step[0], :: step[1], :: step[2]]
+            )
+    _group(root, "setup0/timepoint0", {"multiScale": True, "resolution": [0.1, 0.1, 0.5]})
+    vol = Volume.open(root, "setup0/timepoint0")
+    assert vol.unit == "nm"  # no project beside it: EM's default
+    (tmp_path / "dataset.xml").write_text(BDV_XML.format(n5="export.n5"), encoding="utf-8")
+    (tmp_path / "other.xml").write_text("<notes>not a project</notes>")
+    vol = Volume.open(root, "setup0/timepoint0")
+    assert vol.unit == "µm"
+    assert vol.level_voxel_sizes[1] == pytest.approx((0.5, 0.2, 0.2))
+    level = Volume.open(root, "setup0/timepoint0/s1")  # a level alone
+    assert (level.unit, level.voxel_size) == ("µm", pytest.approx((0.5, 0.2, 0.2)))
+    # setup 1's time point has no resolution of its own: the project's voxel size, N5 order
+    vol = Volume.open(root, "setup1/timepoint0")
+    assert (vol.unit, vol.voxel_size) == ("nm", pytest.approx((40.0, 4.0, 4.0)))
+    tree = {n["key"]: n for n in container_tree(root)}
+    assert tree["setup0/timepoint0/s1"]["unit"] == "µm"
+    assert tree["setup0/timepoint0/s1"]["voxel_size"] == pytest.approx([0.5, 0.2, 0.2])
+    assert tree["setup1/timepoint0/s0"]["voxel_size"] == pytest.approx([40.0, 4.0, 4.0])
+    # a project of another container, or a damaged one, says nothing of this one
+    (tmp_path / "dataset.xml").write_text(BDV_XML.format(n5="elsewhere.n5"), encoding="utf-8")
+    assert Volume.open(root, "setup0/timepoint0").unit == "nm"
+    (tmp_path / "dataset.xml").write_text(BDV_XML.format(n5="export.n5")[:-40])
+    assert Volume.open(root, "setup0/timepoint0").unit == "nm"
+    assert not any(p.name == "dataset.xml" for p in root.iterdir())  # nothing written
+
+
 def _paintera(root: Path, multiset: bool = False) -> None:
     _group(root, "", {"n5": "2.0.0"})
     for source, kind, dtype in (("raw", "raw", np.uint8), ("neurons", "label", np.uint64)):

@@ -20,6 +20,8 @@ Conventions understood
   offset, in the order ``order`` (or ``ordering``) says (``C`` when absent). It comes first: its
   ``translate`` is the offset (pyramid levels are shifted by half a voxel there), which
   ``pixelResolution`` beside it cannot say.
+- BigDataViewer projects: a ``setupN`` group's voxel size and unit from the project's XML
+  beside the container (:func:`bdv_setup_attrs`); its N5 keeps a unit-less ``resolution``.
 - ``offset``: world offset of voxel 0, same order rules as ``resolution``; a dataset without
   one takes the nearest group's above it (Paintera keeps it on the pyramid group).
 
@@ -426,9 +428,97 @@ def _unit_of(attrs: dict[str, Any]) -> str | None:
 
 def ancestor_attrs(root: str, key: str) -> list[dict[str, Any]]:
     """Attributes of the groups above ``key`` in the container at ``root``, nearest first, the
-    root's last (``[]`` for the root itself)."""
+    root's last (``[]`` for the root itself); a BigDataViewer setup group's with what the
+    ``dataset.xml`` beside the container says of it (:func:`bdv_setup_attrs`)."""
     parts = [p for p in key.split("/") if p]
-    return [read_attrs(os.path.join(root, *parts[:i])) for i in range(len(parts) - 1, -1, -1)]
+    return [
+        read_attrs(os.path.join(root, *parts[:i])) | bdv_setup_attrs(root, "/".join(parts[:i]))
+        for i in range(len(parts) - 1, -1, -1)
+    ]
+
+
+_BDV_SETUP_RE = re.compile(r"setup(\d+)")
+_BDV_XML_MAX = 64 * 2**20  # a larger "XML" beside the container is no BigDataViewer project
+_BDV_CACHE: dict[tuple[Any, ...], dict[int, dict[str, Any]]] = {}
+
+
+def bdv_setup_attrs(root: str, key: str) -> dict[str, Any]:
+    """What a BigDataViewer project (``dataset.xml``, any ``*.xml`` beside the container whose
+    ``bdv.n5`` image loader names it) says of the setup group ``key`` (``setup0``): its voxel
+    size (``resolution``, N5 order) and ``unit``. BigDataViewer's "Export to N5" and
+    BigStitcher keep the unit there only (the N5 has a unit-less ``resolution``): µm data read
+    as nm without it. ``{}`` for any other key, or where no project names the container."""
+    match = _BDV_SETUP_RE.fullmatch(key)
+    if match is None:
+        return {}
+    return dict(_bdv_setups(root).get(int(match.group(1)), {}))
+
+
+def _bdv_setups(root: str) -> dict[int, dict[str, Any]]:
+    """Setup id -> ``{"resolution": [x, y, z], "unit": …}`` from the projects beside ``root``."""
+    folder = os.path.dirname(os.path.abspath(root))
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.lower().endswith(".xml"))
+        stats = [os.stat(os.path.join(folder, n)) for n in names]
+    except OSError:
+        return {}
+    files = [
+        (n, st.st_mtime_ns, st.st_size)
+        for n, st in zip(names, stats, strict=True)
+        if st.st_size <= _BDV_XML_MAX
+    ]
+    cache_key = (os.path.realpath(root), tuple(files))
+    if cache_key not in _BDV_CACHE:
+        found: dict[int, dict[str, Any]] = {}
+        for name, _, _ in files:
+            found = _bdv_project(os.path.join(folder, name), cache_key[0])
+            if found:
+                break
+        if len(_BDV_CACHE) > 64:
+            _BDV_CACHE.clear()
+        _BDV_CACHE[cache_key] = found
+    return _BDV_CACHE[cache_key]
+
+
+def _bdv_project(xml: str, root: str) -> dict[int, dict[str, Any]]:
+    """The setups of the BigDataViewer project ``xml`` if its image loader is the N5 container
+    ``root`` (a real path), else ``{}``. A file that is no such project is passed over."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        tree = ET.parse(xml)
+    except (ET.ParseError, OSError, ValueError):
+        return {}
+    loader = tree.getroot().find("SequenceDescription/ImageLoader")
+    if loader is None or not str(loader.get("format", "")).startswith("bdv.n5"):
+        return {}
+    n5 = loader.find("n5")
+    if n5 is None or not (n5.text or "").strip():
+        return {}
+    where = n5.text.strip()
+    if n5.get("type") == "relative":
+        where = os.path.join(os.path.dirname(xml), where)
+    if os.path.realpath(where) != root:
+        return {}
+    setups: dict[int, dict[str, Any]] = {}
+    for setup in tree.getroot().iterfind("SequenceDescription/ViewSetups/ViewSetup"):
+        try:
+            number = int((setup.findtext("id") or "").strip())
+        except ValueError:
+            continue
+        entry: dict[str, Any] = {}
+        unit = (setup.findtext("voxelSize/unit") or "").strip()
+        if unit:
+            entry["unit"] = unit
+        try:
+            size = [float(v) for v in (setup.findtext("voxelSize/size") or "").split()]
+        except ValueError:
+            size = []
+        if size and all(math.isfinite(v) and v > 0 for v in size):
+            entry["resolution"] = size  # x, y, z: N5 order
+        if entry:
+            setups[number] = entry
+    return setups
 
 
 def level_index(root: str, key: str) -> int | None:

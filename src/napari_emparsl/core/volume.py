@@ -31,6 +31,7 @@ from napari_emparsl.core.n5attrs import (
     VolumeError,
     ancestor_attrs,
     axes_c_order,
+    bdv_setup_attrs,
     check_dataset_attrs,
     compression_of,
     find_container_root,
@@ -976,7 +977,13 @@ def container_tree(path: str | os.PathLike) -> list[dict[str, Any]]:
         )
     base = os.path.join(root, sub) if sub else root
     out = []
-    nodes = walk_tree(base)
+    nodes = [  # a BigDataViewer setup group: with what its dataset.xml says (voxel size, unit)
+        Node(n.key, n.kind, n.attrs | extra, n.levels)
+        if n.kind == "group"
+        and (extra := bdv_setup_attrs(root, "/".join(p for p in (sub, n.key) if p)))
+        else n
+        for n in walk_tree(base)
+    ]
     by_key = {node.key: node for node in nodes}
     above = ancestor_attrs(root, sub) if sub else []  # the groups above the listed folder
     for node in nodes:
