@@ -736,9 +736,16 @@ def test_model_without_description_is_asked_for_what_it_lacks(
     assert "not described" not in widget.model_info.value
     assert widget.model_info.value.startswith("image, 1 channel(s)")
     assert "halo [2, 2, 2]" in widget.model_info.value
-    # a state dict says nothing about its network either
+    # a state dict says nothing about its network either; telling one from a pickled module
+    # needs torch, which the panel leaves to its preload: before it is done the panel does not
+    # import it (~1.5 s of a frozen napari in a fresh process), and asks once it is
     torch.save(m.state_dict(), tmp_path / "weights.pt")
+    qtbot.waitUntil(widget._preloaded.is_set, timeout=60_000)
+    widget._preloaded.clear()  # as while napari's first panel is still importing torch
     widget.model_file.value = str(tmp_path / "weights.pt")
+    assert widget.model_info.value == "image, 1 channel(s); 1 input channel(s); 3D; halo [2, 2, 2]"
+    widget._preloaded.set()
+    qtbot.waitUntil(lambda: "architecture" in widget.model_info.value, timeout=5_000)
     assert "architecture" in widget.model_info.value.split("not described: set ")[1]
     # the options reach the run: the preview computes with them
     widget.model_file.value = str(tmp_path / "bare.pt")

@@ -14,6 +14,7 @@ import gc
 import logging
 import os
 import re
+import sys
 import threading
 import time
 import weakref
@@ -269,6 +270,7 @@ class RunWidget(Container):
         napari_fixes.apply()  # a napari crash on removing a layer (see the module)
         self._worker = None
         self._run = None
+        self._looked_inside = True  # the model file looked into (see _describe_model)
         self._dirty = False
         self._output_layer = None
         self._live = None  # the output layer's LiveN5Array (its finest level)
@@ -508,9 +510,13 @@ class RunWidget(Container):
         """Once, after the preload: its imports add ~300,000 objects, and Python's next full
         collection (~150 ms) then comes on the Qt thread (objects it frees may be Qt's). Done
         now, while the panel has just opened — not when a run adds its output layer."""
-        if not self._collected and self._preloaded.is_set():
+        if not self._preloaded.is_set():
+            return
+        if not self._collected:
             self._collected = True
             gc.collect()
+        if not self._looked_inside:  # described before torch was there to look inside
+            self._describe_model()
 
     # ------------------------------------------------------------------------------------------
     # choices
@@ -588,7 +594,12 @@ class RunWidget(Container):
         try:
             options = self._options()
             spec = describe_model(self._model(), options)
-            missing = missing_description(self._model(), options)
+            # what needs torch to tell (a state dict or a pickled module) waits for the
+            # preload's import of it: importing it here would freeze napari for ~1.5 s
+            preloaded = getattr(self, "_preloaded", None)
+            look = "torch" in sys.modules and (preloaded is None or preloaded.is_set())
+            self._looked_inside = look
+            missing = missing_description(self._model(), options, look_inside=look)
         except UserError as err:
             self.model_info.value = f"⚠ {panel_words(str(err))}"
             for field in (self.block, self.halo):  # no model: no defaults (it kept the last's)

@@ -192,13 +192,16 @@ def misnamed_description(model: str) -> str | None:
     )
 
 
-def missing_description(model: str, options: Mapping[str, Any] | None = None) -> list[str]:
+def missing_description(
+    model: str, options: Mapping[str, Any] | None = None, look_inside: bool = True
+) -> list[str]:
     """Keys a model file needs but neither its sidecar nor ``options`` give (the GUI asks).
 
     A file that is no model emparsl can load (not a TorchScript or PyTorch file, a damaged
     zip, a pickle that needs code, a TorchScript model given an architecture) is refused as
     loading it would be: there is nothing to describe. ``architecture`` is asked for only of a
-    state dict.
+    state dict. ``look_inside=False``: what needs torch to tell (a state dict or a pickled
+    module) is not looked at — the file's first bytes and zip listing only.
     """
     path = resolve_model(model)
     described = _description(path)[0] | dict(options or {})
@@ -215,7 +218,12 @@ def missing_description(model: str, options: Mapping[str, Any] | None = None) ->
         # what it is, as loading it finds (a state dict: mapped, not read, from its file); a
         # built-in model is ours and described: looking needs torch, whose import (~1.5 s) would
         # hold napari's Qt thread as the run panel opens
-        what, _ = _contents(path, bool(described.get("architecture")), mmap=True)
+        architecture = bool(described.get("architecture"))
+        if not look_inside:
+            if _file_kind(path, architecture) == "torchscript" and architecture:
+                raise ModelError(_torchscript_with_architecture(path))
+            return missing
+        what, _ = _contents(path, architecture, mmap=True)
         if what == "state dict" and "architecture" not in given:
             missing.append("architecture")  # which built-in network to fill
     return missing
