@@ -975,6 +975,19 @@ def test_multichannel_image_output_streams_the_slice_on_screen(
     _wait_idle(qtbot, widget)
     layer = widget._output_layer
     assert layer._type_string == "image" and layer.ndim == 4
+    # in nm beside the raw volume: without units napari dropped them for every layer
+    # ("Inconsistent units across layers") and the scale bar lost its unit
+    assert [str(u) for u in layer.units] == ["pixel"] + ["nanometer"] * 3
+    assert [str(u) for u in viewer.layers.units] == ["pixel"] + ["nanometer"] * 3
+    # opened as one layer per channel (File > Open), then previewed again: the live layer
+    # takes their place, not a second copy beside them
+    viewer.layers.remove(layer)
+    split = viewer.open(f"{sample_path}/logits", plugin=PLUGIN)
+    assert [lyr.name for lyr in split] == ["logits_c0", "logits_c1", "logits_c2"]
+    widget.preview_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    layer = widget._output_layer
+    assert [lyr.name for lyr in viewer.layers] == ["raw", "logits"] and layer.ndim == 4
     widget._run = type("R", (), {"blocks": {b.id: b for b in plan_blocks(
         (128, 128, 128), (64, 64, 64), (0, 0, 0))}})()  # fmt: skip
     try:

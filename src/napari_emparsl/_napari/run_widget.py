@@ -1327,6 +1327,14 @@ class RunWidget(Container):
             self._viewer.layers.remove(layer)  # made anew
             layer = None
         if layer is None:
+            # the output opened before as one layer per channel (File > Open): the live layer
+            # takes their place, not a second copy beside them
+            for lyr in [
+                lyr
+                for lyr in self._viewer.layers
+                if _source_of(lyr) == (out.root, out.key) and "channels" in lyr.metadata["emparsl"]
+            ]:
+                self._viewer.layers.remove(lyr)
             add = self._viewer.add_labels if out.is_labels else self._viewer.add_image
             # as napari spells it; none where it is no length napari knows (voxel: a traceback)
             unit = napari_unit(out.unit)
@@ -1339,7 +1347,7 @@ class RunWidget(Container):
                 if live.ndim == 4:  # one channel axis first: napari shows it as a slider
                     kwargs["scale"] = (1.0, *out.voxel_size)
                     kwargs["translate"] = (0.0, *out.offset[-3:])
-                    kwargs["units"] = None
+                    kwargs["units"] = ("pixel", *units) if units else None  # channels: none
                 # widened as blocks finish
                 kwargs["contrast_limits"] = (0.0, 255.0 if out.dtype == np.uint8 else 1.0)
             if out.is_labels and out.class_names:  # the status bar names the class
