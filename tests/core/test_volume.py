@@ -94,6 +94,9 @@ def test_pyramid_written_and_detected(tmp_path):
     np.testing.assert_array_equal(vol.pyramid[0].compute(), data)
     expected_s1 = data[:, :70, :90].reshape(40, 35, 2, 45, 2).mean(axis=(2, 4))
     np.testing.assert_allclose(vol.pyramid[1].compute(), np.round(expected_s1), atol=1)
+    # a level opened alone lies where its means came from: (factor - 1) / 2 finest voxels on
+    assert Volume.open(tmp_path / "p.n5", "raw/s1").offset == (0.0, 5.0, 5.0)
+    assert Volume.open(tmp_path / "p.n5", "raw/s2").offset == (15.0, 15.0, 15.0)
     again = Volume.open(tmp_path / "p.n5")  # the only pyramid, found without a key
     assert again.key == "raw" and again.is_multiscale
 
@@ -106,6 +109,7 @@ def test_label_pyramid_is_not_averaged(tmp_path):
     assert vol.is_labels
     for level in vol.pyramid[1:]:
         assert set(np.unique(level.compute())) <= {0, 7, 1000}
+    assert Volume.open(tmp_path / "l.n5", "seg/s1").offset == (0.0, 0.0, 0.0)  # first voxels
 
 
 def test_bdv_style_pyramid_with_group_scales(tmp_path):

@@ -107,6 +107,8 @@ def test_labels_output_levels_match_level_0_and_resume(tmp_path, save_model, big
     np.testing.assert_array_equal(coarse, fine[::2, ::2, ::2])  # labels are never averaged
     assert vol.level_chunks()[1] == (16, 32, 32)  # whole chunks of one block each
     np.testing.assert_allclose(vol.level_voxel_sizes[1], (20, 16, 16))
+    # a level opened alone lies where its voxels came from: labels keep each window's first
+    assert Volume.open(out, "seg/s1").offset == (0.0, 0.0, 0.0)
 
 
 def test_image_output_levels_are_means_also_with_channels(tmp_path, save_model, big_volume):
@@ -122,6 +124,10 @@ def test_image_output_levels_are_means_also_with_channels(tmp_path, save_model, 
     expected = np.stack([data, 1.0 - data]).astype(np.float64)
     expected = expected.reshape(2, 32, 2, 96, 2, 96, 2).mean(axis=(2, 4, 6))
     np.testing.assert_allclose(coarse, expected, atol=1e-6)
+    # a mean's centre lies half a finest voxel on (10 × 8 × 8 nm voxels): opened alone (or
+    # run on), the level lies where its voxels came from
+    level = Volume.open(out, "img/s1")
+    assert level.offset == (5.0, 4.0, 4.0) and level.voxel_size == (20.0, 16.0, 16.0)
 
 
 def test_image_output_as_uint8_maps_its_range_and_resumes_an_older_output(

@@ -670,7 +670,12 @@ class Volume:
                     "downsamplingFactors": list(reversed(fac)),
                     "pixelResolution": {"dimensions": list(reversed(vs)), "unit": unit},
                 }
-                | ({"offset": geometry["offset"]} if "offset" in geometry else {})
+                | _level_offset(
+                    geometry.get("offset"),
+                    vs,
+                    fac[-spatial:],
+                    bool(attrs) and attrs.get("layer_type") == "labels",
+                )
                 | ({"layer_type": attrs["layer_type"]} if attrs and "layer_type" in attrs else {})
                 | written  # also where one level is opened as the input
             )
@@ -912,6 +917,24 @@ def _prepare_output(root: str, key: str, overwrite: bool) -> None:
         # always a root attributes.json: z5py and N5-Java need it to open the container
         with open(os.path.join(root, ATTRS), "w", encoding="utf-8") as f:
             f.write('{"n5": "2.0.0"}')
+
+
+def _level_offset(
+    offset: Sequence[float] | None,
+    voxel_size: Sequence[float],
+    factors: Sequence[int],
+    labels: bool,
+) -> dict[str, Any]:
+    """A pyramid level's ``offset`` attribute (N5 order, as ``offset`` is given): where its
+    voxel 0's centre lies. Labels keep the first voxel of each window: the finest level's
+    offset. Images take the window's mean, whose centre lies (factor - 1) / 2 finest voxels
+    further (COSEM's levels likewise): a level opened alone, or run on, lies where its voxels
+    came from. ``{}`` where there is nothing to say (no offset, labels, or the finest level)."""
+    base = [float(o) for o in offset] if offset is not None else [0.0] * len(factors)
+    if labels or all(int(f) == 1 for f in factors):
+        return {"offset": base} if offset is not None else {}
+    shift = [(int(f) - 1) / 2 * float(v) for f, v in zip(factors, voxel_size, strict=True)]
+    return {"offset": [b + d for b, d in zip(base, reversed(shift), strict=True)]}
 
 
 def _geometry_attrs(
@@ -1170,6 +1193,7 @@ def write_pyramid(
                 "pixelResolution": {"dimensions": list(reversed(voxel_size)), "unit": unit},
                 "layer_type": group_attrs["layer_type"],
             }
+            | _level_offset(None, voxel_size, fac, labels)
             | written
         )
         # one dask task per output chunk: no two tasks ever write the same chunk file
