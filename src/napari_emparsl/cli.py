@@ -730,6 +730,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 f"The {what} {vol.root}:{vol.key} holds {vol.dtype.name} values, not class labels; "
                 "evaluate a labels output (integers) against labels of the same classes."
             )
+        if vol.attrs.get("layer_type") == "image" and written_blocks(vol.root, vol.key):
+            raise VolumeError(  # a run's output: the image model's kind is known (uint8 out)
+                f"The {what} {vol.root}:{vol.key} is the output of an image model (intensities), "
+                "not class labels; evaluate a labels model's output against labels of the same "
+                "classes."
+            )
     grid = _grid_difference(pred, truth)
     if grid:  # same shape, another place or voxel size: compared voxel to voxel all the same
         print(

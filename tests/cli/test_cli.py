@@ -321,6 +321,23 @@ def test_evaluate_dice_and_what_is_not_labels(capsys, tmp_path):
     ):
         code, _, err = run(capsys, "evaluate", *args)
         assert code == 2 and message in err and err.count("\n") == 1
+    # an image model's uint8 output (a run's: its kind is known) is no labels: refused (its
+    # "Dice" was 0.000 for every class, exit 0)
+    import torch
+
+    torch.jit.save(torch.jit.script(torch.nn.Identity()), str(tmp_path / "same.pt"))
+    (tmp_path / "same.pt.yaml").write_text(
+        "kind: image\nout_channels: 1\nhalo: [0, 0, 0]\nout_dtype: uint8\nout_range: [0, 255]\n"
+    )
+    code, _, err = run(capsys, "run", "--input", f"{e}:raw", "--model", str(tmp_path / "same.pt"),
+                       "--output", f"{e}:restored", "--site", "threads")  # fmt: skip
+    assert code == 0 and Volume.open(e, "restored").dtype == np.uint8
+    code, _, err = run(capsys, "evaluate", f"{e}:restored", f"{e}:truth")
+    assert code == 2 and err == (
+        f"emparsl: error: The prediction {e}:restored is the output of an image model "
+        "(intensities), not class labels; evaluate a labels model's output against labels of the "
+        "same classes.\n"
+    )
     # same shape, other grid (µm at 100,20,30 against nm at 0): scored, and said (was silent)
     save_array(tmp_path / "e.n5", "um", pred, voxel_size=(0.5, 0.2, 0.2), unit="um",
                offset=(100, 20, 30))  # fmt: skip
