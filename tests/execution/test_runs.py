@@ -1340,6 +1340,15 @@ def test_a_2d_model_s_block_depth_is_said_to_be_one_slice(tmp_path, conv2d_model
                 roi="0:1,0:32,0:32")  # fmt: skip
     list(quiet.events())
     assert not [w for w in quiet.warnings if "one slice at a time" in w]
+    # a halo in z likewise (it became 0 without a word)
+    halo = Run(src, conv2d_model, f"{tmp_path}/o.n5:z", site="threads", halo=(2, 4, 4),
+               roi="0:1,0:32,0:32")  # fmt: skip
+    assert list(halo.events())[-1].done == 1
+    assert (
+        "The model is a 2D model, which takes no context from the slices above and below: the "
+        "halo 2,4,4 is 0,4,4." in halo.warnings
+    )
+    assert not [w for w in quiet.warnings + run.warnings if "no context from the slices" in w]
 
 
 def test_a_model_is_tried_on_zeros_once_per_description(tmp_path, conv_model, float_volume,

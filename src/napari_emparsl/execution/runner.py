@@ -742,6 +742,11 @@ class Run:
                     f"The model is a 2D model, which computes one slice at a time: the block "
                     f"{_triple_text(block)} is {_triple_text((1, *block[1:]))}.",
                 )
+            if self.halo is not None and halo[0] != 0:  # likewise: no context across slices
+                self.warnings += (
+                    f"The model is a 2D model, which takes no context from the slices above and "
+                    f"below: the halo {_triple_text(halo)} is {_triple_text((0, *halo[1:]))}.",
+                )
             block, halo = (1, *block[1:]), (0, *halo[1:])
         # every read begins on the model's pooling grid (its size multiple), as in one
         # whole-volume forward: a given halo is rounded up (more context), a given block that
