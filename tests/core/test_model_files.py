@@ -112,6 +112,32 @@ def test_valid_convolutions_are_said_to_need_same_padding(tmp_path):
     with pytest.raises(UserError, match="needs 'same' padding to run here"):
         list(run.events())
 
+    # a ×2 super-resolution model of valid convolutions: the scale is right, the shrinking is
+    # what is wrong (it was told to set the scale it has)
+    class ValidUp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv3d(1, 1, 3)
+
+        def forward(self, x):
+            return nn.functional.interpolate(self.conv(x), scale_factor=(1.0, 2.0, 2.0))
+
+    torch.jit.save(torch.jit.script(ValidUp().eval()), str(tmp_path / "up.pt"))
+    (tmp_path / "up.pt.yaml").write_text("kind: image\nhalo: [1, 1, 1]\nscale: [1, 2, 2]\n")
+    run = Run(f"{tmp_path}/in.n5:raw", str(tmp_path / "up.pt"), f"{tmp_path}/o.n5:up",
+              site="threads", block=(16, 16, 16), retries=0)  # fmt: skip
+    with pytest.raises(UserError, match="needs 'same' padding to run here"):
+        list(run.events())
+    # a model that does not scale, described with a scale: told to set the scale it has
+    (tmp_path / "same.pt.yaml").write_text("kind: image\nhalo: [1, 1, 1]\nscale: [1, 2, 2]\n")
+    torch.jit.save(
+        torch.jit.script(nn.Conv3d(1, 1, 3, padding=1).eval()), str(tmp_path / "same.pt")
+    )
+    run = Run(f"{tmp_path}/in.n5:raw", str(tmp_path / "same.pt"), f"{tmp_path}/o.n5:same",
+              site="threads", block=(16, 16, 16), retries=0)  # fmt: skip
+    with pytest.raises(UserError, match="set the scale .and halo, multiple. the model really has"):
+        list(run.events())
+
 
 def _first_bytes_cases(tmp_path):
     """Files given as the model that are none, as users give them by mistake."""

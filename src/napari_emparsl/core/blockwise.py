@@ -242,13 +242,18 @@ def run_model_on_batch(module: Any, spec: Any, xs: list[np.ndarray]) -> list[np.
     if list(y.shape[2:]) != expected:  # else the crop below would write a wrong-sized block
         got, given = "×".join(map(str, y.shape[2:])), "×".join(map(str, padded))
         smaller = all(g <= e for g, e in zip(y.shape[2:], expected, strict=True))
+        # the scale it has (its output a few voxels short of input × scale on each axis):
+        # shrinking, not scaling, is what is wrong
+        scaled = all(
+            round(g / p) == s for g, p, s in zip(y.shape[2:], padded, spec.scale, strict=True)
+        )
         raise ValueError(
             f"The model's output is {got} voxels for an input of {given}, but its scale "
             f"{list(spec.scale)} says {'×'.join(map(str, expected))}; "
             + (
                 "emparsl needs an output of input × scale voxels: a model whose valid "
                 "convolutions shrink its output needs 'same' padding to run here."
-                if smaller and y.shape[2:] != tuple(expected) and all(s == 1 for s in spec.scale)
+                if smaller and (scaled or all(s == 1 for s in spec.scale))
                 else "set the scale (and halo, multiple) the model really has."
             )
         )
