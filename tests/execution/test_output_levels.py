@@ -166,7 +166,9 @@ def test_image_output_as_uint8_maps_its_range_and_resumes_an_older_output(
         for key in ("out_dtype", "out_range"):
             r.get("spec", {}).pop(key, None)
     ledger.write_text("".join(json.dumps(r) + "\n" for r in records))
-    with pytest.raises(RunError, match=r"out_dtype: float32, not uint8, out_range: 0\.0×1\.0, not"):
+    with pytest.raises(
+        RunError, match=r"out_dtype: float32, not uint8, out_range: \[0, 1\], not \["
+    ):
         napari_emparsl.run(spec, model, f"{out}:img", site="threads", model_options=as_uint8)
     final = napari_emparsl.run(spec, model, f"{out}:img", site="threads")
     assert final.ok and final.total == 18 and final.done == 18

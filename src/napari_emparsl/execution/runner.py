@@ -410,10 +410,12 @@ def _changes(last: Mapping[str, Any], src: Volume, spec: ModelSpec, block, halo)
     """What differs between an output's last run and this one, in words ("block 64×64×64,
     not 32×32×32"); empty when this run may resume it."""
 
-    def size(v: Any) -> str:  # sizes as 64×64×64; names and the rest as they read
-        if isinstance(v, list | tuple) and v and all(isinstance(x, int | float) for x in v):
+    def size(v: Any) -> str:  # sizes as 64×64×64; ranges as [-1, 1]; the rest as they read
+        if isinstance(v, list | tuple) and v and all(isinstance(x, int) for x in v):
             return "×".join(map(str, v))
-        return ", ".join(map(str, v)).join("[]") if isinstance(v, list | tuple) else str(v)
+        if isinstance(v, list | tuple):
+            return ", ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v).join("[]")
+        return str(v)
 
     changed = []
     if last.get("input") != f"{src.root}:{src.key}":

@@ -285,9 +285,10 @@ class ModelSpec:
         ):
             raise ModelError(
                 "A 2D model runs slice by slice: its z halo must be 0 and its z multiple, z scale "
-                f"and z min_size 1 (got halo {self.halo}, multiple {self.multiple}, scale "
-                f"{self.scale}, min_size {self.min_size}"
-                + (f", fixed {self.fixed}" if self.fixed[0] > 1 else "")
+                f"and z min_size 1 (got halo {_typed(self.halo)}, multiple "
+                f"{_typed(self.multiple)}, scale {_typed(self.scale)}, min_size "
+                f"{_typed(self.min_size)}"
+                + (f", fixed {_typed(self.fixed)}" if self.fixed[0] > 1 else "")
                 + ")."
             )
         if any(f and m != 1 for f, m in zip(self.fixed, self.multiple, strict=True)):
@@ -489,3 +490,8 @@ def read_sidecar(model_path: str) -> dict[str, Any]:
                 )
             return data
     return {}
+
+
+def _typed(values: Any) -> str:
+    """Sizes in messages as they are typed in a description or option (``0,4,4``)."""
+    return ",".join(map(str, values))
