@@ -185,13 +185,25 @@ def test_architecture_fills_in_what_the_network_fixes(tmp_path, small_n5):
 
     spec = ModelSpec.from_mapping({"architecture": "unet3d", "arch_options": {"depth": 2}})
     assert (spec.multiple, spec.halo, spec.spatial_dims) == ((4, 4, 4), (24, 24, 24), 3)
-    assert spec.derived == ("spatial_dims", "multiple", "halo") and "derived" not in spec.to_dict()
+    # (the block: the default, for what the description says)
+    assert spec.derived == ("spatial_dims", "multiple", "halo", "block")
+    assert "derived" not in spec.to_dict()
     deeper = spec.with_options({"arch_options": {"depth": 3}})  # derived again, from depth 3
     halo3 = -(-receptive_radius(3) // 8) * 8
     assert (deeper.multiple, deeper.halo) == ((8, 8, 8), (halo3,) * 3)
     flat = ModelSpec.from_mapping({"architecture": "unet2d", "halo": [0, 9, 9]})
     assert (flat.multiple, flat.halo, flat.spatial_dims) == ((1, 4, 4), (0, 9, 9), 2)
-    assert flat.derived == ("spatial_dims", "multiple")  # a given halo is kept
+    assert flat.derived == ("spatial_dims", "multiple", "block")  # a given halo is kept
+    # a 2D model's default block is one slice of 512×512: 1×64×64 made thousands of 16 KiB
+    # chunk files and as many blocks of milliseconds
+    assert flat.block == (1, 512, 512)
+    assert ModelSpec.from_mapping({"kind": "image"}).with_options({"spatial_dims": 2}).block == (
+        1, 512, 512,
+    )  # fmt: skip
+    given = ModelSpec.from_mapping({"kind": "image", "spatial_dims": 2, "block": [1, 64, 64]})
+    assert given.block == (1, 64, 64) and given.with_options({"halo": [0, 2, 2]}).block == (
+        1, 64, 64,
+    )  # fmt: skip
 
     weights = tmp_path / "mine.pt"
     weights.write_bytes(open(resolve_model("unet3d-em"), "rb").read())

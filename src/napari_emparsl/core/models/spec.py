@@ -78,6 +78,10 @@ def receptive_radius(depth: int) -> int:
 UNET_DEFAULT_DEPTH = 2  # core.models.unet.UNet's
 
 
+#: the default block of a 2D model (one slice), where its description gives none
+BLOCK_2D = (1, 512, 512)
+
+
 def _architecture_defaults(kwargs: dict[str, Any], given: set[str]) -> tuple[str, ...]:
     """Fill what a built-in U-Net fixes (spatial dims, size multiple, exact halo) into
     ``kwargs`` where the description does not say it; the keys filled in."""
@@ -380,7 +384,14 @@ class ModelSpec:
                     kwargs[key] = dict(value or {})
                 else:
                     kwargs[key] = value if value is None else str(value)
-            kwargs["derived"] = _architecture_defaults(kwargs, set(data))
+            derived = _architecture_defaults(kwargs, set(data))
+            if "block" not in data:  # the default: for what the description says (options
+                derived = (*derived, "block")  # may make a model 2D, or 3D again)
+                if kwargs.get("spatial_dims") == 2:
+                    # one slice of 64×64 (the 3D default's) made thousands of 16 KiB chunk
+                    # files and as many blocks of milliseconds; a 2D network takes more
+                    kwargs["block"] = BLOCK_2D
+            kwargs["derived"] = derived
             return cls(**kwargs)  # (its checks of single values speak as the loop's do)
         except ModelError as err:  # a value's sentence names where it was written
             m = re.match(r"The model option '([^']+)'", str(err))
