@@ -185,6 +185,12 @@ def test_2d_model_levels_keep_every_slice(tmp_path, conv2d_model, big_volume):
     fine, coarse = vol.level(0).compute(), vol.level(1).compute()
     expected = fine.astype(np.float64).reshape(64, 96, 2, 96, 2).mean(axis=(2, 4))
     np.testing.assert_allclose(coarse, expected, atol=1e-5)
+    # one-slice blocks get chunks of a whole slice where it divides the block (1×96×96, not
+    # 1×48×48: 1×64×64 chunks made a 2D model's output thousands of 16 KiB files)
+    assert vol.chunks == (1, 96, 96)
+    wide = napari_emparsl.run(spec, conv2d_model, f"{out}:wide", site="threads",
+                              block=(1, 192, 192), roi="0:2,:,:")  # fmt: skip
+    assert wide.ok and Volume.open(out, "wide").chunks == (1, 192, 192)
 
 
 def test_cli_says_the_output_has_levels(tmp_path, save_model, big_volume, capsys):

@@ -143,11 +143,14 @@ def parse_roi(text: str) -> Roi:
 def _out_chunks(block: Sequence[int], scale: Sequence[int]) -> tuple[int, ...]:
     """Per axis, the largest divisor of block×scale that is at most 64, so that any block works
     on the output — or the whole block where that divisor is under 16 (a block of 67 voxels
-    had chunks of 1: thousands of files per block)."""
+    had chunks of 1: thousands of files per block). Blocks of one slice (2D models) have
+    chunks of up to 512 in y and x, as many voxels as 64³ (1×64×64 were 16 KiB files)."""
     out = []
-    for b, s in zip(block, scale, strict=True):
+    flat = len(block) == 3 and block[0] * scale[0] == 1
+    for axis, (b, s) in enumerate(zip(block, scale, strict=True)):
         n = b * s
-        best = max(d for d in range(1, min(64, n) + 1) if n % d == 0)
+        cap = 512 if flat and axis > 0 else 64
+        best = max(d for d in range(1, min(cap, n) + 1) if n % d == 0)
         out.append(best if best >= min(16, n) else n)
     return tuple(out)
 
