@@ -18,17 +18,18 @@ def run(input: str, model: str, output: str | None = None, **kwargs):
     ``predictions/<name>`` beside the input (as ``emparsl run``). Keyword arguments: ``site``, ``roi``,
     ``block``, ``halo``, ``model_options``, ``overwrite``, ``retries``, ``callback``.
     What the run notes before it starts (the volume's voxels are not those the model was
-    trained on) comes as a ``UserWarning``.
+    trained on) and as it finishes (a uint8 output that clipped the model's values) comes as a
+    ``UserWarning``.
     """
     import warnings
 
-    from napari_emparsl.core.events import Planned
+    from napari_emparsl.core.events import Finished, Planned
     from napari_emparsl.execution.runner import Run
 
     callback = kwargs.pop("callback", None)
 
     def report(event):
-        if isinstance(event, Planned):
+        if isinstance(event, Planned | Finished):
             for note in event.warnings:
                 warnings.warn(note, UserWarning, stacklevel=2)
         if callback is not None:

@@ -473,6 +473,8 @@ def _run(args: argparse.Namespace) -> int:
             f"Finished: {last.done}/{last.total} blocks done, {last.failed} failed, "
             f"{last.seconds:.1f} s ({voxels / max(last.seconds, 1e-9) / 1e6:.2f} Mvoxel/s)."
         )
+        for warning in last.warnings:
+            print(f"Warning: {warning}", file=sys.stderr)
         if last.failed:
             for (final, _), ids in failures.items():
                 if final and len(ids) > 1:

@@ -757,6 +757,22 @@ def test_model_without_description_is_asked_for_what_it_lacks(
     assert widget.status.value.startswith("finished: 4/4 done"), widget.status.value
     out = Volume.open(sample_path, "bare")
     assert out.dtype == np.float32 and widget._output_layer._type_string == "image"
+    # as uint8 without its out_range: what was clipped is said as the run finishes
+    from napari.utils.notifications import notification_manager
+
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    try:
+        widget.output.value = f"{sample_path}:bare8"
+        widget.model_options.value = "kind=image; halo=2,2,2; out_dtype=uint8"
+        widget.preview_btn.clicked.emit()
+        _wait_idle(qtbot, widget)
+        qtbot.wait(100)
+    finally:
+        notification_manager.notification_ready.disconnect(seen.append)
+    assert widget.status.value.startswith("finished: 4/4 done"), widget.status.value
+    [said] = [str(n.message) for n in seen if "lay outside out_range [0, 1]" in str(n.message)]
+    assert said.endswith("and write it again with “replace output”.")
     widget.model_options.value = "halo=oops"
     assert widget.model_info.value.startswith("⚠ The model option 'halo'")
 

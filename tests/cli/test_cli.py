@@ -331,7 +331,13 @@ def test_evaluate_dice_and_what_is_not_labels(capsys, tmp_path):
     )
     code, _, err = run(capsys, "run", "--input", f"{e}:raw", "--model", str(tmp_path / "same.pt"),
                        "--output", f"{e}:restored", "--site", "threads")  # fmt: skip
-    assert code == 0 and Volume.open(e, "restored").dtype == np.uint8
+    assert code == 0 and Volume.open(e, "restored").dtype == np.uint8 and "Warning" not in err
+    # without its out_range (the default [0, 1]) nearly every value is clipped: said at the end
+    code, _, err = run(capsys, "run", "--input", f"{e}:raw", "--model", str(tmp_path / "same.pt"),
+                       "--output", f"{e}:clipped", "--site", "threads", "--model-option",
+                       "out_range=0,1")  # fmt: skip
+    assert code == 0 and "Warning: 98.4 % of the values written lay outside out_range [0, 1] (the " \
+        "model gave 0 to 199) and were written as 0 or 255;" in err  # fmt: skip
     code, _, err = run(capsys, "evaluate", f"{e}:restored", f"{e}:truth")
     assert code == 2 and err == (
         f"emparsl: error: The prediction {e}:restored is the output of an image model "

@@ -130,6 +130,11 @@ def test_image_output_levels_are_means_also_with_channels(tmp_path, save_model, 
     assert level.offset == (5.0, 4.0, 4.0) and level.voxel_size == (20.0, 16.0, 16.0)
 
 
+class Times3(nn.Module):
+    def forward(self, x):
+        return 3 * x
+
+
 def test_image_output_as_uint8_maps_its_range_and_resumes_an_older_output(
     tmp_path, save_model, big_volume
 ):
@@ -156,6 +161,21 @@ def test_image_output_as_uint8_maps_its_range_and_resumes_an_older_output(
     coarse = vol.level(1).compute()
     mean = fine.astype(np.float64).reshape(2, 32, 2, 96, 2, 96, 2).mean(axis=(2, 4, 6))
     assert coarse.dtype == np.uint8 and np.abs(coarse - np.round(mean)).max() <= 0.5
+
+    # what 0 and 255 stand for is kept with the output; less than 1 % clipped: no warning
+    # (the test's data lies in [0, 1]: 0.2..0.8 clips much more, said when the run finishes)
+    assert vol.attrs["value_range"] == [0.2, 0.8]
+    assert any("values written lay outside out_range [0.2, 0.8]" in w for w in done.warnings)
+    with pytest.warns(UserWarning, match=r"% of the values written lay outside out_range \[0, 1\]"):
+        wide = napari_emparsl.run(spec, save_model(Times3(), tmp_path / "x3.pt",
+                                  "kind: image\nout_dtype: uint8\n"), f"{out}:x3", site="threads")  # fmt: skip
+    [said] = wide.warnings
+    assert said.startswith("66.") and "(the model gave 0 to 3)" in said
+    assert "(e.g. out_range=0,3) and write it again with --overwrite." in said
+    fitting = {"out_range": "0,3"}
+    done = napari_emparsl.run(spec, tmp_path / "x3.pt", f"{out}:x3fit", site="threads",
+                              model_options=fitting)  # fmt: skip
+    assert done.ok and done.warnings == ()
 
     # a float32 output started by a version that knew neither key
     assert napari_emparsl.run(spec, model, f"{out}:img", site="threads", roi="0:32,:,:").ok

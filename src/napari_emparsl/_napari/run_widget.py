@@ -1071,6 +1071,8 @@ class RunWidget(Container):
             )
             if self._run is not None and self._run.roi is not None:
                 self._estimate_full_run()
+            for warning in event.warnings:  # what the blocks showed (a uint8 output clipped)
+                _show_warning(panel_words(warning))
             self._dirty = True
             self._stale = False
         elif isinstance(event, Cancelled) and not event.total:

@@ -70,6 +70,10 @@ class BlockResult:
     device: str = ""  # where the model ran: cpu, cuda:0, ...
     threads: int = 0  # torch's intra-op threads in the worker that computed it
     model_loads: int = 0  # models that worker's process has loaded from file so far
+    # uint8 image outputs: voxels of the model's output outside its out_range (written as 0 or
+    # 255), and the range of that output (min, max) where some were
+    clipped: int = 0
+    model_range: tuple[float, float] | None = None
 
 
 def _pad_reflect(arr: np.ndarray, pads: list[tuple[int, int]]) -> np.ndarray:
@@ -357,11 +361,23 @@ def _read_block(job: BlockJob, spec: Any = None) -> tuple[np.ndarray, Block]:
     return x, blk
 
 
+def _clipped(y: np.ndarray, spec: Any) -> tuple[int, tuple[float, float] | None]:
+    """Voxels of an image model's output that a uint8 output clips (outside its out_range),
+    and the output's range where there are any; (0, None) for other outputs."""
+    if spec.kind != "image" or spec.out_dtype != "uint8":
+        return 0, None
+    lo, hi = spec.out_range
+    low, high = float(y.min()), float(y.max())
+    if low >= lo and high <= hi:
+        return 0, None
+    return int(np.count_nonzero((y < lo) | (y > hi))), (low, high)
+
+
 def _write_block(
     job: BlockJob, spec: Any, y: np.ndarray, blk: Block
-) -> tuple[np.ndarray, float, float]:
+) -> tuple[np.ndarray, float, float, tuple[int, tuple[float, float] | None]]:
     """Crop the halo (and reflect padding) of ``blk`` (the block as read) on the output grid,
-    post-process, write."""
+    post-process, write; also what a uint8 output clipped (:func:`_clipped`)."""
     from napari_emparsl.core.volume import Volume
 
     start = [
@@ -382,6 +398,7 @@ def _write_block(
             f"The model's output holds {bad} NaN or infinite value(s) in this block, so it was "
             "not written; check the model (and its normalization) on this region."
         )
+    clipped = _clipped(y, spec)
     out = postprocess(y, spec)
     t_post = time.perf_counter() - t0  # compute: the model's output made into the result
     t0 = time.perf_counter()
@@ -392,7 +409,7 @@ def _write_block(
     dst.write(out, offset, sync=True)  # on disk before the ledger records the block done
     if dst.is_multiscale:  # the block's part of each coarser level (whole chunks, planned so)
         dst.write_levels(out, offset, labels=spec.kind == "labels", sync=True)
-    return out, t_post, time.perf_counter() - t0
+    return out, t_post, time.perf_counter() - t0, clipped
 
 
 def _nonzero_range(hist: tuple[int, ...]) -> tuple[float, float]:
@@ -549,7 +566,9 @@ def process_batch(jobs: list[BlockJob]) -> list[BlockResult]:
                 results[bid] = _failure(bid, worker, y, t_read)
                 continue
             try:
-                out, t_post, t_write = _write_block(job, spec, y, as_read[bid])
+                out, t_post, t_write, (clipped, model_range) = _write_block(
+                    job, spec, y, as_read[bid]
+                )
             except Exception as err:
                 results[bid] = _failure(bid, worker, err, t_read)
                 continue
@@ -564,6 +583,7 @@ def process_batch(jobs: list[BlockJob]) -> list[BlockResult]:
             t_write += time.perf_counter() - t0
             results[bid] = BlockResult(
                 bid, True, worker, t_read, t_compute + t_post, t_write, lo, hi, hist,
-                device=device, threads=threads, model_loads=loads,
+                device=device, threads=threads, model_loads=loads, clipped=clipped,
+                model_range=model_range,
             )  # fmt: skip
     return [results[j.block.id] for j in jobs]

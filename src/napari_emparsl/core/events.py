@@ -63,6 +63,7 @@ class Finished(RunEvent):
     failed: int
     total: int
     seconds: float
+    warnings: tuple[str, ...] = ()  # what the blocks showed (a uint8 output's clipped values)
 
     @property
     def ok(self) -> bool:

@@ -409,6 +409,38 @@ def _check_input_written(src: Volume, blocks: Sequence[Block]) -> None:
 _NOT_IN_OUTPUT = ("voxel_size",)
 
 
+class _Clipping:
+    """What a uint8 image output clipped over a run's blocks (its model's values outside
+    ``out_range``, written as 0 or 255): said when the run finishes, where it is more than 1 %
+    of what was written (the default out_range [0, 1] clipped 71 % of a restoration model's
+    output without a word)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec, self.clipped, self.written = spec, 0, 0
+        self.low, self.high = math.inf, -math.inf
+
+    def add(self, result: BlockResult, voxels: int) -> None:
+        self.written += voxels * (self.spec.out_channels if self.spec.kind == "image" else 1)
+        if result.clipped and result.model_range is not None:
+            self.clipped += result.clipped
+            self.low = min(self.low, result.model_range[0])
+            self.high = max(self.high, result.model_range[1])
+
+    def warnings(self) -> tuple[str, ...]:
+        if not self.written or self.clipped <= 0.01 * self.written:
+            return ()
+        lo, hi = self.spec.out_range
+        share = 100 * self.clipped / self.written
+        # blocks that clipped nothing lay within [lo, hi]: the output's range is at most this
+        low, high = min(self.low, lo), max(self.high, hi)
+        return (
+            f"{share:.1f} % of the values written lay outside out_range [{lo:g}, {hi:g}] (the "
+            f"model gave {low:.3g} to {high:.3g}) and were written as 0 or 255; set out_range to "
+            f"the range of the model's output (e.g. out_range={low:.3g},{high:.3g}) and write it "
+            "again with --overwrite.",
+        )
+
+
 def _changes(last: Mapping[str, Any], src: Volume, spec: ModelSpec, block, halo) -> list[str]:
     """What differs between an output's last run and this one, in words ("block 64×64×64,
     not 32×32×32"); empty when this run may resume it."""
@@ -534,9 +566,10 @@ class Run:
         if sub:  # a folder inside a container (data.n5/raw:pred): the key is from the root
             self.output_root = root
             self.output_key = "/".join(p for p in (sub, self.output_key) if p)
-        self.model = model
+        # a notebook's pathlib.Path: as the text of its path (the ledger records it as JSON)
+        self.model = os.fspath(model) if isinstance(model, os.PathLike) else model
         self.model_options = dict(model_options or {})
-        self.site = site
+        self.site = os.fspath(site) if isinstance(site, os.PathLike) else site
         self.roi = _as_roi(roi)
         # as the CLI takes them ("16,32,32", "64": read in prepare) or (z, y, x)
         self.block = tuple(block) if block is not None and not isinstance(block, str) else block
@@ -954,7 +987,9 @@ class Run:
             shape, chunks = (spec.out_channels, *out_shape), (1, *chunks)
             levels = [(1, *f) for f in levels] if levels else None
             level_chunks = [(1, *c) for c in level_chunks] if level_chunks else None
-        attrs = {"layer_type": spec.kind}
+        attrs: dict[str, Any] = {"layer_type": spec.kind}
+        if spec.kind == "image" and spec.out_dtype == "uint8":  # what 0 and 255 stand for
+            attrs["value_range"] = [float(v) for v in spec.out_range]
         if spec.classes:
             attrs["class_names"] = list(spec.classes)
         return Volume.create(
@@ -1070,10 +1105,13 @@ class Run:
                 fut.add_done_callback(lambda f, b=batch: results.put((b, f)))
                 in_flight += 1
 
+            clip = _Clipping(plan.spec)
+
             def finished(blk: Block, result: BlockResult) -> RunEvent:
                 """A block written: recorded done (a resume skips it), and its event."""
                 nonlocal done
                 self._ledger.record(result, attempts[blk.id], str(blk.write_roi))
+                clip.add(result, plan.out_voxels[blk.id])
                 done += 1
                 self._done_ids.add(blk.id)
                 return self._emit(BlockDone(result, done, total, plan.out_voxels[blk.id]))
@@ -1127,7 +1165,9 @@ class Run:
                 # cancelled as the last block failed with retries left: it was not retried
                 yield self._emit(Cancelled(done, total))
                 return
-            yield self._emit(Finished(done, len(failed_final), total, time.perf_counter() - t0))
+            yield self._emit(
+                Finished(done, len(failed_final), total, time.perf_counter() - t0, clip.warnings())
+            )
         except BaseException:  # an error, Ctrl-C, or the caller stopped iterating: blocks still
             self._cancel.set()  # queued (threads) are not begun while the site shuts down
             raise
