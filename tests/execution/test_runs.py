@@ -1373,3 +1373,29 @@ def test_a_model_is_tried_on_zeros_once_per_description(tmp_path, conv_model, fl
         run.prepare()
         run.release()
     assert tried == [(2, 2, 2), (4, 4, 4)]
+
+
+def test_values_a_model_does_not_use_are_said(tmp_path, conv_model, float_volume):
+    """A threshold on an image model, an out_range on a float32 output: accepted without a word
+    before (the user believed them applied)."""
+    src, _ = float_volume
+    run = Run(src, conv_model, f"{tmp_path}/o.n5:x", site="threads", roi="0:16,0:16,0:16",
+              model_options={"threshold": 0.3, "out_range": "0,255"})  # fmt: skip
+    assert list(run.events())[-1].ok
+    assert [w for w in run.warnings if " is not used: " in w] == [
+        "The model's threshold 0.3 is not used: it cuts the one output channel of a labels model "
+        "into a mask; this image model's values are written as they are.",
+        "The model's out_range [0, 255] is not used: it maps an image model's values to 0..255 "
+        "with out_dtype: uint8; this output is float32, written as the model gives it.",
+    ]
+    quiet = Run(src, conv_model, f"{tmp_path}/o.n5:y", site="threads", roi="0:16,0:16,0:16",
+                model_options={"out_dtype": "uint8", "out_range": "-1,1"})  # fmt: skip
+    assert list(quiet.events())[-1].ok
+    assert not [w for w in quiet.warnings if " is not used: " in w]
+    labels = Run(src, "unet3d-em", f"{tmp_path}/o.n5:z", site="threads", roi="0:16,0:16,0:16",
+                 model_options={"threshold": 0.9})  # fmt: skip
+    assert list(labels.events())[-1].ok
+    assert [w for w in labels.warnings if " is not used: " in w] == [
+        "The model's threshold 0.9 is not used: it cuts the one output channel of a labels model "
+        "into a mask; this model's classes are told apart by their largest logit."
+    ]

@@ -716,6 +716,7 @@ class Run:
         undescribed = _undescribed(self.model, self.model_options, spec)
         if undescribed:
             self.warnings += (undescribed,)
+        self.warnings += tuple(f"The model's {said}" for said in spec.unused())
         note = resolution_mismatch(spec, src.voxel_size, src.unit)
         if note:
             name = self.model if self.model in BUILTIN_MODELS else os.path.basename(self.model)

@@ -321,6 +321,35 @@ class ModelSpec:
         n = max(len(self.classes), self.n_outputs, 2)  # unnamed classes count too
         return "uint8" if n <= 255 else "uint16" if n <= 65535 else "uint32"
 
+    def unused(self) -> list[str]:
+        """Sentences for values the description gives that this kind of model does not use
+        (accepted without a word before: a threshold on an image model, an out_range on a
+        float32 output)."""
+        out = []
+        if self.threshold != 0.5 and not (self.kind == "labels" and self.n_outputs == 1):
+            out.append(
+                f"threshold {self.threshold:g} is not used: it cuts the one output channel of "
+                "a labels model into a mask; "
+                + (
+                    "this image model's values are written as they are."
+                    if self.kind == "image"
+                    else "this model's classes are told apart by their largest logit."
+                )
+            )
+        if self.out_range != (0.0, 1.0) and not (
+            self.kind == "image" and self.out_dtype == "uint8"
+        ):
+            out.append(
+                f"out_range [{self.out_range[0]:g}, {self.out_range[1]:g}] is not used: it maps "
+                "an image model's values to 0..255 with out_dtype: uint8; "
+                + (
+                    "this output is float32, written as the model gives it."
+                    if self.kind == "image"
+                    else "this is a labels model."
+                )
+            )
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         del d["derived"]
