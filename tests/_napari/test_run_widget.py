@@ -772,6 +772,7 @@ def test_model_without_description_is_asked_for_what_it_lacks(
         notification_manager.notification_ready.disconnect(seen.append)
     assert widget.status.value.startswith("finished: 4/4 done"), widget.status.value
     [said] = [str(n.message) for n in seen if "lay outside out_range [0, 1]" in str(n.message)]
+    assert "(e.g. model option out_range=" in said
     assert said.endswith("and write it again with “replace output”.")
     widget.model_options.value = "halo=oops"
     assert widget.model_info.value.startswith("⚠ The model option 'halo'")

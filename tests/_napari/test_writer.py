@@ -30,6 +30,12 @@ def test_labels_round_trip(make_napari_viewer, tmp_path):
     viewer.add_image(np.ones((4, 8, 8), np.uint8), name="em", scale=(8, 8, 8), units="nm")
     viewer.layers["em"].save(str(tmp_path / "out.n5"), plugin=PLUGIN)
     assert Volume.open(tmp_path / "out.n5", "em").unit in ("nm", "nanometer")
+    # a layer with a channel axis first (as the run panel shows a multichannel output): the
+    # spatial axes' unit, not the channel axis's "pixel"
+    viewer.add_image(np.ones((2, 4, 8, 8), np.float32), name="mc", scale=(1, 8, 8, 8),
+                     units=("pixel", "nm", "nm", "nm"))  # fmt: skip
+    viewer.layers["mc"].save(str(tmp_path / "out.n5"), plugin=PLUGIN)
+    assert Volume.open(tmp_path / "out.n5", "mc").unit in ("nm", "nanometer")
 
 
 def test_writer_takes_a_typed_home_path(tmp_path, monkeypatch):

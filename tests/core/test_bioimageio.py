@@ -198,6 +198,14 @@ def test_sidecar_beside_package_and_options_override(package, tmp_path):
     assert spec.edge == "reflect" and spec.block == (32, 32, 32) and spec.activation == "none"
     loaded = load_model(str(zipped))
     assert isinstance(loaded.module, torch.jit.ScriptModule)
+    # what the user wrote, not what the package's own description fills in (its data range is
+    # its out_range: a float32 output of another range was said to leave it unused)
+    from napari_emparsl.core.models.loaders import stated_keys
+
+    assert stated_keys(str(zipped), {"activation": "none"}) == {"edge", "block", "activation"}
+    ranged = describe_model(str(zipped), {"out_range": "-1,1"})
+    assert ranged.unused(stated_keys(str(zipped))) == []
+    assert len(ranged.unused(stated_keys(str(zipped), {"out_range": "-1,1"}))) == 1
 
 
 def test_input_smaller_than_min_size_is_padded(package, tmp_path):

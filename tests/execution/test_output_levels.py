@@ -171,7 +171,7 @@ def test_image_output_as_uint8_maps_its_range_and_resumes_an_older_output(
                                   "kind: image\nout_dtype: uint8\n"), f"{out}:x3", site="threads")  # fmt: skip
     [said] = wide.warnings
     assert said.startswith("66.") and "(the model gave 0 to 3)" in said
-    assert "(e.g. out_range=0,3) and write it again with --overwrite." in said
+    assert "(e.g. --model-option out_range=0,3) and write it again with --overwrite." in said
     fitting = {"out_range": "0,3"}
     done = napari_emparsl.run(spec, tmp_path / "x3.pt", f"{out}:x3fit", site="threads",
                               model_options=fitting)  # fmt: skip

@@ -1399,3 +1399,31 @@ def test_values_a_model_does_not_use_are_said(tmp_path, conv_model, float_volume
         "The model's threshold 0.9 is not used: it cuts the one output channel of a labels model "
         "into a mask; this model's classes are told apart by their largest logit."
     ]
+
+
+def test_an_output_resumes_whatever_block_its_description_preferred(
+    tmp_path, conv2d_model, float_volume
+):
+    """The same command resumes an output whose blocks the model's default no longer gives: an
+    output begun when a 2D model's default block was 1×64×64 resumes now that it is 1×512×512
+    (it was refused: "made with block 1×64×64, not 1×512×512"), and the description's
+    preferred block, recorded with it, does not matter either."""
+    import json
+
+    src, _ = float_volume
+    out = f"{tmp_path}/o.n5:x"
+    first = Run(src, conv2d_model, out, site="threads", roi="0:1,:,:", block=(1, 16, 16))
+    assert list(first.events())[-1].ok
+    ledger = tmp_path / "o.n5" / "x" / "emparsl-ledger.jsonl"
+    records = [json.loads(line) for line in ledger.read_text().splitlines()]
+    for r in records:
+        if "spec" in r:
+            r["spec"]["block"] = [64, 64, 64]  # as an older version recorded its default
+    ledger.write_text("".join(json.dumps(r) + "\n" for r in records))
+    again = Run(src, conv2d_model, out, site="threads", roi="0:2,:,:")  # no block given
+    events = list(again.events())
+    assert events[-1].ok and events[0].todo == events[0].total // 2 == 4 * 4
+    assert Ledger(f"{tmp_path}/o.n5", "x").last_run_record()["block"] == [1, 16, 16]
+    # given, another block is still refused, saying which one it was made with
+    with pytest.raises(RunError, match="was made with block 1×16×16, not 1×32×32"):
+        list(Run(src, conv2d_model, out, site="threads", block=(1, 32, 32)).events())

@@ -14,7 +14,6 @@ import gc
 import logging
 import os
 import re
-import sys
 import threading
 import time
 import weakref
@@ -242,6 +241,7 @@ def panel_words(message: str) -> str:
         message,
     )
     message = message.replace("set --model-option ", "set the model option ")
+    message = message.replace("(e.g. --model-option ", "(e.g. model option ")
     message = message.replace("or with --model-option", "or in the model options")
     message = message.replace("e.g. --block ", "e.g. block ").replace("e.g. --halo ", "e.g. halo ")
     return message
@@ -515,7 +515,8 @@ class RunWidget(Container):
         if not self._collected:
             self._collected = True
             gc.collect()
-        if not self._looked_inside:  # described before torch was there to look inside
+        if not self._looked_inside:  # described before torch was there to look inside: once
+            self._looked_inside = True
             self._describe_model()
 
     # ------------------------------------------------------------------------------------------
@@ -597,10 +598,11 @@ class RunWidget(Container):
             # what needs torch to tell (a state dict or a pickled module) waits for the
             # preload's import of it: importing it here would freeze napari for ~1.5 s
             preloaded = getattr(self, "_preloaded", None)
-            look = "torch" in sys.modules and (preloaded is None or preloaded.is_set())
+            look = preloaded is not None and preloaded.is_set()
             self._looked_inside = look
             missing = missing_description(self._model(), options, look_inside=look)
         except UserError as err:
+            self._looked_inside = True  # nothing to look into again: what is wrong is said
             self.model_info.value = f"⚠ {panel_words(str(err))}"
             for field in (self.block, self.halo):  # no model: no defaults (it kept the last's)
                 field.native.setPlaceholderText("")
@@ -1072,7 +1074,9 @@ class RunWidget(Container):
             if self._run is not None and self._run.roi is not None:
                 self._estimate_full_run()
             for warning in event.warnings:  # what the blocks showed (a uint8 output clipped)
-                _show_warning(panel_words(warning))
+                if warning not in self._warned:  # once per session: previews repeat it
+                    self._warned.add(warning)
+                    _show_warning(panel_words(warning))
             self._dirty = True
             self._stale = False
         elif isinstance(event, Cancelled) and not event.total:

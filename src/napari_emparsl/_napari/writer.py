@@ -75,7 +75,7 @@ def _write(path: str, data: Any, meta: dict[str, Any], labels: bool) -> list[str
     units = meta.get("units")
     # napari's "pixel" (a layer without units, e.g. from a TIFF) stays so: 1 nm voxels would be
     # a size nobody measured (and a model trained on 8 nm would warn of a mismatch)
-    unit = str(units[0]) if units else "pixel"
+    unit = str(units[-1]) if units else "pixel"  # a spatial axis's (a channel axis has none)
     lock = OutputLock(root, key, "napari save")  # not while a run writes it, nor a run meanwhile
     lock.acquire()
     try:

@@ -368,9 +368,10 @@ def _clipped(y: np.ndarray, spec: Any) -> tuple[int, tuple[float, float] | None]
         return 0, None
     lo, hi = spec.out_range
     low, high = float(y.min()), float(y.max())
-    if low >= lo and high <= hi:
+    half = (hi - lo) / 510  # within half a step of the range: 0 or 255 all the same
+    if low >= lo - half and high <= hi + half:
         return 0, None
-    return int(np.count_nonzero((y < lo) | (y > hi))), (low, high)
+    return int(np.count_nonzero((y < lo - half) | (y > hi + half))), (low, high)
 
 
 def _write_block(

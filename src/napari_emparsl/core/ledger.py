@@ -76,6 +76,25 @@ class Ledger:
     def summary(self) -> LedgerSummary:
         return LedgerFollower(self._root, self._key).summary()  # one whole read
 
+    def last_run_record(self) -> dict[str, Any]:
+        """The last run's record (``{}`` for none, or a ledger that cannot be read), found from
+        the end without parsing the block records (a resume's defaults: its block and halo)."""
+        import mmap
+        import re
+
+        try:
+            with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                at = -1
+                for match in re.finditer(rb'(?m)^\{"type":\s*"run"', m):  # at a line's start
+                    at = match.start()
+                if at < 0:
+                    return {}
+                end = m.find(b"\n", at)
+                record = json.loads(m[at : end if end >= 0 else len(m)])
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
     def _append(self, records: Iterable[dict[str, Any]]) -> None:
         text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
         # its attributes, not just its folder: a worker's chunk write recreates the folders

@@ -470,7 +470,9 @@ def _bdv_setups(root: str) -> dict[int, dict[str, Any]]:
     cache_key = (os.path.realpath(root), tuple(files))
     if cache_key not in _BDV_CACHE:
         found: dict[int, dict[str, Any]] = {}
-        for name, _, _ in files:
+        # BigDataViewer's own name first; each file is read up to its sequence description only
+        # (a BigStitcher project's registrations after it run to tens of MB)
+        for name, _, _ in sorted(files, key=lambda f: f[0] != "dataset.xml"):
             found = _bdv_project(os.path.join(folder, name), cache_key[0])
             if found:
                 break
@@ -485,11 +487,19 @@ def _bdv_project(xml: str, root: str) -> dict[int, dict[str, Any]]:
     ``root`` (a real path), else ``{}``. A file that is no such project is passed over."""
     import xml.etree.ElementTree as ET
 
+    sequence = None
     try:
-        tree = ET.parse(xml)
+        for index, (event, element) in enumerate(ET.iterparse(xml, events=("start", "end"))):
+            if index == 0 and element.tag != "SpimData":  # the root's start
+                return {}  # another kind of XML: not read further
+            if event == "end" and element.tag == "SequenceDescription":
+                sequence = element
+                break
     except (ET.ParseError, OSError, ValueError):
         return {}
-    loader = tree.getroot().find("SequenceDescription/ImageLoader")
+    if sequence is None:
+        return {}
+    loader = sequence.find("ImageLoader")
     if loader is None or not str(loader.get("format", "")).startswith("bdv.n5"):
         return {}
     n5 = loader.find("n5")
@@ -501,7 +511,7 @@ def _bdv_project(xml: str, root: str) -> dict[int, dict[str, Any]]:
     if os.path.realpath(where) != root:
         return {}
     setups: dict[int, dict[str, Any]] = {}
-    for setup in tree.getroot().iterfind("SequenceDescription/ViewSetups/ViewSetup"):
+    for setup in sequence.iterfind("ViewSetups/ViewSetup"):
         try:
             number = int((setup.findtext("id") or "").strip())
         except ValueError:

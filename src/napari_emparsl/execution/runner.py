@@ -60,6 +60,7 @@ from napari_emparsl.core.models.loaders import (
     misnamed_description,
     missing_description,
     resolve_model,
+    stated_keys,
 )
 from napari_emparsl.core.models.spec import ModelError, ModelSpec, resolution_mismatch
 from napari_emparsl.core.n5attrs import (
@@ -398,15 +399,16 @@ def _check_input_written(src: Volume, blocks: Sequence[Block]) -> None:
     missing, total = written.missing(lo, hi)
     if missing:
         raise RunError(
-            f"The input {src.root}:{src.key} is the output of a run that is not finished: "
+            f"The input {spec_text(src.root, src.key)} is the output of a run that is not finished: "
             f"{missing} of the {total} blocks this run reads are not written yet (they would "
             f"read as zeros); finish that run first (see `emparsl status {src.root}:"
             f"{written.key}`), or choose a region inside what it has done."
         )
 
 
-# description keys that do not change what a model writes: a resume may differ in them
-_NOT_IN_OUTPUT = ("voxel_size",)
+# description keys that do not change what a model writes: a resume may differ in them (the
+# preferred block: the run's own block is compared; a 2D model's default changed to 1×512×512)
+_NOT_IN_OUTPUT = ("voxel_size", "block")
 
 
 class _Clipping:
@@ -433,11 +435,14 @@ class _Clipping:
         share = 100 * self.clipped / self.written
         # blocks that clipped nothing lay within [lo, hi]: the output's range is at most this
         low, high = min(self.low, lo), max(self.high, hi)
+        # a range to give, rounded outwards (rounded to the nearest, it could clip again)
+        step = 10 ** (math.floor(math.log10(max(high - low, 1e-30))) - 1)
+        wide = (math.floor(low / step) * step, math.ceil(high / step) * step)
         return (
             f"{share:.1f} % of the values written lay outside out_range [{lo:g}, {hi:g}] (the "
             f"model gave {low:.3g} to {high:.3g}) and were written as 0 or 255; set out_range to "
-            f"the range of the model's output (e.g. out_range={low:.3g},{high:.3g}) and write it "
-            "again with --overwrite.",
+            f"the range of the model's output (e.g. --model-option out_range={wide[0]:g},"
+            f"{wide[1]:g}) and write it again with --overwrite.",
         )
 
 
@@ -660,13 +665,13 @@ class Run:
             self.output_root, self.output_key = parse_spec(suggest_output(src.root, src.key))
         if UNFINISHED in src.attrs:
             raise RunError(
-                f"The input {src.root}:{src.key} is {src.attrs[UNFINISHED]} (it is still being "
+                f"The input {spec_text(src.root, src.key)} is {src.attrs[UNFINISHED]} (it is still being "
                 "written, or its writer was stopped, so parts of it are missing); wait for it to "
                 "finish, or write it again, e.g. with `emparsl import … --overwrite`."
             )
         if not all(src.shape):
             raise RunError(
-                f"The input {src.root}:{src.key} has no voxels (its size is {'×'.join(map(str, src.shape))}); "
+                f"The input {spec_text(src.root, src.key)} has no voxels (its size is {'×'.join(map(str, src.shape))}); "
                 "choose a dataset with data."
             )
         _refuse_missing_folder(self.output_root, self.output)
@@ -684,14 +689,14 @@ class Run:
         spec = describe_model(self.model, self.model_options)
         if "c" in src.axes and src.axes[0] != "c":  # Fiji's hyperstacks: z, c, y, x
             raise RunError(
-                f"The input {src.root}:{src.key} has its channel axis between its others (axes "
+                f"The input {spec_text(src.root, src.key)} has its channel axis between its others (axes "
                 f"{', '.join(src.axes)}); emparsl runs on channels first (c, z, y, x): save it so "
                 "(e.g. with numpy's moveaxis and z5py) and run on that."
             )
         channels = src.shape[src.axes.index("c")] if "c" in src.axes else 1
         if channels != spec.in_channels:
             raise RunError(
-                f"The model expects {spec.in_channels} input channel(s) but {src.root}:{src.key} has "
+                f"The model expects {spec.in_channels} input channel(s) but {spec_text(src.root, src.key)} has "
                 f"{channels}; choose a model made for {channels}-channel volumes, or a dataset "
                 f"with {spec.in_channels} (if the model's description is wrong, correct "
                 "in_channels there)."
@@ -710,18 +715,19 @@ class Run:
                 else f"{len(src.shape)} axes ({', '.join(src.axes)})"  # a time axis, or unnamed
             )
             raise RunError(
-                f"The input {src.root}:{src.key} has {what}; emparsl runs on 3D volumes (z, y, "
+                f"The input {spec_text(src.root, src.key)} has {what}; emparsl runs on 3D volumes (z, y, "
                 f"x, and at most one channel axis){hint}."
             )
         undescribed = _undescribed(self.model, self.model_options, spec)
         if undescribed:
             self.warnings += (undescribed,)
-        self.warnings += tuple(f"The model's {said}" for said in spec.unused())
+        stated = stated_keys(self.model, self.model_options)
+        self.warnings += tuple(f"The model's {said}" for said in spec.unused(stated))
         note = resolution_mismatch(spec, src.voxel_size, src.unit)
         if note:
             name = self.model if self.model in BUILTIN_MODELS else os.path.basename(self.model)
             self.warnings += (
-                f"The model {name} was {note} ({src.root}:{src.key}): expect poorer results; "
+                f"The model {name} was {note} ({spec_text(src.root, src.key)}): expect poorer results; "
                 "resample the volume to about the model's voxel size, or use a model trained "
                 "on data like it.",
             )
@@ -731,7 +737,7 @@ class Run:
                 given_key.strip("/") != src.key.strip("/")
             ) else ""  # fmt: skip
             self.warnings += (
-                f"The input {src.root}:{src.key}{opened} looks like a label volume "
+                f"The input {spec_text(src.root, src.key)}{opened} looks like a label volume "
                 f"({src.dtype}), not an image: check the input, the model runs on what it is "
                 "given.",
             )
@@ -773,8 +779,8 @@ class Run:
             # the file given (a model cached from another file with the same weights has that
             # file's path)
             model_file, model_sha256 = os.path.abspath(resolve_model(self.model)), loaded.sha256
-        block = self.block or spec.block
-        halo = self.halo or spec.halo
+        block = self.block or self._resumed("block") or spec.block
+        halo = self.halo or self._resumed("halo") or spec.halo
         if spec.spatial_dims == 2:
             if self.block is not None and block[0] != 1:  # was changed without a word
                 self.warnings += (
@@ -825,6 +831,23 @@ class Run:
         except BaseException:
             self.release(failed=True)
             raise
+
+    def _resumed(self, what: str) -> tuple[int, int, int] | None:
+        """The block or halo of the output's last run where it is resumed (not given here): the
+        same command resumes it also after the model's default changed (a 2D model's block,
+        1×64×64 in earlier versions, is 1×512×512 now)."""
+        if self.overwrite or not self.output_root:
+            return None
+        last = Ledger(self.output_root, self.output_key).last_run_record()
+        try:  # the same model file (changed or not): another model's defaults are its own
+            same = last.get("model_file") == os.path.abspath(resolve_model(self.model))
+        except UserError:
+            same = False
+        value = last.get(what) if same else None
+        ok = isinstance(value, list) and len(value) == 3
+        if not ok or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return None
+        return tuple(value) if min(value) >= (1 if what == "block" else 0) else None
 
     def release(self, failed: bool = False) -> None:
         """Let go of the output (its lock); a run does when it ends, however it ends.
@@ -930,7 +953,7 @@ class Run:
             was = last.get("input_written")
             if was and was != src.write_id and last.get("input") == f"{src.root}:{src.key}":
                 raise RunError(
-                    f"The input {src.root}:{src.key} was written again since the output "
+                    f"The input {spec_text(src.root, src.key)} was written again since the output "
                     f"{self.output} was begun, so its blocks done so far hold what the input "
                     "held then; pass --overwrite to compute the output anew, or choose another "
                     "output name."
@@ -955,7 +978,7 @@ class Run:
                 have, want = ("×".join(map(str, s)) for s in (existing.shape[-3:], out_shape))
                 raise RunError(
                     f"The output {self.output} has {have} voxels, but this input "
-                    f"({src.root}:{src.key}) gives {want}: the input changed since; pass "
+                    f"({spec_text(src.root, src.key)}) gives {want}: the input changed since; pass "
                     "--overwrite to start again, or choose another output name."
                 )
             # the blocks' own hashes, not the last run's: a run with nothing left to compute
@@ -1136,7 +1159,7 @@ class Run:
                                 yield finished(blk, result)
                     if done == total:  # the last blocks finished as it was cancelled
                         elapsed = time.perf_counter() - t0
-                        yield self._emit(Finished(done, 0, total, elapsed))
+                        yield self._emit(Finished(done, 0, total, elapsed, clip.warnings()))
                     else:
                         yield self._emit(Cancelled(done, total))
                     return

@@ -37,6 +37,7 @@ __all__ = [
     "misnamed_description",
     "missing_description",
     "resolve_model",
+    "stated_keys",
 ]
 
 #: built-in model name -> weights file inside napari_emparsl/models/ (sidecar beside it)
@@ -159,6 +160,15 @@ def _description(path: str) -> tuple[dict[str, Any], str]:
     if "normalize" in sidecar:
         keys.pop(PER_CHANNEL, None)  # the sidecar says how to normalize it
     return keys, f"the bioimage.io description of {path}"
+
+
+def stated_keys(model: str, options: Mapping[str, Any] | None = None) -> set[str]:
+    """The description keys the user wrote (its sidecar, the options), not those a bioimage.io
+    package's description fills in (a package's data range is its out_range, uint8 or not)."""
+    path = resolve_model(model)
+    if model in BUILTIN_MODELS:
+        return set(options or {})
+    return set(read_sidecar(path.rstrip("/\\"))) | set(options or {})
 
 
 def describe_model(model: str, options: Mapping[str, Any] | None = None) -> ModelSpec:

@@ -321,12 +321,15 @@ class ModelSpec:
         n = max(len(self.classes), self.n_outputs, 2)  # unnamed classes count too
         return "uint8" if n <= 255 else "uint16" if n <= 65535 else "uint32"
 
-    def unused(self) -> list[str]:
+    def unused(self, stated: set[str] | None = None) -> list[str]:
         """Sentences for values the description gives that this kind of model does not use
         (accepted without a word before: a threshold on an image model, an out_range on a
-        float32 output)."""
+        float32 output); ``stated``: the keys the user wrote (a bioimage.io package's own
+        description gives its data range as out_range, uint8 or not), None: any."""
         out = []
-        if self.threshold != 0.5 and not (self.kind == "labels" and self.n_outputs == 1):
+        said = (lambda key: True) if stated is None else stated.__contains__
+        used_threshold = self.kind == "labels" and self.n_outputs == 1
+        if said("threshold") and self.threshold != 0.5 and not used_threshold:
             out.append(
                 f"threshold {self.threshold:g} is not used: it cuts the one output channel of "
                 "a labels model into a mask; "
@@ -336,9 +339,8 @@ class ModelSpec:
                     else "this model's classes are told apart by their largest logit."
                 )
             )
-        if self.out_range != (0.0, 1.0) and not (
-            self.kind == "image" and self.out_dtype == "uint8"
-        ):
+        uint8 = self.kind == "image" and self.out_dtype == "uint8"
+        if said("out_range") and self.out_range != (0.0, 1.0) and not uint8:
             out.append(
                 f"out_range [{self.out_range[0]:g}, {self.out_range[1]:g}] is not used: it maps "
                 "an image model's values to 0..255 with out_dtype: uint8; "
