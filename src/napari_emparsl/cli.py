@@ -384,7 +384,7 @@ def _run(args: argparse.Namespace) -> int:
         retries=args.retries,
     )
     bar = None
-    voxels = 0
+    voxels = failed = 0
     t0 = time.perf_counter()
     last = None
     failures: dict[tuple[bool, str], list[int]] = {}
@@ -432,9 +432,14 @@ def _run(args: argparse.Namespace) -> int:
                 progress = (event.done, event.total)
                 voxels += event.voxels
                 rate = voxels / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix_str(f"{rate / 1e6:.2f} Mvox/s", refresh=False)  # update() draws
+                said = f"{rate / 1e6:.2f} Mvox/s" + (f", {failed} failed" if failed else "")
+                bar.set_postfix_str(said, refresh=False)  # update() draws
                 bar.update(1)
             elif isinstance(event, BlockFailed):
+                if event.final:  # handled: the bar counts it, and says how many failed
+                    failed += 1
+                    bar.set_postfix_str(f"{failed} failed", refresh=False)
+                    bar.update(1)
                 # each distinct error once (a wrong setting fails every block the same way)
                 ids = failures.setdefault((event.final, event.error), [])
                 ids.append(event.block_id)
@@ -448,15 +453,13 @@ def _run(args: argparse.Namespace) -> int:
         events.close()
         if bar is not None:
             bar.close()
-        if progress and run.blocks:  # the ledger's count: a block may be recorded done before
-            try:  # its event reached this loop, and it is what a resume skips
-                from napari_emparsl.core.ledger import Ledger
-
-                done = Ledger(run.output_root, run.output_key).summary().done
-                progress = (len(set(done) & set(run.blocks)), progress[1])
-            except (OSError, ValueError):
-                pass
+        if progress and run.blocks:  # the ledger's count (a block may be recorded done before
+            # its event reached this loop, and it is what a resume skips), as the run kept it:
+            # reading a ledger of millions of blocks again took longer than a scheduler waits
+            progress = (run.done_in_plan(), progress[1])
         at = f" at {progress[0]}/{progress[1]} blocks done" if progress else ""
+        if failed:
+            at += f" ({failed} failed, retried by a resume)"
         how = _how_stopped(stop)
         print(
             f"emparsl: {how}{at}; finished blocks stay done, run the same command again to resume.",

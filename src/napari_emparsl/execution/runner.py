@@ -614,6 +614,12 @@ class Run:
         """Stop submitting; running blocks are abandoned and the executor is shut down."""
         self._cancel.set()
 
+    def done_in_plan(self) -> int:
+        """Blocks of this run's plan recorded done (earlier runs' and this one's): what a resume
+        skips, counted without reading the ledger again (the coordinator records each block
+        before its event)."""
+        return len(self._done_ids & set(self.blocks)) if self.blocks else 0
+
     def blocks_left(self) -> int | None:
         """Blocks of the whole volume's plan (not only this run's region) not done yet, from
         the ledger read at planning and this run's results; None before the run has planned."""
