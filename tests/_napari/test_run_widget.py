@@ -17,7 +17,7 @@ from qtpy.QtCore import Qt
 
 from napari_emparsl._napari.run_widget import RunWidget
 from napari_emparsl.cli import main
-from napari_emparsl.core.geometry import plan_blocks
+from napari_emparsl.core.geometry import Roi, plan_blocks
 from napari_emparsl.core.volume import Volume
 
 PLUGIN = "napari-emparsl"
@@ -1538,3 +1538,29 @@ def test_opening_the_panels_leaves_torch_import_to_a_background_thread():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "torch imported first by ['emparsl-preload']" in proc.stdout, proc.stdout
+
+
+def test_thousands_of_failed_blocks_are_listed_and_outlined_in_part(
+    make_napari_viewer, qtbot, sample_path
+):
+    """A model failing on thousands of blocks: the list and the boxes were rebuilt whole twice
+    a second (11,447 rows and boxes: seconds of a frozen napari each time); now the first 200
+    rows and a row counting the rest, and the 400 boxes nearest the middle of the view."""
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    rois = {i: Roi((0, i // 40, i % 40), (64, 1, 1)) for i in range(1200)}  # 1-voxel columns
+    failed = {i: "ValueError: too dark" for i in rois}
+    viewer.dims.set_point(0, 8 * 8)  # slice 8: every box passes through it
+    widget._set_failed(failed, rois, ((8.0, 8.0, 8.0), (0.0, 0.0, 0.0), "nm"))
+    choices = widget.failed_list.choices
+    assert len(choices) == 201 and choices[0] == "block 0: ValueError: too dark"
+    assert choices[-1].startswith("… and 1000 more failed blocks (`emparsl status ")
+    layer = viewer.layers["failed blocks"]
+    assert len(layer.data) == 400
+    centre = np.asarray(getattr(viewer, "scene", viewer).camera.center[-2:])
+    drawn = sorted(float(np.sum((b[:, 1:].mean(axis=0) - centre) ** 2)) for b in layer.data)
+    everything = sorted(
+        float(np.sum(((np.array(r.begin[1:]) + 0.5) * 8.0 - centre) ** 2)) for r in rois.values()
+    )
+    assert drawn[-1] <= everything[399] + 1e-6  # the nearest ones
+    assert widget.retry_btn.enabled

@@ -229,6 +229,13 @@ def _same_model(chosen: str, model: Any, model_file: Any, sha256: Any = None) ->
 _WRITERS = {"import": "an import", "napari save": "a save from napari"}
 
 
+#: failed blocks listed (the rest counted in one row) and outlined (those nearest the view's
+#: middle): a model failing on thousands of blocks rebuilt thousands of rows and boxes, seconds
+#: of a frozen napari twice a second
+_MOST_LISTED = 200
+_MOST_BOXES = 400
+
+
 def panel_words(message: str) -> str:
     """An engine sentence in the panel's words: it speaks to the command line (--overwrite,
     --block, --model-option), the panel has its fields."""
@@ -1416,7 +1423,13 @@ class RunWidget(Container):
         Retry failed offered."""
         self._failed_pending, self._failed_shown = False, time.perf_counter()
         self._failed, self._failed_rois, self._failed_geo = dict(failed), dict(rois), geo
-        set_choices(self.failed_list, [f"block {k}: {v}" for k, v in sorted(self._failed.items())])
+        listed = [f"block {k}: {v}" for k, v in sorted(self._failed.items())[:_MOST_LISTED]]
+        if len(self._failed) > _MOST_LISTED:  # thousands of rows stalled napari for seconds
+            listed.append(
+                f"… and {len(self._failed) - _MOST_LISTED} more failed blocks (`emparsl status "
+                f"{self.output.value}` groups them by error)"
+            )
+        set_choices(self.failed_list, listed)
         self.retry_btn.enabled = self._run is None and bool(self._failed)
         self._show_failed_boxes()
 
@@ -1451,6 +1464,12 @@ class RunWidget(Container):
                 continue
             corners = np.array([[z, y0, x0], [z, y0, x1], [z, y1, x1], [z, y1, x0]], float)
             boxes.append(corners * voxel + origin)
+        if len(boxes) > _MOST_BOXES:  # napari draws thousands of shapes in seconds: the ones
+            # nearest the middle of the view
+            scene = getattr(self._viewer, "scene", self._viewer)  # napari 0.9: viewer.scene
+            centre = np.asarray(scene.camera.center[-2:], float)
+            boxes.sort(key=lambda b: float(np.sum((b[:, 1:].mean(axis=0) - centre) ** 2)))
+            boxes = boxes[:_MOST_BOXES]
         # the boxes' look is given with the boxes: shapes a layer gets after it is made take its
         # defaults for new shapes (polygons 1 unit wide: 1 nm, a line too thin to see — the
         # boxes had never shown), not what the layer was made with
