@@ -1564,3 +1564,20 @@ def test_thousands_of_failed_blocks_are_listed_and_outlined_in_part(
     )
     assert drawn[-1] <= everything[399] + 1e-6  # the nearest ones
     assert widget.retry_btn.enabled
+
+
+def test_a_preview_of_too_many_blocks_is_refused(make_napari_viewer, qtbot, sample_path):
+    """A huge volume's whole slice on screen (nothing drawn, the default zoom) was a preview
+    of 6,656 blocks computed in napari's own process without a word."""
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    widget.site.value = "threads"
+    widget.block.value = "8"  # the slice on screen: 1 × 16 × 16 blocks
+    viewer.dims.set_point(0, 60 * 8)
+    widget.preview_btn.clicked.emit()
+    assert widget.status.value == (
+        "The region on screen touches 256 blocks, too many for a preview (it computes in "
+        "napari's own process, at most 64): zoom in, or draw a smaller region (Draw region); "
+        "Run computes the whole volume."
+    )
+    assert widget._run is None and not (sample_path / "pred").exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import re
 import threading
@@ -234,6 +235,9 @@ _WRITERS = {"import": "an import", "napari save": "a save from napari"}
 #: of a frozen napari twice a second
 _MOST_LISTED = 200
 _MOST_BOXES = 400
+#: blocks a preview may compute (in napari's process): a huge volume's whole slice on screen
+#: was 6,656 blocks of 128³, computed without a word
+_MOST_PREVIEW_BLOCKS = 64
 
 
 def panel_words(message: str) -> str:
@@ -888,10 +892,31 @@ class RunWidget(Container):
     def preview(self, *_: Any) -> None:
         try:
             roi = self.preview_region()
+            many = self._preview_blocks(roi)
         except (UserError, TypeError) as err:
             self._error(str(err) if isinstance(err, UserError) else self._no_volume())
             return
+        if many > _MOST_PREVIEW_BLOCKS:  # a whole slice of a huge volume at the default zoom
+            self._error(
+                f"The region on screen touches {many:,} blocks, too many for a preview (it "
+                f"computes in napari's own process, at most {_MOST_PREVIEW_BLOCKS}): zoom in, or "
+                "draw a smaller region (Draw region); Run computes the whole volume."
+            )
+            return
         self._start(roi=roi, site=self.site.value if self.preview_on_site.value else "threads")
+
+    def _preview_blocks(self, roi: Roi) -> int:
+        """How many blocks of the run's plan the preview region touches (the block typed, or
+        the model's default; one slice deep for a 2D model)."""
+        from napari_emparsl.core.models.loaders import describe_model
+
+        block = _triple(self.block.value, "block", 1)
+        if block is None:
+            block = describe_model(self._model(), self._options()).block
+        begin, end = roi.begin[-3:], roi.end[-3:]
+        return math.prod(
+            (e - 1) // b - s // b + 1 for s, e, b in zip(begin, end, block, strict=True)
+        )
 
     def retry_failed(self, *_: Any) -> None:
         """Compute the failed blocks again — only those, not the blocks still pending."""
