@@ -164,7 +164,7 @@ def _norm(volume: Volume, spec: ModelSpec) -> tuple[float, float]:
         return spec.norm_values
     if spec.normalize == "zscore":
         return volume_stats(volume)
-    sample = finite_values(volume.sample())
+    sample = finite_values(volume.sample(written_only=True))
     if sample.size == 0:
         return 0.0, 1.0
     lo, hi = np.percentile(sample, list(spec.percentiles))
@@ -603,6 +603,7 @@ class Run:
         self._src: Volume | None = None
         self._provenance: dict[str, Any] | None = None
         self._done_ids: set[int] = set()  # of the whole output, this run's blocks included
+        self._resumed_summary: Any = None  # the output's ledger as read to resume it
         self.blocks: dict[int, Block] = {}  # the plan's, once planned: where each block writes
         self._lock: OutputLock | None = None
         self.callbacks: list[Callable[[RunEvent], None]] = []
@@ -918,7 +919,13 @@ class Run:
         if existing is None:  # only now, when everything checked out
             self._create_output(src, spec, out_shape, out_chunks, levels, level_chunks)
         ledger = Ledger(self.output_root, self.output_key)
-        done = set(ledger.summary().done) if ledger.exists() else set()
+        # read once, under the output's lock, when it was checked for resuming (a second whole
+        # read of a ledger of a million blocks took ~25 s and GBs more)
+        summary = self._resumed_summary if existing is not None else None
+        if summary is None and ledger.exists():
+            summary = ledger.summary()
+        done = set(summary.done) if summary is not None else set()
+        self._resumed_summary = None
         self._provenance = {
             "input": f"{src.root}:{src.key}",
             "input_written": src.write_id,
@@ -932,6 +939,7 @@ class Run:
             "site": self.site if isinstance(self.site, str) else self.site.name,
             "version": __version__,
             "roi": str(self.roi) if self.roi else None,
+            "normalization": [float(v) for v in norm],  # what every block subtracts, divides by
         }
         self._ledger = ledger
         self._src = src
@@ -954,7 +962,7 @@ class Run:
                     "to replace it, or choose another name."
                 )
             # a changed model file (a fix) may resume: the ledger records each run's hash
-            summary = ledger.summary()
+            summary = self._resumed_summary = ledger.summary()
             last = summary.last_run
             was = last.get("input_written")
             if was and was != src.write_id and last.get("input") == f"{src.root}:{src.key}":
