@@ -122,3 +122,20 @@ def test_an_index_out_of_range_raises_as_in_numpy(tmp_path):
         live[1:3][2]
     np.testing.assert_array_equal(np.asarray(live[-1]), data[-1])
     np.testing.assert_array_equal(np.asarray(live[1:3][1, 2]), data[1:3][1, 2])
+
+
+def test_a_huge_plane_is_not_kept(tmp_path, monkeypatch):
+    """The plane on screen of a huge output is not read whole into memory (16384²: 268 MB,
+    2.3 s in its chunks' full depth, for the first block under it): the block is still said to
+    change what is shown, and napari reads the part it shows from disk."""
+    from napari_emparsl._napari import live as live_module
+
+    out = Volume.create(tmp_path / "o.n5", "pred", (8, 16, 16), "uint8", (4, 8, 8))
+    monkeypatch.setattr(live_module, "_MOST_KEPT_PLANE", 255)  # as a plane of 16 × 16 is big
+    live = LiveN5Array(str(tmp_path / "o.n5"), "pred")
+    live.watch(2)
+    out.write(np.full((4, 8, 8), 5, np.uint8), (0, 8, 8))
+    assert live.block_written((0, 8, 8), (4, 16, 16))
+    assert live._plane is None and live[2, 12, 12] == 5 and live.plane_hits == 0
+    monkeypatch.setattr(live_module, "_MOST_KEPT_PLANE", 256)  # one of 16 × 16 is kept
+    assert live.block_written((0, 8, 8), (4, 16, 16)) and live._plane is not None

@@ -17,6 +17,7 @@ goes to disk.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -52,6 +53,10 @@ def _norm_key(key: Any, shape: Sequence[int]) -> tuple[tuple[int, int], ...] | N
         else:
             return None
     return tuple(out)
+
+
+#: voxels of the plane on screen a :class:`LiveN5Array` keeps in memory at most (a 4096² plane)
+_MOST_KEPT_PLANE = 2**24
 
 
 class LiveN5Array:
@@ -211,6 +216,10 @@ class LiveN5Array:
         if z is None or not begin[0] <= z < end[0]:
             return False
         if plane is None:
+            if math.prod(self.shape[:-3]) * math.prod(self.shape[-2:]) > _MOST_KEPT_PLANE:
+                # a plane of a huge volume (16384²: 268 MB, 2.3 s to read in its chunks' full
+                # depth) is not kept: napari reads the part it shows as it refreshes
+                return True
             fresh = self._read(self._plane_region(z))
             with self._lock:
                 if self._generation == generation:  # not moved meanwhile
