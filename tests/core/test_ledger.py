@@ -28,9 +28,12 @@ def test_follower_reads_only_what_was_appended(tmp_path):
     assert len(summary.runs) == 1 and list(summary.failed) == [0] and not summary.done
     with path.open("a") as f:
         f.write('tus": "done"}\n')
-        f.write(_line({"type": "block", "id": 0, "status": "done"}))
+        f.write(_line({"type": "block", "id": 0, "status": "done", "t_read": 0.5,
+                       "histogram": list(range(16)), "out_min": 0.0, "out_max": 15.0}))  # fmt: skip
     summary = follower.summary()
     assert sorted(summary.done) == [0, 1] and not summary.failed
+    # what no reader of a summary uses is not kept (a million blocks' records held GBs)
+    assert summary.done[0] == {"type": "block", "id": 0, "status": "done", "t_read": 0.5}
     # the same answer as reading the whole file
     whole = Ledger(str(tmp_path / "o.n5"), "pred").summary()
     assert (summary.runs, summary.done, summary.failed) == (whole.runs, whole.done, whole.failed)
