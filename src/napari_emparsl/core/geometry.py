@@ -156,11 +156,11 @@ def _check(
     ):
         if len(value) != n:
             raise GeometryError(
-                f"The {name} {_said(value)} has {len(value)} axes but the volume has {n}."
+                f"The {name} {size_text(value)} has {len(value)} axes but the volume has {n}."
             )
     if any(b < 1 for b in block) or any(h < 0 for h in halo) or any(s < 1 for s in scale):
         raise GeometryError(
-            f"Block {_said(block)} must be positive and halo {_said(halo)} non-negative."
+            f"Block {size_text(block)} must be positive and halo {size_text(halo)} non-negative."
         )
     bad = [i for i in range(n) if (block[i] * scale[i]) % out_chunks[i] and block[i] < shape[i]]
     if bad:
@@ -171,8 +171,8 @@ def _check(
             for i in range(n)
         )
         raise GeometryError(
-            f"Block {_said(block)} is not a whole number of output chunks {_said(out_chunks)}"
-            f"{' at scale ' + _said(scale) if any(s != 1 for s in scale) else ''}; "
+            f"Block {size_text(block)} is not a whole number of output chunks {size_text(out_chunks)}"
+            f"{' at scale ' + size_text(scale) if any(s != 1 for s in scale) else ''}; "
             f"use a multiple of the chunks, e.g. --block {','.join(map(str, good))}."
         )
     if grid is not None:
@@ -182,7 +182,7 @@ def _check(
     small = [i for i in range(n) if block[i] < halo[i] and block[i] < shape[i] and not fixed[i]]
     if small:
         raise GeometryError(
-            f"Block {_said(block)} is smaller than the halo {_said(halo)}; most of each read would be "
+            f"Block {size_text(block)} is smaller than the halo {size_text(halo)}; most of each read would be "
             "context: use blocks at least as large as the halo (ideally 2–4× larger)."
         )
 
@@ -199,21 +199,21 @@ def _check_grid(
         below = [max(g, b // g * g) for b, g in zip(block, grid, strict=True)]
         above = [-(-b // g) * g for b, g in zip(block, grid, strict=True)]
         raise GeometryError(
-            f"Block {_said(block)} does not line up with the model's size multiple "
-            f"{_said(grid)}: blocks that do not begin on a multiple of it compute other values "
+            f"Block {size_text(block)} does not line up with the model's size multiple "
+            f"{size_text(grid)}: blocks that do not begin on a multiple of it compute other values "
             "than one whole-volume forward (visible seams); use a multiple of it, e.g. --block "
             f"{','.join(map(str, below))} or {','.join(map(str, above))}."
         )
     if any(h % g for h, g in zip(halo, grid, strict=True)):
         raise GeometryError(
-            f"Halo {_said(halo)} does not line up with the model's size multiple {_said(grid)}; "
+            f"Halo {size_text(halo)} does not line up with the model's size multiple {size_text(grid)}; "
             f"use a multiple of it, e.g. --halo {','.join(map(str, align_up(halo, grid)))}."
         )
 
 
-def _said(values: Sequence[int]) -> str:
+def size_text(values: Sequence[int]) -> str:
     """Sizes in messages as they are typed (``--block 8,30,32``), not Python's tuples."""
-    return ",".join(map(str, values))
+    return ",".join(str(int(v)) for v in values)
 
 
 def align_up(values: Sequence[int], grid: Sequence[int]) -> tuple[int, ...]:

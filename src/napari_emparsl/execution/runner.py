@@ -49,6 +49,7 @@ from napari_emparsl.core.geometry import (
     block_grid,
     check_no_shared_chunks,
     plan_blocks,
+    size_text,
     size_values,
 )
 from napari_emparsl.core.ledger import Ledger, OutputLock, written_blocks
@@ -302,10 +303,6 @@ def _undescribed(model: str, options: Mapping[str, Any], spec: ModelSpec) -> str
         f"{head}, so it runs {' and '.join(runs) or 'with defaults'}; describe it in {sidecar} "
         f"(`emparsl describe-model {model}` prints a description to edit) or with --model-option."
     )
-
-
-def _triple_text(values: Sequence[int]) -> str:
-    return ",".join(str(int(v)) for v in values)
 
 
 def _id_range(blocks: Sequence[Block]) -> str:
@@ -786,18 +783,19 @@ class Run:
             # the file given (a model cached from another file with the same weights has that
             # file's path)
             model_file, model_sha256 = os.path.abspath(resolve_model(self.model)), loaded.sha256
-        block = self.block or self._resumed("block") or spec.block
-        halo = self.halo or self._resumed("halo") or spec.halo
+        resumed = self._resumed() if self.block is None or self.halo is None else {}
+        block = self.block or resumed.get("block") or spec.block
+        halo = self.halo or resumed.get("halo") or spec.halo
         if spec.spatial_dims == 2:
             if self.block is not None and block[0] != 1:  # was changed without a word
                 self.warnings += (
                     f"The model is a 2D model, which computes one slice at a time: the block "
-                    f"{_triple_text(block)} is {_triple_text((1, *block[1:]))}.",
+                    f"{size_text(block)} is {size_text((1, *block[1:]))}.",
                 )
             if self.halo is not None and halo[0] != 0:  # likewise: no context across slices
                 self.warnings += (
                     f"The model is a 2D model, which takes no context from the slices above and "
-                    f"below: the halo {_triple_text(halo)} is {_triple_text((0, *halo[1:]))}.",
+                    f"below: the halo {size_text(halo)} is {size_text((0, *halo[1:]))}.",
                 )
             block, halo = (1, *block[1:]), (0, *halo[1:])
         # every read begins on the model's pooling grid (its size multiple), as in one
@@ -809,11 +807,11 @@ class Run:
         context = tuple(spec.halo if spec.spatial_dims == 3 else (0, *spec.halo[1:]))
         short = any(h < c for h, c in zip(aligned, context, strict=True))
         if self.halo is not None and (aligned != tuple(halo) or short):
-            said = _triple_text(aligned)
+            said = size_text(aligned)
             if aligned != tuple(halo):
                 what = (
-                    f"The halo {_triple_text(halo)} was rounded up to {said} (a multiple of the "
-                    f"model's size multiple {_triple_text(spec.multiple)})"
+                    f"The halo {size_text(halo)} was rounded up to {said} (a multiple of the "
+                    f"model's size multiple {size_text(spec.multiple)})"
                 )
                 what += ", still" if short else ""
             else:
@@ -822,7 +820,7 @@ class Run:
                 f"{what}, so that blocks compute what one whole-volume forward computes (no seams)."
                 if not short
                 else f"{what} smaller than the context the model declares "
-                f"({_triple_text(context)}): blocks may differ slightly from one whole-volume "
+                f"({size_text(context)}): blocks may differ slightly from one whole-volume "
                 "forward near their edges (faster, not exact); leave the halo out for an exact "
                 "result.",
             )
@@ -839,22 +837,30 @@ class Run:
             self.release(failed=True)
             raise
 
-    def _resumed(self, what: str) -> tuple[int, int, int] | None:
-        """The block or halo of the output's last run where it is resumed (not given here): the
-        same command resumes it also after the model's default changed (a 2D model's block,
-        1×64×64 in earlier versions, is 1×512×512 now)."""
+    def _resumed(self) -> dict[str, tuple[int, int, int]]:
+        """The block and halo of the output's last run where it is resumed (those not given
+        here): the same command resumes it also after the model's default changed (a 2D
+        model's block, 1×64×64 in earlier versions, is 1×512×512 now). One read of the
+        ledger's last run record."""
         if self.overwrite or not self.output_root:
-            return None
+            return {}
         last = Ledger(self.output_root, self.output_key).last_run_record()
         try:  # the same model file (changed or not): another model's defaults are its own
-            same = last.get("model_file") == os.path.abspath(resolve_model(self.model))
+            if last.get("model_file") != os.path.abspath(resolve_model(self.model)):
+                return {}
         except UserError:
-            same = False
-        value = last.get(what) if same else None
-        ok = isinstance(value, list) and len(value) == 3
-        if not ok or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            return None
-        return tuple(value) if min(value) >= (1 if what == "block" else 0) else None
+            return {}
+        out = {}
+        for what, least in (("block", 1), ("halo", 0)):
+            value = last.get(what)
+            if (
+                isinstance(value, list)
+                and len(value) == 3
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+                and min(value) >= least
+            ):
+                out[what] = tuple(value)
+        return out
 
     def release(self, failed: bool = False) -> None:
         """Let go of the output (its lock); a run does when it ends, however it ends.

@@ -47,7 +47,7 @@ from typing import Any
 import yaml
 
 from napari_emparsl.core.errors import UserError
-from napari_emparsl.core.geometry import size_values
+from napari_emparsl.core.geometry import size_text, size_values
 from napari_emparsl.core.units import nm_per_unit
 
 __all__ = ["ModelError", "ModelSpec", "parse_options", "read_sidecar", "resolution_mismatch"]
@@ -289,10 +289,10 @@ class ModelSpec:
         ):
             raise ModelError(
                 "A 2D model runs slice by slice: its z halo must be 0 and its z multiple, z scale "
-                f"and z min_size 1 (got halo {_typed(self.halo)}, multiple "
-                f"{_typed(self.multiple)}, scale {_typed(self.scale)}, min_size "
-                f"{_typed(self.min_size)}"
-                + (f", fixed {_typed(self.fixed)}" if self.fixed[0] > 1 else "")
+                f"and z min_size 1 (got halo {size_text(self.halo)}, multiple "
+                f"{size_text(self.multiple)}, scale {size_text(self.scale)}, min_size "
+                f"{size_text(self.min_size)}"
+                + (f", fixed {size_text(self.fixed)}" if self.fixed[0] > 1 else "")
                 + ")."
             )
         if any(f and m != 1 for f, m in zip(self.fixed, self.multiple, strict=True)):
@@ -532,8 +532,3 @@ def read_sidecar(model_path: str) -> dict[str, Any]:
                 )
             return data
     return {}
-
-
-def _typed(values: Any) -> str:
-    """Sizes in messages as they are typed in a description or option (``0,4,4``)."""
-    return ",".join(map(str, values))
