@@ -30,9 +30,11 @@ def test_conv_seamless_blocks_not_dividing(tmp_path, conv_model, float_volume, s
     )
 
 
-@pytest.mark.parametrize("block", [(32, 32, 32), (24, 40, 28)])
-def test_unet_labels_seamless(tmp_path, unet_model, block):
-    data = np.random.default_rng(5).random((64, 96, 88)).astype(np.float32)
+@pytest.mark.parametrize(  # blocks that divide the volume on every axis, on some, on none
+    "shape, block", [((64, 96, 96), (32, 32, 32)), ((64, 96, 88), (32, 32, 32)),
+                     ((64, 96, 88), (24, 40, 28))])  # fmt: skip
+def test_unet_labels_seamless(tmp_path, unet_model, shape, block):
+    data = np.random.default_rng(5).random(shape).astype(np.float32)
     save_array(tmp_path / "in.n5", "raw", data, chunks=(8, 8, 4))
     ev = Run(
         f"{tmp_path}/in.n5:raw", unet_model, f"{tmp_path}/out.n5:seg", site="threads", block=block
@@ -200,3 +202,48 @@ def test_many_classes_get_a_wider_label_dtype_and_outputs_are_gzip(tmp_path, sav
     np.testing.assert_array_equal(out.data.compute(), np.rint(data * 299).astype(np.uint16))
     attrs = json.loads((tmp_path / "out.n5" / "many" / "attributes.json").read_text())
     assert attrs["compression"]["type"] == "gzip"
+
+
+@pytest.mark.parametrize(
+    "name, key, crop, block",
+    [  # CREMI ssTEM (40×4×4 nm, anisotropic; chunks 8×128×128, partial on every axis) and
+        # a FIB-SEM crop (gala, 16×64×64 chunks): blocks that do not divide either volume
+        ("cremi_C_crop/cremi_C_crop.n5", "raw", (slice(None), slice(0, 198), slice(0, 230)),
+         (24, 96, 128)),
+        ("gala_fibsem_tiny/gala_tiny.n5", "test/raw", (slice(None),) * 3, (32, 64, 96)),
+    ],
+)  # fmt: skip
+def test_real_em_tiled_equals_whole_forward(tmp_path, shared_data, name, key, crop, block):
+    # Real EM from ../shared/data: the shipped U-Net tiled (its exact halo, blocks that do not
+    # divide the volume) gives every logit of one whole-volume forward, up to the border
+    # (edge: none, as the built-in model declares), and the same labels.
+    from napari_emparsl.core.blockwise import run_model_on_array
+    from napari_emparsl.core.models.loaders import load_model
+
+    real = Volume.open(shared_data / name, key)
+    raw = np.asarray(real.data[crop])
+    save_array(tmp_path / "in.n5", "raw", raw, chunks=real.chunks, voxel_size=real.voxel_size)
+    x = raw.astype(np.float32)
+    mean, std = float(x.mean()), float(x.std())
+    fixed = {"normalize": "fixed", "norm_values": [mean, std]}
+    as_image = {"kind": "image", "classes": [], "out_channels": 3}
+    model = load_model("unet3d-em", fixed | as_image)
+    full = run_model_on_array(model.module, model.spec, ((x - mean) / std)[None])
+    src = f"{tmp_path}/in.n5:raw"
+    ev = Run(src, "unet3d-em", f"{tmp_path}/out.n5:logits", site="threads", block=block,
+             model_options=fixed | as_image).execute()  # fmt: skip
+    n = int(np.prod([-(-s // b) for s, b in zip(raw.shape, block, strict=True)]))
+    assert ev.ok and ev.total == n > 1 and all(s % b for s, b in zip(raw.shape, block, strict=True))
+    tiled = Volume.open(tmp_path / "out.n5", "logits")
+    assert tiled.voxel_size == real.voxel_size
+    tiled = tiled.data.compute()
+    assert tiled.shape == full.shape == (3, *raw.shape)
+    assert np.abs(tiled - full).max() < 1e-4
+    # the labels run (argmax of the same logits) gives the whole forward's labels
+    ev = Run(src, "unet3d-em", f"{tmp_path}/out.n5:seg", site="threads", block=block,
+             model_options=fixed).execute()  # fmt: skip
+    assert ev.ok
+    seg = Volume.open(tmp_path / "out.n5", "seg").data.compute()
+    mismatch = float((seg != full.argmax(0)).mean())
+    assert mismatch < 1e-4, mismatch
+    assert 0.01 < float((seg == 1).mean()) < 0.99  # a real segmentation, not one class
