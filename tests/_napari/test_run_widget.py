@@ -106,6 +106,20 @@ def test_preview_then_full_run_streams(make_napari_viewer, qtbot, sample_path, t
                  "--block", "64,64,64"]) == 0  # fmt: skip
     cli = Volume.open(tmp_path / "cli.n5", "pred").data.compute()
     np.testing.assert_array_equal(preview[40, 10:50, 70:100], cli[40, 10:50, 70:100])
+    # previewing again, a region moved within the done block, computes nothing
+    from napari_emparsl.core.ledger import Ledger
+
+    ledger = Ledger(str(sample_path), "pred")
+
+    def block_records() -> list[int]:
+        lines = open(ledger.path).read().splitlines()
+        return [r["id"] for r in map(json.loads, lines) if r.get("type") == "block"]
+
+    assert block_records() == [1]
+    viewer.layers.remove("region")
+    _preview_rectangle(qtbot, viewer, widget, 30)
+    assert block_records() == [1]
+    viewer.dims.set_point(0, 40 * 8)
 
     # the full run on the local site skips the preview's block and streams the rest in; watch
     # what napari draws: the blocks of the displayed plane (z 40: blocks 0-3, block 1 is done)
@@ -140,6 +154,8 @@ def test_preview_then_full_run_streams(make_napari_viewer, qtbot, sample_path, t
     final = np.asarray(out_layer.data)
     np.testing.assert_array_equal(final, n5)
     assert all(_blocks_with_data(final))
+    # the preview's block was not computed again: each block computed once
+    assert sorted(block_records()) == list(range(8))
 
 
 def test_cancel_and_resume_equals_uninterrupted(make_napari_viewer, qtbot, sample_path, tmp_path):

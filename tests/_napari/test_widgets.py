@@ -63,10 +63,13 @@ def test_wrapped_sentences_keep_their_lines_when_the_dock_narrows(make_napari_vi
     label = run.model_info.native
     lines = label.height() // label.fontMetrics().lineSpacing()
     viewer.window._qt_window.resizeDocks([dock], [330], Qt.Orientation.Horizontal)
-    qtbot.wait(100)
-    QApplication.processEvents()
-    assert label.height() >= label.heightForWidth(label.width())
-    assert label.height() // label.fontMetrics().lineSpacing() > lines  # more lines, all shown
+
+    def all_lines_shown() -> bool:  # more lines than before, all shown (the layout may take a
+        QApplication.processEvents()  # few event-loop turns on a busy machine)
+        return (label.height() >= label.heightForWidth(label.width())
+                and label.height() // label.fontMetrics().lineSpacing() > lines)  # fmt: skip
+
+    qtbot.waitUntil(all_lines_shown, timeout=5000)
 
 
 def test_the_plugins_menu_opens_every_panel(make_napari_viewer, tmp_path, monkeypatch):

@@ -1017,11 +1017,11 @@ class RunWidget(Container):
                 wait = 0.5 - (time.perf_counter() - self._activity_last)
                 QTimer.singleShot(max(0, int(wait * 1000)), guarded(self, self._update_activity))
 
-    def _open_activity(self, total: int) -> None:
+    def _open_activity(self, total: int, run: Any) -> None:
         from napari.utils import progress
 
-        if self._run is None or self._activity is not None:
-            return  # the run ended already
+        if self._run is None or self._run is not run or self._activity is not None:
+            return  # the run ended already (another may have begun since)
         # created last: napari's progress may run queued events
         activity = progress(total=total, desc=self._activity_text())
         activity.update(self.progress.value - activity.n)
@@ -1060,8 +1060,12 @@ class RunWidget(Container):
             run_going(self.output.value)  # the runs panel follows it
             # napari's activity dock shows the run too: its bar in a turn of the event loop of
             # its own, so that napari's two set-ups (layer, bar) do not add up to one stall
+            # (the count starts at what was done before: a count of the run before would
+            # otherwise be applied to this one's bar)
+            self._activity_target = event.total - event.todo
+            run = self._run
             QTimer.singleShot(
-                40, guarded(self, lambda total=event.total: self._open_activity(total))
+                40, guarded(self, lambda total=event.total: self._open_activity(total, run))
             )
             for warning in event.warnings:  # once per session: previews repeat them
                 if warning not in self._warned:
