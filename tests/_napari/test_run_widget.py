@@ -356,6 +356,16 @@ def test_model_info_estimate_and_site_test(
     assert "the volume has 1 channel(s)" in widget.model_info.value
     widget.model_file_btn.clicked.emit()  # the dialog starts in the chosen file's folder
     assert asked[1][1] == str(tmp_path)
+    # a size multiple the volume's slices cannot meet: said beside the model, before any run
+    widget.model_options.value = "spatial_dims=2; halo=0,24,24"
+    assert widget.model_info.value.startswith(
+        "⚠ A 2D model runs slice by slice: its z halo must be 0 and its z multiple"
+    )
+    assert "multiple 4,4,4" in widget.model_info.value
+    widget.model_options.value = "spatial_dims=2; halo=0,24,24; multiple=1,4,4"
+    info = widget.model_info.value  # 2D now fits; the 2 input channels still do not
+    assert "; 2D; halo [0, 24, 24]" in info and info.endswith("⚠ the volume has 1 channel(s)")
+    widget.model_options.value = ""
     # a bioimage.io package (its rdf.yaml chosen): described from the package, nothing asked
     package = tmp_path / "zoo"
     package.mkdir()
