@@ -158,10 +158,14 @@ def test_preview_then_full_run_streams(make_napari_viewer, qtbot, sample_path, t
     assert sorted(block_records()) == list(range(8))
 
 
-def test_cancel_and_resume_equals_uninterrupted(make_napari_viewer, qtbot, sample_path, tmp_path):
+def test_cancel_and_resume_equals_uninterrupted(
+    make_napari_viewer, qtbot, sample_path, tmp_path, htex
+):
+    from napari_emparsl.core.ledger import Ledger
+
     viewer = make_napari_viewer()
     widget = _setup(viewer, sample_path)
-    widget.site.value = "threads"
+    widget.site.value = "local"
     cancelled = []
 
     def cancel_once(event):
@@ -174,11 +178,18 @@ def test_cancel_and_resume_equals_uninterrupted(make_napari_viewer, qtbot, sampl
     first_run = weakref.ref(widget._run)
     _wait_idle(qtbot, widget)
     assert "cancelled" in widget.status.value
+    assert htex.gone(timeout=30)  # no worker, pool or interchange left behind
     gc.collect()
     assert first_run() is None  # an ended run (and its open N5 handles) is let go
-    widget.run_btn.clicked.emit()
+    ledger = Ledger(str(sample_path), "pred")
+    done_before = set(ledger.summary().done)
+    assert 1 <= len(done_before) < 8  # stopped mid-run, what finished kept
+    widget.run_btn.clicked.emit()  # Run / resume
     _wait_idle(qtbot, widget)
     assert "finished: 8/8 done" in widget.status.value
+    # the resume computed only the rest: each block once
+    records = [json.loads(line) for line in open(ledger.path).read().splitlines()]
+    assert sorted(r["id"] for r in records if r.get("type") == "block") == list(range(8))
     assert main(["run", "--input", f"{sample_path}:raw", "--model", "unet3d-em", "--output",
                  f"{tmp_path}/ref.n5:pred", "--site", "threads", "--block", "64,64,64"]) == 0  # fmt: skip
     np.testing.assert_array_equal(
