@@ -30,6 +30,18 @@ def tiny_disk(tmp_path):
     subprocess.run(["umount", str(mnt)], check=False)
 
 
+def _records(ledger) -> list[dict]:
+    out = []
+    for line in ledger.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line the full disk cut short
+            continue
+        if rec.get("type") == "block":
+            out.append(rec)
+    return out
+
+
 def test_disk_full_blocks_fail_not_done(tmp_path, tiny_disk, conv_model):
     data = np.random.default_rng(0).random((32, 64, 64)).astype(np.float32)  # 8 blocks of 64 KiB
     save_array(tmp_path / "in.n5", "raw", data, chunks=(16, 32, 32))
@@ -39,27 +51,40 @@ def test_disk_full_blocks_fail_not_done(tmp_path, tiny_disk, conv_model):
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert res.returncode != 0
     assert "Traceback" not in res.stderr
-    assert "failed to write chunk file" in res.stderr or "No space left on device" in res.stderr
-    # every block the ledger calls done is really written; the others are not claimed
+    # the failed blocks say why (z5 itself says only "failed to write chunk file")
     ledger = tiny_disk / "out.n5" / "pred" / "emparsl-ledger.jsonl"
-    done = []
-    for line in ledger.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("type") == "block" and rec["status"] == "done":
-            done.append(rec)
-    assert len(done) < 8
+    records = _records(ledger)
+    done = [r for r in records if r["status"] == "done"]
+    failed = [r for r in records if r["status"] == "failed"]
+    assert 1 <= len(done) < 8 and failed, records
+    assert failed[0]["error"].startswith(f"OSError: The disk holding {tiny_disk}/out.n5 is full (")
+    assert f"block {failed[0]['id']} failed: OSError: The disk holding" in res.stderr
+    # the run stopped where the ledger could not be written, and says so in one sentence
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"emparsl: error: The ledger of {out} could not be written (No space "
+                           "left on device), so the run stopped;"), last  # fmt: skip
+    assert last.endswith("then run it again to compute the rest."), last
+    # every block the ledger calls done is really written; the others are not claimed
     import torch
 
     with torch.inference_mode():
         full = torch.jit.load(conv_model)(torch.from_numpy(data)[None, None])[0, 0].numpy()
     written = Volume.open(tiny_disk / "out.n5", "pred")
-    for rec in done:
-        z0, z1 = (int(v) for v in rec["roi"].split(",")[0].split(":"))
-        y0, y1 = (int(v) for v in rec["roi"].split(",")[1].split(":"))
-        x0, x1 = (int(v) for v in rec["roi"].split(",")[2].split(":"))
-        got = written.read((slice(z0, z1), slice(y0, y1), slice(x0, x1)))
-        interior = (slice(2, -2),) * 3
-        np.testing.assert_allclose(got[interior], full[z0:z1, y0:y1, x0:x1][interior], atol=1e-4)
+    interior = (slice(2, -2),) * 3
+
+    def check(recs: list[dict]) -> None:
+        for rec in recs:
+            (z0, z1), (y0, y1), (x0, x1) = (map(int, r.split(":")) for r in rec["roi"].split(","))
+            got = written.read((slice(z0, z1), slice(y0, y1), slice(x0, x1)))
+            np.testing.assert_allclose(
+                got[interior], full[z0:z1, y0:y1, x0:x1][interior], atol=1e-4
+            )
+
+    check(done)
+    # space freed: the same command computes the rest, not what was done
+    subprocess.run(["mount", "-o", "remount,size=2m", str(tiny_disk)], check=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+    after = [r for r in _records(ledger) if r["status"] == "done"]
+    assert sorted(r["id"] for r in after) == list(range(8))  # each block done once
+    check(after)

@@ -407,10 +407,41 @@ def _write_block(
     offset = blk.out_write_roi.begin
     if out.ndim == len(offset) + 1:
         offset = (0, *offset)
-    dst.write(out, offset, sync=True)  # on disk before the ledger records the block done
-    if dst.is_multiscale:  # the block's part of each coarser level (whole chunks, planned so)
-        dst.write_levels(out, offset, labels=spec.kind == "labels", sync=True)
+    try:
+        dst.write(out, offset, sync=True)  # on disk before the ledger records the block done
+        if dst.is_multiscale:  # the block's part of each coarser level (whole chunks, planned so)
+            dst.write_levels(out, offset, labels=spec.kind == "labels", sync=True)
+    except Exception as err:
+        why = _why_write_failed(job.output_root, out.nbytes)
+        if why is None:
+            raise
+        raise OSError(why) from err
     return out, t_post, time.perf_counter() - t0, clipped
+
+
+def _why_write_failed(root: str, nbytes: int) -> str | None:
+    """What a failed chunk write most likely met, in one sentence (z5 says only "failed to
+    write chunk file"): a full disk or a folder it may not write to; None when neither."""
+    import shutil
+
+    from napari_emparsl.core.importer import human_size
+
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return None
+    if free < nbytes:
+        return (
+            f"The disk holding {root} is full ({human_size(free)} free, the block needs up to "
+            f"{human_size(nbytes)}), so the block was not written; free space there, then run "
+            "again to compute the failed blocks."
+        )
+    if not os.access(root, os.W_OK):
+        return (
+            f"This worker may not write into {root} (its permissions), so the block was not "
+            "written; make it writable for the user the workers run as, then run again."
+        )
+    return None
 
 
 def _nonzero_range(hist: tuple[int, ...]) -> tuple[float, float]:

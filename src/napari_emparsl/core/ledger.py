@@ -34,6 +34,7 @@ __all__ = [
     "Ledger",
     "LedgerFollower",
     "LedgerSummary",
+    "LedgerUnwritable",
     "OutputBusy",
     "OutputLock",
     "WrittenBlocks",
@@ -60,6 +61,10 @@ class LedgerSummary:
 
 class OutputGone(UserError):
     """The output's folder disappeared during a run (deleted by hand, or its disk unmounted)."""
+
+
+class LedgerUnwritable(UserError):
+    """The ledger could not be appended to (a full disk, a folder made read-only)."""
 
 
 class Ledger:
@@ -103,16 +108,24 @@ class Ledger:
                 f"The output {self._root}:{self._key} was removed while the run wrote it (its "
                 "folder is gone); the run stopped — run it again to start the output anew."
             )
-        with open(self.path, "a+b") as f:
-            # a line torn by a crash (kill -9 mid-write) must not swallow the next record
-            size = f.tell()  # append mode starts at the end
-            if size:
-                f.seek(size - 1)
-                if f.read(1) != b"\n":
-                    text = "\n" + text
-            f.write(text.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "a+b") as f:
+                # a line torn by a crash (kill -9 mid-write) must not swallow the next record
+                size = f.tell()  # append mode starts at the end
+                if size:
+                    f.seek(size - 1)
+                    if f.read(1) != b"\n":
+                        text = "\n" + text
+                f.write(text.encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            raise LedgerUnwritable(
+                f"The ledger of {self._root}:{self._key} could not be written "
+                f"({err.strerror or err}), so the run stopped; the blocks it recorded before "
+                "stay done — free space there (or fix the folder), then run it again to compute "
+                "the rest."
+            ) from err
 
     def start_run(self, provenance: dict[str, Any]) -> None:
         self._append([{"type": "run", "time": time.time(), **provenance}])
