@@ -218,11 +218,19 @@ def test_bad_input_one_sentence(tmp_path, conv_model, float_volume, kwargs, mess
         Run(src, conv_model, params["output"], site="threads", block=(16, 16, 16)).execute()
     model = params.pop("model")
     output = params.pop("output")
+
+    def files() -> dict[str, bytes]:  # a lock file's content: who holds it, from when
+        return {str(p): b"" if p.name.endswith("emparsl-lock") else p.read_bytes()
+                for p in sorted(tmp_path.rglob("*")) if p.is_file()}  # fmt: skip
+
+    before = files()
     with pytest.raises(Exception) as err:
         list(Run(src, model, output, **params).events())
     assert message in str(err.value) and "\n" not in str(err.value)
     np.testing.assert_array_equal(Volume.open(*src.split(":")).data.compute(), data)
-    assert not (tmp_path / "no").exists()  # nothing made for a refused output
+    # nothing made, written or marked done: no output, no ledger record, no folder
+    assert files() == before
+    assert not (tmp_path / "no").exists()
 
 
 def test_resume_refusal_names_what_differs(tmp_path, conv_model, float_volume):
@@ -346,14 +354,18 @@ def test_resume_refuses_a_changed_input_shape_and_another_model(
 
 
 def test_unsafe_pickle_and_non_torchscript_refused(tmp_path, float_volume):
-    src, _ = float_volume
+    src, data = float_volume
     torch.save(torch.nn.Conv3d(1, 1, 3), tmp_path / "pickled.pt")  # a whole module: needs code
     with pytest.raises(RunError, match="needs code to load") as err:
         list(Run(src, str(tmp_path / "pickled.pt"), f"{tmp_path}/o.n5:x", site="threads").events())
-    assert "TorchScript" in str(err.value)
+    assert "TorchScript" in str(err.value) and "\n" not in str(err.value)
     (tmp_path / "notes.pt").write_text("not a model")
-    with pytest.raises(Exception, match="not a TorchScript or PyTorch file"):
+    with pytest.raises(Exception, match="not a TorchScript or PyTorch file") as err:
         list(Run(src, str(tmp_path / "notes.pt"), f"{tmp_path}/o2.n5:x", site="threads").events())
+    assert "\n" not in str(err.value)
+    # the input untouched, no output made
+    np.testing.assert_array_equal(Volume.open(*src.split(":")).data.compute(), data)
+    assert not (tmp_path / "o.n5").exists() and not (tmp_path / "o2.n5").exists()
 
 
 def test_invalid_site_profile_names_the_field(tmp_path, conv_model, float_volume, capsys):

@@ -325,6 +325,7 @@ class OutputLock:
         self.what = what  # who holds it, as another writer is told: run, import, napari save
         self._file: Any = None
         self._made: str | None = None  # the outermost folder made to hold the lock file
+        self._new_file = False  # the lock file was made by this lock (not an earlier run's)
 
     def acquire(self) -> None:
         for _ in range(5):
@@ -346,11 +347,13 @@ class OutputLock:
             made, d = d, os.path.dirname(d)
         try:
             os.makedirs(self.parent, exist_ok=True)
+            existed = os.path.exists(self.path)  # an earlier run's: kept by a refused one
             f = open(self.path, "a+", encoding="utf-8")  # held for the run
         except OSError as err:  # a file in the way, no permission: the output's checks say so
             log.info("could not lock %s (%s)", self.path, err)
             return True
         self._made = made or self._made  # a second try finds the folders a first one made
+        self._new_file = not existed
         try:
             for wait in (0.05, 0.1, 0.2, 0.0):  # `emparsl status` looks for a few µs: not a run
                 try:
@@ -401,7 +404,7 @@ class OutputLock:
         container as it found it; a saved layer keeps no lock file)."""
         if self._file is None:
             return  # not held: someone else's lock is none of ours
-        if remove:
+        if remove and self._new_file:
             try:
                 os.remove(self.path)  # while still held: a run starting now makes a new one
             except OSError:
