@@ -101,13 +101,18 @@ def test_super_resolution_x2(tmp_path, superres_model, float_volume):
     )
 
 
-def test_many_workers_write_disjoint_chunks(tmp_path, conv_model, float_volume):
+@pytest.mark.parametrize("kind", ["threads", "local"])  # 8 threads; 8 HTEX worker processes
+def test_many_workers_write_disjoint_chunks(tmp_path, conv_model, float_volume, kind):
     src, data = float_volume
+    from napari_emparsl.core.ledger import Ledger
     from napari_emparsl.execution.sites import SiteProfile
 
-    site = SiteProfile(name="threads8", kind="threads", workers=8)
+    site = SiteProfile(name=f"{kind}8", kind=kind, workers=8)
     ev = Run(src, conv_model, f"{tmp_path}/out.n5:pred", site=site, block=(16, 16, 16)).execute()
-    assert ev.ok
+    assert ev.ok and ev.total == 48
+    if kind == "local":  # the blocks were spread over worker processes
+        done = Ledger(str(tmp_path / "out.n5"), "pred").summary().done
+        assert len({r["worker"] for r in done.values()}) > 1
     full = forward(conv_model, data)[0]
     np.testing.assert_allclose(
         Volume.open(tmp_path / "out.n5", "pred").data.compute()[2:-2, 2:-2, 2:-2],
