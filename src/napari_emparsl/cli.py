@@ -431,14 +431,12 @@ def _run(args: argparse.Namespace) -> int:
             elif isinstance(event, BlockDone):
                 progress = (event.done, event.total)
                 voxels += event.voxels
-                rate = voxels / max(time.perf_counter() - t0, 1e-9)
-                said = f"{rate / 1e6:.2f} Mvox/s" + (f", {failed} failed" if failed else "")
-                bar.set_postfix_str(said, refresh=False)  # update() draws
+                bar.set_postfix_str(_bar_words(voxels, t0, failed), refresh=False)  # update() draws
                 bar.update(1)
             elif isinstance(event, BlockFailed):
                 if event.final:  # handled: the bar counts it, and says how many failed
                     failed += 1
-                    bar.set_postfix_str(f"{failed} failed", refresh=False)
+                    bar.set_postfix_str(_bar_words(voxels, t0, failed), refresh=False)
                     bar.update(1)
                 # each distinct error once (a wrong setting fails every block the same way)
                 ids = failures.setdefault((event.final, event.error), [])
@@ -1109,6 +1107,17 @@ def _parsable(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
             continue
         return candidate
     return argv  # argparse says what is wrong with it as given
+
+
+def _bar_words(voxels: int, t0: float, failed: int) -> str:
+    """The progress bar's words after its counts: voxels written per second (once a block is
+    done), and how many blocks failed."""
+    words = []
+    if voxels:
+        words.append(f"{voxels / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f} Mvox/s")
+    if failed:
+        words.append(f"{failed} failed")
+    return ", ".join(words)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

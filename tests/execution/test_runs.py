@@ -66,7 +66,10 @@ def test_failing_blocks_reported_then_only_they_rerun(tmp_path, failing_model, s
     assert "Finished: 6/8 blocks done, 2 failed" in captured.out
     # the bar counts failed blocks as handled and says how many (it stood still, its ETA
     # growing, while thousands failed)
-    assert re.search(r"run: 100%\|[^\n\r]*\| 8/8 \[[^\]]*, 2 failed\]", captured.err), captured.err
+    # blocks handled / total, time spent < time left (ETA), blocks/s, voxels written per second
+    # (kept when a block fails) and failures
+    assert re.search(r"run: 100%\|[^\n\r]*\| 8/8 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+block/s, "
+                     r"\d+\.\d\d Mvox/s, 2 failed\]", captured.err), captured.err  # fmt: skip
     # nothing claimed for the failed blocks
     summary = Ledger(str(tmp_path / "out.n5"), "pred").summary()
     assert sorted(summary.failed) == [0, 7] and len(summary.done) == 6
