@@ -155,3 +155,24 @@ def test_answers_arriving_after_the_viewer_closed_are_dropped(
     )
     qtbot.wait(50)
     assert raised == []
+
+
+def test_every_control_has_a_tooltip(make_napari_viewer):
+    """What a user can set or click says what it does when the mouse rests on it."""
+    from magicgui.widgets import Container, EmptyWidget, Label
+
+    viewer = make_napari_viewer()
+    missing = []
+
+    def walk(panel, widget) -> None:
+        if isinstance(widget, Container):
+            for child in widget:
+                walk(panel, child)
+        elif not isinstance(widget, (Label, EmptyWidget)) and not widget.tooltip:
+            missing.append(f"{type(panel).__name__}.{widget.name} ({widget.widget_type})")
+
+    panels = [RunWidget(viewer), RunsWidget(viewer), VolumeWidget(viewer), SiteWidget(viewer)]
+    for panel in panels:
+        viewer.window.add_dock_widget(panel, area="right")  # as napari's menu opens them
+        walk(panel, panel)
+    assert missing == []

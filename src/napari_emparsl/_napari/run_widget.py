@@ -398,7 +398,13 @@ class RunWidget(Container):
             enabled=False,
             tooltip="stop submitting blocks; finished blocks stay done",
         )
-        self.progress = ProgressBar(label="blocks", value=0, max=1)
+        self.progress = ProgressBar(
+            label="blocks",
+            value=0,
+            max=1,
+            tooltip="Blocks of the output done (before this run too) out of all the blocks "
+            "it plans; failed blocks are listed below.",
+        )
         self.estimate = Label(label="estimate", value="")
         self.status = Label(label="status", value="")
         self.retry_btn = PushButton(
