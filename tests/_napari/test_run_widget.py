@@ -1618,3 +1618,59 @@ def test_a_preview_of_too_many_blocks_is_refused(make_napari_viewer, qtbot, samp
         "Run computes the whole volume."
     )
     assert widget._run is None and not (sample_path / "pred").exists()
+
+
+def test_crashed_cli_run_resumes_from_the_panel(
+    make_napari_viewer, qtbot, sample_path, tmp_path, htex
+):
+    # `emparsl run` killed (-9) mid-run on the local site; its output opened in napari and
+    # resumed from the run panel: the rest computed, what was done not again, the output equal
+    # to an uninterrupted run
+    import signal
+    import time
+
+    from napari_emparsl.core.ledger import Ledger
+
+    cmd = [sys.executable, "-m", "napari_emparsl.cli", "run", "--input", f"{sample_path}:raw",
+           "--model", "unet3d-em", "--output", f"{sample_path}:pred", "--site", "local",
+           "--block", "64,64,64"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ledger = Ledger(str(sample_path), "pred")
+
+    def done_ids() -> list[int]:
+        if not os.path.exists(ledger.path):
+            return []
+        ids = []
+        for line in open(ledger.path).read().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line the kill cut short
+                continue
+            if rec.get("type") == "block" and rec.get("status") == "done":
+                ids.append(rec["id"])
+        return ids
+
+    deadline = time.time() + 120
+    while not done_ids() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = done_ids()
+    assert 1 <= len(before) < 8, before
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    [opened] = viewer.open(str(sample_path / "pred"), plugin=PLUGIN)  # the part done
+    widget.site.value = "local"
+    widget.run_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    assert "finished: 8/8 done, 0 failed" in widget.status.value
+    assert widget._output_layer is opened  # the opened layer streamed the rest
+    assert htex.gone(timeout=30)  # the killed run's workers too (its site's guard)
+    after = done_ids()
+    assert sorted(after) == list(range(8)) and set(before) <= set(after)  # each block once
+    assert main(["run", "--input", f"{sample_path}:raw", "--model", "unet3d-em", "--output",
+                 f"{tmp_path}/ref.n5:pred", "--site", "threads", "--block", "64,64,64"]) == 0  # fmt: skip
+    np.testing.assert_array_equal(
+        Volume.open(sample_path, "pred").data.compute(),
+        Volume.open(tmp_path / "ref.n5", "pred").data.compute(),
+    )
