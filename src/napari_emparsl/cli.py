@@ -14,7 +14,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 import traceback
 from collections import Counter
@@ -25,6 +24,7 @@ from napari_emparsl import __version__
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.geometry import size_values
 from napari_emparsl.core.n5attrs import VolumeError
+from napari_emparsl.core.paths import log_details, log_path
 
 log = logging.getLogger("napari_emparsl")
 
@@ -91,16 +91,6 @@ def _floats(text: str) -> tuple[float, ...]:
     if not all(math.isfinite(v) and v > 0 for v in values):
         raise argparse.ArgumentTypeError(f"voxel sizes must be positive, not {text!r}")
     return _zyx(values, text, "40,4,4")
-
-
-def log_path() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    folder = os.path.join(base, "napari-emparsl")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError:
-        folder = tempfile.gettempdir()
-    return os.path.join(folder, "emparsl.log")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,7 +475,8 @@ def _run(args: argparse.Namespace) -> int:
                     )
             print(
                 f"emparsl: error: {last.failed} block(s) failed; see `emparsl status {run.output}` "
-                "and run the same command again to retry them.",
+                f"(their tracebacks are in {log_path()}) and run the same command again to "
+                "retry them.",
                 file=sys.stderr,
             )
         return 0 if last.ok else 1
@@ -1146,13 +1137,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"emparsl: {_how_stopped(stop)}.", file=sys.stderr)
         return _stop_code(stop)
     except Exception as err:
-        path = log_path()
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(f"--- {time.ctime()} emparsl {' '.join(argv or sys.argv[1:])}\n")
-            f.write(traceback.format_exc())
+        path = log_details(f"emparsl {' '.join(argv or sys.argv[1:])}", traceback.format_exc())
+        where = f"the details are in {path}" if path else "the details could not be logged"
         print(
             f"emparsl: internal error ({type(err).__name__}: {str(err)[:200]}); "
-            f"the details are in {path}; please report them.",
+            f"{where}; please report them.",
             file=sys.stderr,
         )
         return 1

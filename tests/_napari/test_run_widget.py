@@ -916,13 +916,18 @@ def test_unexpected_runtime_error_ends_the_run_in_one_sentence(
         raise RuntimeError("simulated failure")
 
     monkeypatch.setattr(Run, "prepare", prepare)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(sample_path.parent / "cache"))
     viewer = make_napari_viewer()
     widget = _setup(viewer, sample_path)
     widget.preview_btn.clicked.emit()
     _wait_idle(qtbot, widget, timeout=30_000)
+    log = sample_path.parent / "cache" / "napari-emparsl" / "emparsl.log"
     assert widget.status.value == (
-        "The run failed unexpectedly (RuntimeError: simulated failure); see the log."
+        f"The run failed unexpectedly (RuntimeError: simulated failure); the details are in {log}."
     )
+    text = log.read_text()  # the traceback, where the sentence says
+    assert "napari: The run" in text and "Traceback" in text
+    assert "RuntimeError: simulated failure" in text and "in prepare" in text
 
 
 def test_multichannel_volume_is_one_input(make_napari_viewer, qtbot, tmp_path):

@@ -39,7 +39,10 @@ def test_failed_run_without_output_names_the_output_it_wrote(tmp_path, failing_m
     assert f"see `emparsl status {tmp_path}/in.n5:predictions/raw` and run" in err
 
 
-def test_failing_blocks_reported_then_only_they_rerun(tmp_path, failing_model, save_model, capsys):
+def test_failing_blocks_reported_then_only_they_rerun(
+    tmp_path, failing_model, save_model, capsys, monkeypatch
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where the log file goes
     data = np.zeros((32, 32, 32), np.float32)
     data[3, 3, 3] = 255.0  # block 0
     data[20, 30, 20] = 255.0  # block 1*4 + 1*2 + 1 = 7
@@ -64,6 +67,12 @@ def test_failing_blocks_reported_then_only_they_rerun(tmp_path, failing_model, s
     assert code == 1
     assert "2 block(s) failed" in captured.err and "marker found" in captured.err
     assert "Finished: 6/8 blocks done, 2 failed" in captured.out
+    # the failure's traceback is in the log file the message names, once for the one error
+    log = tmp_path / "cache" / "napari-emparsl" / "emparsl.log"
+    assert f"(their tracebacks are in {log})" in captured.err
+    text = log.read_text()
+    assert text.count(f" of {out} failed on ") == 1 and "Traceback" in text
+    assert "marker found: this model cannot handle saturated voxels" in text
     # the bar counts failed blocks as handled and says how many (it stood still, its ETA
     # growing, while thousands failed)
     # blocks handled / total, time spent < time left (ETA), blocks/s, voxels written per second

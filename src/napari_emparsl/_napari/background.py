@@ -137,11 +137,17 @@ class WorkerRuntimeError(Exception):
 
 def error_sentence(err: BaseException, what: str) -> str:
     """Our own errors say what is wrong in one sentence; anything else is named in one, with
-    its traceback in the log."""
+    its traceback in the log file it names (:func:`~napari_emparsl.core.paths.log_path`)."""
     if isinstance(err, WorkerRuntimeError) and err.__cause__ is not None:
         err = err.__cause__
     if isinstance(err, UserError):
         return str(err)
+    import traceback
+
+    from napari_emparsl.core.paths import log_details
+
     log.error("%s failed", what, exc_info=(type(err), err, err.__traceback__))
+    path = log_details(f"napari: {what}", "".join(traceback.format_exception(err)))
     first = (str(err).strip().splitlines() or [""])[0][:200]
-    return f"{what} failed unexpectedly ({type(err).__name__}: {first}); see the log."
+    where = f"the details are in {path}" if path else "see the log"
+    return f"{what} failed unexpectedly ({type(err).__name__}: {first}); {where}."

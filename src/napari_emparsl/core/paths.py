@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["spec_text", "user_path"]
+__all__ = ["log_details", "log_path", "spec_text", "user_path"]
 
 
 def user_path(text: str | os.PathLike) -> str:
@@ -20,3 +20,42 @@ def spec_text(root: str, key: str) -> str:
     """``root:key`` as messages show a dataset: the container alone for its root dataset (the
     key empty), not ``root:``."""
     return f"{root}:{key}" if key.strip("/") else root
+
+
+def log_path() -> str:
+    """The file that keeps the tracebacks messages do not show: ``~/.cache/napari-emparsl/
+    emparsl.log`` (``$XDG_CACHE_HOME`` where set; the temporary folder where that cannot be
+    made)."""
+    import tempfile
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = os.path.join(base, "napari-emparsl")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        folder = tempfile.gettempdir()
+    return os.path.join(folder, "emparsl.log")
+
+
+#: the log is cut to its last half when it grows past this (it only ever gains tracebacks)
+_LOG_MOST_BYTES = 4 * 2**20
+
+
+def log_details(title: str, text: str) -> str | None:
+    """Append ``text`` (a traceback) under a dated ``title`` line to :func:`log_path`; the
+    path, or None where it could not be written."""
+    import time
+
+    path = log_path()
+    try:
+        if os.path.exists(path) and os.path.getsize(path) > _LOG_MOST_BYTES:
+            with open(path, "rb") as f:
+                f.seek(-_LOG_MOST_BYTES // 2, os.SEEK_END)
+                kept = f.read()
+            with open(path, "wb") as f:
+                f.write(kept[kept.find(b"\n--- ") + 1 :] if b"\n--- " in kept else kept)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"--- {time.ctime()} {title}\n{text.rstrip()}\n")
+    except OSError:
+        return None
+    return path

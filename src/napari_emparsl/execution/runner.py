@@ -227,6 +227,22 @@ def _fixed_size_block(
     return tuple(block)
 
 
+#: distinct block errors per run whose traceback goes to the log file (a wrong setting fails
+#: every block the same way: one traceback says it)
+_LOGGED_ERRORS = 20
+
+
+def _log_traceback(output: str, block_id: int, result: BlockResult, logged: set[str]) -> None:
+    """The traceback of a block's first failure with each distinct error, to the log file
+    (``~/.cache/napari-emparsl/emparsl.log``): messages give the error's one line."""
+    if not result.detail or result.error in logged or len(logged) >= _LOGGED_ERRORS:
+        return
+    logged.add(result.error)
+    from napari_emparsl.core.paths import log_details
+
+    log_details(f"block {block_id} of {output} failed on {result.worker}", result.detail)
+
+
 def _auto_batch(block: Block, spec: ModelSpec) -> int:
     """Blocks per task: several small blocks (2D slices, small tiles) share one forward call."""
     read = 1
@@ -1116,6 +1132,7 @@ class Run:
             size = self.batch or _auto_batch(plan.blocks[0], plan.spec)
             pending = [todo[i : i + size] for i in range(0, len(todo), size)][::-1]
             attempts: dict[int, int] = {}
+            logged: set[str] = set()  # the errors whose traceback the log file has, this run
             in_flight = 0
             window = max(1, profile.worker_count * self.in_flight_per_worker)
             # fewer batches than workers (a preview of one block, a small volume): the idle
@@ -1199,6 +1216,7 @@ class Run:
                     if result.error == _NOT_BEGUN:  # cancelled before it began: not a failure
                         continue
                     self._ledger.record(result, attempts[blk.id], str(blk.write_roi))
+                    _log_traceback(self.output, blk.id, result, logged)
                     final = attempts[blk.id] > self.retries
                     yield self._emit(BlockFailed(blk.id, result.error, attempts[blk.id], final))
                     if final:
