@@ -23,6 +23,11 @@ def test_runs_found_and_provenance(
     qtbot.waitUntil(lambda: widget.runs.native.count() == 1)  # ledgers are read off the Qt thread
     label = widget.runs.native.item(0).text()
     assert "pred — stopped, 1/2 done, 0 failed — unet3d-em on threads" in label  # whole plan
+    import datetime  # … and when it ran (its last run's start, to the minute)
+
+    when = label.rsplit(" — ", 1)[1]
+    ran = datetime.datetime.strptime(when, "%Y-%m-%d %H:%M")
+    assert abs((datetime.datetime.now() - ran).total_seconds()) < 600
     widget.runs.value = [output]
     # voxel (4, 4, 4) is in block 0 (done); voxel (4, 4, 100) in block 1 (not computed)
     assert widget.provenance_at((4 * 8, 4 * 8, 4 * 8)).startswith("block 0 done: model ")
