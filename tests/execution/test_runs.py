@@ -36,7 +36,7 @@ def test_failed_run_without_output_names_the_output_it_wrote(tmp_path, failing_m
                  "--site", "threads", "--retries", "0"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 1 and "None" not in err
-    assert f"see `emparsl status {tmp_path}/in.n5:predictions/raw` and run" in err
+    assert f"see `emparsl status {tmp_path}/in.n5:predictions/raw` (their tracebacks are in " in err
 
 
 def test_failing_blocks_reported_then_only_they_rerun(
