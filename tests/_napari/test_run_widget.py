@@ -241,6 +241,17 @@ def test_failing_model_shows_failed_blocks(make_napari_viewer, qtbot, sample_pat
     plan = {b.id: b for b in plan_blocks((128, 128, 128), (64, 64, 64), (0, 0, 0))}
     ids = sorted(int(c.split(":")[0].split()[1]) for c in widget.failed_list.choices)
     assert ids == [0, 5]
+    # a preview elsewhere (block 1, done) keeps the output's failed blocks listed (it emptied
+    # the list, the boxes and Retry failed)
+    viewer.dims.set_point(0, 800 + 40 * 8)
+    corners = np.array([[40, 10, 70], [40, 10, 100], [40, 50, 100], [40, 50, 70]]) * 8.0 + 800
+    viewer.add_shapes([corners], shape_type="rectangle", name="region")
+    widget.preview_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    assert widget.status.value == "finished: 1/1 done, 0 failed"
+    assert sorted(int(c.split(":")[0].split()[1]) for c in widget.failed_list.choices) == ids
+    assert widget.retry_btn.enabled
+    viewer.layers.remove("region")
 
     def check_boxes(z: int) -> None:
         viewer.dims.set_point(0, 800 + z * 8)
@@ -894,11 +905,16 @@ def test_output_written_by_another_run_is_one_sentence(make_napari_viewer, qtbot
         widget.status.value = ""
         button.clicked.emit()
         _wait_idle(qtbot, widget)
-        assert widget.status.value.startswith(
-            f"The output {sample_path}:pred is being written by another run (process {os.getpid()}"
+        assert widget.status.value == (  # the process holding it is this one: said so
+            f"The output {sample_path}:pred is being written by another run in this napari (a "
+            "run panel closed while it ran finishes its blocks under way first); the panel says "
+            "when Run / resume can continue it."
         )
     assert os.path.getsize(before) == size  # nothing recorded by the refused runs
     other.close()  # that run stops (cancelled, as a closed generator): the output is free
+    # … and the panel, looking again every 2 s, says so (before: the refusal stayed)
+    qtbot.waitUntil(lambda: widget.status.value.startswith("this output has a run at 0/8 "),
+                    timeout=10_000)  # fmt: skip
     widget.preview_btn.clicked.emit()
     _wait_idle(qtbot, widget)
     assert widget.status.value.startswith("finished: ") and "0 failed" in widget.status.value
@@ -1418,13 +1434,15 @@ def test_an_output_another_process_writes_is_not_offered_to_resume(
     """While another run wrote the output, the panel said "Run / resume continues it" (and
     then refused), and the volume panel "resume it from the run panel"."""
     from napari_emparsl._napari.volume_widget import VolumeWidget
-    from napari_emparsl.core.ledger import OutputLock
 
     assert main(["run", "--input", f"{sample_path}:raw", "--model", "unet3d-em", "--output",
                  f"{sample_path}:pred", "--site", "threads", "--block", "64",
                  "--roi", "0:64,0:64,0:64"]) == 0  # fmt: skip
-    lock = OutputLock(str(sample_path), "pred")
-    lock.acquire()  # as another run does (a lock of its own open file: another holder)
+    holder = subprocess.Popen([sys.executable, "-c", (  # another process holds it, as a run
+        "import sys, time; from napari_emparsl.core.ledger import OutputLock; "
+        f"lock = OutputLock({str(sample_path)!r}, 'pred'); lock.acquire(); print('held', flush=True); "
+        "time.sleep(120)")], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
     try:
         viewer = make_napari_viewer()
         widget = _setup(viewer, sample_path)
@@ -1442,7 +1460,8 @@ def test_an_output_another_process_writes_is_not_offered_to_resume(
             "run output: 1/8 blocks done, 0 failed — being written now"
         )
     finally:
-        lock.release()
+        holder.kill()
+        holder.wait()
     # once it ends, the panel looks again and offers it
     qtbot.waitUntil(lambda: "Run / resume continues it" in widget.status.value, timeout=20_000)
 
@@ -1679,3 +1698,89 @@ def test_crashed_cli_run_resumes_from_the_panel(
         Volume.open(sample_path, "pred").data.compute(),
         Volume.open(tmp_path / "ref.n5", "pred").data.compute(),
     )
+
+
+def test_a_preview_ending_at_once_leaves_no_bar_for_the_next_run(
+    make_napari_viewer, qtbot, sample_path, tmp_path, monkeypatch
+):
+    """A preview whose block fails at once ended while napari set its activity bar up (napari
+    turns the event loop there): the bar stayed open, and the next run counted on it ("8 of
+    1") instead of getting its own."""
+    import napari.utils
+    import torch
+    from napari.utils import progress
+    from qtpy.QtWidgets import QApplication
+
+    class Slow(progress):
+        """napari's bar, turning the event loop as it is set up until the run has ended (as
+        napari's does for a moment: long enough, on a busy machine, for a run that ends at
+        once)."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            for _ in range(200):
+                if widget._run is None:
+                    break
+                QApplication.processEvents()
+                qtbot.wait(10)
+
+    monkeypatch.setattr(napari.utils, "progress", Slow)
+
+    class Fails(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("fails at once")
+
+    path = tmp_path / "fails.pt"
+    torch.jit.save(torch.jit.script(Fails()), str(path))
+    (tmp_path / "fails.pt.yaml").write_text("kind: labels\nclasses: [a, b]\nnormalize: none\n")
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    widget.site.value = "threads"
+    widget.model_file.value = str(path)
+    widget.output.value = f"{sample_path}:fails"
+    qtbot.waitUntil(widget._preloaded.is_set, timeout=60_000)
+
+    def open_bars() -> list:
+        return [b for b in progress._all_instances if "emparsl" in str(b.desc)]
+
+    viewer.dims.set_point(0, 40 * 8)
+    corners = [[40, 10, 70], [40, 10, 100], [40, 50, 100], [40, 50, 70]]
+    viewer.add_shapes([np.array(corners) * 8.0], shape_type="rectangle", name="region")
+    for _ in range(3):
+        widget.preview_btn.clicked.emit()
+        _wait_idle(qtbot, widget)
+        assert widget.status.value == "finished: 0/1 done, 1 failed"
+        qtbot.wait(100)  # the bar's delayed set-up, had it been left to come
+        assert widget._activity is None and open_bars() == []
+    monkeypatch.undo()  # the full run's bar as napari sets it up
+    widget.model_file.value = ""
+    widget.output.value = f"{sample_path}:pred"
+    widget.run_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    assert "finished: 8/8 done" in widget.status.value
+    assert widget.activity_counts[-1] == (8, 8) and open_bars() == []
+
+
+def test_output_opened_again_during_a_run_shows_it_to_the_end(
+    make_napari_viewer, qtbot, sample_path
+):
+    """The run's layer removed and the output opened again (File > Open) while the run goes
+    on: that layer shows the run live and the whole output once it ended (napari's cache kept
+    the blank blocks it read first, also after moving the slider)."""
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    widget.site.value = "threads"
+    viewer.dims.set_point(0, 100 * 8)
+    widget.run_btn.clicked.emit()
+    qtbot.waitUntil(lambda: widget.progress.value >= 1, timeout=120_000)
+    viewer.layers.remove(widget._output_layer)
+    [opened] = viewer.open(str(sample_path / "pred"), plugin=PLUGIN)
+    _wait_idle(qtbot, widget)
+    assert "finished: 8/8 done" in widget.status.value
+    n5 = Volume.open(sample_path, "pred").data.compute()
+    assert widget._output_layer is opened
+    for z in (100, 20, 100):  # the slider moved away and back
+        viewer.dims.set_point(0, z * 8)
+        qtbot.waitUntil(
+            lambda z=z: np.array_equal(np.asarray(opened._slice.image.raw), n5[z]), timeout=10_000
+        )

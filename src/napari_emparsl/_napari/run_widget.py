@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+import socket
 import threading
 import time
 import weakref
@@ -238,6 +239,11 @@ _MOST_BOXES = 400
 #: blocks a preview may compute (in napari's process): a huge volume's whole slice on screen
 #: was 6,656 blocks of 128³, computed without a word
 _MOST_PREVIEW_BLOCKS = 64
+
+
+def _held_here(refusal: str) -> bool:
+    """Whether an output-busy refusal names this process (on this host) as the writer."""
+    return f"(process {os.getpid()} on {socket.gethostname()}," in refusal
 
 
 def panel_words(message: str) -> str:
@@ -496,8 +502,39 @@ class RunWidget(Container):
         ).start()
         self._timer.timeout.connect(guarded(self, self._after_preload))
 
-    def _layers_changed(self, *_: Any) -> None:
+    def _layers_changed(self, event: Any = None) -> None:
         self.input.reset_choices()
+        layer = getattr(event, "value", None)
+        if (
+            getattr(event, "type", None) == "inserted"
+            and self._run is not None
+            and self._output_layer is not None
+            and self._output_layer not in self._viewer.layers
+            and _source_of(layer) is not None
+            and "channels" not in layer.metadata.get("emparsl", {})
+        ):
+            # the run's layer was removed and the output opened again (File > Open) while the
+            # run goes on: that layer shows it live (napari's cache of it would keep what it
+            # read first, blank blocks, after the run ended)
+            QTimer.singleShot(0, guarded(self, lambda: self._take_over(layer)))
+
+    def _take_over(self, layer: Any) -> None:
+        from napari_emparsl.core.volume import parse_spec
+
+        if self._run is None or layer is self._output_layer or layer not in self._viewer.layers:
+            return  # (the run's own new layer, added as it began)
+        try:
+            out = Volume.open(*parse_spec(self.output.value))
+        except UserError:
+            return
+        if _source_of(layer) != (out.root, out.key):
+            return
+        for live, _ in self._levels:
+            live.follow(False)
+            live.keep_whole(False)
+        self._ensure_output_layer()
+        self._dirty = True
+        self._refresh_output()
 
     def _removed(self) -> None:
         """Closed (the dock's ×; napari keeps the panel alive, connected): lets go of the
@@ -713,9 +750,18 @@ class RunWidget(Container):
         self._testing_site = ""
         self.test_site_btn.enabled = self._run is None
         if isinstance(result, BaseException):
-            self._error(error_sentence(result, f"Testing site {name}"))
+            message = error_sentence(result, f"Testing site {name}")
         else:
-            self.status.value = f"site {name}: first result after {result:.1f} s"
+            message = f"site {name}: first result after {result:.1f} s"
+        if self._run is not None or self._worker is not None:
+            # a run began meanwhile: its status line stays its own; the answer is a notice
+            from napari.utils.notifications import show_info, show_warning
+
+            (show_warning if isinstance(result, BaseException) else show_info)(message)
+        elif isinstance(result, BaseException):
+            self._error(message)
+        else:
+            self.status.value = message
 
     # ------------------------------------------------------------------------------------------
     # actions
@@ -985,9 +1031,7 @@ class RunWidget(Container):
         # a viewer closed meanwhile (its run cancelled): events and errors are dropped, and the
         # end lets go of the run without touching the panel's deleted widgets
         worker.yielded.connect(guarded(self, self._on_event))
-        worker.errored.connect(
-            guarded(self, lambda err: self._error(error_sentence(err, "The run")))
-        )
+        worker.errored.connect(guarded(self, self._run_errored))
         worker.finished.connect(self._on_finished)
         self._set_running(True)
         # until the plan is made (the checks, the model, the volume's statistics; on a first
@@ -1013,11 +1057,12 @@ class RunWidget(Container):
 
     def _on_event(self, event: Any) -> None:
         self._handle(event)
+        if isinstance(event, BlockDone):
+            self._activity_target = event.done  # also before the bar is there (applied then)
         if isinstance(event, BlockDone) and self._activity is not None:
             # napari's activity dock redraws for ~20 ms: in its own turn of the event loop, so
             # that the layer refresh and it do not add up to one long stall
             # (at most twice a second; the last count is applied when the run ends)
-            self._activity_target = event.done
             if not self._activity_pending:
                 self._activity_pending = True
                 wait = 0.5 - (time.perf_counter() - self._activity_last)
@@ -1028,9 +1073,13 @@ class RunWidget(Container):
 
         if self._run is None or self._run is not run or self._activity is not None:
             return  # the run ended already (another may have begun since)
-        # created last: napari's progress may run queued events
+        # created last: napari's progress runs queued events (the run may end in them)
         activity = progress(total=total, desc=self._activity_text())
-        activity.update(self.progress.value - activity.n)
+        if self._run is run:
+            activity.update(self.progress.value - activity.n)
+        if self._run is not run or self._activity is not None:
+            activity.close()  # the run ended while napari set its bar up: no bar left open
+            return
         self._activity = activity
 
     def _activity_text(self) -> str:
@@ -1056,7 +1105,10 @@ class RunWidget(Container):
     def _handle(self, event: Any) -> None:
         if isinstance(event, Planned):
             replaced, self.replace.value = self.replace.value, False  # the next one continues
-            self._set_failed({}, {}, None)  # this run's failures come as it goes
+            if self._run is None or self._run.roi is None or replaced:
+                self._set_failed({}, {}, None)  # this run's failures come as it goes
+            # (a preview computes a region only: the output's other failed blocks stay listed,
+            # and those it computes leave the list as they are done)
             self._planned = event.total
             self._set_progress(event.total - event.todo, maximum=max(1, event.total))
             self.status.value = f"{event.todo} of {event.total} blocks to compute"
@@ -1079,6 +1131,11 @@ class RunWidget(Container):
                     shown = panel_words(warning)
                     QTimer.singleShot(80, lambda w=shown: _show_warning(w))
         elif isinstance(event, BlockDone):
+            if self._failed.pop(event.result.block_id, None) is not None:  # failed before
+                self._failed_rois.pop(event.result.block_id, None)
+                if not self._failed_pending:
+                    self._failed_pending = True
+                    QTimer.singleShot(500, guarded(self, self._show_failed_now))
             self._widen_contrast(event.result.out_min, event.result.out_max)
             self._set_progress(event.done)
             self.status.value = f"{event.done}/{event.total} blocks done"
@@ -1328,6 +1385,20 @@ class RunWidget(Container):
             w.enabled = not running
         self.test_site_btn.enabled = not running and not self._testing_site
 
+    def _run_errored(self, err: BaseException) -> None:
+        from napari_emparsl.core.ledger import OutputBusy
+
+        message = error_sentence(err, "The run")
+        if isinstance(err, OutputBusy):
+            if _held_here(str(err)) and "being written by another run" in str(err):
+                message = (  # the process named was this napari's own: say so
+                    f"The output {self.output.value} is being written by another run in this "
+                    "napari (a run panel closed while it ran finishes its blocks under way "
+                    "first); the panel says when Run / resume can continue it."
+                )
+            self._ledger_timer.start(2000)  # look again until it is free: then say so
+        self._error(message)
+
     def _error(self, message: str) -> None:
         from napari.utils.notifications import show_error
 
@@ -1574,14 +1645,21 @@ class RunWidget(Container):
         if not answer or "done" not in answer:  # a new output: nothing failed there
             if self._failed:
                 self._set_failed({}, {}, None)
+            self._set_progress(0, maximum=1)  # not the last output's count
             return
         self._set_failed(answer["failed"], answer["rois"], answer["geo"])
         done, total, failed = answer["done"], answer["total"], len(answer["failed"])
+        self._set_progress(done, maximum=max(1, total))  # this output's, not the last one's
         holder = answer.get("holder")
         if holder is not None:  # Run / resume would be refused: say so, and look again soon
             writer = _WRITERS.get(holder.get("what", "run"), "another run")
+            here = holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
             self.status.value = (
-                f"this output is being written by {writer} now (process "
+                f"this output is being written by {writer} in this napari now (a run panel "
+                f"closed while it ran finishes its blocks under way first), {done}/{total} "
+                "blocks done: the panel says when Run / resume can continue it"
+                if here
+                else f"this output is being written by {writer} now (process "
                 f"{holder.get('pid', '?')} on {holder.get('host', '?')}), {done}/{total} blocks "
                 "done: wait for it to end, or choose another output"
             )
