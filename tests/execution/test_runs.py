@@ -1456,3 +1456,20 @@ def test_an_output_resumes_whatever_block_its_description_preferred(
     # given, another block is still refused, saying which one it was made with
     with pytest.raises(RunError, match="was made with block 1×16×16, not 1×32×32"):
         list(Run(src, conv2d_model, out, site="threads", block=(1, 32, 32)).events())
+
+
+def test_an_interrupt_waits_until_a_block_is_recorded_and_counted():
+    """Ctrl-C between a block's ledger record and its count made an interrupted run say one
+    block fewer done than its ledger held ("at 0/18 blocks done", 1 recorded); the two are
+    now done with interrupts held back, which arrive right after."""
+    from napari_emparsl.execution.runner import _interrupts_held
+
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with _interrupts_held():
+            os.kill(os.getpid(), signal.SIGINT)  # arrives "during" the record
+            time.sleep(0.05)
+            steps.append("recorded")
+            steps.append("counted")
+        steps.append("after")  # never: the interrupt comes as the block ends
+    assert steps == ["recorded", "counted"]

@@ -8,12 +8,14 @@ and sites can live in one process (the napari GUI).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
 import posixpath
 import queue
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -225,6 +227,43 @@ def _fixed_size_block(
             f"--block {','.join(map(str, fit))} (or no block: that is the default)."
         )
     return tuple(block)
+
+
+_HELD_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP held back (and handled right after) while a block is
+    recorded done and counted: one arriving between the two made an interrupted run say one
+    block fewer done than its ledger holds. Their handlers are swapped for one that notes the
+    signal (the system's signal mask cannot do it: any other thread of the process takes a
+    signal one thread blocks). In the main thread only, where Python handles signals; a signal
+    ignored (``nohup``) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    before: dict[int, Any] = {}
+    for signum in _HELD_SIGNALS:
+        handler = signal.getsignal(signum)
+        if handler in (signal.SIG_IGN, None):
+            continue
+        before[signum] = handler
+        signal.signal(signum, lambda s, _frame: caught.append(s))
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+        for signum in caught:  # as it would have been handled: now
+            handler = before[signum]
+            if callable(handler):
+                handler(signum, None)
+            else:  # the default: end the process as that signal does
+                os.kill(os.getpid(), signum)
 
 
 #: distinct block errors per run whose traceback goes to the log file (a wrong setting fails
@@ -1171,10 +1210,11 @@ class Run:
             def finished(blk: Block, result: BlockResult) -> RunEvent:
                 """A block written: recorded done (a resume skips it), and its event."""
                 nonlocal done
-                self._ledger.record(result, attempts[blk.id], str(blk.write_roi))
+                with _interrupts_held():  # recorded and counted, or neither
+                    self._ledger.record(result, attempts[blk.id], str(blk.write_roi))
+                    self._done_ids.add(blk.id)
                 clip.add(result, plan.out_voxels[blk.id])
                 done += 1
-                self._done_ids.add(blk.id)
                 return self._emit(BlockDone(result, done, total, plan.out_voxels[blk.id]))
 
             while pending or in_flight:
