@@ -24,7 +24,7 @@ from napari_emparsl import __version__
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.geometry import size_values
 from napari_emparsl.core.n5attrs import VolumeError
-from napari_emparsl.core.paths import log_details, log_path
+from napari_emparsl.core.paths import log_details, log_path, std_fds_open
 
 log = logging.getLogger("napari_emparsl")
 
@@ -1111,7 +1111,25 @@ def _bar_words(voxels: int, t0: float, failed: int) -> str:
     return ", ".join(words)
 
 
+def _usable_std_streams() -> None:
+    """A batch job may start a command with stdin, stdout or stderr closed, or with an output
+    encoding that cannot show ×, — or “ ” (``PYTHONIOENCODING=ascii``): the closed ones go to
+    /dev/null, and what cannot be encoded is replaced (it crashed ``status``, ``info``, and
+    ``sample`` after writing the sample)."""
+    std_fds_open()
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="replace")
+        except (AttributeError, ValueError):  # not a text stream of its own (a test's capture)
+            pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _usable_std_streams()
     parser = build_parser()
     args = parser.parse_args(
         _parsable(parser, _join_values(sys.argv[1:] if argv is None else argv))

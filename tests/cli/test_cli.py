@@ -728,3 +728,42 @@ def test_model_options_before_a_command_s_paths_leave_the_paths_alone(capsys, tm
     assert capsys.readouterr().err.startswith(
         "emparsl: error: Model options are key=value, not 'halo'"
     )
+
+
+@pytest.mark.parametrize("closed", [0, 1, 2])
+def test_a_batch_job_with_a_standard_stream_closed(tmp_path, closed):
+    """A job started with stdin, stdout or stderr closed (`0<&-`): with stdin or stdout closed
+    every block failed on the local site (the fork server's socket took descriptor 0 or 1, and
+    its child had it replaced: "the site's workers could not start"); with stderr closed the
+    run crashed on the progress bar and said so on stdout."""
+    assert main(["sample", str(tmp_path / "s.n5"), "--shape", "32,64,64", "--seed", "3"]) == 0
+    cmd = [sys.executable, "-m", "napari_emparsl.cli", "run", "--input", f"{tmp_path}/s.n5:raw",
+           "--model", "unet3d-em", "--output", f"{tmp_path}/s.n5:p", "--block", "32",
+           "--site", "local"]  # fmt: skip
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out, "w") as o, open(err, "w") as e:
+        res = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=o, stderr=e, check=False,
+                             preexec_fn=lambda: os.close(closed))  # fmt: skip
+    said = out.read_text() + err.read_text()
+    assert res.returncode == 0, said
+    assert "internal error" not in said and "Traceback" not in said
+    if closed != 1:
+        assert "Finished: 4/4 blocks done, 0 failed" in out.read_text()
+    assert Volume.open(tmp_path / "s.n5", "p").data.compute().any()
+
+
+def test_an_output_encoding_without_the_messages_characters(tmp_path):
+    """PYTHONIOENCODING=ascii (a batch system's locale): ×, — and … are replaced, not a crash
+    (`sample` exited 1 after writing the sample; `info` and `status` exited 1)."""
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    cli = [sys.executable, "-m", "napari_emparsl.cli"]
+    for args in (["sample", str(tmp_path / "s.n5"), "--shape", "16,32,32", "--seed", "3"],
+                 ["info", f"{tmp_path}/s.n5:raw"],
+                 ["run", "--input", f"{tmp_path}/s.n5:raw", "--model", "unet3d-em", "--output",
+                  f"{tmp_path}/s.n5:p", "--site", "threads"],
+                 ["status", f"{tmp_path}/s.n5:p"]):  # fmt: skip
+        res = subprocess.run([*cli, *args], capture_output=True, env=env, check=False)
+        assert res.returncode == 0, (args, res.stderr.decode(errors="replace"))
+        assert b"internal error" not in res.stderr and b"Traceback" not in res.stderr
+    assert b"?" in subprocess.run([*cli, "info", f"{tmp_path}/s.n5:raw"], capture_output=True,
+                                  env=env, check=True).stdout  # (16×32×32 as 16?32?32)  # fmt: skip

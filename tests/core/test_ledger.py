@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+
+import pytest
 
 from napari_emparsl.core.ledger import LEDGER_NAME, Ledger, LedgerFollower
 
@@ -121,3 +124,21 @@ def test_a_lock_taken_on_a_second_try_still_removes_the_folders_it_made(tmp_path
     assert failed and lock.held
     lock.release(remove=True)
     assert not (tmp_path / "new.n5").exists()
+
+
+def test_a_long_dataset_name_is_still_locked(tmp_path):
+    """A key of 260 characters made a lock file name over 255 bytes: the lock could not be
+    made, and a second run wrote the same output unhindered."""
+    from napari_emparsl.core.ledger import OutputBusy, OutputLock, lock_holder
+
+    key = "/".join(("a" * 100, "b" * 100, "c" * 60))
+    (tmp_path / "o.n5").mkdir()
+    first = OutputLock(str(tmp_path / "o.n5"), key)
+    first.acquire()
+    try:
+        assert first.held and lock_holder(str(tmp_path / "o.n5"), key) is not None
+        assert len(os.path.basename(first.path).encode()) <= 255
+        with pytest.raises(OutputBusy):
+            OutputLock(str(tmp_path / "o.n5"), key).acquire()
+    finally:
+        first.release()

@@ -427,6 +427,10 @@ def _lock_path(output_root: str, output_key: str) -> str:
     """In the container's root, named after the whole key (``.labels%2Fpred.emparsl-lock``):
     nothing but the root is made for it, so a new container holds no stray folder."""
     name = urllib.parse.quote(output_key.strip("/"), safe="")
+    if len(name.encode()) > 200:  # file names have at most 255 bytes: no lock at all, before
+        import hashlib
+
+        name = f"{name[:80]}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
     return os.path.join(output_root, f".{name}{LOCK_SUFFIX}")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["log_details", "log_path", "spec_text", "user_path"]
+__all__ = ["log_details", "log_path", "spec_text", "std_fds_open", "user_path"]
 
 
 def user_path(text: str | os.PathLike) -> str:
@@ -59,3 +59,18 @@ def log_details(title: str, text: str) -> str | None:
     except OSError:
         return None
     return path
+
+
+def std_fds_open() -> None:
+    """Descriptors 0, 1 and 2 opened on /dev/null where closed (a batch job started with
+    ``0<&-`` or ``>&-``): else the next files opened take those numbers, and a child process
+    given them (the site's fork server: its socket and pipe) had them replaced by its standard
+    streams, so every worker failed to start."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            new = os.open(os.devnull, os.O_RDWR)
+            if new != fd:
+                os.dup2(new, fd)
+                os.close(new)

@@ -927,6 +927,9 @@ class _ForkServer:
         import sys
         from multiprocessing import connection
 
+        from napari_emparsl.core.paths import std_fds_open
+
+        std_fds_open()  # the socket and pipe passed on must not take a standard stream's number
         tmp = _site_tmpdir(run_dir)
         with socket.socket(socket.AF_UNIX) as listener:
             if tmp:  # the socket, and the workers' temporary files, go with the run's folder
