@@ -241,9 +241,9 @@ _MOST_BOXES = 400
 _MOST_PREVIEW_BLOCKS = 64
 
 
-def _held_here(refusal: str) -> bool:
-    """Whether an output-busy refusal names this process (on this host) as the writer."""
-    return f"(process {os.getpid()} on {socket.gethostname()}," in refusal
+def _held_here(holder: dict[str, Any]) -> bool:
+    """Whether an output's lock holder (as its lock file says) is this process."""
+    return holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
 
 
 def panel_words(message: str) -> str:
@@ -1390,7 +1390,7 @@ class RunWidget(Container):
 
         message = error_sentence(err, "The run")
         if isinstance(err, OutputBusy):
-            if _held_here(str(err)) and "being written by another run" in str(err):
+            if _held_here(err.holder) and err.holder.get("what", "run") == "run":
                 message = (  # the process named was this napari's own: say so
                     f"The output {self.output.value} is being written by another run in this "
                     "napari (a run panel closed while it ran finishes its blocks under way "
@@ -1653,7 +1653,7 @@ class RunWidget(Container):
         holder = answer.get("holder")
         if holder is not None:  # Run / resume would be refused: say so, and look again soon
             writer = _WRITERS.get(holder.get("what", "run"), "another run")
-            here = holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
+            here = _held_here(holder)
             self.status.value = (
                 f"this output is being written by {writer} in this napari now (a run panel "
                 f"closed while it ran finishes its blocks under way first), {done}/{total} "

@@ -306,7 +306,12 @@ def written_blocks(root: str, key: str) -> WrittenBlocks | None:
 
 
 class OutputBusy(UserError):
-    """Another run is writing the same output dataset."""
+    """Another run is writing the same output dataset; ``holder``: what its lock file says
+    (``pid``, ``host``, ``since``, ``what``; empty where it said nothing readable)."""
+
+    def __init__(self, message: str, holder: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder or {}
 
 
 class OutputLock:
@@ -368,9 +373,14 @@ class OutputLock:
             text = f.read()
             f.close()
             self._made = None
+            try:
+                holder = json.loads(text)
+            except ValueError:
+                holder = {}
             raise OutputBusy(
                 f"The output {self.output} is being written by {_writer(text)}{_holder(text)}; "
-                "wait for it to end (or cancel it), or choose another output name."
+                "wait for it to end (or cancel it), or choose another output name.",
+                holder if isinstance(holder, dict) else {},
             ) from None
         except OSError as err:  # a file system without locks: go on, unlocked
             log.warning("could not lock %s (%s); running without a lock", self.path, err)
