@@ -238,6 +238,30 @@ def _bar_interval() -> float:
     return 0.1 if sys.stderr.isatty() else 10.0
 
 
+class _LogLines:
+    """A progress bar's stream where stderr is not a terminal (a batch job's log): each state
+    of the bar its own line. tqdm redraws its line with a carriage return, which in a file made
+    one physical line of every state (`tail`, `grep` and editors showed only the last, or all
+    run together)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.encoding = getattr(stream, "encoding", None)  # tqdm draws unicode bars where it may
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").rstrip()  # the redraw and its padding; a clear is empty
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def _bar_file():
+    """Where a progress bar draws: stderr itself on a terminal, else one line per state."""
+    return sys.stderr if sys.stderr.isatty() else _LogLines(sys.stderr)
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     with _stop_on_signals():
         return _import(args)
@@ -281,7 +305,7 @@ def _import(args: argparse.Namespace) -> int:
                     total=total,
                     unit="slab",
                     desc="import",
-                    file=sys.stderr,
+                    file=_bar_file(),
                     mininterval=_bar_interval(),
                 )
             bar.update(done - bar.n)
@@ -413,11 +437,11 @@ def _run(args: argparse.Namespace) -> int:
                     initial=skipped,
                     unit="block",
                     desc="run",
-                    file=sys.stderr,
+                    file=_bar_file(),
                     mininterval=_bar_interval(),
+                    # workers start, then compute: seconds without a finished block
+                    postfix="starting the site, first blocks running",
                 )
-                if event.todo:  # workers start, then compute: seconds without a finished block
-                    bar.set_postfix_str("starting the site, first blocks running")
             elif isinstance(event, BlockDone):
                 progress = (event.done, event.total)
                 voxels += event.voxels

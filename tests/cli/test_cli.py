@@ -507,15 +507,18 @@ def test_a_stopped_import_keeps_nothing(tmp_path, signum, code, how):
 
 def test_progress_in_a_log_file_is_a_few_lines(small_n5, tmp_path):
     """Where stderr is not a terminal (a batch job's log) the bar is drawn every 10 s, not twice
-    per block: 105 blocks wrote 200+ bar states into the log."""
+    per block: 105 blocks wrote 200+ bar states into the log. Each state is its own line: tqdm's
+    carriage returns made one physical line of them all, of which `tail` showed the last."""
     cmd = [sys.executable, "-m", "napari_emparsl.cli", "run", "--input", f"{small_n5[0]}:raw",
            "--model", "unet3d-em", "--output", f"{tmp_path}/o.n5:p", "--site", "threads",
            "--block", "8", "--halo", "0"]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert res.returncode == 0 and "Finished: 105/105 blocks done" in res.stdout
-    states = [s for s in res.stderr.replace("\r", "\n").splitlines() if s.startswith("run:")]
+    assert "\r" not in res.stderr
+    states = [s for s in res.stderr.splitlines() if s.startswith("run:")]
     assert 2 <= len(states) < 105 // 4, states  # not one per block or two
-    assert "105/105" in states[-1]
+    assert "starting the site" in states[0] and "105/105" in states[-1]
+    assert all(s == s.rstrip() for s in states)  # no redraw's padding
 
 
 def test_sites_list_shows_a_broken_profile_among_the_others(capsys, tmp_path, monkeypatch):
