@@ -413,7 +413,14 @@ def _run(args: argparse.Namespace) -> int:
                 progress = (skipped, event.total)
                 if not event.todo:  # nothing left: no "resuming", no rate of 0 voxels/s
                     print(
-                        f"{event.output} is complete already ({event.total}/{event.total} "
+                        (  # of a region, its blocks, not the whole output
+                            f"The region {args.roi} of {event.output} is done already "
+                            f"({event.total}/{event.total} of its blocks): nothing to compute "
+                            "(`emparsl status` counts the whole volume's; --overwrite replaces "
+                            "the whole output, then computes this region)."
+                        )
+                        if args.roi
+                        else f"{event.output} is complete already ({event.total}/{event.total} "
                         "blocks done): nothing to compute (--overwrite computes it again)."
                     )
                     for warning in event.warnings:
@@ -550,6 +557,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         key = level.group(1)  # a level of a run's output (OUT.n5:pred/s0): the run's ledger
         ledger = Ledger(root, key)
     if not ledger.exists() and not os.path.exists(os.path.join(root, key)):
+        holder = lock_holder(root, key) if os.path.isdir(root) else None
+        if holder is not None:  # a run's first moments: it holds the output, not yet made
+            return _status_starting(args, f"{root}:{key}", holder)
         missing = root if not os.path.exists(root) else f"{root}:{key}"
         raise VolumeError(f"{missing} does not exist; check the path.")
     if not ledger.exists():
@@ -577,19 +587,30 @@ def cmd_status(args: argparse.Namespace) -> int:
         for r in summary.done.values()
         if all(isinstance(r.get(k), int | float) for k in ("t_read", "t_compute", "t_write"))
     ]
+    running = lock_holder(root, key)
+    pending = max(0, planned - len(summary.done) - len(summary.failed))
     out = {
         "output": f"{root}:{key}",
+        # running (a writer holds it now), complete, failed (some blocks; none running), or
+        # incomplete (blocks pending: stopped, crashed, or runs of a region only)
+        "state": "running" if running is not None
+        else "failed" if summary.failed
+        else "incomplete" if pending
+        else "complete",
         "blocks": planned,
         "done": len(summary.done),
         "failed": len(summary.failed),
-        "pending": max(0, planned - len(summary.done) - len(summary.failed)),
+        "pending": pending,
+        # the last run's region (--roi), its blocks' counts: None for a run of the whole volume
+        "region": _region_counts(root, key, last, summary),
         "mean_block_seconds": round(sum(done_times) / len(done_times), 3) if done_times else None,
         "failed_blocks": {str(k): v.get("error", "") for k, v in sorted(summary.failed.items())},
         "provenance": {k: last.get(k) for k in (
-            "input", "model", "model_sha256", "model_options", "block", "halo", "site", "version"
+            "input", "model", "model_sha256", "model_options", "block", "halo", "roi", "site",
+            "version"
         )},
         "runs": len(summary.runs),
-        "running": lock_holder(root, key),  # the run writing it now: pid, host, since
+        "running": running,  # the run writing it now: pid, host, since
         # where the model ran (blocks of runs before the ledger recorded it: none)
         "devices": sorted({r["device"] for r in summary.done.values() if r.get("device")}),
         # the model file (hash) each done block was computed with: the last run's file may
@@ -605,6 +626,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(
         f"{out['output']}: {out['done']}/{planned} blocks done, {out['failed']} failed, {out['pending']} pending"
     )
+    if out["region"] is not None:
+        r = out["region"]
+        print(
+            f"the last run's region {r['roi']}: {r['done']}/{r['blocks']} blocks done, "
+            f"{r['failed']} failed, {r['pending']} pending"
+        )
     if out["running"] is not None:
         who = out["running"]
         writer = {"import": "an import", "napari save": "a save from napari"}.get(
@@ -653,6 +680,48 @@ def cmd_status(args: argparse.Namespace) -> int:
             "changed since; `emparsl run … --overwrite` computes them all with the file as it is now"
         )
     return 0
+
+
+def _status_starting(args: argparse.Namespace, output: str, holder: dict) -> int:
+    """`status` of an output a run holds but has not made yet (its first second or so: the
+    model loads, the volume is planned); it said the output did not exist."""
+    if args.json:
+        print(json.dumps({
+            "output": output, "state": "starting", "blocks": None, "done": 0, "failed": 0,
+            "pending": None, "region": None, "running": holder,
+        }, indent=2))  # fmt: skip
+        return 0
+    print(
+        f"{output}: a run is starting on it (process {holder.get('pid', '?')} on "
+        f"{holder.get('host', '?')}, since {holder.get('since', '?')}); nothing written yet."
+    )
+    return 0
+
+
+def _region_counts(root: str, key: str, last: dict, summary) -> dict | None:
+    """Blocks done / failed / pending of the last run's region (``--roi``), or None for a run
+    of the whole volume (or one whose region cannot be read back)."""
+    from napari_emparsl.core.geometry import block_ids
+    from napari_emparsl.core.ledger import plan_shape
+    from napari_emparsl.core.volume import Volume
+    from napari_emparsl.execution.runner import parse_roi
+
+    if not last.get("roi") or "block" not in last:
+        return None
+    try:
+        shape = plan_shape(Volume.open(root, key).shape, last)
+        ids = block_ids(shape, last["block"], parse_roi(str(last["roi"])))
+    except (UserError, ValueError, TypeError):
+        return None
+    done = sum(1 for i in ids if i in summary.done)
+    failed = sum(1 for i in ids if i in summary.failed)
+    return {
+        "roi": str(last["roi"]),
+        "blocks": len(ids),
+        "done": done,
+        "failed": failed,
+        "pending": len(ids) - done - failed,
+    }
 
 
 def _options_text(options: object) -> str:

@@ -392,17 +392,62 @@ def test_status_of_what_is_not_there(capsys, tmp_path, small_n5):
 
 def test_a_complete_output_run_again_says_so(capsys, tmp_path, small_n5):
     """The same run again on a finished output: it is complete, nothing to compute (before:
-    "Planned 1 blocks … (1 already done, resuming)" and "Finished … 0.00 Mvoxel/s")."""
-    _one_block_run(capsys, tmp_path, small_n5)
+    "Planned 1 blocks … (1 already done, resuming)" and "Finished … 0.00 Mvoxel/s"). Of a
+    region (--roi), the region is done, not the output ("is complete already (1/1 blocks done)"
+    of an output with 104 blocks to compute), and `status` says the region's counts and the
+    whole volume's state (before: the region was nowhere, "pending" counted the whole)."""
     path, _ = small_n5
-    code, out, _ = run(capsys, "run", "--input", f"{path}:raw", "--model", "unet3d-em",
-                       "--output", f"{tmp_path}/o.n5:pred", "--site", "threads", "--roi",
-                       "0:1,0:8,0:8")  # fmt: skip
+    out = f"{tmp_path}/o.n5:pred"
+    cmd = ["run", "--input", f"{path}:raw", "--model", "unet3d-em", "--output", out,
+           "--site", "threads"]  # fmt: skip
+    assert run(capsys, *cmd, "--roi", "0:1,0:8,0:8", "--block", "8", "--halo", "0")[0] == 0
+    code, text, _ = run(capsys, *cmd, "--roi", "0:1,0:8,0:8")
     assert code == 0
-    assert out == (
-        f"{tmp_path}/o.n5:pred is complete already (1/1 blocks done): nothing to compute "
-        "(--overwrite computes it again).\n"
+    assert text == (
+        f"The region 0:1,0:8,0:8 of {out} is done already (1/1 of its blocks): nothing to "
+        "compute (`emparsl status` counts the whole volume's; --overwrite replaces the whole "
+        "output, then computes this region).\n"
     )
+    code, text, _ = run(capsys, "status", out, "--json")
+    status = json.loads(text)
+    assert code == 0 and status["state"] == "incomplete" and status["pending"] == 104
+    assert status["region"] == {
+        "roi": "0:1,0:8,0:8", "blocks": 1, "done": 1, "failed": 0, "pending": 0
+    }  # fmt: skip
+    assert status["provenance"]["roi"] == "0:1,0:8,0:8"
+    code, text, _ = run(capsys, "status", out)
+    assert "the last run's region 0:1,0:8,0:8: 1/1 blocks done, 0 failed, 0 pending" in text
+    # the whole volume: complete, no region
+    assert run(capsys, *cmd)[0] == 0
+    code, text, _ = run(capsys, *cmd)
+    assert text == f"{out} is complete already (105/105 blocks done): nothing to compute " \
+        "(--overwrite computes it again).\n"  # fmt: skip
+    status = json.loads(run(capsys, "status", out, "--json")[1])
+    assert (status["state"], status["pending"], status["region"]) == ("complete", 0, None)
+
+
+def test_status_of_an_output_a_run_is_starting_on(capsys, tmp_path):
+    """In a run's first second (the model loads, the volume is planned) it holds the output
+    but has not made it: `status` said it did not exist (exit 2), a script polling it gave up."""
+    from napari_emparsl.core.ledger import OutputLock
+
+    lock = OutputLock(f"{tmp_path}/n.n5", "pred", "run")
+    lock.acquire()
+    try:
+        code, text, _ = run(capsys, "status", f"{tmp_path}/n.n5:pred")
+        assert code == 0
+        assert text.startswith(
+            f"{tmp_path}/n.n5:pred: a run is starting on it (process {os.getpid()} on "
+        )
+        assert text.strip().endswith("nothing written yet.")
+        code, text, _ = run(capsys, "status", f"{tmp_path}/n.n5:pred", "--json")
+        status = json.loads(text)
+        assert code == 0 and status["state"] == "starting" and status["done"] == 0
+        assert status["running"]["pid"] == os.getpid()
+    finally:
+        lock.release()
+    code, _, err = run(capsys, "status", f"{tmp_path}/n.n5:pred")
+    assert code == 2 and "does not exist" in err  # a refused or ended run: nothing there
 
 
 def _one_block_run(capsys, tmp_path, small_n5):

@@ -200,3 +200,21 @@ def test_blocks_and_halo_on_the_models_grid():
     with pytest.raises(GeometryError, match=r"Halo 0,6,4 .* --halo 0,8,4\.$"):
         list(plan_blocks((10, 50, 50), (1, 20, 20), (0, 6, 4), grid=(1, 4, 4)))
     assert align_up((0, 6, 24), (1, 4, 4)) == (0, 8, 24)
+
+
+def test_block_ids_of_a_region_are_the_plans():
+    """`block_ids` (what `emparsl status` counts of a run's region) numbers blocks as the
+    planner does, also at the volume's far edge and for a region past it."""
+    from napari_emparsl.core.geometry import block_ids
+
+    shape, block = (10, 37, 50), (4, 16, 16)
+    for roi in (
+        Roi.from_bounds((0, 0, 0), (1, 1, 1)),
+        Roi.from_bounds((3, 15, 17), (9, 33, 49)),
+        Roi.from_bounds((8, 32, 48), (20, 90, 90)),  # beyond the far edge: clipped
+        Roi.from_bounds((0, 0, 0), shape),
+    ):
+        planned = [b.id for b in plan_blocks(shape, block, (0, 0, 0), roi=roi)]
+        assert block_ids(shape, block, roi) == planned and planned
+    assert len(block_ids(shape, block, Roi.from_bounds((0, 0, 0), shape))) == 3 * 3 * 4
+    assert block_ids(shape, block, Roi.from_bounds((20, 0, 0), (30, 5, 5))) == []

@@ -87,6 +87,7 @@ def test_failing_blocks_reported_then_only_they_rerun(
     code = main(["status", out, "--json"])
     status = json.loads(capsys.readouterr().out)
     assert code == 0 and status["failed"] == 2 and status["done"] == 6
+    assert status["state"] == "failed" and status["region"] is None
     assert "marker found" in status["failed_blocks"]["0"]
     from napari_emparsl import __version__
 
@@ -1119,7 +1120,8 @@ def test_two_runs_never_write_one_output_at_once(tmp_path, conv_model, float_vol
         assert main(["status", out]) == 0
         assert f"{status} is writing it now: process {os.getpid()} on " in capsys.readouterr().out
         assert main(["status", out, "--json"]) == 0
-        assert json.loads(capsys.readouterr().out)["running"]["what"] == what
+        polled = json.loads(capsys.readouterr().out)
+        assert polled["running"]["what"] == what and polled["state"] == "running"
         held.release()
     # once a run ends (also by an error before it wrote anything), the output is free again
     assert Run(src, conv_model, out, site="threads").execute().done == 48

@@ -227,6 +227,24 @@ def block_grid(shape: Sequence[int], block: Sequence[int]) -> tuple[int, ...]:
     return tuple(-(-s // b) for s, b in zip(shape, block, strict=True))
 
 
+def block_ids(shape: Sequence[int], block: Sequence[int], roi: Roi) -> list[int]:
+    """The ids of the blocks of a plan of ``shape`` in blocks of ``block`` (as
+    :func:`plan_blocks` numbers them) whose write ROI touches ``roi``, in id order."""
+    block = tuple(min(int(b), int(s)) for b, s in zip(block, shape, strict=True))
+    grid = block_grid(shape, block)
+    roi = roi.intersect(Roi((0,) * len(shape), tuple(shape)))
+    if roi.empty:
+        return []
+    ranges = [
+        range(b // bs, -(-e // bs)) for b, e, bs in zip(roi.begin, roi.end, block, strict=True)
+    ]
+    strides = [math.prod(grid[i + 1 :]) for i in range(len(shape))]
+    return [
+        sum(i * s for i, s in zip(index, strides, strict=True))
+        for index in itertools.product(*ranges)
+    ]
+
+
 def plan_blocks(
     shape: Sequence[int],
     block: Sequence[int],

@@ -230,9 +230,14 @@ def whole_plan_blocks(output_shape: Sequence[int], last_run: dict[str, Any]) -> 
     last run's region (a preview, ``--roi``) — from the block and scale that run recorded."""
     if "block" not in last_run:
         return int(last_run.get("planned", 0))
+    return math.prod(block_grid(plan_shape(output_shape, last_run), last_run["block"]))
+
+
+def plan_shape(output_shape: Sequence[int], last_run: dict[str, Any]) -> list[int]:
+    """The input's spatial shape the runs of an output of ``output_shape`` planned on (the
+    output divided by the model's scale, as the last run recorded it)."""
     scale = last_run.get("spec", {}).get("scale", [1, 1, 1])
-    shape = [n // s for n, s in zip(list(output_shape)[-3:], scale, strict=True)]
-    return math.prod(block_grid(shape, last_run["block"]))
+    return [n // s for n, s in zip(list(output_shape)[-3:], scale, strict=True)]
 
 
 @dataclass
