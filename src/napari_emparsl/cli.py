@@ -1221,14 +1221,25 @@ def _usable_std_streams() -> None:
             pass
 
 
+# exit codes a batch script tells apart (sysexits.h): the output is being written by another
+# run, import or napari save (try the same command later); a fault of emparsl's own
+EXIT_BUSY = 75  # EX_TEMPFAIL
+EXIT_INTERNAL = 70  # EX_SOFTWARE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _usable_std_streams()
     parser = build_parser()
     args = parser.parse_args(
         _parsable(parser, _join_values(sys.argv[1:] if argv is None else argv))
     )
+    from napari_emparsl.core.ledger import OutputBusy
+
     try:
         return int(args.func(args) or 0)
+    except OutputBusy as err:  # another writer holds the output: the same command, later
+        print(f"emparsl: error: {err}", file=sys.stderr)
+        return EXIT_BUSY
     except UserError as err:
         print(f"emparsl: error: {err}", file=sys.stderr)
         return 2
@@ -1255,7 +1266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{where}; please report them.",
             file=sys.stderr,
         )
-        return 1
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -815,3 +815,32 @@ def test_an_output_encoding_without_the_messages_characters(tmp_path):
         assert b"internal error" not in res.stderr and b"Traceback" not in res.stderr
     assert b"?" in subprocess.run([*cli, "info", f"{tmp_path}/s.n5:raw"], capture_output=True,
                                   env=env, check=True).stdout  # (16×32×32 as 16?32?32)  # fmt: skip
+
+
+def test_exit_codes_a_script_tells_apart(capsys, tmp_path, small_n5, monkeypatch):
+    """Bad input 2, an output another writer holds 75 (try later), a fault of emparsl's own 70
+    with its traceback in the log (both were 2 and 1: a script could not tell "try again
+    later" from "fix the command", nor a bug from failed blocks)."""
+    from napari_emparsl.core import volume
+    from napari_emparsl.core.ledger import OutputLock
+
+    path, _ = small_n5
+    cmd = ["run", "--input", f"{path}:raw", "--model", "unet3d-em", "--site", "threads"]
+    assert run(capsys, *cmd, "--output", f"{path}:raw")[0] == 2  # output = input
+    lock = OutputLock(f"{tmp_path}/o.n5", "pred", "import")
+    lock.acquire()
+    try:
+        code, _, err = run(capsys, *cmd, "--output", f"{tmp_path}/o.n5:pred")
+    finally:
+        lock.release()
+    assert code == 75 and "is being written by an import" in err
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a fault of ours")
+
+    monkeypatch.setattr(volume, "container_tree", broken)  # a bug, injected
+    code, _, err = run(capsys, "info", str(path))
+    assert code == 70 and err.startswith("emparsl: internal error (RuntimeError: a fault of ours)")
+    assert "please report them" in err and "Traceback" not in err
+    log = err.split("the details are in ", 1)[1].split("; please report")[0]
+    assert "Traceback" in open(log, encoding="utf-8").read()
