@@ -25,7 +25,7 @@ import torch
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.models.training import N5TileDataset, dice_scores, save_model, train
 from napari_emparsl.core.models.unet import UNet
-from napari_emparsl.core.sample import CLASS_NAMES, make_sample
+from napari_emparsl.core.sample import CLASS_COLORS, CLASS_NAMES, make_sample
 from napari_emparsl.core.volume import save_array
 
 ARCH = {"base": 8, "depth": 2}
@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> list[float]:
             # 128^3 blocks: the halo is recomputed on 1.4x the voxels, not 3.4x as at 64^3
             # (bench_run.py); halo 24 and multiple 4 follow from the architecture
             "block": [128, 128, 128],
+            "colors": list(CLASS_COLORS),  # napari draws them as the sample's ground truth
         },
         comment=(
             "Built-in 3D U-Net for EM: background / membrane / mitochondria.\n"

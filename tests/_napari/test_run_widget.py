@@ -87,6 +87,10 @@ def test_preview_then_full_run_streams(make_napari_viewer, qtbot, sample_path, t
     assert out_layer is not None and out_layer._type_string == "labels"
     # the class names: napari's status bar names the class under the cursor
     assert list(out_layer.features["class"]) == ["background", "membrane", "mitochondria"]
+    # in the colours the model declares, as the ground truth's: membranes cyan, mitochondria
+    # magenta (napari's own colours before)
+    rgba = out_layer.colormap.map(np.array([0, 1, 2]))
+    assert np.allclose(rgba, [[0, 0, 0, 0], [0, 229 / 255, 1, 1], [1, 0, 1, 1]], atol=1e-6), rgba
     assert out_layer.axis_labels == viewer.dims.axis_labels == ("z", "y", "x")  # not -3, -2, -1
     viewer.dims.set_point(0, 40 * 8)
     value = int(np.asarray(out_layer.data)[40, 20, 80])

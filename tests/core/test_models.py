@@ -13,6 +13,7 @@ import yaml
 from napari_emparsl.core.models.loaders import describe_model, load_model
 from napari_emparsl.core.models.spec import ModelError, ModelSpec, parse_options
 from napari_emparsl.core.models.unet import UNet, receptive_radius
+from napari_emparsl.core.volume import Volume
 
 
 def test_builtin_model_spec_and_weights():
@@ -491,3 +492,45 @@ def test_a_class_named_twice_is_refused():
         "The model option 'classes' names mem more than once; give each class (each output "
         "channel) a name of its own."
     )
+
+
+def test_class_colours_a_model_declares(tmp_path, small_n5):
+    """A labels model's description may give a colour per class (the built-in model does): they
+    are checked, written with its output (napari draws the classes in them), and a model that
+    changed only its colours resumes an output made before (they change nothing written)."""
+    from napari_emparsl.execution.runner import Run
+
+    assert describe_model("unet3d-em").colors == ("#00000000", "#00e5ffff", "#ff00ffff")
+    spec = describe_model("unet3d-em", {"colors": "none,#abc,Gold"})
+    assert spec.colors == ("#00000000", "#aabbccff", "#ffd700ff")
+    assert spec.with_options({}).colors == spec.colors  # as the description reads them
+    # options giving other classes (or an image model) leave the description's colours out
+    assert describe_model("unet3d-em", {"classes": "a,b"}).colors == ()
+    assert describe_model("unet3d-em", {"kind": "image", "classes": ""}).colors == ()
+    assert len(describe_model("unet3d-em", {"classes": "a,b,c"}).colors) == 3
+    for option, said in (
+        ({"colors": "red,blue"}, "The model option 'colors' gives 2 colour(s) for 3 classes; "
+                                 "give one per class, in the order of 'classes'."),
+        ({"colors": "red,blue,rouge"}, "The model option 'colors' gives 'rouge', which is no "
+                                       "colour; give one per class as #rrggbb (e.g. #00e5ff)"),
+        ({"colors": "red", "classes": "", "kind": "image"},
+         "The model option 'colors' gives 1 colour(s) for a model without named classes"),
+    ):  # fmt: skip
+        with pytest.raises(ModelError) as err:
+            describe_model("unet3d-em", option)
+        assert str(err.value).startswith(said), str(err.value)
+    # in a sidecar: [r, g, b] from 0 to 1 too
+    assert ModelSpec.from_mapping(
+        {"classes": ["a", "b"], "colors": ["transparent", [1, 0.5, 0]]}
+    ).colors == ("#00000000", "#ff8000ff")  # fmt: skip
+    path, _ = small_n5
+    out = f"{tmp_path}/o.n5:p"
+    red = {"colors": "transparent,red,blue"}
+    Run(f"{path}:raw", "unet3d-em", out, site="threads", roi="0:1,0:8,0:8", block=(8, 8, 8),
+        halo=(0, 0, 0), model_options=red).execute()  # fmt: skip
+    written = Volume.open(tmp_path / "o.n5", "p")
+    assert written.class_colors == {0: "#00000000", 1: "#ff0000ff", 2: "#0000ffff"}
+    assert written.attrs["class_colors"] == ["#00000000", "#ff0000ff", "#0000ffff"]
+    # the same model with its own colours: resumed, not refused as another description
+    done = Run(f"{path}:raw", "unet3d-em", out, site="threads", roi="0:8,0:8,0:16").execute()
+    assert (done.done, done.failed) == (2, 0)

@@ -132,6 +132,9 @@ def layer_data(volume: Volume) -> LayerData:
     if volume.is_labels and "c" not in volume.axes:
         if volume.class_names:  # napari's status bar names the class under the cursor
             meta["features"] = {"class": volume.class_names}
+        colormap = class_colormap(volume)
+        if colormap:
+            meta["colormap"] = colormap
         return data, meta, "labels"
     # never RGB: napari guesses it from a last axis of 3 or 4 (a 64×64×4 volume without a voxel
     # size, N5-Java's 512×512×3 test image), and then refused our scale with a traceback
@@ -168,6 +171,14 @@ def _geometry(volume: Volume) -> dict[str, tuple]:
 
 #: napari's (pint's) name for a length of so many nanometres (see core/units.py)
 _NAPARI_UNITS = {1.0: "nanometer", 1e3: "micrometer", 1e6: "millimeter", 0.1: "angstrom"}
+
+
+def class_colormap(volume: Volume) -> dict | None:
+    """A Labels layer's colours of a labels volume whose model declared them (``class_colors``:
+    class id -> colour, any other value transparent), for napari's ``colormap``; None for
+    napari's own colours."""
+    colors = volume.class_colors
+    return {**colors, None: "#00000000"} if colors else None
 
 
 def napari_unit(unit: str) -> str | None:

@@ -45,7 +45,7 @@ from napari_emparsl._napari.background import (
     in_background,
     panel_alive,
 )
-from napari_emparsl._napari.reader import napari_unit
+from napari_emparsl._napari.reader import class_colormap, napari_unit
 from napari_emparsl._napari.widgets import n5_source as _source_of
 from napari_emparsl._napari.widgets import (
     on_removed,
@@ -1471,6 +1471,8 @@ class RunWidget(Container):
                 kwargs["contrast_limits"] = (0.0, 255.0 if out.dtype == np.uint8 else 1.0)
             if out.is_labels and out.class_names:  # the status bar names the class
                 kwargs["features"] = {"class": out.class_names}
+            if out.is_labels and class_colormap(out):  # the colours its model declares
+                kwargs["colormap"] = class_colormap(out)
             if len(out.axes) == live.ndim:  # the sliders say z (and c), not -3
                 kwargs["axis_labels"] = tuple(out.axes)
             layer = add(data, multiscale=len(levels) > 1, **kwargs)
@@ -1485,6 +1487,8 @@ class RunWidget(Container):
             layer.data = data
             if out.is_labels and out.class_names:
                 layer.features = {"class": out.class_names}
+            if out.is_labels and class_colormap(out):
+                layer.colormap = class_colormap(out)
         else:
             levels = list(layer.data) if layer.multiscale else [layer.data]
             live = levels[0]

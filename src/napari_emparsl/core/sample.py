@@ -27,6 +27,8 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 CLASS_NAMES: tuple[str, ...] = ("background", "membrane", "mitochondria")
+#: how napari draws them (as the built-in model's description declares them for its output)
+CLASS_COLORS = ("#00000000", "#00e5ffff", "#ff00ffff")
 
 __all__ = ["CLASS_NAMES", "Sample", "make_sample"]
 
@@ -518,6 +520,6 @@ def write_sample(path: str, sample: Sample, *, overwrite: bool = False) -> None:
         "overwrite": overwrite,
     }
     write_pyramid(path, "raw", sample.raw, **common)
-    names = {"class_names": list(sample.class_names)}
+    names = {"class_names": list(sample.class_names), "class_colors": list(CLASS_COLORS)}
     write_pyramid(path, "labels/classes", sample.classes, labels=True, attrs=names, **common)
     write_pyramid(path, "labels/cells", sample.cells, labels=True, **common)

@@ -485,6 +485,22 @@ class Volume:
         return [str(n) for n in names] if isinstance(names, list) else []
 
     @property
+    def class_colors(self) -> dict[int, str]:
+        """A labels output's colour per class id (``class_colors``: ``#rrggbbaa``, one per class
+        name, as its model declared them), also for one level of a pyramid; empty when it has
+        none or they do not read as colours."""
+        colors = self.attrs.get("class_colors")
+        if not colors and "/" in self.key:
+            colors = read_attrs(os.path.join(self.root, self.key.rsplit("/", 1)[0])).get(
+                "class_colors"
+            )
+        if not isinstance(colors, list) or not all(
+            isinstance(c, str) and re.fullmatch(r"#[0-9a-fA-F]{8}", c) for c in colors
+        ):
+            return {}
+        return dict(enumerate(c.lower() for c in colors))
+
+    @property
     def ndim(self) -> int:
         return len(self.shape)
 

@@ -460,7 +460,9 @@ def _check_input_written(src: Volume, blocks: Sequence[Block]) -> None:
 
 # description keys that do not change what a model writes: a resume may differ in them (the
 # preferred block: the run's own block is compared; a 2D model's default changed to 1×512×512)
-_NOT_IN_OUTPUT = ("voxel_size", "block")
+# description keys that change nothing a block writes: a resume may differ in them (a model's
+# class colours added to its description since)
+_NOT_IN_OUTPUT = ("voxel_size", "block", "colors")
 
 
 class _Clipping:
@@ -1091,6 +1093,8 @@ class Run:
             attrs["value_range"] = [float(v) for v in spec.out_range]
         if spec.classes:
             attrs["class_names"] = list(spec.classes)
+        if spec.colors:  # how napari draws each class (the reader and the run panel)
+            attrs["class_colors"] = list(spec.colors)
         return Volume.create(
             self.output_root, self.output_key, shape, dtype, chunks,
             voxel_size=vs, unit=src.unit, attrs=attrs, overwrite=self.overwrite,

@@ -32,7 +32,7 @@ __all__ = ["Exported", "export_package"]
 
 #: ModelSpec keys kept under config.emparsl (bioimage.io has no word for them)
 _CONFIG_KEYS = (
-    "kind", "classes", "threshold", "block", "edge", "out_dtype", "out_range", "min_size",
+    "kind", "classes", "colors", "threshold", "block", "edge", "out_dtype", "out_range", "min_size",
     "multiple", "fixed", "voxel_size",
 )  # fmt: skip
 

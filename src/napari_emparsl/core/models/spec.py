@@ -5,6 +5,8 @@
 kind: labels                  # labels | image
 in_channels: 1
 classes: [background, membrane, mitochondria]   # labels: one logit channel per class -> argmax
+colors: [transparent, cyan, magenta]  # optional, labels: a colour per class for napari
+                              # (#rrggbb, #rrggbbaa, [r, g, b] from 0 to 1, or a name)
 # out_channels: 1             # image models
 spatial_dims: 3               # 2 = applied slice by slice on 3D volumes
 halo: [16, 16, 16]            # z, y, x voxels of context per side
@@ -41,7 +43,7 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import yaml
@@ -145,6 +147,62 @@ def _voxel_size(value: Any) -> tuple[float, float, float]:
     return out  # type: ignore[return-value]
 
 
+#: colour names a description may use (besides #rrggbb, #rrggbbaa and [r, g, b(, a)])
+COLOR_NAMES = {
+    "transparent": "#00000000", "none": "#00000000", "black": "#000000ff",
+    "white": "#ffffffff", "gray": "#808080ff", "grey": "#808080ff", "red": "#ff0000ff",
+    "green": "#00ff00ff", "blue": "#0000ffff", "yellow": "#ffff00ff", "cyan": "#00ffffff",
+    "magenta": "#ff00ffff", "orange": "#ffa500ff", "purple": "#800080ff", "pink": "#ffc0cbff",
+    "brown": "#a52a2aff", "gold": "#ffd700ff", "lime": "#32cd32ff", "teal": "#008080ff",
+    "navy": "#000080ff", "olive": "#808000ff", "maroon": "#800000ff", "violet": "#ee82eeff",
+}  # fmt: skip
+
+
+def _color(value: Any) -> str:
+    """One class colour as ``#rrggbbaa`` (lower case), from a name, ``#rgb``, ``#rrggbb``,
+    ``#rrggbbaa`` or 3 or 4 numbers from 0 to 1; None where it is none of these."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in COLOR_NAMES:
+            return COLOR_NAMES[text]
+        if re.fullmatch(r"#[0-9a-f]{3}", text):
+            return "#" + "".join(c * 2 for c in text[1:]) + "ff"
+        if re.fullmatch(r"#[0-9a-f]{6}", text):
+            return text + "ff"
+        if re.fullmatch(r"#[0-9a-f]{8}", text):
+            return text
+        return None
+    if isinstance(value, (list, tuple)) and len(value) in (3, 4):
+        try:
+            rgba = [float(v) for v in value] + [1.0] * (4 - len(value))
+        except (TypeError, ValueError):
+            return None
+        if all(0 <= v <= 1 for v in rgba):
+            return "#" + "".join(f"{round(v * 255):02x}" for v in rgba)
+    return None
+
+
+def _colors(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)):
+        value = [value]
+    out = []
+    for v in value:
+        color = _color(v)
+        if color is None:
+            raise ModelError(
+                f"The model option 'colors' gives {v!r}, which is no colour; give one per class "
+                "as #rrggbb (e.g. #00e5ff), #rrggbbaa, [r, g, b] from 0 to 1, or a name ("
+                + ", ".join(COLOR_NAMES)
+                + ")."
+            )
+        out.append(color)
+    return tuple(out)
+
+
 _PAIRS = {
     "out_range": "two numbers low,high (the model's output values written as 0 and 255)",
     "percentiles": "two percentiles low,high (the volume's values mapped to 0 and 1)",
@@ -180,6 +238,7 @@ class ModelSpec:
     kind: str = "labels"
     in_channels: int = 1
     classes: tuple[str, ...] = ()
+    colors: tuple[str, ...] = ()  # labels: a colour per class (#rrggbbaa), for napari
     out_channels: int = 1
     spatial_dims: int = 3
     halo: tuple[int, int, int] = (0, 0, 0)
@@ -265,6 +324,16 @@ class ModelSpec:
             raise ModelError(
                 "The model option 'classes' is for labels models; an image model says how many "
                 "channels it outputs with 'out_channels' (give classes= empty with kind=image)."
+            )
+        if self.colors and (self.kind != "labels" or len(self.colors) != len(self.classes)):
+            raise ModelError(
+                f"The model option 'colors' gives {len(self.colors)} colour(s) for "
+                + (
+                    f"{len(self.classes)} classes; give one per class, in the order of 'classes'."
+                    if self.kind == "labels" and self.classes
+                    else "a model without named classes; colours are for the classes of a "
+                    "labels model (give classes too, or no colors)."
+                )
             )
         if (
             self.kind == "labels"
@@ -391,6 +460,8 @@ class ModelSpec:
                             f"The model option 'classes' names {', '.join(twice)} more than "
                             "once; give each class (each output channel) a name of its own."
                         )
+                elif key == "colors":
+                    kwargs[key] = _colors(value)
                 elif key in ("in_channels", "out_channels", "spatial_dims"):
                     kwargs[key] = _count(value, key)
                 elif key == "threshold":
@@ -432,7 +503,14 @@ class ModelSpec:
 
     def with_options(self, options: Mapping[str, Any]) -> ModelSpec:
         own = {k: v for k, v in self.to_dict().items() if k not in self.derived}
-        return ModelSpec.from_mapping(own | dict(options), "the model options")
+        options = dict(options)
+        colors = own.pop("colors", None) if "colors" not in options else None
+        spec = ModelSpec.from_mapping(own | options, "the model options")
+        # the description's colours are of its classes: kept where the options leave as many
+        # classes (other classes, an image model: napari's own colours, not a refusal)
+        if colors and spec.kind == "labels" and len(spec.classes) == len(colors):
+            spec = replace(spec, colors=tuple(colors))
+        return spec
 
 
 def _in_nm(values: Sequence[float]) -> str:
