@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -839,6 +840,88 @@ def test_ctrl_c_stops_the_local_site_and_says_how_to_resume(tmp_path, unet_model
     assert htex.gone()  # interchange, pool, workers, fork server: all stopped
     again = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert again.returncode == 0 and f"({done} already done, resuming)" in again.stdout
+
+
+def test_sigterm_while_the_site_starts_leaves_nothing(tmp_path, unet_model, htex):
+    """SIGTERM the moment the site's interchange has started (Parsl still starting its
+    executor): exit 143 with the run's one sentence last, and nothing left running. Before, the
+    interchange was not stopped: it failed on the run folder removed under it and printed its
+    traceback after that sentence (FileNotFoundError: …/certificates; 2 runs in 6), or lived
+    on."""
+    import psutil
+
+    data = np.random.default_rng(8).random((32, 64, 64)).astype(np.float32)
+    save_array(tmp_path / "in.n5", "raw", data, chunks=(16, 16, 16))
+    cmd = [sys.executable, "-m", "napari_emparsl.cli", "run", "--input", f"{tmp_path}/in.n5:raw",
+           "--model", unet_model, "--block", "32,32,32", "--site", "local",
+           "--output", f"{tmp_path}/out.n5:pred"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    started = False
+    while not started and time.time() < deadline and proc.poll() is None:
+        try:
+            started = any("interchange" in " ".join(c.cmdline())
+                          for c in psutil.Process(proc.pid).children())  # fmt: skip
+        except psutil.Error:
+            pass
+    assert started
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=90)  # the standard streams' end: every writer gone
+    assert proc.returncode == 143
+    assert "Traceback" not in err and "Error" not in err, err
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("emparsl: stopped by SIGTERM") and "run the same command" in last
+    assert htex.gone()
+
+
+def test_a_signal_while_the_run_waits_for_its_site_shuts_the_site_down(unet_model, htex):
+    """Ctrl-C or SIGTERM while the run waits for its site to start (a loaded machine: seconds):
+    the site is shut down once it is up, nothing left. Before, the interrupted wait (a thread's
+    join) marked the starting thread ended in Python 3.11 while it went on: the run removed its
+    folder under the starting interchange, which printed a traceback after the run's last line
+    (4 runs of 8 under load) or lived on."""
+    from napari_emparsl.execution.runner import _SiteStarter
+    from napari_emparsl.execution.sites import load_site
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGALRM, interrupt)
+    starter = _SiteStarter(load_site("local"), unet_model, {})
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)  # the site takes a second or more to start
+        with pytest.raises(KeyboardInterrupt):
+            starter.dfk()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+    starter.close()
+    assert not starter._thread.is_alive()
+    assert htex.gone()
+
+
+def test_a_site_that_fails_after_its_interchange_started_leaves_nothing(htex, monkeypatch):
+    """Parsl failing after it started the site's executor (its interchange up, the worker pool
+    launched) leaves no process behind (before: the interchange and pool lived on)."""
+    from parsl.dataflow.dflow import DataFlowKernel
+
+    from napari_emparsl.execution.sites import load_site, new_run_dir, start_kernel
+
+    add = DataFlowKernel.add_executors
+
+    def add_then_fail(self, executors):  # a fault, injected: Parsl's own start failing
+        add(self, executors)
+        if any(getattr(e, "interchange_proc", None) is not None for e in executors):
+            raise RuntimeError("injected fault after the executor started")
+
+    monkeypatch.setattr(DataFlowKernel, "add_executors", add_then_fail)
+    run_dir = new_run_dir()
+    try:
+        with pytest.raises(RuntimeError, match="injected fault"):
+            start_kernel(load_site("local"), run_dir)
+        assert htex.gone()
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def test_a_run_under_nohup_outlives_its_terminal(tmp_path, unet_model, htex):

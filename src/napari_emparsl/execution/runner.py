@@ -389,6 +389,11 @@ class _SiteStarter:
         self.run_dir = new_run_dir()
         self._dfk = None
         self._error: BaseException | None = None
+        # waited on instead of the thread's join(): a join interrupted by Ctrl-C or SIGTERM (in
+        # the run's dfk()) marks the thread ended in Python 3.11 while it still runs (CPython's
+        # bpo-45274 handling), and close() then removed the run folder under the starting
+        # interchange, which printed a traceback after the run's last line or lived on
+        self._started = threading.Event()
         self._thread = threading.Thread(
             target=self._start, args=(model, dict(options)), name="emparsl-site-start", daemon=True
         )
@@ -409,15 +414,17 @@ class _SiteStarter:
                     )
         except BaseException as err:  # raised in the run's thread by dfk()
             self._error = err
+        finally:
+            self._started.set()
 
     def dfk(self):
-        self._thread.join()
+        self._started.wait()
         if self._error is not None:
             raise self._error
         return self._dfk
 
     def close(self) -> None:
-        self._thread.join()
+        self._started.wait()  # the site up (or failed): then it can be shut down
         if self._dfk is not None:
             self._dfk.cleanup()
             self._dfk = None

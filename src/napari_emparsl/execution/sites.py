@@ -544,13 +544,27 @@ def start_kernel(profile: SiteProfile, run_dir: str):
     sites, and two runs may use two sites. Its executor starts here (HTEX: workers launch)."""
     guard = _SiteGuard(run_dir) if profile.kind == "local" else None
     server = _ForkServer.start(profile, run_dir)  # first: it imports torch while Parsl starts
+    config = None
     try:
         if guard is not None and server is not None:
             guard.add(-server.pid)
         from parsl.dataflow.dflow import DataFlowKernel
 
-        dfk = DataFlowKernel(make_config(profile, run_dir, server and server.address, guard))
+        config = make_config(profile, run_dir, server and server.address, guard)
+        dfk = DataFlowKernel(config)
     except BaseException:
+        # stopped (Ctrl-C, SIGTERM) or failed while the executor started: its interchange may
+        # run already (it then lived on, or failed on the run folder removed under it and
+        # printed its traceback after the run's last line), and worker pools with it
+        started = [
+            proc
+            for executor in (config.executors if config is not None else ())
+            if (proc := getattr(executor, "interchange_proc", None)) is not None
+        ]
+        if guard is not None:
+            for proc in started:
+                guard.add(proc.pid)
+            guard.kill_all(started)
         if server is not None:
             server.stop()
         if guard is not None:
