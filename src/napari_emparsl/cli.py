@@ -686,9 +686,11 @@ def _status_starting(args: argparse.Namespace, output: str, holder: dict) -> int
     """`status` of an output a run holds but has not made yet (its first second or so: the
     model loads, the volume is planned); it said the output did not exist."""
     if args.json:
-        print(json.dumps({
+        print(json.dumps({  # the keys of every state's answer: unknown yet, or none
             "output": output, "state": "starting", "blocks": None, "done": 0, "failed": 0,
-            "pending": None, "region": None, "running": holder,
+            "pending": None, "region": None, "mean_block_seconds": None, "failed_blocks": {},
+            "provenance": None, "runs": 0, "running": holder, "devices": [],
+            "block_models": {}, "last_run": None,
         }, indent=2))  # fmt: skip
         return 0
     print(

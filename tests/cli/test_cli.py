@@ -13,6 +13,7 @@ import pytest
 import tifffile
 
 from napari_emparsl.cli import main
+from napari_emparsl.core.ledger import Ledger
 from napari_emparsl.core.volume import Volume, save_array
 
 
@@ -208,6 +209,12 @@ def test_python_api_refuses_a_block_or_halo_of_two_axes(small_n5, tmp_path):
             napari_emparsl.run(f"{small_n5[0]}:raw", "unet3d-em", f"{tmp_path}/o.n5:p", **kwargs)
         assert str(err.value) == message
     assert not (tmp_path / "o.n5").exists()
+    # one number for every axis, as the command line's --block 8 (it was a TypeError)
+    with pytest.warns(UserWarning):  # the voxel size, the halo under the model's context
+        done = napari_emparsl.run(f"{small_n5[0]}:raw", "unet3d-em", f"{tmp_path}/o.n5:p",
+                                  site="threads", block=8, halo=0, roi="0:8,0:8,0:16")  # fmt: skip
+    assert (done.done, done.total) == (2, 2)
+    assert Ledger(str(tmp_path / "o.n5"), "p").summary().last_run["block"] == [8, 8, 8]
 
 
 def test_python_api_takes_a_region_as_text_slices_or_pairs(small_n5, tmp_path):
@@ -426,7 +433,7 @@ def test_a_complete_output_run_again_says_so(capsys, tmp_path, small_n5):
     assert (status["state"], status["pending"], status["region"]) == ("complete", 0, None)
 
 
-def test_status_of_an_output_a_run_is_starting_on(capsys, tmp_path):
+def test_status_of_an_output_a_run_is_starting_on(capsys, tmp_path, small_n5):
     """In a run's first second (the model loads, the volume is planned) it holds the output
     but has not made it: `status` said it did not exist (exit 2), a script polling it gave up."""
     from napari_emparsl.core.ledger import OutputLock
@@ -443,6 +450,9 @@ def test_status_of_an_output_a_run_is_starting_on(capsys, tmp_path):
         code, text, _ = run(capsys, "status", f"{tmp_path}/n.n5:pred", "--json")
         status = json.loads(text)
         assert code == 0 and status["state"] == "starting" and status["done"] == 0
+        _one_block_run(capsys, tmp_path, small_n5)  # the keys of a run's answer: all there
+        keys = set(json.loads(run(capsys, "status", f"{tmp_path}/o.n5:pred", "--json")[1]))
+        assert set(status) == keys
         assert status["running"]["pid"] == os.getpid()
     finally:
         lock.release()

@@ -291,6 +291,38 @@ def test_without_an_output_it_goes_beside_the_input_or_home_when_read_only(
         assert Volume.open(written, "predictions/raw").data[:8, :8, :8].compute().any()
 
 
+def test_a_folder_made_read_only_gets_no_suggested_output_also_for_root(
+    capsys, tmp_path, monkeypatch, small_n5
+):
+    """A data folder made read-only on purpose (`chmod -R a-w`, as a shared data folder is):
+    root may write there all the same, and a run without --output wrote its predictions and a
+    lock file into it; they go to ~/emparsl-predictions as for a read-only disk. A user's
+    --output there is still written (root chose it)."""
+    import os
+    import shutil
+
+    from napari_emparsl.cli import main
+    from napari_emparsl.core.volume import suggest_output
+
+    if os.geteuid() != 0:
+        pytest.skip("for others the folder's mode already refuses writing")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    home = tmp_path / "home" / "emparsl-predictions"
+    shared = tmp_path / "shared.n5"
+    shutil.copytree(small_n5[0], shared)
+    before = sorted(str(p) for p in shared.rglob("*"))
+    shared.chmod(0o555)
+    try:
+        assert suggest_output(str(shared), "raw") == f"{home}/shared.n5:predictions/raw"
+        base = ["--model", "unet3d-em", "--site", "threads", "--roi", "0:8,0:8,0:8"]
+        assert main(["run", "--input", f"{shared}:raw", *base]) == 0
+        assert f"Planned 1 block into {home}/shared.n5:predictions/raw" in capsys.readouterr().out
+        assert sorted(str(p) for p in shared.rglob("*")) == before  # nothing written into it
+        assert main(["run", "--input", f"{shared}:raw", *base, "--output", f"{shared}:p"]) == 0
+    finally:
+        shared.chmod(0o755)
+
+
 def test_output_on_a_read_only_disk_is_one_sentence(capsys, tmp_path, read_only_container):
     """An input on a read-only disk runs (it is only read); an output there was z5py's
     "filesystem error: cannot create directories" as an internal error."""

@@ -531,6 +531,8 @@ def test_class_colours_a_model_declares(tmp_path, small_n5):
     written = Volume.open(tmp_path / "o.n5", "p")
     assert written.class_colors == {0: "#00000000", 1: "#ff0000ff", 2: "#0000ffff"}
     assert written.attrs["class_colors"] == ["#00000000", "#ff0000ff", "#0000ffff"]
-    # the same model with its own colours: resumed, not refused as another description
+    # the same model with its own colours: resumed, not refused as another description, and
+    # the output takes them (it kept those it was made with)
     done = Run(f"{path}:raw", "unet3d-em", out, site="threads", roi="0:8,0:8,0:16").execute()
     assert (done.done, done.failed) == (2, 0)
+    assert Volume.open(tmp_path / "o.n5", "p").class_colors[1] == "#00e5ffff"

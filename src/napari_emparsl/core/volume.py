@@ -134,6 +134,18 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:160] if text else type(err).__name__
 
 
+def _meant_writable(folder: str) -> bool:
+    """Whether outputs may be suggested in ``folder``: this user may write there, and — for
+    root, who may write anywhere — its mode lets someone write (a data folder made read-only
+    on purpose, ``chmod a-w``, got a run's predictions written into it)."""
+    if not os.access(folder, os.W_OK):
+        return False
+    try:
+        return os.geteuid() != 0 or bool(os.stat(folder).st_mode & 0o222)
+    except (AttributeError, OSError):  # no euid (Windows), or gone
+        return True
+
+
 def suggest_output(root: str, key: str) -> str:
     """Where a run's output goes unless told: ``predictions/<name>`` in the input's container,
     or, where that cannot be written (a read-only data disk), in a container of the same name
@@ -149,9 +161,9 @@ def suggest_output(root: str, key: str) -> str:
         stem = os.path.basename(base)
         stem = stem[:-3] if stem.lower().endswith(".n5") else stem
         folder = os.path.dirname(base)
-        folder = folder if os.access(folder or ".", os.W_OK) else home
+        folder = folder if _meant_writable(folder or ".") else home
         return f"{os.path.join(folder, stem + '-predictions.n5')}:predictions"
-    if not os.access(root, os.W_OK):
+    if not _meant_writable(root):
         root = os.path.join(home, os.path.basename(os.path.normpath(root)))
     return f"{root}:predictions/{parts[-1]}"
 
@@ -600,6 +612,12 @@ class Volume:
             if UNFINISHED in node.attrs:
                 del node.attrs[UNFINISHED]
         self.attrs.pop(UNFINISHED, None)
+
+    def set_attrs(self, values: dict[str, Any]) -> None:
+        """Write ``values`` into the attributes the volume was made with (a pyramid's: its
+        group's, where its writer put them)."""
+        _open_file(self.root, "a")[self.key].attrs.update(values)
+        self.attrs.update(values)
 
     def info(self) -> dict[str, Any]:
         """A JSON-able summary (what `emparsl info` prints)."""

@@ -637,7 +637,9 @@ class Run:
         self.model_options = dict(model_options or {})
         self.site = os.fspath(site) if isinstance(site, os.PathLike) else site
         self.roi = _as_roi(roi)
-        # as the CLI takes them ("16,32,32", "64": read in prepare) or (z, y, x)
+        # as the CLI takes them ("16,32,32", "64": read in prepare), (z, y, x), or one number
+        # for every axis (64, as "64"; it was a TypeError)
+        block, halo = (str(v) if _whole(v) else v for v in (block, halo))
         self.block = tuple(block) if block is not None and not isinstance(block, str) else block
         self.halo = tuple(halo) if halo is not None and not isinstance(halo, str) else halo
         self.overwrite = overwrite
@@ -938,6 +940,12 @@ class Run:
             src, spec, block, halo, out_shape, (str(model_file), model_sha256)
         )
         out_chunks = existing.chunks[-3:] if existing else _out_chunks(block, spec.scale)
+        if (
+            existing is not None
+            and spec.colors
+            and existing.attrs.get("class_colors") != list(spec.colors)
+        ):  # colours the model declares now (changed, or new since the output was made)
+            existing.set_attrs({"class_colors": list(spec.colors)})
         from napari_emparsl.core.geometry import GeometryError
 
         try:
