@@ -1788,3 +1788,20 @@ def test_output_opened_again_during_a_run_shows_it_to_the_end(
         qtbot.waitUntil(
             lambda z=z: np.array_equal(np.asarray(opened._slice.image.raw), n5[z]), timeout=10_000
         )
+
+
+def test_a_resume_with_other_class_colours_recolours_the_layer_shown(
+    make_napari_viewer, qtbot, sample_path
+):
+    """The output takes the colours its model declares now (a resume may change them); the
+    layer already on screen kept the earlier ones until it was opened again."""
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    layer = _preview_rectangle(qtbot, viewer, widget, 40)
+    assert np.allclose(layer.colormap.map(np.array([1]))[0], [0, 229 / 255, 1, 1], atol=1e-6)
+    widget.model_options.value = "colors=transparent,red,#0000ff"
+    viewer.layers.remove("region")
+    again = _preview_rectangle(qtbot, viewer, widget, 40)  # nothing left to compute there
+    assert again is layer and "finished" in widget.status.value, widget.status.value
+    assert np.allclose(layer.colormap.map(np.array([1, 2])), [[1, 0, 0, 1], [0, 0, 1, 1]])
+    assert Volume.open(sample_path, "pred").class_colors[1] == "#ff0000ff"

@@ -1433,6 +1433,7 @@ class RunWidget(Container):
         live = levels[0]
         data = levels if len(levels) > 1 else live
         kind = "labels" if out.is_labels else "image"
+        colors_shown = None  # the class colours a layer added here is drawn in
         if (
             layer is not None
             and (
@@ -1473,6 +1474,7 @@ class RunWidget(Container):
                 kwargs["features"] = {"class": out.class_names}
             if out.is_labels and class_colormap(out):  # the colours its model declares
                 kwargs["colormap"] = class_colormap(out)
+                colors_shown = out.class_colors
             if len(out.axes) == live.ndim:  # the sliders say z (and c), not -3
                 kwargs["axis_labels"] = tuple(out.axes)
             layer = add(data, multiscale=len(levels) > 1, **kwargs)
@@ -1487,11 +1489,16 @@ class RunWidget(Container):
             layer.data = data
             if out.is_labels and out.class_names:
                 layer.features = {"class": out.class_names}
-            if out.is_labels and class_colormap(out):
-                layer.colormap = class_colormap(out)
         else:
             levels = list(layer.data) if layer.multiscale else [layer.data]
             live = levels[0]
+        # the colours its model declares now: also of a layer already shown (a resume with
+        # other colours: the output takes them; the layer kept the earlier ones)
+        shown = layer.metadata["emparsl"].get("class_colors")
+        if out.is_labels and out.class_colors and shown != out.class_colors:
+            if colors_shown != out.class_colors:  # (not just added with them)
+                layer.colormap = class_colormap(out)
+            layer.metadata["emparsl"]["class_colors"] = out.class_colors
         self._output_layer = layer
         self._live = live
         self._levels = list(zip(levels, factors, strict=True))
