@@ -966,6 +966,19 @@ def test_site_whose_workers_cannot_start_is_one_sentence(tmp_path, conv_model, f
         "emparsl: error: The site 'broken' could not start its workers (their pool exited with "
         "code 3); check its worker_init and settings."
     )
+    # a worker_init whose command is not found (a mistyped `module load`) fails too: the pool
+    # ran on without it, and the test passed ("first result after 2.3 s")
+    site.write_text('kind: local\nworkers: 1\nworker_init: "export A=1\\nnot_a_command_xyz"\n')
+    assert main(["sites", "test", str(site)]) == 2
+    said = capsys.readouterr().err.strip()
+    assert said.startswith(
+        "emparsl: error: The site 'broken' could not start its workers (their pool exited with "
+        "code 127: "
+    ) and said.endswith(
+        "not_a_command_xyz: command not found); check its worker_init and settings."
+    )
+    assert ".sh: line" not in said  # the shell's words, not the job script's path
+    assert htex.gone()
 
 
 def test_temporary_folder_with_a_space(tmp_path, conv_model, float_volume):

@@ -385,7 +385,12 @@ def _worker_init(profile: SiteProfile, run_dir: str) -> str:
     tmp = _site_tmpdir(run_dir)
     tmpdir = f"export TMPDIR={shlex.quote(tmp)}" if tmp else ""
     cores = f"export PARSL_CORES={profile.worker_count * profile.worker_threads}"
-    return "; ".join(cmd for cmd in (renice, tmpdir, cores, profile.worker_init) if cmd)
+    # a worker_init that fails (a mistyped `module load`, a command not found) stops the pool
+    # with its exit code, as the site's failure: the workers ran on without the environment it
+    # was to set up, and `emparsl sites test` passed (its last command's status; in the same
+    # shell, so that what it sets holds for the pool)
+    init = f"{{ {profile.worker_init.strip()}\n}} || exit $?" if profile.worker_init.strip() else ""
+    return "; ".join(cmd for cmd in (renice, tmpdir, cores, init) if cmd)
 
 
 def _site_tmpdir(run_dir: str) -> str | None:
@@ -820,8 +825,12 @@ def _workers_failed(err: BaseException) -> str | None:
     why = f"their pool exited with code {code.group(1)}" if code else "they never registered"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     stderr = next((ln for ln in reversed(lines) if ln.startswith("STDERR:")), "")
-    if stderr.removeprefix("STDERR:").strip():
-        why += f": {stderr.removeprefix('STDERR:').strip()[:150]}"
+    # the shell's words without the job script's path ("/tmp/…/parsl.x.block-0.….sh: line 1:")
+    said = re.sub(r"^\S+\.sh: line \d+: ", "", stderr.removeprefix("STDERR:").strip())
+    if said:
+        why += f": {said[:150]}"
+    elif code and code.group(1) == "127":
+        why += ", a command not found"
     return why
 
 
