@@ -3,6 +3,7 @@ pickles that need code, models whose output is smaller than their input."""
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 import warnings
@@ -149,7 +150,16 @@ def _first_bytes_cases(tmp_path):
     (tmp_path / "net.py").write_text("class Net:\n    pass\n")
     (tmp_path / "mine.pt").write_bytes(data)
     (tmp_path / "mine.pt.yaml").write_text("classes: [a, b, c]\n")  # given instead of mine.pt
+    # Python's own pickle of other data: "cannot be read (Unsupported operand 149)", and torch
+    # warned of the pickle protocol on stderr
+    with open(tmp_path / "obj.pkl", "wb") as f:
+        pickle.dump({"a": collections.OrderedDict(x=1), "f": {1, 2}}, f, protocol=4)
+    # torch.save of a dict without tensors (a training log): taken as a state dict, and an
+    # architecture asked for
+    torch.save({"epoch": 3, "losses": [0.5, 0.2]}, tmp_path / "log.pt")
     return {
+        "obj.pkl": "obj.pkl is a Python pickle, not a TorchScript or PyTorch file; ",
+        "log.pt": "log.pt holds no weights (no tensors), so it is no model; ",
         "cut.pt": "cut.pt is a damaged zip file (its end, which lists its files, is missing: it "
         "was cut short); save or download it again.",
         "empty.pt": "empty.pt is empty, not a TorchScript or PyTorch file; ",

@@ -1041,6 +1041,21 @@ def test_model_output_not_the_declared_channels_is_refused_before_any_block(
     )
 
 
+def test_an_undescribed_model_of_several_channels_is_told_to_name_its_classes(
+    tmp_path, float_volume
+):
+    """A TorchScript file without a description, of 3 output channels: the run panel asks for
+    its classes, and the run said "set out_channels", which made unnamed labels."""
+    src, _ = float_volume
+    torch.jit.save(torch.jit.script(torch.nn.Conv3d(1, 3, 3, padding=1).eval()),
+                   str(tmp_path / "bare.pt"))  # fmt: skip
+    assert _refused_before_any_block(tmp_path, src, str(tmp_path / "bare.pt")) == (
+        "The model's output has 3 channel(s) but its description says 1 output channel(s); "
+        "name its 3 classes with classes (one name per channel, e.g. classes=c0,c1,c2), or set "
+        "kind: image and out_channels: 3 for an image model."
+    )
+
+
 def test_model_that_returns_a_tuple_is_refused_in_a_sentence(tmp_path, float_volume, save_model):
     """A model whose forward returns (output, aux), as deep-supervision nets do (was
     "AttributeError: 'tuple' object has no attribute 'float'" in every block)."""

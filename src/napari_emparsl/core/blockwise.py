@@ -237,10 +237,15 @@ def run_model_on_batch(module: Any, spec: Any, xs: list[np.ndarray]) -> list[np.
             else f"{spec.out_channels} output channel(s)"
         )
         what = "classes" if spec.kind == "labels" and spec.classes else "out_channels"
-        raise ValueError(
-            f"The model's output has {got} but its description says {said}; set {what} to "
-            "what the model produces."
-        )
+        todo = f"set {what} to what the model produces"
+        if spec.kind == "labels" and not spec.classes and y.ndim == 5 and y.shape[1] > 1:
+            # a labels model described by nothing (no classes): as the panel asks, its classes
+            todo = (
+                f"name its {y.shape[1]} classes with classes (one name per channel, e.g. "
+                f"classes={','.join(f'c{i}' for i in range(y.shape[1]))}), or set kind: image "
+                f"and out_channels: {y.shape[1]} for an image model"
+            )
+        raise ValueError(f"The model's output has {got} but its description says {said}; {todo}.")
     padded = [n + e for n, e in zip(spatial, extra, strict=True)]
     expected = [n * s for n, s in zip(padded, spec.scale, strict=True)]
     if list(y.shape[2:]) != expected:  # else the crop below would write a wrong-sized block

@@ -306,18 +306,28 @@ def _torchscript_with_architecture(path: str) -> str:
     )
 
 
-def _weights_only(path: str, mmap: bool = False) -> Any:
+def _weights_only(path: str, mmap: bool = False, architecture: bool = False) -> Any:
     """``torch.load(weights_only=True)``: tensors, containers and numbers, never code."""
+    import warnings
+
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # "Detected pickle protocol 4 …": said below instead
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         text = str(err)
         # a global it refuses to load ("Unsupported global", or "unsupported GLOBAL
         # posix.system whose module posix is blocked"): code, not "cannot be read"
         if "safe_globals" in text or "Unsupported global" in text or "unsupported GLOBAL" in text:
             raise ModelError(_unsafe(path)) from None
+        if "Unsupported operand" in text:  # a pickle Python's pickle.dump wrote, not torch.save
+            raise ModelError(
+                _not_a_model(path, architecture).replace(
+                    " is not a ", " is a Python pickle, not a ", 1
+                )
+            ) from None
         # torch's own words lead with how to load it unsafely; the reason is on its last lines
         reason = text.rsplit("WeightsUnpickler error:", 1)[-1]
         raise ModelError(f"The weights {path} cannot be read ({one_line(reason)}).") from None
@@ -334,9 +344,20 @@ def _contents(path: str, architecture: bool, mmap: bool = False) -> tuple[str, A
         if architecture:
             raise ModelError(_torchscript_with_architecture(path))
         return "torchscript", None
-    state = _unwrapped_state(_weights_only(path, mmap=mmap and kind == "archive"))
-    if isinstance(state, dict):
+    state = _unwrapped_state(
+        _weights_only(path, mmap=mmap and kind == "archive", architecture=architecture)
+    )
+    if isinstance(state, dict) and _holds_tensors(state):
         return "state dict", state
+    if isinstance(state, dict):  # {"epoch": 3, "config": {…}}: asked for an architecture
+        raise ModelError(
+            f"{path} holds no weights (no tensors), so it is no model; "
+            + (
+                "save the network's weights with torch.save(model.state_dict(), …)."
+                if architecture
+                else f"{_EXPORT}."
+            )
+        )
     if architecture:
         raise ModelError(
             f"{path} does not hold a state dict; save model.state_dict() for an architecture."
@@ -405,6 +426,17 @@ def _load_module(path: str, spec: ModelSpec) -> Any:
             "check in_channels, classes / out_channels and arch_options."
         ) from None
     return module.eval()
+
+
+def _holds_tensors(value: Any, depth: int = 0) -> bool:
+    """Whether a loaded state dict holds a tensor (in nested dicts too, as some checkpoints)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, dict) and depth < 4:
+        return any(_holds_tensors(v, depth + 1) for v in value.values())
+    return False
 
 
 def _unwrapped_state(state: Any) -> Any:
