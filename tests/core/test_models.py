@@ -503,6 +503,10 @@ def test_class_colours_a_model_declares(tmp_path, small_n5):
     assert describe_model("unet3d-em").colors == ("#00000000", "#00e5ffff", "#ff00ffff")
     spec = describe_model("unet3d-em", {"colors": "none,#abc,Gold"})
     assert spec.colors == ("#00000000", "#aabbccff", "#ffd700ff")
+    # [r, g, b] typed in the options text, as the refusal offers (was refused as '[0')
+    assert (
+        describe_model("unet3d-em", {"colors": "none, red, [0, 0.5, 1]"}).colors[2] == "#0080ffff"
+    )
     assert spec.with_options({}).colors == spec.colors  # as the description reads them
     # options giving other classes (or an image model) leave the description's colours out
     assert describe_model("unet3d-em", {"classes": "a,b"}).colors == ()

@@ -182,11 +182,22 @@ def _color(value: Any) -> str:
     return None
 
 
+def _rgb_text(text: str) -> Any:
+    """``"[1, 0.5, 0]"`` as three numbers (a colour typed in model options); else the text."""
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            return [float(v) for v in text[1:-1].split(",")]
+        except ValueError:
+            pass
+    return text
+
+
 def _colors(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, str):  # as typed: "transparent,#00e5ff,[1, 0.5, 0]"
+        value = [_rgb_text(v) for v in re.split(r",(?![^\[]*\])", value) if v.strip()]
     if not isinstance(value, (list, tuple)):
         value = [value]
     out = []
