@@ -240,3 +240,29 @@ def test_test_site_checks_the_device_as_a_block_does(make_napari_viewer, qtbot, 
     widget.test_btn.clicked.emit()
     qtbot.waitUntil(lambda: widget.test_btn.enabled, timeout=60_000)
     assert widget.message.value.startswith("site threads: first result after ")
+
+
+def test_a_profile_under_a_built_in_name_keeps_its_kind(make_napari_viewer, tmp_path, monkeypatch):
+    """`local` renamed `threads` and saved silently replaced the built-in threads site with
+    worker processes for every choice of it (previews too); such a save is refused, and one of
+    the same kind says it replaces the built-in."""
+    monkeypatch.setenv("EMPARSL_SITES", str(tmp_path / "sites"))
+    viewer = make_napari_viewer()
+    widget = SiteWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.site.value = "local"
+    widget.fields["name"].value = "threads"
+    assert widget.save() is None
+    assert widget.message.value == (
+        "A profile named threads replaces the built-in site threads everywhere (kind threads), "
+        "so it must be of kind threads; choose another name for a local site (e.g. my-local)."
+    )
+    assert not (tmp_path / "sites" / "threads.yaml").exists()
+    assert load_site("threads").kind == "threads"
+    widget.fields["name"].value = "local"
+    widget.fields["workers"].value = "1"
+    path = widget.save()
+    assert path and load_site("local").workers == 1
+    assert widget.message.value == (
+        f"saved {path} (it replaces the built-in local; delete the file to have that back)"
+    )

@@ -234,8 +234,19 @@ class SiteWidget(Container):
 
     def save(self, *_: Any) -> str | None:
         """Validate; on success write ``<user sites>/<name>.yaml`` and return its path."""
+        from napari_emparsl.execution.sites import builtin_kind
+
         profile = self._validated()
         if profile is None:
+            return None
+        builtin = builtin_kind(profile.name)
+        if builtin is not None and builtin != profile.kind:
+            # every choice of that name (previews run on threads) would start another kind
+            self._error(
+                f"A profile named {profile.name} replaces the built-in site {profile.name} "
+                f"everywhere (kind {builtin}), so it must be of kind {builtin}; choose another "
+                f"name for a {profile.kind} site (e.g. my-{profile.kind})."
+            )
             return None
         folder = user_site_dir()
         path = folder / f"{profile.name}.yaml"
@@ -250,5 +261,9 @@ class SiteWidget(Container):
             return None
         sites_changed()  # this panel's list, and the run panels' (offered there at once)
         self.site.value = profile.name  # the chooser shows the profile saved
-        self.message.value = f"saved {path}"
+        self.message.value = f"saved {path}" + (
+            f" (it replaces the built-in {profile.name}; delete the file to have that back)"
+            if builtin is not None
+            else ""
+        )
         return str(path)

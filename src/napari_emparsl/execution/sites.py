@@ -256,6 +256,16 @@ def _site_files() -> dict[str, Path]:
     return files
 
 
+def builtin_kind(name: str) -> str | None:
+    """The kind of the built-in site called ``name`` (``threads``, ``local``), None for no
+    built-in of that name."""
+    entry = resources.files("napari_emparsl") / "sites" / f"{name}.yaml"
+    if not entry.is_file():
+        return None
+    data = yaml.safe_load(entry.read_text(encoding="utf-8")) or {}
+    return str(data.get("kind", name))
+
+
 def list_sites() -> dict[str, Path]:
     """Site name -> profile file (user profiles override built-in ones of the same name)."""
     return _site_files()
