@@ -1494,11 +1494,11 @@ class RunWidget(Container):
             live = levels[0]
         # the colours its model declares now: also of a layer already shown (a resume with
         # other colours: the output takes them; the layer kept the earlier ones)
-        shown = layer.metadata["emparsl"].get("class_colors")
+        shown = layer.metadata.get("emparsl_class_colors")  # (beside the source, not in it)
         if out.is_labels and out.class_colors and shown != out.class_colors:
             if colors_shown != out.class_colors:  # (not just added with them)
                 layer.colormap = class_colormap(out)
-            layer.metadata["emparsl"]["class_colors"] = out.class_colors
+            layer.metadata["emparsl_class_colors"] = out.class_colors
         self._output_layer = layer
         self._live = live
         self._levels = list(zip(levels, factors, strict=True))
