@@ -556,10 +556,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not ledger.exists() and level and Ledger(root, level.group(1)).exists():
         key = level.group(1)  # a level of a run's output (OUT.n5:pred/s0): the run's ledger
         ledger = Ledger(root, key)
+    holder = None if ledger.exists() or not os.path.isdir(root) else lock_holder(root, key)
+    if holder is not None:  # a writer's first moments: it holds the output, has no ledger yet
+        return _status_starting(args, f"{root}:{key}", holder)  # (an import: none ever)
     if not ledger.exists() and not os.path.exists(os.path.join(root, key)):
-        holder = lock_holder(root, key) if os.path.isdir(root) else None
-        if holder is not None:  # a run's first moments: it holds the output, not yet made
-            return _status_starting(args, f"{root}:{key}", holder)
         missing = root if not os.path.exists(root) else f"{root}:{key}"
         raise VolumeError(f"{missing} does not exist; check the path.")
     if not ledger.exists():
@@ -683,8 +683,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _status_starting(args: argparse.Namespace, output: str, holder: dict) -> int:
-    """`status` of an output a run holds but has not made yet (its first second or so: the
-    model loads, the volume is planned); it said the output did not exist."""
+    """`status` of an output a run holds but has no ledger of yet (its first second or so: the
+    model loads, the volume is planned, the output is made); it said the output did not exist,
+    or was not written by `emparsl run`. An import or a napari save writing a dataset: the
+    same words of it (they keep no ledger)."""
     if args.json:
         print(json.dumps({  # the keys of every state's answer: unknown yet, or none
             "output": output, "state": "starting", "blocks": None, "done": 0, "failed": 0,
@@ -693,8 +695,11 @@ def _status_starting(args: argparse.Namespace, output: str, holder: dict) -> int
             "block_models": {}, "last_run": None,
         }, indent=2))  # fmt: skip
         return 0
+    writer = {"import": "an import", "napari save": "a save from napari"}.get(
+        holder.get("what", "run"), "a run"
+    )
     print(
-        f"{output}: a run is starting on it (process {holder.get('pid', '?')} on "
+        f"{output}: {writer} is starting on it (process {holder.get('pid', '?')} on "
         f"{holder.get('host', '?')}, since {holder.get('since', '?')}); nothing written yet."
     )
     return 0

@@ -454,10 +454,22 @@ def test_status_of_an_output_a_run_is_starting_on(capsys, tmp_path, small_n5):
         keys = set(json.loads(run(capsys, "status", f"{tmp_path}/o.n5:pred", "--json")[1]))
         assert set(status) == keys
         assert status["running"]["pid"] == os.getpid()
+        # the output made, its ledger not yet: starting too (it said "has no emparsl ledger;
+        # it was not written by `emparsl run`", exit 2)
+        save_array(tmp_path / "n.n5", "pred", np.zeros((4, 4, 4), np.uint8), chunks=(4, 4, 4))
+        code, text, _ = run(capsys, "status", f"{tmp_path}/n.n5:pred")
+        assert code == 0 and "a run is starting on it" in text
     finally:
         lock.release()
-    code, _, err = run(capsys, "status", f"{tmp_path}/n.n5:pred")
-    assert code == 2 and "does not exist" in err  # a refused or ended run: nothing there
+    imported = OutputLock(f"{tmp_path}/n.n5", "raw", "import")  # an import's, as it writes
+    imported.acquire()
+    try:
+        code, text, _ = run(capsys, "status", f"{tmp_path}/n.n5:raw")
+        assert code == 0 and text.startswith(f"{tmp_path}/n.n5:raw: an import is starting on it")
+    finally:
+        imported.release()
+    code, _, err = run(capsys, "status", f"{tmp_path}/n.n5:raw")
+    assert code == 2 and "does not exist" in err  # a refused or ended writer: nothing there
 
 
 def _one_block_run(capsys, tmp_path, small_n5):
