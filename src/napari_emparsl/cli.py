@@ -685,22 +685,30 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _status_starting(args: argparse.Namespace, output: str, holder: dict) -> int:
     """`status` of an output a run holds but has no ledger of yet (its first second or so: the
     model loads, the volume is planned, the output is made); it said the output did not exist,
-    or was not written by `emparsl run`. An import or a napari save writing a dataset: the
-    same words of it (they keep no ledger)."""
+    or was not written by `emparsl run`. An import or a napari save writing a dataset (they
+    keep no ledger): running, said as theirs."""
+    run = holder.get("what", "run") == "run"
     if args.json:
         print(json.dumps({  # the keys of every state's answer: unknown yet, or none
-            "output": output, "state": "starting", "blocks": None, "done": 0, "failed": 0,
+            "output": output, "state": "starting" if run else "running", "blocks": None,
+            "done": 0, "failed": 0,
             "pending": None, "region": None, "mean_block_seconds": None, "failed_blocks": {},
             "provenance": None, "runs": 0, "running": holder, "devices": [],
             "block_models": {}, "last_run": None,
         }, indent=2))  # fmt: skip
         return 0
+    who = f"(process {holder.get('pid', '?')} on {holder.get('host', '?')}, since " + (
+        f"{holder.get('since', '?')})"
+    )
+    if run:
+        print(f"{output}: a run is starting on it {who}; nothing written yet.")
+        return 0
     writer = {"import": "an import", "napari save": "a save from napari"}.get(
-        holder.get("what", "run"), "a run"
+        holder.get("what"), "another writer"
     )
     print(
-        f"{output}: {writer} is starting on it (process {holder.get('pid', '?')} on "
-        f"{holder.get('host', '?')}, since {holder.get('since', '?')}); nothing written yet."
+        f"{output}: {writer} is writing it now {who}; it keeps no run ledger (`emparsl info "
+        f"{output}` shows what is written)."
     )
     return 0
 

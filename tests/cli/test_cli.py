@@ -465,7 +465,10 @@ def test_status_of_an_output_a_run_is_starting_on(capsys, tmp_path, small_n5):
     imported.acquire()
     try:
         code, text, _ = run(capsys, "status", f"{tmp_path}/n.n5:raw")
-        assert code == 0 and text.startswith(f"{tmp_path}/n.n5:raw: an import is starting on it")
+        assert code == 0 and text.startswith(f"{tmp_path}/n.n5:raw: an import is writing it now")
+        assert "it keeps no run ledger" in text
+        polled = json.loads(run(capsys, "status", f"{tmp_path}/n.n5:raw", "--json")[1])
+        assert polled["state"] == "running" and polled["running"]["what"] == "import"
     finally:
         imported.release()
     code, _, err = run(capsys, "status", f"{tmp_path}/n.n5:raw")
