@@ -978,6 +978,9 @@ def test_site_whose_workers_cannot_start_is_one_sentence(tmp_path, conv_model, f
         "not_a_command_xyz: command not found); check its worker_init and settings."
     )
     assert ".sh: line" not in said  # the shell's words, not the job script's path
+    # other statuses go on, as Parsl's (a sourced ~/.bashrc may end in `[ -f x ] && . x`: 1)
+    site.write_text('kind: local\nworkers: 1\nworker_init: "export A=1; [ -f /nonexistent ]"\n')
+    assert main(["sites", "test", str(site)]) == 0
     assert htex.gone()
 
 

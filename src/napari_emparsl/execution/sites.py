@@ -395,11 +395,17 @@ def _worker_init(profile: SiteProfile, run_dir: str) -> str:
     tmp = _site_tmpdir(run_dir)
     tmpdir = f"export TMPDIR={shlex.quote(tmp)}" if tmp else ""
     cores = f"export PARSL_CORES={profile.worker_count * profile.worker_threads}"
-    # a worker_init that fails (a mistyped `module load`, a command not found) stops the pool
-    # with its exit code, as the site's failure: the workers ran on without the environment it
-    # was to set up, and `emparsl sites test` passed (its last command's status; in the same
-    # shell, so that what it sets holds for the pool)
-    init = f"{{ {profile.worker_init.strip()}\n}} || exit $?" if profile.worker_init.strip() else ""
+    # a worker_init whose last command is not found or cannot run (`modul load …`: exit 127 or
+    # 126) stops the pool with that code, as the site's failure: the workers ran on without the
+    # environment it was to set up, and `emparsl sites test` passed. Other statuses go on, as
+    # Parsl's: a sourced ~/.bashrc ending in `[ -f x ] && . x` gives 1 and is fine. In the
+    # same shell, so that what it sets holds for the pool.
+    init = (
+        f"{{ {profile.worker_init.strip()}\n}}; _s=$?; "
+        '[ "$_s" -eq 126 ] || [ "$_s" -eq 127 ] && exit "$_s"'
+        if profile.worker_init.strip()
+        else ""
+    )
     return "; ".join(cmd for cmd in (renice, tmpdir, cores, init) if cmd)
 
 
