@@ -1805,3 +1805,30 @@ def test_a_resume_with_other_class_colours_recolours_the_layer_shown(
     assert again is layer and "finished" in widget.status.value, widget.status.value
     assert np.allclose(layer.colormap.map(np.array([1, 2])), [[1, 0, 0, 1], [0, 0, 1, 1]])
     assert Volume.open(sample_path, "pred").class_colors[1] == "#ff0000ff"
+
+
+def test_the_runs_panel_says_how_a_run_ended_at_once(
+    make_napari_viewer, qtbot, sample_path, monkeypatch
+):
+    """A run cancelled in the run panel: the runs panel said "running" until its next look
+    (2 s later) while the run panel said "cancelled"; now it is told when the run ends."""
+    from napari_emparsl._napari import runs_widget
+
+    monkeypatch.setattr(runs_widget, "SESSION_OUTPUTS", [])
+    monkeypatch.setattr(runs_widget, "FOLLOW_MS", 600_000)  # its own next look: not in this test
+    viewer = make_napari_viewer()
+    runs = runs_widget.RunsWidget(viewer)
+    viewer.window.add_dock_widget(runs)
+    widget = _setup(viewer, sample_path)
+    widget.site.value = "threads"
+    widget.run_btn.clicked.emit()
+    qtbot.waitUntil(lambda: widget.progress.value >= 1, timeout=120_000)
+    qtbot.waitUntil(lambda: "running" in " ".join(_items(runs)), timeout=30_000)
+    widget.cancel_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    assert widget.status.value.startswith("cancelled")
+    qtbot.waitUntil(lambda: "pred — stopped" in " ".join(_items(runs)), timeout=30_000)
+
+
+def _items(runs) -> list[str]:
+    return [runs.runs.native.item(i).text() for i in range(runs.runs.native.count())]

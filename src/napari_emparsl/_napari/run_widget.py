@@ -1362,6 +1362,9 @@ class RunWidget(Container):
         self._worker = None  # its generator holds the run, and the run the volumes' file handles
         self._update_watch()  # no run: every read goes to disk again
         self._refresh_output()
+        from napari_emparsl._napari.runs_widget import run_going
+
+        run_going(self.output.value)  # the runs panels say how it ended now, not in 2 s
 
     def _set_running(self, running: bool) -> None:
         self.preview_btn.enabled = not running
