@@ -774,3 +774,43 @@ def test_a_transform_that_does_not_fit_is_passed_over(tmp_path):
         ds.attrs["transform"] = bad
         vol = Volume.open(path, "raw")
         assert vol.voxel_size == (3.0, 2.0, 2.0) and vol.offset == (0.0, 0.0, 0.0)
+
+
+def test_a_dataset_written_anew_while_open_is_said_not_a_crash(tmp_path):
+    """A dataset open (a napari layer) written anew with another shape or chunks — by `emparsl
+    import --overwrite` or a layer saved over it — crashed the reading process (z5py's handle
+    kept the old chunk size: heap corruption, SIGABRT / SIGSEGV). Now a read says it changed,
+    or reads it as it is now where its shape and type are the same. In a subprocess: the crash
+    would take the test run with it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import numpy as np
+        from napari_emparsl.core.volume import Volume, save_array
+        path = {str(tmp_path / "c.n5")!r}
+        save_array(path, "raw", np.arange(8 * 16 * 16, dtype=np.float32).reshape(8, 16, 16),
+                   chunks=(4, 8, 8))
+        v = Volume.open(path, "raw")
+        print(float(np.asarray(v.data[3]).sum()))
+        save_array(path, "raw", np.ones((20, 40, 40), np.float32), chunks=(20, 40, 40),
+                   overwrite=True)
+        try:
+            np.asarray(v.data[3])
+        except Exception as err:
+            print(type(err).__name__, err)
+        save_array(path, "raw", np.full((8, 16, 16), 2, np.float32), chunks=(8, 16, 16),
+                   overwrite=True)
+        print(float(np.asarray(v.data[3]).sum()))
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, check=False)  # fmt: skip
+    assert res.returncode == 0, (res.returncode, res.stderr[-2000:])
+    first, said, again = res.stdout.strip().splitlines()
+    assert float(first) == float(np.arange(768, 1024).sum())
+    assert said == (
+        f"VolumeError {tmp_path}/c.n5:raw was written anew since it was opened (now 20×40×40 "
+        "float32, was 8×16×16 float32); open it again (remove its layer first)."
+    )
+    assert float(again) == 2.0 * 16 * 16

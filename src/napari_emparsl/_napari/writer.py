@@ -17,8 +17,10 @@ from napari_emparsl.core.volume import hidden_output, save_array
 
 def _target(path: str, layer_name: str) -> tuple[str, str]:
     parent = os.path.dirname(path.rstrip(os.sep))
-    if path.lower().endswith(".n5") and ".n5" in parent.lower():
-        # napari appends the extension: "out.n5/seg" arrives as "out.n5/seg.n5"
+    inside = any(part.lower().endswith(".n5") for part in parent.split(os.sep))
+    if path.lower().endswith(".n5") and inside:
+        # napari appends the extension: "out.n5/seg" arrives as "out.n5/seg.n5" (a folder
+        # merely named with .n5 in it, "proj.n5backup/out.n5", is no container: kept)
         path = path[: -len(".n5")]
     root, key = find_container_root(path)
     if not root.lower().endswith((".n5", ".zarr")):
@@ -39,6 +41,26 @@ def _saved_layer(target: str) -> bool:
         return read_attrs(target).get(SAVED_LAYER) is True
     except VolumeError:  # damaged: not replaced without a word either
         return False
+
+
+def _open_layer_reading(root: str, key: str) -> str | None:
+    """The name of a layer of napari's current viewer that reads ``root:key`` (or a level of
+    it), or None: writing it anew would pull its data from under it."""
+    try:
+        import napari
+
+        viewer = napari.current_viewer()
+    except Exception:  # no napari, or no viewer: nothing open
+        return None
+    for layer in viewer.layers if viewer is not None else ():
+        src = (layer.metadata or {}).get("emparsl") or {}
+        if (
+            src
+            and os.path.realpath(src.get("path", "")) == os.path.realpath(root)
+            and (src.get("key") == key or str(src.get("key", "")).startswith(key + "/"))
+        ):
+            return layer.name
+    return None
 
 
 def _write(path: str, data: Any, meta: dict[str, Any], labels: bool) -> list[str]:
@@ -69,7 +91,14 @@ def _write(path: str, data: Any, meta: dict[str, Any], labels: bool) -> list[str
             f"{root}:{key} exists already and is not a layer saved from napari; save under "
             "another name, or remove it first."
         )
-    if isinstance(data, list):  # multiscale: the finest level holds everything
+    reading = _open_layer_reading(root, key) if replace else None
+    if reading is not None:
+        raise VolumeError(
+            f"{root}:{key} is open as the layer '{reading}'; save under another name, or "
+            "remove that layer first."
+        )
+    if isinstance(data, list) or meta.get("multiscale"):
+        # multiscale (napari hands its MultiScaleData, no list): the finest level holds all
         data = data[0]
     scale = meta.get("scale")
     units = meta.get("units")

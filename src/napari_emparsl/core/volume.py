@@ -48,7 +48,7 @@ from napari_emparsl.core.n5attrs import (
     walk_tree,
     with_group_transform,
 )
-from napari_emparsl.core.paths import user_path
+from napari_emparsl.core.paths import spec_text, user_path
 
 if TYPE_CHECKING:  # dask.array takes ~0.3 s to import: a block worker only reads with z5py
     import dask.array as da
@@ -260,14 +260,37 @@ class _ChunkReader:
         self.root, self.key = root, key
         self.shape, self.dtype, self.ndim = shape, np.dtype(dtype), len(shape)
         self._ds = None
+        self._stamp: tuple[int, ...] | None = None  # of the attributes the handle was made with
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "_ds"} | {"_ds": None}
 
+    def _attrs_stamp(self) -> tuple[int, ...] | None:
+        try:
+            st = os.stat(os.path.join(self.root, self.key, "attributes.json"))
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
     @property
     def ds(self) -> z5py.Dataset:
-        if self._ds is None:
+        # the dataset written anew since (an import --overwrite, a layer saved over it, in
+        # this process or another): z5py's handle keeps the old chunk size, type and
+        # compression, and reading with it crashed the process (heap corruption, SIGABRT in
+        # napari); a new handle reads it as it is now, or it is said to have changed
+        stamp = self._attrs_stamp()
+        if self._ds is None or stamp != self._stamp:
             self._ds = _dataset(self.root, self.key)
+            self._stamp = stamp
+            if tuple(self._ds.shape) != self.shape or np.dtype(self._ds.dtype) != self.dtype:
+                now = "×".join(map(str, self._ds.shape))
+                was = "×".join(map(str, self.shape))
+                self._ds = None
+                raise VolumeError(
+                    f"{spec_text(self.root, self.key)} was written anew since it was opened "
+                    f"(now {now} {np.dtype(_dataset(self.root, self.key).dtype)}, was {was} "
+                    f"{self.dtype}); open it again (remove its layer first)."
+                )
         return self._ds
 
     def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
