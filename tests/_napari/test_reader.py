@@ -329,3 +329,31 @@ def test_n5_javas_rgb_test_image_opens_as_a_volume(shared_data, make_napari_view
     np.testing.assert_array_equal(
         np.asarray(layer.data), iio.imread(data_dir / "reference_image.png")
     )
+
+
+def test_a_huge_volume_without_coarser_levels_is_refused_not_frozen(make_napari_viewer, tmp_path):
+    """One level of 2×20000×20000 voxels (a chunk or two written): napari read whole
+    20000×20000 slices to show it — 151 s with napari frozen and 11.7 GB; at 100000² it was
+    killed for memory. Refused in one sentence; a small dataset beside it still opens."""
+    import z5py
+    from napari.utils.notifications import notification_manager
+
+    f = z5py.File(str(tmp_path / "big.n5"), "a")
+    f.create_dataset("raw", shape=(2, 20000, 20000), chunks=(1, 512, 512), dtype="uint8",
+                     compression="gzip")  # fmt: skip
+    f["raw"][0, :512, :512] = 7
+    f.create_dataset("small", shape=(2, 64, 64), chunks=(1, 64, 64), dtype="uint8")
+    viewer = make_napari_viewer()
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    try:
+        layers = viewer.open(str(tmp_path / "big.n5"), plugin=PLUGIN)
+    finally:
+        notification_manager.notification_ready.disconnect(seen.append)
+    assert [layer.name for layer in layers] == ["small"]
+    messages = [str(n.message) for n in seen]
+    assert any(
+        m.startswith(f"Left out: {tmp_path}/big.n5:raw is one level of 2×20000×20000 voxels without "
+                     "coarser levels: napari reads whole 20000×20000 slices of it (400 M voxels")
+        for m in messages
+    ), messages  # fmt: skip
