@@ -357,3 +357,29 @@ def test_a_huge_volume_without_coarser_levels_is_refused_not_frozen(make_napari_
                      "coarser levels: napari reads whole 20000×20000 slices of it (400 M voxels")
         for m in messages
     ), messages  # fmt: skip
+
+
+def test_a_zarr_or_an_empty_container_is_one_sentence(make_napari_viewer, tmp_path):
+    """File > Open of a zarr container or an N5 without datasets: napari's "Reader
+    'napari-emparsl' was selected to open […], but returned no data" (a ValueError) instead of
+    the sentence the volume panel says."""
+    from napari.utils.notifications import notification_manager
+
+    (tmp_path / "z.zarr" / "raw").mkdir(parents=True)
+    (tmp_path / "z.zarr" / ".zgroup").write_text('{"zarr_format": 2}')
+    (tmp_path / "e.n5").mkdir()
+    (tmp_path / "e.n5" / "attributes.json").write_text('{"n5": "2.0.0"}')
+    viewer = make_napari_viewer()
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    try:
+        for name in ("z.zarr", "e.n5"):
+            assert viewer.open(str(tmp_path / name), plugin=PLUGIN) == []
+    finally:
+        notification_manager.notification_ready.disconnect(seen.append)
+    assert [str(n.message) for n in seen] == [
+        f"{tmp_path}/z.zarr is a zarr container, which this version does not open yet; convert "
+        "it to N5 (e.g. with z5py or BigDataViewer) and open that.",
+        f"{tmp_path}/e.n5 holds no dataset (an empty container or group, or datasets without "
+        "their attributes.json); pick another folder.",
+    ]

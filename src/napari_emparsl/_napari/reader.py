@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from napari_emparsl._napari import napari_fixes
-from napari_emparsl.core.n5attrs import VolumeError, find_container_root, is_container
+from napari_emparsl.core.n5attrs import VolumeError, find_container_root, is_container, is_zarr
 from napari_emparsl.core.paths import spec_text
 from napari_emparsl.core.units import nm_per_unit
 from napari_emparsl.core.volume import UNFINISHED, Volume, finite_values, openable_keys
@@ -123,6 +123,16 @@ def _volumes(path: str, skipped: list[str] | None = None) -> list[Volume]:
     (see :func:`read_layers` for ``skipped``)."""
     root, _ = find_container_root(path)
     keys = openable_keys(path)
+    if not keys:  # napari said only that the reader "returned no data"
+        if is_zarr(root):
+            raise VolumeError(
+                f"{root} is a zarr container, which this version does not open yet; convert "
+                "it to N5 (e.g. with z5py or BigDataViewer) and open that."
+            )
+        raise VolumeError(
+            f"{path} holds no dataset (an empty container or group, or datasets without their "
+            "attributes.json); pick another folder."
+        )
     if skipped is None or len(keys) < 2:
         return [_showable(Volume.open(root, key)) for key in keys]
     volumes, errors = [], []
