@@ -140,7 +140,9 @@ def _print_tree(tree: list[dict]) -> None:
         depth = node["key"].count("/") + 1 if node["key"] else 0
         name = node["key"].rsplit("/", 1)[-1] or "/"
         pad = "  " * depth
-        if node["kind"] == "dataset":
+        if node["kind"] == "dataset" and "shape" not in node:  # its metadata unreadable
+            print(f"{pad}{name}  (cannot be read: {node.get('unreadable', '')})")
+        elif node["kind"] == "dataset":
             shape = "×".join(map(str, node["shape"]))
             chunks = "×".join(map(str, node["chunks"]))
             unfinished = f"  (unfinished: {node['unfinished']})" if "unfinished" in node else ""

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from napari_emparsl.core.n5attrs import VolumeError, looks_like_labels
-from napari_emparsl.core.volume import Volume, container_tree, openable_keys
+from napari_emparsl.core.volume import Volume, container_tree, openable_keys, save_array
 
 #: each voxel holds its own coordinate: one read shows the orientation
 RAMP = (
@@ -407,3 +407,37 @@ def test_what_is_listed_is_not_refused_and_suggestions_leave_pyramids(tmp_path, 
     _ngff(rootpyr, "", ["s0", "s1"])
     assert suggest_output(str(rootpyr), "s0") == f"{tmp_path}/rootpyr-predictions.n5:predictions"
     assert hidden_output(str(rootpyr), "s1") is None and hidden_output(str(rootpyr), "x")
+
+
+def test_a_dataset_with_broken_metadata_hides_nothing_else(tmp_path, capsys):
+    """One dataset whose attributes.json is corrupt, or lost beside its chunks: the whole
+    container was refused with its sentence (`info c.n5:ok` too, the panel listed nothing, File >
+    Open added nothing); a dataset without metadata was listed as a tree of chunk folders. Now
+    it is listed as unreadable, saying why, and the others open."""
+    from napari_emparsl._napari.reader import read_layers
+    from napari_emparsl.cli import main
+
+    c = tmp_path / "c.n5"
+    for key in ("raw", "ok", "lost"):
+        save_array(c, key, np.ones((4, 8, 8), np.uint8), chunks=(2, 4, 4))
+    (c / "raw" / "attributes.json").write_text('{"dimensions": [8, 8')
+    (c / "lost" / "attributes.json").unlink()
+    # a group without attributes whose datasets are named 0, 1 (OME-NGFF levels): a group
+    save_array(c, "ome/0", np.ones((4, 8, 8), np.uint8))
+    (c / "ome" / "attributes.json").unlink(missing_ok=True)
+    tree = {n["key"]: n for n in container_tree(c)}
+    assert tree["raw"]["unreadable"].startswith(
+        f"The metadata file {c}/raw/attributes.json is corrupt"
+    )
+    assert tree["lost"]["unreadable"] == (
+        f"{c}/lost holds chunk folders but no attributes.json (the dataset's shape, type and "
+        "chunking); restore it from a backup or re-export the dataset"
+    )
+    assert not [k for k in tree if k.startswith(("lost/", "raw/"))]  # no chunk folders listed
+    assert tree["ok"]["shape"] == [4, 8, 8] and tree["ome/0"]["kind"] == "dataset"
+    skipped: list[str] = []
+    assert sorted(m["name"] for _, m, _ in read_layers(str(c), skipped)) == ["ok", "ome_0"]
+    assert len(skipped) == 2
+    assert main(["info", f"{c}:ok"]) == 0 and "ok  (image)" in capsys.readouterr().out
+    assert main(["info", f"{c}:lost"]) == 2
+    assert "holds chunk folders but no attributes.json" in capsys.readouterr().err

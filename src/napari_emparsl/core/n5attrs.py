@@ -794,10 +794,29 @@ def _coarser_level(finer: dict[str, Any], level: dict[str, Any]) -> bool:
         return False
 
 
+#: attribute of a :func:`walk_tree` node that is a dataset whose metadata cannot be read: why
+BROKEN = "emparsl_broken"
+
+
+def _chunk_folders_only(directory: str, children: list[str]) -> bool:
+    """Whether a folder without attributes.json holds only N5 chunk folders or files (names of
+    digits): a dataset that lost its metadata, not a group."""
+    names = [c for c in children if not c.startswith(".")]
+    return (
+        bool(names)
+        and all(c.isdigit() for c in names)
+        # levels or datasets named 0, 1, … (OME-NGFF) in a group without attributes: theirs
+        and not any(os.path.exists(os.path.join(directory, c, ATTRS)) for c in names)
+    )
+
+
 def walk_tree(root: str) -> list[Node]:
     """All groups, datasets and pyramids of a container (JSON only, no chunk is read).
 
     A folder is visited once: a link back up the tree (``latest -> .``) is not followed again.
+    A dataset inside whose metadata cannot be read (a corrupt attributes.json, or none beside
+    its chunks) is listed as a dataset with :data:`BROKEN` saying why, and the rest of the
+    container as it is (one such file hid every dataset of its container).
     """
     nodes: list[Node] = []
     visited: set[str] = set()
@@ -808,7 +827,25 @@ def walk_tree(root: str) -> list[Node]:
             log.debug("%s: already listed (a link back into the container), not followed", key)
             return
         visited.add(real)
-        attrs = read_attrs(directory)
+        try:
+            attrs = read_attrs(directory)
+        except VolumeError as err:
+            if not key:  # the container's own: nothing of it can be trusted
+                raise
+            nodes.append(Node(key, "dataset", {BROKEN: str(err)}))
+            return
+        if not attrs and not os.path.exists(os.path.join(directory, ATTRS)):
+            try:
+                lost = _chunk_folders_only(directory, os.listdir(directory))
+            except OSError:
+                lost = False
+            if lost:
+                nodes.append(Node(key, "dataset", {BROKEN: (
+                    f"{directory} holds chunk folders but no attributes.json (the dataset's "
+                    "shape, type and chunking); restore it from a backup or re-export the "
+                    "dataset."
+                )}))  # fmt: skip
+                return
         if is_dataset_attrs(attrs):
             nodes.append(Node(key, "dataset", attrs))
             return  # chunk folders below are not groups

@@ -27,6 +27,7 @@ import z5py
 
 from napari_emparsl.core.n5attrs import (
     ATTRS,
+    BROKEN,
     N5_DTYPES,
     Node,
     VolumeError,
@@ -886,6 +887,8 @@ def _resolve(root: str, key: str) -> Node:
         )
     if len(candidates) == 1:
         node = candidates[0]
+        if BROKEN in node.attrs:  # its metadata cannot be read: why
+            raise VolumeError(str(node.attrs[BROKEN]))
         full = "/".join(p for p in (where, node.key) if p)
         return Node(full, node.kind, node.attrs, node.levels)
     if not candidates:
@@ -1096,7 +1099,9 @@ def container_tree(path: str | os.PathLike) -> list[dict[str, Any]]:
     for node in nodes:
         key = "/".join(p for p in (sub, node.key) if p)
         entry: dict[str, Any] = {"key": key, "kind": node.kind}
-        if node.kind == "dataset":
+        if BROKEN in node.attrs:  # listed, greyed in the panel, said why; not opened
+            entry["unreadable"] = str(node.attrs[BROKEN]).rstrip(".")
+        elif node.kind == "dataset":
             dims = node.attrs.get("dimensions", [])
             entry |= {
                 "shape": list(reversed(dims)),
