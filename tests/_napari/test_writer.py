@@ -195,3 +195,18 @@ def test_a_folder_named_with_n5_in_it_is_no_container(tmp_path):
     # napari's appended extension inside a container is still cut: out.n5/seg.n5 is seg
     written = write_image(str(tmp_path / "out.n5" / "seg.n5"), np.ones((2, 4, 4)), {"name": "x"})
     assert written == [str(tmp_path / "out.n5" / "seg")]
+
+
+def test_a_time_axis_stays_a_time_axis(make_napari_viewer, tmp_path):
+    """A t, z, y, x layer saved: its time axis was written as channels ("axes" x, y, z, c) and
+    reopened as three channel layers."""
+    viewer = make_napari_viewer()
+    data = np.arange(3 * 4 * 8 * 8, dtype=np.uint8).reshape(3, 4, 8, 8)
+    layer = viewer.add_image(data, name="time", scale=(1, 50, 5, 5),
+                             units=("pixel", "nm", "nm", "nm"), axis_labels=("t", "z", "y", "x"))  # fmt: skip
+    layer.save(str(tmp_path / "t.n5"), plugin=PLUGIN)
+    vol = Volume.open(tmp_path / "t.n5", "time")
+    assert vol.axes == ("t", "z", "y", "x") and vol.voxel_size == (50.0, 5.0, 5.0)
+    [reopened] = viewer.open(str(tmp_path / "t.n5" / "time"), plugin=PLUGIN)
+    assert reopened.data.shape == (3, 4, 8, 8) and reopened.axis_labels == ("t", "z", "y", "x")
+    np.testing.assert_array_equal(np.asarray(reopened.data), data)

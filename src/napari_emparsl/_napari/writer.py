@@ -105,6 +105,16 @@ def _write(path: str, data: Any, meta: dict[str, Any], labels: bool) -> list[str
     # napari's "pixel" (a layer without units, e.g. from a TIFF) stays so: 1 nm voxels would be
     # a size nobody measured (and a model trained on 8 nm would warn of a mismatch)
     unit = str(units[-1]) if units else "pixel"  # a spatial axis's (a channel axis has none)
+    extra: dict[str, Any] = {SAVED_LAYER: True}
+    labels_given = [str(a).lower() for a in (meta.get("axis_labels") or ())]
+    if (
+        getattr(data, "ndim", 0) >= 4
+        and len(labels_given) == data.ndim
+        and set(labels_given) <= set("tczyx")
+        and len(set(labels_given)) == data.ndim
+        and labels_given[-3:] == ["z", "y", "x"]
+    ):  # a time axis stays one (the first axis of a 4D layer was written as channels: "c")
+        extra["axes"] = list(reversed(labels_given))
     lock = OutputLock(root, key, "napari save")  # not while a run writes it, nor a run meanwhile
     lock.acquire()
     try:
@@ -118,7 +128,7 @@ def _write(path: str, data: Any, meta: dict[str, Any], labels: bool) -> list[str
             else None,
             unit=unit,
             labels=labels,
-            attrs={SAVED_LAYER: True},
+            attrs=extra,
             overwrite=replace,  # a layer saved here before (see above)
         )
     finally:
