@@ -636,9 +636,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     if out["running"] is not None:
         who = out["running"]
-        writer = {"import": "an import", "napari save": "a save from napari"}.get(
-            who.get("what", "run"), "a run"
-        )
+        writer = _WRITER_WORDS.get(who.get("what", "run"), "a run")
         print(
             f"{writer} is writing it now: process {who.get('pid', '?')} on "
             f"{who.get('host', '?')}, since {who.get('since', '?')}"
@@ -684,6 +682,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+#: who holds an output's lock, as `status` says it (its "what")
+_WRITER_WORDS = {"import": "an import", "napari save": "a save from napari"}
+
+
 def _status_starting(args: argparse.Namespace, output: str, holder: dict) -> int:
     """`status` of an output a run holds but has no ledger of yet (its first second or so: the
     model loads, the volume is planned, the output is made); it said the output did not exist,
@@ -703,11 +705,9 @@ def _status_starting(args: argparse.Namespace, output: str, holder: dict) -> int
         f"{holder.get('since', '?')})"
     )
     if run:
-        print(f"{output}: a run is starting on it {who}; nothing written yet.")
+        print(f"{output}: a run is starting on it {who}; no block written yet.")
         return 0
-    writer = {"import": "an import", "napari save": "a save from napari"}.get(
-        holder.get("what"), "another writer"
-    )
+    writer = _WRITER_WORDS.get(holder.get("what"), "another writer")
     print(
         f"{output}: {writer} is writing it now {who}; it keeps no run ledger (`emparsl info "
         f"{output}` shows what is written)."

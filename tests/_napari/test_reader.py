@@ -193,6 +193,10 @@ def test_labels_with_class_names_name_the_class_under_the_cursor(make_napari_vie
     # drawn in the colours of its classes (as the built-in model's output is)
     rgba = classes.colormap.map(np.array([1, 2]))
     assert np.allclose(rgba, [[0, 229 / 255, 1, 1], [1, 0, 1, 1]], atol=1e-6), rgba
+    # a label beyond the classes (painted with napari's "new label"): seen, white
+    assert np.allclose(classes.colormap.map(np.array([3]))[0], [1, 1, 1, 1])
+    # a label beyond the classes (painted with napari's "new label"): seen, white
+    assert np.allclose(classes.colormap.map(np.array([3]))[0], [1, 1, 1, 1])
     value = int(np.asarray(classes.data[0][8, 16, 16]))
     status = classes.get_status((8 * 8.0, 16 * 8.0, 16 * 8.0), world=True)
     assert f"class: {classes.features['class'][value]}" in str(status)

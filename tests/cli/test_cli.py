@@ -446,7 +446,7 @@ def test_status_of_an_output_a_run_is_starting_on(capsys, tmp_path, small_n5):
         assert text.startswith(
             f"{tmp_path}/n.n5:pred: a run is starting on it (process {os.getpid()} on "
         )
-        assert text.strip().endswith("nothing written yet.")
+        assert text.strip().endswith("no block written yet.")
         code, text, _ = run(capsys, "status", f"{tmp_path}/n.n5:pred", "--json")
         status = json.loads(text)
         assert code == 0 and status["state"] == "starting" and status["done"] == 0

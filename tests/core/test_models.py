@@ -511,7 +511,18 @@ def test_class_colours_a_model_declares(tmp_path, small_n5):
     # options giving other classes (or an image model) leave the description's colours out
     assert describe_model("unet3d-em", {"classes": "a,b"}).colors == ()
     assert describe_model("unet3d-em", {"kind": "image", "classes": ""}).colors == ()
-    assert len(describe_model("unet3d-em", {"classes": "a,b,c"}).colors) == 3
+    # the same number of classes, renamed or reordered: not the description's colours
+    assert describe_model("unet3d-em", {"classes": "a,b,c"}).colors == ()
+    assert describe_model("unet3d-em", {"classes": "background,mitochondria,membrane"}).colors == ()
+    same = "background,membrane,mitochondria"
+    assert len(describe_model("unet3d-em", {"classes": same}).colors) == 3
+    # as typed on the command line and in the panel: "#…" is no YAML comment (the colours were
+    # dropped, or refused as "1 colour(s) for 3 classes"), a list in brackets is the list
+    for typed in ("colors=#00000000,#00e5ff,#ff00ff", "colors=transparent, #00e5ff, magenta",
+                  "colors=[transparent, #00e5ff, magenta]"):  # fmt: skip
+        assert describe_model("unet3d-em", parse_options([typed])).colors == (
+            "#00000000", "#00e5ffff", "#ff00ffff"
+        ), typed  # fmt: skip
     for option, said in (
         ({"colors": "red,blue"}, "The model option 'colors' gives 2 colour(s) for 3 classes; "
                                  "give one per class, in the order of 'classes'."),

@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 from napari_emparsl.core.n5attrs import VolumeError, looks_like_labels
-from napari_emparsl.core.volume import Volume, container_tree, openable_keys, save_array
+from napari_emparsl.core.volume import (
+    Volume,
+    container_tree,
+    openable_keys,
+    save_array,
+    write_pyramid,
+)
 
 #: each voxel holds its own coordinate: one read shows the orientation
 RAMP = (
@@ -425,7 +431,18 @@ def test_a_dataset_with_broken_metadata_hides_nothing_else(tmp_path, capsys):
     # a group without attributes whose datasets are named 0, 1 (OME-NGFF levels): a group
     save_array(c, "ome/0", np.ones((4, 8, 8), np.uint8))
     (c / "ome" / "attributes.json").unlink(missing_ok=True)
+    # groups of groups named by digits (time points), as z5py makes them (no attributes): a
+    # group, its datasets listed (the review found them taken for a lost dataset)
+    for t in ("0", "1"):
+        save_array(c, f"tp/{t}/raw", np.ones((4, 8, 8), np.uint8), chunks=(2, 4, 4))
+    for folder in (c / "tp", c / "tp" / "0", c / "tp" / "1"):
+        (folder / "attributes.json").unlink(missing_ok=True)
+    # a pyramid with one level's metadata corrupt: the pyramid unreadable, not the container
+    write_pyramid(str(c), "pyr", np.ones((8, 16, 16), np.uint8), chunks=(8, 8, 8), levels=2)
+    (c / "pyr" / "s1" / "attributes.json").write_text("{")
     tree = {n["key"]: n for n in container_tree(c)}
+    assert tree["tp/0/raw"]["shape"] == [4, 8, 8] and tree["tp"]["kind"] == "group"
+    assert "is corrupt or truncated" in tree["pyr"]["unreadable"]
     assert tree["raw"]["unreadable"].startswith(
         f"The metadata file {c}/raw/attributes.json is corrupt"
     )
@@ -436,8 +453,10 @@ def test_a_dataset_with_broken_metadata_hides_nothing_else(tmp_path, capsys):
     assert not [k for k in tree if k.startswith(("lost/", "raw/"))]  # no chunk folders listed
     assert tree["ok"]["shape"] == [4, 8, 8] and tree["ome/0"]["kind"] == "dataset"
     skipped: list[str] = []
-    assert sorted(m["name"] for _, m, _ in read_layers(str(c), skipped)) == ["ok", "ome_0"]
-    assert len(skipped) == 2
+    assert sorted(m["name"] for _, m, _ in read_layers(str(c), skipped)) == [
+        "ok", "ome_0", "tp_0_raw", "tp_1_raw"
+    ]  # fmt: skip
+    assert len(skipped) == 3
     assert main(["info", f"{c}:ok"]) == 0 and "ok  (image)" in capsys.readouterr().out
     assert main(["info", f"{c}:lost"]) == 2
     assert "holds chunk folders but no attributes.json" in capsys.readouterr().err

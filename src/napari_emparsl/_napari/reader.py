@@ -98,23 +98,31 @@ def read_layers(path: str | list[str], skipped: list[str] | None = None) -> list
 
 #: the most voxels of one slice of a volume without coarser levels napari is given: it reads
 #: whole slices to show one (a 20000² slice: 151 s and 11.7 GB with napari frozen; 100000²:
-#: killed for memory)
-MAX_SLICE_VOXELS = 2**27
+#: killed for memory); a 16384² montage still opens. EMPARSL_MAX_SLICE_VOXELS sets another.
+MAX_SLICE_VOXELS = 2**28
+
+
+def _max_slice_voxels() -> int:
+    try:
+        return int(os.environ.get("EMPARSL_MAX_SLICE_VOXELS", "") or MAX_SLICE_VOXELS)
+    except ValueError:
+        return MAX_SLICE_VOXELS
 
 
 def _showable(volume: Volume) -> Volume:
     """``volume``, unless napari would freeze reading its slices (one level, huge slices)."""
     spatial = [n for n, a in zip(volume.shape, volume.axes, strict=True) if a != "c"]
     plane = math.prod(spatial[-2:])
-    if volume.is_multiscale or plane <= MAX_SLICE_VOXELS:
+    if volume.is_multiscale or plane <= _max_slice_voxels():
         return volume
     spec = spec_text(volume.root, volume.key)
     raise VolumeError(
         f"{spec} is one level of {'×'.join(map(str, volume.shape))} voxels without coarser "
         f"levels: napari reads whole {'×'.join(map(str, spatial[-2:]))} slices of it "
         f"({plane / 1e6:,.0f} M voxels each) and would freeze for minutes or run out of "
-        f"memory; run on it from the command line (emparsl run --input {spec} …), or open a "
-        "copy with coarser levels (a pyramid s0, s1, … as N5 tools write)."
+        f"memory; run on it from the command line (emparsl run --input {spec} …), open a "
+        "copy with coarser levels (a pyramid s0, s1, … as N5 tools write), or raise "
+        "EMPARSL_MAX_SLICE_VOXELS."
     )
 
 
@@ -210,10 +218,10 @@ _NAPARI_UNITS = {1.0: "nanometer", 1e3: "micrometer", 1e6: "millimeter", 0.1: "a
 
 def class_colormap(volume: Volume) -> dict | None:
     """A Labels layer's colours of a labels volume whose model declared them (``class_colors``:
-    class id -> colour, any other value transparent), for napari's ``colormap``; None for
-    napari's own colours."""
+    class id -> colour; any other value, e.g. a label painted over it, white), for napari's
+    ``colormap``; None for napari's own colours."""
     colors = volume.class_colors
-    return {**colors, None: "#00000000"} if colors else None
+    return {**colors, None: "#ffffffff"} if colors else None
 
 
 def napari_unit(unit: str) -> str | None:

@@ -799,15 +799,24 @@ BROKEN = "emparsl_broken"
 
 
 def _chunk_folders_only(directory: str, children: list[str]) -> bool:
-    """Whether a folder without attributes.json holds only N5 chunk folders or files (names of
-    digits): a dataset that lost its metadata, not a group."""
+    """Whether a folder without attributes.json holds N5 chunks only: names of digits, down to
+    a chunk file, with no attributes.json on the way — a dataset that lost its metadata. A
+    group (z5py writes none for groups) of groups or datasets named 0, 1, … (time points,
+    OME-NGFF levels) has attributes.json or other names below: not."""
     names = [c for c in children if not c.startswith(".")]
-    return (
-        bool(names)
-        and all(c.isdigit() for c in names)
-        # levels or datasets named 0, 1, … (OME-NGFF) in a group without attributes: theirs
-        and not any(os.path.exists(os.path.join(directory, c, ATTRS)) for c in names)
-    )
+    for _ in range(8):  # N5 chunk paths are one folder per axis, then the chunk file
+        if not names or not all(c.isdigit() for c in names):
+            return False
+        if any(os.path.exists(os.path.join(directory, c, ATTRS)) for c in names):
+            return False
+        first = os.path.join(directory, sorted(names)[0])
+        if os.path.isfile(first):
+            return True  # a chunk file
+        try:
+            directory, names = first, [c for c in os.listdir(first) if not c.startswith(".")]
+        except OSError:
+            return False
+    return False
 
 
 def walk_tree(root: str) -> list[Node]:
@@ -849,7 +858,13 @@ def walk_tree(root: str) -> list[Node]:
         if is_dataset_attrs(attrs):
             nodes.append(Node(key, "dataset", attrs))
             return  # chunk folders below are not groups
-        levels = pyramid_levels(directory, attrs)
+        try:
+            levels = pyramid_levels(directory, attrs)
+        except VolumeError as err:  # a level's metadata cannot be read: the pyramid, why
+            if not key:
+                raise
+            nodes.append(Node(key, "dataset", {BROKEN: str(err)}))
+            return
         if levels:
             nodes.append(Node(key, "multiscale", attrs, levels))
         else:

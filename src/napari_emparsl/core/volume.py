@@ -280,19 +280,18 @@ class _ChunkReader:
         # compression, and reading with it crashed the process (heap corruption, SIGABRT in
         # napari); a new handle reads it as it is now, or it is said to have changed
         stamp = self._attrs_stamp()
-        if self._ds is None or stamp != self._stamp:
-            self._ds = _dataset(self.root, self.key)
-            self._stamp = stamp
-            if tuple(self._ds.shape) != self.shape or np.dtype(self._ds.dtype) != self.dtype:
-                now = "×".join(map(str, self._ds.shape))
-                was = "×".join(map(str, self.shape))
-                self._ds = None
+        ds = self._ds  # one look (napari reads from several threads)
+        if ds is None or stamp != self._stamp:
+            ds = _dataset(self.root, self.key)
+            if tuple(ds.shape) != self.shape or np.dtype(ds.dtype) != self.dtype:
+                now, was = "×".join(map(str, ds.shape)), "×".join(map(str, self.shape))
                 raise VolumeError(
                     f"{spec_text(self.root, self.key)} was written anew since it was opened "
-                    f"(now {now} {np.dtype(_dataset(self.root, self.key).dtype)}, was {was} "
-                    f"{self.dtype}); open it again (remove its layer first)."
+                    f"(now {now} {np.dtype(ds.dtype)}, was {was} {self.dtype}); open it again "
+                    "(remove its layer first)."
                 )
-        return self._ds
+            self._ds, self._stamp = ds, stamp
+        return ds
 
     def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
         try:

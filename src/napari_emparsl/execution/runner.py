@@ -465,10 +465,9 @@ def _check_input_written(src: Volume, blocks: Sequence[Block]) -> None:
         )
 
 
-# description keys that do not change what a model writes: a resume may differ in them (the
-# preferred block: the run's own block is compared; a 2D model's default changed to 1×512×512)
-# description keys that change nothing a block writes: a resume may differ in them (a model's
-# class colours added to its description since)
+# description keys that change nothing a block writes: a resume may differ in them (the
+# preferred block: the run's own block is compared, a 2D model's default changed to 1×512×512;
+# class colours added to a model's description since)
 _NOT_IN_OUTPUT = ("voxel_size", "block", "colors")
 
 
@@ -940,12 +939,6 @@ class Run:
             src, spec, block, halo, out_shape, (str(model_file), model_sha256)
         )
         out_chunks = existing.chunks[-3:] if existing else _out_chunks(block, spec.scale)
-        if (
-            existing is not None
-            and spec.colors
-            and existing.attrs.get("class_colors") != list(spec.colors)
-        ):  # colours the model declares now (changed, or new since the output was made)
-            existing.set_attrs({"class_colors": list(spec.colors)})
         from napari_emparsl.core.geometry import GeometryError
 
         try:
@@ -996,6 +989,9 @@ class Run:
             raise _CancelledWhilePreparing
         if existing is None:  # only now, when everything checked out
             self._create_output(src, spec, out_shape, out_chunks, levels, level_chunks)
+        elif spec.colors and existing.attrs.get("class_colors") != list(spec.colors):
+            # colours the model declares now (changed, or new since the output was made)
+            existing.set_attrs({"class_colors": list(spec.colors)})
         ledger = Ledger(self.output_root, self.output_key)
         # read once, under the output's lock, when it was checked for resuming (a second whole
         # read of a ledger of a million blocks took ~25 s and GBs more)

@@ -196,8 +196,11 @@ def _rgb_text(text: str) -> Any:
 def _colors(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
-    if isinstance(value, str):  # as typed: "transparent,#00e5ff,[1, 0.5, 0]"
-        value = [_rgb_text(v) for v in re.split(r",(?![^\[]*\])", value) if v.strip()]
+    if isinstance(value, str):  # as typed: "transparent,#00e5ff,[1, 0.5, 0]", or in brackets
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]") and _rgb_text(text) == text:
+            text = text[1:-1]  # "[transparent, #00e5ff, magenta]": the list, not one colour
+        value = [_rgb_text(v) for v in re.split(r",(?![^\[]*\])", text) if v.strip()]
     if not isinstance(value, (list, tuple)):
         value = [value]
     out = []
@@ -517,9 +520,10 @@ class ModelSpec:
         options = dict(options)
         colors = own.pop("colors", None) if "colors" not in options else None
         spec = ModelSpec.from_mapping(own | options, "the model options")
-        # the description's colours are of its classes: kept where the options leave as many
-        # classes (other classes, an image model: napari's own colours, not a refusal)
-        if colors and spec.kind == "labels" and len(spec.classes) == len(colors):
+        # the description's colours are of its classes: kept where the options leave them
+        # (other classes, renamed or reordered, an image model: napari's own colours, not a
+        # refusal)
+        if colors and spec.kind == "labels" and spec.classes == self.classes:
             spec = replace(spec, colors=tuple(colors))
         return spec
 
@@ -580,6 +584,9 @@ def parse_options(items: Sequence[str]) -> dict[str, Any]:
                 "normalize=zscore, after the model and output paths)."
             )
         key, value = item.split("=", 1)
+        if key.strip() == "colors":  # as typed: YAML reads "#00e5ff" as a comment (dropped)
+            out["colors"] = value.strip()
+            continue
         try:
             parsed = yaml.safe_load(value) if value.strip() else ""
         except yaml.YAMLError:  # "@x": the text typed, checked as such
