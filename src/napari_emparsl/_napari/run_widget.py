@@ -1475,8 +1475,9 @@ class RunWidget(Container):
                 kwargs["contrast_limits"] = (0.0, 255.0 if out.dtype == np.uint8 else 1.0)
             if out.is_labels and out.class_names:  # the status bar names the class
                 kwargs["features"] = {"class": out.class_names}
-            if out.is_labels and class_colormap(out):  # the colours its model declares
-                kwargs["colormap"] = class_colormap(out)
+            colormap = class_colormap(out) if out.is_labels else None
+            if colormap:  # the colours its model declares
+                kwargs["colormap"] = colormap
                 colors_shown = out.class_colors
             if len(out.axes) == live.ndim:  # the sliders say z (and c), not -3
                 kwargs["axis_labels"] = tuple(out.axes)

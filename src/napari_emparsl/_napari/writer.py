@@ -43,6 +43,15 @@ def _saved_layer(target: str) -> bool:
         return False
 
 
+def _reads(source: dict[str, Any], root: str, key: str) -> bool:
+    """Whether a layer of N5 ``source`` (its metadata's path and key) reads ``root:key`` or a
+    dataset inside it (a level of a pyramid)."""
+    return bool(source) and (
+        os.path.realpath(source.get("path", "")) == os.path.realpath(root)
+        and (source.get("key") == key or str(source.get("key", "")).startswith(key + "/"))
+    )
+
+
 def _open_layer_reading(root: str, key: str) -> str | None:
     """The name of a layer of napari's current viewer that reads ``root:key`` (or a level of
     it), or None: writing it anew would pull its data from under it."""
@@ -53,12 +62,7 @@ def _open_layer_reading(root: str, key: str) -> str | None:
     except Exception:  # no napari, or no viewer: nothing open
         return None
     for layer in viewer.layers if viewer is not None else ():
-        src = (layer.metadata or {}).get("emparsl") or {}
-        if (
-            src
-            and os.path.realpath(src.get("path", "")) == os.path.realpath(root)
-            and (src.get("key") == key or str(src.get("key", "")).startswith(key + "/"))
-        ):
+        if _reads((layer.metadata or {}).get("emparsl") or {}, root, key):
             return layer.name
     return None
 
@@ -67,11 +71,7 @@ def _write(path: str, data: Any, meta: dict[str, Any], labels: bool) -> list[str
     given = user_path(path)
     root, key = _target(given, meta.get("name") or "data")
     source = (meta.get("metadata") or {}).get("emparsl") or {}
-    if (
-        source
-        and os.path.realpath(source.get("path", "")) == os.path.realpath(root)
-        and (source.get("key") == key or source.get("key", "").startswith(key + "/"))
-    ):
+    if _reads(source, root, key):
         raise VolumeError(
             f"{root}:{key} is the dataset this layer reads from; save it under another name."
         )

@@ -235,14 +235,22 @@ def block_ids(shape: Sequence[int], block: Sequence[int], roi: Roi) -> list[int]
     roi = roi.intersect(Roi((0,) * len(shape), tuple(shape)))
     if roi.empty:
         return []
-    ranges = [
-        range(b // bs, -(-e // bs)) for b, e, bs in zip(roi.begin, roi.end, block, strict=True)
-    ]
-    strides = [math.prod(grid[i + 1 :]) for i in range(len(shape))]
-    return [
-        sum(i * s for i, s in zip(index, strides, strict=True))
-        for index in itertools.product(*ranges)
-    ]
+    strides = _strides(grid)
+    return [_block_id(index, strides) for index in itertools.product(*_touched(roi, block))]
+
+
+def _touched(roi: Roi, block: Sequence[int]) -> list[range]:
+    """Per axis, the grid indices of the blocks of size ``block`` that ``roi`` touches."""
+    return [range(b // bs, -(-e // bs)) for b, e, bs in zip(roi.begin, roi.end, block, strict=True)]
+
+
+def _strides(grid: Sequence[int]) -> list[int]:
+    return [math.prod(grid[i + 1 :]) for i in range(len(grid))]
+
+
+def _block_id(index: Sequence[int], strides: Sequence[int]) -> int:
+    """A block's id: its grid index in C order (as :func:`plan_blocks` and the ledger number)."""
+    return sum(i * s for i, s in zip(index, strides, strict=True))
 
 
 def plan_blocks(
@@ -316,13 +324,10 @@ def plan_blocks(
                 f"The region {roi} is outside the volume 0:{',0:'.join(map(str, shape))}; "
                 "choose a region inside it."
             )
-        roi = roi.intersect(total)
-        ranges = [
-            range(b // bs, -(-e // bs)) for b, e, bs in zip(roi.begin, roi.end, block, strict=True)
-        ]
+        ranges = _touched(roi.intersect(total), block)
     else:
         ranges = [range(g) for g in grid]
-    strides = [math.prod(grid[i + 1 :]) for i in range(n)]
+    strides = _strides(grid)
     for index in itertools.product(*ranges):
         begin = tuple(i * b for i, b in zip(index, block, strict=True))
         write = Roi.from_bounds(
@@ -336,7 +341,7 @@ def plan_blocks(
         else:
             pad_before = pad_after = (0,) * n
         yield Block(
-            id=sum(i * s for i, s in zip(index, strides, strict=True)),
+            id=_block_id(index, strides),
             read_roi=read,
             write_roi=write,
             pad_before=pad_before,
