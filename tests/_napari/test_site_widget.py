@@ -266,3 +266,21 @@ def test_a_profile_under_a_built_in_name_keeps_its_kind(make_napari_viewer, tmp_
     assert widget.message.value == (
         f"saved {path} (it replaces the built-in local; delete the file to have that back)"
     )
+
+
+def test_a_hand_written_profile_under_a_built_in_name_keeps_its_kind(tmp_path, monkeypatch):
+    """The rule of the site panel's Save, where a profile is used: a threads.yaml of kind local
+    written by hand replaced the built-in threads (previews too) without a word."""
+    from napari_emparsl.execution.sites import SiteError
+
+    monkeypatch.setenv("EMPARSL_SITES", str(tmp_path / "sites"))
+    (tmp_path / "sites").mkdir()
+    (tmp_path / "sites" / "threads.yaml").write_text("kind: local\nworkers: 1\n")
+    with pytest.raises(SiteError) as err:
+        load_site("threads")
+    assert str(err.value) == (
+        f"The site profile {tmp_path}/sites/threads.yaml replaces the built-in site threads (kind "
+        "threads) but is of kind local; rename it (e.g. my-local.yaml), or make it kind threads."
+    )
+    (tmp_path / "sites" / "threads.yaml").write_text("kind: threads\nworkers: 3\n")
+    assert load_site("threads").workers == 3  # of its kind: it replaces the built-in

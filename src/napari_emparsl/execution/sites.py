@@ -308,7 +308,7 @@ def load_site(site: str) -> SiteProfile:
     named = "name" in data
     data.setdefault("name", path.stem)
     try:
-        return SiteProfile.model_validate(data)
+        profile = SiteProfile.model_validate(data)
     except ValidationError as err:
         problem = profile_problem(err)
         if not named and problem.startswith("field 'name': "):  # the file's name: say so
@@ -316,6 +316,16 @@ def load_site(site: str) -> SiteProfile:
                 "field 'name': "
             )
         raise SiteError(f"The site profile {path} is invalid: {problem}.") from None
+    builtin = builtin_kind(path.stem) if site in files else None
+    if builtin is not None and profile.kind != builtin:
+        # it replaces the built-in everywhere (previews run on threads): as the site panel
+        # refuses to save one, a file written by hand is refused where it is used
+        raise SiteError(
+            f"The site profile {path} replaces the built-in site {path.stem} (kind {builtin}) "
+            f"but is of kind {profile.kind}; rename it (e.g. my-{profile.kind}.yaml), or make "
+            f"it kind {builtin}."
+        )
+    return profile
 
 
 def profile_problem(err: ValidationError) -> str:
