@@ -108,20 +108,12 @@ def test_huge_dataset_reads_only_visible_chunks(
 
 
 def test_bad_data_is_one_notification_not_a_traceback(make_napari_viewer, small_n5):
-    from napari.utils.notifications import notification_manager
-
     path, _ = small_n5
     attrs = path / "raw" / "attributes.json"
     attrs.write_text(attrs.read_text()[:20])
     viewer = make_napari_viewer()
-    seen = []
-    notification_manager.notification_ready.connect(seen.append)
-    try:
-        layers = viewer.open(str(path / "raw"), plugin=PLUGIN)
-    finally:
-        notification_manager.notification_ready.disconnect(seen.append)
+    layers, messages = _open_saying(viewer, path / "raw")
     assert layers == [] and len(viewer.layers) == 0
-    messages = [str(n.message) for n in seen]
     assert any("is corrupt or truncated" in m and "\n" not in m for m in messages), messages
 
 
@@ -340,22 +332,14 @@ def test_a_huge_volume_without_coarser_levels_is_refused_not_frozen(make_napari_
     20000×20000 slices to show it — 151 s with napari frozen and 11.7 GB; at 100000² it was
     killed for memory. Refused in one sentence; a small dataset beside it still opens."""
     import z5py
-    from napari.utils.notifications import notification_manager
 
     f = z5py.File(str(tmp_path / "big.n5"), "a")
     f.create_dataset("raw", shape=(2, 20000, 20000), chunks=(1, 512, 512), dtype="uint8",
                      compression="gzip")  # fmt: skip
     f["raw"][0, :512, :512] = 7
     f.create_dataset("small", shape=(2, 64, 64), chunks=(1, 64, 64), dtype="uint8")
-    viewer = make_napari_viewer()
-    seen = []
-    notification_manager.notification_ready.connect(seen.append)
-    try:
-        layers = viewer.open(str(tmp_path / "big.n5"), plugin=PLUGIN)
-    finally:
-        notification_manager.notification_ready.disconnect(seen.append)
+    layers, messages = _open_saying(make_napari_viewer(), tmp_path / "big.n5")
     assert [layer.name for layer in layers] == ["small"]
-    messages = [str(n.message) for n in seen]
     assert any(
         m.startswith(f"Left out: {tmp_path}/big.n5:raw is one level of 2×20000×20000 voxels without "
                      "coarser levels: napari reads whole 20000×20000 slices of it (400 M voxels")
@@ -367,23 +351,32 @@ def test_a_zarr_or_an_empty_container_is_one_sentence(make_napari_viewer, tmp_pa
     """File > Open of a zarr container or an N5 without datasets: napari's "Reader
     'napari-emparsl' was selected to open […], but returned no data" (a ValueError) instead of
     the sentence the volume panel says."""
-    from napari.utils.notifications import notification_manager
-
     (tmp_path / "z.zarr" / "raw").mkdir(parents=True)
     (tmp_path / "z.zarr" / ".zgroup").write_text('{"zarr_format": 2}')
     (tmp_path / "e.n5").mkdir()
     (tmp_path / "e.n5" / "attributes.json").write_text('{"n5": "2.0.0"}')
     viewer = make_napari_viewer()
-    seen = []
-    notification_manager.notification_ready.connect(seen.append)
-    try:
-        for name in ("z.zarr", "e.n5"):
-            assert viewer.open(str(tmp_path / name), plugin=PLUGIN) == []
-    finally:
-        notification_manager.notification_ready.disconnect(seen.append)
-    assert [str(n.message) for n in seen] == [
+    said = []
+    for name in ("z.zarr", "e.n5"):
+        layers, messages = _open_saying(viewer, tmp_path / name)
+        assert layers == []
+        said += messages
+    assert said == [
         f"{tmp_path}/z.zarr is a zarr container, which this version does not open yet; convert "
         "it to N5 (e.g. with z5py or BigDataViewer) and open that.",
         f"{tmp_path}/e.n5 holds no dataset (an empty container or group, or datasets without "
         "their attributes.json); pick another folder.",
     ]
+
+
+def _open_saying(viewer, path) -> tuple[list, list[str]]:
+    """The layers File > Open adds for ``path`` and the notifications it shows."""
+    from napari.utils.notifications import notification_manager
+
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    try:
+        layers = viewer.open(str(path), plugin=PLUGIN)
+    finally:
+        notification_manager.notification_ready.disconnect(seen.append)
+    return layers, [str(n.message) for n in seen]

@@ -220,10 +220,7 @@ def test_test_site_checks_the_device_as_a_block_does(make_napari_viewer, qtbot, 
 
     if torch.cuda.is_available():
         pytest.skip("torch sees a GPU here: device cuda works, the failure cannot be shown")
-    monkeypatch.setenv("EMPARSL_SITES", str(tmp_path / "sites"))
-    viewer = make_napari_viewer()
-    widget = SiteWidget(viewer)
-    viewer.window.add_dock_widget(widget)
+    widget = _site_panel(make_napari_viewer, tmp_path, monkeypatch)
     widget.site.value = "threads"
     widget.fields["workers"].value = "0"
     widget.test_btn.clicked.emit()
@@ -246,10 +243,7 @@ def test_a_profile_under_a_built_in_name_keeps_its_kind(make_napari_viewer, tmp_
     """`local` renamed `threads` and saved silently replaced the built-in threads site with
     worker processes for every choice of it (previews too); such a save is refused, and one of
     the same kind says it replaces the built-in."""
-    monkeypatch.setenv("EMPARSL_SITES", str(tmp_path / "sites"))
-    viewer = make_napari_viewer()
-    widget = SiteWidget(viewer)
-    viewer.window.add_dock_widget(widget)
+    widget = _site_panel(make_napari_viewer, tmp_path, monkeypatch)
     widget.site.value = "local"
     widget.fields["name"].value = "threads"
     assert widget.save() is None
@@ -284,3 +278,12 @@ def test_a_hand_written_profile_under_a_built_in_name_keeps_its_kind(tmp_path, m
     )
     (tmp_path / "sites" / "threads.yaml").write_text("kind: threads\nworkers: 3\n")
     assert load_site("threads").workers == 3  # of its kind: it replaces the built-in
+
+
+def _site_panel(make_napari_viewer, tmp_path, monkeypatch) -> SiteWidget:
+    """The site panel docked in a new viewer, saving into tmp_path/sites."""
+    monkeypatch.setenv("EMPARSL_SITES", str(tmp_path / "sites"))
+    viewer = make_napari_viewer()
+    widget = SiteWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    return widget
