@@ -555,8 +555,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     root, key = parse_spec(args.output)
     ledger = Ledger(root, key)
     level = re.fullmatch(r"(.+)/s\d+", key)
-    if not ledger.exists() and level and Ledger(root, level.group(1)).exists():
-        key = level.group(1)  # a level of a run's output (OUT.n5:pred/s0): the run's ledger
+    if (
+        not ledger.exists()
+        and level
+        and (
+            Ledger(root, level.group(1)).exists()
+            or (os.path.isdir(root) and lock_holder(root, level.group(1)) is not None)
+        )
+    ):  # a level of a run's output (OUT.n5:pred/s0): the run's ledger (or its start)
+        key = level.group(1)
         ledger = Ledger(root, key)
     holder = None if ledger.exists() or not os.path.isdir(root) else lock_holder(root, key)
     if holder is not None:  # a writer's first moments: it holds the output, has no ledger yet

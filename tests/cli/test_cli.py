@@ -459,6 +459,9 @@ def test_status_of_an_output_a_run_is_starting_on(capsys, tmp_path, small_n5):
         save_array(tmp_path / "n.n5", "pred", np.zeros((4, 4, 4), np.uint8), chunks=(4, 4, 4))
         code, text, _ = run(capsys, "status", f"{tmp_path}/n.n5:pred")
         assert code == 0 and "a run is starting on it" in text
+        # a level of it, as a script may poll (it said "does not exist")
+        code, text, _ = run(capsys, "status", f"{tmp_path}/n.n5:pred/s0")
+        assert code == 0 and text.startswith(f"{tmp_path}/n.n5:pred: a run is starting on it")
     finally:
         lock.release()
     imported = OutputLock(f"{tmp_path}/n.n5", "raw", "import")  # an import's, as it writes
