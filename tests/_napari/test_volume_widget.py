@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import dask.array as da
 
 from napari_emparsl._napari.dataset_tree import item_texts
@@ -233,6 +235,16 @@ def test_a_folder_inside_a_container_and_recent_again(make_napari_viewer, tmp_pa
     widget.path.value = str(tmp_path / "t.n5")
     widget.recent.value = str(tmp_path / "s.n5")
     assert widget.path.value == str(tmp_path / "s.n5")
+    # one entry per container however reached (a symlink and its target were two); one
+    # deleted since is not offered
+    (tmp_path / "link.n5").symlink_to(tmp_path / "s.n5")
+    widget.path.value = str(tmp_path / "link.n5")
+    assert [p for p in recent_paths() if p.endswith(("s.n5", "link.n5"))] == [
+        str(tmp_path / "link.n5")
+    ]  # fmt: skip
+    shutil.rmtree(tmp_path / "t.n5")
+    widget.recent.reset_choices()
+    assert str(tmp_path / "t.n5") not in widget.recent.choices
 
 
 def test_a_label_multiset_is_listed_greyed_not_offered(make_napari_viewer, tmp_path, monkeypatch):

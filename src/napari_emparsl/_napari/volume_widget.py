@@ -61,7 +61,9 @@ def recent_paths() -> list[str]:
 
 
 def _remember(path: str) -> None:
-    paths = [path] + [p for p in recent_paths() if p != path]
+    # one entry per container however reached (a symlink and its target were two)
+    same = os.path.realpath(path)
+    paths = [path] + [p for p in recent_paths() if os.path.realpath(p) != same]
     try:
         _recent_file().parent.mkdir(parents=True, exist_ok=True)
         _recent_file().write_text(json.dumps(paths[:_MAX_RECENT]))
@@ -282,4 +284,5 @@ class VolumeWidget(Container):
 
 
 def _recent_choices(*_: Any) -> list[str]:
-    return ["", *recent_paths()]
+    """Blank, then the recent containers that are still there (one deleted since is left out)."""
+    return ["", *(p for p in recent_paths() if os.path.isdir(p))]
