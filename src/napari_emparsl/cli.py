@@ -588,9 +588,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     summary = ledger.summary()
     last = summary.last_run
     try:  # the whole volume's blocks, not only those of the last run's region
-        planned = whole_plan_blocks(Volume.open(root, key).shape, last)
+        out_shape = Volume.open(root, key).shape
+        planned = whole_plan_blocks(out_shape, last)
     except VolumeError:  # the output's own attributes unreadable: what its last run planned
-        planned = int(last.get("planned", 0))
+        out_shape, planned = None, int(last.get("planned", 0))
     done_times = [  # a record without its timings (damaged, edited by hand) is left out
         sum(float(r[k]) for k in ("t_read", "t_compute", "t_write"))
         for r in summary.done.values()
@@ -611,7 +612,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "failed": len(summary.failed),
         "pending": pending,
         # the last run's region (--roi), its blocks' counts: None for a run of the whole volume
-        "region": _region_counts(root, key, last, summary),
+        "region": _region_counts(out_shape, last, summary),
         "mean_block_seconds": round(sum(done_times) / len(done_times), 3) if done_times else None,
         "failed_blocks": {str(k): v.get("error", "") for k, v in sorted(summary.failed.items())},
         "provenance": {k: last.get(k) for k in (
@@ -722,18 +723,18 @@ def _status_starting(args: argparse.Namespace, output: str, holder: dict) -> int
     return 0
 
 
-def _region_counts(root: str, key: str, last: dict, summary) -> dict | None:
-    """Blocks done / failed / pending of the last run's region (``--roi``), or None for a run
-    of the whole volume (or one whose region cannot be read back)."""
+def _region_counts(out_shape, last: dict, summary) -> dict | None:
+    """Blocks done / failed / pending of the last run's region (``--roi``) in an output of
+    ``out_shape``, or None for a run of the whole volume (or one whose region, or output,
+    cannot be read back)."""
     from napari_emparsl.core.geometry import block_ids
     from napari_emparsl.core.ledger import plan_shape
-    from napari_emparsl.core.volume import Volume
     from napari_emparsl.execution.runner import parse_roi
 
-    if not last.get("roi") or "block" not in last:
+    if not last.get("roi") or "block" not in last or out_shape is None:
         return None
     try:
-        shape = plan_shape(Volume.open(root, key).shape, last)
+        shape = plan_shape(out_shape, last)
         ids = block_ids(shape, last["block"], parse_roi(str(last["roi"])))
     except (UserError, ValueError, TypeError):
         return None
