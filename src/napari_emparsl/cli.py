@@ -416,7 +416,9 @@ def _run(args: argparse.Namespace) -> int:
                 if not event.todo:  # nothing left: no "resuming", no rate of 0 voxels/s
                     print(
                         (  # of a region, its blocks, not the whole output
-                            f"The region {args.roi} of {event.output} is done already "
+                            # as cut to the volume ("0:1,0:8,:" of a 16×64×64 volume is
+                            # 0:1,0:8,0:64), not as typed
+                            f"The region {run.roi or args.roi} of {event.output} is done already "
                             f"({event.total}/{event.total} of its blocks): nothing to compute "
                             "(`emparsl status` counts the whole volume's; --overwrite replaces "
                             "the whole output, then computes this region)."

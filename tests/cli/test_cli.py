@@ -424,6 +424,12 @@ def test_a_complete_output_run_again_says_so(capsys, tmp_path, small_n5):
     assert status["provenance"]["roi"] == "0:1,0:8,0:8"
     code, text, _ = run(capsys, "status", out)
     assert "the last run's region 0:1,0:8,0:8: 1/1 blocks done, 0 failed, 0 pending" in text
+    # a region given beyond the volume, or open-ended, is said as cut to it, not as typed
+    # (before: "The region 0:1,0:8,0:999 of … is done already")
+    assert run(capsys, *cmd, "--roi", "0:1,0:8,0:999")[0] == 0
+    for typed in ("0:1,0:8,0:999", "0:1,0:8,:"):
+        code, text, _ = run(capsys, *cmd, "--roi", typed)
+        assert code == 0 and text.startswith(f"The region 0:1,0:8,0:50 of {out} is done already")
     # the whole volume: complete, no region
     assert run(capsys, *cmd)[0] == 0
     code, text, _ = run(capsys, *cmd)
