@@ -950,34 +950,56 @@ def test_unexpected_runtime_error_ends_the_run_in_one_sentence(
     assert "RuntimeError: simulated failure" in text and "in prepare" in text
 
 
-def test_multichannel_volume_is_one_input(make_napari_viewer, qtbot, tmp_path):
+@pytest.mark.parametrize("channels", [2, 12])
+def test_multichannel_volume_is_one_input(make_napari_viewer, qtbot, tmp_path, channels):
     """napari shows a multichannel volume as a layer per channel; the panel offers it once, as
-    the whole volume, and a run on it reads every channel."""
+    the whole volume, and a run on it reads every channel. Many channels (12, a 4-D dataset
+    without axes, read as c, z, y, x) open as one layer with a channel slider (before: a layer
+    each, 40 s frozen for 200), which previews and runs as well."""
     import torch
+    import z5py
     from torch import nn
 
     from napari_emparsl.core.volume import save_array
 
-    data = np.random.default_rng(0).random((2, 16, 32, 32)).astype(np.float32)
-    save_array(tmp_path / "m.n5", "raw", data, chunks=(1, 16, 16, 16))
+    data = np.random.default_rng(0).random((channels, 16, 32, 32)).astype(np.float32)
+    if channels == 2:
+        save_array(tmp_path / "m.n5", "raw", data, chunks=(1, 16, 16, 16))
+    else:  # as another tool writes it: no axes, no voxel size
+        z5py.File(str(tmp_path / "m.n5"), "a").create_dataset(
+            "raw", data=data, chunks=(1, 16, 16, 16), compression="gzip"
+        )
     torch.manual_seed(0)
-    model = torch.jit.script(nn.Sequential(nn.Conv3d(2, 1, 3, padding=1)))
+    model = torch.jit.script(nn.Sequential(nn.Conv3d(channels, 1, 3, padding=1)))
     torch.jit.save(model, str(tmp_path / "c2.pt"))
     (tmp_path / "c2.pt.yaml").write_text(
-        "kind: image\nin_channels: 2\nhalo: [2, 2, 2]\nblock: [16, 16, 16]\n"
+        f"kind: image\nin_channels: {channels}\nhalo: [2, 2, 2]\nblock: [16, 16, 16]\n"
     )
     viewer = make_napari_viewer()
     layers = viewer.open(str(tmp_path / "m.n5" / "raw"), plugin=PLUGIN)
-    assert [layer.name for layer in layers] == ["raw_c0", "raw_c1"]
+    if channels == 2:
+        assert [layer.name for layer in layers] == ["raw_c0", "raw_c1"]
+    else:
+        assert [layer.name for layer in layers] == ["raw"]
+        [layer] = layers
+        assert layer.ndim == 4 and tuple(layer.axis_labels) == ("c", "z", "y", "x")
+        assert tuple(layer.scale) == (1.0, 1.0, 1.0, 1.0) and layer.data.shape == data.shape
+        viewer.dims.set_current_step(0, 5)  # the channel slider
+        viewer.dims.set_current_step(1, 9)
+        qtbot.waitUntil(lambda: layer._slice.image.raw.shape == (32, 32), timeout=10000)
+        np.testing.assert_array_equal(np.asarray(layer._slice.image.raw), data[5, 9])
     widget = RunWidget(viewer)
     viewer.window.add_dock_widget(widget)
     widget.input.reset_choices()
     assert widget.input.choices == (layers[0],)
-    assert widget.input.native.itemText(0) == "raw_c0 (all 2 channels)"
+    name = "raw_c0" if channels == 2 else "raw"
+    assert widget.input.native.itemText(0) == f"{name} (all {channels} channels)"
     widget.model_file.value = str(tmp_path / "c2.pt")
     widget.output.value = f"{tmp_path}/m.n5:out"
     widget.site.value = "threads"
-    assert widget.model_info.value.startswith("image, 1 channel(s); 2 input channel(s)")
+    assert widget.model_info.value.startswith(f"image, 1 channel(s); {channels} input channel(s)")
+    if channels == 12:  # the slice shown, whatever channel the slider is on
+        assert widget.preview_region() == Roi.from_bounds((9, 0, 0), (10, 32, 32))
     widget.run_btn.clicked.emit()
     _wait_idle(qtbot, widget)
     assert widget.status.value == "finished: 4/4 done, 0 failed"

@@ -183,23 +183,39 @@ def layer_data(volume: Volume) -> LayerData:
     # size, N5-Java's 512×512×3 test image), and then refused our scale with a traceback
     # ("could not broadcast input array from shape (3,) into shape (2,)")
     meta["rgb"] = False
-    if "c" in volume.axes:
+    if "c" in volume.axes and not _channel_slider(volume):
         meta["channel_axis"] = volume.axes.index("c")
         channels = volume.shape[meta["channel_axis"]]
         meta["name"] = [f"{name}_c{i}" for i in range(channels)]
         meta["metadata"]["emparsl"]["channels"] = channels  # one layer each, one volume
     else:
+        if "c" in volume.axes:  # many channels: one layer, its channel axis a slider
+            meta["axis_labels"] = tuple(volume.axes)
+            meta["metadata"]["emparsl"]["channels"] = volume.shape[volume.axes.index("c")]
         meta["contrast_limits"] = contrast_limits(volume)
     return data, meta, "image"
 
 
+#: more channels than this open as one layer with a channel slider, not a layer each: napari
+#: took 40 s to add 200 layers, frozen (a 4-D dataset without axes is read as c, z, y, x: a
+#: time series from another tool is one); the run panel's live output shows channels so too
+MOST_CHANNEL_LAYERS = 8
+
+
+def _channel_slider(volume: Volume) -> bool:
+    """Whether ``volume``'s channels open as a slider of one layer (too many for a layer
+    each)."""
+    return "c" in volume.axes and volume.shape[volume.axes.index("c")] > MOST_CHANNEL_LAYERS
+
+
 def _geometry(volume: Volume) -> dict[str, tuple]:
     """A layer's scale, translate and units: one per axis of the layer (the volume's axes but
-    a channel axis, which napari splits into layers); a time axis gets scale 1, translate 0
-    and napari's unit ``pixel`` (before: 3 values for a 4-D t, z, y, x layer, which napari
-    refused: 'units must have length ndim=4'). Units are left out where unknown."""
-    layer_axes = [a for a in volume.axes if a != "c"]
-    space = [i for i, a in enumerate(layer_axes) if a != "t"]
+    a channel axis, which napari splits into layers unless there are many); a time axis (and a
+    channel slider) gets scale 1, translate 0 and napari's unit ``pixel`` (before: 3 values for
+    a 4-D t, z, y, x layer, which napari refused: 'units must have length ndim=4'). Units are
+    left out where unknown."""
+    layer_axes = [a for a in volume.axes if a != "c" or _channel_slider(volume)]
+    space = [i for i, a in enumerate(layer_axes) if a not in ("c", "t")]
     if len(space) != len(volume.voxel_size) or len(volume.offset) != len(space):
         return {}  # axes and sizes disagree: napari's defaults (1 per axis)
     scale, translate = [1.0] * len(layer_axes), [0.0] * len(layer_axes)
