@@ -78,7 +78,7 @@ def test_gpu_run_is_seamless_and_matches_the_cpu(tmp_path, unet_model):
     from napari_emparsl.core.models.loaders import load_model
 
     rng = np.random.default_rng(3)
-    data = (rng.random((64, 96, 96)) * 255).astype(np.uint8)
+    data = rng.random((64, 96, 96)).astype(np.float32)  # (the test U-Net scales it by 255)
     save_array(tmp_path / "v.n5", "raw", data, chunks=(32, 32, 32))
     src = f"{tmp_path}/v.n5:raw"
     args = ["--model", unet_model, "--block", "32,32,32"]

@@ -141,7 +141,7 @@ def _ledger_done(path: Path) -> list[int]:
 
 
 @pytest.mark.parametrize("site", ["threads", "local"])
-def test_resume_after_kill_9(tmp_path, unet_model, htex, site):
+def test_resume_after_kill_9(tmp_path, unet_model, htex, site, classes_mixed):
     """kill -9 of the coordinator mid-run, on the in-process site and on `local` (the default:
     worker processes), then the same command again."""
     data = np.random.default_rng(7).random((96, 96, 128)).astype(np.float32)
@@ -195,9 +195,11 @@ def test_resume_after_kill_9(tmp_path, unet_model, htex, site):
     recomputed = [i for i in set(before) if after.count(i) > 1]
     assert recomputed == []  # blocks finished before the kill were not computed again
     assert sorted(set(after)) == list(range(36))
+    ref = Volume.open(tmp_path / "ref.n5", "pred").data.compute()
+    classes_mixed(ref)  # (one class everywhere: a block written wrong would be equal too)
     np.testing.assert_array_equal(
         Volume.open(tmp_path / "out.n5", "pred").data.compute(),
-        Volume.open(tmp_path / "ref.n5", "pred").data.compute(),
+        ref,
     )
 
 
@@ -446,7 +448,7 @@ def _open_paths(pid: int) -> set[str]:
     return paths
 
 
-def test_cancel_leaves_no_workers_and_resume_completes(tmp_path, unet_model, htex):
+def test_cancel_leaves_no_workers_and_resume_completes(tmp_path, unet_model, htex, classes_mixed):
     import psutil
 
     from napari_emparsl.core.events import BlockDone, Cancelled
@@ -481,10 +483,9 @@ def test_cancel_leaves_no_workers_and_resume_completes(tmp_path, unet_model, hte
     assert Run(src, unet_model, out, site="threads").execute().ok
     ref = Run(src, unet_model, f"{tmp_path}/ref.n5:seg", site="threads").execute()
     assert ref.ok
-    np.testing.assert_array_equal(
-        Volume.open(tmp_path / "out.n5", "seg").data.compute(),
-        Volume.open(tmp_path / "ref.n5", "seg").data.compute(),
-    )
+    ref = Volume.open(tmp_path / "ref.n5", "seg").data.compute()
+    classes_mixed(ref)  # (one class everywhere: a block written wrong would be equal too)
+    np.testing.assert_array_equal(Volume.open(tmp_path / "out.n5", "seg").data.compute(), ref)
 
 
 def test_cancel_on_threads_begins_no_queued_block_and_records_what_finished(
