@@ -14,10 +14,18 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("EMPARSL_SHARED_DATA", REPO.parent / "shared" / "data"))
 
+#: set in this test session's environment, so inherited by every process its runs start (sites,
+#: their interchanges, pools, workers and guards, CLI subprocesses): the process checks count
+#: those alone, not the sites of another session or program on the same machine (which made
+#: "nothing left" fail, or "a pool is running" pass without this test's)
+SESSION_MARK = "EMPARSL_TEST_SESSION"
+os.environ[SESSION_MARK] = f"{os.getpid()}-{os.urandom(4).hex()}"
+
 
 class HtexProcesses:
-    """The processes of emparsl's local HTEX sites, found by command line (they are not children
-    of the test: Parsl's LocalProvider starts the worker pool detached)."""
+    """The processes of emparsl's local HTEX sites this test session started, found by command
+    line and :data:`SESSION_MARK` in their environment (they are not children of the test:
+    Parsl's LocalProvider starts the worker pool detached)."""
 
     POOLS = ("process_worker_pool.py", "-m napari_emparsl.execution.sites")
 
@@ -25,7 +33,12 @@ class HtexProcesses:
     def _cmdlines() -> dict[int, str]:
         import psutil
 
-        return {p.pid: " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])}
+        mark = os.environ[SESSION_MARK]
+        return {
+            p.pid: " ".join(p.info["cmdline"] or [])
+            for p in psutil.process_iter(["cmdline", "environ"])
+            if (p.info["environ"] or {}).get(SESSION_MARK) == mark
+        }
 
     def pools(self) -> list[int]:
         """Pids of the worker pools (Parsl's script, or emparsl's pool with a fork server)."""
