@@ -490,6 +490,15 @@ def test_model_info_estimate_and_site_test(
     # a block's time, scaled to a full run's threads per worker (a preview of fewer blocks than
     # workers gives each more)
     site_threads = load_site("threads").worker_threads
+    # the blocks' times are those their ledger records (read + compute + write), not zero nor
+    # queue time
+    from napari_emparsl.core.ledger import Ledger
+    from napari_emparsl.core.volume import parse_spec
+
+    done = Ledger(*parse_spec(typed)).summary().done.values()
+    recorded = sorted(r["t_read"] + r["t_compute"] + r["t_write"] for r in done)
+    assert len(recorded) == 4 and min(recorded) > 0
+    np.testing.assert_allclose(sorted(widget.block_seconds), recorded, rtol=1e-6)
     timed = zip(widget.block_seconds, widget.block_threads, strict=True)
     per_block = float(np.mean([s * (t / site_threads) ** 0.9 for s, t in timed]))
     assert f"({per_block:.2f} s per block, {workers} workers)" in widget.estimate.value
