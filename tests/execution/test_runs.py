@@ -47,6 +47,7 @@ def test_failing_blocks_reported_then_only_they_rerun(
     data = np.zeros((32, 32, 32), np.float32)
     data[3, 3, 3] = 255.0  # block 0
     data[20, 30, 20] = 255.0  # block 1*4 + 1*2 + 1 = 7
+    data[20, 3, 5] = 100.0  # block 4: done, its output 0 but one voxel of 200
     save_array(tmp_path / "in.n5", "raw", data, chunks=(16, 16, 16))
     src, out = f"{tmp_path}/in.n5:raw", f"{tmp_path}/out.n5:pred"
     code = main(
@@ -95,7 +96,10 @@ def test_failing_blocks_reported_then_only_they_rerun(
     prov = status["provenance"]
     assert prov["input"] == src and prov["model"] == failing_model and prov["site"] == "threads"
     assert prov["version"] == __version__ and prov["model_options"] == {}
-    assert prov["block"] == [16, 16, 16] and len(prov["model_sha256"]) == 64
+    assert prov["block"] == [16, 16, 16]
+    import hashlib  # the model file's own (not its sidecar's, nor another file's)
+
+    assert prov["model_sha256"] == hashlib.sha256(Path(failing_model).read_bytes()).hexdigest()
     last = status["last_run"]  # throughput of the run, from the ledger's time stamps
     assert last["blocks_done"] == 6 and last["voxels_per_second"] > 0
     assert last["blocks_per_second"] == pytest.approx(6 / last["seconds"], rel=0.01)
@@ -109,7 +113,10 @@ def test_failing_blocks_reported_then_only_they_rerun(
     ledger_lines = (tmp_path / "out.n5" / "pred" / "emparsl-ledger.jsonl").read_text().splitlines()
     on_disk = [r for r in map(json.loads, ledger_lines) if r.get("status") == "done"]
     assert len(on_disk) == 6
-    assert all(sum(r["histogram"]) > 0 and r["out_min"] <= r["out_max"] for r in on_disk)
+    assert all(sum(r["histogram"]) == 16**3 for r in on_disk)  # every voxel of the block
+    stats = {r["id"]: (r["out_min"], r["out_max"], r["histogram"][-1]) for r in on_disk}
+    assert stats.pop(4) == (0.0, 200.0, 1)  # the one voxel of 100, doubled, in the top bin
+    assert set(stats.values()) == {(0.0, 0.0, 0)}
     assert "marker found" in records[0]["error"]
     main(["status", out])
     printed = capsys.readouterr().out
