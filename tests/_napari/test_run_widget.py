@@ -616,6 +616,36 @@ def test_viewer_close_during_run_stops_it_without_asking(
     assert lock_holder(str(sample_path), "pred") is None  # the output is free for a resume
 
 
+def test_a_preview_over_done_and_new_blocks_computes_the_new_only(
+    make_napari_viewer, qtbot, sample_path
+):
+    """A rectangle over a block a preview computed and a block not yet computed: the second
+    preview computes the new block alone (the ledger records each block once) and shows both."""
+    from napari_emparsl.core.ledger import Ledger
+
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    out_layer = _preview_rectangle(qtbot, viewer, widget, 40)  # block 1 (x 64:128)
+    ledger = Ledger(str(sample_path), "pred")
+
+    def block_records() -> list[int]:
+        lines = open(ledger.path).read().splitlines()
+        return [r["id"] for r in map(json.loads, lines) if r.get("type") == "block"]
+
+    assert block_records() == [1]
+    viewer.layers.remove("region")
+    corners = np.array([[30, 10, 20], [30, 10, 100], [30, 50, 100], [30, 50, 20]])  # x 20:100
+    viewer.dims.set_point(0, 30 * 8)
+    viewer.add_shapes([corners * 8.0], shape_type="rectangle", name="region")
+    widget.preview_btn.clicked.emit()
+    _wait_idle(qtbot, widget)
+    assert widget.status.value.startswith("finished: 2/2 done, 0 failed"), widget.status.value
+    assert block_records() == [1, 0]  # block 1 not again
+    shown = np.asarray(out_layer.data)
+    assert _blocks_with_data(shown) == [True, True, False, False, False, False, False, False]
+    np.testing.assert_array_equal(shown, Volume.open(sample_path, "pred").data.compute())
+
+
 def test_preview_of_what_is_on_screen_2d_and_3d(make_napari_viewer, qtbot, sample_path):
     from napari_emparsl.core.ledger import Ledger
 
