@@ -241,7 +241,9 @@ def test_the_pool_starts_the_workers_the_profile_asks_for(htex):
 
 
 @pytest.mark.parametrize("interchange", ["killed", "not answering"])
-def test_a_site_whose_interchange_died_shuts_down_whole(tmp_path, htex, monkeypatch, interchange):
+def test_a_site_whose_interchange_died_shuts_down_whole(
+    tmp_path, htex, monkeypatch, interchange, caplog
+):
     # Parsl's shutdown asked the interchange for its workers with no time limit: with the
     # interchange dead (the out-of-memory killer, a batch job's SIGTERM) the asking thread was
     # given up on after 2 s and stayed blocked for ever, one per such run in a napari session.
@@ -263,9 +265,8 @@ def test_a_site_whose_interchange_died_shuts_down_whole(tmp_path, htex, monkeypa
     # Parsl's status poller asks the interchange for its worker pools every 5 s (the local
     # provider's interval), holding the executor's command socket: the shutdown waits for it
     time.sleep(6)
-    start = time.monotonic()
+    caplog.set_level("WARNING", logger="napari_emparsl")
     dfk.cleanup()
-    took = time.monotonic() - start
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and any(
         t.name == "emparsl-site-cleanup" for t in threading.enumerate()
@@ -273,8 +274,8 @@ def test_a_site_whose_interchange_died_shuts_down_whole(tmp_path, htex, monkeypa
         time.sleep(0.1)
     assert not [t.name for t in threading.enumerate() if t.name == "emparsl-site-cleanup"]
     assert htex.gone()  # interchange, pool, workers, fork server: all stopped
-    if interchange == "killed":
-        assert took < 2.0  # a whole shutdown, not one given up on after its 2 s of grace
+    if interchange == "killed":  # a whole shutdown, not one given up on after its grace
+        assert "did not shut down" not in caplog.text, caplog.text
 
 
 @pytest.mark.parametrize("kind", ["local", "threads"])
