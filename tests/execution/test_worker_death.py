@@ -31,7 +31,8 @@ def _wait_until_computing(pid: int, timeout: float = 20.0) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         before = sum(proc.cpu_times()[:2])
-        time.sleep(0.05)
+        time.sleep(0.1)  # a third of a core at least: computing, also on a loaded machine (a
+        # worker waiting for its next task uses none); 60 % of 50 ms could miss it under load
         if sum(proc.cpu_times()[:2]) - before > 0.03:
             return True
     return False
