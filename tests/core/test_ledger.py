@@ -75,12 +75,12 @@ def test_a_line_torn_by_a_crash_loses_nothing_after_it(tmp_path):
     assert open(ledger.path).read().count("\n") == 9  # the torn line ended where it broke off
 
 
-def test_a_lock_let_go_and_removed_is_held_by_one_at_a_time(tmp_path):
+def test_a_lock_let_go_and_removed_is_held_by_one_at_a_time(tmp_path, monkeypatch):
     """A run waiting for the lock took it on the file its holder removed as it let go (the
     napari writer and a run refused while preparing let go so): the next one made a new file
     and took that, and two runs held "the lock" of one output at once."""
+    import fcntl
     import threading
-    import time
 
     import pytest
 
@@ -90,9 +90,20 @@ def test_a_lock_let_go_and_removed_is_held_by_one_at_a_time(tmp_path):
     first = OutputLock(str(tmp_path / "o.n5"), "pred")
     first.acquire()
     waiting = OutputLock(str(tmp_path / "o.n5"), "pred")
+    refused = threading.Event()  # the waiting lock's first try failed: it waits to try again
+    flock = fcntl.flock
+
+    def spy(fd, op):
+        try:
+            return flock(fd, op)
+        except BlockingIOError:
+            refused.set()
+            raise
+
+    monkeypatch.setattr(fcntl, "flock", spy)
     took = threading.Thread(target=waiting.acquire)
     took.start()  # its first try fails (held), then it waits 50 ms before the next
-    time.sleep(0.02)
+    assert refused.wait(10)  # (released before that, the lock would never be contended)
     first.release(remove=True)
     took.join(10)
     assert waiting._file is not None  # it holds the lock …
