@@ -19,7 +19,7 @@ import torch
 import z5py
 
 from napari_emparsl.cli import main
-from napari_emparsl.core.blockwise import BlockJob, BlockResult
+from napari_emparsl.core.blockwise import BlockJob
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.geometry import Roi
 from napari_emparsl.core.ledger import Ledger
@@ -590,26 +590,23 @@ def test_cancel_while_preparing_changes_nothing(tmp_path, conv_model, float_volu
     assert Run(src, conv_model, out, site="threads").execute().ok  # not left locked
 
 
-def test_cancel_as_the_last_block_fails_with_retries_left_is_cancelled(
-    tmp_path, conv_model, float_volume, monkeypatch
-):
+def test_cancel_as_the_last_block_fails_with_retries_left_is_cancelled(tmp_path, failing_model):
     """A cancel that comes with a failure that would be retried: the run says Cancelled (the
     block was not retried), not Finished with nothing failed."""
     from napari_emparsl.core.events import BlockFailed, Cancelled
-    from napari_emparsl.execution import runner as runner_module
 
-    def failing(jobs):
-        return [BlockResult(j.block.id, False, "here", error="RuntimeError: no") for j in jobs]
-
-    monkeypatch.setattr(runner_module, "process_batch", failing)
-    src, _ = float_volume
-    run = Run(src, conv_model, f"{tmp_path}/o.n5:x", site="threads", roi="0:8,0:8,0:8")
+    data = np.zeros((16, 16, 16), np.float32)
+    data[2, 2, 2] = 255.0  # the model raises on it
+    save_array(tmp_path / "in.n5", "raw", data, chunks=(16, 16, 16))
+    run = Run(f"{tmp_path}/in.n5:raw", failing_model, f"{tmp_path}/o.n5:x", site="threads",
+              retries=2)  # fmt: skip
     events = []
     for event in run.events():
         events.append(event)
         if isinstance(event, BlockFailed):
-            assert not event.final
+            assert not event.final and "marker found" in event.error
             run.cancel()
+    assert sum(isinstance(e, BlockFailed) for e in events) == 1  # not retried
     assert isinstance(events[-1], Cancelled) and events[-1].done == 0
 
 
