@@ -71,7 +71,9 @@ def test_a_writer_killed_while_sending_a_large_item_leaves_no_half_of_it():
     writer.start()  # nobody reads yet: a 200 kB item sent through the pipe filled it, and
     # its writer waited there (now it is a file, and the pipe carries a short note of it)
     assert ready.wait(60)
-    time.sleep(0.5)
+    # its feeder thread has sent (the note, or the start of the item) to the pipe: killed now,
+    # as it sends or after (0.5 s of sleep could be too short on a loaded machine)
+    assert q._reader.poll(60)
     os.kill(writer.pid, signal.SIGKILL)
     writer.join()
     other = ctx.Process(target=_put, args=(q, "result of task 5"))
