@@ -106,7 +106,17 @@ def test_workers_killed_while_idle_do_not_hang_the_site(tmp_path, htex):
         while len(workers) < profile.worker_count and time.monotonic() < deadline:
             workers |= {f.result(timeout=60) for f in [getpid() for _ in range(4)]}
         assert len(workers) == profile.worker_count
-        time.sleep(1.0)  # every worker idle, waiting for a task
+        import psutil
+
+        def idle() -> bool:  # every worker waiting for a task (asleep in the queue's get)
+            return all(psutil.Process(p).status() == psutil.STATUS_SLEEPING for p in workers)
+
+        def still_idle() -> bool:  # asleep now and 0.2 s later (not a pause within a task)
+            return idle() and (time.sleep(0.2) or idle())
+
+        while not still_idle() and time.monotonic() < deadline + 30:
+            time.sleep(0.05)
+        assert idle()
         for pid in workers:
             os.kill(pid, signal.SIGKILL)
         assert getpid().result(timeout=60) not in workers  # a new worker ran it
