@@ -210,3 +210,36 @@ def test_a_time_axis_stays_a_time_axis(make_napari_viewer, tmp_path):
     [reopened] = viewer.open(str(tmp_path / "t.n5" / "time"), plugin=PLUGIN)
     assert reopened.data.shape == (3, 4, 8, 8) and reopened.axis_labels == ("t", "z", "y", "x")
     np.testing.assert_array_equal(np.asarray(reopened.data), data)
+
+
+def test_several_layers_are_saved_at_once(make_napari_viewer, tmp_path):
+    """Save Selected Layers with an Image and a Labels layer selected: each is a dataset of the
+    container (before: napari found no writer for them); two layers that would be saved as one
+    dataset save neither."""
+    viewer = make_napari_viewer()
+    em = np.arange(4 * 8 * 8, dtype=np.uint8).reshape(4, 8, 8)
+    seg = (em > 100).astype(np.uint8)
+    viewer.add_image(em, name="em", scale=(8, 8, 8), units="nm")
+    viewer.add_labels(seg, name="my seg", scale=(8, 8, 8))
+    viewer.layers.selection.update(viewer.layers)  # both selected, as in the menu's use
+    written = viewer.layers.save(str(tmp_path / "both.n5"), selected=True, plugin=PLUGIN)
+    assert sorted(written) == [str(tmp_path / "both.n5" / k) for k in ("em", "my_seg")]
+    image, labels = (
+        Volume.open(tmp_path / "both.n5", "em"),
+        Volume.open(tmp_path / "both.n5", "my_seg"),
+    )
+    assert not image.is_labels and labels.is_labels and image.voxel_size == (8.0, 8.0, 8.0)
+    np.testing.assert_array_equal(image.data.compute(), em)
+    np.testing.assert_array_equal(labels.data.compute(), seg)
+    # into a group the path names (napari hands several layers' writer "copy.n5" as given)
+    viewer.layers.save(str(tmp_path / "both.n5" / "copy.n5"), selected=False, plugin=PLUGIN)
+    np.testing.assert_array_equal(Volume.open(tmp_path / "both.n5", "copy/em").data.compute(), em)
+    # two names that are one dataset: neither is written
+    viewer.add_image(em, name="my_seg")
+    from napari_emparsl._napari.writer import write_layers
+
+    with pytest.raises(VolumeError, match="would both be saved as .*:my_seg; rename one"):
+        write_layers(
+            str(tmp_path / "two.n5"), [layer.as_layer_data_tuple() for layer in viewer.layers]
+        )
+    assert not (tmp_path / "two.n5" / "em").exists()

@@ -1,4 +1,5 @@
-"""napari writers: save an Image or Labels layer as an N5 dataset (chunked, gzip, resolution).
+"""napari writers: save an Image or Labels layer (or several) as N5 datasets (chunked, gzip,
+resolution).
 
 ``path`` is ``OUT.n5`` (the dataset is named after the layer) or ``OUT.n5/DATASET``.
 """
@@ -15,7 +16,8 @@ from napari_emparsl.core.paths import user_path
 from napari_emparsl.core.volume import hidden_output, save_array
 
 
-def _target(path: str, layer_name: str) -> tuple[str, str]:
+def _place(path: str) -> tuple[str, str]:
+    """The container ``path`` names and the dataset (or group) in it, "" for none."""
     parent = os.path.dirname(path.rstrip(os.sep))
     inside = any(part.lower().endswith(".n5") for part in parent.split(os.sep))
     if path.lower().endswith(".n5") and inside:
@@ -25,9 +27,16 @@ def _target(path: str, layer_name: str) -> tuple[str, str]:
     root, key = find_container_root(path)
     if not root.lower().endswith((".n5", ".zarr")):
         root, key = path, ""
-    if not key:
-        key = re.sub(r"[^A-Za-z0-9_.-]+", "_", layer_name).strip("_") or "data"
     return root, key
+
+
+def _layer_key(layer_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", layer_name).strip("_") or "data"
+
+
+def _target(path: str, layer_name: str) -> tuple[str, str]:
+    root, key = _place(path)
+    return root, key or _layer_key(layer_name)
 
 
 #: attribute of a dataset this writer saved: saving a layer there again may replace it
@@ -68,8 +77,13 @@ def _open_layer_reading(root: str, key: str) -> str | None:
 
 
 def _write(path: str, data: Any, meta: dict[str, Any], labels: bool) -> list[str]:
-    given = user_path(path)
-    root, key = _target(given, meta.get("name") or "data")
+    root, key = _target(user_path(path), meta.get("name") or "data")
+    return [_save(*_checked(root, key, data, meta), labels)]
+
+
+def _checked(root: str, key: str, data: Any, meta: dict[str, Any]) -> tuple:
+    """``root:key`` where ``data`` may be saved, and whether it replaces a layer saved there
+    before; VolumeError (one sentence) where it may not."""
     source = (meta.get("metadata") or {}).get("emparsl") or {}
     if _reads(source, root, key):
         raise VolumeError(
@@ -97,6 +111,10 @@ def _write(path: str, data: Any, meta: dict[str, Any], labels: bool) -> list[str
             f"{root}:{key} is open as the layer '{reading}'; save under another name, or "
             "remove that layer first."
         )
+    return root, key, data, meta, replace
+
+
+def _save(root: str, key: str, data: Any, meta: dict[str, Any], replace: bool, labels: bool) -> str:
     if isinstance(data, list) or meta.get("multiscale"):
         # multiscale (napari hands its MultiScaleData, no list): the finest level holds all
         data = data[0]
@@ -133,7 +151,7 @@ def _write(path: str, data: Any, meta: dict[str, Any], labels: bool) -> list[str
         )
     finally:
         lock.release(remove=True)  # a saved layer keeps no lock file
-    return [os.path.join(root, key)]
+    return os.path.join(root, key)
 
 
 def write_image(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
@@ -144,3 +162,23 @@ def write_image(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
 def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     """Save a Labels layer's data; marked ``layer_type: labels`` so it reopens as Labels."""
     return _write(path, data, meta, labels=True)
+
+
+def write_layers(path: str, layer_data: list[tuple[Any, dict[str, Any], str]]) -> list[str]:
+    """Save several Image and Labels layers (napari's Save Selected Layers with more than one
+    selected), each as a dataset named after it in the container ``path`` names (in the group
+    it names: ``out.n5/run1`` saves ``run1/<layer>``). Every layer is checked before any is
+    written: one that may not be saved, or two that would be saved as one dataset, saves none."""
+    root, group = _place(user_path(path))
+    planned, seen = [], {}
+    for data, meta, layer_type in layer_data:
+        name = meta.get("name") or "data"
+        key = f"{group.rstrip('/')}/{_layer_key(name)}" if group else _layer_key(name)
+        if key in seen:
+            raise VolumeError(
+                f"The layers '{seen[key]}' and '{name}' would both be saved as {root}:{key}; "
+                "rename one of them, or save them one at a time."
+            )
+        seen[key] = name
+        planned.append((_checked(root, key, data, meta), layer_type == "labels"))
+    return [_save(*checked, labels) for checked, labels in planned]
