@@ -90,7 +90,9 @@ def test_huge_dataset_reads_only_visible_chunks(
     monkeypatch.setattr(volume_mod._ChunkReader, "__getitem__", counting)
     viewer = make_napari_viewer()
     [layer] = viewer.open(str(huge_sparse_pyramid), plugin=PLUGIN)
-    qtbot.wait(300)
+    # drawn (the counts below are of what drawing it read: none yet would pass them all)
+    qtbot.waitUntil(lambda: bool(reads) and layer.loaded, timeout=20_000)
+    qtbot.wait(300)  # and whatever else one draw reads
     assert layer.multiscale and layer.data[0].shape == (10_000,) * 3
     n_levels = len(layer.data)
     assert n_levels == 7
