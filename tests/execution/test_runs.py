@@ -712,6 +712,30 @@ def test_nan_voxels_enter_the_model_as_zero(tmp_path, conv_model):
     np.testing.assert_array_equal(out, Volume.open(tmp_path / "v.n5", "p_zeroed").data.compute())
 
 
+@pytest.mark.parametrize("dtype", ["uint32", "float64", "int64"])
+def test_wide_inputs_keep_their_detail_through_normalization(tmp_path, save_model, dtype):
+    """Values of a large offset (a uint32 volume of 3e9 + 0..100, float64 around 1e7) were cast
+    to float32 before the volume's mean was subtracted: float32 steps by 256 at 3e9, and the
+    model was given one constant (every block 'done'). Normalized in float64 first now."""
+    from torch import nn
+
+    class Identity(nn.Module):
+        def forward(self, x):
+            return x
+
+    model = save_model(Identity(), tmp_path / "id.pt",
+                       "kind: image\nblock: [8, 8, 8]\nnormalize: zscore\n")  # fmt: skip
+    rng = np.random.default_rng(0)
+    detail = rng.integers(0, 100, (8, 16, 16))
+    data = (3_000_000_000 if dtype != "float64" else 10_000_000) + detail
+    data = data.astype(dtype)
+    save_array(tmp_path / "v.n5", "raw", data, chunks=(8, 8, 8))
+    assert Run(f"{tmp_path}/v.n5:raw", model, f"{tmp_path}/v.n5:p", site="threads").execute().ok
+    out = Volume.open(tmp_path / "v.n5", "p").data.compute()
+    expected = (data.astype(np.float64) - data.mean()) / data.std()
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
 def test_normalization_statistics_leave_nan_out(tmp_path):
     from napari_emparsl.core.models.spec import ModelSpec
     from napari_emparsl.core.volume import volume_stats

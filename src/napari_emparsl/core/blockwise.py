@@ -353,11 +353,18 @@ def _read_block(job: BlockJob, spec: Any = None) -> tuple[np.ndarray, Block]:
     if spec is not None and spec.edge == "none":
         blk = _fill_far_edge(blk, spec, src.shape[-blk.read_roi.ndim :])
     data = src.read(((slice(None),) if has_c else ()) + blk.read_roi.to_slices())
-    x = data.astype(np.float32, copy=False)
+    # 32- and 64-bit integers and float64 are normalized in float64, then cast: cast first,
+    # values of a large offset lost their detail (float32 steps by 1 from 1.7e7, by 256 at 3e9:
+    # a uint32 volume of 3e9 + 0..100 reached the model as one constant)
+    wide = data.dtype.itemsize > 2 and data.dtype != np.float32
+    x = data.astype(np.float64 if wide else np.float32, copy=False)
     if not has_c:
         x = x[None]
     x = _pad_reflect(x, [(0, 0), *zip(blk.pad_before, blk.pad_after, strict=True)])
-    x = (x - np.float32(job.norm[0])) / np.float32(job.norm[1])
+    if wide:
+        x = ((x - job.norm[0]) / job.norm[1]).astype(np.float32)
+    else:
+        x = (x - np.float32(job.norm[0])) / np.float32(job.norm[1])
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(x).all():
         # NaN / infinite voxels (masked or padded float data) enter the model as 0 once
         # normalized (zscore: the volume's mean): otherwise they would spread through every
