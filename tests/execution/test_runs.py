@@ -21,7 +21,7 @@ import z5py
 from napari_emparsl.cli import main
 from napari_emparsl.core.blockwise import BlockJob
 from napari_emparsl.core.errors import UserError
-from napari_emparsl.core.geometry import Roi
+from napari_emparsl.core.geometry import Roi, plan_blocks
 from napari_emparsl.core.ledger import Ledger
 from napari_emparsl.core.volume import Volume, save_array
 from napari_emparsl.execution.runner import Run, RunError
@@ -557,6 +557,49 @@ def test_resume_after_the_input_was_written_again_is_refused(tmp_path, conv_mode
     assert open(Ledger(str(tmp_path / "o.n5"), "x").path).read() == before  # nothing recorded
     assert Run(src, conv_model, out, site="threads", overwrite=True).execute().ok
     assert Run(src, conv_model, out, site="threads").execute().ok  # resumes the new one
+
+
+def test_an_input_written_again_during_the_run_fails_the_blocks_after(tmp_path, save_model):
+    """The input written again while a run goes on (`emparsl import --overwrite`, a napari
+    save over it): the blocks after read the new data into an output begun with the old, and
+    the run said complete (a helper's review). They fail now, saying why; the resume is
+    refused until --overwrite computes the output anew."""
+    from torch import nn
+
+    from napari_emparsl.core.events import BlockDone, BlockFailed
+
+    class Identity(nn.Module):
+        def forward(self, x):
+            return x * 1.0
+
+    model = save_model(Identity(), tmp_path / "id.pt", "kind: image\nblock: [8, 8, 8]\n")
+    src, out = f"{tmp_path}/in.n5:raw", f"{tmp_path}/out.n5:p"
+    save_array(tmp_path / "in.n5", "raw", np.ones((16, 16, 16), np.float32), chunks=(8, 8, 8))
+    run = Run(src, model, out, site="threads", retries=1, batch=1)
+    done, failed = [], []
+    for event in run.events():
+        if isinstance(event, BlockDone):
+            done.append(event.result.block_id)
+            if len(done) == 2:  # written again meanwhile, the same shape
+                save_array(tmp_path / "in.n5", "raw", np.full((16, 16, 16), 5, np.float32),
+                           chunks=(8, 8, 8), overwrite=True)  # fmt: skip
+        elif isinstance(event, BlockFailed) and event.final:
+            failed.append(event)
+    assert not event.ok and failed and event.done == len(done) < 8
+    assert failed[0].error.endswith(
+        f"The input {src} was written again during the run (an import or a save over it), so "
+        "the blocks done before hold what it held then; once it is written, run again with "
+        "--overwrite (Replace output in napari)."
+    )
+    output = Volume.open(tmp_path / "out.n5", "p").data.compute()
+    blocks = plan_blocks((16, 16, 16), (8, 8, 8), (0, 0, 0))
+    for b in blocks:  # the blocks done hold the old input alone, the others nothing
+        part = output[b.write_roi.to_slices()]
+        assert (part == (1.0 if b.id in done else 0.0)).all(), b.id
+    with pytest.raises(RunError, match="was written again since the output"):
+        Run(src, model, out, site="threads").execute()
+    assert Run(src, model, out, site="threads", overwrite=True).execute().ok
+    assert (Volume.open(tmp_path / "out.n5", "p").data.compute() == 5.0).all()
 
 
 def test_an_output_pasted_quoted_then_given_a_key(tmp_path, conv_model, float_volume):

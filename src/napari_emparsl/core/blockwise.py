@@ -52,6 +52,9 @@ class BlockJob:
     # the worker is a process of its own that only runs blocks: it keeps the memory it frees
     keep_memory: bool = False
     device: str = "cpu"  # the site's choice: cpu | cuda | auto (a GPU where torch sees one)
+    # the input's write id (volume.WRITE_ID) when the run planned it: a block that finds it
+    # changed read data written anew during the run (an import, a save), and fails
+    input_written: str | None = None
 
 
 @dataclass(frozen=True)
@@ -343,6 +346,24 @@ def _fill_far_edge(blk: Block, spec: Any, shape: Sequence[int]) -> Block:
     return dataclasses.replace(blk, read_roi=Roi.from_bounds(begin, end))
 
 
+def _check_input_unchanged(job: BlockJob) -> None:
+    """VolumeError where the input was written anew since the run planned (its write id is
+    another, or it is gone): the block would mix the new data into an output of the old."""
+    from napari_emparsl.core.paths import spec_text
+    from napari_emparsl.core.volume import Volume, VolumeError
+
+    try:
+        now = Volume.open(job.input_root, job.input_key).write_id
+    except VolumeError:
+        now = None  # removed, or half written: not what was planned either
+    if now != job.input_written:
+        raise VolumeError(
+            f"The input {spec_text(job.input_root, job.input_key)} was written again during "
+            "the run (an import or a save over it), so the blocks done before hold what it held "
+            "then; once it is written, run again with --overwrite (Replace output in napari)."
+        )
+
+
 def _read_block(job: BlockJob, spec: Any = None) -> tuple[np.ndarray, Block]:
     """The block's input, normalized, and the block as read (see :func:`_fill_far_edge`)."""
     from napari_emparsl.core.volume import Volume
@@ -353,6 +374,8 @@ def _read_block(job: BlockJob, spec: Any = None) -> tuple[np.ndarray, Block]:
     if spec is not None and spec.edge == "none":
         blk = _fill_far_edge(blk, spec, src.shape[-blk.read_roi.ndim :])
     data = src.read(((slice(None),) if has_c else ()) + blk.read_roi.to_slices())
+    if job.input_written is not None:  # asked after the read: what was read is of this writing
+        _check_input_unchanged(job)
     # 32- and 64-bit integers and float64 are normalized in float64, then cast: cast first,
     # values of a large offset lost their detail (float32 steps by 1 from 1.7e7, by 256 at 3e9:
     # a uint32 volume of 3e9 + 0..100 reached the model as one constant)

@@ -1214,6 +1214,7 @@ class Run:
                             threads,
                             profile.workers_keep_memory,
                             profile.device,
+                            self._src.write_id,
                         )
                     )
                 fut = app(jobs)
