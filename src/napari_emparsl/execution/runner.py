@@ -282,11 +282,14 @@ def _log_traceback(output: str, block_id: int, result: BlockResult, logged: set[
     log_details(f"block {block_id} of {output} failed on {result.worker}", result.detail)
 
 
-def _auto_batch(block: Block, spec: ModelSpec) -> int:
-    """Blocks per task: several small blocks (2D slices, small tiles) share one forward call."""
+def _auto_batch(block: Block) -> int:
+    """Blocks per task: several small blocks (2D slices, small tiles) share one forward call.
+    Sized by what the block reads with the run's halo (the model's own, or --halo's: with the
+    model's, a run's larger halo made batches of 6.75× the voxels meant for one forward)."""
     read = 1
-    for n, h in zip(block.write_roi.shape, spec.halo, strict=True):
-        read *= n + 2 * h
+    for n, before, after in zip(block.read_roi.shape, block.pad_before, block.pad_after,
+                                strict=True):  # fmt: skip
+        read *= n + before + after
     return max(1, min(16, _BATCH_VOXELS // max(1, read)))
 
 
@@ -1183,7 +1186,8 @@ class Run:
 
                 task = process_batch_reporting
             app = python_app(task, dfk, profile)
-            size = self.batch or _auto_batch(plan.blocks[0], plan.spec)
+            # (a block inside the volume: one at its edge may read less)
+            size = self.batch or _auto_batch(plan.blocks[len(plan.blocks) // 2])
             pending = [todo[i : i + size] for i in range(0, len(todo), size)][::-1]
             attempts: dict[int, int] = {}
             logged: set[str] = set()  # the errors whose traceback the log file has, this run
