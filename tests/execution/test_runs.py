@@ -1096,11 +1096,18 @@ def test_model_output_not_the_declared_scale_is_refused_before_any_block(
     )
 
 
+_THRESHOLDED = (
+    "a labels model of one channel is thresholded (threshold, 0.5 by default) into 0 and 1: "
+    "remove its classes (classes= empty), or export one logit per class."
+)
+
+
 @pytest.mark.parametrize(
     ("options", "said"),
     [
-        ({"kind": "labels", "classes": ["a", "b", "c"]}, "3 classes (a, b, c); set classes"),
-        ({"out_channels": 2}, "2 output channel(s); set out_channels"),
+        ({"kind": "labels", "classes": ["a", "b", "c"]}, f"3 classes (a, b, c); {_THRESHOLDED}"),
+        ({"kind": "labels", "classes": ["bg", "mito"]}, f"2 classes (bg, mito); {_THRESHOLDED}"),
+        ({"out_channels": 2}, "2 output channel(s); set out_channels to what the model produces."),
     ],
 )
 def test_model_output_not_the_declared_channels_is_refused_before_any_block(
@@ -1108,12 +1115,19 @@ def test_model_output_not_the_declared_channels_is_refused_before_any_block(
 ):
     """A description with more classes (or channels) than the model gives (once a labels run
     took the argmax over the channels there were and wrote blocks whose classes did not match
-    the names; then each block failed): refused with both counts before any block."""
+    the names; then each block failed): refused with both counts before any block. A labels
+    model of one channel is told it is thresholded without classes (it was told to set its
+    classes to what it produces: one class, which is refused)."""
     src, _ = float_volume
     assert _refused_before_any_block(tmp_path, src, conv_model, options) == (
-        f"The model's output has 1 channel(s) but its description says {said} to what the "
-        "model produces."
+        f"The model's output has 1 channel(s) but its description says {said}"
     )
+    if "classes" in options:  # what it says to do works
+        fixed = {**options, "classes": []}
+        run = Run(src, conv_model, f"{tmp_path}/t.n5:x", site="threads", roi="0:1,0:16,0:16",
+                  model_options=fixed)  # fmt: skip
+        assert run.execute().ok
+        assert Volume.open(tmp_path / "t.n5", "x").dtype == np.uint8
 
 
 def test_an_undescribed_model_of_several_channels_is_told_to_name_its_classes(

@@ -241,6 +241,12 @@ def run_model_on_batch(module: Any, spec: Any, xs: list[np.ndarray]) -> list[np.
         )
         what = "classes" if spec.kind == "labels" and spec.classes else "out_channels"
         todo = f"set {what} to what the model produces"
+        if spec.kind == "labels" and spec.classes and y.ndim == 5 and y.shape[1] == 1:
+            # one class would be refused: one channel is thresholded, with no classes
+            todo = (
+                "a labels model of one channel is thresholded (threshold, 0.5 by default) "
+                "into 0 and 1: remove its classes (classes= empty), or export one logit per class"
+            )
         if spec.kind == "labels" and not spec.classes and y.ndim == 5 and y.shape[1] > 1:
             # a labels model described by nothing (no classes): as the panel asks, its classes
             todo = (
