@@ -179,12 +179,17 @@ def test_cancel_and_resume_equals_uninterrupted(
 
     widget.run_btn.clicked.emit()
     widget._worker.yielded.connect(cancel_once)
-    first_run = weakref.ref(widget._run)
+    first_run, first_worker = weakref.ref(widget._run), weakref.ref(widget._worker)
     _wait_idle(qtbot, widget)
     assert "cancelled" in widget.status.value
     assert htex.gone(timeout=30)  # no worker, pool or interchange left behind
+    qtbot.wait(50)
     gc.collect()
     assert first_run() is None  # an ended run (and its open N5 handles) is let go
+    # and its napari worker (napari's task list kept every one, for the whole session)
+    assert first_worker() is None
+    tasks = viewer.window._task_status_manager._tasks
+    assert [t.state()[2] for t in tasks.values()] == []
     ledger = Ledger(str(sample_path), "pred")
     done_before = set(ledger.summary().done)
     assert 1 <= len(done_before) < 8  # stopped mid-run, what finished kept

@@ -12,7 +12,11 @@ below a run's output and move the z slider. Plain napari does it with two image 
 The fix makes the canvas's context current before napari's own clean-up; nothing else changes.
 It is applied once, only where napari still has that method.
 
-Also here, :func:`load_units`: napari's layers take their units from pint's application
+Also here, :func:`forget_ended_tasks`: napari's ``thread_worker`` registers each worker with
+its window's task list (for "tasks are running" when the window closes) and never removes it:
+every preview and run of a session stayed in memory with its worker and generator.
+
+And :func:`load_units`: napari's layers take their units from pint's application
 registry, which loads its definitions on first use (~0.5 s) in a way that is not thread-safe:
 while one thread loads it, a layer made on another thread fails ("'pixel' is not defined in the
 unit registry"). The run panel makes its first layers in a background thread (to pay napari's
@@ -25,7 +29,7 @@ import contextlib
 import functools
 import logging
 
-__all__ = ["apply", "load_units"]
+__all__ = ["apply", "forget_ended_tasks", "load_units"]
 
 log = logging.getLogger(__name__)
 
@@ -65,3 +69,24 @@ def load_units() -> None:
             registry.pixel  # noqa: B018  (its first attribute loads every definition)
     except Exception:  # another pint: napari then loads it as it always did
         log.debug("could not load pint's unit registry", exc_info=True)
+
+
+def forget_ended_tasks(viewer: object) -> int:
+    """Remove the tasks that ended from ``viewer``'s window's task list (napari keeps them, and
+    with them their workers, for the rest of the session); how many were removed. Running ones
+    stay (napari asks about them when the window closes)."""
+    manager = getattr(getattr(viewer, "window", None), "_task_status_manager", None)
+    tasks = getattr(manager, "_tasks", None)
+    if not isinstance(tasks, dict):  # another napari: nothing to do
+        return 0
+    try:
+        from napari.utils.task_status import Status
+
+        running = {Status.PENDING, Status.BUSY}
+        ended = [key for key, item in list(tasks.items()) if item.state()[2] not in running]
+    except Exception as err:  # napari changed its task items: leave them
+        log.debug("could not read napari's task list: %s", err)
+        return 0
+    for key in ended:
+        tasks.pop(key, None)
+    return len(ended)

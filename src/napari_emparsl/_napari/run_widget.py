@@ -1360,6 +1360,9 @@ class RunWidget(Container):
         self._show_failed_now()  # failures still waiting for their turn
         self._set_running(False)
         self._worker = None  # its generator holds the run, and the run the volumes' file handles
+        # napari kept every ended worker in its window's task list (after this slot: napari's
+        # own marks the task completed first)
+        QTimer.singleShot(0, guarded(self, lambda: napari_fixes.forget_ended_tasks(self._viewer)))
         self._update_watch()  # no run: every read goes to disk again
         self._refresh_output()
         from napari_emparsl._napari.runs_widget import run_going
