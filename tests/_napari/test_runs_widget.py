@@ -120,3 +120,27 @@ def test_open_output_removed_since_it_was_listed_is_one_sentence(
     ]
     qtbot.waitUntil(lambda: widget.runs.native.count() == 0)
     assert [layer.name for layer in viewer.layers] == ["pred"]  # nothing added
+    # and the panel let go of it (a day of runs kept every output, and looked for them all)
+    assert widget._outputs == {}
+
+
+def test_outputs_deleted_since_are_forgotten(make_napari_viewer, qtbot, tmp_path, monkeypatch,
+                                            make_run_output):  # fmt: skip
+    """Outputs of this session's runs deleted from disk are dropped from the session's list
+    and the panel's (both grew by one per output for the whole session)."""
+    import shutil
+
+    from napari_emparsl._napari import runs_widget
+
+    monkeypatch.setattr(runs_widget, "SESSION_OUTPUTS", [])
+    make_run_output()
+    output = f"{tmp_path}/s.n5:pred"
+    runs_widget.run_going(output)
+    viewer = make_napari_viewer()
+    widget = RunsWidget(viewer)
+    qtbot.waitUntil(lambda: widget.runs.native.count() == 1)
+    assert list(widget._outputs) == [output] and runs_widget.SESSION_OUTPUTS == [output]
+    shutil.rmtree(tmp_path / "s.n5" / "pred")
+    widget.refresh()
+    qtbot.waitUntil(lambda: widget.runs.native.count() == 0)
+    assert widget._outputs == {} and runs_widget.SESSION_OUTPUTS == []

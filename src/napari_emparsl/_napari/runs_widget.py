@@ -157,12 +157,18 @@ class RunsWidget(Container):
                 spec = f"{src['path']}:{src['key']}"
                 if spec not in found:
                     found.append(spec)
-        return [o for o in found if Ledger(*parse_spec(o)).exists()]
+        listed = [o for o in found if Ledger(*parse_spec(o)).exists()]
+        # outputs deleted since are forgotten (a day of runs kept every one, and each refresh
+        # looked for them all); a run not yet begun is remembered again as it begins
+        SESSION_OUTPUTS[:] = [o for o in SESSION_OUTPUTS if o in listed]
+        return listed
 
     def refresh(self, *_: Any) -> None:
         """Describe every run again; the ledgers are read in the background (a first read of a
         ledger of 10⁵ blocks takes ~1 s), the list is updated when they are."""
         outputs = self.outputs()
+        # those no longer listed let go of their ledger summaries and volumes
+        self._outputs = {o: t for o, t in self._outputs.items() if o in outputs}
         tracked = [self._output(o) for o in outputs]
         self._generation += 1
         generation = self._generation
