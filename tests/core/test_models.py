@@ -419,6 +419,32 @@ def test_model_hash_is_remembered_until_the_file_changes(tmp_path):
     assert file_hash(str(path)) == hashlib.sha256(b"b" * 1000).hexdigest()
 
 
+def test_a_process_keeps_a_few_models_loaded(tmp_path, monkeypatch):
+    """napari previews load models in its own process: it kept a copy of every model file,
+    retrained file and options tried for the whole session. The three used last are kept, and
+    a file written anew lets go of its earlier weights."""
+    import time
+
+    import torch
+
+    from napari_emparsl.core.models import loaders
+
+    monkeypatch.setattr(loaders, "_CACHE", type(loaders._CACHE)())
+    path = tmp_path / "conv.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Conv3d(1, 1, 3, padding=1)), str(path))
+    path.with_name("conv.pt.yaml").write_text("kind: image\nhalo: [1, 1, 1]\n")
+    loaded = [loaders.load_model(str(path), {"halo": h}) for h in (1, 2, 3, 4)]
+    assert len(loaders._CACHE) == 3  # (before: 4, and one more per options tried)
+    assert loaders.load_model(str(path), {"halo": 4}) is loaded[3]  # used last: kept
+    assert loaders.load_model(str(path), {"halo": 2}) is loaded[1]
+    assert loaders.load_model(str(path), {"halo": 1}) is not loaded[0]  # the oldest went
+    time.sleep(0.05)  # file times advance by the kernel's clock tick
+    torch.jit.save(torch.jit.script(torch.nn.Conv3d(1, 1, 3, padding=1)), str(path))
+    new = loaders.load_model(str(path), {"halo": 1})
+    assert new.sha256 != loaded[0].sha256
+    assert [m.sha256 for m in loaders._CACHE.values()] == [new.sha256]  # the old weights went
+
+
 def test_several_model_options_after_one_flag(capsys):
     from napari_emparsl.cli import main
 

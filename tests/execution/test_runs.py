@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -1596,7 +1597,8 @@ def test_a_model_is_tried_on_zeros_once_per_description(tmp_path, conv_model, fl
         return real(module, spec, x)
 
     monkeypatch.setattr(runner, "run_model_on_array", counted)
-    monkeypatch.setattr(runner, "_TRIED", set())  # (another test's run tried the same weights)
+    # (another test's run tried the same weights)
+    monkeypatch.setattr(runner, "_TRIED", weakref.WeakKeyDictionary())
     src, _ = float_volume
     for name, options in (("a", {}), ("b", {}), ("c", {"halo": 4})):
         run = Run(src, conv_model, f"{tmp_path}/o.n5:{name}", site="threads", roi="0:1,0:4,0:4",

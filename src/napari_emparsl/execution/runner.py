@@ -19,6 +19,7 @@ import signal
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -297,7 +298,9 @@ _NOT_BEGUN = "not begun: the run was cancelled"
 
 
 _TRIAL_VOXELS = 2 * 64**3  # the largest input tried on zeros before planning (1×512×512 2D)
-_TRIED: set[tuple[int, str]] = set()  # loaded models and descriptions that passed the trial
+#: loaded models (weakly: the loader's cache lets go of old ones) and the descriptions with
+#: which each passed the trial
+_TRIED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 
 
 def _try_on_zeros(module: Any, spec: ModelSpec) -> None:
@@ -309,9 +312,9 @@ def _try_on_zeros(module: Any, spec: ModelSpec) -> None:
     size = [m * max(1, 16 // m) for m in spec.multiple]
     if spec.spatial_dims == 2:
         size[0] = 1
-    key = (id(module), repr(sorted(spec.to_dict().items())))
-    if key in _TRIED:  # once per loaded model and description (a preview's 0.1–0.2 s in napari)
-        return
+    key = repr(sorted(spec.to_dict().items()))
+    if key in _TRIED.get(module, ()):  # once per loaded model and description (a preview's
+        return  # 0.1–0.2 s in napari)
     shape = spec.input_size(size)
     if math.prod(shape) > _TRIAL_VOXELS:  # a model of a fixed, large size: a forward of seconds
         return  # and gigabytes in the coordinator (napari's process): left to its blocks
@@ -322,7 +325,7 @@ def _try_on_zeros(module: Any, spec: ModelSpec) -> None:
         raise RunError(str(err)) from None
     except Exception:  # its blocks will say why, with the real size of a block
         pass
-    _TRIED.add(key)  # (the module stays loaded, in the loader's cache, so its id stays its own)
+    _TRIED.setdefault(module, set()).add(key)
 
 
 def _undescribed(model: str, options: Mapping[str, Any], spec: ModelSpec) -> str | None:

@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -43,7 +44,10 @@ __all__ = [
 #: built-in model name -> weights file inside napari_emparsl/models/ (sidecar beside it)
 BUILTIN_MODELS = {"unet3d-em": "unet3d_em.pt"}
 
-_CACHE: dict[tuple[str, str], LoadedModel] = {}
+#: models loaded in this process, the most recently used last; at most _CACHED of them (a
+#: napari session kept a copy per model file, retrained file and options tried, for good)
+_CACHE: OrderedDict[tuple[str, str, str], LoadedModel] = OrderedDict()
+_CACHED = 3
 _LOCK = threading.Lock()
 _LOADS = 0  # cache misses in this process: a worker loads each model once
 _HASHES: dict[tuple[Any, ...], str] = {}  # file_hash by the file's stat
@@ -518,9 +522,15 @@ def load_model(
             module = _load_module(path, spec)
             module = _channels_last(module, spec) if device == "cpu" else module.to(device)
             cached = LoadedModel(module, spec, digest, path)
+            for other in [k for k, v in _CACHE.items() if v.path == path and k[0] != digest]:
+                del _CACHE[other]  # the file's earlier weights: it was written anew
             _CACHE[key] = cached
+            while len(_CACHE) > _CACHED:
+                _CACHE.popitem(last=False)
             global _LOADS
             _LOADS += 1
+        else:
+            _CACHE.move_to_end(key)
     return cached
 
 
