@@ -816,6 +816,32 @@ def test_reopened_multiscale_output_resumes_in_its_layer(make_napari_viewer, qtb
     qtbot.waitUntil(drawn, timeout=10_000)
 
 
+def test_a_model_that_does_not_fit_its_description_is_said_when_chosen(
+    make_napari_viewer, qtbot, sample_path, tmp_path
+):
+    """A model file whose output does not fit its description: said beside the model once it
+    is chosen (tried on zeros in the background, as a run does), not only when Preview or Run
+    is clicked; a description that fits it clears the warning."""
+    import torch
+
+    m = torch.nn.Sequential(torch.nn.Conv3d(1, 1, 3, padding=1))
+    torch.jit.save(torch.jit.script(m.eval()), str(tmp_path / "one.pt"))
+    (tmp_path / "one.pt.yaml").write_text("kind: labels\nclasses: [a, b, c]\nhalo: [2, 2, 2]\n")
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, sample_path)
+    widget.model_file.value = str(tmp_path / "one.pt")
+    assert widget.model_info.value.startswith("labels: a, b, c")
+    qtbot.waitUntil(lambda: "⚠" in widget.model_info.value, timeout=60_000)
+    assert widget.model_info.value.endswith(
+        "— ⚠ The model's output has 1 channel(s) but its description says 3 classes (a, b, c); "
+        "a labels model of one channel is thresholded (threshold, 0.5 by default) into 0 and 1: "
+        "remove its classes (classes= empty), or export one logit per class."
+    ), widget.model_info.value
+    widget.model_options.value = "kind=image; classes="
+    qtbot.wait(500)  # its trial passes: nothing added
+    assert widget.model_info.value == "image, 1 channel(s); 1 input channel(s); 3D; halo [2, 2, 2]"
+
+
 def test_model_without_description_is_asked_for_what_it_lacks(
     make_napari_viewer, qtbot, sample_path, tmp_path
 ):

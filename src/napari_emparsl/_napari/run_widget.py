@@ -121,6 +121,22 @@ def _preload_all(model: str) -> None:
         log.debug("preloading napari's layers failed", exc_info=True)
 
 
+def _trial(model: str, options: dict[str, Any], preloaded: threading.Event) -> str | None:
+    """Load ``model`` with ``options`` and try it on a small input of zeros (as a run does
+    before its first block): the sentence saying how its output does not fit its description,
+    or None. After the preload (torch imported: importing it here too would only wait for it)."""
+    preloaded.wait(120)
+    from napari_emparsl.core.models.loaders import load_model
+    from napari_emparsl.execution.runner import _try_on_zeros
+
+    try:
+        loaded = load_model(model, options)
+        _try_on_zeros(loaded.module, loaded.spec)
+    except UserError as err:
+        return str(err)
+    return None
+
+
 def _triple(text: str, name: str, minimum: int) -> tuple[int, int, int] | None:
     """'64,128,128' (or '64') -> (64, 128, 128); empty -> None (the model's default)."""
     text = text.strip()
@@ -484,6 +500,11 @@ class RunWidget(Container):
         self._timer.timeout.connect(guarded(self, self._refresh_output))
         self._timer.start()
         self._suggest_output()
+        # a model file is tried on zeros in the background once described (see _trial)
+        self._trial_relay = Relay(self.native)
+        self._trial_relay.answer.connect(guarded(self, self._model_tried))
+        self._trials = 0  # the description a trial's answer is of (later ones replace it)
+        self._preloaded = threading.Event()
         self._describe_model()
         # import torch and load the chosen model in the background now, not on the first preview.
         # A plain thread, no Qt object: a viewer closed (or a test ended) before it finished
@@ -494,7 +515,6 @@ class RunWidget(Container):
         self._check_relay = Relay(self.native)  # a model check's answer
         self._check_relay.answer.connect(guarded(self, self._model_checked))
         self._testing_site = ""
-        self._preloaded = threading.Event()
         self._collected = False
         napari_fixes.load_units()  # before the preload makes layers in its thread
         threading.Thread(
@@ -644,6 +664,7 @@ class RunWidget(Container):
         from napari_emparsl.core.models.spec import resolution_mismatch
 
         self.check_model_btn.enabled = False
+        self._trials += 1  # a trial of what was described before says nothing of this
         if self.status.value.startswith("model check"):  # it spoke of the model before
             self.status.value = ""
         try:
@@ -708,6 +729,28 @@ class RunWidget(Container):
                     f"{os.path.basename(self._model())}.yaml)"
                 )
         self.model_info.value = text
+        if (self._model() in BUILTIN_MODELS and not options) or missing or not look:
+            # shipped as described; asked for what its description lacks first; described
+            # again after the preload (torch, to look inside it), tried then
+            return
+        # a model whose output does not fit its description is said here, before Preview or
+        # Run (which refuse it in the same sentence): loaded in the background, as a run would
+        trial, model = self._trials, self._model()
+        in_background(
+            self._trial_relay,
+            lambda: (trial, _trial(model, options, self._preloaded)),
+            name="emparsl-model-trial",
+            daemon=True,
+        )
+
+    def _model_tried(self, answer: Any) -> None:
+        if isinstance(answer, BaseException):  # the trial itself failed: a run will say it
+            log.debug("trying the model failed: %s", answer)
+            return
+        trial, problem = answer
+        said = f" — ⚠ {panel_words(problem)}" if problem else ""
+        if trial == self._trials and said and said not in self.model_info.value:
+            self.model_info.value += said
 
     def check_model(self, *_: Any) -> None:
         """Run the bioimage.io package in the model file on its test input (in a thread)."""
