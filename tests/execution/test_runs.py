@@ -1422,6 +1422,22 @@ def test_a_cancel_never_records_blocks_that_did_not_begin(tmp_path, unet_model, 
         ),
         ({"retries": 1.5}, "Retries are a count of 0 or more, not 1.5."),
         ({"block_ids": 5}, "block_ids must be a list of block ids (got 5); None runs every block."),
+        # (these raised TypeErrors: "unhashable type: 'dict'", "expected str, bytes or …")
+        (
+            {"site": None},
+            "The site must be a site's name (local, threads) or a profile's path, "
+            "given as text or a path, not None.",
+        ),
+        (
+            {"site": {"kind": "threads"}},
+            "The site must be a site's name (local, threads) or a "
+            "profile's path, given as text or a path, not "
+            "{'kind': 'threads'}.",
+        ),
+        (
+            {"model_options": 5},
+            "The model options must be a dict such as {'halo': 8} (or 'key=value' texts), not 5.",
+        ),
         ({"block_ids": [-1]}, "block_ids must be block ids, whole numbers ≥ 0 (got [-1])."),
         (
             {"block_ids": [2, 999]},
@@ -1437,8 +1453,30 @@ def test_python_api_options_are_checked(tmp_path, conv_model, float_volume, opti
     after the output was made). One sentence each; no output made."""
     src, _ = float_volume
     with pytest.raises(UserError) as err:
-        Run(src, conv_model, f"{tmp_path}/o.n5:p", site="threads", **option).execute()
+        Run(src, conv_model, f"{tmp_path}/o.n5:p", **({"site": "threads"} | option)).execute()
     assert str(err.value) == said
+    assert not (tmp_path / "o.n5").exists()
+
+
+def test_python_api_input_model_output_and_option_texts(tmp_path, conv_model, float_volume):
+    """None as input, model or output was a TypeError from deep inside; model options may be
+    the CLI's or the panel's `key=value` texts (a ValueError: "dictionary update sequence")."""
+    src, _ = float_volume
+    out = f"{tmp_path}/o.n5:p"
+    for args, said in (
+        ((None, conv_model, out), "The input must be a volume, as DATA.n5:DATASET, given as "
+                                  "text or a path, not None."),
+        ((src, None, out), "The model must be a built-in model's name or a model file's path, "
+                           "given as text or a path, not None."),
+        ((src, conv_model, 5), "The output must be a dataset to write, as OUT.n5:DATASET, given "
+                               "as text or a path, not 5."),
+    ):  # fmt: skip
+        with pytest.raises(UserError) as err:
+            Run(*args, site="threads")
+        assert str(err.value) == said
+    for given in ("halo=4; normalize=zscore", ["halo=4", "normalize=zscore"]):
+        run = Run(src, conv_model, out, site="threads", model_options=given)
+        assert run.model_options == {"halo": 4, "normalize": "zscore"}
     assert not (tmp_path / "o.n5").exists()
 
 

@@ -283,6 +283,34 @@ def _log_traceback(output: str, block_id: int, result: BlockResult, logged: set[
     log_details(f"block {block_id} of {output} failed on {result.worker}", result.detail)
 
 
+def _path_text(value: Any, name: str, what: str) -> str:
+    """``value`` as text (a ``pathlib.Path`` as its path); UserError for anything else."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, str):
+        return value
+    raise UserError(f"The {name} must be {what}, given as text or a path, not {value!r}.")
+
+
+def _options_given(options: Any) -> dict[str, Any]:
+    """Model options as given to :class:`Run`: a mapping, or the CLI's / panel's ``key=value``
+    texts (a list of them, or one text of them separated by ``;``)."""
+    from napari_emparsl.core.models.spec import parse_options
+
+    if options is None:
+        return {}
+    if isinstance(options, Mapping):
+        return dict(options)
+    if isinstance(options, str):
+        options = [item.strip() for item in options.split(";") if item.strip()]
+    if isinstance(options, (list, tuple)) and all(isinstance(o, str) for o in options):
+        return parse_options(list(options))
+    raise UserError(
+        f"The model options must be a dict such as {{'halo': 8}} (or 'key=value' texts), not "
+        f"{options!r}."
+    )
+
+
 def _auto_batch(block: Block) -> int:
     """Blocks per task: several small blocks (2D slices, small tiles) share one forward call.
     Sized by what the block reads with the run's halo (the model's own, or --halo's: with the
@@ -629,6 +657,14 @@ class Run:
         batch: int | None = None,
         block_ids: Iterable[int] | None = None,
     ):
+        # what a notebook may pass that is none of these: one sentence, not a TypeError
+        input = _path_text(input, "input", "a volume, as DATA.n5:DATASET")
+        model = _path_text(model, "model", "a built-in model's name or a model file's path")
+        if output is not None:
+            output = _path_text(output, "output", "a dataset to write, as OUT.n5:DATASET")
+        if not isinstance(site, SiteProfile):
+            site = _path_text(site, "site", "a site's name (local, threads) or a profile's path")
+        model_options = _options_given(model_options)
         self.input_root, self.input_key = parse_spec(input)
         # no output: suggested from the input once it is open (predictions/<name> beside it)
         self._suggest_output = output is None
