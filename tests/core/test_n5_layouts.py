@@ -460,3 +460,16 @@ def test_a_dataset_with_broken_metadata_hides_nothing_else(tmp_path, capsys):
     assert main(["info", f"{c}:ok"]) == 0 and "ok  (image)" in capsys.readouterr().out
     assert main(["info", f"{c}:lost"]) == 2
     assert "holds chunk folders but no attributes.json" in capsys.readouterr().err
+    # a folder of chunks of a healthy dataset, chosen by mistake, is no lost dataset (it was
+    # said to be one: "restore it from a backup"), from info, run and napari alike
+    said = f" is a folder of chunks of the dataset {c}:ok, not a dataset; give that dataset " \
+        f"({c}:ok) or the container ({c})."  # fmt: skip
+    for args, folder in (
+        (["info", f"{c}/ok/0"], f"{c}/ok/0"),
+        (["info", f"{c}:ok/0/0"], f"{c}/ok/0/0"),
+        (["run", "--input", f"{c}:ok/0", "--model", "unet3d-em", "--site", "threads"], f"{c}/ok/0"),
+    ):
+        assert main(args) == 2
+        assert capsys.readouterr().err.strip().endswith(folder + said), args
+    with pytest.raises(VolumeError, match="is a folder of chunks of the dataset"):
+        read_layers(f"{c}/ok/0")

@@ -819,6 +819,34 @@ def _chunk_folders_only(directory: str, children: list[str]) -> bool:
     return False
 
 
+def dataset_above(directory: str) -> tuple[str, str] | None:
+    """The container and dataset key of the dataset ``directory`` lies inside (a folder of its
+    chunks, ``data.n5/raw/0/1``), or None."""
+    root, key = find_container_root(directory)
+    parts = key.split("/") if key else []
+    for i in range(1, len(parts)):
+        prefix = "/".join(parts[:i])
+        try:
+            attrs = read_attrs(os.path.join(root, prefix))
+        except VolumeError:
+            return None
+        if is_dataset_attrs(attrs):
+            return root, prefix
+    return None
+
+
+def _chunk_folder(directory: str) -> str | None:
+    """What to say of ``directory`` when it is a folder of a dataset's chunks, else None."""
+    above = dataset_above(directory)
+    if above is None:
+        return None
+    root, key = above
+    return (
+        f"{directory} is a folder of chunks of the dataset {root}:{key}, not a dataset; give "
+        f"that dataset ({root}:{key}) or the container ({root})."
+    )
+
+
 def walk_tree(root: str) -> list[Node]:
     """All groups, datasets and pyramids of a container (JSON only, no chunk is read).
 
@@ -849,7 +877,10 @@ def walk_tree(root: str) -> list[Node]:
             except OSError:
                 lost = False
             if lost:
-                nodes.append(Node(key, "dataset", {BROKEN: (
+                inside = _chunk_folder(directory)  # chosen inside a dataset: not lost at all
+                if inside is not None and not key:
+                    raise VolumeError(inside)
+                nodes.append(Node(key, "dataset", {BROKEN: inside or (
                     f"{directory} holds chunk folders but no attributes.json (the dataset's "
                     "shape, type and chunking); restore it from a backup or re-export the "
                     "dataset."
