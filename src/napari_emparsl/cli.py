@@ -505,11 +505,12 @@ def _run(args: argparse.Namespace) -> int:
             for (final, _), ids in failures.items():
                 if final and len(ids) > 1:
                     print(
-                        f"  block(s) {_id_list(sorted(ids[1:]))} failed with the same error as block {ids[0]}",
+                        f"  {'block' if len(ids) == 2 else 'blocks'} {_id_list(sorted(ids[1:]))} "
+                        f"failed with the same error as block {ids[0]}",
                         file=sys.stderr,
                     )
             print(
-                f"emparsl: error: {last.failed} block(s) failed; see `emparsl status {run.output}` "
+                f"emparsl: error: {_n(last.failed, 'block')} failed; see `emparsl status {run.output}` "
                 f"(their tracebacks are in {log_path()}) and run the same command again to "
                 "retry them.",
                 file=sys.stderr,
@@ -656,7 +657,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if out["last_run"]:
         t = out["last_run"]
         print(
-            f"last run: {t['blocks_done']} block(s) done in {t['seconds']:.1f} s from its start "
+            f"last run: {_n(t['blocks_done'], 'block')} done in {t['seconds']:.1f} s from its start "
             f"({t['blocks_per_second']:.2f} blocks/s, {t['voxels_per_second'] / 1e6:.2f} "
             "Mvoxel/s written)"
         )
@@ -672,8 +673,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if len(by_error) > len(shown):
         rest = sum(len(ids) for _, ids in list(by_error.items())[len(shown) :])
         print(
-            f"  and {rest} more block(s) failed with {len(by_error) - len(shown)} other "
-            "error(s); `emparsl status --json` lists every one"
+            f"  and {rest} more {'block' if rest == 1 else 'blocks'} failed with "
+            f"{_n(len(by_error) - len(shown), 'other error')}; `emparsl status --json` lists "
+            "every one"
         )
     prov = out["provenance"]
     print(f"input {str(prov['input']).removesuffix(':')}, model {prov['model']} (sha256 {str(prov['model_sha256'])[:12]}…)"
@@ -1254,6 +1256,19 @@ EXIT_BUSY = 75  # EX_TEMPFAIL
 EXIT_INTERNAL = 70  # EX_SOFTWARE
 
 
+def _os_advice(err: OSError) -> str:
+    """What to do about an operating system's refusal, by its kind."""
+    import errno
+
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space there, or write elsewhere"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "check the path's permissions, or write elsewhere"
+    if err.errno == errno.ENOTDIR:
+        return "a part of the path is a file, not a folder: check the path"
+    return "check the path and free space"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _usable_std_streams()
     parser = build_parser()
@@ -1277,10 +1292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except OSError as err:
         where = f" ({err.filename})" if err.filename else ""
-        print(
-            f"emparsl: error: {err.strerror or err}{where}; check the path and free space.",
-            file=sys.stderr,
-        )
+        print(f"emparsl: error: {err.strerror or err}{where}; {_os_advice(err)}.", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
         print(f"emparsl: {_how_stopped(stop)}.", file=sys.stderr)

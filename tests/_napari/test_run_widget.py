@@ -338,7 +338,7 @@ def test_failing_model_shows_failed_blocks(make_napari_viewer, qtbot, sample_pat
     widget.retry_btn.clicked.emit()
     _wait_idle(qtbot, widget)
     assert not widget.failed_list.choices and len(boxes.data) == 0
-    assert widget.status.value == f"retried {len(ids)} failed block(s): {len(ids)} done, 0 failed"
+    assert widget.status.value == f"retried {len(ids)} failed blocks: {len(ids)} done, 0 failed"
     assert not widget.retry_btn.enabled
     # only those ran (before, Retry was Run / resume: the pending block too)
     added = [json.loads(line) for line in open(ledger.path).read()[len(before) :].splitlines()]

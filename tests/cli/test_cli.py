@@ -97,6 +97,28 @@ def test_import_dry_run_and_tiny_chunk_warning(capsys, tmp_path):
     assert code == 2 and err.startswith("emparsl: error: ") and "already exists" in err
 
 
+def test_an_output_under_a_file_is_said_to_be(capsys, tmp_path, small_n5):
+    """An output path through a file (x.txt/o.n5): the run said the folder x.txt "does not
+    exist … create the folder first" (it exists, as a file); the import said "Not a directory
+    …; check the path and free space". A one-chunk estimate said "1 chunk files"."""
+    (tmp_path / "x.txt").write_text("notes")
+    code, _, err = run(capsys, "run", "--input", f"{small_n5[0]}:raw", "--model", "unet3d-em",
+                       "--output", f"{tmp_path}/x.txt/o.n5:p", "--site", "threads")  # fmt: skip
+    assert code == 2 and err.strip() == (
+        f"emparsl: error: {tmp_path}/x.txt is a file, not a folder, so the output "
+        f"{tmp_path}/x.txt/o.n5:p cannot be made there; choose an output path in a folder."
+    )
+    tif = tmp_path / "s.tif"
+    tifffile.imwrite(tif, np.ones((4, 8, 8), np.uint8), photometric="minisblack")
+    code, out, err = run(capsys, "import", str(tif), f"{tmp_path}/x.txt/o.n5:raw")
+    assert out.startswith("Estimate: 1 chunk file, about ")
+    assert code == 2 and err.strip().endswith(
+        f"Not a directory ({tmp_path}/x.txt/o.n5); a part of the path is a file, not a folder: "
+        "check the path."
+    )
+    assert (tmp_path / "x.txt").read_text() == "notes"
+
+
 def test_console_script_no_traceback(tmp_path):
     exe = [sys.executable, "-m", "napari_emparsl.cli"]
     ok = subprocess.run([*exe, "--version"], capture_output=True, text=True, check=False)
@@ -522,8 +544,7 @@ def test_status_of_many_different_failures_is_a_few_lines(capsys, tmp_path, smal
     lines = [ln for ln in text.splitlines() if "failed" in ln and ln.startswith("  ")]
     assert code == 0 and len(lines) == 11, text
     assert lines[-1] == (
-        "  and 29 more block(s) failed with 29 other error(s); `emparsl status --json` lists "
-        "every one"
+        "  and 29 more blocks failed with 29 other errors; `emparsl status --json` lists every one"
     )
     code, text, _ = run(capsys, "status", out, "--json")
     assert len(json.loads(text)["failed_blocks"]) == 39

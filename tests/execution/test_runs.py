@@ -68,7 +68,7 @@ def test_failing_blocks_reported_then_only_they_rerun(
     )
     captured = capsys.readouterr()
     assert code == 1
-    assert "2 block(s) failed" in captured.err and "marker found" in captured.err
+    assert "2 blocks failed" in captured.err and "marker found" in captured.err
     assert "Finished: 6/8 blocks done, 2 failed" in captured.out
     # the failure's traceback is in the log file the message names, once for the one error
     log = tmp_path / "cache" / "napari-emparsl" / "emparsl.log"
@@ -121,7 +121,7 @@ def test_failing_blocks_reported_then_only_they_rerun(
     assert "marker found" in records[0]["error"]
     main(["status", out])
     printed = capsys.readouterr().out
-    assert "last run: 6 block(s) done in" in printed and "2 blocks (0, 7) failed" in printed
+    assert "last run: 6 blocks done in" in printed and "2 blocks (0, 7) failed" in printed
 
     # "fix" the model: same description, new weights file
     fixed = torch.nn.Identity()
@@ -1441,7 +1441,7 @@ def test_a_cancel_never_records_blocks_that_did_not_begin(tmp_path, unet_model, 
         ({"block_ids": [-1]}, "block_ids must be block ids, whole numbers ≥ 0 (got [-1])."),
         (
             {"block_ids": [2, 999]},
-            "Block id(s) 999 are not in this run's plan of 48 blocks (ids "
+            "Block id 999 is not in this run's plan of 48 blocks (ids "
             "0–47): they were listed with another block size, halo or "
             "region; run again without them.",
         ),

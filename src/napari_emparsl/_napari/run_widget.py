@@ -1209,7 +1209,8 @@ class RunWidget(Container):
                 QTimer.singleShot(max(0, int(wait * 1000)), guarded(self, self._show_failed_now))
         elif isinstance(event, Finished):
             self.status.value = (
-                f"retried {event.total} failed block(s): {event.done} done, {event.failed} failed"
+                f"retried {event.total} failed block{'' if event.total == 1 else 's'}: "
+                f"{event.done} done, {event.failed} failed"
                 if self._run is not None and self._run.block_ids is not None
                 else f"finished: {event.done}/{event.total} done, {event.failed} failed"
             )

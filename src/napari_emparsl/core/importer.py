@@ -568,7 +568,8 @@ class Estimate:
 
     def summary(self) -> str:
         return (
-            f"{self.n_files:,} chunk files, about {human_size(self.disk_bytes)} on disk "
+            f"{self.n_files:,} chunk file{'' if self.n_files == 1 else 's'}, about "
+            f"{human_size(self.disk_bytes)} on disk "
             f"({human_size(self.raw_bytes)} uncompressed, measured ratio {self.ratio:.2f})"
         )
 

@@ -600,6 +600,11 @@ def _refuse_missing_folder(root: str, output: str) -> None:
         return
     there = parent
     while not os.path.isdir(there) and os.path.dirname(there) != there:
+        if os.path.exists(there):  # a file where a folder of the path should be
+            raise RunError(
+                f"{there} is a file, not a folder, so the output {output} cannot be made "
+                "there; choose an output path in a folder."
+            )
         there = os.path.dirname(there)
     if not os.access(there, os.W_OK):  # nothing can be made there: said as such when made
         return
@@ -1003,8 +1008,9 @@ class Run:
             unknown = sorted(self.block_ids - {b.id for b in blocks})
             if unknown:  # before: nothing computed, and "Finished" said
                 raise RunError(
-                    f"Block id(s) {', '.join(map(str, unknown[:10]))}"
-                    f"{' …' if len(unknown) > 10 else ''} are not in this run's plan of "
+                    f"{'Block id' if len(unknown) == 1 else 'Block ids'} "
+                    f"{', '.join(map(str, unknown[:10]))}{' …' if len(unknown) > 10 else ''} "
+                    f"{'is' if len(unknown) == 1 else 'are'} not in this run's plan of "
                     f"{len(blocks)} blocks (ids {_id_range(blocks)}): they were listed with "
                     "another block size, halo or region; run again without them."
                 )
