@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -170,8 +172,19 @@ def test_image_output_as_uint8_maps_its_range_and_resumes_an_older_output(
         wide = napari_emparsl.run(spec, save_model(Times3(), tmp_path / "x3.pt",
                                   "kind: image\nout_dtype: uint8\n"), f"{out}:x3", site="threads")  # fmt: skip
     [said] = wide.warnings
-    assert said.startswith("66.") and "(the model gave 0 to 3)" in said
+    assert said.startswith("66.") and re.search(
+        r"\(the blocks that clipped gave [0-9.e-]+ to 3\)", said
+    )
     assert "(e.g. --model-option out_range=0,3) and write it again with --overwrite." in said
+    # the range the clipping blocks gave, not widened to out_range's own ends (a model of 0.5
+    # to 3.5 was said to give "0 to 3.5")
+    shifted = save_model(Times3(), tmp_path / "x3s.pt", "kind: image\nout_dtype: uint8\n")
+    with pytest.warns(UserWarning):
+        high = napari_emparsl.run(spec, shifted, f"{out}:x3s", site="threads",
+                                  model_options={"out_range": "-2,-1"})  # fmt: skip
+    [said] = high.warnings
+    assert "(the blocks that clipped gave " in said and " to 3)" in said
+    assert not said.split("gave ")[1].startswith("-2")
     fitting = {"out_range": "0,3"}
     done = napari_emparsl.run(spec, tmp_path / "x3.pt", f"{out}:x3fit", site="threads",
                               model_options=fitting)  # fmt: skip

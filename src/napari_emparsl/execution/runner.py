@@ -534,7 +534,8 @@ class _Clipping:
         wide = (math.floor(low / step) * step, math.ceil(high / step) * step)
         return (
             f"{share:.1f} % of the values written lay outside out_range [{lo:g}, {hi:g}] (the "
-            f"model gave {low:.3g} to {high:.3g}) and were written as 0 or 255; set out_range to "
+            f"blocks that clipped gave {self.low:.3g} to {self.high:.3g}) and were written as 0 "
+            "or 255; set out_range to "
             f"the range of the model's output (e.g. --model-option out_range={wide[0]:g},"
             f"{wide[1]:g}) and write it again with --overwrite.",
         )
