@@ -762,7 +762,7 @@ def test_site_profiles_that_would_not_do_what_they_say_are_refused(capsys, tmp_p
     )
     (tmp_path / "2024.yaml").write_text("name: 2024\nkind: local\n")  # YAML's int, not text
     code, _, err = run(capsys, "sites", "show", "2024")
-    assert code == 2 and "is invalid: field 'name': Input should be a valid string" in err
+    assert code == 2 and "is invalid: field 'name': name should be a valid string, not 2024" in err
     (tmp_path / "2024.yaml").unlink()
     (tmp_path / "my gpu.yaml").write_text("kind: local\n")
     code, _, err = run(capsys, "sites", "show", str(tmp_path / "my gpu.yaml"))
@@ -780,6 +780,17 @@ def test_site_profiles_that_would_not_do_what_they_say_are_refused(capsys, tmp_p
         (tmp_path / "odd.yaml").write_text(f"kind: local\n{text}\n")
         code, _, err = run(capsys, "sites", "show", "odd")
         assert code == 2 and f"is invalid: field '{field}': " in err, (text, err)
+    # pydantic's own words ("Extra inputs are not permitted", "Field required") said neither
+    # the settings there are nor what to add
+    for text, said in (
+        ("kind: local\nworkres: 2", "'workres' is not a setting of a site profile (check its "
+                                     "spelling; the settings are name, kind, workers, "),
+        ("workers: 2", "field 'kind' is missing: add kind: local or kind: threads."),
+        ("kind: [local", "is not valid YAML (while parsing a flow sequence, line 2, column 1)."),
+    ):  # fmt: skip
+        (tmp_path / "odd.yaml").write_text(f"{text}\n")
+        code, _, err = run(capsys, "sites", "show", "odd")
+        assert code == 2 and said in err, (text, err)
     (tmp_path / "odd.yaml").write_text("kind: local\nstrategy_period: 2\nnice: 19\n")
     assert load_site("odd").strategy_period == 2.0
 

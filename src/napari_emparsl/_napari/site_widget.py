@@ -79,14 +79,9 @@ def _least(field: Any, step: float) -> float:
 def _plain_problem(err: ValidationError) -> str:
     """What is wrong with the form, in the words of the profile's own checks (a name, workers,
     a threads site's nice), or else as a sentence naming the field and the value it has,
-    instead of pydantic's ("field 'strategy_period': Input should be greater than 0")."""
-    first = err.errors()[0]
-    if first["type"] == "value_error" or not first["loc"]:
-        return profile_problem(err)
-    field = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"]
-    what = msg.removeprefix("Input ") if msg.startswith("Input ") else msg[:1].lower() + msg[1:]
-    return f"field '{field}': {field} {what}, not {first['input']!r}"
+    instead of pydantic's ("field 'strategy_period': Input should be greater than 0"): as a
+    profile file's problems are said (:func:`profile_problem`)."""
+    return profile_problem(err)
 
 
 def _field_widget(name: str, field: Any) -> Any:

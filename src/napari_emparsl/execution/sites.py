@@ -285,8 +285,10 @@ def load_site(site: str) -> SiteProfile:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)  # where: as a model's sidecar error says
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise SiteError(
-            f"The site profile {path} is not valid YAML ({str(err).splitlines()[0]})."
+            f"The site profile {path} is not valid YAML ({str(err).splitlines()[0]}{where})."
         ) from None
     except UnicodeDecodeError:
         raise SiteError(f"The site profile {path} is not UTF-8 text; save it as UTF-8.") from None
@@ -329,11 +331,25 @@ def load_site(site: str) -> SiteProfile:
 
 
 def profile_problem(err: ValidationError) -> str:
-    """The first problem of a profile, naming its field where it is one field's."""
+    """The first problem of a profile, naming its field where it is one field's, in words
+    (pydantic's "Extra inputs are not permitted", "Field required", "Input should be a valid
+    number" told neither the settings there are nor the value given)."""
     first = err.errors()[0]
     field = ".".join(str(p) for p in first["loc"])
     problem = first["msg"].removeprefix("Value error, ")
-    return f"field '{field}': {problem}" if field else problem
+    if not field or first["type"] == "value_error":  # the profile's own checks' sentences
+        return f"field '{field}': {problem}" if field else problem
+    if first["type"] == "extra_forbidden":
+        return (
+            f"'{field}' is not a setting of a site profile (check its spelling; the settings "
+            f"are {', '.join(SiteProfile.model_fields)})"
+        )
+    if first["type"] == "missing":
+        example = "kind: local or kind: threads" if field == "kind" else f"{field}: …"
+        return f"field '{field}' is missing: add {example}"
+    msg = first["msg"]
+    what = msg.removeprefix("Input ") if msg.startswith("Input ") else msg[:1].lower() + msg[1:]
+    return f"field '{field}': {field} {what}, not {first['input']!r}"
 
 
 def _python_bin_on_path() -> None:
