@@ -586,7 +586,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
         raise VolumeError(
             (f"{root}:{key}" if key else root)
-            + " has no emparsl ledger; it was not written by `emparsl run`."
+            + " has no emparsl ledger; it was not written by `emparsl run`: give a run's output, "
+            f"OUT.n5:DATASET (`emparsl info {root}` lists the datasets there)."
         )
     summary = ledger.summary()
     last = summary.last_run

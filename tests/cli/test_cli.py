@@ -119,6 +119,18 @@ def test_an_output_under_a_file_is_said_to_be(capsys, tmp_path, small_n5):
     assert (tmp_path / "x.txt").read_text() == "notes"
 
 
+def test_a_container_of_several_datasets_names_an_image_as_the_example(capsys, tmp_path):
+    """`--input s.n5` with several datasets: the example was the first by name, a label
+    volume (labels/cells), which a run then warned looked like labels."""
+    assert run(capsys, "sample", f"{tmp_path}/s.n5", "--shape", "8,32,32")[0] == 0
+    code, _, err = run(capsys, "run", "--input", f"{tmp_path}/s.n5", "--model", "unet3d-em",
+                       "--site", "threads")  # fmt: skip
+    assert code == 2 and err.strip() == (
+        f"emparsl: error: {tmp_path}/s.n5 holds several datasets (labels/cells, labels/classes, "
+        f"raw); name one, e.g. {tmp_path}/s.n5:raw."
+    )
+
+
 def test_console_script_no_traceback(tmp_path):
     exe = [sys.executable, "-m", "napari_emparsl.cli"]
     ok = subprocess.run([*exe, "--version"], capture_output=True, text=True, check=False)
@@ -366,7 +378,7 @@ def test_evaluate_dice_and_what_is_not_labels(capsys, tmp_path):
                        "--output", f"{e}:clipped", "--site", "threads", "--model-option",
                        "out_range=0,1")  # fmt: skip
     assert code == 0 and "Warning: 98.4 % of the values written lay outside out_range [0, 1] (the " \
-        "model gave 0 to 199) and were written as 0 or 255;" in err  # fmt: skip
+        "blocks that clipped gave 0 to 199) and were written as 0 or 255;" in err  # fmt: skip
     code, _, err = run(capsys, "evaluate", f"{e}:restored", f"{e}:truth")
     assert code == 2 and err == (
         f"emparsl: error: The prediction {e}:restored is the output of an image model "
@@ -405,8 +417,18 @@ def test_status_of_what_is_not_there(capsys, tmp_path, small_n5):
     for spec, message in (
         (f"{tmp_path}/nothere.n5:x", f"{tmp_path}/nothere.n5 does not exist; check the path."),
         (f"{path}:nope", f"{path}:nope does not exist; check the path."),
-        (f"{path}:raw", "has no emparsl ledger; it was not written by `emparsl run`."),
-        (str(path), f"{path} has no emparsl ledger; it was not written by `emparsl run`."),
+        (
+            f"{path}:raw",
+            "has no emparsl ledger; it was not written by `emparsl run`: give a "
+            f"run's output, OUT.n5:DATASET (`emparsl info {path}` lists the datasets "
+            "there).",
+        ),
+        (
+            str(path),
+            f"{path} has no emparsl ledger; it was not written by `emparsl run`: give a "
+            f"run's output, OUT.n5:DATASET (`emparsl info {path}` lists the datasets "
+            "there).",
+        ),
     ):
         code, _, err = run(capsys, "status", spec)
         assert code == 2 and err.strip().endswith(message)

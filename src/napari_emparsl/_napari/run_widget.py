@@ -1591,7 +1591,9 @@ class RunWidget(Container):
         Retry failed offered."""
         self._failed_pending, self._failed_shown = False, time.perf_counter()
         self._failed, self._failed_rois, self._failed_geo = dict(failed), dict(rois), geo
-        listed = [f"block {k}: {v}" for k, v in sorted(self._failed.items())[:_MOST_LISTED]]
+        listed = [  # (the engine's advice in the panel's words: “replace output”, not --overwrite)
+            f"block {k}: {panel_words(v)}" for k, v in sorted(self._failed.items())[:_MOST_LISTED]
+        ]
         if len(self._failed) > _MOST_LISTED:  # thousands of rows stalled napari for seconds
             listed.append(
                 f"… and {len(self._failed) - _MOST_LISTED} more failed blocks (`emparsl status "

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.geometry import Block, Roi
 
 __all__ = [
@@ -118,7 +119,7 @@ def _one_tensor(out: Any) -> Any:
         if isinstance(out, (tuple, list, dict))
         else f"a {type(out).__name__}"
     )
-    raise ValueError(
+    raise BlockOutputError(
         f"The model returned {what}, not one tensor; export it so that its forward returns the "
         "output tensor alone (e.g. a wrapper whose forward returns net(x)[0])."
     )
@@ -254,7 +255,9 @@ def run_model_on_batch(module: Any, spec: Any, xs: list[np.ndarray]) -> list[np.
                 f"classes={','.join(f'c{i}' for i in range(y.shape[1]))}), or set kind: image "
                 f"and out_channels: {y.shape[1]} for an image model"
             )
-        raise ValueError(f"The model's output has {got} but its description says {said}; {todo}.")
+        raise BlockOutputError(
+            f"The model's output has {got} but its description says {said}; {todo}."
+        )
     padded = [n + e for n, e in zip(spatial, extra, strict=True)]
     expected = [n * s for n, s in zip(padded, spec.scale, strict=True)]
     if list(y.shape[2:]) != expected:  # else the crop below would write a wrong-sized block
@@ -265,7 +268,7 @@ def run_model_on_batch(module: Any, spec: Any, xs: list[np.ndarray]) -> list[np.
         scaled = all(
             round(g / p) == s for g, p, s in zip(y.shape[2:], padded, spec.scale, strict=True)
         )
-        raise ValueError(
+        raise BlockOutputError(
             f"The model's output is {got} voxels for an input of {given}, but its scale "
             f"{list(spec.scale)} says {'×'.join(map(str, expected))}; "
             + (
@@ -314,9 +317,18 @@ def postprocess(y: np.ndarray, spec: Any) -> np.ndarray:
     return y.astype(np.float32)
 
 
+class BlockOutputError(ValueError):
+    """A block's model output that is not what its description says, or that cannot be
+    written (NaN): emparsl's own sentence, shown without an exception type."""
+
+
 def error_line(err: BaseException) -> str:
-    """``Type: message`` of an error, on one line (at most ~300 characters of message)."""
+    """``Type: message`` of an error, on one line (at most ~300 characters of message); the
+    sentence alone for emparsl's own (a user's problem, said as such: "ValueError: The model's
+    output holds …" showed a type that told nothing)."""
     lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    if isinstance(err, (UserError, BlockOutputError)) and lines:
+        return lines[0]
     if lines and "TorchScript" in lines[0]:
         # TorchScript wraps the model's own error: its last line says what went wrong, and of
         # which type ("builtins.ValueError: …", "RuntimeError: …")
@@ -366,7 +378,7 @@ def _check_input_unchanged(job: BlockJob) -> None:
         raise VolumeError(
             f"The input {spec_text(job.input_root, job.input_key)} was written again during "
             "the run (an import or a save over it), so the blocks done before hold what it held "
-            "then; once it is written, run again with --overwrite (Replace output in napari)."
+            "then; once it is written, run again with --overwrite."
         )
 
 
@@ -436,7 +448,7 @@ def _write_block(
         total = y.sum()
     bad = 0 if np.isfinite(total) else int(y.size - np.count_nonzero(np.isfinite(y)))
     if bad:
-        raise ValueError(
+        raise BlockOutputError(
             f"The model's output holds {bad} NaN or infinite value(s) in this block, so it was "
             "not written; check the model (and its normalization) on this region."
         )

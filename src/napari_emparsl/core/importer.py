@@ -72,7 +72,9 @@ def _as_gray(arr: np.ndarray, name: str) -> np.ndarray:
             return np.ascontiguousarray(rgb[..., 0])
         raise VolumeError(f"{name} is a colour image; convert the slices to greyscale first.")
     if arr.ndim != 2:
-        raise VolumeError(f"{name} is not a 2D image (shape {arr.shape}); give 2D slices.")
+        raise VolumeError(
+            f"{name} is not a 2D image (shape {'×'.join(map(str, arr.shape))}); give 2D slices."
+        )
     return arr
 
 
@@ -392,7 +394,8 @@ def _tiff_source(path: str) -> ImportSource:
     if len(shape) != 3:
         tif.close()
         raise VolumeError(
-            f"{path} holds a {len(series.shape)}-D image of shape {series.shape}; import needs a "
+            f"{path} holds a {len(series.shape)}-D image of shape "
+            f"{'×'.join(map(str, series.shape))}; import needs a "
             "3D (z, y, x) greyscale stack."
         )
     n_pages = len(series.pages)
@@ -478,7 +481,10 @@ def _hdf5_source(path: str, key: str) -> ImportSource:
     if ds.ndim != 3:
         shape = ds.shape  # before closing: a closed file's dataset has no shape
         f.close()
-        raise VolumeError(f"{path}:{key} has shape {shape}; import needs a 3D (z, y, x) dataset.")
+        raise VolumeError(
+            f"{path}:{key} has shape {'×'.join(map(str, shape))}; import needs a 3D (z, y, x) "
+            "dataset."
+        )
     # Fiji's and ilastik's element_size_um (z, y, x µm), or CREMI's resolution (z, y, x nm)
     sizes, where = (None, None, None), ""
     for name, unit in (("element_size_um", "µm"), ("resolution", "nm")):

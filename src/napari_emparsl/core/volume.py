@@ -893,9 +893,24 @@ def _resolve(root: str, key: str) -> Node:
     if not candidates:
         raise VolumeError(f"{os.path.join(root, where)} holds no dataset; pick another folder.")
     keys = [Node("/".join(p for p in (where, n.key) if p), n.kind) for n in candidates]
+
+    # the example an image, not labels (a run's input taken from it warned it looked like one)
+    def dtype(node: Node) -> str:  # a pyramid's is its finest level's
+        if node.kind != "multiscale" or not node.levels:
+            return str(node.attrs.get("dataType", ""))
+        try:
+            return str(read_attrs(os.path.join(base, node.key, node.levels[0])).get("dataType", ""))
+        except VolumeError:
+            return ""
+
+    example = next(
+        (k for k, n in zip(keys, candidates, strict=True)
+         if not looks_like_labels(n.key, n.attrs, dtype(n))),
+        keys[0],
+    )  # fmt: skip
     raise VolumeError(
         f"{root}{':' + where if where else ''} holds several datasets ({_listing(keys)}); "
-        f"name one, e.g. {root}:{keys[0].key}."
+        f"name one, e.g. {root}:{example.key}."
     )
 
 
