@@ -269,9 +269,7 @@ def test_bad_sources(tmp_path):
     with h5py.File(tmp_path / "x.h5", "w") as f:
         f["stack4d"] = np.zeros((2, 3, 4, 4), np.uint8)
     # the shape was read after the file closed: an internal error instead of this sentence
-    with pytest.raises(
-        VolumeError, match=r"x.h5:stack4d has shape 2×3×4×4; import needs a 3D"
-    ):
+    with pytest.raises(VolumeError, match=r"x.h5:stack4d has shape 2×3×4×4; import needs a 3D"):
         open_source(f"{tmp_path}/x.h5:stack4d")
     # a colon in the dataset's name (was split at the last colon: "x.h5:raw does not exist")
     with h5py.File(tmp_path / "x.h5", "a") as f:

@@ -473,3 +473,28 @@ def test_a_dataset_with_broken_metadata_hides_nothing_else(tmp_path, capsys):
         assert capsys.readouterr().err.strip().endswith(folder + said), args
     with pytest.raises(VolumeError, match="is a folder of chunks of the dataset"):
         read_layers(f"{c}/ok/0")
+
+
+def test_a_broken_finest_level_is_not_blamed_on_the_coarser_ones(tmp_path, caplog):
+    """A pyramid whose s0 has a data type no reader knows: the refusal names s0 (it was
+    preceded by a warning that s1, s2 were left out, as if they were what was wrong); a
+    dataset whose compression settings z5py cannot read says what to check."""
+
+    write_pyramid(str(tmp_path / "c.n5"), "raw", np.ones((8, 32, 32), np.uint8), chunks=(8, 8, 8),
+                  levels=3)  # fmt: skip
+    level = tmp_path / "c.n5" / "raw" / "s0" / "attributes.json"
+    level.write_text(json.dumps(json.loads(level.read_text()) | {"dataType": "uint99"}))
+    caplog.set_level("INFO", logger="napari_emparsl")
+    with pytest.raises(VolumeError, match="raw/s0 stores voxels of type 'uint99'"):
+        Volume.open(tmp_path / "c.n5", "raw")
+    assert "left out" not in caplog.text
+    save_array(tmp_path / "d.n5", "raw", np.ones((8, 8, 8), np.uint8))
+    attrs = tmp_path / "d.n5" / "raw" / "attributes.json"
+    attrs.write_text(json.dumps(json.loads(attrs.read_text())
+                                | {"compression": {"type": "gzip", "level": "x"}}))  # fmt: skip
+    with pytest.raises(VolumeError) as err:
+        Volume.open(tmp_path / "d.n5", "raw")
+    assert str(err.value).endswith(
+        "; check the settings in its attributes.json (compression, dataType, blockSize, "
+        "dimensions), or write the dataset again."
+    )

@@ -766,6 +766,8 @@ def pyramid_levels(directory: str, attrs: dict[str, Any]) -> tuple[str, ...]:
         if not is_dataset_attrs(level):
             break
         if previous and not _coarser_level(previous, level):
+            if not _sane_level(previous):  # the finer level is what is wrong: said when opened
+                break
             rest = [n for i, n in levels[expected:]]
             log.warning(
                 "%s: pyramid level(s) %s left out (a level needs the number of dimensions and "
@@ -778,6 +780,22 @@ def pyramid_levels(directory: str, attrs: dict[str, Any]) -> tuple[str, ...]:
     if not out and paths:  # a multiscales list naming no dataset here: the s0, s1, … there are
         return pyramid_levels(directory, {k: v for k, v in attrs.items() if k != "multiscales"})
     return tuple(out)
+
+
+def _sane_level(attrs: dict[str, Any]) -> bool:
+    """Whether a level's dimensions and data type can be compared with another's."""
+    dims = attrs.get("dimensions")
+    return (
+        isinstance(dims, list)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims)
+        and attrs.get("dataType") in _N5_TYPES
+    )
+
+
+_N5_TYPES = {f"{kind}{bits}" for kind in ("int", "uint") for bits in (8, 16, 32, 64)} | {
+    "float32",
+    "float64",
+}
 
 
 def _coarser_level(finer: dict[str, Any], level: dict[str, Any]) -> bool:

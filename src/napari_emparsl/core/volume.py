@@ -438,7 +438,9 @@ class Volume:
             ds = _dataset(root, level_keys[0])
         except (RuntimeError, KeyError) as err:
             raise VolumeError(
-                f"Cannot open dataset {root}:{level_keys[0]} ({_first_line(err)})."
+                f"Cannot open dataset {root}:{level_keys[0]} ({_first_line(err)}); check the "
+                "settings in its attributes.json (compression, dataType, blockSize, dimensions), "
+                "or write the dataset again."
             ) from None
         ndim = ds.ndim
         attrs0 = level_attrs[0]
