@@ -293,8 +293,8 @@ def test_size_the_unet_cannot_take_says_to_set_multiple(scripted):
         run_model_on_batch(module, spec, [np.zeros((1, 10, 10, 10), np.float32)])
     assert str(err.value) == (
         "Sizes of tensors must match except in dimension 1 — the model cannot take 10×10×10 "
-        "voxels (multiple [1, 1, 1]): a U-Net needs sizes divisible by 2^depth; set multiple, "
-        "e.g. [16, 16, 16]."
+        "voxels (multiple [1, 1, 1]): a U-Net needs sizes divisible by 2^depth; set multiple to "
+        "that on each axis (multiple=4,4,4 for a U-Net of depth 2, 16,16,16 for depth 4)."
     )
     fits = ModelSpec(classes=("a", "b", "c"), multiple=(4, 4, 4))  # padded to 12³, cropped back
     [y] = run_model_on_batch(module, fits, [np.zeros((1, 10, 10, 10), np.float32)])

@@ -174,8 +174,8 @@ def _size_hint(err: RuntimeError, size: Sequence[int], spec: Any) -> RuntimeErro
     first = error_line(err).split(": ", 1)[-1].split(". ")[0][:110]  # its first sentence
     return RuntimeError(
         f"{first} — the model cannot take {'×'.join(map(str, size))} voxels (multiple "
-        f"{list(spec.multiple)}): a U-Net needs sizes divisible by 2^depth; set multiple, e.g. "
-        "[16, 16, 16]."
+        f"{list(spec.multiple)}): a U-Net needs sizes divisible by 2^depth; set multiple to "
+        "that on each axis (multiple=4,4,4 for a U-Net of depth 2, 16,16,16 for depth 4)."
     )
 
 
