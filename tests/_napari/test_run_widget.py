@@ -72,6 +72,14 @@ def _preview_rectangle(qtbot, viewer, widget, z: int):
     return widget._output_layer
 
 
+def _block_records(container, key: str) -> list[int]:
+    """The block ids an output's ledger records, in order, each time a block was recorded."""
+    from napari_emparsl.core.ledger import Ledger
+
+    lines = open(Ledger(str(container), key).path).read().splitlines()
+    return [r["id"] for r in map(json.loads, lines) if r.get("type") == "block"]
+
+
 def _blocks_with_data(arr: np.ndarray, block: int = 64) -> list[bool]:
     n = [s // block for s in arr.shape]
     return [
@@ -110,14 +118,10 @@ def test_preview_then_full_run_streams(make_napari_viewer, qtbot, sample_path, t
                  "--block", "64,64,64"]) == 0  # fmt: skip
     cli = Volume.open(tmp_path / "cli.n5", "pred").data.compute()
     np.testing.assert_array_equal(preview[40, 10:50, 70:100], cli[40, 10:50, 70:100])
+
     # previewing again, a region moved within the done block, computes nothing
-    from napari_emparsl.core.ledger import Ledger
-
-    ledger = Ledger(str(sample_path), "pred")
-
     def block_records() -> list[int]:
-        lines = open(ledger.path).read().splitlines()
-        return [r["id"] for r in map(json.loads, lines) if r.get("type") == "block"]
+        return _block_records(sample_path, "pred")
 
     assert block_records() == [1]
     viewer.layers.remove("region")
@@ -626,16 +630,12 @@ def test_a_preview_over_done_and_new_blocks_computes_the_new_only(
 ):
     """A rectangle over a block a preview computed and a block not yet computed: the second
     preview computes the new block alone (the ledger records each block once) and shows both."""
-    from napari_emparsl.core.ledger import Ledger
-
     viewer = make_napari_viewer()
     widget = _setup(viewer, sample_path)
     out_layer = _preview_rectangle(qtbot, viewer, widget, 40)  # block 1 (x 64:128)
-    ledger = Ledger(str(sample_path), "pred")
 
     def block_records() -> list[int]:
-        lines = open(ledger.path).read().splitlines()
-        return [r["id"] for r in map(json.loads, lines) if r.get("type") == "block"]
+        return _block_records(sample_path, "pred")
 
     assert block_records() == [1]
     viewer.layers.remove("region")

@@ -29,6 +29,21 @@ def _raw_values(ds: N5TileDataset, x: torch.Tensor) -> np.ndarray:
     return np.rint(x.numpy().astype(np.float64) * std + mean).astype(np.int64)
 
 
+def test_tiles_of_large_valued_raw_keep_their_detail(tmp_path):
+    """uint32 raw of 3e9 + position: tiles normalized in float64 then cast, as blocks are (cast
+    to float32 first, values 256 apart were one; a model trained on them was run on others)."""
+    raw = (3_000_000_000 + np.arange(np.prod(SHAPE))).astype(np.uint32).reshape(SHAPE)
+    save_array(tmp_path / "t.n5", "raw", raw, chunks=(8, 16, 16))
+    save_array(tmp_path / "t.n5", "labels", (raw % 5).astype(np.uint8), chunks=(8, 16, 16))
+    ds = N5TileDataset([(Volume.open(f"{tmp_path}/t.n5:raw"), Volume.open(f"{tmp_path}/t.n5:labels"))],
+                       (8, 16, 16), length=4, seed=3)  # fmt: skip
+    for i in range(len(ds)):
+        x, y = ds[i]
+        values = _raw_values(ds, x[0])
+        assert len(np.unique(values)) == 8 * 16 * 16  # every voxel its own value
+        np.testing.assert_array_equal(values % 5, y.numpy())
+
+
 def test_tiles_are_aligned_deterministic_and_inside(pair):
     raw_vol, labels_vol, raw = pair
     ds = N5TileDataset([(raw_vol, labels_vol)], (8, 16, 16), length=40, seed=3)

@@ -589,8 +589,8 @@ def test_an_input_written_again_during_the_run_fails_the_blocks_after(tmp_path, 
     assert not event.ok and failed and event.done == len(done) < 8
     assert failed[0].error == (
         f"The input {src} was written again during the run (an import or a save over it), so "
-        "the blocks done before hold what it held then; once it is written, run again with "
-        "--overwrite."
+        "the blocks done before hold what it held then; once that writing has finished, run "
+        "again with --overwrite."
     )
     output = Volume.open(tmp_path / "out.n5", "p").data.compute()
     blocks = plan_blocks((16, 16, 16), (8, 8, 8), (0, 0, 0))

@@ -143,7 +143,7 @@ def _other_dims(module: Any, spec: Any, dims: int | None = None) -> ValueError |
     dims = conv_dims(module) or dims
     if dims is None or dims == spec.spatial_dims:
         return None
-    return ValueError(
+    return BlockOutputError(
         f"The model is a {dims}D model (its convolutions are conv{dims}d), but its "
         f"description says spatial_dims: {spec.spatial_dims}; set spatial_dims: {dims}."
     )
@@ -158,7 +158,7 @@ def _dims_hint(err: RuntimeError, module: Any, spec: Any) -> ValueError | None:
         return other
     m = _WRONG_CHANNELS.search(str(err))
     if m and int(m.group(2)) == spec.in_channels:
-        return ValueError(
+        return BlockOutputError(
             f"The model takes {m.group(1)} input channel(s), not the {spec.in_channels} its "
             f"description says; set in_channels: {m.group(1)} (and give it a volume with "
             f"{m.group(1)} channel(s))."
@@ -175,7 +175,11 @@ def _size_hint(err: RuntimeError, size: Sequence[int], spec: Any) -> RuntimeErro
     return RuntimeError(
         f"{first} — the model cannot take {'×'.join(map(str, size))} voxels (multiple "
         f"{list(spec.multiple)}): a U-Net needs sizes divisible by 2^depth; set multiple to "
-        "that on each axis (multiple=4,4,4 for a U-Net of depth 2, 16,16,16 for depth 4)."
+        + (
+            "that in y and x (multiple=1,4,4 for a 2D U-Net of depth 2, 1,16,16 for depth 4)."
+            if spec.spatial_dims == 2
+            else "that on each axis (multiple=4,4,4 for a U-Net of depth 2, 16,16,16 for depth 4)."
+        )
     )
 
 
@@ -219,7 +223,7 @@ def run_model_on_batch(module: Any, spec: Any, xs: list[np.ndarray]) -> list[np.
                     # slices for one unbatched volume (its reshape failed in every block)
                     raise (
                         _other_dims(module, spec) if conv_dims(module) == 3 else None
-                    ) or ValueError(
+                    ) or BlockOutputError(
                         f"The model's output for a batch of {n * z} 2D slices "
                         f"({'×'.join(map(str, flat.shape))}) is "
                         f"{'×'.join(map(str, out.shape))}, not one 2D output per slice: is it a "
@@ -364,22 +368,49 @@ def _fill_far_edge(blk: Block, spec: Any, shape: Sequence[int]) -> Block:
     return dataclasses.replace(blk, read_roi=Roi.from_bounds(begin, end))
 
 
-def _check_input_unchanged(job: BlockJob) -> None:
-    """VolumeError where the input was written anew since the run planned (its write id is
-    another, or it is gone): the block would mix the new data into an output of the old."""
-    from napari_emparsl.core.paths import spec_text
-    from napari_emparsl.core.volume import Volume, VolumeError
+def normalized(data: np.ndarray, subtract: float, divide: float) -> np.ndarray:
+    """``(data - subtract) / divide`` as float32, as every block, training tile and exported
+    test input is normalized. 32- and 64-bit integers and float64 are normalized in float64,
+    then cast: cast first, values of a large offset lost their detail (float32 steps by 1 from
+    1.7e7, by 256 at 3e9: a uint32 volume of 3e9 + 0..100 reached the model as one constant)."""
+    if data.dtype.itemsize > 2 and data.dtype != np.float32:
+        wide = data.astype(np.float64)  # in place from here: one float64 copy, not three
+        wide -= subtract
+        wide /= divide
+        return wide.astype(np.float32)
+    return (data.astype(np.float32, copy=False) - np.float32(subtract)) / np.float32(divide)
 
+
+def _written_now(job: BlockJob) -> str | None:
+    """The input's write id (volume.WRITE_ID) as its attributes.json says now: read directly,
+    not by opening the volume again (~13× cheaper, a file read per block); one more try a
+    moment later where the file was read as it was being rewritten."""
+    from napari_emparsl.core.n5attrs import read_attrs
+    from napari_emparsl.core.volume import WRITE_ID
+
+    directory = os.path.join(job.input_root, job.input_key)
     try:
-        now = Volume.open(job.input_root, job.input_key).write_id
-    except VolumeError:
-        now = None  # removed, or half written: not what was planned either
-    if now != job.input_written:
-        raise VolumeError(
-            f"The input {spec_text(job.input_root, job.input_key)} was written again during "
-            "the run (an import or a save over it), so the blocks done before hold what it held "
-            "then; once it is written, run again with --overwrite."
-        )
+        return read_attrs(directory).get(WRITE_ID)
+    except UserError:
+        time.sleep(0.05)
+        return read_attrs(directory).get(WRITE_ID)  # (still unreadable: its own sentence)
+
+
+def _written_now_or_none(job: BlockJob) -> str | None:
+    try:
+        return _written_now(job)
+    except UserError:  # gone or unreadable: not the writing planned with either
+        return None
+
+
+def _written_again(job: BlockJob) -> UserError:
+    from napari_emparsl.core.paths import spec_text
+
+    return UserError(
+        f"The input {spec_text(job.input_root, job.input_key)} was written again during the run "
+        "(an import or a save over it), so the blocks done before hold what it held then; once "
+        "that writing has finished, run again with --overwrite."
+    )
 
 
 def _read_block(job: BlockJob, spec: Any = None) -> tuple[np.ndarray, Block]:
@@ -387,25 +418,25 @@ def _read_block(job: BlockJob, spec: Any = None) -> tuple[np.ndarray, Block]:
     from napari_emparsl.core.volume import Volume
 
     blk = job.block
-    src = Volume.open(job.input_root, job.input_key)
-    has_c = "c" in src.axes
-    if spec is not None and spec.edge == "none":
-        blk = _fill_far_edge(blk, spec, src.shape[-blk.read_roi.ndim :])
-    data = src.read(((slice(None),) if has_c else ()) + blk.read_roi.to_slices())
-    if job.input_written is not None:  # asked after the read: what was read is of this writing
-        _check_input_unchanged(job)
-    # 32- and 64-bit integers and float64 are normalized in float64, then cast: cast first,
-    # values of a large offset lost their detail (float32 steps by 1 from 1.7e7, by 256 at 3e9:
-    # a uint32 volume of 3e9 + 0..100 reached the model as one constant)
-    wide = data.dtype.itemsize > 2 and data.dtype != np.float32
-    x = data.astype(np.float64 if wide else np.float32, copy=False)
+    try:
+        src = Volume.open(job.input_root, job.input_key)
+        has_c = "c" in src.axes
+        if spec is not None and spec.edge == "none":
+            blk = _fill_far_edge(blk, spec, src.shape[-blk.read_roi.ndim :])
+        data = src.read(((slice(None),) if has_c else ()) + blk.read_roi.to_slices())
+    except Exception:  # read as the input was being written anew: said so, not its symptom
+        if job.input_written is not None and _written_now_or_none(job) != job.input_written:
+            raise _written_again(job) from None
+        raise
+    # asked after the read: what was read is of the writing the run planned with (a block of
+    # the input written anew meanwhile would mix two inputs into one output)
+    if job.input_written is not None and _written_now(job) != job.input_written:
+        raise _written_again(job)
+    x = normalized(data, *job.norm)
     if not has_c:
         x = x[None]
+    # (normalized before the padding, which an affine map commutes with: the same values)
     x = _pad_reflect(x, [(0, 0), *zip(blk.pad_before, blk.pad_after, strict=True)])
-    if wide:
-        x = ((x - job.norm[0]) / job.norm[1]).astype(np.float32)
-    else:
-        x = (x - np.float32(job.norm[0])) / np.float32(job.norm[1])
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(x).all():
         # NaN / infinite voxels (masked or padded float data) enter the model as 0 once
         # normalized (zscore: the volume's mean): otherwise they would spread through every

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from napari_emparsl.core.blockwise import normalized
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.models.bioimageio import one_line
 from napari_emparsl.core.models.loaders import describe_model, load_model
@@ -104,7 +105,7 @@ def _normalized(x: np.ndarray, spec: ModelSpec) -> np.ndarray:
         sub, div = spec.norm_values
     else:
         sub, div = 0.0, 1.0
-    return ((x - np.float32(sub)) / np.float32(div)).astype(np.float32)
+    return normalized(x, sub, div)
 
 
 def _preprocessing(spec: ModelSpec, names: list[str]) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ import torch
 import yaml
 from torch.utils.data import Dataset
 
+from napari_emparsl.core.blockwise import normalized
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.models.spec import ModelError, ModelSpec
 from napari_emparsl.core.models.unet import UNet
@@ -290,7 +291,7 @@ class N5TileDataset(Dataset):
         region = tuple(slice(b, b + t) for b, t in zip(begin, self.tile, strict=True))
         mean, std = self.stats[k]
         has_c = "c" in raw.axes
-        x = (raw.read(((slice(None),) if has_c else ()) + region).astype(np.float32) - mean) / std
+        x = normalized(raw.read(((slice(None),) if has_c else ()) + region), mean, std)
         if np.issubdtype(raw.dtype, np.floating) and not np.isfinite(x).all():
             # NaN / infinite voxels (masked or padded float data) are 0 once normalized, as
             # blockwise inference feeds them to the model; else they make the loss and weights NaN
