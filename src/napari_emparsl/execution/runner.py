@@ -311,14 +311,12 @@ def _options_given(options: Any) -> dict[str, Any]:
     )
 
 
-def _auto_batch(block: Block) -> int:
+def _auto_batch(block: Sequence[int], halo: Sequence[int], shape: Sequence[int]) -> int:
     """Blocks per task: several small blocks (2D slices, small tiles) share one forward call.
-    Sized by what the block reads with the run's halo (the model's own, or --halo's: with the
-    model's, a run's larger halo made batches of 6.75× the voxels meant for one forward)."""
-    read = 1
-    for n, before, after in zip(block.read_roi.shape, block.pad_before, block.pad_after,
-                                strict=True):  # fmt: skip
-        read *= n + before + after
+    Sized by what a whole block reads with the run's halo (the model's own, or --halo's: with
+    the model's, a run's larger halo made batches of ~8× the voxels meant for one forward; one
+    block of the plan could be one cut short at the volume's edge, which reads less)."""
+    read = math.prod(min(b, n) + 2 * h for b, h, n in zip(block, halo, shape, strict=True))
     return max(1, min(16, _BATCH_VOXELS // max(1, read)))
 
 
@@ -1232,8 +1230,10 @@ class Run:
 
                 task = process_batch_reporting
             app = python_app(task, dfk, profile)
-            # (a block inside the volume: one at its edge may read less)
-            size = self.batch or _auto_batch(plan.blocks[len(plan.blocks) // 2])
+            spatial = [n for n, a in zip(self._src.shape, self._src.axes, strict=True) if a != "c"]
+            size = self.batch or _auto_batch(
+                self._provenance["block"], self._provenance["halo"], spatial
+            )
             pending = [todo[i : i + size] for i in range(0, len(todo), size)][::-1]
             attempts: dict[int, int] = {}
             logged: set[str] = set()  # the errors whose traceback the log file has, this run
