@@ -243,3 +243,9 @@ def test_several_layers_are_saved_at_once(make_napari_viewer, tmp_path):
             str(tmp_path / "two.n5"), [layer.as_layer_data_tuple() for layer in viewer.layers]
         )
     assert not (tmp_path / "two.n5" / "em").exists()
+    # a type N5 cannot store, in the second layer: the first is not written either (it was)
+    half = [layer.as_layer_data_tuple() for layer in viewer.layers][:1]
+    half.append((em.astype(np.float16), {"name": "half"}, "image"))
+    with pytest.raises(VolumeError, match="N5 cannot store float16 data"):
+        write_layers(str(tmp_path / "three.n5"), half)
+    assert not (tmp_path / "three.n5" / "em").exists()

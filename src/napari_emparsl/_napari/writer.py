@@ -10,10 +10,12 @@ import os
 import re
 from typing import Any
 
+import numpy as np
+
 from napari_emparsl.core.ledger import OutputLock
 from napari_emparsl.core.n5attrs import VolumeError, find_container_root
 from napari_emparsl.core.paths import user_path
-from napari_emparsl.core.volume import hidden_output, save_array
+from napari_emparsl.core.volume import check_writable, hidden_output, save_array
 
 
 def _place(path: str) -> tuple[str, str]:
@@ -111,6 +113,9 @@ def _checked(root: str, key: str, data: Any, meta: dict[str, Any]) -> tuple:
             f"{root}:{key} is open as the layer '{reading}'; save under another name, or "
             "remove that layer first."
         )
+    finest = data[0] if isinstance(data, list) or meta.get("multiscale") else data
+    # what writing would refuse (float16, an empty axis): before any layer is written
+    check_writable(root, key, getattr(finest, "dtype", np.float64), getattr(finest, "shape", (1,)))
     return root, key, data, meta, replace
 
 

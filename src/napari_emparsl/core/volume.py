@@ -714,13 +714,8 @@ class Volume:
         dtype = np.dtype(dtype)
         if dtype == np.bool_:
             dtype = np.dtype("uint8")
-        if dtype.name not in _WRITABLE_DTYPES:
-            raise VolumeError(
-                f"N5 cannot store {dtype.name} data; convert it to one of "
-                f"{', '.join(sorted(_WRITABLE_DTYPES))}."
-            )
         shape = tuple(int(s) for s in shape)
-        _check_new_dataset(root, key, shape)
+        check_writable(root, key, dtype, shape)
         chunks = tuple(max(1, min(int(c), s)) for c, s in zip(chunks, shape, strict=True))
         _prepare_output(root, key, overwrite)
         f = _open_file(root, "a")
@@ -978,6 +973,19 @@ def check_output_free(root: str, key: str, overwrite: bool) -> None:
 def _names(keys: list[str], limit: int = 4) -> str:
     shown = ", ".join(keys[:limit])
     return shown if len(keys) <= limit else f"{shown} and {len(keys) - limit} more"
+
+
+def check_writable(root: str, key: str, dtype: Any, shape: Sequence[int]) -> None:
+    """VolumeError where data of ``dtype`` and ``shape`` cannot be written as ``root:key``
+    (a type N5 cannot store, an axis of no voxels, a dataset where a group would have to be),
+    before anything is written."""
+    dtype = np.dtype(dtype)
+    if dtype != np.bool_ and dtype.name not in _WRITABLE_DTYPES:
+        raise VolumeError(
+            f"N5 cannot store {dtype.name} data; convert it to one of "
+            f"{', '.join(sorted(_WRITABLE_DTYPES))}."
+        )
+    _check_new_dataset(root, key, shape)
 
 
 def _check_new_dataset(root: str, key: str, shape: Sequence[int]) -> None:
