@@ -837,9 +837,16 @@ def test_a_model_that_does_not_fit_its_description_is_said_when_chosen(
         "a labels model of one channel is thresholded (threshold, 0.5 by default) into 0 and 1: "
         "remove its classes (classes= empty), or export one logit per class."
     ), widget.model_info.value
-    widget.model_options.value = "kind=image; classes="
-    qtbot.wait(500)  # its trial passes: nothing added
+    from napari_emparsl.core.models import loaders
+
+    loads = loaders.models_loaded()
+    for typed in ("kind=image; classes=; halo=1", "kind=image; classes=; halo=16",
+                  "kind=image; classes="):  # as typed, each a description that parses  # fmt: skip
+        widget.model_options.value = typed
+    qtbot.waitUntil(lambda: widget.trials_answered == widget._trials, timeout=60_000)
+    # its trial passed: nothing added; one load, of what was typed last (not one a keystroke)
     assert widget.model_info.value == "image, 1 channel(s); 1 input channel(s); 3D; halo [2, 2, 2]"
+    assert loaders.models_loaded() == loads + 1
 
 
 def test_model_without_description_is_asked_for_what_it_lacks(

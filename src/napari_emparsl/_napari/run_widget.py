@@ -504,6 +504,13 @@ class RunWidget(Container):
         self._trial_relay = Relay(self.native)
         self._trial_relay.answer.connect(guarded(self, self._model_tried))
         self._trials = 0  # the description a trial's answer is of (later ones replace it)
+        self.trials_answered = 0  # the last description whose trial answered
+        # a trial once the options have not changed for a moment (each keystroke of
+        # "halo=16,16,16" that parses is a description: a model load each, before)
+        self._trial_timer = QTimer(self.native)
+        self._trial_timer.setSingleShot(True)
+        self._trial_timer.timeout.connect(guarded(self, self._start_trial))
+        self._trial_args: tuple[int, str, dict[str, Any]] | None = None
         self._preloaded = threading.Event()
         self._describe_model()
         # import torch and load the chosen model in the background now, not on the first preview.
@@ -735,10 +742,17 @@ class RunWidget(Container):
             return
         # a model whose output does not fit its description is said here, before Preview or
         # Run (which refuse it in the same sentence): loaded in the background, as a run would
-        trial, model = self._trials, self._model()
+        self._trial_args = (self._trials, self._model(), options)
+        self._trial_timer.start(400)
+
+    def _start_trial(self) -> None:
+        if self._trial_args is None or self._trial_args[0] != self._trials:
+            return  # described again since (its own trial is on its way)
+        trial, model, options = self._trial_args
+        preloaded = self._preloaded
         in_background(
             self._trial_relay,
-            lambda: (trial, _trial(model, options, self._preloaded)),
+            lambda: (trial, _trial(model, options, preloaded)),
             name="emparsl-model-trial",
             daemon=True,
         )
@@ -748,6 +762,7 @@ class RunWidget(Container):
             log.debug("trying the model failed: %s", answer)
             return
         trial, problem = answer
+        self.trials_answered = max(self.trials_answered, trial)
         said = f" — ⚠ {panel_words(problem)}" if problem else ""
         if trial == self._trials and said and said not in self.model_info.value:
             self.model_info.value += said

@@ -48,6 +48,7 @@ BUILTIN_MODELS = {"unet3d-em": "unet3d_em.pt"}
 #: napari session kept a copy per model file, retrained file and options tried, for good)
 _CACHE: OrderedDict[tuple[str, str, str], LoadedModel] = OrderedDict()
 _CACHED = 3
+_LOADING: dict[tuple[str, str, str], threading.Lock] = {}  # a lock per model being loaded
 _LOCK = threading.Lock()
 _LOADS = 0  # cache misses in this process: a worker loads each model once
 _HASHES: dict[tuple[Any, ...], str] = {}  # file_hash by the file's stat
@@ -516,21 +517,36 @@ def load_model(
     spec = describe_model(model, options)
     digest = file_hash(path)
     key = (digest, repr(sorted(spec.to_dict().items())), device)
+    # the cache's lock is held for moments only; a load (seconds for a big model) holds its
+    # own key's, so that a model loading (the run panel's trial of a file) does not stall the
+    # blocks of another, nor the hashes asked on napari's thread
     with _LOCK:
         cached = _CACHE.get(key)
-        if cached is None:
+        if cached is not None:
+            _CACHE.move_to_end(key)
+            return cached
+        loading = _LOADING.setdefault(key, threading.Lock())
+    with loading:
+        with _LOCK:
+            cached = _CACHE.get(key)  # loaded by another thread meanwhile
+            if cached is not None:
+                _CACHE.move_to_end(key)
+                return cached
+        try:
             module = _load_module(path, spec)
             module = _channels_last(module, spec) if device == "cpu" else module.to(device)
             cached = LoadedModel(module, spec, digest, path)
-            for other in [k for k, v in _CACHE.items() if v.path == path and k[0] != digest]:
-                del _CACHE[other]  # the file's earlier weights: it was written anew
-            _CACHE[key] = cached
-            while len(_CACHE) > _CACHED:
-                _CACHE.popitem(last=False)
-            global _LOADS
-            _LOADS += 1
-        else:
-            _CACHE.move_to_end(key)
+            with _LOCK:
+                for other in [k for k, v in _CACHE.items() if v.path == path and k[0] != digest]:
+                    del _CACHE[other]  # the file's earlier weights: it was written anew
+                _CACHE[key] = cached
+                while len(_CACHE) > _CACHED:
+                    _CACHE.popitem(last=False)
+                global _LOADS
+                _LOADS += 1
+        finally:
+            with _LOCK:
+                _LOADING.pop(key, None)
     return cached
 
 
