@@ -1263,8 +1263,10 @@ def _os_advice(err: OSError) -> str:
 
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         return "free space there, or write elsewhere"
-    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return "check the path's permissions, or write elsewhere"
+    if err.errno == errno.EROFS:
+        return "the disk is read-only: write elsewhere"
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return "check the path's permissions"
     if err.errno == errno.ENOTDIR:
         return "a part of the path is a file, not a folder: check the path"
     return "check the path and free space"

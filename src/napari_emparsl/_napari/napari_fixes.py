@@ -72,9 +72,23 @@ def load_units() -> None:
 
 
 def forget_ended_tasks(viewer: object) -> int:
-    """Remove the tasks that ended from ``viewer``'s window's task list (napari keeps them, and
-    with them their workers, for the rest of the session); how many were removed. Running ones
-    stay (napari asks about them when the window closes)."""
+    """Remove the tasks that ended from ``viewer``'s window's task list, and from the current
+    viewer's (napari files a worker under the viewer current when it starts: with two open,
+    perhaps the other) — napari keeps them, and with them their workers, for the rest of the
+    session; how many were removed. Running ones stay (napari asks about them on closing)."""
+    try:
+        import napari
+
+        current = napari.current_viewer()
+    except Exception:  # no napari viewer at all
+        current = None
+    removed = _forget_ended(viewer)
+    if current is not None and current is not viewer:
+        removed += _forget_ended(current)
+    return removed
+
+
+def _forget_ended(viewer: object) -> int:
     manager = getattr(getattr(viewer, "window", None), "_task_status_manager", None)
     tasks = getattr(manager, "_tasks", None)
     if not isinstance(tasks, dict):  # another napari: nothing to do

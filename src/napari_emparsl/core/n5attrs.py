@@ -783,19 +783,13 @@ def pyramid_levels(directory: str, attrs: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _sane_level(attrs: dict[str, Any]) -> bool:
-    """Whether a level's dimensions and data type can be compared with another's."""
-    dims = attrs.get("dimensions")
-    return (
-        isinstance(dims, list)
-        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims)
-        and attrs.get("dataType") in _N5_TYPES
-    )
-
-
-_N5_TYPES = {f"{kind}{bits}" for kind in ("int", "uint") for bits in (8, 16, 32, 64)} | {
-    "float32",
-    "float64",
-}
+    """Whether a level passes the checks it meets when opened (its dimensions and data type
+    can then be compared with another's)."""
+    try:
+        check_dataset_attrs(attrs, "")
+    except VolumeError:
+        return False
+    return True
 
 
 def _coarser_level(finer: dict[str, Any], level: dict[str, Any]) -> bool:
@@ -842,7 +836,7 @@ def dataset_above(directory: str) -> tuple[str, str] | None:
     chunks, ``data.n5/raw/0/1``), or None."""
     root, key = find_container_root(directory)
     parts = key.split("/") if key else []
-    for i in range(1, len(parts)):
+    for i in range(0 if parts else 1, len(parts)):  # (0: a dataset that is the container)
         prefix = "/".join(parts[:i])
         try:
             attrs = read_attrs(os.path.join(root, prefix))
@@ -859,6 +853,10 @@ def _chunk_folder(directory: str) -> str | None:
     if above is None:
         return None
     root, key = above
+    if not key:  # the container is the dataset
+        return (
+            f"{directory} is a folder of chunks of the dataset {root}, not a dataset; give {root}."
+        )
     return (
         f"{directory} is a folder of chunks of the dataset {root}:{key}, not a dataset; give "
         f"that dataset ({root}:{key}) or the container ({root})."

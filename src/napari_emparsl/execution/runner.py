@@ -29,6 +29,7 @@ import numpy as np
 from napari_emparsl import __version__
 from napari_emparsl.core.blockwise import (
     BlockJob,
+    BlockOutputError,
     BlockResult,
     process_batch,
     run_model_on_array,
@@ -347,7 +348,7 @@ def _try_on_zeros(module: Any, spec: ModelSpec) -> None:
     x = np.zeros((spec.in_channels, *shape), np.float32)
     try:
         run_model_on_array(module, spec, x)
-    except ValueError as err:  # our own sentences: what the model gave, what to set
+    except BlockOutputError as err:  # our own sentences: what the model gave, what to set
         raise RunError(str(err)) from None
     except Exception:  # its blocks will say why, with the real size of a block
         pass
@@ -654,7 +655,7 @@ class Run:
         roi: Roi | str | None = None,
         block: Sequence[int] | str | None = None,
         halo: Sequence[int] | str | None = None,
-        model_options: Mapping[str, Any] | None = None,
+        model_options: Mapping[str, Any] | str | Sequence[str] | None = None,
         overwrite: bool = False,
         retries: int = 2,
         in_flight_per_worker: int = 2,
@@ -677,10 +678,9 @@ class Run:
         if sub:  # a folder inside a container (data.n5/raw:pred): the key is from the root
             self.output_root = root
             self.output_key = "/".join(p for p in (sub, self.output_key) if p)
-        # a notebook's pathlib.Path: as the text of its path (the ledger records it as JSON)
-        self.model = os.fspath(model) if isinstance(model, os.PathLike) else model
-        self.model_options = dict(model_options or {})
-        self.site = os.fspath(site) if isinstance(site, os.PathLike) else site
+        self.model = model  # (a notebook's pathlib.Path as its text: the ledger records JSON)
+        self.model_options = model_options
+        self.site = site
         self.roi = _as_roi(roi)
         # as the CLI takes them ("16,32,32", "64": read in prepare), (z, y, x), or one number
         # for every axis (64, as "64"; it was a TypeError)
