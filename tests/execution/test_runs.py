@@ -1481,6 +1481,24 @@ def test_python_api_input_model_output_and_option_texts(tmp_path, conv_model, fl
     assert not (tmp_path / "o.n5").exists()
 
 
+def test_a_fixed_size_models_halo_advice_works(tmp_path, small_n5):
+    """A model of a fixed input size (32³) whose own halo (24) does not fit it: the refusal of a
+    halo too big suggested just under half the size (15: blocks of 2 voxels, 64 blocks for 8³);
+    a quarter now (blocks of half the size). A halo below the context was told to "leave the
+    halo out", which brought back the model's 24 and was refused."""
+    src, out = f"{small_n5[0]}:raw", f"{tmp_path}/o.n5:p"
+    fixed = {"fixed": [32, 32, 32], "multiple": [1, 1, 1]}
+    with pytest.raises(
+        RunError, match=r"use a halo below half of that size, e\.g\. --halo 8,8,8\.$"
+    ):
+        Run(src, "unet3d-em", out, site="threads", halo=20, model_options=fixed).prepare()
+    run = Run(src, "unet3d-em", out, site="threads", halo=8, model_options=fixed)
+    run.prepare()
+    assert run.warnings[-1].endswith(
+        "(faster, not exact); its fixed input size leaves no room for that whole context."
+    ), run.warnings
+
+
 def test_a_halo_below_the_models_context_is_said_to_be_inexact(tmp_path, unet_model,
                                                               conv_model, float_volume):  # fmt: skip
     """A given halo smaller than the context the model declares: the run says blocks may
