@@ -84,8 +84,8 @@ def _write(path: str, data: Any, meta: dict[str, Any], labels: bool) -> list[str
 
 
 def _checked(root: str, key: str, data: Any, meta: dict[str, Any]) -> tuple:
-    """``root:key`` where ``data`` may be saved, and whether it replaces a layer saved there
-    before; VolumeError (one sentence) where it may not."""
+    """``root:key`` where ``data`` (its finest level, for a pyramid) may be saved, and whether
+    it replaces a layer saved there before; VolumeError (one sentence) where it may not."""
     source = (meta.get("metadata") or {}).get("emparsl") or {}
     if _reads(source, root, key):
         raise VolumeError(
@@ -113,16 +113,15 @@ def _checked(root: str, key: str, data: Any, meta: dict[str, Any]) -> tuple:
             f"{root}:{key} is open as the layer '{reading}'; save under another name, or "
             "remove that layer first."
         )
-    finest = data[0] if isinstance(data, list) or meta.get("multiscale") else data
+    if isinstance(data, list) or meta.get("multiscale"):
+        # multiscale (napari hands its MultiScaleData, no list): the finest level holds all
+        data = data[0]
     # what writing would refuse (float16, an empty axis): before any layer is written
-    check_writable(root, key, getattr(finest, "dtype", np.float64), getattr(finest, "shape", (1,)))
+    check_writable(root, key, getattr(data, "dtype", np.float64), getattr(data, "shape", (1,)))
     return root, key, data, meta, replace
 
 
 def _save(root: str, key: str, data: Any, meta: dict[str, Any], replace: bool, labels: bool) -> str:
-    if isinstance(data, list) or meta.get("multiscale"):
-        # multiscale (napari hands its MultiScaleData, no list): the finest level holds all
-        data = data[0]
     scale = meta.get("scale")
     units = meta.get("units")
     # napari's "pixel" (a layer without units, e.g. from a TIFF) stays so: 1 nm voxels would be
@@ -172,7 +171,7 @@ def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
 def write_layers(path: str, layer_data: list[tuple[Any, dict[str, Any], str]]) -> list[str]:
     """Save several Image and Labels layers (napari's Save Selected Layers with more than one
     selected), each as a dataset named after it in the container ``path`` names (in the group
-    it names: ``out.n5/run1`` saves ``run1/<layer>``). Every layer is checked before any is
+    it names: ``out.n5/run1.n5``, as napari hands it, saves ``run1/<layer>``). Every layer is checked before any is
     written: one that may not be saved, or two that would be saved as one dataset, saves none."""
     root, group = _place(user_path(path))
     planned, seen = [], {}

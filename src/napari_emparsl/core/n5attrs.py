@@ -836,7 +836,7 @@ def dataset_above(directory: str) -> tuple[str, str] | None:
     chunks, ``data.n5/raw/0/1``), or None."""
     root, key = find_container_root(directory)
     parts = key.split("/") if key else []
-    for i in range(0 if parts else 1, len(parts)):  # (0: a dataset that is the container)
+    for i in range(len(parts)):  # (0: a dataset that is the container itself)
         prefix = "/".join(parts[:i])
         try:
             attrs = read_attrs(os.path.join(root, prefix))

@@ -503,6 +503,11 @@ class Volume:
         return [self.level(i) for i in range(len(self.levels))]
 
     @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        """The shape without its channel axis (z, y, x; a time axis stays)."""
+        return tuple(n for n, a in zip(self.shape, self.axes, strict=True) if a != "c")
+
+    @property
     def is_multiscale(self) -> bool:
         return len(self.levels) > 1
 

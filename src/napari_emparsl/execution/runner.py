@@ -741,7 +741,7 @@ class Run:
         the ledger read at planning and this run's results; None before the run has planned."""
         if self._src is None or self._provenance is None:
             return None
-        shape = [n for n, a in zip(self._src.shape, self._src.axes, strict=True) if a != "c"]
+        shape = self._src.spatial_shape
         total = math.prod(block_grid(shape, self._provenance["block"]))
         return total - len(self._done_ids)
 
@@ -823,7 +823,7 @@ class Run:
                 f"with {spec.in_channels} (if the model's description is wrong, correct "
                 "in_channels there)."
             )
-        spatial = tuple(n for n, a in zip(src.shape, src.axes, strict=True) if a != "c")
+        spatial = src.spatial_shape
         if len(spatial) != 3:
             hint = (
                 " (a 2D image is a volume of one slice: save it as a TIFF and `emparsl import` "
@@ -1241,9 +1241,8 @@ class Run:
 
                 task = process_batch_reporting
             app = python_app(task, dfk, profile)
-            spatial = [n for n, a in zip(self._src.shape, self._src.axes, strict=True) if a != "c"]
             size = self.batch or _auto_batch(
-                self._provenance["block"], self._provenance["halo"], spatial
+                self._provenance["block"], self._provenance["halo"], self._src.spatial_shape
             )
             pending = [todo[i : i + size] for i in range(0, len(todo), size)][::-1]
             attempts: dict[int, int] = {}
