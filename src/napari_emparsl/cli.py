@@ -1038,8 +1038,38 @@ def cmd_sites(args: argparse.Namespace) -> int:
 # entry point
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose refusal of a command line is one line: what is wrong and where
+    to read the options (argparse prints its whole usage block above it, which hid the line in
+    a batch job's log); an unknown option is named before the required ones it also lacks
+    (``emparsl run --inputs …`` said only that --input was missing)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._subparsers is None and args is not None:
+            unknown = self._unknown_options(list(args))
+            if unknown:
+                self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return super().parse_known_args(args, namespace)
+
+    def _unknown_options(self, args: list[str]) -> list[str]:
+        known = {s for a in self._actions for s in a.option_strings}
+        unknown = []
+        for arg in args:
+            if arg == "--":
+                break
+            name = arg.split("=", 1)[0]
+            if name.startswith("--") and name not in known:
+                # argparse's own abbreviations (--over for --overwrite) stay allowed
+                if not [k for k in known if k.startswith(name)]:
+                    unknown.append(name)
+        return unknown
+
+    def error(self, message: str):  # argparse's hook
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="emparsl",
         description="Run AI on volume EM in N5 containers, locally or on a cluster.",
     )

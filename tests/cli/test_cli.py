@@ -188,6 +188,33 @@ def test_bad_option_value(capsys, args, message):
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["run", "--inputs", "a.n5:raw", "--model", "m"],
+         "emparsl run: error: unrecognized arguments: --inputs; see 'emparsl run --help'."),
+        (["run", "--input", "a.n5:raw"],
+         "emparsl run: error: the following arguments are required: --model; "
+         "see 'emparsl run --help'."),
+        (["frob"], "emparsl: error: argument COMMAND: invalid choice: 'frob' (choose from "),
+    ],
+)  # fmt: skip
+def test_a_command_line_argparse_refuses_is_one_line(capsys, args, line):
+    """What argparse refuses is said in one line with where to read the options — not under
+    its usage block — and an unknown option is named, not hidden behind the options the
+    command line lacks because of it."""
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and err.startswith(line), err
+    assert "usage:" not in err
+
+
+def test_an_abbreviated_option_is_still_taken(capsys, tmp_path):
+    code, _, err = run(capsys, "sample", str(tmp_path / "s.n5"), "--sha", "16")
+    assert code == 0 and Volume.open(tmp_path / "s.n5", "raw").shape == (16, 16, 16), err
+
+
 def test_one_value_for_all_axes_and_a_sample_too_big_for_memory(capsys, tmp_path):
     code, _, _ = run(capsys, "sample", str(tmp_path / "s.n5"), "--shape", "16")
     assert code == 0 and Volume.open(tmp_path / "s.n5", "raw").shape == (16, 16, 16)
