@@ -19,10 +19,12 @@ def run(input: str, model: str, output: str | None = None, **kwargs):
     ``block``, ``halo``, ``model_options``, ``overwrite``, ``retries``, ``callback``.
     What the run notes before it starts (the volume's voxels are not those the model was
     trained on) and as it finishes (a uint8 output that clipped the model's values) comes as a
-    ``UserWarning``.
+    ``UserWarning``. Bad input raises a ``UserError`` (``RunError``, ``ModelError``, …) whose
+    one sentence says what is wrong and what to pass (``overwrite=True``, ``block=(…)``).
     """
     import warnings
 
+    from napari_emparsl.core.errors import UserError, python_words
     from napari_emparsl.core.events import Finished, Planned
     from napari_emparsl.execution.runner import Run
 
@@ -31,11 +33,16 @@ def run(input: str, model: str, output: str | None = None, **kwargs):
     def report(event):
         if isinstance(event, Planned | Finished):
             for note in event.warnings:
-                warnings.warn(note, UserWarning, stacklevel=2)
+                warnings.warn(python_words(note), UserWarning, stacklevel=2)
         if callback is not None:
             callback(event)
 
-    return Run(input, model, output, **kwargs).execute(report)
+    try:
+        return Run(input, model, output, **kwargs).execute(report)
+    except UserError as err:  # the engine's advice names the command line's options
+        if err.args and isinstance(err.args[0], str):
+            err.args = (python_words(err.args[0]), *err.args[1:])
+        raise
 
 
 def __getattr__(name: str):

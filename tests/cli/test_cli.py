@@ -278,6 +278,37 @@ def test_python_api_refuses_a_block_or_halo_of_two_axes(small_n5, tmp_path):
     assert Ledger(str(tmp_path / "o.n5"), "p").summary().last_run["block"] == [8, 8, 8]
 
 
+def test_python_api_advice_names_its_own_parameters(capsys, small_n5, tmp_path):
+    """The engine's advice speaks to the command line (pass --overwrite, e.g. --block 8,8,8);
+    from a notebook it names the API's parameters, and quoted commands stay as typed."""
+    import napari_emparsl
+    from napari_emparsl.core.errors import python_words
+    from napari_emparsl.execution.runner import RunError
+
+    src = f"{small_n5[0]}:raw"
+    save_array(tmp_path / "o.n5", "p", np.zeros((4, 4, 4), np.uint8))  # not emparsl's
+    with pytest.raises(RunError) as err:
+        napari_emparsl.run(src, "unet3d-em", f"{tmp_path}/o.n5:p", site="threads")
+    assert str(err.value) == (
+        f"The output {tmp_path}/o.n5:p exists and was not written by emparsl; pass "
+        "overwrite=True to replace it, or choose another name."
+    )
+    with pytest.raises(RunError) as err:  # a block not a multiple of the model's (4,4,4)
+        napari_emparsl.run(src, "unet3d-em", f"{tmp_path}/b.n5:p", site="threads", block=6)
+    assert str(err.value).endswith("e.g. block=(4, 4, 4) or (8, 8, 8).") and "--" not in str(
+        err.value
+    )
+    # the CLI's words where the CLI is used
+    assert main(["run", "--input", src, "--model", "unet3d-em", "--output", f"{tmp_path}/o.n5:p"])
+    assert "; pass --overwrite to replace it" in capsys.readouterr().err
+    assert python_words("e.g. with `emparsl import … --overwrite`; --halo 8,8,8") == (
+        "e.g. with `emparsl import … --overwrite`; halo=(8, 8, 8)"
+    )
+    assert python_words("(e.g. --model-option out_range=0,2.5) or with --model-option.") == (
+        "(e.g. model_options=['out_range=0,2.5']) or with model_options."
+    )
+
+
 def test_python_api_takes_a_region_as_text_slices_or_pairs(small_n5, tmp_path):
     """In a notebook a region comes as numpy slices: it was an AttributeError ('tuple' object
     has no attribute 'ndim') deep in the planner."""
