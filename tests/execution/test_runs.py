@@ -603,6 +603,45 @@ def test_an_input_written_again_during_the_run_fails_the_blocks_after(tmp_path, 
     assert (Volume.open(tmp_path / "out.n5", "p").data.compute() == 5.0).all()
 
 
+def test_a_read_failing_as_the_input_is_written_again_says_so(tmp_path, save_model):
+    """A block whose read fails because the input is being written anew (its chunks
+    half-written: unreadable) is said to be the rewriting, not the symptom (a decode error)."""
+    import glob
+
+    from torch import nn
+
+    from napari_emparsl.core.events import BlockDone, BlockFailed
+
+    class Identity(nn.Module):
+        def forward(self, x):
+            return x * 1.0
+
+    model = save_model(Identity(), tmp_path / "id.pt", "kind: image\nblock: [8, 8, 8]\n")
+    src, out = f"{tmp_path}/in.n5:raw", f"{tmp_path}/out.n5:p"
+    save_array(tmp_path / "in.n5", "raw", np.ones((16, 16, 16), np.float32), chunks=(8, 8, 8))
+    failed, done = [], []
+    for event in Run(src, model, out, site="threads", retries=0, batch=1).events():
+        if isinstance(event, BlockDone):
+            done.append(event.result.block_id)
+            if len(done) == 1:  # being written again: a new id, chunks not readable yet
+                save_array(tmp_path / "in.n5", "raw", np.full((16, 16, 16), 5, np.float32),
+                           chunks=(8, 8, 8), overwrite=True)  # fmt: skip
+                chunks = glob.glob(f"{tmp_path}/in.n5/raw/*/*/*")
+                assert len(chunks) == 8
+                for chunk in chunks:
+                    with open(chunk, "wb") as f:
+                        f.write(b"half")
+        elif isinstance(event, BlockFailed):
+            failed.append(event.error)
+    # (blocks in flight when it was rewritten may have read the old data before)
+    assert not event.ok and failed and len(failed) == 8 - len(done), (done, failed)
+    assert set(failed) == {
+        f"The input {src} was written again during the run (an import or a save over it), so "
+        "the blocks done before hold what it held then; once that writing has finished, run "
+        "again with --overwrite."
+    }
+
+
 def test_an_output_pasted_quoted_then_given_a_key(tmp_path, conv_model, float_volume):
     """A path pasted with its quotes, then `:pred` typed after it: the run said the output
     "was removed while the run wrote it" and left a half-made dataset (the quotes were
