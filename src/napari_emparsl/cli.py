@@ -18,7 +18,6 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
 
 from napari_emparsl import __version__
 from napari_emparsl.core.errors import UserError
@@ -790,35 +789,6 @@ def _throughput(summary) -> dict[str, float] | None:
     }
 
 
-def _grid_difference(a: Any, b: Any) -> str:
-    """How two volumes of one shape lie differently in the world (voxel size, offset), in
-    words; '' where they agree, or where either records no voxel size (unit ``pixel``)."""
-    from napari_emparsl.core.units import nm_per_unit
-
-    na, nb = nm_per_unit(a.unit), nm_per_unit(b.unit)
-    if "pixel" in (a.unit, b.unit) or (na is None) != (nb is None):
-        return ""
-    fa, fb = (na, nb) if na is not None and nb is not None else (1.0, 1.0)
-    if na is None and a.unit != b.unit:
-        return ""
-    same = all(  # sizes within 0.1 %, offsets within 0.1 % of a voxel (a 20-voxel shift at
-        # 100 µm was within 0.1 % of the offset)
-        math.isclose(x * fa, y * fb, rel_tol=1e-3)
-        for x, y in zip(a.voxel_size, b.voxel_size, strict=True)
-    ) and all(
-        abs(x * fa - y * fb) <= 1e-3 * v * fa
-        for x, y, v in zip(a.offset, b.offset, a.voxel_size, strict=True)
-    )
-    if same:
-        return ""
-
-    def where(v: Any) -> str:
-        size = "×".join(f"{x:g}" for x in v.voxel_size)
-        return f"{size} {v.unit} voxels at {', '.join(f'{x:g}' for x in v.offset)}"
-
-    return f"{where(a)} against {where(b)}"
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import math
 
@@ -826,6 +796,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from napari_emparsl.core.ledger import written_blocks
+    from napari_emparsl.core.units import grid_difference
     from napari_emparsl.core.volume import UNFINISHED, Volume, parse_spec
 
     pred = Volume.open(*parse_spec(args.prediction))
@@ -853,7 +824,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 "not class labels; evaluate a labels model's output against labels of the same "
                 "classes."
             )
-    grid = _grid_difference(pred, truth)
+    grid = grid_difference(pred, truth)
     if grid:  # same shape, another place or voxel size: compared voxel to voxel all the same
         print(
             f"Warning: the prediction and the ground truth lie on different grids ({grid}); "

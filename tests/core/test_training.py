@@ -8,7 +8,12 @@ import torch
 import yaml
 
 from napari_emparsl.core.errors import UserError
-from napari_emparsl.core.models.training import N5TileDataset, TrainingDataError, train
+from napari_emparsl.core.models.training import (
+    IGNORED,
+    N5TileDataset,
+    TrainingDataError,
+    train,
+)
 from napari_emparsl.core.volume import Volume, save_array
 
 SHAPE = (24, 40, 40)
@@ -108,7 +113,9 @@ def test_train_a_few_steps(pair):
     assert not model.training
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert lines and lines[-1].startswith("step 5/5  loss ")
-    assert len(lines) == 1  # labels of 5 classes in every tile: nothing to say about them
+    # the first step said at once (the next at step 25: minutes on big tiles), then the last;
+    # labels of 5 classes in every tile: nothing to say about them
+    assert len(lines) == 2 and lines[0].startswith("step 1/5  loss "), lines
 
 
 def test_bad_pairs_and_tiles_are_one_sentence(tmp_path, pair):
@@ -209,24 +216,31 @@ def test_labels_beyond_the_classes_are_one_sentence(tmp_path, pair):
     cells = save_array(tmp_path / "t.n5", "cells", (raw % 44).astype(np.uint16), chunks=(8, 16, 16))
     model = UNet(1, 5, dims=3, base=2, depth=1)
     ds = N5TileDataset([(raw_vol, labels_vol), (raw_vol, cells)], (8, 16, 16), length=4)
+    before = [p.detach().clone() for p in model.parameters()]
+    lines: list[str] = []
     with pytest.raises(TrainingDataError) as err:
-        train(model, ds, steps=3, batch=2, log=lambda _: None)
+        train(model, ds, steps=3, batch=2, log=lines.append)
     message = str(err.value)
-    assert (
-        f"The labels {tmp_path}/t.n5:cells hold id 43, the largest in a training tile, but"
-        in message
-    ), message
+    assert message.startswith(f"The labels {tmp_path}/t.n5:cells hold id 43 but"), message
     assert (
         "but there are 5 classes, ids 0–4; give labels of class ids" in message
         and "\n" not in message
     )
     assert isinstance(err.value, UserError)
-    # the dataset checks each tile itself when told the classes; negative ids too
-    with pytest.raises(TrainingDataError, match="hold id 43, .* 5 classes"):
-        N5TileDataset([(raw_vol, cells)], (8, 16, 16), length=4, classes=5)[0]
+    # refused before the first step (the ids read when the dataset was made): it was found
+    # only when a tile held it, on real volumes perhaps hours in, with nothing saved
+    assert not lines and all(
+        torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)
+    )
+    # the dataset checks the ids itself when told the classes; negative ids too
+    with pytest.raises(TrainingDataError, match="hold id 43 but .* 5 classes"):
+        N5TileDataset([(raw_vol, cells)], (8, 16, 16), length=4, classes=5)
     signed = save_array(tmp_path / "t.n5", "signed", (raw % 3).astype(np.int8) - 1)
     with pytest.raises(TrainingDataError, match="signed hold id -1 but there are 3 classes"):
-        N5TileDataset([(raw_vol, signed)], (8, 16, 16), length=4, classes=3)[0]
+        N5TileDataset([(raw_vol, signed)], (8, 16, 16), length=4, classes=3)
+    # without classes, a tile of negative ids is refused as no class ids at all
+    with pytest.raises(TrainingDataError, match="signed hold id -1, which is no class id; "):
+        N5TileDataset([(raw_vol, signed)], (8, 16, 16), length=4)[0]
     with pytest.raises(TrainingDataError, match="The number of classes is 1 or more, not 0."):
         N5TileDataset([(raw_vol, labels_vol)], (8, 16, 16), classes=0)
     _, y = N5TileDataset([(raw_vol, labels_vol)], (8, 16, 16), length=4, classes=5)[3]  # fits
@@ -367,6 +381,9 @@ def test_save_model_refusals_are_one_sentence(tmp_path, pair):
         (dict(path=tmp_path / "m.pt", classes="a,b,c", options={"normalize": "none"}), "The option(s) normalize are fixed by the network"),
         (dict(path=tmp_path / "m.pt", classes="a,b,c", options={"halo": 2.5}), "'halo' in the options given to save_model must be three integers"),
         (dict(path=tmp_path / "m.pt", classes=["a", "a", "b"]), "names a more than once"),
+        # a multiple the U-Net of depth 1 cannot take: saved, then every block of a run failed
+        (dict(path=tmp_path / "m.pt", classes="a,b,c", options={"multiple": 3}), "The size multiple 3,3,3 does not suit the U-Net of depth 1, which takes sizes that are multiples of 2,2,2; leave multiple out"),
+        (dict(path=tmp_path / "m.pt", classes="a,b,c", options={"scale": [1, 2, 2]}), "The option(s) scale are fixed by the network"),
     ]  # fmt: skip
     for kwargs, sentence in cases:
         with pytest.raises(ModelError) as err:
@@ -376,6 +393,15 @@ def test_save_model_refusals_are_one_sentence(tmp_path, pair):
     with pytest.raises(ModelError, match="not a Conv3d; save other networks with torch.jit"):
         save_model(torch.nn.Conv3d(1, 2, 1), tmp_path / "m.pt", classes="a,b")
     assert list(tmp_path.glob("m.pt*")) == []  # nothing written
+    # the description's place a folder: refused before the weights were replaced (they were,
+    # then a traceback, and a .part file left)
+    (tmp_path / "d.pt").write_bytes(b"old weights")
+    (tmp_path / "d.pt.yaml").mkdir()
+    with pytest.raises(ModelError, match=r"d\.pt\.yaml, where the model's description goes, is a "):
+        save_model(model, tmp_path / "d.pt", classes="a,b,c")
+    assert (tmp_path / "d.pt").read_bytes() == b"old weights"
+    assert sorted(p.name for p in tmp_path.glob("d.pt*")) == ["d.pt", "d.pt.yaml"]
+    assert save_model(model, tmp_path / "e.pt", classes="a,b,c", options={"multiple": 4})
     raw = np.zeros((8, 8, 8), np.uint8)
     raw[4:] = 1
     rv = save_array(tmp_path / "v.n5", "raw", raw, voxel_size=(40, 4, 4), unit="nm")
@@ -392,6 +418,113 @@ def test_save_model_refusals_are_one_sentence(tmp_path, pair):
     written = yaml.safe_load((tmp_path / "n.pt.yaml").read_text())
     assert written["threshold"] == 0.25 and written["block"] == [32, 32, 32]
     assert sorted(p.name for p in tmp_path.glob("n.pt*")) == ["n.pt", "n.pt.yaml"]
+
+
+def test_save_model_takes_a_path_of_the_home_folder(tmp_path, monkeypatch):
+    """~/models/mine.pt, as --model and Volume.open take it: it was a folder named ~."""
+    from napari_emparsl.core.models.loaders import describe_model
+    from napari_emparsl.core.models.training import save_model
+    from napari_emparsl.core.models.unet import UNet
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "models").mkdir()
+    save_model(UNet(1, 2, base=2, depth=1), "~/models/mine.pt", classes="a,b")
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["mine.pt", "mine.pt.yaml"]
+    assert describe_model(str(tmp_path / "models" / "mine.pt")).classes == ("a", "b")
+
+
+def test_uint64_labels_marking_unlabelled_voxels_with_their_largest_id(tmp_path, pair):
+    """CREMI marks voxels without a cleft 2**64 - 1 in uint64 labels: cast to int64 it was -1,
+    the advice 'pass ignore=-1' was then refused, and ignore=2**64-1 crashed in the loss."""
+    from napari_emparsl.core.models.unet import UNet
+
+    raw_vol, _, raw = pair
+    big = np.iinfo(np.uint64).max
+    labels = (raw % 2).astype(np.uint64)
+    labels[:, :20] = big
+    vol = save_array(tmp_path / "u.n5", "clefts", labels, chunks=(8, 16, 16))
+    with pytest.raises(TrainingDataError) as err:
+        train(UNet(1, 2, base=2, depth=1), N5TileDataset([(raw_vol, vol)], (8, 16, 16), length=4),
+              steps=2, log=lambda _: None)  # fmt: skip
+    assert str(err.value).endswith(f"if id {big} marks unlabelled voxels, pass ignore={big}.")
+    ds = N5TileDataset([(raw_vol, vol)], (8, 16, 16), length=4, ignore=big, augment=False)
+    x, y = ds[0]
+    assert set(y.unique().tolist()) <= {IGNORED, 0, 1}
+    region = (y != IGNORED).numpy()  # the labelled voxels of the tile, as the labels hold them
+    np.testing.assert_array_equal(_raw_values(ds, x[0])[region] % 2, y.numpy()[region])
+    model = UNet(1, 2, base=2, depth=1)
+    assert train(model, ds, steps=2, log=lambda _: None) == 4  # the next item to read
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # ids beyond int64 that are not the ignore id: said as they are, not wrapped to negatives
+    labels[0, 0, 0] = big - 1
+    odd = save_array(tmp_path / "u.n5", "odd", labels, chunks=(8, 16, 16))
+    with pytest.raises(TrainingDataError, match=f"hold id {big - 1} but there are 2 classes"):
+        N5TileDataset([(raw_vol, odd)], (8, 16, 16), ignore=big, classes=2)
+    with pytest.raises(TrainingDataError, match=f"hold id {big - 1}, which is no class id"):
+        N5TileDataset([(raw_vol, odd)], SHAPE, ignore=big, length=1)[0]
+
+
+def test_an_id_the_label_sample_missed_is_refused_when_a_tile_holds_it(tmp_path, pair, monkeypatch):
+    """Labels too large to read whole are sampled when the dataset is made; an id outside
+    the classes the sample missed is refused in one sentence when a tile holds it."""
+    from napari_emparsl.core.models import training
+    from napari_emparsl.core.models.unet import UNet
+
+    monkeypatch.setattr(training, "LABEL_SAMPLE", 1)  # one chunk read: the first
+    raw_vol, _, raw = pair
+    labels = (raw % 3).astype(np.uint8)
+    labels[-8:, -8:, -8:] = 9  # in the last chunk alone
+    vol = save_array(tmp_path / "l.n5", "labels", labels, chunks=(8, 16, 16))
+    ds = N5TileDataset([(raw_vol, vol)], SHAPE, length=1)  # each tile the whole volume
+    assert ds.ids_found == {f"{tmp_path}/l.n5:labels": {0, 1, 2}}
+    with pytest.raises(TrainingDataError, match="hold id 9, the largest in a training tile, but"):
+        train(UNet(1, 3, base=2, depth=1), ds, steps=2, log=lambda _: None)
+
+
+def test_a_second_call_continues_with_new_tiles(pair):
+    """train() read items 0, 1, … on every call: a second call to continue training saw the
+    first call's tiles again. It returns the next item, which a second call passes on."""
+    raw_vol, labels_vol, _ = pair
+    from napari_emparsl.core.models.unet import UNet
+
+    read: list[int] = []
+
+    class Logged(N5TileDataset):
+        def __getitem__(self, index):
+            read.append(index)
+            return super().__getitem__(index)
+
+    ds = Logged([(raw_vol, labels_vol)], (8, 16, 16), length=4, seed=0)
+    model = UNet(1, 5, base=2, depth=1)
+    nxt = train(model, ds, steps=3, batch=2, log=lambda _: None)
+    assert nxt == 6 and read == [0, 1, 2, 3, 4, 5]
+    read.clear()
+    assert train(model, ds, steps=2, batch=2, first_tile=nxt, log=lambda _: None) == 10
+    assert read == [6, 7, 8, 9]
+    for bad in (-1, 2.5, "3"):
+        with pytest.raises(TrainingDataError, match="first_tile is the whole number"):
+            train(model, ds, steps=1, first_tile=bad)
+
+
+def test_raw_and_labels_on_different_grids_are_noted(tmp_path, pair):
+    """Labels 10 voxels off in z, or of another voxel size, were paired silently."""
+    *_, raw = pair
+    rv = save_array(tmp_path / "g.n5", "raw", raw, chunks=(8, 16, 16), voxel_size=(8, 8, 8))
+    same = save_array(tmp_path / "g.n5", "same", (raw % 5).astype(np.uint8), voxel_size=(8, 8, 8))
+    shifted = save_array(tmp_path / "g.n5", "shifted", (raw % 5).astype(np.uint8),
+                         voxel_size=(8, 8, 8), offset=(80, 0, 0))  # fmt: skip
+    bare = save_array(tmp_path / "g.n5", "bare", (raw % 5).astype(np.uint8))  # no voxel size
+    assert N5TileDataset([(rv, same), (rv, bare)], (8, 16, 16)).notes == []
+    lines: list[str] = []
+    from napari_emparsl.core.models.unet import UNet
+
+    train(UNet(1, 5, base=2, depth=1), N5TileDataset([(rv, shifted)], (8, 16, 16)), steps=1,
+          log=lines.append)  # fmt: skip
+    assert lines[0] == (
+        f"The raw {tmp_path}/g.n5:raw and the labels {tmp_path}/g.n5:shifted lie on different "
+        "grids (8×8×8 nm voxels at 0, 0, 0 against 8×8×8 nm voxels at 80, 0, 0); tiles pair "
+        "their voxels by index all the same: check that the labels were drawn on this raw."
+    )
 
 
 def _sparse_labels(tmp_path, raw: np.ndarray, unlabelled: int) -> Volume:
@@ -420,7 +553,7 @@ def test_ignore_id_leaves_unlabelled_voxels_out_of_the_loss(tmp_path, pair):
         return params
 
     marked = _sparse_labels(tmp_path, raw, 255)
-    with pytest.raises(TrainingDataError, match="largest in a training tile, but there are 2 "
+    with pytest.raises(TrainingDataError, match="hold id 255 but there are 2 "
                        "classes, ids 0–1; .* if id 255 marks unlabelled voxels, pass ignore=255."):  # fmt: skip
         weights(marked, None)
     by_255 = weights(marked, 255)
@@ -428,9 +561,9 @@ def test_ignore_id_leaves_unlabelled_voxels_out_of_the_loss(tmp_path, pair):
     assert all(torch.equal(a, b) for a, b in zip(by_255, by_7, strict=True))
     as_background = weights(_sparse_labels(tmp_path, raw, 0), None)
     assert any(not torch.equal(a, b) for a, b in zip(by_255, as_background, strict=True))
-    # the ignore id passes the dataset's own class check
+    # the ignore id passes the dataset's own class check; in the items it is IGNORED
     ds = N5TileDataset([(raw_vol, marked)], SHAPE, length=1, classes=2, ignore=255)
-    assert set(ds[0][1].unique().tolist()) == {0, 1, 255}
+    assert set(ds[0][1].unique().tolist()) == {0, 1, IGNORED}
     for ignore, sentence in [
         (300, "The ignore id 300 cannot occur in the labels"),
         (-1, "holds uint8 ids 0–255; give the id its unlabelled voxels have."),

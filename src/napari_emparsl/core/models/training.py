@@ -21,7 +21,8 @@ from napari_emparsl.core.blockwise import normalized
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.models.spec import ModelError, ModelSpec
 from napari_emparsl.core.models.unet import UNet
-from napari_emparsl.core.units import nm_per_unit
+from napari_emparsl.core.paths import user_path
+from napari_emparsl.core.units import grid_difference, nm_per_unit
 from napari_emparsl.core.volume import UNFINISHED, Volume, volume_stats
 
 __all__ = [
@@ -38,6 +39,10 @@ __all__ = [
 LABEL_SAMPLE = 2_000_000
 #: train() says so when at least this share of its tiles held a single class
 ONE_CLASS_WARN = 0.25
+#: the class id of unlabelled voxels in the dataset's items (the ``ignore`` id of the labels
+#: volume, whatever its dtype: 2**64 - 1 of a uint64 volume has no int64 of its own), which the
+#: loss leaves out
+IGNORED = -100
 
 
 class TrainingDataError(UserError, ValueError):
@@ -128,7 +133,8 @@ class N5TileDataset(Dataset):
 
     ``ignore``: the label id of unlabelled voxels (sparse labels: CREMI's one labelled section
     in a stack), which :func:`train` leaves out of the loss; it may lie outside the classes
-    (255, -1), but must be an id the labels volume can hold.
+    (255, -1, a uint64 volume's 18446744073709551615), but must be an id the labels volume can
+    hold. In the items, unlabelled voxels are :data:`IGNORED` (-100).
 
     Bad pairs or tiles raise :class:`TrainingDataError` with one sentence; given ``classes``, so
     does a tile whose labels hold an id outside 0…classes-1 other than ``ignore``
@@ -213,7 +219,54 @@ class N5TileDataset(Dataset):
         self.augment = augment
         self.ignore: int | None = ignore
         self.stats = [volume_stats(raw) for raw, _ in self.pairs]
-        self.notes: list[str] = self._check_labels_vary()
+        #: labels volume -> the ids (ignore id aside) found in it when the dataset was made:
+        #: all of them where it was read whole, those of a sample of its chunks otherwise
+        self.ids_found: dict[str, set[int]] = {}
+        self.notes: list[str] = self._check_labels_vary() + self._grid_notes()
+        if self.classes is not None:
+            self.check_found_ids(self.classes)
+
+    def _grid_notes(self) -> list[str]:
+        """Pairs whose raw and labels lie differently in the world (another voxel size or
+        offset): their voxels are paired by index all the same — say so, for the log."""
+        notes = []
+        for raw, labels in self.pairs:
+            differ = grid_difference(raw, labels)
+            if differ:
+                notes.append(
+                    f"The raw {_name(raw)} and the labels {_name(labels)} lie on different grids "
+                    f"({differ}); tiles pair their voxels by index all the same: check that the "
+                    "labels were drawn on this raw."
+                )
+        return notes
+
+    def check_found_ids(self, classes: int) -> None:
+        """Raise :class:`TrainingDataError` where a labels volume holds an id outside
+        0…classes-1 (the ignore id aside) among those found when the dataset was made —
+        before the first step, not when a tile happens to hold it."""
+        for name, ids in self.ids_found.items():
+            odd = sorted(i for i in ids if not 0 <= i < classes)
+            if odd:
+                labels = next(lab for _, lab in self.pairs if _name(lab) == name)
+                raise TrainingDataError(self._odd_id(labels, odd[-1], classes, "id {odd}"))
+
+    def _odd_id(self, labels: Volume, odd: int, classes: int | None, found: str) -> str:
+        """The sentence for labels holding ``odd``, which is no class id."""
+        found = found.format(odd=odd)
+        if classes is None:
+            said = f"The labels {labels.root}:{labels.key} hold {found}, which is no class id"
+        else:
+            said = (
+                f"The labels {labels.root}:{labels.key} hold {found} but there are {classes} "
+                f"classes, ids 0–{classes - 1}"
+            )
+        # the dtype's largest id, or -1: the usual marks of unlabelled voxels
+        marks = self.ignore is None and odd in (-1, int(np.iinfo(labels.dtype).max))
+        return (
+            f"{said}; give labels of class ids (0 = background, 1, 2, …), not instance ids, "
+            "or train that many classes"
+            + (f"; if id {odd} marks unlabelled voxels, pass ignore={odd}." if marks else ".")
+        )
 
     def _check_labels_vary(self) -> list[str]:
         """Refuse labels that certainly hold one class only (read whole: small volumes); say
@@ -227,6 +280,7 @@ class N5TileDataset(Dataset):
             sample = labels.sample(LABEL_SAMPLE)
             ids = {int(v) for v in np.unique(sample)} - {self.ignore}
             found[name] = ids, sample.size >= int(np.prod(labels.shape)), sample.size
+            self.ids_found[name] = ids
         every = set().union(*(ids for ids, _, _ in found.values()))
         if len(every) <= 1 and all(whole for _, whole, _ in found.values()):
             which = " and ".join(found)
@@ -263,25 +317,36 @@ class N5TileDataset(Dataset):
     def check_classes(self, index: int, y: torch.Tensor | np.ndarray, classes: int) -> None:
         """Raise :class:`TrainingDataError` naming the labels volume if item ``index``'s labels
         ``y`` hold an id outside 0…classes-1 other than the ignore id (instance ids, say),
-        which the loss cannot take."""
+        which the loss cannot take. ``y``: an item's labels (unlabelled voxels
+        :data:`IGNORED`) or the labels volume's own ids."""
         if self.ignore is not None:
-            y = y[y != self.ignore]
+            y = y[(y != self.ignore) & (y != IGNORED)]
             if not len(y):
                 return
         low, high = int(y.min()), int(y.max())
         if low >= 0 and high < classes:
             return
         labels = self.pairs[self._draw(index)[1]][1]
-        found = f"id {high}, the largest in a training tile," if high >= classes else f"id {low}"
+        found = "id {odd}, the largest in a training tile," if high >= classes else "id {odd}"
         odd = high if high >= classes else low
-        # the dtype's largest id, or -1: the usual marks of unlabelled voxels
-        marks = self.ignore is None and odd in (-1, int(np.iinfo(labels.dtype).max))
-        raise TrainingDataError(
-            f"The labels {labels.root}:{labels.key} hold {found} but there are {classes} "
-            f"classes, ids 0–{classes - 1}; give labels of class ids (0 = background, 1, 2, …), "
-            "not instance ids, or train that many classes"
-            + (f"; if id {odd} marks unlabelled voxels, pass ignore={odd}." if marks else ".")
-        )
+        raise TrainingDataError(self._odd_id(labels, odd, classes, found))
+
+    def _class_ids(self, index: int, y: np.ndarray) -> np.ndarray:
+        """A tile's labels as the loss takes them: int64 class ids, unlabelled voxels
+        :data:`IGNORED`; ids no class can have (negative, or beyond int64: a uint64 volume's
+        largest ids) refused in the labels' own dtype, where they are exact."""
+        keep = None if self.ignore is None else y != self.ignore
+        kept = y if keep is None else y[keep]
+        if kept.size:
+            low, high = kept.min(), kept.max()
+            if low < 0 or high > np.iinfo(np.int64).max:
+                labels = self.pairs[self._draw(index)[1]][1]
+                odd = int(low) if low < 0 else int(high)
+                raise TrainingDataError(self._odd_id(labels, odd, self.classes, "id {odd}"))
+        out = y.astype(np.int64)
+        if keep is not None:
+            out[~keep] = IGNORED
+        return out
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng, k = self._draw(index)
@@ -298,7 +363,7 @@ class N5TileDataset(Dataset):
             np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         if not has_c:
             x = x[None]
-        y = labels.read(region).astype(np.int64)
+        y = self._class_ids(index, labels.read(region))
         if self.classes is not None:
             self.check_classes(index, y, self.classes)
         if self.augment:
@@ -387,8 +452,9 @@ def train(
     batch: int = 2,
     lr: float = 2e-3,
     class_weights: Sequence[float] | None = None,
+    first_tile: int = 0,
     log: Callable[[str], None] = print,
-) -> None:
+) -> int:
     """Adam + weighted cross-entropy on random tiles; logs the loss now and then.
 
     Voxels labelled with the dataset's ``ignore`` id are left out of the loss. The package's
@@ -397,7 +463,14 @@ def train(
     along y and x, and learns from each z slice of a tile as an image of its own), and
     ``class_weights`` (positive, one per output channel) against the model. The log says how
     many tiles held a single class (or only the ignore id), which teach little, and what the
-    dataset's :attr:`~N5TileDataset.notes` found.
+    dataset's :attr:`~N5TileDataset.notes` found. Label ids outside the model's classes
+    found when the dataset was made are refused before the first step.
+
+    Steps read the dataset's items ``first_tile``, ``first_tile + 1``, … (``batch`` a step);
+    returns the item after the last one read: a second call that continues the training
+    passes it as ``first_tile`` to draw new tiles (with 0 again it sees the first call's
+    tiles, in the same order, flips and rotations). Each call has a learning-rate schedule of
+    its own (one cycle over its ``steps``).
     """
     for name, value in (("steps", steps), ("batch", batch)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
@@ -405,6 +478,12 @@ def train(
                 f"Training needs {name} of 1 or more, not {value!r}; ask for at least one step "
                 "of at least one tile."
             )
+    first = _whole(first_tile)
+    if first is None or first < 0:
+        raise TrainingDataError(
+            f"first_tile is the whole number (0 or more) of the dataset's first item to read, "
+            f"not {first_tile!r}."
+        )
     if (
         isinstance(lr, bool)
         or not isinstance(lr, int | float | np.integer | np.floating)
@@ -417,6 +496,8 @@ def train(
         _check_unet(model, dataset)
     outputs = int(model.head.out_channels) if isinstance(model, UNet) else None
     weight = None if class_weights is None else _class_weights(class_weights, outputs)
+    if outputs is not None:
+        dataset.check_found_ids(outputs)
     ignore = dataset.ignore
     for note in dataset.notes:
         log(note)
@@ -424,32 +505,31 @@ def train(
     # (a DataLoader over range(len(dataset)) came round to the same tiles again after each pass),
     # reproducible from the dataset's seed; the first pass is the tiles read before
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch, sampler=range(steps * batch), num_workers=0
+        dataset, batch_size=batch, sampler=range(first, first + steps * batch), num_workers=0
     )
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    loss_fn = torch.nn.CrossEntropyLoss(
-        weight=weight, ignore_index=-100 if ignore is None else ignore
-    )
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=IGNORED)
     one_class = 0  # tiles whose labels held a single class (or only the ignore id)
     model.train()
     t0 = time.perf_counter()
     for step, (x, y) in enumerate(loader, 1):
         for tile in y:
             ids = torch.unique(tile)
-            if ignore is not None:
-                ids = ids[ids != ignore]
-            one_class += len(ids) <= 1
-        labelled = y if ignore is None else y[y != ignore]
+            one_class += len(ids[ids != IGNORED]) <= 1
+        labelled = y if ignore is None else y[y != IGNORED]
         if flat:  # (batch, c, z, y, x) -> (batch × z, c, y, x): z slices as images
             x = x.transpose(1, 2).reshape(-1, x.shape[1], *x.shape[3:])
         opt.zero_grad()
         out = model(x)
         if weight is not None and out.shape[1] != len(weight):  # not the package's U-Net
             _class_weights(class_weights, out.shape[1])  # type: ignore[arg-type]
+        if outputs is None:  # another network: its classes known from its first output
+            outputs = int(out.shape[1])
+            dataset.check_found_ids(outputs)
         if len(labelled) and (labelled.min() < 0 or labelled.max() >= out.shape[1]):
             for j, tile in enumerate(y):  # the loss's own error is an IndexError
-                dataset.check_classes((step - 1) * batch + j, tile, out.shape[1])
+                dataset.check_classes(first + (step - 1) * batch + j, tile, out.shape[1])
         if flat:
             y = y.reshape(-1, *y.shape[2:])
         if tuple(out.shape[2:]) != tuple(y.shape[1:]):
@@ -464,7 +544,7 @@ def train(
         loss.backward()
         opt.step()
         sched.step()
-        if step % 25 == 0 or step == steps:
+        if step % 25 == 0 or step == steps or step == 1:
             seen = step * batch
             tail = f"  single-class tiles {one_class}/{seen}" if one_class else ""
             log(
@@ -473,6 +553,11 @@ def train(
             )
     model.eval()
     total = steps * batch
+    _say_one_class(log, one_class, total, ignore)
+    return first + total
+
+
+def _say_one_class(log: Callable[[str], None], one_class: int, total: int, ignore) -> None:
     if one_class and one_class >= ONE_CLASS_WARN * total:
         said = f"{one_class} of {total} training tiles ({100 * one_class / total:.0f} %) held"
         if ignore is None:
@@ -507,6 +592,7 @@ _FIXED_KEYS = (
     "classes",
     "out_channels",
     "spatial_dims",
+    "scale",
     "architecture",
     "arch_options",
     "normalize",
@@ -547,10 +633,15 @@ def save_model(
             f"{type(model).__name__}; save other networks with torch.jit.save(torch.jit.script("
             "model), path) and describe them in a sidecar path.yaml."
         )
-    path = os.fspath(path)
+    path = user_path(path)  # ~/models/mine.pt, as --model and Volume.open take it
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise ModelError(f"{path} is a folder; give the model's file name, e.g. {path}/mine.pt.")
+    if os.path.isdir(path + ".yaml"):  # found only after the weights were replaced
+        raise ModelError(
+            f"{path}.yaml, where the model's description goes, is a folder; remove it or save "
+            "the model under another name."
+        )
     if not os.path.isdir(folder):
         raise ModelError(
             f"The folder {folder} does not exist; create it, or save the model elsewhere."
@@ -585,15 +676,34 @@ def save_model(
     options_keys = set(options or {})
     sidecar |= dict(options or {})
     spec = ModelSpec.from_mapping(sidecar, "the options given to save_model")
+    pooled = 2 ** int(model.depth)  # each pooling halves the sizes: z too for a 3D U-Net
+    needs = (pooled if model.dims == 3 else 1, pooled, pooled)
+    if any(m % n for m, n in zip(spec.multiple, needs, strict=True)):
+        raise ModelError(
+            f"The size multiple {','.join(map(str, spec.multiple))} does not suit the U-Net of "
+            f"depth {model.depth}, which takes sizes that are multiples of "
+            f"{','.join(map(str, needs))}; leave multiple out (save_model writes that one) or "
+            "give a multiple of it."
+        )
     given = spec.to_dict()  # the options as the description reads them: plain numbers, lists
     sidecar = {k: given.get(k, v) if k in options_keys else v for k, v in sidecar.items()}
     text = "".join(f"# {line}\n" for line in comment.splitlines())
     text += yaml.safe_dump(sidecar, sort_keys=False, allow_unicode=True)  # before any file:
     # a value YAML cannot write (a numpy number) wiped the description, the weights written
-    for name, write in ((path, lambda f: torch.save(model.state_dict(), f)),
-                        (path + ".yaml", lambda f: f.write(text.encode("utf-8")))):  # fmt: skip
-        with open(name + ".part", "wb") as f:
-            write(f)
-    os.replace(path + ".part", path)  # each whole, or the one before kept
-    os.replace(path + ".yaml.part", path + ".yaml")
+    parts = [path + ".part", path + ".yaml.part"]
+    try:
+        for name, write in ((parts[0], lambda f: torch.save(model.state_dict(), f)),
+                            (parts[1], lambda f: f.write(text.encode("utf-8")))):  # fmt: skip
+            with open(name, "wb") as f:
+                write(f)
+        os.replace(parts[0], path)  # each whole, or the one before kept
+        os.replace(parts[1], path + ".yaml")
+    except OSError as err:
+        for part in parts:  # nothing half-written left beside the model
+            if os.path.exists(part):
+                os.remove(part)
+        raise ModelError(
+            f"The model could not be written to {path} ({err.strerror or err}); check the "
+            "folder's free space and permissions, or save it elsewhere."
+        ) from None
     return spec
