@@ -102,3 +102,22 @@ def test_gpu_run_is_seamless_and_matches_the_cpu(tmp_path, unet_model):
     print(f"GPU tiled vs GPU whole forward: {seam:.2e}; GPU vs CPU run: {vs_cpu:.2e}")
     assert seam < 1e-4
     assert vs_cpu < 1e-3
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+def test_training_runs_on_the_models_gpu(tmp_path):
+    """A U-Net moved to the GPU (model.cuda()) trains there: train() sends each batch and the
+    class weights to the model's device (it fed CPU tensors to a GPU model)."""
+    from napari_emparsl.core.models.training import N5TileDataset, train
+    from napari_emparsl.core.models.unet import UNet
+
+    raw = np.random.default_rng(0).normal(100, 20, (16, 32, 32)).astype(np.float32)
+    save_array(tmp_path / "t.n5", "raw", raw, chunks=(8, 16, 16))
+    save_array(tmp_path / "t.n5", "labels", (raw > 100).astype(np.uint8), chunks=(8, 16, 16))
+    pair = (Volume.open(f"{tmp_path}/t.n5:raw"), Volume.open(f"{tmp_path}/t.n5:labels"))
+    model = UNet(1, 2, base=2, depth=1).cuda()
+    before = [p.detach().clone() for p in model.parameters()]
+    train(model, N5TileDataset([pair], (8, 16, 16), length=4), steps=3,
+          class_weights=[0.5, 1.0], log=lambda _: None)  # fmt: skip
+    assert all(p.is_cuda for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

@@ -470,7 +470,8 @@ def train(
     returns the item after the last one read: a second call that continues the training
     passes it as ``first_tile`` to draw new tiles (with 0 again it sees the first call's
     tiles, in the same order, flips and rotations). Each call has a learning-rate schedule of
-    its own (one cycle over its ``steps``).
+    its own (one cycle over its ``steps``). Training runs on the model's device (``model.cuda()``
+    first to train on a GPU).
     """
     for name, value in (("steps", steps), ("batch", batch)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
@@ -509,11 +510,16 @@ def train(
     )
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    # the model's device (a U-Net moved to a GPU with .cuda()): tiles and weights go there
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if weight is not None:
+        weight = weight.to(device)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=IGNORED)
     one_class = 0  # tiles whose labels held a single class (or only the ignore id)
     model.train()
     t0 = time.perf_counter()
     for step, (x, y) in enumerate(loader, 1):
+        x, y = x.to(device), y.to(device)
         for tile in y:
             ids = torch.unique(tile)
             one_class += len(ids[ids != IGNORED]) <= 1
