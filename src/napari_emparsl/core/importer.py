@@ -8,6 +8,7 @@ shared filesystems of compute clusters.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -345,29 +346,78 @@ def _other_axis(axes: str, shape: tuple[int, ...]) -> str:
     return ""
 
 
-def _tiff_source(path: str) -> ImportSource:
+class _TiffComplaints(logging.Handler):
+    """tifffile's errors while it reads a file's pages: it logs a chain of pages that breaks
+    off (a file cut short: "invalid page offset") and returns the pages before."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _open_tiff(path: str, **flags: Any) -> tuple[Any, list[str]]:
+    """The TIFF file with all its pages and series read, and what tifffile complained of."""
     import tifffile
 
+    complaints = _TiffComplaints()
+    logger = logging.getLogger("tifffile")
+    logger.addHandler(complaints)
     try:
-        tif = tifffile.TiffFile(path)
-        series = tif.series[0]
+        tif = tifffile.TiffFile(path, **flags)
+        try:
+            len(tif.pages)  # every page's header: where the chain breaks off, tifffile says
+            tif.series[0]  # the series, read while listening
+        except BaseException:
+            tif.close()
+            raise
+    finally:
+        logger.removeHandler(complaints)
+    return tif, complaints.messages
+
+
+def _one_stack(tif: Any) -> list[Any]:
+    """The file's series that are images of the stack: a reduced-resolution page (a
+    thumbnail, a preview) left out."""
+    return [s for s in tif.series if not getattr(s.pages[0], "is_reduced", False)]
+
+
+def _tiff_source(path: str) -> ImportSource:
+    try:
+        tif, complaints = _open_tiff(path)
+        stack = _one_stack(tif)
+        if len(stack) > 1 and len({(tuple(s.shape), str(s.dtype)) for s in stack}) == 1:
+            # pages written one by one with tifffile (each with a "shaped" description of its
+            # own): one series per page, of one size and type — read as one stack
+            tif.close()
+            tif, complaints = _open_tiff(path, is_shaped=False)
+            stack = _one_stack(tif)
+        series = stack[0] if stack else tif.series[0]
     except Exception as err:  # tifffile raises many types for broken files
         raise VolumeError(f"{path} is not a readable TIFF file ({err}).") from None
     shape = tuple(series.shape)
     axes = str(getattr(series, "axes", "")).upper()
     problem = None
-    if len(tif.series) > 1:  # pages that are not one stack: another size or type among them
-        shapes = ", ".join("×".join(map(str, s.shape)) for s in tif.series[:4])
-        problem = (
-            f"{path} holds {len(tif.series)} image series ({shapes}{', …' if len(tif.series) > 4 else ''}), "
-            "not one stack (a page differs in size or type from the others); save the stack "
-            "alone, or as a folder of slices"
-        )
-    elif (images := _imagej_images(tif)) > math.prod(shape[:-2]):
+    broken = [m for m in complaints if "invalid page offset" in m or "corrupted" in m]
+    if (images := _imagej_images(tif)) > math.prod(shape[:-2]):
         # tifffile, finding fewer images than the header says, gives the first alone
         problem = (
             f"{path} is cut short: its ImageJ header says {images} images but the file holds "
             f"{math.prod(shape[:-2])}; replace it (copy it again) and import again"
+        )
+    elif broken:  # the chain of pages breaks off: tifffile gave the pages before
+        problem = (
+            f"{path} is cut short or damaged: it points to pages that are not there; replace "
+            "it (copy it again) and import again"
+        )
+    elif len(stack) > 1:  # pages that are not one stack: another size or type among them
+        shapes = ", ".join("×".join(map(str, s.shape)) for s in stack[:4])
+        problem = (
+            f"{path} holds {len(stack)} image series ({shapes}{', …' if len(stack) > 4 else ''}), "
+            "not one stack (a page differs in size or type from the others); save the stack "
+            "alone, or as a folder of slices"
         )
     elif "S" in axes:
         problem = f"{path} is a colour image (axes {axes}); convert it to greyscale first"
