@@ -625,6 +625,34 @@ def test_stacks_cut_short_written_page_by_page_or_with_a_thumbnail(tmp_path):
         np.testing.assert_array_equal(vol.read(), a)
 
 
+def test_an_import_into_a_pyramid_level_that_would_leave_it_stale_or_hidden(tmp_path):
+    """s.n5:raw/s0 --overwrite wrote the finest level alone, exit code 0: napari showed the old
+    data zoomed out (s1, s2 kept it); raw/s5 after s0–s2 was written and never listed. The
+    next level (s3) is listed, and the pyramid itself is replaced whole."""
+    from napari_emparsl.core.volume import write_pyramid
+
+    old = np.zeros((32, 64, 64), np.uint8)
+    write_pyramid(tmp_path / "s.n5", "raw", old, chunks=(16, 32, 32), levels=3)
+    before = {p: p.read_bytes() for p in (tmp_path / "s.n5").rglob("*") if p.is_file()}
+    tifffile.imwrite(tmp_path / "new.tif", np.full((32, 64, 64), 255, np.uint8))
+    tifffile.imwrite(tmp_path / "small.tif", np.full((2, 8, 8), 9, np.uint8),
+                     metadata={"axes": "ZYX"})  # fmt: skip
+    with pytest.raises(VolumeError) as err:
+        import_volume(f"{tmp_path}/new.tif", f"{tmp_path}/s.n5:raw/s0", overwrite=True)
+    assert str(err.value) == (
+        f"The output {tmp_path}/s.n5:raw/s0 is level s0 of the pyramid raw, whose other levels "
+        f"(s1, s2) would keep what they hold; import into the pyramid itself ({tmp_path}/s.n5:raw "
+        "with --overwrite, which replaces all its levels), or choose another name."
+    )
+    with pytest.raises(VolumeError, match=r"raw/s5 would lie inside the pyramid raw, where "):
+        import_volume(f"{tmp_path}/small.tif", f"{tmp_path}/s.n5:raw/s5")
+    assert {p: p.read_bytes() for p in (tmp_path / "s.n5").rglob("*") if p.is_file()} == before
+    import_volume(f"{tmp_path}/small.tif", f"{tmp_path}/s.n5:raw/s3")  # its next level
+    assert Volume.open(tmp_path / "s.n5", "raw").levels == tuple(f"raw/s{i}" for i in range(4))
+    whole = import_volume(f"{tmp_path}/new.tif", f"{tmp_path}/s.n5:raw", overwrite=True)
+    assert len(whole.levels) == 1 and int(whole.read().min()) == 255
+
+
 def test_a_one_header_fiji_stack_is_read_slab_by_slab(tmp_path):
     """A Fiji stack with one image header (as Fiji writes those over 4 GB; tifffile sees one
     page) is imported right, reading one slab at a time (before: the whole stack for every

@@ -498,3 +498,32 @@ def test_a_broken_finest_level_is_not_blamed_on_the_coarser_ones(tmp_path, caplo
         "; check the settings in its attributes.json (compression, dataType, blockSize, "
         "dimensions), or write the dataset again."
     )
+
+
+def test_a_level_of_a_pyramid_is_not_written_alone(tmp_path):
+    """A run's output or a napari save at raw/s0 of a pyramid of three levels wrote the finest
+    level alone: s1 and s2 showed the old data zoomed out. Refused, naming them; a pyramid of
+    one level, and a level's next one, are written."""
+    import napari_emparsl
+    from napari_emparsl._napari.writer import write_image
+    from napari_emparsl.core.volume import stale_levels, write_pyramid
+    from napari_emparsl.execution.runner import RunError
+
+    write_pyramid(tmp_path / "p.n5", "raw", np.zeros((8, 64, 64), np.uint8), chunks=(8, 32, 32))
+    write_pyramid(tmp_path / "p.n5", "one", np.zeros((8, 8, 8), np.uint8), chunks=(8, 8, 8),
+                  levels=1)  # fmt: skip
+    assert stale_levels(str(tmp_path / "p.n5"), "one/s0") is None
+    assert stale_levels(str(tmp_path / "p.n5"), "raw") is None
+    said = (
+        f"{tmp_path}/p.n5:raw/s1 is level s1 of the pyramid raw, whose other levels (s0, s2) "
+        "would keep what they hold"
+    )
+    assert stale_levels(str(tmp_path / "p.n5"), "raw/s1") == said
+    with pytest.raises(RunError) as err:
+        napari_emparsl.run(f"{tmp_path}/p.n5:one", "unet3d-em", f"{tmp_path}/p.n5:raw/s1",
+                           site="threads", overwrite=True)  # fmt: skip
+    assert str(err.value).startswith(f"The output {said}; choose another output name, e.g. ")
+    with pytest.raises(VolumeError) as err:
+        write_image(str(tmp_path / "p.n5" / "raw" / "s1"), np.ones((4, 32, 32), np.uint8), {})
+    assert str(err.value) == f"{said}; save it under a name outside the pyramid."
+    assert Volume.open(tmp_path / "p.n5", "raw").read().max() == 0  # nothing written

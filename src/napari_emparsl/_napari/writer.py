@@ -15,7 +15,7 @@ import numpy as np
 from napari_emparsl.core.ledger import OutputLock
 from napari_emparsl.core.n5attrs import VolumeError, find_container_root
 from napari_emparsl.core.paths import user_path
-from napari_emparsl.core.volume import check_writable, hidden_output, save_array
+from napari_emparsl.core.volume import check_writable, hidden_output, save_array, stale_levels
 
 
 def _place(path: str) -> tuple[str, str]:
@@ -100,6 +100,9 @@ def _checked(root: str, key: str, data: Any, meta: dict[str, Any]) -> tuple:
         raise VolumeError(
             f"{root}:{key} would lie inside {hidden}; save it under a name outside it."
         )
+    stale = stale_levels(root, key)
+    if stale:  # its pyramid's other levels would show the old data
+        raise VolumeError(f"{stale}; save it under a name outside the pyramid.")
     target = os.path.join(root, key)
     replace = os.path.exists(target)
     if replace and not _saved_layer(target):

@@ -31,6 +31,7 @@ from napari_emparsl.core.volume import (
     check_output_free,
     hidden_output,
     parse_spec,
+    stale_levels,
 )
 
 __all__ = ["Estimate", "ImportSource", "estimate", "import_volume", "open_source"]
@@ -779,6 +780,13 @@ def iter_import(
             raise VolumeError(
                 f"The output {out_root}:{out_key} would lie inside {hidden}; choose a name "
                 "outside it."
+            )
+        stale = stale_levels(out_root, out_key)
+        if stale:  # its pyramid's other levels would show the old data
+            raise VolumeError(
+                f"The output {stale}; import into the pyramid itself "
+                f"({out_root}:{out_key.rsplit('/', 1)[0] if '/' in out_key else ''} with "
+                "--overwrite, which replaces all its levels), or choose another name."
             )
         chunks = tuple(int(c) for c in chunks)
         if len(chunks) != 3 or min(chunks) < 1:

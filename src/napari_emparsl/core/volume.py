@@ -43,6 +43,7 @@ from napari_emparsl.core.n5attrs import (
     is_zarr,
     level_index,
     looks_like_labels,
+    multiscale_paths,
     pyramid_levels,
     read_attrs,
     voxel_size_of,
@@ -67,6 +68,7 @@ __all__ = [
     "parse_spec",
     "pyramid_factors",
     "save_array",
+    "stale_levels",
     "suggest_output",
     "sync_region",
     "volume_stats",
@@ -188,11 +190,46 @@ def hidden_output(root: str, key: str) -> str | None:
         where = above or f"at the root of {root}"
         below = "/".join(parts[n:])  # the key from this group down
         levels = pyramid_levels(directory, attrs)
-        if levels and not (below in levels or (n == len(parts) - 1 and is_level_name(below))):
+        # a level of the pyramid, or its next one (s3 after s0–s2), is listed; another (s5
+        # after s0–s2) was written, then left out of the pyramid
+        listed = below in levels or (
+            n == len(parts) - 1
+            and is_level_name(below)
+            and not multiscale_paths(attrs)
+            and below == f"s{len(levels)}"
+        )
+        if levels and not listed:
             return f"the pyramid {where}, where nothing but its levels is listed or opened"
         if isinstance(attrs.get("painteraData"), dict) and parts[n] != "data":
             return f"the Paintera source {where}, where nothing but its data is listed or opened"
     return None
+
+
+def stale_levels(root: str, key: str) -> str | None:
+    """Where ``key`` is a level of a pyramid of several levels (``raw/s0`` of ``raw``: s0, s1,
+    s2), what writing it alone would leave, said in words: "… is level s0 of the pyramid raw,
+    whose other levels (s1, s2) would keep what they hold"; None otherwise. A level written
+    anew, its pyramid's other levels showed the old data when napari zoomed out."""
+    parts = [p for p in key.split("/") if p]
+    if len(parts) < 1:
+        return None
+    above, level = "/".join(parts[:-1]), parts[-1]
+    directory = os.path.join(root, above) if above else root
+    try:
+        attrs = read_attrs(directory)
+    except VolumeError:
+        return None
+    if is_dataset_attrs(attrs):
+        return None
+    levels = pyramid_levels(directory, attrs)
+    if level not in levels or len(levels) < 2:
+        return None
+    others = ", ".join(v for v in levels if v != level)
+    where = above or f"at the root of {root}"
+    return (
+        f"{root}:{key} is level {level} of the pyramid {where}, whose other levels ({others}) "
+        "would keep what they hold"
+    )
 
 
 def parse_spec(spec: str) -> tuple[str, str]:

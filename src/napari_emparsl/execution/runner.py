@@ -83,6 +83,7 @@ from napari_emparsl.core.volume import (
     hidden_output,
     output_level_factors,
     parse_spec,
+    stale_levels,
     suggest_output,
     volume_stats,
 )
@@ -807,6 +808,12 @@ class Run:
             raise RunError(
                 f"The output {self.output} would lie inside {hidden}; choose a name outside it, "
                 f"e.g. {instead}."
+            )
+        stale = stale_levels(self.output_root, self.output_key)
+        if stale:  # its pyramid's other levels would show the old data
+            raise RunError(
+                f"The output {stale}; choose another output name, e.g. "
+                f"{suggest_output(self.output_root, src.key)}."
             )
         spec = describe_model(self.model, self.model_options)
         if "c" in src.axes and src.axes[0] != "c":  # Fiji's hyperstacks: z, c, y, x
