@@ -841,3 +841,17 @@ def test_a_voxel_size_given_in_another_unit_is_recorded_in_nm(tmp_path, capsys):
             assert main(["import", str(tif), f"{tmp_path}/new.n5:raw", *args, *dry]) == 2
             assert capsys.readouterr().err == said, args
     assert not (tmp_path / "new.n5").exists()
+
+
+def test_a_voxel_size_the_api_cannot_record_is_refused_and_nothing_kept(tmp_path):
+    """The Python API took (40, 4) (written as a 2-axis resolution), 0, and NaN — which made
+    the attributes' JSON fail after the dataset was made, leaving a dataset without the mark
+    of an unfinished import: listed as a whole, all-zero volume."""
+    tifffile.imwrite(tmp_path / "s.tif", np.ones((5, 8, 8), np.uint8), metadata={"axes": "ZYX"})
+    for bad in ((float("nan"), 4, 4), (40, 4), (0, 4, 4), (-40, 4, 4), "40,4,4"):
+        with pytest.raises(VolumeError) as err:
+            import_volume(f"{tmp_path}/s.tif", f"{tmp_path}/o.n5:raw", voxel_size=bad)
+        assert str(err.value) == f"The voxel size is three positive numbers z,y,x, not {bad!r}."
+        assert not (tmp_path / "o.n5").exists()
+    vol = import_volume(f"{tmp_path}/s.tif", f"{tmp_path}/o.n5:raw", voxel_size=(40, 4, 4))
+    assert vol.voxel_size == (40, 4, 4)

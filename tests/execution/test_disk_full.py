@@ -60,7 +60,7 @@ def test_disk_full_blocks_fail_not_done(tmp_path, tiny_disk, conv_model):
     assert failed[0]["error"].startswith(f"OSError: The disk holding {tiny_disk}/out.n5 is full (")
     assert f"block {failed[0]['id']} failed: OSError: The disk holding" in res.stderr
     # the run stopped where the ledger could not be written, and says so in one sentence
-    last = res.stderr.strip().splitlines()[-1]
+    last = [line for line in res.stderr.splitlines() if line.startswith("emparsl: ")][-1]
     assert last.startswith(f"emparsl: error: The ledger of {out} could not be written (No space "
                            "left on device), so the run stopped;"), last  # fmt: skip
     assert last.endswith("then run it again to compute the rest."), last
@@ -88,3 +88,21 @@ def test_disk_full_blocks_fail_not_done(tmp_path, tiny_disk, conv_model):
     after = [r for r in _records(ledger) if r["status"] == "done"]
     assert sorted(r["id"] for r in after) == list(range(8))  # each block done once
     check(after)
+
+
+def test_disk_full_during_an_import_is_one_sentence_and_keeps_nothing(tmp_path, tiny_disk):
+    """z5's "failed to write chunk file" was an internal error ("please report them")."""
+    import tifffile
+
+    data = np.random.default_rng(0).integers(0, 255, (16, 64, 64), dtype=np.uint8)  # 64 KiB
+    tifffile.imwrite(tmp_path / "r.tif", np.concatenate([data] * 4))  # 256 KiB, incompressible
+    cmd = [sys.executable, "-m", "napari_emparsl.cli", "import", str(tmp_path / "r.tif"),
+           f"{tiny_disk}/o.n5:raw", "--chunks", "8,64,64", "--compression", "raw"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert res.returncode == 2, res.stderr
+    last = [line for line in res.stderr.splitlines() if line.startswith("emparsl: ")][-1]
+    assert last.startswith("emparsl: error: The import could not write slices ") and (
+        f": the disk holding {tiny_disk}/o.n5 is full (" in last
+    ), last
+    assert last.endswith("free); nothing of it was kept; free space there, or import elsewhere.")
+    assert not (tiny_disk / "o.n5").exists()

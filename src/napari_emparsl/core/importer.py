@@ -841,28 +841,32 @@ def iter_import(
             head, _, name = out_key.rpartition("/")
             hidden = f".{name}.importing-{uuid.uuid4().hex[:8]}"
             write_key = f"{head}/{hidden}" if head else hidden
-        vol = Volume.create(
-            out_root,
-            write_key,
-            source.shape,
-            source.dtype,
-            chunks,
-            compression=compression,
-            voxel_size=voxel_size,
-            unit="nm",
-            attrs={
-                "source": source.description,
-                UNFINISHED: f"an import of {src} that has not finished",
-            },
-            overwrite=overwrite and not replacing,
-        )
-        slab = vol.chunks[0]  # whole chunk rows: no two writes share a chunk
-        total = math.ceil(source.shape[0] / slab)
-        try:
+        try:  # a dataset made and not finished is removed, however it ends
+            vol = Volume.create(
+                out_root,
+                write_key,
+                source.shape,
+                source.dtype,
+                chunks,
+                compression=compression,
+                voxel_size=voxel_size,
+                unit="nm",
+                attrs={
+                    "source": source.description,
+                    UNFINISHED: f"an import of {src} that has not finished",
+                },
+                overwrite=overwrite and not replacing,
+            )
+            slab = vol.chunks[0]  # whole chunk rows: no two writes share a chunk
+            total = math.ceil(source.shape[0] / slab)
             for i in range(total):
                 z0 = i * slab
-                data = source.read_slab(z0, min(z0 + slab, source.shape[0]))
-                vol.write(np.asarray(data), (z0, 0, 0))
+                data = np.asarray(source.read_slab(z0, min(z0 + slab, source.shape[0])))
+                try:
+                    vol.write(data, (z0, 0, 0))
+                except (OSError, RuntimeError) as err:  # z5 says "failed to write chunk file"
+                    where = _slices(z0, z0 + len(data), source.shape[0])
+                    raise _write_failed(out_root, data.nbytes, where, err) from None
                 if i + 1 == total:
                     vol.mark_finished()
                     if replacing:
@@ -878,6 +882,27 @@ def iter_import(
         if not finished:  # a container (or group) made for nothing is no output either
             _remove_made(made, lock.path, lock_held=lock.held)
         lock.release(remove=True)  # an import leaves no lock file
+
+
+def _write_failed(root: str, nbytes: int, where: str, err: BaseException) -> VolumeError:
+    """A slab's write that failed, in one sentence: a full disk, a folder it may not write to,
+    or what the writer said."""
+    try:
+        free: int | None = shutil.disk_usage(root).free
+    except OSError:
+        free = None
+    if free is not None and free < nbytes:
+        why = f"the disk holding {root} is full ({human_size(free)} free)"
+        fix = "free space there, or import elsewhere"
+    elif not os.access(root, os.W_OK):
+        why = f"{root} may not be written to (its permissions)"
+        fix = "make it writable, or import elsewhere"
+    else:
+        why = str(getattr(err, "strerror", None) or err)
+        fix = "check the disk and its free space, and import again"
+    return VolumeError(
+        f"The import could not write {where}: {why}; nothing of it was kept; {fix}."
+    )
 
 
 def _in_nm(
@@ -900,6 +925,14 @@ def _in_nm(
             f"--unit {unit} is no unit of length the import knows; give the voxel size in nm, "
             "µm (um, micron), mm or Å (angstrom)."
         )
+    try:
+        values = [float(v) for v in voxel_size]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        # (the command line checks its own; the Python API took (40, 4), 0 and NaN, and NaN
+        # broke the attributes' JSON after the dataset was made)
+        raise VolumeError(f"The voxel size is three positive numbers z,y,x, not {voxel_size!r}.")
     nm = tuple(float(f"{float(v) * per_nm:.12g}") for v in voxel_size)  # 0.004 µm: 4, not 4.0…01
     if per_nm == 1:
         return nm, "given"
