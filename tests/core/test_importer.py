@@ -855,3 +855,41 @@ def test_a_voxel_size_the_api_cannot_record_is_refused_and_nothing_kept(tmp_path
         assert not (tmp_path / "o.n5").exists()
     vol = import_volume(f"{tmp_path}/s.tif", f"{tmp_path}/o.n5:raw", voxel_size=(40, 4, 4))
     assert vol.voxel_size == (40, 4, 4)
+
+
+def test_fiji_signed_16_bit_spacing_of_one_and_palette_slices(tmp_path, capsys):
+    """What Fiji shows is what is imported: its signed 16-bit stacks (stored +32768 with a
+    calibration back) were imported 32768 too high; an ImageJ stack of 1 µm sections (ImageJ
+    leaves out a spacing of 1) lost its voxel size; PNG label slices with a colour palette were
+    refused as colour, and with a grey palette imported as the palette's values, not the ids."""
+    from PIL import Image
+
+    from napari_emparsl.cli import main
+
+    signed = np.arange(-600, 600, dtype=np.int16).reshape(1, 30, 40).repeat(3, 0)
+    tifffile.imwrite(tmp_path / "signed.tif", (signed.astype(np.int32) + 32768).astype(np.uint16),
+                     imagej=True, resolution=(2, 2),
+                     metadata={"axes": "ZYX", "cf": 0, "c0": -32768.0, "c1": 1.0, "unit": "um"})  # fmt: skip
+    assert main(["import", str(tmp_path / "signed.tif"), f"{tmp_path}/o.n5:signed"]) == 0
+    assert (
+        "Voxel size: 1000×500×500 nm (from the TIFF's ImageJ metadata)." in capsys.readouterr().out
+    )
+    vol = Volume.open(tmp_path / "o.n5", "signed")
+    assert vol.dtype == np.int16 and vol.voxel_size == (1000, 500, 500)
+    np.testing.assert_array_equal(vol.read(), signed)
+    plain = np.full((2, 8, 8), 40000, np.uint16)  # no calibration: imported as stored
+    tifffile.imwrite(tmp_path / "plain.tif", plain, imagej=True, metadata={"axes": "ZYX"})
+    vol = import_volume(f"{tmp_path}/plain.tif", f"{tmp_path}/o.n5:plain")
+    assert vol.dtype == np.uint16 and int(vol.read().min()) == 40000
+    labels = np.random.default_rng(0).integers(0, 3, (4, 16, 20)).astype(np.uint8)
+    for palette, folder in (
+        ([0, 0, 0, 255, 0, 0, 0, 255, 0], "colour"),
+        ([0] * 3 + [100] * 3 + [200] * 3, "grey"),
+    ):
+        (tmp_path / folder).mkdir()
+        for i, section in enumerate(labels):
+            img = Image.fromarray(section, mode="P")
+            img.putpalette(palette + [0] * (768 - len(palette)))
+            img.save(tmp_path / folder / f"{i}.png")
+        vol = import_volume(f"{tmp_path}/{folder}", f"{tmp_path}/o.n5:{folder}")
+        np.testing.assert_array_equal(vol.read(), labels)

@@ -129,12 +129,31 @@ def _slices(z0: int, z1: int, depth: int) -> str:
     return f"slice {z0 + 1}" if z1 - z0 == 1 else f"slices {z0 + 1}–{z1} of {depth}"
 
 
+def _palette(path: str) -> bool:
+    """Whether an image (not a TIFF: tifffile gives a palette TIFF's indices itself) holds
+    palette indices (PNG's indexed colour, as label slices are often saved), from its header."""
+    if path.lower().endswith(TIFF_EXTENSIONS):
+        return False
+    try:
+        from PIL import Image
+
+        with Image.open(path) as img:
+            return img.mode == "P"
+    except Exception:  # not an image Pillow reads: the reader says what is wrong with it
+        return False
+
+
 def _read_slice(path: str) -> np.ndarray:
     try:
         if path.lower().endswith(TIFF_EXTENSIONS):
             import tifffile
 
             arr = tifffile.imread(path)
+        elif _palette(path):  # its indices, as Fiji reads it (a palette's colours merged labels)
+            from PIL import Image
+
+            with Image.open(path) as img:
+                arr = np.asarray(img)
         else:
             import imageio.v3 as iio
 
@@ -166,6 +185,11 @@ def _slice_shape(path: str) -> tuple[tuple[int, ...], np.dtype, int]:
                 f"The slice {path} cannot be read ({str(err)[:100] or type(err).__name__}); "
                 "replace or remove it and import again."
             ) from None
+    if _palette(path):
+        from PIL import Image
+
+        with Image.open(path) as img:
+            return (img.height, img.width), np.dtype(np.uint8), getattr(img, "n_frames", 1)
     import imageio.v3 as iio
 
     try:
@@ -232,7 +256,10 @@ def _tiff_sizes(tif: Any) -> tuple[tuple[float | None, float | None, float | Non
                 return None
             return _nm(value[1] / value[0], unit)
 
-        z = _nm(meta["spacing"], unit) if "spacing" in meta else None
+        # ImageJ leaves out a stack's section thickness (spacing) of 1 unit: Fiji reads none
+        # as 1; a single image (a slice of a folder) says nothing of its thickness
+        stack = _imagej_images(tif) > 1
+        z = _nm(meta["spacing"], unit) if "spacing" in meta else _nm(1.0, unit) if stack else None
         return (z, size("YResolution"), size("XResolution")), "the TIFF's ImageJ metadata"
     return (None, None, None), ""
 
@@ -385,6 +412,23 @@ def _one_stack(tif: Any) -> list[Any]:
     return [s for s in tif.series if not getattr(s.pages[0], "is_reduced", False)]
 
 
+def _fiji_signed(tif: Any, dtype: np.dtype) -> bool:
+    """Whether a TIFF is Fiji's signed 16-bit image: Fiji stores it as unsigned values 32768
+    above the signed ones, with the calibration ``cf=0 c0=-32768 c1=1`` that shows them as
+    they were (imported as stored, -600 became 32168)."""
+    if dtype != np.uint16 or not tif.is_imagej:
+        return False
+    meta = tif.imagej_metadata or {}
+    try:
+        return (
+            int(meta.get("cf", -1)) == 0
+            and float(meta.get("c0", 0)) == -32768
+            and float(meta.get("c1", 0)) == 1
+        )
+    except (TypeError, ValueError):
+        return False
+
+
 def _tiff_source(path: str) -> ImportSource:
     try:
         tif, complaints = _open_tiff(path)
@@ -474,9 +518,14 @@ def _tiff_source(path: str) -> ImportSource:
             return np.frombuffer(buf, stored).reshape((z1 - z0, *shape[1:]))
         return np.asarray(series.asarray())[z0:z1]  # compressed in one page: no finer access
 
+    signed = _fiji_signed(tif, np.dtype(series.dtype))
+
     def read_slab(z0: int, z1: int) -> np.ndarray:
         try:
-            return read_pages(z0, z1)
+            pages = read_pages(z0, z1)
+            if signed:  # Fiji's signed 16-bit: stored + 32768, calibrated back by -32768
+                return (np.asarray(pages, np.uint16) ^ np.uint16(0x8000)).view(np.int16)
+            return pages
         except Exception as err:  # a damaged file, a codec missing: tifffile raises many types
             raise _unreadable(
                 f"The TIFF stack {path} ({_slices(z0, z1, shape[0])})",
@@ -492,7 +541,7 @@ def _tiff_source(path: str) -> ImportSource:
     return ImportSource(
         f"TIFF stack {path}",
         shape,
-        np.dtype(series.dtype),
+        np.dtype(np.int16) if signed else np.dtype(series.dtype),
         read_slab,
         tif.close,
         (path,),
@@ -900,9 +949,7 @@ def _write_failed(root: str, nbytes: int, where: str, err: BaseException) -> Vol
     else:
         why = str(getattr(err, "strerror", None) or err)
         fix = "check the disk and its free space, and import again"
-    return VolumeError(
-        f"The import could not write {where}: {why}; nothing of it was kept; {fix}."
-    )
+    return VolumeError(f"The import could not write {where}: {why}; nothing of it was kept; {fix}.")
 
 
 def _in_nm(
