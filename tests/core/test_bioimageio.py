@@ -938,3 +938,41 @@ def test_export_of_a_model_that_fails_its_test_input_is_one_sentence(tmp_path, c
     assert err.startswith("emparsl: error: The model failed on its test input (")
     assert "2 channel(s)" in err and err.endswith(").\n") and err.count("\n") == 1
     assert not out.exists() and not (tmp_path / "two.zip.part").exists()
+
+
+@pytest.mark.parametrize("v05", [True, False])
+def test_statistics_of_each_slice_are_refused_and_eps_applied(tmp_path, v05):
+    """A 3D package normalizing each z slice by its own statistics (axes y, x) ran with the
+    volume's as a whole (check-model said it did not reproduce, a run said nothing); an eps
+    (x - mean) / (std + eps) was left out (0.1 on data of std 0.2: values 3.8 off)."""
+    if v05:
+        rdf, slices, whole = _rdf_05(), ["y", "x"], ["z", "y", "x"]
+        step = rdf["inputs"][0]["preprocessing"][1]
+    else:
+        rdf, slices, whole = _rdf_04(), "yx", "zyx"
+        step = rdf["inputs"][0]["preprocessing"][0]
+    path = _package(tmp_path, rdf, files=())
+
+    def described(**kwargs):
+        step["kwargs"].update(kwargs)
+        (tmp_path / "pkg" / "rdf.yaml").write_text(yaml.safe_dump(rdf))
+        return describe_model(path)
+
+    with pytest.raises(ModelError) as err:
+        described(axes=slices)
+    assert "normalizes its input by the statistics of each z slice on its own" in str(err.value)
+    assert str(err.value).endswith(
+        "set normalize in a sidecar or the model options to run it anyway."
+    )
+    assert described(axes=whole).norm_eps == 0.0  # the spec's default eps, 1e-6: left out
+    spec = described(eps=0.1)
+    assert (spec.normalize, spec.norm_eps) == ("zscore", 0.1)
+    if not v05:
+        return
+    step.update(id="scale_range")
+    step["kwargs"] = {"axes": whole, "min_percentile": 1, "max_percentile": 99, "eps": 0.01}
+    spec = described()
+    assert (spec.normalize, spec.percentiles, spec.norm_eps) == ("percentile", (1, 99), 0.01)
+    step.update(id="fixed_zero_mean_unit_variance")
+    step["kwargs"] = {"mean": 5.0, "std": 0.2, "eps": 0.1}
+    assert described().norm_values == pytest.approx((5.0, 0.3))

@@ -1773,3 +1773,30 @@ def test_an_interrupt_waits_until_a_block_is_recorded_and_counted():
             steps.append("counted")
         steps.append("after")  # never: the interrupt comes as the block ends
     assert steps == ["recorded", "counted"]
+
+
+def test_a_runs_normalization_adds_the_models_eps(tmp_path, save_model):
+    """norm_eps (a package's eps) is added to the divisor of zscore and percentile runs."""
+    import z5py
+    from torch import nn
+
+    import napari_emparsl
+    from napari_emparsl.core.models.loaders import describe_model
+    from napari_emparsl.core.models.spec import ModelError
+
+    class Identity(nn.Module):
+        def forward(self, x):
+            return x * 1.0
+
+    data = np.random.default_rng(0).normal(10, 0.2, (8, 16, 16)).astype(np.float32)
+    z5py.File(str(tmp_path / "in.n5"), "a").create_dataset("raw", data=data, chunks=(8, 16, 16))
+    model = save_model(Identity(), tmp_path / "id.pt", "kind: image\nnormalize: zscore\n")
+    for eps in (0.0, 0.1):
+        out = f"{tmp_path}/o.n5:e{eps}"
+        napari_emparsl.run(f"{tmp_path}/in.n5:raw", model, out, site="threads",
+                           model_options={"norm_eps": eps})  # fmt: skip
+        got = z5py.File(str(tmp_path / "o.n5"), "r")[f"e{eps}"][:]
+        want = (data.astype(np.float64) - data.mean()) / (data.std() + eps)
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    with pytest.raises(ModelError, match="'norm_eps' must be a number of 0 or more, not -1"):
+        describe_model(model, {"norm_eps": -1})

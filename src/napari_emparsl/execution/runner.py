@@ -169,12 +169,15 @@ def _norm(volume: Volume, spec: ModelSpec) -> tuple[float, float]:
     if spec.normalize == "fixed":
         return spec.norm_values
     if spec.normalize == "zscore":
-        return volume_stats(volume)
+        mean, std = volume_stats(volume)
+        return mean, std + spec.norm_eps if spec.norm_eps else std
     sample = finite_values(volume.sample(written_only=True))
     if sample.size == 0:
         return 0.0, 1.0
     lo, hi = np.percentile(sample, list(spec.percentiles))
     span = float(hi - lo)
+    if spec.norm_eps:  # a bioimage.io package's (high - low + eps), as it describes it
+        return float(lo), span + spec.norm_eps
     if span <= 1e-6 * max(1.0, abs(float(lo))):  # nearly constant: 1e-6 made rare voxels 1e8
         span = float(sample.std()) or 1.0
     return float(lo), span

@@ -299,15 +299,21 @@ def _flatten(values: Sequence[Any]) -> list[Any]:
     return out
 
 
-def _joint_over_channels(kw: Mapping[str, Any], channel: str, v05: bool) -> bool:
-    """Whether statistics computed with these kwargs are one value over all channels: their
-    ``axes`` are the axes reduced over (all of them when not given; 0.4: letters, 0.5: ids)."""
+def _reduced_over(kw: Mapping[str, Any], v05: bool) -> list[str] | None:
+    """The axes statistics computed with these kwargs reduce over (None: all of them; 0.4:
+    letters, 0.5: ids)."""
     axes = kw.get("axes")
     if axes is None:
-        return True
+        return None
     if isinstance(axes, str):
         axes = [axes] if v05 else list(axes)
-    return channel in [str(a) for a in axes]
+    return [str(a) for a in axes]
+
+
+def _joint_over_channels(kw: Mapping[str, Any], channel: str, v05: bool) -> bool:
+    """Whether statistics computed with these kwargs are one value over all channels."""
+    axes = _reduced_over(kw, v05)
+    return axes is None or channel in axes
 
 
 #: a key of a package's description: why it cannot run as described (per-channel statistics),
@@ -321,8 +327,10 @@ def _normalization(
     channels: int = 1,
     channel: str = "c",
     v05: bool = False,
+    spatial: Sequence[str] = ("z", "y", "x"),
 ) -> dict[str, Any]:
-    """``channels``: of the input; ``channel``: the id of its channel axis."""
+    """``channels``: of the input; ``channel``: the id of its channel axis; ``spatial``: the
+    ids of its spatial axes."""
     if not steps:
         return {"normalize": "none"}
     if len(steps) > 1:
@@ -335,7 +343,17 @@ def _normalization(
     mode = kw.get("mode", "per_sample")
     computed = name in ("zero_mean_unit_variance", "scale_range") and mode != "fixed"
     refusal = {}
-    if computed and channels > 1 and not _joint_over_channels(kw, channel, v05):
+    reduced = _reduced_over(kw, v05)
+    apart = [a for a in spatial if reduced is not None and a not in reduced]
+    if computed and apart:  # statistics of each slice (row, …) on its own
+        refusal = {
+            PER_CHANNEL: f"{where} normalizes its input by the statistics of each "
+            f"{'z slice' if apart == ['z'] else 'position along ' + ', '.join(apart)} on its "
+            f"own ({name} over axes {kw.get('axes')}, without {', '.join(apart)}); emparsl "
+            "normalizes a volume by its statistics as a whole, which gives the model other "
+            "values: set normalize in a sidecar or the model options to run it anyway."
+        }
+    elif computed and channels > 1 and not _joint_over_channels(kw, channel, v05):
         # said when the model is described, unless a sidecar or the options set normalize
         refusal = {
             PER_CHANNEL: f"{where} normalizes each of its {channels} input channels on its own "
@@ -343,8 +361,14 @@ def _normalization(
             "channels of a volume together, which gives the model other values: set normalize "
             "in a sidecar or the model options to run it anyway."
         }
+    # (x - mean) / (std + eps), (x - low) / (high - low + eps): the spec's default eps, 1e-6,
+    # changes nothing a model sees (and is left out, so that an exported package reads back as
+    # it was); a larger one is applied
+    eps = _scalar(kw.get("eps", 1e-6), "eps", where)
+    eps = eps if eps > 1e-6 else 0.0
+    extra = {"norm_eps": eps} if eps else {}
     if name == "zero_mean_unit_variance" and mode != "fixed":
-        return {"normalize": "zscore"} | refusal
+        return {"normalize": "zscore", **extra} | refusal
     if name == "fixed_zero_mean_unit_variance" or (
         name == "zero_mean_unit_variance" and mode == "fixed"
     ):
@@ -352,7 +376,7 @@ def _normalization(
             _scalar(kw.get("mean", 0), "mean", where),
             _scalar(kw.get("std", 1), "std", where),
         )
-        return {"normalize": "fixed", "norm_values": [mean, std]}
+        return {"normalize": "fixed", "norm_values": [mean, std + eps]}
     if name == "scale_linear":
         gain = _scalar(kw.get("gain", 1), "gain", where)
         offset = _scalar(kw.get("offset", 0), "offset", where)
@@ -361,7 +385,7 @@ def _normalization(
         return {"normalize": "fixed", "norm_values": [-offset / gain, 1 / gain]}
     if name == "scale_range" and mode != "fixed" and "reference_tensor" not in kw:
         lo, hi = float(kw.get("min_percentile", 0)), float(kw.get("max_percentile", 100))
-        return {"normalize": "percentile", "percentiles": [lo, hi]} | refusal
+        return {"normalize": "percentile", "percentiles": [lo, hi], **extra} | refusal
     raise ModelError(
         f"{where} preprocesses its input with {name!r}"
         + (f" ({mode})" if "mode" in kw else "")
@@ -586,7 +610,9 @@ def _describe(package: Package, desc: dict[str, Any]) -> tuple[dict[str, Any], s
     # a fixed-size model takes blocks that fill its input with their halo
     keys["block"] = pad + _default_block(sin, sizes, halo, where)
     channel = str(tin["axes"][1].get("id") or "channel") if v05 else "c"
-    keys |= _normalization(_steps(tin, "preprocessing"), where, in_channels, channel, v05)
+    keys |= _normalization(
+        _steps(tin, "preprocessing"), where, in_channels, channel, v05, [a.name for a in sin]
+    )
     keys |= _postprocessing(_steps(tout, "postprocessing"), out_channels, where)
     data = tout.get("data") if v05 else None
     span = data.get("range") if isinstance(data, Mapping) else tout.get("data_range")

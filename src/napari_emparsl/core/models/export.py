@@ -97,10 +97,11 @@ def _least_input(spec: ModelSpec, axis: int) -> int:
 def _normalized(x: np.ndarray, spec: ModelSpec) -> np.ndarray:
     """As the engine normalizes a volume — here the test input is the whole volume."""
     if spec.normalize == "zscore":
-        sub, div = float(x.mean()), float(x.std() or 1.0)
+        sub, div = float(x.mean()), float(x.std() or 1.0) + spec.norm_eps
     elif spec.normalize == "percentile":
         lo, hi = np.percentile(x, list(spec.percentiles))
-        sub, div = float(lo), float(max(hi - lo, 1e-6))
+        span = float(hi - lo)
+        sub, div = float(lo), span + spec.norm_eps if spec.norm_eps else max(span, 1e-6)
     elif spec.normalize == "fixed":
         sub, div = spec.norm_values
     else:
@@ -113,14 +114,15 @@ def _preprocessing(spec: ModelSpec, names: list[str]) -> list[dict[str, Any]]:
     # mean and std (or pair of percentiles) over all channels of the sample, as emparsl
     # normalizes a volume (without it, each channel would be normalized on its own)
     axes = ["channel", *names]
+    eps = {"eps": spec.norm_eps} if spec.norm_eps else {}  # (else the spec's own, 1e-6)
     if spec.normalize == "zscore":
-        return [{"id": "zero_mean_unit_variance", "kwargs": {"axes": axes}}]
+        return [{"id": "zero_mean_unit_variance", "kwargs": {"axes": axes, **eps}}]
     if spec.normalize == "percentile":
         lo, hi = spec.percentiles
         return [
             {
                 "id": "scale_range",
-                "kwargs": {"axes": axes, "min_percentile": lo, "max_percentile": hi},
+                "kwargs": {"axes": axes, "min_percentile": lo, "max_percentile": hi, **eps},
             }
         ]
     if spec.normalize == "fixed":

@@ -14,6 +14,8 @@ multiple: [4, 4, 4]           # the model's input size must be a multiple of thi
 normalize: none               # none | zscore | percentile | fixed
 percentiles: [1, 99.8]        # percentile: the volume's values mapped to 0 and 1
 norm_values: [0, 1]           # fixed: subtract, then divide by (e.g. a training set's mean, std)
+norm_eps: 0                   # zscore / percentile: added to the divisor (std + eps, or
+                              # high - low + eps), as a bioimage.io package's eps
 activation: none              # applied to the model's output: none | sigmoid | softmax
 min_size: [1, 1, 1]           # the smallest input the model takes (z, y, x); inputs are
                               # multiples of `multiple` of at least this (or min_size + k ×
@@ -260,6 +262,7 @@ class ModelSpec:
     normalize: str = "none"
     percentiles: tuple[float, float] = (1.0, 99.8)  # normalize: percentile
     norm_values: tuple[float, float] = (0.0, 1.0)  # normalize: fixed (subtract, divide)
+    norm_eps: float = 0.0  # zscore / percentile: added to the divisor (a package's eps)
     activation: str = "none"  # applied to the network's output (bioimage.io postprocessing)
     min_size: tuple[int, int, int] = (1, 1, 1)  # smallest input size per axis
     # the one input size the model takes per axis (a bioimage.io fixed size); 0: any size
@@ -478,14 +481,15 @@ class ModelSpec:
                     kwargs[key] = _colors(value)
                 elif key in ("in_channels", "out_channels", "spatial_dims"):
                     kwargs[key] = _count(value, key)
-                elif key == "threshold":
+                elif key in ("threshold", "norm_eps"):
                     try:
                         kwargs[key] = float(value)
                     except (TypeError, ValueError):
                         kwargs[key] = math.nan
-                    if not math.isfinite(kwargs[key]):
+                    if not math.isfinite(kwargs[key]) or (key == "norm_eps" and kwargs[key] < 0):
+                        what = "a number" if key == "threshold" else "a number of 0 or more"
                         raise ModelError(
-                            f"The model option 'threshold' must be a number, not {value!r}."
+                            f"The model option '{key}' must be {what}, not {value!r}."
                         ) from None
                 elif key in _PAIRS:
                     kwargs[key] = _pair(value, key)
