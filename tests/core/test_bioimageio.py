@@ -976,3 +976,16 @@ def test_statistics_of_each_slice_are_refused_and_eps_applied(tmp_path, v05):
     step.update(id="fixed_zero_mean_unit_variance")
     step["kwargs"] = {"mean": 5.0, "std": 0.2, "eps": 0.1}
     assert described().norm_values == pytest.approx((5.0, 0.3))
+
+
+def test_check_model_normalizes_by_the_whole_test_input(tmp_path, write_package):
+    """A test input mostly of zeros (its all-zero chunks unwritten, so left out of a run's
+    sample) was normalized by other statistics than the package's: a package that reproduces
+    its output failed the check (values 13 off)."""
+    from napari_emparsl.execution.check import check_model
+
+    x = np.zeros((1, 1, 32, 128, 128), np.float32)
+    x[..., :16, :32, :32] = np.random.default_rng(7).gamma(2.0, size=(16, 32, 32)) * 100
+    write_package(tmp_path / "sparse", x, _rdf_05())
+    result = check_model(str(tmp_path / "sparse"))
+    assert result.ok and result.max_difference < 1e-4, result.sentence()

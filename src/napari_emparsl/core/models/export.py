@@ -96,6 +96,12 @@ def _least_input(spec: ModelSpec, axis: int) -> int:
 
 def _normalized(x: np.ndarray, spec: ModelSpec) -> np.ndarray:
     """As the engine normalizes a volume — here the test input is the whole volume."""
+    return normalized(x, *norm_values(x, spec))
+
+
+def norm_values(x: np.ndarray, spec: ModelSpec) -> tuple[float, float]:
+    """What a package normalizes the whole array ``x`` by (subtract, divide), as bioimage.io
+    computes it over a sample: all its values, not the engine's sample of a volume's chunks."""
     if spec.normalize == "zscore":
         sub, div = float(x.mean()), float(x.std() or 1.0) + spec.norm_eps
     elif spec.normalize == "percentile":
@@ -106,7 +112,7 @@ def _normalized(x: np.ndarray, spec: ModelSpec) -> np.ndarray:
         sub, div = spec.norm_values
     else:
         sub, div = 0.0, 1.0
-    return normalized(x, sub, div)
+    return float(sub), float(div)
 
 
 def _preprocessing(spec: ModelSpec, names: list[str]) -> list[dict[str, Any]]:
