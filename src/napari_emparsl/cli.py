@@ -936,8 +936,7 @@ def cmd_export_model(args: argparse.Namespace) -> int:
 
     test = None
     if args.test_input:
-        vol = Volume.open(*parse_spec(args.test_input))
-        test = vol.read()
+        test = Volume.open(*parse_spec(args.test_input))  # read as far as the test takes
     done = export_package(
         args.model,
         args.output,

@@ -989,3 +989,29 @@ def test_check_model_normalizes_by_the_whole_test_input(tmp_path, write_package)
     write_package(tmp_path / "sparse", x, _rdf_05())
     result = check_model(str(tmp_path / "sparse"))
     assert result.ok and result.max_difference < 1e-4, result.sentence()
+
+
+def test_export_reads_only_the_start_of_a_test_volume(tmp_path, monkeypatch):
+    """export-model --test-input read the whole volume (a TB volume: all of it into memory)
+    to keep its first 128 voxels an axis."""
+    from napari_emparsl.cli import main
+    from napari_emparsl.core.volume import Volume, save_array
+
+    raw = np.random.default_rng(0).integers(0, 255, (60, 300, 200), dtype=np.uint8)
+    save_array(tmp_path / "big.n5", "raw", raw, voxel_size=(8, 8, 8))
+    regions = []
+    read = Volume.read
+
+    def recorded(self, region=None):
+        regions.append(region)
+        return read(self, region)
+
+    monkeypatch.setattr(Volume, "read", recorded)
+    out = tmp_path / "u.zip"
+    assert main(["export-model", "unet3d-em", str(out), "--test-input",
+                 f"{tmp_path}/big.n5:raw"]) == 0  # fmt: skip
+    assert regions and all(r is not None for r in regions)
+    assert [(s.start, s.stop) for s in regions[0]] == [(0, 128), (0, 128), (0, 128)]
+    with zipfile.ZipFile(out) as zf:
+        x = np.load(io.BytesIO(zf.read("test_input.npy")))
+    np.testing.assert_array_equal(x[0, 0], raw[: x.shape[2], : x.shape[3], : x.shape[4]])

@@ -28,6 +28,7 @@ from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.models.bioimageio import one_line
 from napari_emparsl.core.models.loaders import describe_model, load_model
 from napari_emparsl.core.models.spec import ModelError, ModelSpec
+from napari_emparsl.core.volume import Volume
 
 __all__ = ["Exported", "export_package"]
 
@@ -48,9 +49,14 @@ class Exported:
     mirrored_from: tuple[int, ...] = ()
 
 
-def _test_input(spec: ModelSpec, volume: np.ndarray | None) -> np.ndarray:
+def _test_input(spec: ModelSpec, volume: np.ndarray | Volume | None) -> np.ndarray:
     """(C, z, y, x) float32: ``volume`` (its start, at most 128 voxels an axis in 3D, 512 in
-    2D, cut to a size the model takes), or a synthetic sample a little larger than the halo."""
+    2D, cut to a size the model takes), or a synthetic sample a little larger than the halo.
+    A :class:`Volume` is read only as far as that start (it read whole: a TB volume)."""
+    cap = (128, 128, 128) if spec.spatial_dims == 3 else (1, 512, 512)
+    if isinstance(volume, Volume):
+        start = tuple(slice(0, max(cap[i], _least_input(spec, i))) for i in range(3))
+        volume = volume.read(((slice(None),) if "c" in volume.axes else ()) + start)
     if volume is None:
         from napari_emparsl.core.sample import make_sample
 
@@ -71,7 +77,6 @@ def _test_input(spec: ModelSpec, volume: np.ndarray | None) -> np.ndarray:
             f"The test input has {volume.shape[0]} channel(s) but the model takes "
             f"{spec.in_channels}."
         )
-    cap = (128, 128, 128) if spec.spatial_dims == 3 else (1, 512, 512)
     # along an axis shorter than the model takes (at least the input size the description
     # declares: its output must outgrow the halo), mirrored to that size: a test tensor, as a
     # run mirrors the volume at its edges (anisotropic EM has few sections)
@@ -155,7 +160,7 @@ def export_package(
     name: str | None = None,
     authors: Sequence[str] = ("emparsl user",),
     description: str = "",
-    test_input: np.ndarray | None = None,
+    test_input: np.ndarray | Volume | None = None,
     overwrite: bool = False,
 ) -> Exported:
     """Write ``model`` (a built-in name, a model file or a package, with ``options``) as the
@@ -308,6 +313,7 @@ def export_package(
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    given = tuple(np.shape(test_input)[-3:]) if test_input is not None else ()
+    shape = test_input.shape if isinstance(test_input, Volume) else np.shape(test_input)
+    given = tuple(shape[-3:]) if test_input is not None else ()
     mirrored = any(n < _least_input(spec, i) for i, n in enumerate(given))
     return Exported(output, os.path.getsize(output), tuple(x_t.shape), given if mirrored else ())
