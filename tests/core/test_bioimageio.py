@@ -1015,3 +1015,26 @@ def test_export_reads_only_the_start_of_a_test_volume(tmp_path, monkeypatch):
     with zipfile.ZipFile(out) as zf:
         x = np.load(io.BytesIO(zf.read("test_input.npy")))
     np.testing.assert_array_equal(x[0, 0], raw[: x.shape[2], : x.shape[3], : x.shape[4]])
+
+
+def test_export_writes_what_the_spec_allows(tmp_path):
+    """Class names went out as channel names as given ("cell wall", "None": no identifiers,
+    which bioimage.io requires), and a negative std (inverted contrast) as
+    fixed_zero_mean_unit_variance, whose std must be ≥ 1e-6."""
+    from napari_emparsl.core.models.export import export_package
+
+    out = tmp_path / "inv.zip"
+    options = {"classes": ["cell wall", "None", "2nd"], "normalize": "fixed",
+               "norm_values": [100, -50]}  # fmt: skip
+    export_package("unet3d-em", str(out), options)
+    with zipfile.ZipFile(out) as zf:
+        rdf = yaml.safe_load(zf.read("rdf.yaml"))
+    names = rdf["outputs"][0]["axes"][1]["channel_names"]
+    assert names == ["cell_wall", "None_", "_2nd"]
+    assert all(n.isidentifier() for n in names)
+    assert rdf["inputs"][0]["preprocessing"] == [
+        {"id": "scale_linear", "kwargs": {"gain": -0.02, "offset": 2.0}}
+    ]
+    spec = describe_model(str(out))  # read back as it was
+    assert spec.classes == ("cell wall", "None", "2nd")
+    assert spec.normalize == "fixed" and spec.norm_values == pytest.approx((100, -50))

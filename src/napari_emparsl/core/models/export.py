@@ -138,8 +138,30 @@ def _preprocessing(spec: ModelSpec, names: list[str]) -> list[dict[str, Any]]:
         ]
     if spec.normalize == "fixed":
         mean, std = spec.norm_values
+        if std < 1e-6:  # inverted contrast (a negative divisor): the spec's std is ≥ 1e-6
+            gain = 1.0 / std
+            return [{"id": "scale_linear", "kwargs": {"gain": gain, "offset": -mean * gain}}]
         return [{"id": "fixed_zero_mean_unit_variance", "kwargs": {"mean": mean, "std": std}}]
     return []
+
+
+def _identifiers(names: Sequence[str]) -> list[str]:
+    """Class names as bioimage.io's channel names must be (Python identifiers, no keywords:
+    "cell wall" -> cell_wall, "None" -> None_, "2nd" -> _2nd), each once; the names as given
+    stay in the package's config (emparsl reads them from there)."""
+    import keyword
+
+    out: list[str] = []
+    for name in names:
+        ident = re.sub(r"\W", "_", str(name)) or "_"
+        if ident[0].isdigit():
+            ident = f"_{ident}"
+        if keyword.iskeyword(ident) or ident in ("None", "True", "False"):
+            ident += "_"
+        while ident in out:
+            ident += "_"
+        out.append(ident)
+    return out
 
 
 def _postprocessing(spec: ModelSpec) -> tuple[str, list[dict[str, Any]]]:
@@ -215,7 +237,8 @@ def export_package(
         {"type": "batch"},
         {
             "type": "channel",
-            "channel_names": list(spec.classes) or [f"out{i}" for i in range(spec.n_outputs)],
+            "channel_names": _identifiers(spec.classes)
+            or [f"out{i}" for i in range(spec.n_outputs)],
         },
     ]
     for i, axis in enumerate(names, start=lead):
