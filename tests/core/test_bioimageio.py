@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -1038,3 +1039,26 @@ def test_export_writes_what_the_spec_allows(tmp_path):
     spec = describe_model(str(out))  # read back as it was
     assert spec.classes == ("cell wall", "None", "2nd")
     assert spec.normalize == "fixed" and spec.norm_values == pytest.approx((100, -50))
+
+
+def test_a_second_description_in_a_package_folder_is_not_run_in_its_place(package, tmp_path):
+    """Naming other.bioimageio.yaml in a folder that also holds rdf.yaml described (and ran)
+    rdf.yaml's model: refused in one sentence; the description alone in its folder is read."""
+    folder = tmp_path / "two"
+    shutil.copytree(package["folder"], folder)
+    rdf = yaml.safe_load((folder / "rdf.yaml").read_text())
+    rdf["inputs"][0]["preprocessing"] = [
+        {"id": "fixed_zero_mean_unit_variance", "kwargs": {"mean": 1.0, "std": 2.0}}
+    ]
+    (folder / "other.bioimageio.yaml").write_text(yaml.safe_dump(rdf))
+    with pytest.raises(ModelError) as err:
+        describe_model(str(folder / "other.bioimageio.yaml"))
+    assert str(err.value) == (
+        f"The folder {folder} holds several bioimage.io descriptions (rdf.yaml and "
+        "other.bioimageio.yaml), and a package is read by its folder, from rdf.yaml; move "
+        "other.bioimageio.yaml (with the files it names) into a folder of its own and give "
+        "that folder."
+    )
+    assert describe_model(str(folder / "rdf.yaml")).normalize == "zscore"
+    (folder / "rdf.yaml").unlink()
+    assert describe_model(str(folder / "other.bioimageio.yaml")).norm_values == (1.0, 2.0)

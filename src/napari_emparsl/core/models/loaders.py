@@ -96,6 +96,17 @@ def resolve_model(model: str) -> str:
         what = f"The model {model} does not exist" if model.strip() else "No model was given"
         raise ModelError(f"{what}; give a model file or a built-in name ({names}).")
     package = find_package(model)
+    if package is not None and not package.is_zip and os.path.isfile(model):
+        # a description file named: the package is its folder, whose description is the one
+        # its folder is read by (rdf.yaml first) — another one there would run instead
+        chosen = find_package(package.path)
+        if chosen is not None and chosen.rdf != package.rdf:
+            raise ModelError(
+                f"The folder {package.path} holds several bioimage.io descriptions "
+                f"({chosen.rdf} and {package.rdf}), and a package is read by its folder, from "
+                f"{chosen.rdf}; move {package.rdf} (with the files it names) into a folder of "
+                "its own and give that folder."
+            )
     if package is not None:
         return package.path if not package.is_zip else model
     if os.path.isdir(model):
