@@ -1062,3 +1062,27 @@ def test_a_second_description_in_a_package_folder_is_not_run_in_its_place(packag
     assert describe_model(str(folder / "rdf.yaml")).normalize == "zscore"
     (folder / "rdf.yaml").unlink()
     assert describe_model(str(folder / "other.bioimageio.yaml")).norm_values == (1.0, 2.0)
+
+
+def test_test_tensors_are_checked_against_their_sha256(package, tmp_path):
+    """A test tensor that does not match its recorded SHA-256 (a damaged download) was used
+    all the same: check-model compared against it."""
+    from napari_emparsl.execution.check import check_model
+
+    folder = tmp_path / "sha"
+    shutil.copytree(package["folder"], folder)
+    rdf = yaml.safe_load((folder / "rdf.yaml").read_text())
+    rdf["outputs"][0]["test_tensor"]["sha256"] = "0" * 64
+    (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf))
+    with pytest.raises(ModelError) as err:
+        check_model(str(folder))
+    assert str(err.value) == (
+        f"The test tensor test_output.npy of {folder} does not match the SHA-256 its description "
+        "records, so the package is damaged or was changed; download it again."
+    )
+    import hashlib
+
+    digest = hashlib.sha256((folder / "test_output.npy").read_bytes()).hexdigest()
+    rdf["outputs"][0]["test_tensor"]["sha256"] = digest.upper()
+    (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf))
+    assert check_model(str(folder)).ok

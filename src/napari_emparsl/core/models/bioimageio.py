@@ -645,23 +645,34 @@ def test_tensors(package: Package) -> tuple[Any, Any]:
 
 
 def _test_tensors(package: Package, desc: dict[str, Any]) -> tuple[Any, Any]:
+    import hashlib
+
     import numpy as np
 
+    digests: list[str] = ["", ""]  # 0.4 records none
     if str(desc.get("format_version", "")).startswith("0.4"):
         sources = [(desc.get("test_inputs") or [None])[0], (desc.get("test_outputs") or [None])[0]]
     else:
-        sources = [
-            ((desc.get(side) or [{}])[0].get("test_tensor") or {}).get("source")
-            for side in ("inputs", "outputs")
+        tensors = [
+            (desc.get(side) or [{}])[0].get("test_tensor") or {} for side in ("inputs", "outputs")
         ]
+        sources = [t.get("source") for t in tensors]
+        digests = [str(t.get("sha256") or "") for t in tensors]
     if not all(sources):
         raise ModelError(
             f"The bioimage.io model {package.path} has no test input and output to check it with."
         )
     arrays = []
-    for name in sources:
+    for name, digest in zip(sources, digests, strict=True):
+        data = package.read(str(name))
+        if digest and hashlib.sha256(data).hexdigest() != digest.lower():
+            raise ModelError(
+                f"The test tensor {name} of {package.path} does not match the SHA-256 its "
+                "description records, so the package is damaged or was changed; download it "
+                "again."
+            )
         try:
-            arrays.append(np.load(io.BytesIO(package.read(str(name))), allow_pickle=False))
+            arrays.append(np.load(io.BytesIO(data), allow_pickle=False))
         except ValueError as err:
             raise ModelError(
                 f"The test tensor {name} of {package.path} is not a numpy file ({err})."
