@@ -893,3 +893,31 @@ def test_fiji_signed_16_bit_spacing_of_one_and_palette_slices(tmp_path, capsys):
             img.save(tmp_path / folder / f"{i}.png")
         vol = import_volume(f"{tmp_path}/{folder}", f"{tmp_path}/o.n5:{folder}")
         np.testing.assert_array_equal(vol.read(), labels)
+
+
+def test_hdf5_in_ilastiks_axis_order(tmp_path):
+    """ilastik records its axis order in `axistags`: an xyz dataset was imported with x and z
+    swapped, a zyxc one of one channel (its exports) was refused as 4-D."""
+    import json
+
+    import h5py
+
+    a = np.random.default_rng(0).integers(0, 255, (6, 10, 12), dtype=np.uint8)
+
+    def tags(keys: str) -> str:
+        return json.dumps({"axes": [{"key": k, "typeFlags": 2, "resolution": 0,
+                                     "description": ""} for k in keys]})  # fmt: skip
+
+    with h5py.File(tmp_path / "il.h5", "w") as f:
+        for name, data in (("xyz", a.transpose(2, 1, 0)), ("zyxc", a[..., None]),
+                           ("tczyx", a[None, None]), ("zyxc2", np.stack([a, a], -1))):  # fmt: skip
+            f.create_dataset(name, data=data).attrs["axistags"] = tags(name.rstrip("2"))
+    for name in ("xyz", "zyxc", "tczyx"):
+        vol = import_volume(f"{tmp_path}/il.h5:{name}", f"{tmp_path}/o.n5:{name}", chunks=(4, 8, 8))
+        np.testing.assert_array_equal(vol.read(), a)
+    with pytest.raises(VolumeError) as err:
+        import_volume(f"{tmp_path}/il.h5:zyxc2", f"{tmp_path}/o.n5:two")
+    assert str(err.value) == (
+        f"{tmp_path}/il.h5:zyxc2 holds 2 channels (axes zyxc); import needs one greyscale "
+        "z-stack: export each as a dataset of its own and import that."
+    )

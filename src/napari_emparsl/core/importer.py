@@ -578,6 +578,13 @@ def _hdf5_source(path: str, key: str) -> ImportSource:
             f"There is no dataset '{key}' in {path}; available: {', '.join(datasets[:20])}."
         )
     ds = f[key]
+    order = _axistags(ds)
+    if order is not None:  # ilastik's axis order (xyz, zyxc, tzyxc, …)
+        try:
+            return _hdf5_axes_source(f, path, key, ds, order)
+        except BaseException:
+            f.close()
+            raise
     if ds.ndim != 3:
         shape = ds.shape  # before closing: a closed file's dataset has no shape
         f.close()
@@ -614,6 +621,56 @@ def _hdf5_source(path: str, key: str) -> ImportSource:
         (path,),
         voxel,
         where,
+    )
+
+
+def _axistags(ds: Any) -> str | None:
+    """The axis order ilastik (vigra) records in a dataset's ``axistags`` ("zyxc", "xyz"), as
+    one letter per axis, or None where none is recorded or it does not fit the dataset."""
+    import json
+
+    text = ds.attrs.get("axistags")
+    if text is None:
+        return None
+    try:
+        keys = "".join(str(a["key"]).lower() for a in json.loads(text)["axes"])
+    except (TypeError, ValueError, KeyError):
+        return None
+    if len(keys) != ds.ndim or len(set(keys)) != len(keys) or not set("zyx") <= set(keys):
+        return None
+    return keys
+
+
+def _hdf5_axes_source(f: Any, path: str, key: str, ds: Any, order: str) -> ImportSource:
+    """An HDF5 dataset in the axis order its axistags give, read as z, y, x: the axes in
+    another order (ilastik's xyz), a channel or time axis of length 1 dropped."""
+    name = f"{path}:{key}"
+    for axis, n in zip(order, ds.shape, strict=True):
+        if axis not in "zyx" and n > 1:
+            what = "channels" if axis == "c" else "time points" if axis == "t" else f"{axis} images"
+            raise VolumeError(
+                f"{name} holds {n} {what} (axes {order}); import needs one greyscale z-stack: "
+                "export each as a dataset of its own and import that."
+            )
+    at = {a: order.index(a) for a in "zyx"}
+    shape = tuple(int(ds.shape[at[a]]) for a in "zyx")
+    kept = [a for a in order if a in "zyx"]  # the z, y, x axes in the dataset's order
+    to_zyx = [kept.index(a) for a in "zyx"]
+
+    def read_slab(z0: int, z1: int) -> np.ndarray:
+        index = tuple(slice(z0, z1) if a == "z" else slice(None) if a in "yx" else 0 for a in order)
+        try:
+            return np.ascontiguousarray(np.transpose(ds[index], to_zyx))
+        except Exception as err:  # a corrupt chunk, a compression filter h5py lacks
+            raise _unreadable(
+                f"The HDF5 dataset {name} ({_slices(z0, z1, shape[0])})",
+                err,
+                "the file is damaged or uses a compression h5py cannot read: replace it (or save "
+                "the dataset again) and import again",
+            ) from None
+
+    return ImportSource(
+        f"HDF5 {name} (axes {order})", shape, np.dtype(ds.dtype), read_slab, f.close, (path,)
     )
 
 
