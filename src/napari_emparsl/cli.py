@@ -595,22 +595,32 @@ def cmd_status(args: argparse.Namespace) -> int:
         planned = whole_plan_blocks(out_shape, last)
     except VolumeError:  # the output's own attributes unreadable: what its last run planned
         out_shape, planned = None, int(last.get("planned", 0))
+    if planned:  # block ids outside the plan (a record edited by hand) are not its blocks
+        for blocks in (summary.done, summary.failed):
+            for bid in [b for b in blocks if not 0 <= b < planned]:
+                del blocks[bid]
     done_times = [  # a record without its timings (damaged, edited by hand) is left out
         sum(float(r[k]) for k in ("t_read", "t_compute", "t_write"))
         for r in summary.done.values()
-        if all(isinstance(r.get(k), int | float) for k in ("t_read", "t_compute", "t_write"))
+        if all(
+            isinstance(r.get(k), int | float) and math.isfinite(r[k])
+            for k in ("t_read", "t_compute", "t_write")
+        )
     ]
     running = lock_holder(root, key)
-    pending = max(0, planned - len(summary.done) - len(summary.failed))
+    # no run record readable (the first one torn by a crash): how many blocks is unknown, and
+    # the output is not said to be complete
+    known = bool(summary.runs)
+    pending = max(0, planned - len(summary.done) - len(summary.failed)) if known else None
     out = {
         "output": f"{root}:{key}",
         # running (a writer holds it now), complete, failed (some blocks; none running), or
         # incomplete (blocks pending: stopped, crashed, or runs of a region only)
         "state": "running" if running is not None
         else "failed" if summary.failed
-        else "incomplete" if pending
+        else "incomplete" if pending or not known
         else "complete",
-        "blocks": planned,
+        "blocks": planned if known else None,
         "done": len(summary.done),
         "failed": len(summary.failed),
         "pending": pending,
@@ -638,6 +648,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{out['output']}: {out['done']}/{planned} blocks done, {out['failed']} failed, {out['pending']} pending"
+        if known
+        else f"{out['output']}: {out['done']} blocks done, {out['failed']} failed; its run's "
+        "record cannot be read, so how many blocks it has is not known"
     )
     if out["region"] is not None:
         r = out["region"]

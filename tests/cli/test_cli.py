@@ -612,11 +612,58 @@ def test_status_of_a_ledger_with_a_damaged_record(capsys, tmp_path, small_n5):
     assert status["done"] == 1 and status["mean_block_seconds"] is None and block["id"] == 0
 
 
+def test_a_damaged_or_unreadable_ledger_is_never_read_as_an_empty_one(capsys, tmp_path, small_n5):
+    """A ledger that could not be read was read as empty: status said "complete", and the run
+    advised --overwrite ("nothing is lost"), losing the blocks done. A torn last run record
+    hid the earlier ones (a resume took the model's defaults and was refused); records of
+    other types, ids outside the plan, were counted or crashed status."""
+    path, _ = small_n5
+    out, ledger = _one_block_run(capsys, tmp_path, small_n5)
+    args = ["run", "--input", f"{path}:raw", "--model", "unet3d-em", "--output", out,
+            "--site", "threads", "--roi", "0:1,0:8,0:8"]  # fmt: skip
+    # a crash tore a second run record: the first one, whole, is the run resumed (its block
+    # 8×8×8 and halo 4, not the model's defaults, which the resume took and was refused)
+    other = [*args[:6], f"{tmp_path}/b.n5:pred", *args[7:]]
+    assert run(capsys, *other, "--block", "8", "--halo", "4")[0] == 0
+    torn = tmp_path / "b.n5" / "pred" / "emparsl-ledger.jsonl"
+    torn.write_text(torn.read_text() + torn.read_text().splitlines()[0][:150])
+    code, _, err = run(capsys, *other)
+    assert code == 0, err
+    # odd values in records: status answers, counting the plan's blocks only
+    with open(ledger, "a") as f:
+        f.write("\n" + json.dumps({"type": "block", "id": 1e999, "status": "done"}) + "\n")
+        f.write(json.dumps({"type": "block", "id": 7, "status": "done", "device": ["cpu"],
+                            "t_read": 1e999, "t_compute": 1, "t_write": 1}) + "\n")  # fmt: skip
+        f.write(json.dumps({"type": "block", "id": 0, "status": "failed",
+                            "error": {"what": "odd"}}) + "\n")  # fmt: skip
+    for extra in ((), ("--json",)):
+        code, said, err = run(capsys, "status", out, *extra)
+        assert code == 0 and "Infinity" not in said, err
+    assert json.loads(said)["done"] == 1 and json.loads(said)["blocks"] == 1
+    # no run record readable at all: not "complete"
+    ledger.write_text("\n".join(line for line in ledger.read_text().splitlines()
+                                if '"type":"run"' not in line.replace(" ", "")) + "\n")  # fmt: skip
+    code, said, _ = run(capsys, "status", out, "--json")
+    assert code == 0 and json.loads(said)["state"] == "incomplete"
+    assert json.loads(said)["blocks"] is None
+    # unreadable (here a folder of its name): one sentence, and no advice to start again
+    ledger.unlink()
+    ledger.mkdir()
+    for command in (["status", out], args):
+        code, said, err = run(capsys, *command)
+        assert code == 2 and err.startswith(f"emparsl: error: The ledger of {out} ("), err
+        assert "cannot be read (" in err and "--overwrite" not in err and err.count("\n") == 1
+
+
 def test_status_of_many_different_failures_is_a_few_lines(capsys, tmp_path, small_n5):
     """Errors that differ in their numbers (a region, a memory size) were printed one line per
     failed block: 100,004 lines for a ledger of 100,000 failures."""
     out, ledger = _one_block_run(capsys, tmp_path, small_n5)
+    with open(ledger) as f:
+        record = json.loads(f.readline())
     with open(ledger, "a") as f:
+        # a run of 700 blocks of 1×8×8 (ids outside an output's plan are not its blocks)
+        f.write(json.dumps(record | {"block": [1, 8, 8]}) + "\n")
         for i in range(1, 40):  # blocks 1…39 failed, each with its own numbers
             f.write(json.dumps({"type": "block", "id": i, "status": "failed", "attempt": 1,
                                 "error": f"out of memory: tried to allocate {i} MiB"}) + "\n")  # fmt: skip

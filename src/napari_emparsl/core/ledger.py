@@ -63,6 +63,10 @@ class OutputGone(UserError):
     """The output's folder disappeared during a run (deleted by hand, or its disk unmounted)."""
 
 
+class LedgerUnreadable(UserError):
+    """A ledger that exists and cannot be read (permissions, a folder of its name, EIO)."""
+
+
 class LedgerUnwritable(UserError):
     """The ledger could not be appended to (a full disk, a folder made read-only)."""
 
@@ -79,7 +83,19 @@ class Ledger:
         return os.path.exists(self.path)
 
     def summary(self) -> LedgerSummary:
-        return LedgerFollower(self._root, self._key).summary()  # one whole read
+        """The ledger read whole; one that exists and cannot be read (its permissions, a
+        folder of its name, a disk error) raises :class:`LedgerUnreadable` — read as empty, it
+        was "complete", and a resume advised --overwrite, losing the blocks done."""
+        follower = LedgerFollower(self._root, self._key)
+        out = follower.summary()
+        if follower.error is not None:
+            err = follower.error
+            raise LedgerUnreadable(
+                f"The ledger of {self._root}:{self._key} ({self.path}) cannot be read "
+                f"({err.strerror or err}); make it readable (check its permissions and disk), "
+                "then try again — the output's blocks are kept."
+            )
+        return out
 
     def last_run_record(self) -> dict[str, Any]:
         """The last run's record (``{}`` for none, or a ledger that cannot be read), found from
@@ -89,16 +105,18 @@ class Ledger:
 
         try:
             with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                at = -1
-                for match in re.finditer(rb'(?m)^\{"type":\s*"run"', m):  # at a line's start
-                    at = match.start()
-                if at < 0:
-                    return {}
-                end = m.find(b"\n", at)
-                record = json.loads(m[at : end if end >= 0 else len(m)])
+                starts = [match.start() for match in re.finditer(rb'(?m)^\{"type":\s*"run"', m)]
+                for at in reversed(starts):  # the last one whole (a crash may tear the last)
+                    end = m.find(b"\n", at)
+                    try:
+                        record = json.loads(m[at : end if end >= 0 else len(m)])
+                    except ValueError:
+                        continue
+                    if isinstance(record, dict):
+                        return record
         except (OSError, ValueError):
-            return {}
-        return record if isinstance(record, dict) else {}
+            pass
+        return {}
 
     def _append(self, records: Iterable[dict[str, Any]]) -> None:
         text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
@@ -164,8 +182,11 @@ def _apply(out: LedgerSummary, rec: dict[str, Any]) -> None:
             rec.pop(key, None)
         try:
             bid = int(rec["id"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             return  # a record edited by hand or damaged: that block is simply not done
+        for key in ("device", "model_sha256", "error", "worker"):  # (as readers print them)
+            if rec.get(key) is not None and not isinstance(rec[key], str):
+                rec[key] = str(rec[key])
         if rec.get("status") == "done":
             out.done[bid] = rec
             out.failed.pop(bid, None)
@@ -189,6 +210,7 @@ class LedgerFollower:
         self._reset(None)
 
     def _reset(self, ident: tuple[int, int] | None) -> None:
+        self.error: OSError | None = None  # why a ledger that exists could not be read
         self._summary = LedgerSummary()
         self._offset = 0
         self._ident = ident
@@ -220,17 +242,25 @@ class LedgerFollower:
                         continue  # a line torn by a crash: that block is simply not done
                     if isinstance(rec, dict):
                         _apply(self._summary, rec)
-        except OSError:  # no ledger (yet, or any more)
+        except FileNotFoundError:  # no ledger (yet, or any more)
             self._reset(None)
+        except OSError as err:  # there, and unreadable: no summary of it (see Ledger.summary)
+            self._reset(None)
+            self.error = err
         return self._summary
 
 
 def whole_plan_blocks(output_shape: Sequence[int], last_run: dict[str, Any]) -> int:
     """Blocks of the whole volume's plan for an output of ``output_shape`` — not only of its
     last run's region (a preview, ``--roi``) — from the block and scale that run recorded."""
-    if "block" not in last_run:
-        return int(last_run.get("planned", 0))
-    return math.prod(block_grid(plan_shape(output_shape, last_run), last_run["block"]))
+    block, scale = last_run.get("block"), last_run.get("spec", {}).get("scale", [1, 1, 1])
+    if not all(  # a record damaged or edited by hand: what it planned, if it says
+        isinstance(v, list) and len(v) == 3 and all(type(n) is int and n > 0 for n in v)
+        for v in (block, scale)
+    ):
+        planned = last_run.get("planned", 0)
+        return planned if type(planned) is int and planned >= 0 else 0
+    return math.prod(block_grid(plan_shape(output_shape, last_run), block))
 
 
 def plan_shape(output_shape: Sequence[int], last_run: dict[str, Any]) -> list[int]:
