@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import weakref
 from pathlib import Path
@@ -175,8 +176,10 @@ def test_resume_after_kill_9(tmp_path, unet_model, htex, site, classes_mixed):
         "--output",
         f"{tmp_path}/out.n5:pred",
     ]
-    (tmp_path / "tmp").mkdir()
-    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}  # where the runs' Parsl folders go
+    # where the runs' Parsl folders go (a short path: under a long one they go to /tmp)
+    short = Path(tempfile.mkdtemp(prefix="k9-", dir="/tmp"))
+    (tmp_path / "tmp").symlink_to(short)
+    env = {**os.environ, "TMPDIR": str(short)}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 120
     while (
@@ -198,6 +201,7 @@ def test_resume_after_kill_9(tmp_path, unet_model, htex, site, classes_mixed):
     # the next run removed the killed one's folder (a `threads` site has no guard), then its own
     assert list((tmp_path / "tmp").glob("emparsl-parsl-*")) == []
     assert htex.gone()
+    shutil.rmtree(short)
     assert f"({len(before)} already done, resuming)" in done.stdout
     after = _ledger_done(tmp_path / "out.n5")
     recomputed = [i for i in set(before) if after.count(i) > 1]
@@ -1111,6 +1115,21 @@ def test_temporary_folder_with_a_space(tmp_path, conv_model, float_volume):
     assert done.returncode == 0, done.stderr
     assert "Finished: 1/1 blocks done" in done.stdout
     assert list(spaced.iterdir()) == []  # nothing of the site's went there, nothing left
+
+
+def test_a_long_temporary_folder_keeps_nothing_of_a_run(tmp_path, conv_model, float_volume):
+    """Under a TMPDIR whose path is long (macOS's /var/folders/…/T/ is 49 characters), the run
+    folder was too long to be the site's TMPDIR, and each local run left 7 files and folders
+    of its processes there (multiprocessing's pymp-*, the queue's files and locks)."""
+    src, _ = float_volume
+    long = tmp_path / ("t" * 60)
+    long.mkdir()
+    cmd = [sys.executable, "-m", "napari_emparsl.cli", "run", "--input", src, "--model",
+           conv_model, "--output", f"{tmp_path}/o.n5:x", "--site", "local", "--roi", "0:1,0:4,0:4"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "TMPDIR": str(long)})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert list(long.iterdir()) == []  # the site's folder went to /tmp, and went
 
 
 def _refused_before_any_block(tmp_path, src, model, options=None):

@@ -545,15 +545,21 @@ _RUN_DIR_PREFIX = "emparsl-parsl-"
 
 
 def _run_dir_base() -> str:
-    """The temporary folder, or /tmp where its path holds whitespace: Parsl puts the run folder
-    unquoted on its worker pool's command line, and the pool then never starts."""
+    """The temporary folder, or /tmp where its path holds whitespace (Parsl puts the run folder
+    unquoted on its worker pool's command line, and the pool then never starts) or is too long
+    for the run's folder to be its processes' TMPDIR (:func:`_site_tmpdir`: macOS's
+    /var/folders/…/T/ is; their sockets and queue files were then left in it, 7 a run)."""
     import tempfile
 
     base = tempfile.gettempdir()
-    if not any(c.isspace() for c in base):
+    spaced = any(c.isspace() for c in base)
+    # the run folder, emparsl-parsl-PID-xxxxxxxx, within _site_tmpdir's limit under it
+    if not spaced and _site_tmpdir(os.path.join(base, "r" * 31)):
         return base
     if os.path.isdir("/tmp") and os.access("/tmp", os.W_OK | os.X_OK):
         return "/tmp"
+    if not spaced:
+        return base  # (its processes' temporary files then go to the system's own)
     raise SiteError(
         f"The temporary folder {base} has a space in its path, where Parsl cannot start "
         "workers; set TMPDIR to a folder without spaces."
