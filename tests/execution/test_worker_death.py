@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -72,3 +74,29 @@ def test_killed_worker_block_is_retried(tmp_path, unet_model, htex, classes_mixe
         not psutil.pid_exists(killed[0])
         or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
     )
+
+
+def test_a_coordinator_killed_as_its_site_starts_leaves_no_interchange(tmp_path, htex):
+    """kill -9 of `emparsl run` as its local site's interchange starts — before the site's guard
+    is told of it — left the interchange running for good (its parent gone, its pipe held)."""
+
+    save_array(tmp_path / "in.n5", "raw", np.zeros((16, 32, 32), np.float32), chunks=(16, 32, 32))
+    cmd = [sys.executable, "-m", "napari_emparsl.cli", "run", "--input", f"{tmp_path}/in.n5:raw",
+           "--model", "unet3d-em", "--output", f"{tmp_path}/o.n5:p", "--site", "local"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    interchange = None
+    deadline = time.time() + 60
+    while interchange is None and time.time() < deadline and proc.poll() is None:
+        for child in psutil.Process(proc.pid).children():
+            try:
+                if "interchange" in " ".join(child.cmdline()).lower():
+                    interchange = child
+            except psutil.Error:
+                pass
+        time.sleep(0.01)
+    assert interchange is not None, "the site's interchange never started"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    gone, _ = psutil.wait_procs([interchange], timeout=10)
+    assert gone, "the interchange outlived its coordinator"
+    assert htex.gone(timeout=30), htex.all()

@@ -499,10 +499,18 @@ def make_config(
 #: coordinator, whose shutdown then waited for its answer for ever. The coordinator stops it
 #: (and the site's guard, if the coordinator dies). Same session: Linux shares CPU time
 #: between sessions first (see the fork server).
+#: the interchange: a process group of its own, deaf to Ctrl-C (the run stops it), and gone
+#: when its coordinator is (a kill -9 in the site's first second, before the site's guard
+#: knows it, left it running for good: it never exits when its parent dies)
 _INTERCHANGE_LAUNCH = (
-    "import os, runpy, signal\n"
+    "import os, runpy, signal, threading, time\n"
     "os.setpgid(0, 0)\n"
     "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+    "def _watch(parent=os.getppid()):\n"
+    "    while os.getppid() == parent:\n"
+    "        time.sleep(0.5)\n"
+    "    os._exit(0)\n"
+    "threading.Thread(target=_watch, daemon=True).start()\n"
     "runpy.run_module('parsl.executors.high_throughput.interchange', run_name='__main__')\n"
 )
 
