@@ -1008,7 +1008,8 @@ def cmd_sites(args: argparse.Namespace) -> int:
 
         print(f"Site {profile.name}: first result after {check_site(profile):.1f} s.")
         return 0
-    print(json.dumps(profile.model_dump(), indent=2))
+    # (as written: characters beyond the BMP as \ud83d\ude00 came back from YAML as lone halves)
+    print(json.dumps(profile.model_dump(), indent=2, ensure_ascii=False))
     made = [f"workers auto: {profile.worker_count}"] if profile.workers == "auto" else []
     if profile.threads_per_worker == "auto":
         made.append(f"threads_per_worker auto: {profile.worker_threads}")

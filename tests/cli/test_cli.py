@@ -944,6 +944,34 @@ def test_a_negative_bound_after_a_space_gets_its_sentence(capsys, tmp_path, smal
     assert "argument --roi: expected one argument" in capsys.readouterr().err
 
 
+def test_sites_folder_as_typed_hidden_files_and_shown_profiles(capsys, tmp_path, monkeypatch):
+    """EMPARSL_SITES='~/sites' hid every profile without a word; an editor's lock file
+    (.#mine.yaml) or macOS's ._mine.yaml were broken profiles (exit code 2); `sites show`
+    wrote characters beyond the BMP as surrogate halves, which did not read back; a name of
+    230 characters was valid, and its site never started."""
+    import yaml
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("EMPARSL_SITES", "~/sites")
+    (tmp_path / "sites").mkdir()
+    (tmp_path / "sites" / "mine.yaml").write_text(
+        'kind: local\nworkers: 1\nworker_init: "echo café 😀"\n', encoding="utf-8"
+    )
+    (tmp_path / "sites" / ".#mine.yaml").write_text("user@host.1234")
+    (tmp_path / "sites" / "._mine.yaml").write_bytes(b"\x00\x05\x16\x07")
+    code, out, err = run(capsys, "sites", "list")
+    assert code == 0 and {line.split()[0] for line in out.splitlines()} == {
+        "local",
+        "threads",
+        "mine",
+    }, out + err
+    code, out, _ = run(capsys, "sites", "show", "mine")
+    assert code == 0 and yaml.safe_load(out)["worker_init"] == "echo café 😀"
+    (tmp_path / "sites" / "long.yaml").write_text(f"name: {'a' * 230}\nkind: local\n")
+    code, _, err = run(capsys, "sites", "show", str(tmp_path / "sites" / "long.yaml"))
+    assert code == 2 and "a site's name is at most 64 characters long, not 230" in err, err
+
+
 def test_sites_list_with_a_name_says_show(capsys):
     """`emparsl sites list local` listed every site, the name ignored (a typo for show)."""
     code, out, err = run(capsys, "sites", "list", "local")

@@ -140,6 +140,8 @@ class SiteProfile(BaseModel):
                 "a site's name is the name of its file: letters, digits, '.', '_' and '-' only "
                 f"(no spaces), not starting with a dot, not {name!r}"
             )
+        if len(name) > 64:  # Parsl names its job files after it: over 255 bytes, none starts
+            raise ValueError(f"a site's name is at most 64 characters long, not {len(name)}")
         return name
 
     @model_validator(mode="after")
@@ -232,8 +234,10 @@ def auto_workers(threads_per_worker: int = 1) -> int:
 
 def user_site_dir() -> Path:
     env = os.environ.get("EMPARSL_SITES")
-    if env:
-        return Path(env)
+    if env:  # as a shell would read it: ~ expanded, quotes dropped (`sites list` said so)
+        from napari_emparsl.core.paths import user_path
+
+        return Path(user_path(env))
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return Path(base) / "napari-emparsl" / "sites"
 
@@ -249,6 +253,8 @@ def _site_files() -> dict[str, Path]:
         # .yml too (as model sidecars); a .yaml wins over a .yml of the same name
         mine: dict[str, Path] = {}
         for p in sorted([*user.glob("*.yml"), *user.glob("*.yaml")], key=lambda p: p.suffix):
+            if p.name.startswith("."):  # an editor's lock, macOS's ._ files: no profiles
+                continue
             if p.stem not in mine or p.suffix == ".yaml":
                 mine[p.stem] = p
         for name in sorted(mine):
