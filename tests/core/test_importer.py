@@ -921,3 +921,16 @@ def test_hdf5_in_ilastiks_axis_order(tmp_path):
         f"{tmp_path}/il.h5:zyxc2 holds 2 channels (axes zyxc); import needs one greyscale "
         "z-stack: export each as a dataset of its own and import that."
     )
+
+
+def test_an_imagej_stacks_origin_is_its_offset(tmp_path):
+    """Fiji's origin (Image > Properties, in pixels) was dropped: the volume lay at 0, 0, 0."""
+    a = np.zeros((3, 8, 8), np.uint8)
+    tifffile.imwrite(tmp_path / "o.tif", a, imagej=True, resolution=(0.25, 0.25),
+                     metadata={"axes": "ZYX", "unit": "nm", "spacing": 40, "xorigin": -250,
+                               "yorigin": -100, "zorigin": -10})  # fmt: skip
+    vol = import_volume(f"{tmp_path}/o.tif", f"{tmp_path}/o.n5:raw")
+    assert vol.voxel_size == (40, 4, 4) and vol.offset == (400, 400, 1000)
+    # a voxel size given instead: the origin (in the files' voxels) is not taken
+    vol = import_volume(f"{tmp_path}/o.tif", f"{tmp_path}/o.n5:given", voxel_size=(30, 5, 5))
+    assert vol.offset == (0, 0, 0)

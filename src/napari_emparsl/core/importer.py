@@ -60,6 +60,7 @@ class ImportSource:
     paths: tuple[str, ...] = ()  # files that must never be written to
     voxel_size: tuple[float, float, float] | None = None  # z, y, x nm, as the files record it
     voxel_from: str = ""  # where from ("the TIFF's ImageJ metadata"), or why none
+    offset: tuple[float, float, float] | None = None  # z, y, x nm of voxel 0, as recorded
 
 
 def _natural_key(name: str) -> list[object]:
@@ -412,6 +413,22 @@ def _one_stack(tif: Any) -> list[Any]:
     return [s for s in tif.series if not getattr(s.pages[0], "is_reduced", False)]
 
 
+def _imagej_offset(tif: Any, voxel: Sequence[float] | None) -> tuple[float, float, float] | None:
+    """Where an ImageJ stack's voxel 0 lies (z, y, x nm): its origin (``xorigin``, … in
+    pixels, as Fiji's Image > Properties sets it) times its voxel size, negated; None where it
+    records none."""
+    if voxel is None or not tif.is_imagej:
+        return None
+    meta = tif.imagej_metadata or {}
+    try:
+        origin = [float(meta.get(f"{a}origin", 0) or 0) for a in "zyx"]
+    except (TypeError, ValueError):
+        return None
+    if not any(origin) or not all(math.isfinite(o) for o in origin):
+        return None
+    return tuple(-o * v + 0.0 for o, v in zip(origin, voxel, strict=True))  # type: ignore[return-value]
+
+
 def _fiji_signed(tif: Any, dtype: np.dtype) -> bool:
     """Whether a TIFF is Fiji's signed 16-bit image: Fiji stores it as unsigned values 32768
     above the signed ones, with the calibration ``cf=0 c0=-32768 c1=1`` that shows them as
@@ -547,6 +564,7 @@ def _tiff_source(path: str) -> ImportSource:
         (path,),
         voxel,
         where,
+        _imagej_offset(tif, voxel),
     )
 
 
@@ -898,10 +916,12 @@ def iter_import(
         if len(chunks) != 3 or min(chunks) < 1:
             raise VolumeError(f"Chunks must be three positive sizes z,y,x, not {chunks}.")
         est = estimate(source, chunks, compression)
+        offset = None
         if voxel_size is not None:
             voxel_from = given
         elif source.voxel_size is not None:
             voxel_size, voxel_from = source.voxel_size, f"from {source.voxel_from}"
+            offset = source.offset  # in the files' own voxels: with their voxel size only
         else:
             voxel_from = ""
             missing = (
@@ -957,6 +977,7 @@ def iter_import(
                 compression=compression,
                 voxel_size=voxel_size,
                 unit="nm",
+                offset=offset,
                 attrs={
                     "source": source.description,
                     UNFINISHED: f"an import of {src} that has not finished",
