@@ -527,3 +527,21 @@ def test_a_level_of_a_pyramid_is_not_written_alone(tmp_path):
         write_image(str(tmp_path / "p.n5" / "raw" / "s1"), np.ones((4, 32, 32), np.uint8), {})
     assert str(err.value) == f"{said}; save it under a name outside the pyramid."
     assert Volume.open(tmp_path / "p.n5", "raw").read().max() == 0  # nothing written
+
+
+def test_an_output_of_a_hidden_name_is_refused(tmp_path):
+    """An output named .hidden (or under such a folder) was written, exit code 0, and never
+    listed nor opened: the tree leaves hidden names out."""
+    import tifffile
+
+    from napari_emparsl.core.importer import import_volume
+    from napari_emparsl.core.volume import hidden_output
+
+    save_array(tmp_path / "s.n5", "raw", np.zeros((4, 8, 8), np.uint8))
+    tifffile.imwrite(tmp_path / "s.tif", np.zeros((4, 8, 8), np.uint8), metadata={"axes": "ZYX"})
+    for key in (".hidden", "a/.b/c"):
+        assert hidden_output(str(tmp_path / "s.n5"), key).startswith("a hidden folder")
+        with pytest.raises(VolumeError, match="would lie inside a hidden folder"):
+            import_volume(f"{tmp_path}/s.tif", f"{tmp_path}/o.n5:{key}")
+    assert not (tmp_path / "o.n5").exists()
+    assert hidden_output(str(tmp_path / "s.n5"), "visible/name") is None

@@ -176,6 +176,8 @@ def hidden_output(root: str, key: str) -> str | None:
     pyramid group (its levels are all it shows) or a Paintera source (which shows its
     ``data``)."""
     parts = [p for p in key.split("/") if p]
+    if any(p.startswith(".") for p in parts):  # what the tree leaves out (imports' own files)
+        return "a hidden folder (a name starting with a dot), where nothing is listed or opened"
     for n in range(len(parts)):  # the groups above the dataset, the root first
         above = "/".join(parts[:n])
         directory = os.path.join(root, above) if above else root
