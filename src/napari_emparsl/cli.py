@@ -696,7 +696,7 @@ def cmd_status(args: argparse.Namespace) -> int:
           + f", block {prov['block']}, halo {prov['halo']}, site {prov['site']}, emparsl {prov['version']}"
           + (f", on {', '.join(out['devices'])}" if out["devices"] else ""))  # fmt: skip
     others = {h: n for h, n in out["block_models"].items() if h != prov["model_sha256"]}
-    if others:
+    if others and known:  # (no run record: no last run's model to compare with)
         hashes = ", ".join(f"{str(h)[:12]}…" for h in others)
         count = sum(others.values())
         print(

@@ -646,6 +646,9 @@ def test_a_damaged_or_unreadable_ledger_is_never_read_as_an_empty_one(capsys, tm
     code, said, _ = run(capsys, "status", out, "--json")
     assert code == 0 and json.loads(said)["state"] == "incomplete"
     assert json.loads(said)["blocks"] is None
+    code, said, _ = run(capsys, "status", out)  # no last run to compare its blocks' model with
+    assert code == 0 and "how many blocks it has is not known" in said
+    assert "another model file" not in said, said
     # unreadable (here a folder of its name): one sentence, and no advice to start again
     ledger.unlink()
     ledger.mkdir()

@@ -1074,7 +1074,7 @@ def test_site_whose_workers_cannot_start_is_one_sentence(tmp_path, conv_model, f
     failed = [e for e in events if type(e).__name__ == "BlockFailed"]
     assert failed and events[-1].done == 0
     assert failed[0].error == (
-        "SiteError: the site's workers could not start (their pool exited with code 3); check "
+        "The site's workers could not start (their pool exited with code 3); check "
         f"the site's worker_init and settings, e.g. with `emparsl sites test {site}`."
     )
     assert htex.gone()

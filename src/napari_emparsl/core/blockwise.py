@@ -326,6 +326,14 @@ class BlockOutputError(ValueError):
     written (NaN): emparsl's own sentence, shown without an exception type."""
 
 
+class NoDevice(UserError, RuntimeError):
+    """The site asks for a GPU where torch sees none (its sentence, shown without a type)."""
+
+
+class BlockWriteError(UserError, OSError):
+    """A block's write that met a full disk or a folder it may not write to, in a sentence."""
+
+
 def error_line(err: BaseException) -> str:
     """``Type: message`` of an error, on one line (at most ~300 characters of message); the
     sentence alone for emparsl's own (a user's problem, said as such: "ValueError: The model's
@@ -499,7 +507,7 @@ def _write_block(
         why = _why_write_failed(job.output_root, out.nbytes)
         if why is None:
             raise
-        raise OSError(why) from err
+        raise BlockWriteError(why) from err
     return out, t_post, time.perf_counter() - t0, clipped
 
 
@@ -569,7 +577,7 @@ def worker_device(request: str) -> str:
     ``cpu``; ``cuda`` or ``auto`` with a GPU that torch sees: ``cuda:N``, the worker's rank in
     its Parsl pool modulo the GPUs it sees, so a node's workers share its GPUs out (in-process
     ``threads`` workers all take ``cuda:0``); ``auto`` without one: ``cpu``; ``cuda`` without one
-    raises :class:`RuntimeError` (the block fails with that sentence).
+    raises :class:`NoDevice` (the block fails with that sentence).
     """
     if request == "cpu":
         return "cpu"
@@ -577,7 +585,7 @@ def worker_device(request: str) -> str:
 
     if not torch.cuda.is_available():
         if request == "cuda":
-            raise RuntimeError(
+            raise NoDevice(
                 f"The site asks for a GPU (device: cuda), but torch on {socket.gethostname()} sees "
                 "no CUDA device; set device: auto or cpu in the site profile, or run it where "
                 "a GPU is."

@@ -902,7 +902,7 @@ def task_error(err: BaseException, site: str) -> str:
     why = _workers_failed(err)
     if why is not None:
         return (
-            f"SiteError: the site's workers could not start ({why}); check the site's "
+            f"The site's workers could not start ({why}); check the site's "
             f"worker_init and settings, e.g. with `emparsl sites test {site}`."
         )
     text = str(err)
