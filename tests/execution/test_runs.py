@@ -564,22 +564,27 @@ def test_resume_after_the_input_was_written_again_is_refused(tmp_path, conv_mode
     assert Run(src, conv_model, out, site="threads").execute().ok  # resumes the new one
 
 
-def test_an_input_written_again_during_the_run_fails_the_blocks_after(tmp_path, save_model):
-    """The input written again while a run goes on (`emparsl import --overwrite`, a napari
-    save over it): the blocks after read the new data into an output begun with the old, and
-    the run said complete (a helper's review). They fail now, saying why; the resume is
-    refused until --overwrite computes the output anew."""
+def _ones_and_identity(tmp_path, save_model) -> tuple[str, str, str]:
+    """An identity image model of 8³ blocks, a 16³ input of ones, an output: model, in, out."""
     from torch import nn
-
-    from napari_emparsl.core.events import BlockDone, BlockFailed
 
     class Identity(nn.Module):
         def forward(self, x):
             return x * 1.0
 
     model = save_model(Identity(), tmp_path / "id.pt", "kind: image\nblock: [8, 8, 8]\n")
-    src, out = f"{tmp_path}/in.n5:raw", f"{tmp_path}/out.n5:p"
     save_array(tmp_path / "in.n5", "raw", np.ones((16, 16, 16), np.float32), chunks=(8, 8, 8))
+    return model, f"{tmp_path}/in.n5:raw", f"{tmp_path}/out.n5:p"
+
+
+def test_an_input_written_again_during_the_run_fails_the_blocks_after(tmp_path, save_model):
+    """The input written again while a run goes on (`emparsl import --overwrite`, a napari
+    save over it): the blocks after read the new data into an output begun with the old, and
+    the run said complete (a helper's review). They fail now, saying why; the resume is
+    refused until --overwrite computes the output anew."""
+    from napari_emparsl.core.events import BlockDone, BlockFailed
+
+    model, src, out = _ones_and_identity(tmp_path, save_model)
     run = Run(src, model, out, site="threads", retries=1, batch=1)
     done, failed = [], []
     for event in run.events():
@@ -612,17 +617,9 @@ def test_a_read_failing_as_the_input_is_written_again_says_so(tmp_path, save_mod
     half-written: unreadable) is said to be the rewriting, not the symptom (a decode error)."""
     import glob
 
-    from torch import nn
-
     from napari_emparsl.core.events import BlockDone, BlockFailed
 
-    class Identity(nn.Module):
-        def forward(self, x):
-            return x * 1.0
-
-    model = save_model(Identity(), tmp_path / "id.pt", "kind: image\nblock: [8, 8, 8]\n")
-    src, out = f"{tmp_path}/in.n5:raw", f"{tmp_path}/out.n5:p"
-    save_array(tmp_path / "in.n5", "raw", np.ones((16, 16, 16), np.float32), chunks=(8, 8, 8))
+    model, src, out = _ones_and_identity(tmp_path, save_model)
     failed, done = [], []
     for event in Run(src, model, out, site="threads", retries=0, batch=1).events():
         if isinstance(event, BlockDone):
@@ -1101,35 +1098,24 @@ def test_site_whose_workers_cannot_start_is_one_sentence(tmp_path, conv_model, f
     assert htex.gone()
 
 
-def test_temporary_folder_with_a_space(tmp_path, conv_model, float_volume):
+@pytest.mark.parametrize("folder", ["with space", "t" * 60])
+def test_a_temporary_folder_with_a_space_or_a_long_path(tmp_path, conv_model, float_volume, folder):
     """Parsl puts the run folder unquoted on its worker pool's command line: under a TMPDIR
-    with a space the pool never started and the run waited forever. The site's folder then
-    goes to /tmp."""
+    with a space the pool never started and the run waited forever. Under one whose path is
+    long (macOS's /var/folders/…/T/ is 49 characters), the run folder was too long to be the
+    site's TMPDIR, and each local run left 7 files and folders of its processes there
+    (multiprocessing's pymp-*, the queue's files and locks). The site's folder then goes to
+    /tmp."""
     src, _ = float_volume
-    spaced = tmp_path / "with space"
-    spaced.mkdir()
+    tmp = tmp_path / folder
+    tmp.mkdir()
     cmd = [sys.executable, "-m", "napari_emparsl.cli", "run", "--input", src, "--model",
            conv_model, "--output", f"{tmp_path}/o.n5:x", "--site", "local", "--roi", "0:1,0:4,0:4"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False,
-                          env={**os.environ, "TMPDIR": str(spaced)})  # fmt: skip
+                          env={**os.environ, "TMPDIR": str(tmp)})  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "Finished: 1/1 blocks done" in done.stdout
-    assert list(spaced.iterdir()) == []  # nothing of the site's went there, nothing left
-
-
-def test_a_long_temporary_folder_keeps_nothing_of_a_run(tmp_path, conv_model, float_volume):
-    """Under a TMPDIR whose path is long (macOS's /var/folders/…/T/ is 49 characters), the run
-    folder was too long to be the site's TMPDIR, and each local run left 7 files and folders
-    of its processes there (multiprocessing's pymp-*, the queue's files and locks)."""
-    src, _ = float_volume
-    long = tmp_path / ("t" * 60)
-    long.mkdir()
-    cmd = [sys.executable, "-m", "napari_emparsl.cli", "run", "--input", src, "--model",
-           conv_model, "--output", f"{tmp_path}/o.n5:x", "--site", "local", "--roi", "0:1,0:4,0:4"]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False,
-                          env={**os.environ, "TMPDIR": str(long)})  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert list(long.iterdir()) == []  # the site's folder went to /tmp, and went
+    assert list(tmp.iterdir()) == []  # nothing of the site's went there, nothing left
 
 
 def _refused_before_any_block(tmp_path, src, model, options=None):

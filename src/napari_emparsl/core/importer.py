@@ -623,12 +623,7 @@ def _hdf5_source(path: str, key: str) -> ImportSource:
         try:
             return ds[z0:z1]
         except Exception as err:  # a corrupt chunk, a compression filter h5py lacks
-            raise _unreadable(
-                f"The HDF5 dataset {path}:{key} ({_slices(z0, z1, ds.shape[0])})",
-                err,
-                "the file is damaged or uses a compression h5py cannot read: replace it (or save "
-                "the dataset again) and import again",
-            ) from None
+            raise _hdf5_unreadable(f"{path}:{key}", z0, z1, ds.shape[0], err) from None
 
     return ImportSource(
         f"HDF5 {path}:{key}",
@@ -639,6 +634,16 @@ def _hdf5_source(path: str, key: str) -> ImportSource:
         (path,),
         voxel,
         where,
+    )
+
+
+def _hdf5_unreadable(name: str, z0: int, z1: int, depth: int, err: BaseException) -> VolumeError:
+    """A slab of an HDF5 dataset that cannot be read (a corrupt chunk, a filter h5py lacks)."""
+    return _unreadable(
+        f"The HDF5 dataset {name} ({_slices(z0, z1, depth)})",
+        err,
+        "the file is damaged or uses a compression h5py cannot read: replace it (or save the "
+        "dataset again) and import again",
     )
 
 
@@ -680,12 +685,7 @@ def _hdf5_axes_source(f: Any, path: str, key: str, ds: Any, order: str) -> Impor
         try:
             return np.ascontiguousarray(np.transpose(ds[index], to_zyx))
         except Exception as err:  # a corrupt chunk, a compression filter h5py lacks
-            raise _unreadable(
-                f"The HDF5 dataset {name} ({_slices(z0, z1, shape[0])})",
-                err,
-                "the file is damaged or uses a compression h5py cannot read: replace it (or save "
-                "the dataset again) and import again",
-            ) from None
+            raise _hdf5_unreadable(name, z0, z1, shape[0], err) from None
 
     return ImportSource(
         f"HDF5 {name} (axes {order})", shape, np.dtype(ds.dtype), read_slab, f.close, (path,)
