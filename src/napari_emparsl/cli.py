@@ -1036,16 +1036,21 @@ class _Parser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def _unknown_options(self, args: list[str]) -> list[str]:
-        known = {s for a in self._actions for s in a.option_strings}
+        takes = {s: a.nargs != 0 for a in self._actions for s in a.option_strings}
         unknown = []
+        value_next = False  # the token after an option that takes one is its value
         for arg in args:
             if arg == "--":
                 break
             name = arg.split("=", 1)[0]
-            if name.startswith("--") and name not in known:
-                # argparse's own abbreviations (--over for --overwrite) stay allowed
-                if not [k for k in known if k.startswith(name)]:
-                    unknown.append(name)
+            # argparse's own abbreviations (--over for --overwrite) stay allowed
+            matches = [k for k in takes if k == name or k.startswith(name)] if name else []
+            if value_next or " " in arg or not name.startswith("--"):
+                value_next = False  # a value ("--my model" as --name's), as argparse reads it
+                continue
+            if not matches:
+                unknown.append(name)
+            value_next = "=" not in arg and any(takes[k] for k in matches)
         return unknown
 
     def error(self, message: str):  # argparse's hook

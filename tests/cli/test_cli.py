@@ -210,6 +210,24 @@ def test_a_command_line_argparse_refuses_is_one_line(capsys, args, line):
     assert "usage:" not in err
 
 
+def test_values_that_start_with_dashes_stay_values(capsys, tmp_path, monkeypatch):
+    """The unknown-option check took a value beginning with -- for an option: --name "--my
+    model" was "unrecognized arguments" (argparse itself takes it, as it has a space)."""
+    from napari_emparsl.core.models import export
+
+    seen = {}
+    real = export.export_package
+
+    def recorded(model, output, options, **kwargs):
+        seen.update(kwargs)
+        return real(model, output, options, **kwargs)
+
+    monkeypatch.setattr(export, "export_package", recorded)
+    code, _, err = run(capsys, "export-model", "unet3d-em", str(tmp_path / "x.zip"),
+                       "--name", "--my model")  # fmt: skip
+    assert code == 0 and seen["name"] == "--my model", err
+
+
 def test_an_abbreviated_option_is_still_taken(capsys, tmp_path):
     code, _, err = run(capsys, "sample", str(tmp_path / "s.n5"), "--sha", "16")
     assert code == 0 and Volume.open(tmp_path / "s.n5", "raw").shape == (16, 16, 16), err

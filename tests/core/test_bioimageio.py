@@ -1086,3 +1086,13 @@ def test_test_tensors_are_checked_against_their_sha256(package, tmp_path):
     rdf["outputs"][0]["test_tensor"]["sha256"] = digest.upper()
     (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf))
     assert check_model(str(folder)).ok
+
+
+def test_an_eps_the_format_cannot_hold_is_refused_at_export(tmp_path):
+    """norm_eps 0.5 was written as a package's eps, which bioimage.io allows up to 0.1."""
+    from napari_emparsl.core.models.export import export_package
+
+    with pytest.raises(ModelError, match=r"A bioimage.io package's eps is at most 0.1, and the "
+                       r"model's norm_eps is 0.5; export it with a norm_eps of at most 0.1"):  # fmt: skip
+        export_package("unet3d-em", str(tmp_path / "e.zip"), {"norm_eps": 0.5})
+    assert not list(tmp_path.iterdir())

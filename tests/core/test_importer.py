@@ -934,3 +934,47 @@ def test_an_imagej_stacks_origin_is_its_offset(tmp_path):
     # a voxel size given instead: the origin (in the files' voxels) is not taken
     vol = import_volume(f"{tmp_path}/o.tif", f"{tmp_path}/o.n5:given", voxel_size=(30, 5, 5))
     assert vol.offset == (0, 0, 0)
+
+
+def test_review_two_stacks_signed_slices_hdf5_sizes_and_a_next_level(tmp_path):
+    """A review of this session's import changes: a TIFF of two 3-D stacks was joined into
+    one (the page-by-page stacks' merge took it); Fiji's signed 16-bit slices in a folder
+    were not shifted back as its stacks were; an HDF5 dataset with axistags lost its voxel
+    size; a next pyramid level larger than the one before was written and left out."""
+    import json
+
+    import h5py
+
+    from napari_emparsl.core.volume import write_pyramid
+
+    tifffile.imwrite(tmp_path / "two.tif", np.zeros((5, 8, 8), np.uint8))
+    tifffile.imwrite(tmp_path / "two.tif", np.ones((5, 8, 8), np.uint8), append=True)
+    with pytest.raises(VolumeError, match=r"holds 2 image series \(5×8×8, 5×8×8\), not one stack"):
+        import_volume(f"{tmp_path}/two.tif", f"{tmp_path}/o.n5:two")
+    (tmp_path / "signed").mkdir()
+    signed = np.arange(-600, 600, dtype=np.int16).reshape(30, 40)
+    for i in range(2):
+        tifffile.imwrite(tmp_path / "signed" / f"z{i}.tif",
+                         (signed.astype(np.int32) + 32768).astype(np.uint16), imagej=True,
+                         metadata={"cf": 0, "c0": -32768.0, "c1": 1.0})  # fmt: skip
+    vol = import_volume(f"{tmp_path}/signed", f"{tmp_path}/o.n5:signed")
+    assert vol.dtype == np.int16
+    np.testing.assert_array_equal(vol.read(), np.stack([signed, signed]))
+    a = np.zeros((6, 10, 12), np.uint8)
+    with h5py.File(tmp_path / "il.h5", "w") as f:
+        ds = f.create_dataset("xyz", data=a.transpose(2, 1, 0))
+        ds.attrs["axistags"] = json.dumps({"axes": [{"key": k} for k in "xyz"]})
+        ds.attrs["element_size_um"] = [0.004, 0.004, 0.04]  # x, y, z: the dataset's order
+    vol = import_volume(f"{tmp_path}/il.h5:xyz", f"{tmp_path}/o.n5:il")
+    assert vol.shape == (6, 10, 12) and vol.voxel_size == (40, 4, 4)
+    write_pyramid(tmp_path / "p.n5", "raw", np.zeros((8, 16, 16), np.uint8), chunks=(8, 16, 16),
+                  levels=2)  # fmt: skip
+    tifffile.imwrite(
+        tmp_path / "big.tif", np.zeros((8, 16, 16), np.uint8), metadata={"axes": "ZYX"}
+    )
+    with pytest.raises(VolumeError) as err:
+        import_volume(f"{tmp_path}/big.tif", f"{tmp_path}/p.n5:raw/s2")
+    assert str(err.value) == (
+        f"The output {tmp_path}/p.n5:raw/s2 (8×16×16) would be a level larger than the one "
+        "before it (4×8×8), which the pyramid leaves out; choose another name."
+    )

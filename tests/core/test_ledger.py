@@ -153,3 +153,14 @@ def test_a_long_dataset_name_is_still_locked(tmp_path):
             OutputLock(str(tmp_path / "o.n5"), key).acquire()
     finally:
         first.release()
+
+
+@pytest.mark.parametrize("spec", [None, [1, 1, 1], "x", {"scale": "abc"}])
+def test_a_run_record_of_odd_values_is_read_as_saying_nothing(tmp_path, spec):
+    """A run record whose spec is null, a list or a word crashed status (AttributeError)."""
+    from napari_emparsl.core.ledger import run_block, run_scale, whole_plan_blocks
+
+    record = {"type": "run", "block": [8, 8, 8], "spec": spec, "planned": 3}
+    assert run_scale(record) == [1, 1, 1] and run_block(record) == [8, 8, 8]
+    assert whole_plan_blocks((16, 16, 16), record) == 8
+    assert whole_plan_blocks((16, 16, 16), record | {"block": "abc"}) == 3

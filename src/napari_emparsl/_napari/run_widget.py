@@ -184,7 +184,7 @@ def _output_ledger(output: str) -> dict[str, Any]:
     blocks with their errors and write ROIs, the input geometry to outline them in, blocks
     done of the whole plan, and the block, halo and model of its last run. Only
     ``{"output": …}`` when it has no ledger."""
-    from napari_emparsl.core.ledger import Ledger, lock_holder, whole_plan_blocks
+    from napari_emparsl.core.ledger import Ledger, lock_holder, run_scale, whole_plan_blocks
     from napari_emparsl.core.volume import parse_spec
     from napari_emparsl.execution.runner import parse_roi
 
@@ -196,7 +196,7 @@ def _output_ledger(output: str) -> dict[str, Any]:
     summary = ledger.summary()
     last = summary.last_run
     out = Volume.open(user_path(root), key)
-    scale = last.get("spec", {}).get("scale", [1, 1, 1])
+    scale = run_scale(last)
     # the input's grid, from the output's (see Run._create_output): voxel × scale, and the
     # origin of its voxel centres
     in_vs = [v * s for v, s in zip(out.voxel_size[-3:], scale, strict=True)]

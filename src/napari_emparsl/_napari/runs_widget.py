@@ -27,7 +27,15 @@ from napari_emparsl._napari.widgets import (
 )
 from napari_emparsl.core.errors import UserError
 from napari_emparsl.core.geometry import plan_blocks
-from napari_emparsl.core.ledger import Ledger, LedgerFollower, lock_holder, whole_plan_blocks
+from napari_emparsl.core.ledger import (
+    Ledger,
+    LedgerFollower,
+    lock_holder,
+    run_block,
+    run_scale,
+    run_spec,
+    whole_plan_blocks,
+)
 from napari_emparsl.core.volume import Volume, parse_spec
 
 __all__ = ["SESSION_OUTPUTS", "RunsWidget", "remember_output"]
@@ -249,17 +257,17 @@ class RunsWidget(Container):
         )
         if any(v < 0 or v >= n for v, n in zip(voxel, out.shape[-3:], strict=True)):
             return ""
-        scale = last.get("spec", {}).get("scale", [1, 1, 1])
+        scale = run_scale(last)
         in_shape = tuple(n // s for n, s in zip(out.shape[-3:], scale, strict=True))
         in_voxel = tuple(v // s for v, s in zip(voxel, scale, strict=True))
-        block_grid, halo = last.get("block"), last.get("halo")
+        block_grid, halo = run_block(last), last.get("halo")
         if not block_grid or halo is None:  # no run record (yet), or one from an old version
             return ""
         ids = [
             b.id
             for b in plan_blocks(in_shape, block_grid, halo, scale=scale, out_chunks=out.chunks[-3:],
                                  roi=_point_roi(in_voxel),
-                                 fixed=last.get("spec", {}).get("fixed"))
+                                 fixed=run_spec(last).get("fixed"))
         ]  # fmt: skip
         if not ids:
             return ""

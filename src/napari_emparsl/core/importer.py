@@ -30,6 +30,7 @@ from napari_emparsl.core.volume import (
     Volume,
     check_output_free,
     hidden_output,
+    next_level_problem,
     parse_spec,
     stale_levels,
 )
@@ -149,7 +150,10 @@ def _read_slice(path: str) -> np.ndarray:
         if path.lower().endswith(TIFF_EXTENSIONS):
             import tifffile
 
-            arr = tifffile.imread(path)
+            with tifffile.TiffFile(path) as tif:
+                arr = tif.asarray()
+                if _fiji_signed(tif, arr.dtype):  # as the stacks: what Fiji shows
+                    arr = (arr ^ np.uint16(0x8000)).view(np.int16)
         elif _palette(path):  # its indices, as Fiji reads it (a palette's colours merged labels)
             from PIL import Image
 
@@ -180,7 +184,12 @@ def _slice_shape(path: str) -> tuple[tuple[int, ...], np.dtype, int]:
                 axes = str(getattr(series, "axes", "")).upper()
                 along = [n for a, n in zip(axes, series.shape, strict=False) if a not in "YXS"]
                 images = max(math.prod(along), _imagej_images(tif))
-                return tuple(page.shape), np.dtype(page.dtype), images
+                dtype = np.dtype(page.dtype)
+                return (
+                    tuple(page.shape),
+                    np.dtype(np.int16) if _fiji_signed(tif, dtype) else dtype,
+                    images,
+                )
         except Exception as err:  # tifffile raises many types for broken files
             raise VolumeError(
                 f"The slice {path} cannot be read ({str(err)[:100] or type(err).__name__}); "
@@ -450,7 +459,11 @@ def _tiff_source(path: str) -> ImportSource:
     try:
         tif, complaints = _open_tiff(path)
         stack = _one_stack(tif)
-        if len(stack) > 1 and len({(tuple(s.shape), str(s.dtype)) for s in stack}) == 1:
+        if (
+            len(stack) > 1
+            and len({(tuple(s.shape), str(s.dtype)) for s in stack}) == 1
+            and all(len(s.pages) == 1 and len(s.shape) == 2 for s in stack)
+        ):
             # pages written one by one with tifffile (each with a "shaped" description of its
             # own): one series per page, of one size and type — read as one stack
             tif.close()
@@ -610,14 +623,7 @@ def _hdf5_source(path: str, key: str) -> ImportSource:
             f"{path}:{key} has shape {'×'.join(map(str, shape))}; import needs a 3D (z, y, x) "
             "dataset."
         )
-    # Fiji's and ilastik's element_size_um (z, y, x µm), or CREMI's resolution (z, y, x nm)
-    sizes, where = (None, None, None), ""
-    for name, unit in (("element_size_um", "µm"), ("resolution", "nm")):
-        values = np.ravel(np.asarray(ds.attrs.get(name, []), dtype=object))
-        if len(values) == 3:
-            sizes, where = tuple(_nm(v, unit) for v in values), f"the dataset's {name} attribute"
-            break
-    voxel, where = _voxel_size(sizes, where, ds.shape[0])  # type: ignore[arg-type]
+    voxel, where = _hdf5_voxel_size(ds, "zyx")
 
     def read_slab(z0: int, z1: int) -> np.ndarray:
         try:
@@ -635,6 +641,23 @@ def _hdf5_source(path: str, key: str) -> ImportSource:
         voxel,
         where,
     )
+
+
+def _hdf5_voxel_size(ds: Any, order: str) -> tuple[tuple[float, float, float] | None, str]:
+    """An HDF5 dataset's voxel size (z, y, x nm) from Fiji's and ilastik's element_size_um
+    (µm) or CREMI's resolution (nm), one value per axis of the dataset in ``order`` (its z, y,
+    x taken), or three for z, y, x; and where it comes from."""
+    sizes, where = (None, None, None), ""
+    for name, unit in (("element_size_um", "µm"), ("resolution", "nm")):
+        values = list(np.ravel(np.asarray(ds.attrs.get(name, []), dtype=object)))
+        if len(values) == len(order) and len(order) != 3:
+            values = [values[order.index(a)] for a in "zyx"]
+        elif len(values) == 3 and len(order) == 3:
+            values = [values[order.index(a)] for a in "zyx"]
+        if len(values) == 3:
+            sizes, where = tuple(_nm(v, unit) for v in values), f"the dataset's {name} attribute"
+            break
+    return _voxel_size(sizes, where, ds.shape[order.index("z")])  # type: ignore[arg-type]
 
 
 def _hdf5_unreadable(name: str, z0: int, z1: int, depth: int, err: BaseException) -> VolumeError:
@@ -687,8 +710,16 @@ def _hdf5_axes_source(f: Any, path: str, key: str, ds: Any, order: str) -> Impor
         except Exception as err:  # a corrupt chunk, a compression filter h5py lacks
             raise _hdf5_unreadable(name, z0, z1, shape[0], err) from None
 
+    voxel, where = _hdf5_voxel_size(ds, order)
     return ImportSource(
-        f"HDF5 {name} (axes {order})", shape, np.dtype(ds.dtype), read_slab, f.close, (path,)
+        f"HDF5 {name} (axes {order})",
+        shape,
+        np.dtype(ds.dtype),
+        read_slab,
+        f.close,
+        (path,),
+        voxel,
+        where,
     )
 
 
@@ -907,11 +938,19 @@ def iter_import(
             )
         stale = stale_levels(out_root, out_key)
         if stale:  # its pyramid's other levels would show the old data
+            pyramid = out_key.rsplit("/", 1)[0] if "/" in out_key else ""
             raise VolumeError(
-                f"The output {stale}; import into the pyramid itself "
-                f"({out_root}:{out_key.rsplit('/', 1)[0] if '/' in out_key else ''} with "
-                "--overwrite, which replaces all its levels), or choose another name."
+                f"The output {stale}; "
+                + (
+                    f"import into the pyramid itself ({out_root}:{pyramid} with --overwrite, "
+                    "which replaces all its levels), or choose another name."
+                    if pyramid
+                    else "import into another container (this one is the pyramid)."
+                )
             )
+        unlisted = next_level_problem(out_root, out_key, source.shape, source.dtype)
+        if unlisted:  # a new level the pyramid would leave out
+            raise VolumeError(f"The output {out_root}:{out_key} {unlisted}; choose another name.")
         chunks = tuple(int(c) for c in chunks)
         if len(chunks) != 3 or min(chunks) < 1:
             raise VolumeError(f"Chunks must be three positive sizes z,y,x, not {chunks}.")

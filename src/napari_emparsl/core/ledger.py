@@ -250,14 +250,35 @@ class LedgerFollower:
         return self._summary
 
 
+def _triple(value: Any) -> list[int] | None:
+    """Three positive whole numbers as a run record holds them, or None (a record damaged or
+    edited by hand: a word, a null, zeros)."""
+    if isinstance(value, list) and len(value) == 3 and all(type(n) is int and n > 0 for n in value):
+        return value
+    return None
+
+
+def run_spec(last_run: dict[str, Any]) -> dict[str, Any]:
+    """A run record's model description ({} where it holds none, or no mapping)."""
+    spec = last_run.get("spec")
+    return spec if isinstance(spec, dict) else {}
+
+
+def run_scale(last_run: dict[str, Any]) -> list[int]:
+    """A run record's output scale per axis ([1, 1, 1] where it says none usable)."""
+    return _triple(run_spec(last_run).get("scale", [1, 1, 1])) or [1, 1, 1]
+
+
+def run_block(last_run: dict[str, Any]) -> list[int] | None:
+    """A run record's block (None where it says none usable)."""
+    return _triple(last_run.get("block"))
+
+
 def whole_plan_blocks(output_shape: Sequence[int], last_run: dict[str, Any]) -> int:
     """Blocks of the whole volume's plan for an output of ``output_shape`` — not only of its
     last run's region (a preview, ``--roi``) — from the block and scale that run recorded."""
-    block, scale = last_run.get("block"), last_run.get("spec", {}).get("scale", [1, 1, 1])
-    if not all(  # a record damaged or edited by hand: what it planned, if it says
-        isinstance(v, list) and len(v) == 3 and all(type(n) is int and n > 0 for n in v)
-        for v in (block, scale)
-    ):
+    block = run_block(last_run)
+    if block is None:  # a record damaged or edited by hand: what it planned, if it says
         planned = last_run.get("planned", 0)
         return planned if type(planned) is int and planned >= 0 else 0
     return math.prod(block_grid(plan_shape(output_shape, last_run), block))
@@ -266,7 +287,7 @@ def whole_plan_blocks(output_shape: Sequence[int], last_run: dict[str, Any]) -> 
 def plan_shape(output_shape: Sequence[int], last_run: dict[str, Any]) -> list[int]:
     """The input's spatial shape the runs of an output of ``output_shape`` planned on (the
     output divided by the model's scale, as the last run recorded it)."""
-    scale = last_run.get("spec", {}).get("scale", [1, 1, 1])
+    scale = run_scale(last_run)
     return [n // s for n, s in zip(list(output_shape)[-3:], scale, strict=True)]
 
 
@@ -323,12 +344,13 @@ def written_blocks(root: str, key: str) -> WrittenBlocks | None:
         return None
     summary = ledger.summary()
     last = summary.last_run
-    if "block" not in last:
+    block = run_block(last)
+    if block is None:
         return None
     made = Volume.open(root, out_key)
     factor = tuple(made.level_factors()[level][-3:]) if level else (1, 1, 1)
-    scale = last.get("spec", {}).get("scale", [1, 1, 1])
-    step = tuple(int(b) * int(s) for b, s in zip(last["block"], scale, strict=True))
+    scale = run_scale(last)
+    step = tuple(int(b) * int(s) for b, s in zip(block, scale, strict=True))
     shape = tuple(made.level(0).shape[-3:] if made.is_multiscale else made.shape[-3:])
     done = np.zeros([-(-n // t) for n, t in zip(shape, step, strict=True)], bool)
     for rec in summary.done.values():

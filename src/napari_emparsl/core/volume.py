@@ -62,6 +62,7 @@ __all__ = [
     "container_tree",
     "downsample_block",
     "hidden_output",
+    "next_level_problem",
     "openable_in_tree",
     "openable_keys",
     "output_level_factors",
@@ -232,6 +233,37 @@ def stale_levels(root: str, key: str) -> str | None:
         f"{root}:{key} is level {level} of the pyramid {where}, whose other levels ({others}) "
         "would keep what they hold"
     )
+
+
+def next_level_problem(root: str, key: str, shape: Sequence[int], dtype: Any) -> str | None:
+    """Where ``key`` is a pyramid's next level (``raw/s3`` after s0–s2), why a dataset of
+    ``shape`` and ``dtype`` there would be left out of the pyramid (another data type, or an
+    axis longer than the level before: the pyramid lists it no more), in words; else None."""
+    parts = [p for p in key.split("/") if p]
+    if not parts or not is_level_name(parts[-1]):
+        return None
+    above = "/".join(parts[:-1])
+    directory = os.path.join(root, above) if above else root
+    try:
+        attrs = read_attrs(directory)
+    except VolumeError:
+        return None
+    levels = pyramid_levels(directory, attrs) if not is_dataset_attrs(attrs) else ()
+    if not levels or parts[-1] != f"s{len(levels)}":
+        return None
+    try:
+        last = read_attrs(os.path.join(directory, levels[-1]))
+    except VolumeError:
+        return None
+    finer = [int(n) for n in reversed(last.get("dimensions") or [])]  # (N5 order: x first)
+    if np.dtype(dtype).name != last.get("dataType") or len(finer) != len(shape):
+        return f"would be a level of {np.dtype(dtype).name} in a pyramid of {last.get('dataType')}, which leaves it out"
+    if any(int(n) > m for n, m in zip(shape, finer, strict=True)):
+        return (
+            f"({'×'.join(map(str, shape))}) would be a level larger than the one before it "
+            f"({'×'.join(map(str, finer))}), which the pyramid leaves out"
+        )
+    return None
 
 
 def parse_spec(spec: str) -> tuple[str, str]:

@@ -509,11 +509,11 @@ def make_config(
 #: when its coordinator is (a kill -9 in the site's first second, before the site's guard
 #: knows it, left it running for good: it never exits when its parent dies)
 _INTERCHANGE_LAUNCH = (
-    "import os, runpy, signal, threading, time\n"
+    "import os, runpy, signal, sys, threading, time\n"
     "os.setpgid(0, 0)\n"
     "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
-    "def _watch(parent=os.getppid()):\n"
-    "    while os.getppid() == parent:\n"
+    "def _watch(parent=int(sys.argv[1])):\n"  # the coordinator's pid, given: asked here, it
+    "    while os.getppid() == parent:\n"  # was already 1 where the coordinator had just died
     "        time.sleep(0.5)\n"
     "    os._exit(0)\n"
     "threading.Thread(target=_watch, daemon=True).start()\n"
@@ -528,7 +528,7 @@ def _interchange_launch(htex: Any) -> dict[str, Any]:
 
     if "interchange_launch_cmd" not in inspect.signature(htex.__init__).parameters:
         return {}
-    return {"interchange_launch_cmd": [sys.executable, "-c", _INTERCHANGE_LAUNCH]}
+    return {"interchange_launch_cmd": [sys.executable, "-c", _INTERCHANGE_LAUNCH, str(os.getpid())]}
 
 
 def _exited(proc: Any) -> bool:

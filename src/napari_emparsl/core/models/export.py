@@ -200,6 +200,12 @@ def export_package(
     if not os.path.isdir(folder):  # said before the model is run (it named the .part file)
         raise UserError(f"The folder {os.path.dirname(output)} does not exist; create it first.")
     spec = describe_model(model, options)
+    if spec.norm_eps > 0.1 and spec.normalize in ("zscore", "percentile"):
+        raise ModelError(  # (bioimage.io: 0 < eps <= 0.1)
+            f"A bioimage.io package's eps is at most 0.1, and the model's norm_eps is "
+            f"{spec.norm_eps:g}; export it with a norm_eps of at most 0.1 (--model-option "
+            "norm_eps=0.1)."
+        )
     loaded = load_model(model, options)
     module = loaded.module
     if not isinstance(module, torch.jit.ScriptModule):
