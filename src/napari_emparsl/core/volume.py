@@ -208,15 +208,13 @@ def hidden_output(root: str, key: str) -> str | None:
     return None
 
 
-def stale_levels(root: str, key: str) -> str | None:
-    """Where ``key`` is a level of a pyramid of several levels (``raw/s0`` of ``raw``: s0, s1,
-    s2), what writing it alone would leave, said in words: "… is level s0 of the pyramid raw,
-    whose other levels (s1, s2) would keep what they hold"; None otherwise. A level written
-    anew, its pyramid's other levels showed the old data when napari zoomed out."""
+def _pyramid_above(root: str, key: str) -> tuple[str, str, str, tuple[str, ...]] | None:
+    """For ``key`` = ``GROUP/NAME``: GROUP, NAME, GROUP's folder and its pyramid levels (``()``
+    for a group that is no pyramid); None where GROUP is a dataset or cannot be read."""
     parts = [p for p in key.split("/") if p]
-    if len(parts) < 1:
+    if not parts:
         return None
-    above, level = "/".join(parts[:-1]), parts[-1]
+    above = "/".join(parts[:-1])
     directory = os.path.join(root, above) if above else root
     try:
         attrs = read_attrs(directory)
@@ -224,7 +222,18 @@ def stale_levels(root: str, key: str) -> str | None:
         return None
     if is_dataset_attrs(attrs):
         return None
-    levels = pyramid_levels(directory, attrs)
+    return above, parts[-1], directory, pyramid_levels(directory, attrs)
+
+
+def stale_levels(root: str, key: str) -> str | None:
+    """Where ``key`` is a level of a pyramid of several levels (``raw/s0`` of ``raw``: s0, s1,
+    s2), what writing it alone would leave, said in words: "… is level s0 of the pyramid raw,
+    whose other levels (s1, s2) would keep what they hold"; None otherwise. A level written
+    anew, its pyramid's other levels showed the old data when napari zoomed out."""
+    found = _pyramid_above(root, key)
+    if found is None:
+        return None
+    above, level, _, levels = found
     if level not in levels or len(levels) < 2:
         return None
     others = ", ".join(v for v in levels if v != level)
@@ -239,17 +248,11 @@ def next_level_problem(root: str, key: str, shape: Sequence[int], dtype: Any) ->
     """Where ``key`` is a pyramid's next level (``raw/s3`` after s0–s2), why a dataset of
     ``shape`` and ``dtype`` there would be left out of the pyramid (another data type, or an
     axis longer than the level before: the pyramid lists it no more), in words; else None."""
-    parts = [p for p in key.split("/") if p]
-    if not parts or not is_level_name(parts[-1]):
+    found = _pyramid_above(root, key)
+    if found is None:
         return None
-    above = "/".join(parts[:-1])
-    directory = os.path.join(root, above) if above else root
-    try:
-        attrs = read_attrs(directory)
-    except VolumeError:
-        return None
-    levels = pyramid_levels(directory, attrs) if not is_dataset_attrs(attrs) else ()
-    if not levels or parts[-1] != f"s{len(levels)}":
+    _, level, directory, levels = found
+    if not levels or level != f"s{len(levels)}":
         return None
     try:
         last = read_attrs(os.path.join(directory, levels[-1]))
