@@ -115,9 +115,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         volume = Volume.open(path, key)
     info = volume.info() if volume is not None else None
     if volume is not None:  # a run's output (or a level of it): how much of it is written
-        from napari_emparsl.core.ledger import written_blocks
+        from napari_emparsl.core.ledger import LedgerUnreadable, written_blocks
 
-        written = written_blocks(volume.root, volume.key)
+        try:
+            written = written_blocks(volume.root, volume.key)
+        except LedgerUnreadable as err:  # the dataset is shown all the same; said why not that
+            print(f"emparsl: note: {err}", file=sys.stderr)
+            written = None
         if written is not None:
             info["run_blocks"] = {"written": int(written.done.sum()), "total": written.done.size}
     if args.json:

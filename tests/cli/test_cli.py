@@ -674,6 +674,8 @@ def test_a_damaged_or_unreadable_ledger_is_never_read_as_an_empty_one(capsys, tm
         code, said, err = run(capsys, *command)
         assert code == 2 and err.startswith(f"emparsl: error: The ledger of {out} ("), err
         assert "cannot be read (" in err and "--overwrite" not in err and err.count("\n") == 1
+    code, said, err = run(capsys, "info", out)  # the dataset is shown, with a note
+    assert code == 0 and "dataset      pred" in said and err.startswith("emparsl: note: The ledger")
 
 
 def test_status_of_many_different_failures_is_a_few_lines(capsys, tmp_path, small_n5):
