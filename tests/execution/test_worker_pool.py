@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -140,8 +141,10 @@ def test_coordinator_killed_leaves_no_site_processes(tmp_path, unet_model, htex,
     cmd = [sys.executable, "-m", "napari_emparsl.cli", "run", "--input", f"{tmp_path}/in.n5:raw",
            "--model", unet_model, "--output", f"{tmp_path}/out.n5:seg", "--block", "32,32,32",
            "--site", str(site)]  # fmt: skip
-    (tmp_path / "tmp").mkdir()
-    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}  # the run's Parsl folder goes there
+    # the run's Parsl folder goes there (a short path: under a long one it goes to /tmp)
+    short = Path(tempfile.mkdtemp(prefix="k9-", dir="/tmp"))
+    (tmp_path / "tmp").symlink_to(short)
+    env = {**os.environ, "TMPDIR": str(short)}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.monotonic() + 60
@@ -155,6 +158,7 @@ def test_coordinator_killed_leaves_no_site_processes(tmp_path, unet_model, htex,
         proc.wait()
     assert htex.gone(timeout=30)
     assert not list((tmp_path / "tmp").glob("emparsl-parsl-*"))
+    shutil.rmtree(short)
 
 
 _SHUTDOWN_WHILE_LAUNCHING = """
