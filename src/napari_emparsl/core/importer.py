@@ -623,24 +623,7 @@ def _hdf5_source(path: str, key: str) -> ImportSource:
             f"{path}:{key} has shape {'×'.join(map(str, shape))}; import needs a 3D (z, y, x) "
             "dataset."
         )
-    voxel, where = _hdf5_voxel_size(ds, "zyx")
-
-    def read_slab(z0: int, z1: int) -> np.ndarray:
-        try:
-            return ds[z0:z1]
-        except Exception as err:  # a corrupt chunk, a compression filter h5py lacks
-            raise _hdf5_unreadable(f"{path}:{key}", z0, z1, ds.shape[0], err) from None
-
-    return ImportSource(
-        f"HDF5 {path}:{key}",
-        tuple(ds.shape),
-        np.dtype(ds.dtype),
-        read_slab,
-        f.close,
-        (path,),
-        voxel,
-        where,
-    )
+    return _hdf5_axes_source(f, path, key, ds, "zyx")
 
 
 def _hdf5_voxel_size(ds: Any, order: str) -> tuple[tuple[float, float, float] | None, str]:
@@ -688,8 +671,9 @@ def _axistags(ds: Any) -> str | None:
 
 
 def _hdf5_axes_source(f: Any, path: str, key: str, ds: Any, order: str) -> ImportSource:
-    """An HDF5 dataset in the axis order its axistags give, read as z, y, x: the axes in
-    another order (ilastik's xyz), a channel or time axis of length 1 dropped."""
+    """An HDF5 dataset in the axis order its axistags give (``zyx`` without them), read as z,
+    y, x: the axes in another order (ilastik's xyz), a channel or time axis of length 1
+    dropped."""
     name = f"{path}:{key}"
     for axis, n in zip(order, ds.shape, strict=True):
         if axis not in "zyx" and n > 1:
@@ -712,7 +696,7 @@ def _hdf5_axes_source(f: Any, path: str, key: str, ds: Any, order: str) -> Impor
 
     voxel, where = _hdf5_voxel_size(ds, order)
     return ImportSource(
-        f"HDF5 {name} (axes {order})",
+        f"HDF5 {name}" + (f" (axes {order})" if order != "zyx" else ""),
         shape,
         np.dtype(ds.dtype),
         read_slab,
